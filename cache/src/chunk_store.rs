@@ -1,0 +1,463 @@
+//! Chunk files on the node's disk: content-addressed, crash-safe, budgeted.
+//!
+//! Layout under the cache directory: `chunks/<2 hex>/<64 hex>` holds verified chunks;
+//! `tmp/` holds chunks being written. A chunk is written to `tmp/`, fsynced, and renamed
+//! into `chunks/` (then the directory is fsynced), so a crash leaves either the whole
+//! chunk or nothing under `chunks/`; `tmp/` is emptied at open.
+//!
+//! The store keeps an index of every chunk in least-recently-used order. When the bytes
+//! held pass the budget, the least recently used chunks that are neither pinned (by a
+//! READY replica or an unfinished upload) nor being read are deleted.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use lru::LruCache;
+
+use crate::digest::Digest;
+
+/// How many chunk files stay open for reading at once. An open file saves an `open`
+/// per read on the hot path; the bound keeps the daemon under its file limit (the daemon
+/// raises RLIMIT_NOFILE well above this at start).
+pub const MAX_OPEN_CHUNK_FILES: usize = 4096;
+
+/// A failure of the chunk files on local disk.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkStoreError {
+    /// The cache directory cannot be used.
+    #[error("cache directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    /// Writing chunk {digest} failed (disk full, I/O error).
+    #[error("writing chunk {digest} to {path}: {source}")]
+    Write {
+        digest: Digest,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// Reading chunk {digest} failed.
+    #[error("reading chunk {digest}: {source}")]
+    Read { digest: Digest, source: io::Error },
+}
+
+/// An open, verified chunk. While a `ChunkFile` is alive its chunk is never evicted.
+#[derive(Clone, Debug)]
+pub struct ChunkFile {
+    pub digest: Digest,
+    file: Arc<File>,
+    pub len: u64,
+}
+
+impl ChunkFile {
+    /// Reads `buf.len()` bytes at `offset` within the chunk (one `pread`, retried if short).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ChunkStoreError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| ChunkStoreError::Read {
+                digest: self.digest,
+                source,
+            })
+    }
+
+    /// The whole chunk.
+    pub fn read_all(&self) -> Result<Vec<u8>, ChunkStoreError> {
+        let mut buf = vec![0u8; self.len as usize];
+        self.read_at(0, &mut buf)?;
+        Ok(buf)
+    }
+}
+
+/// What the index knows of one chunk on disk.
+struct Entry {
+    len: u64,
+    /// Replicas (READY templates) and pending uploads that need this chunk kept.
+    pins: u32,
+    /// The open file, shared with readers; a strong count above one means a read is
+    /// under way, which protects the chunk from eviction.
+    file: Option<Arc<File>>,
+}
+
+struct Index {
+    /// Every chunk on disk, most recently used first. Unbounded: the byte budget, not
+    /// the entry count, decides eviction.
+    lru: LruCache<Digest, Entry>,
+    used: u64,
+    open_files: usize,
+}
+
+/// The node's content-addressed chunk files.
+pub struct ChunkStore {
+    root: PathBuf,
+    /// Bytes the chunks may take; 0 means no limit.
+    budget: u64,
+    index: Mutex<Index>,
+    /// Chunks deleted to stay within the budget, for metrics.
+    evictions: AtomicU64,
+    /// Names temporary files uniquely among concurrent writers.
+    tmp_seq: AtomicU64,
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) the cache at `root`, indexes the chunks already there
+    /// and removes unfinished temporary files.
+    pub fn open(root: &Path, budget: u64) -> Result<ChunkStore, ChunkStoreError> {
+        let dir_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ChunkStoreError::Dir { path, source }
+        };
+        let chunks = root.join("chunks");
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&chunks).map_err(dir_err(&chunks))?;
+        fs::create_dir_all(&tmp).map_err(dir_err(&tmp))?;
+        for entry in fs::read_dir(&tmp).map_err(dir_err(&tmp))?.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+        let mut found = Vec::new();
+        for shard in fs::read_dir(&chunks).map_err(dir_err(&chunks))?.flatten() {
+            let Ok(files) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let name = file.file_name();
+                let Some(digest) = name.to_str().and_then(|n| n.parse::<Digest>().ok()) else {
+                    continue;
+                };
+                if let Ok(meta) = file.metadata() {
+                    let used = meta.accessed().or_else(|_| meta.modified()).ok();
+                    found.push((used, digest, meta.len()));
+                }
+            }
+        }
+        // Oldest first, so that the most recently used ends at the front of the LRU.
+        found.sort();
+        let mut lru = LruCache::unbounded();
+        let mut used = 0;
+        for (_, digest, len) in found {
+            used += len;
+            lru.put(
+                digest,
+                Entry {
+                    len,
+                    pins: 0,
+                    file: None,
+                },
+            );
+        }
+        Ok(ChunkStore {
+            root: root.to_path_buf(),
+            budget,
+            index: Mutex::new(Index {
+                lru,
+                used,
+                open_files: 0,
+            }),
+            evictions: AtomicU64::new(0),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        // A panic while holding the lock leaves a consistent index (every update is a
+        // single statement), so a poisoned lock is still usable.
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn chunk_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("chunks").join(digest.shard_path())
+    }
+
+    /// Whether the chunk is on disk (does not count as a use).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.index().lru.contains(digest)
+    }
+
+    /// Opens a local chunk for reading and marks it recently used; `None` if absent.
+    pub fn get(&self, digest: &Digest) -> Result<Option<ChunkFile>, ChunkStoreError> {
+        let mut index = self.index();
+        let Some(entry) = index.lru.get_mut(digest) else {
+            return Ok(None);
+        };
+        let len = entry.len;
+        if let Some(file) = &entry.file {
+            return Ok(Some(ChunkFile {
+                digest: *digest,
+                file: file.clone(),
+                len,
+            }));
+        }
+        let file = match File::open(self.chunk_path(digest)) {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Removed behind our back (an operator cleaning up): forget it.
+                if let Some(gone) = index.lru.pop(digest) {
+                    index.used -= gone.len;
+                }
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(ChunkStoreError::Read {
+                    digest: *digest,
+                    source,
+                })
+            }
+        };
+        if let Some(entry) = index.lru.peek_mut(digest) {
+            entry.file = Some(file.clone());
+        }
+        index.open_files += 1;
+        if index.open_files > MAX_OPEN_CHUNK_FILES {
+            close_idle_files(&mut index);
+        }
+        Ok(Some(ChunkFile {
+            digest: *digest,
+            file,
+            len,
+        }))
+    }
+
+    /// Writes a verified chunk crash-safely and indexes it. The caller has checked that
+    /// `bytes` hash to `digest`.
+    pub fn insert(&self, digest: &Digest, bytes: &[u8]) -> Result<ChunkFile, ChunkStoreError> {
+        if let Some(existing) = self.get(digest)? {
+            return Ok(existing);
+        }
+        let final_path = self.chunk_path(digest);
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp_path = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{}.{seq}", digest.to_hex(), std::process::id()));
+        let write_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ChunkStoreError::Write {
+                digest: *digest,
+                path,
+                source,
+            }
+        };
+        let written = (|| -> io::Result<()> {
+            let mut f = File::create(&tmp_path)?;
+            f.write_all(bytes)?;
+            f.sync_data()?;
+            Ok(())
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(write_err(&tmp_path)(e));
+        }
+        let shard = final_path.parent().unwrap_or(&self.root).to_path_buf();
+        fs::create_dir_all(&shard).map_err(write_err(&shard))?;
+        if let Err(e) = fs::rename(&tmp_path, &final_path) {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(write_err(&final_path)(e));
+        }
+        // The rename is durable once the directory is; a crash before this loses the
+        // chunk (it is fetched again), never half of it.
+        File::open(&shard)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err(&shard))?;
+        let file = Arc::new(File::open(&final_path).map_err(write_err(&final_path))?);
+        let len = bytes.len() as u64;
+        let mut index = self.index();
+        if let Some(prev) = index.lru.put(
+            *digest,
+            Entry {
+                len,
+                pins: 0,
+                file: Some(file.clone()),
+            },
+        ) {
+            // Lost a race with another writer of the same digest: same bytes, keep pins.
+            index.used -= prev.len;
+            if let Some(e) = index.lru.peek_mut(digest) {
+                e.pins = prev.pins;
+            }
+            if prev.file.is_some() {
+                index.open_files -= 1;
+            }
+        }
+        index.used += len;
+        index.open_files += 1;
+        self.evict_over_budget(&mut index);
+        Ok(ChunkFile {
+            digest: *digest,
+            file,
+            len,
+        })
+    }
+
+    /// Keeps a chunk from eviction until a matching [`ChunkStore::unpin`]. Returns false
+    /// if the chunk is not local.
+    pub fn pin(&self, digest: &Digest) -> bool {
+        match self.index().lru.peek_mut(digest) {
+            Some(e) => {
+                e.pins += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn unpin(&self, digest: &Digest) {
+        let mut index = self.index();
+        if let Some(e) = index.lru.peek_mut(digest) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+        self.evict_over_budget(&mut index);
+    }
+
+    /// Deletes a chunk now unless it is pinned or being read. Returns whether it went.
+    pub fn remove(&self, digest: &Digest) -> bool {
+        let mut index = self.index();
+        let removable = index
+            .lru
+            .peek(digest)
+            .is_some_and(|e| e.pins == 0 && !in_use(e));
+        if removable {
+            self.delete(&mut index, digest);
+        }
+        removable
+    }
+
+    fn delete(&self, index: &mut Index, digest: &Digest) {
+        if let Some(gone) = index.lru.pop(digest) {
+            index.used -= gone.len;
+            if gone.file.is_some() {
+                index.open_files -= 1;
+            }
+            let _ = fs::remove_file(self.chunk_path(digest));
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn evict_over_budget(&self, index: &mut Index) {
+        if self.budget == 0 || index.used <= self.budget {
+            return;
+        }
+        let mut victims = Vec::new();
+        let mut excess = index.used - self.budget;
+        for (digest, entry) in index.lru.iter().rev() {
+            if excess == 0 {
+                break;
+            }
+            if entry.pins == 0 && !in_use(entry) {
+                victims.push(*digest);
+                excess = excess.saturating_sub(entry.len);
+            }
+        }
+        for digest in victims {
+            self.delete(index, &digest);
+        }
+        if index.used > self.budget {
+            tracing::debug!(
+                used = index.used,
+                budget = self.budget,
+                "cache over budget: the rest is pinned or being read"
+            );
+        }
+    }
+
+    /// Bytes of chunks on disk.
+    pub fn used_bytes(&self) -> u64 {
+        self.index().used
+    }
+
+    /// Number of chunks on disk.
+    pub fn chunk_count(&self) -> usize {
+        self.index().lru.len()
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Chunks deleted to stay within the budget or by request, since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+fn in_use(entry: &Entry) -> bool {
+    entry.file.as_ref().is_some_and(|f| Arc::strong_count(f) > 1)
+}
+
+/// Closes the open files of the least recently used chunks that nobody reads.
+fn close_idle_files(index: &mut Index) {
+    let target = MAX_OPEN_CHUNK_FILES * 3 / 4;
+    let mut closed = 0;
+    let excess = index.open_files.saturating_sub(target);
+    for (_, entry) in index.lru.iter_mut().rev() {
+        if closed >= excess {
+            break;
+        }
+        if entry.file.is_some() && !in_use(entry) {
+            entry.file = None;
+            closed += 1;
+        }
+    }
+    index.open_files -= closed;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: u8) -> (Digest, Vec<u8>) {
+        let bytes = vec![n; 1000];
+        (Digest::of(&bytes), bytes)
+    }
+
+    #[test]
+    fn insert_get_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, bytes) = chunk(1);
+        {
+            let store = ChunkStore::open(dir.path(), 0).unwrap();
+            assert!(store.get(&d).unwrap().is_none());
+            store.insert(&d, &bytes).unwrap();
+            let f = store.get(&d).unwrap().unwrap();
+            assert_eq!(f.read_all().unwrap(), bytes);
+        }
+        fs::write(dir.path().join("tmp/leftover"), b"half").unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        assert_eq!(store.chunk_count(), 1);
+        assert_eq!(store.used_bytes(), 1000);
+        assert!(fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none());
+        let mut buf = [0u8; 10];
+        store.get(&d).unwrap().unwrap().read_at(990, &mut buf).unwrap();
+        assert_eq!(buf, [1u8; 10]);
+    }
+
+    #[test]
+    fn evicts_lru_but_not_pinned_or_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 2500).unwrap();
+        let (a, ab) = chunk(1);
+        let (b, bb) = chunk(2);
+        let (c, cb) = chunk(3);
+        let (e, eb) = chunk(4);
+        store.insert(&a, &ab).unwrap();
+        assert!(store.pin(&a));
+        let reading_b = store.insert(&b, &bb).unwrap();
+        // Over budget by 500, but a is pinned, b is being read and c was just written
+        // for a reader: nothing can go yet.
+        drop(store.insert(&c, &cb).unwrap());
+        assert_eq!(store.used_bytes(), 3000);
+        drop(reading_b);
+        store.insert(&e, &eb).unwrap();
+        // Now b and c (least recently used, idle) go; a stays pinned.
+        assert!(store.contains(&a) && !store.contains(&b) && !store.contains(&c));
+        assert!(store.contains(&e));
+        assert!(store.used_bytes() <= 2500);
+        assert_eq!(store.evictions(), 2);
+        store.unpin(&a);
+        assert!(store.remove(&a));
+    }
+}

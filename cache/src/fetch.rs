@@ -1,0 +1,282 @@
+//! The node's chunk cache: local chunks, and one verified fetch per missing chunk.
+//!
+//! Concurrent readers of one missing chunk share one fetch: the first starts it in a
+//! task of its own (so a reader that goes away does not cancel it for the others) and
+//! every reader waits for its outcome. Sources are tried in order, each within the
+//! deadline; bytes whose sha256 is not the chunk's digest are discarded, counted, logged
+//! with template, chunk index and source, and the next source is tried. Only verified
+//! bytes are written, and only written chunks are read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
+use crate::digest::Digest;
+use crate::source::{Source, SourceError};
+
+/// The default time one source gets to deliver one chunk. Well under the kernel NBD
+/// client's 30 s request timeout, so that a stalled source is passed over and the read
+/// can still be answered from the next one.
+pub const DEFAULT_SOURCE_DEADLINE: Duration = Duration::from_secs(8);
+/// Passes over the source list for one demand fetch: a second pass rides out a source
+/// that restarts or drops one connection.
+const FETCH_PASSES: usize = 2;
+/// Pause between passes.
+const PASS_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Which chunk of which template a fetch is for (the context of every log line).
+#[derive(Clone, Debug)]
+pub struct ChunkRef {
+    pub template: Arc<str>,
+    pub index: usize,
+    pub digest: Digest,
+    pub len: u64,
+}
+
+/// Why a chunk could not be made local.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No source could give verified bytes.
+    #[error("template {template} chunk {index} ({digest}): no source delivered it: {}", .errors.join("; "))]
+    Exhausted {
+        template: Arc<str>,
+        index: usize,
+        digest: Digest,
+        errors: Vec<String>,
+    },
+    /// The chunk arrived but could not be written locally (disk full, I/O error).
+    #[error("template {template} chunk {index}: {source}")]
+    Local {
+        template: Arc<str>,
+        index: usize,
+        source: ChunkStoreError,
+    },
+}
+
+/// What the cache reports, for metrics and replica progress. Every method has an empty
+/// default, so an observer implements only what it counts.
+pub trait FetchObserver: Send + Sync + 'static {
+    /// A read found its chunk local.
+    fn hit(&self, _template: &str) {}
+    /// A read needed a fetch (counted once per reader).
+    fn miss(&self, _template: &str) {}
+    /// A chunk arrived from `source` and was verified.
+    fn fetched(&self, _chunk: &ChunkRef, _source: &str, _elapsed: Duration) {}
+    /// A source failed to give a chunk.
+    fn source_failed(&self, _chunk: &ChunkRef, _source: &str, _error: &SourceError) {}
+    /// A source gave bytes that do not match the digest.
+    fn corrupt(&self, _chunk: &ChunkRef, _source: &str) {}
+}
+
+/// An observer that counts nothing.
+pub struct NoObserver;
+impl FetchObserver for NoObserver {}
+
+type Outcome = Option<Result<ChunkFile, Arc<FetchError>>>;
+
+/// The node's chunks, local and in flight.
+pub struct ChunkCache {
+    store: ChunkStore,
+    /// Fetches under way, by digest; a reader that finds one here waits for it.
+    inflight: Mutex<HashMap<Digest, watch::Receiver<Outcome>>>,
+    observer: Arc<dyn FetchObserver>,
+    /// How long one source gets for one chunk.
+    deadline: Duration,
+}
+
+impl ChunkCache {
+    pub fn new(store: ChunkStore, observer: Arc<dyn FetchObserver>, deadline: Duration) -> Self {
+        ChunkCache {
+            store,
+            inflight: Mutex::new(HashMap::new()),
+            observer,
+            deadline,
+        }
+    }
+
+    pub fn store(&self) -> &ChunkStore {
+        &self.store
+    }
+
+    /// Whether a fetch of `digest` is under way.
+    pub fn is_fetching(&self, digest: &Digest) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(digest)
+    }
+
+    /// The local chunk, fetching it from `sources` first if needed.
+    pub async fn get(
+        self: &Arc<Self>,
+        chunk: &ChunkRef,
+        sources: &Arc<[Source]>,
+    ) -> Result<ChunkFile, Arc<FetchError>> {
+        if let Some(file) = self.local(chunk)? {
+            self.observer.hit(&chunk.template);
+            return Ok(file);
+        }
+        self.observer.miss(&chunk.template);
+        self.fetch(chunk, sources).await
+    }
+
+    /// The local chunk without counting a hit or miss; `None` if absent.
+    pub fn local(&self, chunk: &ChunkRef) -> Result<Option<ChunkFile>, Arc<FetchError>> {
+        self.store.get(&chunk.digest).map_err(|source| {
+            Arc::new(FetchError::Local {
+                template: chunk.template.clone(),
+                index: chunk.index,
+                source,
+            })
+        })
+    }
+
+    /// Makes the chunk local (joining a fetch under way), without counting a read.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        chunk: &ChunkRef,
+        sources: &Arc<[Source]>,
+    ) -> Result<ChunkFile, Arc<FetchError>> {
+        let mut outcome = self.join_or_start(chunk, sources)?;
+        loop {
+            if let Some(result) = outcome.borrow_and_update().clone() {
+                return result;
+            }
+            if outcome.changed().await.is_err() {
+                // The fetching task ended without an outcome (the runtime shut down).
+                return Err(Arc::new(FetchError::Exhausted {
+                    template: chunk.template.clone(),
+                    index: chunk.index,
+                    digest: chunk.digest,
+                    errors: vec!["fetch abandoned".into()],
+                }));
+            }
+        }
+    }
+
+    fn join_or_start(
+        self: &Arc<Self>,
+        chunk: &ChunkRef,
+        sources: &Arc<[Source]>,
+    ) -> Result<watch::Receiver<Outcome>, Arc<FetchError>> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = inflight.get(&chunk.digest) {
+            return Ok(rx.clone());
+        }
+        // The chunk may have landed between our miss and taking the lock.
+        if let Some(file) = self.local(chunk)? {
+            let (_tx, rx) = watch::channel(Some(Ok(file)));
+            return Ok(rx);
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(chunk.digest, rx.clone());
+        drop(inflight);
+        let cache = self.clone();
+        let chunk = chunk.clone();
+        let sources = sources.clone();
+        tokio::spawn(async move {
+            let result = cache.fetch_verified(&chunk, &sources).await.map_err(Arc::new);
+            cache
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&chunk.digest);
+            let _ = tx.send(Some(result));
+        });
+        Ok(rx)
+    }
+
+    async fn fetch_verified(
+        self: &Arc<Self>,
+        chunk: &ChunkRef,
+        sources: &[Source],
+    ) -> Result<ChunkFile, FetchError> {
+        let mut errors = Vec::new();
+        for pass in 0..FETCH_PASSES {
+            if pass > 0 {
+                tokio::time::sleep(PASS_BACKOFF).await;
+            }
+            for source in sources {
+                match self.fetch_from(chunk, source).await {
+                    Ok(Some(bytes)) => return self.write(chunk, bytes).await,
+                    Ok(None) => errors.push(format!("{}: digest mismatch", source.name())),
+                    Err(e) => {
+                        self.observer.source_failed(chunk, source.name(), &e);
+                        tracing::warn!(template = %chunk.template, chunk = chunk.index,
+                            source = source.name(), error = %e, "chunk fetch failed");
+                        let transient = e.is_transient();
+                        errors.push(e.to_string());
+                        if !transient && sources.len() == 1 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if sources.is_empty() {
+            errors.push("no sources configured".into());
+        }
+        Err(FetchError::Exhausted {
+            template: chunk.template.clone(),
+            index: chunk.index,
+            digest: chunk.digest,
+            errors,
+        })
+    }
+
+    /// Verified bytes from one source, `None` if they do not match the digest.
+    async fn fetch_from(
+        &self,
+        chunk: &ChunkRef,
+        source: &Source,
+    ) -> Result<Option<bytes::Bytes>, SourceError> {
+        let started = Instant::now();
+        let bytes = source.fetch(&chunk.digest, chunk.len, self.deadline).await?;
+        let digest = chunk.digest;
+        let (bytes, actual) = tokio::task::spawn_blocking(move || {
+            let actual = Digest::of(&bytes);
+            (bytes, actual)
+        })
+        .await
+        .map_err(|e| SourceError::Unreachable {
+            source_name: source.name().to_string(),
+            detail: format!("hashing task failed: {e}"),
+        })?;
+        if actual != digest {
+            self.observer.corrupt(chunk, source.name());
+            tracing::error!(template = %chunk.template, chunk = chunk.index,
+                source = source.name(), expected = %digest, actual = %actual,
+                "chunk bytes do not match their digest; discarded");
+            return Ok(None);
+        }
+        self.observer.fetched(chunk, source.name(), started.elapsed());
+        Ok(Some(bytes))
+    }
+
+    async fn write(
+        self: &Arc<Self>,
+        chunk: &ChunkRef,
+        bytes: bytes::Bytes,
+    ) -> Result<ChunkFile, FetchError> {
+        let digest = chunk.digest;
+        let cache = self.clone();
+        // The write fsyncs; keep it off the runtime threads.
+        let written = tokio::task::spawn_blocking(move || cache.store.insert(&digest, &bytes))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ChunkStoreError::Write {
+                    digest,
+                    path: self.store.root().to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+        written.map_err(|source| FetchError::Local {
+            template: chunk.template.clone(),
+            index: chunk.index,
+            source,
+        })
+    }
+}

@@ -1,0 +1,238 @@
+//! A template as bytes: offsets map to chunks, zero chunks read as zeros, missing
+//! chunks are fetched through the [`ChunkCache`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::future::try_join_all;
+
+use crate::chunk_store::{ChunkFile, ChunkStoreError};
+use crate::fetch::{ChunkCache, ChunkRef, FetchError};
+use crate::manifest::Manifest;
+use crate::source::Source;
+
+/// How many chunks past a sequential reader's position are fetched ahead of it. Eight
+/// 1 MiB chunks keep a loopback or LAN link busy while the reader consumes the current one.
+pub const READAHEAD_CHUNKS: usize = 8;
+
+/// Why a read of a template failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("template {template}: read of {len} bytes at {offset} is past the end ({size})")]
+    OutOfRange {
+        template: Arc<str>,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error(transparent)]
+    Fetch(#[from] Arc<FetchError>),
+    #[error("template {template}: {source}")]
+    Local {
+        template: Arc<str>,
+        source: ChunkStoreError,
+    },
+}
+
+/// One template's bytes over the node's cache.
+pub struct TemplateImage {
+    manifest: Arc<Manifest>,
+    id: Arc<str>,
+    cache: Arc<ChunkCache>,
+    /// Origins first, then the store.
+    sources: Arc<[Source]>,
+    /// The chunk the previous read ended in, to detect sequential readers.
+    last_chunk: AtomicUsize,
+}
+
+/// A maximal run of chunks that are all zero or all data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageExtent {
+    pub length: u64,
+    pub zero: bool,
+}
+
+impl TemplateImage {
+    pub fn new(manifest: Arc<Manifest>, cache: Arc<ChunkCache>, sources: Vec<Source>) -> Self {
+        TemplateImage {
+            id: manifest.template.as_str().into(),
+            manifest,
+            cache,
+            sources: sources.into(),
+            last_chunk: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    pub fn size(&self) -> u64 {
+        self.manifest.size
+    }
+
+    pub fn sources(&self) -> &Arc<[Source]> {
+        &self.sources
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// The reference of chunk `index`, `None` for an all-zero chunk.
+    pub fn chunk_ref(&self, index: usize) -> Option<ChunkRef> {
+        let digest = (*self.manifest.chunks.get(index)?)?;
+        Some(ChunkRef {
+            template: self.id.clone(),
+            index,
+            digest,
+            len: self.manifest.chunk_len(index),
+        })
+    }
+
+    /// Whether chunk `index` needs no fetch (local, or all zero).
+    pub fn is_local(&self, index: usize) -> bool {
+        match self.chunk_ref(index) {
+            Some(c) => self.cache.store().contains(&c.digest),
+            None => true,
+        }
+    }
+
+    /// Chunk `index`, fetched if needed (a demand read: counted as hit or miss).
+    pub async fn chunk(&self, index: usize) -> Result<Option<ChunkFile>, ReadError> {
+        match self.chunk_ref(index) {
+            Some(c) => Ok(Some(self.cache.get(&c, &self.sources).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Makes chunk `index` local without counting a read (fill and prefetch).
+    pub async fn fetch_chunk(&self, index: usize) -> Result<Option<ChunkFile>, ReadError> {
+        match self.chunk_ref(index) {
+            Some(c) => Ok(Some(self.cache.fetch(&c, &self.sources).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Fills `buf` with the template's bytes at `offset`.
+    pub async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Err(ReadError::OutOfRange {
+                template: self.id.clone(),
+                offset,
+                len,
+                size: self.size(),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let chunk_size = self.manifest.chunk_size as u64;
+        let first = (offset / chunk_size) as usize;
+        let last = ((offset + len - 1) / chunk_size) as usize;
+        self.read_ahead(first, last);
+        if first == last {
+            // The common case: one chunk, no allocation.
+            let file = self.chunk(first).await?;
+            return self.copy_out(file.as_ref(), offset - first as u64 * chunk_size, buf);
+        }
+        let files = try_join_all((first..=last).map(|i| self.chunk(i))).await?;
+        let mut pos = offset;
+        let mut rest = buf;
+        for (i, file) in (first..=last).zip(files) {
+            let chunk_start = i as u64 * chunk_size;
+            let take = ((chunk_start + chunk_size).min(offset + len) - pos) as usize;
+            let (head, tail) = rest.split_at_mut(take);
+            self.copy_out(file.as_ref(), pos - chunk_start, head)?;
+            pos += take as u64;
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    fn copy_out(
+        &self,
+        file: Option<&ChunkFile>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ReadError> {
+        match file {
+            Some(f) => f.read_at(offset, buf).map_err(|source| ReadError::Local {
+                template: self.id.clone(),
+                source,
+            }),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts fetches of the chunks after a sequential reader's position.
+    fn read_ahead(&self, first: usize, last: usize) {
+        let previous = self.last_chunk.swap(last, Ordering::Relaxed);
+        let sequential = previous == first || previous.wrapping_add(1) == first;
+        if !sequential || previous == last || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let end = (last + READAHEAD_CHUNKS).min(self.manifest.chunk_count() - 1);
+        for index in last + 1..=end {
+            self.prefetch(index);
+        }
+    }
+
+    /// Starts a background fetch of chunk `index` if it is missing and not under way.
+    pub fn prefetch(&self, index: usize) {
+        let Some(c) = self.chunk_ref(index) else {
+            return;
+        };
+        if self.cache.store().contains(&c.digest) || self.cache.is_fetching(&c.digest) {
+            return;
+        }
+        let cache = self.cache.clone();
+        let sources = self.sources.clone();
+        tokio::spawn(async move {
+            // Failures are logged by the cache; a later demand read retries.
+            let _ = cache.fetch(&c, &sources).await;
+        });
+    }
+
+    /// Starts background fetches of every chunk overlapping `[offset, offset+len)`.
+    pub fn prefetch_range(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size() {
+            return;
+        }
+        let chunk_size = self.manifest.chunk_size as u64;
+        let end = (offset.saturating_add(len)).min(self.size());
+        for index in (offset / chunk_size) as usize..=((end - 1) / chunk_size) as usize {
+            self.prefetch(index);
+        }
+    }
+
+    /// Zero and data runs covering `[offset, offset+len)`, clipped to it.
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<ImageExtent> {
+        let mut out: Vec<ImageExtent> = Vec::new();
+        let end = offset.saturating_add(len).min(self.size());
+        let chunk_size = self.manifest.chunk_size as u64;
+        let mut pos = offset;
+        while pos < end {
+            let index = (pos / chunk_size) as usize;
+            let next = ((index as u64 + 1) * chunk_size).min(end);
+            let zero = self.manifest.chunks[index].is_none();
+            match out.last_mut() {
+                Some(last) if last.zero == zero => last.length += next - pos,
+                _ => out.push(ImageExtent {
+                    length: next - pos,
+                    zero,
+                }),
+            }
+            pos = next;
+        }
+        out
+    }
+}

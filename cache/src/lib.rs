@@ -1,0 +1,33 @@
+//! lazyblk-cache: manifests, chunk digests, the node's content-addressed chunk cache,
+//! the sources chunks are fetched from, and sandbox overlays.
+//!
+//! # Layout
+//! - [`digest`]: the sha256 [`Digest`] that names a chunk.
+//! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4).
+//! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
+//!   eviction, pins.
+//! - [`source`]: where missing chunks come from (origin nodes and the store, over HTTP).
+//! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, verification
+//!   against the digest, failover between sources.
+//! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
+//!
+//! # Data flow
+//! A read at an offset of a template ([`TemplateImage::read_at`]) maps to chunks; a
+//! local chunk is read with one `pread`; a missing one is fetched once (whoever asks
+//! first leads, later readers wait for the same fetch), verified, written to a temporary
+//! file, fsynced and renamed into place, and only then read. Nothing here knows NBD or
+//! FUSE.
+
+pub mod chunk_store;
+pub mod digest;
+pub mod fetch;
+pub mod image;
+pub mod manifest;
+pub mod source;
+
+pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
+pub use digest::Digest;
+pub use fetch::{ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, DEFAULT_SOURCE_DEADLINE};
+pub use image::{ImageExtent, ReadError, TemplateImage};
+pub use manifest::{validate_id, Manifest, ManifestError};
+pub use source::{HttpSource, Source, SourceError};

@@ -1,0 +1,268 @@
+//! The command line: one subcommand per row of DESIGN.md section 7.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The daemon's default HTTP address (`--node` of the client commands).
+pub const DEFAULT_NODE: &str = "http://127.0.0.1:7071";
+/// The store's default address.
+pub const DEFAULT_STORE: &str = "http://127.0.0.1:7070";
+
+/// lazyblk: microVM sandbox templates as lazily fetched, content-addressed block devices.
+///
+/// A template (an ext4 image) is published once to a store as a manifest plus
+/// sha256-named chunks. Every node runs `lazyblk daemon`, which serves each template
+/// over NBD and as a FUSE file and fetches chunks on demand.
+#[derive(Parser, Debug)]
+#[command(name = "lazyblk", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the artifact store: manifests, chunks and traces over HTTP.
+    Store(StoreArgs),
+    /// Run the node daemon: NBD and FUSE exports of every template, fetched lazily.
+    Daemon(DaemonArgs),
+    /// Chunk an image, upload the chunks the store lacks, publish its manifest.
+    Publish(PublishArgs),
+    /// List the store's templates and their durability.
+    Templates(TemplatesArgs),
+    /// Show replica phase, progress, bytes by source and exports in use on a node.
+    Status(StatusArgs),
+    /// Fill a node's replica of a template to READY in the background.
+    Warm(WarmArgs),
+    /// Drop a node's replica of a template (its local chunks).
+    Evict(EvictArgs),
+    /// Create or delete a sandbox's copy-on-write overlay.
+    #[command(subcommand)]
+    Overlay(OverlayCommand),
+    /// Commit a sandbox's overlay into a new template.
+    Commit(CommitArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Directory that holds manifests, chunks and traces.
+    #[arg(long, default_value = "./lazyblk-store")]
+    pub root: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Bearer token required for writes (PUT, DELETE).
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    pub write_token: Option<String>,
+    /// Bearer token required for chunk reads.
+    #[arg(long, env = "LAZYBLK_READ_TOKEN")]
+    pub read_token: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Directory of the node's chunk cache, overlays and state database.
+    #[arg(long, default_value = "./lazyblk-cache")]
+    pub cache: PathBuf,
+    /// Bytes the chunk cache may take (e.g. 20G, 512M; 0 = no limit).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// URL of the artifact store.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// HTTP address for the daemon's API, /metrics and chunk serving to peers.
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    pub listen: String,
+    /// The URL other nodes reach this daemon at (put in manifests as origin);
+    /// defaults to http://<--listen>.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// NBD address: HOST:PORT or unix:PATH.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd: String,
+    /// Mount the FUSE filesystem (templates/<id>, sandboxes/<sb>) here.
+    #[arg(long)]
+    pub fuse: Option<PathBuf>,
+    /// Seconds one source gets to deliver one chunk before the next source is tried.
+    #[arg(long, default_value = "8")]
+    pub source_deadline: f64,
+    /// Chunks fetched at once by a background fill.
+    #[arg(long, default_value = "8")]
+    pub fill_concurrency: usize,
+    /// Bandwidth cap of background fills in bytes per second (e.g. 200M; 0 = none).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub fill_rate: u64,
+    /// Bearer token sent with chunk reads to the store and origins.
+    #[arg(long, env = "LAZYBLK_READ_TOKEN")]
+    pub read_token: Option<String>,
+    /// Bearer token sent with writes to the store (commit uploads, traces).
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    pub write_token: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PublishArgs {
+    /// The image file (ext4 with 4 KiB blocks; size a multiple of 4096).
+    pub image: PathBuf,
+    /// Template id: [a-z0-9][a-z0-9._-]{0,127}.
+    #[arg(long)]
+    pub template: String,
+    /// URL of the artifact store.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// Chunk size: a power of two from 64K to 16M.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// The template this one derives from (recorded in the manifest).
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// A label KEY=VALUE for the manifest (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Chunks uploaded at once.
+    #[arg(long, default_value = "8")]
+    pub concurrency: usize,
+    /// Bearer token for writes to the store.
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    pub write_token: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TemplatesArgs {
+    /// URL of the artifact store.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArg {
+    /// The daemon's HTTP URL.
+    #[arg(long, default_value = DEFAULT_NODE)]
+    pub node: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// A template id; all replicas when omitted.
+    pub template: Option<String>,
+    #[command(flatten)]
+    pub node: NodeArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WarmArgs {
+    pub template: String,
+    #[command(flatten)]
+    pub node: NodeArg,
+    /// Wait until the replica is READY (or FAILED), showing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// Restart a FAILED fill.
+    #[arg(long)]
+    pub redo: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvictArgs {
+    pub template: String,
+    #[command(flatten)]
+    pub node: NodeArg,
+    /// Evict even if exports are using the template.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum OverlayCommand {
+    /// Create a sandbox's copy-on-write overlay over a template.
+    Create {
+        template: String,
+        #[arg(long)]
+        sandbox: String,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Delete a sandbox's overlay.
+    Delete {
+        sandbox: String,
+        #[command(flatten)]
+        node: NodeArg,
+        /// Delete even if it is in use.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List overlays on the node.
+    List {
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CommitArgs {
+    pub sandbox: String,
+    /// Id of the new template.
+    #[arg(long)]
+    pub template: String,
+    #[command(flatten)]
+    pub node: NodeArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses sizes such as `4096`, `64K`, `1M`, `20G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional K, M, G or T"))?;
+    let shift = match unit.trim_end_matches(['i', 'B']).to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("invalid size {s:?}: unknown unit {unit:?}")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,73 @@
+//! lazyblk: makes microVM sandbox templates usable on every node at once, without
+//! copying them first.
+//!
+//! # Layout
+//! - [`cli`]: the command line (DESIGN.md section 7).
+//! - [`store`]: the artifact store: an HTTP server over a directory, and its client.
+//! - [`publish`]: chunk an image, upload what the store lacks, publish the manifest.
+//! - [`daemon`]: the node daemon: NBD and FUSE exports over the chunk cache, the
+//!   background fill, traces, the HTTP API, the state database.
+//! - [`control`]: the commands that talk to a daemon (status, warm, evict, overlay,
+//!   commit).
+//! - [`metrics`]: Prometheus counters shared by the daemon and the store.
+//!
+//! # Data flow
+//! `publish` writes chunks and a manifest to the store. A daemon learns templates from
+//! the store; a client's read enters through NBD or FUSE, reaches an export in
+//! [`daemon::exports`], and reads through `lazyblk-cache` (overlay, local chunk, then a
+//! fetch from the template's origins or the store).
+
+mod cli;
+mod control;
+mod daemon;
+mod metrics;
+mod progress;
+mod publish;
+mod store;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Store(_) | Command::Daemon(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("LAZYBLK_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Store(args) => store::run(args).await,
+        Command::Daemon(args) => daemon::run(args).await,
+        Command::Publish(args) => publish::run(args).await,
+        Command::Templates(args) => store::client::list_command(args).await,
+        Command::Status(args) => control::status(args).await,
+        Command::Warm(args) => control::warm(args).await,
+        Command::Evict(args) => control::evict(args).await,
+        Command::Overlay(cmd) => control::overlay(cmd).await,
+        Command::Commit(args) => control::commit(args).await,
+    }
+}
