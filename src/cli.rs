@@ -42,6 +42,10 @@ pub enum Command {
     Overlay(OverlayCommand),
     /// Commit a sandbox's overlay into a new template.
     Commit(CommitArgs),
+    /// Remove a template (manifest and trace) from the store; its chunks stay until gc.
+    Delete(DeleteArgs),
+    /// Delete the store's chunks that no manifest references.
+    Gc(GcArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -137,6 +141,36 @@ pub struct TemplatesArgs {
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeleteArgs {
+    /// Template id to remove.
+    pub template: String,
+    /// URL of the artifact store.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// Bearer token for writes to the store.
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    pub write_token: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GcArgs {
+    /// URL of the artifact store.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// Keep unreferenced chunks written or confirmed more recently than this (e.g. 10m,
+    /// 0s): a publish uploads its chunks before its manifest, and gc must not delete
+    /// them in between.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
+    /// Bearer token for writes to the store.
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    pub write_token: Option<String>,
+    /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -1,7 +1,321 @@
-//! Commands that talk to a daemon (stub; being written).
-use crate::cli::*;
-pub async fn status(_a: StatusArgs) -> anyhow::Result<()> { anyhow::bail!("not yet") }
-pub async fn warm(_a: WarmArgs) -> anyhow::Result<()> { anyhow::bail!("not yet") }
-pub async fn evict(_a: EvictArgs) -> anyhow::Result<()> { anyhow::bail!("not yet") }
-pub async fn overlay(_a: OverlayCommand) -> anyhow::Result<()> { anyhow::bail!("not yet") }
-pub async fn commit(_a: CommitArgs) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+//! The commands that talk to a node daemon over its HTTP API: `status`, `warm`,
+//! `evict`, `overlay` and `commit`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::cli::{CommitArgs, EvictArgs, OverlayCommand, StatusArgs, WarmArgs};
+use crate::progress::Progress;
+
+/// How often `warm --wait` polls the daemon.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+
+/// A client of one daemon's HTTP API.
+struct NodeClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl NodeClient {
+    fn new(base: &str) -> NodeClient {
+        NodeClient {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Sends a request and returns the JSON answer, or an error carrying the daemon's
+    /// own message.
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.with_context(|| {
+            format!("daemon at {} unreachable (is `lazyblk daemon` running? pass --node URL)", self.base)
+        })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        if !status.is_success() {
+            let message = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or(text);
+            bail!("{message}");
+        }
+        Ok(value)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+}
+
+/// `lazyblk status [ID]`.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let node = NodeClient::new(&args.node.node);
+    let replicas = match &args.template {
+        Some(id) => vec![node.get(&format!("/v1/templates/{id}")).await?],
+        None => node
+            .get("/v1/templates")
+            .await?
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    if args.json {
+        let out = match &args.template {
+            Some(_) => replicas.into_iter().next().unwrap_or(Value::Null),
+            None => Value::Array(replicas),
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if replicas.is_empty() {
+        println!("no templates on this node yet (they appear when first opened or warmed)");
+        return Ok(());
+    }
+    if args.template.is_some() {
+        print!("{}", describe(&replicas[0]));
+    } else {
+        print!("{}", table(&replicas));
+    }
+    Ok(())
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Bytes in binary units, as an operator reads them.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn percent(local: u64, total: u64) -> String {
+    if total == 0 {
+        "100%".into()
+    } else {
+        format!("{}%", local * 100 / total)
+    }
+}
+
+fn by_source(v: &Value) -> String {
+    let Some(map) = v.get("bytes_by_source").and_then(Value::as_object) else {
+        return "-".into();
+    };
+    if map.is_empty() {
+        return "-".into();
+    }
+    map.iter()
+        .map(|(source, bytes)| format!("{} from {source}", human_bytes(bytes.as_u64().unwrap_or(0))))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn table(replicas: &[Value]) -> String {
+    let mut rows = vec![[
+        "TEMPLATE".to_string(),
+        "PHASE".into(),
+        "LOCAL".into(),
+        "SIZE".into(),
+        "FETCHED".into(),
+        "USERS".into(),
+    ]];
+    for r in replicas {
+        let (local, total) = (u(r, "local_chunks"), u(r, "stored_chunks"));
+        rows.push([
+            s(r, "template").to_string(),
+            s(r, "phase").to_string(),
+            format!("{local}/{total} ({})", percent(local, total)),
+            human_bytes(u(r, "size")),
+            by_source(r),
+            r.get("users").and_then(Value::as_array).map_or(0, Vec::len).to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn describe(r: &Value) -> String {
+    let (local, total) = (u(r, "local_chunks"), u(r, "stored_chunks"));
+    let mut out = format!(
+        "template:   {}\nphase:      {}\nsize:       {} ({} chunks of {}, {} zero)\nlocal:      {local}/{total} chunks ({})\nfetched:    {}\n",
+        s(r, "template"),
+        s(r, "phase"),
+        human_bytes(u(r, "size")),
+        u(r, "chunks"),
+        human_bytes(u(r, "chunk_size")),
+        u(r, "chunks").saturating_sub(total),
+        percent(local, total),
+        by_source(r),
+    );
+    if let Some(parent) = r.get("parent").and_then(Value::as_str) {
+        out.push_str(&format!("parent:     {parent}\n"));
+    }
+    let origins: Vec<&str> = r
+        .get("origins")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !origins.is_empty() {
+        out.push_str(&format!("origins:    {}\n", origins.join(", ")));
+    }
+    if u(r, "corrupt_chunks") > 0 {
+        out.push_str(&format!("corrupt:    {} chunks refused (digest mismatch)\n", u(r, "corrupt_chunks")));
+    }
+    if let Some(e) = r.get("last_error").and_then(Value::as_str) {
+        let at = r.get("last_error_at").and_then(Value::as_str).unwrap_or("");
+        out.push_str(&format!("last error: {e} {}\n", if at.is_empty() { String::new() } else { format!("(at {at})") }));
+    }
+    let users: Vec<&str> = r
+        .get("users")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "in use by:  {}\n",
+        if users.is_empty() { "nobody".to_string() } else { users.join(", ") }
+    ));
+    out
+}
+
+/// `lazyblk warm ID [--wait] [--redo]`.
+pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
+    let node = NodeClient::new(&args.node.node);
+    let path = format!("/v1/templates/{}", args.template);
+    let query = if args.redo { "?redo=true" } else { "" };
+    let started = node.post(&format!("{path}/warm{query}"), None).await?;
+    if !args.wait {
+        println!("{}: {}", args.template, s(&started, "phase"));
+        return Ok(());
+    }
+    let total = u(&started, "stored_chunks");
+    let progress = Progress::new(&format!("warming {}", args.template), total);
+    loop {
+        let r = node.get(&path).await?;
+        progress.set(u(&r, "local_chunks"));
+        match s(&r, "phase") {
+            "READY" => {
+                progress.finish(&format!("{} READY ({} chunks local)", args.template, u(&r, "local_chunks")));
+                return Ok(());
+            }
+            "FAILED" => {
+                progress.finish(&format!("{} FAILED", args.template));
+                bail!(
+                    "fill of {} FAILED: {} (reads are still served lazily; retry with `lazyblk warm {} --redo`)",
+                    args.template,
+                    s(&r, "last_error"),
+                    args.template
+                );
+            }
+            "PENDING" | "CLEANING" => bail!("fill of {} stopped (phase {})", args.template, s(&r, "phase")),
+            _ => tokio::time::sleep(WAIT_POLL).await,
+        }
+    }
+}
+
+/// `lazyblk evict ID [--force]`.
+pub async fn evict(args: EvictArgs) -> anyhow::Result<()> {
+    let node = NodeClient::new(&args.node.node);
+    let query = if args.force { "?force=true" } else { "" };
+    let r = node
+        .post(&format!("/v1/templates/{}/evict{query}", args.template), None)
+        .await?;
+    println!("evicted {}: {} chunks removed", args.template, u(&r, "removed_chunks"));
+    Ok(())
+}
+
+/// `lazyblk overlay create|delete|list`.
+pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
+    match command {
+        OverlayCommand::Create { template, sandbox, node } => {
+            let node = NodeClient::new(&node.node);
+            let r = node
+                .post("/v1/overlays", Some(serde_json::json!({ "template": template, "sandbox": sandbox })))
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        OverlayCommand::Delete { sandbox, node, force } => {
+            let node = NodeClient::new(&node.node);
+            let query = if force { "?force=true" } else { "" };
+            node.call(reqwest::Method::DELETE, &format!("/v1/overlays/{sandbox}{query}"), None)
+                .await?;
+            println!("deleted overlay {sandbox}");
+        }
+        OverlayCommand::List { node, json } => {
+            let node = NodeClient::new(&node.node);
+            let r = node.get("/v1/overlays").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{:<24} {:<24} {:>10}  USERS", "SANDBOX", "TEMPLATE", "WRITTEN");
+                for o in r.as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:<24} {:<24} {:>10}  {}",
+                        s(&o, "sandbox"),
+                        s(&o, "template"),
+                        human_bytes(u(&o, "written_bytes")),
+                        o.get("users").and_then(Value::as_array).map_or(0, Vec::len)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `lazyblk commit SB --template NEWID`.
+pub async fn commit(args: CommitArgs) -> anyhow::Result<()> {
+    let node = NodeClient::new(&args.node.node);
+    let r = node
+        .post(
+            &format!("/v1/overlays/{}/commit", args.sandbox),
+            Some(serde_json::json!({ "template": args.template })),
+        )
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "committed {} as {}: {} new chunks, {} shared with {}; durability {}",
+            args.sandbox,
+            args.template,
+            u(&r, "new_chunks"),
+            u(&r, "shared_chunks"),
+            s(&r, "parent"),
+            s(&r, "durability")
+        );
+    }
+    Ok(())
+}

@@ -69,5 +69,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Evict(args) => control::evict(args).await,
         Command::Overlay(cmd) => control::overlay(cmd).await,
         Command::Commit(args) => control::commit(args).await,
+        Command::Delete(args) => store::client::delete_command(args).await,
+        Command::Gc(args) => store::client::gc_command(args).await,
     }
 }

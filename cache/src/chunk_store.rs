@@ -360,6 +360,16 @@ impl ChunkStore {
         }
     }
 
+    /// Bytes of pinned chunks.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.index()
+            .lru
+            .iter()
+            .filter(|(_, e)| e.pins > 0)
+            .map(|(_, e)| e.len)
+            .sum()
+    }
+
     /// Bytes of chunks on disk.
     pub fn used_bytes(&self) -> u64 {
         self.index().used

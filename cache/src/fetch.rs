@@ -8,6 +8,7 @@
 //! bytes are written, and only written chunks are read.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,14 @@ pub trait FetchObserver: Send + Sync + 'static {
 pub struct NoObserver;
 impl FetchObserver for NoObserver {}
 
+struct DemandGuard<'a>(&'a AtomicUsize);
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 type Outcome = Option<Result<ChunkFile, Arc<FetchError>>>;
 
 /// The node's chunks, local and in flight.
@@ -85,6 +94,8 @@ pub struct ChunkCache {
     observer: Arc<dyn FetchObserver>,
     /// How long one source gets for one chunk.
     deadline: Duration,
+    /// Demand reads waiting for a fetch now; background fills yield while it is above 0.
+    demand_waiting: AtomicUsize,
 }
 
 impl ChunkCache {
@@ -94,6 +105,7 @@ impl ChunkCache {
             inflight: Mutex::new(HashMap::new()),
             observer,
             deadline,
+            demand_waiting: AtomicUsize::new(0),
         }
     }
 
@@ -120,7 +132,15 @@ impl ChunkCache {
             return Ok(file);
         }
         self.observer.miss(&chunk.template);
+        self.demand_waiting.fetch_add(1, Ordering::Relaxed);
+        // Decrements even when the reader goes away mid-fetch.
+        let _waiting = DemandGuard(&self.demand_waiting);
         self.fetch(chunk, sources).await
+    }
+
+    /// Demand reads waiting for a fetch now (background work yields to them).
+    pub fn demand_waiting(&self) -> usize {
+        self.demand_waiting.load(Ordering::Relaxed)
     }
 
     /// The local chunk without counting a hit or miss; `None` if absent.

@@ -1,1 +1,43 @@
-//! placeholder
+//! lazyblk-fuse: the FUSE filesystem that shows templates and sandbox overlays as
+//! plain files, for runtimes that take a file path (Firecracker, Cloud Hypervisor,
+//! QEMU) and for loop devices.
+//!
+//! ```text
+//! DIR/templates/<id>   read-only (0444), the template's size
+//! DIR/sandboxes/<sb>   read-write (0644), the overlay's size, fixed
+//! ```
+//!
+//! # Layout
+//! - [`files`]: the [`Files`] and [`File`] traits a backend implements, and [`Folder`].
+//! - `mount`: [`mount`], [`MountOptions`] and the [`Mount`] that unmounts on drop.
+//! - `stale`: [`clear_stale_mount`], for a mount left behind by a killed daemon.
+//! - `fs`: the `fuser::Filesystem` callbacks and the namespace (lookup, attributes,
+//!   listings, refusals of create, rename and resize).
+//! - `file_io`: open, read, write, fsync, and the page cache policy.
+//! - `inodes`: stable inode numbers per (folder, name).
+//! - `handles`: open files and directory listings by handle.
+//! - `buffers`: reusable buffers for request payloads.
+//! - `error`: [`FuseError`].
+//!
+//! # Data flow
+//! The kernel's requests arrive on a few session threads. Names and attributes are
+//! answered there, from [`Files::list`] and [`Files::open`] (local state only). A
+//! read, write or fsync is checked there (bounds, read-only), then handed to the
+//! tokio runtime as a task that awaits [`File::read`], [`File::write`] or
+//! [`File::flush`] and replies to the kernel itself; so many requests are in flight
+//! at once and none blocks the session threads on the network.
+
+mod buffers;
+mod error;
+mod file_io;
+pub mod files;
+mod fs;
+mod handles;
+mod inodes;
+mod mount;
+mod stale;
+
+pub use error::FuseError;
+pub use files::{File, Files, Folder};
+pub use mount::{mount, Mount, MountOptions};
+pub use stale::clear_stale_mount;

@@ -1,3 +1,182 @@
-//! The node daemon (stub; being written).
+//! The node daemon: serves every template of the store as an NBD export (and a FUSE
+//! file), fetching chunks on demand; runs background fills; records and publishes
+//! traces; answers the HTTP API.
+//!
+//! # Layout
+//! - [`node`]: the [`node::Node`] (cache, store client, replicas) and [`node::Replica`].
+//! - [`exports`]: the export objects that the NBD server and the FUSE mount serve.
+//! - [`trace`]: recording of the first reads of each template.
+//! - [`counters`]: Prometheus metrics and per-template byte counts.
+//! - [`fill`]: the background fill and the replica phases; [`state`]: the SQLite
+//!   database that keeps them across restarts.
+//! - [`api`]: the HTTP API.
+
+pub mod api;
+pub mod counters;
+pub mod exports;
+pub mod fill;
+pub mod node;
+pub mod state;
+pub mod trace;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lazyblk_cache::{ChunkCache, ChunkStore};
+use tokio::sync::watch;
+
 use crate::cli::DaemonArgs;
-pub async fn run(_args: DaemonArgs) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+use crate::daemon::counters::DaemonMetrics;
+use crate::daemon::exports::NbdExports;
+use crate::daemon::fill::{FillConfig, FillScheduler};
+use crate::daemon::state::StateDb;
+use crate::daemon::node::Node;
+use crate::store::client::StoreClient;
+
+/// The file-descriptor limit the daemon asks for: open chunk files, NBD connections and
+/// FUSE handles all take descriptors.
+const WANTED_NOFILE: u64 = 65536;
+/// How often replicas are checked for a trace ready to publish.
+const TRACE_PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
+
+pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    raise_nofile_limit();
+    std::fs::create_dir_all(&args.cache)
+        .with_context(|| format!("creating cache directory {}", args.cache.display()))?;
+    let chunk_store = ChunkStore::open(&args.cache, args.cache_size)
+        .with_context(|| format!("opening the chunk cache at {}", args.cache.display()))?;
+    let metrics = Arc::new(DaemonMetrics::new());
+    let deadline = Duration::from_secs_f64(args.source_deadline.max(0.1));
+    let cache = Arc::new(ChunkCache::new(chunk_store, metrics.clone(), deadline));
+    let store = StoreClient::new(&args.store, args.write_token.clone(), args.read_token.clone());
+
+    let http_listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding the HTTP API on {}", args.listen))?;
+    let http_addr = http_listener.local_addr()?;
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let node = Arc::new(
+        Node::new(
+            cache.clone(),
+            store,
+            metrics,
+            advertise.clone(),
+            args.read_token.clone(),
+            args.cache.clone(),
+        )
+        .with_context(|| format!("preparing state under {}", args.cache.display()))?,
+    );
+    let restored = node.restore();
+    let db_path = args.cache.join("state.db");
+    let db = Arc::new(
+        StateDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?,
+    );
+    let fill = Arc::new(FillScheduler::new(
+        node.clone(),
+        db,
+        FillConfig {
+            concurrency: args.fill_concurrency,
+            rate: args.fill_rate,
+        },
+    ));
+    fill.restore().await;
+    let nbd_listener = lazyblk_nbd::Listener::bind(&args.nbd)
+        .await
+        .with_context(|| format!("binding NBD on {}", args.nbd))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let api = api::router(api::ApiState {
+        node: node.clone(),
+        fill: fill.clone(),
+        read_token: args.read_token.clone(),
+    });
+    let http = tokio::spawn(
+        axum::serve(http_listener, api)
+            .with_graceful_shutdown(shutdown(shutdown_rx.clone()))
+            .into_future(),
+    );
+    let nbd = tokio::spawn(lazyblk_nbd::serve(
+        nbd_listener,
+        Arc::new(NbdExports { node: node.clone() }),
+        lazyblk_nbd::ServerConfig::default(),
+        shutdown(shutdown_rx.clone()),
+    ));
+    tokio::spawn(publish_traces(node.clone(), shutdown_rx.clone()));
+    tokio::spawn(fill.clone().supervise(shutdown_rx.clone()));
+
+    tracing::info!(
+        http = %http_addr, nbd = %args.nbd, cache = %args.cache.display(),
+        store = %args.store, advertise = %advertise, restored_templates = restored,
+        cached_chunks = cache.store().chunk_count(), "lazyblk daemon ready"
+    );
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    fill.stop_all();
+    let _ = nbd.await;
+    let _ = http.await;
+    Ok(())
+}
+
+/// Publishes each template's trace once it is complete, unless the store has one.
+async fn publish_traces(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TRACE_PUBLISH_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        for replica in node.replicas() {
+            if !replica.trace.ready_to_publish() {
+                continue;
+            }
+            let id = replica.id().to_string();
+            match node.store.trace(&id).await {
+                Ok(Some(_)) => replica.trace.mark_published(),
+                Ok(None) => {
+                    let order = replica.trace.order();
+                    match node.store.put_trace(&id, &order).await {
+                        Ok(()) => {
+                            tracing::info!(template = %id, chunks = order.len(), "published boot trace");
+                            replica.trace.mark_published();
+                        }
+                        Err(e) => tracing::warn!(template = %id, error = %e, "publishing trace failed; will retry"),
+                    }
+                }
+                Err(e) => tracing::debug!(template = %id, error = %e, "store unreachable for traces"),
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the daemon runs until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let wanted = WANTED_NOFILE.min(hard);
+        if soft < wanted {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard);
+        }
+    }
+}

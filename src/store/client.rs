@@ -1,5 +1,423 @@
-//! Client of the store's HTTP API (stub; being written).
-use crate::cli::TemplatesArgs;
-pub async fn list_command(_args: TemplatesArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+//! [`StoreClient`], the client of the store's HTTP API used by publish and the daemon,
+//! and the commands built on it: `templates`, `delete`, `gc`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use indicatif::HumanBytes;
+use lazyblk_cache::{validate_id, Digest, Manifest, ManifestError};
+use reqwest::{RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::{GcReport, TemplateSummary, TraceDoc};
+use crate::cli::{DeleteArgs, GcArgs, TemplatesArgs};
+
+/// How long to wait for a TCP connection: loopback and LAN stores answer in
+/// milliseconds, and a dead address should fail fast with the URL in the message.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of a metadata request (manifests, lists, traces): a 50 GiB template's
+/// manifest at 64 KiB chunks is ~55 MB, still seconds on any link a node uses.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of one chunk upload: 16 MiB (the largest chunk) at ~1 Mbit/s.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(150);
+/// Deadline of a gc, which walks every chunk file of the store.
+const GC_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Digests per `POST /v1/chunks/missing`: ~550 KB of JSON, so a 50 GiB image at small
+/// chunk sizes takes a few hundred requests instead of one huge one.
+const MISSING_BATCH: usize = 8192;
+
+/// Why a store request failed; each variant names the store and what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No HTTP answer (refused, reset, timed out).
+    #[error("store {url} unreachable: {detail} (is `lazyblk store` running there?)")]
+    Unreachable { url: String, detail: String },
+    /// The store answered with an error status.
+    #[error("store {url}: HTTP {status} for {what}: {detail}")]
+    Http {
+        url: String,
+        status: u16,
+        what: String,
+        detail: String,
+    },
+    /// A manifest with this id and other content is already published.
+    #[error("store refused template {template}: {detail}")]
+    Conflict { template: String, detail: String },
+    /// The stored manifest does not parse or break the format's rules.
+    #[error("malformed manifest for template {template} from {url}: {source}")]
+    MalformedManifest {
+        template: String,
+        url: String,
+        source: ManifestError,
+    },
+    /// Another answer that is not what the API promises.
+    #[error("store {url}: unreadable answer for {what}: {detail}")]
+    Malformed {
+        url: String,
+        what: String,
+        detail: String,
+    },
+    /// A template id outside `[a-z0-9][a-z0-9._-]{0,127}` (checked before any request).
+    #[error(transparent)]
+    InvalidId(#[from] ManifestError),
+}
+
+/// What `put_manifest` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The manifest is new.
+    Created,
+    /// The store already had a manifest with the same content.
+    Unchanged,
+}
+
+/// A client of one store. Cheap to clone; clones share one connection pool.
+#[derive(Clone, Debug)]
+pub struct StoreClient {
+    /// Base URL without a trailing slash.
+    url: String,
+    http: reqwest::Client,
+    /// Sent with every write (PUT, POST, DELETE).
+    write_token: Option<String>,
+    /// Sent with chunk reads by users of [`StoreClient::http`]; kept here for them.
+    #[allow(dead_code, reason = "read by the daemon's chunk sources")]
+    read_token: Option<String>,
+}
+
+impl StoreClient {
+    pub fn new(base_url: &str, write_token: Option<String>, read_token: Option<String>) -> StoreClient {
+        // The builder fails only when the TLS backend or resolver cannot start; this
+        // build has neither, so the plain client is the same configuration minus the
+        // connect timeout.
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        StoreClient {
+            url: base_url.trim_end_matches('/').to_string(),
+            http,
+            write_token: write_token.filter(|t| !t.is_empty()),
+            read_token: read_token.filter(|t| !t.is_empty()),
+        }
+    }
+
+    /// The shared HTTP client (one pool), for chunk sources.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The store's base URL, without a trailing slash.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The read token chunk GETs need, if one was given.
+    #[allow(dead_code, reason = "for the daemon's chunk sources")]
+    pub fn read_token(&self) -> Option<&str> {
+        self.read_token.as_deref()
+    }
+
+    /// The manifest of `id`; `None` when the store does not have it.
+    pub async fn manifest(&self, id: &str) -> Result<Option<Manifest>, StoreError> {
+        validate_id(id)?;
+        let what = format!("the manifest of {id}");
+        let request = self.http.get(self.endpoint(&format!("/v1/templates/{id}/manifest")));
+        let Some(bytes) = self.fetch_optional(request, &what).await? else {
+            return Ok(None);
+        };
+        Manifest::parse(&bytes, Some(id))
+            .map(Some)
+            .map_err(|source| StoreError::MalformedManifest {
+                template: id.to_string(),
+                url: self.url.clone(),
+                source,
+            })
+    }
+
+    /// Every template in the store with its durability.
+    pub async fn templates(&self) -> Result<Vec<TemplateSummary>, StoreError> {
+        let what = "the template list";
+        let request = self.http.get(self.endpoint("/v1/templates"));
+        let bytes = self.send(request, METADATA_TIMEOUT, what).await?.1;
+        self.decode(&bytes, what)
+    }
+
+    /// Publishes a manifest. Another manifest under its id is a [`StoreError::Conflict`].
+    pub async fn put_manifest(&self, m: &Manifest) -> Result<PutOutcome, StoreError> {
+        validate_id(&m.template)?;
+        let what = format!("publishing the manifest of {}", m.template);
+        let request = self
+            .write(self.http.put(self.endpoint(&format!("/v1/templates/{}/manifest", m.template))))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(m.to_json());
+        match self.send(request, METADATA_TIMEOUT, &what).await {
+            Ok((StatusCode::CREATED, _)) => Ok(PutOutcome::Created),
+            Ok(_) => Ok(PutOutcome::Unchanged),
+            Err(StoreError::Http {
+                status: 409,
+                detail,
+                ..
+            }) => Err(StoreError::Conflict {
+                template: m.template.clone(),
+                detail,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The digests among `digests` that the store does not have.
+    pub async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        let mut missing = Vec::new();
+        for batch in digests.chunks(MISSING_BATCH) {
+            let what = format!("the missing list of {} chunks", batch.len());
+            let body = serde_json::to_vec(batch).map_err(|e| self.malformed(&what, e))?;
+            let request = self
+                .write(self.http.post(self.endpoint("/v1/chunks/missing")))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+            let bytes = self.send(request, METADATA_TIMEOUT, &what).await?.1;
+            missing.extend(self.decode::<Vec<Digest>>(&bytes, &what)?);
+        }
+        Ok(missing)
+    }
+
+    /// Uploads one chunk; the store verifies it against `digest`.
+    pub async fn put_chunk(&self, digest: &Digest, bytes: Bytes) -> Result<(), StoreError> {
+        let what = format!("uploading chunk {digest}");
+        let request = self
+            .write(self.http.put(self.endpoint(&format!("/v1/chunks/{digest}"))))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(bytes);
+        self.send(request, CHUNK_TIMEOUT, &what).await.map(|_| ())
+    }
+
+    /// The recorded prefetch order of `id`; `None` when none is recorded.
+    pub async fn trace(&self, id: &str) -> Result<Option<Vec<usize>>, StoreError> {
+        validate_id(id)?;
+        let what = format!("the trace of {id}");
+        let request = self.http.get(self.endpoint(&format!("/v1/templates/{id}/trace")));
+        let Some(bytes) = self.fetch_optional(request, &what).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.decode::<TraceDoc>(&bytes, &what)?.chunks))
+    }
+
+    /// Records the prefetch order of `id` (replacing an earlier one).
+    pub async fn put_trace(&self, id: &str, chunks: &[usize]) -> Result<(), StoreError> {
+        validate_id(id)?;
+        let what = format!("storing the trace of {id}");
+        let doc = TraceDoc {
+            template: id.to_string(),
+            chunks: chunks.to_vec(),
+        };
+        let body = serde_json::to_vec(&doc).map_err(|e| self.malformed(&what, e))?;
+        let request = self
+            .write(self.http.put(self.endpoint(&format!("/v1/templates/{id}/trace"))))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        self.send(request, METADATA_TIMEOUT, &what).await.map(|_| ())
+    }
+
+    /// Removes a template's manifest and trace (chunks stay until gc).
+    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        validate_id(id)?;
+        let what = format!("deleting template {id}");
+        let request = self.write(self.http.delete(self.endpoint(&format!("/v1/templates/{id}"))));
+        self.send(request, METADATA_TIMEOUT, &what).await.map(|_| ())
+    }
+
+    /// Deletes unreferenced chunks older than `grace`.
+    pub async fn gc(&self, grace: Duration) -> Result<GcReport, StoreError> {
+        let what = "gc";
+        let url = format!("{}?grace_secs={}", self.endpoint("/v1/gc"), grace.as_secs());
+        let request = self.write(self.http.post(url));
+        let bytes = self.send(request, GC_TIMEOUT, what).await?.1;
+        self.decode(&bytes, what)
+    }
+
+    fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    fn write(&self, request: RequestBuilder) -> RequestBuilder {
+        match &self.write_token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// A GET whose 404 means "none".
+    async fn fetch_optional(
+        &self,
+        request: RequestBuilder,
+        what: &str,
+    ) -> Result<Option<Bytes>, StoreError> {
+        match self.send(request, METADATA_TIMEOUT, what).await {
+            Ok((_, bytes)) => Ok(Some(bytes)),
+            Err(StoreError::Http { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a request; a non-success status becomes [`StoreError::Http`] with the
+    /// store's `{"error"}` message.
+    async fn send(
+        &self,
+        request: RequestBuilder,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<(StatusCode, Bytes), StoreError> {
+        let unreachable = |e: reqwest::Error| StoreError::Unreachable {
+            url: self.url.clone(),
+            detail: error_chain(&e),
+        };
+        let response = request.timeout(timeout).send().await.map_err(unreachable)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(unreachable)?;
+        if status.is_success() {
+            return Ok((status, body));
+        }
+        let detail = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().chars().take(500).collect());
+        Err(StoreError::Http {
+            url: self.url.clone(),
+            status: status.as_u16(),
+            what: what.to_string(),
+            detail,
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| self.malformed(what, e))
+    }
+
+    fn malformed(&self, what: &str, e: serde_json::Error) -> StoreError {
+        StoreError::Malformed {
+            url: self.url.clone(),
+            what: what.to_string(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// An error with its causes, `outer: inner: innermost` (reqwest's own message hides
+/// "connection refused" in its sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// `lazyblk templates`: the store's templates as a table or JSON.
+pub async fn list_command(args: TemplatesArgs) -> anyhow::Result<()> {
+    let client = StoreClient::new(&args.store, None, None);
+    let templates = client.templates().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&templates)?);
+    } else {
+        print!("{}", table(&templates));
+    }
+    Ok(())
+}
+
+/// The `templates` table: one row per template, columns padded to their widest cell.
+fn table(templates: &[TemplateSummary]) -> String {
+    let header = ["TEMPLATE", "SIZE", "CHUNKS", "STORED", "DURABILITY", "PARENT", "CREATED"];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for t in templates {
+        rows.push(vec![
+            t.template.clone(),
+            HumanBytes(t.size).to_string(),
+            t.chunks.to_string(),
+            format!("{}/{}", t.present_chunks, t.stored_chunks),
+            t.durability.as_str().to_string(),
+            t.parent.clone().unwrap_or_else(|| "-".to_string()),
+            if t.created_at.is_empty() { "-".to_string() } else { t.created_at.clone() },
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `lazyblk delete ID`: removes a template from the store.
+pub async fn delete_command(args: DeleteArgs) -> anyhow::Result<()> {
+    let client = StoreClient::new(&args.store, args.write_token, None);
+    client.delete(&args.template).await?;
+    println!(
+        "deleted template {} (its chunks stay until `lazyblk gc`)",
+        args.template
+    );
+    Ok(())
+}
+
+/// `lazyblk gc`: sweeps chunks that no manifest references.
+pub async fn gc_command(args: GcArgs) -> anyhow::Result<()> {
+    let client = StoreClient::new(&args.store, args.write_token, None);
+    let report = client
+        .gc(args.grace)
+        .await
+        .with_context(|| format!("gc of store {}", client.url()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "gc: deleted {} chunks ({}), kept {} referenced and {} recent",
+            report.chunks_deleted,
+            HumanBytes(report.bytes_freed),
+            report.chunks_referenced,
+            report.chunks_recent
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Durability;
+
+    #[test]
+    fn table_aligns_columns() {
+        let row = TemplateSummary {
+            template: "py311".into(),
+            size: 64 << 20,
+            chunk_size: 1 << 20,
+            chunks: 64,
+            stored_chunks: 10,
+            stored_bytes: 10 << 20,
+            present_chunks: 4,
+            parent: None,
+            origins: vec![],
+            created_at: "2026-11-22T10:00:00Z".into(),
+            durability: Durability::Uploading,
+        };
+        let out = table(&[row]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("TEMPLATE  SIZE"), "{out}");
+        assert!(lines[1].contains("4/10") && lines[1].contains("UPLOADING"), "{out}");
+        assert_eq!(lines[0].find("CHUNKS"), lines[1].find("64 "), "{out}");
+    }
 }

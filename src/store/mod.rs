@@ -1,6 +1,135 @@
-//! The artifact store (stub; being written).
+//! The artifact store: manifests, chunks and traces in a directory, served over HTTP.
+//!
+//! # Layout
+//! - [`backend`]: the directory (`manifests/`, `chunks/<2 hex>/<64 hex>`, `traces/`,
+//!   `tmp/`), crash-safe writes, durability, gc.
+//! - [`api`]: the axum routes, bearer tokens and the store's counters.
+//! - [`client`]: [`client::StoreClient`], used by publish and the daemon, and the
+//!   `templates`, `delete` and `gc` commands.
+//! - This file: [`run`] and the JSON documents the server and the client share.
+//!
+//! # Data flow
+//! A request enters [`api`], passes the token check, and reaches [`backend`], which
+//! writes through `tmp/` (write, fsync, rename, fsync the directory) so a crash
+//! leaves either the old state or the new one, never a torn file.
+
+pub mod api;
+pub mod backend;
 pub mod client;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
 use crate::cli::StoreArgs;
-pub async fn run(_args: StoreArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+
+/// How durable a template is in the store (DESIGN.md section 6), derived from which of
+/// its chunks are on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Durability {
+    /// None of the template's own chunks (those its parent does not have) are stored:
+    /// only its origin node holds them.
+    OriginOnly,
+    /// Some of them are stored.
+    Uploading,
+    /// Every non-zero chunk is stored.
+    Durable,
+}
+
+impl Durability {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Durability::OriginOnly => "ORIGIN_ONLY",
+            Durability::Uploading => "UPLOADING",
+            Durability::Durable => "DURABLE",
+        }
+    }
+}
+
+/// One row of `GET /v1/templates` (and the answer of `GET /v1/templates/{id}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateSummary {
+    pub template: String,
+    /// Bytes.
+    pub size: u64,
+    pub chunk_size: u32,
+    /// Number of chunks, zero chunks included.
+    pub chunks: usize,
+    /// Number of non-zero chunks (the ones that are stored at all).
+    pub stored_chunks: usize,
+    /// Bytes of the non-zero chunks.
+    pub stored_bytes: u64,
+    /// How many of the non-zero chunks the store holds now.
+    #[serde(default)]
+    pub present_chunks: usize,
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub origins: Vec<String>,
+    #[serde(default)]
+    pub created_at: String,
+    pub durability: Durability,
+}
+
+/// The recorded prefetch order of a template (`/v1/templates/{id}/trace`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceDoc {
+    pub template: String,
+    /// Chunk indices in the order the first boots read them.
+    pub chunks: Vec<usize>,
+}
+
+/// The answer of `POST /v1/gc`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Unreferenced chunks removed.
+    pub chunks_deleted: u64,
+    /// Their bytes.
+    pub bytes_freed: u64,
+    /// Chunks some manifest references.
+    pub chunks_referenced: u64,
+    /// Unreferenced chunks kept because they were written or confirmed within the grace
+    /// period (a publish in progress uploads chunks before its manifest).
+    pub chunks_recent: u64,
+}
+
+/// Runs the store until SIGINT or SIGTERM.
+pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
+    let backend = backend::DirBackend::open(&args.root)
+        .await
+        .with_context(|| format!("cannot open the store at {}", args.root.display()))?;
+    let state = api::AppState::new(Arc::new(backend), args.write_token, args.read_token);
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener
+        .local_addr()
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(root = %args.root.display(), address = %local, "store listening");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .with_context(|| format!("serving on {local}"))?;
+    tracing::info!("store stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
 }

@@ -1,0 +1,202 @@
+//! Open, read, write, fsync: the data path. Each read, write or fsync is checked on
+//! the session thread, handed to the tokio runtime as a task, and answered from that
+//! task, so a read waiting on the network never holds up the next request.
+//!
+//! Caching: template files open with `FOPEN_KEEP_CACHE`. They are immutable (and a
+//! name that comes back gets a new inode, see `inodes`), so the kernel page cache
+//! stays valid across opens, and a template read once is served by the kernel.
+//! Sandbox files open without it, so each open drops pages cached by an earlier one
+//! (the overlay may have changed through NBD in between). They are not `direct_io`:
+//! FUSE writes without the writeback cache are write-through (every write reaches
+//! the backend before write(2) returns), so the page cache never holds data the
+//! backend lacks, and it gives readahead and repeated reads for free. `direct_io`
+//! would only be needed if one overlay were written through NBD while open here,
+//! which no runtime does.
+
+use std::io;
+
+use fuser::{Errno, FopenFlags, OpenAccMode, OpenFlags, ReplyData, ReplyEmpty, ReplyWrite};
+use tracing::warn;
+
+use crate::files::{File, Files, Folder};
+use crate::fs::{is_writable, LazyFs};
+use crate::handles::OpenFile;
+use crate::inodes::Node;
+
+impl<F: Files> LazyFs<F> {
+    /// Opens file `ino`; returns the handle and the kernel caching flags.
+    pub(crate) fn open_file(&self, ino: u64, flags: OpenFlags) -> Result<(u64, FopenFlags), Errno> {
+        let (folder, name) = match self.inodes.node(ino).ok_or(Errno::ENOENT)? {
+            Node::File { folder, name } => (folder, name),
+            Node::Root | Node::Folder(_) => return Err(Errno::EISDIR),
+        };
+        let file = self.backend_file(folder, &name).ok_or(Errno::ENOENT)?;
+        let writable = is_writable(folder, &*file);
+        if flags.acc_mode() != OpenAccMode::O_RDONLY && !writable {
+            return Err(match folder {
+                Folder::Templates => Errno::EROFS,
+                Folder::Sandboxes => Errno::EACCES,
+            });
+        }
+        let fopen = match folder {
+            // Immutable: keep the cache across opens, and close has nothing to flush.
+            Folder::Templates => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            Folder::Sandboxes => FopenFlags::empty(),
+        };
+        let fh = self.handles.open_file(OpenFile {
+            file,
+            folder,
+            name,
+            writable,
+        });
+        Ok((fh, fopen))
+    }
+
+    /// Reads up to `size` bytes at `offset`; fewer at the end of the file, none past it.
+    pub(crate) fn read_file(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        let Some(open) = self.handles.file(fh) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let len = read_len(open.file.size(), offset, size);
+        if len == 0 {
+            reply.data(&[]);
+            return;
+        }
+        let mut buf = self.buffers.take(len);
+        self.runtime.spawn(async move {
+            match open.file.read(offset, &mut buf).await {
+                Ok(()) => reply.data(&buf),
+                Err(err) => {
+                    warn!(folder = ?open.folder, name = %open.name, offset, len, %err, "read failed");
+                    reply.error(errno_of(&err));
+                }
+            }
+        });
+    }
+
+    /// Writes `data` at `offset`. A write that starts at or past the end fails with
+    /// ENOSPC and one that runs past it is cut short, as on a block device.
+    pub(crate) fn write_file(&self, fh: u64, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let Some(open) = self.handles.file(fh) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        if !open.writable {
+            reply.error(match open.folder {
+                Folder::Templates => Errno::EROFS,
+                Folder::Sandboxes => Errno::EACCES,
+            });
+            return;
+        }
+        let len = match write_len(open.file.size(), offset, data.len()) {
+            Ok(0) => {
+                reply.written(0);
+                return;
+            }
+            Ok(len) => len,
+            Err(errno) => {
+                reply.error(errno);
+                return;
+            }
+        };
+        let Ok(written) = u32::try_from(len) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        // The request buffer is only lent for this call; the task needs its own copy.
+        let mut buf = self.buffers.take(len);
+        buf.copy_from_slice(&data[..len]);
+        self.runtime.spawn(async move {
+            match open.file.write(offset, &buf).await {
+                Ok(()) => reply.written(written),
+                Err(err) => {
+                    warn!(folder = ?open.folder, name = %open.name, offset, len, %err, "write failed");
+                    reply.error(errno_of(&err));
+                }
+            }
+        });
+    }
+
+    /// Makes every acknowledged write to the file durable.
+    pub(crate) fn fsync_file(&self, fh: u64, reply: ReplyEmpty) {
+        let Some(open) = self.handles.file(fh) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        if open.folder == Folder::Templates {
+            // Never written, so always durable.
+            reply.ok();
+            return;
+        }
+        self.runtime.spawn(async move {
+            match open.file.flush().await {
+                Ok(()) => reply.ok(),
+                Err(err) => {
+                    warn!(folder = ?open.folder, name = %open.name, %err, "flush failed");
+                    reply.error(errno_of(&err));
+                }
+            }
+        });
+    }
+}
+
+/// How many bytes a read of `requested` at `offset` returns from a file of `size`.
+fn read_len(size: u64, offset: u64, requested: u32) -> usize {
+    let available = size.saturating_sub(offset);
+    // Both fit: `requested` is a u32, and the minimum is no larger.
+    available.min(u64::from(requested)) as usize
+}
+
+/// How many bytes of a `len`-byte write at `offset` fit in a file of `size`.
+fn write_len(size: u64, offset: u64, len: usize) -> Result<usize, Errno> {
+    if len == 0 {
+        return Ok(0);
+    }
+    if offset >= size {
+        return Err(Errno::ENOSPC);
+    }
+    let room = size - offset;
+    Ok(usize::try_from(room).map_or(len, |room| room.min(len)))
+}
+
+/// The errno to answer for a backend error: its own when it has one, EIO otherwise.
+fn errno_of(err: &io::Error) -> Errno {
+    match err.raw_os_error() {
+        Some(code) => Errno::from_i32(code),
+        None if err.kind() == io::ErrorKind::TimedOut => Errno::ETIMEDOUT,
+        None => Errno::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_stop_at_the_end_of_the_file() {
+        assert_eq!(read_len(100, 0, 10), 10);
+        assert_eq!(read_len(100, 95, 10), 5);
+        assert_eq!(read_len(100, 100, 10), 0);
+        assert_eq!(read_len(100, u64::MAX, 10), 0);
+        assert_eq!(read_len(u64::MAX, 0, u32::MAX), u32::MAX as usize);
+    }
+
+    #[test]
+    fn writes_past_the_end_fail_and_straddling_writes_are_cut() {
+        assert_eq!(write_len(100, 0, 10), Ok(10));
+        assert_eq!(write_len(100, 95, 10), Ok(5));
+        assert_eq!(write_len(100, 100, 10), Err(Errno::ENOSPC));
+        assert_eq!(write_len(100, u64::MAX, 1), Err(Errno::ENOSPC));
+        assert_eq!(write_len(100, 200, 0), Ok(0));
+    }
+
+    #[test]
+    fn backend_errors_keep_their_errno() {
+        let os = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(errno_of(&os), Errno::ENOSPC);
+        let timeout = io::Error::new(io::ErrorKind::TimedOut, "source deadline");
+        assert_eq!(errno_of(&timeout), Errno::ETIMEDOUT);
+        assert_eq!(errno_of(&io::Error::other("digest mismatch")), Errno::EIO);
+    }
+}

@@ -1,0 +1,276 @@
+//! Mounting and unmounting: [`mount`] starts a FUSE session at a directory and
+//! returns the [`Mount`] that ends it.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use tokio::runtime::Handle;
+use tracing::{debug, info, warn};
+
+use crate::error::FuseError;
+use crate::files::Files;
+use crate::fs::LazyFs;
+use crate::stale::{detach_lazily, is_disconnected};
+
+/// The source name the mount table shows for the mount.
+const FS_NAME: &str = "lazyblk";
+
+/// Threads reading requests from the kernel, each on its own cloned `/dev/fuse`
+/// descriptor. Dispatch is cheap (reads and writes are handed to the runtime), but a
+/// thread copies each write's payload before handing it on; a few threads keep one
+/// 1 MiB copy from delaying the reads queued behind it.
+const SESSION_THREADS: usize = 4;
+
+/// Background requests (readahead, async direct I/O) the kernel keeps in flight by
+/// default: enough to keep many chunk fetches going at once for a cold sequential
+/// read, where the kernel's own default (12) leaves the network idle between them.
+const DEFAULT_MAX_BACKGROUND: u16 = 64;
+
+/// The readahead window set on the mount, in KiB. The kernel's default of 128 KiB
+/// cuts a sequential read (a boot, a loop device, `dd`) into 128 KiB requests; at
+/// 1 MiB each readahead request is one whole default-sized chunk.
+const READ_AHEAD_KB: u32 = 1024;
+
+/// How long an unmount waits for the session threads to see the kernel end the
+/// session. Longer means the superblock lives on in another mount namespace (a copy
+/// made by a container runtime), which no wait here can end.
+const SESSION_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often an unmount checks whether the session threads have finished.
+const SESSION_EXIT_POLL: Duration = Duration::from_millis(10);
+
+/// How a mount is set up.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Let users other than the one who mounted (say a jailed Firecracker) use the
+    /// files: the kernel's `allow_other`. With `default_permissions` off there are
+    /// no further permission checks, so every local user can then read templates and
+    /// write sandboxes.
+    pub allow_other: bool,
+    /// How many background requests (readahead, async direct I/O) the kernel keeps
+    /// in flight at once.
+    pub max_background: u16,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: false,
+            max_background: DEFAULT_MAX_BACKGROUND,
+        }
+    }
+}
+
+/// Mounts the filesystem of `files` at `dir` (created if missing) and serves it on
+/// background threads, running reads, writes and flushes on `runtime`.
+pub fn mount<F: Files>(
+    dir: &Path,
+    files: Arc<F>,
+    runtime: Handle,
+    options: MountOptions,
+) -> Result<Mount, FuseError> {
+    prepare_dir(dir)?;
+    let filesystem = LazyFs::new(files, runtime, options.max_background);
+    let mut session = Session::new(filesystem, dir, &session_config(&options)).map_err(
+        |source| FuseError::Mount {
+            dir: dir.to_path_buf(),
+            source,
+        },
+    )?;
+    let unmounter = session.unmount_callable();
+    // If the thread cannot start, the session is dropped with the closure, and
+    // dropping it unmounts.
+    let session = thread::Builder::new()
+        .name("lazyblk-fuse".into())
+        .spawn(move || session.run())
+        .map_err(|source| FuseError::SpawnSession {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    tune_read_ahead(dir);
+    info!(dir = %dir.display(), "FUSE filesystem mounted");
+    Ok(Mount {
+        dir: dir.to_path_buf(),
+        unmounter: Some(unmounter),
+        session: Some(session),
+    })
+}
+
+/// A mounted filesystem; unmounts on drop.
+#[derive(Debug)]
+pub struct Mount {
+    /// Where the filesystem is mounted; named in errors and logs.
+    dir: PathBuf,
+    /// Ends the kernel mount; taken at unmount so that it happens once.
+    unmounter: Option<SessionUnmounter>,
+    /// The session's main thread (it runs the request threads); joined after a
+    /// clean unmount so that no callback runs once `unmount` has returned.
+    session: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl Mount {
+    /// Where the filesystem is mounted.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Unmounts and waits for the session to end. A mount still in use (an open
+    /// file, a loop device) is detached lazily instead, reported as
+    /// [`FuseError::DetachedBusy`]: its users keep working while this process lives.
+    pub fn unmount(mut self) -> Result<(), FuseError> {
+        self.end()
+    }
+
+    fn end(&mut self) -> Result<(), FuseError> {
+        let Some(mut unmounter) = self.unmounter.take() else {
+            return Ok(());
+        };
+        match unmounter.unmount() {
+            Ok(()) => self.join_session(),
+            Err(err) => {
+                // The mount is still there; at least free the path. The session keeps
+                // serving whoever holds it open, and ends on its own after them.
+                detach_lazily(&self.dir)?;
+                self.session = None;
+                let dir = self.dir.clone();
+                if err.raw_os_error() == Some(libc::EBUSY) {
+                    Err(FuseError::DetachedBusy { dir })
+                } else {
+                    Err(FuseError::Unmount { dir, source: err })
+                }
+            }
+        }
+    }
+
+    fn join_session(&mut self) -> Result<(), FuseError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + SESSION_EXIT_TIMEOUT;
+        while !session.is_finished() {
+            if Instant::now() >= deadline {
+                warn!(
+                    dir = %self.dir.display(),
+                    "unmounted, but the FUSE session goes on (mounted in another namespace?)"
+                );
+                return Ok(());
+            }
+            thread::sleep(SESSION_EXIT_POLL);
+        }
+        let session_error = |source| FuseError::Session {
+            dir: self.dir.clone(),
+            source,
+        };
+        match session.join() {
+            Ok(result) => result.map_err(session_error),
+            Err(_panic) => Err(session_error(io::Error::other("session thread panicked"))),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(err) = self.end() {
+            warn!(%err, "unmount on drop");
+        }
+    }
+}
+
+/// Makes sure `dir` is a directory that can be mounted on.
+fn prepare_dir(dir: &Path) -> Result<(), FuseError> {
+    let create_error = |source| FuseError::CreateDir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(create_error(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        ))),
+        Err(err) if is_disconnected(&err) => Err(FuseError::StaleMount {
+            dir: dir.to_path_buf(),
+        }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir).map_err(create_error)
+        }
+        Err(source) => Err(FuseError::Inspect {
+            dir: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn session_config(options: &MountOptions) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![MountOption::FSName(FS_NAME.into())];
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(SESSION_THREADS);
+    config.clone_fd = true;
+    config
+}
+
+/// Raises the mount's readahead window (its backing device info, named after the
+/// mount's device number) to [`READ_AHEAD_KB`]. The kernel offers no way to raise it
+/// at init. Best effort: without it, reads still work in smaller requests.
+fn tune_read_ahead(dir: &Path) {
+    let dev = match fs::metadata(dir) {
+        Ok(meta) => meta.dev(),
+        Err(err) => {
+            debug!(dir = %dir.display(), %err, "cannot stat the mount to tune readahead");
+            return;
+        }
+    };
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    if let Err(err) = fs::write(&knob, READ_AHEAD_KB.to_string()) {
+        debug!(knob, %err, "cannot raise readahead");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_map_to_the_session_config() {
+        let config = session_config(&MountOptions::default());
+        assert_eq!(config.acl, SessionACL::Owner);
+        assert!(config
+            .mount_options
+            .contains(&MountOption::FSName("lazyblk".into())));
+        assert_eq!(config.n_threads, Some(SESSION_THREADS));
+        let shared = session_config(&MountOptions {
+            allow_other: true,
+            ..MountOptions::default()
+        });
+        assert_eq!(shared.acl, SessionACL::All);
+    }
+
+    #[test]
+    fn a_missing_mount_point_is_created_and_a_file_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b");
+        prepare_dir(&dir).unwrap();
+        assert!(dir.is_dir());
+        let file = root.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            prepare_dir(&file),
+            Err(FuseError::CreateDir { .. })
+        ));
+    }
+}

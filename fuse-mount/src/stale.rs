@@ -1,0 +1,224 @@
+//! Dead mounts: a FUSE mount whose daemon was killed stays in the mount table, and
+//! every access to it fails with ENOTCONN ("Transport endpoint is not connected")
+//! until it is detached. [`clear_stale_mount`] detaches it so the next daemon can
+//! mount there again.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::MntFlags;
+use tracing::warn;
+
+use crate::error::FuseError;
+
+/// This process's view of the mount table.
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// The setuid helper that detaches a FUSE mount for a user who may not umount.
+const FUSERMOUNT: &str = "fusermount3";
+
+/// How many dead mounts stacked on one directory are detached before giving up: a
+/// daemon killed in a restart loop can leave a few; more means something keeps
+/// mounting there.
+const MAX_STACKED_MOUNTS: usize = 8;
+
+/// A stale mount at `dir` left by a killed process ("Transport endpoint is not
+/// connected"): detach it (lazy unmount); no-op when dir is not a mount.
+///
+/// A live mount at `dir` (another daemon still serving it, or anything else mounted
+/// there) is left alone and reported as [`FuseError::AlreadyMounted`], since mounting
+/// on top of it would hide it.
+pub fn clear_stale_mount(dir: &Path) -> Result<(), FuseError> {
+    for _ in 0..MAX_STACKED_MOUNTS {
+        match fs::metadata(dir) {
+            Ok(_) => return refuse_live_mount(dir),
+            Err(err) if is_disconnected(&err) => {
+                detach_lazily(dir)?;
+                warn!(dir = %dir.display(), "detached a stale FUSE mount left by a killed process");
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(FuseError::Inspect {
+                    dir: dir.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+    Err(FuseError::Detach {
+        dir: dir.to_path_buf(),
+        source: io::Error::other(format!(
+            "still not connected after detaching {MAX_STACKED_MOUNTS} mounts"
+        )),
+    })
+}
+
+/// Whether an access failed because the FUSE daemon behind the path is gone.
+pub(crate) fn is_disconnected(err: &io::Error) -> bool {
+    err.raw_os_error() == Some(libc::ENOTCONN)
+}
+
+/// Detaches the mount at `dir` now; the kernel ends it when its last user closes it.
+pub(crate) fn detach_lazily(dir: &Path) -> Result<(), FuseError> {
+    match nix::mount::umount2(dir, MntFlags::MNT_DETACH) {
+        Ok(()) => Ok(()),
+        // Not root: the setuid helper may still detach a FUSE mount of ours.
+        Err(nix::errno::Errno::EPERM) => detach_with_fusermount(dir),
+        Err(errno) => Err(FuseError::Detach {
+            dir: dir.to_path_buf(),
+            source: errno.into(),
+        }),
+    }
+}
+
+fn detach_with_fusermount(dir: &Path) -> Result<(), FuseError> {
+    let detach_error = |source| FuseError::Detach {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let output = Command::new(FUSERMOUNT)
+        .args(["-u", "-z", "--"])
+        .arg(dir)
+        .output()
+        .map_err(detach_error)?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    Err(detach_error(io::Error::other(format!(
+        "{FUSERMOUNT} -uz: {}",
+        stderr.trim()
+    ))))
+}
+
+/// Ok when nothing is mounted at `dir`; the top mount there otherwise.
+fn refuse_live_mount(dir: &Path) -> Result<(), FuseError> {
+    let path = dir.canonicalize().map_err(|source| FuseError::Inspect {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let table = fs::read_to_string(MOUNTINFO).map_err(|source| FuseError::MountTable {
+        path: MOUNTINFO,
+        source,
+    })?;
+    match top_mount_at(&table, &path) {
+        None => Ok(()),
+        Some(entry) => Err(FuseError::AlreadyMounted {
+            dir: dir.to_path_buf(),
+            fstype: entry.fstype,
+            mount_source: entry.source,
+        }),
+    }
+}
+
+/// One line of `/proc/self/mountinfo`, the fields used here.
+#[derive(Debug, PartialEq, Eq)]
+struct MountEntry {
+    mount_point: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// The last (topmost) mount at `path` in a mountinfo table.
+fn top_mount_at(table: &str, path: &Path) -> Option<MountEntry> {
+    table
+        .lines()
+        .rev()
+        .filter_map(parse_mountinfo_line)
+        .find(|entry| entry.mount_point == path)
+}
+
+/// Parses `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER`.
+/// Spaces inside fields are escaped as `\040`, so " - " only ever separates.
+fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
+    let (mount, filesystem) = line.split_once(" - ")?;
+    let mount_point = mount.split(' ').nth(4)?;
+    let mut filesystem = filesystem.split(' ');
+    let fstype = filesystem.next()?;
+    let source = filesystem.next()?;
+    Some(MountEntry {
+        mount_point: PathBuf::from(OsString::from_vec(unescape_octal(mount_point))),
+        fstype: String::from_utf8_lossy(&unescape_octal(fstype)).into_owned(),
+        source: String::from_utf8_lossy(&unescape_octal(source)).into_owned(),
+    })
+}
+
+/// Undoes the kernel's `\ooo` escapes of space, tab, newline and backslash.
+fn unescape_octal(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 4)
+            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
+            .and_then(|digits| {
+                let value = digits.iter().fold(0_u32, |v, d| v * 8 + u32::from(d - b'0'));
+                u8::try_from(value).ok()
+            });
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "\
+22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:5 - proc proc rw
+61 29 0:52 / /srv/lazy\\040mnt rw,nosuid,nodev,relatime shared:33 - fuse lazyblk rw,user_id=0,group_id=0
+62 61 0:53 / /srv/lazy\\040mnt rw,nosuid,nodev,relatime - fuse other rw,user_id=0,group_id=0
+";
+
+    #[test]
+    fn finds_the_topmost_mount_at_a_path() {
+        let entry = top_mount_at(TABLE, Path::new("/srv/lazy mnt")).unwrap();
+        assert_eq!(
+            entry,
+            MountEntry {
+                mount_point: "/srv/lazy mnt".into(),
+                fstype: "fuse".into(),
+                source: "other".into(),
+            }
+        );
+        assert_eq!(top_mount_at(TABLE, Path::new("/srv")), None);
+    }
+
+    #[test]
+    fn malformed_lines_are_skipped() {
+        assert_eq!(parse_mountinfo_line(""), None);
+        assert_eq!(parse_mountinfo_line("1 2 3"), None);
+        assert_eq!(parse_mountinfo_line("1 2 0:1 / - "), None);
+    }
+
+    #[test]
+    fn octal_escapes_are_undone() {
+        assert_eq!(unescape_octal(r"a\040b\011c\012d\134e"), b"a b\tc\nd\\e");
+        // A lone or malformed backslash is kept as it is.
+        assert_eq!(unescape_octal(r"a\"), b"a\\");
+        assert_eq!(unescape_octal(r"a\9xx"), b"a\\9xx");
+        assert_eq!(unescape_octal(r"a\+12"), b"a\\+12");
+        assert_eq!(unescape_octal(r"a\777"), b"a\\777");
+    }
+
+    #[test]
+    fn a_missing_directory_is_not_a_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(clear_stale_mount(&dir.path().join("absent")).is_ok());
+        assert!(clear_stale_mount(dir.path()).is_ok());
+    }
+}

@@ -1,0 +1,227 @@
+//! What the server serves: the [`Export`] trait (one block device's bytes) and the
+//! [`Exports`] trait (the set of exports, looked up by name at handshake).
+//!
+//! The server knows nothing else about an export: the daemon implements these traits
+//! over its cache and overlays, and tests implement them over a `Vec<u8>`.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Allocation state of a byte range, as reported by NBD_CMD_BLOCK_STATUS for `base:allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes covered, from the end of the previous extent (or the queried offset).
+    pub length: u64,
+    /// Not allocated (for a template: an all-zero chunk that is never stored).
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+}
+
+/// One block device's bytes, served to the connections that opened it.
+///
+/// The server checks every request against `size()` and `read_only()` before calling a
+/// method, so `offset + len` never passes the end and writes never reach a read-only
+/// export. Errors are `io::Error`s; their OS error code (or kind) picks the NBD error.
+pub trait Export: Send + Sync + 'static {
+    /// Size in bytes; read once at handshake.
+    fn size(&self) -> u64;
+
+    /// Whether writes are refused; read once at handshake.
+    fn read_only(&self) -> bool;
+
+    /// Whether several connections to this export see one consistent view (advertise NBD_FLAG_CAN_MULTI_CONN).
+    fn can_multi_conn(&self) -> bool {
+        self.read_only()
+    }
+
+    /// Fills all of `buf` with the bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Writes `data` at `offset`; with `fua`, durably before returning.
+    fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Makes every write that has returned durable.
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The range is no longer needed; its contents become unspecified.
+    fn trim(&self, offset: u64, len: u64, fua: bool)
+        -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The range reads as zeroes afterwards; it may become a hole.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The range reads as zeroes afterwards and stays allocated (NBD_CMD_FLAG_NO_HOLE).
+    ///
+    /// The default writes real zeroes through [`Export::write`], one
+    /// [`NO_HOLE_WRITE_SIZE`] piece at a time, which is always correct; an export that can
+    /// provision zeroes more cheaply overrides it.
+    fn write_zeroes_no_hole(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let mut done = 0;
+            while done < len {
+                let piece = (len - done).min(NO_HOLE_WRITE_SIZE as u64);
+                // `piece` is at most NO_HOLE_WRITE_SIZE, so it fits usize.
+                let zeroes = &ZEROES[..piece as usize];
+                self.write(offset + done, zeroes, fua).await?;
+                done += piece;
+            }
+            Ok(())
+        }
+    }
+
+    /// NBD_CMD_CACHE: start bringing the range local; may return before it is.
+    fn cache(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Extents covering at least the first byte of [offset, offset+len), in order, not past len.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
+}
+
+/// How much of a NO_HOLE write-zeroes the default implementation writes per call:
+/// large enough that a big range is few calls, small enough to live in static memory.
+pub const NO_HOLE_WRITE_SIZE: usize = 1 << 20;
+
+/// The zeroes written by [`Export::write_zeroes_no_hole`]'s default; static, so zeroing
+/// never allocates.
+static ZEROES: [u8; NO_HOLE_WRITE_SIZE] = [0; NO_HOLE_WRITE_SIZE];
+
+/// The set of exports a server offers, looked up by name at handshake.
+pub trait Exports: Send + Sync + 'static {
+    /// The export type a name opens to.
+    type Export: Export;
+
+    /// Open `name` for one connection from `peer` (a printable address). The returned value is held for the
+    /// connection's lifetime and dropped when it closes (the daemon uses that to know who uses an export).
+    ///
+    /// `NBD_OPT_INFO` opens an export too, and drops it as soon as the reply is sent.
+    fn open(
+        &self,
+        name: &str,
+        peer: &str,
+    ) -> impl Future<Output = Result<Arc<Self::Export>, OpenError>> + Send;
+
+    /// (name, description) of every export, for NBD_OPT_LIST.
+    fn list(&self) -> impl Future<Output = Vec<(String, String)>> + Send;
+
+    /// Called once per finished request, for metrics. Default: nothing.
+    ///
+    /// `bytes` is the request's length (the data moved for reads and writes, the range
+    /// covered otherwise); `ok` is false when the client got an error.
+    fn observe(&self, _command: Command, _bytes: u64, _elapsed: Duration, _ok: bool) {}
+}
+
+/// Why [`Exports::open`] refused a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// No export has this name (NBD_REP_ERR_UNKNOWN).
+    Unknown,
+    /// The export exists but cannot be served now; the text is shown to the client
+    /// (NBD_REP_ERR_UNKNOWN with this message).
+    Unavailable(String),
+}
+
+/// A transmission command, as reported to [`Exports::observe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Command {
+    Read,
+    Write,
+    Disc,
+    Flush,
+    Trim,
+    Cache,
+    WriteZeroes,
+    BlockStatus,
+}
+
+impl Command {
+    /// Every command, for metrics that pre-register a series per command.
+    pub const ALL: [Command; 8] = [
+        Command::Read,
+        Command::Write,
+        Command::Disc,
+        Command::Flush,
+        Command::Trim,
+        Command::Cache,
+        Command::WriteZeroes,
+        Command::BlockStatus,
+    ];
+
+    /// A short lowercase name for logs and metric labels ("read", "write_zeroes", ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Read => "read",
+            Command::Write => "write",
+            Command::Disc => "disc",
+            Command::Flush => "flush",
+            Command::Trim => "trim",
+            Command::Cache => "cache",
+            Command::WriteZeroes => "write_zeroes",
+            Command::BlockStatus => "block_status",
+        }
+    }
+
+    /// The command a request type on the wire stands for, if this server knows it.
+    pub fn from_wire(kind: u16) -> Option<Command> {
+        use crate::proto::*;
+        Some(match kind {
+            CMD_READ => Command::Read,
+            CMD_WRITE => Command::Write,
+            CMD_DISC => Command::Disc,
+            CMD_FLUSH => Command::Flush,
+            CMD_TRIM => Command::Trim,
+            CMD_CACHE => Command::Cache,
+            CMD_WRITE_ZEROES => Command::WriteZeroes,
+            CMD_BLOCK_STATUS => Command::BlockStatus,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_command_has_a_distinct_name() {
+        let names: std::collections::HashSet<_> = (0..=7u16)
+            .map(|kind| Command::from_wire(kind).map(|c| c.name()))
+            .collect();
+        assert_eq!(names.len(), 8);
+        assert!(!names.contains(&None));
+        assert_eq!(Command::from_wire(8), None);
+        assert_eq!(Command::from_wire(0xffff), None);
+    }
+
+    #[test]
+    fn all_lists_every_command_once() {
+        let names: std::collections::HashSet<_> = Command::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), Command::ALL.len());
+    }
+}

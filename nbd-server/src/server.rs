@@ -1,0 +1,403 @@
+//! The server: a [`Listener`] on TCP or a unix socket, [`serve`] to accept connections
+//! until shutdown, and [`serve_connection`] to run one connection on any stream
+//! (handshake, then transmission).
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::export::Exports;
+use crate::handshake::{self, HandshakeError, Outcome};
+use crate::shutdown::Shutdown;
+use crate::transmission::{self, TransmissionError};
+
+/// The prefix that makes a listen address a unix socket path.
+const UNIX_PREFIX: &str = "unix:";
+
+/// Bytes read from the socket at once: a few dozen request headers, or the start of a
+/// large write, per system call.
+const READ_BUFFER: usize = 64 << 10;
+
+/// How long connections get to answer their in-flight requests once shutdown begins,
+/// before they are dropped: longer than a cold chunk fetch, shorter than a service
+/// manager's stop timeout.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The first pause after a failed accept (out of file descriptors, say), doubled per
+/// consecutive failure up to [`ACCEPT_BACKOFF_MAX`]; lets connections close instead of
+/// spinning.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Consecutive failed accepts after which [`serve`] gives up: about a minute of
+/// failures at the longest backoff, long past any transient descriptor shortage.
+const ACCEPT_FAILURES_MAX: u32 = 64;
+
+/// A failure of the server as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding the listen address failed.
+    #[error("binding NBD listener on {addr}: {source}")]
+    Bind { addr: String, source: io::Error },
+    /// A path exists where the unix socket should go and it is not a socket.
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    /// Another server answers on the unix socket.
+    #[error("another server is listening on {path}")]
+    SocketInUse { path: PathBuf },
+    /// Removing a stale unix socket failed.
+    #[error("removing stale socket {path}: {source}")]
+    RemoveStale { path: PathBuf, source: io::Error },
+    /// Accepting connections kept failing.
+    #[error("accepting NBD connections failed {failures} times in a row: {source}")]
+    Accept { failures: u32, source: io::Error },
+}
+
+/// A failed connection; only that connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The handshake failed.
+    #[error("NBD handshake with {peer}: {source}")]
+    Handshake {
+        peer: String,
+        #[source]
+        source: HandshakeError,
+    },
+    /// The transmission phase failed.
+    #[error("NBD transmission with {peer} (export {export:?}): {source}")]
+    Transmission {
+        peer: String,
+        export: String,
+        #[source]
+        source: TransmissionError,
+    },
+}
+
+impl ConnectionError {
+    /// Whether the client broke the protocol (as opposed to the socket failing).
+    pub fn is_protocol_violation(&self) -> bool {
+        match self {
+            ConnectionError::Handshake { source, .. } => source.is_protocol_violation(),
+            ConnectionError::Transmission { source, .. } => source.is_protocol_violation(),
+        }
+    }
+}
+
+/// Limits of one server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The largest read or write payload, advertised in NBD_INFO_BLOCK_SIZE; at least
+    /// 4096 (smaller values are raised to it).
+    pub max_request: u32,
+    /// Requests one connection may have in flight; at least 1.
+    pub max_in_flight: usize,
+}
+
+/// The protocol's portable maximum payload (2^25): every client stays within it.
+pub const DEFAULT_MAX_REQUEST: u32 = 32 << 20;
+
+/// Requests in flight per connection by default: deeper than the kernel client's and
+/// nbdcopy's queues, so they never wait on the server's limit.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_request: DEFAULT_MAX_REQUEST,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The configuration with its documented lower bounds applied.
+    fn effective(self) -> Self {
+        Self {
+            max_request: self.max_request.max(handshake::PREFERRED_BLOCK),
+            max_in_flight: self.max_in_flight.max(1),
+        }
+    }
+}
+
+/// Where the server listens.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Binds `addr`: `host:port` for TCP, `unix:/path/sock` for a unix socket. A socket
+    /// file left behind by a server that is gone is replaced; a live one is not.
+    pub async fn bind(addr: &str) -> Result<Listener, ServerError> {
+        let bind_error = |source| ServerError::Bind {
+            addr: addr.to_owned(),
+            source,
+        };
+        match addr.strip_prefix(UNIX_PREFIX) {
+            Some(path) => {
+                let path = Path::new(path);
+                remove_stale_socket(path).await?;
+                UnixListener::bind(path)
+                    .map(Listener::Unix)
+                    .map_err(bind_error)
+            }
+            None => TcpListener::bind(addr)
+                .await
+                .map(Listener::Tcp)
+                .map_err(bind_error),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, addr) = listener.accept().await?;
+                Ok(Accepted::Tcp(stream, addr.to_string()))
+            }
+            Listener::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                let peer = match stream.peer_cred().ok().and_then(|cred| cred.pid()) {
+                    Some(pid) => format!("unix:pid={pid}"),
+                    None => "unix".to_owned(),
+                };
+                Ok(Accepted::Unix(stream, peer))
+            }
+        }
+    }
+
+    fn socket_path(&self) -> Option<PathBuf> {
+        match self {
+            Listener::Tcp(_) => None,
+            Listener::Unix(listener) => listener
+                .local_addr()
+                .ok()
+                .and_then(|addr| addr.as_pathname().map(Path::to_path_buf)),
+        }
+    }
+}
+
+impl fmt::Display for Listener {
+    /// The bound address, in the form [`Listener::bind`] takes (with the real port when
+    /// bound to port 0).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listener::Tcp(listener) => match listener.local_addr() {
+                Ok(addr) => write!(f, "{addr}"),
+                Err(_) => f.write_str("tcp:?"),
+            },
+            Listener::Unix(_) => match self.socket_path() {
+                Some(path) => write!(f, "{UNIX_PREFIX}{}", path.display()),
+                None => f.write_str("unix:?"),
+            },
+        }
+    }
+}
+
+/// A newly accepted connection and its printable peer.
+enum Accepted {
+    Tcp(TcpStream, String),
+    Unix(UnixStream, String),
+}
+
+/// Replaces a socket file that no server answers on; refuses to touch anything else.
+async fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
+    let metadata = match tokio::fs::symlink_metadata(path).await {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServerError::RemoveStale {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(ServerError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    if UnixStream::connect(path).await.is_ok() {
+        return Err(ServerError::SocketInUse {
+            path: path.to_owned(),
+        });
+    }
+    tokio::fs::remove_file(path)
+        .await
+        .map_err(|source| ServerError::RemoveStale {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Accepts connections on `listener` and serves each in its own task until `shutdown`
+/// resolves. Then it stops accepting, lets connections answer what is in flight (for
+/// up to [`SHUTDOWN_GRACE`]), closes them, removes a unix socket file, and returns.
+pub async fn serve<E: Exports>(
+    listener: Listener,
+    exports: Arc<E>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let config = config.effective();
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut failures = 0;
+    info!(listen = %listener, "NBD server listening");
+    tokio::pin!(shutdown);
+    let result = loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let accepted = match accepted {
+            Ok(accepted) => accepted,
+            Err(source) => {
+                failures += 1;
+                warn!(listen = %listener, failures, error = %source, "accepting a connection failed");
+                if failures >= ACCEPT_FAILURES_MAX {
+                    break Err(ServerError::Accept { failures, source });
+                }
+                let backoff = ACCEPT_BACKOFF_FIRST
+                    .saturating_mul(1 << failures.min(16))
+                    .min(ACCEPT_BACKOFF_MAX);
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = tokio::time::sleep(backoff) => continue,
+                }
+            }
+        };
+        failures = 0;
+        let exports = Arc::clone(&exports);
+        let signal = Shutdown::new(stopping.clone());
+        match accepted {
+            Accepted::Tcp(stream, peer) => {
+                if let Err(error) = stream.set_nodelay(true) {
+                    debug!(peer, %error, "could not set TCP_NODELAY");
+                }
+                connections.spawn(run_logged(stream, peer, exports, config, signal));
+            }
+            Accepted::Unix(stream, peer) => {
+                connections.spawn(run_logged(stream, peer, exports, config, signal));
+            }
+        }
+    };
+    // Receivers wait on this value; the sender stays alive until every connection is done.
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            remaining = connections.len(),
+            "closing connections still busy after the shutdown grace period"
+        );
+        connections.shutdown().await;
+    }
+    if let Some(path) = listener.socket_path() {
+        drop(listener);
+        if let Err(error) = std::fs::remove_file(&path) {
+            debug!(path = %path.display(), %error, "could not remove the socket file");
+        }
+    }
+    info!("NBD server stopped");
+    result
+}
+
+/// Serves one connection and logs how it ended.
+async fn run_logged<E, S>(
+    stream: S,
+    peer: String,
+    exports: Arc<E>,
+    config: ServerConfig,
+    shutdown: Shutdown,
+) where
+    E: Exports,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match run_connection(stream, peer.clone(), exports, config, shutdown).await {
+        Ok(()) => {}
+        Err(error) if error.is_protocol_violation() => warn!(peer, %error, "connection closed"),
+        Err(error) => debug!(peer, %error, "connection closed"),
+    }
+}
+
+/// Serves one connection on `stream` (any byte stream: a socket accepted elsewhere, a
+/// socketpair for the kernel client) until the client disconnects. `peer` names the
+/// client in logs and in [`Exports::open`]. Errors concern only this connection.
+pub async fn serve_connection<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    peer: String,
+    exports: Arc<E>,
+    config: ServerConfig,
+) -> Result<(), ConnectionError> {
+    run_connection(stream, peer, exports, config.effective(), Shutdown::never()).await
+}
+
+async fn run_connection<E, S>(
+    stream: S,
+    peer: String,
+    exports: Arc<E>,
+    config: ServerConfig,
+    mut shutdown: Shutdown,
+) -> Result<(), ConnectionError>
+where
+    E: Exports,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    debug!(peer, "connection opened");
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let negotiated = tokio::select! {
+        negotiated = handshake::negotiate(&mut reader, &mut writer, &*exports, &peer, config.max_request) => negotiated,
+        () = shutdown.wait() => {
+            debug!(peer, "shutdown during the handshake");
+            return Ok(());
+        }
+    };
+    let session = match negotiated {
+        Ok(Outcome::Transmit(session)) => session,
+        Ok(Outcome::Ended) => return Ok(()),
+        Err(source) => return Err(ConnectionError::Handshake { peer, source }),
+    };
+    let export = session.name.clone();
+    debug!(
+        peer,
+        export,
+        size = session.size,
+        read_only = session.read_only,
+        framing = ?session.framing,
+        block_status = session.block_status_context.is_some(),
+        "transmission started"
+    );
+    transmission::transmit(
+        session,
+        reader,
+        writer,
+        exports,
+        config.max_request,
+        config.max_in_flight,
+        &peer,
+        shutdown,
+    )
+    .await
+    .map_err(|source| ConnectionError::Transmission {
+        peer: peer.clone(),
+        export,
+        source,
+    })?;
+    debug!(peer, "connection closed");
+    Ok(())
+}

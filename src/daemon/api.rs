@@ -1,0 +1,234 @@
+//! The daemon's HTTP API: replica status and control, chunk serving to peers, health and
+//! metrics.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use lazyblk_cache::Digest;
+use serde::Serialize;
+
+use crate::daemon::fill::{FillError, FillScheduler};
+use crate::daemon::node::{Node, NodeError, Replica};
+
+/// What the API handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub node: Arc<Node>,
+    pub fill: Arc<FillScheduler>,
+    /// Bearer token required to read chunks, when configured.
+    pub read_token: Option<String>,
+}
+
+/// An API error: a status and a sentence.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<FillError> for ApiError {
+    fn from(e: FillError) -> ApiError {
+        match e {
+            FillError::Node(n) => n.into(),
+            other @ FillError::OverBudget { .. } => ApiError(StatusCode::INSUFFICIENT_STORAGE, other.to_string()),
+        }
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> ApiError {
+        let status = match &e {
+            NodeError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
+            NodeError::StoreUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            NodeError::InUse { .. } => StatusCode::CONFLICT,
+            NodeError::SaveManifest { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/templates", get(list_templates))
+        .route("/v1/templates/{id}", get(template_status))
+        .route("/v1/templates/{id}/warm", post(warm))
+        .route("/v1/templates/{id}/evict", post(evict))
+        .route("/v1/chunks/{digest}", get(chunk).head(chunk))
+        .with_state(state)
+}
+
+/// One replica as `lazyblk status` shows it.
+#[derive(Serialize)]
+pub struct ReplicaStatus {
+    pub template: String,
+    pub phase: String,
+    pub last_error_at: Option<String>,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub chunks: usize,
+    pub stored_chunks: usize,
+    pub local_chunks: usize,
+    pub bytes_by_source: std::collections::BTreeMap<String, u64>,
+    pub corrupt_chunks: u64,
+    pub last_error: Option<String>,
+    pub users: Vec<String>,
+    pub origins: Vec<String>,
+    pub parent: Option<String>,
+}
+
+pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
+    let manifest = replica.manifest();
+    let bytes = node.metrics.template_bytes(replica.id());
+    let (phase, fill_error, fill_error_at) = {
+        let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+        (state.phase(), state.last_error.clone(), state.last_error_at.clone())
+    };
+    ReplicaStatus {
+        template: replica.id().to_string(),
+        phase: phase.as_str().to_string(),
+        last_error_at: fill_error_at,
+        size: manifest.size,
+        chunk_size: manifest.chunk_size,
+        chunks: manifest.chunk_count(),
+        stored_chunks: manifest.stored_chunks().count(),
+        local_chunks: replica.local_chunks(),
+        bytes_by_source: bytes.by_source,
+        corrupt_chunks: bytes.corrupt,
+        last_error: fill_error.or(bytes.last_error),
+        users: replica.users(),
+        origins: manifest.origins.clone(),
+        parent: manifest.parent.clone(),
+    }
+}
+
+async fn list_templates(State(state): State<ApiState>) -> Json<Vec<ReplicaStatus>> {
+    let node = &state.node;
+    Json(
+        node.replicas()
+            .iter()
+            .map(|r| replica_status(node, r))
+            .collect(),
+    )
+}
+
+async fn template_status(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<ReplicaStatus>, ApiError> {
+    checked_id(&id)?;
+    let replica = state.node.replica(&id).await?;
+    Ok(Json(replica_status(&state.node, &replica)))
+}
+
+/// Query of `POST /v1/templates/{id}/warm`.
+#[derive(serde::Deserialize, Default)]
+pub struct WarmQuery {
+    #[serde(default)]
+    pub redo: bool,
+}
+
+/// Query of `POST /v1/templates/{id}/evict`.
+#[derive(serde::Deserialize, Default)]
+pub struct EvictQuery {
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn checked_id(id: &str) -> Result<(), ApiError> {
+    lazyblk_cache::validate_id(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn warm(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(query): Query<WarmQuery>,
+) -> Result<Json<ReplicaStatus>, ApiError> {
+    checked_id(&id)?;
+    let replica = state.node.replica(&id).await?;
+    state.fill.warm(&replica, query.redo)?;
+    Ok(Json(replica_status(&state.node, &replica)))
+}
+
+async fn evict(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(query): Query<EvictQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    checked_id(&id)?;
+    let replica = state
+        .node
+        .known(&id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("template {id:?} has no replica on this node")))?;
+    let fill = state.fill.clone();
+    let removed = fill.evict(&replica, query.force)?;
+    Ok(Json(serde_json::json!({ "template": id, "removed_chunks": removed, "phase": replica.phase().as_str() })))
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let node = &state.node;
+    let store = node.cache.store();
+    node.metrics.cache_bytes.set(store.used_bytes() as i64);
+    node.metrics.cache_budget_bytes.set(store.budget() as i64);
+    node.metrics.evictions.set(store.evictions());
+    for r in node.replicas() {
+        let label = crate::daemon::counters::TemplateLabel {
+            template: r.id().to_string(),
+        };
+        node.metrics
+            .fill_chunks_local
+            .get_or_create(&label)
+            .set(r.local_chunks() as i64);
+        node.metrics
+            .fill_chunks_total
+            .get_or_create(&label)
+            .set(r.manifest().stored_chunks().count() as i64);
+    }
+    let registry = node.metrics.registry.lock().unwrap_or_else(|e| e.into_inner());
+    crate::metrics::response(&registry)
+}
+
+/// Serves a local chunk to a peer node (this node is an origin of its commits).
+async fn chunk(
+    State(state): State<ApiState>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.read_token {
+        let expected = format!("Bearer {token}");
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if given != Some(expected.as_str()) {
+            return Err(ApiError(StatusCode::UNAUTHORIZED, "chunk reads need the read token".into()));
+        }
+    }
+    let digest: Digest = digest
+        .parse()
+        .map_err(|e: lazyblk_cache::digest::DigestParseError| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let node = state.node.clone();
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
+        match node.cache.store().get(&digest) {
+            Ok(Some(f)) => f.read_all().map(Some).map_err(|e| e.to_string()),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    match bytes {
+        Some(b) => Ok((
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            Body::from(b),
+        )
+            .into_response()),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("chunk {digest} is not on this node"))),
+    }
+}

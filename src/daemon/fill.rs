@@ -1,0 +1,409 @@
+//! The background fill: brings a node's replica of a template to READY (every non-zero
+//! chunk local and pinned) while the template is served lazily.
+//!
+//! Chunks are fetched in the order of the template's published trace (the boot working
+//! set), then in index order; with bounded concurrency and an optional bandwidth cap;
+//! demand reads go first (a fill waits while a reader waits for a fetch). A chunk that
+//! cannot be fetched is retried with backoff; after [`MAX_CHUNK_ATTEMPTS`] the replica
+//! is FAILED with the error shown, and a supervisor resumes it when a source answers
+//! again (or `warm --redo` does).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::daemon::node::{Node, NodeError, Replica};
+use crate::daemon::state::{now_rfc3339, Phase, ReplicaRecord, StateDb};
+
+/// Tries per chunk before the fill gives up and the replica is FAILED. With the
+/// backoff below that is about 8 s of a source being down (plus each try's own
+/// deadline): long enough to ride out a restart, short enough to tell an operator.
+pub const MAX_CHUNK_ATTEMPTS: u32 = 5;
+/// First pause between tries of one chunk; doubled each time up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(4);
+/// How long a fill waits for demand reads before it fetches anyway (so a steady stream
+/// of demand misses slows a fill down but never stops it).
+const DEMAND_YIELD_LIMIT: Duration = Duration::from_millis(200);
+/// How often fill progress is written to the state database.
+const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the supervisor looks for FAILED replicas whose sources answer again.
+const SUPERVISE_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Tunables of the background fill.
+#[derive(Clone, Debug)]
+pub struct FillConfig {
+    /// Chunks fetched at once per fill.
+    pub concurrency: usize,
+    /// Bytes per second over all fills; 0 for no cap.
+    pub rate: u64,
+}
+
+/// A replica's fill state, kept with the replica and saved in the state database.
+#[derive(Default)]
+pub struct FillState {
+    pub phase: Option<Phase>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Set to stop the running fill (evict, shutdown).
+    cancel: Option<Arc<AtomicBool>>,
+    /// The replica's chunks are pinned (READY): unpinned on evict.
+    pinned: bool,
+}
+
+impl FillState {
+    pub fn phase(&self) -> Phase {
+        self.phase.unwrap_or(Phase::Pending)
+    }
+}
+
+/// Why a warm or evict was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// The template cannot be pinned within the cache budget.
+    #[error("template {template:?} needs {needed} bytes pinned but the cache budget is {budget} bytes ({pinned} already pinned); raise --cache-size")]
+    OverBudget {
+        template: String,
+        needed: u64,
+        budget: u64,
+        pinned: u64,
+    },
+}
+
+/// Runs and tracks the fills of every replica on the node.
+pub struct FillScheduler {
+    node: Arc<Node>,
+    db: Arc<StateDb>,
+    config: FillConfig,
+    /// The next instant the bandwidth cap lets a fill fetch start.
+    next_slot: Mutex<Instant>,
+}
+
+impl FillScheduler {
+    pub fn new(node: Arc<Node>, db: Arc<StateDb>, config: FillConfig) -> FillScheduler {
+        FillScheduler {
+            node,
+            db,
+            config,
+            next_slot: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Starts (or resumes) the fill of `replica`. A READY replica stays READY; a
+    /// running fill goes on; a FAILED one restarts only with `redo`.
+    pub fn warm(self: &Arc<Self>, replica: &Arc<Replica>, redo: bool) -> Result<Phase, FillError> {
+        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+        match state.phase() {
+            Phase::Ready | Phase::Distributing | Phase::Cleaning => return Ok(state.phase()),
+            Phase::Failed if !redo => return Ok(Phase::Failed),
+            _ => {}
+        }
+        self.check_budget(replica)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        state.cancel = Some(cancel.clone());
+        state.phase = Some(Phase::Distributing);
+        state.last_error = None;
+        drop(state);
+        self.save(replica);
+        let this = self.clone();
+        let replica = replica.clone();
+        tokio::spawn(async move { this.run_fill(replica, cancel).await });
+        Ok(Phase::Distributing)
+    }
+
+    fn check_budget(&self, replica: &Replica) -> Result<(), FillError> {
+        let store = self.node.cache.store();
+        let budget = store.budget();
+        if budget == 0 {
+            return Ok(());
+        }
+        let needed = replica.manifest().stored_bytes();
+        let pinned = store.pinned_bytes();
+        if needed + pinned > budget {
+            return Err(FillError::OverBudget {
+                template: replica.id().to_string(),
+                needed,
+                budget,
+                pinned,
+            });
+        }
+        Ok(())
+    }
+
+    async fn run_fill(self: Arc<Self>, replica: Arc<Replica>, cancel: Arc<AtomicBool>) {
+        let started = Instant::now();
+        let order = self.fill_order(&replica).await;
+        let semaphore = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let failed: Arc<Mutex<Option<String>>> = Arc::default();
+        let mut tasks = JoinSet::new();
+        let mut last_save = Instant::now();
+        for index in order {
+            if cancel.load(Ordering::Relaxed) || failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                break;
+            }
+            if replica.image.is_local(index) {
+                continue;
+            }
+            let Ok(permit) = semaphore.clone().acquire_owned().await else {
+                break;
+            };
+            self.yield_to_demand().await;
+            self.throttle(replica.manifest().chunk_len(index)).await;
+            let task_replica = replica.clone();
+            let failed = failed.clone();
+            tasks.spawn(async move {
+                if let Err(e) = fetch_with_retries(&task_replica, index).await {
+                    failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                }
+                drop(permit);
+            });
+            while tasks.try_join_next().is_some() {}
+            if last_save.elapsed() > PROGRESS_SAVE_INTERVAL {
+                self.save(&replica);
+                last_save = Instant::now();
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        let error = failed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if cancel.load(Ordering::Relaxed) {
+            tracing::info!(template = replica.id(), "fill stopped");
+            return;
+        }
+        match error {
+            Some(e) => self.fail(&replica, e),
+            None => self.finish(&replica, started),
+        }
+    }
+
+    /// The trace's chunks first, in trace order, then every other chunk in order.
+    async fn fill_order(&self, replica: &Replica) -> Vec<usize> {
+        let count = replica.manifest().chunk_count();
+        let trace = match self.node.store.trace(replica.id()).await {
+            Ok(t) => t.unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(template = replica.id(), error = %e, "no trace; filling in order");
+                Vec::new()
+            }
+        };
+        let mut seen = vec![false; count];
+        let mut order = Vec::with_capacity(count);
+        for index in trace.into_iter().chain(0..count) {
+            if index < count && !std::mem::replace(&mut seen[index], true) {
+                order.push(index);
+            }
+        }
+        order
+    }
+
+    async fn yield_to_demand(&self) {
+        let started = Instant::now();
+        while self.node.cache.demand_waiting() > 0 && started.elapsed() < DEMAND_YIELD_LIMIT {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Waits until the bandwidth cap allows `bytes` more.
+    async fn throttle(&self, bytes: u64) {
+        if self.config.rate == 0 {
+            return;
+        }
+        let wait = {
+            let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.config.rate as f64);
+            start - now
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn finish(&self, replica: &Arc<Replica>, started: Instant) {
+        let missing = replica
+            .manifest()
+            .stored_chunks()
+            .filter(|(i, _)| !replica.image.is_local(*i))
+            .count();
+        if missing > 0 {
+            // Evicted under us (a budget smaller than the working set): not READY.
+            self.fail(replica, format!("{missing} chunks were evicted before the fill finished"));
+            return;
+        }
+        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.pinned {
+            for (_, digest) in replica.manifest().stored_chunks() {
+                self.node.cache.store().pin(&digest);
+            }
+            state.pinned = true;
+        }
+        state.phase = Some(Phase::Ready);
+        state.cancel = None;
+        drop(state);
+        self.save(replica);
+        tracing::info!(template = replica.id(), seconds = started.elapsed().as_secs_f64(), "replica READY");
+    }
+
+    fn fail(&self, replica: &Arc<Replica>, error: String) {
+        tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
+        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+        state.phase = Some(Phase::Failed);
+        state.last_error = Some(error);
+        state.last_error_at = Some(now_rfc3339());
+        state.cancel = None;
+        drop(state);
+        self.save(replica);
+    }
+
+    /// Drops the node's replica: stops its fill, unpins and deletes its chunks (those
+    /// that no other READY replica pins and nobody reads). Refused while exports use
+    /// the template, unless `force`.
+    pub fn evict(&self, replica: &Arc<Replica>, force: bool) -> Result<usize, FillError> {
+        let users = replica.users();
+        if !users.is_empty() && !force {
+            return Err(NodeError::InUse {
+                template: replica.id().to_string(),
+                users,
+            }
+            .into());
+        }
+        let was_pinned = {
+            let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(cancel) = state.cancel.take() {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            state.phase = Some(Phase::Cleaning);
+            std::mem::take(&mut state.pinned)
+        };
+        self.save(replica);
+        let store = self.node.cache.store();
+        let mut removed = 0;
+        for (_, digest) in replica.manifest().stored_chunks() {
+            if was_pinned {
+                store.unpin(&digest);
+            }
+            if store.remove(&digest) {
+                removed += 1;
+            }
+        }
+        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+        state.phase = Some(Phase::Pending);
+        state.last_error = None;
+        drop(state);
+        self.save(replica);
+        tracing::info!(template = replica.id(), removed, "replica evicted");
+        Ok(removed)
+    }
+
+    /// Saves a replica's phase and progress.
+    pub fn save(&self, replica: &Replica) {
+        let record = {
+            let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+            ReplicaRecord {
+                template: replica.id().to_string(),
+                phase: state.phase(),
+                chunks_local: replica.local_chunks() as u64,
+                chunks_total: replica.manifest().stored_chunks().count() as u64,
+                last_error: state.last_error.clone(),
+                last_error_at: state.last_error_at.clone(),
+            }
+        };
+        if let Err(e) = self.db.save(&record) {
+            tracing::warn!(error = %e, "saving replica state failed");
+        }
+    }
+
+    /// Picks up where the previous run stopped: READY replicas are pinned again (or
+    /// refilled if chunks went missing), DISTRIBUTING ones resume, FAILED ones wait for
+    /// the supervisor.
+    pub async fn restore(self: &Arc<Self>) {
+        let records = match self.db.all() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read replica state; starting fresh");
+                return;
+            }
+        };
+        for record in records {
+            let Some(replica) = self.node.known(&record.template) else {
+                continue;
+            };
+            {
+                let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+                state.last_error = record.last_error.clone();
+                state.last_error_at = record.last_error_at.clone();
+                state.phase = Some(match record.phase {
+                    Phase::Cleaning => Phase::Pending,
+                    Phase::Ready | Phase::Distributing => Phase::Pending,
+                    other => other,
+                });
+            }
+            match record.phase {
+                Phase::Ready | Phase::Distributing => {
+                    // A READY replica whose chunks are all local becomes READY again at
+                    // once (the fill finds nothing to fetch and pins).
+                    if let Err(e) = self.warm(&replica, false) {
+                        tracing::warn!(template = replica.id(), error = %e, "cannot resume fill");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Resumes FAILED fills once a source of theirs answers again.
+    pub async fn supervise(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SUPERVISE_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+            for replica in self.node.replicas() {
+                let failed = replica.fill.lock().unwrap_or_else(|e| e.into_inner()).phase() == Phase::Failed;
+                if failed && self.node.store.templates().await.is_ok() {
+                    tracing::info!(template = replica.id(), "store answers again; resuming fill");
+                    if let Err(e) = self.warm(&replica, true) {
+                        tracing::warn!(template = replica.id(), error = %e, "cannot resume fill");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every running fill (shutdown); progress is already saved.
+    pub fn stop_all(&self) {
+        for replica in self.node.replicas() {
+            let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(cancel) = &state.cancel {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            drop(state);
+            self.save(&replica);
+        }
+    }
+}
+
+/// Fetches one chunk, retrying with backoff; the error of the last try otherwise.
+async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), String> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match replica.image.fetch_chunk(index).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt >= MAX_CHUNK_ATTEMPTS => {
+                return Err(format!("after {attempt} tries: {e}"));
+            }
+            Err(e) => {
+                tracing::debug!(template = replica.id(), chunk = index, attempt, error = %e, "fill fetch failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                attempt += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The node: its chunk cache, the store it learns templates from, and the replicas of
+//! the templates it serves.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use lazyblk_cache::{ChunkCache, HttpSource, Manifest, Source, TemplateImage};
+
+use crate::daemon::counters::DaemonMetrics;
+use crate::daemon::fill::FillState;
+use crate::daemon::state::Phase;
+use crate::daemon::trace::TraceRecorder;
+use crate::store::client::StoreClient;
+
+/// Why a template could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Neither this node nor the store knows the template.
+    #[error("unknown template {0:?}: not in the store at {1}")]
+    UnknownTemplate(String, String),
+    /// The store could not be asked and the template is not known locally.
+    #[error("template {template:?} is not known on this node and the store could not be asked: {detail}")]
+    StoreUnavailable { template: String, detail: String },
+    /// The manifest on this node's disk could not be kept.
+    #[error("saving the manifest of {template:?} to {path}: {source}")]
+    SaveManifest {
+        template: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The template is in use and the operation needs `--force`.
+    #[error("template {template:?} is in use by {}; use --force to override", .users.join(", "))]
+    InUse { template: String, users: Vec<String> },
+}
+
+/// The node's replica of one template: its bytes over the cache, who uses it, and what
+/// its first readers touched.
+pub struct Replica {
+    pub image: Arc<TemplateImage>,
+    /// Connections and open files using this template, by lease id: named in the error
+    /// that refuses an eviction.
+    users: Mutex<BTreeMap<u64, String>>,
+    /// The order of the first reads of each chunk on this node.
+    pub trace: TraceRecorder,
+    /// Phase and progress of the background fill.
+    pub fill: Mutex<FillState>,
+}
+
+impl Replica {
+    pub fn id(&self) -> &str {
+        self.image.id()
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        self.image.manifest()
+    }
+
+    /// Who is using the template now.
+    pub fn users(&self) -> Vec<String> {
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Registers a user until the returned lease is dropped.
+    pub fn lease(self: &Arc<Self>, user: String) -> Lease {
+        static NEXT_LEASE: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_LEASE.fetch_add(1, Ordering::Relaxed);
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, user);
+        Lease {
+            replica: self.clone(),
+            id,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.fill.lock().unwrap_or_else(|e| e.into_inner()).phase()
+    }
+
+    /// Number of non-zero chunks that are local.
+    pub fn local_chunks(&self) -> usize {
+        let manifest = self.manifest();
+        let store = self.image.cache().store();
+        manifest
+            .stored_chunks()
+            .filter(|(_, d)| store.contains(d))
+            .count()
+    }
+}
+
+/// A use of a replica; dropping it ends the use.
+pub struct Lease {
+    replica: Arc<Replica>,
+    id: u64,
+}
+
+impl Lease {
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.replica
+            .users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Everything the daemon's frontends and API share.
+pub struct Node {
+    pub cache: Arc<ChunkCache>,
+    pub store: StoreClient,
+    pub metrics: Arc<DaemonMetrics>,
+    /// The URL peers reach this daemon at; never used as a source of its own.
+    pub advertise: String,
+    /// Bearer token sent with chunk reads to origins and the store.
+    read_token: Option<String>,
+    /// Manifests of the templates this node has served, so a restart serves them
+    /// without the store.
+    manifests_dir: PathBuf,
+    replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    /// Serializes loads of one template from the store.
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl Node {
+    pub fn new(
+        cache: Arc<ChunkCache>,
+        store: StoreClient,
+        metrics: Arc<DaemonMetrics>,
+        advertise: String,
+        read_token: Option<String>,
+        state_dir: PathBuf,
+    ) -> std::io::Result<Node> {
+        let manifests_dir = state_dir.join("manifests");
+        std::fs::create_dir_all(&manifests_dir)?;
+        Ok(Node {
+            cache,
+            store,
+            metrics,
+            advertise,
+            read_token,
+            manifests_dir,
+            replicas: RwLock::new(HashMap::new()),
+            loading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Loads the manifests saved by earlier runs.
+    pub fn restore(&self) -> usize {
+        let Ok(dir) = std::fs::read_dir(&self.manifests_dir) else {
+            return 0;
+        };
+        let mut restored = 0;
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
+                continue;
+            };
+            match std::fs::read(&path).map(|b| Manifest::parse(&b, Some(&id))) {
+                Ok(Ok(manifest)) => {
+                    self.insert(manifest);
+                    restored += 1;
+                }
+                Ok(Err(e)) => tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest"),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read saved manifest"),
+            }
+        }
+        restored
+    }
+
+    /// The replica of `id` if this node already knows it.
+    pub fn known(&self, id: &str) -> Option<Arc<Replica>> {
+        self.replicas
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every replica this node knows, by id.
+    pub fn replicas(&self) -> Vec<Arc<Replica>> {
+        let mut all: Vec<_> = self
+            .replicas
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.id().cmp(b.id()));
+        all
+    }
+
+    /// The replica of `id`, learning the template from the store if needed.
+    pub async fn replica(&self, id: &str) -> Result<Arc<Replica>, NodeError> {
+        if let Some(r) = self.known(id) {
+            return Ok(r);
+        }
+        let _one_load = self.loading.lock().await;
+        if let Some(r) = self.known(id) {
+            return Ok(r);
+        }
+        let manifest = match self.store.manifest(id).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(NodeError::UnknownTemplate(
+                    id.to_string(),
+                    self.store.url().to_string(),
+                ))
+            }
+            Err(e) => {
+                return Err(NodeError::StoreUnavailable {
+                    template: id.to_string(),
+                    detail: e.to_string(),
+                })
+            }
+        };
+        self.save_manifest(&manifest)?;
+        Ok(self.insert(manifest))
+    }
+
+    /// Adds a template this node has a manifest for (published or committed here).
+    pub fn insert(&self, manifest: Manifest) -> Arc<Replica> {
+        let id = manifest.template.clone();
+        let chunk_count = manifest.chunk_count();
+        let sources = self.sources(&manifest);
+        let image = Arc::new(TemplateImage::new(
+            Arc::new(manifest),
+            self.cache.clone(),
+            sources,
+        ));
+        let replica = Arc::new(Replica {
+            image,
+            users: Mutex::new(BTreeMap::new()),
+            trace: TraceRecorder::new(chunk_count),
+            fill: Mutex::new(FillState::default()),
+        });
+        self.replicas
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id)
+            .or_insert(replica)
+            .clone()
+    }
+
+    /// Writes a manifest to the node's disk (temporary file, fsync, rename).
+    pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), NodeError> {
+        let path = self.manifests_dir.join(format!("{}.json", manifest.template));
+        let tmp = path.with_extension("json.tmp");
+        let written = (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&manifest.to_json())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        written.map_err(|source| NodeError::SaveManifest {
+            template: manifest.template.clone(),
+            path,
+            source,
+        })
+    }
+
+    /// A template's sources: its origins (other than this node), then the store.
+    fn sources(&self, manifest: &Manifest) -> Vec<Source> {
+        let http = self.store.http().clone();
+        manifest
+            .origins
+            .iter()
+            .filter(|o| o.trim_end_matches('/') != self.advertise.trim_end_matches('/'))
+            .map(String::as_str)
+            .chain(std::iter::once(self.store.url()))
+            .map(|base| Source::Http(HttpSource::new(http.clone(), base, self.read_token.clone())))
+            .collect()
+    }
+
+    /// Names of the templates offered: those the store lists, and those known here.
+    pub async fn template_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.replicas().iter().map(|r| r.id().to_string()).collect();
+        match self.store.templates().await {
+            Ok(list) => names.extend(list.into_iter().map(|t| t.template)),
+            Err(e) => tracing::debug!(error = %e, "store unreachable; listing local templates only"),
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+}

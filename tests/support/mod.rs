@@ -1,0 +1,215 @@
+//! Helpers shared by the integration tests: the real binary, a real store process on
+//! a free loopback port, plain HTTP probes, and ext4 images made with mkfs.ext4.
+//!
+//! Everything here is synchronous (std only), so both plain and `#[tokio::test]` tests
+//! can use it.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a started server gets to answer /healthz (a debug build starts in well
+/// under a second; a loaded CI machine can be slower).
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `lazyblk` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lazyblk"))
+}
+
+/// A `Command` for the binary under test, with quiet logs unless `LAZYBLK_LOG` is set.
+pub fn lazyblk() -> Command {
+    let mut cmd = Command::new(bin());
+    if std::env::var_os("LAZYBLK_LOG").is_none() {
+        cmd.env("LAZYBLK_LOG", "warn");
+    }
+    cmd
+}
+
+/// Runs the binary with `args` and returns (success, stdout, stderr).
+pub fn run(args: &[&str]) -> (bool, String, String) {
+    let out = lazyblk()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running lazyblk");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the kernel does not hand it out
+/// again at once).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A plain HTTP/1.0 GET (no client library, no keep-alive): (status, body).
+pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other(format!("not an http URL: {url}")))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut stream = TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {answer:?}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits until `url` answers 200, panicking after [`START_TIMEOUT`].
+pub fn wait_http(url: &str) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok((200, _)) = http_get(url) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} did not answer 200 within {START_TIMEOUT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of one sample in a Prometheus text page (`name` with its labels exactly
+/// as printed, e.g. `lazyblk_store_chunks_served_total`); 0 when absent.
+pub fn metric(base_url: &str, name: &str) -> f64 {
+    let (status, page) = http_get(&format!("{base_url}/metrics")).expect("scraping /metrics");
+    assert_eq!(status, 200, "GET {base_url}/metrics");
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A `lazyblk store` process with its own temporary root; killed on drop.
+pub struct StoreProc {
+    child: Child,
+    port: u16,
+    root: tempfile::TempDir,
+}
+
+impl StoreProc {
+    /// A store without tokens.
+    pub fn start() -> StoreProc {
+        StoreProc::start_with(&[])
+    }
+
+    /// A store with extra arguments (e.g. `["--write-token", "w"]`).
+    pub fn start_with(extra: &[&str]) -> StoreProc {
+        let root = tempfile::tempdir().expect("store root");
+        let port = free_port();
+        let child = lazyblk()
+            .arg("store")
+            .arg("--root")
+            .arg(root.path())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .env_remove("LAZYBLK_WRITE_TOKEN")
+            .env_remove("LAZYBLK_READ_TOKEN")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting lazyblk store");
+        let store = StoreProc { child, port, root };
+        wait_http(&format!("{}/healthz", store.url()));
+        store
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// A store counter, e.g. `metric("lazyblk_store_chunks_served_total")`.
+    pub fn metric(&self, name: &str) -> f64 {
+        metric(&self.url(), name)
+    }
+}
+
+impl Drop for StoreProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes an ext4 image with 4 KiB blocks, `size_mib` MiB, holding `files` (paths
+/// relative to the file system root; parents are created). Returns the image path,
+/// a new file under `dir`.
+pub fn make_ext4(dir: &Path, size_mib: u64, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    make_ext4_blocks(dir, size_mib, 4096, files)
+}
+
+/// [`make_ext4`] with another block size (1024 makes an image publish must refuse).
+pub fn make_ext4_blocks(
+    dir: &Path,
+    size_mib: u64,
+    block_size: u32,
+    files: &[(&str, Vec<u8>)],
+) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let src = dir.join(format!("ext4-src-{n}"));
+    std::fs::create_dir_all(&src).expect("creating the source directory");
+    for (name, bytes) in files {
+        let path = src.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("creating a source subdirectory");
+        }
+        std::fs::write(&path, bytes).expect("writing a source file");
+    }
+    let image = dir.join(format!("ext4-{n}.img"));
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", &block_size.to_string(), "-d"])
+        .arg(&src)
+        .arg(&image)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .expect("running mkfs.ext4 (install e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+/// Bytes that do not repeat and do not compress to zero chunks: a simple LCG stream
+/// seeded by `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as u8
+        })
+        .collect()
+}
