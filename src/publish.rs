@@ -193,14 +193,20 @@ fn exists(template: &str, detail: String) -> PublishError {
 /// before hashing (size, chunk size, parent, labels).
 fn header_difference(stored: &Manifest, wanted: &Manifest) -> Option<String> {
     if stored.size != wanted.size {
-        Some(format!("stored size {}, image size {}", stored.size, wanted.size))
+        Some(format!(
+            "stored size {}, image size {}",
+            stored.size, wanted.size
+        ))
     } else if stored.chunk_size != wanted.chunk_size {
         Some(format!(
             "stored chunk size {}, requested {}",
             stored.chunk_size, wanted.chunk_size
         ))
     } else if stored.parent != wanted.parent {
-        Some(format!("stored parent {:?}, requested {:?}", stored.parent, wanted.parent))
+        Some(format!(
+            "stored parent {:?}, requested {:?}",
+            stored.parent, wanted.parent
+        ))
     } else if stored.labels != wanted.labels {
         Some("labels differ".to_string())
     } else {
@@ -228,9 +234,12 @@ fn inspect_image(path: &Path) -> Result<u64, PublishError> {
     let read = file
         .seek(SeekFrom::Start(EXT4_SUPERBLOCK))
         .and_then(|_| file.read_exact(&mut superblock));
-    let magic = read
-        .ok()
-        .map(|()| u16::from_le_bytes([superblock[EXT4_MAGIC_OFFSET], superblock[EXT4_MAGIC_OFFSET + 1]]));
+    let magic = read.ok().map(|()| {
+        u16::from_le_bytes([
+            superblock[EXT4_MAGIC_OFFSET],
+            superblock[EXT4_MAGIC_OFFSET + 1],
+        ])
+    });
     if magic != Some(EXT4_MAGIC) {
         eprintln!(
             "warning: {} is not an ext4 image (no ext4 superblock); publishing its bytes as they are",
@@ -288,7 +297,10 @@ async fn hash_and_upload(
         if let Some(stored) = existing {
             let expected = stored.chunks.get(chunk.index).copied().flatten();
             if expected != chunk.digest {
-                return Err(exists(&args.template, format!("chunk {} differs", chunk.index)));
+                return Err(exists(
+                    &args.template,
+                    format!("chunk {} differs", chunk.index),
+                ));
             }
         }
         chunks.push(chunk.digest);
@@ -403,7 +415,8 @@ impl<'a> Uploader<'a> {
         let (upload, present): (Vec<_>, Vec<_>) =
             batch.into_iter().partition(|(d, _)| missing.contains(d));
         self.report.present_chunks += present.len();
-        self.progress.inc(present.iter().map(|(_, b)| b.len() as u64).sum());
+        self.progress
+            .inc(present.iter().map(|(_, b)| b.len() as u64).sum());
         let (client, progress) = (self.client, self.progress);
         let sent: Vec<u64> = stream::iter(upload)
             .map(|(digest, bytes)| async move {
@@ -422,7 +435,11 @@ impl<'a> Uploader<'a> {
 }
 
 /// Uploads one chunk, retrying when the store was unreachable for a moment.
-async fn put_with_retry(client: &StoreClient, digest: &Digest, bytes: Bytes) -> Result<(), PublishError> {
+async fn put_with_retry(
+    client: &StoreClient,
+    digest: &Digest,
+    bytes: Bytes,
+) -> Result<(), PublishError> {
     let mut pause = UPLOAD_BACKOFF;
     for attempt in 1..=UPLOAD_ATTEMPTS {
         match client.put_chunk(digest, bytes.clone()).await {
@@ -458,7 +475,8 @@ mod tests {
         let sb = EXT4_SUPERBLOCK as usize;
         data[sb + EXT4_LOG_BLOCK_SIZE..sb + EXT4_LOG_BLOCK_SIZE + 4]
             .copy_from_slice(&log_block_size.to_le_bytes());
-        data[sb + EXT4_MAGIC_OFFSET..sb + EXT4_MAGIC_OFFSET + 2].copy_from_slice(&magic.to_le_bytes());
+        data[sb + EXT4_MAGIC_OFFSET..sb + EXT4_MAGIC_OFFSET + 2]
+            .copy_from_slice(&magic.to_le_bytes());
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&data).unwrap();
         f
@@ -470,7 +488,10 @@ mod tests {
         assert_eq!(inspect_image(ok.path()).unwrap(), 8192);
         let small = image_with_superblock(0, EXT4_MAGIC);
         let err = inspect_image(small.path()).unwrap_err().to_string();
-        assert!(err.contains("1024-byte blocks") && err.contains("mkfs.ext4 -b 4096"), "{err}");
+        assert!(
+            err.contains("1024-byte blocks") && err.contains("mkfs.ext4 -b 4096"),
+            "{err}"
+        );
         let raw = image_with_superblock(0, 0);
         assert_eq!(inspect_image(raw.path()).unwrap(), 8192);
     }

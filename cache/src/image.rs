@@ -15,6 +15,10 @@ use crate::source::Source;
 /// 1 MiB chunks keep a loopback or LAN link busy while the reader consumes the current one.
 pub const READAHEAD_CHUNKS: usize = 8;
 
+/// `last_chunk` before the first read: neither equal to nor one before any index, so a
+/// first read is never taken for a sequential one.
+const NO_CHUNK: usize = usize::MAX - 1;
+
 /// Why a read of a template failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -59,7 +63,7 @@ impl TemplateImage {
             manifest,
             cache,
             sources: sources.into(),
-            last_chunk: AtomicUsize::new(usize::MAX),
+            last_chunk: AtomicUsize::new(NO_CHUNK),
         }
     }
 

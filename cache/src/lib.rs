@@ -10,19 +10,23 @@
 //! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, verification
 //!   against the digest, failover between sources.
 //! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
+//! - [`overlay`]: a sandbox's [`Overlay`], its copy-on-write layer over a template image
+//!   (4 KiB blocks, a sparse data file and a block map, durable at FLUSH).
 //!
 //! # Data flow
 //! A read at an offset of a template ([`TemplateImage::read_at`]) maps to chunks; a
 //! local chunk is read with one `pread`; a missing one is fetched once (whoever asks
 //! first leads, later readers wait for the same fetch), verified, written to a temporary
-//! file, fsynced and renamed into place, and only then read. Nothing here knows NBD or
-//! FUSE.
+//! file, fsynced and renamed into place, and only then read. A sandbox reads through its
+//! [`Overlay`] first: blocks it wrote come from the overlay's files, the rest from the
+//! template image. Nothing here knows NBD or FUSE.
 
 pub mod chunk_store;
 pub mod digest;
 pub mod fetch;
 pub mod image;
 pub mod manifest;
+pub mod overlay;
 pub mod source;
 
 pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
@@ -30,4 +34,5 @@ pub use digest::Digest;
 pub use fetch::{ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, DEFAULT_SOURCE_DEADLINE};
 pub use image::{ImageExtent, ReadError, TemplateImage};
 pub use manifest::{validate_id, Manifest, ManifestError};
+pub use overlay::{FreezeGuard, Overlay, OverlayError, OverlayMeta, OverlayStats};
 pub use source::{HttpSource, Source, SourceError};

@@ -26,11 +26,11 @@ use crate::inodes::Node;
 impl<F: Files> LazyFs<F> {
     /// Opens file `ino`; returns the handle and the kernel caching flags.
     pub(crate) fn open_file(&self, ino: u64, flags: OpenFlags) -> Result<(u64, FopenFlags), Errno> {
-        let (folder, name) = match self.inodes.node(ino).ok_or(Errno::ENOENT)? {
+        let (folder, name) = match self.node(ino)? {
             Node::File { folder, name } => (folder, name),
             Node::Root | Node::Folder(_) => return Err(Errno::EISDIR),
         };
-        let file = self.backend_file(folder, &name).ok_or(Errno::ENOENT)?;
+        let file = self.backend_file(folder, &name).ok_or(Errno::ESTALE)?;
         let writable = is_writable(folder, &*file);
         if flags.acc_mode() != OpenAccMode::O_RDONLY && !writable {
             return Err(match folder {

@@ -127,6 +127,14 @@ impl<F: Files> LazyFs<F> {
         }
     }
 
+    /// What `ino` stands for. A retired number answers ESTALE, as does a file inode
+    /// whose backend file is gone: on ESTALE the kernel looks the path up again
+    /// (once) instead of failing on its cached entry, so a name removed and added
+    /// back within the entry TTL resolves to the new file at once.
+    pub(crate) fn node(&self, ino: u64) -> Result<Node, Errno> {
+        self.inodes.node(ino).ok_or(Errno::ESTALE)
+    }
+
     /// The backend's file `name`, retiring the name's inode if it is gone.
     pub(crate) fn backend_file(&self, folder: Folder, name: &str) -> Option<Arc<F::File>> {
         let file = self.files.open(folder, name);
@@ -141,10 +149,10 @@ impl<F: Files> LazyFs<F> {
         if let Some(open) = fh.and_then(|fh| self.handles.file(fh)) {
             return Ok(self.file_attr(ino, open.file.size(), open.writable));
         }
-        match self.inodes.node(ino).ok_or(Errno::ENOENT)? {
+        match self.node(ino)? {
             Node::Root | Node::Folder(_) => Ok(self.dir_attr(ino)),
             Node::File { folder, name } => {
-                let file = self.backend_file(folder, &name).ok_or(Errno::ENOENT)?;
+                let file = self.backend_file(folder, &name).ok_or(Errno::ESTALE)?;
                 Ok(self.file_attr(ino, file.size(), is_writable(folder, &*file)))
             }
         }
@@ -152,7 +160,7 @@ impl<F: Files> LazyFs<F> {
 
     fn lookup_name(&self, parent: u64, name: &OsStr) -> Result<FileAttr, Errno> {
         let name = name.to_str().ok_or(Errno::ENOENT)?;
-        match self.inodes.node(parent).ok_or(Errno::ENOENT)? {
+        match self.node(parent)? {
             Node::Root => {
                 let folder = Folder::from_dir_name(name).ok_or(Errno::ENOENT)?;
                 Ok(self.dir_attr(folder_ino(folder)))
@@ -188,7 +196,7 @@ impl<F: Files> LazyFs<F> {
 
     /// The entries of a directory, taken now.
     fn listing(&self, ino: u64) -> Result<Vec<DirEntry>, Errno> {
-        let folder = match self.inodes.node(ino).ok_or(Errno::ENOENT)? {
+        let folder = match self.node(ino)? {
             Node::Root => None,
             Node::Folder(folder) => Some(folder),
             Node::File { .. } => return Err(Errno::ENOTDIR),
@@ -233,12 +241,12 @@ impl<F: Files> LazyFs<F> {
     fn check_access(&self, ino: u64, mask: AccessFlags) -> Result<(), Errno> {
         let wants_write = mask.contains(AccessFlags::W_OK);
         let wants_exec = mask.contains(AccessFlags::X_OK);
-        match self.inodes.node(ino).ok_or(Errno::ENOENT)? {
+        match self.node(ino)? {
             // Folders are listed and searched, never changed by their users.
             Node::Root | Node::Folder(_) if wants_write => Err(Errno::EACCES),
             Node::Root | Node::Folder(_) => Ok(()),
             Node::File { folder, name } => {
-                let file = self.backend_file(folder, &name).ok_or(Errno::ENOENT)?;
+                let file = self.backend_file(folder, &name).ok_or(Errno::ESTALE)?;
                 if wants_write && folder == Folder::Templates {
                     Err(Errno::EROFS)
                 } else if (wants_write && !file.writable()) || wants_exec {

@@ -66,8 +66,14 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/v1/templates", get(list_templates))
-        .route("/v1/templates/{id}", get(get_template).delete(delete_template))
-        .route("/v1/templates/{id}/manifest", get(get_manifest).put(put_manifest))
+        .route(
+            "/v1/templates/{id}",
+            get(get_template).delete(delete_template),
+        )
+        .route(
+            "/v1/templates/{id}/manifest",
+            get(get_manifest).put(put_manifest),
+        )
         .route("/v1/templates/{id}/trace", get(get_trace).put(put_trace))
         .route("/v1/gc", post(gc))
         .route("/v1/chunks/missing", post(missing))
@@ -83,7 +89,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
 }
 
@@ -158,7 +167,8 @@ impl Tokens {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let matches = |t: &Option<String>| matches!((given, t), (Some(g), Some(t)) if same_token(g, t));
+        let matches =
+            |t: &Option<String>| matches!((given, t), (Some(g), Some(t)) if same_token(g, t));
         let reading = method == Method::GET || method == Method::HEAD;
         if !reading && self.write.is_some() && !matches(&self.write) {
             return Err(unauthorized("writes need the store's write token"));
@@ -276,7 +286,8 @@ async fn read_body(body: Body, limit: u64, what: &str) -> Result<Bytes, ApiError
     let mut stream = body.into_data_stream();
     let mut out = Vec::new();
     while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| ApiError::bad_request(format!("reading the body of {what}: {e}")))?;
+        let piece =
+            piece.map_err(|e| ApiError::bad_request(format!("reading the body of {what}: {e}")))?;
         if (out.len() + piece.len()) as u64 > limit {
             return Err(BackendError::TooLarge {
                 what: what.to_string(),
@@ -450,7 +461,11 @@ async fn put_chunk(
         }
         .into());
     }
-    match state.backend.put_chunk(digest, body.into_data_stream()).await {
+    match state
+        .backend
+        .put_chunk(digest, body.into_data_stream())
+        .await
+    {
         Ok(ChunkPut::Stored(len)) => {
             state.metrics.chunks_uploaded.inc();
             state.metrics.bytes_uploaded.inc_by(len);
@@ -473,8 +488,9 @@ async fn put_chunk(
 
 async fn missing(State(state): State<AppState>, body: Body) -> Result<Json<Vec<Digest>>, ApiError> {
     let bytes = read_body(body, MAX_JSON_BODY, "the digest list").await?;
-    let digests: Vec<Digest> = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("expected a JSON list of chunk digests: {e}")))?;
+    let digests: Vec<Digest> = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(format!("expected a JSON list of chunk digests: {e}"))
+    })?;
     Ok(Json(state.backend.missing(digests).await?))
 }
 
@@ -490,16 +506,27 @@ mod tests {
         };
         let auth = |t: &str| {
             let mut h = HeaderMap::new();
-            h.insert(header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
             h
         };
         let none = HeaderMap::new();
         assert!(tokens.check(&Method::PUT, "/v1/chunks/x", &none).is_err());
-        assert!(tokens.check(&Method::PUT, "/v1/chunks/x", &auth("r")).is_err());
-        assert!(tokens.check(&Method::PUT, "/v1/chunks/x", &auth("w")).is_ok());
+        assert!(tokens
+            .check(&Method::PUT, "/v1/chunks/x", &auth("r"))
+            .is_err());
+        assert!(tokens
+            .check(&Method::PUT, "/v1/chunks/x", &auth("w"))
+            .is_ok());
         assert!(tokens.check(&Method::GET, "/v1/chunks/x", &none).is_err());
-        assert!(tokens.check(&Method::GET, "/v1/chunks/x", &auth("r")).is_ok());
-        assert!(tokens.check(&Method::HEAD, "/v1/chunks/x", &auth("w")).is_ok());
+        assert!(tokens
+            .check(&Method::GET, "/v1/chunks/x", &auth("r"))
+            .is_ok());
+        assert!(tokens
+            .check(&Method::HEAD, "/v1/chunks/x", &auth("w"))
+            .is_ok());
         assert!(tokens.check(&Method::GET, "/v1/templates", &none).is_ok());
     }
 }

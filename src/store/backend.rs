@@ -36,7 +36,9 @@ pub enum BackendError {
     #[error(transparent)]
     InvalidManifest(#[from] ManifestError),
     /// A different manifest already has this id; manifests are immutable.
-    #[error("template {template} already exists with other content ({detail}); publish under a new id")]
+    #[error(
+        "template {template} already exists with other content ({detail}); publish under a new id"
+    )]
     Conflict { template: String, detail: String },
     /// A trace document that does not parse or names chunks the template lacks.
     #[error("invalid trace for template {template}: {reason}")]
@@ -52,7 +54,10 @@ pub enum BackendError {
     Body { what: String, detail: String },
     /// A stored manifest that no longer parses (disk corruption or a hand edit).
     #[error("stored manifest {path} is unreadable: {source}")]
-    Corrupt { path: PathBuf, source: ManifestError },
+    Corrupt {
+        path: PathBuf,
+        source: ManifestError,
+    },
     /// A file operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -229,7 +234,10 @@ impl DirBackend {
             .ok_or_else(|| BackendError::UnknownTemplate(id.to_string()))?;
         let doc: TraceDoc = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
         if doc.template != id {
-            return Err(invalid(format!("the document names template {:?}", doc.template)));
+            return Err(invalid(format!(
+                "the document names template {:?}",
+                doc.template
+            )));
         }
         if let Some(bad) = doc.chunks.iter().find(|&&i| i >= manifest.chunk_count()) {
             return Err(invalid(format!(
@@ -264,7 +272,10 @@ impl DirBackend {
         let cached = self.durable.lock().ok().and_then(|d| d.get(id).cloned());
         if let Some(cached) = cached {
             // The cache may outlive a delete that raced with the summary that filled it.
-            if tokio::fs::try_exists(self.manifest_path(id)).await.unwrap_or(false) {
+            if tokio::fs::try_exists(self.manifest_path(id))
+                .await
+                .unwrap_or(false)
+            {
                 return Ok(cached);
             }
         }
@@ -278,7 +289,8 @@ impl DirBackend {
             None => None,
         };
         let chunks_dir = self.root.join("chunks");
-        let summary = blocking(move || Ok(summarize(&chunks_dir, &manifest, parent.as_ref()))).await?;
+        let summary =
+            blocking(move || Ok(summarize(&chunks_dir, &manifest, parent.as_ref()))).await?;
         if summary.durability == Durability::Durable {
             if let Ok(mut durable) = self.durable.lock() {
                 durable.insert(id.to_string(), summary.clone());
@@ -366,7 +378,9 @@ impl DirBackend {
         let temp_name = temp_path.to_path_buf();
         let mut file = tokio::fs::File::from_std(file);
         let len = receive(&digest, body, &mut file, &temp_name).await?;
-        file.sync_all().await.map_err(io_err("syncing", &temp_name))?;
+        file.sync_all()
+            .await
+            .map_err(io_err("syncing", &temp_name))?;
         drop(file);
         blocking(move || {
             let shard = dest.parent().unwrap_or(&dest).to_path_buf();
@@ -497,7 +511,10 @@ fn difference(stored: &Manifest, offered: &Manifest) -> String {
         return format!("chunk {i} differs");
     }
     if stored.parent != offered.parent {
-        return format!("stored parent {:?}, offered {:?}", stored.parent, offered.parent);
+        return format!(
+            "stored parent {:?}, offered {:?}",
+            stored.parent, offered.parent
+        );
     }
     "labels differ".to_string()
 }
@@ -530,7 +547,9 @@ fn sweep(root: &Path, grace: Duration) -> Result<GcReport, BackendError> {
             .map_err(|source| BackendError::Corrupt { path, source })?;
         referenced.extend(manifest.stored_chunks().map(|(_, d)| d));
     }
-    let cutoff = SystemTime::now().checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+    let cutoff = SystemTime::now()
+        .checked_sub(grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut report = GcReport::default();
     let chunks = root.join("chunks");
     for shard in fs::read_dir(&chunks).map_err(io_err("listing", &chunks))? {
@@ -581,8 +600,10 @@ async fn read_optional(path: PathBuf) -> Result<Option<Vec<u8>>, BackendError> {
 /// Writes `bytes` to `dest` crash-safely: a temporary file in `tmp`, fsync, rename,
 /// fsync of `dest`'s directory.
 fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), BackendError> {
-    let mut file = tempfile::NamedTempFile::new_in(tmp).map_err(io_err("creating a temporary file in", tmp))?;
-    file.write_all(bytes).map_err(io_err("writing", file.path()))?;
+    let mut file = tempfile::NamedTempFile::new_in(tmp)
+        .map_err(io_err("creating a temporary file in", tmp))?;
+    file.write_all(bytes)
+        .map_err(io_err("writing", file.path()))?;
     file.as_file().sync_all().map_err(io_err("syncing", dest))?;
     file.persist(dest)
         .map_err(|e| io_err("renaming into", dest)(e.error))?;
@@ -667,7 +688,10 @@ mod tests {
         assert_eq!(d(&parent, None), Durability::Uploading);
         store(dir.path(), b"c");
         let s = summarize(dir.path(), &child, Some(&parent));
-        assert_eq!((s.durability, s.present_chunks, s.stored_chunks), (Durability::Durable, 2, 2));
+        assert_eq!(
+            (s.durability, s.present_chunks, s.stored_chunks),
+            (Durability::Durable, 2, 2)
+        );
     }
 
     #[test]

@@ -86,7 +86,11 @@ pub struct StoreClient {
 }
 
 impl StoreClient {
-    pub fn new(base_url: &str, write_token: Option<String>, read_token: Option<String>) -> StoreClient {
+    pub fn new(
+        base_url: &str,
+        write_token: Option<String>,
+        read_token: Option<String>,
+    ) -> StoreClient {
         // The builder fails only when the TLS backend or resolver cannot start; this
         // build has neither, so the plain client is the same configuration minus the
         // connect timeout.
@@ -122,7 +126,9 @@ impl StoreClient {
     pub async fn manifest(&self, id: &str) -> Result<Option<Manifest>, StoreError> {
         validate_id(id)?;
         let what = format!("the manifest of {id}");
-        let request = self.http.get(self.endpoint(&format!("/v1/templates/{id}/manifest")));
+        let request = self
+            .http
+            .get(self.endpoint(&format!("/v1/templates/{id}/manifest")));
         let Some(bytes) = self.fetch_optional(request, &what).await? else {
             return Ok(None);
         };
@@ -148,7 +154,10 @@ impl StoreClient {
         validate_id(&m.template)?;
         let what = format!("publishing the manifest of {}", m.template);
         let request = self
-            .write(self.http.put(self.endpoint(&format!("/v1/templates/{}/manifest", m.template))))
+            .write(
+                self.http
+                    .put(self.endpoint(&format!("/v1/templates/{}/manifest", m.template))),
+            )
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(m.to_json());
         match self.send(request, METADATA_TIMEOUT, &what).await {
@@ -186,7 +195,10 @@ impl StoreClient {
     pub async fn put_chunk(&self, digest: &Digest, bytes: Bytes) -> Result<(), StoreError> {
         let what = format!("uploading chunk {digest}");
         let request = self
-            .write(self.http.put(self.endpoint(&format!("/v1/chunks/{digest}"))))
+            .write(
+                self.http
+                    .put(self.endpoint(&format!("/v1/chunks/{digest}"))),
+            )
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(bytes);
         self.send(request, CHUNK_TIMEOUT, &what).await.map(|_| ())
@@ -196,7 +208,9 @@ impl StoreClient {
     pub async fn trace(&self, id: &str) -> Result<Option<Vec<usize>>, StoreError> {
         validate_id(id)?;
         let what = format!("the trace of {id}");
-        let request = self.http.get(self.endpoint(&format!("/v1/templates/{id}/trace")));
+        let request = self
+            .http
+            .get(self.endpoint(&format!("/v1/templates/{id}/trace")));
         let Some(bytes) = self.fetch_optional(request, &what).await? else {
             return Ok(None);
         };
@@ -213,18 +227,28 @@ impl StoreClient {
         };
         let body = serde_json::to_vec(&doc).map_err(|e| self.malformed(&what, e))?;
         let request = self
-            .write(self.http.put(self.endpoint(&format!("/v1/templates/{id}/trace"))))
+            .write(
+                self.http
+                    .put(self.endpoint(&format!("/v1/templates/{id}/trace"))),
+            )
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
-        self.send(request, METADATA_TIMEOUT, &what).await.map(|_| ())
+        self.send(request, METADATA_TIMEOUT, &what)
+            .await
+            .map(|_| ())
     }
 
     /// Removes a template's manifest and trace (chunks stay until gc).
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         validate_id(id)?;
         let what = format!("deleting template {id}");
-        let request = self.write(self.http.delete(self.endpoint(&format!("/v1/templates/{id}"))));
-        self.send(request, METADATA_TIMEOUT, &what).await.map(|_| ())
+        let request = self.write(
+            self.http
+                .delete(self.endpoint(&format!("/v1/templates/{id}"))),
+        );
+        self.send(request, METADATA_TIMEOUT, &what)
+            .await
+            .map(|_| ())
     }
 
     /// Deletes unreferenced chunks older than `grace`.
@@ -281,7 +305,13 @@ impl StoreClient {
         let detail = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().chars().take(500).collect());
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&body)
+                    .trim()
+                    .chars()
+                    .take(500)
+                    .collect()
+            });
         Err(StoreError::Http {
             url: self.url.clone(),
             status: status.as_u16(),
@@ -333,7 +363,15 @@ pub async fn list_command(args: TemplatesArgs) -> anyhow::Result<()> {
 
 /// The `templates` table: one row per template, columns padded to their widest cell.
 fn table(templates: &[TemplateSummary]) -> String {
-    let header = ["TEMPLATE", "SIZE", "CHUNKS", "STORED", "DURABILITY", "PARENT", "CREATED"];
+    let header = [
+        "TEMPLATE",
+        "SIZE",
+        "CHUNKS",
+        "STORED",
+        "DURABILITY",
+        "PARENT",
+        "CREATED",
+    ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for t in templates {
         rows.push(vec![
@@ -343,7 +381,11 @@ fn table(templates: &[TemplateSummary]) -> String {
             format!("{}/{}", t.present_chunks, t.stored_chunks),
             t.durability.as_str().to_string(),
             t.parent.clone().unwrap_or_else(|| "-".to_string()),
-            if t.created_at.is_empty() { "-".to_string() } else { t.created_at.clone() },
+            if t.created_at.is_empty() {
+                "-".to_string()
+            } else {
+                t.created_at.clone()
+            },
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -417,7 +459,10 @@ mod tests {
         let out = table(&[row]);
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].starts_with("TEMPLATE  SIZE"), "{out}");
-        assert!(lines[1].contains("4/10") && lines[1].contains("UPLOADING"), "{out}");
+        assert!(
+            lines[1].contains("4/10") && lines[1].contains("UPLOADING"),
+            "{out}"
+        );
         assert_eq!(lines[0].find("CHUNKS"), lines[1].find("64 "), "{out}");
     }
 }

@@ -85,7 +85,10 @@ pub fn wait_http(url: &str) {
         if let Ok((200, _)) = http_get(url) {
             return;
         }
-        assert!(Instant::now() < deadline, "{url} did not answer 200 within {START_TIMEOUT:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{url} did not answer 200 within {START_TIMEOUT:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -205,11 +208,16 @@ pub fn make_ext4_blocks(
 /// Bytes that do not repeat and do not compress to zero chunks: a simple LCG stream
 /// seeded by `seed`.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 33) as u8
         })
         .collect()
 }
+pub mod node;
