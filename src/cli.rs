@@ -97,6 +97,13 @@ pub struct DaemonArgs {
     /// Bandwidth cap of background fills in bytes per second (e.g. 200M; 0 = none).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub fill_rate: u64,
+    /// Seconds after a template's first read on this node during which first reads are
+    /// recorded as its boot trace.
+    #[arg(long, default_value = "60")]
+    pub trace_window: f64,
+    /// Seconds without a new chunk read after which a trace is published early.
+    #[arg(long, default_value = "10")]
+    pub trace_quiet: f64,
     /// Bearer token sent with chunk reads to the store and origins.
     #[arg(long, env = "LAZYBLK_READ_TOKEN")]
     pub read_token: Option<String>,

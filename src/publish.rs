@@ -6,7 +6,8 @@
 //! (blocking threads, `--concurrency` at once) turns them into digests (all-zero chunks
 //! become `null`); the uploader gathers hashed chunks into batches, asks the store which
 //! it lacks (`POST /v1/chunks/missing`), and uploads those with `--concurrency` PUTs.
-//! Every stage holds a bounded number of chunks, so a 50 GiB image costs tens of MiB.
+//! Every stage holds a bounded number of chunks (two channels of 16 MiB, one chunk per
+//! hashing core, a 32 MiB batch), so memory does not grow with the image.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -34,11 +35,12 @@ const EXT4_MAGIC_OFFSET: usize = 56;
 const EXT4_MAGIC: u16 = 0xEF53;
 /// The only ext4 block size the kernel mounts from a device with 4096-byte blocks.
 const REQUIRED_BLOCK_SIZE: u64 = 4096;
-/// Bytes of hashed chunks gathered before one `missing` query: few queries for a
-/// large image, and bounded memory whatever the chunk size.
-const BATCH_BYTES: u64 = 64 << 20;
-/// Bytes of chunks queued between the reader, the hashers and the uploader.
-const PIPELINE_BYTES: u64 = 32 << 20;
+/// Bytes of hashed chunks gathered before one `missing` query: ~1,600 queries for a
+/// 50 GiB image, and bounded memory whatever the chunk size.
+const BATCH_BYTES: u64 = 32 << 20;
+/// Bytes of chunks queued in each of the two channels (reader to hashers, hashers to
+/// uploader); at least one chunk.
+const PIPELINE_BYTES: u64 = 16 << 20;
 /// Attempts per chunk upload: a transient network error should not fail a long
 /// publish, and the PUT is idempotent.
 const UPLOAD_ATTEMPTS: u32 = 3;
@@ -279,20 +281,21 @@ async fn hash_and_upload(
     mut uploader: Uploader<'_>,
 ) -> Result<(Vec<Option<Digest>>, PublishReport), PublishError> {
     let chunk_size = args.chunk_size;
-    let depth = (PIPELINE_BYTES / chunk_size).clamp(2, 64) as usize;
-    let (read_tx, mut read_rx) = mpsc::channel(depth);
+    let depth = (PIPELINE_BYTES / chunk_size).clamp(1, 64) as usize;
+    let (read_tx, read_rx) = mpsc::channel(depth);
+    let (hashed_tx, mut hashed_rx) = mpsc::channel(depth);
     let path = args.image.clone();
     let reader = tokio::task::spawn_blocking(move || read_chunks(&path, size, chunk_size, read_tx));
-    let hashed = stream::poll_fn(move |cx| read_rx.poll_recv(cx))
-        .map(|read: Result<(usize, Bytes), PublishError>| async move {
-            let (index, bytes) = read?;
-            blocking(move || Ok(hash_chunk(index, bytes))).await
-        })
-        .buffered(uploader.concurrency);
-    futures::pin_mut!(hashed);
+    // Hashing more chunks at once than there are cores only holds more memory.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let hasher = tokio::spawn(hash_chunks(
+        read_rx,
+        hashed_tx,
+        uploader.concurrency.min(cores),
+    ));
 
     let mut chunks = Vec::with_capacity(size.div_ceil(chunk_size) as usize);
-    while let Some(chunk) = hashed.next().await {
+    while let Some(chunk) = hashed_rx.recv().await {
         let chunk = chunk?;
         if let Some(stored) = existing {
             let expected = stored.chunks.get(chunk.index).copied().flatten();
@@ -307,10 +310,32 @@ async fn hash_and_upload(
         uploader.add(chunk).await?;
     }
     uploader.flush().await?;
-    reader
-        .await
-        .map_err(|e| PublishError::Task(e.to_string()))??;
+    let task = |e: tokio::task::JoinError| PublishError::Task(e.to_string());
+    hasher.await.map_err(task)?;
+    reader.await.map_err(task)??;
     Ok((chunks, uploader.report))
+}
+
+/// The hashing stage: its own task, so hashing goes on while the uploader waits on
+/// the network. Stops at the first error or when the uploader is gone.
+async fn hash_chunks(
+    mut read_rx: mpsc::Receiver<Result<(usize, Bytes), PublishError>>,
+    hashed_tx: mpsc::Sender<Result<Hashed, PublishError>>,
+    concurrency: usize,
+) {
+    let hashed = stream::poll_fn(move |cx| read_rx.poll_recv(cx))
+        .map(|read| async move {
+            let (index, bytes) = read?;
+            blocking(move || Ok(hash_chunk(index, bytes))).await
+        })
+        .buffered(concurrency.max(1));
+    futures::pin_mut!(hashed);
+    while let Some(item) = hashed.next().await {
+        let failed = item.is_err();
+        if hashed_tx.send(item).await.is_err() || failed {
+            return;
+        }
+    }
 }
 
 /// Reads the image chunk by chunk into `tx`, stopping early when the receiver is gone.

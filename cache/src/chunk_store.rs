@@ -226,10 +226,10 @@ impl ChunkStore {
         }
         let final_path = self.chunk_path(digest);
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp_path = self
-            .root
-            .join("tmp")
-            .join(format!("{}.{}.{seq}", digest.to_hex(), std::process::id()));
+        let tmp_path =
+            self.root
+                .join("tmp")
+                .join(format!("{}.{}.{seq}", digest.to_hex(), std::process::id()));
         let write_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ChunkStoreError::Write {
@@ -395,7 +395,10 @@ impl ChunkStore {
 }
 
 fn in_use(entry: &Entry) -> bool {
-    entry.file.as_ref().is_some_and(|f| Arc::strong_count(f) > 1)
+    entry
+        .file
+        .as_ref()
+        .is_some_and(|f| Arc::strong_count(f) > 1)
 }
 
 /// Closes the open files of the least recently used chunks that nobody reads.
@@ -439,9 +442,17 @@ mod tests {
         let store = ChunkStore::open(dir.path(), 0).unwrap();
         assert_eq!(store.chunk_count(), 1);
         assert_eq!(store.used_bytes(), 1000);
-        assert!(fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none());
+        assert!(fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none());
         let mut buf = [0u8; 10];
-        store.get(&d).unwrap().unwrap().read_at(990, &mut buf).unwrap();
+        store
+            .get(&d)
+            .unwrap()
+            .unwrap()
+            .read_at(990, &mut buf)
+            .unwrap();
         assert_eq!(buf, [1u8; 10]);
     }
 

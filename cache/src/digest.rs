@@ -62,7 +62,8 @@ impl FromStr for Digest {
 
     fn from_str(s: &str) -> Result<Digest, DigestParseError> {
         let lower = s.len() == 2 * DIGEST_LEN
-            && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !lower {
             return Err(DigestParseError(s.chars().take(80).collect()));
         }

@@ -198,7 +198,10 @@ impl ChunkCache {
         let chunk = chunk.clone();
         let sources = sources.clone();
         tokio::spawn(async move {
-            let result = cache.fetch_verified(&chunk, &sources).await.map_err(Arc::new);
+            let result = cache
+                .fetch_verified(&chunk, &sources)
+                .await
+                .map_err(Arc::new);
             cache
                 .inflight
                 .lock()
@@ -254,7 +257,9 @@ impl ChunkCache {
         source: &Source,
     ) -> Result<Option<bytes::Bytes>, SourceError> {
         let started = Instant::now();
-        let bytes = source.fetch(&chunk.digest, chunk.len, self.deadline).await?;
+        let bytes = source
+            .fetch(&chunk.digest, chunk.len, self.deadline)
+            .await?;
         let digest = chunk.digest;
         let (bytes, actual) = tokio::task::spawn_blocking(move || {
             let actual = Digest::of(&bytes);
@@ -272,7 +277,8 @@ impl ChunkCache {
                 "chunk bytes do not match their digest; discarded");
             return Ok(None);
         }
-        self.observer.fetched(chunk, source.name(), started.elapsed());
+        self.observer
+            .fetched(chunk, source.name(), started.elapsed());
         Ok(Some(bytes))
     }
 

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
@@ -185,7 +185,9 @@ impl<F: Files> LazyFs<F> {
                 return Err(Errno::EPERM);
             }
         }
-        let mode_changes = change.mode.is_some_and(|m| m & 0o7777 != u32::from(attr.perm));
+        let mode_changes = change
+            .mode
+            .is_some_and(|m| m & 0o7777 != u32::from(attr.perm));
         let uid_changes = change.uid.is_some_and(|u| u != attr.uid);
         let gid_changes = change.gid.is_some_and(|g| g != attr.gid);
         if mode_changes || uid_changes || gid_changes {
@@ -221,7 +223,10 @@ impl<F: Files> LazyFs<F> {
         names.retain(|name| {
             let valid = is_valid_name(name);
             if !valid {
-                warn!(?folder, name, "backend listed a name that cannot be a file name");
+                warn!(
+                    ?folder,
+                    name, "backend listed a name that cannot be a file name"
+                );
             }
             valid
         });
@@ -298,7 +303,12 @@ fn configure<T: Copy + std::fmt::Debug>(
     set: fn(&mut KernelConfig, T) -> Result<T, T>,
 ) {
     if let Err(nearest) = set(config, value) {
-        debug!(what, ?value, ?nearest, "kernel limit; using the nearest value");
+        debug!(
+            what,
+            ?value,
+            ?nearest,
+            "kernel limit; using the nearest value"
+        );
         if set(config, nearest).is_err() {
             warn!(what, ?nearest, "kernel refused its own nearest value");
         }
@@ -307,7 +317,12 @@ fn configure<T: Copy + std::fmt::Debug>(
 
 impl<F: Files> Filesystem for LazyFs<F> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        configure("max_write", config, MAX_IO_BYTES, KernelConfig::set_max_write);
+        configure(
+            "max_write",
+            config,
+            MAX_IO_BYTES,
+            KernelConfig::set_max_write,
+        );
         configure(
             "max_background",
             config,

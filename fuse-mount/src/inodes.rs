@@ -130,10 +130,7 @@ mod tests {
         let inodes = Inodes::default();
         assert_eq!(inodes.node(ROOT_INO), Some(Node::Root));
         for folder in Folder::ALL {
-            assert_eq!(
-                inodes.node(folder_ino(folder)),
-                Some(Node::Folder(folder))
-            );
+            assert_eq!(inodes.node(folder_ino(folder)), Some(Node::Folder(folder)));
         }
         assert_eq!(inodes.node(0), None);
         assert_eq!(inodes.node(FIRST_FILE_INO), None);

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::error::FuseError;
 use crate::files::Files;
 use crate::fs::LazyFs;
-use crate::stale::{detach_lazily, is_disconnected};
+use crate::stale::{detach_lazily, probe, DirState};
 
 /// The source name the mount table shows for the mount.
 const FS_NAME: &str = "lazyblk";
@@ -77,12 +77,13 @@ pub fn mount<F: Files>(
 ) -> Result<Mount, FuseError> {
     prepare_dir(dir)?;
     let filesystem = LazyFs::new(files, runtime, options.max_background);
-    let mut session = Session::new(filesystem, dir, &session_config(&options)).map_err(
-        |source| FuseError::Mount {
-            dir: dir.to_path_buf(),
-            source,
-        },
-    )?;
+    let mut session =
+        Session::new(filesystem, dir, &session_config(&options)).map_err(|source| {
+            FuseError::Mount {
+                dir: dir.to_path_buf(),
+                source,
+            }
+        })?;
     let unmounter = session.unmount_callable();
     // If the thread cannot start, the session is dropped with the closure, and
     // dropping it unmounts.
@@ -188,22 +189,25 @@ fn prepare_dir(dir: &Path) -> Result<(), FuseError> {
         dir: dir.to_path_buf(),
         source,
     };
-    match fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(create_error(io::Error::new(
-            io::ErrorKind::NotADirectory,
-            "not a directory",
-        ))),
-        Err(err) if is_disconnected(&err) => Err(FuseError::StaleMount {
+    let inspect_error = |source| FuseError::Inspect {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    match probe(dir).map_err(inspect_error)? {
+        DirState::Missing => fs::create_dir_all(dir).map_err(create_error),
+        DirState::Disconnected => Err(FuseError::StaleMount {
             dir: dir.to_path_buf(),
         }),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(dir).map_err(create_error)
+        DirState::Present => {
+            if fs::metadata(dir).map_err(inspect_error)?.is_dir() {
+                Ok(())
+            } else {
+                Err(create_error(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    "not a directory",
+                )))
+            }
         }
-        Err(source) => Err(FuseError::Inspect {
-            dir: dir.to_path_buf(),
-            source,
-        }),
     }
 }
 

@@ -34,18 +34,16 @@ const MAX_STACKED_MOUNTS: usize = 8;
 /// on top of it would hide it.
 pub fn clear_stale_mount(dir: &Path) -> Result<(), FuseError> {
     for _ in 0..MAX_STACKED_MOUNTS {
-        match fs::metadata(dir) {
-            Ok(_) => return refuse_live_mount(dir),
-            Err(err) if is_disconnected(&err) => {
+        let state = probe(dir).map_err(|source| FuseError::Inspect {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        match state {
+            DirState::Missing => return Ok(()),
+            DirState::Present => return refuse_live_mount(dir),
+            DirState::Disconnected => {
                 detach_lazily(dir)?;
                 warn!(dir = %dir.display(), "detached a stale FUSE mount left by a killed process");
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
-                return Err(FuseError::Inspect {
-                    dir: dir.to_path_buf(),
-                    source,
-                })
             }
         }
     }
@@ -57,9 +55,27 @@ pub fn clear_stale_mount(dir: &Path) -> Result<(), FuseError> {
     })
 }
 
-/// Whether an access failed because the FUSE daemon behind the path is gone.
-pub(crate) fn is_disconnected(err: &io::Error) -> bool {
-    err.raw_os_error() == Some(libc::ENOTCONN)
+/// What a path holds, as far as mounting there is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DirState {
+    /// Nothing by that name.
+    Missing,
+    /// A FUSE mount whose daemon is gone.
+    Disconnected,
+    /// Something that answers: a directory, a file, a live mount.
+    Present,
+}
+
+/// Looks at `dir` with statfs(2), which FUSE always sends to the daemon. A stat
+/// would not do: the kernel answers it from cached attributes for up to their TTL
+/// after the daemon died.
+pub(crate) fn probe(dir: &Path) -> io::Result<DirState> {
+    match nix::sys::statfs::statfs(dir) {
+        Ok(_) => Ok(DirState::Present),
+        Err(nix::errno::Errno::ENOENT) => Ok(DirState::Missing),
+        Err(nix::errno::Errno::ENOTCONN) => Ok(DirState::Disconnected),
+        Err(errno) => Err(errno.into()),
+    }
 }
 
 /// Detaches the mount at `dir` now; the kernel ends it when its last user closes it.
@@ -157,7 +173,9 @@ fn unescape_octal(field: &str) -> Vec<u8> {
             .get(i + 1..i + 4)
             .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
             .and_then(|digits| {
-                let value = digits.iter().fold(0_u32, |v, d| v * 8 + u32::from(d - b'0'));
+                let value = digits
+                    .iter()
+                    .fold(0_u32, |v, d| v * 8 + u32::from(d - b'0'));
                 u8::try_from(value).ok()
             });
         match escaped {

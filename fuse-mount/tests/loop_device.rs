@@ -41,7 +41,14 @@ fn loop_unavailable() -> Option<String> {
     if !Path::new("/dev/loop-control").exists() {
         return Some("/dev/loop-control is missing".into());
     }
-    for tool in ["mkfs.ext4", "losetup", "mount", "umount", "e2fsck", "debugfs"] {
+    for tool in [
+        "mkfs.ext4",
+        "losetup",
+        "mount",
+        "umount",
+        "e2fsck",
+        "debugfs",
+    ] {
         if Command::new(tool).arg("-V").output().is_err() {
             return Some(format!("{tool} is not installed"));
         }

@@ -61,7 +61,10 @@ fn reads_stop_at_the_end_of_the_file() {
     assert_eq!(n, 100);
     assert!(buf[..100] == template.contents()[TEMPLATE_SIZE - 100..]);
     assert_eq!(file.read_at(&mut buf, TEMPLATE_SIZE as u64).unwrap(), 0);
-    assert_eq!(file.read_at(&mut buf, 10 * TEMPLATE_SIZE as u64).unwrap(), 0);
+    assert_eq!(
+        file.read_at(&mut buf, 10 * TEMPLATE_SIZE as u64).unwrap(),
+        0
+    );
 }
 
 #[test]
@@ -91,10 +94,17 @@ fn sandbox_writes_are_flushed_and_read_back() {
     let data = pattern(3 * 4096 + 17, 7);
     let offset = 5 * 4096 + 3;
 
-    let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     file.write_all_at(&data, offset as u64).unwrap();
     file.sync_all().unwrap();
-    assert!(sandbox.flushes.load(Ordering::SeqCst) >= 1, "fsync reached the backend");
+    assert!(
+        sandbox.flushes.load(Ordering::SeqCst) >= 1,
+        "fsync reached the backend"
+    );
     assert!(sandbox.contents()[offset..offset + data.len()] == data[..]);
     drop(file);
 
@@ -146,9 +156,18 @@ fn listings_and_attributes() {
     require_fuse!();
     let (files, _, _) = standard_files();
     let mnt = TestMount::new(files);
-    assert_eq!(names(&mnt.dir()), ["sandboxes", "templates"].map(String::from).into());
-    assert_eq!(names(&mnt.dir().join("templates")), ["base".to_owned()].into());
-    assert_eq!(names(&mnt.dir().join("sandboxes")), ["sb1".to_owned()].into());
+    assert_eq!(
+        names(&mnt.dir()),
+        ["sandboxes", "templates"].map(String::from).into()
+    );
+    assert_eq!(
+        names(&mnt.dir().join("templates")),
+        ["base".to_owned()].into()
+    );
+    assert_eq!(
+        names(&mnt.dir().join("sandboxes")),
+        ["sb1".to_owned()].into()
+    );
 
     let template = fs::metadata(mnt.path(Folder::Templates, "base")).unwrap();
     assert!(template.is_file());
@@ -171,7 +190,12 @@ fn unknown_names_are_not_found_and_nothing_is_created() {
         mnt.dir().join("overlays"),
     ] {
         let err = fs::metadata(&path).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{}", path.display());
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::NotFound,
+            "{}",
+            path.display()
+        );
     }
     let err = fs::File::create(mnt.path(Folder::Sandboxes, "new")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
@@ -260,7 +284,10 @@ fn reads_are_served_concurrently() {
     });
     let elapsed = started.elapsed();
     let overlap = slow.max_in_flight.load(Ordering::SeqCst);
-    assert!(overlap >= 2, "reads never overlapped (max in flight {overlap})");
+    assert!(
+        overlap >= 2,
+        "reads never overlapped (max in flight {overlap})"
+    );
     assert!(
         elapsed < DELAY * READERS as u32 / 2,
         "{READERS} reads of {DELAY:?} took {elapsed:?}"

@@ -310,13 +310,14 @@ async fn many_pipelined_requests_are_all_answered() {
         burst.extend_from_slice(&header.encode());
     }
     client.send(&burst).await;
+    let fixture = fixture_bytes();
     let mut seen = vec![false; count as usize];
     for _ in 0..count {
         let (error, cookie) = client.simple_reply().await;
         assert_eq!(error, 0);
         let data = client.read_exact(512).await;
         let offset = (cookie * 512) as usize;
-        assert_eq!(data, fixture_bytes()[offset..offset + 512]);
+        assert_eq!(data, fixture[offset..offset + 512]);
         seen[cookie as usize] = true;
     }
     assert!(seen.iter().all(|&s| s));

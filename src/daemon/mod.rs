@@ -32,6 +32,7 @@ use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::exports::NbdExports;
 use crate::daemon::fill::{FillConfig, FillScheduler};
 use crate::daemon::state::StateDb;
+use crate::daemon::trace::TraceTiming;
 use crate::daemon::node::Node;
 use crate::store::client::StoreClient;
 
@@ -68,6 +69,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             advertise.clone(),
             args.read_token.clone(),
             args.cache.clone(),
+            TraceTiming {
+                window: Duration::from_secs_f64(args.trace_window.max(0.0)),
+                quiet: Duration::from_secs_f64(args.trace_quiet.max(0.0)),
+            },
         )
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,
     );

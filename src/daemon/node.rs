@@ -11,7 +11,7 @@ use lazyblk_cache::{ChunkCache, HttpSource, Manifest, Source, TemplateImage};
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::fill::FillState;
 use crate::daemon::state::Phase;
-use crate::daemon::trace::TraceRecorder;
+use crate::daemon::trace::{TraceRecorder, TraceTiming};
 use crate::store::client::StoreClient;
 
 /// Why a template could not be served.
@@ -131,6 +131,7 @@ pub struct Node {
     /// without the store.
     manifests_dir: PathBuf,
     replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    trace_timing: TraceTiming,
     /// Serializes loads of one template from the store.
     loading: tokio::sync::Mutex<()>,
 }
@@ -143,6 +144,7 @@ impl Node {
         advertise: String,
         read_token: Option<String>,
         state_dir: PathBuf,
+        trace_timing: TraceTiming,
     ) -> std::io::Result<Node> {
         let manifests_dir = state_dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir)?;
@@ -154,6 +156,7 @@ impl Node {
             read_token,
             manifests_dir,
             replicas: RwLock::new(HashMap::new()),
+            trace_timing,
             loading: tokio::sync::Mutex::new(()),
         })
     }
@@ -244,7 +247,7 @@ impl Node {
         let replica = Arc::new(Replica {
             image,
             users: Mutex::new(BTreeMap::new()),
-            trace: TraceRecorder::new(chunk_count),
+            trace: TraceRecorder::new(chunk_count, self.trace_timing),
             fill: Mutex::new(FillState::default()),
         });
         self.replicas

@@ -131,6 +131,7 @@ impl StateDb {
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn load(&self, template: &str) -> Result<Option<ReplicaRecord>, StateError> {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         conn.query_row(

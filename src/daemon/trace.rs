@@ -6,13 +6,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long after a template's first read on this node its reads count as the boot
-/// working set. A microVM boots in seconds; a minute covers slow starts without turning
-/// the trace into a record of everything the sandbox later does.
-pub const TRACE_WINDOW: Duration = Duration::from_secs(60);
-/// How long the trace must stop growing before it is published early (a boot that
-/// finished before the window closed).
-pub const TRACE_QUIET: Duration = Duration::from_secs(10);
+/// When a trace is complete.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceTiming {
+    /// How long after a template's first read on this node its reads count as the boot
+    /// working set. A microVM boots in seconds; the default minute covers slow starts
+    /// without turning the trace into a record of everything the sandbox later does.
+    pub window: Duration,
+    /// How long the trace must stop growing before it is published early (a boot that
+    /// finished before the window closed).
+    pub quiet: Duration,
+}
 
 /// Records the first read of each chunk of one template.
 pub struct TraceRecorder {
@@ -25,16 +29,18 @@ pub struct TraceRecorder {
     last_growth_ms: AtomicU64,
     /// The trace has been published (or the store already had one).
     published: AtomicBool,
+    timing: TraceTiming,
 }
 
 impl TraceRecorder {
-    pub fn new(chunks: usize) -> TraceRecorder {
+    pub fn new(chunks: usize, timing: TraceTiming) -> TraceRecorder {
         TraceRecorder {
             seen: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             order: Mutex::new(Vec::new()),
             started: OnceLock::new(),
             last_growth_ms: AtomicU64::new(0),
             published: AtomicBool::new(false),
+            timing,
         }
     }
 
@@ -45,7 +51,7 @@ impl TraceRecorder {
         }
         let started = *self.started.get_or_init(Instant::now);
         let elapsed = started.elapsed();
-        if elapsed > TRACE_WINDOW {
+        if elapsed > self.timing.window {
             return;
         }
         for index in first..=last {
@@ -78,7 +84,7 @@ impl TraceRecorder {
     }
 
     /// Whether the trace is complete enough to publish: the window closed, or nothing
-    /// new was read for [`TRACE_QUIET`].
+    /// new was read for the quiet time.
     pub fn ready_to_publish(&self) -> bool {
         let Some(started) = self.started.get() else {
             return false;
@@ -88,7 +94,7 @@ impl TraceRecorder {
         }
         let elapsed = started.elapsed();
         let last = Duration::from_millis(self.last_growth_ms.load(Ordering::Relaxed));
-        elapsed > TRACE_WINDOW || elapsed.saturating_sub(last) > TRACE_QUIET
+        elapsed > self.timing.window || elapsed.saturating_sub(last) > self.timing.quiet
     }
 
     /// Stops recording: the trace was published or the store has one already.
@@ -103,7 +109,13 @@ mod tests {
 
     #[test]
     fn records_first_reads_in_order_once() {
-        let t = TraceRecorder::new(200);
+        let t = TraceRecorder::new(
+            200,
+            TraceTiming {
+                window: Duration::from_secs(60),
+                quiet: Duration::from_secs(10),
+            },
+        );
         t.record(5, 5);
         t.record(130, 131);
         t.record(5, 6);

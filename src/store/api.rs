@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio_util::io::ReaderStream;
 
-use super::backend::{BackendError, ChunkPut, DirBackend, ManifestPut, MAX_CHUNK_BODY};
+use super::backend::{drain, BackendError, ChunkPut, DirBackend, ManifestPut, MAX_CHUNK_BODY};
 use super::{GcReport, TemplateSummary};
 
 /// The largest JSON body accepted (manifest, trace, missing list). The manifest of a
@@ -204,7 +204,11 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
         .check(request.method(), request.uri().path(), request.headers());
     match checked {
         Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // Read what the client is sending so it sees the 401 instead of a broken pipe.
+            drain(request.into_body().into_data_stream(), MAX_CHUNK_BODY).await;
+            e.into_response()
+        }
     }
 }
 
@@ -348,8 +352,8 @@ async fn put_manifest(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let bytes = read_body(body, MAX_JSON_BODY, "a manifest").await?;
     checked_id(&id)?;
-    let bytes = read_body(body, MAX_JSON_BODY, &format!("manifest {id}")).await?;
     let outcome = state.backend.put_manifest(&id, &bytes).await?;
     let (status, created) = match outcome {
         ManifestPut::Created => {
@@ -379,8 +383,8 @@ async fn put_trace(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let bytes = read_body(body, MAX_JSON_BODY, "a trace").await?;
     checked_id(&id)?;
-    let bytes = read_body(body, MAX_JSON_BODY, &format!("trace of {id}")).await?;
     state.backend.put_trace(&id, &bytes).await?;
     Ok(Json(serde_json::json!({ "template": id })))
 }
@@ -449,7 +453,13 @@ async fn put_chunk(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let digest = checked_digest(&digest)?;
+    let digest = match checked_digest(&digest) {
+        Ok(d) => d,
+        Err(e) => {
+            drain(body.into_data_stream(), MAX_CHUNK_BODY).await;
+            return Err(e);
+        }
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

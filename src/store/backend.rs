@@ -360,6 +360,9 @@ impl DirBackend {
     {
         let dest = self.chunk_path(&digest);
         if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+            // Read the body anyway: answering before it is read makes the client's
+            // write fail (a broken pipe) instead of letting it see the answer.
+            drain(body, MAX_CHUNK_BODY).await;
             let path = dest.clone();
             blocking(move || {
                 touch(&path);
@@ -447,6 +450,21 @@ where
     }
     file.flush().await.map_err(io_err("writing", temp_name))?;
     Ok(len)
+}
+
+/// Reads and discards a body of up to `limit` bytes (more is left for the connection
+/// to drop).
+pub async fn drain<S, E>(mut body: S, limit: u64)
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    let mut len = 0u64;
+    while let Some(Ok(piece)) = body.next().await {
+        len += piece.len() as u64;
+        if len > limit {
+            return;
+        }
+    }
 }
 
 /// The summary of `manifest`, checking which of its chunks are under `chunks_dir`.

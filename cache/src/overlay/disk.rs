@@ -184,7 +184,9 @@ impl Disk {
 
     /// `fdatasync` of the data file.
     pub(super) fn sync_data(&self) -> Result<(), OverlayError> {
-        self.data.sync_data().map_err(|e| self.data_err("sync", 0, e))
+        self.data
+            .sync_data()
+            .map_err(|e| self.data_err("sync", 0, e))
     }
 
     /// Writes `bytes` into the map file at `offset`.
@@ -216,7 +218,13 @@ impl Disk {
         self.io_err(op, &self.map_path, offset, source)
     }
 
-    fn io_err(&self, op: &'static str, path: &Path, offset: u64, source: io::Error) -> OverlayError {
+    fn io_err(
+        &self,
+        op: &'static str,
+        path: &Path,
+        offset: u64,
+        source: io::Error,
+    ) -> OverlayError {
         OverlayError::Io {
             sandbox: self.sandbox.clone(),
             op,

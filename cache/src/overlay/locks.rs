@@ -95,8 +95,14 @@ mod tests {
     #[test]
     fn windows_lock_their_regions() {
         let locks = RegionLocks::new();
-        assert_eq!(RegionLocks::window_end(0), MAX_WINDOW_REGIONS * LOCK_SPAN_BLOCKS);
-        assert_eq!(RegionLocks::window_end(17), (MAX_WINDOW_REGIONS + 1) * LOCK_SPAN_BLOCKS);
+        assert_eq!(
+            RegionLocks::window_end(0),
+            MAX_WINDOW_REGIONS * LOCK_SPAN_BLOCKS
+        );
+        assert_eq!(
+            RegionLocks::window_end(17),
+            (MAX_WINDOW_REGIONS + 1) * LOCK_SPAN_BLOCKS
+        );
         let end = RegionLocks::window_end(5);
         let read = locks.read(5, end);
         // Readers share; a writer of a region inside the window must wait.

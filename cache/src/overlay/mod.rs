@@ -204,7 +204,10 @@ impl Overlay {
         let dir = dir.into();
         let sandbox: Arc<str> = sandbox.into();
         let name = sandbox.clone();
-        run_detached(&name, "create", move || Overlay::create_blocking(dir, sandbox, base)).await
+        run_detached(&name, "create", move || {
+            Overlay::create_blocking(dir, sandbox, base)
+        })
+        .await
     }
 
     fn create_blocking(
@@ -229,10 +232,7 @@ impl Overlay {
         fs::create_dir_all(&dir).map_err(|e| dir_err("create directory", &dir, e))?;
         let meta_path = dir.join(META_FILE);
         if meta_path.exists() {
-            return Err(OverlayError::Exists {
-                sandbox,
-                path: dir,
-            });
+            return Err(OverlayError::Exists { sandbox, path: dir });
         }
         let blocks = size / BLOCK_SIZE;
         let disk = Disk::create(sandbox.clone(), &dir, size, blocks)?;
@@ -242,8 +242,7 @@ impl Overlay {
             template: base.id().to_string(),
             size,
             block_size: BLOCK_SIZE,
-            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                .to_string(),
+            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
         meta.store(&dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -394,7 +393,9 @@ impl Overlay {
             let zero = match self.map.get(block) {
                 BlockState::Zero => true,
                 BlockState::Data => false,
-                BlockState::Base => self.base.manifest().chunks[(pos / chunk_size) as usize].is_none(),
+                BlockState::Base => {
+                    self.base.manifest().chunks[(pos / chunk_size) as usize].is_none()
+                }
             };
             match out.last_mut() {
                 Some(last) if last.zero == zero => last.length += next - pos,
@@ -475,13 +476,11 @@ async fn run_detached<T: Send + 'static>(
     op: &'static str,
     f: impl FnOnce() -> Result<T, OverlayError> + Send + 'static,
 ) -> Result<T, OverlayError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| {
-            Err(OverlayError::Interrupted {
-                sandbox: sandbox.clone(),
-                op,
-                detail: e.to_string(),
-            })
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(OverlayError::Interrupted {
+            sandbox: sandbox.clone(),
+            op,
+            detail: e.to_string(),
         })
+    })
 }

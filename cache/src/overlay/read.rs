@@ -21,9 +21,7 @@ impl Overlay {
             let dst = &mut buf[(pos - offset) as usize..];
             let next = match self.map.get(pos / BLOCK_SIZE) {
                 BlockState::Base => pos,
-                BlockState::Data | BlockState::Zero => {
-                    blocking(|| self.read_own(pos, end, dst))?
-                }
+                BlockState::Data | BlockState::Zero => blocking(|| self.read_own(pos, end, dst))?,
             };
             pos = if next > pos {
                 next

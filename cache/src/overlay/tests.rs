@@ -36,7 +36,12 @@ impl Rng {
 
 /// A template whose chunks (except `zero_chunks`) hold pseudo-random bytes, inserted
 /// straight into a fresh cache with no sources; and its bytes.
-fn template(dir: &Path, id: &str, size: u64, zero_chunks: &[usize]) -> (Arc<TemplateImage>, Vec<u8>) {
+fn template(
+    dir: &Path,
+    id: &str,
+    size: u64,
+    zero_chunks: &[usize],
+) -> (Arc<TemplateImage>, Vec<u8>) {
     let store = ChunkStore::open(&dir.join(format!("cache-{id}")), 0).unwrap();
     let mut manifest = Manifest::new(id, size, CHUNK);
     let mut bytes = vec![0u8; size as usize];
@@ -172,7 +177,10 @@ async fn random_operations_match_the_model() {
         match rng.below(20) {
             0..=8 => {
                 let data = rng.bytes(len as usize);
-                overlay.write_at(offset, &data, rng.below(10) == 0).await.unwrap();
+                overlay
+                    .write_at(offset, &data, rng.below(10) == 0)
+                    .await
+                    .unwrap();
                 model[range].copy_from_slice(&data);
             }
             9..=10 => {
@@ -249,7 +257,10 @@ async fn unflushed_writes_read_old_or_new_after_a_crash() {
     // A flushed state...
     for _ in 0..20 {
         let offset = rng.below(SIZE - 9000);
-        overlay.write_at(offset, &rng.bytes(9000), false).await.unwrap();
+        overlay
+            .write_at(offset, &rng.bytes(9000), false)
+            .await
+            .unwrap();
     }
     overlay.trim(0, 3 * 4096, false).await.unwrap();
     overlay.flush().await.unwrap();
@@ -260,7 +271,10 @@ async fn unflushed_writes_read_old_or_new_after_a_crash() {
         match i % 4 {
             0 => overlay.trim(offset, 9000, false).await.unwrap(),
             1 => overlay.write_zeroes(offset, 9000, false).await.unwrap(),
-            _ => overlay.write_at(offset, &rng.bytes(9000), false).await.unwrap(),
+            _ => overlay
+                .write_at(offset, &rng.bytes(9000), false)
+                .await
+                .unwrap(),
         }
     }
     let new = read_all(&overlay).await;
@@ -304,20 +318,33 @@ async fn dirty_chunks_and_their_materialized_bytes() {
     assert!(overlay.dirty_chunks().is_empty());
     let chunk = CHUNK as u64;
     let mut model = f.base.clone();
-    overlay.write_at(3 * chunk + 4000, &[7u8; 300], false).await.unwrap();
+    overlay
+        .write_at(3 * chunk + 4000, &[7u8; 300], false)
+        .await
+        .unwrap();
     model[(3 * chunk + 4000) as usize..][..300].fill(7);
     overlay.trim(7 * chunk, 4096, false).await.unwrap();
     model[(7 * chunk) as usize..][..4096].fill(0);
     // Zeroing inside a zero chunk still dirties it (a commit can keep it null).
-    overlay.write_zeroes(5 * chunk + 4096, 4096, false).await.unwrap();
+    overlay
+        .write_zeroes(5 * chunk + 4096, 4096, false)
+        .await
+        .unwrap();
     assert_eq!(overlay.dirty_chunks(), vec![3, 5, 7]);
     for index in [0, 3, 5, 7, 15] {
         let bytes = overlay.materialize_chunk(index).await.unwrap();
         let start = index * CHUNK as usize;
-        assert_same(&bytes, &model[start..start + CHUNK as usize], &format!("chunk {index}"));
+        assert_same(
+            &bytes,
+            &model[start..start + CHUNK as usize],
+            &format!("chunk {index}"),
+        );
     }
     let err = overlay.materialize_chunk(16).await.unwrap_err();
-    assert!(matches!(err, OverlayError::NoSuchChunk { index: 16, .. }), "{err}");
+    assert!(
+        matches!(err, OverlayError::NoSuchChunk { index: 16, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,45 +372,60 @@ async fn freeze_holds_writes_back_until_released() {
 async fn concurrent_partial_writes_to_one_block_keep_every_byte() {
     let f = Fixture::new();
     let overlay = Arc::new(f.create("sb").await);
-    const PIECES: usize = 32;
+    // Writers of disjoint pieces of one block, each rewriting its piece many times and
+    // checking it is still there: a read-modify-write that raced another would put the
+    // other's piece back to what it was.
+    const PIECES: usize = 8;
+    const ROUNDS: usize = 300;
     let piece = BS / PIECES;
     let mut tasks = Vec::new();
-    for round in 0..4u64 {
-        for i in 0..PIECES {
-            let overlay = overlay.clone();
-            let offset = round * 3 * BLOCK_SIZE + (i * piece) as u64;
-            tasks.push(tokio::spawn(async move {
-                overlay.write_at(offset, &vec![i as u8 + 1; piece], false).await
-            }));
-        }
+    for i in 0..PIECES {
+        let overlay = overlay.clone();
+        tasks.push(tokio::spawn(async move {
+            let offset = BLOCK_SIZE + (i * piece) as u64;
+            let mut back = vec![0u8; piece];
+            let mut lost = 0;
+            for round in 0..ROUNDS {
+                let value = (round % 250) as u8 + 1;
+                overlay
+                    .write_at(offset, &vec![value; piece], false)
+                    .await
+                    .unwrap();
+                overlay.read_at(offset, &mut back).await.unwrap();
+                lost += usize::from(back.iter().any(|&b| b != value));
+                tokio::task::yield_now().await;
+            }
+            lost
+        }));
     }
+    let mut lost = 0;
     for task in tasks {
-        task.await.unwrap().unwrap();
+        lost += task.await.unwrap();
     }
-    for round in 0..4u64 {
-        let mut block = vec![0u8; BS];
-        overlay.read_at(round * 3 * BLOCK_SIZE, &mut block).await.unwrap();
-        for i in 0..PIECES {
-            assert!(
-                block[i * piece..(i + 1) * piece].iter().all(|&b| b == i as u8 + 1),
-                "round {round}: piece {i} was lost"
-            );
-        }
+    let mut block = vec![0u8; BS];
+    overlay.read_at(BLOCK_SIZE, &mut block).await.unwrap();
+    let last = ((ROUNDS - 1) % 250) as u8 + 1;
+    for i in 0..PIECES {
+        lost += usize::from(block[i * piece..(i + 1) * piece].iter().any(|&b| b != last));
     }
+    assert_eq!(lost, 0, "pieces of a block were lost to concurrent writes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_never_see_a_half_written_block() {
     let f = Fixture::new();
     let overlay = Arc::new(f.create("sb").await);
-    // Two blocks, so reads also cross a block edge; both start uniform.
-    overlay.write_at(0, &[0u8; 2 * BS], false).await.unwrap();
+    const SPAN: usize = 64 * BS;
+    overlay.write_at(0, &vec![0u8; SPAN], false).await.unwrap();
     let writer = {
         let overlay = overlay.clone();
         tokio::spawn(async move {
-            for value in 1..=200u8 {
-                overlay.write_at(0, &[value; 2 * BS], false).await?;
-                overlay.write_at(BS as u64 - 100, &[value; 200], false).await?;
+            for value in 1..=250u8 {
+                overlay.write_at(0, &vec![value; SPAN], false).await?;
+                // A patch across a block edge: each block stays uniform but for the patch.
+                overlay
+                    .write_at(BS as u64 - 100, &[value; 200], false)
+                    .await?;
             }
             Ok::<_, OverlayError>(())
         })
@@ -392,26 +434,30 @@ async fn reads_never_see_a_half_written_block() {
     for _ in 0..3 {
         let overlay = overlay.clone();
         readers.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; 2 * BS];
-            for _ in 0..300 {
+            let mut buf = vec![0u8; SPAN];
+            let mut torn = 0;
+            for _ in 0..200 {
                 overlay.read_at(0, &mut buf).await.unwrap();
-                for half in buf.chunks(BS) {
-                    // A block is written whole under its lock: uniform, or the one
-                    // 100-byte patch over a uniform block, never anything else.
-                    let first = half[0];
-                    let last = half[BS - 1];
-                    assert!(
-                        half.iter().all(|&b| b == first || b == last),
-                        "a block was read half written"
-                    );
+                for block in buf.chunks(BS) {
+                    // Written whole under its lock: uniform, or a 100-byte patch at one
+                    // end over a uniform block; never two values mixed elsewhere.
+                    let (first, last) = (block[0], block[BS - 1]);
+                    let mixed = block[100..BS - 100].iter().any(|&b| b != block[100])
+                        || (block[..100].iter().any(|&b| b != first))
+                        || (block[BS - 100..].iter().any(|&b| b != last));
+                    torn += usize::from(mixed);
                 }
+                tokio::task::yield_now().await;
             }
+            torn
         }));
     }
     writer.await.unwrap().unwrap();
+    let mut torn = 0;
     for reader in readers {
-        reader.await.unwrap();
+        torn += reader.await.unwrap();
     }
+    assert_eq!(torn, 0, "blocks were read half written");
 }
 
 #[tokio::test]
@@ -419,15 +465,27 @@ async fn extents_report_zero_blocks_and_zero_template_chunks() {
     let f = Fixture::new();
     let overlay = f.create("sb").await;
     let chunk = CHUNK as u64;
-    let data = |length| ImageExtent { length, zero: false };
+    let data = |length| ImageExtent {
+        length,
+        zero: false,
+    };
     let zero = |length| ImageExtent { length, zero: true };
     // Template: chunks 2 and 5 are zero chunks.
     assert_eq!(
         overlay.extents(0, SIZE),
-        vec![data(2 * chunk), zero(chunk), data(2 * chunk), zero(chunk), data(10 * chunk)]
+        vec![
+            data(2 * chunk),
+            zero(chunk),
+            data(2 * chunk),
+            zero(chunk),
+            data(10 * chunk)
+        ]
     );
     overlay.write_zeroes(4096, 2 * 4096, false).await.unwrap();
-    overlay.write_at(2 * chunk + 4096, &[1u8; 4096], false).await.unwrap();
+    overlay
+        .write_at(2 * chunk + 4096, &[1u8; 4096], false)
+        .await
+        .unwrap();
     assert_eq!(
         overlay.extents(0, 3 * chunk),
         vec![
@@ -452,7 +510,10 @@ async fn requests_past_the_end_are_refused() {
     let err = overlay.read_at(SIZE - 5, &mut buf).await.unwrap_err();
     assert!(matches!(err, OverlayError::OutOfRange { .. }), "{err}");
     assert!(err.to_string().contains("sb"), "{err}");
-    let err = overlay.write_at(u64::MAX - 2, &buf, false).await.unwrap_err();
+    let err = overlay
+        .write_at(u64::MAX - 2, &buf, false)
+        .await
+        .unwrap_err();
     assert!(matches!(err, OverlayError::OutOfRange { .. }), "{err}");
     assert!(overlay.trim(SIZE, 1, false).await.is_err());
     overlay.write_at(SIZE, &[], false).await.unwrap();
@@ -464,15 +525,27 @@ async fn open_checks_the_template_and_the_files() {
     let f = Fixture::new();
     drop(f.create("sb").await);
     let (other, _) = template(f.dir.path(), "other", SIZE, &[]);
-    let err = Overlay::open(f.overlay_dir("sb"), other).await.err().unwrap();
+    let err = Overlay::open(f.overlay_dir("sb"), other)
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, OverlayError::MetaMismatch { .. }), "{err}");
     assert!(err.to_string().contains("other"), "{err}");
     let (bigger, _) = template(f.dir.path(), "base", 2 * SIZE, &[]);
-    let err = Overlay::open(f.overlay_dir("sb"), bigger).await.err().unwrap();
+    let err = Overlay::open(f.overlay_dir("sb"), bigger)
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, OverlayError::MetaMismatch { .. }), "{err}");
-    let err = Overlay::create(f.overlay_dir("sb"), "sb", f.image.clone()).await.err().unwrap();
+    let err = Overlay::create(f.overlay_dir("sb"), "sb", f.image.clone())
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, OverlayError::Exists { .. }), "{err}");
-    let err = Overlay::create(f.overlay_dir("x"), "Bad/Id", f.image.clone()).await.err().unwrap();
+    let err = Overlay::create(f.overlay_dir("x"), "Bad/Id", f.image.clone())
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, OverlayError::InvalidSandbox(_)), "{err}");
     // A map byte that is no state is refused, naming the file.
     std::fs::write(f.overlay_dir("sb").join(disk::MAP_FILE), {
@@ -481,7 +554,10 @@ async fn open_checks_the_template_and_the_files() {
         map
     })
     .unwrap();
-    let err = Overlay::open(f.overlay_dir("sb"), f.image.clone()).await.err().unwrap();
+    let err = Overlay::open(f.overlay_dir("sb"), f.image.clone())
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, OverlayError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("map"), "{err}");
 }
@@ -493,7 +569,9 @@ async fn delete_removes_the_overlay() {
     overlay.write_at(0, &[1u8; 8192], true).await.unwrap();
     overlay.delete().await.unwrap();
     assert!(!f.overlay_dir("sb").exists());
-    assert!(Overlay::open(f.overlay_dir("sb"), f.image.clone()).await.is_err());
+    assert!(Overlay::open(f.overlay_dir("sb"), f.image.clone())
+        .await
+        .is_err());
     // Deleting what is gone is not an error; the name can be used again.
     Overlay::remove_dir(f.overlay_dir("sb")).await.unwrap();
     let again = f.create("sb").await;
@@ -504,8 +582,14 @@ async fn delete_removes_the_overlay() {
 async fn stats_count_blocks_and_trim_frees_space() {
     let f = Fixture::new();
     let overlay = f.create("sb").await;
-    overlay.write_at(0, &vec![3u8; 64 * BS], false).await.unwrap();
-    overlay.write_zeroes(64 * BLOCK_SIZE, 2 * BLOCK_SIZE, false).await.unwrap();
+    overlay
+        .write_at(0, &vec![3u8; 64 * BS], false)
+        .await
+        .unwrap();
+    overlay
+        .write_zeroes(64 * BLOCK_SIZE, 2 * BLOCK_SIZE, false)
+        .await
+        .unwrap();
     overlay.flush().await.unwrap();
     let written = overlay.stats();
     assert_eq!((written.blocks_data, written.blocks_zero), (64, 2));
@@ -513,5 +597,8 @@ async fn stats_count_blocks_and_trim_frees_space() {
     overlay.trim(0, 32 * BLOCK_SIZE, false).await.unwrap();
     let trimmed = overlay.stats();
     assert_eq!((trimmed.blocks_data, trimmed.blocks_zero), (32, 34));
-    assert!(trimmed.bytes_on_disk < written.bytes_on_disk, "{trimmed:?} vs {written:?}");
+    assert!(
+        trimmed.bytes_on_disk < written.bytes_on_disk,
+        "{trimmed:?} vs {written:?}"
+    );
 }

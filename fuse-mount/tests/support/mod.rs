@@ -142,7 +142,10 @@ impl MemFiles {
     }
 
     pub fn remove(&self, folder: Folder, name: &str) {
-        self.files.lock().unwrap().remove(&(folder, name.to_owned()));
+        self.files
+            .lock()
+            .unwrap()
+            .remove(&(folder, name.to_owned()));
     }
 }
 
