@@ -267,14 +267,16 @@ pub struct CommitArgs {
 /// Parses sizes such as `4096`, `64K`, `1M`, `20G`, `1T` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional K, M, G or T"))?;
-    let shift = match unit.trim_end_matches(['i', 'B']).to_ascii_uppercase().as_str() {
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional K, M, G or T")
+    })?;
+    let shift = match unit
+        .trim_end_matches(['i', 'B'])
+        .to_ascii_uppercase()
+        .as_str()
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,

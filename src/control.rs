@@ -28,14 +28,22 @@ impl NodeClient {
 
     /// Sends a request and returns the JSON answer, or an error carrying the daemon's
     /// own message.
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method, &url);
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await.with_context(|| {
-            format!("daemon at {} unreachable (is `lazyblk daemon` running? pass --node URL)", self.base)
+            format!(
+                "daemon at {} unreachable (is `lazyblk daemon` running? pass --node URL)",
+                self.base
+            )
         })?;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
@@ -117,10 +125,9 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 fn percent(local: u64, total: u64) -> String {
-    if total == 0 {
-        "100%".into()
-    } else {
-        format!("{}%", local * 100 / total)
+    match (local * 100).checked_div(total) {
+        Some(p) => format!("{p}%"),
+        None => "100%".into(),
     }
 }
 
@@ -132,7 +139,9 @@ fn by_source(v: &Value) -> String {
         return "-".into();
     }
     map.iter()
-        .map(|(source, bytes)| format!("{} from {source}", human_bytes(bytes.as_u64().unwrap_or(0))))
+        .map(|(source, bytes)| {
+            format!("{} from {source}", human_bytes(bytes.as_u64().unwrap_or(0)))
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -154,13 +163,22 @@ fn table(replicas: &[Value]) -> String {
             format!("{local}/{total} ({})", percent(local, total)),
             human_bytes(u(r, "size")),
             by_source(r),
-            r.get("users").and_then(Value::as_array).map_or(0, Vec::len).to_string(),
+            r.get("users")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len)
+                .to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -192,11 +210,21 @@ fn describe(r: &Value) -> String {
         out.push_str(&format!("origins:    {}\n", origins.join(", ")));
     }
     if u(r, "corrupt_chunks") > 0 {
-        out.push_str(&format!("corrupt:    {} chunks refused (digest mismatch)\n", u(r, "corrupt_chunks")));
+        out.push_str(&format!(
+            "corrupt:    {} chunks refused (digest mismatch)\n",
+            u(r, "corrupt_chunks")
+        ));
     }
     if let Some(e) = r.get("last_error").and_then(Value::as_str) {
         let at = r.get("last_error_at").and_then(Value::as_str).unwrap_or("");
-        out.push_str(&format!("last error: {e} {}\n", if at.is_empty() { String::new() } else { format!("(at {at})") }));
+        out.push_str(&format!(
+            "last error: {e} {}\n",
+            if at.is_empty() {
+                String::new()
+            } else {
+                format!("(at {at})")
+            }
+        ));
     }
     let users: Vec<&str> = r
         .get("users")
@@ -205,7 +233,11 @@ fn describe(r: &Value) -> String {
         .unwrap_or_default();
     out.push_str(&format!(
         "in use by:  {}\n",
-        if users.is_empty() { "nobody".to_string() } else { users.join(", ") }
+        if users.is_empty() {
+            "nobody".to_string()
+        } else {
+            users.join(", ")
+        }
     ));
     out
 }
@@ -227,7 +259,11 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
         progress.set(u(&r, "local_chunks"));
         match s(&r, "phase") {
             "READY" => {
-                progress.finish(&format!("{} READY ({} chunks local)", args.template, u(&r, "local_chunks")));
+                progress.finish(&format!(
+                    "{} READY ({} chunks local)",
+                    args.template,
+                    u(&r, "local_chunks")
+                ));
                 return Ok(());
             }
             "FAILED" => {
@@ -239,7 +275,11 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
                     args.template
                 );
             }
-            "PENDING" | "CLEANING" => bail!("fill of {} stopped (phase {})", args.template, s(&r, "phase")),
+            "PENDING" | "CLEANING" => bail!(
+                "fill of {} stopped (phase {})",
+                args.template,
+                s(&r, "phase")
+            ),
             _ => tokio::time::sleep(WAIT_POLL).await,
         }
     }
@@ -250,27 +290,49 @@ pub async fn evict(args: EvictArgs) -> anyhow::Result<()> {
     let node = NodeClient::new(&args.node.node);
     let query = if args.force { "?force=true" } else { "" };
     let r = node
-        .post(&format!("/v1/templates/{}/evict{query}", args.template), None)
+        .post(
+            &format!("/v1/templates/{}/evict{query}", args.template),
+            None,
+        )
         .await?;
-    println!("evicted {}: {} chunks removed", args.template, u(&r, "removed_chunks"));
+    println!(
+        "evicted {}: {} chunks removed",
+        args.template,
+        u(&r, "removed_chunks")
+    );
     Ok(())
 }
 
 /// `lazyblk overlay create|delete|list`.
 pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
     match command {
-        OverlayCommand::Create { template, sandbox, node } => {
+        OverlayCommand::Create {
+            template,
+            sandbox,
+            node,
+        } => {
             let node = NodeClient::new(&node.node);
             let r = node
-                .post("/v1/overlays", Some(serde_json::json!({ "template": template, "sandbox": sandbox })))
+                .post(
+                    "/v1/overlays",
+                    Some(serde_json::json!({ "template": template, "sandbox": sandbox })),
+                )
                 .await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
-        OverlayCommand::Delete { sandbox, node, force } => {
+        OverlayCommand::Delete {
+            sandbox,
+            node,
+            force,
+        } => {
             let node = NodeClient::new(&node.node);
             let query = if force { "?force=true" } else { "" };
-            node.call(reqwest::Method::DELETE, &format!("/v1/overlays/{sandbox}{query}"), None)
-                .await?;
+            node.call(
+                reqwest::Method::DELETE,
+                &format!("/v1/overlays/{sandbox}{query}"),
+                None,
+            )
+            .await?;
             println!("deleted overlay {sandbox}");
         }
         OverlayCommand::List { node, json } => {
@@ -279,7 +341,10 @@ pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!("{:<24} {:<24} {:>10}  USERS", "SANDBOX", "TEMPLATE", "WRITTEN");
+                println!(
+                    "{:<24} {:<24} {:>10}  USERS",
+                    "SANDBOX", "TEMPLATE", "WRITTEN"
+                );
                 for o in r.as_array().cloned().unwrap_or_default() {
                     println!(
                         "{:<24} {:<24} {:>10}  {}",

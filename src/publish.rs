@@ -109,7 +109,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         println!("template {} already published (no change)", report.template);
     } else if report.status == "unchanged" {
         println!(
-            "template {} already published; uploaded {} chunks ({}) the store lacked",
+            "template {} already published; uploaded {} chunks ({} bytes) the store lacked",
             report.template, report.uploaded_chunks, report.uploaded_bytes
         );
     } else {
@@ -152,7 +152,10 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
     let concurrency = args.concurrency.max(1);
     let progress = Progress::new(&format!("publish {}", args.template), size);
     let uploader = Uploader::new(&client, concurrency, &progress);
-    let outcome = hash_and_upload(args, size, existing.as_ref(), uploader).await;
+    let outcome = match &existing {
+        None => hash_and_upload(args, size, None, uploader).await,
+        Some(stored) => verify_and_repair(args, size, stored, uploader).await,
+    };
     let (chunks, mut report) = match outcome {
         Ok(done) => done,
         Err(e) => {
@@ -182,6 +185,68 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
         }
     };
     Ok(report)
+}
+
+/// Publishing an id the store already has: the image must match the stored manifest
+/// chunk for chunk (nothing is uploaded before that is known). Then the chunks the
+/// store lacks (a commit whose origin never finished uploading) are read again and
+/// uploaded, so republishing the same image makes a template durable.
+async fn verify_and_repair(
+    args: &PublishArgs,
+    size: u64,
+    stored: &Manifest,
+    uploader: Uploader<'_>,
+) -> Result<(Vec<Option<Digest>>, PublishReport), PublishError> {
+    let (client, concurrency) = (uploader.client, uploader.concurrency);
+    let (chunks, mut report) = hash_and_upload(args, size, Some(stored), uploader).await?;
+    let digests: Vec<Digest> = stored.stored_chunks().map(|(_, d)| d).collect();
+    let missing: HashSet<Digest> = client.missing(&digests).await?.into_iter().collect();
+    let mut first = HashSet::new();
+    let todo: Vec<(usize, Digest)> = stored
+        .stored_chunks()
+        .filter(|(_, d)| missing.contains(d) && first.insert(*d))
+        .collect();
+    let sent: Vec<u64> = stream::iter(todo)
+        .map(|(index, digest)| {
+            let path = args.image.clone();
+            let (offset, len) = (index as u64 * args.chunk_size, stored.chunk_len(index));
+            async move {
+                let bytes = blocking(move || read_verified(&path, offset, len, digest)).await?;
+                put_with_retry(client, &digest, bytes).await?;
+                Ok::<u64, PublishError>(len)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await?;
+    report.uploaded_chunks = sent.len();
+    report.uploaded_bytes = sent.iter().sum();
+    report.present_chunks -= report.present_chunks.min(sent.len());
+    Ok((chunks, report))
+}
+
+/// Reads one chunk again and checks it still has the digest it had when hashed.
+fn read_verified(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    digest: Digest,
+) -> Result<Bytes, PublishError> {
+    let read_error = |source| PublishError::Read {
+        path: path.to_path_buf(),
+        offset,
+        source,
+    };
+    let mut buf = vec![0u8; len as usize];
+    std::fs::File::open(path)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset))
+        .map_err(read_error)?;
+    if Digest::of(&buf) != digest {
+        return Err(read_error(std::io::Error::other(
+            "the image changed while it was being published",
+        )));
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn exists(template: &str, detail: String) -> PublishError {
@@ -307,7 +372,11 @@ async fn hash_and_upload(
             }
         }
         chunks.push(chunk.digest);
-        uploader.add(chunk).await?;
+        if existing.is_some() {
+            uploader.count_only(&chunk);
+        } else {
+            uploader.add(chunk).await?;
+        }
     }
     uploader.flush().await?;
     let task = |e: tokio::task::JoinError| PublishError::Task(e.to_string());
@@ -407,6 +476,15 @@ impl<'a> Uploader<'a> {
             seen: HashSet::new(),
             report: PublishReport::default(),
         }
+    }
+
+    /// Counts a chunk without uploading it (verification of an existing template).
+    fn count_only(&mut self, chunk: &Hashed) {
+        match chunk.digest {
+            None => self.report.zero_chunks += 1,
+            Some(_) => self.report.present_chunks += 1,
+        }
+        self.progress.inc(chunk.bytes.len() as u64);
     }
 
     async fn add(&mut self, chunk: Hashed) -> Result<(), PublishError> {

@@ -15,13 +15,22 @@ const CHUNK: usize = 1 << 20;
 
 /// An image with `data_mib` MiB of distinct file data in a 64 MiB ext4.
 fn image_with_data(dir: &Path, data_mib: usize) -> PathBuf {
-    let files: Vec<(String, Vec<u8>)> = (0..data_mib).map(|i| (format!("d/f{i}"), pattern(CHUNK, 1000 + i as u64))).collect();
+    let files: Vec<(String, Vec<u8>)> = (0..data_mib)
+        .map(|i| (format!("d/f{i}"), pattern(CHUNK, 1000 + i as u64)))
+        .collect();
     let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     make_ext4(dir, 64, &files)
 }
 
 fn publish(store_url: &str, image: &Path, id: &str) {
-    let (ok, out, err) = run(&["publish", image.to_str().unwrap(), "--template", id, "--store", store_url]);
+    let (ok, out, err) = run(&[
+        "publish",
+        image.to_str().unwrap(),
+        "--template",
+        id,
+        "--store",
+        store_url,
+    ]);
     assert!(ok, "publish: {out}{err}");
 }
 
@@ -59,7 +68,10 @@ fn verify_cache(cache: &Path) {
     use sha2::Digest;
     for name in cached_digests(cache) {
         let bytes = std::fs::read(cache.join("chunks").join(&name[..2]).join(&name)).unwrap();
-        let actual: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let actual: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(actual, name, "a cached chunk does not match its name");
     }
 }
@@ -67,7 +79,12 @@ fn verify_cache(cache: &Path) {
 fn manifest_digests(store_url: &str, id: &str) -> Vec<Option<String>> {
     let (_, body) = http_get(&format!("{store_url}/v1/templates/{id}/manifest")).unwrap();
     let m: Value = serde_json::from_str(&body).unwrap();
-    m["chunks"].as_array().unwrap().iter().map(|c| c.as_str().map(str::to_string)).collect()
+    m["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().map(str::to_string))
+        .collect()
 }
 
 #[test]
@@ -84,14 +101,24 @@ fn warm_reaches_ready_and_status_reads_well() {
     assert_eq!(s["phase"], "READY");
     assert_eq!(s["local_chunks"], s["stored_chunks"]);
     let stored = s["stored_chunks"].as_u64().unwrap();
-    assert_eq!(store.metric("lazyblk_store_chunks_served_total") as u64, stored, "each chunk fetched once");
+    assert_eq!(
+        store.metric("lazyblk_store_chunks_served_total") as u64,
+        stored,
+        "each chunk fetched once"
+    );
 
     // A READY replica is served from the cache: reading everything fetches nothing.
     let copy = tmp.path().join("copy.img");
-    let (ok, _, err) = sh("nbdcopy", &[&daemon.nbd_uri("py311"), copy.to_str().unwrap()]);
+    let (ok, _, err) = sh(
+        "nbdcopy",
+        &[&daemon.nbd_uri("py311"), copy.to_str().unwrap()],
+    );
     assert!(ok, "{err}");
     assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap());
-    assert_eq!(store.metric("lazyblk_store_chunks_served_total") as u64, stored);
+    assert_eq!(
+        store.metric("lazyblk_store_chunks_served_total") as u64,
+        stored
+    );
 
     // Warming again is a no-op.
     let (ok, out, _) = run(&["warm", "py311", "--node", &daemon.url()]);
@@ -101,12 +128,21 @@ fn warm_reaches_ready_and_status_reads_well() {
     let (ok, table, _) = run(&["status", "--node", &daemon.url()]);
     assert!(ok);
     println!("{table}");
-    assert!(table.starts_with("TEMPLATE") && table.contains("py311") && table.contains("READY"), "{table}");
-    assert!(table.contains(&format!("{stored}/{stored} (100%)")), "{table}");
+    assert!(
+        table.starts_with("TEMPLATE") && table.contains("py311") && table.contains("READY"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("{stored}/{stored} (100%)")),
+        "{table}"
+    );
     let (ok, one, _) = run(&["status", "py311", "--node", &daemon.url()]);
     assert!(ok);
     println!("{one}");
-    assert!(one.contains("phase:      READY") && one.contains("from http://127.0.0.1"), "{one}");
+    assert!(
+        one.contains("phase:      READY") && one.contains("from http://127.0.0.1"),
+        "{one}"
+    );
     let (ok, json, _) = run(&["status", "py311", "--json", "--node", &daemon.url()]);
     assert!(ok);
     let v: Value = serde_json::from_str(&json).unwrap();
@@ -115,9 +151,14 @@ fn warm_reaches_ready_and_status_reads_well() {
     // Metrics: the families an operator graphs.
     let (_, page) = http_get(&format!("{}/metrics", daemon.url())).unwrap();
     for family in [
-        "lazyblk_cache_hits_total", "lazyblk_cache_misses_total", "lazyblk_fetched_bytes_total{",
-        "lazyblk_fetch_seconds_bucket{", "lazyblk_nbd_requests_total{", "lazyblk_nbd_request_seconds_bucket{",
-        "lazyblk_replica_chunks_local{template=\"py311\"}", "lazyblk_cache_evictions",
+        "lazyblk_cache_hits_total",
+        "lazyblk_cache_misses_total",
+        "lazyblk_fetched_bytes_total{",
+        "lazyblk_fetch_seconds_bucket{",
+        "lazyblk_nbd_requests_total{",
+        "lazyblk_nbd_request_seconds_bucket{",
+        "lazyblk_replica_chunks_local{template=\"py311\"}",
+        "lazyblk_cache_evictions",
     ] {
         assert!(page.contains(family), "/metrics lacks {family}");
     }
@@ -128,7 +169,10 @@ fn warm_reaches_ready_and_status_reads_well() {
     let mut daemon = daemon;
     daemon.restart();
     wait_phase(&daemon, "py311", "READY", Duration::from_secs(20));
-    assert_eq!(store.metric("lazyblk_store_chunks_served_total") as u64, stored);
+    assert_eq!(
+        store.metric("lazyblk_store_chunks_served_total") as u64,
+        stored
+    );
 }
 
 #[test]
@@ -145,18 +189,35 @@ fn evict_refuses_in_use_templates_unless_forced() {
 
     // A client holds the export open.
     let mut holder = std::process::Command::new("/usr/bin/python3")
-        .args(["-m", "nbd", "-u", &daemon.nbd_uri("base"), "-c", "import time; h.pread(4096, 0); time.sleep(30)"])
+        .args([
+            "-m",
+            "nbd",
+            "-u",
+            &daemon.nbd_uri("base"),
+            "-c",
+            "import time; h.pread(4096, 0); time.sleep(30)",
+        ])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while status(&daemon, "base")["users"].as_array().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "the holder never showed up as a user");
+    while status(&daemon, "base")["users"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never showed up as a user"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let (ok, out, err) = run(&["evict", "base", "--node", &daemon.url()]);
     assert!(!ok, "evict of an in-use template must be refused: {out}");
-    assert!(err.contains("in use by") && err.contains("nbd client"), "{err}");
+    assert!(
+        err.contains("in use by") && err.contains("nbd client"),
+        "{err}"
+    );
     assert!(err.contains("--force"), "{err}");
     assert_eq!(status(&daemon, "base")["phase"], "READY");
 
@@ -169,7 +230,10 @@ fn evict_refuses_in_use_templates_unless_forced() {
     let (ok, _, _) = run(&["evict", "base", "--node", &daemon.url()]);
     assert!(ok);
     assert_eq!(status(&daemon, "base")["local_chunks"], 0);
-    assert!(cached_digests(&cache).is_empty(), "evict removed the chunks");
+    assert!(
+        cached_digests(&cache).is_empty(),
+        "evict removed the chunks"
+    );
     // Still served lazily after eviction.
     let (ok, _, err) = nbdsh(&daemon.nbd_uri("base"), "h.pread(4096, 0)");
     assert!(ok, "{err}");
@@ -183,7 +247,11 @@ fn sigkill_mid_fill_resumes_without_refetching() {
     publish(&store.url(), &image, "big");
     let cache = tmp.path().join("cache");
     // 4 MiB/s: the fill takes a few seconds, long enough to kill it in the middle.
-    let mut daemon = DaemonProc::start_unix(&store.url(), &cache, &["--fill-rate", "4M", "--fill-concurrency", "2"]);
+    let mut daemon = DaemonProc::start_unix(
+        &store.url(),
+        &cache,
+        &["--fill-rate", "4M", "--fill-concurrency", "2"],
+    );
     let (ok, _, err) = run(&["warm", "big", "--node", &daemon.url()]);
     assert!(ok, "{err}");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -204,7 +272,10 @@ fn sigkill_mid_fill_resumes_without_refetching() {
     let served = store.metric("lazyblk_store_chunks_served_total") as usize;
     println!("killed with {kept} chunks local ({served_at_kill} served); READY after restart with {served} served for {stored} chunks");
     // Chunks in flight at the kill may be fetched twice; verified ones never are.
-    assert!(served <= stored + (served_at_kill - kept), "verified chunks were fetched again");
+    assert!(
+        served <= stored + (served_at_kill - kept),
+        "verified chunks were fetched again"
+    );
     assert_eq!(served - served_at_kill, stored - kept);
     let copy = tmp.path().join("copy.img");
     let (ok, _, err) = sh("nbdcopy", &[&daemon.nbd_uri("big"), copy.to_str().unwrap()]);
@@ -221,13 +292,23 @@ struct RestartableStore {
 
 impl RestartableStore {
     fn start(root: &Path) -> RestartableStore {
-        let mut s = RestartableStore { child: None, root: root.to_path_buf(), port: free_port() };
+        let mut s = RestartableStore {
+            child: None,
+            root: root.to_path_buf(),
+            port: free_port(),
+        };
         s.spawn();
         s
     }
     fn spawn(&mut self) {
         let child = lazyblk()
-            .args(["store", "--root", self.root.to_str().unwrap(), "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "store",
+                "--root",
+                self.root.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+            ])
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -258,9 +339,23 @@ fn a_store_outage_fails_the_fill_and_its_return_resumes_it() {
     let image = image_with_data(tmp.path(), 16);
     publish(&store.url(), &image, "flaky");
     let cache = tmp.path().join("cache");
-    let daemon = DaemonProc::start_unix(&store.url(), &cache, &["--fill-rate", "4M", "--fill-concurrency", "1", "--source-deadline", "1"]);
+    let daemon = DaemonProc::start_unix(
+        &store.url(),
+        &cache,
+        &[
+            "--fill-rate",
+            "4M",
+            "--fill-concurrency",
+            "1",
+            "--source-deadline",
+            "1",
+        ],
+    );
     // Read the first chunk so a cached read can be checked during the outage.
-    let (ok, first, err) = nbdsh(&daemon.nbd_uri("flaky"), "import sys; sys.stdout.write(h.pread(4096, 0).hex())");
+    let (ok, first, err) = nbdsh(
+        &daemon.nbd_uri("flaky"),
+        "import sys; sys.stdout.write(h.pread(4096, 0).hex())",
+    );
     assert!(ok, "{err}");
     let (ok, _, err) = run(&["warm", "flaky", "--node", &daemon.url()]);
     assert!(ok, "{err}");
@@ -273,12 +368,21 @@ fn a_store_outage_fails_the_fill_and_its_return_resumes_it() {
     let s = wait_phase(&daemon, "flaky", "FAILED", Duration::from_secs(90));
     let error = s["last_error"].as_str().unwrap_or_default();
     println!("FAILED with: {error}");
-    assert!(error.contains("unreachable") || error.contains("no source"), "{error}");
+    assert!(
+        error.contains("unreachable") || error.contains("no source"),
+        "{error}"
+    );
     assert!(s["last_error_at"].is_string());
     let (ok, out, _) = run(&["warm", "flaky", "--wait", "--node", &daemon.url()]);
-    assert!(!ok, "warm --wait on a FAILED replica reports the failure: {out}");
+    assert!(
+        !ok,
+        "warm --wait on a FAILED replica reports the failure: {out}"
+    );
     // Cached reads still work.
-    let (ok, again, err) = nbdsh(&daemon.nbd_uri("flaky"), "import sys; sys.stdout.write(h.pread(4096, 0).hex())");
+    let (ok, again, err) = nbdsh(
+        &daemon.nbd_uri("flaky"),
+        "import sys; sys.stdout.write(h.pread(4096, 0).hex())",
+    );
     assert!(ok, "a cached read failed during the outage: {err}");
     assert_eq!(first, again);
     // The store comes back: the fill resumes on its own and finishes.
@@ -297,12 +401,21 @@ fn a_cache_smaller_than_the_template_still_reads_correctly() {
     let daemon = DaemonProc::start_unix(&store.url(), &cache, &["--cache-size", "6M"]);
     let copy = tmp.path().join("copy.img");
     for _ in 0..2 {
-        let (ok, _, err) = sh("nbdcopy", &[&daemon.nbd_uri("large"), copy.to_str().unwrap()]);
+        let (ok, _, err) = sh(
+            "nbdcopy",
+            &[&daemon.nbd_uri("large"), copy.to_str().unwrap()],
+        );
         assert!(ok, "{err}");
-        assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap(), "bytes differ under eviction");
+        assert!(
+            std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap(),
+            "bytes differ under eviction"
+        );
     }
     let used: u64 = cached_digests(&cache).len() as u64;
-    assert!(used <= 6 + 2, "the cache holds {used} chunks with a budget of 6 (plus those being read)");
+    assert!(
+        used <= 6 + 2,
+        "the cache holds {used} chunks with a budget of 6 (plus those being read)"
+    );
     assert!(daemon.metric("lazyblk_cache_evictions") > 0.0);
     // Warming a template larger than the budget is refused with the reason.
     let (ok, _, err) = run(&["warm", "large", "--node", &daemon.url()]);
@@ -317,12 +430,28 @@ fn a_fill_follows_the_published_trace_first() {
     let image = image_with_data(tmp.path(), 16);
     publish(&store.url(), &image, "booted");
     let digests = manifest_digests(&store.url(), "booted");
-    let data: Vec<usize> = digests.iter().enumerate().filter(|(_, d)| d.is_some()).map(|(i, _)| i).collect();
+    let data: Vec<usize> = digests
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.is_some())
+        .map(|(i, _)| i)
+        .collect();
     // Node A "boots": reads three data chunks from the end of the image, in this order.
-    let boot: Vec<usize> = vec![data[data.len() - 1], data[data.len() - 3], data[data.len() - 5]];
-    let a = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache-a"), &["--trace-quiet", "1"]);
+    let boot: Vec<usize> = vec![
+        data[data.len() - 1],
+        data[data.len() - 3],
+        data[data.len() - 5],
+    ];
+    let a = DaemonProc::start_unix(
+        &store.url(),
+        &tmp.path().join("cache-a"),
+        &["--trace-quiet", "1"],
+    );
     for &c in &boot {
-        let (ok, _, err) = nbdsh(&a.nbd_uri("booted"), &format!("h.pread(4096, {})", c * CHUNK));
+        let (ok, _, err) = nbdsh(
+            &a.nbd_uri("booted"),
+            &format!("h.pread(4096, {})", c * CHUNK),
+        );
         assert!(ok, "{err}");
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -331,15 +460,27 @@ fn a_fill_follows_the_published_trace_first() {
         if code == 200 {
             break serde_json::from_str(&body).unwrap();
         }
-        assert!(Instant::now() < deadline, "node A never published its trace");
+        assert!(
+            Instant::now() < deadline,
+            "node A never published its trace"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
-    let recorded: Vec<usize> = trace["chunks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let recorded: Vec<usize> = trace["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
     assert_eq!(recorded, boot, "the trace is the order of first reads");
 
     // Node B fills slowly, one chunk at a time: the trace's chunks come first.
     let cache_b = tmp.path().join("cache-b");
-    let b = DaemonProc::start_unix(&store.url(), &cache_b, &["--fill-rate", "2M", "--fill-concurrency", "1"]);
+    let b = DaemonProc::start_unix(
+        &store.url(),
+        &cache_b,
+        &["--fill-rate", "2M", "--fill-concurrency", "1"],
+    );
     let (ok, _, err) = run(&["warm", "booted", "--node", &b.url()]);
     assert!(ok, "{err}");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -350,7 +491,11 @@ fn a_fill_follows_the_published_trace_first() {
     let local = cached_digests(&cache_b);
     for &c in &boot {
         let d = digests[c].clone().unwrap();
-        assert!(local.contains(&d), "trace chunk {c} was not among the first fetched ({} local)", local.len());
+        assert!(
+            local.contains(&d),
+            "trace chunk {c} was not among the first fetched ({} local)",
+            local.len()
+        );
     }
     wait_phase(&b, "booted", "READY", Duration::from_secs(60));
 }

@@ -21,13 +21,21 @@ fn publish_image(store: &StoreProc, dir: &Path, id: &str) -> PathBuf {
         ("home/user/notes.txt", pattern(40000, 3)),
     ];
     let image = make_ext4(dir, 48, &files);
-    let (ok, out, err) = run(&["publish", image.to_str().unwrap(), "--template", id, "--store", &store.url()]);
+    let (ok, out, err) = run(&[
+        "publish",
+        image.to_str().unwrap(),
+        "--template",
+        id,
+        "--store",
+        &store.url(),
+    ]);
     assert!(ok, "publish failed: {out}{err}");
     image
 }
 
 fn manifest(store: &StoreProc, id: &str) -> serde_json::Value {
-    let (status, body) = support::http_get(&format!("{}/v1/templates/{id}/manifest", store.url())).unwrap();
+    let (status, body) =
+        support::http_get(&format!("{}/v1/templates/{id}/manifest", store.url())).unwrap();
     assert_eq!(status, 200);
     serde_json::from_str(&body).unwrap()
 }
@@ -58,23 +66,44 @@ fn real_clients_read_the_template_byte_for_byte() {
     let chunks = m["chunks"].as_array().unwrap();
     let mut holes_from_map = vec![false; chunks.len()];
     for extent in map.as_array().unwrap() {
-        let (offset, length, kind) = (extent["offset"].as_u64().unwrap(), extent["length"].as_u64().unwrap(), extent["type"].as_u64().unwrap());
+        let (offset, length, kind) = (
+            extent["offset"].as_u64().unwrap(),
+            extent["length"].as_u64().unwrap(),
+            extent["type"].as_u64().unwrap(),
+        );
         for c in (offset / CHUNK as u64)..((offset + length) / CHUNK as u64) {
             holes_from_map[c as usize] = kind & 1 == 1;
         }
     }
     let holes_in_manifest: Vec<bool> = chunks.iter().map(|c| c.is_null()).collect();
     assert_eq!(holes_from_map, holes_in_manifest);
-    assert!(holes_in_manifest.iter().filter(|h| **h).count() > 30, "the image is mostly zero chunks");
+    assert!(
+        holes_in_manifest.iter().filter(|h| **h).count() > 30,
+        "the image is mostly zero chunks"
+    );
 
     // nbdcopy: byte for byte.
     let copy = tmp.path().join("copy.img");
     let (ok, _, err) = sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
     assert!(ok, "nbdcopy: {err}");
-    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap(), "nbdcopy output differs from the image");
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap(),
+        "nbdcopy output differs from the image"
+    );
 
     // qemu-img compare over NBD.
-    let (ok, out, err) = sh("qemu-img", &["compare", "-f", "raw", "-F", "raw", image.to_str().unwrap(), &uri]);
+    let (ok, out, err) = sh(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            image.to_str().unwrap(),
+            &uri,
+        ],
+    );
     assert!(ok, "qemu-img compare: {out}{err}");
     assert!(out.contains("identical"), "{out}");
 
@@ -108,16 +137,29 @@ fn export_name_clients_and_fio_work_over_tcp() {
     for offset in [0u64, 4096, 3 << 20, (47 << 20) - 256 * 1024] {
         client.seek(SeekFrom::Start(offset)).unwrap();
         client.read_exact(&mut buf).unwrap();
-        assert!(buf == bytes[offset as usize..offset as usize + buf.len()], "offset {offset}");
+        assert!(
+            buf == bytes[offset as usize..offset as usize + buf.len()],
+            "offset {offset}"
+        );
     }
-    drop(client);
 
     // fio's nbd engine: a short random read run without errors.
     let uri = daemon.nbd_uri("t2");
     let (ok, out, err) = sh(
         "fio",
-        &["--name=randread", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=randread", "--bs=4k", "--size=48M",
-          "--iodepth=8", "--runtime=2", "--time_based", "--output-format=json", "--readonly"],
+        &[
+            "--name=randread",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randread",
+            "--bs=4k",
+            "--size=48M",
+            "--iodepth=8",
+            "--runtime=2",
+            "--time_based",
+            "--output-format=json",
+            "--readonly",
+        ],
     );
     assert!(ok, "fio: {out}{err}");
     let report: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
@@ -131,7 +173,12 @@ fn one_small_read_fetches_one_chunk_not_the_template() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = publish_image(&store, tmp.path(), "t3");
-    let stored = manifest(&store, "t3")["chunks"].as_array().unwrap().iter().filter(|c| !c.is_null()).count();
+    let stored = manifest(&store, "t3")["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c.is_null())
+        .count();
     let daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
     let before = store.metric("lazyblk_store_chunks_served_total");
     assert_eq!(before, 0.0);
@@ -182,11 +229,25 @@ fn a_corrupted_chunk_is_refused_and_never_served() {
     let script = format!("h.pread(4096, {offset})");
     let (ok, _, err) = nbdsh(&uri, &script);
     assert!(!ok, "a read of a corrupted chunk must fail");
-    assert!(err.contains("Input/output error") || err.contains("EIO"), "{err}");
-    let page = support::http_get(&format!("{}/metrics", daemon.url())).unwrap().1;
-    assert!(page.lines().any(|l| l.starts_with("lazyblk_verify_failures_total{") && !l.ends_with(" 0")), "{page}");
+    assert!(
+        err.contains("Input/output error") || err.contains("EIO"),
+        "{err}"
+    );
+    let page = support::http_get(&format!("{}/metrics", daemon.url()))
+        .unwrap()
+        .1;
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("lazyblk_verify_failures_total{") && !l.ends_with(" 0")),
+        "{page}"
+    );
     // The bad bytes never reached the cache.
-    assert!(!tmp.path().join("cache/chunks").join(&digest[..2]).join(&digest).exists());
+    assert!(!tmp
+        .path()
+        .join("cache/chunks")
+        .join(&digest[..2])
+        .join(&digest)
+        .exists());
     // Other chunks still serve correctly.
     let bytes = std::fs::read(&image).unwrap();
     let (ok, out, err) = nbdsh(&uri, "import sys; sys.stdout.write(h.pread(4096, 0).hex())");
@@ -202,10 +263,19 @@ fn a_corrupted_chunk_is_refused_and_never_served() {
 fn sigkill_mid_read_leaves_a_cache_that_serves_correct_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
-    let files: Vec<(String, Vec<u8>)> = (0..24).map(|i| (format!("data/f{i}"), pattern(CHUNK, 100 + i))).collect();
+    let files: Vec<(String, Vec<u8>)> = (0..24)
+        .map(|i| (format!("data/f{i}"), pattern(CHUNK, 100 + i)))
+        .collect();
     let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     let image = make_ext4(tmp.path(), 64, &files);
-    let (ok, _, err) = run(&["publish", image.to_str().unwrap(), "--template", "t5", "--store", &store.url()]);
+    let (ok, _, err) = run(&[
+        "publish",
+        image.to_str().unwrap(),
+        "--template",
+        "t5",
+        "--store",
+        &store.url(),
+    ]);
     assert!(ok, "{err}");
     let cache = tmp.path().join("cache");
     let mut daemon = DaemonProc::start_unix(&store.url(), &cache, &[]);
@@ -218,17 +288,23 @@ fn sigkill_mid_read_leaves_a_cache_that_serves_correct_bytes() {
         .unwrap();
     // Kill once some chunks are local and the copy is still running.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while count_chunks(&cache) < 3 && std::time::Instant::now() < deadline
-    {
+    while count_chunks(&cache) < 3 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     daemon.kill9();
     let status = reader.wait().unwrap();
-    assert!(!status.success(), "the copy was still running when the daemon was killed");
+    assert!(
+        !status.success(),
+        "the copy was still running when the daemon was killed"
+    );
     let before = count_chunks(&cache);
     // Every chunk file left is whole and verified.
     for (name, bytes) in chunk_files(&cache) {
-        assert_eq!(sha256_hex(&bytes), name, "a chunk file in the cache does not match its name");
+        assert_eq!(
+            sha256_hex(&bytes),
+            name,
+            "a chunk file in the cache does not match its name"
+        );
     }
     daemon.restart();
     let served_before = store.metric("lazyblk_store_chunks_served_total");
@@ -236,17 +312,33 @@ fn sigkill_mid_read_leaves_a_cache_that_serves_correct_bytes() {
     assert!(ok, "{err}");
     assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap());
     let fetched_again = store.metric("lazyblk_store_chunks_served_total") - served_before;
-    let stored = manifest(&store, "t5")["chunks"].as_array().unwrap().iter().filter(|c| !c.is_null()).count();
-    println!("{before} chunks survived the kill; {fetched_again} of {stored} fetched after restart");
-    assert_eq!(fetched_again as usize + before, stored, "chunks kept across the kill are reused, not fetched again");
+    let stored = manifest(&store, "t5")["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c.is_null())
+        .count();
+    println!(
+        "{before} chunks survived the kill; {fetched_again} of {stored} fetched after restart"
+    );
+    assert_eq!(
+        fetched_again as usize + before,
+        stored,
+        "chunks kept across the kill are reused, not fetched again"
+    );
 }
 
 fn chunk_files(cache: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    let Ok(shards) = std::fs::read_dir(cache.join("chunks")) else { return out };
+    let Ok(shards) = std::fs::read_dir(cache.join("chunks")) else {
+        return out;
+    };
     for shard in shards.flatten() {
         for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            out.push((f.file_name().to_string_lossy().into_owned(), std::fs::read(f.path()).unwrap()));
+            out.push((
+                f.file_name().to_string_lossy().into_owned(),
+                std::fs::read(f.path()).unwrap(),
+            ));
         }
     }
     out
@@ -266,20 +358,35 @@ fn unknown_and_malformed_templates_and_a_dead_store_get_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     publish_image(&store, tmp.path(), "good");
-    std::fs::write(store.root().join("manifests/broken.json"), b"{\"format\": 1, \"template\": \"broken\", \"size\": 4096").unwrap();
+    std::fs::write(
+        store.root().join("manifests/broken.json"),
+        b"{\"format\": 1, \"template\": \"broken\", \"size\": 4096",
+    )
+    .unwrap();
     let daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
 
     let (ok, _, err) = sh("nbdinfo", &[&daemon.nbd_uri("nosuch")]);
     assert!(!ok);
-    assert!(err.to_lowercase().contains("unknown") || err.contains("nosuch"), "{err}");
+    assert!(
+        err.to_lowercase().contains("unknown") || err.contains("nosuch"),
+        "{err}"
+    );
 
-    let (status, body) = support::http_get(&format!("{}/v1/templates/nosuch", daemon.url())).unwrap();
+    let (status, body) =
+        support::http_get(&format!("{}/v1/templates/nosuch", daemon.url())).unwrap();
     assert_eq!(status, 404);
-    assert!(body.contains("unknown template") && body.contains("nosuch"), "{body}");
+    assert!(
+        body.contains("unknown template") && body.contains("nosuch"),
+        "{body}"
+    );
 
-    let (status, body) = support::http_get(&format!("{}/v1/templates/broken", daemon.url())).unwrap();
+    let (status, body) =
+        support::http_get(&format!("{}/v1/templates/broken", daemon.url())).unwrap();
     assert_eq!(status, 502, "{body}");
-    assert!(body.contains("malformed manifest") && body.contains("broken"), "{body}");
+    assert!(
+        body.contains("malformed manifest") && body.contains("broken"),
+        "{body}"
+    );
 
     // Open once so the daemon knows "good", then stop the store: it stays servable.
     let (ok, _, err) = sh("nbdinfo", &[&daemon.nbd_uri("good")]);
@@ -288,9 +395,18 @@ fn unknown_and_malformed_templates_and_a_dead_store_get_clear_errors() {
     drop(store);
     let (ok, _, _) = sh("nbdinfo", &[&daemon.nbd_uri("good")]);
     assert!(ok, "a known template is still offered with the store down");
-    let (status, body) = support::http_get(&format!("{}/v1/templates/other", daemon.url())).unwrap();
+    let (status, body) =
+        support::http_get(&format!("{}/v1/templates/other", daemon.url())).unwrap();
     assert_eq!(status, 502);
-    assert!(body.contains(&url) || body.contains("unreachable"), "{body}");
+    assert!(
+        body.contains(&url) || body.contains("unreachable"),
+        "{body}"
+    );
     // The daemon is still healthy.
-    assert_eq!(support::http_get(&format!("{}/healthz", daemon.url())).unwrap().0, 200);
+    assert_eq!(
+        support::http_get(&format!("{}/healthz", daemon.url()))
+            .unwrap()
+            .0,
+        200
+    );
 }

@@ -151,7 +151,8 @@ impl Manifest {
                 self.format
             )));
         }
-        if self.size == 0 || self.size % BLOCK_SIZE != 0 || self.size > MAX_TEMPLATE_SIZE {
+        if self.size == 0 || !self.size.is_multiple_of(BLOCK_SIZE) || self.size > MAX_TEMPLATE_SIZE
+        {
             return Err(self.invalid(format!(
                 "size {} must be a non-zero multiple of 4096 up to 16 TiB",
                 self.size

@@ -12,16 +12,21 @@
 //! backend lacks, and it gives readahead and repeated reads for free. `direct_io`
 //! would only be needed if one overlay were written through NBD while open here,
 //! which no runtime does.
+//!
+//! A failed request is answered with the backend's errno (EIO when it has none) and
+//! logged at debug level only: the backend's own error (which chunk, which source)
+//! is the line an operator needs, and an outage fails thousands of requests a second.
 
 use std::io;
 
 use fuser::{Errno, FopenFlags, OpenAccMode, OpenFlags, ReplyData, ReplyEmpty, ReplyWrite};
-use tracing::warn;
+use tracing::debug;
 
 use crate::files::{File, Files, Folder};
-use crate::fs::{is_writable, LazyFs};
+use crate::fs::LazyFs;
 use crate::handles::OpenFile;
 use crate::inodes::Node;
+use crate::namespace::is_writable;
 
 impl<F: Files> LazyFs<F> {
     /// Opens file `ino`; returns the handle and the kernel caching flags.
@@ -68,7 +73,7 @@ impl<F: Files> LazyFs<F> {
             match open.file.read(offset, &mut buf).await {
                 Ok(()) => reply.data(&buf),
                 Err(err) => {
-                    warn!(folder = ?open.folder, name = %open.name, offset, len, %err, "read failed");
+                    debug!(folder = ?open.folder, name = %open.name, offset, len, %err, "read failed");
                     reply.error(errno_of(&err));
                 }
             }
@@ -111,7 +116,7 @@ impl<F: Files> LazyFs<F> {
             match open.file.write(offset, &buf).await {
                 Ok(()) => reply.written(written),
                 Err(err) => {
-                    warn!(folder = ?open.folder, name = %open.name, offset, len, %err, "write failed");
+                    debug!(folder = ?open.folder, name = %open.name, offset, len, %err, "write failed");
                     reply.error(errno_of(&err));
                 }
             }
@@ -133,7 +138,7 @@ impl<F: Files> LazyFs<F> {
             match open.file.flush().await {
                 Ok(()) => reply.ok(),
                 Err(err) => {
-                    warn!(folder = ?open.folder, name = %open.name, %err, "flush failed");
+                    debug!(folder = ?open.folder, name = %open.name, %err, "flush failed");
                     reply.error(errno_of(&err));
                 }
             }

@@ -8,11 +8,13 @@
 //! ```
 //!
 //! # Layout
-//! - [`files`]: the [`Files`] and [`File`] traits a backend implements, and [`Folder`].
+//! - `files`: the [`Files`] and [`File`] traits a backend implements, and [`Folder`].
 //! - `mount`: [`mount`], [`MountOptions`] and the [`Mount`] that unmounts on drop.
 //! - `stale`: [`clear_stale_mount`], for a mount left behind by a killed daemon.
-//! - `fs`: the `fuser::Filesystem` callbacks and the namespace (lookup, attributes,
-//!   listings, refusals of create, rename and resize).
+//! - `fs`: the state behind a mount and the `fuser::Filesystem` callbacks, with
+//!   the kernel connection settings and the refusals of create, rename and remove.
+//! - `namespace`: the root, the folders and their files: lookups, attributes,
+//!   listings, and the checks on setattr (sizes are fixed) and access.
 //! - `file_io`: open, read, write, fsync, and the page cache policy.
 //! - `inodes`: stable inode numbers per (folder, name).
 //! - `handles`: open files and directory listings by handle.
@@ -30,11 +32,12 @@
 mod buffers;
 mod error;
 mod file_io;
-pub mod files;
+mod files;
 mod fs;
 mod handles;
 mod inodes;
 mod mount;
+mod namespace;
 mod stale;
 
 pub use error::FuseError;

@@ -124,6 +124,9 @@ impl Mount {
     /// Unmounts and waits for the session to end. A mount still in use (an open
     /// file, a loop device) is detached lazily instead, reported as
     /// [`FuseError::DetachedBusy`]: its users keep working while this process lives.
+    ///
+    /// Blocks the calling thread until the session threads have stopped (at most a
+    /// few seconds); from async code, call it inside `spawn_blocking`.
     pub fn unmount(mut self) -> Result<(), FuseError> {
         self.end()
     }

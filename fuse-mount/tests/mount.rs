@@ -82,6 +82,12 @@ fn templates_refuse_writes() {
     }
     let err = fs::write(&path, b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let access = nix::unistd::access(&path, nix::unistd::AccessFlags::W_OK);
+    assert_eq!(access, Err(nix::errno::Errno::EROFS));
+    assert_eq!(
+        nix::unistd::access(&path, nix::unistd::AccessFlags::R_OK),
+        Ok(())
+    );
     assert!(template.contents() == pattern(TEMPLATE_SIZE, 1));
 }
 

@@ -37,7 +37,9 @@ impl From<FillError> for ApiError {
     fn from(e: FillError) -> ApiError {
         match e {
             FillError::Node(n) => n.into(),
-            other @ FillError::OverBudget { .. } => ApiError(StatusCode::INSUFFICIENT_STORAGE, other.to_string()),
+            other @ FillError::OverBudget { .. } => {
+                ApiError(StatusCode::INSUFFICIENT_STORAGE, other.to_string())
+            }
         }
     }
 }
@@ -90,7 +92,11 @@ pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
     let bytes = node.metrics.template_bytes(replica.id());
     let (phase, fill_error, fill_error_at) = {
         let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-        (state.phase(), state.last_error.clone(), state.last_error_at.clone())
+        (
+            state.phase(),
+            state.last_error.clone(),
+            state.last_error_at.clone(),
+        )
     };
     ReplicaStatus {
         template: replica.id().to_string(),
@@ -164,13 +170,17 @@ async fn evict(
     Query(query): Query<EvictQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     checked_id(&id)?;
-    let replica = state
-        .node
-        .known(&id)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("template {id:?} has no replica on this node")))?;
+    let replica = state.node.known(&id).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("template {id:?} has no replica on this node"),
+        )
+    })?;
     let fill = state.fill.clone();
     let removed = fill.evict(&replica, query.force)?;
-    Ok(Json(serde_json::json!({ "template": id, "removed_chunks": removed, "phase": replica.phase().as_str() })))
+    Ok(Json(
+        serde_json::json!({ "template": id, "removed_chunks": removed, "phase": replica.phase().as_str() }),
+    ))
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
@@ -192,7 +202,11 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             .get_or_create(&label)
             .set(r.manifest().stored_chunks().count() as i64);
     }
-    let registry = node.metrics.registry.lock().unwrap_or_else(|e| e.into_inner());
+    let registry = node
+        .metrics
+        .registry
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     crate::metrics::response(&registry)
 }
 
@@ -204,14 +218,21 @@ async fn chunk(
 ) -> Result<Response, ApiError> {
     if let Some(token) = &state.read_token {
         let expected = format!("Bearer {token}");
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         if given != Some(expected.as_str()) {
-            return Err(ApiError(StatusCode::UNAUTHORIZED, "chunk reads need the read token".into()));
+            return Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "chunk reads need the read token".into(),
+            ));
         }
     }
     let digest: Digest = digest
         .parse()
-        .map_err(|e: lazyblk_cache::digest::DigestParseError| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(|e: lazyblk_cache::digest::DigestParseError| {
+            ApiError(StatusCode::BAD_REQUEST, e.to_string())
+        })?;
     let node = state.node.clone();
     let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
         match node.cache.store().get(&digest) {
@@ -229,6 +250,9 @@ async fn chunk(
             Body::from(b),
         )
             .into_response()),
-        None => Err(ApiError(StatusCode::NOT_FOUND, format!("chunk {digest} is not on this node"))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("chunk {digest} is not on this node"),
+        )),
     }
 }

@@ -96,20 +96,76 @@ impl DaemonMetrics {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
             let r = r.sub_registry_with_prefix("lazyblk");
             r.register("cache_hits", "Reads whose chunk was local", m.hits.clone());
-            r.register("cache_misses", "Reads that needed a fetch", m.misses.clone());
-            r.register("fetched_bytes", "Verified chunk bytes fetched, by source", m.bytes_fetched.clone());
-            r.register("fetched_chunks", "Verified chunks fetched, by source", m.chunks_fetched.clone());
-            r.register("fetch_seconds", "Time to fetch and verify one chunk, by source", m.fetch_seconds.clone());
-            r.register("fetch_failures", "Chunk fetches a source failed, by source", m.fetch_failures.clone());
-            r.register("verify_failures", "Chunks whose bytes did not match their digest, by source", m.verify_failures.clone());
-            r.register("nbd_requests", "NBD requests by command and result", m.nbd_requests.clone());
-            r.register("nbd_request_seconds", "NBD request latency by command", m.nbd_seconds.clone());
-            r.register("nbd_bytes", "Bytes read or written over NBD, by command", m.nbd_bytes.clone());
-            r.register("replica_chunks_local", "Non-zero chunks local, per template", m.fill_chunks_local.clone());
-            r.register("replica_chunks", "Non-zero chunks, per template", m.fill_chunks_total.clone());
-            r.register("cache_used_bytes", "Bytes of chunks in the node's cache", m.cache_bytes.clone());
-            r.register("cache_budget_bytes", "The cache's byte budget (0: none)", m.cache_budget_bytes.clone());
-            r.register("cache_evictions", "Chunks evicted from the cache since start", m.evictions.clone());
+            r.register(
+                "cache_misses",
+                "Reads that needed a fetch",
+                m.misses.clone(),
+            );
+            r.register(
+                "fetched_bytes",
+                "Verified chunk bytes fetched, by source",
+                m.bytes_fetched.clone(),
+            );
+            r.register(
+                "fetched_chunks",
+                "Verified chunks fetched, by source",
+                m.chunks_fetched.clone(),
+            );
+            r.register(
+                "fetch_seconds",
+                "Time to fetch and verify one chunk, by source",
+                m.fetch_seconds.clone(),
+            );
+            r.register(
+                "fetch_failures",
+                "Chunk fetches a source failed, by source",
+                m.fetch_failures.clone(),
+            );
+            r.register(
+                "verify_failures",
+                "Chunks whose bytes did not match their digest, by source",
+                m.verify_failures.clone(),
+            );
+            r.register(
+                "nbd_requests",
+                "NBD requests by command and result",
+                m.nbd_requests.clone(),
+            );
+            r.register(
+                "nbd_request_seconds",
+                "NBD request latency by command",
+                m.nbd_seconds.clone(),
+            );
+            r.register(
+                "nbd_bytes",
+                "Bytes read or written over NBD, by command",
+                m.nbd_bytes.clone(),
+            );
+            r.register(
+                "replica_chunks_local",
+                "Non-zero chunks local, per template",
+                m.fill_chunks_local.clone(),
+            );
+            r.register(
+                "replica_chunks",
+                "Non-zero chunks, per template",
+                m.fill_chunks_total.clone(),
+            );
+            r.register(
+                "cache_used_bytes",
+                "Bytes of chunks in the node's cache",
+                m.cache_bytes.clone(),
+            );
+            r.register(
+                "cache_budget_bytes",
+                "The cache's byte budget (0: none)",
+                m.cache_budget_bytes.clone(),
+            );
+            r.register(
+                "cache_evictions",
+                "Chunks evicted from the cache since start",
+                m.evictions.clone(),
+            );
         }
         m
     }
@@ -126,7 +182,9 @@ impl DaemonMetrics {
         let only = CommandOnly {
             command: command.to_string(),
         };
-        self.nbd_seconds.get_or_create(&only).observe(elapsed.as_secs_f64());
+        self.nbd_seconds
+            .get_or_create(&only)
+            .observe(elapsed.as_secs_f64());
         if bytes > 0 {
             self.nbd_bytes.get_or_create(&only).inc_by(bytes);
         }

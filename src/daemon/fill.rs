@@ -143,7 +143,9 @@ impl FillScheduler {
         let mut tasks = JoinSet::new();
         let mut last_save = Instant::now();
         for index in order {
-            if cancel.load(Ordering::Relaxed) || failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            if cancel.load(Ordering::Relaxed)
+                || failed.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+            {
                 break;
             }
             if replica.image.is_local(index) {
@@ -158,7 +160,10 @@ impl FillScheduler {
             let failed = failed.clone();
             tasks.spawn(async move {
                 if let Err(e) = fetch_with_retries(&task_replica, index).await {
-                    failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                    failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(e);
                 }
                 drop(permit);
             });
@@ -232,7 +237,10 @@ impl FillScheduler {
             .count();
         if missing > 0 {
             // Evicted under us (a budget smaller than the working set): not READY.
-            self.fail(replica, format!("{missing} chunks were evicted before the fill finished"));
+            self.fail(
+                replica,
+                format!("{missing} chunks were evicted before the fill finished"),
+            );
             return;
         }
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
@@ -246,7 +254,11 @@ impl FillScheduler {
         state.cancel = None;
         drop(state);
         self.save(replica);
-        tracing::info!(template = replica.id(), seconds = started.elapsed().as_secs_f64(), "replica READY");
+        tracing::info!(
+            template = replica.id(),
+            seconds = started.elapsed().as_secs_f64(),
+            "replica READY"
+        );
     }
 
     fn fail(&self, replica: &Arc<Replica>, error: String) {
@@ -364,9 +376,17 @@ impl FillScheduler {
                 _ = stop.changed() => return,
             }
             for replica in self.node.replicas() {
-                let failed = replica.fill.lock().unwrap_or_else(|e| e.into_inner()).phase() == Phase::Failed;
+                let failed = replica
+                    .fill
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .phase()
+                    == Phase::Failed;
                 if failed && self.node.store.templates().await.is_ok() {
-                    tracing::info!(template = replica.id(), "store answers again; resuming fill");
+                    tracing::info!(
+                        template = replica.id(),
+                        "store answers again; resuming fill"
+                    );
                     if let Err(e) = self.warm(&replica, true) {
                         tracing::warn!(template = replica.id(), error = %e, "cannot resume fill");
                     }

@@ -31,9 +31,9 @@ use crate::cli::DaemonArgs;
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::exports::NbdExports;
 use crate::daemon::fill::{FillConfig, FillScheduler};
+use crate::daemon::node::Node;
 use crate::daemon::state::StateDb;
 use crate::daemon::trace::TraceTiming;
-use crate::daemon::node::Node;
 use crate::store::client::StoreClient;
 
 /// The file-descriptor limit the daemon asks for: open chunk files, NBD connections and
@@ -51,7 +51,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(DaemonMetrics::new());
     let deadline = Duration::from_secs_f64(args.source_deadline.max(0.1));
     let cache = Arc::new(ChunkCache::new(chunk_store, metrics.clone(), deadline));
-    let store = StoreClient::new(&args.store, args.write_token.clone(), args.read_token.clone());
+    let store = StoreClient::new(
+        &args.store,
+        args.write_token.clone(),
+        args.read_token.clone(),
+    );
 
     let http_listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -154,10 +158,14 @@ async fn publish_traces(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                             tracing::info!(template = %id, chunks = order.len(), "published boot trace");
                             replica.trace.mark_published();
                         }
-                        Err(e) => tracing::warn!(template = %id, error = %e, "publishing trace failed; will retry"),
+                        Err(e) => {
+                            tracing::warn!(template = %id, error = %e, "publishing trace failed; will retry")
+                        }
                     }
                 }
-                Err(e) => tracing::debug!(template = %id, error = %e, "store unreachable for traces"),
+                Err(e) => {
+                    tracing::debug!(template = %id, error = %e, "store unreachable for traces")
+                }
             }
         }
     }
@@ -165,7 +173,10 @@ async fn publish_traces(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the daemon runs until killed.
         std::future::pending::<()>().await;
         return;

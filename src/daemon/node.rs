@@ -32,7 +32,10 @@ pub enum NodeError {
     },
     /// The template is in use and the operation needs `--force`.
     #[error("template {template:?} is in use by {}; use --force to override", .users.join(", "))]
-    InUse { template: String, users: Vec<String> },
+    InUse {
+        template: String,
+        users: Vec<String>,
+    },
 }
 
 /// The node's replica of one template: its bytes over the cache, who uses it, and what
@@ -169,7 +172,11 @@ impl Node {
         let mut restored = 0;
         for entry in dir.flatten() {
             let path = entry.path();
-            let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
+            let Some(id) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .map(str::to_string)
+            else {
                 continue;
             };
             match std::fs::read(&path).map(|b| Manifest::parse(&b, Some(&id))) {
@@ -177,8 +184,12 @@ impl Node {
                     self.insert(manifest);
                     restored += 1;
                 }
-                Ok(Err(e)) => tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest"),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read saved manifest"),
+                Ok(Err(e)) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read saved manifest")
+                }
             }
         }
         restored
@@ -260,7 +271,9 @@ impl Node {
 
     /// Writes a manifest to the node's disk (temporary file, fsync, rename).
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), NodeError> {
-        let path = self.manifests_dir.join(format!("{}.json", manifest.template));
+        let path = self
+            .manifests_dir
+            .join(format!("{}.json", manifest.template));
         let tmp = path.with_extension("json.tmp");
         let written = (|| {
             use std::io::Write;
@@ -294,7 +307,9 @@ impl Node {
         let mut names: Vec<String> = self.replicas().iter().map(|r| r.id().to_string()).collect();
         match self.store.templates().await {
             Ok(list) => names.extend(list.into_iter().map(|t| t.template)),
-            Err(e) => tracing::debug!(error = %e, "store unreachable; listing local templates only"),
+            Err(e) => {
+                tracing::debug!(error = %e, "store unreachable; listing local templates only")
+            }
         }
         names.sort();
         names.dedup();

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
 /// A replica's phase (DESIGN.md section 6; names shared with CubeSandbox).
@@ -139,7 +139,11 @@ impl StateDb {
             params![template],
             row_to_record,
         )
-        .optional()
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })
         .map_err(|e| self.err(e))
     }
 

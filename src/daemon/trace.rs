@@ -35,7 +35,9 @@ pub struct TraceRecorder {
 impl TraceRecorder {
     pub fn new(chunks: usize, timing: TraceTiming) -> TraceRecorder {
         TraceRecorder {
-            seen: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            seen: (0..chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             order: Mutex::new(Vec::new()),
             started: OnceLock::new(),
             last_growth_ms: AtomicU64::new(0),

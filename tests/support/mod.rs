@@ -2,7 +2,7 @@
 //! a free loopback port, plain HTTP probes, and ext4 images made with mkfs.ext4.
 //!
 //! Everything here is synchronous (std only), so both plain and `#[tokio::test]` tests
-//! can use it.
+//! can use it. [`node`] starts daemons the same way.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};

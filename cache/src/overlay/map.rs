@@ -57,8 +57,9 @@ impl BlockMap {
     pub(super) fn from_bytes(bytes: impl IntoIterator<Item = u8>) -> Result<BlockMap, (u64, u8)> {
         let mut data_blocks = 0;
         let mut zero_blocks = 0;
-        let mut states = Vec::new();
-        for (block, byte) in bytes.into_iter().enumerate() {
+        let bytes = bytes.into_iter();
+        let mut states = Vec::with_capacity(bytes.size_hint().0);
+        for (block, byte) in bytes.enumerate() {
             match BlockState::from_byte(byte) {
                 Some(BlockState::Data) => data_blocks += 1,
                 Some(BlockState::Zero) => zero_blocks += 1,

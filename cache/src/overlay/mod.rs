@@ -216,7 +216,7 @@ impl Overlay {
         base: Arc<TemplateImage>,
     ) -> Result<Overlay, OverlayError> {
         let size = base.size();
-        if size % BLOCK_SIZE != 0 {
+        if !size.is_multiple_of(BLOCK_SIZE) {
             return Err(OverlayError::UnalignedTemplate {
                 template: base.id().clone(),
                 size,
@@ -250,7 +250,8 @@ impl Overlay {
         }
         let map = BlockMap::from_bytes(std::iter::repeat_n(0, blocks as usize))
             .map_err(|(block, _)| corrupt_map(&dir, block))?;
-        tracing::info!(%sandbox, template = %base.id(), size, dir = %dir.display(), "overlay created");
+        tracing::info!(%sandbox, template = %base.id(), size, dir = %dir.display(),
+            "overlay created");
         Ok(Overlay::assemble(dir, meta, base, disk, map))
     }
 
@@ -268,7 +269,10 @@ impl Overlay {
 
     fn open_blocking(dir: PathBuf, base: Arc<TemplateImage>) -> Result<Overlay, OverlayError> {
         let meta = OverlayMeta::load(&dir)?;
-        validate_id(&meta.sandbox)?;
+        validate_id(&meta.sandbox).map_err(|e| OverlayError::Corrupt {
+            path: dir.join(META_FILE),
+            reason: e.to_string(),
+        })?;
         let sandbox: Arc<str> = meta.sandbox.as_str().into();
         if meta.template != **base.id() || meta.size != base.size() {
             return Err(OverlayError::MetaMismatch {
@@ -330,7 +334,10 @@ impl Overlay {
                 other => other,
             };
             let meta_path = dir.join(META_FILE);
+            // The meta file's removal is made durable before the rest goes, so a crash
+            // in between never leaves a meta file naming missing data.
             gone(fs::remove_file(&meta_path))
+                .and_then(|()| gone(meta::sync_dir(&dir)))
                 .and_then(|()| gone(fs::remove_dir_all(&dir)))
                 .map_err(|source| OverlayError::Io {
                     sandbox,

@@ -36,7 +36,7 @@ impl Patch<'_> {
 /// The end of the whole blocks starting at `pos` within `[pos, end)`, if there is one.
 fn whole_blocks_end(pos: u64, end: u64) -> Option<u64> {
     let whole = (end - pos) / BLOCK_SIZE * BLOCK_SIZE;
-    (pos % BLOCK_SIZE == 0 && whole > 0).then_some(pos + whole)
+    (pos.is_multiple_of(BLOCK_SIZE) && whole > 0).then_some(pos + whole)
 }
 
 /// Bytes from `pos` to the end of its block or to `end`, whichever comes first.
