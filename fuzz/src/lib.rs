@@ -47,12 +47,8 @@ pub struct MemoryExport {
 
 impl MemoryExport {
     fn new(size: u64, read_only: bool) -> Self {
-        // Every other 4 KiB block is zero, so block status reports holes and data.
-        let data = (0..size)
-            .map(|i| if (i / BLOCK) % 2 == 0 { (i % 251) as u8 + 1 } else { 0 })
-            .collect();
         Self {
-            data: RwLock::new(data),
+            data: RwLock::new(initial_bytes()[..size as usize].to_vec()),
             read_only,
         }
     }
@@ -137,6 +133,18 @@ impl Export for MemoryExport {
         }
         Ok(extents)
     }
+}
+
+/// The bytes every export starts with, made once (a copy is much cheaper than making
+/// them per input): every other 4 KiB block is zero, so block status reports both holes
+/// and data.
+fn initial_bytes() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| {
+        (0..RO_SIZE.max(RW_SIZE))
+            .map(|i| if (i / BLOCK) % 2 == 0 { (i % 251) as u8 + 1 } else { 0 })
+            .collect()
+    })
 }
 
 /// "ro" and "rw"; "busy" is refused as unavailable, any other name as unknown.

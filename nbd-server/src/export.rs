@@ -144,13 +144,21 @@ pub enum OpenError {
 /// A transmission command, as reported to [`Exports::observe`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Command {
+    /// NBD_CMD_READ.
     Read,
+    /// NBD_CMD_WRITE.
     Write,
+    /// NBD_CMD_DISC (the client disconnects).
     Disc,
+    /// NBD_CMD_FLUSH.
     Flush,
+    /// NBD_CMD_TRIM.
     Trim,
+    /// NBD_CMD_CACHE (prefetch).
     Cache,
+    /// NBD_CMD_WRITE_ZEROES.
     WriteZeroes,
+    /// NBD_CMD_BLOCK_STATUS.
     BlockStatus,
 }
 

@@ -70,12 +70,15 @@ impl HandshakeError {
 /// What the handshake settled for one connection.
 #[derive(Debug)]
 pub struct Session<X> {
+    /// The export, held for the connection's lifetime.
     pub export: Arc<X>,
+    /// The name the client chose it by.
     pub name: String,
     /// The size advertised to the client; every request is checked against it.
     pub size: u64,
     /// Whether the export was advertised read-only.
     pub read_only: bool,
+    /// Simple or structured replies.
     pub framing: Framing,
     /// The id of `base:allocation` when the client selected it for this export.
     pub block_status_context: Option<u32>,
@@ -159,8 +162,11 @@ enum Step<X> {
 
 /// The handshake's state between options.
 struct Negotiation<'a, E> {
+    /// Where names are opened and listed.
     exports: &'a E,
+    /// The client, for logs and [`Exports::open`].
     peer: &'a str,
+    /// Advertised as the maximum payload in NBD_INFO_BLOCK_SIZE.
     max_request: u32,
     /// The client asked to skip the zero padding after NBD_OPT_EXPORT_NAME.
     no_zeroes: bool,

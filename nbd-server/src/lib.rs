@@ -24,6 +24,25 @@
 //! header and its data in one vectored write, in completion order. NBD_CMD_DISC, the
 //! client closing, or shutdown stops the reader; the connection closes once every
 //! in-flight request is answered, and the export is dropped.
+//!
+//! # Protocol choices
+//! - No TLS: NBD_OPT_STARTTLS gets NBD_REP_ERR_POLICY. Unknown options get
+//!   NBD_REP_ERR_UNSUP and negotiation goes on. Option payloads over 64 KiB are
+//!   skipped unread and refused with NBD_REP_ERR_TOO_BIG (an oversized
+//!   NBD_OPT_EXPORT_NAME, which cannot be refused, closes the connection).
+//! - NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE (1, 4096, `max_request`) answer every
+//!   NBD_OPT_INFO/NBD_OPT_GO; the name and description when asked for. Metadata
+//!   contexts are checked without opening the export.
+//! - A read is answered whole or not at all: with structured replies, one final
+//!   OFFSET_DATA chunk (so NBD_FLAG_SEND_DF costs nothing) or one ERROR chunk carrying
+//!   the export's error text; other successes use a simple reply, which the protocol
+//!   allows.
+//! - NBD_CMD_FLAG_NO_HOLE calls [`Export::write_zeroes_no_hole`] (by default, real
+//!   zeroes through [`Export::write`]).
+//! - A write the server refuses still has its payload read and dropped, up to
+//!   max(`max_request`, 32 MiB); a larger one closes the connection, as the protocol
+//!   permits. Each connection holds at most `max_in_flight` requests and 64 MiB of
+//!   payload at once (queued replies included).
 
 pub mod export;
 pub mod proto;
@@ -44,6 +63,6 @@ pub use export::{Command, Export, Exports, Extent, OpenError, NO_HOLE_WRITE_SIZE
 pub use handshake::HandshakeError;
 pub use server::{
     serve, serve_connection, ConnectionError, Listener, ServerConfig, ServerError,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING, SHUTDOWN_GRACE,
 };
 pub use transmission::TransmissionError;

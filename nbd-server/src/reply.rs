@@ -16,7 +16,9 @@ const MAX_HEAD: usize = proto::STRUCTURED_HEADER_LEN + 8;
 /// A reply to one request.
 #[derive(Debug)]
 pub struct Reply {
+    /// The reply or chunk header, inline so that framing a reply never allocates.
     head: [u8; MAX_HEAD],
+    /// How much of `head` is used.
     head_len: usize,
     body: Body,
     /// The request's share of the connection's in-flight limits, released once the

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::export::Exports;
 use crate::handshake::{self, HandshakeError, Outcome};
@@ -31,7 +31,7 @@ const READ_BUFFER: usize = 64 << 10;
 /// How long connections get to answer their in-flight requests once shutdown begins,
 /// before they are dropped: longer than a cold chunk fetch, shorter than a service
 /// manager's stop timeout.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The first pause after a failed accept (out of file descriptors, say), doubled per
 /// consecutive failure up to [`ACCEPT_BACKOFF_MAX`]; lets connections close instead of
@@ -96,8 +96,8 @@ impl ConnectionError {
 /// Limits of one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// The largest read or write payload, advertised in NBD_INFO_BLOCK_SIZE; at least
-    /// 4096 (smaller values are raised to it).
+    /// The largest read or write payload, advertised in NBD_INFO_BLOCK_SIZE; from 4096
+    /// to [`MAX_REQUEST_CEILING`] (values outside are moved to the nearest bound).
     pub max_request: u32,
     /// Requests one connection may have in flight; at least 1.
     pub max_in_flight: usize,
@@ -105,6 +105,10 @@ pub struct ServerConfig {
 
 /// The protocol's portable maximum payload (2^25): every client stays within it.
 pub const DEFAULT_MAX_REQUEST: u32 = 32 << 20;
+
+/// The largest `max_request` honoured: one request's buffer is allocated whole, so
+/// beyond 1 GiB a single request could exhaust a node's memory.
+pub const MAX_REQUEST_CEILING: u32 = 1 << 30;
 
 /// Requests in flight per connection by default: deeper than the kernel client's and
 /// nbdcopy's queues, so they never wait on the server's limit.
@@ -123,7 +127,9 @@ impl ServerConfig {
     /// The configuration with its documented lower bounds applied.
     fn effective(self) -> Self {
         Self {
-            max_request: self.max_request.max(handshake::PREFERRED_BLOCK),
+            max_request: self
+                .max_request
+                .clamp(handshake::PREFERRED_BLOCK, MAX_REQUEST_CEILING),
             max_in_flight: self.max_in_flight.max(1),
         }
     }
@@ -132,7 +138,9 @@ impl ServerConfig {
 /// Where the server listens.
 #[derive(Debug)]
 pub enum Listener {
+    /// A TCP socket; accepted connections get TCP_NODELAY.
     Tcp(TcpListener),
+    /// A unix socket; its file is removed when [`serve`] returns.
     Unix(UnixListener),
 }
 
@@ -258,7 +266,12 @@ pub async fn serve<E: Exports>(
     let result = loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break Ok(()),
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(joined) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(failure) = joined {
+                    error!(%failure, "a connection task failed");
+                }
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         let accepted = match accepted {
@@ -308,7 +321,7 @@ pub async fn serve<E: Exports>(
     }
     if let Some(path) = listener.socket_path() {
         drop(listener);
-        if let Err(error) = std::fs::remove_file(&path) {
+        if let Err(error) = tokio::fs::remove_file(&path).await {
             debug!(path = %path.display(), %error, "could not remove the socket file");
         }
     }
@@ -382,22 +395,13 @@ where
         block_status = session.block_status_context.is_some(),
         "transmission started"
     );
-    transmission::transmit(
-        session,
-        reader,
-        writer,
-        exports,
-        config.max_request,
-        config.max_in_flight,
-        &peer,
-        shutdown,
-    )
-    .await
-    .map_err(|source| ConnectionError::Transmission {
-        peer: peer.clone(),
-        export,
-        source,
-    })?;
+    transmission::transmit(session, reader, writer, exports, config, &peer, shutdown)
+        .await
+        .map_err(|source| ConnectionError::Transmission {
+            peer: peer.clone(),
+            export,
+            source,
+        })?;
     debug!(peer, "connection closed");
     Ok(())
 }

@@ -24,6 +24,7 @@ use crate::proto::{self, RequestHeader};
 use crate::read::{read_message, skip};
 use crate::reply::{Framing, Permits, Reply};
 use crate::request::{Limits, Op, Rejection};
+use crate::server::ServerConfig;
 use crate::shutdown::Shutdown;
 use crate::writer::write_replies;
 
@@ -72,14 +73,12 @@ enum End {
 
 /// Serves requests until the client disconnects, breaks the protocol, or `shutdown`
 /// fires; in-flight requests are always run to completion before this returns.
-#[allow(clippy::too_many_arguments)]
 pub async fn transmit<E, R, W>(
     session: Session<E::Export>,
     reader: R,
     writer: W,
     exports: Arc<E>,
-    max_request: u32,
-    max_in_flight: usize,
+    config: ServerConfig,
     peer: &str,
     shutdown: Shutdown,
 ) -> Result<(), TransmissionError>
@@ -88,6 +87,10 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let ServerConfig {
+        max_request,
+        max_in_flight,
+    } = config;
     let limits = Limits {
         size: session.size,
         read_only: session.read_only,
@@ -145,25 +148,37 @@ where
 
 /// What request tasks share: the export, and how to answer.
 struct Shared<E: Exports> {
+    /// The export this connection opened; every clone is gone when `transmit` returns.
     export: Arc<E::Export>,
+    /// For [`Exports::observe`] after each request.
     exports: Arc<E>,
+    /// Simple or structured replies, as negotiated.
     framing: Framing,
+    /// Data buffers for reads and write payloads.
     pool: Arc<BufferPool>,
+    /// The client, for logs.
     peer: String,
 }
 
 /// The reading side of the request loop.
 struct RequestReader<'a, E: Exports, R> {
+    /// The socket's read half (buffered).
     reader: R,
+    /// What every request is checked against.
     limits: Limits,
+    /// Cloned into each request task.
     shared: Arc<Shared<E>>,
     /// One permit per request in flight (`max_in_flight`).
     requests: Arc<Semaphore>,
     /// One permit per payload byte in flight ([`IN_FLIGHT_BYTES`]).
     bytes: Arc<Semaphore>,
+    /// To the writer; a clone goes to each request task.
     replies: mpsc::Sender<Reply>,
+    /// The request tasks, joined before `transmit` returns.
     tasks: JoinSet<()>,
+    /// The client, for logs.
     peer: &'a str,
+    /// Stops reading new requests when the server shuts down.
     shutdown: Shutdown,
 }
 
@@ -388,6 +403,7 @@ struct Pending {
     cookie: u64,
     framing: Framing,
     replies: mpsc::Sender<Reply>,
+    /// `Some` until the reply is queued.
     permits: Option<Permits>,
 }
 

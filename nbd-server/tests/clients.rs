@@ -220,34 +220,39 @@ async fn qemu_io_is_refused_writes_on_a_read_only_export() {
     assert_eq!(server.exports.get("ro").bytes(), fixture_bytes());
 }
 
-/// A `python3` that has libnbd's bindings (nbdsh is a wrapper around them).
-async fn python_with_libnbd() -> Option<&'static str> {
-    for python in ["/usr/bin/python3", "python3"] {
-        let ok = Command::new(python)
-            .args(["-c", "import nbd"])
+/// The PATH under which `nbdsh` (a script that runs `python3 -m nbd`) finds a python3
+/// with libnbd's bindings; prints a skip message when there is none.
+async fn nbdsh_path() -> Option<String> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    for dir in ["", "/usr/bin"] {
+        let search = if dir.is_empty() {
+            path.clone()
+        } else {
+            format!("{dir}:{path}")
+        };
+        let ok = Command::new("nbdsh")
+            .args(["-n", "-c", "import nbd"])
+            .env("PATH", &search)
             .output()
             .await
             .is_ok_and(|out| out.status.success());
         if ok {
-            return Some(python);
+            return Some(search);
         }
     }
-    println!("skipping: no python3 with libnbd's nbd module (nbdsh)");
+    println!("skipping: nbdsh (with python3's nbd module) is not installed");
     None
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nbdsh_reads_with_structured_replies_and_block_status() {
-    let Some(python) = python_with_libnbd().await else {
+    let Some(path) = nbdsh_path().await else {
         return;
     };
     let server = TestServer::start(MemoryExports::fixture()).await;
     let script = format!(
         r#"
-import hashlib, nbd
-h = nbd.NBD()
-h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-h.connect_uri("{uri}")
+import hashlib
 assert h.get_structured_replies_negotiated()
 assert h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
 chunks = []
@@ -259,10 +264,14 @@ h.block_status({size}, 0, lambda meta, offset, entries, err: extents.append((met
 print(extents)
 h.shutdown()
 "#,
-        uri = server.uri("ro"),
         size = SIZE,
     );
-    let output = run_with(Command::new(python).args(["-c", &script])).await;
+    let output = run_with(
+        Command::new("nbdsh")
+            .args(["--base-allocation", "-u", &server.uri("ro"), "-c", &script])
+            .env("PATH", path),
+    )
+    .await;
     let text = String::from_utf8(output.stdout).expect("UTF-8");
     let mut lines = text.lines();
     let digest = lines.next().expect("digest line");

@@ -117,6 +117,7 @@ async fn unknown_export_gets_err_unknown_and_the_session_continues() {
     assert_eq!(reply, proto::REP_ERR_UNKNOWN);
     assert_eq!(message, b"export busy: being evicted");
     assert_eq!(client.go("ro").await.0, SIZE);
+    server.assert_serving().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -182,6 +183,7 @@ async fn list_names_every_export_with_its_description() {
     client.option(proto::OPT_LIST, b"junk").await;
     assert_eq!(client.option_reply().await.1, proto::REP_ERR_INVALID);
     client.go("ro").await;
+    server.assert_serving().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

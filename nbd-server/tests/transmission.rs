@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use lazyblk_nbd::{proto, Command, ServerConfig};
 use support::{
-    chunk_error, fixture_bytes, MemoryExport, MemoryExports, RawClient, TestServer, HOLE, SIZE,
+    chunk_error, fixture_bytes, Fault, MemoryExport, MemoryExports, RawClient, TestServer, HOLE,
+    SIZE,
 };
 
 /// Opens `name` with simple replies.
@@ -420,4 +421,114 @@ async fn shutdown_closes_connections_and_returns() {
     server.stop().await.expect("clean stop");
     idle.assert_closed().await;
     negotiating.assert_closed().await;
+}
+
+/// Exports whose reads at offset 0 fail: "enospc" and "eacces" with those OS errors,
+/// "panics" by panicking.
+fn faulty_exports() -> MemoryExports {
+    MemoryExports::new()
+        .with(
+            "enospc",
+            "",
+            MemoryExport::new(fixture_bytes(), true).with_fault(0, Fault::Error(28)),
+        )
+        .with(
+            "panics",
+            "",
+            MemoryExport::new(fixture_bytes(), true).with_fault(0, Fault::Panic),
+        )
+        .with(
+            "eacces",
+            "",
+            MemoryExport::new(fixture_bytes(), true).with_fault(0, Fault::Error(13)),
+        )
+        .with("ro", "", MemoryExport::new(fixture_bytes(), true))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_errors_reach_the_client_as_nbd_errors() {
+    let server = TestServer::start(faulty_exports()).await;
+    let mut client = open(&server, "enospc").await;
+    client.request(0, proto::CMD_READ, 1, 0, 512).await;
+    assert_eq!(
+        client.simple_reply().await,
+        (proto::ENOSPC, 1),
+        "no data follows"
+    );
+    client.request(0, proto::CMD_READ, 2, 512, 512).await;
+    assert_eq!(client.simple_reply().await, (0, 2));
+    assert_eq!(client.read_exact(512).await, fixture_bytes()[512..1024]);
+
+    let (mut client, _) = open_structured(&server, "eacces").await;
+    client.request(0, proto::CMD_READ, 3, 0, 512).await;
+    let (flags, kind, cookie, payload) = client.chunk().await;
+    assert_eq!(
+        (flags, kind, cookie),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR, 3)
+    );
+    assert_eq!(chunk_error(&payload), proto::EPERM);
+    let message = String::from_utf8_lossy(&payload[6..]).into_owned();
+    assert!(message.contains("Permission denied"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_export_answers_eio_and_the_connection_continues() {
+    let server = TestServer::start(faulty_exports()).await;
+    let mut client = open(&server, "panics").await;
+    client.request(0, proto::CMD_READ, 1, 0, 512).await;
+    assert_eq!(client.simple_reply().await, (proto::EIO, 1));
+    client.request(0, proto::CMD_READ, 2, 4096, 512).await;
+    assert_eq!(client.simple_reply().await, (0, 2));
+    assert_eq!(client.read_exact(512).await, fixture_bytes()[4096..4608]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_connection_returns_once_the_export_is_released() {
+    let exports = Arc::new(MemoryExports::fixture());
+    let export = exports.get("rw");
+    let baseline = Arc::strong_count(&export);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = {
+        let exports = Arc::clone(&exports);
+        tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.unwrap();
+            lazyblk_nbd::serve_connection(
+                stream,
+                peer.to_string(),
+                exports,
+                ServerConfig::default(),
+            )
+            .await
+        })
+    };
+    let mut client = RawClient::connect(addr).await;
+    client.go("rw").await;
+    client.request(0, proto::CMD_FLUSH, 1, 0, 0).await;
+    assert_eq!(client.simple_reply().await, (0, 1));
+    assert!(
+        Arc::strong_count(&export) > baseline,
+        "held while connected"
+    );
+    client.request(0, proto::CMD_DISC, 2, 0, 0).await;
+    serving.await.unwrap().expect("clean disconnect");
+    assert_eq!(Arc::strong_count(&export), baseline);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_connection_reports_protocol_violations() {
+    let exports = Arc::new(MemoryExports::fixture());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = tokio::spawn(async move {
+        let (stream, peer) = listener.accept().await.unwrap();
+        lazyblk_nbd::serve_connection(stream, peer.to_string(), exports, ServerConfig::default())
+            .await
+    });
+    let mut client = RawClient::connect(addr).await;
+    client.go("ro").await;
+    client.send(&[0xff; 28]).await;
+    let error = serving.await.unwrap().expect_err("bad magic");
+    assert!(error.is_protocol_violation());
+    assert!(error.to_string().contains("request magic"), "{error}");
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::daemon::fill::{FillError, FillScheduler};
 use crate::daemon::node::{Node, NodeError, Replica};
+use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
 
 /// What the API handlers share.
 #[derive(Clone)]
@@ -44,15 +45,33 @@ impl From<FillError> for ApiError {
     }
 }
 
-impl From<NodeError> for ApiError {
-    fn from(e: NodeError) -> ApiError {
+impl From<SandboxError> for ApiError {
+    fn from(e: SandboxError) -> ApiError {
         let status = match &e {
-            NodeError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
-            NodeError::StoreUnavailable { .. } => StatusCode::BAD_GATEWAY,
-            NodeError::InUse { .. } => StatusCode::CONFLICT,
-            NodeError::SaveManifest { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            SandboxError::InvalidId(_) => StatusCode::BAD_REQUEST,
+            SandboxError::Exists(_) | SandboxError::NameTaken(_) | SandboxError::InUse { .. } => {
+                StatusCode::CONFLICT
+            }
+            SandboxError::Unknown(_) => StatusCode::NOT_FOUND,
+            SandboxError::Node(n) => node_status(n),
+            SandboxError::Overlay(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
+    }
+}
+
+fn node_status(e: &NodeError) -> StatusCode {
+    match e {
+        NodeError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
+        NodeError::StoreUnavailable { .. } => StatusCode::BAD_GATEWAY,
+        NodeError::InUse { .. } => StatusCode::CONFLICT,
+        NodeError::SaveManifest { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> ApiError {
+        ApiError(node_status(&e), e.to_string())
     }
 }
 
@@ -64,6 +83,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/templates/{id}", get(template_status))
         .route("/v1/templates/{id}/warm", post(warm))
         .route("/v1/templates/{id}/evict", post(evict))
+        .route("/v1/overlays", get(list_overlays).post(create_overlay))
+        .route(
+            "/v1/overlays/{sb}",
+            get(overlay_status).delete(delete_overlay),
+        )
         .route("/v1/chunks/{digest}", get(chunk).head(chunk))
         .with_state(state)
 }
@@ -181,6 +205,49 @@ async fn evict(
     Ok(Json(
         serde_json::json!({ "template": id, "removed_chunks": removed, "phase": replica.phase().as_str() }),
     ))
+}
+
+/// Body of `POST /v1/overlays`.
+#[derive(serde::Deserialize)]
+pub struct CreateOverlay {
+    pub template: String,
+    pub sandbox: String,
+}
+
+async fn create_overlay(
+    State(state): State<ApiState>,
+    Json(body): Json<CreateOverlay>,
+) -> Result<(StatusCode, Json<SandboxStatus>), ApiError> {
+    checked_id(&body.template)?;
+    let sandbox = state
+        .node
+        .create_sandbox(&body.template, &body.sandbox)
+        .await?;
+    Ok((StatusCode::CREATED, Json(sandbox.status())))
+}
+
+async fn list_overlays(State(state): State<ApiState>) -> Json<Vec<SandboxStatus>> {
+    Json(state.node.sandboxes().iter().map(|s| s.status()).collect())
+}
+
+async fn overlay_status(
+    State(state): State<ApiState>,
+    Path(sb): Path<String>,
+) -> Result<Json<SandboxStatus>, ApiError> {
+    let sandbox = state
+        .node
+        .sandbox(&sb)
+        .ok_or_else(|| ApiError::from(SandboxError::Unknown(sb.clone())))?;
+    Ok(Json(sandbox.status()))
+}
+
+async fn delete_overlay(
+    State(state): State<ApiState>,
+    Path(sb): Path<String>,
+    Query(query): Query<EvictQuery>,
+) -> Result<StatusCode, ApiError> {
+    state.node.delete_sandbox(&sb, query.force).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -1,64 +1,22 @@
 //! The glue between the frontends (NBD, FUSE) and the cache: an export per template
-//! (read-only) and, later, per sandbox overlay (read-write).
+//! (read-only) and per sandbox overlay (read-write). Both frontends serve the same
+//! [`NodeExport`], so one chunk is fetched once whichever frontend asked.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lazyblk_cache::image::ReadError;
+use lazyblk_cache::overlay::OverlayError;
+use lazyblk_fuse::Folder;
 use lazyblk_nbd::{Command, Exports, Extent, OpenError};
 
 use crate::daemon::node::{Lease, Node, NodeError};
-
-/// A template opened by one client. Holding it marks the template in use.
-pub struct TemplateExport {
-    lease: Lease,
-}
-
-impl TemplateExport {
-    pub fn new(lease: Lease) -> TemplateExport {
-        TemplateExport { lease }
-    }
-
-    pub fn size(&self) -> u64 {
-        self.lease.replica().image.size()
-    }
-
-    /// Reads template bytes, recording first reads in the template's trace.
-    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let replica = self.lease.replica();
-        let image = &replica.image;
-        if !buf.is_empty() && offset < image.size() {
-            let chunk_size = image.manifest().chunk_size as u64;
-            let last = (offset + buf.len() as u64 - 1).min(image.size() - 1);
-            replica
-                .trace
-                .record((offset / chunk_size) as usize, (last / chunk_size) as usize);
-        }
-        image.read_at(offset, buf).await.map_err(read_error)
-    }
-
-    pub fn prefetch(&self, offset: u64, len: u64) {
-        self.lease.replica().image.prefetch_range(offset, len);
-    }
-
-    pub fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.lease
-            .replica()
-            .image
-            .extents(offset, len)
-            .into_iter()
-            .map(|e| Extent {
-                length: e.length,
-                hole: e.zero,
-                zero: e.zero,
-            })
-            .collect()
-    }
-}
+use crate::daemon::sandboxes::Sandbox;
+use crate::daemon::users::UserLease;
 
 /// Maps a failed template read to the errno a block client understands, and logs it
-/// with its context (the client only sees EIO).
+/// with its context (the client only sees the errno).
 fn read_error(e: ReadError) -> io::Error {
     match e {
         ReadError::OutOfRange { .. } => io::Error::from_raw_os_error(libc::EINVAL),
@@ -69,67 +27,192 @@ fn read_error(e: ReadError) -> io::Error {
     }
 }
 
+/// Maps a failed overlay operation to an errno (ENOSPC past the end or on a full disk).
+fn overlay_error(e: OverlayError) -> io::Error {
+    let errno = match &e {
+        OverlayError::OutOfRange { op, .. } if *op == "read" => libc::EINVAL,
+        OverlayError::OutOfRange { .. } => libc::ENOSPC,
+        other => other.raw_os_error().unwrap_or(libc::EIO),
+    };
+    tracing::error!(error = %e, "overlay operation failed");
+    io::Error::from_raw_os_error(errno)
+}
+
 fn read_only() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
 }
 
-/// One export as a frontend sees it. An enum: the kinds are closed.
+/// One export opened by one client (an NBD connection or an open FUSE file). Holding
+/// it marks the template or sandbox in use. An enum: the kinds are closed.
 pub enum NodeExport {
-    Template(TemplateExport),
+    Template(Lease),
+    Overlay {
+        sandbox: Arc<Sandbox>,
+        _lease: UserLease,
+    },
+}
+
+impl NodeExport {
+    /// Opens `name` (a sandbox on this node, else a template) for `user`.
+    pub async fn open(node: &Node, name: &str, user: String) -> Result<NodeExport, NodeError> {
+        if let Some(sandbox) = node.sandbox(name) {
+            let lease = sandbox.users.lease(user);
+            return Ok(NodeExport::Overlay {
+                sandbox,
+                _lease: lease,
+            });
+        }
+        let replica = node.replica(name).await?;
+        Ok(NodeExport::Template(replica.lease(user)))
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            NodeExport::Template(t) => t.replica().image.size(),
+            NodeExport::Overlay { sandbox, .. } => sandbox.overlay.size(),
+        }
+    }
+
+    pub fn read_only(&self) -> bool {
+        matches!(self, NodeExport::Template(_))
+    }
+
+    /// Reads bytes; template reads are recorded in the template's boot trace.
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            NodeExport::Template(t) => {
+                let replica = t.replica();
+                let image = &replica.image;
+                if !buf.is_empty() && offset < image.size() {
+                    let chunk_size = image.manifest().chunk_size as u64;
+                    let last = (offset + buf.len() as u64 - 1).min(image.size() - 1);
+                    replica
+                        .trace
+                        .record((offset / chunk_size) as usize, (last / chunk_size) as usize);
+                }
+                image.read_at(offset, buf).await.map_err(read_error)
+            }
+            NodeExport::Overlay { sandbox, .. } => sandbox
+                .overlay
+                .read_at(offset, buf)
+                .await
+                .map_err(overlay_error),
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        match self {
+            NodeExport::Template(_) => Err(read_only()),
+            NodeExport::Overlay { sandbox, .. } => sandbox
+                .overlay
+                .write_at(offset, data, fua)
+                .await
+                .map_err(overlay_error),
+        }
+    }
+
+    pub async fn flush(&self) -> io::Result<()> {
+        match self {
+            NodeExport::Template(_) => Ok(()),
+            NodeExport::Overlay { sandbox, .. } => {
+                sandbox.overlay.flush().await.map_err(overlay_error)
+            }
+        }
+    }
 }
 
 impl lazyblk_nbd::Export for NodeExport {
     fn size(&self) -> u64 {
-        match self {
-            NodeExport::Template(t) => t.size(),
-        }
+        NodeExport::size(self)
     }
 
     fn read_only(&self) -> bool {
-        match self {
-            NodeExport::Template(_) => true,
-        }
+        NodeExport::read_only(self)
+    }
+
+    /// Overlays too: every connection shares one overlay, and a flush on any
+    /// connection flushes all of it.
+    fn can_multi_conn(&self) -> bool {
+        true
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match self {
-            NodeExport::Template(t) => t.read(offset, buf).await,
-        }
+        NodeExport::read(self, offset, buf).await
     }
 
-    async fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> io::Result<()> {
-        match self {
-            NodeExport::Template(_) => Err(read_only()),
-        }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        NodeExport::write(self, offset, data, fua).await
     }
 
     async fn flush(&self) -> io::Result<()> {
-        Ok(())
+        NodeExport::flush(self).await
     }
 
-    async fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         match self {
             NodeExport::Template(_) => Err(read_only()),
+            NodeExport::Overlay { sandbox, .. } => sandbox
+                .overlay
+                .trim(offset, len, fua)
+                .await
+                .map_err(overlay_error),
         }
     }
 
-    async fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         match self {
             NodeExport::Template(_) => Err(read_only()),
+            NodeExport::Overlay { sandbox, .. } => sandbox
+                .overlay
+                .write_zeroes(offset, len, fua)
+                .await
+                .map_err(overlay_error),
         }
     }
 
     async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {
-            NodeExport::Template(t) => t.prefetch(offset, len),
+            NodeExport::Template(t) => t.replica().image.prefetch_range(offset, len),
+            NodeExport::Overlay { sandbox, .. } => sandbox.overlay.prefetch(offset, len),
         }
         Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        match self {
-            NodeExport::Template(t) => Ok(t.extents(offset, len)),
-        }
+        let extents = match self {
+            NodeExport::Template(t) => t.replica().image.extents(offset, len),
+            NodeExport::Overlay { sandbox, .. } => sandbox.overlay.extents(offset, len),
+        };
+        Ok(extents
+            .into_iter()
+            .map(|e| Extent {
+                length: e.length,
+                hole: e.zero,
+                zero: e.zero,
+            })
+            .collect())
+    }
+}
+
+impl lazyblk_fuse::File for NodeExport {
+    fn size(&self) -> u64 {
+        NodeExport::size(self)
+    }
+
+    fn writable(&self) -> bool {
+        !self.read_only()
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        NodeExport::read(self, offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        NodeExport::write(self, offset, data, false).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        NodeExport::flush(self).await
     }
 }
 
@@ -145,11 +228,8 @@ impl Exports for NbdExports {
         if lazyblk_cache::validate_id(name).is_err() {
             return Err(OpenError::Unknown);
         }
-        match self.node.replica(name).await {
-            Ok(replica) => {
-                let lease = replica.lease(format!("nbd client {peer}"));
-                Ok(Arc::new(NodeExport::Template(TemplateExport::new(lease))))
-            }
+        match NodeExport::open(&self.node, name, format!("nbd client {peer}")).await {
+            Ok(export) => Ok(Arc::new(export)),
             Err(NodeError::UnknownTemplate(..)) => Err(OpenError::Unknown),
             Err(e) => {
                 tracing::warn!(export = name, %peer, error = %e, "export unavailable");
@@ -159,17 +239,75 @@ impl Exports for NbdExports {
     }
 
     async fn list(&self) -> Vec<(String, String)> {
-        self.node
-            .template_names()
-            .await
-            .into_iter()
-            .map(|n| (n, "template (read-only)".to_string()))
-            .collect()
+        let mut all: Vec<(String, String)> = self
+            .node
+            .sandboxes()
+            .iter()
+            .map(|s| {
+                let description =
+                    format!("sandbox overlay over {} (read-write)", s.template().id());
+                (s.id().to_string(), description)
+            })
+            .collect();
+        all.extend(
+            self.node
+                .template_names()
+                .await
+                .into_iter()
+                .map(|n| (n, "template (read-only)".to_string())),
+        );
+        all
     }
 
     fn observe(&self, command: Command, bytes: u64, elapsed: Duration, ok: bool) {
         self.node
             .metrics
             .nbd_request(command.name(), bytes, elapsed, ok);
+    }
+}
+
+/// The node's templates and sandboxes, as the FUSE mount sees them. Answers from local
+/// state only: templates appear once this node knows them (the daemon learns the
+/// store's templates in the background).
+pub struct FuseFiles {
+    pub node: Arc<Node>,
+}
+
+impl lazyblk_fuse::Files for FuseFiles {
+    type File = NodeExport;
+
+    fn list(&self, folder: Folder) -> Vec<String> {
+        match folder {
+            Folder::Templates => self
+                .node
+                .replicas()
+                .iter()
+                .map(|r| r.id().to_string())
+                .collect(),
+            Folder::Sandboxes => self
+                .node
+                .sandboxes()
+                .iter()
+                .map(|s| s.id().to_string())
+                .collect(),
+        }
+    }
+
+    fn open(&self, folder: Folder, name: &str) -> Option<Arc<NodeExport>> {
+        let export = match folder {
+            Folder::Templates => {
+                let replica = self.node.known(name)?;
+                NodeExport::Template(replica.lease(format!("fuse file templates/{name}")))
+            }
+            Folder::Sandboxes => {
+                let sandbox = self.node.sandbox(name)?;
+                let lease = sandbox.users.lease(format!("fuse file sandboxes/{name}"));
+                NodeExport::Overlay {
+                    sandbox,
+                    _lease: lease,
+                }
+            }
+        };
+        Some(Arc::new(export))
     }
 }

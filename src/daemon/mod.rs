@@ -4,7 +4,9 @@
 //!
 //! # Layout
 //! - [`node`]: the [`node::Node`] (cache, store client, replicas) and [`node::Replica`].
+//! - [`sandboxes`]: sandbox overlays (create, delete, reopen at start).
 //! - [`exports`]: the export objects that the NBD server and the FUSE mount serve.
+//! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
 //! - [`counters`]: Prometheus metrics and per-template byte counts.
 //! - [`fill`]: the background fill and the replica phases; [`state`]: the SQLite
@@ -16,8 +18,10 @@ pub mod counters;
 pub mod exports;
 pub mod fill;
 pub mod node;
+pub mod sandboxes;
 pub mod state;
 pub mod trace;
+pub mod users;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::cli::DaemonArgs;
 use crate::daemon::counters::DaemonMetrics;
-use crate::daemon::exports::NbdExports;
+use crate::daemon::exports::{FuseFiles, NbdExports};
 use crate::daemon::fill::{FillConfig, FillScheduler};
 use crate::daemon::node::Node;
 use crate::daemon::state::StateDb;
@@ -81,6 +85,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,
     );
     let restored = node.restore();
+    let sandboxes = node.restore_sandboxes().await;
     let db_path = args.cache.join("state.db");
     let db = Arc::new(
         StateDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?,
@@ -121,10 +126,16 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     ));
     tokio::spawn(publish_traces(node.clone(), shutdown_rx.clone()));
     tokio::spawn(fill.clone().supervise(shutdown_rx.clone()));
+    tokio::spawn(learn_templates(node.clone(), shutdown_rx.clone()));
+    let fuse = match &args.fuse {
+        Some(dir) => Some(mount_fuse(dir, node.clone())?),
+        None => None,
+    };
 
     tracing::info!(
         http = %http_addr, nbd = %args.nbd, cache = %args.cache.display(),
-        store = %args.store, advertise = %advertise, restored_templates = restored,
+        store = %args.store, advertise = %advertise, restored_templates = restored, sandboxes,
+        fuse = ?args.fuse.as_ref().map(|d| d.display().to_string()),
         cached_chunks = cache.store().chunk_count(), "lazyblk daemon ready"
     );
 
@@ -134,7 +145,49 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     fill.stop_all();
     let _ = nbd.await;
     let _ = http.await;
+    if let Some(mount) = fuse {
+        let unmounted = tokio::task::spawn_blocking(move || mount.unmount()).await;
+        if let Ok(Err(e)) = unmounted {
+            tracing::warn!(error = %e, "FUSE unmount");
+        }
+    }
+    for sandbox in node.sandboxes() {
+        if let Err(e) = sandbox.overlay.flush().await {
+            tracing::error!(sandbox = sandbox.id(), error = %e, "flushing overlay at shutdown");
+        }
+    }
     Ok(())
+}
+
+/// How often the daemon asks the store for templates it does not know yet.
+const LEARN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the node's list of templates in step with the store's.
+async fn learn_templates(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let learned = node.learn_store_templates().await;
+        if learned > 0 {
+            tracing::debug!(learned, "learned templates from the store");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LEARN_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Mounts the FUSE view, clearing a stale mount a killed daemon left behind.
+fn mount_fuse(dir: &std::path::Path, node: Arc<Node>) -> anyhow::Result<lazyblk_fuse::Mount> {
+    std::fs::create_dir_all(dir).ok();
+    lazyblk_fuse::clear_stale_mount(dir)
+        .with_context(|| format!("clearing a stale mount at {}", dir.display()))?;
+    lazyblk_fuse::mount(
+        dir,
+        Arc::new(FuseFiles { node }),
+        tokio::runtime::Handle::current(),
+        lazyblk_fuse::MountOptions::default(),
+    )
+    .with_context(|| format!("mounting the FUSE view at {}", dir.display()))
 }
 
 /// Publishes each template's trace once it is complete, unless the store has one.

@@ -1,17 +1,18 @@
 //! The node: its chunk cache, the store it learns templates from, and the replicas of
 //! the templates it serves.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use lazyblk_cache::{ChunkCache, HttpSource, Manifest, Source, TemplateImage};
 
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::fill::FillState;
+use crate::daemon::sandboxes::Sandbox;
 use crate::daemon::state::Phase;
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
+use crate::daemon::users::{UserLease, Users};
 use crate::store::client::StoreClient;
 
 /// Why a template could not be served.
@@ -42,9 +43,9 @@ pub enum NodeError {
 /// its first readers touched.
 pub struct Replica {
     pub image: Arc<TemplateImage>,
-    /// Connections and open files using this template, by lease id: named in the error
+    /// Connections, open files and overlays using this template: named in the error
     /// that refuses an eviction.
-    users: Mutex<BTreeMap<u64, String>>,
+    pub users: Arc<Users>,
     /// The order of the first reads of each chunk on this node.
     pub trace: TraceRecorder,
     /// Phase and progress of the background fill.
@@ -62,25 +63,14 @@ impl Replica {
 
     /// Who is using the template now.
     pub fn users(&self) -> Vec<String> {
-        self.users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.users.names()
     }
 
     /// Registers a user until the returned lease is dropped.
     pub fn lease(self: &Arc<Self>, user: String) -> Lease {
-        static NEXT_LEASE: AtomicU64 = AtomicU64::new(1);
-        let id = NEXT_LEASE.fetch_add(1, Ordering::Relaxed);
-        self.users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, user);
         Lease {
+            _lease: self.users.lease(user),
             replica: self.clone(),
-            id,
         }
     }
 
@@ -102,22 +92,12 @@ impl Replica {
 /// A use of a replica; dropping it ends the use.
 pub struct Lease {
     replica: Arc<Replica>,
-    id: u64,
+    _lease: UserLease,
 }
 
 impl Lease {
     pub fn replica(&self) -> &Arc<Replica> {
         &self.replica
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.replica
-            .users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
     }
 }
 
@@ -135,6 +115,11 @@ pub struct Node {
     manifests_dir: PathBuf,
     replicas: RwLock<HashMap<String, Arc<Replica>>>,
     trace_timing: TraceTiming,
+    /// Where sandbox overlays live, one directory each.
+    pub(crate) overlays_dir: PathBuf,
+    pub(crate) sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
+    /// Serializes sandbox creation (the id checks and the create are one step).
+    pub(crate) creating: tokio::sync::Mutex<()>,
     /// Serializes loads of one template from the store.
     loading: tokio::sync::Mutex<()>,
 }
@@ -151,6 +136,8 @@ impl Node {
     ) -> std::io::Result<Node> {
         let manifests_dir = state_dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir)?;
+        let overlays_dir = state_dir.join("overlays");
+        std::fs::create_dir_all(&overlays_dir)?;
         Ok(Node {
             cache,
             store,
@@ -160,6 +147,9 @@ impl Node {
             manifests_dir,
             replicas: RwLock::new(HashMap::new()),
             trace_timing,
+            overlays_dir,
+            sandboxes: RwLock::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
             loading: tokio::sync::Mutex::new(()),
         })
     }
@@ -257,7 +247,7 @@ impl Node {
         ));
         let replica = Arc::new(Replica {
             image,
-            users: Mutex::new(BTreeMap::new()),
+            users: Arc::default(),
             trace: TraceRecorder::new(chunk_count, self.trace_timing),
             fill: Mutex::new(FillState::default()),
         });
@@ -300,6 +290,23 @@ impl Node {
             .chain(std::iter::once(self.store.url()))
             .map(|base| Source::Http(HttpSource::new(http.clone(), base, self.read_token.clone())))
             .collect()
+    }
+
+    /// Learns every template the store lists (their manifests are small), so that the
+    /// FUSE mount shows them and status lists them. Returns how many were new.
+    pub async fn learn_store_templates(&self) -> usize {
+        let Ok(list) = self.store.templates().await else {
+            return 0;
+        };
+        let mut learned = 0;
+        for summary in list {
+            if self.known(&summary.template).is_none()
+                && self.replica(&summary.template).await.is_ok()
+            {
+                learned += 1;
+            }
+        }
+        learned
     }
 
     /// Names of the templates offered: those the store lists, and those known here.

@@ -43,12 +43,23 @@ pub fn fixture_bytes() -> Vec<u8> {
         .collect()
 }
 
+/// What a faulty export does on reads at a chosen offset.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Fails with this OS error code.
+    Error(i32),
+    /// Panics (a bug in an export must not hang the client).
+    Panic,
+}
+
 /// An export over a `Vec<u8>`; all-zero blocks report as holes.
 pub struct MemoryExport {
     data: RwLock<Vec<u8>>,
     read_only: bool,
     /// Reads that touch this range sleep first, to show replies leave out of order.
     slow: Option<(Range<u64>, Duration)>,
+    /// Reads starting at this offset fail this way.
+    fault: Option<(u64, Fault)>,
     pub flushes: AtomicU64,
 }
 
@@ -58,12 +69,18 @@ impl MemoryExport {
             data: RwLock::new(data),
             read_only,
             slow: None,
+            fault: None,
             flushes: AtomicU64::new(0),
         }
     }
 
     pub fn with_slow_range(mut self, range: Range<u64>, delay: Duration) -> Self {
         self.slow = Some((range, delay));
+        self
+    }
+
+    pub fn with_fault(mut self, offset: u64, fault: Fault) -> Self {
+        self.fault = Some((offset, fault));
         self
     }
 
@@ -95,6 +112,13 @@ impl Export for MemoryExport {
             if range.contains(&offset) {
                 tokio::time::sleep(*delay).await;
             }
+        }
+        match self.fault {
+            Some((at, Fault::Error(code))) if at == offset => {
+                return Err(io::Error::from_raw_os_error(code))
+            }
+            Some((at, Fault::Panic)) if at == offset => panic!("injected fault at {offset}"),
+            _ => {}
         }
         let data = self.data.read().expect("lock");
         buf.copy_from_slice(&data[self.range(offset, buf.len() as u64)]);

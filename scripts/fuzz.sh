@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Fuzzes the parsers that face the network: the NBD handshake (nbd_handshake), NBD
+# transmission requests after a valid handshake (nbd_requests) and manifests
+# (manifest_parse). Runs each target for SECONDS (default 60) and exits non-zero if any
+# of them crashed; a crashing input is left in fuzz/artifacts/<target>/.
+#
+#   scripts/fuzz.sh [SECONDS] [TARGET...]
+#
+# Not part of scripts/test.sh (too slow); every crash it ever found is kept as an
+# ordinary regression test in the crate that owns the parser.
+#
+# Toolchain: cargo-fuzz passes -Zsanitizer=address, which only a nightly compiler
+# accepts. The stable toolchain with RUSTC_BOOTSTRAP=1 builds and runs the targets
+# (checked with Rust 1.95), and stable is on every machine of this project, so that is
+# the default; FUZZ_TOOLCHAIN=nightly uses an installed nightly instead.
+#
+# The working corpus grows in fuzz/corpus/<target>/ (not committed); it starts from the
+# committed seeds in fuzz/seeds/<target>/, with the dictionaries in fuzz/dicts/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_TARGET="${1:-60}"
+shift || true
+TARGETS=("$@")
+if [ "${#TARGETS[@]}" -eq 0 ]; then
+  TARGETS=(nbd_handshake nbd_requests manifest_parse)
+fi
+
+# libFuzzer limits. An input that takes over 10 s is a hang: every input is served from
+# memory in well under a second. 2 GiB of RSS is far above what one connection may make
+# the server hold (64 MiB of payload in flight), so passing it is a leak.
+TIMEOUT_SECONDS=10
+RSS_LIMIT_MB=2048
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "== installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+
+TOOLCHAIN="${FUZZ_TOOLCHAIN:-stable}"
+if [ "$TOOLCHAIN" = stable ]; then
+  export RUSTC_BOOTSTRAP=1
+fi
+
+# The longest input each target tries: room for a few options or a few dozen requests
+# with write payloads, and for a manifest of a few hundred chunks.
+max_len() {
+  case "$1" in
+    nbd_handshake) echo 8192 ;;
+    nbd_requests) echo 16384 ;;
+    manifest_parse) echo 16384 ;;
+    *) echo 4096 ;;
+  esac
+}
+
+dict() {
+  case "$1" in
+    nbd_*) echo dicts/nbd.dict ;;
+    manifest_*) echo dicts/manifest.dict ;;
+  esac
+}
+
+echo "== building the fuzz targets (toolchain $TOOLCHAIN)"
+(cd fuzz && cargo "+$TOOLCHAIN" fuzz build --debug-assertions)
+
+failed=()
+for target in "${TARGETS[@]}"; do
+  echo "== fuzzing $target for ${SECONDS_PER_TARGET}s"
+  corpus="fuzz/corpus/$target"
+  mkdir -p "$corpus"
+  # cargo fuzz runs from fuzz/; paths handed to libFuzzer are relative to it.
+  if (cd fuzz && cargo "+$TOOLCHAIN" fuzz run --debug-assertions "$target" \
+        "corpus/$target" "seeds/$target" -- \
+        -max_total_time="$SECONDS_PER_TARGET" \
+        -timeout="$TIMEOUT_SECONDS" \
+        -rss_limit_mb="$RSS_LIMIT_MB" \
+        -max_len="$(max_len "$target")" \
+        -dict="$(dict "$target")" \
+        -print_final_stats=1); then
+    echo "== $target: no crash in ${SECONDS_PER_TARGET}s ($(ls "$corpus" | wc -l) inputs in the corpus)"
+  else
+    echo "== $target: CRASHED; the input is in fuzz/artifacts/$target/" >&2
+    failed+=("$target")
+  fi
+done
+
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "fuzzing found crashes in: ${failed[*]}" >&2
+  echo "reproduce one with: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET artifacts/TARGET/crash-...)" >&2
+  exit 1
+fi
+echo "fuzzing: ${#TARGETS[@]} targets, no crash"

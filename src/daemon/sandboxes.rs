@@ -1,0 +1,202 @@
+//! Sandboxes on this node: each a private copy-on-write overlay over a template,
+//! served read-write over NBD (export name = sandbox id) and as
+//! `<fuse>/sandboxes/<sb>`. Overlays live under `<cache>/overlays/<sb>/` and are
+//! reopened at start with their block maps.
+
+use std::sync::Arc;
+
+use lazyblk_cache::overlay::{Overlay, OverlayError, OverlayMeta};
+use lazyblk_cache::validate_id;
+use serde::Serialize;
+
+use crate::daemon::node::{Lease, Node, NodeError, Replica};
+use crate::daemon::users::Users;
+
+/// Why a sandbox operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid sandbox id: {0}")]
+    InvalidId(String),
+    /// The sandbox exists already.
+    #[error("sandbox {0:?} already exists on this node")]
+    Exists(String),
+    /// Export names are shared by templates and sandboxes.
+    #[error("{0:?} is a template id; sandbox ids and template ids must differ")]
+    NameTaken(String),
+    #[error("unknown sandbox {0:?} on this node")]
+    Unknown(String),
+    #[error("sandbox {sandbox:?} is in use by {}; use --force to override", .users.join(", "))]
+    InUse { sandbox: String, users: Vec<String> },
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+}
+
+/// One sandbox: its overlay, and the hold it keeps on its template.
+pub struct Sandbox {
+    pub overlay: Arc<Overlay>,
+    /// Marks the template in use ("overlay SB") for as long as the overlay exists.
+    template: Lease,
+    /// NBD connections and open FUSE files using the overlay.
+    pub users: Arc<Users>,
+}
+
+impl Sandbox {
+    pub fn id(&self) -> &str {
+        self.overlay.sandbox()
+    }
+
+    pub fn template(&self) -> &Arc<Replica> {
+        self.template.replica()
+    }
+}
+
+/// A sandbox as the API shows it.
+#[derive(Serialize)]
+pub struct SandboxStatus {
+    pub sandbox: String,
+    pub template: String,
+    pub size: u64,
+    pub written_bytes: u64,
+    pub zeroed_bytes: u64,
+    pub bytes_on_disk: u64,
+    pub users: Vec<String>,
+    pub created_at: String,
+}
+
+impl Sandbox {
+    pub fn status(&self) -> SandboxStatus {
+        let stats = self.overlay.stats();
+        let block = lazyblk_cache::manifest::BLOCK_SIZE;
+        SandboxStatus {
+            sandbox: self.id().to_string(),
+            template: self.template().id().to_string(),
+            size: self.overlay.size(),
+            written_bytes: stats.blocks_data * block,
+            zeroed_bytes: stats.blocks_zero * block,
+            bytes_on_disk: stats.bytes_on_disk,
+            users: self.users.names(),
+            created_at: self.overlay.meta().created_at.clone(),
+        }
+    }
+}
+
+impl Node {
+    fn overlay_dir(&self, sandbox: &str) -> std::path::PathBuf {
+        self.overlays_dir.join(sandbox)
+    }
+
+    /// The sandbox `id`, if it exists on this node.
+    pub fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
+        self.sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every sandbox, by id.
+    pub fn sandboxes(&self) -> Vec<Arc<Sandbox>> {
+        let mut all: Vec<_> = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.id().cmp(b.id()));
+        all
+    }
+
+    fn register(&self, replica: &Arc<Replica>, overlay: Overlay) -> Arc<Sandbox> {
+        let id = overlay.sandbox().to_string();
+        let sandbox = Arc::new(Sandbox {
+            template: replica.lease(format!("overlay {id}")),
+            overlay: Arc::new(overlay),
+            users: Arc::default(),
+        });
+        self.sandboxes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, sandbox.clone());
+        sandbox
+    }
+
+    /// Creates sandbox `id`'s overlay over `template`.
+    pub async fn create_sandbox(
+        &self,
+        template: &str,
+        id: &str,
+    ) -> Result<Arc<Sandbox>, SandboxError> {
+        validate_id(id).map_err(|e| SandboxError::InvalidId(e.to_string()))?;
+        let _one_at_a_time = self.creating.lock().await;
+        if self.sandbox(id).is_some() {
+            return Err(SandboxError::Exists(id.to_string()));
+        }
+        if self.known(id).is_some() || matches!(self.store.manifest(id).await, Ok(Some(_))) {
+            return Err(SandboxError::NameTaken(id.to_string()));
+        }
+        let replica = self.replica(template).await?;
+        let overlay = Overlay::create(self.overlay_dir(id), id, replica.image.clone()).await?;
+        tracing::info!(sandbox = id, template, "overlay created");
+        Ok(self.register(&replica, overlay))
+    }
+
+    /// Deletes sandbox `id` and its overlay's files. Refused while in use, unless
+    /// `force` (users then keep their open files until they close them).
+    pub async fn delete_sandbox(&self, id: &str, force: bool) -> Result<(), SandboxError> {
+        let sandbox = self
+            .sandbox(id)
+            .ok_or_else(|| SandboxError::Unknown(id.to_string()))?;
+        let users = sandbox.users.names();
+        if !users.is_empty() && !force {
+            return Err(SandboxError::InUse {
+                sandbox: id.to_string(),
+                users,
+            });
+        }
+        self.sandboxes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Overlay::remove_dir(self.overlay_dir(id)).await?;
+        tracing::info!(sandbox = id, "overlay deleted");
+        Ok(())
+    }
+
+    /// Reopens the overlays found under the overlays directory.
+    pub async fn restore_sandboxes(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.overlays_dir) else {
+            return 0;
+        };
+        let mut restored = 0;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let meta = match OverlayMeta::load(&dir) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "skipping overlay directory");
+                    continue;
+                }
+            };
+            let replica = match self.replica(&meta.template).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(sandbox = %meta.sandbox, error = %e, "cannot reopen overlay: its template is unavailable");
+                    continue;
+                }
+            };
+            match Overlay::open(&dir, replica.image.clone()).await {
+                Ok(overlay) => {
+                    self.register(&replica, overlay);
+                    restored += 1;
+                }
+                Err(e) => {
+                    tracing::error!(sandbox = %meta.sandbox, error = %e, "cannot reopen overlay")
+                }
+            }
+        }
+        restored
+    }
+}
