@@ -34,9 +34,6 @@ impl Users {
             .collect()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
-    }
 }
 
 /// One use; dropping it ends the use.
