@@ -104,6 +104,10 @@ pub struct DaemonArgs {
     /// Seconds without a new chunk read after which a trace is published early.
     #[arg(long, default_value = "10")]
     pub trace_quiet: f64,
+    /// Seconds a commit's upload to the store waits before it starts (the template is
+    /// served from this node meanwhile).
+    #[arg(long, default_value = "0")]
+    pub upload_delay: f64,
     /// Bearer token sent with chunk reads to the store and origins.
     #[arg(long, env = "LAZYBLK_READ_TOKEN")]
     pub read_token: Option<String>,

@@ -196,6 +196,7 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
         while let Some(joined) = self.tasks.try_join_next() {
             report_panic(joined, self.peer);
         }
+        // The semaphore is never closed; `Err` cannot happen.
         let Ok(slot) = Arc::clone(&self.requests).acquire_owned().await else {
             return Ok(Some(End::WriterGone));
         };

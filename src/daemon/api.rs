@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use lazyblk_cache::Digest;
 use serde::Serialize;
 
+use crate::daemon::commit::{CommitError, CommitOutcome};
 use crate::daemon::fill::{FillError, FillScheduler};
 use crate::daemon::node::{Node, NodeError, Replica};
 use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
@@ -45,16 +46,33 @@ impl From<FillError> for ApiError {
     }
 }
 
+fn sandbox_status(e: &SandboxError) -> StatusCode {
+    match e {
+        SandboxError::InvalidId(_) => StatusCode::BAD_REQUEST,
+        SandboxError::Exists(_) | SandboxError::NameTaken(_) | SandboxError::InUse { .. } => {
+            StatusCode::CONFLICT
+        }
+        SandboxError::Unknown(_) => StatusCode::NOT_FOUND,
+        SandboxError::Node(n) => node_status(n),
+        SandboxError::Overlay(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> ApiError {
+        ApiError(sandbox_status(&e), e.to_string())
+    }
+}
+
+impl From<CommitError> for ApiError {
+    fn from(e: CommitError) -> ApiError {
         let status = match &e {
-            SandboxError::InvalidId(_) => StatusCode::BAD_REQUEST,
-            SandboxError::Exists(_) | SandboxError::NameTaken(_) | SandboxError::InUse { .. } => {
-                StatusCode::CONFLICT
-            }
-            SandboxError::Unknown(_) => StatusCode::NOT_FOUND,
-            SandboxError::Node(n) => node_status(n),
-            SandboxError::Overlay(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            CommitError::InvalidId(_) => StatusCode::BAD_REQUEST,
+            CommitError::Exists(_) => StatusCode::CONFLICT,
+            CommitError::Sandbox(s) => sandbox_status(s),
+            CommitError::Node(n) => node_status(n),
+            CommitError::Publish { .. } => StatusCode::BAD_GATEWAY,
+            CommitError::Local { .. } => StatusCode::INSUFFICIENT_STORAGE,
         };
         ApiError(status, e.to_string())
     }
@@ -88,6 +106,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/overlays/{sb}",
             get(overlay_status).delete(delete_overlay),
         )
+        .route("/v1/overlays/{sb}/commit", post(commit_overlay))
         .route("/v1/chunks/{digest}", get(chunk).head(chunk))
         .with_state(state)
 }
@@ -97,6 +116,9 @@ pub fn router(state: ApiState) -> Router {
 pub struct ReplicaStatus {
     pub template: String,
     pub phase: String,
+    /// For templates this node committed: ORIGIN_ONLY, UPLOADING or DURABLE.
+    pub durability: Option<String>,
+    pub pending_upload_chunks: Option<usize>,
     pub last_error_at: Option<String>,
     pub size: u64,
     pub chunk_size: u32,
@@ -114,6 +136,7 @@ pub struct ReplicaStatus {
 pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
     let manifest = replica.manifest();
     let bytes = node.metrics.template_bytes(replica.id());
+    let upload = node.uploads.status(replica.id());
     let (phase, fill_error, fill_error_at) = {
         let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         (
@@ -125,6 +148,8 @@ pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
     ReplicaStatus {
         template: replica.id().to_string(),
         phase: phase.as_str().to_string(),
+        durability: upload.as_ref().map(|u| u.durability.clone()),
+        pending_upload_chunks: upload.as_ref().map(|u| u.pending_chunks),
         last_error_at: fill_error_at,
         size: manifest.size,
         chunk_size: manifest.chunk_size,
@@ -248,6 +273,21 @@ async fn delete_overlay(
 ) -> Result<StatusCode, ApiError> {
     state.node.delete_sandbox(&sb, query.force).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Body of `POST /v1/overlays/{sb}/commit`.
+#[derive(serde::Deserialize)]
+pub struct CommitBody {
+    pub template: String,
+}
+
+async fn commit_overlay(
+    State(state): State<ApiState>,
+    Path(sb): Path<String>,
+    Json(body): Json<CommitBody>,
+) -> Result<(StatusCode, Json<CommitOutcome>), ApiError> {
+    let outcome = state.node.commit_sandbox(&sb, &body.template).await?;
+    Ok((StatusCode::CREATED, Json(outcome)))
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -6,6 +6,8 @@
 //! - [`node`]: the [`node::Node`] (cache, store client, replicas) and [`node::Replica`].
 //! - [`sandboxes`]: sandbox overlays (create, delete, reopen at start).
 //! - [`exports`]: the export objects that the NBD server and the FUSE mount serve.
+//! - [`commit`]: a sandbox into a new template; [`upload`]: its new chunks to the
+//!   store in the background (ORIGIN_ONLY -> UPLOADING -> DURABLE).
 //! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
 //! - [`counters`]: Prometheus metrics and per-template byte counts.
@@ -14,6 +16,7 @@
 //! - [`api`]: the HTTP API.
 
 pub mod api;
+pub mod commit;
 pub mod counters;
 pub mod exports;
 pub mod fill;
@@ -21,6 +24,7 @@ pub mod node;
 pub mod sandboxes;
 pub mod state;
 pub mod trace;
+pub mod upload;
 pub mod users;
 
 use std::future::IntoFuture;
@@ -81,11 +85,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
                 window: Duration::from_secs_f64(args.trace_window.max(0.0)),
                 quiet: Duration::from_secs_f64(args.trace_quiet.max(0.0)),
             },
+            Duration::from_secs_f64(args.upload_delay.max(0.0)),
         )
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,
     );
     let restored = node.restore();
     let sandboxes = node.restore_sandboxes().await;
+    node.resume_uploads().await;
     let db_path = args.cache.join("state.db");
     let db = Arc::new(
         StateDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?,

@@ -12,6 +12,7 @@ use crate::daemon::fill::FillState;
 use crate::daemon::sandboxes::Sandbox;
 use crate::daemon::state::Phase;
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
+use crate::daemon::upload::Uploads;
 use crate::daemon::users::{UserLease, Users};
 use crate::store::client::StoreClient;
 
@@ -106,6 +107,8 @@ pub struct Node {
     pub cache: Arc<ChunkCache>,
     pub store: StoreClient,
     pub metrics: Arc<DaemonMetrics>,
+    /// Uploads of committed templates' new chunks to the store.
+    pub uploads: Arc<Uploads>,
     /// The URL peers reach this daemon at; never used as a source of its own.
     pub advertise: String,
     /// Bearer token sent with chunk reads to origins and the store.
@@ -133,12 +136,14 @@ impl Node {
         read_token: Option<String>,
         state_dir: PathBuf,
         trace_timing: TraceTiming,
+        upload_delay: std::time::Duration,
     ) -> std::io::Result<Node> {
         let manifests_dir = state_dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir)?;
         let overlays_dir = state_dir.join("overlays");
         std::fs::create_dir_all(&overlays_dir)?;
         Ok(Node {
+            uploads: Uploads::new(store.clone(), cache.clone(), upload_delay),
             cache,
             store,
             metrics,
@@ -307,6 +312,16 @@ impl Node {
             }
         }
         learned
+    }
+
+    /// Uploads what the store still lacks of every template this node originated (at
+    /// start: an upload cut off by a restart resumes).
+    pub async fn resume_uploads(&self) {
+        for replica in self.replicas() {
+            if replica.manifest().origins.first() == Some(&self.advertise) {
+                self.uploads.resume(replica).await;
+            }
+        }
     }
 
     /// Names of the templates offered: those the store lists, and those known here.

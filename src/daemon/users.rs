@@ -33,7 +33,6 @@ impl Users {
             .cloned()
             .collect()
     }
-
 }
 
 /// One use; dropping it ends the use.
