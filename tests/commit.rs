@@ -147,7 +147,7 @@ fn a_commit_is_servable_on_every_node_at_once_and_durable_after() {
     println!("commit: {outcome}");
     assert_eq!(outcome["parent"], "t");
     let new_chunks = outcome["new_chunks"].as_u64().unwrap();
-    assert!(new_chunks >= 3 && new_chunks < 20, "{outcome}");
+    assert!((3..20).contains(&new_chunks), "{outcome}");
     assert!(
         outcome["shared_chunks"].as_u64().unwrap() >= 8,
         "unchanged chunks keep the parent's digests: {outcome}"

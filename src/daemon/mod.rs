@@ -39,7 +39,7 @@ use crate::cli::DaemonArgs;
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::exports::{FuseFiles, NbdExports};
 use crate::daemon::fill::{FillConfig, FillScheduler};
-use crate::daemon::node::Node;
+use crate::daemon::node::{Node, NodeConfig};
 use crate::daemon::state::StateDb;
 use crate::daemon::trace::TraceTiming;
 use crate::store::client::StoreClient;
@@ -78,14 +78,16 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             cache.clone(),
             store,
             metrics,
-            advertise.clone(),
-            args.read_token.clone(),
-            args.cache.clone(),
-            TraceTiming {
-                window: Duration::from_secs_f64(args.trace_window.max(0.0)),
-                quiet: Duration::from_secs_f64(args.trace_quiet.max(0.0)),
+            NodeConfig {
+                advertise: advertise.clone(),
+                read_token: args.read_token.clone(),
+                state_dir: args.cache.clone(),
+                trace_timing: TraceTiming {
+                    window: Duration::from_secs_f64(args.trace_window.max(0.0)),
+                    quiet: Duration::from_secs_f64(args.trace_quiet.max(0.0)),
+                },
+                upload_delay: Duration::from_secs_f64(args.upload_delay.max(0.0)),
             },
-            Duration::from_secs_f64(args.upload_delay.max(0.0)),
         )
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,
     );

@@ -127,31 +127,40 @@ pub struct Node {
     loading: tokio::sync::Mutex<()>,
 }
 
+/// The settings a node is built with.
+pub struct NodeConfig {
+    /// The URL peers reach this daemon at.
+    pub advertise: String,
+    /// Bearer token sent with chunk reads to origins and the store.
+    pub read_token: Option<String>,
+    /// Where manifests and overlays are kept (the cache directory).
+    pub state_dir: PathBuf,
+    pub trace_timing: TraceTiming,
+    /// How long a commit's upload waits before it starts.
+    pub upload_delay: std::time::Duration,
+}
+
 impl Node {
     pub fn new(
         cache: Arc<ChunkCache>,
         store: StoreClient,
         metrics: Arc<DaemonMetrics>,
-        advertise: String,
-        read_token: Option<String>,
-        state_dir: PathBuf,
-        trace_timing: TraceTiming,
-        upload_delay: std::time::Duration,
+        config: NodeConfig,
     ) -> std::io::Result<Node> {
-        let manifests_dir = state_dir.join("manifests");
+        let manifests_dir = config.state_dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir)?;
-        let overlays_dir = state_dir.join("overlays");
+        let overlays_dir = config.state_dir.join("overlays");
         std::fs::create_dir_all(&overlays_dir)?;
         Ok(Node {
-            uploads: Uploads::new(store.clone(), cache.clone(), upload_delay),
+            uploads: Uploads::new(store.clone(), cache.clone(), config.upload_delay),
             cache,
             store,
             metrics,
-            advertise,
-            read_token,
+            advertise: config.advertise,
+            read_token: config.read_token,
             manifests_dir,
             replicas: RwLock::new(HashMap::new()),
-            trace_timing,
+            trace_timing: config.trace_timing,
             overlays_dir,
             sandboxes: RwLock::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
