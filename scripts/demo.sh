@@ -46,8 +46,10 @@ step "publish it: 1 MiB chunks named by sha256, zero chunks skipped"
 "$bin" publish "$dir/template.img" --template demo --store "$store"
 "$bin" templates --store "$store"
 
-step "start a node daemon: NBD on unix:$sock, API on $node"
-LAZYBLK_LOG=warn "$bin" daemon --cache "$dir/cache" --store "$store" --listen "127.0.0.1:$node_port" --nbd "unix:$sock" &
+fuse_args=()
+if [ "$(id -u)" -eq 0 ] && [ -e /dev/fuse ]; then fuse_args=(--fuse "$dir/fuse"); fi
+step "start a node daemon: NBD on unix:$sock, API on $node ${fuse_args[*]:+, FUSE at $dir/fuse}"
+LAZYBLK_LOG=warn "$bin" daemon --cache "$dir/cache" --store "$store" --listen "127.0.0.1:$node_port" --nbd "unix:$sock" "${fuse_args[@]}" &
 pids+=($!)
 wait_http "$node/healthz"
 
@@ -68,6 +70,22 @@ echo "  bytes fetched from the store: $(served)"
 step "warm the replica to READY and look at it as an operator"
 "$bin" warm demo --wait --node "$node"
 "$bin" status --node "$node"
+
+step "a sandbox: a copy-on-write overlay over the template, written over NBD, committed"
+"$bin" overlay create demo --sandbox sb1 --node "$node" >/dev/null
+qemu-io -f raw -c "write -P 0x5a 200M 4M" -c flush "nbd+unix:///sb1?socket=$sock" | tail -1
+"$bin" commit sb1 --template demo-v2 --node "$node"
+"$bin" templates --store "$store"
+
+if ((${#fuse_args[@]})); then
+  step "the FUSE view: templates and sandboxes as files, mounted through a loop device"
+  ls -l "$dir/fuse/templates" "$dir/fuse/sandboxes"
+  mkdir -p "$dir/mnt"
+  loopdev=$(losetup -r --find --show "$dir/fuse/templates/demo")
+  mount -o ro "$loopdev" "$dir/mnt"
+  echo "  $(cat "$dir/mnt/hello.txt")   (read through $loopdev -> $dir/fuse/templates/demo)"
+  umount "$dir/mnt"; losetup -d "$loopdev"
+fi
 
 echo
 echo "Demo files are in $dir. The store and daemon stop when this script exits."
