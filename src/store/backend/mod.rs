@@ -10,7 +10,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -18,7 +18,9 @@ use lazyblk_cache::digest::DigestWriter;
 use lazyblk_cache::{Digest, Manifest, ManifestError};
 use tokio::io::AsyncWriteExt;
 
-use super::{Durability, GcReport, TemplateSummary, TraceDoc};
+use super::{Durability, TemplateSummary, TraceDoc};
+
+mod gc;
 
 /// The largest chunk body accepted: the largest chunk size a manifest may have.
 pub const MAX_CHUNK_BODY: u64 = lazyblk_cache::manifest::MAX_CHUNK_SIZE as u64;
@@ -401,14 +403,6 @@ impl DirBackend {
         .await?;
         Ok(ChunkPut::Stored(len))
     }
-
-    /// Deletes chunks no manifest references and that were not written or confirmed
-    /// within `grace`. Refuses to delete anything while a manifest is unreadable.
-    pub async fn gc(&self, grace: Duration) -> Result<GcReport, BackendError> {
-        let _guard = self.manifests_lock.lock().await;
-        let root = self.root.clone();
-        blocking(move || sweep(&root, grace)).await
-    }
 }
 
 /// Writes one chunk body to `file`, enforcing the size limit and checking the digest.
@@ -552,58 +546,6 @@ fn template_ids(dir: &Path) -> Result<Vec<String>, BackendError> {
     }
     ids.sort();
     Ok(ids)
-}
-
-/// The gc sweep: the referenced set from every manifest, then every chunk file.
-fn sweep(root: &Path, grace: Duration) -> Result<GcReport, BackendError> {
-    let manifests = root.join("manifests");
-    let mut referenced = HashSet::new();
-    for id in template_ids(&manifests)? {
-        let path = manifests.join(format!("{id}.json"));
-        let bytes = fs::read(&path).map_err(io_err("reading", &path))?;
-        let manifest = Manifest::parse(&bytes, Some(&id))
-            .map_err(|source| BackendError::Corrupt { path, source })?;
-        referenced.extend(manifest.stored_chunks().map(|(_, d)| d));
-    }
-    let cutoff = SystemTime::now()
-        .checked_sub(grace)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let mut report = GcReport::default();
-    let chunks = root.join("chunks");
-    for shard in fs::read_dir(&chunks).map_err(io_err("listing", &chunks))? {
-        let shard = shard.map_err(io_err("listing", &chunks))?.path();
-        if !shard.is_dir() {
-            continue;
-        }
-        let mut removed = false;
-        for entry in fs::read_dir(&shard).map_err(io_err("listing", &shard))? {
-            let path = entry.map_err(io_err("listing", &shard))?.path();
-            let Some(digest) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.parse::<Digest>().ok())
-            else {
-                continue;
-            };
-            if referenced.contains(&digest) {
-                report.chunks_referenced += 1;
-                continue;
-            }
-            let meta = fs::metadata(&path).map_err(io_err("reading metadata of", &path))?;
-            if meta.modified().map(|m| m > cutoff).unwrap_or(false) {
-                report.chunks_recent += 1;
-                continue;
-            }
-            fs::remove_file(&path).map_err(io_err("removing", &path))?;
-            report.chunks_deleted += 1;
-            report.bytes_freed += meta.len();
-            removed = true;
-        }
-        if removed {
-            sync_dir(&shard)?;
-        }
-    }
-    Ok(report)
 }
 
 /// Reads a whole file; `None` when it does not exist.
