@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
@@ -84,7 +85,58 @@ impl Drop for DemandGuard<'_> {
     }
 }
 
-type Outcome = Option<Result<ChunkFile, Arc<FetchError>>>;
+/// A chunk a reader can read: its file in the cache, or its verified bytes in memory
+/// while the file is being written (a reader never waits for the cache's fsync).
+#[derive(Clone, Debug)]
+pub enum Chunk {
+    File(ChunkFile),
+    Verified { digest: Digest, bytes: Bytes },
+}
+
+impl Chunk {
+    /// Reads `buf.len()` bytes at `offset` within the chunk.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ChunkStoreError> {
+        match self {
+            Chunk::File(f) => f.read_at(offset, buf),
+            Chunk::Verified { digest, bytes } => {
+                let start = offset as usize;
+                let piece =
+                    bytes
+                        .get(start..start + buf.len())
+                        .ok_or_else(|| ChunkStoreError::Read {
+                            digest: *digest,
+                            source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                        })?;
+                buf.copy_from_slice(piece);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            Chunk::File(f) => f.len,
+            Chunk::Verified { bytes, .. } => bytes.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The state of one fetch, as its readers see it.
+#[derive(Clone)]
+enum Progress {
+    Fetching,
+    /// Verified bytes, being written to the cache.
+    Verified(Bytes),
+    /// The chunk is in the cache (or could not be written there).
+    Stored(Result<ChunkFile, Arc<FetchError>>),
+    Failed(Arc<FetchError>),
+}
+
+type Outcome = Progress;
 
 /// The node's chunks, local and in flight.
 pub struct ChunkCache {
@@ -121,21 +173,22 @@ impl ChunkCache {
             .contains_key(digest)
     }
 
-    /// The local chunk, fetching it from `sources` first if needed.
+    /// The chunk for a demand read: local, or fetched from `sources` (answered as soon
+    /// as its bytes are verified, while they are still being written to the cache).
     pub async fn get(
         self: &Arc<Self>,
         chunk: &ChunkRef,
         sources: &Arc<[Source]>,
-    ) -> Result<ChunkFile, Arc<FetchError>> {
+    ) -> Result<Chunk, Arc<FetchError>> {
         if let Some(file) = self.local(chunk)? {
             self.observer.hit(&chunk.template);
-            return Ok(file);
+            return Ok(Chunk::File(file));
         }
         self.observer.miss(&chunk.template);
         self.demand_waiting.fetch_add(1, Ordering::Relaxed);
         // Decrements even when the reader goes away mid-fetch.
         let _waiting = DemandGuard(&self.demand_waiting);
-        self.fetch(chunk, sources).await
+        self.wait(chunk, sources, false).await
     }
 
     /// Demand reads waiting for a fetch now (background work yields to them).
@@ -154,16 +207,40 @@ impl ChunkCache {
         })
     }
 
-    /// Makes the chunk local (joining a fetch under way), without counting a read.
+    /// Makes the chunk local (joining a fetch under way) and returns its file, without
+    /// counting a read: for fills and prefetches, which need the chunk on disk.
     pub async fn fetch(
         self: &Arc<Self>,
         chunk: &ChunkRef,
         sources: &Arc<[Source]>,
     ) -> Result<ChunkFile, Arc<FetchError>> {
+        match self.wait(chunk, sources, true).await? {
+            Chunk::File(f) => Ok(f),
+            Chunk::Verified { .. } => unreachable_verified(chunk),
+        }
+    }
+
+    /// Joins or starts the chunk's fetch and waits until it is readable (or, with
+    /// `stored`, until it is in the cache).
+    async fn wait(
+        self: &Arc<Self>,
+        chunk: &ChunkRef,
+        sources: &Arc<[Source]>,
+        stored: bool,
+    ) -> Result<Chunk, Arc<FetchError>> {
         let mut outcome = self.join_or_start(chunk, sources)?;
         loop {
-            if let Some(result) = outcome.borrow_and_update().clone() {
-                return result;
+            match &*outcome.borrow_and_update() {
+                Progress::Fetching => {}
+                Progress::Verified(bytes) if !stored => {
+                    return Ok(Chunk::Verified {
+                        digest: chunk.digest,
+                        bytes: bytes.clone(),
+                    })
+                }
+                Progress::Verified(_) => {}
+                Progress::Stored(result) => return result.clone().map(Chunk::File),
+                Progress::Failed(e) => return Err(e.clone()),
             }
             if outcome.changed().await.is_err() {
                 // The fetching task ended without an outcome (the runtime shut down).
@@ -188,26 +265,31 @@ impl ChunkCache {
         }
         // The chunk may have landed between our miss and taking the lock.
         if let Some(file) = self.local(chunk)? {
-            let (_tx, rx) = watch::channel(Some(Ok(file)));
+            let (_tx, rx) = watch::channel(Progress::Stored(Ok(file)));
             return Ok(rx);
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(Progress::Fetching);
         inflight.insert(chunk.digest, rx.clone());
         drop(inflight);
         let cache = self.clone();
         let chunk = chunk.clone();
         let sources = sources.clone();
         tokio::spawn(async move {
-            let result = cache
-                .fetch_verified(&chunk, &sources)
-                .await
-                .map_err(Arc::new);
+            // Readers see the verified bytes at once; the fetch stays registered until
+            // the file is written, so a later reader joins it instead of fetching again.
+            let progress = match cache.fetch_verified(&chunk, &sources).await {
+                Ok(bytes) => {
+                    let _ = tx.send(Progress::Verified(bytes.clone()));
+                    Progress::Stored(cache.write(&chunk, bytes).await.map_err(Arc::new))
+                }
+                Err(e) => Progress::Failed(Arc::new(e)),
+            };
             cache
                 .inflight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&chunk.digest);
-            let _ = tx.send(Some(result));
+            let _ = tx.send(progress);
         });
         Ok(rx)
     }
@@ -216,7 +298,7 @@ impl ChunkCache {
         self: &Arc<Self>,
         chunk: &ChunkRef,
         sources: &[Source],
-    ) -> Result<ChunkFile, FetchError> {
+    ) -> Result<Bytes, FetchError> {
         let mut errors = Vec::new();
         for pass in 0..FETCH_PASSES {
             if pass > 0 {
@@ -224,7 +306,7 @@ impl ChunkCache {
             }
             for source in sources {
                 match self.fetch_from(chunk, source).await {
-                    Ok(Some(bytes)) => return self.write(chunk, bytes).await,
+                    Ok(Some(bytes)) => return Ok(bytes),
                     Ok(None) => errors.push(format!("{}: digest mismatch", source.name())),
                     Err(e) => {
                         self.observer.source_failed(chunk, source.name(), &e);
@@ -255,7 +337,7 @@ impl ChunkCache {
         &self,
         chunk: &ChunkRef,
         source: &Source,
-    ) -> Result<Option<bytes::Bytes>, SourceError> {
+    ) -> Result<Option<Bytes>, SourceError> {
         let started = Instant::now();
         let bytes = source
             .fetch(&chunk.digest, chunk.len, self.deadline)
@@ -285,7 +367,7 @@ impl ChunkCache {
     async fn write(
         self: &Arc<Self>,
         chunk: &ChunkRef,
-        bytes: bytes::Bytes,
+        bytes: Bytes,
     ) -> Result<ChunkFile, FetchError> {
         let digest = chunk.digest;
         let cache = self.clone();
@@ -305,4 +387,15 @@ impl ChunkCache {
             source,
         })
     }
+}
+
+/// `wait(.., stored: true)` only returns files; reaching a verified-only chunk there is a
+/// bug in this module, reported as an error rather than a panic.
+fn unreachable_verified(chunk: &ChunkRef) -> Result<ChunkFile, Arc<FetchError>> {
+    Err(Arc::new(FetchError::Exhausted {
+        template: chunk.template.clone(),
+        index: chunk.index,
+        digest: chunk.digest,
+        errors: vec!["internal: fetch returned before the chunk was stored".into()],
+    }))
 }

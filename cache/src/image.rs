@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::future::try_join_all;
 
 use crate::chunk_store::{ChunkFile, ChunkStoreError};
-use crate::fetch::{ChunkCache, ChunkRef, FetchError};
+use crate::fetch::{Chunk, ChunkCache, ChunkRef, FetchError};
 use crate::manifest::Manifest;
 use crate::source::Source;
 
@@ -107,7 +107,7 @@ impl TemplateImage {
     }
 
     /// Chunk `index`, fetched if needed (a demand read: counted as hit or miss).
-    pub async fn chunk(&self, index: usize) -> Result<Option<ChunkFile>, ReadError> {
+    pub async fn chunk(&self, index: usize) -> Result<Option<Chunk>, ReadError> {
         match self.chunk_ref(index) {
             Some(c) => Ok(Some(self.cache.get(&c, &self.sources).await?)),
             None => Ok(None),
@@ -159,12 +159,7 @@ impl TemplateImage {
         Ok(())
     }
 
-    fn copy_out(
-        &self,
-        file: Option<&ChunkFile>,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), ReadError> {
+    fn copy_out(&self, file: Option<&Chunk>, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         match file {
             Some(f) => f.read_at(offset, buf).map_err(|source| ReadError::Local {
                 template: self.id.clone(),

@@ -32,7 +32,7 @@ pub mod source;
 pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
 pub use digest::Digest;
 pub use fetch::{
-    ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, DEFAULT_SOURCE_DEADLINE,
+    Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, DEFAULT_SOURCE_DEADLINE,
 };
 pub use image::{ImageExtent, ReadError, TemplateImage};
 pub use manifest::{validate_id, Manifest, ManifestError};
