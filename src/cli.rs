@@ -42,6 +42,10 @@ pub enum Command {
     Overlay(OverlayCommand),
     /// Commit a sandbox's overlay into a new template.
     Commit(CommitArgs),
+    /// Connect the kernel's NBD client (/dev/nbdN) to an export of a node; prints the device.
+    Attach(AttachArgs),
+    /// Disconnect a kernel NBD device attached with `lazyblk attach`.
+    Detach(DetachArgs),
     /// Remove a template (manifest and trace) from the store; its chunks stay until gc.
     Delete(DeleteArgs),
     /// Delete the store's chunks that no manifest references.
@@ -266,6 +270,31 @@ pub struct CommitArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AttachArgs {
+    /// A template id (read-only device) or sandbox id (read-write device).
+    pub export: String,
+    /// The device to use, /dev/nbdN; the first free one when omitted.
+    #[arg(long)]
+    pub device: Option<String>,
+    #[command(flatten)]
+    pub node: NodeArg,
+    /// Print JSON (device, export, size, read_only).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DetachArgs {
+    /// The device, /dev/nbdN.
+    pub device: String,
+    #[command(flatten)]
+    pub node: NodeArg,
+    /// Detach even if the device is mounted or held open (its I/O then fails).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Parses sizes such as `4096`, `64K`, `1M`, `20G`, `1T` (powers of 1024).

@@ -1,12 +1,14 @@
 //! The commands that talk to a node daemon over its HTTP API: `status`, `warm`,
-//! `evict`, `overlay` and `commit`.
+//! `evict`, `overlay`, `commit`, `attach` and `detach`.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::cli::{CommitArgs, EvictArgs, OverlayCommand, StatusArgs, WarmArgs};
+use crate::cli::{
+    AttachArgs, CommitArgs, DetachArgs, EvictArgs, OverlayCommand, StatusArgs, WarmArgs,
+};
 use crate::progress::Progress;
 
 /// How often `warm --wait` polls the daemon.
@@ -382,5 +384,44 @@ pub async fn commit(args: CommitArgs) -> anyhow::Result<()> {
             s(&r, "durability")
         );
     }
+    Ok(())
+}
+
+/// `lazyblk attach EXPORT [--device /dev/nbdN]`: prints the device path.
+pub async fn attach(args: AttachArgs) -> anyhow::Result<()> {
+    let node = NodeClient::new(&args.node.node);
+    let r = node
+        .post(
+            "/v1/attachments",
+            Some(serde_json::json!({ "export": args.export, "device": args.device })),
+        )
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", s(&r, "device"));
+    }
+    Ok(())
+}
+
+/// `lazyblk detach /dev/nbdN [--force]`.
+pub async fn detach(args: DetachArgs) -> anyhow::Result<()> {
+    let node = NodeClient::new(&args.node.node);
+    let name = args.device.trim_start_matches("/dev/");
+    if name.is_empty() || name.contains('/') {
+        bail!(
+            "{:?} is not an NBD device (expected /dev/nbdN)",
+            args.device
+        );
+    }
+    let query = if args.force { "?force=true" } else { "" };
+    let r = node
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/attachments/{name}{query}"),
+            None,
+        )
+        .await?;
+    println!("detached {} (export {})", s(&r, "device"), s(&r, "export"));
     Ok(())
 }

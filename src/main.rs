@@ -8,7 +8,7 @@
 //! - [`daemon`]: the node daemon: NBD and FUSE exports over the chunk cache, the
 //!   background fill, traces, the HTTP API, the state database.
 //! - [`control`]: the commands that talk to a daemon (status, warm, evict, overlay,
-//!   commit).
+//!   commit, attach, detach).
 //! - [`metrics`]: Prometheus counters shared by the daemon and the store.
 //!
 //! # Data flow
@@ -73,6 +73,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Evict(args) => control::evict(args).await,
         Command::Overlay(cmd) => control::overlay(cmd).await,
         Command::Commit(args) => control::commit(args).await,
+        Command::Attach(args) => control::attach(args).await,
+        Command::Detach(args) => control::detach(args).await,
         Command::Delete(args) => store::client::delete_command(args).await,
         Command::Gc(args) => store::client::gc_command(args).await,
     }

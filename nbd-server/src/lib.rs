@@ -8,6 +8,8 @@
 //! - [`server`]: [`Listener`] (TCP or unix socket), [`serve`] (accept until shutdown),
 //!   [`serve_connection`] (one connection on any stream), [`ServerConfig`].
 //! - [`proto`]: the wire format: constants and fixed headers.
+//! - [`kernel`]: the kernel's NBD client: connects `/dev/nbdN` to a server over a
+//!   socket (the client handshake, the driver's ioctls, the `NBD_DO_IT` thread).
 //! - `handshake`: option haggling up to the chosen export; `options` parses option
 //!   payloads.
 //! - `transmission`: the request loop; `request` checks each request, `reply` frames
@@ -45,6 +47,7 @@
 //!   payload at once (queued replies included).
 
 pub mod export;
+pub mod kernel;
 pub mod proto;
 pub mod server;
 

@@ -7,11 +7,12 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use lazyblk_cache::Digest;
 use serde::Serialize;
 
+use crate::daemon::attach::{self, AttachError, Attachments};
 use crate::daemon::commit::{CommitError, CommitOutcome};
 use crate::daemon::fill::{FillError, FillScheduler};
 use crate::daemon::node::{Node, NodeError, Replica};
@@ -22,6 +23,8 @@ use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
 pub struct ApiState {
     pub node: Arc<Node>,
     pub fill: Arc<FillScheduler>,
+    /// Kernel block devices (`/dev/nbdN`) attached to exports.
+    pub attachments: Arc<Attachments>,
     /// Bearer token required to read chunks, when configured.
     pub read_token: Option<String>,
 }
@@ -78,6 +81,12 @@ impl From<CommitError> for ApiError {
     }
 }
 
+impl From<AttachError> for ApiError {
+    fn from(e: AttachError) -> ApiError {
+        ApiError(e.status(), e.to_string())
+    }
+}
+
 fn node_status(e: &NodeError) -> StatusCode {
     match e {
         NodeError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
@@ -108,6 +117,8 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/overlays/{sb}/commit", post(commit_overlay))
         .route("/v1/chunks/{digest}", get(chunk).head(chunk))
+        .route("/v1/attachments", get(attach::list).post(attach::create))
+        .route("/v1/attachments/{device}", delete(attach::remove))
         .with_state(state)
 }
 

@@ -13,9 +13,11 @@
 //! - [`counters`]: Prometheus metrics and per-template byte counts.
 //! - [`fill`]: the background fill and the replica phases; [`state`]: the SQLite
 //!   database that keeps them across restarts.
+//! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
 //! - [`api`]: the HTTP API.
 
 pub mod api;
+pub mod attach;
 pub mod commit;
 pub mod counters;
 pub mod exports;
@@ -116,9 +118,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    let attachments = Arc::new(attach::Attachments::new(node.clone()));
     let api = api::router(api::ApiState {
         node: node.clone(),
         fill: fill.clone(),
+        attachments: attachments.clone(),
         read_token: args.read_token.clone(),
     });
     let http = tokio::spawn(
@@ -149,6 +153,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     wait_for_signal().await;
     tracing::info!("shutting down");
+    attachments.detach_all().await;
     let _ = shutdown_tx.send(true);
     fill.stop_all();
     let _ = nbd.await;

@@ -1,0 +1,560 @@
+//! The kernel's NBD client: connects `/dev/nbdN` to an NBD server over a socket through
+//! the driver's ioctl interface.
+//!
+//! [`attach`] runs the client half of the handshake on the socket ([`handshake`]) to
+//! learn the export's size and transmission flags, then a dedicated thread opens the
+//! device, configures it (`NBD_SET_BLKSIZE`, `NBD_SET_SIZE`, `NBD_SET_FLAGS`,
+//! `NBD_SET_TIMEOUT`), hands the socket over (`NBD_SET_SOCK`) and sits in `NBD_DO_IT`,
+//! which returns only when the device is disconnected. The driver binds the device to
+//! the task that configured it, so every setup ioctl and `NBD_DO_IT` run on that one
+//! thread. [`Connection::disconnect`] asks the kernel to disconnect (`NBD_DISCONNECT`)
+//! and waits for that thread.
+//!
+//! Devices are named by [`Device`]; whether one is connected is read from
+//! `/sys/block/nbdN/pid`, which the driver creates while a client is connected.
+
+pub mod handshake;
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use handshake::{ClientHandshakeError, ExportInfo};
+
+use crate::proto;
+
+/// The ioctl group of the NBD driver (`_IO(0xab, n)`).
+const NBD_IOCTL_TYPE: u64 = 0xab;
+
+/// One NBD ioctl: its request code and its name for error messages.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    name: &'static str,
+    code: u64,
+}
+
+/// `_IO(0xab, nr)`: no direction, no size; the argument is passed by value.
+const fn nbd_ioctl(name: &'static str, nr: u64) -> Request {
+    Request {
+        name,
+        code: (NBD_IOCTL_TYPE << 8) | nr,
+    }
+}
+
+const NBD_SET_SOCK: Request = nbd_ioctl("NBD_SET_SOCK", 0);
+const NBD_SET_BLKSIZE: Request = nbd_ioctl("NBD_SET_BLKSIZE", 1);
+const NBD_SET_SIZE: Request = nbd_ioctl("NBD_SET_SIZE", 2);
+const NBD_DO_IT: Request = nbd_ioctl("NBD_DO_IT", 3);
+const NBD_CLEAR_SOCK: Request = nbd_ioctl("NBD_CLEAR_SOCK", 4);
+const NBD_DISCONNECT: Request = nbd_ioctl("NBD_DISCONNECT", 8);
+const NBD_SET_TIMEOUT: Request = nbd_ioctl("NBD_SET_TIMEOUT", 9);
+const NBD_SET_FLAGS: Request = nbd_ioctl("NBD_SET_FLAGS", 10);
+
+/// The device's logical block size: templates are ext4 with 4 KiB blocks and overlays
+/// keep 4 KiB blocks, so the kernel never sends a request smaller than one block.
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// How long the kernel waits for one request before it gives up on the connection:
+/// well above the daemon's per-source fetch deadline, so a cold chunk that fails over
+/// to the next source is still answered in time.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the handshake on the socket may take: the server may load the template's
+/// manifest from the store before it answers.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the device gets to appear connected after `NBD_DO_IT` is entered.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a disconnect waits for in-flight requests to be answered and `NBD_DO_IT`
+/// to return before the socket is cut (`NBD_CLEAR_SOCK`).
+pub const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the device's sysfs state is polled while waiting for it.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long `/sys/block/nbd0` may take to appear after `modprobe nbd`.
+const MODPROBE_SETTLE: Duration = Duration::from_secs(2);
+
+/// The transmission flags the kernel client acts on; others (NBD_FLAG_SEND_DF,
+/// NBD_FLAG_SEND_CACHE: commands it never sends) are left out.
+const KERNEL_FLAGS: u16 = proto::FLAG_HAS_FLAGS
+    | proto::FLAG_READ_ONLY
+    | proto::FLAG_SEND_FLUSH
+    | proto::FLAG_SEND_FUA
+    | proto::FLAG_SEND_TRIM
+    | proto::FLAG_SEND_WRITE_ZEROES
+    | proto::FLAG_CAN_MULTI_CONN;
+
+/// Where the driver's devices show their state.
+const SYS_BLOCK: &str = "/sys/block";
+
+/// Why a kernel block device could not be attached or detached.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The running kernel has no nbd driver and it could not be loaded.
+    #[error("the kernel has no nbd driver (modprobe nbd failed: {detail})")]
+    NoDriver { detail: String },
+    /// The name is not of the form `/dev/nbdN`.
+    #[error("{0:?} is not an NBD device (expected /dev/nbdN)")]
+    BadDevice(String),
+    /// The driver has no such device.
+    #[error("{device} does not exist (the nbd driver has {count} devices; more with `modprobe nbd nbds_max=N`)")]
+    NoSuchDevice { device: Device, count: usize },
+    /// Every device is connected.
+    #[error(
+        "every NBD device is connected ({count} devices; more with `modprobe nbd nbds_max=N`)"
+    )]
+    NoFreeDevice { count: usize },
+    /// The device is connected already.
+    #[error("{device} is already connected (pid {pid})")]
+    Busy { device: Device, pid: String },
+    /// The handshake on the socket failed.
+    #[error("attaching {device}: NBD handshake for export {export:?}: {source}")]
+    Handshake {
+        device: Device,
+        export: String,
+        #[source]
+        source: ClientHandshakeError,
+    },
+    /// A step on the device failed; the message carries the errno.
+    #[error("{step} on {device}: {source}")]
+    Device {
+        device: Device,
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// `NBD_DO_IT` was entered but the device never showed up connected.
+    #[error("{device} did not come up within {timeout:?} after NBD_DO_IT")]
+    StartTimeout { device: Device, timeout: Duration },
+    /// `NBD_DO_IT` returned before the device came up.
+    #[error("{device} stopped right after NBD_DO_IT{}", match .cause { Some(e) => format!(": {e}"), None => String::new() })]
+    StoppedAtStart {
+        device: Device,
+        cause: Option<Box<KernelError>>,
+    },
+    /// The device did not disconnect in time.
+    #[error("{device} did not disconnect within {timeout:?}")]
+    DisconnectTimeout { device: Device, timeout: Duration },
+    /// The device's thread could not be started.
+    #[error("starting the NBD_DO_IT thread for {device}: {source}")]
+    Thread {
+        device: Device,
+        #[source]
+        source: io::Error,
+    },
+    /// `/sys/block` could not be read.
+    #[error("listing NBD devices under {SYS_BLOCK}: {0}")]
+    Sysfs(#[source] io::Error),
+}
+
+/// One of the driver's devices, `/dev/nbdN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Device(pub u32);
+
+impl Device {
+    /// Parses `/dev/nbdN` or `nbdN`.
+    pub fn parse(name: &str) -> Result<Device, KernelError> {
+        let bad = || KernelError::BadDevice(name.to_owned());
+        let short = name.strip_prefix("/dev/").unwrap_or(name);
+        let digits = short.strip_prefix("nbd").ok_or_else(bad)?;
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        // A leading zero would name the same device two ways.
+        if digits.len() > 1 && digits.starts_with('0') {
+            return Err(bad());
+        }
+        digits.parse().map(Device).map_err(|_| bad())
+    }
+
+    /// `nbdN`, as in `/sys/block`.
+    pub fn name(&self) -> String {
+        format!("nbd{}", self.0)
+    }
+
+    /// `/dev/nbdN`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/nbd{}", self.0))
+    }
+
+    fn sys(&self) -> PathBuf {
+        Path::new(SYS_BLOCK).join(self.name())
+    }
+
+    /// Whether the driver has this device.
+    pub fn exists(&self) -> bool {
+        self.sys().exists()
+    }
+
+    /// The pid of the task serving the device, while a client is connected.
+    pub fn connected_pid(&self) -> Option<String> {
+        std::fs::read_to_string(self.sys().join("pid"))
+            .ok()
+            .map(|pid| pid.trim().to_owned())
+    }
+
+    /// Whether the device is mounted or held open exclusively (an exclusive open fails
+    /// with EBUSY): disconnecting it would fail a file system's I/O.
+    pub fn held(&self) -> bool {
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(self.path());
+        matches!(opened, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+    }
+
+    fn error(&self, step: &'static str) -> impl FnOnce(io::Error) -> KernelError + '_ {
+        move |source| KernelError::Device {
+            device: *self,
+            step,
+            source,
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/dev/nbd{}", self.0)
+    }
+}
+
+/// Every device of the driver, in order.
+pub fn devices() -> Result<Vec<Device>, KernelError> {
+    let mut all: Vec<Device> = std::fs::read_dir(SYS_BLOCK)
+        .map_err(KernelError::Sysfs)?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| Device::parse(entry.file_name().to_str()?).ok())
+        .collect();
+    all.sort();
+    Ok(all)
+}
+
+/// Makes sure the nbd driver is loaded, loading it with `modprobe nbd` if needed.
+pub fn ensure_driver() -> Result<(), KernelError> {
+    if Device(0).exists() {
+        return Ok(());
+    }
+    let detail = match Command::new("modprobe").arg("nbd").output() {
+        Ok(out) if out.status.success() => {
+            let deadline = Instant::now() + MODPROBE_SETTLE;
+            while Instant::now() < deadline {
+                if Device(0).exists() {
+                    return Ok(());
+                }
+                thread::sleep(POLL_INTERVAL);
+            }
+            format!("it succeeded but {SYS_BLOCK}/nbd0 did not appear")
+        }
+        Ok(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            if stderr.is_empty() {
+                format!("{}", out.status)
+            } else {
+                stderr
+            }
+        }
+        Err(e) => format!("cannot run modprobe: {e}"),
+    };
+    Err(KernelError::NoDriver { detail })
+}
+
+/// Checks that `device` exists and is not connected.
+pub fn check_free(device: Device) -> Result<(), KernelError> {
+    if !device.exists() {
+        let count = devices()?.len();
+        return Err(KernelError::NoSuchDevice { device, count });
+    }
+    match device.connected_pid() {
+        Some(pid) => Err(KernelError::Busy { device, pid }),
+        None => Ok(()),
+    }
+}
+
+/// The first device that is not connected and not in `taken`.
+pub fn free_device(taken: &[Device]) -> Result<Device, KernelError> {
+    let all = devices()?;
+    all.iter()
+        .copied()
+        .find(|d| !taken.contains(d) && d.connected_pid().is_none())
+        .ok_or(KernelError::NoFreeDevice { count: all.len() })
+}
+
+/// A device connected to a server; dropping it leaves the device connected (until the
+/// server side closes), so call [`Connection::disconnect`].
+#[derive(Debug)]
+pub struct Connection {
+    device: Device,
+    info: ExportInfo,
+    /// The device thread's result, sent when `NBD_DO_IT` returns.
+    done: Receiver<Result<(), KernelError>>,
+    /// Set once `done` has delivered.
+    ended: Option<Result<(), String>>,
+}
+
+impl Connection {
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Size and transmission flags the server gave.
+    pub fn info(&self) -> ExportInfo {
+        self.info
+    }
+
+    /// `None` while connected; once the connection has ended on its own (the server
+    /// closed, a request timed out), how it ended.
+    pub fn ended(&mut self) -> Option<&Result<(), String>> {
+        if self.ended.is_none() {
+            match self.done.try_recv() {
+                Ok(result) => self.ended = Some(result.map_err(|e| e.to_string())),
+                Err(TryRecvError::Disconnected) => {
+                    self.ended = Some(Err("the device thread ended".into()))
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+        self.ended.as_ref()
+    }
+
+    /// Disconnects the device: `NBD_DISCONNECT` (the kernel sends NBD_CMD_DISC once its
+    /// queue drains), then waits for `NBD_DO_IT` to return; after `timeout` the socket
+    /// is cut with `NBD_CLEAR_SOCK`. Blocks: call it from a blocking thread.
+    pub fn disconnect(&mut self, timeout: Duration) -> Result<(), KernelError> {
+        if self.ended().is_some() {
+            return Ok(());
+        }
+        let device = self.device;
+        let file = open_device(device)?;
+        ioctl(&file, device, NBD_DISCONNECT, 0)?;
+        if self.wait_ended(timeout) {
+            return Ok(());
+        }
+        ioctl(&file, device, NBD_CLEAR_SOCK, 0)?;
+        if self.wait_ended(timeout) {
+            return Ok(());
+        }
+        Err(KernelError::DisconnectTimeout { device, timeout })
+    }
+
+    /// Waits up to `timeout` for `NBD_DO_IT` to return; whether it has.
+    fn wait_ended(&mut self, timeout: Duration) -> bool {
+        let ended = match self.done.recv_timeout(timeout) {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(RecvTimeoutError::Disconnected) => Err("the device thread ended".into()),
+            Err(RecvTimeoutError::Timeout) => return false,
+        };
+        self.ended = Some(ended);
+        true
+    }
+}
+
+/// Connects `device` to the export `export` of the server at the other end of
+/// `socket`: the client handshake on `socket`, then the device thread, which returns
+/// once the device is up. Blocks: call it from a blocking thread.
+pub fn attach(
+    device: Device,
+    mut socket: UnixStream,
+    export: &str,
+) -> Result<Connection, KernelError> {
+    check_free(device)?;
+    let handshake_error = |source| KernelError::Handshake {
+        device,
+        export: export.to_owned(),
+        source,
+    };
+    let io_error = |stage, source| handshake_error(ClientHandshakeError::Io { stage, source });
+    socket
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .and_then(|()| socket.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
+        .map_err(|e| io_error("setting the handshake timeout", e))?;
+    let info = handshake::negotiate(&mut socket, export).map_err(handshake_error)?;
+    // The kernel reads and writes this socket itself; a timeout left on it would look
+    // to the driver like a dead server.
+    socket
+        .set_read_timeout(None)
+        .and_then(|()| socket.set_write_timeout(None))
+        .map_err(|e| io_error("clearing the handshake timeout", e))?;
+
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    thread::Builder::new()
+        .name(format!("{}-do-it", device.name()))
+        .spawn(move || {
+            let file = match configure(device, &socket, info) {
+                Ok(file) => file,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let _ = done_tx.send(serve(device, &file));
+        })
+        .map_err(|source| KernelError::Thread { device, source })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(KernelError::StoppedAtStart {
+                device,
+                cause: None,
+            })
+        }
+    }
+    let mut connection = Connection {
+        device,
+        info,
+        done: done_rx,
+        ended: None,
+    };
+    if let Err(e) = wait_started(device, &connection.done) {
+        // The thread may still be in NBD_DO_IT: leave no device connected without a
+        // Connection to disconnect it by.
+        if matches!(e, KernelError::StartTimeout { .. }) {
+            let _ = connection.disconnect(DISCONNECT_TIMEOUT);
+        }
+        return Err(e);
+    }
+    Ok(connection)
+}
+
+/// Opens the device and sets it up for `info`, ending with the socket handed over.
+fn configure(device: Device, socket: &UnixStream, info: ExportInfo) -> Result<File, KernelError> {
+    let file = open_device(device)?;
+    ioctl(&file, device, NBD_SET_BLKSIZE, BLOCK_SIZE)?;
+    ioctl(&file, device, NBD_SET_SIZE, info.size)?;
+    ioctl(
+        &file,
+        device,
+        NBD_SET_FLAGS,
+        u64::from(info.flags & KERNEL_FLAGS),
+    )?;
+    ioctl(&file, device, NBD_SET_TIMEOUT, REQUEST_TIMEOUT.as_secs())?;
+    // A negative fd cannot come from a live UnixStream.
+    let fd = u64::try_from(socket.as_raw_fd()).unwrap_or(u64::MAX);
+    ioctl(&file, device, NBD_SET_SOCK, fd)?;
+    Ok(file)
+}
+
+/// Runs the device until it is disconnected, then releases the socket so the device
+/// can be used again.
+fn serve(device: Device, file: &File) -> Result<(), KernelError> {
+    let result = ioctl(file, device, NBD_DO_IT, 0);
+    // NBD_DO_IT has returned, so no request is in flight; clearing the socket can only
+    // fail when the driver has cleared it itself.
+    let _ = ioctl(file, device, NBD_CLEAR_SOCK, 0);
+    result
+}
+
+/// Waits until the driver shows the device connected, or the device thread ends.
+fn wait_started(
+    device: Device,
+    done: &Receiver<Result<(), KernelError>>,
+) -> Result<(), KernelError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if device.connected_pid().is_some() {
+            return Ok(());
+        }
+        match done.recv_timeout(POLL_INTERVAL) {
+            Ok(result) => {
+                return Err(KernelError::StoppedAtStart {
+                    device,
+                    cause: result.err().map(Box::new),
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(KernelError::StoppedAtStart {
+                    device,
+                    cause: None,
+                })
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(KernelError::StartTimeout {
+                device,
+                timeout: START_TIMEOUT,
+            });
+        }
+    }
+}
+
+fn open_device(device: Device) -> Result<File, KernelError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(device.path())
+        .map_err(device.error("opening"))
+}
+
+/// Issues one NBD ioctl, whose argument is passed by value.
+fn ioctl(file: &File, device: Device, request: Request, arg: u64) -> Result<(), KernelError> {
+    // SAFETY: the NBD ioctls take an integer by value (no pointer), and `file` is an
+    // open descriptor for the call's duration.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request.code as _, arg as libc::c_ulong) };
+    if rc < 0 {
+        return Err(device.error(request.name)(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_codes_match_the_kernel_header() {
+        // linux/nbd.h: #define NBD_SET_SOCK _IO( 0xab, 0 ) ... NBD_SET_FLAGS _IO( 0xab, 10)
+        assert_eq!(NBD_SET_SOCK.code, 0xab00);
+        assert_eq!(NBD_DO_IT.code, 0xab03);
+        assert_eq!(NBD_DISCONNECT.code, 0xab08);
+        assert_eq!(NBD_SET_FLAGS.code, 0xab0a);
+    }
+
+    #[test]
+    fn device_names() {
+        assert_eq!(Device::parse("/dev/nbd0").unwrap(), Device(0));
+        assert_eq!(Device::parse("nbd15").unwrap(), Device(15));
+        assert_eq!(Device(3).to_string(), "/dev/nbd3");
+        assert_eq!(Device(3).name(), "nbd3");
+        for bad in [
+            "/dev/sda",
+            "nbd",
+            "/dev/nbd",
+            "nbd01",
+            "nbd1p1",
+            "/dev/nbd-1",
+            "nbd99999999999",
+        ] {
+            let error = Device::parse(bad).unwrap_err();
+            assert!(
+                error.to_string().contains("expected /dev/nbdN"),
+                "{bad}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn kernel_flags_drop_what_the_kernel_never_uses() {
+        let flags = proto::FLAG_HAS_FLAGS
+            | proto::FLAG_SEND_DF
+            | proto::FLAG_SEND_CACHE
+            | proto::FLAG_READ_ONLY;
+        assert_eq!(
+            flags & KERNEL_FLAGS,
+            proto::FLAG_HAS_FLAGS | proto::FLAG_READ_ONLY
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! Kernel block devices (`lazyblk attach` / `detach`, `/dev/nbdN`): the errors on a
+//! host whose kernel has no nbd driver (this one), and, with `LAZYBLK_KERNEL_TEST=1`,
+//! the real kernel client in a qemu guest (`scripts/kernel-test.sh`).
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::node::DaemonProc;
+use support::{bin, http_get, make_ext4, run, StoreProc};
+
+#[test]
+fn attach_without_the_nbd_driver_says_so() {
+    if Path::new("/sys/block/nbd0").exists() {
+        eprintln!(
+            "skipping: this kernel has the nbd driver (scripts/kernel-test.sh covers attach)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = StoreProc::start();
+    let image = make_ext4(dir.path(), 16, &[("etc/hostname", b"t\n".to_vec())]);
+    let image = image.to_str().expect("utf-8 path");
+    let (ok, _, err) = run(&["publish", image, "--template", "t", "--store", &store.url()]);
+    assert!(ok, "publish: {err}");
+    let daemon = DaemonProc::start(&store.url(), &dir.path().join("cache"), &[]);
+    let node = daemon.url();
+
+    let (ok, out, err) = run(&["attach", "t", "--node", &node]);
+    assert!(!ok, "attach succeeded without a driver: {out}");
+    assert!(out.is_empty(), "attach printed a device: {out}");
+    assert!(
+        err.contains("the kernel has no nbd driver (modprobe nbd failed"),
+        "{err}"
+    );
+
+    // Names are checked before the driver is looked for.
+    let (ok, _, err) = run(&["attach", "t", "--device", "/dev/sda", "--node", &node]);
+    assert!(
+        !ok && err.contains("\"/dev/sda\" is not an NBD device"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["attach", "No Such Name", "--node", &node]);
+    assert!(!ok && err.contains("invalid export name"), "{err}");
+    let (ok, _, err) = run(&["detach", "/dev/nbd0", "--node", &node]);
+    assert!(
+        !ok && err.contains("/dev/nbd0 is not attached by this daemon"),
+        "{err}"
+    );
+
+    // Nothing is attached, and the template was never leased.
+    assert_eq!(
+        http_get(&format!("{node}/v1/attachments")).expect("listing attachments"),
+        (200, "[]".to_string())
+    );
+    let (ok, out, err) = run(&["status", "t", "--json", "--node", &node]);
+    assert!(ok, "status: {err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(status["users"], serde_json::json!([]), "{out}");
+}
+
+#[test]
+fn attach_in_a_qemu_guest() {
+    if std::env::var("LAZYBLK_KERNEL_TEST").as_deref() != Ok("1") {
+        eprintln!(
+            "skipping: set LAZYBLK_KERNEL_TEST=1 to boot a qemu guest whose kernel has the \
+             nbd driver and attach, mount and write through /dev/nbdN (scripts/kernel-test.sh)"
+        );
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kernel-test.sh");
+    let status = Command::new(&script)
+        .env("LAZYBLK_BIN", bin())
+        .status()
+        .expect("running scripts/kernel-test.sh");
+    assert!(
+        status.success(),
+        "scripts/kernel-test.sh failed ({status}); the guest's console is in target/kernel-test/console.log"
+    );
+}
