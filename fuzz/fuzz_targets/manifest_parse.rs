@@ -15,7 +15,12 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_else(|e| panic!("a parsed manifest does not parse back: {e}"));
     assert_eq!(again, manifest, "the manifest changed on a round trip");
     assert!(again.same_content(&manifest));
-    let lengths: u64 = (0..manifest.chunk_count()).map(|i| manifest.chunk_len(i)).sum();
-    assert_eq!(lengths, manifest.size, "chunk lengths do not add up to the size");
+    let lengths: u64 = (0..manifest.chunk_count())
+        .map(|i| manifest.chunk_len(i))
+        .sum();
+    assert_eq!(
+        lengths, manifest.size,
+        "chunk lengths do not add up to the size"
+    );
     assert!(manifest.stored_bytes() <= manifest.size);
 });
