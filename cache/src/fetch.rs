@@ -125,6 +125,30 @@ impl Chunk {
     }
 }
 
+/// Who a fetch is for: a reader waiting now, or a background fill (whose hashing and
+/// writing run on low-priority threads, see [`crate::background`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    Demand,
+    Background,
+}
+
+impl Priority {
+    /// Runs blocking work (hashing, writing) at this priority.
+    async fn run<T, F>(self, f: F) -> Result<T, String>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        match self {
+            Priority::Demand => tokio::task::spawn_blocking(f)
+                .await
+                .map_err(|e| e.to_string()),
+            Priority::Background => crate::background::run(f).await,
+        }
+    }
+}
+
 /// The state of one fetch, as its readers see it.
 #[derive(Clone)]
 enum Progress {
@@ -188,7 +212,7 @@ impl ChunkCache {
         self.demand_waiting.fetch_add(1, Ordering::Relaxed);
         // Decrements even when the reader goes away mid-fetch.
         let _waiting = DemandGuard(&self.demand_waiting);
-        self.wait(chunk, sources, false).await
+        self.wait(chunk, sources, false, Priority::Demand).await
     }
 
     /// Demand reads waiting for a fetch now (background work yields to them).
@@ -213,8 +237,9 @@ impl ChunkCache {
         self: &Arc<Self>,
         chunk: &ChunkRef,
         sources: &Arc<[Source]>,
+        priority: Priority,
     ) -> Result<ChunkFile, Arc<FetchError>> {
-        match self.wait(chunk, sources, true).await? {
+        match self.wait(chunk, sources, true, priority).await? {
             Chunk::File(f) => Ok(f),
             Chunk::Verified { .. } => unreachable_verified(chunk),
         }
@@ -227,8 +252,9 @@ impl ChunkCache {
         chunk: &ChunkRef,
         sources: &Arc<[Source]>,
         stored: bool,
+        priority: Priority,
     ) -> Result<Chunk, Arc<FetchError>> {
-        let mut outcome = self.join_or_start(chunk, sources)?;
+        let mut outcome = self.join_or_start(chunk, sources, priority)?;
         loop {
             match &*outcome.borrow_and_update() {
                 Progress::Fetching => {}
@@ -258,6 +284,7 @@ impl ChunkCache {
         self: &Arc<Self>,
         chunk: &ChunkRef,
         sources: &Arc<[Source]>,
+        priority: Priority,
     ) -> Result<watch::Receiver<Outcome>, Arc<FetchError>> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rx) = inflight.get(&chunk.digest) {
@@ -277,10 +304,10 @@ impl ChunkCache {
         tokio::spawn(async move {
             // Readers see the verified bytes at once; the fetch stays registered until
             // the file is written, so a later reader joins it instead of fetching again.
-            let progress = match cache.fetch_verified(&chunk, &sources).await {
+            let progress = match cache.fetch_verified(&chunk, &sources, priority).await {
                 Ok(bytes) => {
                     let _ = tx.send(Progress::Verified(bytes.clone()));
-                    Progress::Stored(cache.write(&chunk, bytes).await.map_err(Arc::new))
+                    Progress::Stored(cache.write(&chunk, bytes, priority).await.map_err(Arc::new))
                 }
                 Err(e) => Progress::Failed(Arc::new(e)),
             };
@@ -298,6 +325,7 @@ impl ChunkCache {
         self: &Arc<Self>,
         chunk: &ChunkRef,
         sources: &[Source],
+        priority: Priority,
     ) -> Result<Bytes, FetchError> {
         let mut errors = Vec::new();
         for pass in 0..FETCH_PASSES {
@@ -305,7 +333,7 @@ impl ChunkCache {
                 tokio::time::sleep(PASS_BACKOFF).await;
             }
             for source in sources {
-                match self.fetch_from(chunk, source).await {
+                match self.fetch_from(chunk, source, priority).await {
                     Ok(Some(bytes)) => return Ok(bytes),
                     Ok(None) => errors.push(format!("{}: digest mismatch", source.name())),
                     Err(e) => {
@@ -337,21 +365,23 @@ impl ChunkCache {
         &self,
         chunk: &ChunkRef,
         source: &Source,
+        priority: Priority,
     ) -> Result<Option<Bytes>, SourceError> {
         let started = Instant::now();
         let bytes = source
             .fetch(&chunk.digest, chunk.len, self.deadline)
             .await?;
         let digest = chunk.digest;
-        let (bytes, actual) = tokio::task::spawn_blocking(move || {
-            let actual = Digest::of(&bytes);
-            (bytes, actual)
-        })
-        .await
-        .map_err(|e| SourceError::Unreachable {
-            source_name: source.name().to_string(),
-            detail: format!("hashing task failed: {e}"),
-        })?;
+        let (bytes, actual) = priority
+            .run(move || {
+                let actual = Digest::of(&bytes);
+                (bytes, actual)
+            })
+            .await
+            .map_err(|e| SourceError::Unreachable {
+                source_name: source.name().to_string(),
+                detail: format!("hashing task failed: {e}"),
+            })?;
         if actual != digest {
             self.observer.corrupt(chunk, source.name());
             tracing::error!(template = %chunk.template, chunk = chunk.index,
@@ -368,17 +398,19 @@ impl ChunkCache {
         self: &Arc<Self>,
         chunk: &ChunkRef,
         bytes: Bytes,
+        priority: Priority,
     ) -> Result<ChunkFile, FetchError> {
         let digest = chunk.digest;
         let cache = self.clone();
         // The write fsyncs; keep it off the runtime threads.
-        let written = tokio::task::spawn_blocking(move || cache.store.insert(&digest, &bytes))
+        let written = priority
+            .run(move || cache.store.insert(&digest, &bytes))
             .await
             .unwrap_or_else(|e| {
                 Err(ChunkStoreError::Write {
                     digest,
                     path: self.store.root().to_path_buf(),
-                    source: std::io::Error::other(e.to_string()),
+                    source: std::io::Error::other(e),
                 })
             });
         written.map_err(|source| FetchError::Local {

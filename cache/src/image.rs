@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::future::try_join_all;
 
 use crate::chunk_store::{ChunkFile, ChunkStoreError};
-use crate::fetch::{Chunk, ChunkCache, ChunkRef, FetchError};
+use crate::fetch::{Chunk, ChunkCache, ChunkRef, FetchError, Priority};
 use crate::manifest::Manifest;
 use crate::source::Source;
 
@@ -114,10 +114,15 @@ impl TemplateImage {
         }
     }
 
-    /// Makes chunk `index` local without counting a read (fill and prefetch).
-    pub async fn fetch_chunk(&self, index: usize) -> Result<Option<ChunkFile>, ReadError> {
+    /// Makes chunk `index` local without counting a read, at `priority` (a fill runs
+    /// in the background, a commit's or a reader's prefetch on demand).
+    pub async fn fetch_chunk(
+        &self,
+        index: usize,
+        priority: Priority,
+    ) -> Result<Option<ChunkFile>, ReadError> {
         match self.chunk_ref(index) {
-            Some(c) => Ok(Some(self.cache.fetch(&c, &self.sources).await?)),
+            Some(c) => Ok(Some(self.cache.fetch(&c, &self.sources, priority).await?)),
             None => Ok(None),
         }
     }
@@ -197,7 +202,7 @@ impl TemplateImage {
         let sources = self.sources.clone();
         tokio::spawn(async move {
             // Failures are logged by the cache; a later demand read retries.
-            let _ = cache.fetch(&c, &sources).await;
+            let _ = cache.fetch(&c, &sources, Priority::Demand).await;
         });
     }
 

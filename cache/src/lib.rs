@@ -9,6 +9,7 @@
 //! - [`source`]: where missing chunks come from (origin nodes and the store, over HTTP).
 //! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, verification
 //!   against the digest, failover between sources.
+//! - [`background`]: low-priority threads for the work of background fills.
 //! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
 //! - [`overlay`]: a sandbox's [`Overlay`], its copy-on-write layer over a template image
 //!   (4 KiB blocks, a sparse data file and a block map, durable at FLUSH).
@@ -21,6 +22,7 @@
 //! [`Overlay`] first: blocks it wrote come from the overlay's files, the rest from the
 //! template image. Nothing here knows NBD or FUSE.
 
+pub mod background;
 pub mod chunk_store;
 pub mod digest;
 pub mod fetch;
@@ -32,7 +34,8 @@ pub mod source;
 pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
 pub use digest::Digest;
 pub use fetch::{
-    Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, DEFAULT_SOURCE_DEADLINE,
+    Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, Priority,
+    DEFAULT_SOURCE_DEADLINE,
 };
 pub use image::{ImageExtent, ReadError, TemplateImage};
 pub use manifest::{validate_id, Manifest, ManifestError};

@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use lazyblk_cache::{validate_id, Digest, Manifest};
+use lazyblk_cache::{validate_id, Digest, Manifest, Priority};
 use serde::Serialize;
 
 use crate::daemon::node::{Node, NodeError};
@@ -96,7 +96,7 @@ impl Node {
         // Bring the parent's bytes of the dirty chunks local before freezing, so the
         // freeze (which holds the sandbox's writes) does no network I/O in the common case.
         for index in overlay.dirty_chunks() {
-            let _ = parent.image.fetch_chunk(index).await;
+            let _ = parent.image.fetch_chunk(index, Priority::Demand).await;
         }
         let overlay_error = |e| CommitError::Sandbox(SandboxError::Overlay(e));
         overlay.flush().await.map_err(overlay_error)?;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lazyblk_cache::Priority;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -413,7 +414,7 @@ async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), Strin
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
-        match replica.image.fetch_chunk(index).await {
+        match replica.image.fetch_chunk(index, Priority::Background).await {
             Ok(_) => return Ok(()),
             Err(e) if attempt >= MAX_CHUNK_ATTEMPTS => {
                 return Err(format!("after {attempt} tries: {e}"));
