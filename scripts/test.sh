@@ -8,4 +8,5 @@ scripts/setup.sh
 cargo build --workspace --all-targets
 # Integration tests start servers and mount file systems; two at a time keeps a
 # two-core machine responsive.
-cargo test --workspace -- --test-threads=2
+# LAZYBLK_KERNEL_TEST=1 runs the kernel NBD client test in a qemu guest (scripts/kernel-test.sh).
+LAZYBLK_KERNEL_TEST=1 cargo test --workspace -- --test-threads=2

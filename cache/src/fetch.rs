@@ -8,7 +8,7 @@
 //! bytes are written, and only written chunks are read.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -172,6 +172,10 @@ pub struct ChunkCache {
     deadline: Duration,
     /// Demand reads waiting for a fetch now; background fills yield while it is above 0.
     demand_waiting: AtomicUsize,
+    /// When the last demand read arrived, in µs since `epoch`: fills slow down while
+    /// readers are active, even when every read hits the cache.
+    last_demand_us: AtomicU64,
+    epoch: Instant,
 }
 
 impl ChunkCache {
@@ -182,6 +186,8 @@ impl ChunkCache {
             observer,
             deadline,
             demand_waiting: AtomicUsize::new(0),
+            last_demand_us: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -204,6 +210,8 @@ impl ChunkCache {
         chunk: &ChunkRef,
         sources: &Arc<[Source]>,
     ) -> Result<Chunk, Arc<FetchError>> {
+        self.last_demand_us
+            .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
         if let Some(file) = self.local(chunk)? {
             self.observer.hit(&chunk.template);
             return Ok(Chunk::File(file));
@@ -213,6 +221,14 @@ impl ChunkCache {
         // Decrements even when the reader goes away mid-fetch.
         let _waiting = DemandGuard(&self.demand_waiting);
         self.wait(chunk, sources, false, Priority::Demand).await
+    }
+
+    /// Whether a demand read arrived within `window`.
+    pub fn demand_within(&self, window: Duration) -> bool {
+        let last = self.last_demand_us.load(Ordering::Relaxed);
+        last > 0
+            && (self.epoch.elapsed().as_micros() as u64).saturating_sub(last)
+                < window.as_micros() as u64
     }
 
     /// Demand reads waiting for a fetch now (background work yields to them).

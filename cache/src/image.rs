@@ -1,7 +1,6 @@
 //! A template as bytes: offsets map to chunks, zero chunks read as zeros, missing
 //! chunks are fetched through the [`ChunkCache`].
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::future::try_join_all;
@@ -9,15 +8,8 @@ use futures::future::try_join_all;
 use crate::chunk_store::{ChunkFile, ChunkStoreError};
 use crate::fetch::{Chunk, ChunkCache, ChunkRef, FetchError, Priority};
 use crate::manifest::Manifest;
+use crate::readahead::Readahead;
 use crate::source::Source;
-
-/// How many chunks past a sequential reader's position are fetched ahead of it. Eight
-/// 1 MiB chunks keep a loopback or LAN link busy while the reader consumes the current one.
-pub const READAHEAD_CHUNKS: usize = 8;
-
-/// `last_chunk` before the first read: neither equal to nor one before any index, so a
-/// first read is never taken for a sequential one.
-const NO_CHUNK: usize = usize::MAX - 1;
 
 /// Why a read of a template failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +37,8 @@ pub struct TemplateImage {
     cache: Arc<ChunkCache>,
     /// Origins first, then the store.
     sources: Arc<[Source]>,
-    /// The chunk the previous read ended in, to detect sequential readers.
-    last_chunk: AtomicUsize,
+    /// Sequential readers, to fetch ahead of them.
+    readahead: Readahead,
 }
 
 /// A maximal run of chunks that are all zero or all data.
@@ -63,7 +55,7 @@ impl TemplateImage {
             manifest,
             cache,
             sources: sources.into(),
-            last_chunk: AtomicUsize::new(NO_CHUNK),
+            readahead: Readahead::default(),
         }
     }
 
@@ -179,13 +171,13 @@ impl TemplateImage {
 
     /// Starts fetches of the chunks after a sequential reader's position.
     fn read_ahead(&self, first: usize, last: usize) {
-        let previous = self.last_chunk.swap(last, Ordering::Relaxed);
-        let sequential = previous == first || previous.wrapping_add(1) == first;
-        if !sequential || previous == last || tokio::runtime::Handle::try_current().is_err() {
+        let Some(ahead) = self.readahead.on_read(first, last) else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let end = (last + READAHEAD_CHUNKS).min(self.manifest.chunk_count() - 1);
-        for index in last + 1..=end {
+        for index in ahead.start..ahead.end.min(self.manifest.chunk_count()) {
             self.prefetch(index);
         }
     }

@@ -10,6 +10,7 @@
 //! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, verification
 //!   against the digest, failover between sources.
 //! - [`background`]: low-priority threads for the work of background fills.
+//! - [`readahead`]: which chunks to fetch ahead of sequential readers.
 //! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
 //! - [`overlay`]: a sandbox's [`Overlay`], its copy-on-write layer over a template image
 //!   (4 KiB blocks, a sparse data file and a block map, durable at FLUSH).
@@ -29,6 +30,7 @@ pub mod fetch;
 pub mod image;
 pub mod manifest;
 pub mod overlay;
+pub mod readahead;
 pub mod source;
 
 pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};

@@ -29,6 +29,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(4);
 /// How long a fill waits for demand reads before it fetches anyway (so a steady stream
 /// of demand misses slows a fill down but never stops it).
 const DEMAND_YIELD_LIMIT: Duration = Duration::from_millis(200);
+/// Reads within this long count as active readers: the fill then fetches one chunk at
+/// a time.
+const DEMAND_ACTIVE: Duration = Duration::from_millis(50);
 /// How often fill progress is written to the state database.
 const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the supervisor looks for FAILED replicas whose sources answer again.
@@ -151,6 +154,11 @@ impl FillScheduler {
             }
             if replica.image.is_local(index) {
                 continue;
+            }
+            if self.node.cache.demand_within(DEMAND_ACTIVE) {
+                // Readers are active: one fill fetch at a time, so their reads keep the
+                // CPU and the disk (the fill still makes progress).
+                while tasks.join_next().await.is_some() {}
             }
             let Ok(permit) = semaphore.clone().acquire_owned().await else {
                 break;

@@ -1,0 +1,130 @@
+//! Sequential-read detection: which chunks to fetch ahead of a reader.
+//!
+//! A few streams are tracked at once (nbdcopy and the kernel read several regions in
+//! parallel). A stream that moves on to the next chunk again and again earns a window
+//! that doubles, 2 to [`MAX_WINDOW`] chunks; reads that jump about (an ext4 mount
+//! reading metadata, a boot reading scattered files) earn none, so a lazy boot fetches
+//! what it reads and little more.
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// Streams tracked at once; more parallel sequential readers than this share windows
+/// less well but stay correct.
+const STREAMS: usize = 8;
+/// The largest window: 16 chunks (16 MiB at the default size) keeps a loopback or LAN
+/// link busy while the reader consumes the current chunk.
+pub const MAX_WINDOW: usize = 16;
+/// Consecutive chunk moves before a stream gets a window: two moves (three chunks in a
+/// row) tell a sequential reader from two neighbouring random reads.
+const MOVES_BEFORE_WINDOW: u32 = 2;
+
+#[derive(Clone, Copy, Default)]
+struct Stream {
+    /// The last chunk this stream read; `None` for a free slot.
+    last: Option<usize>,
+    /// Consecutive moves to the next chunk.
+    moves: u32,
+    /// Chunks up to (not including) this one were already asked for.
+    fetched_to: usize,
+    /// For replacement: larger is more recent.
+    used: u64,
+}
+
+/// The sequential streams of one template's readers.
+#[derive(Default)]
+pub struct Readahead {
+    state: Mutex<(u64, [Stream; STREAMS])>,
+}
+
+impl Readahead {
+    /// Records a read of chunks `first..=last`; returns chunks to fetch ahead, if any.
+    pub fn on_read(&self, first: usize, last: usize) -> Option<Range<usize>> {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (clock, streams) = &mut *guard;
+        *clock += 1;
+        let now = *clock;
+        let found = streams
+            .iter()
+            .position(|s| s.last.is_some_and(|l| first == l || first == l + 1));
+        let slot = match found {
+            Some(i) => i,
+            None => {
+                let oldest = (0..STREAMS).min_by_key(|&i| streams[i].used).unwrap_or(0);
+                streams[oldest] = Stream {
+                    last: Some(last),
+                    moves: 0,
+                    fetched_to: last + 1,
+                    used: now,
+                };
+                return None;
+            }
+        };
+        let stream = &mut streams[slot];
+        stream.used = now;
+        let previous = stream.last.unwrap_or(last);
+        if last <= previous {
+            return None;
+        }
+        stream.moves += (last - previous) as u32;
+        stream.last = Some(last);
+        if stream.moves < MOVES_BEFORE_WINDOW {
+            stream.fetched_to = stream.fetched_to.max(last + 1);
+            return None;
+        }
+        let window = (1usize << (stream.moves - MOVES_BEFORE_WINDOW + 1).min(8)).min(MAX_WINDOW);
+        let from = stream.fetched_to.max(last + 1);
+        let to = last + 1 + window;
+        if from >= to {
+            return None;
+        }
+        stream.fetched_to = to;
+        Some(from..to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sequential_reader_earns_a_growing_window() {
+        let r = Readahead::default();
+        assert_eq!(r.on_read(0, 0), None);
+        assert_eq!(r.on_read(0, 0), None, "same chunk");
+        assert_eq!(r.on_read(1, 1), None, "one move is not a stream yet");
+        assert_eq!(r.on_read(2, 2), Some(3..5));
+        assert_eq!(r.on_read(3, 3), Some(5..8));
+        assert_eq!(r.on_read(4, 4), Some(8..13));
+        let mut last = None;
+        for c in 5..40 {
+            if let Some(range) = r.on_read(c, c) {
+                assert!(range.end - c - 1 <= MAX_WINDOW);
+                last = Some(range);
+            }
+        }
+        assert_eq!(last.map(|r| r.end), Some(39 + 1 + MAX_WINDOW));
+    }
+
+    #[test]
+    fn random_reads_earn_nothing() {
+        let r = Readahead::default();
+        for c in [50, 3, 900, 52, 7, 400, 55, 2, 600, 51, 4] {
+            assert_eq!(r.on_read(c, c), None, "chunk {c}");
+        }
+    }
+
+    #[test]
+    fn parallel_streams_are_told_apart() {
+        let r = Readahead::default();
+        let mut got = [false; 2];
+        for step in 0..6 {
+            for (i, base) in [0usize, 1000].iter().enumerate() {
+                if r.on_read(base + step, base + step).is_some() {
+                    got[i] = true;
+                }
+            }
+        }
+        assert_eq!(got, [true, true]);
+    }
+}
