@@ -254,11 +254,11 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
         println!("{}: {}", args.template, s(&started, "phase"));
         return Ok(());
     }
-    let total = u(&started, "stored_chunks");
+    let total = u(&started, "stored_bytes");
     let progress = Progress::new(&format!("warming {}", args.template), total);
     loop {
         let r = node.get(&path).await?;
-        progress.set(u(&r, "local_chunks"));
+        progress.set(u(&r, "local_bytes"));
         match s(&r, "phase") {
             "READY" => {
                 progress.finish(&format!(

@@ -335,7 +335,10 @@ struct Hashed {
     index: usize,
     /// `None` for an all-zero chunk.
     digest: Option<Digest>,
+    /// The chunk's bytes; empty for a hole of a sparse image.
     bytes: Bytes,
+    /// The chunk's length in the image (holes included), for progress.
+    len: u64,
 }
 
 /// Runs the pipeline and returns every chunk's digest in order.
@@ -357,6 +360,7 @@ async fn hash_and_upload(
         read_rx,
         hashed_tx,
         uploader.concurrency.min(cores),
+        (size, chunk_size),
     ));
 
     let mut chunks = Vec::with_capacity(size.div_ceil(chunk_size) as usize);
@@ -391,11 +395,14 @@ async fn hash_chunks(
     mut read_rx: mpsc::Receiver<Result<(usize, Bytes), PublishError>>,
     hashed_tx: mpsc::Sender<Result<Hashed, PublishError>>,
     concurrency: usize,
+    (size, chunk_size): (u64, u64),
 ) {
     let hashed = stream::poll_fn(move |cx| read_rx.poll_recv(cx))
         .map(|read| async move {
             let (index, bytes) = read?;
-            blocking(move || Ok(hash_chunk(index, bytes))).await
+            let mut hashed = blocking(move || Ok(hash_chunk(index, bytes))).await?;
+            hashed.len = chunk_size.min(size - index as u64 * chunk_size);
+            Ok(hashed)
         })
         .buffered(concurrency.max(1));
     futures::pin_mut!(hashed);
@@ -419,16 +426,20 @@ fn read_chunks(
         offset,
         source,
     };
-    let mut file = std::fs::File::open(path).map_err(|e| read_error(0, e))?;
+    let file = std::fs::File::open(path).map_err(|e| read_error(0, e))?;
     let mut offset = 0u64;
     let mut index = 0usize;
     while offset < size {
         let len = chunk_size.min(size - offset) as usize;
-        let mut buf = vec![0u8; len];
-        let item = file
-            .read_exact(&mut buf)
-            .map(|()| (index, Bytes::from(buf)))
-            .map_err(|e| read_error(offset, e));
+        let item = if is_hole(&file, offset, len as u64) {
+            // A hole of a sparse image: a zero chunk, known without reading it.
+            Ok((index, Bytes::new()))
+        } else {
+            let mut buf = vec![0u8; len];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, offset)
+                .map(|()| (index, Bytes::from(buf)))
+                .map_err(|e| read_error(offset, e))
+        };
         let failed = item.is_err();
         if tx.blocking_send(item).is_err() || failed {
             return Ok(());
@@ -439,16 +450,32 @@ fn read_chunks(
     Ok(())
 }
 
+/// Whether `[offset, offset + len)` of `file` is a hole (no data: reads as zeros), by
+/// `SEEK_DATA`. Any doubt (a file system without it) answers no, and the range is read.
+fn is_hole(file: &std::fs::File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a valid descriptor; it moves the file position, which this
+    // reader does not use (it reads with pread).
+    let next = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if next < 0 {
+        // ENXIO: no data at or after `offset`.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next as u64 >= offset + len
+}
+
 fn hash_chunk(index: usize, bytes: Bytes) -> Hashed {
     let digest = if bytes.iter().all(|b| *b == 0) {
         None
     } else {
         Some(Digest::of(&bytes))
     };
+    let len = bytes.len() as u64;
     Hashed {
         index,
         digest,
         bytes,
+        len,
     }
 }
 
@@ -484,11 +511,11 @@ impl<'a> Uploader<'a> {
             None => self.report.zero_chunks += 1,
             Some(_) => self.report.present_chunks += 1,
         }
-        self.progress.inc(chunk.bytes.len() as u64);
+        self.progress.inc(chunk.len);
     }
 
     async fn add(&mut self, chunk: Hashed) -> Result<(), PublishError> {
-        let len = chunk.bytes.len() as u64;
+        let len = chunk.len;
         let Some(digest) = chunk.digest else {
             self.report.zero_chunks += 1;
             self.progress.inc(len);

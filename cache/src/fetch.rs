@@ -26,6 +26,10 @@ pub const DEFAULT_SOURCE_DEADLINE: Duration = Duration::from_secs(8);
 /// Passes over the source list for one demand fetch: a second pass rides out a source
 /// that restarts or drops one connection.
 const FETCH_PASSES: usize = 2;
+/// Chunks fetched at once on the node, over all readers and fills. Each holds its chunk
+/// in memory until it is written, so this bounds that memory (32 MiB at the default
+/// chunk size) and keeps a deep client queue from opening hundreds of connections.
+pub const MAX_FETCHES_IN_FLIGHT: usize = 32;
 /// Pause between passes.
 const PASS_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -176,6 +180,8 @@ pub struct ChunkCache {
     /// readers are active, even when every read hits the cache.
     last_demand_us: AtomicU64,
     epoch: Instant,
+    /// Bounds the fetches under way (see [`MAX_FETCHES_IN_FLIGHT`]).
+    fetch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ChunkCache {
@@ -188,6 +194,7 @@ impl ChunkCache {
             demand_waiting: AtomicUsize::new(0),
             last_demand_us: AtomicU64::new(0),
             epoch: Instant::now(),
+            fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES_IN_FLIGHT)),
         }
     }
 
@@ -318,6 +325,8 @@ impl ChunkCache {
         let chunk = chunk.clone();
         let sources = sources.clone();
         tokio::spawn(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _slot = cache.fetch_slots.clone().acquire_owned().await.ok();
             // Readers see the verified bytes at once; the fetch stays registered until
             // the file is written, so a later reader joins it instead of fetching again.
             let progress = match cache.fetch_verified(&chunk, &sources, priority).await {

@@ -12,12 +12,13 @@ use std::sync::Mutex;
 /// Streams tracked at once; more parallel sequential readers than this share windows
 /// less well but stay correct.
 const STREAMS: usize = 8;
-/// The largest window: 16 chunks (16 MiB at the default size) keeps a loopback or LAN
-/// link busy while the reader consumes the current chunk.
-pub const MAX_WINDOW: usize = 16;
-/// Consecutive chunk moves before a stream gets a window: two moves (three chunks in a
-/// row) tell a sequential reader from two neighbouring random reads.
-const MOVES_BEFORE_WINDOW: u32 = 2;
+/// The largest window: 8 chunks (8 MiB at the default size) keeps a loopback or LAN
+/// link busy while the reader consumes the current chunk; a larger one mostly fetches
+/// past the end of the files a boot reads.
+pub const MAX_WINDOW: usize = 8;
+/// Consecutive chunk moves before a stream gets a window: three moves (four chunks in a
+/// row) tell a sequential reader from a few neighbouring reads of a small file.
+const MOVES_BEFORE_WINDOW: u32 = 3;
 
 #[derive(Clone, Copy, Default)]
 struct Stream {
@@ -93,9 +94,10 @@ mod tests {
         assert_eq!(r.on_read(0, 0), None);
         assert_eq!(r.on_read(0, 0), None, "same chunk");
         assert_eq!(r.on_read(1, 1), None, "one move is not a stream yet");
-        assert_eq!(r.on_read(2, 2), Some(3..5));
-        assert_eq!(r.on_read(3, 3), Some(5..8));
-        assert_eq!(r.on_read(4, 4), Some(8..13));
+        assert_eq!(r.on_read(2, 2), None, "nor two");
+        assert_eq!(r.on_read(3, 3), Some(4..6));
+        assert_eq!(r.on_read(4, 4), Some(6..9));
+        assert_eq!(r.on_read(5, 5), Some(9..14));
         let mut last = None;
         for c in 5..40 {
             if let Some(range) = r.on_read(c, c) {
@@ -118,7 +120,7 @@ mod tests {
     fn parallel_streams_are_told_apart() {
         let r = Readahead::default();
         let mut got = [false; 2];
-        for step in 0..6 {
+        for step in 0..8 {
             for (i, base) in [0usize, 1000].iter().enumerate() {
                 if r.on_read(base + step, base + step).is_some() {
                     got[i] = true;

@@ -136,6 +136,9 @@ pub struct ReplicaStatus {
     pub chunks: usize,
     pub stored_chunks: usize,
     pub local_chunks: usize,
+    /// Bytes of the non-zero chunks, and of those that are local.
+    pub stored_bytes: u64,
+    pub local_bytes: u64,
     pub bytes_by_source: std::collections::BTreeMap<String, u64>,
     pub corrupt_chunks: u64,
     pub last_error: Option<String>,
@@ -167,6 +170,8 @@ pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
         chunks: manifest.chunk_count(),
         stored_chunks: manifest.stored_chunks().count(),
         local_chunks: replica.local_chunks(),
+        stored_bytes: manifest.stored_bytes(),
+        local_bytes: replica.local_bytes(),
         bytes_by_source: bytes.by_source,
         corrupt_chunks: bytes.corrupt,
         last_error: fill_error.or(bytes.last_error),

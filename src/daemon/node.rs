@@ -79,6 +79,17 @@ impl Replica {
         self.fill.lock().unwrap_or_else(|e| e.into_inner()).phase()
     }
 
+    /// Bytes of the non-zero chunks that are local.
+    pub fn local_bytes(&self) -> u64 {
+        let manifest = self.manifest();
+        let store = self.image.cache().store();
+        manifest
+            .stored_chunks()
+            .filter(|(_, d)| store.contains(d))
+            .map(|(i, _)| manifest.chunk_len(i))
+            .sum()
+    }
+
     /// Number of non-zero chunks that are local.
     pub fn local_chunks(&self) -> usize {
         let manifest = self.manifest();
