@@ -7,8 +7,11 @@
 //! only once the reply is written, so queued replies count too. When the limits are
 //! reached the reader stops reading, and TCP pushes back on the client.
 
+use std::future::Future;
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -283,7 +286,7 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
             permits: Some(permits),
         };
         let shared = Arc::clone(&self.shared);
-        self.tasks.spawn(async move {
+        let mut request = Box::pin(async move {
             let (reply, ok) = shared.run(header.cookie, op, payload).await;
             if let Some(command) = Command::from_wire(header.kind) {
                 let bytes = u64::from(header.length);
@@ -293,6 +296,24 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
             }
             pending.finish(reply).await;
         });
+        // A request the export answers at once (a cached read) is finished here, without
+        // a task of its own: no spawn, no wake-up on another thread. One that waits (a
+        // fetch, a flush) goes on in its own task, which polls it again with a real waker.
+        let mut cx = Context::from_waker(Waker::noop());
+        match panic::catch_unwind(AssertUnwindSafe(|| request.as_mut().poll(&mut cx))) {
+            Ok(Poll::Ready(())) => {}
+            Ok(Poll::Pending) => {
+                self.tasks.spawn(request);
+            }
+            Err(_) => {
+                // Dropping the request answers the client with EIO (see `Pending`).
+                error!(
+                    peer = self.peer,
+                    "a request panicked; the client got NBD_EIO"
+                );
+                drop(request);
+            }
+        }
     }
 
     /// Answers a request that failed its checks with an error; `Some` if the writer is gone.
