@@ -50,6 +50,22 @@ fn tree_and_image(dir: &Path) -> (Vec<(String, Vec<u8>)>, PathBuf) {
     (files, image)
 }
 
+/// A store with the tree's image published as template `rootfs`.
+fn published_rootfs(dir: &Path) -> (StoreProc, Vec<(String, Vec<u8>)>, PathBuf) {
+    let store = StoreProc::start();
+    let (files, image) = tree_and_image(dir);
+    let (ok, _, err) = run(&[
+        "publish",
+        image.to_str().unwrap(),
+        "--template",
+        "rootfs",
+        "--store",
+        &store.url(),
+    ]);
+    assert!(ok, "{err}");
+    (store, files, image)
+}
+
 /// Unmounts and detaches on drop, whatever happened.
 struct LoopMount {
     device: String,
@@ -148,17 +164,7 @@ fn fuse_template_file_mounts_read_only_with_every_file_intact() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let store = StoreProc::start();
-    let (files, image) = tree_and_image(tmp.path());
-    let (ok, _, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        "rootfs",
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "{err}");
+    let (store, files, _) = published_rootfs(tmp.path());
     let fuse = tmp.path().join("fuse");
     let daemon = DaemonProc::start_unix(
         &store.url(),
@@ -205,17 +211,7 @@ fn a_sandbox_file_mounts_read_write_and_nbd_sees_the_same_bytes() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let store = StoreProc::start();
-    let (files, image) = tree_and_image(tmp.path());
-    let (ok, _, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        "rootfs",
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "{err}");
+    let (store, files, image) = published_rootfs(tmp.path());
     let fuse = tmp.path().join("fuse");
     let daemon = DaemonProc::start_unix(
         &store.url(),
@@ -290,17 +286,7 @@ fn a_sandbox_file_mounts_read_write_and_nbd_sees_the_same_bytes() {
 #[test]
 fn flushed_nbd_writes_survive_sigkill_and_sandboxes_are_isolated() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = StoreProc::start();
-    let (_, image) = tree_and_image(tmp.path());
-    let (ok, _, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        "rootfs",
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "{err}");
+    let (store, _, image) = published_rootfs(tmp.path());
     let mut daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
     create_overlay(&daemon, "rootfs", "sba");
     create_overlay(&daemon, "rootfs", "sbb");
@@ -378,17 +364,7 @@ fn hex(bytes: &[u8]) -> String {
 #[test]
 fn nbdcopy_an_image_into_an_overlay_and_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = StoreProc::start();
-    let (_, image) = tree_and_image(tmp.path());
-    let (ok, _, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        "rootfs",
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "{err}");
+    let (store, _, _) = published_rootfs(tmp.path());
     let daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
     create_overlay(&daemon, "rootfs", "sbcopy");
     // Another image of the same size, with other content and holes.
@@ -413,17 +389,7 @@ fn nbdcopy_an_image_into_an_overlay_and_back() {
 #[test]
 fn overlay_bad_input_gets_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = StoreProc::start();
-    let (_, image) = tree_and_image(tmp.path());
-    let (ok, _, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        "rootfs",
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "{err}");
+    let (store, _, _) = published_rootfs(tmp.path());
     let daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
     let node = daemon.url();
     let cases: [(&[&str], &str); 4] = [
@@ -506,17 +472,7 @@ fn a_stale_fuse_mount_from_a_killed_daemon_is_cleared_at_start() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let store = StoreProc::start();
-    let (_, image) = tree_and_image(tmp.path());
-    let (ok, _, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        "rootfs",
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "{err}");
+    let (store, _, image) = published_rootfs(tmp.path());
     let fuse = tmp.path().join("fuse");
     let mut daemon = DaemonProc::start_unix(
         &store.url(),

@@ -8,6 +8,7 @@
 //! - [`exports`]: the export objects that the NBD server and the FUSE mount serve.
 //! - [`commit`]: a sandbox into a new template; [`upload`]: its new chunks to the
 //!   store in the background (ORIGIN_ONLY -> UPLOADING -> DURABLE).
+//! - [`registry`]: the id-to-object maps of replicas and sandboxes.
 //! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
 //! - [`counters`]: Prometheus metrics and per-template byte counts.
@@ -23,6 +24,7 @@ pub mod counters;
 pub mod exports;
 pub mod fill;
 pub mod node;
+pub mod registry;
 pub mod sandboxes;
 pub mod state;
 pub mod trace;

@@ -1,14 +1,14 @@
 //! The node: its chunk cache, the store it learns templates from, and the replicas of
 //! the templates it serves.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use lazyblk_cache::{ChunkCache, HttpSource, Manifest, Source, TemplateImage};
 
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::fill::FillState;
+use crate::daemon::registry::Registry;
 use crate::daemon::sandboxes::Sandbox;
 use crate::daemon::state::Phase;
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
@@ -127,11 +127,11 @@ pub struct Node {
     /// Manifests of the templates this node has served, so a restart serves them
     /// without the store.
     manifests_dir: PathBuf,
-    replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    replicas: Registry<Replica>,
     trace_timing: TraceTiming,
     /// Where sandbox overlays live, one directory each.
     pub(crate) overlays_dir: PathBuf,
-    pub(crate) sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
+    pub(crate) sandboxes: Registry<Sandbox>,
     /// Serializes sandbox creation (the id checks and the create are one step).
     pub(crate) creating: tokio::sync::Mutex<()>,
     /// Serializes loads of one template from the store.
@@ -170,10 +170,10 @@ impl Node {
             advertise: config.advertise,
             read_token: config.read_token,
             manifests_dir,
-            replicas: RwLock::new(HashMap::new()),
+            replicas: Registry::default(),
             trace_timing: config.trace_timing,
             overlays_dir,
-            sandboxes: RwLock::new(HashMap::new()),
+            sandboxes: Registry::default(),
             creating: tokio::sync::Mutex::new(()),
             loading: tokio::sync::Mutex::new(()),
         })
@@ -212,24 +212,12 @@ impl Node {
 
     /// The replica of `id` if this node already knows it.
     pub fn known(&self, id: &str) -> Option<Arc<Replica>> {
-        self.replicas
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.replicas.get(id)
     }
 
     /// Every replica this node knows, by id.
     pub fn replicas(&self) -> Vec<Arc<Replica>> {
-        let mut all: Vec<_> = self
-            .replicas
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        all.sort_by(|a, b| a.id().cmp(b.id()));
-        all
+        self.replicas.all()
     }
 
     /// The replica of `id`, learning the template from the store if needed.
@@ -276,12 +264,7 @@ impl Node {
             trace: TraceRecorder::new(chunk_count, self.trace_timing),
             fill: Mutex::new(FillState::default()),
         });
-        self.replicas
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(id)
-            .or_insert(replica)
-            .clone()
+        self.replicas.insert_new(id, replica)
     }
 
     /// Writes a manifest to the node's disk (temporary file, fsync, rename).

@@ -89,24 +89,12 @@ impl Node {
 
     /// The sandbox `id`, if it exists on this node.
     pub fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
-        self.sandboxes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.sandboxes.get(id)
     }
 
     /// Every sandbox, by id.
     pub fn sandboxes(&self) -> Vec<Arc<Sandbox>> {
-        let mut all: Vec<_> = self
-            .sandboxes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        all.sort_by(|a, b| a.id().cmp(b.id()));
-        all
+        self.sandboxes.all()
     }
 
     fn register(&self, replica: &Arc<Replica>, overlay: Overlay) -> Arc<Sandbox> {
@@ -116,11 +104,7 @@ impl Node {
             overlay: Arc::new(overlay),
             users: Arc::default(),
         });
-        self.sandboxes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, sandbox.clone());
-        sandbox
+        self.sandboxes.insert_new(id, sandbox)
     }
 
     /// Creates sandbox `id`'s overlay over `template`.
@@ -156,10 +140,7 @@ impl Node {
                 users,
             });
         }
-        self.sandboxes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.sandboxes.remove(id);
         Overlay::remove_dir(self.overlay_dir(id)).await?;
         tracing::info!(sandbox = id, "overlay deleted");
         Ok(())
