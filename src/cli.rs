@@ -42,6 +42,8 @@ pub enum Command {
     Overlay(OverlayCommand),
     /// Commit a sandbox's overlay into a new template.
     Commit(CommitArgs),
+    /// Grow a template into a new template (e2fsck and resize2fs on an overlay, then a commit).
+    Resize(ResizeArgs),
     /// Connect the kernel's NBD client (/dev/nbdN) to an export of a node; prints the device.
     Attach(AttachArgs),
     /// Disconnect a kernel NBD device attached with `lazyblk attach`.
@@ -295,6 +297,23 @@ pub struct DetachArgs {
     /// Detach even if the device is mounted or held open (its I/O then fails).
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ResizeArgs {
+    /// The template to grow.
+    pub template: String,
+    /// The new size (e.g. 4G); larger than the template's.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Id of the new template.
+    #[arg(long = "template")]
+    pub new_template: String,
+    #[command(flatten)]
+    pub node: NodeArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Parses sizes such as `4096`, `64K`, `1M`, `20G`, `1T` (powers of 1024).

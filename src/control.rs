@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 
 use crate::cli::{
-    AttachArgs, CommitArgs, DetachArgs, EvictArgs, OverlayCommand, StatusArgs, WarmArgs,
+    AttachArgs, CommitArgs, DetachArgs, EvictArgs, OverlayCommand, ResizeArgs, StatusArgs, WarmArgs,
 };
 use crate::progress::Progress;
 
@@ -423,5 +423,31 @@ pub async fn detach(args: DetachArgs) -> anyhow::Result<()> {
         )
         .await?;
     println!("detached {} (export {})", s(&r, "device"), s(&r, "export"));
+    Ok(())
+}
+
+/// `lazyblk resize ID --size SIZE --template NEWID`.
+pub async fn resize(args: ResizeArgs) -> anyhow::Result<()> {
+    let node = NodeClient::new(&args.node.node);
+    let r = node
+        .post(
+            &format!("/v1/templates/{}/resize", args.template),
+            Some(serde_json::json!({ "size": args.size, "template": args.new_template })),
+        )
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "resized {} ({}) into {} ({}): {} new chunks, {} shared; durability {}",
+            args.template,
+            human_bytes(u(&r, "old_size")),
+            args.new_template,
+            human_bytes(u(&r, "new_size")),
+            u(&r["commit"], "new_chunks"),
+            u(&r["commit"], "shared_chunks"),
+            s(&r["commit"], "durability")
+        );
+    }
     Ok(())
 }

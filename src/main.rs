@@ -73,6 +73,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Evict(args) => control::evict(args).await,
         Command::Overlay(cmd) => control::overlay(cmd).await,
         Command::Commit(args) => control::commit(args).await,
+        Command::Resize(args) => control::resize(args).await,
         Command::Attach(args) => control::attach(args).await,
         Command::Detach(args) => control::detach(args).await,
         Command::Delete(args) => store::client::delete_command(args).await,

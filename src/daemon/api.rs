@@ -16,6 +16,7 @@ use crate::daemon::attach::{self, AttachError, Attachments};
 use crate::daemon::commit::{CommitError, CommitOutcome};
 use crate::daemon::fill::{FillError, FillScheduler};
 use crate::daemon::node::{Node, NodeError, Replica};
+use crate::daemon::resize::{ResizeError, ResizeOutcome};
 use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
 
 /// What the API handlers share.
@@ -87,6 +88,21 @@ impl From<AttachError> for ApiError {
     }
 }
 
+impl From<ResizeError> for ApiError {
+    fn from(e: ResizeError) -> ApiError {
+        let status = match &e {
+            ResizeError::InvalidId(_) | ResizeError::BadSize { .. } => StatusCode::BAD_REQUEST,
+            ResizeError::Exists(_) => StatusCode::CONFLICT,
+            ResizeError::NoFuse => StatusCode::PRECONDITION_FAILED,
+            ResizeError::Tool { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ResizeError::Node(n) => node_status(n),
+            ResizeError::Sandbox(s) => sandbox_status(s),
+            ResizeError::Commit(_) => StatusCode::BAD_GATEWAY,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
 fn node_status(e: &NodeError) -> StatusCode {
     match e {
         NodeError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
@@ -110,6 +126,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/templates/{id}", get(template_status))
         .route("/v1/templates/{id}/warm", post(warm))
         .route("/v1/templates/{id}/evict", post(evict))
+        .route("/v1/templates/{id}/resize", post(resize))
         .route("/v1/overlays", get(list_overlays).post(create_overlay))
         .route(
             "/v1/overlays/{sb}",
@@ -303,6 +320,26 @@ async fn commit_overlay(
     Json(body): Json<CommitBody>,
 ) -> Result<(StatusCode, Json<CommitOutcome>), ApiError> {
     let outcome = state.node.commit_sandbox(&sb, &body.template).await?;
+    Ok((StatusCode::CREATED, Json(outcome)))
+}
+
+/// Body of `POST /v1/templates/{id}/resize`.
+#[derive(serde::Deserialize)]
+pub struct ResizeBody {
+    pub size: u64,
+    pub template: String,
+}
+
+async fn resize(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Json(body): Json<ResizeBody>,
+) -> Result<(StatusCode, Json<ResizeOutcome>), ApiError> {
+    checked_id(&id)?;
+    let outcome = state
+        .node
+        .resize_template(&id, body.size, &body.template)
+        .await?;
     Ok((StatusCode::CREATED, Json(outcome)))
 }
 

@@ -8,6 +8,8 @@
 //! - [`exports`]: the export objects that the NBD server and the FUSE mount serve.
 //! - [`commit`]: a sandbox into a new template; [`upload`]: its new chunks to the
 //!   store in the background (ORIGIN_ONLY -> UPLOADING -> DURABLE).
+//! - [`resize`]: a template grown into a new one (e2fsck and resize2fs on a scratch
+//!   overlay, then a commit).
 //! - [`registry`]: the id-to-object maps of replicas and sandboxes.
 //! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
@@ -25,6 +27,7 @@ pub mod exports;
 pub mod fill;
 pub mod node;
 pub mod registry;
+pub mod resize;
 pub mod sandboxes;
 pub mod state;
 pub mod trace;
@@ -91,6 +94,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
                     quiet: Duration::from_secs_f64(args.trace_quiet.max(0.0)),
                 },
                 upload_delay: Duration::from_secs_f64(args.upload_delay.max(0.0)),
+                fuse_dir: args.fuse.clone(),
             },
         )
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,

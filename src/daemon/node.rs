@@ -131,6 +131,11 @@ pub struct Node {
     trace_timing: TraceTiming,
     /// Where sandbox overlays live, one directory each.
     pub(crate) overlays_dir: PathBuf,
+    /// Scratch overlays of resizes under way; emptied at start (an interrupted resize
+    /// publishes nothing and is simply abandoned).
+    pub(crate) resizing_dir: PathBuf,
+    /// The daemon's FUSE mount, if any.
+    pub fuse_dir: Option<PathBuf>,
     pub(crate) sandboxes: Registry<Sandbox>,
     /// Serializes sandbox creation (the id checks and the create are one step).
     pub(crate) creating: tokio::sync::Mutex<()>,
@@ -149,6 +154,8 @@ pub struct NodeConfig {
     pub trace_timing: TraceTiming,
     /// How long a commit's upload waits before it starts.
     pub upload_delay: std::time::Duration,
+    /// The daemon's FUSE mount, if any (resize runs e2fsprogs on its files).
+    pub fuse_dir: Option<PathBuf>,
 }
 
 impl Node {
@@ -162,6 +169,11 @@ impl Node {
         std::fs::create_dir_all(&manifests_dir)?;
         let overlays_dir = config.state_dir.join("overlays");
         std::fs::create_dir_all(&overlays_dir)?;
+        let resizing_dir = config.state_dir.join("resizing");
+        if resizing_dir.exists() {
+            std::fs::remove_dir_all(&resizing_dir)?;
+        }
+        std::fs::create_dir_all(&resizing_dir)?;
         Ok(Node {
             uploads: Uploads::new(store.clone(), cache.clone(), config.upload_delay),
             cache,
@@ -173,6 +185,8 @@ impl Node {
             replicas: Registry::default(),
             trace_timing: config.trace_timing,
             overlays_dir,
+            resizing_dir,
+            fuse_dir: config.fuse_dir,
             sandboxes: Registry::default(),
             creating: tokio::sync::Mutex::new(()),
             loading: tokio::sync::Mutex::new(()),
@@ -251,6 +265,12 @@ impl Node {
     /// Adds a template this node has a manifest for (published or committed here).
     pub fn insert(&self, manifest: Manifest) -> Arc<Replica> {
         let id = manifest.template.clone();
+        let replica = self.new_replica(manifest);
+        self.replicas.insert_new(id, replica)
+    }
+
+    /// A replica of `manifest` that the node does not list (a resize's grown base).
+    pub fn new_replica(&self, manifest: Manifest) -> Arc<Replica> {
         let chunk_count = manifest.chunk_count();
         let sources = self.sources(&manifest);
         let image = Arc::new(TemplateImage::new(
@@ -258,13 +278,12 @@ impl Node {
             self.cache.clone(),
             sources,
         ));
-        let replica = Arc::new(Replica {
+        Arc::new(Replica {
             image,
             users: Arc::default(),
             trace: TraceRecorder::new(chunk_count, self.trace_timing),
             fill: Mutex::new(FillState::default()),
-        });
-        self.replicas.insert_new(id, replica)
+        })
     }
 
     /// Writes a manifest to the node's disk (temporary file, fsync, rename).

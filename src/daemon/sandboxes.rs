@@ -83,7 +83,7 @@ impl Sandbox {
 }
 
 impl Node {
-    fn overlay_dir(&self, sandbox: &str) -> std::path::PathBuf {
+    pub(crate) fn overlay_dir(&self, sandbox: &str) -> std::path::PathBuf {
         self.overlays_dir.join(sandbox)
     }
 
@@ -97,7 +97,7 @@ impl Node {
         self.sandboxes.all()
     }
 
-    fn register(&self, replica: &Arc<Replica>, overlay: Overlay) -> Arc<Sandbox> {
+    pub(crate) fn register(&self, replica: &Arc<Replica>, overlay: Overlay) -> Arc<Sandbox> {
         let id = overlay.sandbox().to_string();
         let sandbox = Arc::new(Sandbox {
             template: replica.lease(format!("overlay {id}")),
