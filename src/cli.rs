@@ -29,6 +29,8 @@ pub enum Command {
     Daemon(DaemonArgs),
     /// Chunk an image, upload the chunks the store lacks, publish its manifest.
     Publish(PublishArgs),
+    /// Make an ext4 image from a directory (mkfs.ext4 -d) and publish it.
+    Build(BuildArgs),
     /// List the store's templates and their durability.
     Templates(TemplatesArgs),
     /// Show replica phase, progress, bytes by source and exports in use on a node.
@@ -144,6 +146,37 @@ pub struct PublishArgs {
     /// Chunks uploaded at once.
     #[arg(long, default_value = "8")]
     pub concurrency: usize,
+    /// Bearer token for writes to the store.
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    pub write_token: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BuildArgs {
+    /// The directory that becomes the file system's root.
+    #[arg(long)]
+    pub from_dir: PathBuf,
+    /// The image's size (e.g. 2G): room for the files plus free space.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Template id: [a-z0-9][a-z0-9._-]{0,127}.
+    #[arg(long)]
+    pub template: String,
+    /// URL of the artifact store.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// Chunk size: a power of two from 64K to 16M.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// A label KEY=VALUE for the manifest (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Where the image is made before it is published (removed after).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    pub work_dir: PathBuf,
     /// Bearer token for writes to the store.
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
     pub write_token: Option<String>,

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`cli`]: the command line (DESIGN.md section 7).
 //! - [`store`]: the artifact store: an HTTP server over a directory, and its client.
+//! - [`build`]: make an ext4 image from a directory and publish it.
 //! - [`publish`]: chunk an image, upload what the store lacks, publish the manifest.
 //! - [`daemon`]: the node daemon: NBD and FUSE exports over the chunk cache, the
 //!   background fill, traces, the HTTP API, the state database.
@@ -17,6 +18,7 @@
 //! [`daemon::exports`], and reads through `lazyblk-cache` (overlay, local chunk, then a
 //! fetch from the template's origins or the store).
 
+mod build;
 mod cli;
 mod control;
 mod daemon;
@@ -67,6 +69,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Store(args) => store::run(args).await,
         Command::Daemon(args) => daemon::run(args).await,
         Command::Publish(args) => publish::run(args).await,
+        Command::Build(args) => build::run(args).await,
         Command::Templates(args) => store::client::list_command(args).await,
         Command::Status(args) => control::status(args).await,
         Command::Warm(args) => control::warm(args).await,
