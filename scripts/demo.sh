@@ -49,7 +49,7 @@ step "publish it: 1 MiB chunks named by sha256, zero chunks skipped"
 fuse_args=()
 if [ "$(id -u)" -eq 0 ] && [ -e /dev/fuse ]; then fuse_args=(--fuse "$dir/fuse"); fi
 step "start a node daemon: NBD on unix:$sock, API on $node ${fuse_args[*]:+, FUSE at $dir/fuse}"
-LAZYBLK_LOG=warn "$bin" daemon --cache "$dir/cache" --store "$store" --listen "127.0.0.1:$node_port" --nbd "unix:$sock" "${fuse_args[@]}" &
+LAZYBLK_LOG=warn,fuser=error "$bin" daemon --cache "$dir/cache" --store "$store" --listen "127.0.0.1:$node_port" --nbd "unix:$sock" "${fuse_args[@]}" &
 pids+=($!)
 wait_http "$node/healthz"
 

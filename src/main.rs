@@ -35,8 +35,10 @@ use crate::cli::{Cli, Command};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Store(_) | Command::Daemon(_) => "info",
-        _ => "warn",
+        // fuser logs every request it has no handler for (xattrs, ioctls) as a warning;
+        // the kernel gets ENOSYS and carries on, so those lines are noise.
+        Command::Store(_) | Command::Daemon(_) => "info,fuser=error",
+        _ => "warn,fuser=error",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -25,7 +25,7 @@ pub fn bin() -> PathBuf {
 pub fn lazyblk() -> Command {
     let mut cmd = Command::new(bin());
     if std::env::var_os("LAZYBLK_LOG").is_none() {
-        cmd.env("LAZYBLK_LOG", "warn");
+        cmd.env("LAZYBLK_LOG", "warn,fuser=error");
     }
     cmd
 }
