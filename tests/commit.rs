@@ -9,19 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::node::{sh, DaemonProc};
-use support::{http_get, make_ext4, pattern, run, StoreProc};
-
-fn publish(store: &StoreProc, image: &Path, id: &str) {
-    let (ok, out, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        id,
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "publish: {out}{err}");
-}
+use support::{http_get, make_ext4, pattern, publish, run, StoreProc};
 
 fn commit(node: &DaemonProc, sandbox: &str, id: &str) -> Value {
     let (ok, out, err) = run(&[
@@ -114,7 +102,7 @@ fn a_commit_is_servable_on_every_node_at_once_and_durable_after() {
     let borrowed: Vec<(&str, Vec<u8>)> =
         files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     let image = make_ext4(tmp.path(), 96, &borrowed);
-    publish(&store, &image, "t");
+    publish(&store.url(), &image, "t");
     let _a = DaemonProc::start_unix(&store.url(), &tmp.path().join("a"), &[]);
     // B holds its uploads back, so the new chunks exist only on B for a while.
     let mut b = DaemonProc::start_unix(
@@ -212,7 +200,7 @@ fn commits_of_commits_work_to_any_depth_across_nodes() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = make_ext4(tmp.path(), 64, &[("a", pattern(2 << 20, 1))]);
-    publish(&store, &image, "l0");
+    publish(&store.url(), &image, "l0");
     let b = DaemonProc::start_unix(
         &store.url(),
         &tmp.path().join("b"),
@@ -271,7 +259,7 @@ fn commit_work_does_not_grow_with_the_template_size() {
             ],
         );
         assert!(ok, "{err}");
-        publish(&store, &image, id);
+        publish(&store.url(), &image, id);
         let sb = format!("{id}-sb");
         overlay(&node, id, &sb);
         // The same writes: 16 MiB spread over the device's first GiB.
@@ -309,8 +297,8 @@ fn bad_commits_publish_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = make_ext4(tmp.path(), 32, &[("x", pattern(100_000, 5))]);
-    publish(&store, &image, "base");
-    publish(&store, &image, "taken");
+    publish(&store.url(), &image, "base");
+    publish(&store.url(), &image, "taken");
     let node = DaemonProc::start_unix(&store.url(), &tmp.path().join("n"), &[]);
     overlay(&node, "base", "sb");
     let cases: [(&[&str], &str); 4] = [

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use lazyblk_cache::Manifest;
 use support::node::{nbdsh, sh, DaemonProc};
-use support::{make_ext4, pattern, run, StoreProc};
+use support::{make_ext4, pattern, publish, StoreProc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -194,15 +194,7 @@ fn publish_image(store: &StoreProc, dir: &Path, id: &str) -> PathBuf {
         .collect();
     let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     let image = make_ext4(dir, 16, &files);
-    let (ok, out, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        id,
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "publish failed: {out}{err}");
+    publish(&store.url(), &image, id);
     image
 }
 

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::node::{nbdsh, sh, DaemonProc};
-use support::{free_port, http_get, lazyblk, make_ext4, pattern, run, wait_http, StoreProc};
+use support::{
+    free_port, http_get, lazyblk, make_ext4, pattern, publish, run, wait_http, StoreProc,
+};
 
 const CHUNK: usize = 1 << 20;
 
@@ -20,18 +22,6 @@ fn image_with_data(dir: &Path, data_mib: usize) -> PathBuf {
         .collect();
     let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     make_ext4(dir, 64, &files)
-}
-
-fn publish(store_url: &str, image: &Path, id: &str) {
-    let (ok, out, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        id,
-        "--store",
-        store_url,
-    ]);
-    assert!(ok, "publish: {out}{err}");
 }
 
 fn status(daemon: &DaemonProc, id: &str) -> Value {

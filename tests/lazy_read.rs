@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use support::node::{nbdsh, sh, DaemonProc};
-use support::{make_ext4, pattern, run, StoreProc};
+use support::{make_ext4, pattern, publish, run, StoreProc};
 
 const CHUNK: usize = 1 << 20;
 
@@ -21,15 +21,7 @@ fn publish_image(store: &StoreProc, dir: &Path, id: &str) -> PathBuf {
         ("home/user/notes.txt", pattern(40000, 3)),
     ];
     let image = make_ext4(dir, 48, &files);
-    let (ok, out, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        id,
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "publish failed: {out}{err}");
+    publish(&store.url(), &image, id);
     image
 }
 

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::node::{nbdsh, sh, DaemonProc};
-use support::{http_get, make_ext4, pattern, run, StoreProc};
+use support::{http_get, make_ext4, pattern, publish, run, StoreProc};
 
 /// Skips (with a message) when FUSE or loop devices are not usable here.
 fn fuse_usable() -> bool {
@@ -54,15 +54,7 @@ fn tree_and_image(dir: &Path) -> (Vec<(String, Vec<u8>)>, PathBuf) {
 fn published_rootfs(dir: &Path) -> (StoreProc, Vec<(String, Vec<u8>)>, PathBuf) {
     let store = StoreProc::start();
     let (files, image) = tree_and_image(dir);
-    let (ok, _, err) = run(&[
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        "rootfs",
-        "--store",
-        &store.url(),
-    ]);
-    assert!(ok, "{err}");
+    publish(&store.url(), &image, "rootfs");
     (store, files, image)
 }
 

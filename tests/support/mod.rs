@@ -164,6 +164,13 @@ impl Drop for StoreProc {
     }
 }
 
+/// Publishes `image` to the store at `store_url` as template `id`, asserting success.
+pub fn publish(store_url: &str, image: &Path, id: &str) {
+    let image = image.to_str().expect("a UTF-8 image path");
+    let (ok, out, err) = run(&["publish", image, "--template", id, "--store", store_url]);
+    assert!(ok, "publish {id}: {out}{err}");
+}
+
 /// Makes an ext4 image with 4 KiB blocks, `size_mib` MiB, holding `files` (paths
 /// relative to the file system root; parents are created). Returns the image path,
 /// a new file under `dir`.
