@@ -203,6 +203,15 @@ fn describe(r: &Value) -> String {
     if let Some(parent) = r.get("parent").and_then(Value::as_str) {
         out.push_str(&format!("parent:     {parent}\n"));
     }
+    if let Some(durability) = r.get("durability").and_then(Value::as_str) {
+        let pending = u(r, "pending_upload_chunks");
+        let detail = if pending > 0 {
+            format!(" ({pending} chunks to upload)")
+        } else {
+            String::new()
+        };
+        out.push_str(&format!("durability: {durability}{detail}\n"));
+    }
     let origins: Vec<&str> = r
         .get("origins")
         .and_then(Value::as_array)
