@@ -119,7 +119,8 @@ pub struct DaemonArgs {
     /// Bearer token sent with chunk reads to the store and origins.
     #[arg(long, env = "LAZYBLK_READ_TOKEN")]
     pub read_token: Option<String>,
-    /// Bearer token sent with writes to the store (commit uploads, traces).
+    /// Bearer token sent with writes to the store (commit uploads, traces), and required
+    /// on this daemon's own changing requests (warm, evict, overlays, commit, attach).
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
     pub write_token: Option<String>,
 }
@@ -230,6 +231,9 @@ pub struct NodeArg {
     /// The daemon's HTTP URL.
     #[arg(long, default_value = DEFAULT_NODE)]
     pub node: String,
+    /// Bearer token for the daemon's changing requests, when it has a --write-token.
+    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

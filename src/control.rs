@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 
 use crate::cli::{
-    AttachArgs, CommitArgs, DetachArgs, EvictArgs, OverlayCommand, ResizeArgs, StatusArgs, WarmArgs,
+    AttachArgs, CommitArgs, DetachArgs, EvictArgs, NodeArg, OverlayCommand, ResizeArgs, StatusArgs,
+    WarmArgs,
 };
 use crate::progress::Progress;
 
@@ -18,13 +19,16 @@ const WAIT_POLL: Duration = Duration::from_millis(250);
 struct NodeClient {
     base: String,
     http: reqwest::Client,
+    /// Sent as a bearer token (the daemon checks it on changing requests).
+    token: Option<String>,
 }
 
 impl NodeClient {
-    fn new(base: &str) -> NodeClient {
+    fn new(node: &NodeArg) -> NodeClient {
         NodeClient {
-            base: base.trim_end_matches('/').to_string(),
+            base: node.node.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
+            token: node.token.clone(),
         }
     }
 
@@ -38,6 +42,9 @@ impl NodeClient {
     ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -72,7 +79,7 @@ impl NodeClient {
 
 /// `lazyblk status [ID]`.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let node = NodeClient::new(&args.node.node);
+    let node = NodeClient::new(&args.node);
     let replicas = match &args.template {
         Some(id) => vec![node.get(&format!("/v1/templates/{id}")).await?],
         None => node
@@ -255,7 +262,7 @@ fn describe(r: &Value) -> String {
 
 /// `lazyblk warm ID [--wait] [--redo]`.
 pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
-    let node = NodeClient::new(&args.node.node);
+    let node = NodeClient::new(&args.node);
     let path = format!("/v1/templates/{}", args.template);
     let query = if args.redo { "?redo=true" } else { "" };
     let started = node.post(&format!("{path}/warm{query}"), None).await?;
@@ -298,7 +305,7 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
 
 /// `lazyblk evict ID [--force]`.
 pub async fn evict(args: EvictArgs) -> anyhow::Result<()> {
-    let node = NodeClient::new(&args.node.node);
+    let node = NodeClient::new(&args.node);
     let query = if args.force { "?force=true" } else { "" };
     let r = node
         .post(
@@ -322,7 +329,7 @@ pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
             sandbox,
             node,
         } => {
-            let node = NodeClient::new(&node.node);
+            let node = NodeClient::new(&node);
             let r = node
                 .post(
                     "/v1/overlays",
@@ -336,7 +343,7 @@ pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
             node,
             force,
         } => {
-            let node = NodeClient::new(&node.node);
+            let node = NodeClient::new(&node);
             let query = if force { "?force=true" } else { "" };
             node.call(
                 reqwest::Method::DELETE,
@@ -347,7 +354,7 @@ pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
             println!("deleted overlay {sandbox}");
         }
         OverlayCommand::List { node, json } => {
-            let node = NodeClient::new(&node.node);
+            let node = NodeClient::new(&node);
             let r = node.get("/v1/overlays").await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -373,7 +380,7 @@ pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
 
 /// `lazyblk commit SB --template NEWID`.
 pub async fn commit(args: CommitArgs) -> anyhow::Result<()> {
-    let node = NodeClient::new(&args.node.node);
+    let node = NodeClient::new(&args.node);
     let r = node
         .post(
             &format!("/v1/overlays/{}/commit", args.sandbox),
@@ -398,7 +405,7 @@ pub async fn commit(args: CommitArgs) -> anyhow::Result<()> {
 
 /// `lazyblk attach EXPORT [--device /dev/nbdN]`: prints the device path.
 pub async fn attach(args: AttachArgs) -> anyhow::Result<()> {
-    let node = NodeClient::new(&args.node.node);
+    let node = NodeClient::new(&args.node);
     let r = node
         .post(
             "/v1/attachments",
@@ -415,7 +422,7 @@ pub async fn attach(args: AttachArgs) -> anyhow::Result<()> {
 
 /// `lazyblk detach /dev/nbdN [--force]`.
 pub async fn detach(args: DetachArgs) -> anyhow::Result<()> {
-    let node = NodeClient::new(&args.node.node);
+    let node = NodeClient::new(&args.node);
     let name = args.device.trim_start_matches("/dev/");
     if name.is_empty() || name.contains('/') {
         bail!(
@@ -437,7 +444,7 @@ pub async fn detach(args: DetachArgs) -> anyhow::Result<()> {
 
 /// `lazyblk resize ID --size SIZE --template NEWID`.
 pub async fn resize(args: ResizeArgs) -> anyhow::Result<()> {
-    let node = NodeClient::new(&args.node.node);
+    let node = NodeClient::new(&args.node);
     let r = node
         .post(
             &format!("/v1/templates/{}/resize", args.template),

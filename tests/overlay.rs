@@ -486,3 +486,52 @@ fn a_stale_fuse_mount_from_a_killed_daemon_is_cleared_at_start() {
         "still mounted after a clean stop"
     );
 }
+
+#[test]
+fn daemon_changes_need_the_write_token_when_one_is_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _, _) = published_rootfs(tmp.path());
+    let daemon = DaemonProc::start_unix(
+        &store.url(),
+        &tmp.path().join("cache"),
+        &["--write-token", "s3cret"],
+    );
+    let node = daemon.url();
+    let (ok, _, err) = run(&[
+        "overlay",
+        "create",
+        "rootfs",
+        "--sandbox",
+        "sb",
+        "--node",
+        &node,
+    ]);
+    assert!(!ok && err.contains("write token"), "{err}");
+    let (ok, _, err) = run(&[
+        "overlay",
+        "create",
+        "rootfs",
+        "--sandbox",
+        "sb",
+        "--node",
+        &node,
+        "--token",
+        "wrong",
+    ]);
+    assert!(!ok && err.contains("write token"), "{err}");
+    let (ok, out, err) = run(&[
+        "overlay",
+        "create",
+        "rootfs",
+        "--sandbox",
+        "sb",
+        "--node",
+        &node,
+        "--token",
+        "s3cret",
+    ]);
+    assert!(ok, "{out}{err}");
+    // Reads need no token.
+    let (ok, out, err) = run(&["status", "rootfs", "--node", &node]);
+    assert!(ok && out.contains("overlay sb"), "{out}{err}");
+}

@@ -28,6 +28,8 @@ pub struct ApiState {
     pub attachments: Arc<Attachments>,
     /// Bearer token required to read chunks, when configured.
     pub read_token: Option<String>,
+    /// Bearer token required for changing requests (POST, PUT, DELETE), when configured.
+    pub write_token: Option<String>,
 }
 
 /// An API error: a status and a sentence.
@@ -136,7 +138,39 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/chunks/{digest}", get(chunk).head(chunk))
         .route("/v1/attachments", get(attach::list).post(attach::create))
         .route("/v1/attachments/{device}", delete(attach::remove))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_write_token,
+        ))
         .with_state(state)
+}
+
+/// Refuses changing requests without the write token, when one is configured; reads
+/// (status, metrics, chunks for peers) are not affected.
+async fn require_write_token(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let changing = !matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if let (true, Some(token)) = (changing, &state.write_token) {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if given != Some(format!("Bearer {token}").as_str()) {
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "this daemon needs its write token for changes (--token or LAZYBLK_WRITE_TOKEN)"
+                    .into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// One replica as `lazyblk status` shows it.

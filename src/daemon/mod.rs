@@ -130,6 +130,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         fill: fill.clone(),
         attachments: attachments.clone(),
         read_token: args.read_token.clone(),
+        write_token: args.write_token.clone(),
     });
     let http = tokio::spawn(
         axum::serve(http_listener, api)
