@@ -61,6 +61,11 @@ pub struct StoreArgs {
     /// Directory that holds manifests, chunks and traces.
     #[arg(long, default_value = "./lazyblk-store")]
     pub root: PathBuf,
+    /// Keep manifests, chunks and traces in S3-compatible object storage instead of
+    /// --root: s3://BUCKET/PREFIX?endpoint=URL[&region=REGION] (region defaults to
+    /// "garage"); credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    #[arg(long, conflicts_with = "root", value_name = "URL")]
+    pub backend: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,

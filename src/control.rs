@@ -27,7 +27,7 @@ impl NodeClient {
     fn new(node: &NodeArg) -> NodeClient {
         NodeClient {
             base: node.node.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+            http: crate::http_client::http_client(),
             token: node.token.clone(),
         }
     }

@@ -10,6 +10,7 @@
 //!   background fill, traces, the HTTP API, the state database.
 //! - [`control`]: the commands that talk to a daemon (status, warm, evict, overlay,
 //!   commit, attach, detach).
+//! - [`http_client`]: the HTTP client of the commands and the daemon.
 //! - [`metrics`]: Prometheus counters shared by the daemon and the store.
 //!
 //! # Data flow
@@ -22,6 +23,7 @@ mod build;
 mod cli;
 mod control;
 mod daemon;
+mod http_client;
 mod metrics;
 mod progress;
 mod publish;

@@ -18,18 +18,14 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use tokio_util::io::ReaderStream;
 
-use super::backend::{drain, BackendError, ChunkPut, DirBackend, ManifestPut, MAX_CHUNK_BODY};
+use super::backend::{drain, Backend, BackendError, ChunkPut, ManifestPut, MAX_CHUNK_BODY};
 use super::{GcReport, TemplateSummary};
 
 /// The largest JSON body accepted (manifest, trace, missing list). The manifest of a
 /// 50 GiB template at the smallest chunk size (64 KiB) lists 819,200 digests, about
 /// 55 MB of JSON; this leaves room above that and still bounds what one request costs.
 pub const MAX_JSON_BODY: u64 = 64 << 20;
-/// Read size when streaming a chunk file to a client: a quarter of the default chunk,
-/// few system calls per chunk without holding much memory per connection.
-const STREAM_BUFFER: usize = 256 << 10;
 /// How long gc keeps unreferenced chunks that were written or confirmed recently,
 /// unless the request says otherwise: longer than a large publish takes between
 /// uploading its chunks and putting its manifest.
@@ -38,14 +34,14 @@ pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(600);
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    backend: Arc<DirBackend>,
+    backend: Arc<Backend>,
     metrics: Arc<StoreMetrics>,
     tokens: Arc<Tokens>,
 }
 
 impl AppState {
     pub fn new(
-        backend: Arc<DirBackend>,
+        backend: Arc<Backend>,
         write_token: Option<String>,
         read_token: Option<String>,
     ) -> AppState {
@@ -254,9 +250,12 @@ impl From<BackendError> for ApiError {
             | BackendError::Body { .. } => StatusCode::BAD_REQUEST,
             BackendError::Conflict { .. } => StatusCode::CONFLICT,
             BackendError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BackendError::Corrupt { .. } | BackendError::Io { .. } | BackendError::Task(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            // The bucket behind the store failed, not the store itself.
+            BackendError::Object { .. } => StatusCode::BAD_GATEWAY,
+            BackendError::Corrupt { .. }
+            | BackendError::Io { .. }
+            | BackendError::Config { .. }
+            | BackendError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
     }
@@ -424,7 +423,7 @@ async fn get_chunk(
     Path(digest): Path<String>,
 ) -> Result<Response, ApiError> {
     let digest = checked_digest(&digest)?;
-    let Some((file, len)) = state.backend.open_chunk(&digest).await? else {
+    let Some((stream, len)) = state.backend.open_chunk(&digest).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("chunk {digest} is not in the store"),
@@ -432,7 +431,7 @@ async fn get_chunk(
     };
     state.metrics.chunks_served.inc();
     state.metrics.bytes_served.inc_by(len);
-    let body = Body::from_stream(ReaderStream::with_capacity(file, STREAM_BUFFER));
+    let body = Body::from_stream(stream);
     Ok((chunk_headers(len), body).into_response())
 }
 

@@ -13,9 +13,6 @@ use serde::de::DeserializeOwned;
 use super::{GcReport, TemplateSummary, TraceDoc};
 use crate::cli::{DeleteArgs, GcArgs, TemplatesArgs};
 
-/// How long to wait for a TCP connection: loopback and LAN stores answer in
-/// milliseconds, and a dead address should fail fast with the URL in the message.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of a metadata request (manifests, lists, traces): a 50 GiB template's
 /// manifest at 64 KiB chunks is ~55 MB, still seconds on any link a node uses.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(60);
@@ -91,13 +88,7 @@ impl StoreClient {
         write_token: Option<String>,
         read_token: Option<String>,
     ) -> StoreClient {
-        // The builder fails only when the TLS backend or resolver cannot start; this
-        // build has neither, so the plain client is the same configuration minus the
-        // connect timeout.
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        let http = crate::http_client::http_client();
         StoreClient {
             url: base_url.trim_end_matches('/').to_string(),
             http,

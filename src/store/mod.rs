@@ -1,17 +1,20 @@
-//! The artifact store: manifests, chunks and traces in a directory, served over HTTP.
+//! The artifact store: manifests, chunks and traces in a directory or an S3-compatible
+//! bucket, served over HTTP.
 //!
 //! # Layout
-//! - [`backend`]: the directory (`manifests/`, `chunks/<2 hex>/<64 hex>`, `traces/`,
-//!   `tmp/`), crash-safe writes, durability, gc.
+//! - [`backend`]: the two engines behind one enum: a directory (`manifests/`,
+//!   `chunks/<2 hex>/<64 hex>`, `traces/`, `tmp/`) with crash-safe writes and gc, and
+//!   object storage with the same keys under a bucket prefix; durability.
 //! - [`api`]: the axum routes, bearer tokens and the store's counters.
 //! - [`client`]: [`client::StoreClient`], used by publish and the daemon, and the
 //!   `templates`, `delete` and `gc` commands.
 //! - This file: [`run`] and the JSON documents the server and the client share.
 //!
 //! # Data flow
-//! A request enters [`api`], passes the token check, and reaches [`backend`], which
-//! writes through `tmp/` (write, fsync, rename, fsync the directory) so a crash
-//! leaves either the old state or the new one, never a torn file.
+//! A request enters [`api`], passes the token check, and reaches [`backend`]. The
+//! directory writes through `tmp/` (write, fsync, rename, fsync the directory) so a
+//! crash leaves either the old state or the new one, never a torn file; object storage
+//! gets one PUT per object, after the body was verified.
 
 pub mod api;
 pub mod backend;
@@ -97,9 +100,7 @@ pub struct GcReport {
 
 /// Runs the store until SIGINT or SIGTERM.
 pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
-    let backend = backend::DirBackend::open(&args.root)
-        .await
-        .with_context(|| format!("cannot open the store at {}", args.root.display()))?;
+    let (backend, location) = open_backend(&args).await?;
     let state = api::AppState::new(Arc::new(backend), args.write_token, args.read_token);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -107,13 +108,34 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(root = %args.root.display(), address = %local, "store listening");
+    tracing::info!(store = %location, address = %local, "store listening");
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .with_context(|| format!("serving on {local}"))?;
     tracing::info!("store stopped");
     Ok(())
+}
+
+/// The engine `--backend` (object storage) or `--root` (a directory) names, and where
+/// it keeps its data, for the log.
+async fn open_backend(args: &StoreArgs) -> anyhow::Result<(backend::Backend, String)> {
+    match &args.backend {
+        Some(url) => {
+            // Its errors name the URL already.
+            let engine = backend::ObjectBackend::open(url)?;
+            Ok((backend::Backend::Object(engine), url.clone()))
+        }
+        None => {
+            let engine = backend::DirBackend::open(&args.root)
+                .await
+                .with_context(|| format!("cannot open the store at {}", args.root.display()))?;
+            Ok((
+                backend::Backend::Dir(engine),
+                args.root.display().to_string(),
+            ))
+        }
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

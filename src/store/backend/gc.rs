@@ -1,6 +1,6 @@
-//! Garbage collection of the store: chunks that no manifest references, older than a
-//! grace period (publish uploads chunks before its manifest, so a young unreferenced
-//! chunk may belong to a publish in progress).
+//! Garbage collection of the directory engine: chunks that no manifest references,
+//! older than a grace period (publish uploads chunks before its manifest, so a young
+//! unreferenced chunk may belong to a publish in progress).
 
 use std::collections::HashSet;
 use std::fs;
@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use lazyblk_cache::{Digest, Manifest};
 
-use super::{blocking, io_err, sync_dir, template_ids, BackendError, DirBackend};
+use super::dir::{blocking, io_err, sync_dir, template_ids, DirBackend};
+use super::BackendError;
 use crate::store::GcReport;
 
 impl DirBackend {

@@ -1,29 +1,45 @@
-//! The directory backend of the store: `manifests/<id>.json`, `chunks/<2 hex>/<64 hex>`,
-//! `traces/<id>.json` and `tmp/` under one root.
+//! The store's storage engines and what they share: errors, put outcomes, durability
+//! and the manifest and trace rules.
 //!
-//! Every write goes to a file in `tmp/`, is fsynced, renamed into place, and the
-//! directory is fsynced, so a crash never leaves a torn manifest or chunk. Disk work
-//! runs on the blocking pool; the async side only streams bodies.
+//! # Layout
+//! - `dir`: [`DirBackend`], a local directory with crash-safe writes (the default).
+//! - `object`: [`ObjectBackend`], a bucket of S3-compatible object storage (the
+//!   distributed engine for fleets).
+//! - `gc` and `object_gc`: each engine's sweep of unreferenced chunks.
+//! - `bucket_url`: the `--backend s3://...` URL and the credentials from the environment.
+//! - This file: [`Backend`], the enum the API calls, which hands every operation to
+//!   the engine it holds.
+//!
+//! Both engines keep the same keys (`manifests/<id>.json`, `chunks/<2 hex>/<64 hex>`,
+//! `traces/<id>.json`) and the same rules: a chunk is stored only after its body
+//! hashes to its digest; a manifest is immutable once stored.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use lazyblk_cache::digest::DigestWriter;
 use lazyblk_cache::{Digest, Manifest, ManifestError};
-use tokio::io::AsyncWriteExt;
 
-use super::{Durability, TemplateSummary, TraceDoc};
+use super::{Durability, GcReport, TemplateSummary, TraceDoc};
 
+mod bucket_url;
+mod dir;
 mod gc;
+mod object;
+mod object_gc;
+
+pub use dir::DirBackend;
+pub use object::ObjectBackend;
 
 /// The largest chunk body accepted: the largest chunk size a manifest may have.
 pub const MAX_CHUNK_BODY: u64 = lazyblk_cache::manifest::MAX_CHUNK_SIZE as u64;
+
+/// A stored chunk's bytes as they are read.
+pub type ChunkStream = BoxStream<'static, io::Result<Bytes>>;
 
 /// Why a store operation failed; the API maps each variant to an HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -67,17 +83,19 @@ pub enum BackendError {
         path: PathBuf,
         source: io::Error,
     },
+    /// An object storage request failed (after the client's own retries).
+    #[error("{op} {key} in object storage: {source}")]
+    Object {
+        op: &'static str,
+        key: String,
+        source: object_store::Error,
+    },
+    /// A `--backend` URL that cannot be used.
+    #[error("backend {url}: {reason}")]
+    Config { url: String, reason: String },
     /// A blocking task died (a panic in disk code).
     #[error("store task failed: {0}")]
     Task(String),
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackendError + 'a {
-    move |source| BackendError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// What `put_manifest` did.
@@ -97,353 +115,111 @@ pub enum ChunkPut {
     Present,
 }
 
-/// The store's directory.
-pub struct DirBackend {
-    root: PathBuf,
-    /// Serializes manifest writes, deletes and gc, so "compare, then write" of a
-    /// manifest is atomic and gc sees a stable set of manifests.
-    manifests_lock: tokio::sync::Mutex<()>,
-    /// Summaries of DURABLE templates: nothing but a delete or gc of referenced chunks
-    /// (which gc never does) can change them, so they are not recomputed.
-    durable: Mutex<HashMap<String, TemplateSummary>>,
+/// The store's engine, chosen at start-up by `--root` or `--backend`.
+pub enum Backend {
+    Dir(DirBackend),
+    Object(ObjectBackend),
 }
 
-impl DirBackend {
-    /// Opens (creating when missing) the store at `root` and clears leftovers in `tmp/`.
-    pub async fn open(root: &Path) -> Result<DirBackend, BackendError> {
-        let root = root.to_path_buf();
-        let backend = DirBackend {
-            root: root.clone(),
-            manifests_lock: tokio::sync::Mutex::new(()),
-            durable: Mutex::new(HashMap::new()),
-        };
-        blocking(move || {
-            for dir in ["manifests", "chunks", "traces", "tmp"] {
-                let path = root.join(dir);
-                fs::create_dir_all(&path).map_err(io_err("creating", &path))?;
-            }
-            clear_dir(&root.join("tmp"))
-        })
-        .await?;
-        Ok(backend)
-    }
+/// Hands one call to whichever engine the [`Backend`] holds.
+macro_rules! dispatch {
+    ($self:ident, $engine:ident => $call:expr) => {
+        match $self {
+            Backend::Dir($engine) => $call,
+            Backend::Object($engine) => $call,
+        }
+    };
+}
 
-    fn manifest_path(&self, id: &str) -> PathBuf {
-        self.root.join("manifests").join(format!("{id}.json"))
-    }
-
-    fn trace_path(&self, id: &str) -> PathBuf {
-        self.root.join("traces").join(format!("{id}.json"))
-    }
-
-    fn chunk_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("chunks").join(digest.shard_path())
-    }
-
-    fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
-    }
-
+impl Backend {
     /// The stored manifest bytes of `id`, if any.
     pub async fn manifest_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, BackendError> {
-        read_optional(self.manifest_path(id)).await
-    }
-
-    /// The parsed manifest of `id`, if any.
-    pub async fn manifest(&self, id: &str) -> Result<Option<Manifest>, BackendError> {
-        let path = self.manifest_path(id);
-        match read_optional(path.clone()).await? {
-            None => Ok(None),
-            Some(bytes) => Manifest::parse(&bytes, Some(id))
-                .map(Some)
-                .map_err(|source| BackendError::Corrupt { path, source }),
-        }
+        dispatch!(self, b => b.manifest_bytes(id).await)
     }
 
     /// Stores a manifest unless one with other content has this id.
     pub async fn put_manifest(&self, id: &str, body: &[u8]) -> Result<ManifestPut, BackendError> {
-        let mut manifest = Manifest::parse(body, Some(id))?;
-        if manifest.created_at.is_empty() {
-            manifest.created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        }
-        let _guard = self.manifests_lock.lock().await;
-        if let Some(existing) = self.manifest(id).await? {
-            return if existing.same_content(&manifest) {
-                Ok(ManifestPut::Unchanged)
-            } else {
-                Err(BackendError::Conflict {
-                    template: id.to_string(),
-                    detail: difference(&existing, &manifest),
-                })
-            };
-        }
-        let (tmp, path) = (self.tmp_dir(), self.manifest_path(id));
-        blocking(move || write_atomic(&tmp, &path, &manifest.to_json())).await?;
-        self.forget(id);
-        Ok(ManifestPut::Created)
+        dispatch!(self, b => b.put_manifest(id, body).await)
     }
 
     /// Removes a template's manifest and trace; its chunks stay until gc.
     pub async fn delete(&self, id: &str) -> Result<(), BackendError> {
-        let _guard = self.manifests_lock.lock().await;
-        let (manifest, trace) = (self.manifest_path(id), self.trace_path(id));
-        let id_owned = id.to_string();
-        blocking(move || {
-            match fs::remove_file(&manifest) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(BackendError::UnknownTemplate(id_owned))
-                }
-                Err(e) => return Err(io_err("removing", &manifest)(e)),
-            }
-            match fs::remove_file(&trace) {
-                Ok(()) => sync_parent(&trace)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("removing", &trace)(e)),
-            }
-            sync_parent(&manifest)
-        })
-        .await?;
-        self.forget(id);
-        Ok(())
-    }
-
-    fn forget(&self, id: &str) {
-        if let Ok(mut durable) = self.durable.lock() {
-            durable.remove(id);
-        }
+        dispatch!(self, b => b.delete(id).await)
     }
 
     /// The stored trace of `id`.
     pub async fn trace_bytes(&self, id: &str) -> Result<Vec<u8>, BackendError> {
-        if self.manifest(id).await?.is_none() {
-            return Err(BackendError::UnknownTemplate(id.to_string()));
-        }
-        read_optional(self.trace_path(id))
-            .await?
-            .ok_or_else(|| BackendError::NoTrace(id.to_string()))
+        dispatch!(self, b => b.trace_bytes(id).await)
     }
 
     /// Stores (or replaces) the trace of `id` after checking it against the manifest.
     pub async fn put_trace(&self, id: &str, body: &[u8]) -> Result<(), BackendError> {
-        let invalid = |reason: String| BackendError::InvalidTrace {
-            template: id.to_string(),
-            reason,
-        };
-        let manifest = self
-            .manifest(id)
-            .await?
-            .ok_or_else(|| BackendError::UnknownTemplate(id.to_string()))?;
-        let doc: TraceDoc = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
-        if doc.template != id {
-            return Err(invalid(format!(
-                "the document names template {:?}",
-                doc.template
-            )));
-        }
-        if let Some(bad) = doc.chunks.iter().find(|&&i| i >= manifest.chunk_count()) {
-            return Err(invalid(format!(
-                "chunk index {bad} is out of range (the template has {} chunks)",
-                manifest.chunk_count()
-            )));
-        }
-        let bytes = serde_json::to_vec(&doc).map_err(|e| invalid(e.to_string()))?;
-        let (tmp, path) = (self.tmp_dir(), self.trace_path(id));
-        blocking(move || write_atomic(&tmp, &path, &bytes)).await
+        dispatch!(self, b => b.put_trace(id, body).await)
     }
 
-    /// Every template's summary, sorted by id. Unreadable manifests are skipped with a
-    /// warning so one bad file does not hide the rest.
+    /// Every template's summary, sorted by id.
     pub async fn list(&self) -> Result<Vec<TemplateSummary>, BackendError> {
-        let dir = self.root.join("manifests");
-        let ids = blocking(move || template_ids(&dir)).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.summary(&id).await {
-                Ok(summary) => out.push(summary),
-                // Deleted between the listing and the read.
-                Err(BackendError::UnknownTemplate(_)) => {}
-                Err(e) => tracing::warn!("skipping template {id} in the listing: {e}"),
-            }
-        }
-        Ok(out)
+        dispatch!(self, b => b.list().await)
     }
 
-    /// The summary of one template, with its durability derived from the disk.
+    /// The summary of one template, with its durability.
     pub async fn summary(&self, id: &str) -> Result<TemplateSummary, BackendError> {
-        let cached = self.durable.lock().ok().and_then(|d| d.get(id).cloned());
-        if let Some(cached) = cached {
-            // The cache may outlive a delete that raced with the summary that filled it.
-            if tokio::fs::try_exists(self.manifest_path(id))
-                .await
-                .unwrap_or(false)
-            {
-                return Ok(cached);
-            }
-        }
-        let manifest = self
-            .manifest(id)
-            .await?
-            .ok_or_else(|| BackendError::UnknownTemplate(id.to_string()))?;
-        let parent = match &manifest.parent {
-            // A parent that is gone or unreadable only means every chunk counts as own.
-            Some(parent) => self.manifest(parent).await.ok().flatten(),
-            None => None,
-        };
-        let chunks_dir = self.root.join("chunks");
-        let summary =
-            blocking(move || Ok(summarize(&chunks_dir, &manifest, parent.as_ref()))).await?;
-        if summary.durability == Durability::Durable {
-            if let Ok(mut durable) = self.durable.lock() {
-                durable.insert(id.to_string(), summary.clone());
-            }
-        }
-        Ok(summary)
+        dispatch!(self, b => b.summary(id).await)
     }
 
     /// Whether the chunk is stored, and its length.
     pub async fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, BackendError> {
-        let path = self.chunk_path(digest);
-        match tokio::fs::metadata(&path).await {
-            Ok(meta) => Ok(Some(meta.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("reading metadata of", &path)(e)),
-        }
+        dispatch!(self, b => b.chunk_len(digest).await)
     }
 
-    /// Opens a stored chunk for streaming, with its length.
+    /// A stored chunk as a stream of its bytes, with its length.
     pub async fn open_chunk(
         &self,
         digest: &Digest,
-    ) -> Result<Option<(tokio::fs::File, u64)>, BackendError> {
-        let path = self.chunk_path(digest);
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("opening", &path)(e)),
-        };
-        let len = file
-            .metadata()
-            .await
-            .map_err(io_err("reading metadata of", &path))?
-            .len();
-        Ok(Some((file, len)))
+    ) -> Result<Option<(ChunkStream, u64)>, BackendError> {
+        dispatch!(self, b => b.open_chunk(digest).await)
     }
 
-    /// The digests the store lacks, in the order given, without repeats. Present ones
-    /// get a fresh mtime so a concurrent gc keeps them for the publish that asked.
+    /// The digests the store lacks, in the order given, without repeats.
     pub async fn missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, BackendError> {
-        let chunks_dir = self.root.join("chunks");
-        blocking(move || {
-            let mut seen = HashSet::with_capacity(digests.len());
-            let mut missing = Vec::new();
-            for digest in digests {
-                if !seen.insert(digest) {
-                    continue;
-                }
-                let path = chunks_dir.join(digest.shard_path());
-                if path.exists() {
-                    touch(&path);
-                } else {
-                    missing.push(digest);
-                }
-            }
-            Ok(missing)
-        })
-        .await
+        dispatch!(self, b => b.missing(digests).await)
     }
 
-    /// Receives a chunk body, hashing it on the way to a temporary file, and stores it
-    /// only when it hashes to `digest`.
+    /// Stores a chunk body only when it hashes to `digest`.
     pub async fn put_chunk<S, E>(&self, digest: Digest, body: S) -> Result<ChunkPut, BackendError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let dest = self.chunk_path(&digest);
-        if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-            // Read the body anyway: answering before it is read makes the client's
-            // write fail (a broken pipe) instead of letting it see the answer.
-            drain(body, MAX_CHUNK_BODY).await;
-            let path = dest.clone();
-            blocking(move || {
-                touch(&path);
-                Ok(())
-            })
-            .await?;
-            return Ok(ChunkPut::Present);
-        }
-        let tmp = self.tmp_dir();
-        let (file, temp_path) = blocking(move || {
-            tempfile::NamedTempFile::new_in(&tmp)
-                .map(|f| f.into_parts())
-                .map_err(io_err("creating a temporary file in", &tmp))
-        })
-        .await?;
-        let temp_name = temp_path.to_path_buf();
-        let mut file = tokio::fs::File::from_std(file);
-        let len = receive(&digest, body, &mut file, &temp_name).await?;
-        file.sync_all()
-            .await
-            .map_err(io_err("syncing", &temp_name))?;
-        drop(file);
-        blocking(move || {
-            let shard = dest.parent().unwrap_or(&dest).to_path_buf();
-            let new_shard = !shard.exists();
-            fs::create_dir_all(&shard).map_err(io_err("creating", &shard))?;
-            temp_path
-                .persist(&dest)
-                .map_err(|e| io_err("renaming into", &dest)(e.error))?;
-            sync_dir(&shard)?;
-            if new_shard {
-                sync_parent(&shard)?;
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(ChunkPut::Stored(len))
+        dispatch!(self, b => b.put_chunk(digest, body).await)
+    }
+
+    /// Deletes chunks no manifest references and that are older than `grace`.
+    pub async fn gc(&self, grace: Duration) -> Result<GcReport, BackendError> {
+        dispatch!(self, b => b.gc(grace).await)
     }
 }
 
-/// Writes one chunk body to `file`, enforcing the size limit and checking the digest.
-async fn receive<S, E>(
-    digest: &Digest,
-    mut body: S,
-    file: &mut tokio::fs::File,
-    temp_name: &Path,
-) -> Result<u64, BackendError>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    let mut hasher = DigestWriter::default();
-    let mut len = 0u64;
-    while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| BackendError::Body {
-            what: format!("chunk {digest}"),
-            detail: e.to_string(),
-        })?;
-        len += piece.len() as u64;
-        if len > MAX_CHUNK_BODY {
-            return Err(BackendError::TooLarge {
-                what: format!("chunk {digest}"),
-                limit: MAX_CHUNK_BODY,
-            });
-        }
-        hasher.update(&piece);
-        file.write_all(&piece)
-            .await
-            .map_err(io_err("writing", temp_name))?;
+/// Checks a trace document against its template's manifest; the bytes to store.
+fn check_trace(id: &str, manifest: &Manifest, body: &[u8]) -> Result<Vec<u8>, BackendError> {
+    let invalid = |reason: String| BackendError::InvalidTrace {
+        template: id.to_string(),
+        reason,
+    };
+    let doc: TraceDoc = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+    if doc.template != id {
+        return Err(invalid(format!(
+            "the document names template {:?}",
+            doc.template
+        )));
     }
-    let actual = hasher.finish();
-    if actual != *digest {
-        return Err(BackendError::DigestMismatch {
-            expected: *digest,
-            actual,
-        });
+    if let Some(bad) = doc.chunks.iter().find(|&&i| i >= manifest.chunk_count()) {
+        return Err(invalid(format!(
+            "chunk index {bad} is out of range (the template has {} chunks)",
+            manifest.chunk_count()
+        )));
     }
-    file.flush().await.map_err(io_err("writing", temp_name))?;
-    Ok(len)
+    serde_json::to_vec(&doc).map_err(|e| invalid(e.to_string()))
 }
 
 /// Reads and discards a body of up to `limit` bytes (more is left for the connection
@@ -461,14 +237,16 @@ where
     }
 }
 
-/// The summary of `manifest`, checking which of its chunks are under `chunks_dir`.
-fn summarize(chunks_dir: &Path, manifest: &Manifest, parent: Option<&Manifest>) -> TemplateSummary {
+/// The summary of `manifest`; `is_stored` says whether the store holds a chunk.
+fn summarize(
+    manifest: &Manifest,
+    parent: Option<&Manifest>,
+    mut is_stored: impl FnMut(&Digest) -> bool,
+) -> TemplateSummary {
     let mut present: HashMap<Digest, bool> = HashMap::new();
     let mut present_chunks = 0;
     for (_, digest) in manifest.stored_chunks() {
-        let here = *present
-            .entry(digest)
-            .or_insert_with(|| chunks_dir.join(digest.shard_path()).exists());
+        let here = *present.entry(digest).or_insert_with(|| is_stored(&digest));
         present_chunks += usize::from(here);
     }
     let stored_chunks = manifest.stored_chunks().count();
@@ -531,91 +309,7 @@ fn difference(stored: &Manifest, offered: &Manifest) -> String {
     "labels differ".to_string()
 }
 
-/// Ids of the manifests in `dir`, sorted.
-fn template_ids(dir: &Path) -> Result<Vec<String>, BackendError> {
-    let mut ids = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
-        let entry = entry.map_err(io_err("listing", dir))?;
-        let name = entry.file_name();
-        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-            continue;
-        };
-        if lazyblk_cache::validate_id(id).is_ok() {
-            ids.push(id.to_string());
-        }
-    }
-    ids.sort();
-    Ok(ids)
-}
-
-/// Reads a whole file; `None` when it does not exist.
-async fn read_optional(path: PathBuf) -> Result<Option<Vec<u8>>, BackendError> {
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("reading", &path)(e)),
-    }
-}
-
-/// Writes `bytes` to `dest` crash-safely: a temporary file in `tmp`, fsync, rename,
-/// fsync of `dest`'s directory.
-fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), BackendError> {
-    let mut file = tempfile::NamedTempFile::new_in(tmp)
-        .map_err(io_err("creating a temporary file in", tmp))?;
-    file.write_all(bytes)
-        .map_err(io_err("writing", file.path()))?;
-    file.as_file().sync_all().map_err(io_err("syncing", dest))?;
-    file.persist(dest)
-        .map_err(|e| io_err("renaming into", dest)(e.error))?;
-    sync_parent(dest)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), BackendError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing directory", dir))
-}
-
-fn sync_parent(path: &Path) -> Result<(), BackendError> {
-    match path.parent() {
-        Some(dir) => sync_dir(dir),
-        None => Ok(()),
-    }
-}
-
-/// Sets a chunk's mtime to now: gc keeps chunks touched within its grace period. A
-/// failure only weakens that protection, so it is logged, not returned.
-fn touch(path: &Path) {
-    if let Err(e) = fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now())) {
-        tracing::debug!("touching {}: {e}", path.display());
-    }
-}
-
-/// Removes everything in `dir` (leftover temporary files of a crashed write).
-fn clear_dir(dir: &Path) -> Result<(), BackendError> {
-    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
-        let path = entry.map_err(io_err("listing", dir))?.path();
-        let removed = if path.is_dir() {
-            fs::remove_dir_all(&path)
-        } else {
-            fs::remove_file(&path)
-        };
-        removed.map_err(io_err("removing", &path))?;
-    }
-    Ok(())
-}
-
-/// Runs disk work on the blocking pool.
-async fn blocking<T, F>(f: F) -> Result<T, BackendError>
-where
-    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BackendError::Task(e.to_string()))?
-}
-
+#[cfg(test)]
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,25 +323,22 @@ mod tests {
         m
     }
 
-    fn store(dir: &Path, bytes: &[u8]) {
-        let path = dir.join(Digest::of(bytes).shard_path());
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, bytes).unwrap();
-    }
-
     #[test]
-    fn durability_follows_the_disk() {
-        let dir = tempfile::tempdir().unwrap();
+    fn durability_follows_the_stored_chunks() {
+        let mut stored = HashSet::new();
         let parent = manifest("base", &[Some(b"a"), Some(b"b")], None);
         let child = manifest("child", &[Some(b"a"), Some(b"c"), None], Some("base"));
-        let d = |m: &Manifest, p: Option<&Manifest>| summarize(dir.path(), m, p).durability;
-        assert_eq!(d(&child, Some(&parent)), Durability::OriginOnly);
-        store(dir.path(), b"a");
+        let sum = |s: &HashSet<Digest>, m: &Manifest, p: Option<&Manifest>| {
+            summarize(m, p, |d: &Digest| s.contains(d))
+        };
+        let d = |s: &HashSet<Digest>, m: &Manifest, p| sum(s, m, p).durability;
+        assert_eq!(d(&stored, &child, Some(&parent)), Durability::OriginOnly);
+        stored.insert(Digest::of(b"a"));
         // The parent's chunk is there, the child's own one is not.
-        assert_eq!(d(&child, Some(&parent)), Durability::OriginOnly);
-        assert_eq!(d(&parent, None), Durability::Uploading);
-        store(dir.path(), b"c");
-        let s = summarize(dir.path(), &child, Some(&parent));
+        assert_eq!(d(&stored, &child, Some(&parent)), Durability::OriginOnly);
+        assert_eq!(d(&stored, &parent, None), Durability::Uploading);
+        stored.insert(Digest::of(b"c"));
+        let s = sum(&stored, &child, Some(&parent));
         assert_eq!(
             (s.durability, s.present_chunks, s.stored_chunks),
             (Durability::Durable, 2, 2)

@@ -1,0 +1,462 @@
+//! The directory engine of the store: `manifests/<id>.json`, `chunks/<2 hex>/<64 hex>`,
+//! `traces/<id>.json` and `tmp/` under one root.
+//!
+//! Every write goes to a file in `tmp/`, is fsynced, renamed into place, and the
+//! directory is fsynced, so a crash never leaves a torn manifest or chunk. Disk work
+//! runs on the blocking pool; the async side only streams bodies.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use lazyblk_cache::digest::DigestWriter;
+use lazyblk_cache::{Digest, Manifest};
+use tokio::io::AsyncWriteExt;
+use tokio_util::io::ReaderStream;
+
+use super::{
+    check_trace, difference, drain, summarize, BackendError, ChunkPut, ChunkStream, ManifestPut,
+    MAX_CHUNK_BODY,
+};
+use crate::store::{Durability, TemplateSummary};
+
+/// Read size when streaming a chunk file to a client: a quarter of the default chunk,
+/// few system calls per chunk without holding much memory per connection.
+const STREAM_BUFFER: usize = 256 << 10;
+
+pub(super) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> BackendError + 'a {
+    move |source| BackendError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The store's directory.
+pub struct DirBackend {
+    pub(super) root: PathBuf,
+    /// Serializes manifest writes, deletes and gc, so "compare, then write" of a
+    /// manifest is atomic and gc sees a stable set of manifests.
+    pub(super) manifests_lock: tokio::sync::Mutex<()>,
+    /// Summaries of DURABLE templates: nothing but a delete or gc of referenced chunks
+    /// (which gc never does) can change them, so they are not recomputed.
+    durable: Mutex<HashMap<String, TemplateSummary>>,
+}
+
+impl DirBackend {
+    /// Opens (creating when missing) the store at `root` and clears leftovers in `tmp/`.
+    pub async fn open(root: &Path) -> Result<DirBackend, BackendError> {
+        let root = root.to_path_buf();
+        let backend = DirBackend {
+            root: root.clone(),
+            manifests_lock: tokio::sync::Mutex::new(()),
+            durable: Mutex::new(HashMap::new()),
+        };
+        blocking(move || {
+            for dir in ["manifests", "chunks", "traces", "tmp"] {
+                let path = root.join(dir);
+                fs::create_dir_all(&path).map_err(io_err("creating", &path))?;
+            }
+            clear_dir(&root.join("tmp"))
+        })
+        .await?;
+        Ok(backend)
+    }
+
+    fn manifest_path(&self, id: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{id}.json"))
+    }
+
+    fn trace_path(&self, id: &str) -> PathBuf {
+        self.root.join("traces").join(format!("{id}.json"))
+    }
+
+    fn chunk_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("chunks").join(digest.shard_path())
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// The stored manifest bytes of `id`, if any.
+    pub async fn manifest_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        read_optional(self.manifest_path(id)).await
+    }
+
+    /// The parsed manifest of `id`, if any.
+    pub async fn manifest(&self, id: &str) -> Result<Option<Manifest>, BackendError> {
+        let path = self.manifest_path(id);
+        match read_optional(path.clone()).await? {
+            None => Ok(None),
+            Some(bytes) => Manifest::parse(&bytes, Some(id))
+                .map(Some)
+                .map_err(|source| BackendError::Corrupt { path, source }),
+        }
+    }
+
+    /// Stores a manifest unless one with other content has this id.
+    pub async fn put_manifest(&self, id: &str, body: &[u8]) -> Result<ManifestPut, BackendError> {
+        let mut manifest = Manifest::parse(body, Some(id))?;
+        if manifest.created_at.is_empty() {
+            manifest.created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        }
+        let _guard = self.manifests_lock.lock().await;
+        if let Some(existing) = self.manifest(id).await? {
+            return if existing.same_content(&manifest) {
+                Ok(ManifestPut::Unchanged)
+            } else {
+                Err(BackendError::Conflict {
+                    template: id.to_string(),
+                    detail: difference(&existing, &manifest),
+                })
+            };
+        }
+        let (tmp, path) = (self.tmp_dir(), self.manifest_path(id));
+        blocking(move || write_atomic(&tmp, &path, &manifest.to_json())).await?;
+        self.forget(id);
+        Ok(ManifestPut::Created)
+    }
+
+    /// Removes a template's manifest and trace; its chunks stay until gc.
+    pub async fn delete(&self, id: &str) -> Result<(), BackendError> {
+        let _guard = self.manifests_lock.lock().await;
+        let (manifest, trace) = (self.manifest_path(id), self.trace_path(id));
+        let id_owned = id.to_string();
+        blocking(move || {
+            match fs::remove_file(&manifest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(BackendError::UnknownTemplate(id_owned))
+                }
+                Err(e) => return Err(io_err("removing", &manifest)(e)),
+            }
+            match fs::remove_file(&trace) {
+                Ok(()) => sync_parent(&trace)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing", &trace)(e)),
+            }
+            sync_parent(&manifest)
+        })
+        .await?;
+        self.forget(id);
+        Ok(())
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut durable) = self.durable.lock() {
+            durable.remove(id);
+        }
+    }
+
+    /// The stored trace of `id`.
+    pub async fn trace_bytes(&self, id: &str) -> Result<Vec<u8>, BackendError> {
+        if self.manifest(id).await?.is_none() {
+            return Err(BackendError::UnknownTemplate(id.to_string()));
+        }
+        read_optional(self.trace_path(id))
+            .await?
+            .ok_or_else(|| BackendError::NoTrace(id.to_string()))
+    }
+
+    /// Stores (or replaces) the trace of `id` after checking it against the manifest.
+    pub async fn put_trace(&self, id: &str, body: &[u8]) -> Result<(), BackendError> {
+        let manifest = self
+            .manifest(id)
+            .await?
+            .ok_or_else(|| BackendError::UnknownTemplate(id.to_string()))?;
+        let bytes = check_trace(id, &manifest, body)?;
+        let (tmp, path) = (self.tmp_dir(), self.trace_path(id));
+        blocking(move || write_atomic(&tmp, &path, &bytes)).await
+    }
+
+    /// Every template's summary, sorted by id. Unreadable manifests are skipped with a
+    /// warning so one bad file does not hide the rest.
+    pub async fn list(&self) -> Result<Vec<TemplateSummary>, BackendError> {
+        let dir = self.root.join("manifests");
+        let ids = blocking(move || template_ids(&dir)).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.summary(&id).await {
+                Ok(summary) => out.push(summary),
+                // Deleted between the listing and the read.
+                Err(BackendError::UnknownTemplate(_)) => {}
+                Err(e) => tracing::warn!("skipping template {id} in the listing: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The summary of one template, with its durability derived from the disk.
+    pub async fn summary(&self, id: &str) -> Result<TemplateSummary, BackendError> {
+        let cached = self.durable.lock().ok().and_then(|d| d.get(id).cloned());
+        if let Some(cached) = cached {
+            // The cache may outlive a delete that raced with the summary that filled it.
+            if tokio::fs::try_exists(self.manifest_path(id))
+                .await
+                .unwrap_or(false)
+            {
+                return Ok(cached);
+            }
+        }
+        let manifest = self
+            .manifest(id)
+            .await?
+            .ok_or_else(|| BackendError::UnknownTemplate(id.to_string()))?;
+        let parent = match &manifest.parent {
+            // A parent that is gone or unreadable only means every chunk counts as own.
+            Some(parent) => self.manifest(parent).await.ok().flatten(),
+            None => None,
+        };
+        let chunks_dir = self.root.join("chunks");
+        let summary = blocking(move || {
+            let on_disk = |d: &Digest| chunks_dir.join(d.shard_path()).exists();
+            Ok(summarize(&manifest, parent.as_ref(), on_disk))
+        })
+        .await?;
+        if summary.durability == Durability::Durable {
+            if let Ok(mut durable) = self.durable.lock() {
+                durable.insert(id.to_string(), summary.clone());
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Whether the chunk is stored, and its length.
+    pub async fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, BackendError> {
+        let path = self.chunk_path(digest);
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) => Ok(Some(meta.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading metadata of", &path)(e)),
+        }
+    }
+
+    /// A stored chunk as a stream of its bytes, with its length.
+    pub async fn open_chunk(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(ChunkStream, u64)>, BackendError> {
+        let path = self.chunk_path(digest);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("opening", &path)(e)),
+        };
+        let len = file
+            .metadata()
+            .await
+            .map_err(io_err("reading metadata of", &path))?
+            .len();
+        let stream = ReaderStream::with_capacity(file, STREAM_BUFFER).boxed();
+        Ok(Some((stream, len)))
+    }
+
+    /// The digests the store lacks, in the order given, without repeats. Present ones
+    /// get a fresh mtime so a concurrent gc keeps them for the publish that asked.
+    pub async fn missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, BackendError> {
+        let chunks_dir = self.root.join("chunks");
+        blocking(move || {
+            let mut seen = HashSet::with_capacity(digests.len());
+            let mut missing = Vec::new();
+            for digest in digests {
+                if !seen.insert(digest) {
+                    continue;
+                }
+                let path = chunks_dir.join(digest.shard_path());
+                if path.exists() {
+                    touch(&path);
+                } else {
+                    missing.push(digest);
+                }
+            }
+            Ok(missing)
+        })
+        .await
+    }
+
+    /// Receives a chunk body, hashing it on the way to a temporary file, and stores it
+    /// only when it hashes to `digest`.
+    pub async fn put_chunk<S, E>(&self, digest: Digest, body: S) -> Result<ChunkPut, BackendError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let dest = self.chunk_path(&digest);
+        if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+            // Read the body anyway: answering before it is read makes the client's
+            // write fail (a broken pipe) instead of letting it see the answer.
+            drain(body, MAX_CHUNK_BODY).await;
+            let path = dest.clone();
+            blocking(move || {
+                touch(&path);
+                Ok(())
+            })
+            .await?;
+            return Ok(ChunkPut::Present);
+        }
+        let tmp = self.tmp_dir();
+        let (file, temp_path) = blocking(move || {
+            tempfile::NamedTempFile::new_in(&tmp)
+                .map(|f| f.into_parts())
+                .map_err(io_err("creating a temporary file in", &tmp))
+        })
+        .await?;
+        let temp_name = temp_path.to_path_buf();
+        let mut file = tokio::fs::File::from_std(file);
+        let len = receive(&digest, body, &mut file, &temp_name).await?;
+        file.sync_all()
+            .await
+            .map_err(io_err("syncing", &temp_name))?;
+        drop(file);
+        blocking(move || {
+            let shard = dest.parent().unwrap_or(&dest).to_path_buf();
+            let new_shard = !shard.exists();
+            fs::create_dir_all(&shard).map_err(io_err("creating", &shard))?;
+            temp_path
+                .persist(&dest)
+                .map_err(|e| io_err("renaming into", &dest)(e.error))?;
+            sync_dir(&shard)?;
+            if new_shard {
+                sync_parent(&shard)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(ChunkPut::Stored(len))
+    }
+}
+
+/// Writes one chunk body to `file`, enforcing the size limit and checking the digest.
+async fn receive<S, E>(
+    digest: &Digest,
+    mut body: S,
+    file: &mut tokio::fs::File,
+    temp_name: &Path,
+) -> Result<u64, BackendError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut hasher = DigestWriter::default();
+    let mut len = 0u64;
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| BackendError::Body {
+            what: format!("chunk {digest}"),
+            detail: e.to_string(),
+        })?;
+        len += piece.len() as u64;
+        if len > MAX_CHUNK_BODY {
+            return Err(BackendError::TooLarge {
+                what: format!("chunk {digest}"),
+                limit: MAX_CHUNK_BODY,
+            });
+        }
+        hasher.update(&piece);
+        file.write_all(&piece)
+            .await
+            .map_err(io_err("writing", temp_name))?;
+    }
+    let actual = hasher.finish();
+    if actual != *digest {
+        return Err(BackendError::DigestMismatch {
+            expected: *digest,
+            actual,
+        });
+    }
+    file.flush().await.map_err(io_err("writing", temp_name))?;
+    Ok(len)
+}
+
+/// Ids of the manifests in `dir`, sorted.
+pub(super) fn template_ids(dir: &Path) -> Result<Vec<String>, BackendError> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let entry = entry.map_err(io_err("listing", dir))?;
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        if lazyblk_cache::validate_id(id).is_ok() {
+            ids.push(id.to_string());
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// Reads a whole file; `None` when it does not exist.
+async fn read_optional(path: PathBuf) -> Result<Option<Vec<u8>>, BackendError> {
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("reading", &path)(e)),
+    }
+}
+
+/// Writes `bytes` to `dest` crash-safely: a temporary file in `tmp`, fsync, rename,
+/// fsync of `dest`'s directory.
+fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), BackendError> {
+    let mut file = tempfile::NamedTempFile::new_in(tmp)
+        .map_err(io_err("creating a temporary file in", tmp))?;
+    file.write_all(bytes)
+        .map_err(io_err("writing", file.path()))?;
+    file.as_file().sync_all().map_err(io_err("syncing", dest))?;
+    file.persist(dest)
+        .map_err(|e| io_err("renaming into", dest)(e.error))?;
+    sync_parent(dest)
+}
+
+pub(super) fn sync_dir(dir: &Path) -> Result<(), BackendError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+fn sync_parent(path: &Path) -> Result<(), BackendError> {
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// Sets a chunk's mtime to now: gc keeps chunks touched within its grace period. A
+/// failure only weakens that protection, so it is logged, not returned.
+fn touch(path: &Path) {
+    if let Err(e) = fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now())) {
+        tracing::debug!("touching {}: {e}", path.display());
+    }
+}
+
+/// Removes everything in `dir` (leftover temporary files of a crashed write).
+fn clear_dir(dir: &Path) -> Result<(), BackendError> {
+    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let path = entry.map_err(io_err("listing", dir))?.path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(io_err("removing", &path))?;
+    }
+    Ok(())
+}
+
+/// Runs disk work on the blocking pool.
+pub(super) async fn blocking<T, F>(f: F) -> Result<T, BackendError>
+where
+    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::Task(e.to_string()))?
+}

@@ -1,0 +1,542 @@
+//! The object storage engine of the store: manifests, chunks and traces as objects
+//! under one prefix of an S3-compatible bucket (`--backend s3://BUCKET/PREFIX?endpoint=URL`).
+//!
+//! Object storage has no rename and no cheap "touch", so the rules the directory keeps
+//! with temporary files and mtimes are kept here differently: a chunk body is received
+//! into memory and hashed before a single PUT stores it (a refused body never reaches
+//! the bucket), and a manifest is created with a conditional PUT (`If-None-Match: *`)
+//! after a read under a lock. Servers that ignore that header (Garage 2.x does) leave
+//! one race open: two store processes putting *different* manifests under one new id
+//! at the same instant; the last one wins. One store process per bucket prefix closes
+//! it, as its lock serializes manifest writes. The same holds for gc (`object_gc`),
+//! which knows only the chunks *this* process confirmed to uploaders.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use lazyblk_cache::digest::DigestWriter;
+use lazyblk_cache::{Digest, Manifest};
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+
+use super::bucket_url::{credentials, parse_url};
+use super::{
+    check_trace, difference, drain, summarize, BackendError, ChunkPut, ChunkStream, ManifestPut,
+    MAX_CHUNK_BODY,
+};
+use crate::store::{Durability, TemplateSummary};
+
+/// HEAD requests in flight at once when checking which chunks the bucket holds
+/// (durability, the missing list): enough to hide a round trip per chunk, few enough
+/// not to look like a flood to a small self-hosted server.
+pub(super) const HEAD_CONCURRENCY: usize = 32;
+/// Retries of one request by the object storage client. Its default (10 retries over
+/// up to 3 minutes) outlasts every caller's deadline: a daemon fetching a chunk gives
+/// up and tries its next source long before.
+const MAX_RETRIES: usize = 3;
+/// The longest one request is retried for.
+const RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The store's bucket prefix.
+pub struct ObjectBackend {
+    pub(super) store: Arc<dyn ObjectStore>,
+    /// Every key is under it (`PREFIX/manifests/...`); empty for the bucket's root.
+    pub(super) prefix: ObjectPath,
+    /// Serializes manifest writes and deletes, so "read, compare, then write" of a
+    /// manifest is atomic within this process.
+    pub(super) manifests_lock: tokio::sync::Mutex<()>,
+    /// Summaries of DURABLE templates, as in the directory engine: only a delete changes
+    /// them, so they are not recomputed with a HEAD per chunk on every listing.
+    durable: Mutex<HashMap<String, TemplateSummary>>,
+    /// When each chunk was last confirmed present to an uploader (the missing list, a
+    /// PUT of a stored chunk). gc keeps unreferenced chunks confirmed within its grace
+    /// period, as the directory engine keeps files whose mtime a confirmation refreshed:
+    /// object storage cannot refresh an object's age cheaply. It lives as long as the
+    /// process, so it covers publishes through this store process only.
+    pub(super) confirmed: Mutex<HashMap<Digest, SystemTime>>,
+}
+
+pub(super) fn object_err(
+    op: &'static str,
+    key: &ObjectPath,
+) -> impl FnOnce(object_store::Error) -> BackendError {
+    let key = key.to_string();
+    move |source| BackendError::Object { op, key, source }
+}
+
+impl ObjectBackend {
+    /// Connects to the bucket named by `url` (`s3://BUCKET/PREFIX?endpoint=URL`), with
+    /// path-style requests (what self-hosted servers expect) and plain HTTP allowed
+    /// when the endpoint says `http://`. Nothing is requested until the first call.
+    pub fn open(url: &str) -> Result<ObjectBackend, BackendError> {
+        let target = parse_url(url)?;
+        let (key_id, secret) = credentials(url)?;
+        let retry = RetryConfig {
+            max_retries: MAX_RETRIES,
+            retry_timeout: RETRY_TIMEOUT,
+            ..RetryConfig::default()
+        };
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(&target.bucket)
+            .with_region(&target.region)
+            .with_access_key_id(key_id)
+            .with_secret_access_key(secret)
+            .with_virtual_hosted_style_request(false)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_retry(retry);
+        if let Some(endpoint) = &target.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        let store = builder.build().map_err(|e| BackendError::Config {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(ObjectBackend::new(Arc::new(store), &target.prefix))
+    }
+
+    /// The engine over any object store (tests use an in-memory one).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> ObjectBackend {
+        ObjectBackend {
+            store,
+            prefix: ObjectPath::from(prefix),
+            manifests_lock: tokio::sync::Mutex::new(()),
+            durable: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(super) fn manifests_dir(&self) -> ObjectPath {
+        self.prefix.clone().join("manifests")
+    }
+
+    fn manifest_key(&self, id: &str) -> ObjectPath {
+        self.manifests_dir().join(format!("{id}.json"))
+    }
+
+    fn trace_key(&self, id: &str) -> ObjectPath {
+        self.prefix
+            .clone()
+            .join("traces")
+            .join(format!("{id}.json"))
+    }
+
+    fn chunk_key(&self, digest: &Digest) -> ObjectPath {
+        let hex = digest.to_string();
+        self.prefix.clone().join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// The whole object at `key`; `None` when it does not exist.
+    async fn get_optional(&self, key: &ObjectPath) -> Result<Option<Bytes>, BackendError> {
+        let result = match self.store.get(key).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(object_err("reading", key)(e)),
+        };
+        result
+            .bytes()
+            .await
+            .map(Some)
+            .map_err(object_err("reading", key))
+    }
+
+    /// The stored manifest bytes of `id`, if any.
+    pub async fn manifest_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let bytes = self.get_optional(&self.manifest_key(id)).await?;
+        Ok(bytes.map(|b| b.to_vec()))
+    }
+
+    /// The parsed manifest of `id`, if any.
+    pub async fn manifest(&self, id: &str) -> Result<Option<Manifest>, BackendError> {
+        let key = self.manifest_key(id);
+        match self.get_optional(&key).await? {
+            None => Ok(None),
+            Some(bytes) => Manifest::parse(&bytes, Some(id))
+                .map(Some)
+                .map_err(|source| BackendError::Corrupt {
+                    path: PathBuf::from(key.to_string()),
+                    source,
+                }),
+        }
+    }
+
+    /// Stores a manifest unless one with other content has this id.
+    pub async fn put_manifest(&self, id: &str, body: &[u8]) -> Result<ManifestPut, BackendError> {
+        let mut manifest = Manifest::parse(body, Some(id))?;
+        if manifest.created_at.is_empty() {
+            manifest.created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        }
+        let _guard = self.manifests_lock.lock().await;
+        if let Some(existing) = self.manifest(id).await? {
+            return compare(id, &existing, &manifest);
+        }
+        let key = self.manifest_key(id);
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let payload = PutPayload::from(manifest.to_json());
+        match self.store.put_opts(&key, payload, create).await {
+            Ok(_) => {}
+            // Another store process created it between the read and the write.
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let existing = self
+                    .manifest(id)
+                    .await?
+                    .ok_or_else(|| BackendError::UnknownTemplate(id.to_string()))?;
+                return compare(id, &existing, &manifest);
+            }
+            Err(e) => return Err(object_err("writing", &key)(e)),
+        }
+        self.forget(id);
+        Ok(ManifestPut::Created)
+    }
+
+    /// Removes a template's manifest and trace; its chunks stay.
+    pub async fn delete(&self, id: &str) -> Result<(), BackendError> {
+        let _guard = self.manifests_lock.lock().await;
+        let key = self.manifest_key(id);
+        match self.store.head(&key).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(BackendError::UnknownTemplate(id.to_string()))
+            }
+            Err(e) => return Err(object_err("checking", &key)(e)),
+        }
+        // The trace first: a trace without a manifest would be an orphan nothing lists.
+        let trace = self.trace_key(id);
+        match self.store.delete(&trace).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(object_err("deleting", &trace)(e)),
+        }
+        self.store
+            .delete(&key)
+            .await
+            .map_err(object_err("deleting", &key))?;
+        self.forget(id);
+        Ok(())
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut durable) = self.durable.lock() {
+            durable.remove(id);
+        }
+    }
+
+    /// The stored trace of `id`.
+    pub async fn trace_bytes(&self, id: &str) -> Result<Vec<u8>, BackendError> {
+        if self.manifest_bytes(id).await?.is_none() {
+            return Err(BackendError::UnknownTemplate(id.to_string()));
+        }
+        self.get_optional(&self.trace_key(id))
+            .await?
+            .map(|b| b.to_vec())
+            .ok_or_else(|| BackendError::NoTrace(id.to_string()))
+    }
+
+    /// Stores (or replaces) the trace of `id` after checking it against the manifest.
+    pub async fn put_trace(&self, id: &str, body: &[u8]) -> Result<(), BackendError> {
+        let manifest = self
+            .manifest(id)
+            .await?
+            .ok_or_else(|| BackendError::UnknownTemplate(id.to_string()))?;
+        let bytes = check_trace(id, &manifest, body)?;
+        let key = self.trace_key(id);
+        self.store
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .map_err(object_err("writing", &key))?;
+        Ok(())
+    }
+
+    /// Every template's summary, sorted by id. Unreadable manifests are skipped with a
+    /// warning so one bad object does not hide the rest.
+    pub async fn list(&self) -> Result<Vec<TemplateSummary>, BackendError> {
+        let dir = self.manifests_dir();
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(object_err("listing", &dir))?;
+        let mut ids: Vec<String> = objects
+            .iter()
+            .filter_map(|o| {
+                o.location
+                    .filename()?
+                    .strip_suffix(".json")
+                    .map(String::from)
+            })
+            .filter(|id| lazyblk_cache::validate_id(id).is_ok())
+            .collect();
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.summary(&id).await {
+                Ok(summary) => out.push(summary),
+                // Deleted between the listing and the read.
+                Err(BackendError::UnknownTemplate(_)) => {}
+                Err(e) => tracing::warn!("skipping template {id} in the listing: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The summary of one template, with its durability from HEADs of its chunks.
+    pub async fn summary(&self, id: &str) -> Result<TemplateSummary, BackendError> {
+        let cached = self.durable.lock().ok().and_then(|d| d.get(id).cloned());
+        if let Some(cached) = cached {
+            // The cache may outlive a delete (by another store process, too).
+            if self.store.head(&self.manifest_key(id)).await.is_ok() {
+                return Ok(cached);
+            }
+        }
+        let manifest = self
+            .manifest(id)
+            .await?
+            .ok_or_else(|| BackendError::UnknownTemplate(id.to_string()))?;
+        let parent = match &manifest.parent {
+            // A parent that is gone or unreadable only means every chunk counts as own.
+            Some(parent) => self.manifest(parent).await.ok().flatten(),
+            None => None,
+        };
+        let digests: Vec<Digest> = manifest.stored_chunks().map(|(_, d)| d).collect();
+        let found = self.find(digests).await?;
+        let missing: HashSet<Digest> = found
+            .into_iter()
+            .filter_map(|(d, here)| (!here).then_some(d))
+            .collect();
+        let summary = summarize(&manifest, parent.as_ref(), |d: &Digest| {
+            !missing.contains(d)
+        });
+        if summary.durability == Durability::Durable {
+            if let Ok(mut durable) = self.durable.lock() {
+                durable.insert(id.to_string(), summary.clone());
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Whether the chunk is stored, and its length.
+    pub async fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, BackendError> {
+        let key = self.chunk_key(digest);
+        match self.store.head(&key).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(object_err("checking", &key)(e)),
+        }
+    }
+
+    /// A stored chunk as a stream of its bytes, with its length.
+    pub async fn open_chunk(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(ChunkStream, u64)>, BackendError> {
+        let key = self.chunk_key(digest);
+        let result = match self.store.get(&key).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(object_err("reading", &key)(e)),
+        };
+        let len = result.meta.size;
+        let stream = result.into_stream().map_err(std::io::Error::other).boxed();
+        Ok(Some((stream, len)))
+    }
+
+    /// The digests the bucket lacks, in the order given, without repeats. Present ones
+    /// are recorded as confirmed, so gc keeps them for the publish that asked.
+    pub async fn missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, BackendError> {
+        let found = self.find(digests).await?;
+        self.confirm(found.iter().filter(|(_, here)| *here).map(|(d, _)| *d));
+        Ok(found
+            .into_iter()
+            .filter(|(_, here)| !here)
+            .map(|(d, _)| d)
+            .collect())
+    }
+
+    /// Whether the bucket holds each of `digests` (repeats dropped), in order.
+    async fn find(&self, digests: Vec<Digest>) -> Result<Vec<(Digest, bool)>, BackendError> {
+        let mut seen = HashSet::with_capacity(digests.len());
+        let unique: Vec<Digest> = digests.into_iter().filter(|d| seen.insert(*d)).collect();
+        futures::stream::iter(unique)
+            .map(|digest| async move {
+                let here = self.chunk_len(&digest).await?.is_some();
+                Ok::<_, BackendError>((digest, here))
+            })
+            .buffered(HEAD_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    fn confirm(&self, digests: impl Iterator<Item = Digest>) {
+        let now = SystemTime::now();
+        if let Ok(mut confirmed) = self.confirmed.lock() {
+            confirmed.extend(digests.map(|d| (d, now)));
+        }
+    }
+
+    /// Receives a chunk body into memory, hashing it, and stores it with one PUT only
+    /// when it hashes to `digest`.
+    pub async fn put_chunk<S, E>(&self, digest: Digest, body: S) -> Result<ChunkPut, BackendError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        if self.chunk_len(&digest).await?.is_some() {
+            // Read the body anyway so the client sees the answer, not a broken pipe.
+            drain(body, MAX_CHUNK_BODY).await;
+            self.confirm(std::iter::once(digest));
+            return Ok(ChunkPut::Present);
+        }
+        let bytes = receive(&digest, body).await?;
+        let len = bytes.len() as u64;
+        let key = self.chunk_key(&digest);
+        self.store
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .map_err(object_err("writing", &key))?;
+        Ok(ChunkPut::Stored(len))
+    }
+}
+
+/// The outcome of putting `offered` where `stored` already is.
+fn compare(id: &str, stored: &Manifest, offered: &Manifest) -> Result<ManifestPut, BackendError> {
+    if stored.same_content(offered) {
+        Ok(ManifestPut::Unchanged)
+    } else {
+        Err(BackendError::Conflict {
+            template: id.to_string(),
+            detail: difference(stored, offered),
+        })
+    }
+}
+
+/// Reads one chunk body into memory, enforcing the size limit and checking the digest.
+async fn receive<S, E>(digest: &Digest, mut body: S) -> Result<Bytes, BackendError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut hasher = DigestWriter::default();
+    let mut out = Vec::new();
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| BackendError::Body {
+            what: format!("chunk {digest}"),
+            detail: e.to_string(),
+        })?;
+        if (out.len() + piece.len()) as u64 > MAX_CHUNK_BODY {
+            return Err(BackendError::TooLarge {
+                what: format!("chunk {digest}"),
+                limit: MAX_CHUNK_BODY,
+            });
+        }
+        hasher.update(&piece);
+        out.extend_from_slice(&piece);
+    }
+    let actual = hasher.finish();
+    if actual != *digest {
+        return Err(BackendError::DigestMismatch {
+            expected: *digest,
+            actual,
+        });
+    }
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn backend() -> ObjectBackend {
+        ObjectBackend::new(Arc::new(InMemory::new()), "pre/fix")
+    }
+
+    fn body(bytes: &[u8]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin {
+        futures::stream::iter(vec![Ok(Bytes::copy_from_slice(bytes))])
+    }
+
+    fn manifest_json(id: &str, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut m = Manifest::new(id, chunks.len() as u64 * 65536, 65536);
+        for (i, c) in chunks.iter().enumerate() {
+            m.chunks[i] = Some(Digest::of(c));
+        }
+        m.to_json()
+    }
+
+    #[test]
+    fn keys_follow_the_store_layout() {
+        let b = backend();
+        let d = Digest::of(b"x");
+        let hex = d.to_string();
+        assert_eq!(
+            b.chunk_key(&d).to_string(),
+            format!("pre/fix/chunks/{}/{hex}", &hex[..2])
+        );
+        assert_eq!(b.manifest_key("t").to_string(), "pre/fix/manifests/t.json");
+        let root = ObjectBackend::new(Arc::new(InMemory::new()), "");
+        assert_eq!(root.trace_key("t").to_string(), "traces/t.json");
+    }
+
+    #[tokio::test]
+    async fn chunks_are_verified_before_they_are_stored() {
+        let b = backend();
+        let (data, other) = (vec![7u8; 4096], vec![8u8; 4096]);
+        let digest = Digest::of(&data);
+        let wrong = b.put_chunk(Digest::of(&other), body(&data)).await;
+        assert!(matches!(wrong, Err(BackendError::DigestMismatch { .. })));
+        assert_eq!(b.chunk_len(&Digest::of(&other)).await.unwrap(), None);
+        let put = b.put_chunk(digest, body(&data)).await.unwrap();
+        assert_eq!(put, ChunkPut::Stored(4096));
+        let again = b.put_chunk(digest, body(&data)).await.unwrap();
+        assert_eq!(again, ChunkPut::Present);
+        let missing = b.missing(vec![digest, Digest::of(&other), digest]).await;
+        assert_eq!(missing.unwrap(), vec![Digest::of(&other)]);
+    }
+
+    #[tokio::test]
+    async fn manifests_are_immutable_and_durability_follows_the_bucket() {
+        let b = backend();
+        let (c1, c2): (&[u8], &[u8]) = (b"one", b"two");
+        let json = manifest_json("t", &[c1, c2]);
+        assert_eq!(
+            b.put_manifest("t", &json).await.unwrap(),
+            ManifestPut::Created
+        );
+        assert_eq!(
+            b.put_manifest("t", &json).await.unwrap(),
+            ManifestPut::Unchanged
+        );
+        let other = manifest_json("t", &[c1, b"three"]);
+        assert!(matches!(
+            b.put_manifest("t", &other).await,
+            Err(BackendError::Conflict { .. })
+        ));
+        assert_eq!(
+            b.summary("t").await.unwrap().durability,
+            Durability::OriginOnly
+        );
+        b.put_chunk(Digest::of(c1), body(c1)).await.unwrap();
+        assert_eq!(
+            b.summary("t").await.unwrap().durability,
+            Durability::Uploading
+        );
+        b.put_chunk(Digest::of(c2), body(c2)).await.unwrap();
+        let listed = b.list().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].durability, Durability::Durable);
+        b.delete("t").await.unwrap();
+        assert!(matches!(
+            b.summary("t").await,
+            Err(BackendError::UnknownTemplate(_))
+        ));
+        assert!(b.list().await.unwrap().is_empty());
+    }
+}

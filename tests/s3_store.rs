@@ -1,0 +1,243 @@
+//! `lazyblk store --backend s3://...` against a real S3-compatible server (Garage on
+//! loopback, started by scripts/garage.sh): publish, serve a daemon byte for byte,
+//! verified chunk uploads, immutable manifests, durability from the bucket, gc.
+//!
+//! Skipped (with a message) when `garage` is not on PATH and `LAZYBLK_S3_TEST` is
+//! unset; with `LAZYBLK_S3_TEST=1` the script installs Garage first (cargo install).
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lazyblk_cache::Digest;
+use serde_json::Value;
+use support::node::{sh, DaemonProc};
+use support::{free_port, lazyblk, make_ext4, pattern, publish, run, wait_http};
+
+const CHUNK: usize = 1 << 20;
+
+fn garage_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage.sh")
+}
+
+fn garage_on_path() -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join("garage").is_file()))
+        .unwrap_or(false)
+}
+
+/// A Garage server in its own directory; stopped on drop.
+struct Garage {
+    dir: tempfile::TempDir,
+    /// (name, value) of the variables the script printed to export.
+    env: Vec<(String, String)>,
+}
+
+impl Garage {
+    fn start() -> Garage {
+        let dir = tempfile::tempdir().expect("garage directory");
+        let out = Command::new(garage_script())
+            .arg("start")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/garage.sh");
+        // Built before the checks, so a failed start still stops what it started.
+        let mut garage = Garage {
+            dir,
+            env: Vec::new(),
+        };
+        assert!(out.status.success(), "scripts/garage.sh start failed");
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        garage.env = line
+            .trim()
+            .strip_prefix("export ")
+            .unwrap_or_else(|| panic!("no export line from garage.sh: {line:?}"))
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        garage
+    }
+
+    fn var(&self, name: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("garage.sh printed no {name}"))
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = Command::new(garage_script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
+/// A `lazyblk store` process over a bucket prefix; killed on drop.
+struct S3Store {
+    child: Child,
+    port: u16,
+}
+
+impl S3Store {
+    fn start(garage: &Garage, backend: &str) -> S3Store {
+        let port = free_port();
+        let mut cmd = lazyblk();
+        cmd.args(["store", "--backend", backend])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("LAZYBLK_WRITE_TOKEN")
+            .env_remove("LAZYBLK_READ_TOKEN")
+            .stdin(Stdio::null());
+        for (k, v) in &garage.env {
+            cmd.env(k, v);
+        }
+        let store = S3Store {
+            child: cmd.spawn().expect("starting lazyblk store"),
+            port,
+        };
+        wait_http(&format!("{}/healthz", store.url()));
+        store
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 request with a body: (status, response body).
+fn http_send(method: &str, url: &str, body: &[u8]) -> (u16, String) {
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_at(rest.find('/').expect("a path"));
+    let mut stream = TcpStream::connect(host).expect("connecting to the store");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("setting a timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("sending");
+    stream.write_all(body).expect("sending the body");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("reading the answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn durability(store_url: &str, id: &str) -> String {
+    let (ok, out, err) = run(&["templates", "--json", "--store", store_url]);
+    assert!(ok, "templates: {err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["template"] == id)
+        .map(|t| t["durability"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_s3_bucket_backs_the_store() {
+    if !garage_on_path() && std::env::var_os("LAZYBLK_S3_TEST").is_none() {
+        eprintln!(
+            "skipping the S3 store test: garage is not on PATH \
+             (cargo install garage --locked, or set LAZYBLK_S3_TEST=1 to install it)"
+        );
+        return;
+    }
+    let garage = Garage::start();
+    let endpoint = garage.var("LAZYBLK_S3_ENDPOINT");
+    let backend = format!("s3://lazyblk/test?endpoint={endpoint}");
+    let store = S3Store::start(&garage, &backend);
+    let tmp = tempfile::tempdir().unwrap();
+    let files = vec![
+        ("etc/os-release", b"NAME=lazyblk-s3\n".to_vec()),
+        ("usr/bin/big", pattern(3 * CHUNK + 777, 11)),
+        ("home/user/notes.txt", pattern(50_000, 12)),
+    ];
+    let image = make_ext4(tmp.path(), 32, &files);
+    publish(&store.url(), &image, "s3t");
+
+    // A daemon serves the template from the bucket byte for byte.
+    let daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
+    let copy = tmp.path().join("copy.img");
+    let (ok, _, err) = sh("nbdcopy", &[&daemon.nbd_uri("s3t"), copy.to_str().unwrap()]);
+    assert!(ok, "nbdcopy: {err}");
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap(),
+        "the export differs from the image"
+    );
+
+    // A body that does not hash to its digest is refused and not stored.
+    let body = pattern(64 << 10, 13);
+    let other = Digest::of(&pattern(64 << 10, 14));
+    let chunk_url = format!("{}/v1/chunks/{other}", store.url());
+    let (status, answer) = http_send("PUT", &chunk_url, &body);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("digest mismatch"), "{answer}");
+    assert_eq!(http_send("GET", &chunk_url, b"").0, 404);
+    let right = format!("{}/v1/chunks/{}", store.url(), Digest::of(&body));
+    assert_eq!(http_send("PUT", &right, &body).0, 201);
+    assert_eq!(http_send("HEAD", &right, b"").0, 200);
+
+    // Publishing again is a no-op; other content under the id is refused.
+    publish(&store.url(), &image, "s3t");
+    let manifests = support::metric(&store.url(), "lazyblk_store_manifests_published_total");
+    assert_eq!(manifests, 1.0, "re-publishing stored a manifest again");
+    let changed = make_ext4(tmp.path(), 32, &[("etc/os-release", b"other\n".to_vec())]);
+    let (ok, out, err) = run(&[
+        "publish",
+        changed.to_str().unwrap(),
+        "--template",
+        "s3t",
+        "--store",
+        &store.url(),
+    ]);
+    assert!(!ok, "publishing other content under s3t succeeded: {out}");
+    assert!(err.contains("already exists"), "{err}");
+
+    assert_eq!(durability(&store.url(), "s3t"), "DURABLE");
+    // gc sweeps the unreferenced chunks (the extra one, the refused publish's) and
+    // keeps every chunk of the template.
+    let (ok, out, err) = run(&["gc", "--grace", "0s", "--json", "--store", &store.url()]);
+    assert!(ok, "gc: {err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(report["chunks_deleted"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(http_send("HEAD", &right, b"").0, 404);
+    assert_eq!(durability(&store.url(), "s3t"), "DURABLE");
+
+    // The bucket, not the store process, holds the data: a new process sees it all.
+    drop(store);
+    let again = S3Store::start(&garage, &backend);
+    assert_eq!(durability(&again.url(), "s3t"), "DURABLE");
+    let (status, _) = support::http_get(&format!("{}/v1/templates/s3t/manifest", again.url()))
+        .expect("reading the manifest");
+    assert_eq!(status, 200);
+}
