@@ -178,21 +178,10 @@ impl DirBackend {
         blocking(move || write_atomic(&tmp, &path, &bytes)).await
     }
 
-    /// Every template's summary, sorted by id. Unreadable manifests are skipped with a
-    /// warning so one bad file does not hide the rest.
-    pub async fn list(&self) -> Result<Vec<TemplateSummary>, BackendError> {
+    /// The ids of the stored manifests, sorted.
+    pub async fn ids(&self) -> Result<Vec<String>, BackendError> {
         let dir = self.root.join("manifests");
-        let ids = blocking(move || template_ids(&dir)).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.summary(&id).await {
-                Ok(summary) => out.push(summary),
-                // Deleted between the listing and the read.
-                Err(BackendError::UnknownTemplate(_)) => {}
-                Err(e) => tracing::warn!("skipping template {id} in the listing: {e}"),
-            }
-        }
-        Ok(out)
+        blocking(move || template_ids(&dir)).await
     }
 
     /// The summary of one template, with its durability derived from the disk.

@@ -157,9 +157,20 @@ impl Backend {
         dispatch!(self, b => b.put_trace(id, body).await)
     }
 
-    /// Every template's summary, sorted by id.
+    /// Every template's summary, sorted by id. Unreadable manifests are skipped with a
+    /// warning so one bad manifest does not hide the rest.
     pub async fn list(&self) -> Result<Vec<TemplateSummary>, BackendError> {
-        dispatch!(self, b => b.list().await)
+        let ids = dispatch!(self, b => b.ids().await)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.summary(&id).await {
+                Ok(summary) => out.push(summary),
+                // Deleted between the listing and the read.
+                Err(BackendError::UnknownTemplate(_)) => {}
+                Err(e) => tracing::warn!("skipping template {id} in the listing: {e}"),
+            }
+        }
+        Ok(out)
     }
 
     /// The summary of one template, with its durability.
