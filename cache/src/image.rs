@@ -48,6 +48,17 @@ pub struct ImageExtent {
     pub zero: bool,
 }
 
+impl ImageExtent {
+    /// Adds `length` bytes of the given kind to `runs`, merging with the last run when
+    /// it is of the same kind.
+    pub fn append(runs: &mut Vec<ImageExtent>, length: u64, zero: bool) {
+        match runs.last_mut() {
+            Some(last) if last.zero == zero => last.length += length,
+            _ => runs.push(ImageExtent { length, zero }),
+        }
+    }
+}
+
 impl TemplateImage {
     pub fn new(manifest: Arc<Manifest>, cache: Arc<ChunkCache>, sources: Vec<Source>) -> Self {
         TemplateImage {
@@ -220,13 +231,7 @@ impl TemplateImage {
             let index = (pos / chunk_size) as usize;
             let next = ((index as u64 + 1) * chunk_size).min(end);
             let zero = self.manifest.chunks[index].is_none();
-            match out.last_mut() {
-                Some(last) if last.zero == zero => last.length += next - pos,
-                _ => out.push(ImageExtent {
-                    length: next - pos,
-                    zero,
-                }),
-            }
+            ImageExtent::append(&mut out, next - pos, zero);
             pos = next;
         }
         out

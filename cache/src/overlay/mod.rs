@@ -404,13 +404,7 @@ impl Overlay {
                     self.base.manifest().chunks[(pos / chunk_size) as usize].is_none()
                 }
             };
-            match out.last_mut() {
-                Some(last) if last.zero == zero => last.length += next - pos,
-                _ => out.push(ImageExtent {
-                    length: next - pos,
-                    zero,
-                }),
-            }
+            ImageExtent::append(&mut out, next - pos, zero);
             pos = next;
         }
         out
