@@ -54,6 +54,26 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Delete the store's chunks that no manifest references.
     Gc(GcArgs),
+    /// Verify every chunk a node caches (or a store holds) against its sha256; drop the
+    /// bad ones (a node fetches them again on demand; a store gets them back from the
+    /// next publish or upload of that content).
+    Scrub(ScrubArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScrubArgs {
+    /// Scrub this store instead of a node (needs the store's write token when set).
+    #[arg(long, conflicts_with = "node")]
+    pub store: Option<String>,
+    /// The daemon's HTTP URL.
+    #[arg(long, default_value = DEFAULT_NODE)]
+    pub node: String,
+    /// Bearer token: the daemon's (--write-token) or the store's write token.
+    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -95,9 +115,24 @@ pub struct DaemonArgs {
     /// defaults to http://<--listen>.
     #[arg(long)]
     pub advertise: Option<String>,
-    /// NBD address: HOST:PORT or unix:PATH.
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    pub nbd: String,
+    /// NBD address: unix:PATH (the default is unix:<--cache>/nbd.sock, mode 0660) or
+    /// HOST:PORT for TCP. TCP NBD has no access control of its own: beyond loopback,
+    /// firewall it.
+    #[arg(long)]
+    pub nbd: Option<String>,
+    /// Group that owns the NBD unix socket (name or gid); members may connect.
+    #[arg(long, value_name = "GROUP")]
+    pub nbd_group: Option<String>,
+    /// NBD connections served at once; more are refused (closed at once, logged).
+    #[arg(long, default_value = "1024")]
+    pub nbd_max_connections: usize,
+    /// Seconds a client gets to finish the NBD handshake before it is dropped.
+    #[arg(long, default_value = "10")]
+    pub nbd_handshake_timeout: f64,
+    /// Bytes of read and write payloads in flight over all NBD connections (e.g. 128M);
+    /// past it, no more requests are read until replies go out.
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    pub nbd_max_bytes_in_flight: u64,
     /// Mount the FUSE filesystem (templates/<id>, sandboxes/<sb>) here.
     #[arg(long)]
     pub fuse: Option<PathBuf>,
@@ -121,9 +156,13 @@ pub struct DaemonArgs {
     /// served from this node meanwhile).
     #[arg(long, default_value = "0")]
     pub upload_delay: f64,
-    /// Bearer token sent with chunk reads to the store and origins.
-    #[arg(long, env = "LAZYBLK_READ_TOKEN")]
+    /// Bearer token sent with chunk reads to the store (and only to the store).
+    #[arg(long, env = "LAZYBLK_READ_TOKEN", hide_env_values = true)]
     pub read_token: Option<String>,
+    /// Bearer token between daemons: sent with chunk reads to origins, and required on
+    /// this daemon's own chunk endpoint, when set.
+    #[arg(long, env = "LAZYBLK_PEER_TOKEN", hide_env_values = true)]
+    pub peer_token: Option<String>,
     /// Bearer token sent with writes to the store (commit uploads, traces), and required
     /// on this daemon's own changing requests (warm, evict, overlays, commit, attach).
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]

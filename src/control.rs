@@ -467,3 +467,63 @@ pub async fn resize(args: ResizeArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `lazyblk scrub`: on a node, starts its scrub and follows it with a progress bar; on
+/// a store, waits for the store's scrub. Prints what was dropped.
+pub async fn scrub(args: crate::cli::ScrubArgs) -> anyhow::Result<()> {
+    let report = match &args.store {
+        Some(url) => {
+            let client = crate::store::client::StoreClient::new(url, args.token.clone(), None);
+            let report = client
+                .scrub()
+                .await
+                .with_context(|| format!("scrub of store {url}"))?;
+            serde_json::to_value(report)?
+        }
+        None => {
+            let node = NodeClient::new(&NodeArg {
+                node: args.node.clone(),
+                token: args.token.clone(),
+            });
+            let started = node.post("/v1/scrub", None).await?;
+            let bar = crate::progress::Progress::new("scrub", u(&started, "total").max(1));
+            loop {
+                let p = node.get("/v1/scrub").await?;
+                bar.set(u(&p, "done"));
+                if !p.get("running").and_then(Value::as_bool).unwrap_or(false) {
+                    bar.finish("done");
+                    break p.get("report").cloned().unwrap_or(Value::Null);
+                }
+                tokio::time::sleep(WAIT_POLL).await;
+            }
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let dropped = report
+        .get("dropped")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let unreadable = report
+        .get("unreadable")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "scrub: checked {} chunks ({}), dropped {} corrupt, {} unreadable",
+        u(&report, "checked"),
+        human_bytes(u(&report, "bytes")),
+        dropped.len(),
+        unreadable.len()
+    );
+    for d in dropped {
+        println!("dropped {}", d.as_str().unwrap_or(""));
+    }
+    for d in unreadable {
+        println!("unreadable {}", d.as_str().unwrap_or(""));
+    }
+    Ok(())
+}

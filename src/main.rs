@@ -10,7 +10,9 @@
 //!   background fill, traces, the HTTP API, the state database.
 //! - [`control`]: the commands that talk to a daemon (status, warm, evict, overlay,
 //!   commit, attach, detach).
-//! - [`http_client`]: the HTTP client of the commands and the daemon.
+//! - [`http_client`]: the HTTP client of the commands and the daemon; [`auth`]: bearer
+//!   tokens on both HTTP servers; [`http_server`]: their accept loop, with header and
+//!   idle timeouts.
 //! - [`metrics`]: Prometheus counters shared by the daemon and the store.
 //!
 //! # Data flow
@@ -19,11 +21,13 @@
 //! [`daemon::exports`], and reads through `lazyblk-cache` (overlay, local chunk, then a
 //! fetch from the template's origins or the store).
 
+mod auth;
 mod build;
 mod cli;
 mod control;
 mod daemon;
 mod http_client;
+mod http_server;
 mod metrics;
 mod progress;
 mod publish;
@@ -48,6 +52,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in a log file or journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -85,5 +91,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Detach(args) => control::detach(args).await,
         Command::Delete(args) => store::client::delete_command(args).await,
         Command::Gc(args) => store::client::gc_command(args).await,
+        Command::Scrub(args) => control::scrub(args).await,
     }
 }

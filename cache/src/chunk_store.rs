@@ -8,6 +8,11 @@
 //! The store keeps an index of every chunk in least-recently-used order. When the bytes
 //! held pass the budget, the least recently used chunks that are neither pinned (by a
 //! READY replica or an unfinished upload) nor being read are deleted.
+//!
+//! Bytes on the node's own disk are not trusted blindly: a chunk file this daemon did
+//! not write is hashed the first time it is opened (after a restart, say), and a file
+//! whose bytes do not match its name is deleted, counted and reported as absent, so the
+//! caller fetches it again. [`ChunkStore::scrub`] checks every file on demand.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -41,6 +46,19 @@ pub enum ChunkStoreError {
     /// Reading chunk {digest} failed.
     #[error("reading chunk {digest}: {source}")]
     Read { digest: Digest, source: io::Error },
+}
+
+/// What [`ChunkStore::scrub`] found.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ScrubReport {
+    /// Chunk files hashed.
+    pub checked: usize,
+    /// Bytes hashed.
+    pub bytes: u64,
+    /// Chunks whose bytes did not match their name; deleted (fetched again on demand).
+    pub dropped: Vec<String>,
+    /// Chunks that could not be read (an I/O error); left in place.
+    pub unreadable: Vec<String>,
 }
 
 /// An open, verified chunk. While a `ChunkFile` is alive its chunk is never evicted.
@@ -78,6 +96,9 @@ struct Entry {
     /// The open file, shared with readers; a strong count above one means a read is
     /// under way, which protects the chunk from eviction.
     file: Option<Arc<File>>,
+    /// Whether this daemon has checked (or written) the file's bytes: a file found on
+    /// disk at start is hashed when first opened.
+    verified: bool,
 }
 
 struct Index {
@@ -86,6 +107,9 @@ struct Index {
     lru: LruCache<Digest, Entry>,
     used: u64,
     open_files: usize,
+    /// Pins of chunks dropped as corrupt, given back when the chunk is written again,
+    /// so a READY replica or an upload keeps its claim across the refetch.
+    orphan_pins: std::collections::HashMap<Digest, u32>,
 }
 
 /// The node's content-addressed chunk files.
@@ -96,6 +120,8 @@ pub struct ChunkStore {
     index: Mutex<Index>,
     /// Chunks deleted to stay within the budget, for metrics.
     evictions: AtomicU64,
+    /// Chunk files found corrupt on disk and dropped, for metrics.
+    corrupt: AtomicU64,
     /// Names temporary files uniquely among concurrent writers.
     tmp_seq: AtomicU64,
 }
@@ -143,6 +169,7 @@ impl ChunkStore {
                     len,
                     pins: 0,
                     file: None,
+                    verified: false,
                 },
             );
         }
@@ -153,8 +180,10 @@ impl ChunkStore {
                 lru,
                 used,
                 open_files: 0,
+                orphan_pins: Default::default(),
             }),
             evictions: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
         })
     }
@@ -174,39 +203,59 @@ impl ChunkStore {
         self.index().lru.contains(digest)
     }
 
-    /// Opens a local chunk for reading and marks it recently used; `None` if absent.
+    /// Opens a local chunk for reading and marks it recently used; `None` if absent (or
+    /// found corrupt on its first open, and dropped). The first open of a file this
+    /// daemon did not write hashes it, outside the index lock.
     pub fn get(&self, digest: &Digest) -> Result<Option<ChunkFile>, ChunkStoreError> {
-        let mut index = self.index();
-        let Some(entry) = index.lru.get_mut(digest) else {
-            return Ok(None);
+        let (len, verified) = {
+            let mut index = self.index();
+            let Some(entry) = index.lru.get_mut(digest) else {
+                return Ok(None);
+            };
+            if let Some(file) = &entry.file {
+                return Ok(Some(ChunkFile {
+                    digest: *digest,
+                    file: file.clone(),
+                    len: entry.len,
+                }));
+            }
+            (entry.len, entry.verified)
         };
-        let len = entry.len;
-        if let Some(file) = &entry.file {
-            return Ok(Some(ChunkFile {
-                digest: *digest,
-                file: file.clone(),
-                len,
-            }));
-        }
+        let read_err = |source| ChunkStoreError::Read {
+            digest: *digest,
+            source,
+        };
         let file = match File::open(self.chunk_path(digest)) {
             Ok(f) => Arc::new(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Removed behind our back (an operator cleaning up): forget it.
+                let mut index = self.index();
                 if let Some(gone) = index.lru.pop(digest) {
                     index.used -= gone.len;
                 }
                 return Ok(None);
             }
-            Err(source) => {
-                return Err(ChunkStoreError::Read {
-                    digest: *digest,
-                    source,
-                })
-            }
+            Err(source) => return Err(read_err(source)),
         };
-        if let Some(entry) = index.lru.peek_mut(digest) {
-            entry.file = Some(file.clone());
+        if !verified && !file_matches(&file, digest, len).map_err(read_err)? {
+            self.drop_corrupt(digest);
+            return Ok(None);
         }
+        let mut index = self.index();
+        let Some(entry) = index.lru.peek_mut(digest) else {
+            // Evicted or dropped while we hashed it.
+            return Ok(None);
+        };
+        entry.verified = true;
+        if let Some(existing) = &entry.file {
+            // Another reader opened it meanwhile; share that one.
+            return Ok(Some(ChunkFile {
+                digest: *digest,
+                file: existing.clone(),
+                len,
+            }));
+        }
+        entry.file = Some(file.clone());
         index.open_files += 1;
         if index.open_files > MAX_OPEN_CHUNK_FILES {
             close_idle_files(&mut index);
@@ -218,10 +267,83 @@ impl ChunkStore {
         }))
     }
 
+    /// Deletes a chunk file whose bytes do not match its name, keeping its pins for the
+    /// copy that will replace it.
+    fn drop_corrupt(&self, digest: &Digest) {
+        let mut index = self.index();
+        if let Some(gone) = index.lru.pop(digest) {
+            index.used -= gone.len;
+            if gone.file.is_some() {
+                index.open_files -= 1;
+            }
+            if gone.pins > 0 {
+                *index.orphan_pins.entry(*digest).or_default() += gone.pins;
+            }
+        }
+        let _ = fs::remove_file(self.chunk_path(digest));
+        drop(index);
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(chunk = %digest, "cached chunk file does not match its digest; dropped, it will be fetched again");
+    }
+
+    /// Hashes every chunk file on disk and drops the ones whose bytes do not match
+    /// their names. `progress` is called after each chunk with (bytes done, bytes in all).
+    pub fn scrub(&self, mut progress: impl FnMut(u64, u64)) -> ScrubReport {
+        let all: Vec<(Digest, u64)> = self.index().lru.iter().map(|(d, e)| (*d, e.len)).collect();
+        let mut report = ScrubReport::default();
+        let total: u64 = all.iter().map(|(_, len)| len).sum();
+        for (digest, len) in &all {
+            let checked =
+                File::open(self.chunk_path(digest)).and_then(|f| file_matches(&f, digest, *len));
+            match checked {
+                Ok(true) => {
+                    if let Some(e) = self.index().lru.peek_mut(digest) {
+                        e.verified = true;
+                    }
+                }
+                Ok(false) => {
+                    self.drop_corrupt(digest);
+                    report.dropped.push(digest.to_hex());
+                }
+                // Evicted between the listing and the check: nothing to verify.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => report.unreadable.push(digest.to_hex()),
+            }
+            report.checked += 1;
+            report.bytes += len;
+            progress(report.bytes, total);
+        }
+        report
+    }
+
     /// Writes a verified chunk crash-safely and indexes it. The caller has checked that
     /// `bytes` hash to `digest`.
     pub fn insert(&self, digest: &Digest, bytes: &[u8]) -> Result<ChunkFile, ChunkStoreError> {
+        self.insert_with(digest, bytes, false)
+    }
+
+    /// Like [`ChunkStore::insert`], and pins the chunk in the same step, so that no
+    /// eviction can come between the write and the pin (a commit's new chunks, whose
+    /// only copy is this one).
+    pub fn insert_pinned(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+    ) -> Result<ChunkFile, ChunkStoreError> {
+        self.insert_with(digest, bytes, true)
+    }
+
+    fn insert_with(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        pin: bool,
+    ) -> Result<ChunkFile, ChunkStoreError> {
         if let Some(existing) = self.get(digest)? {
+            if pin && !self.pin(digest) {
+                // Evicted between the lookup and the pin: write it again, pinned.
+                return self.insert_with(digest, bytes, pin);
+            }
             return Ok(existing);
         }
         let final_path = self.chunk_path(digest);
@@ -262,18 +384,20 @@ impl ChunkStore {
         let file = Arc::new(File::open(&final_path).map_err(write_err(&final_path))?);
         let len = bytes.len() as u64;
         let mut index = self.index();
+        let pins = index.orphan_pins.remove(digest).unwrap_or(0) + u32::from(pin);
         if let Some(prev) = index.lru.put(
             *digest,
             Entry {
                 len,
-                pins: 0,
+                pins,
                 file: Some(file.clone()),
+                verified: true,
             },
         ) {
             // Lost a race with another writer of the same digest: same bytes, keep pins.
             index.used -= prev.len;
             if let Some(e) = index.lru.peek_mut(digest) {
-                e.pins = prev.pins;
+                e.pins += prev.pins;
             }
             if prev.file.is_some() {
                 index.open_files -= 1;
@@ -305,6 +429,11 @@ impl ChunkStore {
         let mut index = self.index();
         if let Some(e) = index.lru.peek_mut(digest) {
             e.pins = e.pins.saturating_sub(1);
+        } else if let Some(orphan) = index.orphan_pins.get_mut(digest) {
+            *orphan = orphan.saturating_sub(1);
+            if *orphan == 0 {
+                index.orphan_pins.remove(digest);
+            }
         }
         self.evict_over_budget(&mut index);
     }
@@ -389,9 +518,37 @@ impl ChunkStore {
         self.evictions.load(Ordering::Relaxed)
     }
 
+    /// Chunk files found corrupt on disk (and dropped) since start.
+    pub fn corrupt_files(&self) -> u64 {
+        self.corrupt.load(Ordering::Relaxed)
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
+
+/// Buffer for hashing a chunk file: large enough for few system calls, small enough
+/// that a scrub holds little memory.
+const VERIFY_BUFFER: usize = 256 << 10;
+
+/// Whether `file` holds exactly `len` bytes that hash to `digest`.
+fn file_matches(file: &File, digest: &Digest, len: u64) -> io::Result<bool> {
+    let mut hasher = crate::digest::DigestWriter::default();
+    let mut buf = vec![0u8; VERIFY_BUFFER];
+    let mut offset = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, offset)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+        if offset > len {
+            return Ok(false);
+        }
+    }
+    Ok(offset == len && hasher.finish() == *digest)
 }
 
 fn in_use(entry: &Entry) -> bool {

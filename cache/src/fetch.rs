@@ -159,8 +159,11 @@ enum Progress {
     Fetching,
     /// Verified bytes, being written to the cache.
     Verified(Bytes),
-    /// The chunk is in the cache (or could not be written there).
-    Stored(Result<ChunkFile, Arc<FetchError>>),
+    /// The chunk is in the cache.
+    Stored(ChunkFile),
+    /// Verified bytes that could not be written to the cache (disk full, I/O error):
+    /// readers are answered from the bytes; fills, which need the file, get the error.
+    Unstored(Bytes, Arc<FetchError>),
     Failed(Arc<FetchError>),
 }
 
@@ -182,6 +185,8 @@ pub struct ChunkCache {
     epoch: Instant,
     /// Bounds the fetches under way (see [`MAX_FETCHES_IN_FLIGHT`]).
     fetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Whether fetched chunks can be kept on disk.
+    health: CacheHealth,
 }
 
 impl ChunkCache {
@@ -195,7 +200,13 @@ impl ChunkCache {
             last_demand_us: AtomicU64::new(0),
             epoch: Instant::now(),
             fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES_IN_FLIGHT)),
+            health: CacheHealth::default(),
         }
+    }
+
+    /// Whether the cache keeps what it fetches (see [`CacheHealth`]).
+    pub fn health(&self) -> &CacheHealth {
+        &self.health
     }
 
     pub fn store(&self) -> &ChunkStore {
@@ -288,8 +299,14 @@ impl ChunkCache {
                     })
                 }
                 Progress::Verified(_) => {}
-                Progress::Stored(result) => return result.clone().map(Chunk::File),
-                Progress::Failed(e) => return Err(e.clone()),
+                Progress::Stored(file) => return Ok(Chunk::File(file.clone())),
+                Progress::Unstored(bytes, _) if !stored => {
+                    return Ok(Chunk::Verified {
+                        digest: chunk.digest,
+                        bytes: bytes.clone(),
+                    })
+                }
+                Progress::Unstored(_, e) | Progress::Failed(e) => return Err(e.clone()),
             }
             if outcome.changed().await.is_err() {
                 // The fetching task ended without an outcome (the runtime shut down).
@@ -315,7 +332,7 @@ impl ChunkCache {
         }
         // The chunk may have landed between our miss and taking the lock.
         if let Some(file) = self.local(chunk)? {
-            let (_tx, rx) = watch::channel(Progress::Stored(Ok(file)));
+            let (_tx, rx) = watch::channel(Progress::Stored(file));
             return Ok(rx);
         }
         let (tx, rx) = watch::channel(Progress::Fetching);
@@ -325,6 +342,12 @@ impl ChunkCache {
         let chunk = chunk.clone();
         let sources = sources.clone();
         tokio::spawn(async move {
+            // Unregisters the fetch however the task ends (a panic included), so that
+            // the next reader starts a fresh fetch instead of waiting on a dead one.
+            let _registered = Registered {
+                cache: &cache,
+                digest: chunk.digest,
+            };
             // The semaphore is never closed, so acquiring only waits.
             let _slot = cache.fetch_slots.clone().acquire_owned().await.ok();
             // Readers see the verified bytes at once; the fetch stays registered until
@@ -332,15 +355,20 @@ impl ChunkCache {
             let progress = match cache.fetch_verified(&chunk, &sources, priority).await {
                 Ok(bytes) => {
                     let _ = tx.send(Progress::Verified(bytes.clone()));
-                    Progress::Stored(cache.write(&chunk, bytes, priority).await.map_err(Arc::new))
+                    match cache.write(&chunk, bytes.clone(), priority).await {
+                        Ok(file) => {
+                            cache.health.write_ok();
+                            Progress::Stored(file)
+                        }
+                        Err(e) => {
+                            cache.health.write_failed(&e);
+                            Progress::Unstored(bytes, Arc::new(e))
+                        }
+                    }
                 }
                 Err(e) => Progress::Failed(Arc::new(e)),
             };
-            cache
-                .inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&chunk.digest);
+            drop(_registered);
             let _ = tx.send(progress);
         });
         Ok(rx)
@@ -443,6 +471,67 @@ impl ChunkCache {
             index: chunk.index,
             source,
         })
+    }
+}
+
+/// Removes a fetch from the in-flight table when dropped.
+struct Registered<'a> {
+    cache: &'a ChunkCache,
+    digest: Digest,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.digest);
+    }
+}
+
+/// Whether the cache can keep what it fetches. A failed write (a full disk, say) does
+/// not fail the read that fetched the bytes; the cache is then DEGRADED: it serves
+/// from memory what it cannot keep, says so once in the log, in status and in metrics,
+/// and recovers by itself at the next write that succeeds.
+#[derive(Default)]
+pub struct CacheHealth {
+    degraded: std::sync::atomic::AtomicBool,
+    write_failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl CacheHealth {
+    fn write_failed(&self, error: &FetchError) {
+        self.write_failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::error!(%error, "chunk cache DEGRADED: fetched chunks cannot be kept on disk; reads are answered from memory and fetched again");
+        }
+    }
+
+    fn write_ok(&self) {
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            tracing::warn!("chunk cache recovered: fetched chunks are kept on disk again");
+        }
+    }
+
+    /// Whether the last write to the cache failed.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Cache writes that failed since start.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// The last write error, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

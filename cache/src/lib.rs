@@ -33,10 +33,10 @@ pub mod overlay;
 pub mod readahead;
 pub mod source;
 
-pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
+pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError, ScrubReport};
 pub use digest::Digest;
 pub use fetch::{
-    Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, Priority,
+    CacheHealth, Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, Priority,
     DEFAULT_SOURCE_DEADLINE,
 };
 pub use image::{ImageExtent, ReadError, TemplateImage};

@@ -58,6 +58,9 @@ pub enum HandshakeError {
     /// NBD_OPT_EXPORT_NAME named an export that could not be opened.
     #[error("NBD_OPT_EXPORT_NAME {name:?} refused: {reason}")]
     ExportRefused { name: String, reason: String },
+    /// The client did not finish the handshake in time (an idle or stuck socket).
+    #[error("handshake not finished within {0:?}; connection dropped")]
+    Timeout(std::time::Duration),
 }
 
 impl HandshakeError {

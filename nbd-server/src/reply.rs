@@ -41,12 +41,16 @@ enum Body {
 #[derive(Debug)]
 pub struct Permits {
     _request: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 impl Permits {
-    /// A request's slot and, for reads and writes, its payload bytes.
-    pub fn new(request: OwnedSemaphorePermit, bytes: Option<OwnedSemaphorePermit>) -> Self {
+    /// A request's slot and, for reads and writes, its payload bytes (of the
+    /// connection's budget and of the server's).
+    pub fn new(
+        request: OwnedSemaphorePermit,
+        bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    ) -> Self {
         Self {
             _request: request,
             _bytes: bytes,

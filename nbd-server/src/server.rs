@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
@@ -39,9 +39,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Consecutive failed accepts after which [`serve`] gives up: about a minute of
-/// failures at the longest backoff, long past any transient descriptor shortage.
-const ACCEPT_FAILURES_MAX: u32 = 64;
+/// Consecutive failed accepts after which the log says so once more (then once per
+/// this many): the server never stops accepting on its own, since every accept error
+/// (out of descriptors, out of memory, a connection aborted in the queue) passes.
+const ACCEPT_FAILURES_LOGGED: u32 = 64;
 
 /// A failure of the server as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +59,6 @@ pub enum ServerError {
     /// Removing a stale unix socket failed.
     #[error("removing stale socket {path}: {source}")]
     RemoveStale { path: PathBuf, source: io::Error },
-    /// Accepting connections kept failing.
-    #[error("accepting NBD connections failed {failures} times in a row: {source}")]
-    Accept { failures: u32, source: io::Error },
 }
 
 /// A failed connection; only that connection is closed.
@@ -101,6 +99,15 @@ pub struct ServerConfig {
     pub max_request: u32,
     /// Requests one connection may have in flight; at least 1.
     pub max_in_flight: usize,
+    /// Connections served at once; a connection past it is closed as soon as it is
+    /// accepted (and the refusal logged). At least 1.
+    pub max_connections: usize,
+    /// How long a client has to finish the handshake (from accept to its choice of an
+    /// export) before it is dropped.
+    pub handshake_timeout: Duration,
+    /// Payload bytes in flight over all connections of the server (raised to
+    /// `max_request` when smaller, so every valid request fits).
+    pub max_bytes_in_flight: u64,
 }
 
 /// The protocol's portable maximum payload (2^25): every client stays within it.
@@ -114,11 +121,26 @@ pub const MAX_REQUEST_CEILING: u32 = 1 << 30;
 /// nbdcopy's queues, so they never wait on the server's limit.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
+/// Connections by default: a node runs tens to hundreds of sandboxes, each with a few
+/// connections; an idle connection costs a task and a 64 KiB read buffer.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// The handshake deadline by default: a real client finishes in milliseconds.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Payload bytes in flight over all connections by default: two connections' worth of
+/// [`crate::transmission::IN_FLIGHT_BYTES`], which keeps a node's memory bounded whatever
+/// many clients that never read their replies do.
+pub const DEFAULT_MAX_BYTES_IN_FLIGHT: u64 = 128 << 20;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_request: DEFAULT_MAX_REQUEST,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
         }
     }
 }
@@ -126,12 +148,23 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// The configuration with its documented lower bounds applied.
     fn effective(self) -> Self {
+        let max_request = self
+            .max_request
+            .clamp(handshake::PREFERRED_BLOCK, MAX_REQUEST_CEILING);
         Self {
-            max_request: self
-                .max_request
-                .clamp(handshake::PREFERRED_BLOCK, MAX_REQUEST_CEILING),
+            max_request,
             max_in_flight: self.max_in_flight.max(1),
+            max_connections: self.max_connections.max(1),
+            handshake_timeout: self.handshake_timeout.max(Duration::from_millis(100)),
+            max_bytes_in_flight: self
+                .max_bytes_in_flight
+                .clamp(u64::from(max_request), u64::from(u32::MAX)),
         }
+    }
+
+    /// The server-wide payload budget this configuration asks for.
+    fn bytes_budget(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(self.max_bytes_in_flight as usize))
     }
 }
 
@@ -218,6 +251,14 @@ enum Accepted {
     Unix(UnixStream, String),
 }
 
+impl Accepted {
+    fn peer(&self) -> &str {
+        match self {
+            Accepted::Tcp(_, peer) | Accepted::Unix(_, peer) => peer,
+        }
+    }
+}
+
 /// Replaces a socket file that no server answers on; refuses to touch anything else.
 async fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
     let metadata = match tokio::fs::symlink_metadata(path).await {
@@ -260,8 +301,10 @@ pub async fn serve<E: Exports>(
     let config = config.effective();
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
-    let mut failures = 0;
-    info!(listen = %listener, "NBD server listening");
+    let mut failures = 0u32;
+    let bytes = config.bytes_budget();
+    let mut refused = 0u64;
+    info!(listen = %listener, max_connections = config.max_connections, "NBD server listening");
     tokio::pin!(shutdown);
     let result = loop {
         let accepted = tokio::select! {
@@ -277,10 +320,9 @@ pub async fn serve<E: Exports>(
         let accepted = match accepted {
             Ok(accepted) => accepted,
             Err(source) => {
-                failures += 1;
-                warn!(listen = %listener, failures, error = %source, "accepting a connection failed");
-                if failures >= ACCEPT_FAILURES_MAX {
-                    break Err(ServerError::Accept { failures, source });
+                failures = failures.saturating_add(1);
+                if failures == 1 || failures % ACCEPT_FAILURES_LOGGED == 0 {
+                    warn!(listen = %listener, failures, error = %source, "accepting a connection failed; backing off and going on");
                 }
                 let backoff = ACCEPT_BACKOFF_FIRST
                     .saturating_mul(1 << failures.min(16))
@@ -291,18 +333,36 @@ pub async fn serve<E: Exports>(
                 }
             }
         };
-        failures = 0;
+        if failures > 0 {
+            info!(listen = %listener, failures, "accepting connections again");
+            failures = 0;
+        }
+        if connections.len() >= config.max_connections {
+            // Closing at once tells the client more than a socket that never answers.
+            refused += 1;
+            if refused == 1 || refused % 1000 == 0 {
+                warn!(
+                    peer = accepted.peer(),
+                    max_connections = config.max_connections,
+                    refused,
+                    "NBD connection refused: the server is at its connection limit (--nbd-max-connections)"
+                );
+            }
+            drop(accepted);
+            continue;
+        }
         let exports = Arc::clone(&exports);
         let signal = Shutdown::new(stopping.clone());
+        let bytes = Arc::clone(&bytes);
         match accepted {
             Accepted::Tcp(stream, peer) => {
                 if let Err(error) = stream.set_nodelay(true) {
                     debug!(peer, %error, "could not set TCP_NODELAY");
                 }
-                connections.spawn(run_logged(stream, peer, exports, config, signal));
+                connections.spawn(run_logged(stream, peer, exports, config, bytes, signal));
             }
             Accepted::Unix(stream, peer) => {
-                connections.spawn(run_logged(stream, peer, exports, config, signal));
+                connections.spawn(run_logged(stream, peer, exports, config, bytes, signal));
             }
         }
     };
@@ -335,12 +395,13 @@ async fn run_logged<E, S>(
     peer: String,
     exports: Arc<E>,
     config: ServerConfig,
+    bytes: Arc<Semaphore>,
     shutdown: Shutdown,
 ) where
     E: Exports,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match run_connection(stream, peer.clone(), exports, config, shutdown).await {
+    match run_connection(stream, peer.clone(), exports, config, bytes, shutdown).await {
         Ok(()) => {}
         Err(error) if error.is_protocol_violation() => warn!(peer, %error, "connection closed"),
         Err(error) => debug!(peer, %error, "connection closed"),
@@ -356,7 +417,9 @@ pub async fn serve_connection<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Se
     exports: Arc<E>,
     config: ServerConfig,
 ) -> Result<(), ConnectionError> {
-    run_connection(stream, peer, exports, config.effective(), Shutdown::never()).await
+    let config = config.effective();
+    let bytes = config.bytes_budget();
+    run_connection(stream, peer, exports, config, bytes, Shutdown::never()).await
 }
 
 async fn run_connection<E, S>(
@@ -364,6 +427,7 @@ async fn run_connection<E, S>(
     peer: String,
     exports: Arc<E>,
     config: ServerConfig,
+    bytes: Arc<Semaphore>,
     mut shutdown: Shutdown,
 ) -> Result<(), ConnectionError>
 where
@@ -374,7 +438,13 @@ where
     let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let negotiated = tokio::select! {
-        negotiated = handshake::negotiate(&mut reader, &mut writer, &*exports, &peer, config.max_request) => negotiated,
+        negotiated = tokio::time::timeout(
+            config.handshake_timeout,
+            handshake::negotiate(&mut reader, &mut writer, &*exports, &peer, config.max_request),
+        ) => match negotiated {
+            Ok(negotiated) => negotiated,
+            Err(_) => Err(HandshakeError::Timeout(config.handshake_timeout)),
+        },
         () = shutdown.wait() => {
             debug!(peer, "shutdown during the handshake");
             return Ok(());
@@ -395,13 +465,15 @@ where
         block_status = session.block_status_context.is_some(),
         "transmission started"
     );
-    transmission::transmit(session, reader, writer, exports, config, &peer, shutdown)
-        .await
-        .map_err(|source| ConnectionError::Transmission {
-            peer: peer.clone(),
-            export,
-            source,
-        })?;
+    transmission::transmit(
+        session, reader, writer, exports, config, bytes, &peer, shutdown,
+    )
+    .await
+    .map_err(|source| ConnectionError::Transmission {
+        peer: peer.clone(),
+        export,
+        source,
+    })?;
     debug!(peer, "connection closed");
     Ok(())
 }

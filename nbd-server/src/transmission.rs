@@ -3,9 +3,11 @@
 //! reply as soon as its request finishes, in whatever order that is.
 //!
 //! A request holds a permit of the connection's request limit and, for reads and
-//! writes, permits for its payload bytes; both travel with its reply and are released
-//! only once the reply is written, so queued replies count too. When the limits are
-//! reached the reader stops reading, and TCP pushes back on the client.
+//! writes, permits for its payload bytes, of the connection's budget and of the
+//! server's (shared by every connection); they travel with its reply and are released
+//! only once the reply is written, so queued replies count too. When a limit is reached
+//! the reader stops reading, and the socket pushes back on the client: memory is bounded
+//! by not reading, never by allocating.
 
 use std::future::Future;
 use std::io;
@@ -82,6 +84,7 @@ pub async fn transmit<E, R, W>(
     writer: W,
     exports: Arc<E>,
     config: ServerConfig,
+    server_bytes: Arc<Semaphore>,
     peer: &str,
     shutdown: Shutdown,
 ) -> Result<(), TransmissionError>
@@ -93,6 +96,7 @@ where
     let ServerConfig {
         max_request,
         max_in_flight,
+        ..
     } = config;
     let limits = Limits {
         size: session.size,
@@ -115,6 +119,7 @@ where
         }),
         requests: Arc::new(Semaphore::new(max_in_flight)),
         bytes: Arc::new(Semaphore::new(IN_FLIGHT_BYTES.max(max_request) as usize)),
+        server_bytes,
         replies,
         tasks: JoinSet::new(),
         peer,
@@ -175,6 +180,9 @@ struct RequestReader<'a, E: Exports, R> {
     requests: Arc<Semaphore>,
     /// One permit per payload byte in flight ([`IN_FLIGHT_BYTES`]).
     bytes: Arc<Semaphore>,
+    /// One permit per payload byte in flight on the whole server
+    /// ([`ServerConfig::max_bytes_in_flight`]).
+    server_bytes: Arc<Semaphore>,
     /// To the writer; a clone goes to each request task.
     replies: mpsc::Sender<Reply>,
     /// The request tasks, joined before `transmit` returns.
@@ -243,9 +251,16 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
         }
     }
 
-    /// Permits for `len` payload bytes; waits while other requests hold too many.
-    async fn reserve(&self, len: u32) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.bytes).acquire_many_owned(len).await.ok()
+    /// Permits for `len` payload bytes of the connection's and the server's budgets;
+    /// waits while other requests hold too many. The connection's first, so that one
+    /// greedy connection waits on itself before it takes from the others.
+    async fn reserve(&self, len: u32) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let own = Arc::clone(&self.bytes).acquire_many_owned(len).await.ok()?;
+        let server = Arc::clone(&self.server_bytes)
+            .acquire_many_owned(len)
+            .await
+            .ok()?;
+        Some((own, server))
     }
 
     async fn read_payload(&mut self, len: u32) -> Result<PooledBuffer, TransmissionError> {

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::daemon::attach::{self, AttachError, Attachments};
 use crate::daemon::commit::{CommitError, CommitOutcome};
 use crate::daemon::fill::{FillError, FillScheduler};
+use crate::daemon::health;
 use crate::daemon::node::{Node, NodeError, Replica};
 use crate::daemon::resize::{ResizeError, ResizeOutcome};
 use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
@@ -26,14 +27,16 @@ pub struct ApiState {
     pub fill: Arc<FillScheduler>,
     /// Kernel block devices (`/dev/nbdN`) attached to exports.
     pub attachments: Arc<Attachments>,
-    /// Bearer token required to read chunks, when configured.
-    pub read_token: Option<String>,
+    /// Bearer token required to read chunks (peers and origins), when configured.
+    pub peer_token: Option<String>,
     /// Bearer token required for changing requests (POST, PUT, DELETE), when configured.
     pub write_token: Option<String>,
+    /// The node's scrub of its cache.
+    pub scrubs: Arc<crate::daemon::health::Scrubs>,
 }
 
 /// An API error: a status and a sentence.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -78,7 +81,10 @@ impl From<CommitError> for ApiError {
             CommitError::Sandbox(s) => sandbox_status(s),
             CommitError::Node(n) => node_status(n),
             CommitError::Publish { .. } => StatusCode::BAD_GATEWAY,
-            CommitError::Local { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            CommitError::PublishUncertain { .. } => StatusCode::GATEWAY_TIMEOUT,
+            CommitError::Local { .. } | CommitError::Intent { .. } => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -124,6 +130,11 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
+        .route("/v1/node", get(health::node_info))
+        .route(
+            "/v1/scrub",
+            get(health::scrub_status).post(health::start_scrub),
+        )
         .route("/v1/templates", get(list_templates))
         .route("/v1/templates/{id}", get(template_status))
         .route("/v1/templates/{id}/warm", post(warm))
@@ -157,11 +168,7 @@ async fn require_write_token(
         axum::http::Method::GET | axum::http::Method::HEAD
     );
     if let (true, Some(token)) = (changing, &state.write_token) {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if given != Some(format!("Bearer {token}").as_str()) {
+        if !crate::auth::carries(request.headers(), token) {
             return ApiError(
                 StatusCode::UNAUTHORIZED,
                 "this daemon needs its write token for changes (--token or LAZYBLK_WRITE_TOKEN)"
@@ -383,6 +390,14 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     node.metrics.cache_bytes.set(store.used_bytes() as i64);
     node.metrics.cache_budget_bytes.set(store.budget() as i64);
     node.metrics.evictions.set(store.evictions());
+    let health = node.cache.health();
+    node.metrics
+        .cache_degraded
+        .set(i64::from(health.degraded()));
+    node.metrics
+        .cache_write_failures
+        .set(health.write_failures());
+    node.metrics.cache_corrupt_files.set(store.corrupt_files());
     for r in node.replicas() {
         let label = crate::daemon::counters::TemplateLabel {
             template: r.id().to_string(),
@@ -410,15 +425,11 @@ async fn chunk(
     Path(digest): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(token) = &state.read_token {
-        let expected = format!("Bearer {token}");
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if given != Some(expected.as_str()) {
+    if let Some(token) = &state.peer_token {
+        if !crate::auth::carries(&headers, token) {
             return Err(ApiError(
                 StatusCode::UNAUTHORIZED,
-                "chunk reads need the read token".into(),
+                "chunk reads need this daemon's peer token (--peer-token)".into(),
             ));
         }
     }

@@ -10,17 +10,19 @@
 //! ([`crate::daemon::upload`]). The work grows with the bytes written, not with the
 //! template's size.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use lazyblk_cache::{validate_id, Digest, Manifest, Priority};
 use serde::Serialize;
 
 use crate::daemon::node::{Node, NodeError};
-use crate::daemon::sandboxes::SandboxError;
+use crate::daemon::sandboxes::{Sandbox, SandboxError};
 use crate::daemon::state::now_rfc3339;
 use crate::store::client::StoreError;
 
-/// Why a commit was refused or failed. Nothing is published unless it succeeds.
+/// Why a commit was refused or failed. Nothing is published unless it succeeds, except
+/// where [`CommitError::PublishUncertain`] says the store's answer was lost.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     #[error("invalid template id: {0}")]
@@ -32,19 +34,29 @@ pub enum CommitError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Node(#[from] NodeError),
-    /// Publishing the manifest failed.
-    #[error("publishing {template:?}: {source}")]
+    /// Publishing the manifest failed and the store does not have it: nothing was
+    /// published; the sandbox is unchanged and the commit can be retried.
+    #[error("commit of {template:?} not published (nothing changed; retry): {source}")]
     Publish {
         template: String,
         source: StoreError,
     },
+    /// The store did not answer the publish and could not be asked afterwards: the
+    /// template may or may not be published. This node keeps its new chunks and its
+    /// intent, and settles it in the background: it finishes the upload if the store
+    /// has the manifest, and drops the intent if not.
+    #[error("commit of {template:?}: the store did not confirm the publish ({detail}); it may be published: this node keeps the new chunks and will upload them if the store has it")]
+    PublishUncertain { template: String, detail: String },
     /// A new chunk could not be kept locally.
-    #[error("commit of {template:?}: keeping chunk {index} locally: {detail}")]
+    #[error("commit of {template:?} not published: keeping chunk {index} locally: {detail}")]
     Local {
         template: String,
         index: usize,
         detail: String,
     },
+    /// The intent to publish could not be made durable on this node's disk.
+    #[error("commit of {template:?} not published: recording it on this node: {detail}")]
+    Intent { template: String, detail: String },
 }
 
 /// What a commit did.
@@ -67,8 +79,14 @@ pub struct CommitOutcome {
 
 impl Node {
     /// Commits sandbox `sandbox` as template `new_id`.
+    ///
+    /// The order makes the commit durable before anyone learns of it: the new chunks
+    /// are written and pinned, then the manifest and the intent to upload are kept on
+    /// this node's disk, and only then is the manifest published; the upload follows.
+    /// A crash anywhere leaves either nothing visible, or a published template whose
+    /// new chunks are pinned here and uploaded after the restart.
     pub async fn commit_sandbox(
-        &self,
+        self: &Arc<Self>,
         sandbox: &str,
         new_id: &str,
     ) -> Result<CommitOutcome, CommitError> {
@@ -92,36 +110,8 @@ impl Node {
             }
         }
         let parent = sb.template().clone();
-        let overlay = sb.overlay.clone();
-        // Bring the parent's bytes of the dirty chunks local before freezing, so the
-        // freeze (which holds the sandbox's writes) does no network I/O in the common case.
-        for index in overlay.dirty_chunks() {
-            let _ = parent.image.fetch_chunk(index, Priority::Demand).await;
-        }
-        let overlay_error = |e| CommitError::Sandbox(SandboxError::Overlay(e));
-        overlay.flush().await.map_err(overlay_error)?;
-        let frozen = overlay.freeze().await;
-        let dirty = overlay.dirty_chunks();
-        let mut manifest = Manifest::clone(parent.manifest());
-        let mut new_chunks = Vec::new();
-        let mut bytes_hashed = 0;
-        for &index in &dirty {
-            let bytes = overlay
-                .materialize_chunk(index)
-                .await
-                .map_err(overlay_error)?;
-            bytes_hashed += bytes.len() as u64;
-            manifest.chunks[index] = self.keep_chunk(new_id, index, bytes).await?;
-            if let Some(digest) = manifest.chunks[index] {
-                if parent.manifest().chunks[index] != Some(digest) {
-                    // Until the store has it, this node holds the only copy.
-                    self.cache.store().pin(&digest);
-                    new_chunks.push(digest);
-                }
-            }
-        }
-        drop(frozen);
-
+        let built = self.build_chunks(&sb, new_id).await?;
+        let mut manifest = built.manifest;
         manifest.template = new_id.to_string();
         manifest.parent = Some(parent.id().to_string());
         manifest.created_at = now_rfc3339();
@@ -135,16 +125,38 @@ impl Node {
                 .cloned(),
         );
         manifest.origins = origins;
-        if let Err(source) = self.store.put_manifest(&manifest).await {
-            for digest in &new_chunks {
-                self.cache.store().unpin(digest);
-            }
-            return Err(CommitError::Publish {
+        let new_chunks = built.new_chunks;
+
+        // The durable intent, before the store (and so anyone) sees the template.
+        let kept = self.save_manifest(&manifest).map_err(|e| e.to_string());
+        let kept = kept.and_then(|()| self.intents.record(new_id).map_err(|e| e.to_string()));
+        if let Err(detail) = kept {
+            self.abandon_commit(new_id, &new_chunks);
+            return Err(CommitError::Intent {
                 template: new_id.to_string(),
-                source,
+                detail,
             });
         }
-        self.save_manifest(&manifest)?;
+        if let Err(source) = self.store.put_manifest(&manifest).await {
+            // The answer may have been lost after the store kept it: ask.
+            match self.settle(&manifest).await {
+                Settled::Published => {}
+                Settled::NotPublished(_) => {
+                    self.abandon_commit(new_id, &new_chunks);
+                    return Err(CommitError::Publish {
+                        template: new_id.to_string(),
+                        source,
+                    });
+                }
+                Settled::Unknown(detail) => {
+                    tokio::spawn(self.clone().settle_later(manifest, new_chunks));
+                    return Err(CommitError::PublishUncertain {
+                        template: new_id.to_string(),
+                        detail: format!("{source}; then {detail}"),
+                    });
+                }
+            }
+        }
         let shared = manifest
             .chunks
             .iter()
@@ -157,10 +169,10 @@ impl Node {
             template: new_id.to_string(),
             parent: parent.id().to_string(),
             sandbox: sandbox.to_string(),
-            dirty_chunks: dirty.len(),
+            dirty_chunks: built.dirty,
             new_chunks: new_chunks.len(),
             shared_chunks: shared,
-            bytes_hashed,
+            bytes_hashed: built.bytes_hashed,
             durability: if new_chunks.is_empty() {
                 "DURABLE"
             } else {
@@ -180,32 +192,162 @@ impl Node {
         Ok(outcome)
     }
 
-    /// Hashes a rebuilt chunk and keeps it in the cache; `None` for an all-zero chunk.
+    /// Freezes the sandbox's overlay at a flush point and builds the new template's
+    /// chunks: each chunk with a dirty block is rebuilt, hashed and kept in the cache,
+    /// pinned (once per distinct new digest) until the store has it.
+    async fn build_chunks(&self, sb: &Sandbox, new_id: &str) -> Result<Built, CommitError> {
+        let parent = sb.template().clone();
+        let overlay = sb.overlay.clone();
+        // Bring the parent's bytes of the dirty chunks local before freezing, so the
+        // freeze (which holds the sandbox's writes) does no network I/O in the common case.
+        for index in overlay.dirty_chunks() {
+            let _ = parent.image.fetch_chunk(index, Priority::Demand).await;
+        }
+        let overlay_error = |e| CommitError::Sandbox(SandboxError::Overlay(e));
+        overlay.flush().await.map_err(overlay_error)?;
+        let frozen = overlay.freeze().await;
+        let dirty = overlay.dirty_chunks();
+        let mut manifest = Manifest::clone(parent.manifest());
+        let mut new_chunks: Vec<Digest> = Vec::new();
+        let mut bytes_hashed = 0;
+        for &index in &dirty {
+            let bytes = overlay
+                .materialize_chunk(index)
+                .await
+                .map_err(overlay_error)?;
+            bytes_hashed += bytes.len() as u64;
+            let is_new =
+                |d: &Digest| parent.manifest().chunks[index] != Some(*d) && !new_chunks.contains(d);
+            match self.keep_chunk(new_id, index, bytes, is_new).await {
+                Ok((digest, pinned)) => {
+                    manifest.chunks[index] = digest;
+                    if let (Some(d), true) = (digest, pinned) {
+                        new_chunks.push(d);
+                    }
+                }
+                Err(e) => {
+                    drop(frozen);
+                    self.abandon_commit(new_id, &new_chunks);
+                    return Err(e);
+                }
+            }
+        }
+        drop(frozen);
+        Ok(Built {
+            manifest,
+            new_chunks,
+            dirty: dirty.len(),
+            bytes_hashed,
+        })
+    }
+
+    /// Hashes a rebuilt chunk and keeps it in the cache, pinned in the same step when
+    /// `is_new` says this node holds its only copy; `None` for an all-zero chunk.
     async fn keep_chunk(
         &self,
         template: &str,
         index: usize,
         bytes: Vec<u8>,
-    ) -> Result<Option<Digest>, CommitError> {
-        let cache = self.cache.clone();
-        let kept = tokio::task::spawn_blocking(move || -> Result<Option<Digest>, String> {
-            if bytes.iter().all(|&b| b == 0) {
-                return Ok(None);
-            }
-            let digest = Digest::of(&bytes);
-            cache
-                .store()
-                .insert(&digest, &bytes)
-                .map_err(|e| e.to_string())?;
-            Ok(Some(digest))
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        kept.map_err(|detail| CommitError::Local {
+        is_new: impl Fn(&Digest) -> bool,
+    ) -> Result<(Option<Digest>, bool), CommitError> {
+        let local = |detail: String| CommitError::Local {
             template: template.to_string(),
             index,
             detail,
+        };
+        let hashed = tokio::task::spawn_blocking(move || {
+            let zero = bytes.iter().all(|&b| b == 0);
+            let digest = (!zero).then(|| Digest::of(&bytes));
+            (digest, bytes)
         })
+        .await
+        .map_err(|e| local(e.to_string()))?;
+        let (Some(digest), bytes) = hashed else {
+            return Ok((None, false));
+        };
+        let pin = is_new(&digest);
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = cache.store();
+            if pin {
+                store.insert_pinned(&digest, &bytes).map(drop)
+            } else {
+                store.insert(&digest, &bytes).map(drop)
+            }
+        })
+        .await
+        .map_err(|e| local(e.to_string()))?
+        .map_err(|e| local(e.to_string()))?;
+        Ok((Some(digest), pin))
     }
+
+    /// Undoes a commit that was never published: its intent, its saved manifest, and
+    /// the pins of its new chunks (which stay cached, evictable).
+    pub fn abandon_commit(&self, template: &str, new_chunks: &[Digest]) {
+        self.intents.clear(template);
+        self.forget_manifest(template);
+        for digest in new_chunks {
+            self.cache.store().unpin(digest);
+        }
+    }
+
+    /// Whether the store has published `manifest` (this node's version of it).
+    pub async fn settle(&self, manifest: &Manifest) -> Settled {
+        match self.store.manifest(&manifest.template).await {
+            Ok(Some(stored)) if stored.same_content(manifest) => Settled::Published,
+            Ok(Some(_)) => Settled::NotPublished("the store holds other content under this id"),
+            Ok(None) => Settled::NotPublished("the store does not have it"),
+            Err(e) => Settled::Unknown(e.to_string()),
+        }
+    }
+
+    /// Settles a commit whose publish went unanswered: asks the store until it knows,
+    /// then uploads (published) or drops the intent (not published).
+    pub async fn settle_later(self: Arc<Self>, manifest: Manifest, pinned: Vec<Digest>) {
+        let id = manifest.template.clone();
+        loop {
+            tokio::time::sleep(SETTLE_RETRY).await;
+            match self.settle(&manifest).await {
+                Settled::Published => {
+                    tracing::info!(template = %id, "commit found published in the store; uploading its chunks");
+                    let replica = match self.known(&id) {
+                        Some(r) => r,
+                        None => self.insert(manifest),
+                    };
+                    self.uploads.start(replica, pinned);
+                    return;
+                }
+                Settled::NotPublished(why) => {
+                    tracing::warn!(template = %id, why, "commit was never published; dropping it");
+                    self.abandon_commit(&id, &pinned);
+                    return;
+                }
+                Settled::Unknown(e) => {
+                    tracing::debug!(template = %id, error = %e, "store still unreachable; commit unsettled")
+                }
+            }
+        }
+    }
+}
+
+/// How often an unsettled commit asks the store again.
+const SETTLE_RETRY: Duration = Duration::from_secs(2);
+
+/// What the store says of a commit this node intended to publish.
+pub enum Settled {
+    /// The store has this node's manifest: the upload is owed.
+    Published,
+    /// The store does not have it (or has other content): it was never published.
+    NotPublished(&'static str),
+    /// The store could not be asked.
+    Unknown(String),
+}
+
+/// The chunks of a commit, built from the frozen overlay.
+struct Built {
+    manifest: Manifest,
+    /// Distinct new digests, pinned once each.
+    new_chunks: Vec<Digest>,
+    dirty: usize,
+    bytes_hashed: u64,
 }

@@ -68,6 +68,10 @@ pub struct DaemonMetrics {
     pub cache_bytes: Gauge,
     pub cache_budget_bytes: Gauge,
     pub evictions: Gauge<u64, AtomicU64>,
+    /// 1 while fetched chunks cannot be kept on disk (see `CacheHealth`).
+    pub cache_degraded: Gauge,
+    pub cache_write_failures: Gauge<u64, AtomicU64>,
+    pub cache_corrupt_files: Gauge<u64, AtomicU64>,
     per_template: Mutex<BTreeMap<String, TemplateBytes>>,
 }
 
@@ -90,6 +94,9 @@ impl DaemonMetrics {
             cache_bytes: Gauge::default(),
             cache_budget_bytes: Gauge::default(),
             evictions: Gauge::default(),
+            cache_degraded: Gauge::default(),
+            cache_write_failures: Gauge::default(),
+            cache_corrupt_files: Gauge::default(),
             per_template: Mutex::new(BTreeMap::new()),
         };
         {
@@ -165,6 +172,21 @@ impl DaemonMetrics {
                 "cache_evictions",
                 "Chunks evicted from the cache since start",
                 m.evictions.clone(),
+            );
+            r.register(
+                "cache_degraded",
+                "1 while fetched chunks cannot be written to the cache (reads are served from memory)",
+                m.cache_degraded.clone(),
+            );
+            r.register(
+                "cache_write_failures",
+                "Fetched chunks that could not be written to the cache since start",
+                m.cache_write_failures.clone(),
+            );
+            r.register(
+                "cache_corrupt_files",
+                "Cached chunk files found corrupt (and dropped) since start",
+                m.cache_corrupt_files.clone(),
             );
         }
         m

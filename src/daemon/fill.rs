@@ -239,23 +239,31 @@ impl FillScheduler {
     }
 
     fn finish(&self, replica: &Arc<Replica>, started: Instant) {
-        let missing = replica
-            .manifest()
-            .stored_chunks()
-            .filter(|(i, _)| !replica.image.is_local(*i))
-            .count();
-        if missing > 0 {
-            // Evicted under us (a budget smaller than the working set): not READY.
-            self.fail(
-                replica,
-                format!("{missing} chunks were evicted before the fill finished"),
-            );
-            return;
-        }
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         if !state.pinned {
+            // Pin first, then count what could not be pinned: a pin fails only for a
+            // chunk that is not local, so no eviction can come between check and pin.
+            let store = self.node.cache.store();
+            let mut pinned = Vec::new();
+            let mut missing = 0;
             for (_, digest) in replica.manifest().stored_chunks() {
-                self.node.cache.store().pin(&digest);
+                if store.pin(&digest) {
+                    pinned.push(digest);
+                } else {
+                    missing += 1;
+                }
+            }
+            if missing > 0 {
+                for digest in &pinned {
+                    store.unpin(digest);
+                }
+                drop(state);
+                // Evicted under us (a budget smaller than the working set): not READY.
+                self.fail(
+                    replica,
+                    format!("{missing} chunks were evicted before the fill finished"),
+                );
+                return;
             }
             state.pinned = true;
         }
@@ -285,7 +293,13 @@ impl FillScheduler {
     /// that no other READY replica pins and nobody reads). Refused while exports use
     /// the template, unless `force`.
     pub fn evict(&self, replica: &Arc<Replica>, force: bool) -> Result<usize, FillError> {
-        let users = replica.users();
+        let mut users = replica.users();
+        if self.node.intents.contains(replica.id()) {
+            // Its new chunks are pinned until uploaded and stay even with --force.
+            users.push(
+                "its upload to the store (ORIGIN_ONLY: only this node has its new chunks)".into(),
+            );
+        }
         if !users.is_empty() && !force {
             return Err(NodeError::InUse {
                 template: replica.id().to_string(),

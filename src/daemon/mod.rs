@@ -7,7 +7,8 @@
 //! - [`sandboxes`]: sandbox overlays (create, delete, reopen at start).
 //! - [`exports`]: the export objects that the NBD server and the FUSE mount serve.
 //! - [`commit`]: a sandbox into a new template; [`upload`]: its new chunks to the
-//!   store in the background (ORIGIN_ONLY -> UPLOADING -> DURABLE).
+//!   store in the background (ORIGIN_ONLY -> UPLOADING -> DURABLE); [`intents`]: the
+//!   durable record of what a commit owes after a crash, and the node's id.
 //! - [`resize`]: a template grown into a new one (e2fsck and resize2fs on a scratch
 //!   overlay, then a commit).
 //! - [`registry`]: the id-to-object maps of replicas and sandboxes.
@@ -17,7 +18,7 @@
 //! - [`fill`]: the background fill and the replica phases; [`state`]: the SQLite
 //!   database that keeps them across restarts.
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
-//! - [`api`]: the HTTP API.
+//! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
 
 pub mod api;
 pub mod attach;
@@ -25,6 +26,8 @@ pub mod commit;
 pub mod counters;
 pub mod exports;
 pub mod fill;
+pub mod health;
+pub mod intents;
 pub mod node;
 pub mod registry;
 pub mod resize;
@@ -34,7 +37,6 @@ pub mod trace;
 pub mod upload;
 pub mod users;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +90,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             NodeConfig {
                 advertise: advertise.clone(),
                 read_token: args.read_token.clone(),
+                peer_token: args.peer_token.clone(),
                 state_dir: args.cache.clone(),
                 trace_timing: TraceTiming {
                     window: Duration::from_secs_f64(args.trace_window.max(0.0)),
@@ -115,9 +118,22 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         },
     ));
     fill.restore().await;
-    let nbd_listener = lazyblk_nbd::Listener::bind(&args.nbd)
+    let nbd_addr = args
+        .nbd
+        .clone()
+        .unwrap_or_else(|| format!("unix:{}", args.cache.join("nbd.sock").display()));
+    let nbd_listener = lazyblk_nbd::Listener::bind(&nbd_addr)
         .await
-        .with_context(|| format!("binding NBD on {}", args.nbd))?;
+        .with_context(|| format!("binding NBD on {nbd_addr}"))?;
+    if let Some(path) = nbd_addr.strip_prefix("unix:") {
+        restrict_socket(std::path::Path::new(path), args.nbd_group.as_deref())?;
+    }
+    let nbd_config = lazyblk_nbd::ServerConfig {
+        max_connections: args.nbd_max_connections,
+        handshake_timeout: Duration::from_secs_f64(args.nbd_handshake_timeout.max(0.1)),
+        max_bytes_in_flight: args.nbd_max_bytes_in_flight,
+        ..lazyblk_nbd::ServerConfig::default()
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown = |mut rx: watch::Receiver<bool>| async move {
@@ -129,18 +145,19 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         node: node.clone(),
         fill: fill.clone(),
         attachments: attachments.clone(),
-        read_token: args.read_token.clone(),
+        peer_token: args.peer_token.clone(),
         write_token: args.write_token.clone(),
+        scrubs: Arc::default(),
     });
-    let http = tokio::spawn(
-        axum::serve(http_listener, api)
-            .with_graceful_shutdown(shutdown(shutdown_rx.clone()))
-            .into_future(),
-    );
+    let http = tokio::spawn(crate::http_server::serve(
+        http_listener,
+        api,
+        shutdown(shutdown_rx.clone()),
+    ));
     let nbd = tokio::spawn(lazyblk_nbd::serve(
         nbd_listener,
         Arc::new(NbdExports { node: node.clone() }),
-        lazyblk_nbd::ServerConfig::default(),
+        nbd_config,
         shutdown(shutdown_rx.clone()),
     ));
     tokio::spawn(publish_traces(node.clone(), shutdown_rx.clone()));
@@ -152,7 +169,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
 
     tracing::info!(
-        http = %http_addr, nbd = %args.nbd, cache = %args.cache.display(),
+        http = %http_addr, nbd = %nbd_addr, node_id = %node.node_id, cache = %args.cache.display(),
         store = %args.store, advertise = %advertise, restored_templates = restored, sandboxes,
         fuse = ?args.fuse.as_ref().map(|d| d.display().to_string()),
         cached_chunks = cache.store().chunk_count(), "lazyblk daemon ready"
@@ -258,6 +275,27 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Gives the NBD unix socket mode 0660 and, with `--nbd-group`, that group: only the
+/// daemon's user and the group's members may connect (NBD itself has no credentials).
+fn restrict_socket(path: &std::path::Path, group: Option<&str>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(group) = group {
+        let gid = match group.parse::<u32>() {
+            Ok(gid) => nix::unistd::Gid::from_raw(gid),
+            Err(_) => {
+                nix::unistd::Group::from_name(group)
+                    .with_context(|| format!("looking up group {group:?}"))?
+                    .with_context(|| format!("no group named {group:?} (--nbd-group)"))?
+                    .gid
+            }
+        };
+        nix::unistd::chown(path, None, Some(gid))
+            .with_context(|| format!("giving {} to group {group}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {}", path.display()))
 }
 
 fn raise_nofile_limit() {

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use lazyblk_cache::{ChunkCache, HttpSource, Manifest, Source, TemplateImage};
+use lazyblk_cache::{ChunkCache, Digest, HttpSource, Manifest, Source, TemplateImage};
 
+use crate::daemon::commit::Settled;
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::fill::FillState;
+use crate::daemon::intents::{node_id, sync_dir, OriginIntents};
 use crate::daemon::registry::Registry;
 use crate::daemon::sandboxes::Sandbox;
 use crate::daemon::state::Phase;
@@ -122,8 +124,14 @@ pub struct Node {
     pub uploads: Arc<Uploads>,
     /// The URL peers reach this daemon at; never used as a source of its own.
     pub advertise: String,
-    /// Bearer token sent with chunk reads to origins and the store.
+    /// The node's id, kept in its state directory: stable across address changes.
+    pub node_id: String,
+    /// Commits this node owes an upload for (settled at start, whatever the address).
+    pub intents: OriginIntents,
+    /// Bearer token sent with chunk reads to the store, and to nothing else.
     read_token: Option<String>,
+    /// Bearer token sent with chunk reads to origins (other daemons).
+    peer_token: Option<String>,
     /// Manifests of the templates this node has served, so a restart serves them
     /// without the store.
     manifests_dir: PathBuf,
@@ -141,14 +149,18 @@ pub struct Node {
     pub(crate) creating: tokio::sync::Mutex<()>,
     /// Serializes loads of one template from the store.
     loading: tokio::sync::Mutex<()>,
+    /// The store's template names and when they were asked (see [`LISTING_TTL`]).
+    listing: tokio::sync::Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
 
 /// The settings a node is built with.
 pub struct NodeConfig {
     /// The URL peers reach this daemon at.
     pub advertise: String,
-    /// Bearer token sent with chunk reads to origins and the store.
+    /// Bearer token sent with chunk reads to the store.
     pub read_token: Option<String>,
+    /// Bearer token sent with chunk reads to origins.
+    pub peer_token: Option<String>,
     /// Where manifests and overlays are kept (the cache directory).
     pub state_dir: PathBuf,
     pub trace_timing: TraceTiming,
@@ -174,13 +186,23 @@ impl Node {
             std::fs::remove_dir_all(&resizing_dir)?;
         }
         std::fs::create_dir_all(&resizing_dir)?;
+        let node_id = node_id(&config.state_dir)?;
+        let intents = OriginIntents::open(&config.state_dir)?;
         Ok(Node {
-            uploads: Uploads::new(store.clone(), cache.clone(), config.upload_delay),
+            uploads: Uploads::new(
+                store.clone(),
+                cache.clone(),
+                OriginIntents::open(&config.state_dir)?,
+                config.upload_delay,
+            ),
             cache,
             store,
             metrics,
             advertise: config.advertise,
+            node_id,
+            intents,
             read_token: config.read_token,
+            peer_token: config.peer_token,
             manifests_dir,
             replicas: Registry::default(),
             trace_timing: config.trace_timing,
@@ -190,6 +212,7 @@ impl Node {
             sandboxes: Registry::default(),
             creating: tokio::sync::Mutex::new(()),
             loading: tokio::sync::Mutex::new(()),
+            listing: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -258,7 +281,11 @@ impl Node {
                 })
             }
         };
-        self.save_manifest(&manifest)?;
+        if let Err(e) = self.save_manifest(&manifest) {
+            // The copy only spares a restart a trip to the store; a full disk must not
+            // make the template unreadable.
+            tracing::warn!(template = id, error = %e, "serving without a local copy of the manifest");
+        }
         Ok(self.insert(manifest))
     }
 
@@ -286,18 +313,18 @@ impl Node {
         })
     }
 
-    /// Writes a manifest to the node's disk (temporary file, fsync, rename).
+    /// Writes a manifest to the node's disk (temporary file, fsync, rename, fsync of
+    /// the directory: the rename is durable when this returns).
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), NodeError> {
-        let path = self
-            .manifests_dir
-            .join(format!("{}.json", manifest.template));
+        let path = self.manifest_path(&manifest.template);
         let tmp = path.with_extension("json.tmp");
         let written = (|| {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&manifest.to_json())?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(&self.manifests_dir)
         })();
         written.map_err(|source| NodeError::SaveManifest {
             template: manifest.template.clone(),
@@ -306,16 +333,37 @@ impl Node {
         })
     }
 
-    /// A template's sources: its origins (other than this node), then the store.
+    fn manifest_path(&self, template: &str) -> PathBuf {
+        self.manifests_dir.join(format!("{template}.json"))
+    }
+
+    /// Forgets a template this node saved but that was never published: its saved
+    /// manifest and its replica.
+    pub fn forget_manifest(&self, template: &str) {
+        let path = self.manifest_path(template);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "removing a saved manifest");
+            }
+        }
+        let _ = sync_dir(&self.manifests_dir);
+        self.replicas.remove(template);
+    }
+
+    /// A template's sources: its origins (other than this node), then the store. The
+    /// store's read token goes to the store alone; origins get the peer token.
     fn sources(&self, manifest: &Manifest) -> Vec<Source> {
         let http = self.store.http().clone();
-        manifest
+        let own = self.advertise.trim_end_matches('/');
+        let origins = manifest
             .origins
             .iter()
-            .filter(|o| o.trim_end_matches('/') != self.advertise.trim_end_matches('/'))
-            .map(String::as_str)
-            .chain(std::iter::once(self.store.url()))
-            .map(|base| Source::Http(HttpSource::new(http.clone(), base, self.read_token.clone())))
+            .filter(|o| o.trim_end_matches('/') != own)
+            .map(|base| HttpSource::new(http.clone(), base, self.peer_token.clone()));
+        let store = HttpSource::new(http.clone(), self.store.url(), self.read_token.clone());
+        origins
+            .chain(std::iter::once(store))
+            .map(Source::Http)
             .collect()
     }
 
@@ -336,27 +384,83 @@ impl Node {
         learned
     }
 
-    /// Uploads what the store still lacks of every template this node originated (at
-    /// start: an upload cut off by a restart resumes).
-    pub async fn resume_uploads(&self) {
+    /// At start, settles every commit this node recorded an intent for (whatever
+    /// address it had then): a published one has its new chunks pinned and uploaded, one
+    /// that never reached the store is dropped, and one the store cannot be asked about
+    /// keeps its chunks pinned until it can. Templates from before intents were kept
+    /// (first origin equal to this address) resume as they did.
+    pub async fn resume_uploads(self: &Arc<Self>) {
+        for id in self.intents.list() {
+            let Some(replica) = self.known(&id) else {
+                tracing::warn!(template = %id, "commit intent without a saved manifest; dropping it");
+                self.intents.clear(&id);
+                continue;
+            };
+            match self.settle(replica.manifest()).await {
+                Settled::Published => self.uploads.resume(replica).await,
+                Settled::NotPublished(why) => {
+                    tracing::warn!(template = %id, why, "a commit cut off before it was published; dropping it");
+                    self.abandon_commit(&id, &[]);
+                }
+                Settled::Unknown(error) => {
+                    tracing::warn!(template = %id, %error, "store unreachable; keeping the commit's chunks until it can be asked");
+                    let pinned = self.pin_local(replica.manifest());
+                    tokio::spawn(
+                        self.clone()
+                            .settle_later(Manifest::clone(replica.manifest()), pinned),
+                    );
+                }
+            }
+        }
         for replica in self.replicas() {
-            if replica.manifest().origins.first() == Some(&self.advertise) {
+            if replica.manifest().origins.first() == Some(&self.advertise)
+                && !self.intents.contains(replica.id())
+            {
                 self.uploads.resume(replica).await;
             }
         }
     }
 
+    /// Pins the local chunks of `manifest` (once per distinct digest) and returns them.
+    fn pin_local(&self, manifest: &Manifest) -> Vec<Digest> {
+        let mut pinned: Vec<Digest> = manifest.stored_chunks().map(|(_, d)| d).collect();
+        pinned.sort();
+        pinned.dedup();
+        pinned.retain(|d| self.cache.store().pin(d));
+        pinned
+    }
+
     /// Names of the templates offered: those the store lists, and those known here.
+    /// The store's listing is asked at most once per [`LISTING_TTL`], so a client that
+    /// sends many NBD_OPT_LIST costs the store one request a second at most.
     pub async fn template_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.replicas().iter().map(|r| r.id().to_string()).collect();
-        match self.store.templates().await {
-            Ok(list) => names.extend(list.into_iter().map(|t| t.template)),
-            Err(e) => {
-                tracing::debug!(error = %e, "store unreachable; listing local templates only")
-            }
-        }
+        names.extend(self.store_listing().await);
         names.sort();
         names.dedup();
         names
     }
+
+    async fn store_listing(&self) -> Vec<String> {
+        let mut cached = self.listing.lock().await;
+        if let Some((at, names)) = &*cached {
+            if at.elapsed() < LISTING_TTL {
+                return names.clone();
+            }
+        }
+        match self.store.templates().await {
+            Ok(list) => {
+                let names: Vec<String> = list.into_iter().map(|t| t.template).collect();
+                *cached = Some((std::time::Instant::now(), names.clone()));
+                names
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "store unreachable; listing local templates only");
+                Vec::new()
+            }
+        }
+    }
 }
+
+/// How long the store's template listing is reused for NBD_OPT_LIST.
+const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(1);

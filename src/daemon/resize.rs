@@ -8,6 +8,7 @@
 //! supported; shrinking is refused.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use lazyblk_cache::manifest::{BLOCK_SIZE, MAX_TEMPLATE_SIZE};
@@ -66,7 +67,7 @@ pub struct ResizeOutcome {
 impl Node {
     /// Grows template `id` to `size` bytes as template `new_id`.
     pub async fn resize_template(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         size: u64,
         new_id: &str,
@@ -111,7 +112,7 @@ impl Node {
     }
 
     async fn resize_in(
-        &self,
+        self: &Arc<Self>,
         fuse: &Path,
         scratch: &str,
         id: &str,

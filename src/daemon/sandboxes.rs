@@ -130,6 +130,9 @@ impl Node {
     /// Deletes sandbox `id` and its overlay's files. Refused while in use, unless
     /// `force` (users then keep their open files until they close them).
     pub async fn delete_sandbox(&self, id: &str, force: bool) -> Result<(), SandboxError> {
+        // The lock that create and commit take: a delete never runs in the middle of
+        // either (a commit reading the overlay, a create of the same id).
+        let _one_at_a_time = self.creating.lock().await;
         let sandbox = self
             .sandbox(id)
             .ok_or_else(|| SandboxError::Unknown(id.to_string()))?;

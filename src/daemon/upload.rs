@@ -12,6 +12,7 @@ use futures::StreamExt;
 use lazyblk_cache::{ChunkCache, Digest};
 use serde::Serialize;
 
+use crate::daemon::intents::OriginIntents;
 use crate::daemon::node::Replica;
 use crate::store::client::StoreClient;
 
@@ -33,6 +34,8 @@ pub struct UploadStatus {
 pub struct Uploads {
     store: StoreClient,
     cache: Arc<ChunkCache>,
+    /// Commit intents, cleared when a template becomes DURABLE.
+    intents: OriginIntents,
     /// How long an upload waits before it starts (operators batch commits; tests hold
     /// uploads back to prove that peers read from the origin).
     delay: Duration,
@@ -40,10 +43,16 @@ pub struct Uploads {
 }
 
 impl Uploads {
-    pub fn new(store: StoreClient, cache: Arc<ChunkCache>, delay: Duration) -> Arc<Uploads> {
+    pub fn new(
+        store: StoreClient,
+        cache: Arc<ChunkCache>,
+        intents: OriginIntents,
+        delay: Duration,
+    ) -> Arc<Uploads> {
         Arc::new(Uploads {
             store,
             cache,
+            intents,
             delay,
             status: Mutex::new(BTreeMap::new()),
         })
@@ -76,6 +85,7 @@ impl Uploads {
             s.pending_chunks = chunks.len();
         });
         if chunks.is_empty() {
+            self.intents.clear(&id);
             return;
         }
         let this = self.clone();
@@ -88,12 +98,14 @@ impl Uploads {
     /// At start: re-pins and uploads the local chunks of `replica` (originated here)
     /// that the store still lacks.
     pub async fn resume(self: &Arc<Self>, replica: Arc<Replica>) {
-        let local: Vec<Digest> = replica
+        let mut local: Vec<Digest> = replica
             .manifest()
             .stored_chunks()
             .map(|(_, d)| d)
             .filter(|d| self.cache.store().contains(d))
             .collect();
+        local.sort();
+        local.dedup();
         let missing = match self.store.missing(&local).await {
             Ok(m) => m,
             Err(e) => {
@@ -132,6 +144,7 @@ impl Uploads {
             pending = missing;
             self.set(id, |s| s.pending_chunks = pending.len());
             if pending.is_empty() {
+                self.intents.clear(id);
                 self.set(id, |s| {
                     s.durability = "DURABLE".into();
                     s.last_error = None;

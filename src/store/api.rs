@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
+
+use crate::auth::carries;
 use lazyblk_cache::{validate_id, Digest};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -72,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/templates/{id}/trace", get(get_trace).put(put_trace))
         .route("/v1/gc", post(gc))
+        .route("/v1/scrub", post(scrub))
         .route("/v1/chunks/missing", post(missing))
         .route(
             "/v1/chunks/{digest}",
@@ -159,12 +162,7 @@ struct Tokens {
 
 impl Tokens {
     fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let matches =
-            |t: &Option<String>| matches!((given, t), (Some(g), Some(t)) if same_token(g, t));
+        let matches = |t: &Option<String>| t.as_deref().is_some_and(|t| carries(headers, t));
         let reading = method == Method::GET || method == Method::HEAD;
         if !reading && self.write.is_some() && !matches(&self.write) {
             return Err(unauthorized("writes need the store's write token"));
@@ -182,16 +180,6 @@ fn unauthorized(what: &str) -> ApiError {
         StatusCode::UNAUTHORIZED,
         format!("missing or wrong bearer token: {what}"),
     )
-}
-
-/// Compares tokens in time independent of where they differ.
-fn same_token(given: &str, expected: &str) -> bool {
-    given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
 }
 
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -407,6 +395,20 @@ async fn gc(
         deleted = report.chunks_deleted,
         bytes = report.bytes_freed,
         "gc swept unreferenced chunks"
+    );
+    Ok(Json(report))
+}
+
+/// `POST /v1/scrub`: hashes every stored chunk, deletes bad ones (a write: it needs the
+/// write token when one is set).
+async fn scrub(
+    State(state): State<AppState>,
+) -> Result<Json<lazyblk_cache::ScrubReport>, ApiError> {
+    let report = state.backend.scrub().await?;
+    tracing::info!(
+        checked = report.checked,
+        dropped = report.dropped.len(),
+        "store scrub finished"
     );
     Ok(Json(report))
 }

@@ -251,6 +251,14 @@ impl StoreClient {
         self.decode(&bytes, what)
     }
 
+    /// Asks the store to hash every chunk and delete the bad ones.
+    pub async fn scrub(&self) -> Result<lazyblk_cache::ScrubReport, StoreError> {
+        let what = "scrub";
+        let request = self.write(self.http.post(self.endpoint("/v1/scrub")));
+        let bytes = self.send(request, GC_TIMEOUT, what).await?.1;
+        self.decode(&bytes, what)
+    }
+
     fn endpoint(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }

@@ -109,8 +109,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         .local_addr()
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(store = %location, address = %local, "store listening");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
+    crate::http_server::serve(listener, api::router(state), shutdown_signal())
         .await
         .with_context(|| format!("serving on {local}"))?;
     tracing::info!("store stopped");

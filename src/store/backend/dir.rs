@@ -253,6 +253,9 @@ impl DirBackend {
     /// get a fresh mtime so a concurrent gc keeps them for the publish that asked.
     pub async fn missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, BackendError> {
         let chunks_dir = self.root.join("chunks");
+        // gc holds this lock while it sweeps: a chunk reported present here cannot be
+        // swept between its check and its touch.
+        let _no_gc = self.manifests_lock.lock().await;
         blocking(move || {
             let mut seen = HashSet::with_capacity(digests.len());
             let mut missing = Vec::new();
@@ -280,18 +283,29 @@ impl DirBackend {
         E: std::fmt::Display,
     {
         let dest = self.chunk_path(&digest);
+        let no_gc = self.manifests_lock.lock().await;
         if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-            // Read the body anyway: answering before it is read makes the client's
-            // write fail (a broken pipe) instead of letting it see the answer.
-            drain(body, MAX_CHUNK_BODY).await;
             let path = dest.clone();
-            blocking(move || {
-                touch(&path);
-                Ok(())
+            // A stored copy that fails verification is replaced by this (verified)
+            // upload: a PUT is how a damaged store is repaired.
+            let intact = blocking(move || {
+                let intact = file_digest(&path).is_ok_and(|d| d == digest);
+                if intact {
+                    touch(&path);
+                }
+                Ok(intact)
             })
             .await?;
-            return Ok(ChunkPut::Present);
+            if intact {
+                drop(no_gc);
+                // Read the body anyway: answering before it is read makes the client's
+                // write fail (a broken pipe) instead of letting it see the answer.
+                drain(body, MAX_CHUNK_BODY).await;
+                return Ok(ChunkPut::Present);
+            }
+            tracing::warn!(chunk = %digest, path = %dest.display(), "stored chunk does not match its digest; replacing it with the verified upload");
         }
+        drop(no_gc);
         let tmp = self.tmp_dir();
         let (file, temp_path) = blocking(move || {
             tempfile::NamedTempFile::new_in(&tmp)
@@ -414,6 +428,21 @@ fn sync_parent(path: &Path) -> Result<(), BackendError> {
     match path.parent() {
         Some(dir) => sync_dir(dir),
         None => Ok(()),
+    }
+}
+
+/// The sha256 of a stored file's bytes.
+pub(super) fn file_digest(path: &Path) -> io::Result<Digest> {
+    use std::io::Read;
+    let mut file = fs::File::open(path)?;
+    let mut hasher = lazyblk_cache::digest::DigestWriter::default();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buf[..n]);
     }
 }
 

@@ -31,6 +31,7 @@ mod dir;
 mod gc;
 mod object;
 mod object_gc;
+mod scrub;
 
 pub use dir::DirBackend;
 pub use object::ObjectBackend;
@@ -203,6 +204,11 @@ impl Backend {
         E: std::fmt::Display,
     {
         dispatch!(self, b => b.put_chunk(digest, body).await)
+    }
+
+    /// Hashes every stored chunk and deletes those whose bytes do not match their names.
+    pub async fn scrub(&self) -> Result<lazyblk_cache::ScrubReport, BackendError> {
+        dispatch!(self, b => b.scrub().await)
     }
 
     /// Deletes chunks no manifest references and that are older than `grace`.

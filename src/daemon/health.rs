@@ -1,0 +1,108 @@
+//! The node's own health on the HTTP API: its identity, whether its cache keeps what it
+//! fetches, and `scrub` (every cached chunk hashed, bad ones dropped and fetched again
+//! on demand), which runs in the background while `GET /v1/scrub` shows its progress.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use lazyblk_cache::ScrubReport;
+use serde::Serialize;
+
+use crate::daemon::api::{ApiError, ApiState};
+
+/// What `GET /v1/node` answers.
+#[derive(Serialize)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub advertise: String,
+    pub version: &'static str,
+    pub cache_used_bytes: u64,
+    pub cache_budget_bytes: u64,
+    pub cache_chunks: usize,
+    /// True while fetched chunks cannot be written to the cache (a full disk, say).
+    pub cache_degraded: bool,
+    pub cache_write_failures: u64,
+    pub cache_last_write_error: Option<String>,
+    /// Cached chunk files found corrupt and dropped since start.
+    pub cache_corrupt_files: u64,
+}
+
+pub async fn node_info(State(state): State<ApiState>) -> Json<NodeInfo> {
+    let node = &state.node;
+    let store = node.cache.store();
+    let health = node.cache.health();
+    Json(NodeInfo {
+        node_id: node.node_id.clone(),
+        advertise: node.advertise.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        cache_used_bytes: store.used_bytes(),
+        cache_budget_bytes: store.budget(),
+        cache_chunks: store.chunk_count(),
+        cache_degraded: health.degraded(),
+        cache_write_failures: health.write_failures(),
+        cache_last_write_error: health.last_error(),
+        cache_corrupt_files: store.corrupt_files(),
+    })
+}
+
+/// A scrub's progress, and its report once done.
+#[derive(Clone, Default, Serialize)]
+pub struct ScrubProgress {
+    pub running: bool,
+    /// Bytes hashed so far, of `total`.
+    pub done: u64,
+    pub total: u64,
+    pub report: Option<ScrubReport>,
+}
+
+/// The node's one scrub at a time.
+#[derive(Default)]
+pub struct Scrubs(Arc<Mutex<ScrubProgress>>);
+
+impl Scrubs {
+    fn get(&self) -> ScrubProgress {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// `POST /v1/scrub`: starts a scrub unless one runs.
+pub async fn start_scrub(
+    State(state): State<ApiState>,
+) -> Result<(StatusCode, Json<ScrubProgress>), ApiError> {
+    let progress = state.scrubs.0.clone();
+    {
+        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        if p.running {
+            return Ok((StatusCode::ACCEPTED, Json(p.clone())));
+        }
+        *p = ScrubProgress {
+            running: true,
+            ..ScrubProgress::default()
+        };
+    }
+    let node = state.node.clone();
+    tokio::task::spawn_blocking(move || {
+        let report = node.cache.store().scrub(|done, total| {
+            let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.done = done;
+            p.total = total;
+        });
+        tracing::info!(
+            checked = report.checked,
+            dropped = report.dropped.len(),
+            unreadable = report.unreadable.len(),
+            "scrub finished"
+        );
+        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.running = false;
+        p.report = Some(report);
+    });
+    Ok((StatusCode::ACCEPTED, Json(state.scrubs.get())))
+}
+
+/// `GET /v1/scrub`: the last scrub's progress or report.
+pub async fn scrub_status(State(state): State<ApiState>) -> Json<ScrubProgress> {
+    Json(state.scrubs.get())
+}

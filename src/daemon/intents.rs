@@ -1,0 +1,135 @@
+//! What this node owes after a crash: the templates it committed (or is committing)
+//! whose new chunks only it holds, and the node's own identity.
+//!
+//! A commit records its intent here, durably, before anyone is told the template exists
+//! (before the manifest goes to the store): `originated/<template>` beside the saved
+//! manifest. The record goes when the upload makes the template DURABLE, or when the
+//! daemon learns the manifest was never published. At start every record is settled
+//! against the store, so an upload cut off by a crash resumes whatever address the
+//! node comes back at: nothing here is keyed by the node's URL.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The directory of commit intents under the node's state directory.
+const INTENTS_DIR: &str = "originated";
+/// The file that holds the node's id.
+const NODE_ID_FILE: &str = "node-id";
+
+/// A failure to keep an intent durable.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {source}")]
+pub struct IntentError {
+    what: &'static str,
+    path: PathBuf,
+    source: io::Error,
+}
+
+/// The commit intents of this node.
+pub struct OriginIntents {
+    dir: PathBuf,
+}
+
+impl OriginIntents {
+    /// Opens (creating) the intents directory under `state_dir`.
+    pub fn open(state_dir: &Path) -> io::Result<OriginIntents> {
+        let dir = state_dir.join(INTENTS_DIR);
+        fs::create_dir_all(&dir)?;
+        Ok(OriginIntents { dir })
+    }
+
+    /// Records, durably, that this node owes the upload of `template`.
+    pub fn record(&self, template: &str) -> Result<(), IntentError> {
+        let path = self.dir.join(template);
+        let err = |what| {
+            let path = path.clone();
+            move |source| IntentError { what, path, source }
+        };
+        let mut f = fs::File::create(&path).map_err(err("creating"))?;
+        f.write_all(template.as_bytes()).map_err(err("writing"))?;
+        f.sync_all().map_err(err("syncing"))?;
+        sync_dir(&self.dir).map_err(err("syncing the directory of"))
+    }
+
+    /// Drops the record of `template` (uploaded, or never published).
+    pub fn clear(&self, template: &str) {
+        let path = self.dir.join(template);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Err(e) = sync_dir(&self.dir) {
+                    tracing::warn!(path = %path.display(), error = %e, "syncing after clearing a commit intent");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "clearing a commit intent")
+            }
+        }
+    }
+
+    /// The templates with a recorded intent.
+    pub fn list(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|id| lazyblk_cache::validate_id(id).is_ok())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Whether `template` has a recorded intent.
+    pub fn contains(&self, template: &str) -> bool {
+        self.dir.join(template).exists()
+    }
+}
+
+/// Fsyncs a directory, so that the renames and removals in it survive a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// The node's id: made once (random, 16 hex digits), kept in the state directory, so
+/// that it stays the same when the node's address changes between restarts.
+pub fn node_id(state_dir: &Path) -> io::Result<String> {
+    let path = state_dir.join(NODE_ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut bytes = [0u8; 8];
+    fs::File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes))?;
+    let id = hex::encode(bytes);
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    sync_dir(state_dir)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intents_survive_reopen_and_node_id_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let intents = OriginIntents::open(dir.path()).unwrap();
+        intents.record("t1").unwrap();
+        intents.record("t2").unwrap();
+        intents.clear("t1");
+        let again = OriginIntents::open(dir.path()).unwrap();
+        assert_eq!(again.list(), vec!["t2".to_string()]);
+        let id = node_id(dir.path()).unwrap();
+        assert_eq!(id.len(), 16);
+        assert_eq!(node_id(dir.path()).unwrap(), id);
+    }
+}

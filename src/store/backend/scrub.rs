@@ -1,0 +1,102 @@
+//! Scrub of the store: every stored chunk hashed, and the ones whose bytes do not match
+//! their names deleted, so that `missing` reports them and the next publish or upload of
+//! that content repairs the store (a PUT also replaces a bad copy it finds).
+
+use std::fs;
+use std::path::Path;
+
+use futures::TryStreamExt;
+use lazyblk_cache::{Digest, ScrubReport};
+use object_store::{ObjectMeta, ObjectStoreExt};
+
+use super::dir::{blocking, file_digest, io_err, DirBackend};
+use super::object::{object_err, ObjectBackend};
+use super::BackendError;
+
+impl DirBackend {
+    /// Hashes every chunk file; deletes the bad ones.
+    pub async fn scrub(&self) -> Result<ScrubReport, BackendError> {
+        let chunks = self.root.join("chunks");
+        blocking(move || scrub_dir(&chunks)).await
+    }
+}
+
+fn scrub_dir(chunks: &Path) -> Result<ScrubReport, BackendError> {
+    let mut report = ScrubReport::default();
+    for shard in fs::read_dir(chunks).map_err(io_err("listing", chunks))? {
+        let shard = shard.map_err(io_err("listing", chunks))?.path();
+        let Ok(files) = fs::read_dir(&shard) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            let Some(digest) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            report.checked += 1;
+            report.bytes += file.metadata().map(|m| m.len()).unwrap_or(0);
+            match file_digest(&path) {
+                Ok(actual) if actual == digest => {}
+                Ok(_) => {
+                    tracing::error!(chunk = %digest, path = %path.display(), "scrub: stored chunk does not match its digest; deleted");
+                    fs::remove_file(&path).map_err(io_err("removing", &path))?;
+                    report.dropped.push(digest.to_hex());
+                }
+                Err(e) => {
+                    tracing::error!(chunk = %digest, error = %e, "scrub: cannot read stored chunk");
+                    report.unreadable.push(digest.to_hex());
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+impl ObjectBackend {
+    /// Reads and hashes every chunk object; deletes the bad ones.
+    pub async fn scrub(&self) -> Result<ScrubReport, BackendError> {
+        let chunks_dir = self.prefix.clone().join("chunks");
+        let objects: Vec<ObjectMeta> = self
+            .store
+            .list(Some(&chunks_dir))
+            .try_collect()
+            .await
+            .map_err(object_err("listing", &chunks_dir))?;
+        let mut report = ScrubReport::default();
+        for object in objects {
+            let Some(digest) = object
+                .location
+                .filename()
+                .and_then(|n| n.parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            report.checked += 1;
+            report.bytes += object.size;
+            let body = match self.store.get(&object.location).await {
+                Ok(got) => got.bytes().await,
+                Err(e) => Err(e),
+            };
+            match body {
+                Ok(bytes) if Digest::of(&bytes) == digest => {}
+                Ok(_) => {
+                    tracing::error!(chunk = %digest, "scrub: stored chunk does not match its digest; deleted");
+                    self.store
+                        .delete(&object.location)
+                        .await
+                        .map_err(object_err("deleting", &object.location))?;
+                    report.dropped.push(digest.to_hex());
+                }
+                Err(e) => {
+                    tracing::error!(chunk = %digest, error = %e, "scrub: cannot read stored chunk");
+                    report.unreadable.push(digest.to_hex());
+                }
+            }
+        }
+        Ok(report)
+    }
+}
