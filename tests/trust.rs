@@ -290,7 +290,7 @@ fn rss(pid: u32) -> u64 {
 fn clients_that_never_read_replies_cannot_exhaust_memory() {
     let dir = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
-    let image = make_ext4(dir.path(), 8, &[("f", pattern(6 << 20, 6))]);
+    let image = make_ext4(dir.path(), 16, &[("f", pattern(6 << 20, 6))]);
     publish(&store.url(), &image, "t");
     let node = DaemonProc::start(&store.url(), &dir.path().join("cache"), &[]);
     read_export(&node, "t", dir.path());
@@ -531,7 +531,7 @@ fn corrupt(path: &Path) {
 fn corrupt_cached_chunks_are_dropped_and_fetched_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
-    let image = make_ext4(dir.path(), 8, &[("f", pattern(6 << 20, 10))]);
+    let image = make_ext4(dir.path(), 16, &[("f", pattern(6 << 20, 10))]);
     let expected = std::fs::read(&image).unwrap();
     publish(&store.url(), &image, "t");
     let cache = dir.path().join("cache");
