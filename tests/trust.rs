@@ -123,7 +123,10 @@ fn commits_killed_at_random_moments_publish_all_or_nothing() {
     let mut never = 0;
     for trial in 0..trials {
         let cache = dir.path().join(format!("cache-{trial}"));
-        let mut node = DaemonProc::start(&store.url(), &cache, &[]);
+        // Every other trial holds the upload back a little, so that kills also land
+        // between the publish and the upload.
+        let delay = if trial % 2 == 1 { "0.3" } else { "0" };
+        let mut node = DaemonProc::start(&store.url(), &cache, &["--upload-delay", delay]);
         let sb = format!("sb{trial}");
         let id = format!("next{trial}");
         sandbox_with(&node, "base", &sb, &next);

@@ -638,4 +638,62 @@ mod tests {
         store.unpin(&a);
         assert!(store.remove(&a));
     }
+
+    #[test]
+    fn a_corrupt_file_is_dropped_at_first_open_and_its_pins_survive_the_refetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, bytes) = chunk(7);
+        {
+            let store = ChunkStore::open(dir.path(), 0).unwrap();
+            store.insert(&d, &bytes).unwrap();
+        }
+        let path = dir.path().join("chunks").join(d.shard_path());
+        let mut bad = bytes.clone();
+        bad[10] ^= 0xff;
+        fs::write(&path, &bad).unwrap();
+        let store = ChunkStore::open(dir.path(), 1500).unwrap();
+        assert!(store.pin(&d), "indexed at open, before any check");
+        assert!(
+            store.get(&d).unwrap().is_none(),
+            "corrupt bytes are never handed out"
+        );
+        assert_eq!(store.corrupt_files(), 1);
+        assert!(!path.exists());
+        // Written again (refetched): the pin taken before the drop still holds.
+        store.insert(&d, &bytes).unwrap();
+        let (e, eb) = chunk(8);
+        store.insert(&e, &eb).unwrap();
+        assert!(store.contains(&d), "still pinned: not evicted over budget");
+        store.unpin(&d);
+        assert!(!store.contains(&d), "unpinned, the oldest chunk goes over budget");
+    }
+
+    #[test]
+    fn scrub_drops_what_does_not_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        let (a, ab) = chunk(1);
+        let (b, bb) = chunk(2);
+        store.insert(&a, &ab).unwrap();
+        store.insert(&b, &bb).unwrap();
+        fs::write(dir.path().join("chunks").join(b.shard_path()), b"short").unwrap();
+        let report = store.scrub(|_, _| {});
+        assert_eq!(report.checked, 2);
+        assert_eq!(report.dropped, vec![b.to_hex()]);
+        assert!(store.contains(&a) && !store.contains(&b));
+    }
+
+    #[test]
+    fn insert_pinned_pins_in_the_same_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 1000).unwrap();
+        let (a, ab) = chunk(1);
+        let (b, bb) = chunk(2);
+        store.insert_pinned(&a, &ab).unwrap();
+        store.insert(&b, &bb).unwrap();
+        assert!(
+            store.contains(&a),
+            "a pinned new chunk is never the one evicted"
+        );
+    }
 }

@@ -321,7 +321,7 @@ pub async fn serve<E: Exports>(
             Ok(accepted) => accepted,
             Err(source) => {
                 failures = failures.saturating_add(1);
-                if failures == 1 || failures % ACCEPT_FAILURES_LOGGED == 0 {
+                if failures == 1 || failures.is_multiple_of(ACCEPT_FAILURES_LOGGED) {
                     warn!(listen = %listener, failures, error = %source, "accepting a connection failed; backing off and going on");
                 }
                 let backoff = ACCEPT_BACKOFF_FIRST
@@ -340,7 +340,7 @@ pub async fn serve<E: Exports>(
         if connections.len() >= config.max_connections {
             // Closing at once tells the client more than a socket that never answers.
             refused += 1;
-            if refused == 1 || refused % 1000 == 0 {
+            if refused == 1 || refused.is_multiple_of(1000) {
                 warn!(
                     peer = accepted.peer(),
                     max_connections = config.max_connections,

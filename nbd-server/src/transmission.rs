@@ -78,6 +78,10 @@ enum End {
 
 /// Serves requests until the client disconnects, breaks the protocol, or `shutdown`
 /// fires; in-flight requests are always run to completion before this returns.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each is one part of the connection the loop owns; a struct would only rename them"
+)]
 pub async fn transmit<E, R, W>(
     session: Session<E::Export>,
     reader: R,
