@@ -521,7 +521,7 @@ fn first_cached_chunk(cache: &Path) -> std::path::PathBuf {
 }
 
 fn corrupt(path: &Path) {
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(b"BAD!", 100).unwrap();
     f.sync_all().unwrap();

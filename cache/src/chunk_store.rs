@@ -665,7 +665,10 @@ mod tests {
         store.insert(&e, &eb).unwrap();
         assert!(store.contains(&d), "still pinned: not evicted over budget");
         store.unpin(&d);
-        assert!(!store.contains(&d), "unpinned, the oldest chunk goes over budget");
+        assert!(
+            !store.contains(&d),
+            "unpinned, the oldest chunk goes over budget"
+        );
     }
 
     #[test]
