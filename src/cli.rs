@@ -139,6 +139,10 @@ pub struct DaemonArgs {
     /// Seconds one source gets to deliver one chunk before the next source is tried.
     #[arg(long, default_value = "8")]
     pub source_deadline: f64,
+    /// Seconds a demand read may take over all its attempts (every source, retries)
+    /// before it fails with EIO; keep it under the kernel NBD client's 30 s timeout.
+    #[arg(long, default_value = "20")]
+    pub read_deadline: f64,
     /// Chunks fetched at once by a background fill.
     #[arg(long, default_value = "8")]
     pub fill_concurrency: usize,

@@ -2,10 +2,14 @@
 //!
 //! Concurrent readers of one missing chunk share one fetch: the first starts it in a
 //! task of its own (so a reader that goes away does not cancel it for the others) and
-//! every reader waits for its outcome. Sources are tried in order, each within the
-//! deadline; bytes whose sha256 is not the chunk's digest are discarded, counted, logged
-//! with template, chunk index and source, and the next source is tried. Only verified
-//! bytes are written, and only written chunks are read.
+//! every reader waits for its outcome. The fetch follows the plan of [`crate::planner`]:
+//! it waits for a slot of its class (demand, prefetch, fill; a demand reader that joins
+//! promotes it), then tries the sources healthy first, each attempt within the source
+//! deadline and, for a demand read, all of them within the read's budget
+//! ([`DEFAULT_READ_BUDGET`]), after which the read fails with EIO rather than outliving
+//! the kernel client's timeout. Bytes whose sha256 is not the chunk's digest are
+//! discarded, counted, logged with template, chunk index and source, and the next
+//! source is tried. Only verified bytes are served or written.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,6 +21,8 @@ use tokio::sync::watch;
 
 use crate::chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
 use crate::digest::Digest;
+pub use crate::planner::Priority;
+use crate::planner::{FetchSlots, Promotion, SourceHealth};
 use crate::source::{Source, SourceError};
 
 /// The default time one source gets to deliver one chunk. Well under the kernel NBD
@@ -26,10 +32,15 @@ pub const DEFAULT_SOURCE_DEADLINE: Duration = Duration::from_secs(8);
 /// Passes over the source list for one demand fetch: a second pass rides out a source
 /// that restarts or drops one connection.
 const FETCH_PASSES: usize = 2;
-/// Chunks fetched at once on the node, over all readers and fills. Each holds its chunk
-/// in memory until it is written, so this bounds that memory (32 MiB at the default
-/// chunk size) and keeps a deep client queue from opening hundreds of connections.
-pub const MAX_FETCHES_IN_FLIGHT: usize = 32;
+/// Chunks fetched at once on the node, over all readers and fills: the slots of the
+/// three classes ([`crate::planner`]). Each holds its chunk in memory until it is
+/// written, so this bounds that memory (32 MiB at the default chunk size) and keeps a
+/// deep client queue from opening hundreds of connections.
+pub const MAX_FETCHES_IN_FLIGHT: usize =
+    crate::planner::DEMAND_SLOTS + crate::planner::PREFETCH_SLOTS + crate::planner::FILL_SLOTS;
+/// The default budget of one demand read for all its attempts: well under the kernel
+/// NBD client's 30 s timeout, so a guest gets EIO from us rather than a dead device.
+pub const DEFAULT_READ_BUDGET: Duration = Duration::from_secs(20);
 /// Pause between passes.
 const PASS_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -52,6 +63,14 @@ pub enum FetchError {
         index: usize,
         digest: Digest,
         errors: Vec<String>,
+    },
+    /// A demand read's budget ran out before any source delivered.
+    #[error("template {template} chunk {index} ({digest}): no source delivered it within the read's budget of {budget:?} (--read-deadline)")]
+    Deadline {
+        template: Arc<str>,
+        index: usize,
+        digest: Digest,
+        budget: Duration,
     },
     /// The chunk arrived but could not be written locally (disk full, I/O error).
     #[error("template {template} chunk {index}: {source}")]
@@ -129,27 +148,18 @@ impl Chunk {
     }
 }
 
-/// Who a fetch is for: a reader waiting now, or a background fill (whose hashing and
-/// writing run on low-priority threads, see [`crate::background`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Priority {
-    Demand,
-    Background,
-}
-
-impl Priority {
-    /// Runs blocking work (hashing, writing) at this priority.
-    async fn run<T, F>(self, f: F) -> Result<T, String>
-    where
-        F: FnOnce() -> T + Send + 'static,
-        T: Send + 'static,
-    {
-        match self {
-            Priority::Demand => tokio::task::spawn_blocking(f)
-                .await
-                .map_err(|e| e.to_string()),
-            Priority::Background => crate::background::run(f).await,
-        }
+/// Runs blocking work (hashing, writing) at `priority`: fills on the low-priority
+/// threads, the rest on tokio's blocking pool.
+async fn run_at<T, F>(priority: Priority, f: F) -> Result<T, String>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    match priority {
+        Priority::Demand | Priority::Prefetch => tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| e.to_string()),
+        Priority::Fill => crate::background::run(f).await,
     }
 }
 
@@ -169,22 +179,30 @@ enum Progress {
 
 type Outcome = Progress;
 
+/// A fetch under way: its progress, and the flag a demand reader sets when it joins.
+type InFlight = (watch::Receiver<Outcome>, Arc<Promotion>);
+
 /// The node's chunks, local and in flight.
 pub struct ChunkCache {
     store: ChunkStore,
-    /// Fetches under way, by digest; a reader that finds one here waits for it.
-    inflight: Mutex<HashMap<Digest, watch::Receiver<Outcome>>>,
+    /// Fetches under way, by digest; a reader that finds one here waits for it (and a
+    /// demand reader promotes it).
+    inflight: Mutex<HashMap<Digest, InFlight>>,
     observer: Arc<dyn FetchObserver>,
     /// How long one source gets for one chunk.
     deadline: Duration,
+    /// How long a demand read waits for all attempts together.
+    read_budget: Duration,
     /// Demand reads waiting for a fetch now; background fills yield while it is above 0.
     demand_waiting: AtomicUsize,
     /// When the last demand read arrived, in µs since `epoch`: fills slow down while
     /// readers are active, even when every read hits the cache.
     last_demand_us: AtomicU64,
     epoch: Instant,
-    /// Bounds the fetches under way (see [`MAX_FETCHES_IN_FLIGHT`]).
-    fetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Slots per class of fetch (see [`MAX_FETCHES_IN_FLIGHT`]).
+    slots: FetchSlots,
+    /// Which sources keep failing, so plans try them last.
+    health_of_sources: SourceHealth,
     /// Whether fetched chunks can be kept on disk.
     health: CacheHealth,
 }
@@ -196,12 +214,25 @@ impl ChunkCache {
             inflight: Mutex::new(HashMap::new()),
             observer,
             deadline,
+            read_budget: DEFAULT_READ_BUDGET,
             demand_waiting: AtomicUsize::new(0),
             last_demand_us: AtomicU64::new(0),
             epoch: Instant::now(),
-            fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES_IN_FLIGHT)),
+            slots: FetchSlots::default(),
+            health_of_sources: SourceHealth::default(),
             health: CacheHealth::default(),
         }
+    }
+
+    /// Sets the budget of one demand read for all its attempts.
+    pub fn with_read_budget(mut self, budget: Duration) -> Self {
+        self.read_budget = budget;
+        self
+    }
+
+    /// The health of the sources, as the planner sees it.
+    pub fn sources_health(&self) -> &SourceHealth {
+        &self.health_of_sources
     }
 
     /// Whether the cache keeps what it fetches (see [`CacheHealth`]).
@@ -238,7 +269,19 @@ impl ChunkCache {
         self.demand_waiting.fetch_add(1, Ordering::Relaxed);
         // Decrements even when the reader goes away mid-fetch.
         let _waiting = DemandGuard(&self.demand_waiting);
-        self.wait(chunk, sources, false, Priority::Demand).await
+        let waited = tokio::time::timeout(
+            self.read_budget,
+            self.wait(chunk, sources, false, Priority::Demand),
+        )
+        .await;
+        waited.unwrap_or_else(|_| {
+            Err(Arc::new(FetchError::Deadline {
+                template: chunk.template.clone(),
+                index: chunk.index,
+                digest: chunk.digest,
+                budget: self.read_budget,
+            }))
+        })
     }
 
     /// Whether a demand read arrived within `window`.
@@ -327,7 +370,10 @@ impl ChunkCache {
         priority: Priority,
     ) -> Result<watch::Receiver<Outcome>, Arc<FetchError>> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = inflight.get(&chunk.digest) {
+        if let Some((rx, promotion)) = inflight.get(&chunk.digest) {
+            if priority == Priority::Demand {
+                promotion.promote();
+            }
             return Ok(rx.clone());
         }
         // The chunk may have landed between our miss and taking the lock.
@@ -336,7 +382,11 @@ impl ChunkCache {
             return Ok(rx);
         }
         let (tx, rx) = watch::channel(Progress::Fetching);
-        inflight.insert(chunk.digest, rx.clone());
+        let promotion = Arc::new(Promotion::default());
+        if priority == Priority::Demand {
+            promotion.promote();
+        }
+        inflight.insert(chunk.digest, (rx.clone(), promotion.clone()));
         drop(inflight);
         let cache = self.clone();
         let chunk = chunk.clone();
@@ -348,8 +398,13 @@ impl ChunkCache {
                 cache: &cache,
                 digest: chunk.digest,
             };
-            // The semaphore is never closed, so acquiring only waits.
-            let _slot = cache.fetch_slots.clone().acquire_owned().await.ok();
+            let _slot = cache.slots.acquire(priority, &promotion).await;
+            // A fetch a demand reader joined is demand work from now on.
+            let priority = if promotion.is_promoted() {
+                Priority::Demand
+            } else {
+                priority
+            };
             // Readers see the verified bytes at once; the fetch stays registered until
             // the file is written, so a later reader joins it instead of fetching again.
             let progress = match cache.fetch_verified(&chunk, &sources, priority).await {
@@ -380,23 +435,47 @@ impl ChunkCache {
         sources: &[Source],
         priority: Priority,
     ) -> Result<Bytes, FetchError> {
+        // A demand read's attempts share one budget; background work has none (each
+        // attempt still has the source deadline).
+        let budget_ends = (priority == Priority::Demand).then(|| Instant::now() + self.read_budget);
         let mut errors = Vec::new();
-        for pass in 0..FETCH_PASSES {
+        'passes: for pass in 0..FETCH_PASSES {
             if pass > 0 {
                 tokio::time::sleep(PASS_BACKOFF).await;
             }
-            for source in sources {
-                match self.fetch_from(chunk, source, priority).await {
-                    Ok(Some(bytes)) => return Ok(bytes),
-                    Ok(None) => errors.push(format!("{}: digest mismatch", source.name())),
+            for source in self.health_of_sources.plan(sources) {
+                let attempt = match budget_ends {
+                    Some(end) => {
+                        let left = end.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            errors.push(format!(
+                                "the read's budget of {:?} is spent",
+                                self.read_budget
+                            ));
+                            break 'passes;
+                        }
+                        left.min(self.deadline)
+                    }
+                    None => self.deadline,
+                };
+                match self.fetch_from(chunk, source, priority, attempt).await {
+                    Ok(Some(bytes)) => {
+                        self.health_of_sources.succeeded(source.name());
+                        return Ok(bytes);
+                    }
+                    Ok(None) => {
+                        self.health_of_sources.failed(source.name());
+                        errors.push(format!("{}: digest mismatch", source.name()));
+                    }
                     Err(e) => {
+                        self.health_of_sources.failed(source.name());
                         self.observer.source_failed(chunk, source.name(), &e);
                         tracing::warn!(template = %chunk.template, chunk = chunk.index,
                             source = source.name(), error = %e, "chunk fetch failed");
                         let transient = e.is_transient();
                         errors.push(e.to_string());
                         if !transient && sources.len() == 1 {
-                            break;
+                            break 'passes;
                         }
                     }
                 }
@@ -419,22 +498,20 @@ impl ChunkCache {
         chunk: &ChunkRef,
         source: &Source,
         priority: Priority,
+        deadline: Duration,
     ) -> Result<Option<Bytes>, SourceError> {
         let started = Instant::now();
-        let bytes = source
-            .fetch(&chunk.digest, chunk.len, self.deadline)
-            .await?;
+        let bytes = source.fetch(&chunk.digest, chunk.len, deadline).await?;
         let digest = chunk.digest;
-        let (bytes, actual) = priority
-            .run(move || {
-                let actual = Digest::of(&bytes);
-                (bytes, actual)
-            })
-            .await
-            .map_err(|e| SourceError::Unreachable {
-                source_name: source.name().to_string(),
-                detail: format!("hashing task failed: {e}"),
-            })?;
+        let (bytes, actual) = run_at(priority, move || {
+            let actual = Digest::of(&bytes);
+            (bytes, actual)
+        })
+        .await
+        .map_err(|e| SourceError::Unreachable {
+            source_name: source.name().to_string(),
+            detail: format!("hashing task failed: {e}"),
+        })?;
         if actual != digest {
             self.observer.corrupt(chunk, source.name());
             tracing::error!(template = %chunk.template, chunk = chunk.index,
@@ -456,8 +533,7 @@ impl ChunkCache {
         let digest = chunk.digest;
         let cache = self.clone();
         // The write fsyncs; keep it off the runtime threads.
-        let written = priority
-            .run(move || cache.store.insert(&digest, &bytes))
+        let written = run_at(priority, move || cache.store.insert(&digest, &bytes))
             .await
             .unwrap_or_else(|e| {
                 Err(ChunkStoreError::Write {

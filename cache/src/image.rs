@@ -205,7 +205,7 @@ impl TemplateImage {
         let sources = self.sources.clone();
         tokio::spawn(async move {
             // Failures are logged by the cache; a later demand read retries.
-            let _ = cache.fetch(&c, &sources, Priority::Demand).await;
+            let _ = cache.fetch(&c, &sources, Priority::Prefetch).await;
         });
     }
 

@@ -7,8 +7,10 @@
 //! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
 //!   eviction, pins.
 //! - [`source`]: where missing chunks come from (origin nodes and the store, over HTTP).
-//! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, verification
-//!   against the digest, failover between sources.
+//! - [`planner`]: the fetch plan's policies: slots per priority (demand, prefetch,
+//!   fill; demand first) and source health (a failing source is tried last for a while).
+//! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, run by the plan,
+//!   within per-attempt deadlines and a demand read's budget, verified against the digest.
 //! - [`background`]: low-priority threads for the work of background fills.
 //! - [`readahead`]: which chunks to fetch ahead of sequential readers.
 //! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
@@ -30,6 +32,7 @@ pub mod fetch;
 pub mod image;
 pub mod manifest;
 pub mod overlay;
+pub mod planner;
 pub mod readahead;
 pub mod source;
 
@@ -37,7 +40,7 @@ pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError, ScrubReport};
 pub use digest::Digest;
 pub use fetch::{
     CacheHealth, Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, Priority,
-    DEFAULT_SOURCE_DEADLINE,
+    DEFAULT_READ_BUDGET, DEFAULT_SOURCE_DEADLINE,
 };
 pub use image::{ImageExtent, ReadError, TemplateImage};
 pub use manifest::{validate_id, Manifest, ManifestError};

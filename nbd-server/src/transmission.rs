@@ -289,7 +289,8 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
             .map_err(|source| io_error("skipping a refused write payload", source))
     }
 
-    /// Runs `op` in its own task, which queues the reply when done.
+    /// Runs `op`, inline when it is a read the export answers at once, else in its own
+    /// task, which queues the reply when done.
     fn start(
         &mut self,
         header: RequestHeader,
@@ -304,6 +305,7 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
             replies: self.replies.clone(),
             permits: Some(permits),
         };
+        let op_kind = OpKind::of(&op);
         let shared = Arc::clone(&self.shared);
         let mut request = Box::pin(async move {
             let (reply, ok) = shared.run(header.cookie, op, payload).await;
@@ -315,9 +317,15 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
             }
             pending.finish(reply).await;
         });
-        // A request the export answers at once (a cached read) is finished here, without
-        // a task of its own: no spawn, no wake-up on another thread. One that waits (a
-        // fetch, a flush) goes on in its own task, which polls it again with a real waker.
+        // A read the export answers at once (a cached read) is finished here, without a
+        // task of its own: no spawn, no wake-up on another thread. One that waits (a
+        // fetch) goes on in its own task, which polls it again with a real waker. Writes,
+        // flushes and the other changes always get their own task: they may block on
+        // disk (an fdatasync), and the socket must go on being read meanwhile.
+        if !matches!(op_kind, OpKind::Query) {
+            self.tasks.spawn(request);
+            return;
+        }
         let mut cx = Context::from_waker(Waker::noop());
         match panic::catch_unwind(AssertUnwindSafe(|| request.as_mut().poll(&mut cx))) {
             Ok(Poll::Ready(())) => {}
@@ -434,6 +442,22 @@ impl<E: Exports> Shared<E> {
                     false,
                 )
             }
+        }
+    }
+}
+
+/// Whether a request only reads (and may finish inline) or changes the export.
+#[derive(Clone, Copy)]
+enum OpKind {
+    Query,
+    Change,
+}
+
+impl OpKind {
+    fn of(op: &Op) -> OpKind {
+        match op {
+            Op::Read { .. } | Op::BlockStatus { .. } | Op::Cache { .. } => OpKind::Query,
+            _ => OpKind::Change,
         }
     }
 }

@@ -115,7 +115,7 @@ impl NodeExport {
         match self {
             NodeExport::Template(_) => Ok(()),
             NodeExport::Overlay { sandbox, .. } => {
-                sandbox.overlay.flush().await.map_err(overlay_error)
+                sandbox.overlay.flush_shared().await.map_err(overlay_error)
             }
         }
     }

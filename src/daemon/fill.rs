@@ -436,7 +436,7 @@ async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), Strin
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
-        match replica.image.fetch_chunk(index, Priority::Background).await {
+        match replica.image.fetch_chunk(index, Priority::Fill).await {
             Ok(_) => return Ok(()),
             Err(e) if attempt >= MAX_CHUNK_ATTEMPTS => {
                 return Err(format!("after {attempt} tries: {e}"));

@@ -67,7 +67,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening the chunk cache at {}", args.cache.display()))?;
     let metrics = Arc::new(DaemonMetrics::new());
     let deadline = Duration::from_secs_f64(args.source_deadline.max(0.1));
-    let cache = Arc::new(ChunkCache::new(chunk_store, metrics.clone(), deadline));
+    let read_budget = Duration::from_secs_f64(args.read_deadline.max(0.1));
+    let cache = Arc::new(
+        ChunkCache::new(chunk_store, metrics.clone(), deadline).with_read_budget(read_budget),
+    );
     let store = StoreClient::new(
         &args.store,
         args.write_token.clone(),

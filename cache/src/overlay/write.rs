@@ -48,6 +48,7 @@ impl Overlay {
     /// Writes `data` at `offset`; with `fua`, durably (a flush) before returning.
     pub async fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), OverlayError> {
         let end = self.check_range("write", offset, data.len() as u64)?;
+        self.fetch_edges(offset, end).await;
         {
             let _writing = self.freeze.read().await;
             let mut pos = offset;
@@ -92,6 +93,7 @@ impl Overlay {
         fua: bool,
     ) -> Result<(), OverlayError> {
         let end = self.check_range(op, offset, len)?;
+        self.fetch_edges(offset, end).await;
         {
             let _writing = self.freeze.read().await;
             let mut pos = offset;
@@ -113,6 +115,21 @@ impl Overlay {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Brings the template's bytes of the partial blocks at the edges of `[offset, end)`
+    /// into the chunk cache before the freeze lock is taken, so that the lock (which a
+    /// commit waits for) is never held across a network fetch. Errors are left to the
+    /// locked read-modify-write, which reports them.
+    async fn fetch_edges(&self, offset: u64, end: u64) {
+        let mut scratch = [0u8; BLOCK];
+        for pos in [offset, end.saturating_sub(1)] {
+            let block = pos / BLOCK_SIZE;
+            let partial = offset > block * BLOCK_SIZE || end < (block + 1) * BLOCK_SIZE;
+            if partial && self.map.get(block) == BlockState::Base {
+                let _ = self.base.read_at(block * BLOCK_SIZE, &mut scratch).await;
+            }
+        }
     }
 
     /// Writes whole blocks `src` at block-aligned `offset`, one window at a time.
@@ -218,6 +235,19 @@ impl Overlay {
     /// in this order).
     pub async fn flush(&self) -> Result<(), OverlayError> {
         blocking(|| self.flush_blocking())
+    }
+
+    /// [`Overlay::flush`] on tokio's blocking pool: the calling task (and the thread it
+    /// runs on) goes on with other work while the data and the map are synced.
+    pub async fn flush_shared(self: &std::sync::Arc<Self>) -> Result<(), OverlayError> {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.flush_blocking()).await {
+            Ok(result) => result,
+            Err(e) => Err(OverlayError::SyncFailed {
+                sandbox: self.sandbox.clone(),
+                path: self.dir.join(format!("(flush task: {e})")),
+            }),
+        }
     }
 
     fn flush_blocking(&self) -> Result<(), OverlayError> {
