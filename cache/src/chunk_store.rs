@@ -80,6 +80,59 @@ impl ChunkFile {
             })
     }
 
+    /// Reads `buf.len()` bytes at `offset` from the page cache only: `Ok(false)` (and
+    /// `buf` in an unspecified state) when that would wait for the disk.
+    pub fn read_at_nowait(&self, offset: u64, buf: &mut [u8]) -> Result<bool, ChunkStoreError> {
+        use std::os::fd::AsRawFd;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let iov = libc::iovec {
+                iov_base: buf[done..].as_mut_ptr().cast(),
+                iov_len: buf.len() - done,
+            };
+            // SAFETY: one iovec over the unread tail of `buf`, which outlives the call.
+            let n = unsafe {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as libc::off_t,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Ok(false),
+                _ => {
+                    let err = io::Error::last_os_error();
+                    return match err.raw_os_error() {
+                        // Not resident, or a kernel or file system without RWF_NOWAIT.
+                        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+                            Ok(false)
+                        }
+                        Some(libc::EINTR) => continue,
+                        _ => Err(ChunkStoreError::Read {
+                            digest: self.digest,
+                            source: err,
+                        }),
+                    };
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// A file handle of its own on the chunk (a `dup`), for streaming it out; the chunk
+    /// stays protected from eviction only while this `ChunkFile` lives.
+    pub fn try_clone_file(&self) -> Result<File, ChunkStoreError> {
+        self.file
+            .try_clone()
+            .map_err(|source| ChunkStoreError::Read {
+                digest: self.digest,
+                source,
+            })
+    }
+
     /// The whole chunk.
     pub fn read_all(&self) -> Result<Vec<u8>, ChunkStoreError> {
         let mut buf = vec![0u8; self.len as usize];

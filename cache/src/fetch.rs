@@ -118,9 +118,16 @@ pub enum Chunk {
 
 impl Chunk {
     /// Reads `buf.len()` bytes at `offset` within the chunk.
+    /// A file read tries the page cache first and blocks (off the runtime's hands)
+    /// only when it must (see [`crate::blocking`]).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ChunkStoreError> {
         match self {
-            Chunk::File(f) => f.read_at(offset, buf),
+            Chunk::File(f) => {
+                if f.read_at_nowait(offset, buf)? {
+                    return Ok(());
+                }
+                crate::blocking::blocking(|| f.read_at(offset, buf))
+            }
             Chunk::Verified { digest, bytes } => {
                 let start = offset as usize;
                 let piece =
@@ -244,6 +251,12 @@ impl ChunkCache {
         &self.store
     }
 
+    /// A local chunk to serve to a peer, verified (a file this daemon did not write is
+    /// hashed on its first open); `None` if it is not here.
+    pub fn open_for_peer(&self, digest: &Digest) -> Result<Option<ChunkFile>, ChunkStoreError> {
+        self.store.get(digest)
+    }
+
     /// Whether a fetch of `digest` is under way.
     pub fn is_fetching(&self, digest: &Digest) -> bool {
         self.inflight
@@ -265,7 +278,6 @@ impl ChunkCache {
             self.observer.hit(&chunk.template);
             return Ok(Chunk::File(file));
         }
-        self.observer.miss(&chunk.template);
         self.demand_waiting.fetch_add(1, Ordering::Relaxed);
         // Decrements even when the reader goes away mid-fetch.
         let _waiting = DemandGuard(&self.demand_waiting);
@@ -274,6 +286,9 @@ impl ChunkCache {
             self.wait(chunk, sources, false, Priority::Demand),
         )
         .await;
+        // Counted when the wait ends, not when it starts: a frontend may drop a read
+        // that would wait and ask again from a task of its own (see lazyblk-nbd).
+        self.observer.miss(&chunk.template);
         waited.unwrap_or_else(|_| {
             Err(Arc::new(FetchError::Deadline {
                 template: chunk.template.clone(),

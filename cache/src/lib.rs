@@ -12,6 +12,11 @@
 //! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, run by the plan,
 //!   within per-attempt deadlines and a demand read's budget, verified against the digest.
 //! - [`background`]: low-priority threads for the work of background fills.
+//! - [`blocking`]: the one policy for blocking I/O from async code: cached chunk reads
+//!   try the page cache without blocking (`RWF_NOWAIT`) and block through
+//!   `block_in_place` only when they must; work on borrowed buffers (overlay I/O) goes
+//!   through `block_in_place`; work that owns its data (hashing, writing, fsyncs,
+//!   scrub) goes to `spawn_blocking`, or for fills to the low-priority threads.
 //! - [`readahead`]: which chunks to fetch ahead of sequential readers.
 //! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
 //! - [`overlay`]: a sandbox's [`Overlay`], its copy-on-write layer over a template image
@@ -26,6 +31,7 @@
 //! template image. Nothing here knows NBD or FUSE.
 
 pub mod background;
+pub mod blocking;
 pub mod chunk_store;
 pub mod digest;
 pub mod fetch;

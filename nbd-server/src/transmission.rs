@@ -305,42 +305,38 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
             replies: self.replies.clone(),
             permits: Some(permits),
         };
-        let op_kind = OpKind::of(&op);
-        let shared = Arc::clone(&self.shared);
-        let mut request = Box::pin(async move {
-            let (reply, ok) = shared.run(header.cookie, op, payload).await;
-            if let Some(command) = Command::from_wire(header.kind) {
-                let bytes = u64::from(header.length);
-                shared
-                    .exports
-                    .observe(command, bytes, started.elapsed(), ok);
+        // A query the export answers at once (a cached read) is finished here: no task,
+        // no box, no wake-up on another thread. A query changes nothing, so one that
+        // would wait (a fetch) is dropped half-way and run again in its own task (a
+        // fetch it started goes on by itself). Writes, flushes and the other changes
+        // always get their own task: they may block on disk (an fdatasync), and the
+        // socket must go on being read meanwhile.
+        if matches!(OpKind::of(&op), OpKind::Query) {
+            let attempt = std::pin::pin!(self.shared.run(header.cookie, op, None));
+            let mut cx = Context::from_waker(Waker::noop());
+            match panic::catch_unwind(AssertUnwindSafe(|| attempt.poll(&mut cx))) {
+                Ok(Poll::Ready((reply, ok))) => {
+                    self.shared.observe(&header, started, ok);
+                    pending.finish_now(reply);
+                    return;
+                }
+                Ok(Poll::Pending) => {}
+                Err(_) => {
+                    // Dropping the request answers the client with EIO (see `Pending`).
+                    error!(
+                        peer = self.peer,
+                        "a request panicked; the client got NBD_EIO"
+                    );
+                    return;
+                }
             }
+        }
+        let shared = Arc::clone(&self.shared);
+        self.tasks.spawn(async move {
+            let (reply, ok) = shared.run(header.cookie, op, payload).await;
+            shared.observe(&header, started, ok);
             pending.finish(reply).await;
         });
-        // A read the export answers at once (a cached read) is finished here, without a
-        // task of its own: no spawn, no wake-up on another thread. One that waits (a
-        // fetch) goes on in its own task, which polls it again with a real waker. Writes,
-        // flushes and the other changes always get their own task: they may block on
-        // disk (an fdatasync), and the socket must go on being read meanwhile.
-        if !matches!(op_kind, OpKind::Query) {
-            self.tasks.spawn(request);
-            return;
-        }
-        let mut cx = Context::from_waker(Waker::noop());
-        match panic::catch_unwind(AssertUnwindSafe(|| request.as_mut().poll(&mut cx))) {
-            Ok(Poll::Ready(())) => {}
-            Ok(Poll::Pending) => {
-                self.tasks.spawn(request);
-            }
-            Err(_) => {
-                // Dropping the request answers the client with EIO (see `Pending`).
-                error!(
-                    peer = self.peer,
-                    "a request panicked; the client got NBD_EIO"
-                );
-                drop(request);
-            }
-        }
     }
 
     /// Answers a request that failed its checks with an error; `Some` if the writer is gone.
@@ -383,6 +379,14 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
 }
 
 impl<E: Exports> Shared<E> {
+    /// Reports a finished request to [`Exports::observe`].
+    fn observe(&self, header: &RequestHeader, started: Instant, ok: bool) {
+        if let Some(command) = Command::from_wire(header.kind) {
+            let bytes = u64::from(header.length);
+            self.exports.observe(command, bytes, started.elapsed(), ok);
+        }
+    }
+
     /// Runs one checked request against the export; the reply and whether it succeeded.
     async fn run(&self, cookie: u64, op: Op, payload: Option<PooledBuffer>) -> (Reply, bool) {
         let export = &*self.export;
@@ -473,6 +477,13 @@ struct Pending {
 }
 
 impl Pending {
+    /// Queues the reply without waiting: there is always room (see `Drop`).
+    fn finish_now(mut self, reply: Reply) {
+        if let Some(permits) = self.permits.take() {
+            let _ = self.replies.try_send(reply.holding(permits));
+        }
+    }
+
     async fn finish(mut self, reply: Reply) {
         if let Some(permits) = self.permits.take() {
             // A closed channel means the writer is gone; the reply is dropped with it.

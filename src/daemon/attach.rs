@@ -9,15 +9,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
 use lazyblk_nbd::kernel::{self, Connection, Device, KernelError};
 use lazyblk_nbd::{Command, Exports, OpenError, ServerConfig};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::daemon::api::{ApiError, ApiState, EvictQuery};
 use crate::daemon::exports::{NbdExports, NodeExport};
 use crate::daemon::node::{Node, NodeError};
 use crate::daemon::state::now_rfc3339;
@@ -362,58 +359,6 @@ impl Exports for KernelExports {
     fn observe(&self, command: Command, bytes: u64, elapsed: Duration, ok: bool) {
         self.0.observe(command, bytes, elapsed, ok)
     }
-}
-
-/// Body of `POST /v1/attachments`.
-#[derive(Deserialize)]
-pub struct AttachBody {
-    /// A template id or sandbox id.
-    pub export: String,
-    /// `/dev/nbdN` or `nbdN`; the first free device when absent.
-    pub device: Option<String>,
-}
-
-/// `POST /v1/attachments`.
-pub async fn create(
-    State(state): State<ApiState>,
-    Json(body): Json<AttachBody>,
-) -> Result<(StatusCode, Json<AttachmentStatus>), ApiError> {
-    // In its own task: a client that goes away mid-attach must not leave a device the
-    // kernel has connected without a record here to detach it by.
-    let attachments = state.attachments.clone();
-    let status = tokio::spawn(async move {
-        attachments
-            .attach(&body.export, body.device.as_deref())
-            .await
-    })
-    .await
-    .map_err(|e| AttachError::Task {
-        what: "the attach request".into(),
-        detail: e.to_string(),
-    })??;
-    Ok((StatusCode::CREATED, Json(status)))
-}
-
-/// `GET /v1/attachments`.
-pub async fn list(State(state): State<ApiState>) -> Json<Vec<AttachmentStatus>> {
-    Json(state.attachments.list())
-}
-
-/// `DELETE /v1/attachments/{device}` (`nbdN`), `?force=true` to detach a mounted one.
-pub async fn remove(
-    State(state): State<ApiState>,
-    Path(device): Path<String>,
-    Query(query): Query<EvictQuery>,
-) -> Result<Json<AttachmentStatus>, ApiError> {
-    // In its own task, like an attach: a detach that has begun runs to the end.
-    let attachments = state.attachments.clone();
-    let status = tokio::spawn(async move { attachments.detach(&device, query.force).await })
-        .await
-        .map_err(|e| AttachError::Task {
-            what: "the detach request".into(),
-            detail: e.to_string(),
-        })??;
-    Ok(Json(status))
 }
 
 #[cfg(test)]

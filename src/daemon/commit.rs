@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use lazyblk_cache::{validate_id, Digest, Manifest, Priority};
 use serde::Serialize;
 
+use crate::daemon::intents::Settled;
 use crate::daemon::node::{Node, NodeError};
 use crate::daemon::sandboxes::{Sandbox, SandboxError};
 use crate::daemon::state::now_rfc3339;
@@ -332,16 +333,6 @@ impl Node {
 
 /// How often an unsettled commit asks the store again.
 const SETTLE_RETRY: Duration = Duration::from_secs(2);
-
-/// What the store says of a commit this node intended to publish.
-pub enum Settled {
-    /// The store has this node's manifest: the upload is owed.
-    Published,
-    /// The store does not have it (or has other content): it was never published.
-    NotPublished(&'static str),
-    /// The store could not be asked.
-    Unknown(String),
-}
 
 /// The chunks of a commit, built from the frozen overlay.
 struct Built {

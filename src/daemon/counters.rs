@@ -28,13 +28,14 @@ pub struct TemplateLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabel {
-    pub command: String,
-    pub result: String,
+    /// Static strings: building a label costs no allocation on the hot path.
+    pub command: &'static str,
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandOnly {
-    pub command: String,
+    pub command: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -192,18 +193,15 @@ impl DaemonMetrics {
         m
     }
 
-    /// Records one finished NBD request.
-    pub fn nbd_request(&self, command: &str, bytes: u64, elapsed: Duration, ok: bool) {
+    /// Records one finished request of a frontend; `command` is the NBD command's name,
+    /// or `fuse_read` / `fuse_write` for the FUSE files. No allocation once a label
+    /// has been seen.
+    pub fn nbd_request(&self, command: &'static str, bytes: u64, elapsed: Duration, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.nbd_requests
-            .get_or_create(&CommandLabel {
-                command: command.to_string(),
-                result: result.to_string(),
-            })
+            .get_or_create(&CommandLabel { command, result })
             .inc();
-        let only = CommandOnly {
-            command: command.to_string(),
-        };
+        let only = CommandOnly { command };
         self.nbd_seconds
             .get_or_create(&only)
             .observe(elapsed.as_secs_f64());

@@ -194,25 +194,42 @@ impl lazyblk_nbd::Export for NodeExport {
     }
 }
 
-impl lazyblk_fuse::File for NodeExport {
+/// A FUSE file: an export, and the metrics its reads and writes are counted in (as
+/// `fuse_read` and `fuse_write` beside the NBD commands).
+pub struct FuseFile {
+    export: NodeExport,
+    metrics: Arc<crate::daemon::counters::DaemonMetrics>,
+}
+
+impl lazyblk_fuse::File for FuseFile {
     fn size(&self) -> u64 {
-        NodeExport::size(self)
+        self.export.size()
     }
 
     fn writable(&self) -> bool {
-        !self.read_only()
+        !self.export.read_only()
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        NodeExport::read(self, offset, buf).await
+        let started = std::time::Instant::now();
+        let result = self.export.read(offset, buf).await;
+        let ok = result.is_ok();
+        self.metrics
+            .nbd_request("fuse_read", buf.len() as u64, started.elapsed(), ok);
+        result
     }
 
     async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        NodeExport::write(self, offset, data, false).await
+        let started = std::time::Instant::now();
+        let result = self.export.write(offset, data, false).await;
+        let ok = result.is_ok();
+        self.metrics
+            .nbd_request("fuse_write", data.len() as u64, started.elapsed(), ok);
+        result
     }
 
     async fn flush(&self) -> io::Result<()> {
-        NodeExport::flush(self).await
+        self.export.flush().await
     }
 }
 
@@ -274,7 +291,7 @@ pub struct FuseFiles {
 }
 
 impl lazyblk_fuse::Files for FuseFiles {
-    type File = NodeExport;
+    type File = FuseFile;
 
     fn list(&self, folder: Folder) -> Vec<String> {
         match folder {
@@ -293,7 +310,7 @@ impl lazyblk_fuse::Files for FuseFiles {
         }
     }
 
-    fn open(&self, folder: Folder, name: &str) -> Option<Arc<NodeExport>> {
+    fn open(&self, folder: Folder, name: &str) -> Option<Arc<FuseFile>> {
         let export = match folder {
             Folder::Templates => {
                 let replica = self.node.known(name)?;
@@ -308,6 +325,9 @@ impl lazyblk_fuse::Files for FuseFiles {
                 }
             }
         };
-        Some(Arc::new(export))
+        Some(Arc::new(FuseFile {
+            export,
+            metrics: self.node.metrics.clone(),
+        }))
     }
 }

@@ -16,7 +16,8 @@ use lazyblk_cache::Priority;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::daemon::node::{Node, NodeError, Replica};
+use crate::daemon::node::{Node, NodeError};
+use crate::daemon::replica::Replica;
 use crate::daemon::state::{now_rfc3339, Phase, ReplicaRecord, StateDb};
 
 /// Tries per chunk before the fill gives up and the replica is FAILED. With the
@@ -44,24 +45,6 @@ pub struct FillConfig {
     pub concurrency: usize,
     /// Bytes per second over all fills; 0 for no cap.
     pub rate: u64,
-}
-
-/// A replica's fill state, kept with the replica and saved in the state database.
-#[derive(Default)]
-pub struct FillState {
-    pub phase: Option<Phase>,
-    pub last_error: Option<String>,
-    pub last_error_at: Option<String>,
-    /// Set to stop the running fill (evict, shutdown).
-    cancel: Option<Arc<AtomicBool>>,
-    /// The replica's chunks are pinned (READY): unpinned on evict.
-    pinned: bool,
-}
-
-impl FillState {
-    pub fn phase(&self) -> Phase {
-        self.phase.unwrap_or(Phase::Pending)
-    }
 }
 
 /// Why a warm or evict was refused.

@@ -4,13 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::Json;
 use lazyblk_cache::ScrubReport;
 use serde::Serialize;
 
-use crate::daemon::api::{ApiError, ApiState};
+use crate::daemon::node::Node;
 
 /// What `GET /v1/node` answers.
 #[derive(Serialize)]
@@ -29,22 +26,23 @@ pub struct NodeInfo {
     pub cache_corrupt_files: u64,
 }
 
-pub async fn node_info(State(state): State<ApiState>) -> Json<NodeInfo> {
-    let node = &state.node;
-    let store = node.cache.store();
-    let health = node.cache.health();
-    Json(NodeInfo {
-        node_id: node.node_id.clone(),
-        advertise: node.advertise.clone(),
-        version: env!("CARGO_PKG_VERSION"),
-        cache_used_bytes: store.used_bytes(),
-        cache_budget_bytes: store.budget(),
-        cache_chunks: store.chunk_count(),
-        cache_degraded: health.degraded(),
-        cache_write_failures: health.write_failures(),
-        cache_last_write_error: health.last_error(),
-        cache_corrupt_files: store.corrupt_files(),
-    })
+impl NodeInfo {
+    pub fn of(node: &Node) -> NodeInfo {
+        let store = node.cache.store();
+        let health = node.cache.health();
+        NodeInfo {
+            node_id: node.node_id.clone(),
+            advertise: node.advertise.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            cache_used_bytes: store.used_bytes(),
+            cache_budget_bytes: store.budget(),
+            cache_chunks: store.chunk_count(),
+            cache_degraded: health.degraded(),
+            cache_write_failures: health.write_failures(),
+            cache_last_write_error: health.last_error(),
+            cache_corrupt_files: store.corrupt_files(),
+        }
+    }
 }
 
 /// A scrub's progress, and its report once done.
@@ -62,47 +60,40 @@ pub struct ScrubProgress {
 pub struct Scrubs(Arc<Mutex<ScrubProgress>>);
 
 impl Scrubs {
-    fn get(&self) -> ScrubProgress {
+    /// The last scrub's progress or report.
+    pub fn get(&self) -> ScrubProgress {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-}
 
-/// `POST /v1/scrub`: starts a scrub unless one runs.
-pub async fn start_scrub(
-    State(state): State<ApiState>,
-) -> Result<(StatusCode, Json<ScrubProgress>), ApiError> {
-    let progress = state.scrubs.0.clone();
-    {
-        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-        if p.running {
-            return Ok((StatusCode::ACCEPTED, Json(p.clone())));
-        }
-        *p = ScrubProgress {
-            running: true,
-            ..ScrubProgress::default()
-        };
-    }
-    let node = state.node.clone();
-    tokio::task::spawn_blocking(move || {
-        let report = node.cache.store().scrub(|done, total| {
+    /// Starts a scrub of `node`'s cache unless one runs; returns the progress.
+    pub fn start(&self, node: Arc<Node>) -> ScrubProgress {
+        let progress = self.0.clone();
+        {
             let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-            p.done = done;
-            p.total = total;
+            if p.running {
+                return p.clone();
+            }
+            *p = ScrubProgress {
+                running: true,
+                ..ScrubProgress::default()
+            };
+        }
+        tokio::task::spawn_blocking(move || {
+            let report = node.cache.store().scrub(|done, total| {
+                let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                p.done = done;
+                p.total = total;
+            });
+            tracing::info!(
+                checked = report.checked,
+                dropped = report.dropped.len(),
+                unreadable = report.unreadable.len(),
+                "scrub finished"
+            );
+            let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.running = false;
+            p.report = Some(report);
         });
-        tracing::info!(
-            checked = report.checked,
-            dropped = report.dropped.len(),
-            unreadable = report.unreadable.len(),
-            "scrub finished"
-        );
-        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-        p.running = false;
-        p.report = Some(report);
-    });
-    Ok((StatusCode::ACCEPTED, Json(state.scrubs.get())))
-}
-
-/// `GET /v1/scrub`: the last scrub's progress or report.
-pub async fn scrub_status(State(state): State<ApiState>) -> Json<ScrubProgress> {
-    Json(state.scrubs.get())
+        self.get()
+    }
 }

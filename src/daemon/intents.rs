@@ -115,6 +115,16 @@ pub fn node_id(state_dir: &Path) -> io::Result<String> {
     Ok(id)
 }
 
+/// What the store says of a commit this node intended to publish.
+pub enum Settled {
+    /// The store has this node's manifest: the upload is owed.
+    Published,
+    /// The store does not have it (or has other content): it was never published.
+    NotPublished(&'static str),
+    /// The store could not be asked.
+    Unknown(String),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@
 //!   durable record of what a commit owes after a crash, and the node's id.
 //! - [`resize`]: a template grown into a new one (e2fsck and resize2fs on a scratch
 //!   overlay, then a commit).
+//! - [`replica`]: a replica of a template and a sandbox, the values the owners keep.
 //! - [`registry`]: the id-to-object maps of replicas and sandboxes.
 //! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
@@ -30,6 +31,7 @@ pub mod health;
 pub mod intents;
 pub mod node;
 pub mod registry;
+pub mod replica;
 pub mod resize;
 pub mod sandboxes;
 pub mod state;

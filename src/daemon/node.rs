@@ -6,16 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use lazyblk_cache::{ChunkCache, Digest, HttpSource, Manifest, Source, TemplateImage};
 
-use crate::daemon::commit::Settled;
 use crate::daemon::counters::DaemonMetrics;
-use crate::daemon::fill::FillState;
-use crate::daemon::intents::{node_id, sync_dir, OriginIntents};
+use crate::daemon::intents::{node_id, sync_dir, OriginIntents, Settled};
 use crate::daemon::registry::Registry;
-use crate::daemon::sandboxes::Sandbox;
-use crate::daemon::state::Phase;
+pub use crate::daemon::replica::{FillState, Lease, Replica, Sandbox};
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
 use crate::daemon::upload::Uploads;
-use crate::daemon::users::{UserLease, Users};
 use crate::store::client::StoreClient;
 
 /// Why a template could not be served.
@@ -40,79 +36,6 @@ pub enum NodeError {
         template: String,
         users: Vec<String>,
     },
-}
-
-/// The node's replica of one template: its bytes over the cache, who uses it, and what
-/// its first readers touched.
-pub struct Replica {
-    pub image: Arc<TemplateImage>,
-    /// Connections, open files and overlays using this template: named in the error
-    /// that refuses an eviction.
-    pub users: Arc<Users>,
-    /// The order of the first reads of each chunk on this node.
-    pub trace: TraceRecorder,
-    /// Phase and progress of the background fill.
-    pub fill: Mutex<FillState>,
-}
-
-impl Replica {
-    pub fn id(&self) -> &str {
-        self.image.id()
-    }
-
-    pub fn manifest(&self) -> &Arc<Manifest> {
-        self.image.manifest()
-    }
-
-    /// Who is using the template now.
-    pub fn users(&self) -> Vec<String> {
-        self.users.names()
-    }
-
-    /// Registers a user until the returned lease is dropped.
-    pub fn lease(self: &Arc<Self>, user: String) -> Lease {
-        Lease {
-            _lease: self.users.lease(user),
-            replica: self.clone(),
-        }
-    }
-
-    pub fn phase(&self) -> Phase {
-        self.fill.lock().unwrap_or_else(|e| e.into_inner()).phase()
-    }
-
-    /// Bytes of the non-zero chunks that are local.
-    pub fn local_bytes(&self) -> u64 {
-        let manifest = self.manifest();
-        let store = self.image.cache().store();
-        manifest
-            .stored_chunks()
-            .filter(|(_, d)| store.contains(d))
-            .map(|(i, _)| manifest.chunk_len(i))
-            .sum()
-    }
-
-    /// Number of non-zero chunks that are local.
-    pub fn local_chunks(&self) -> usize {
-        let manifest = self.manifest();
-        let store = self.image.cache().store();
-        manifest
-            .stored_chunks()
-            .filter(|(_, d)| store.contains(d))
-            .count()
-    }
-}
-
-/// A use of a replica; dropping it ends the use.
-pub struct Lease {
-    replica: Arc<Replica>,
-    _lease: UserLease,
-}
-
-impl Lease {
-    pub fn replica(&self) -> &Arc<Replica> {
-        &self.replica
-    }
 }
 
 /// Everything the daemon's frontends and API share.

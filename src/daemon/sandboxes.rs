@@ -9,8 +9,9 @@ use lazyblk_cache::overlay::{Overlay, OverlayError, OverlayMeta};
 use lazyblk_cache::validate_id;
 use serde::Serialize;
 
-use crate::daemon::node::{Lease, Node, NodeError, Replica};
-use crate::daemon::users::Users;
+use crate::daemon::node::{Node, NodeError};
+use crate::daemon::replica::Replica;
+pub use crate::daemon::replica::Sandbox;
 
 /// Why a sandbox operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -31,25 +32,6 @@ pub enum SandboxError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Overlay(#[from] OverlayError),
-}
-
-/// One sandbox: its overlay, and the hold it keeps on its template.
-pub struct Sandbox {
-    pub overlay: Arc<Overlay>,
-    /// Marks the template in use ("overlay SB") for as long as the overlay exists.
-    template: Lease,
-    /// NBD connections and open FUSE files using the overlay.
-    pub users: Arc<Users>,
-}
-
-impl Sandbox {
-    pub fn id(&self) -> &str {
-        self.overlay.sandbox()
-    }
-
-    pub fn template(&self) -> &Arc<Replica> {
-        self.template.replica()
-    }
 }
 
 /// A sandbox as the API shows it.

@@ -13,7 +13,7 @@ use lazyblk_cache::{ChunkCache, Digest};
 use serde::Serialize;
 
 use crate::daemon::intents::OriginIntents;
-use crate::daemon::node::Replica;
+use crate::daemon::replica::Replica;
 use crate::store::client::StoreClient;
 
 /// Chunks uploaded at once per template.

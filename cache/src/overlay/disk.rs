@@ -13,8 +13,6 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::runtime::{Handle, RuntimeFlavor};
-
 use super::OverlayError;
 
 /// The data file's name inside an overlay's directory.
@@ -26,21 +24,7 @@ const MAP_READ_PIECE: usize = 1 << 20;
 /// `st_blocks` counts 512-byte units whatever the file system's block size.
 const STAT_BLOCK: u64 = 512;
 
-/// Runs blocking file I/O from async code without stalling the runtime.
-///
-/// The frontends hand the overlay borrowed buffers (`&mut [u8]`, `&[u8]`), which
-/// `spawn_blocking` cannot take without a copy into an owned buffer per request. On the
-/// multi-thread runtime (the daemon's) `block_in_place` instead hands this worker's
-/// other tasks to another thread while this one blocks. On a current-thread runtime
-/// (tests) or outside a runtime, where `block_in_place` is not allowed, `f` runs inline.
-pub(super) fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
+pub(super) use crate::blocking::blocking;
 
 /// The open `data` and `map` files of one overlay.
 pub(super) struct Disk {

@@ -1,7 +1,11 @@
 //! The daemon's HTTP API: replica status and control, chunk serving to peers, health and
 //! metrics.
 
-use std::sync::Arc;
+mod attach;
+mod health;
+mod state;
+
+pub use state::{ApiError, ApiState, EvictQuery};
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -12,37 +16,12 @@ use axum::{Json, Router};
 use lazyblk_cache::Digest;
 use serde::Serialize;
 
-use crate::daemon::attach::{self, AttachError, Attachments};
+use crate::daemon::attach::AttachError;
 use crate::daemon::commit::{CommitError, CommitOutcome};
-use crate::daemon::fill::{FillError, FillScheduler};
-use crate::daemon::health;
+use crate::daemon::fill::FillError;
 use crate::daemon::node::{Node, NodeError, Replica};
 use crate::daemon::resize::{ResizeError, ResizeOutcome};
 use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
-
-/// What the API handlers share.
-#[derive(Clone)]
-pub struct ApiState {
-    pub node: Arc<Node>,
-    pub fill: Arc<FillScheduler>,
-    /// Kernel block devices (`/dev/nbdN`) attached to exports.
-    pub attachments: Arc<Attachments>,
-    /// Bearer token required to read chunks (peers and origins), when configured.
-    pub peer_token: Option<String>,
-    /// Bearer token required for changing requests (POST, PUT, DELETE), when configured.
-    pub write_token: Option<String>,
-    /// The node's scrub of its cache.
-    pub scrubs: Arc<crate::daemon::health::Scrubs>,
-}
-
-/// An API error: a status and a sentence.
-pub struct ApiError(pub StatusCode, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
-    }
-}
 
 impl From<FillError> for ApiError {
     fn from(e: FillError) -> ApiError {
@@ -265,13 +244,6 @@ pub struct WarmQuery {
     pub redo: bool,
 }
 
-/// Query of `POST /v1/templates/{id}/evict`.
-#[derive(serde::Deserialize, Default)]
-pub struct EvictQuery {
-    #[serde(default)]
-    pub force: bool,
-}
-
 fn checked_id(id: &str) -> Result<(), ApiError> {
     lazyblk_cache::validate_id(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
@@ -439,25 +411,36 @@ async fn chunk(
             ApiError(StatusCode::BAD_REQUEST, e.to_string())
         })?;
     let node = state.node.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
-        match node.cache.store().get(&digest) {
-            Ok(Some(f)) => f.read_all().map(Some).map_err(|e| e.to_string()),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
+    // Opening may hash the file (its first open by this daemon): off the runtime.
+    let opened = tokio::task::spawn_blocking(move || {
+        let chunk = node.cache.open_for_peer(&digest)?;
+        chunk
+            .map(|c| c.try_clone_file().map(|f| (c, f)))
+            .transpose()
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    match bytes {
-        Some(b) => Ok((
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            Body::from(b),
-        )
-            .into_response()),
-        None => Err(ApiError(
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let Some((chunk, file)) = opened else {
+        return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("chunk {digest} is not on this node"),
-        )),
-    }
+        ));
+    };
+    // Streamed from the file: nothing is read for a HEAD, and a GET holds one buffer,
+    // not the chunk. The `ChunkFile` rides along so the chunk is not evicted meanwhile.
+    let len = chunk.len;
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+    let stream = futures::StreamExt::map(stream, move |piece| {
+        let _held = &chunk;
+        piece
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -1,0 +1,122 @@
+//! A node's replica of one template (its bytes over the cache, its users, its trace,
+//! its fill state) and a sandbox (an overlay and the hold it keeps on its template):
+//! the values the daemon's owners keep and share.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use lazyblk_cache::{Manifest, Overlay, TemplateImage};
+
+use crate::daemon::state::Phase;
+use crate::daemon::trace::TraceRecorder;
+use crate::daemon::users::{UserLease, Users};
+
+/// The node's replica of one template: its bytes over the cache, who uses it, and what
+/// its first readers touched.
+pub struct Replica {
+    pub image: Arc<TemplateImage>,
+    /// Connections, open files and overlays using this template: named in the error
+    /// that refuses an eviction.
+    pub users: Arc<Users>,
+    /// The order of the first reads of each chunk on this node.
+    pub trace: TraceRecorder,
+    /// Phase and progress of the background fill.
+    pub fill: Mutex<FillState>,
+}
+
+impl Replica {
+    pub fn id(&self) -> &str {
+        self.image.id()
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        self.image.manifest()
+    }
+
+    /// Who is using the template now.
+    pub fn users(&self) -> Vec<String> {
+        self.users.names()
+    }
+
+    /// Registers a user until the returned lease is dropped.
+    pub fn lease(self: &Arc<Self>, user: String) -> Lease {
+        Lease {
+            _lease: self.users.lease(user),
+            replica: self.clone(),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.fill.lock().unwrap_or_else(|e| e.into_inner()).phase()
+    }
+
+    /// Bytes of the non-zero chunks that are local.
+    pub fn local_bytes(&self) -> u64 {
+        let manifest = self.manifest();
+        let store = self.image.cache().store();
+        manifest
+            .stored_chunks()
+            .filter(|(_, d)| store.contains(d))
+            .map(|(i, _)| manifest.chunk_len(i))
+            .sum()
+    }
+
+    /// Number of non-zero chunks that are local.
+    pub fn local_chunks(&self) -> usize {
+        let manifest = self.manifest();
+        let store = self.image.cache().store();
+        manifest
+            .stored_chunks()
+            .filter(|(_, d)| store.contains(d))
+            .count()
+    }
+}
+
+/// A use of a replica; dropping it ends the use.
+pub struct Lease {
+    replica: Arc<Replica>,
+    _lease: UserLease,
+}
+
+impl Lease {
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+}
+
+/// A replica's fill state, kept with the replica and saved in the state database.
+#[derive(Default)]
+pub struct FillState {
+    pub phase: Option<Phase>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Set to stop the running fill (evict, shutdown).
+    pub(crate) cancel: Option<Arc<AtomicBool>>,
+    /// The replica's chunks are pinned (READY): unpinned on evict.
+    pub(crate) pinned: bool,
+}
+
+impl FillState {
+    pub fn phase(&self) -> Phase {
+        self.phase.unwrap_or(Phase::Pending)
+    }
+}
+
+/// One sandbox: its overlay, and the hold it keeps on its template.
+pub struct Sandbox {
+    pub overlay: Arc<Overlay>,
+    /// Marks the template in use ("overlay SB") for as long as the overlay exists.
+    pub(crate) template: Lease,
+    /// NBD connections and open FUSE files using the overlay.
+    pub users: Arc<Users>,
+}
+
+impl Sandbox {
+    pub fn id(&self) -> &str {
+        self.overlay.sandbox()
+    }
+
+    pub fn template(&self) -> &Arc<Replica> {
+        self.template.replica()
+    }
+}
