@@ -58,6 +58,18 @@ pub enum Command {
     /// bad ones (a node fetches them again on demand; a store gets them back from the
     /// next publish or upload of that content).
     Scrub(ScrubArgs),
+    /// List the live nodes of a store's fleet (their leases).
+    Nodes(NodesArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodesArgs {
+    /// URL of the store server.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// Print the list as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -112,9 +124,15 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "127.0.0.1:7071")]
     pub listen: String,
     /// The URL other nodes reach this daemon at (put in manifests as origin);
-    /// defaults to http://<--listen>.
+    /// defaults to http://<--listen>. Given, it makes the daemon a member of its
+    /// store's fleet: it renews a lease with the store server and serves and asks
+    /// peers by chunk ownership.
     #[arg(long)]
     pub advertise: Option<String>,
+    /// The fleet's nodes without a store server's membership: URL,URL,... or
+    /// dns:NAME:PORT (re-resolved every few seconds; a headless service, Consul DNS).
+    #[arg(long, value_name = "URLS|dns:NAME:PORT")]
+    pub peers: Option<String>,
     /// NBD address: unix:PATH (the default is unix:<--cache>/nbd.sock, mode 0660) or
     /// HOST:PORT for TCP. TCP NBD has no access control of its own: beyond loopback,
     /// firewall it.

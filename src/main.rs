@@ -92,5 +92,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Delete(args) => store::client::delete_command(args).await,
         Command::Gc(args) => store::client::gc_command(args).await,
         Command::Scrub(args) => control::scrub(args).await,
+        Command::Nodes(args) => store::client::nodes_command(args).await,
     }
 }

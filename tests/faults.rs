@@ -210,7 +210,14 @@ fn set_origin(store: &StoreProc, id: &str, origin: &str) -> Manifest {
 
 /// A metric sample of `daemon` for one source, e.g. `fetch_failures` of the origin.
 fn by_source(daemon: &DaemonProc, name: &str, source: &str) -> f64 {
-    daemon.metric(&format!("lazyblk_{name}_total{{source=\"{source}\"}}"))
+    ["store", "origin"]
+        .iter()
+        .map(|class| {
+            daemon.metric(&format!(
+                "lazyblk_{name}_total{{source=\"{source}\",class=\"{class}\"}}"
+            ))
+        })
+        .sum()
 }
 
 /// What one whole-image copy through a faulty origin showed.

@@ -482,8 +482,13 @@ impl ChunkCache {
                         self.health_of_sources.failed(source.name());
                         errors.push(format!("{}: digest mismatch", source.name()));
                     }
+                    Err(e) if e.is_skip() => {}
                     Err(e) => {
-                        self.health_of_sources.failed(source.name());
+                        // The peers keep a health per peer of their own: one dead owner
+                        // must not demote every other.
+                        if !matches!(source, Source::Peers(_)) {
+                            self.health_of_sources.failed(source.name());
+                        }
                         self.observer.source_failed(chunk, source.name(), &e);
                         tracing::warn!(template = %chunk.template, chunk = chunk.index,
                             source = source.name(), error = %e, "chunk fetch failed");

@@ -6,7 +6,9 @@
 //! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4).
 //! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
 //!   eviction, pins.
-//! - [`source`]: where missing chunks come from (origin nodes and the store, over HTTP).
+//! - [`source`]: the transports missing chunks come from (the store server, origins,
+//!   the fleet's peers, an object store read directly).
+//! - [`peers`]: the fleet's live nodes and chunk ownership by rendezvous hashing.
 //! - [`planner`]: the fetch plan's policies: slots per priority (demand, prefetch,
 //!   fill; demand first) and source health (a failing source is tried last for a while).
 //! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, run by the plan,
@@ -38,6 +40,7 @@ pub mod fetch;
 pub mod image;
 pub mod manifest;
 pub mod overlay;
+pub mod peers;
 pub mod planner;
 pub mod readahead;
 pub mod source;
@@ -51,4 +54,5 @@ pub use fetch::{
 pub use image::{ImageExtent, ReadError, TemplateImage};
 pub use manifest::{validate_id, Manifest, ManifestError};
 pub use overlay::{FreezeGuard, Overlay, OverlayError, OverlayMeta, OverlayStats};
-pub use source::{HttpSource, Source, SourceError};
+pub use peers::{Member, PeerSet, PeerStats};
+pub use source::{HttpSource, ObjectSource, Source, SourceError};

@@ -1,11 +1,17 @@
-//! Where missing chunks come from: origin nodes and the store, both over HTTP
-//! (`GET {base}/v1/chunks/{digest}`).
+//! Where missing chunks come from, the transports: the store server over HTTP
+//! (`GET {base}/v1/chunks/{digest}`), an origin node (the same endpoint, contacted only
+//! while it is a live member when the fleet's membership is known), the fleet's peers by
+//! chunk ownership ([`crate::peers`]), and an object store read directly. Transports only
+//! move bytes; [`crate::fetch`] plans, times and verifies.
 
 use std::time::Duration;
+
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::digest::Digest;
+use crate::peers::PeerSet;
 
 /// Why one source could not give a chunk.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +35,13 @@ pub enum SourceError {
         got: u64,
         expected: u64,
     },
+    /// The source does not apply to this chunk now (this node owns it; an origin that
+    /// is not a live member): passed over without counting against its health.
+    #[error("{source_name}: passed over: {why}")]
+    Skipped { source_name: String, why: String },
+    /// The object store answered with an error.
+    #[error("{source_name}: {detail}")]
+    Object { source_name: String, detail: String },
 }
 
 impl SourceError {
@@ -38,21 +51,56 @@ impl SourceError {
             SourceError::Unreachable { .. } | SourceError::Timeout { .. } => true,
             SourceError::Status { status, .. } => *status >= 500,
             SourceError::Length { .. } => true,
+            SourceError::Skipped { .. } => false,
+            SourceError::Object { .. } => true,
         }
+    }
+
+    /// Whether the source was passed over rather than tried.
+    pub fn is_skip(&self) -> bool {
+        matches!(self, SourceError::Skipped { .. })
     }
 }
 
 /// A source of chunks. An enum, not a trait object: the set of kinds is closed.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Source {
+    /// The store server.
     Http(HttpSource),
+    /// An origin node named in the manifest; with a membership, contacted only while
+    /// it is a live member (or listed in `--peers`).
+    Origin {
+        http: HttpSource,
+        members: Option<Arc<PeerSet>>,
+    },
+    /// The chunk's owner among the live peers.
+    Peers(Arc<PeerSet>),
+    /// An object store read directly (S3 and compatible, GCS, Azure).
+    Object(ObjectSource),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Source {
-    /// A printable name for logs and metrics (the base URL).
+    /// A printable name for logs and metrics (the base URL; "peers" for the owners).
     pub fn name(&self) -> &str {
         match self {
-            Source::Http(s) => &s.base,
+            Source::Http(s) | Source::Origin { http: s, .. } => &s.base,
+            Source::Peers(_) => "peers",
+            Source::Object(o) => &o.name,
+        }
+    }
+
+    /// The class of the source: "store", "origin" or "peer".
+    pub fn class(&self) -> &'static str {
+        match self {
+            Source::Http(_) | Source::Object(_) => "store",
+            Source::Origin { .. } => "origin",
+            Source::Peers(_) => "peer",
         }
     }
 
@@ -65,6 +113,85 @@ impl Source {
     ) -> Result<Bytes, SourceError> {
         match self {
             Source::Http(s) => s.fetch(digest, len, deadline).await,
+            Source::Origin { http, members } => {
+                if let Some(members) = members {
+                    if !members.is_member_url(&http.base) {
+                        return Err(SourceError::Skipped {
+                            source_name: http.base.clone(),
+                            why: "not a live member of the fleet".into(),
+                        });
+                    }
+                }
+                http.fetch(digest, len, deadline).await
+            }
+            Source::Peers(p) => p.fetch(digest, len, deadline).await,
+            Source::Object(o) => o.fetch(digest, len, deadline).await,
+        }
+    }
+}
+
+/// An object store's chunks, read directly: `{prefix}/chunks/{2 hex}/{digest}`, the keys
+/// of `lazyblk store --backend`.
+#[derive(Clone)]
+pub struct ObjectSource {
+    store: Arc<dyn object_store::ObjectStore>,
+    prefix: object_store::path::Path,
+    /// The bucket URL, for logs and metrics.
+    name: String,
+}
+
+impl ObjectSource {
+    pub fn new(
+        store: Arc<dyn object_store::ObjectStore>,
+        prefix: &str,
+        name: &str,
+    ) -> ObjectSource {
+        ObjectSource {
+            store,
+            prefix: object_store::path::Path::from(prefix.trim_matches('/')),
+            name: name.to_string(),
+        }
+    }
+
+    async fn fetch(
+        &self,
+        digest: &Digest,
+        len: u64,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        use object_store::ObjectStoreExt as _;
+        let hex = digest.to_hex();
+        let mut key = self.prefix.clone();
+        for part in ["chunks", &hex[..2], &hex] {
+            key = key.join(part);
+        }
+        let fail = |e: object_store::Error| match e {
+            object_store::Error::NotFound { .. } => SourceError::Status {
+                source_name: self.name.clone(),
+                status: 404,
+            },
+            other => SourceError::Object {
+                source_name: self.name.clone(),
+                detail: other.to_string(),
+            },
+        };
+        let fetched = async {
+            let got = self.store.get(&key).await.map_err(fail)?;
+            if got.meta.size != len {
+                return Err(SourceError::Length {
+                    source_name: self.name.clone(),
+                    got: got.meta.size,
+                    expected: len,
+                });
+            }
+            got.bytes().await.map_err(fail)
+        };
+        match tokio::time::timeout(deadline, fetched).await {
+            Ok(result) => result,
+            Err(_) => Err(SourceError::Timeout {
+                source_name: self.name.clone(),
+                deadline,
+            }),
         }
     }
 }
@@ -95,7 +222,17 @@ impl HttpSource {
         deadline: Duration,
     ) -> Result<Bytes, SourceError> {
         let url = format!("{}/v1/chunks/{}", self.base, digest);
-        match tokio::time::timeout(deadline, self.fetch_body(&url, len)).await {
+        self.fetch_url(&url, len, deadline).await
+    }
+
+    /// Fetches exactly `len` bytes from `url` within `deadline`.
+    pub async fn fetch_url(
+        &self,
+        url: &str,
+        len: u64,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        match tokio::time::timeout(deadline, self.fetch_body(url, len)).await {
             Ok(result) => result,
             Err(_) => Err(SourceError::Timeout {
                 source_name: self.base.clone(),

@@ -19,6 +19,14 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
+    /// "store", "origin" or "peer".
+    pub class: &'static str,
+}
+
+/// The label of a peer in the per-peer series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +81,13 @@ pub struct DaemonMetrics {
     pub cache_degraded: Gauge,
     pub cache_write_failures: Gauge<u64, AtomicU64>,
     pub cache_corrupt_files: Gauge<u64, AtomicU64>,
+    /// Chunks and bytes this node served to peers as their owner.
+    peer_chunks_served: Counter,
+    peer_bytes_served: Counter,
+    peer_fetched_bytes: Family<PeerLabel, Gauge<u64, AtomicU64>>,
+    peer_fetched_chunks: Family<PeerLabel, Gauge<u64, AtomicU64>>,
+    peer_failures: Family<PeerLabel, Gauge<u64, AtomicU64>>,
+    store_url: std::sync::OnceLock<String>,
     per_template: Mutex<BTreeMap<String, TemplateBytes>>,
 }
 
@@ -98,6 +113,12 @@ impl DaemonMetrics {
             cache_degraded: Gauge::default(),
             cache_write_failures: Gauge::default(),
             cache_corrupt_files: Gauge::default(),
+            peer_chunks_served: Counter::default(),
+            peer_bytes_served: Counter::default(),
+            peer_fetched_bytes: Family::default(),
+            peer_fetched_chunks: Family::default(),
+            peer_failures: Family::default(),
+            store_url: std::sync::OnceLock::new(),
             per_template: Mutex::new(BTreeMap::new()),
         };
         {
@@ -185,12 +206,73 @@ impl DaemonMetrics {
                 m.cache_write_failures.clone(),
             );
             r.register(
+                "peer_chunks_served",
+                "Chunks this node served to peers as their owner",
+                m.peer_chunks_served.clone(),
+            );
+            r.register(
+                "peer_bytes_served",
+                "Bytes this node served to peers as their owner",
+                m.peer_bytes_served.clone(),
+            );
+            r.register(
+                "peer_fetched_bytes",
+                "Bytes fetched from each peer (as the chunks' owner)",
+                m.peer_fetched_bytes.clone(),
+            );
+            r.register(
+                "peer_fetched_chunks",
+                "Chunks fetched from each peer",
+                m.peer_fetched_chunks.clone(),
+            );
+            r.register(
+                "peer_failures",
+                "Failed fetches from each peer",
+                m.peer_failures.clone(),
+            );
+            r.register(
                 "cache_corrupt_files",
                 "Cached chunk files found corrupt (and dropped) since start",
                 m.cache_corrupt_files.clone(),
             );
         }
         m
+    }
+
+    /// Tells the metrics which source is the store (the rest are origins and peers).
+    pub fn set_store(&self, url: &str) {
+        let _ = self.store_url.set(url.trim_end_matches('/').to_string());
+    }
+
+    fn class_of(&self, source: &str) -> &'static str {
+        if source == "peers" {
+            "peer"
+        } else if self.store_url.get().is_some_and(|s| s == source) {
+            "store"
+        } else {
+            "origin"
+        }
+    }
+
+    /// Sets the per-peer series from the peers' counts (at scrape time).
+    pub fn set_peer_stats(
+        &self,
+        stats: &std::collections::BTreeMap<String, lazyblk_cache::PeerStats>,
+    ) {
+        for (peer, st) in stats {
+            let label = PeerLabel { peer: peer.clone() };
+            self.peer_fetched_bytes.get_or_create(&label).set(st.bytes);
+            self.peer_fetched_chunks
+                .get_or_create(&label)
+                .set(st.chunks);
+            self.peer_failures.get_or_create(&label).set(st.failures);
+        }
+    }
+
+    /// One chunk served to a peer.
+    pub fn peer_served(&self, bytes: u64) {
+        self.peer_chunks_served.inc();
+        self.peer_bytes_served.inc_by(bytes);
     }
 
     /// Records one finished request of a frontend; `command` is the NBD command's name,
@@ -238,6 +320,7 @@ impl FetchObserver for DaemonMetrics {
     fn fetched(&self, chunk: &ChunkRef, source: &str, elapsed: Duration) {
         let label = SourceLabel {
             source: source.to_string(),
+            class: self.class_of(source),
         };
         self.bytes_fetched.get_or_create(&label).inc_by(chunk.len);
         self.chunks_fetched.get_or_create(&label).inc();
@@ -253,6 +336,7 @@ impl FetchObserver for DaemonMetrics {
         self.fetch_failures
             .get_or_create(&SourceLabel {
                 source: source.to_string(),
+                class: self.class_of(source),
             })
             .inc();
         self.with_template(&chunk.template, |t| t.last_error = Some(error.to_string()));
@@ -262,6 +346,7 @@ impl FetchObserver for DaemonMetrics {
         self.verify_failures
             .get_or_create(&SourceLabel {
                 source: source.to_string(),
+                class: self.class_of(source),
             })
             .inc();
         self.with_template(&chunk.template, |t| {

@@ -12,6 +12,8 @@
 //! - [`resize`]: a template grown into a new one (e2fsck and resize2fs on a scratch
 //!   overlay, then a commit).
 //! - [`replica`]: a replica of a template and a sandbox, the values the owners keep.
+//! - [`membership`]: how the node finds the fleet's live nodes (leases on the store,
+//!   or `--peers`), for chunk ownership.
 //! - [`registry`]: the id-to-object maps of replicas and sandboxes.
 //! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
@@ -29,6 +31,7 @@ pub mod exports;
 pub mod fill;
 pub mod health;
 pub mod intents;
+pub mod membership;
 pub mod node;
 pub mod registry;
 pub mod replica;
@@ -68,6 +71,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let chunk_store = ChunkStore::open(&args.cache, args.cache_size)
         .with_context(|| format!("opening the chunk cache at {}", args.cache.display()))?;
     let metrics = Arc::new(DaemonMetrics::new());
+    metrics.set_store(&args.store);
     let deadline = Duration::from_secs_f64(args.source_deadline.max(0.1));
     let read_budget = Duration::from_secs_f64(args.read_deadline.max(0.1));
     let cache = Arc::new(
@@ -79,6 +83,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         args.read_token.clone(),
     );
 
+    let discovery = match (&args.peers, &args.advertise) {
+        (Some(spec), _) => {
+            Some(membership::Discovery::parse_peers(spec).map_err(anyhow::Error::msg)?)
+        }
+        (None, Some(_)) => Some(membership::Discovery::Store),
+        (None, None) => None,
+    };
     let http_listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding the HTTP API on {}", args.listen))?;
@@ -96,6 +107,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
                 advertise: advertise.clone(),
                 read_token: args.read_token.clone(),
                 peer_token: args.peer_token.clone(),
+                membership: args.advertise.is_some() || args.peers.is_some(),
                 state_dir: args.cache.clone(),
                 trace_timing: TraceTiming {
                     window: Duration::from_secs_f64(args.trace_window.max(0.0)),
@@ -165,6 +177,18 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         nbd_config,
         shutdown(shutdown_rx.clone()),
     ));
+    if let Some(discovery) = discovery {
+        if let Some(peers) = node.peers.clone() {
+            tokio::spawn(membership::run(
+                discovery,
+                node.store.clone(),
+                node.node_id.clone(),
+                advertise.clone(),
+                peers,
+                shutdown_rx.clone(),
+            ));
+        }
+    }
     tokio::spawn(publish_traces(node.clone(), shutdown_rx.clone()));
     tokio::spawn(fill.clone().supervise(shutdown_rx.clone()));
     tokio::spawn(learn_templates(node.clone(), shutdown_rx.clone()));

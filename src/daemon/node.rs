@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use lazyblk_cache::{ChunkCache, Digest, HttpSource, Manifest, Source, TemplateImage};
+use lazyblk_cache::{ChunkCache, Digest, HttpSource, Manifest, PeerSet, Source, TemplateImage};
 
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::intents::{node_id, sync_dir, OriginIntents, Settled};
@@ -51,10 +51,13 @@ pub struct Node {
     pub node_id: String,
     /// Commits this node owes an upload for (settled at start, whatever the address).
     pub intents: OriginIntents,
-    /// Bearer token sent with chunk reads to the store, and to nothing else.
-    read_token: Option<String>,
     /// Bearer token sent with chunk reads to origins (other daemons).
     peer_token: Option<String>,
+    /// The fleet's live nodes, when this node is a member (`--advertise` or
+    /// `--peers`): chunk owners to ask, and the origins it may contact.
+    pub peers: Option<Arc<PeerSet>>,
+    /// The store alone: what an owner fetches a peer's request from (never a peer).
+    store_sources: Arc<[Source]>,
     /// Manifests of the templates this node has served, so a restart serves them
     /// without the store.
     manifests_dir: PathBuf,
@@ -82,8 +85,10 @@ pub struct NodeConfig {
     pub advertise: String,
     /// Bearer token sent with chunk reads to the store.
     pub read_token: Option<String>,
-    /// Bearer token sent with chunk reads to origins.
+    /// Bearer token sent with chunk reads to origins and peers.
     pub peer_token: Option<String>,
+    /// Whether this node is a member of a fleet (asks and serves peers).
+    pub membership: bool,
     /// Where manifests and overlays are kept (the cache directory).
     pub state_dir: PathBuf,
     pub trace_timing: TraceTiming,
@@ -111,6 +116,19 @@ impl Node {
         std::fs::create_dir_all(&resizing_dir)?;
         let node_id = node_id(&config.state_dir)?;
         let intents = OriginIntents::open(&config.state_dir)?;
+        let peers = config.membership.then(|| {
+            Arc::new(PeerSet::new(
+                &node_id,
+                store.http().clone(),
+                config.peer_token.clone(),
+            ))
+        });
+        let store_sources: Arc<[Source]> = vec![Source::Http(HttpSource::new(
+            store.http().clone(),
+            store.url(),
+            config.read_token.clone(),
+        ))]
+        .into();
         Ok(Node {
             uploads: Uploads::new(
                 store.clone(),
@@ -124,8 +142,9 @@ impl Node {
             advertise: config.advertise,
             node_id,
             intents,
-            read_token: config.read_token,
             peer_token: config.peer_token,
+            peers,
+            store_sources,
             manifests_dir,
             replicas: Registry::default(),
             trace_timing: config.trace_timing,
@@ -273,21 +292,32 @@ impl Node {
         self.replicas.remove(template);
     }
 
-    /// A template's sources: its origins (other than this node), then the store. The
-    /// store's read token goes to the store alone; origins get the peer token.
+    /// A template's sources: its origins (other than this node; with a membership,
+    /// only while they are live members), then the chunk's owner among the peers, then
+    /// the store. The store's read token goes to the store alone; origins and peers get
+    /// the peer token.
     fn sources(&self, manifest: &Manifest) -> Vec<Source> {
         let http = self.store.http().clone();
         let own = self.advertise.trim_end_matches('/');
-        let origins = manifest
+        let mut sources: Vec<Source> = manifest
             .origins
             .iter()
             .filter(|o| o.trim_end_matches('/') != own)
-            .map(|base| HttpSource::new(http.clone(), base, self.peer_token.clone()));
-        let store = HttpSource::new(http.clone(), self.store.url(), self.read_token.clone());
-        origins
-            .chain(std::iter::once(store))
-            .map(Source::Http)
-            .collect()
+            .map(|base| Source::Origin {
+                http: HttpSource::new(http.clone(), base, self.peer_token.clone()),
+                members: self.peers.clone(),
+            })
+            .collect();
+        if let Some(peers) = &self.peers {
+            sources.push(Source::Peers(peers.clone()));
+        }
+        sources.extend(self.store_sources.iter().cloned());
+        sources
+    }
+
+    /// The store alone, for fetches made on a peer's behalf.
+    pub fn store_sources(&self) -> &Arc<[Source]> {
+        &self.store_sources
     }
 
     /// Learns every template the store lists (their manifests are small), so that the

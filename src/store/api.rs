@@ -37,6 +37,8 @@ pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(600);
 #[derive(Clone)]
 pub struct AppState {
     backend: Arc<Backend>,
+    /// The fleet's live nodes (leases renewed by heartbeats).
+    nodes: Arc<super::nodes::Membership>,
     metrics: Arc<StoreMetrics>,
     tokens: Arc<Tokens>,
 }
@@ -49,6 +51,7 @@ impl AppState {
     ) -> AppState {
         AppState {
             backend,
+            nodes: Arc::default(),
             metrics: Arc::new(StoreMetrics::new()),
             tokens: Arc::new(Tokens {
                 write: write_token.filter(|t| !t.is_empty()),
@@ -75,6 +78,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/templates/{id}/trace", get(get_trace).put(put_trace))
         .route("/v1/gc", post(gc))
         .route("/v1/scrub", post(scrub))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{node}", axum::routing::put(renew_node))
         .route("/v1/chunks/missing", post(missing))
         .route(
             "/v1/chunks/{digest}",
@@ -397,6 +402,31 @@ async fn gc(
         "gc swept unreferenced chunks"
     );
     Ok(Json(report))
+}
+
+/// `GET /v1/nodes`: the live nodes.
+async fn list_nodes(State(state): State<AppState>) -> Json<Vec<super::nodes::NodeEntry>> {
+    Json(state.nodes.live())
+}
+
+/// `PUT /v1/nodes/{node}`: renews a node's lease; answers with the live nodes, so one
+/// request a heartbeat keeps every node's view of the fleet current.
+async fn renew_node(
+    State(state): State<AppState>,
+    Path(node): Path<String>,
+    Json(beat): Json<super::nodes::Heartbeat>,
+) -> Result<Json<Vec<super::nodes::NodeEntry>>, ApiError> {
+    let valid = !node.is_empty()
+        && node.len() <= 64
+        && node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !valid || !(beat.url.starts_with("http://") || beat.url.starts_with("https://")) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad heartbeat: node id {node:?} (hex or alphanumerics) and an http(s) URL"),
+        ));
+    }
+    state.nodes.renew(&node, beat);
+    Ok(Json(state.nodes.live()))
 }
 
 /// `POST /v1/scrub`: hashes every stored chunk, deletes bad ones (a write: it needs the

@@ -20,6 +20,8 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(60);
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(150);
 /// Deadline of a gc, which walks every chunk file of the store.
 const GC_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A heartbeat that takes longer than its interval is as good as lost.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Digests per `POST /v1/chunks/missing`: ~550 KB of JSON, so a 50 GiB image at small
 /// chunk sizes takes a few hundred requests instead of one huge one.
 const MISSING_BATCH: usize = 8192;
@@ -259,6 +261,28 @@ impl StoreClient {
         self.decode(&bytes, what)
     }
 
+    /// Renews this node's lease; the answer is the live nodes.
+    pub async fn heartbeat(
+        &self,
+        node: &str,
+        beat: &crate::store::nodes::Heartbeat,
+    ) -> Result<Vec<crate::store::nodes::NodeEntry>, StoreError> {
+        let what = "a heartbeat";
+        let request = self
+            .write(self.http.put(self.endpoint(&format!("/v1/nodes/{node}"))))
+            .json(beat);
+        let bytes = self.send(request, HEARTBEAT_TIMEOUT, what).await?.1;
+        self.decode(&bytes, what)
+    }
+
+    /// The live nodes.
+    pub async fn nodes(&self) -> Result<Vec<crate::store::nodes::NodeEntry>, StoreError> {
+        let what = "the node list";
+        let request = self.http.get(self.endpoint("/v1/nodes"));
+        let bytes = self.send(request, METADATA_TIMEOUT, what).await?.1;
+        self.decode(&bytes, what)
+    }
+
     fn endpoint(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
@@ -430,6 +454,34 @@ pub async fn gc_command(args: GcArgs) -> anyhow::Result<()> {
             HumanBytes(report.bytes_freed),
             report.chunks_referenced,
             report.chunks_recent
+        );
+    }
+    Ok(())
+}
+
+/// `lazyblk nodes`: the live nodes of the store's fleet.
+pub async fn nodes_command(args: crate::cli::NodesArgs) -> anyhow::Result<()> {
+    let client = StoreClient::new(&args.store, None, None);
+    let nodes = client
+        .nodes()
+        .await
+        .with_context(|| format!("listing the nodes of {}", client.url()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        println!("no live nodes (daemons with --advertise register with their store)");
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<32} {:<9} {:>9}",
+        "NODE", "ADDRESS", "VERSION", "LAST SEEN"
+    );
+    for n in nodes {
+        println!(
+            "{:<18} {:<32} {:<9} {:>8.1}s",
+            n.id, n.url, n.version, n.last_seen_secs
         );
     }
     Ok(())

@@ -7,7 +7,8 @@
 //!   object storage with the same keys under a bucket prefix; durability.
 //! - [`api`]: the axum routes, bearer tokens and the store's counters.
 //! - [`client`]: [`client::StoreClient`], used by publish and the daemon, and the
-//!   `templates`, `delete` and `gc` commands.
+//!   `templates`, `delete`, `gc` and `nodes` commands.
+//! - [`nodes`]: the fleet's membership, node leases kept as soft state.
 //! - This file: [`run`] and the JSON documents the server and the client share.
 //!
 //! # Data flow
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod backend;
 pub mod client;
+pub mod nodes;
 
 use std::sync::Arc;
 

@@ -33,6 +33,24 @@ impl DaemonProc {
         d
     }
 
+    /// Like [`DaemonProc::start`], as a member of the store's fleet: `--advertise` is
+    /// its own API URL, so it renews a lease and asks and serves peers.
+    pub fn start_member(store_url: &str, cache: &Path, extra: &[&str]) -> DaemonProc {
+        let mut d = DaemonProc {
+            child: None,
+            http_port: free_port(),
+            nbd_port: free_port(),
+            cache: cache.to_path_buf(),
+            store_url: store_url.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            unix: false,
+        };
+        d.extra.push("--advertise".into());
+        d.extra.push(d.url());
+        d.spawn();
+        d
+    }
+
     /// Like [`DaemonProc::start`], serving NBD on a unix socket in the cache directory.
     pub fn start_unix(store_url: &str, cache: &Path, extra: &[&str]) -> DaemonProc {
         let mut d = DaemonProc {

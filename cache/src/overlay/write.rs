@@ -122,6 +122,9 @@ impl Overlay {
     /// commit waits for) is never held across a network fetch. Errors are left to the
     /// locked read-modify-write, which reports them.
     async fn fetch_edges(&self, offset: u64, end: u64) {
+        if offset >= end {
+            return;
+        }
         let mut scratch = [0u8; BLOCK];
         for pos in [offset, end.saturating_sub(1)] {
             let block = pos / BLOCK_SIZE;

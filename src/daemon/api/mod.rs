@@ -110,6 +110,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/node", get(health::node_info))
+        .route("/v1/peer/chunks/{digest}", get(peer_chunk))
         .route(
             "/v1/scrub",
             get(health::scrub_status).post(health::start_scrub),
@@ -370,6 +371,9 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .cache_write_failures
         .set(health.write_failures());
     node.metrics.cache_corrupt_files.set(store.corrupt_files());
+    if let Some(peers) = &node.peers {
+        node.metrics.set_peer_stats(&peers.stats());
+    }
     for r in node.replicas() {
         let label = crate::daemon::counters::TemplateLabel {
             template: r.id().to_string(),
@@ -389,6 +393,80 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     crate::metrics::response(&registry)
+}
+
+/// Query of `GET /v1/peer/chunks/{digest}`.
+#[derive(serde::Deserialize)]
+pub struct PeerChunkQuery {
+    /// The chunk's length (from the asker's manifest): bounds what the owner fetches.
+    len: u64,
+}
+
+/// The largest chunk (DESIGN section 2).
+const MAX_CHUNK: u64 = 16 << 20;
+
+/// An owner's fetch-and-serve (DESIGN section 10): the chunk from this node's cache, or
+/// fetched once from the store (never from a peer, so requests cannot loop), cached and
+/// served. Needs the peer token when one is set.
+async fn peer_chunk(
+    State(state): State<ApiState>,
+    Path(digest): Path<String>,
+    Query(query): Query<PeerChunkQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.peer_token {
+        if !crate::auth::carries(&headers, token) {
+            return Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "peer chunk reads need this daemon's peer token (--peer-token)".into(),
+            ));
+        }
+    }
+    let digest: Digest = digest
+        .parse()
+        .map_err(|e: lazyblk_cache::digest::DigestParseError| {
+            ApiError(StatusCode::BAD_REQUEST, e.to_string())
+        })?;
+    if query.len == 0 || query.len > MAX_CHUNK {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("len={} is not a chunk length (1 to {MAX_CHUNK})", query.len),
+        ));
+    }
+    let node = &state.node;
+    let chunk = lazyblk_cache::ChunkRef {
+        template: "peer request".into(),
+        index: 0,
+        digest,
+        len: query.len,
+    };
+    let got = node
+        .cache
+        .get(&chunk, node.store_sources())
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let bytes = match got {
+        lazyblk_cache::Chunk::Verified { bytes, .. } => bytes,
+        lazyblk_cache::Chunk::File(file) => {
+            let read = tokio::task::spawn_blocking(move || file.read_all())
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            read.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .into()
+        }
+    };
+    if bytes.len() as u64 != query.len {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("chunk {digest} is {} bytes, not {}", bytes.len(), query.len),
+        ));
+    }
+    node.metrics.peer_served(bytes.len() as u64);
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from(bytes),
+    )
+        .into_response())
 }
 
 /// Serves a local chunk to a peer node (this node is an origin of its commits).

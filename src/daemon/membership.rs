@@ -1,0 +1,162 @@
+//! How this node finds the fleet (DESIGN section 10): with `--advertise` and a store
+//! server, it renews a lease there every heartbeat and takes the live nodes from the
+//! answer; with `--peers URL,...` or `--peers dns:NAME:PORT` (re-resolved), it asks each
+//! address for its id (`GET /v1/node`) instead. Either way the result goes to the
+//! node's [`PeerSet`]; membership is soft state, and a node that cannot see it reads
+//! from the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lazyblk_cache::{Member, PeerSet};
+use tokio::sync::watch;
+
+use crate::store::client::StoreClient;
+use crate::store::nodes::{Heartbeat, HEARTBEAT};
+
+/// How often `--peers` is resolved and probed again.
+const PEERS_REFRESH: Duration = Duration::from_secs(3);
+/// How long one probe of a peer's `/v1/node` may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the membership comes from.
+#[derive(Clone, Debug)]
+pub enum Discovery {
+    /// Leases on the store server.
+    Store,
+    /// Fixed peer URLs.
+    Static(Vec<String>),
+    /// A DNS name whose addresses are the peers, all on one port.
+    Dns { name: String, port: u16 },
+}
+
+impl Discovery {
+    /// Parses `--peers`: `dns:NAME:PORT` or a comma-separated list of URLs.
+    pub fn parse_peers(spec: &str) -> Result<Discovery, String> {
+        if let Some(rest) = spec.strip_prefix("dns:") {
+            let (name, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| format!("--peers {spec:?}: expected dns:NAME:PORT"))?;
+            let port = port
+                .parse()
+                .map_err(|_| format!("--peers {spec:?}: {port:?} is not a port"))?;
+            return Ok(Discovery::Dns {
+                name: name.to_string(),
+                port,
+            });
+        }
+        let urls: Vec<String> = spec
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
+            return Err(format!("--peers: {bad:?} is not an http:// URL"));
+        }
+        Ok(Discovery::Static(urls))
+    }
+}
+
+/// Keeps `peers` in step with the fleet until `stop`.
+pub async fn run(
+    discovery: Discovery,
+    store: StoreClient,
+    node_id: String,
+    advertise: String,
+    peers: Arc<PeerSet>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let http = store.http().clone();
+    let mut reachable = true;
+    loop {
+        let interval = match &discovery {
+            Discovery::Store => {
+                let beat = Heartbeat {
+                    url: advertise.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                };
+                match store.heartbeat(&node_id, &beat).await {
+                    Ok(live) => {
+                        if !reachable {
+                            tracing::info!("store membership reachable again");
+                            reachable = true;
+                        }
+                        peers.set_members(
+                            live.into_iter()
+                                .map(|n| Member {
+                                    id: n.id,
+                                    url: n.url,
+                                })
+                                .collect(),
+                        );
+                    }
+                    Err(e) => {
+                        if reachable {
+                            tracing::warn!(error = %e, "cannot renew this node's lease; keeping the last membership");
+                            reachable = false;
+                        }
+                    }
+                }
+                HEARTBEAT
+            }
+            Discovery::Static(urls) => {
+                peers.set_members(probe_all(&http, urls.clone()).await);
+                PEERS_REFRESH
+            }
+            Discovery::Dns { name, port } => {
+                match tokio::net::lookup_host((name.as_str(), *port)).await {
+                    Ok(addrs) => {
+                        let urls = addrs.map(|a| format!("http://{a}")).collect();
+                        peers.set_members(probe_all(&http, urls).await);
+                    }
+                    Err(e) => tracing::debug!(name, error = %e, "resolving --peers"),
+                }
+                PEERS_REFRESH
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The members among `urls`: those that answer `GET /v1/node` with a node id (a URL
+/// that is down, or not a lazyblk daemon, is left out).
+async fn probe_all(http: &reqwest::Client, urls: Vec<String>) -> Vec<Member> {
+    let probes = urls.into_iter().map(|url| async move {
+        let answer = http
+            .get(format!("{url}/v1/node"))
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        let info: serde_json::Value = answer.json().await.ok()?;
+        let id = info.get("node_id")?.as_str()?.to_string();
+        Some(Member { id, url })
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_urls_or_a_dns_name() {
+        assert!(matches!(
+            Discovery::parse_peers("http://a:7071, http://b:7071/").unwrap(),
+            Discovery::Static(u) if u == ["http://a:7071", "http://b:7071"]
+        ));
+        assert!(matches!(
+            Discovery::parse_peers("dns:lazyblk.svc:7071").unwrap(),
+            Discovery::Dns { name, port: 7071 } if name == "lazyblk.svc"
+        ));
+        assert!(Discovery::parse_peers("dns:nope").is_err());
+        assert!(Discovery::parse_peers("ftp://x").is_err());
+    }
+}
