@@ -117,7 +117,9 @@ pub struct DaemonArgs {
     /// Bytes the chunk cache may take (e.g. 20G, 512M; 0 = no limit).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub cache_size: u64,
-    /// URL of the artifact store.
+    /// The artifact store: a store server (http://HOST:PORT), or an object store read
+    /// directly, s3://BUCKET/PREFIX?endpoint=URL[&region=R] (credentials from
+    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; no store process needed).
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// HTTP address for the daemon's API, /metrics and chunk serving to peers.
@@ -198,7 +200,8 @@ pub struct PublishArgs {
     /// Template id: [a-z0-9][a-z0-9._-]{0,127}.
     #[arg(long)]
     pub template: String,
-    /// URL of the artifact store.
+    /// The artifact store: a store server (http://...) or s3://BUCKET/PREFIX?endpoint=URL
+    /// written directly (the manifest is created only if absent).
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// Chunk size: a power of two from 64K to 16M.
@@ -232,7 +235,8 @@ pub struct BuildArgs {
     /// Template id: [a-z0-9][a-z0-9._-]{0,127}.
     #[arg(long)]
     pub template: String,
-    /// URL of the artifact store.
+    /// The artifact store: a store server (http://...) or s3://BUCKET/PREFIX?endpoint=URL
+    /// written directly (the manifest is created only if absent).
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// Chunk size: a power of two from 64K to 16M.

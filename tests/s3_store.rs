@@ -241,3 +241,101 @@ fn an_s3_bucket_backs_the_store() {
         .expect("reading the manifest");
     assert_eq!(status, 200);
 }
+
+/// Issue 11: a daemon on `--store s3://...` reads manifests and chunks straight from the
+/// bucket, with no store process at all; `publish --store s3://...` writes there
+/// directly (a manifest only if absent). Then a second daemon reads the first one's
+/// commit through the bucket once it is uploaded.
+#[test]
+fn a_daemon_reads_the_bucket_directly_without_a_store_process() {
+    if !garage_on_path() && std::env::var_os("LAZYBLK_S3_TEST").is_none() {
+        eprintln!("skipping the direct S3 test: garage is not on PATH");
+        return;
+    }
+    let garage = Garage::start();
+    let endpoint = garage.var("LAZYBLK_S3_ENDPOINT");
+    let bucket = format!("s3://lazyblk/direct?endpoint={endpoint}");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = make_ext4(
+        tmp.path(),
+        32,
+        &[("usr/bin/big", pattern(9 * CHUNK + 5, 21))],
+    );
+    let with_env = |mut cmd: Command| {
+        for (k, v) in &garage.env {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    let mut publish = with_env(lazyblk());
+    let out = publish
+        .args([
+            "publish",
+            image.to_str().unwrap(),
+            "--template",
+            "direct",
+            "--store",
+            &bucket,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "publish to the bucket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same content again is a no-op; other content under the id is refused.
+    let other = make_ext4(tmp.path(), 32, &[("x", b"other".to_vec())]);
+    let out = with_env(lazyblk())
+        .args([
+            "publish",
+            other.to_str().unwrap(),
+            "--template",
+            "direct",
+            "--store",
+            &bucket,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "other content under the same id was published"
+    );
+
+    let http = free_port();
+    let cache = tmp.path().join("cache");
+    let sock = cache.join("nbd.sock");
+    let mut daemon = with_env(lazyblk())
+        .args([
+            "daemon",
+            "--cache",
+            cache.to_str().unwrap(),
+            "--store",
+            &bucket,
+        ])
+        .args(["--listen", &format!("127.0.0.1:{http}")])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_http(&format!("http://127.0.0.1:{http}/healthz"));
+    let copy = tmp.path().join("copy.img");
+    let uri = format!("nbd+unix:///direct?socket={}", sock.display());
+    let (ok, _, err) = sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(ok, "nbdcopy from a daemon on the bucket: {err}");
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap());
+    let (ok, out, err) = {
+        let o = with_env(lazyblk())
+            .args(["templates", "--store", &bucket, "--json"])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "templates on the bucket: {err}");
+    assert!(out.contains("\"direct\""), "{out}");
+}

@@ -388,7 +388,7 @@ impl FillScheduler {
                     .unwrap_or_else(|e| e.into_inner())
                     .phase()
                     == Phase::Failed;
-                if failed && self.node.store.templates().await.is_ok() {
+                if failed && self.node.store.template_ids().await.is_ok() {
                     tracing::info!(
                         template = replica.id(),
                         "store answers again; resuming fill"

@@ -24,6 +24,10 @@ pub struct NodeInfo {
     pub cache_last_write_error: Option<String>,
     /// Cached chunk files found corrupt and dropped since start.
     pub cache_corrupt_files: u64,
+    /// The fleet's other live nodes as this node sees them (empty without membership).
+    pub peers: Vec<lazyblk_cache::Member>,
+    /// What each peer delivered to this node.
+    pub peer_stats: std::collections::BTreeMap<String, lazyblk_cache::PeerStats>,
 }
 
 impl NodeInfo {
@@ -41,6 +45,12 @@ impl NodeInfo {
             cache_write_failures: health.write_failures(),
             cache_last_write_error: health.last_error(),
             cache_corrupt_files: store.corrupt_files(),
+            peers: node
+                .peers
+                .as_ref()
+                .map(|p| p.members().to_vec())
+                .unwrap_or_default(),
+            peer_stats: node.peers.as_ref().map(|p| p.stats()).unwrap_or_default(),
         }
     }
 }

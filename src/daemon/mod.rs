@@ -56,7 +56,6 @@ use crate::daemon::fill::{FillConfig, FillScheduler};
 use crate::daemon::node::{Node, NodeConfig};
 use crate::daemon::state::StateDb;
 use crate::daemon::trace::TraceTiming;
-use crate::store::client::StoreClient;
 
 /// The file-descriptor limit the daemon asks for: open chunk files, NBD connections and
 /// FUSE handles all take descriptors.
@@ -77,15 +76,22 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cache = Arc::new(
         ChunkCache::new(chunk_store, metrics.clone(), deadline).with_read_budget(read_budget),
     );
-    let store = StoreClient::new(
+    let store = crate::store::direct::connect(
         &args.store,
         args.write_token.clone(),
         args.read_token.clone(),
-    );
+    )
+    .with_context(|| format!("opening the store {}", args.store))?;
 
     let discovery = match (&args.peers, &args.advertise) {
         (Some(spec), _) => {
             Some(membership::Discovery::parse_peers(spec).map_err(anyhow::Error::msg)?)
+        }
+        (None, Some(_)) if store.direct().is_some() => {
+            tracing::warn!(
+                "--advertise without a store server: no membership; give --peers for peers"
+            );
+            None
         }
         (None, Some(_)) => Some(membership::Discovery::Store),
         (None, None) => None,

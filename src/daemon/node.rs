@@ -123,12 +123,15 @@ impl Node {
                 config.peer_token.clone(),
             ))
         });
-        let store_sources: Arc<[Source]> = vec![Source::Http(HttpSource::new(
-            store.http().clone(),
-            store.url(),
-            config.read_token.clone(),
-        ))]
-        .into();
+        let store_source = match store.direct().and_then(|d| d.chunk_source()) {
+            Some(object) => Source::Object(object),
+            None => Source::Http(HttpSource::new(
+                store.http().clone(),
+                store.url(),
+                config.read_token.clone(),
+            )),
+        };
+        let store_sources: Arc<[Source]> = vec![store_source].into();
         Ok(Node {
             uploads: Uploads::new(
                 store.clone(),
@@ -323,14 +326,12 @@ impl Node {
     /// Learns every template the store lists (their manifests are small), so that the
     /// FUSE mount shows them and status lists them. Returns how many were new.
     pub async fn learn_store_templates(&self) -> usize {
-        let Ok(list) = self.store.templates().await else {
+        let Ok(ids) = self.store.template_ids().await else {
             return 0;
         };
         let mut learned = 0;
-        for summary in list {
-            if self.known(&summary.template).is_none()
-                && self.replica(&summary.template).await.is_ok()
-            {
+        for id in ids {
+            if self.known(&id).is_none() && self.replica(&id).await.is_ok() {
                 learned += 1;
             }
         }
@@ -401,9 +402,8 @@ impl Node {
                 return names.clone();
             }
         }
-        match self.store.templates().await {
-            Ok(list) => {
-                let names: Vec<String> = list.into_iter().map(|t| t.template).collect();
+        match self.store.template_ids().await {
+            Ok(names) => {
                 *cached = Some((std::time::Instant::now(), names.clone()));
                 names
             }

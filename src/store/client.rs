@@ -1,6 +1,7 @@
 //! [`StoreClient`], the client of the store's HTTP API used by publish and the daemon,
 //! and the commands built on it: `templates`, `delete`, `gc`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use lazyblk_cache::{validate_id, Digest, Manifest, ManifestError};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
+use super::direct::Direct;
 use super::{GcReport, TemplateSummary, TraceDoc};
 use crate::cli::{DeleteArgs, GcArgs, TemplatesArgs};
 
@@ -57,6 +59,12 @@ pub enum StoreError {
         what: String,
         detail: String,
     },
+    /// An object store read directly failed.
+    #[error("object store {url}: {detail}")]
+    Object { url: String, detail: String },
+    /// The operation needs a store server (membership, gc, scrub over HTTP).
+    #[error("{what} needs a store server (http://), not an object store ({url})")]
+    NeedsServer { what: String, url: String },
     /// A template id outside `[a-z0-9][a-z0-9._-]{0,127}` (checked before any request).
     #[error(transparent)]
     InvalidId(#[from] ManifestError),
@@ -82,6 +90,14 @@ pub struct StoreClient {
     /// Sent with chunk reads by users of [`StoreClient::http`]; kept here for them.
     #[allow(dead_code, reason = "read by the daemon's chunk sources")]
     read_token: Option<String>,
+    /// Set for an object store read directly: every call goes there instead.
+    direct: Option<Arc<Direct>>,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("object store")
+    }
 }
 
 impl StoreClient {
@@ -96,7 +112,32 @@ impl StoreClient {
             http,
             write_token: write_token.filter(|t| !t.is_empty()),
             read_token: read_token.filter(|t| !t.is_empty()),
+            direct: None,
         }
+    }
+
+    /// This client over an object store read directly.
+    pub fn with_direct(mut self, direct: Arc<Direct>) -> StoreClient {
+        self.direct = Some(direct);
+        self
+    }
+
+    /// The object store read directly, if this client has one.
+    pub fn direct(&self) -> Option<&Arc<Direct>> {
+        self.direct.as_ref()
+    }
+
+    /// The ids of the store's templates (what OPT_LIST and the daemon's learning need).
+    pub async fn template_ids(&self) -> Result<Vec<String>, StoreError> {
+        if let Some(d) = &self.direct {
+            return d.template_ids().await;
+        }
+        Ok(self
+            .templates()
+            .await?
+            .into_iter()
+            .map(|t| t.template)
+            .collect())
     }
 
     /// The shared HTTP client (one pool), for chunk sources.
@@ -117,6 +158,9 @@ impl StoreClient {
 
     /// The manifest of `id`; `None` when the store does not have it.
     pub async fn manifest(&self, id: &str) -> Result<Option<Manifest>, StoreError> {
+        if let Some(d) = &self.direct {
+            return d.manifest(id).await;
+        }
         validate_id(id)?;
         let what = format!("the manifest of {id}");
         let request = self
@@ -136,6 +180,9 @@ impl StoreClient {
 
     /// Every template in the store with its durability.
     pub async fn templates(&self) -> Result<Vec<TemplateSummary>, StoreError> {
+        if let Some(d) = &self.direct {
+            return d.templates().await;
+        }
         let what = "the template list";
         let request = self.http.get(self.endpoint("/v1/templates"));
         let bytes = self.send(request, METADATA_TIMEOUT, what).await?.1;
@@ -144,6 +191,9 @@ impl StoreClient {
 
     /// Publishes a manifest. Another manifest under its id is a [`StoreError::Conflict`].
     pub async fn put_manifest(&self, m: &Manifest) -> Result<PutOutcome, StoreError> {
+        if let Some(d) = &self.direct {
+            return d.put_manifest(m).await;
+        }
         validate_id(&m.template)?;
         let what = format!("publishing the manifest of {}", m.template);
         let request = self
@@ -170,6 +220,9 @@ impl StoreClient {
 
     /// The digests among `digests` that the store does not have.
     pub async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        if let Some(d) = &self.direct {
+            return d.missing(digests).await;
+        }
         let mut missing = Vec::new();
         for batch in digests.chunks(MISSING_BATCH) {
             let what = format!("the missing list of {} chunks", batch.len());
@@ -186,6 +239,9 @@ impl StoreClient {
 
     /// Uploads one chunk; the store verifies it against `digest`.
     pub async fn put_chunk(&self, digest: &Digest, bytes: Bytes) -> Result<(), StoreError> {
+        if let Some(d) = &self.direct {
+            return d.put_chunk(digest, bytes).await;
+        }
         let what = format!("uploading chunk {digest}");
         let request = self
             .write(
@@ -199,6 +255,9 @@ impl StoreClient {
 
     /// The recorded prefetch order of `id`; `None` when none is recorded.
     pub async fn trace(&self, id: &str) -> Result<Option<Vec<usize>>, StoreError> {
+        if let Some(d) = &self.direct {
+            return d.trace(id).await;
+        }
         validate_id(id)?;
         let what = format!("the trace of {id}");
         let request = self
@@ -212,6 +271,9 @@ impl StoreClient {
 
     /// Records the prefetch order of `id` (replacing an earlier one).
     pub async fn put_trace(&self, id: &str, chunks: &[usize]) -> Result<(), StoreError> {
+        if let Some(d) = &self.direct {
+            return d.put_trace(id, chunks).await;
+        }
         validate_id(id)?;
         let what = format!("storing the trace of {id}");
         let doc = TraceDoc {
@@ -233,6 +295,9 @@ impl StoreClient {
 
     /// Removes a template's manifest and trace (chunks stay until gc).
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(d) = &self.direct {
+            return d.delete(id).await;
+        }
         validate_id(id)?;
         let what = format!("deleting template {id}");
         let request = self.write(
@@ -268,6 +333,12 @@ impl StoreClient {
         beat: &crate::store::nodes::Heartbeat,
     ) -> Result<Vec<crate::store::nodes::NodeEntry>, StoreError> {
         let what = "a heartbeat";
+        if self.direct.is_some() {
+            return Err(StoreError::NeedsServer {
+                what: what.into(),
+                url: self.url.clone(),
+            });
+        }
         let request = self
             .write(self.http.put(self.endpoint(&format!("/v1/nodes/{node}"))))
             .json(beat);
@@ -374,7 +445,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// `lazyblk templates`: the store's templates as a table or JSON.
 pub async fn list_command(args: TemplatesArgs) -> anyhow::Result<()> {
-    let client = StoreClient::new(&args.store, None, None);
+    let client = super::direct::connect(&args.store, None, None)?;
     let templates = client.templates().await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&templates)?);
@@ -461,7 +532,7 @@ pub async fn gc_command(args: GcArgs) -> anyhow::Result<()> {
 
 /// `lazyblk nodes`: the live nodes of the store's fleet.
 pub async fn nodes_command(args: crate::cli::NodesArgs) -> anyhow::Result<()> {
-    let client = StoreClient::new(&args.store, None, None);
+    let client = super::direct::connect(&args.store, None, None)?;
     let nodes = client
         .nodes()
         .await

@@ -8,6 +8,7 @@
 //! - [`api`]: the axum routes, bearer tokens and the store's counters.
 //! - [`client`]: [`client::StoreClient`], used by publish and the daemon, and the
 //!   `templates`, `delete`, `gc` and `nodes` commands.
+//! - [`direct`]: the client's operations straight on object storage (no store server).
 //! - [`nodes`]: the fleet's membership, node leases kept as soft state.
 //! - This file: [`run`] and the JSON documents the server and the client share.
 //!
@@ -20,6 +21,7 @@
 pub mod api;
 pub mod backend;
 pub mod client;
+pub mod direct;
 pub mod nodes;
 
 use std::sync::Arc;

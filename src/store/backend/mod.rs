@@ -132,7 +132,29 @@ macro_rules! dispatch {
     };
 }
 
+/// The object engine over `url` (`s3://BUCKET/PREFIX?endpoint=URL`).
+pub fn object_backend(url: &str) -> Result<Backend, BackendError> {
+    ObjectBackend::open(url).map(Backend::Object)
+}
+
 impl Backend {
+    /// The ids of every stored manifest (no summaries: one listing request).
+    pub async fn ids(&self) -> Result<Vec<String>, BackendError> {
+        dispatch!(self, b => b.ids().await)
+    }
+
+    /// A chunk source that reads this engine's chunks directly (object storage only).
+    pub fn object_source(&self, name: &str) -> Option<lazyblk_cache::ObjectSource> {
+        match self {
+            Backend::Object(o) => Some(lazyblk_cache::ObjectSource::new(
+                o.store.clone(),
+                o.prefix.as_ref(),
+                name,
+            )),
+            Backend::Dir(_) => None,
+        }
+    }
+
     /// The stored manifest bytes of `id`, if any.
     pub async fn manifest_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, BackendError> {
         dispatch!(self, b => b.manifest_bytes(id).await)
