@@ -14,7 +14,9 @@
 # random reads at queue depth 16, B4 lazy boot through the FUSE file (bytes fetched,
 # first byte), B5 fill to READY (time, and read latency during the fill), B6 commit
 # time of a 1 GiB vs an 8 GiB template, B7 the daemon's peak RSS, B8 FUSE sequential
-# read. A figure whose feature is missing is reported as "not measured: <reason>".
+# read, B9 a launch wave of N daemons reading one new template at once (the store's
+# bytes per template byte with peers and without, for N = 2, 4, 8).
+# A figure whose feature is missing is reported as "not measured: <reason>".
 # Exits 0 when targets are missed (the table says so), non-zero when the bench breaks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -247,7 +249,7 @@ fio_p99_us() { jq -r '.jobs[0].read.clat_ns.percentile["99.000000"] / 1000' "$1"
 scripts/setup.sh >&2
 log "cargo build --release"
 cargo build --release --quiet
-bin=$repo/target/release/lazyblk
+bin=${BENCH_BIN:-$repo/target/release/lazyblk}
 mkdir -p "$work/logs"
 clear_leftovers
 rm -f "$work"/logs/*
@@ -551,6 +553,81 @@ else
 fi
 
 daemon_stop "B8 + B6"
+
+# --- B9: a launch wave ---------------------------------------------------------------
+
+# N daemons on this machine, each with --advertise (peers by chunk ownership) or without
+# (each node pulls every chunk from the store), read one new template at once with
+# nbdcopy. The store's bytes sent / the template's stored bytes is what a fleet pays.
+wave_mib=${BENCH_WAVE_MIB:-128}
+wave_pids=()
+wave_start() { # N PEERS(yes|no) TAG
+  local n=$1 peers=$2 tag=$3 i port
+  wave_nodes=()
+  for i in $(seq "$n"); do
+    port=$(free_port)
+    local adv=()
+    [ "$peers" = yes ] && adv=(--advertise "http://127.0.0.1:$port")
+    rm -rf "$work/wave/$tag-$i"
+    "$bin" daemon --cache "$work/wave/$tag-$i" --store "$store" --listen "127.0.0.1:$port" \
+      --nbd "unix:$work/wave/$tag-$i.sock" "${adv[@]}" >>"$work/logs/wave.log" 2>&1 &
+    wave_pids+=($!)
+    wave_nodes+=("$work/wave/$tag-$i.sock")
+    wait_http "http://127.0.0.1:$port/healthz"
+  done
+  if [ "$peers" = yes ]; then
+    for _ in $(seq 100); do
+      [ "$("$bin" nodes --store "$store" --json | jq length)" -ge "$n" ] && break
+      sleep 0.1
+    done
+    sleep 2.5 # one more heartbeat: every node has the whole list
+  fi
+}
+wave_stop() { for p in "${wave_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; wave_pids=(); }
+wave_read() { # TEMPLATE: every node of the wave reads it at once; prints the wall time
+  local t0 t1 pids=() s
+  t0=$(now_ns)
+  for s in "${wave_nodes[@]}"; do
+    nbdcopy "nbd+unix:///$1?socket=$s" null: 2>>"$work/logs/commands.err" &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || die "a wave read failed (see $work/logs/commands.err)"; done
+  t1=$(now_ns)
+  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", (b - a) / 1e9 }'
+}
+log "B9 launch waves: N daemons reading one new ${wave_mib} MiB template at once, peers on and off"
+mkdir -p "$work/wave/src"
+head -c "$((wave_mib * MIB * 9 / 10))" /dev/urandom >"$work/wave/src/data"
+mkfs.ext4 -q -F -b 4096 -d "$work/wave/src" "$work/wave.img" "${wave_mib}M" 2>>"$work/logs/commands.err"
+wave_round=0
+for peers in yes no; do
+  for n in 2 4 8; do
+    wave_round=$((wave_round + 1))
+    id="wave-$wave_round"
+    "$bin" publish "$work/wave.img" --template "$id" --store "$store" >/dev/null 2>>"$work/logs/commands.err"
+    stored=$(curl -sf "$store/v1/templates/$id" | jq .stored_bytes)
+    wave_start "$n" "$peers" "$id"
+    before=$(served)
+    t=$(wave_read "$id")
+    ratio=$(calc %.2f "($(served) - $before) / $stored")
+    wave_stop
+    eval "wave_${peers}_${n}=\$ratio wave_t_${peers}_${n}=\$t"
+  done
+done
+# One node's cold read of a new template, for the wave's wall time.
+"$bin" publish "$work/wave.img" --template wave-one --store "$store" >/dev/null 2>>"$work/logs/commands.err"
+wave_start 1 no one
+one=$(wave_read wave-one)
+wave_stop
+rm -rf "$work/wave" "$work/wave.img"
+for n in 2 4 8; do
+  on=$(eval echo "\$wave_yes_$n") off=$(eval echo "\$wave_no_$n")
+  ton=$(eval echo "\$wave_t_yes_$n") toff=$(eval echo "\$wave_t_no_$n")
+  row "B9 wave of $n nodes: store bytes sent / template bytes, peers on" "${on}x (wall $ton s)" \
+    "peers off: ${off}x (wall $toff s); one node alone: $one s" "$(calc %.2f "$ton / $one")x of one node's time" \
+    "<= 1.2x store bytes" "$(meets "$on" "<=" 1.2)"
+done
+note "B9: ${wave_mib} MiB ext4 of random data, each wave on a template no node has read; wall times include every node's nbdcopy"
 
 # --- report ------------------------------------------------------------------------------
 

@@ -58,8 +58,14 @@ pub enum Command {
     /// bad ones (a node fetches them again on demand; a store gets them back from the
     /// next publish or upload of that content).
     Scrub(ScrubArgs),
-    /// List the live nodes of a store's fleet (their leases).
+    /// List the live nodes of a store's fleet (their leases, replicas, cache).
     Nodes(NodesArgs),
+    /// Remove a fleet wish recorded by `warm --all-nodes|--nodes|--min-replicas`; the
+    /// nodes unpin the template at their next heartbeat.
+    Unwarm(UnwarmArgs),
+    /// The store's label policy: minimum versions; templates below them are STALE.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -264,6 +270,12 @@ pub struct TemplatesArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Only templates with this label (KEY=VALUE; repeatable, all must match).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Only STALE templates (below the store's label policy): what to rebuild.
+    #[arg(long)]
+    pub stale: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -273,6 +285,10 @@ pub struct DeleteArgs {
     /// URL of the artifact store.
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
+    /// Delete even while live nodes report users of it (they keep serving the chunks
+    /// they hold; gc spares the chunks while a live node uses them).
+    #[arg(long)]
+    pub force: bool,
     /// Bearer token for writes to the store.
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
     pub write_token: Option<String>,
@@ -315,6 +331,12 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// One line per live node of the fleet for the template (needs --store).
+    #[arg(long, requires = "template", requires = "store")]
+    pub fleet: bool,
+    /// The store server whose fleet to show (with --fleet).
+    #[arg(long)]
+    pub store: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -328,6 +350,79 @@ pub struct WarmArgs {
     /// Restart a FAILED fill.
     #[arg(long)]
     pub redo: bool,
+    /// Fleet: keep the template READY on every live node, and on nodes that join later
+    /// (recorded in the store given by --store; nodes pull it at their next heartbeat).
+    #[arg(long, requires = "store", conflicts_with_all = ["nodes", "min_replicas", "failed"])]
+    pub all_nodes: bool,
+    /// Fleet: keep it READY on these nodes (ids or addresses, comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "store", conflicts_with_all = ["min_replicas", "failed"])]
+    pub nodes: Vec<String>,
+    /// Fleet: keep it READY on at least K live nodes.
+    #[arg(long, value_name = "K", requires = "store", conflicts_with = "failed")]
+    pub min_replicas: Option<usize>,
+    /// Fleet: retry the nodes where the template FAILED.
+    #[arg(long, requires = "store")]
+    pub failed: bool,
+    /// The store server holding the fleet's desired state (with the fleet flags).
+    #[arg(long)]
+    pub store: Option<String>,
+}
+
+impl WarmArgs {
+    /// Whether this warm is a wish for the fleet rather than one node's fill.
+    pub fn is_fleet(&self) -> bool {
+        self.all_nodes || !self.nodes.is_empty() || self.min_replicas.is_some() || self.failed
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UnwarmArgs {
+    pub template: String,
+    /// The store server holding the fleet's desired state.
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// Bearer token for writes to the store.
+    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Require a minimum version of a label: templates below it are STALE.
+    Set(PolicySetArgs),
+    /// Remove a label's minimum.
+    Unset(PolicyUnsetArgs),
+    /// Show the minimums.
+    List(PolicyListArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PolicySetArgs {
+    /// The label key, e.g. guest_agent.
+    pub key: String,
+    /// The minimum, e.g. '>=1.4.2' (dotted numbers).
+    pub minimum: String,
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PolicyUnsetArgs {
+    pub key: String,
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PolicyListArgs {
+    #[arg(long, default_value = DEFAULT_STORE)]
+    pub store: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -10,6 +10,8 @@
 //!   background fill, traces, the HTTP API, the state database.
 //! - [`control`]: the commands that talk to a daemon (status, warm, evict, overlay,
 //!   commit, attach, detach).
+//! - [`fleet`]: the template center's commands: fleet wishes (`warm --all-nodes`...,
+//!   `unwarm`), `status --fleet`, `policy`.
 //! - [`http_client`]: the HTTP client of the commands and the daemon; [`auth`]: bearer
 //!   tokens on both HTTP servers; [`http_server`]: their accept loop, with header and
 //!   idle timeouts.
@@ -26,6 +28,7 @@ mod build;
 mod cli;
 mod control;
 mod daemon;
+mod fleet;
 mod http_client;
 mod http_server;
 mod metrics;
@@ -81,8 +84,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Publish(args) => publish::run(args).await,
         Command::Build(args) => build::run(args).await,
         Command::Templates(args) => store::client::list_command(args).await,
+        Command::Status(args) if args.fleet => fleet::status(args).await,
         Command::Status(args) => control::status(args).await,
+        Command::Warm(args) if args.is_fleet() => fleet::warm(args).await,
         Command::Warm(args) => control::warm(args).await,
+        Command::Unwarm(args) => fleet::unwarm(args).await,
+        Command::Policy(cmd) => fleet::policy(cmd).await,
         Command::Evict(args) => control::evict(args).await,
         Command::Overlay(cmd) => control::overlay(cmd).await,
         Command::Commit(args) => control::commit(args).await,

@@ -6,72 +6,12 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use support::node::{sh, DaemonProc};
+use support::proxy::Proxy;
 use support::{make_ext4, pattern, publish, run, StoreProc};
-
-/// Milliseconds the proxy holds each chunk GET: `u64::MAX` stalls for good.
-struct Delay(AtomicU64);
-
-/// An HTTP proxy in front of the store that holds every chunk GET for the current
-/// delay, forwarding everything else as is.
-fn slow_proxy(store: &str, delay: Arc<Delay>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let store = store.trim_start_matches("http://").to_string();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { continue };
-            let (store, delay) = (store.clone(), delay.clone());
-            std::thread::spawn(move || {
-                let _ = forward(client, &store, &delay);
-            });
-        }
-    });
-    url
-}
-
-fn forward(mut client: TcpStream, store: &str, delay: &Delay) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if client.read(&mut byte)? == 0 {
-            return Ok(());
-        }
-        head.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
-    let length: usize = text
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    client.read_exact(&mut body)?;
-    if text.starts_with("GET /v1/chunks/") {
-        let ms = delay.0.load(Ordering::SeqCst);
-        if ms == u64::MAX {
-            std::thread::sleep(Duration::from_secs(120));
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(ms));
-    }
-    // One request per connection: ask the store to close after answering.
-    let head = text.replacen("\r\n", "\r\nConnection: close\r\n", 1);
-    let mut upstream = TcpStream::connect(store)?;
-    upstream.write_all(head.as_bytes())?;
-    upstream.write_all(&body)?;
-    let mut answer = Vec::new();
-    upstream.read_to_end(&mut answer)?;
-    client.write_all(&answer)
-}
 
 /// One NBD connection with simple replies and pipelined requests.
 struct Conn(TcpStream);
@@ -143,8 +83,8 @@ fn a_demand_read_does_not_wait_behind_a_prefetch_of_the_whole_template() {
     // several times over (before: one queue of 32 for every kind of fetch).
     let image = make_ext4(dir.path(), 160, &[("f", pattern(112 << 20, 21))]);
     publish(&store.url(), &image, "t");
-    let delay = Arc::new(Delay(AtomicU64::new(1000)));
-    let proxy = slow_proxy(&store.url(), delay.clone());
+    let proxy = Proxy::start(&store.url(), 1000);
+    let proxy = proxy.url;
     // Far into the file's data: the last chunks a whole-template prefetch would reach.
     let target = 104u64 << 20;
 
@@ -174,10 +114,9 @@ fn a_demand_read_fails_within_its_budget_when_every_source_stalls() {
     let other = make_ext4(dir.path(), 16, &[("g", pattern(8 << 20, 23))]);
     publish(&store.url(), &stalled, "stalled");
     publish(&store.url(), &other, "other");
-    let delay = Arc::new(Delay(AtomicU64::new(0)));
-    let proxy = slow_proxy(&store.url(), delay.clone());
+    let proxy = Proxy::start(&store.url(), 0);
     let node = DaemonProc::start(
-        &proxy,
+        &proxy.url,
         &dir.path().join("cache"),
         // The default source deadline (8 s) and two passes would take 16 s and more.
         &["--read-deadline", "3"],
@@ -186,7 +125,7 @@ fn a_demand_read_fails_within_its_budget_when_every_source_stalls() {
     let copy = dir.path().join("other.out");
     let (ok, _, err) = sh("nbdcopy", &[&node.nbd_uri("other"), copy.to_str().unwrap()]);
     assert!(ok, "{err}");
-    delay.0.store(u64::MAX, Ordering::SeqCst);
+    proxy.set(support::proxy::STALL);
     let uri = node.nbd_uri("stalled");
     let reader = std::thread::spawn(move || {
         let started = Instant::now();

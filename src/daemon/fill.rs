@@ -318,6 +318,30 @@ impl FillScheduler {
         Ok(removed)
     }
 
+    /// Stops keeping a replica READY (a wish was removed): its fill stops and its chunks
+    /// are unpinned, but stay cached (evictable) and the template is still served.
+    pub fn unpin(&self, replica: &Arc<Replica>) {
+        let was_pinned = {
+            let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(cancel) = state.cancel.take() {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            state.phase = Some(Phase::Pending);
+            std::mem::take(&mut state.pinned)
+        };
+        if was_pinned {
+            let store = self.node.cache.store();
+            for (_, digest) in replica.manifest().stored_chunks() {
+                store.unpin(&digest);
+            }
+        }
+        self.save(replica);
+        tracing::info!(
+            template = replica.id(),
+            "replica unpinned (no longer wished here)"
+        );
+    }
+
     /// Saves a replica's phase and progress.
     pub fn save(&self, replica: &Replica) {
         let record = {

@@ -11,8 +11,114 @@ use std::time::Duration;
 use lazyblk_cache::{Member, PeerSet};
 use tokio::sync::watch;
 
+use crate::daemon::fill::FillScheduler;
+use crate::daemon::node::Node;
+use crate::daemon::state::Phase;
+use crate::store::center::Want;
 use crate::store::client::StoreClient;
-use crate::store::nodes::{Heartbeat, HEARTBEAT};
+use crate::store::nodes::{Heartbeat, ReplicaReport, HEARTBEAT};
+
+/// The file that remembers which templates this node keeps warm because of a wish (and
+/// the redo count it last acted on), so that a removed wish is unpinned after a restart.
+const WISHED_FILE: &str = "wished.json";
+
+/// The replicas this node reports: those that are not merely known (a fill ran, or
+/// someone uses them), so a node that knows thousands of templates sends a short list.
+fn report(node: &Node) -> Vec<ReplicaReport> {
+    node.replicas()
+        .iter()
+        .filter_map(|r| {
+            let users = r.users();
+            let (phase, last_error) = {
+                let state = r.fill.lock().unwrap_or_else(|e| e.into_inner());
+                (state.phase(), state.last_error.clone())
+            };
+            if phase == Phase::Pending && users.is_empty() {
+                return None;
+            }
+            Some(ReplicaReport {
+                template: r.id().to_string(),
+                phase: phase.as_str().to_string(),
+                local_chunks: r.local_chunks(),
+                stored_chunks: r.manifest().stored_chunks().count(),
+                last_error,
+                users,
+            })
+        })
+        .collect()
+}
+
+/// Templates warmed here because the center wishes it, with the redo count acted on.
+struct Wished {
+    path: std::path::PathBuf,
+    templates: std::collections::BTreeMap<String, u64>,
+}
+
+impl Wished {
+    fn load(node: &Node) -> Wished {
+        let path = node.state_dir().join(WISHED_FILE);
+        let templates = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Wished { path, templates }
+    }
+
+    fn save(&self) {
+        let bytes = serde_json::to_vec(&self.templates).unwrap_or_default();
+        let tmp = self.path.with_extension("tmp");
+        let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            tracing::warn!(path = %self.path.display(), error = %e, "saving the wished templates");
+        }
+    }
+
+    /// Warms what is wanted here and not READY (a FAILED one again when its redo count
+    /// rose), and unpins what was wished here before and no longer is.
+    async fn reconcile(&mut self, node: &Arc<Node>, fill: &Arc<FillScheduler>, wanted: Vec<Want>) {
+        let mut changed = false;
+        for want in &wanted {
+            let replica = match node.replica(&want.template).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(template = %want.template, error = %e, "cannot warm a wished template");
+                    continue;
+                }
+            };
+            let acted = self.templates.get(&want.template).copied();
+            let redo = replica.phase() == Phase::Failed && acted.is_none_or(|r| want.redo > r);
+            match fill.warm(&replica, redo) {
+                Ok(phase) if acted.is_none() || redo => {
+                    tracing::info!(template = %want.template, ?phase, redo, "warming: wished on this node")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(template = %want.template, error = %e, "cannot warm a wished template")
+                }
+            }
+            if acted != Some(want.redo) {
+                self.templates.insert(want.template.clone(), want.redo);
+                changed = true;
+            }
+        }
+        let gone: Vec<String> = self
+            .templates
+            .keys()
+            .filter(|t| !wanted.iter().any(|w| &w.template == *t))
+            .cloned()
+            .collect();
+        for template in gone {
+            if let Some(replica) = node.known(&template) {
+                fill.unpin(&replica);
+            }
+            self.templates.remove(&template);
+            changed = true;
+        }
+        if changed {
+            self.save();
+        }
+    }
+}
 
 /// How often `--peers` is resolved and probed again.
 const PEERS_REFRESH: Duration = Duration::from_secs(3);
@@ -60,35 +166,41 @@ impl Discovery {
 /// Keeps `peers` in step with the fleet until `stop`.
 pub async fn run(
     discovery: Discovery,
-    store: StoreClient,
-    node_id: String,
-    advertise: String,
+    node: Arc<Node>,
+    fill: Arc<FillScheduler>,
     peers: Arc<PeerSet>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let store: StoreClient = node.store.clone();
     let http = store.http().clone();
     let mut reachable = true;
+    let mut wishes = Wished::load(&node);
     loop {
         let interval = match &discovery {
             Discovery::Store => {
                 let beat = Heartbeat {
-                    url: advertise.clone(),
+                    url: node.advertise.clone(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
+                    replicas: report(&node),
+                    cache_used_bytes: node.cache.store().used_bytes(),
                 };
-                match store.heartbeat(&node_id, &beat).await {
-                    Ok(live) => {
+                match store.heartbeat(&node.node_id, &beat).await {
+                    Ok(answer) => {
                         if !reachable {
                             tracing::info!("store membership reachable again");
                             reachable = true;
                         }
                         peers.set_members(
-                            live.into_iter()
+                            answer
+                                .nodes
+                                .into_iter()
                                 .map(|n| Member {
                                     id: n.id,
                                     url: n.url,
                                 })
                                 .collect(),
                         );
+                        wishes.reconcile(&node, &fill, answer.warm).await;
                     }
                     Err(e) => {
                         if reachable {

@@ -187,9 +187,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         if let Some(peers) = node.peers.clone() {
             tokio::spawn(membership::run(
                 discovery,
-                node.store.clone(),
-                node.node_id.clone(),
-                advertise.clone(),
+                node.clone(),
+                fill.clone(),
                 peers,
                 shutdown_rx.clone(),
             ));

@@ -58,6 +58,8 @@ pub struct Node {
     pub peers: Option<Arc<PeerSet>>,
     /// The store alone: what an owner fetches a peer's request from (never a peer).
     store_sources: Arc<[Source]>,
+    /// The cache directory, where the node keeps its state.
+    state_dir: PathBuf,
     /// Manifests of the templates this node has served, so a restart serves them
     /// without the store.
     manifests_dir: PathBuf,
@@ -148,6 +150,7 @@ impl Node {
             peer_token: config.peer_token,
             peers,
             store_sources,
+            state_dir: config.state_dir.clone(),
             manifests_dir,
             replicas: Registry::default(),
             trace_timing: config.trace_timing,
@@ -316,6 +319,11 @@ impl Node {
         }
         sources.extend(self.store_sources.iter().cloned());
         sources
+    }
+
+    /// The node's state directory (its cache directory).
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
     }
 
     /// The store alone, for fetches made on a peer's behalf.

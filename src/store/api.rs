@@ -39,6 +39,8 @@ pub struct AppState {
     backend: Arc<Backend>,
     /// The fleet's live nodes (leases renewed by heartbeats).
     nodes: Arc<super::nodes::Membership>,
+    /// Wishes and the label policy.
+    center: Arc<super::center::Center>,
     metrics: Arc<StoreMetrics>,
     tokens: Arc<Tokens>,
 }
@@ -46,11 +48,13 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         backend: Arc<Backend>,
+        center: Arc<super::center::Center>,
         write_token: Option<String>,
         read_token: Option<String>,
     ) -> AppState {
         AppState {
             backend,
+            center,
             nodes: Arc::default(),
             metrics: Arc::new(StoreMetrics::new()),
             tokens: Arc::new(Tokens {
@@ -80,6 +84,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/scrub", post(scrub))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{node}", axum::routing::put(renew_node))
+        .route("/v1/wishes", get(list_wishes))
+        .route(
+            "/v1/wishes/{id}",
+            axum::routing::put(put_wish).delete(delete_wish),
+        )
+        .route("/v1/wishes/{id}/redo", post(redo_wish))
+        .route("/v1/fleet/{id}", get(fleet_status))
+        .route("/v1/policy", get(get_policy))
+        .route("/v1/policy/{key}", axum::routing::put(put_policy))
         .route("/v1/chunks/missing", post(missing))
         .route(
             "/v1/chunks/{digest}",
@@ -111,6 +124,29 @@ struct StoreMetrics {
     digest_mismatch: Counter,
     manifests_published: Counter,
     http_requests: Family<HttpLabels, Counter>,
+    /// The template center's view, set at each scrape.
+    fleet: FleetGauges,
+}
+
+/// The template center's gauges (DESIGN section 10): live nodes, replicas by template
+/// and phase, the wishes' targets, STALE templates.
+#[derive(Default)]
+struct FleetGauges {
+    live_nodes: prometheus_client::metrics::gauge::Gauge,
+    replicas: Family<ReplicaLabels, prometheus_client::metrics::gauge::Gauge>,
+    wanted: Family<TemplateOnly, prometheus_client::metrics::gauge::Gauge>,
+    stale: Family<TemplateOnly, prometheus_client::metrics::gauge::Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    template: String,
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TemplateOnly {
+    template: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,8 +180,30 @@ impl StoreMetrics {
             "HTTP requests by route and status",
             http_requests.clone(),
         );
+        let fleet = FleetGauges::default();
+        registry.register(
+            "live_nodes",
+            "Nodes with a live lease",
+            fleet.live_nodes.clone(),
+        );
+        registry.register(
+            "replicas",
+            "Replicas of each template on live nodes, by phase",
+            fleet.replicas.clone(),
+        );
+        registry.register(
+            "replicas_wanted",
+            "Live nodes a wish wants each template READY on",
+            fleet.wanted.clone(),
+        );
+        registry.register(
+            "template_stale",
+            "1 for a template below the label policy",
+            fleet.stale.clone(),
+        );
         StoreMetrics {
             registry,
+            fleet,
             chunks_served,
             bytes_served,
             chunks_uploaded,
@@ -301,13 +359,84 @@ fn json_bytes(bytes: Vec<u8>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let live = state.nodes.live();
+    let fleet = &state.metrics.fleet;
+    fleet.live_nodes.set(live.len() as i64);
+    fleet.replicas.clear();
+    for n in &live {
+        for r in &n.replicas {
+            fleet
+                .replicas
+                .get_or_create(&ReplicaLabels {
+                    template: r.template.clone(),
+                    phase: r.phase.clone(),
+                })
+                .inc();
+        }
+    }
+    fleet.wanted.clear();
+    for w in state.center.wishes().await {
+        let wanted = state.center.counts(&w.template, &live).await.wanted;
+        fleet
+            .wanted
+            .get_or_create(&TemplateOnly {
+                template: w.template,
+            })
+            .set(wanted as i64);
+    }
+    let policy = state.center.policy().await;
+    fleet.stale.clear();
+    if !policy.is_empty() {
+        if let Ok(mut list) = state.backend.list().await {
+            for t in &mut list {
+                enrich(&state, t, &live, &policy).await;
+                fleet
+                    .stale
+                    .get_or_create(&TemplateOnly {
+                        template: t.template.clone(),
+                    })
+                    .set(i64::from(t.stale));
+            }
+        }
+    }
     crate::metrics::response(&state.metrics.registry)
 }
 
 async fn list_templates(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<TemplateSummary>>, ApiError> {
-    Ok(Json(state.backend.list().await?))
+    let mut list = state.backend.list().await?;
+    let live = state.nodes.live();
+    let policy = state.center.policy().await;
+    for t in &mut list {
+        enrich(&state, t, &live, &policy).await;
+    }
+    Ok(Json(list))
+}
+
+/// Adds the fleet's view (replicas) and the policy's verdict (STALE) to a summary.
+async fn enrich(
+    state: &AppState,
+    t: &mut TemplateSummary,
+    live: &[super::nodes::NodeEntry],
+    policy: &std::collections::BTreeMap<String, String>,
+) {
+    t.replicas = Some(state.center.counts(&t.template, live).await);
+    for (key, minimum) in policy {
+        let version = t.labels.get(key).map(String::as_str).unwrap_or("");
+        if super::center::below(version, minimum) {
+            t.stale = true;
+            t.stale_because = Some(format!(
+                "label {key}={} is below {minimum}",
+                if version.is_empty() {
+                    "(none)"
+                } else {
+                    version
+                }
+            ));
+            break;
+        }
+    }
 }
 
 async fn get_template(
@@ -315,16 +444,105 @@ async fn get_template(
     Path(id): Path<String>,
 ) -> Result<Json<TemplateSummary>, ApiError> {
     checked_id(&id)?;
-    Ok(Json(state.backend.summary(&id).await?))
+    let mut t = state.backend.summary(&id).await?;
+    let live = state.nodes.live();
+    let policy = state.center.policy().await;
+    enrich(&state, &mut t, &live, &policy).await;
+    Ok(Json(t))
 }
 
+/// The document of forced deletes still in use somewhere: template id to manifest.
+const TOMBSTONES_DOC: &str = "deleted.json";
+
+async fn tombstones(
+    state: &AppState,
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    Ok(match state.backend.doc(TOMBSTONES_DOC).await? {
+        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        None => Default::default(),
+    })
+}
+
+async fn save_tombstones(
+    state: &AppState,
+    t: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let bytes = serde_json::to_vec(t).unwrap_or_default();
+    Ok(state.backend.put_doc(TOMBSTONES_DOC, bytes).await?)
+}
+
+/// The chunks gc must keep although no manifest names them: those of templates deleted
+/// with --force that a live node still reports in use (an overlay's base, an export).
+/// Tombstones no live node uses any more are dropped.
+async fn chunks_in_use(state: &AppState) -> Result<std::collections::HashSet<Digest>, ApiError> {
+    let live = state.nodes.live();
+    let in_use = |id: &str| {
+        live.iter().any(|n| {
+            n.replicas
+                .iter()
+                .any(|r| r.template == id && !r.users.is_empty())
+        })
+    };
+    let mut tombstones = tombstones(state).await?;
+    let before = tombstones.len();
+    tombstones.retain(|id, _| in_use(id));
+    if tombstones.len() != before {
+        save_tombstones(state, &tombstones).await?;
+    }
+    let mut keep = std::collections::HashSet::new();
+    for (id, json) in &tombstones {
+        if let Ok(m) = lazyblk_cache::Manifest::parse(json.as_bytes(), Some(id)) {
+            keep.extend(m.stored_chunks().map(|(_, d)| d));
+        }
+    }
+    Ok(keep)
+}
+
+/// Query of `DELETE /v1/templates/{id}`.
+#[derive(Deserialize, Default)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// Removes a template, refused while a live node reports a user of it (the error names
+/// the nodes and users) unless `?force=true`. A forced delete keeps the manifest as a
+/// tombstone, so gc spares its chunks while any live node still uses them.
 async fn delete_template(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(query): Query<ForceQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     checked_id(&id)?;
+    let users: Vec<String> = state
+        .nodes
+        .live()
+        .iter()
+        .flat_map(|n| {
+            n.replicas
+                .iter()
+                .filter(|r| r.template == id && !r.users.is_empty())
+                .map(move |r| format!("node {} ({}): {}", n.id, n.url, r.users.join(", ")))
+        })
+        .collect();
+    if !users.is_empty() && !query.force {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "template {id} is in use by {}; use --force to delete it anyway",
+                users.join("; ")
+            ),
+        ));
+    }
+    if !users.is_empty() {
+        if let Some(bytes) = state.backend.manifest_bytes(&id).await? {
+            let mut tombstones = tombstones(&state).await?;
+            tombstones.insert(id.clone(), String::from_utf8_lossy(&bytes).into_owned());
+            save_tombstones(&state, &tombstones).await?;
+        }
+    }
     state.backend.delete(&id).await?;
-    tracing::info!(template = %id, "template deleted");
+    tracing::info!(template = %id, forced = query.force, "template deleted");
     Ok(Json(serde_json::json!({ "deleted": id })))
 }
 
@@ -395,7 +613,8 @@ async fn gc(
         .grace_secs
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_GC_GRACE);
-    let report = state.backend.gc(grace).await?;
+    let keep = chunks_in_use(&state).await?;
+    let report = state.backend.gc(grace, keep).await?;
     tracing::info!(
         deleted = report.chunks_deleted,
         bytes = report.bytes_freed,
@@ -415,7 +634,7 @@ async fn renew_node(
     State(state): State<AppState>,
     Path(node): Path<String>,
     Json(beat): Json<super::nodes::Heartbeat>,
-) -> Result<Json<Vec<super::nodes::NodeEntry>>, ApiError> {
+) -> Result<Json<super::nodes::HeartbeatAnswer>, ApiError> {
     let valid = !node.is_empty()
         && node.len() <= 64
         && node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -426,7 +645,168 @@ async fn renew_node(
         ));
     }
     state.nodes.renew(&node, beat);
-    Ok(Json(state.nodes.live()))
+    let nodes = state.nodes.live();
+    let warm = state.center.wanted_on(&node, &nodes).await;
+    Ok(Json(super::nodes::HeartbeatAnswer { nodes, warm }))
+}
+
+/// Body of `PUT /v1/wishes/{id}`: where the template should be READY.
+#[derive(Deserialize)]
+struct WishBody {
+    placement: super::center::Placement,
+}
+
+/// `PUT /v1/wishes/{id}`: records a wish (the last word wins). The template must exist;
+/// named nodes must be live (by id or address).
+async fn put_wish(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<WishBody>,
+) -> Result<Json<super::center::Wish>, ApiError> {
+    checked_id(&id)?;
+    if state.backend.manifest_bytes(&id).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown template {id}: publish it before warming it"),
+        ));
+    }
+    match &body.placement {
+        super::center::Placement::Nodes(names) => {
+            let live = state.nodes.live();
+            let unknown: Vec<&String> = names
+                .iter()
+                .filter(|n| {
+                    !live
+                        .iter()
+                        .any(|l| &l.id == *n || l.url == n.trim_end_matches('/'))
+                })
+                .collect();
+            if names.is_empty() || !unknown.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("no live node is named {unknown:?} (lazyblk nodes lists them by id and address)"),
+                ));
+            }
+        }
+        super::center::Placement::MinReplicas(0) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "--min-replicas must be at least 1".into(),
+            ));
+        }
+        _ => {}
+    }
+    let wish = state
+        .center
+        .set(super::center::Wish {
+            template: id,
+            placement: body.placement,
+            redo: 0,
+        })
+        .await?;
+    Ok(Json(wish))
+}
+
+/// `DELETE /v1/wishes/{id}`: removes the wish; the nodes unpin the template.
+async fn delete_wish(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    checked_id(&id)?;
+    let had = state.center.remove(&id).await?;
+    Ok(Json(serde_json::json!({ "template": id, "removed": had })))
+}
+
+/// `POST /v1/wishes/{id}/redo`: the nodes where the template FAILED retry it.
+async fn redo_wish(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<super::center::Wish>, ApiError> {
+    checked_id(&id)?;
+    state.center.redo(&id).await?.map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no wish for {id}: warm it with --all-nodes, --nodes or --min-replicas first"),
+        )
+    })
+}
+
+async fn list_wishes(State(state): State<AppState>) -> Json<Vec<super::center::Wish>> {
+    Json(state.center.wishes().await)
+}
+
+/// One node's line in `status ID --fleet`.
+#[derive(serde::Serialize)]
+struct FleetLine {
+    node: String,
+    url: String,
+    phase: String,
+    local_chunks: usize,
+    stored_chunks: usize,
+    last_error: Option<String>,
+    users: Vec<String>,
+    wanted: bool,
+}
+
+/// `GET /v1/fleet/{id}`: the template's replica on every live node.
+async fn fleet_status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<FleetLine>>, ApiError> {
+    checked_id(&id)?;
+    let live = state.nodes.live();
+    let mut lines = Vec::new();
+    for n in &live {
+        let wanted = state
+            .center
+            .wanted_on(&n.id, &live)
+            .await
+            .iter()
+            .any(|w| w.template == id);
+        let r = n.replicas.iter().find(|r| r.template == id);
+        lines.push(FleetLine {
+            node: n.id.clone(),
+            url: n.url.clone(),
+            phase: r.map_or("PENDING".into(), |r| r.phase.clone()),
+            local_chunks: r.map_or(0, |r| r.local_chunks),
+            stored_chunks: r.map_or(0, |r| r.stored_chunks),
+            last_error: r.and_then(|r| r.last_error.clone()),
+            users: r.map(|r| r.users.clone()).unwrap_or_default(),
+            wanted,
+        });
+    }
+    Ok(Json(lines))
+}
+
+/// Body of `PUT /v1/policy/{key}`.
+#[derive(Deserialize)]
+struct PolicyBody {
+    /// `>=VERSION`, or null to remove the rule.
+    minimum: Option<String>,
+}
+
+async fn put_policy(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Json(body): Json<PolicyBody>,
+) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
+    if let Some(m) = &body.minimum {
+        let v = m.trim().trim_start_matches(">=");
+        if v.is_empty() || v.split('.').any(|p| p.parse::<u64>().is_err()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("policy {m:?}: expected >=VERSION with dotted numbers, e.g. '>=1.4.2'"),
+            ));
+        }
+    }
+    state.center.set_policy(&key, body.minimum).await?;
+    Ok(Json(state.center.policy().await))
+}
+
+async fn get_policy(
+    State(state): State<AppState>,
+) -> Json<std::collections::BTreeMap<String, String>> {
+    Json(state.center.policy().await)
 }
 
 /// `POST /v1/scrub`: hashes every stored chunk, deletes bad ones (a write: it needs the

@@ -294,15 +294,16 @@ impl StoreClient {
     }
 
     /// Removes a template's manifest and trace (chunks stay until gc).
-    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+    pub async fn delete(&self, id: &str, force: bool) -> Result<(), StoreError> {
         if let Some(d) = &self.direct {
             return d.delete(id).await;
         }
         validate_id(id)?;
         let what = format!("deleting template {id}");
+        let query = if force { "?force=true" } else { "" };
         let request = self.write(
             self.http
-                .delete(self.endpoint(&format!("/v1/templates/{id}"))),
+                .delete(self.endpoint(&format!("/v1/templates/{id}{query}"))),
         );
         self.send(request, METADATA_TIMEOUT, &what)
             .await
@@ -331,7 +332,7 @@ impl StoreClient {
         &self,
         node: &str,
         beat: &crate::store::nodes::Heartbeat,
-    ) -> Result<Vec<crate::store::nodes::NodeEntry>, StoreError> {
+    ) -> Result<crate::store::nodes::HeartbeatAnswer, StoreError> {
         let what = "a heartbeat";
         if self.direct.is_some() {
             return Err(StoreError::NeedsServer {
@@ -446,7 +447,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// `lazyblk templates`: the store's templates as a table or JSON.
 pub async fn list_command(args: TemplatesArgs) -> anyhow::Result<()> {
     let client = super::direct::connect(&args.store, None, None)?;
-    let templates = client.templates().await?;
+    let mut templates = client.templates().await?;
+    templates.retain(|t| {
+        args.labels.iter().all(|(k, v)| t.labels.get(k) == Some(v)) && (!args.stale || t.stale)
+    });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&templates)?);
     } else {
@@ -463,6 +467,7 @@ fn table(templates: &[TemplateSummary]) -> String {
         "CHUNKS",
         "STORED",
         "DURABILITY",
+        "REPLICAS",
         "PARENT",
         "CREATED",
     ];
@@ -473,7 +478,14 @@ fn table(templates: &[TemplateSummary]) -> String {
             HumanBytes(t.size).to_string(),
             t.chunks.to_string(),
             format!("{}/{}", t.present_chunks, t.stored_chunks),
-            t.durability.as_str().to_string(),
+            if t.stale {
+                format!("{} STALE", t.durability.as_str())
+            } else {
+                t.durability.as_str().to_string()
+            },
+            t.replicas
+                .as_ref()
+                .map_or("-".to_string(), |r| r.status.clone()),
             t.parent.clone().unwrap_or_else(|| "-".to_string()),
             if t.created_at.is_empty() {
                 "-".to_string()
@@ -501,7 +513,7 @@ fn table(templates: &[TemplateSummary]) -> String {
 /// `lazyblk delete ID`: removes a template from the store.
 pub async fn delete_command(args: DeleteArgs) -> anyhow::Result<()> {
     let client = StoreClient::new(&args.store, args.write_token, None);
-    client.delete(&args.template).await?;
+    client.delete(&args.template, args.force).await?;
     println!(
         "deleted template {} (its chunks stay until `lazyblk gc`)",
         args.template
@@ -574,6 +586,10 @@ mod tests {
             stored_bytes: 10 << 20,
             present_chunks: 4,
             parent: None,
+            replicas: None,
+            stale: false,
+            stale_because: None,
+            labels: Default::default(),
             origins: vec![],
             created_at: "2026-11-22T10:00:00Z".into(),
             durability: Durability::Uploading,

@@ -9,6 +9,8 @@
 //! - [`client`]: [`client::StoreClient`], used by publish and the daemon, and the
 //!   `templates`, `delete`, `gc` and `nodes` commands.
 //! - [`direct`]: the client's operations straight on object storage (no store server).
+//! - [`center`]: the template center: replicas over the fleet, wishes (desired
+//!   state), the label policy.
 //! - [`nodes`]: the fleet's membership, node leases kept as soft state.
 //! - This file: [`run`] and the JSON documents the server and the client share.
 //!
@@ -20,6 +22,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod center;
 pub mod client;
 pub mod direct;
 pub mod nodes;
@@ -73,6 +76,18 @@ pub struct TemplateSummary {
     pub present_chunks: usize,
     #[serde(default)]
     pub parent: Option<String>,
+    /// The template's replicas over the fleet's live nodes (the template center).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<center::ReplicaCounts>,
+    /// Below the store's label policy (`policy set`): what upgrade tooling rebuilds.
+    #[serde(default)]
+    pub stale: bool,
+    /// Why it is STALE (the label and the minimum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_because: Option<String>,
+    /// The manifest's labels.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub origins: Vec<String>,
     #[serde(default)]
@@ -105,7 +120,11 @@ pub struct GcReport {
 /// Runs the store until SIGINT or SIGTERM.
 pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     let (backend, location) = open_backend(&args).await?;
-    let state = api::AppState::new(Arc::new(backend), args.write_token, args.read_token);
+    let backend = Arc::new(backend);
+    let center = center::Center::load(backend.clone())
+        .await
+        .with_context(|| format!("loading the template center's wishes from {location}"))?;
+    let state = api::AppState::new(backend, Arc::new(center), args.write_token, args.read_token);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

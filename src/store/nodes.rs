@@ -21,6 +21,26 @@ pub struct Heartbeat {
     /// The URL peers reach it at (`--advertise`).
     pub url: String,
     pub version: String,
+    /// The node's replicas (the template center's view).
+    #[serde(default)]
+    pub replicas: Vec<ReplicaReport>,
+    /// Bytes its chunk cache holds.
+    #[serde(default)]
+    pub cache_used_bytes: u64,
+}
+
+/// One replica as its node reports it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub template: String,
+    pub phase: String,
+    pub local_chunks: usize,
+    pub stored_chunks: usize,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Who uses it on the node: exports, open files, overlays ("overlay SB").
+    #[serde(default)]
+    pub users: Vec<String>,
 }
 
 /// One live node, as `GET /v1/nodes` and the heartbeat's answer list it.
@@ -31,6 +51,11 @@ pub struct NodeEntry {
     pub version: String,
     /// Seconds since its last heartbeat.
     pub last_seen_secs: f64,
+    /// Its replicas, as of its last heartbeat.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaReport>,
+    #[serde(default)]
+    pub cache_used_bytes: u64,
 }
 
 /// The leases of the live nodes.
@@ -66,6 +91,8 @@ impl Membership {
                 url: beat.url.clone(),
                 version: beat.version.clone(),
                 last_seen_secs: seen.elapsed().as_secs_f64(),
+                replicas: beat.replicas.clone(),
+                cache_used_bytes: beat.cache_used_bytes,
             })
             .collect()
     }
@@ -80,4 +107,12 @@ impl Membership {
             live
         });
     }
+}
+
+/// The answer to a heartbeat: the live nodes, and what this node should keep READY.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    pub nodes: Vec<NodeEntry>,
+    #[serde(default)]
+    pub warm: Vec<super::center::Want>,
 }

@@ -228,3 +228,4 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 pub mod node;
+pub mod proxy;

@@ -397,7 +397,7 @@ pub(super) fn template_ids(dir: &Path) -> Result<Vec<String>, BackendError> {
 }
 
 /// Reads a whole file; `None` when it does not exist.
-async fn read_optional(path: PathBuf) -> Result<Option<Vec<u8>>, BackendError> {
+pub(super) async fn read_optional(path: PathBuf) -> Result<Option<Vec<u8>>, BackendError> {
     match tokio::fs::read(&path).await {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -416,6 +416,13 @@ fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), BackendErro
     file.persist(dest)
         .map_err(|e| io_err("renaming into", dest)(e.error))?;
     sync_parent(dest)
+}
+
+/// Writes `bytes` to `dir/name` crash-safely, the temporary file in `dir` itself
+/// (created if missing).
+pub(super) fn write_atomic_in(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), BackendError> {
+    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    write_atomic(dir, &dir.join(name), bytes)
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), BackendError> {

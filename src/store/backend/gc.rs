@@ -16,17 +16,21 @@ use crate::store::GcReport;
 impl DirBackend {
     /// Deletes chunks no manifest references and that were not written or confirmed
     /// within `grace`. Refuses to delete anything while a manifest is unreadable.
-    pub async fn gc(&self, grace: Duration) -> Result<GcReport, BackendError> {
+    pub async fn gc(
+        &self,
+        grace: Duration,
+        keep: HashSet<Digest>,
+    ) -> Result<GcReport, BackendError> {
         let _guard = self.manifests_lock.lock().await;
         let root = self.root.clone();
-        blocking(move || sweep(&root, grace)).await
+        blocking(move || sweep(&root, grace, keep)).await
     }
 }
 
 /// The gc sweep: the referenced set from every manifest, then every chunk file.
-fn sweep(root: &Path, grace: Duration) -> Result<GcReport, BackendError> {
+fn sweep(root: &Path, grace: Duration, keep: HashSet<Digest>) -> Result<GcReport, BackendError> {
     let manifests = root.join("manifests");
-    let mut referenced = HashSet::new();
+    let mut referenced = keep;
     for id in template_ids(&manifests)? {
         let path = manifests.join(format!("{id}.json"));
         let bytes = fs::read(&path).map_err(io_err("reading", &path))?;

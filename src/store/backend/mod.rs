@@ -28,6 +28,7 @@ use super::{Durability, GcReport, TemplateSummary, TraceDoc};
 
 mod bucket_url;
 mod dir;
+mod docs;
 mod gc;
 mod object;
 mod object_gc;
@@ -233,9 +234,14 @@ impl Backend {
         dispatch!(self, b => b.scrub().await)
     }
 
-    /// Deletes chunks no manifest references and that are older than `grace`.
-    pub async fn gc(&self, grace: Duration) -> Result<GcReport, BackendError> {
-        dispatch!(self, b => b.gc(grace).await)
+    /// Deletes chunks no manifest references (nor `keep` names) and that are older than
+    /// `grace`.
+    pub async fn gc(
+        &self,
+        grace: Duration,
+        keep: HashSet<Digest>,
+    ) -> Result<GcReport, BackendError> {
+        dispatch!(self, b => b.gc(grace, keep.clone()).await)
     }
 }
 
@@ -319,6 +325,10 @@ fn summarize(
         stored_bytes: manifest.stored_bytes(),
         present_chunks,
         parent: manifest.parent.clone(),
+        replicas: None,
+        stale: false,
+        stale_because: None,
+        labels: manifest.labels.clone(),
         origins: manifest.origins.clone(),
         created_at: manifest.created_at.clone(),
         durability,

@@ -133,7 +133,10 @@ impl ObjectBackend {
     }
 
     /// The whole object at `key`; `None` when it does not exist.
-    async fn get_optional(&self, key: &ObjectPath) -> Result<Option<Bytes>, BackendError> {
+    pub(super) async fn get_optional(
+        &self,
+        key: &ObjectPath,
+    ) -> Result<Option<Bytes>, BackendError> {
         let result = match self.store.get(key).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),

@@ -17,9 +17,14 @@ use crate::store::GcReport;
 impl ObjectBackend {
     /// Deletes unreferenced chunks that were not written or confirmed within `grace`.
     /// Refuses to delete anything while a manifest is unreadable.
-    pub async fn gc(&self, grace: Duration) -> Result<GcReport, BackendError> {
+    pub async fn gc(
+        &self,
+        grace: Duration,
+        keep: HashSet<Digest>,
+    ) -> Result<GcReport, BackendError> {
         let _guard = self.manifests_lock.lock().await;
-        let referenced = self.referenced().await?;
+        let mut referenced = self.referenced().await?;
+        referenced.extend(keep);
         let cutoff = SystemTime::now()
             .checked_sub(grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -130,9 +135,12 @@ mod tests {
         m.chunks[0] = Some(Digest::of(kept));
         b.put_manifest("t", &m.to_json()).await.unwrap();
 
-        let young = b.gc(Duration::from_secs(600)).await.unwrap();
+        let young = b
+            .gc(Duration::from_secs(600), HashSet::new())
+            .await
+            .unwrap();
         assert_eq!((young.chunks_recent, young.chunks_deleted), (1, 0));
-        let report = b.gc(Duration::ZERO).await.unwrap();
+        let report = b.gc(Duration::ZERO, HashSet::new()).await.unwrap();
         assert_eq!(
             (
                 report.chunks_referenced,
