@@ -469,6 +469,10 @@ pub struct CommitArgs {
     /// Id of the new template.
     #[arg(long)]
     pub template: String,
+    /// A label KEY=VALUE for the new template (repeatable); the parent's labels are
+    /// inherited unless overridden.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
     #[command(flatten)]
     pub node: NodeArg,
     /// Print JSON.
@@ -511,6 +515,10 @@ pub struct ResizeArgs {
     /// Id of the new template.
     #[arg(long = "template")]
     pub new_template: String,
+    /// A label KEY=VALUE for the new template (repeatable); the parent's labels are
+    /// inherited unless overridden.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
     #[command(flatten)]
     pub node: NodeArg,
     /// Print JSON.

@@ -384,7 +384,10 @@ pub async fn commit(args: CommitArgs) -> anyhow::Result<()> {
     let r = node
         .post(
             &format!("/v1/overlays/{}/commit", args.sandbox),
-            Some(serde_json::json!({ "template": args.template })),
+            Some(serde_json::json!({
+                "template": args.template,
+                "labels": args.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            })),
         )
         .await?;
     if args.json {
@@ -448,7 +451,11 @@ pub async fn resize(args: ResizeArgs) -> anyhow::Result<()> {
     let r = node
         .post(
             &format!("/v1/templates/{}/resize", args.template),
-            Some(serde_json::json!({ "size": args.size, "template": args.new_template })),
+            Some(serde_json::json!({
+                "size": args.size,
+                "template": args.new_template,
+                "labels": args.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            })),
         )
         .await?;
     if args.json {

@@ -90,6 +90,7 @@ impl Node {
         self: &Arc<Self>,
         sandbox: &str,
         new_id: &str,
+        labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<CommitOutcome, CommitError> {
         let started = Instant::now();
         validate_id(new_id).map_err(|e| CommitError::InvalidId(e.to_string()))?;
@@ -116,6 +117,10 @@ impl Node {
         manifest.template = new_id.to_string();
         manifest.parent = Some(parent.id().to_string());
         manifest.created_at = now_rfc3339();
+        // The parent's labels, with the commit's own over them.
+        manifest
+            .labels
+            .extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut origins = vec![self.advertise.clone()];
         origins.extend(
             parent

@@ -71,6 +71,7 @@ impl Node {
         id: &str,
         size: u64,
         new_id: &str,
+        labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<ResizeOutcome, ResizeError> {
         let started = Instant::now();
         validate_id(new_id).map_err(|e| ResizeError::InvalidId(e.to_string()))?;
@@ -93,7 +94,7 @@ impl Node {
             .await
             .map_err(SandboxError::from)?;
         let sandbox = self.register(&replica, overlay);
-        let result = self.resize_in(&fuse, &scratch_id, id, new_id).await;
+        let result = self.resize_in(&fuse, &scratch_id, id, new_id, labels).await;
         self.sandboxes.remove(&scratch_id);
         drop(sandbox);
         if let Err(e) = Overlay::remove_dir(&dir).await {
@@ -117,6 +118,7 @@ impl Node {
         scratch: &str,
         id: &str,
         new_id: &str,
+        labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<CommitOutcome, ResizeError> {
         let file = fuse.join("sandboxes").join(scratch);
         // e2fsck exits 1 when it corrected something: resize2fs wants a checked file
@@ -124,7 +126,7 @@ impl Node {
         run_tool("e2fsck", &["-f", "-y"], &file, id, &[0, 1]).await?;
         run_tool("resize2fs", &[], &file, id, &[0]).await?;
         Ok(self
-            .commit_sandbox(scratch, new_id)
+            .commit_sandbox(scratch, new_id, labels)
             .await
             .map_err(Box::new)?)
     }

@@ -326,6 +326,9 @@ async fn delete_overlay(
 #[derive(serde::Deserialize)]
 pub struct CommitBody {
     pub template: String,
+    /// Labels over the parent's.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 async fn commit_overlay(
@@ -333,7 +336,10 @@ async fn commit_overlay(
     Path(sb): Path<String>,
     Json(body): Json<CommitBody>,
 ) -> Result<(StatusCode, Json<CommitOutcome>), ApiError> {
-    let outcome = state.node.commit_sandbox(&sb, &body.template).await?;
+    let outcome = state
+        .node
+        .commit_sandbox(&sb, &body.template, &body.labels)
+        .await?;
     Ok((StatusCode::CREATED, Json(outcome)))
 }
 
@@ -342,6 +348,9 @@ async fn commit_overlay(
 pub struct ResizeBody {
     pub size: u64,
     pub template: String,
+    /// Labels over the parent's.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 async fn resize(
@@ -352,7 +361,7 @@ async fn resize(
     checked_id(&id)?;
     let outcome = state
         .node
-        .resize_template(&id, body.size, &body.template)
+        .resize_template(&id, body.size, &body.template, &body.labels)
         .await?;
     Ok((StatusCode::CREATED, Json(outcome)))
 }
