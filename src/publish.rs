@@ -141,7 +141,7 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
     wanted.parent = args.parent.clone();
     wanted.labels = args.labels.iter().cloned().collect::<BTreeMap<_, _>>();
 
-    let client = crate::store::direct::connect(&args.store, args.write_token.clone(), None)?;
+    let client = crate::store::client::connect(&args.store, args.write_token.clone(), None)?;
     let existing = client.manifest(&args.template).await?;
     if let Some(existing) = &existing {
         if let Some(detail) = header_difference(existing, &wanted) {

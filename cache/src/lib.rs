@@ -8,6 +8,7 @@
 //!   eviction, pins.
 //! - [`source`]: the transports missing chunks come from (the store server, origins,
 //!   the fleet's peers, an object store read directly).
+//! - [`transport`]: HTTP and object-store transports, and [`SourceError`].
 //! - [`peers`]: the fleet's live nodes and chunk ownership by rendezvous hashing.
 //! - [`planner`]: the fetch plan's policies: slots per priority (demand, prefetch,
 //!   fill; demand first) and source health (a failing source is tried last for a while).
@@ -44,6 +45,7 @@ pub mod peers;
 pub mod planner;
 pub mod readahead;
 pub mod source;
+pub mod transport;
 
 pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError, ScrubReport};
 pub use digest::Digest;

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
-use crate::source::{HttpSource, SourceError};
+use crate::transport::{HttpSource, SourceError};
 
 /// Owners tried for one chunk before the read goes on to the store: the owner, then the
 /// next in rendezvous order (it fetches the chunk once from the store, so a dead owner

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`export`]: the traits the server serves: [`Export`] (one device's bytes) and
 //!   [`Exports`] (the exports by name), with [`Extent`], [`Command`], [`OpenError`].
+//! - [`config`]: [`ServerConfig`], the limits of one server.
 //! - [`server`]: [`Listener`] (TCP or unix socket), [`serve`] (accept until shutdown),
 //!   [`serve_connection`] (one connection on any stream), [`ServerConfig`].
 //! - [`proto`]: the wire format: constants and fixed headers.
@@ -52,6 +53,7 @@ pub mod proto;
 pub mod server;
 
 mod buffer_pool;
+mod config;
 mod errno;
 mod handshake;
 mod options;

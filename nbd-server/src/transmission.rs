@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
 
 use crate::buffer_pool::{BufferPool, PooledBuffer};
+use crate::config::ServerConfig;
 use crate::errno::nbd_error;
 use crate::export::{Command, Export, Exports};
 use crate::handshake::Session;
@@ -29,7 +30,6 @@ use crate::proto::{self, RequestHeader};
 use crate::read::{read_message, skip};
 use crate::reply::{Framing, Permits, Reply};
 use crate::request::{Limits, Op, Rejection};
-use crate::server::ServerConfig;
 use crate::shutdown::Shutdown;
 use crate::writer::write_replies;
 

@@ -76,7 +76,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cache = Arc::new(
         ChunkCache::new(chunk_store, metrics.clone(), deadline).with_read_budget(read_budget),
     );
-    let store = crate::store::direct::connect(
+    let store = crate::store::client::connect(
         &args.store,
         args.write_token.clone(),
         args.read_token.clone(),

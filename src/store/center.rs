@@ -249,6 +249,14 @@ pub fn below(version: &str, minimum: &str) -> bool {
     }
 }
 
+/// The answer to a heartbeat: the live nodes, and what this node should keep READY.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    pub nodes: Vec<NodeEntry>,
+    #[serde(default)]
+    pub warm: Vec<Want>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use indicatif::HumanBytes;
-use lazyblk_cache::{validate_id, Digest, Manifest, ManifestError};
+use lazyblk_cache::{validate_id, Digest, Manifest};
 use reqwest::{RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -28,56 +28,7 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// chunk sizes takes a few hundred requests instead of one huge one.
 const MISSING_BATCH: usize = 8192;
 
-/// Why a store request failed; each variant names the store and what was asked.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No HTTP answer (refused, reset, timed out).
-    #[error("store {url} unreachable: {detail} (is `lazyblk store` running there?)")]
-    Unreachable { url: String, detail: String },
-    /// The store answered with an error status.
-    #[error("store {url}: HTTP {status} for {what}: {detail}")]
-    Http {
-        url: String,
-        status: u16,
-        what: String,
-        detail: String,
-    },
-    /// A manifest with this id and other content is already published.
-    #[error("store refused template {template}: {detail}")]
-    Conflict { template: String, detail: String },
-    /// The stored manifest does not parse or break the format's rules.
-    #[error("malformed manifest for template {template} from {url}: {source}")]
-    MalformedManifest {
-        template: String,
-        url: String,
-        source: ManifestError,
-    },
-    /// Another answer that is not what the API promises.
-    #[error("store {url}: unreadable answer for {what}: {detail}")]
-    Malformed {
-        url: String,
-        what: String,
-        detail: String,
-    },
-    /// An object store read directly failed.
-    #[error("object store {url}: {detail}")]
-    Object { url: String, detail: String },
-    /// The operation needs a store server (membership, gc, scrub over HTTP).
-    #[error("{what} needs a store server (http://), not an object store ({url})")]
-    NeedsServer { what: String, url: String },
-    /// A template id outside `[a-z0-9][a-z0-9._-]{0,127}` (checked before any request).
-    #[error(transparent)]
-    InvalidId(#[from] ManifestError),
-}
-
-/// What `put_manifest` did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PutOutcome {
-    /// The manifest is new.
-    Created,
-    /// The store already had a manifest with the same content.
-    Unchanged,
-}
+pub use super::error::{PutOutcome, StoreError};
 
 /// A client of one store. Cheap to clone; clones share one connection pool.
 #[derive(Clone, Debug)]
@@ -332,7 +283,7 @@ impl StoreClient {
         &self,
         node: &str,
         beat: &crate::store::nodes::Heartbeat,
-    ) -> Result<crate::store::nodes::HeartbeatAnswer, StoreError> {
+    ) -> Result<crate::store::center::HeartbeatAnswer, StoreError> {
         let what = "a heartbeat";
         if self.direct.is_some() {
             return Err(StoreError::NeedsServer {
@@ -446,7 +397,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// `lazyblk templates`: the store's templates as a table or JSON.
 pub async fn list_command(args: TemplatesArgs) -> anyhow::Result<()> {
-    let client = super::direct::connect(&args.store, None, None)?;
+    let client = connect(&args.store, None, None)?;
     let mut templates = client.templates().await?;
     templates.retain(|t| {
         args.labels.iter().all(|(k, v)| t.labels.get(k) == Some(v)) && (!args.stale || t.stale)
@@ -544,7 +495,7 @@ pub async fn gc_command(args: GcArgs) -> anyhow::Result<()> {
 
 /// `lazyblk nodes`: the live nodes of the store's fleet.
 pub async fn nodes_command(args: crate::cli::NodesArgs) -> anyhow::Result<()> {
-    let client = super::direct::connect(&args.store, None, None)?;
+    let client = connect(&args.store, None, None)?;
     let nodes = client
         .nodes()
         .await
@@ -568,6 +519,20 @@ pub async fn nodes_command(args: crate::cli::NodesArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The client of `url`: a store server (`http://`) or an object store read directly.
+pub fn connect(
+    url: &str,
+    write_token: Option<String>,
+    read_token: Option<String>,
+) -> Result<StoreClient, StoreError> {
+    let client = StoreClient::new(url, write_token, read_token);
+    if super::direct::is_object_url(url) {
+        Ok(client.with_direct(Arc::new(Direct::open(url)?)))
+    } else {
+        Ok(client)
+    }
 }
 
 #[cfg(test)]

@@ -5,13 +5,11 @@
 //! (the manifest created only if absent, as far as the object store honours that: see
 //! the README).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use lazyblk_cache::{Digest, Manifest, ObjectSource};
 
 use super::backend::{Backend, BackendError, ManifestPut};
-use super::client::{PutOutcome, StoreClient, StoreError};
+use super::error::{PutOutcome, StoreError};
 use super::TraceDoc;
 
 /// Whether `url` names an object store rather than a store server.
@@ -134,19 +132,5 @@ impl Direct {
 
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         self.backend.delete(id).await.map_err(|e| self.err(e))
-    }
-}
-
-/// The client of `url`: a store server (`http://`) or an object store read directly.
-pub fn connect(
-    url: &str,
-    write_token: Option<String>,
-    read_token: Option<String>,
-) -> Result<StoreClient, StoreError> {
-    let client = StoreClient::new(url, write_token, read_token);
-    if is_object_url(url) {
-        Ok(client.with_direct(Arc::new(Direct::open(url)?)))
-    } else {
-        Ok(client)
     }
 }

@@ -25,6 +25,7 @@ pub mod backend;
 pub mod center;
 pub mod client;
 pub mod direct;
+pub mod error;
 pub mod nodes;
 
 use std::sync::Arc;

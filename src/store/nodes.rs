@@ -108,11 +108,3 @@ impl Membership {
         });
     }
 }
-
-/// The answer to a heartbeat: the live nodes, and what this node should keep READY.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct HeartbeatAnswer {
-    pub nodes: Vec<NodeEntry>,
-    #[serde(default)]
-    pub warm: Vec<super::center::Want>,
-}

@@ -1,0 +1,211 @@
+//! The transports that move a chunk's bytes (unverified; [`crate::fetch`] verifies):
+//! HTTP (`GET {base}/v1/chunks/{digest}`, a store server or another daemon) and an
+//! object store read directly, and the error every source reports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::digest::Digest;
+
+/// Why one source could not give a chunk.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The request did not complete (refused, reset, DNS).
+    #[error("{source_name}: unreachable: {detail}")]
+    Unreachable { source_name: String, detail: String },
+    /// The deadline passed before the whole chunk arrived.
+    #[error("{source_name}: no complete answer within {deadline:?}")]
+    Timeout {
+        source_name: String,
+        deadline: Duration,
+    },
+    /// The source answered with an HTTP error.
+    #[error("{source_name}: HTTP {status}")]
+    Status { source_name: String, status: u16 },
+    /// The body was shorter or longer than the chunk.
+    #[error("{source_name}: body of {got} bytes, chunk is {expected} bytes")]
+    Length {
+        source_name: String,
+        got: u64,
+        expected: u64,
+    },
+    /// The source does not apply to this chunk now (this node owns it; an origin that
+    /// is not a live member): passed over without counting against its health.
+    #[error("{source_name}: passed over: {why}")]
+    Skipped { source_name: String, why: String },
+    /// The object store answered with an error.
+    #[error("{source_name}: {detail}")]
+    Object { source_name: String, detail: String },
+}
+
+impl SourceError {
+    /// Whether trying the same source again later may help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Unreachable { .. } | SourceError::Timeout { .. } => true,
+            SourceError::Status { status, .. } => *status >= 500,
+            SourceError::Length { .. } => true,
+            SourceError::Skipped { .. } => false,
+            SourceError::Object { .. } => true,
+        }
+    }
+
+    /// Whether the source was passed over rather than tried.
+    pub fn is_skip(&self) -> bool {
+        matches!(self, SourceError::Skipped { .. })
+    }
+}
+
+/// An object store's chunks, read directly: `{prefix}/chunks/{2 hex}/{digest}`, the keys
+/// of `lazyblk store --backend`.
+#[derive(Clone)]
+pub struct ObjectSource {
+    store: Arc<dyn object_store::ObjectStore>,
+    prefix: object_store::path::Path,
+    /// The bucket URL, for logs and metrics.
+    pub(crate) name: String,
+}
+
+impl ObjectSource {
+    pub fn new(
+        store: Arc<dyn object_store::ObjectStore>,
+        prefix: &str,
+        name: &str,
+    ) -> ObjectSource {
+        ObjectSource {
+            store,
+            prefix: object_store::path::Path::from(prefix.trim_matches('/')),
+            name: name.to_string(),
+        }
+    }
+
+    pub(crate) async fn fetch(
+        &self,
+        digest: &Digest,
+        len: u64,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        use object_store::ObjectStoreExt as _;
+        let hex = digest.to_hex();
+        let mut key = self.prefix.clone();
+        for part in ["chunks", &hex[..2], &hex] {
+            key = key.join(part);
+        }
+        let fail = |e: object_store::Error| match e {
+            object_store::Error::NotFound { .. } => SourceError::Status {
+                source_name: self.name.clone(),
+                status: 404,
+            },
+            other => SourceError::Object {
+                source_name: self.name.clone(),
+                detail: other.to_string(),
+            },
+        };
+        let fetched = async {
+            let got = self.store.get(&key).await.map_err(fail)?;
+            if got.meta.size != len {
+                return Err(SourceError::Length {
+                    source_name: self.name.clone(),
+                    got: got.meta.size,
+                    expected: len,
+                });
+            }
+            got.bytes().await.map_err(fail)
+        };
+        match tokio::time::timeout(deadline, fetched).await {
+            Ok(result) => result,
+            Err(_) => Err(SourceError::Timeout {
+                source_name: self.name.clone(),
+                deadline,
+            }),
+        }
+    }
+}
+
+/// A store or origin daemon reached over HTTP.
+#[derive(Clone, Debug)]
+pub struct HttpSource {
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:7070`.
+    pub(crate) base: String,
+    client: reqwest::Client,
+    /// Bearer token for chunk reads, when the source requires one.
+    token: Option<String>,
+}
+
+impl HttpSource {
+    pub fn new(client: reqwest::Client, base: &str, token: Option<String>) -> HttpSource {
+        HttpSource {
+            base: base.trim_end_matches('/').to_string(),
+            client,
+            token,
+        }
+    }
+
+    pub(crate) async fn fetch(
+        &self,
+        digest: &Digest,
+        len: u64,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        let url = format!("{}/v1/chunks/{}", self.base, digest);
+        self.fetch_url(&url, len, deadline).await
+    }
+
+    /// Fetches exactly `len` bytes from `url` within `deadline`.
+    pub async fn fetch_url(
+        &self,
+        url: &str,
+        len: u64,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        match tokio::time::timeout(deadline, self.fetch_body(url, len)).await {
+            Ok(result) => result,
+            Err(_) => Err(SourceError::Timeout {
+                source_name: self.base.clone(),
+                deadline,
+            }),
+        }
+    }
+
+    async fn fetch_body(&self, url: &str, len: u64) -> Result<Bytes, SourceError> {
+        let unreachable = |e: reqwest::Error| SourceError::Unreachable {
+            source_name: self.base.clone(),
+            detail: e.to_string(),
+        };
+        let mut request = self.client.get(url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let mut response = request.send().await.map_err(unreachable)?;
+        if !response.status().is_success() {
+            return Err(SourceError::Status {
+                source_name: self.base.clone(),
+                status: response.status().as_u16(),
+            });
+        }
+        let length_error = |got| SourceError::Length {
+            source_name: self.base.clone(),
+            got,
+            expected: len,
+        };
+        if let Some(declared) = response.content_length() {
+            if declared != len {
+                return Err(length_error(declared));
+            }
+        }
+        // Read at most `len` bytes: a hostile or broken source cannot make us buffer more.
+        let mut body = BytesMut::with_capacity(len as usize);
+        while let Some(piece) = response.chunk().await.map_err(unreachable)? {
+            if body.len() + piece.len() > len as usize {
+                return Err(length_error((body.len() + piece.len()) as u64));
+            }
+            body.extend_from_slice(&piece);
+        }
+        if body.len() as u64 != len {
+            return Err(length_error(body.len() as u64));
+        }
+        Ok(body.freeze())
+    }
+}

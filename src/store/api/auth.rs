@@ -1,0 +1,48 @@
+//! Bearer tokens on the store's routes: writes need the write token, chunk reads the
+//! read token (or the write token), when they are set; and per-route request counts.
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::store::backend::{drain, MAX_CHUNK_BODY};
+
+use super::counters::HttpLabels;
+use super::state::AppState;
+
+pub(super) async fn authorize(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let checked = state
+        .tokens
+        .check(request.method(), request.uri().path(), request.headers());
+    match checked {
+        Ok(()) => next.run(request).await,
+        Err(e) => {
+            // Read what the client is sending so it sees the 401 instead of a broken pipe.
+            drain(request.into_body().into_data_stream(), MAX_CHUNK_BODY).await;
+            e.into_response()
+        }
+    }
+}
+
+pub(super) async fn count_requests(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let response = next.run(request).await;
+    let labels = HttpLabels {
+        route,
+        status: response.status().as_u16(),
+    };
+    state.metrics.http_requests.get_or_create(&labels).inc();
+    response
+}

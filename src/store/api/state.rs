@@ -1,0 +1,215 @@
+//! What every handler of the store shares: the state, the error answer, limits,
+//! and the checks of ids, digests and bodies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use lazyblk_cache::{validate_id, Digest};
+
+use crate::auth::carries;
+use crate::store::backend::{Backend, BackendError};
+
+use super::counters::StoreMetrics;
+
+/// The largest JSON body accepted (manifest, trace, missing list). The manifest of a
+/// 50 GiB template at the smallest chunk size (64 KiB) lists 819,200 digests, about
+/// 55 MB of JSON; this leaves room above that and still bounds what one request costs.
+pub const MAX_JSON_BODY: u64 = 64 << 20;
+/// How long gc keeps unreferenced chunks that were written or confirmed recently,
+/// unless the request says otherwise: longer than a large publish takes between
+/// uploading its chunks and putting its manifest.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(600);
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub(super) backend: Arc<Backend>,
+    /// The fleet's live nodes (leases renewed by heartbeats).
+    pub(super) nodes: Arc<crate::store::nodes::Membership>,
+    /// Wishes and the label policy.
+    pub(super) center: Arc<crate::store::center::Center>,
+    pub(super) metrics: Arc<StoreMetrics>,
+    pub(super) tokens: Arc<Tokens>,
+}
+
+impl AppState {
+    pub fn new(
+        backend: Arc<Backend>,
+        center: Arc<crate::store::center::Center>,
+        write_token: Option<String>,
+        read_token: Option<String>,
+    ) -> AppState {
+        AppState {
+            backend,
+            center,
+            nodes: Arc::default(),
+            metrics: Arc::new(StoreMetrics::new()),
+            tokens: Arc::new(Tokens {
+                write: write_token.filter(|t| !t.is_empty()),
+                read: read_token.filter(|t| !t.is_empty()),
+            }),
+        }
+    }
+}
+
+/// An error answer: `{"error": "..."}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, message: String) -> ApiError {
+        ApiError { status, message }
+    }
+
+    pub(super) fn bad_request(message: String) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> ApiError {
+        let status = match &e {
+            BackendError::UnknownTemplate(_) | BackendError::NoTrace(_) => StatusCode::NOT_FOUND,
+            BackendError::InvalidManifest(_)
+            | BackendError::InvalidTrace { .. }
+            | BackendError::DigestMismatch { .. }
+            | BackendError::Body { .. } => StatusCode::BAD_REQUEST,
+            BackendError::Conflict { .. } => StatusCode::CONFLICT,
+            BackendError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // The bucket behind the store failed, not the store itself.
+            BackendError::Object { .. } => StatusCode::BAD_GATEWAY,
+            BackendError::Corrupt { .. }
+            | BackendError::Io { .. }
+            | BackendError::Config { .. }
+            | BackendError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!("{}", self.message);
+        }
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+pub(super) fn checked_id(id: &str) -> Result<(), ApiError> {
+    validate_id(id).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+pub(super) fn checked_digest(digest: &str) -> Result<Digest, ApiError> {
+    digest
+        .parse()
+        .map_err(|e: lazyblk_cache::digest::DigestParseError| ApiError::bad_request(e.to_string()))
+}
+
+/// Reads a whole request body of at most `limit` bytes.
+pub(super) async fn read_body(body: Body, limit: u64, what: &str) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    while let Some(piece) = stream.next().await {
+        let piece =
+            piece.map_err(|e| ApiError::bad_request(format!("reading the body of {what}: {e}")))?;
+        if (out.len() + piece.len()) as u64 > limit {
+            return Err(BackendError::TooLarge {
+                what: what.to_string(),
+                limit,
+            }
+            .into());
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(Bytes::from(out))
+}
+
+pub(super) fn json_bytes(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+/// The configured bearer tokens.
+pub(super) struct Tokens {
+    /// Needed for every request that is not GET or HEAD.
+    pub(super) write: Option<String>,
+    /// Needed (or the write token) for chunk reads.
+    pub(super) read: Option<String>,
+}
+
+impl Tokens {
+    pub(super) fn check(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<(), ApiError> {
+        let matches = |t: &Option<String>| t.as_deref().is_some_and(|t| carries(headers, t));
+        let reading = method == Method::GET || method == Method::HEAD;
+        if !reading && self.write.is_some() && !matches(&self.write) {
+            return Err(unauthorized("writes need the store's write token"));
+        }
+        let chunk_read = reading && path.starts_with("/v1/chunks/");
+        if chunk_read && self.read.is_some() && !matches(&self.read) && !matches(&self.write) {
+            return Err(unauthorized("chunk reads need the store's read token"));
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn unauthorized(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        format!("missing or wrong bearer token: {what}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::header;
+
+    #[test]
+    fn tokens_guard_writes_and_chunk_reads() {
+        let tokens = Tokens {
+            write: Some("w".into()),
+            read: Some("r".into()),
+        };
+        let auth = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+            h
+        };
+        let none = HeaderMap::new();
+        assert!(tokens.check(&Method::PUT, "/v1/chunks/x", &none).is_err());
+        assert!(tokens
+            .check(&Method::PUT, "/v1/chunks/x", &auth("r"))
+            .is_err());
+        assert!(tokens
+            .check(&Method::PUT, "/v1/chunks/x", &auth("w"))
+            .is_ok());
+        assert!(tokens.check(&Method::GET, "/v1/chunks/x", &none).is_err());
+        assert!(tokens
+            .check(&Method::GET, "/v1/chunks/x", &auth("r"))
+            .is_ok());
+        assert!(tokens
+            .check(&Method::HEAD, "/v1/chunks/x", &auth("w"))
+            .is_ok());
+        assert!(tokens.check(&Method::GET, "/v1/templates", &none).is_ok());
+    }
+}

@@ -1,0 +1,119 @@
+//! Templates, manifests, traces and gc.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use crate::store::backend::{BackendError, ManifestPut};
+use crate::store::{GcReport, TemplateSummary};
+
+use super::center::{chunks_in_use, enrich};
+use super::state::{
+    checked_id, json_bytes, read_body, ApiError, AppState, DEFAULT_GC_GRACE, MAX_JSON_BODY,
+};
+
+pub(super) async fn list_templates(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<TemplateSummary>>, ApiError> {
+    let mut list = state.backend.list().await?;
+    let live = state.nodes.live();
+    let policy = state.center.policy().await;
+    for t in &mut list {
+        enrich(&state, t, &live, &policy).await;
+    }
+    Ok(Json(list))
+}
+
+pub(super) async fn get_template(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TemplateSummary>, ApiError> {
+    checked_id(&id)?;
+    let mut t = state.backend.summary(&id).await?;
+    let live = state.nodes.live();
+    let policy = state.center.policy().await;
+    enrich(&state, &mut t, &live, &policy).await;
+    Ok(Json(t))
+}
+
+pub(super) async fn get_manifest(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    checked_id(&id)?;
+    match state.backend.manifest_bytes(&id).await? {
+        Some(bytes) => Ok(json_bytes(bytes)),
+        None => Err(BackendError::UnknownTemplate(id).into()),
+    }
+}
+
+pub(super) async fn put_manifest(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, MAX_JSON_BODY, "a manifest").await?;
+    checked_id(&id)?;
+    let outcome = state.backend.put_manifest(&id, &bytes).await?;
+    let (status, created) = match outcome {
+        ManifestPut::Created => {
+            state.metrics.manifests_published.inc();
+            tracing::info!(template = %id, "manifest published");
+            (StatusCode::CREATED, true)
+        }
+        ManifestPut::Unchanged => (StatusCode::OK, false),
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({ "template": id, "created": created })),
+    )
+        .into_response())
+}
+
+pub(super) async fn get_trace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    checked_id(&id)?;
+    Ok(json_bytes(state.backend.trace_bytes(&id).await?))
+}
+
+pub(super) async fn put_trace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let bytes = read_body(body, MAX_JSON_BODY, "a trace").await?;
+    checked_id(&id)?;
+    state.backend.put_trace(&id, &bytes).await?;
+    Ok(Json(serde_json::json!({ "template": id })))
+}
+
+#[derive(Deserialize)]
+pub(super) struct GcParams {
+    /// Seconds; [`DEFAULT_GC_GRACE`] when absent.
+    grace_secs: Option<u64>,
+}
+
+pub(super) async fn gc(
+    State(state): State<AppState>,
+    Query(params): Query<GcParams>,
+) -> Result<Json<GcReport>, ApiError> {
+    let grace = params
+        .grace_secs
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_GC_GRACE);
+    let keep = chunks_in_use(&state).await?;
+    let report = state.backend.gc(grace, keep).await?;
+    tracing::info!(
+        deleted = report.chunks_deleted,
+        bytes = report.bytes_freed,
+        "gc swept unreferenced chunks"
+    );
+    Ok(Json(report))
+}
