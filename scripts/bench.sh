@@ -583,7 +583,16 @@ wave_start() { # N PEERS(yes|no) TAG
     sleep 2.5 # one more heartbeat: every node has the whole list
   fi
 }
-wave_stop() { for p in "${wave_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; wave_pids=(); }
+wave_stop() {
+  for p in "${wave_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  wave_pids=()
+  # A stopped daemon leaves the membership; wait until no lease is left, so the next
+  # wave's nodes do not count dead owners.
+  for _ in $(seq 100); do
+    [ "$("$bin" nodes --store "$store" --json | jq length)" -eq 0 ] && break
+    sleep 0.1
+  done
+}
 wave_read() { # TEMPLATE: every node of the wave reads it at once; prints the wall time
   local t0 t1 pids=() s
   t0=$(now_ns)
@@ -597,7 +606,7 @@ wave_read() { # TEMPLATE: every node of the wave reads it at once; prints the wa
 }
 log "B9 launch waves: N daemons reading one new ${wave_mib} MiB template at once, peers on and off"
 mkdir -p "$work/wave/src"
-head -c "$((wave_mib * MIB * 9 / 10))" /dev/urandom >"$work/wave/src/data"
+head -c "$((wave_mib * MIB * 3 / 4))" /dev/urandom >"$work/wave/src/data"
 mkfs.ext4 -q -F -b 4096 -d "$work/wave/src" "$work/wave.img" "${wave_mib}M" 2>>"$work/logs/commands.err"
 wave_round=0
 for peers in yes no; do

@@ -99,9 +99,11 @@ pub struct StoreArgs {
     /// Directory that holds manifests, chunks and traces.
     #[arg(long, default_value = "./lazyblk-store")]
     pub root: PathBuf,
-    /// Keep manifests, chunks and traces in S3-compatible object storage instead of
-    /// --root: s3://BUCKET/PREFIX?endpoint=URL[&region=REGION] (region defaults to
-    /// "garage"); credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    /// Keep manifests, chunks and traces in object storage instead of --root:
+    /// s3://BUCKET/PREFIX?endpoint=URL[&region=REGION] (region defaults to "garage";
+    /// credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY),
+    /// az://CONTAINER/PREFIX?account=NAME[&emulator=true] (AZURE_STORAGE_* variables) or
+    /// gs://BUCKET/PREFIX (GOOGLE_* variables).
     #[arg(long, conflicts_with = "root", value_name = "URL")]
     pub backend: Option<String>,
     /// Address to listen on.
@@ -124,8 +126,9 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub cache_size: u64,
     /// The artifact store: a store server (http://HOST:PORT), or an object store read
-    /// directly, s3://BUCKET/PREFIX?endpoint=URL[&region=R] (credentials from
-    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; no store process needed).
+    /// directly (no store process needed): s3://BUCKET/PREFIX?endpoint=URL[&region=R]
+    /// (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), az://CONTAINER/PREFIX?account=NAME
+    /// (AZURE_STORAGE_* variables; &emulator=true for Azurite) or gs://BUCKET/PREFIX.
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// HTTP address for the daemon's API, /metrics and chunk serving to peers.
@@ -206,8 +209,9 @@ pub struct PublishArgs {
     /// Template id: [a-z0-9][a-z0-9._-]{0,127}.
     #[arg(long)]
     pub template: String,
-    /// The artifact store: a store server (http://...) or s3://BUCKET/PREFIX?endpoint=URL
-    /// written directly (the manifest is created only if absent).
+    /// The artifact store: a store server (http://...) or an object store written
+    /// directly, s3://, az:// or gs:// as for the daemon (the manifest is created only if
+    /// absent).
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// Chunk size: a power of two from 64K to 16M.
@@ -241,8 +245,9 @@ pub struct BuildArgs {
     /// Template id: [a-z0-9][a-z0-9._-]{0,127}.
     #[arg(long)]
     pub template: String,
-    /// The artifact store: a store server (http://...) or s3://BUCKET/PREFIX?endpoint=URL
-    /// written directly (the manifest is created only if absent).
+    /// The artifact store: a store server (http://...) or an object store written
+    /// directly, s3://, az:// or gs:// as for the daemon (the manifest is created only if
+    /// absent).
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// Chunk size: a power of two from 64K to 16M.

@@ -263,3 +263,38 @@ fn a_label_policy_marks_old_templates_stale() {
     ]);
     assert!(!ok, "a bad policy is refused");
 }
+
+#[test]
+fn wishes_survive_a_store_restart_and_bad_wishes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StoreProc::start();
+    let image = make_ext4(dir.path(), 8, &[("f", pattern(2 << 20, 45))]);
+    publish(&store.url(), &image, "t");
+    let (ok, _, err) = run(&["warm", "nosuch", "--all-nodes", "--store", &store.url()]);
+    assert!(!ok && err.contains("unknown template"), "{err}");
+    let (ok, _, err) = run(&["warm", "t", "--nodes", "ghost", "--store", &store.url()]);
+    assert!(!ok && err.contains("no live node"), "{err}");
+    // Two operators, one after the other: the last word wins, and both see it.
+    let (ok, out, err) = run(&["warm", "t", "--all-nodes", "--store", &store.url()]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run(&["warm", "t", "--min-replicas", "1", "--store", &store.url()]);
+    assert!(ok, "{out}{err}");
+    let wishes = |url: &str| {
+        let (_, body) = support::http_get(&format!("{url}/v1/wishes")).unwrap();
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let before = wishes(&store.url());
+    assert_eq!(before[0]["placement"]["min_replicas"], 1, "{before}");
+    store.restart();
+    let after = wishes(&store.url());
+    assert_eq!(
+        after[0]["placement"]["min_replicas"], 1,
+        "wishes kept across a restart: {after}"
+    );
+    // The membership is rebuilt from the next heartbeats, and the wish acted on.
+    let node = DaemonProc::start_member(&store.url(), &dir.path().join("n"), &[]);
+    wait_for("READY 1/1", Duration::from_secs(30), || {
+        replicas(&store, "t") == "READY 1/1"
+    });
+    drop(node);
+}

@@ -183,7 +183,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         nbd_config,
         shutdown(shutdown_rx.clone()),
     ));
-    if let Some(discovery) = discovery {
+    if let Some(discovery) = discovery.clone() {
         if let Some(peers) = node.peers.clone() {
             tokio::spawn(membership::run(
                 discovery,
@@ -211,6 +211,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     wait_for_signal().await;
     tracing::info!("shutting down");
+    if matches!(discovery, Some(membership::Discovery::Store)) {
+        // Leave at once: peers move this node's chunks to their next owners now.
+        if let Err(e) = node.store.leave(&node.node_id).await {
+            tracing::debug!(error = %e, "leaving the membership");
+        }
+    }
     attachments.detach_all().await;
     let _ = shutdown_tx.send(true);
     fill.stop_all();

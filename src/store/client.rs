@@ -298,6 +298,18 @@ impl StoreClient {
         self.decode(&bytes, what)
     }
 
+    /// Ends this node's lease (at a clean shutdown).
+    pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        let what = "leaving the membership";
+        let request = self.write(
+            self.http
+                .delete(self.endpoint(&format!("/v1/nodes/{node}"))),
+        );
+        self.send(request, HEARTBEAT_TIMEOUT, what)
+            .await
+            .map(|_| ())
+    }
+
     /// The live nodes.
     pub async fn nodes(&self) -> Result<Vec<crate::store::nodes::NodeEntry>, StoreError> {
         let what = "the node list";

@@ -14,7 +14,7 @@ use super::TraceDoc;
 
 /// Whether `url` names an object store rather than a store server.
 pub fn is_object_url(url: &str) -> bool {
-    url.starts_with("s3://")
+    url.starts_with("s3://") || super::backend::clouds::is_cloud_url(url)
 }
 
 /// A bucket prefix, opened once.

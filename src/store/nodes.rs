@@ -80,6 +80,16 @@ impl Membership {
         leases.insert(id.to_string(), (beat, Instant::now()));
     }
 
+    /// Ends node `id`'s lease at once (a clean shutdown); whether it had one.
+    pub fn leave(&self, id: &str) -> bool {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let left = leases.remove(id);
+        if let Some((beat, _)) = &left {
+            tracing::info!(node = id, url = %beat.url, "node left (shut down)");
+        }
+        left.is_some()
+    }
+
     /// The live nodes, by id.
     pub fn live(&self) -> Vec<NodeEntry> {
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());

@@ -112,6 +112,22 @@ pub struct StoreProc {
     child: Child,
     port: u16,
     root: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+fn spawn_store(root: &Path, port: u16, extra: &[String]) -> Child {
+    lazyblk()
+        .arg("store")
+        .arg("--root")
+        .arg(root)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(extra)
+        .env_remove("LAZYBLK_WRITE_TOKEN")
+        .env_remove("LAZYBLK_READ_TOKEN")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("starting lazyblk store")
 }
 
 impl StoreProc {
@@ -124,21 +140,25 @@ impl StoreProc {
     pub fn start_with(extra: &[&str]) -> StoreProc {
         let root = tempfile::tempdir().expect("store root");
         let port = free_port();
-        let child = lazyblk()
-            .arg("store")
-            .arg("--root")
-            .arg(root.path())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(extra)
-            .env_remove("LAZYBLK_WRITE_TOKEN")
-            .env_remove("LAZYBLK_READ_TOKEN")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting lazyblk store");
-        let store = StoreProc { child, port, root };
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = spawn_store(root.path(), port, &extra);
+        let store = StoreProc {
+            child,
+            port,
+            root,
+            extra,
+        };
         wait_http(&format!("{}/healthz", store.url()));
         store
+    }
+
+    /// Kills the store and starts it again on the same port and directory (its
+    /// in-memory state, the membership, is gone; what it keeps on disk is not).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_store(self.root.path(), self.port, &self.extra);
+        wait_http(&format!("{}/healthz", self.url()));
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -162,6 +162,16 @@ pub(super) async fn renew_node(
     Ok(Json(crate::store::center::HeartbeatAnswer { nodes, warm }))
 }
 
+/// `DELETE /v1/nodes/{node}`: a node that shuts down cleanly leaves at once, so its
+/// chunks move to the next owners without waiting for its lease to run out.
+pub(super) async fn leave_node(
+    State(state): State<AppState>,
+    Path(node): Path<String>,
+) -> Json<serde_json::Value> {
+    let left = state.nodes.leave(&node);
+    Json(serde_json::json!({ "node": node, "left": left }))
+}
+
 /// Body of `PUT /v1/wishes/{id}`: where the template should be READY.
 #[derive(Deserialize)]
 pub(super) struct WishBody {

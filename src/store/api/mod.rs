@@ -45,7 +45,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/gc", post(gc))
         .route("/v1/scrub", post(scrub))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{node}", axum::routing::put(renew_node))
+        .route(
+            "/v1/nodes/{node}",
+            axum::routing::put(renew_node).delete(leave_node),
+        )
         .route("/v1/wishes", get(list_wishes))
         .route(
             "/v1/wishes/{id}",

@@ -27,6 +27,7 @@ use lazyblk_cache::{Digest, Manifest, ManifestError};
 use super::{Durability, GcReport, TemplateSummary, TraceDoc};
 
 mod bucket_url;
+pub mod clouds;
 mod dir;
 mod docs;
 mod gc;

@@ -74,6 +74,10 @@ impl ObjectBackend {
     /// path-style requests (what self-hosted servers expect) and plain HTTP allowed
     /// when the endpoint says `http://`. Nothing is requested until the first call.
     pub fn open(url: &str) -> Result<ObjectBackend, BackendError> {
+        if super::clouds::is_cloud_url(url) {
+            let (store, prefix) = super::clouds::open(url)?;
+            return Ok(ObjectBackend::new(store, &prefix));
+        }
         let target = parse_url(url)?;
         let (key_id, secret) = credentials(url)?;
         let retry = RetryConfig {
