@@ -19,6 +19,17 @@ pub const DEFAULT_STORE: &str = "http://127.0.0.1:7070";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text (colour only on a terminal) or as one JSON object per line,
+    /// for a log collector.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]

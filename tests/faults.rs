@@ -261,8 +261,10 @@ fn copy_through(fault: Fault) -> Copied {
         "{fault:?}: {wrong} bytes of the copy differ from the image"
     );
 
+    // The origin is tried first until it has failed twice in a row; then the fetch
+    // planner tries it last for a while (fetches already under way still ask it).
     assert!(
-        origin.requests() >= stored,
+        origin.requests() >= 2.min(stored),
         "{fault:?}: the origin saw {} requests for {stored} chunks; it is tried first",
         origin.requests()
     );

@@ -241,7 +241,18 @@ impl DaemonMetrics {
 
     /// Tells the metrics which source is the store (the rest are origins and peers).
     pub fn set_store(&self, url: &str) {
-        let _ = self.store_url.set(url.trim_end_matches('/').to_string());
+        let url = url.trim_end_matches('/').to_string();
+        // The store's series exist from the start (at 0), so dashboards and alerts on
+        // failure rates have a series before the first failure.
+        let label = SourceLabel {
+            source: url.clone(),
+            class: "store",
+        };
+        self.fetch_failures.get_or_create(&label);
+        self.verify_failures.get_or_create(&label);
+        self.bytes_fetched.get_or_create(&label);
+        self.chunks_fetched.get_or_create(&label);
+        let _ = self.store_url.set(url);
     }
 
     fn class_of(&self, source: &str) -> &'static str {
