@@ -248,10 +248,10 @@ impl DaemonMetrics {
             source: url.clone(),
             class: "store",
         };
-        self.fetch_failures.get_or_create(&label);
-        self.verify_failures.get_or_create(&label);
-        self.bytes_fetched.get_or_create(&label);
-        self.chunks_fetched.get_or_create(&label);
+        drop(self.fetch_failures.get_or_create(&label));
+        drop(self.verify_failures.get_or_create(&label));
+        drop(self.bytes_fetched.get_or_create(&label));
+        drop(self.chunks_fetched.get_or_create(&label));
         let _ = self.store_url.set(url);
     }
 
