@@ -172,6 +172,12 @@ impl Node {
         let mut restored = 0;
         for entry in dir.flatten() {
             let path = entry.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                // A save cut off by a crash: the manifest it held is saved again (or
+                // was never acknowledged).
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             let Some(id) = path
                 .file_stem()
                 .and_then(|s| s.to_str())
