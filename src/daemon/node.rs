@@ -75,8 +75,8 @@ pub struct Node {
     pub(crate) sandboxes: Registry<Sandbox>,
     /// Serializes sandbox creation (the id checks and the create are one step).
     pub(crate) creating: tokio::sync::Mutex<()>,
-    /// Serializes loads of one template from the store.
-    loading: tokio::sync::Mutex<()>,
+    /// One load of a template from the store at a time, per template.
+    loading: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The store's template names and when they were asked (see [`LISTING_TTL`]).
     listing: tokio::sync::Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
@@ -159,7 +159,7 @@ impl Node {
             fuse_dir: config.fuse_dir,
             sandboxes: Registry::default(),
             creating: tokio::sync::Mutex::new(()),
-            loading: tokio::sync::Mutex::new(()),
+            loading: Mutex::new(std::collections::HashMap::new()),
             listing: tokio::sync::Mutex::new(None),
         })
     }
@@ -216,7 +216,22 @@ impl Node {
         if let Some(r) = self.known(id) {
             return Ok(r);
         }
-        let _one_load = self.loading.lock().await;
+        // One load per template at a time (not one for the whole node): first looks at
+        // different templates go on side by side.
+        let gate = {
+            let mut loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+            loading.entry(id.to_string()).or_default().clone()
+        };
+        let _one_load = gate.lock().await;
+        let loaded = self.load(id).await;
+        self.loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        loaded
+    }
+
+    async fn load(&self, id: &str) -> Result<Arc<Replica>, NodeError> {
         if let Some(r) = self.known(id) {
             return Ok(r);
         }
@@ -235,11 +250,18 @@ impl Node {
                 })
             }
         };
-        if let Err(e) = self.save_manifest(&manifest) {
-            // The copy only spares a restart a trip to the store; a full disk must not
-            // make the template unreadable.
-            tracing::warn!(template = id, error = %e, "serving without a local copy of the manifest");
-        }
+        // The copy only spares a restart a trip to the store, and a lost one is simply
+        // fetched again: written off the runtime, without an fsync, and a full disk does
+        // not make the template unreadable.
+        let path = self.manifest_path(id);
+        let json = manifest.to_json();
+        tokio::task::spawn_blocking(move || {
+            let tmp = path.with_extension("json.tmp");
+            let written = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "serving without a local copy of the manifest");
+            }
+        });
         Ok(self.insert(manifest))
     }
 
