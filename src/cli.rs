@@ -25,6 +25,14 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
+/// `--tls`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    Off,
+    On,
+    Require,
+}
+
 /// How log lines are written (`--log-format`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -37,7 +45,7 @@ pub enum Command {
     /// Run the artifact store: manifests, chunks and traces over HTTP.
     Store(StoreArgs),
     /// Run the node daemon: NBD and FUSE exports of every template, fetched lazily.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Chunk an image, upload the chunks the store lacks, publish its manifest.
     Publish(PublishArgs),
     /// Make an ext4 image from a directory (mkfs.ext4 -d) and publish it.
@@ -160,6 +168,20 @@ pub struct DaemonArgs {
     /// firewall it.
     #[arg(long)]
     pub nbd: Option<String>,
+    /// NBD over TLS: the server's certificate chain (PEM). With --tls-key, TLS is
+    /// offered through NBD_OPT_STARTTLS (libnbd's nbds:// URIs).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM); others are refused.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// off: no TLS; on: offered (plain clients are served too); require: plain clients
+    /// get NBD_REP_ERR_TLS_REQD. Defaults to on when --tls-cert is given.
+    #[arg(long, value_enum)]
+    pub tls: Option<TlsMode>,
     /// Group that owns the NBD unix socket (name or gid); members may connect.
     #[arg(long, value_name = "GROUP")]
     pub nbd_group: Option<String>,

@@ -46,8 +46,8 @@ fn main() -> std::process::ExitCode {
     let default_level = match cli.command {
         // fuser logs every request it has no handler for (xattrs, ioctls) as a warning;
         // the kernel gets ENOSYS and carries on, so those lines are noise.
-        Command::Store(_) | Command::Daemon(_) => "info,fuser=error",
-        _ => "warn,fuser=error",
+        Command::Store(_) | Command::Daemon(_) => "info,fuser=error,rustls=error",
+        _ => "warn,fuser=error,rustls=error",
     };
     let filter =
         EnvFilter::try_from_env("LAZYBLK_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -83,7 +83,7 @@ fn main() -> std::process::ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Store(args) => store::run(args).await,
-        Command::Daemon(args) => daemon::run(args).await,
+        Command::Daemon(args) => daemon::run(*args).await,
         Command::Publish(args) => publish::run(args).await,
         Command::Build(args) => build::run(args).await,
         Command::Templates(args) => store::client::list_command(args).await,

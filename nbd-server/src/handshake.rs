@@ -58,6 +58,15 @@ pub enum HandshakeError {
     /// NBD_OPT_EXPORT_NAME named an export that could not be opened.
     #[error("NBD_OPT_EXPORT_NAME {name:?} refused: {reason}")]
     ExportRefused { name: String, reason: String },
+    /// A plain client sent NBD_OPT_EXPORT_NAME to a server that requires TLS.
+    #[error("NBD_OPT_EXPORT_NAME without TLS on a server that requires it; connection closed")]
+    TlsRequired,
+    /// The TLS handshake after NBD_OPT_STARTTLS failed (no or a bad client certificate).
+    #[error("TLS handshake: {0}")]
+    Tls(String),
+    /// The client sent bytes after NBD_OPT_STARTTLS before the TLS handshake.
+    #[error("data after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataBeforeTls,
     /// The client did not finish the handshake in time (an idle or stuck socket).
     #[error("handshake not finished within {0:?}; connection dropped")]
     Timeout(std::time::Duration),
@@ -94,19 +103,37 @@ pub enum Outcome<X> {
     Transmit(Session<X>),
     /// The client aborted or closed the connection.
     Ended,
+    /// NBD_OPT_STARTTLS was acknowledged: the caller runs the TLS handshake on the
+    /// stream and then [`negotiate_options`] again over TLS (no option state is kept).
+    StartTls,
 }
 
-/// Runs the handshake on one connection. `max_request` is the largest read or write
-/// payload transmission will accept (advertised in NBD_INFO_BLOCK_SIZE).
-pub async fn negotiate<E, R, W>(
+/// Where TLS stands on a connection, for the option haggling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsState {
+    /// The server has no certificate: NBD_OPT_STARTTLS is refused.
+    Off,
+    /// TLS is offered; plain clients are served too.
+    Offered,
+    /// TLS is required: every option but STARTTLS and ABORT is refused until it is on.
+    Required,
+    /// The connection is already TLS.
+    Active,
+}
+
+/// What the client's greeting said.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientFlags {
+    pub no_zeroes: bool,
+}
+
+/// Sends the greeting and reads the client's flags; `None` when it closed.
+pub async fn greet<R, W>(
     reader: &mut R,
     writer: &mut W,
-    exports: &E,
     peer: &str,
-    max_request: u32,
-) -> Result<Outcome<E::Export>, HandshakeError>
+) -> Result<Option<ClientFlags>, HandshakeError>
 where
-    E: Exports,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -115,20 +142,41 @@ where
     let mut flags = [0u8; 4];
     if !receive(reader, &mut flags, "reading client flags").await? {
         debug!(peer, "client closed before sending its flags");
-        return Ok(Outcome::Ended);
+        return Ok(None);
     }
     let flags = u32::from_be_bytes(flags);
     if flags & !proto::CLIENT_FLAGS_KNOWN != 0 {
         return Err(HandshakeError::UnknownClientFlags { flags });
     }
+    Ok(Some(ClientFlags {
+        no_zeroes: flags & proto::CLIENT_FLAG_NO_ZEROES != 0,
+    }))
+}
+
+/// The option haggling, after the greeting (or again after STARTTLS).
+pub async fn negotiate_options<E, R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &E,
+    peer: &str,
+    max_request: u32,
+    flags: ClientFlags,
+    tls: TlsState,
+) -> Result<Outcome<E::Export>, HandshakeError>
+where
+    E: Exports,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut negotiation = Negotiation {
         exports,
         peer,
         max_request,
-        no_zeroes: flags & proto::CLIENT_FLAG_NO_ZEROES != 0,
+        no_zeroes: flags.no_zeroes,
         structured: false,
         meta_context_export: None,
         out: Vec::new(),
+        tls,
     };
     loop {
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
@@ -148,6 +196,10 @@ where
                 return Ok(Outcome::Ended);
             }
             Step::Continue => sent?,
+            Step::StartTls => {
+                sent?;
+                return Ok(Outcome::StartTls);
+            }
             Step::Transmit(session) => {
                 sent?;
                 return Ok(Outcome::Transmit(session));
@@ -161,6 +213,7 @@ enum Step<X> {
     Continue,
     Transmit(Session<X>),
     Abort,
+    StartTls,
 }
 
 /// The handshake's state between options.
@@ -180,6 +233,8 @@ struct Negotiation<'a, E> {
     meta_context_export: Option<String>,
     /// Replies to the current option, sent in one write.
     out: Vec<u8>,
+    /// Whether TLS is off, offered, required or already on.
+    tls: TlsState,
 }
 
 impl<E: Exports> Negotiation<'_, E> {
@@ -208,18 +263,27 @@ impl<E: Exports> Negotiation<'_, E> {
             .read_exact(&mut payload)
             .await
             .map_err(|source| io_error("reading option data", source))?;
+        let plain_but_required = self.tls == TlsState::Required;
         match option {
-            proto::OPT_EXPORT_NAME => self.export_name(payload).await,
+            proto::OPT_STARTTLS => return Ok(self.start_tls(&payload)),
             proto::OPT_ABORT => {
                 self.reply(option, proto::REP_ACK, &[]);
-                Ok(Step::Abort)
+                return Ok(Step::Abort);
             }
+            // No reply can carry an error to NBD_OPT_EXPORT_NAME: the connection closes.
+            proto::OPT_EXPORT_NAME if plain_but_required => {
+                return Err(HandshakeError::TlsRequired)
+            }
+            _ if plain_but_required => {
+                let message = "this server requires TLS: send NBD_OPT_STARTTLS first";
+                self.reply_error(option, proto::REP_ERR_TLS_REQD, message);
+                return Ok(Step::Continue);
+            }
+            _ => {}
+        }
+        match option {
+            proto::OPT_EXPORT_NAME => self.export_name(payload).await,
             proto::OPT_LIST => self.list(&payload).await,
-            proto::OPT_STARTTLS => {
-                let message = "TLS is not configured on this server";
-                self.reply_error(option, proto::REP_ERR_POLICY, message);
-                Ok(Step::Continue)
-            }
             proto::OPT_INFO | proto::OPT_GO => self.info(option, &payload).await,
             proto::OPT_STRUCTURED_REPLY => Ok(self.structured_reply(&payload)),
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
@@ -229,6 +293,34 @@ impl<E: Exports> Negotiation<'_, E> {
                 debug!(peer = self.peer, option, "unsupported option");
                 self.reply_error(option, proto::REP_ERR_UNSUP, "option not supported");
                 Ok(Step::Continue)
+            }
+        }
+    }
+
+    /// NBD_OPT_STARTTLS: acknowledged when TLS is offered and not on yet.
+    fn start_tls(&mut self, payload: &[u8]) -> Step<E::Export> {
+        let option = proto::OPT_STARTTLS;
+        if !payload.is_empty() {
+            self.reply_error(
+                option,
+                proto::REP_ERR_INVALID,
+                "NBD_OPT_STARTTLS takes no data",
+            );
+            return Step::Continue;
+        }
+        match self.tls {
+            TlsState::Off => {
+                let message = "TLS is not configured on this server";
+                self.reply_error(option, proto::REP_ERR_POLICY, message);
+                Step::Continue
+            }
+            TlsState::Active => {
+                self.reply_error(option, proto::REP_ERR_INVALID, "TLS is already on");
+                Step::Continue
+            }
+            TlsState::Offered | TlsState::Required => {
+                self.reply(option, proto::REP_ACK, &[]);
+                Step::StartTls
             }
         }
     }

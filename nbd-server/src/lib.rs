@@ -67,7 +67,7 @@ mod writer;
 pub use export::{Command, Export, Exports, Extent, OpenError, NO_HOLE_WRITE_SIZE};
 pub use handshake::HandshakeError;
 pub use server::{
-    serve, serve_connection, ConnectionError, Listener, ServerConfig, ServerError,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING, SHUTDOWN_GRACE,
+    serve, serve_connection, serve_with_tls, ConnectionError, Listener, ServerConfig, ServerError,
+    Tls, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING, SHUTDOWN_GRACE,
 };
 pub use transmission::TransmissionError;

@@ -92,6 +92,8 @@ pub const REP_ERR_UNSUP: u32 = REP_ERROR | 1;
 pub const REP_ERR_POLICY: u32 = REP_ERROR | 2;
 /// Option error: known, but malformed.
 pub const REP_ERR_INVALID: u32 = REP_ERROR | 3;
+/// The option needs TLS first (NBD_REP_ERR_TLS_REQD).
+pub const REP_ERR_TLS_REQD: u32 = REP_ERROR | 5;
 /// Option error: the export is not available.
 pub const REP_ERR_UNKNOWN: u32 = REP_ERROR | 6;
 /// Option error: the request or its reply is too large.

@@ -21,7 +21,7 @@ pub use crate::config::{
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING,
 };
 use crate::export::Exports;
-use crate::handshake::{self, HandshakeError, Outcome};
+use crate::handshake::{self, HandshakeError, Outcome, TlsState};
 use crate::shutdown::Shutdown;
 use crate::transmission::{self, TransmissionError};
 
@@ -93,6 +93,14 @@ impl ConnectionError {
             ConnectionError::Transmission { source, .. } => source.is_protocol_violation(),
         }
     }
+}
+
+/// NBD over TLS (STARTTLS in the handshake, as the protocol specifies): the server's
+/// certificate and key (and client-certificate checks) in `acceptor`; with `required`,
+/// a plain client gets NBD_REP_ERR_TLS_REQD for every option but STARTTLS.
+pub struct Tls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub required: bool,
 }
 
 /// Where the server listens.
@@ -225,6 +233,17 @@ pub async fn serve<E: Exports>(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    serve_with_tls(listener, exports, config, None, shutdown).await
+}
+
+/// [`serve`], offering (or requiring) TLS when `tls` is given.
+pub async fn serve_with_tls<E: Exports>(
+    listener: Listener,
+    exports: Arc<E>,
+    config: ServerConfig,
+    tls: Option<Arc<Tls>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
     let config = config.effective();
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -281,15 +300,20 @@ pub async fn serve<E: Exports>(
         let exports = Arc::clone(&exports);
         let signal = Shutdown::new(stopping.clone());
         let bytes = Arc::clone(&bytes);
+        let tls = tls.clone();
         match accepted {
             Accepted::Tcp(stream, peer) => {
                 if let Err(error) = stream.set_nodelay(true) {
                     debug!(peer, %error, "could not set TCP_NODELAY");
                 }
-                connections.spawn(run_logged(stream, peer, exports, config, bytes, signal));
+                connections.spawn(run_logged(
+                    stream, peer, exports, config, bytes, tls, signal,
+                ));
             }
             Accepted::Unix(stream, peer) => {
-                connections.spawn(run_logged(stream, peer, exports, config, bytes, signal));
+                connections.spawn(run_logged(
+                    stream, peer, exports, config, bytes, tls, signal,
+                ));
             }
         }
     };
@@ -323,12 +347,13 @@ async fn run_logged<E, S>(
     exports: Arc<E>,
     config: ServerConfig,
     bytes: Arc<Semaphore>,
+    tls: Option<Arc<Tls>>,
     shutdown: Shutdown,
 ) where
     E: Exports,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match run_connection(stream, peer.clone(), exports, config, bytes, shutdown).await {
+    match run_connection(stream, peer.clone(), exports, config, bytes, tls, shutdown).await {
         Ok(()) => {}
         Err(error) if error.is_protocol_violation() => warn!(peer, %error, "connection closed"),
         Err(error) => debug!(peer, %error, "connection closed"),
@@ -346,7 +371,16 @@ pub async fn serve_connection<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Se
 ) -> Result<(), ConnectionError> {
     let config = config.effective();
     let bytes = config.bytes_budget();
-    run_connection(stream, peer, exports, config, bytes, Shutdown::never()).await
+    run_connection(
+        stream,
+        peer,
+        exports,
+        config,
+        bytes,
+        None,
+        Shutdown::never(),
+    )
+    .await
 }
 
 async fn run_connection<E, S>(
@@ -355,6 +389,7 @@ async fn run_connection<E, S>(
     exports: Arc<E>,
     config: ServerConfig,
     bytes: Arc<Semaphore>,
+    tls: Option<Arc<Tls>>,
     mut shutdown: Shutdown,
 ) -> Result<(), ConnectionError>
 where
@@ -362,13 +397,36 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     debug!(peer, "connection opened");
+    let handshake_error = |source| ConnectionError::Handshake {
+        peer: peer.clone(),
+        source,
+    };
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
     let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let state = match &tls {
+        None => TlsState::Off,
+        Some(t) if t.required => TlsState::Required,
+        Some(_) => TlsState::Offered,
+    };
+    let plain = async {
+        let Some(flags) = handshake::greet(&mut reader, &mut writer, &peer).await? else {
+            return Ok(None);
+        };
+        let outcome = handshake::negotiate_options(
+            &mut reader,
+            &mut writer,
+            &*exports,
+            &peer,
+            config.max_request,
+            flags,
+            state,
+        )
+        .await?;
+        Ok(Some((flags, outcome)))
+    };
     let negotiated = tokio::select! {
-        negotiated = tokio::time::timeout(
-            config.handshake_timeout,
-            handshake::negotiate(&mut reader, &mut writer, &*exports, &peer, config.max_request),
-        ) => match negotiated {
+        negotiated = tokio::time::timeout_at(deadline, plain) => match negotiated {
             Ok(negotiated) => negotiated,
             Err(_) => Err(HandshakeError::Timeout(config.handshake_timeout)),
         },
@@ -377,11 +435,81 @@ where
             return Ok(());
         }
     };
-    let session = match negotiated {
-        Ok(Outcome::Transmit(session)) => session,
-        Ok(Outcome::Ended) => return Ok(()),
-        Err(source) => return Err(ConnectionError::Handshake { peer, source }),
-    };
+    match negotiated.map_err(handshake_error)? {
+        None | Some((_, Outcome::Ended)) => Ok(()),
+        Some((_, Outcome::Transmit(session))) => {
+            run_session(
+                session, reader, writer, exports, config, bytes, &peer, shutdown,
+            )
+            .await
+        }
+        Some((flags, Outcome::StartTls)) => {
+            let Some(tls) = tls else {
+                return Err(handshake_error(HandshakeError::Tls(
+                    "not configured".into(),
+                )));
+            };
+            // The client waits for our ACK before its TLS hello: nothing may be buffered.
+            if !reader.buffer().is_empty() {
+                return Err(handshake_error(HandshakeError::DataBeforeTls));
+            }
+            let stream = reader.into_inner().unsplit(writer);
+            let secured = tokio::time::timeout_at(deadline, async {
+                let stream = tls
+                    .acceptor
+                    .accept(stream)
+                    .await
+                    .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+                let (reader, mut writer) = tokio::io::split(stream);
+                let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+                let outcome = handshake::negotiate_options(
+                    &mut reader,
+                    &mut writer,
+                    &*exports,
+                    &peer,
+                    config.max_request,
+                    flags,
+                    TlsState::Active,
+                )
+                .await?;
+                Ok((outcome, reader, writer))
+            })
+            .await
+            .unwrap_or(Err(HandshakeError::Timeout(config.handshake_timeout)));
+            match secured.map_err(handshake_error)? {
+                (Outcome::Transmit(session), reader, writer) => {
+                    debug!(peer, "TLS on");
+                    run_session(
+                        session, reader, writer, exports, config, bytes, &peer, shutdown,
+                    )
+                    .await
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// The transmission phase of one negotiated session.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the parts of one connection, handed on whole"
+)]
+async fn run_session<E, R, W>(
+    session: handshake::Session<E::Export>,
+    reader: R,
+    writer: W,
+    exports: Arc<E>,
+    config: ServerConfig,
+    bytes: Arc<Semaphore>,
+    peer: &str,
+    shutdown: Shutdown,
+) -> Result<(), ConnectionError>
+where
+    E: Exports,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let export = session.name.clone();
     debug!(
         peer,
@@ -393,11 +521,11 @@ where
         "transmission started"
     );
     transmission::transmit(
-        session, reader, writer, exports, config, bytes, &peer, shutdown,
+        session, reader, writer, exports, config, bytes, peer, shutdown,
     )
     .await
     .map_err(|source| ConnectionError::Transmission {
-        peer: peer.clone(),
+        peer: peer.to_string(),
         export,
         source,
     })?;

@@ -20,6 +20,7 @@
 //! - [`counters`]: Prometheus metrics and per-template byte counts.
 //! - [`fill`]: the background fill and the replica phases; [`state`]: the SQLite
 //!   database that keeps them across restarts.
+//! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
 
@@ -38,6 +39,7 @@ pub mod replica;
 pub mod resize;
 pub mod sandboxes;
 pub mod state;
+pub mod tls;
 pub mod trace;
 pub mod upload;
 pub mod users;
@@ -177,10 +179,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         api,
         shutdown(shutdown_rx.clone()),
     ));
-    let nbd = tokio::spawn(lazyblk_nbd::serve(
+    let nbd_tls = tls::setup(&args)?;
+    let nbd = tokio::spawn(lazyblk_nbd::serve_with_tls(
         nbd_listener,
         Arc::new(NbdExports { node: node.clone() }),
         nbd_config,
+        nbd_tls,
         shutdown(shutdown_rx.clone()),
     ));
     if let Some(discovery) = discovery.clone() {
