@@ -45,10 +45,19 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; the kernel does not hand it out
-/// again at once).
+/// again at once), never one this test process handed out before: two ports asked for
+/// back to back (a daemon's HTTP and NBD) could otherwise come back equal.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
-    listener.local_addr().expect("local address").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+        let port = listener.local_addr().expect("local address").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A plain HTTP/1.0 GET (no client library, no keep-alive): (status, body).
