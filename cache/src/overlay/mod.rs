@@ -66,6 +66,26 @@ use locks::RegionLocks;
 use map::{BlockMap, BlockState};
 pub use meta::{OverlayMeta, META_FILE, OVERLAY_FORMAT};
 
+/// What a map file recovers to: its blocks and how many hold data or read as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSummary {
+    pub blocks: u64,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+}
+
+/// Recovers a block map from the bytes of a map file, as opening an overlay does; a
+/// byte that is no state is refused with its block index. The fuzz target of torn map
+/// files drives this.
+pub fn recover_block_map(bytes: &[u8]) -> Result<MapSummary, (u64, u8)> {
+    let map = map::BlockMap::from_bytes(bytes.iter().copied())?;
+    Ok(MapSummary {
+        blocks: map.len(),
+        data_blocks: map.data_blocks(),
+        zero_blocks: map.zero_blocks(),
+    })
+}
+
 /// Why an overlay operation failed. Every variant names the sandbox or the path.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
