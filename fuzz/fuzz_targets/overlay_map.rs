@@ -11,10 +11,16 @@ fuzz_target!(|data: &[u8]| {
         Ok(summary) => {
             assert_eq!(summary.blocks, data.len() as u64);
             assert!(summary.data_blocks + summary.zero_blocks <= summary.blocks);
-            assert!(data.iter().all(|&b| b <= 2), "an invalid state was accepted");
+            assert!(
+                data.iter().all(|&b| b <= 2),
+                "an invalid state was accepted"
+            );
         }
         Err((block, byte)) => {
-            assert_eq!(data[block as usize], byte, "the refusal names the wrong block");
+            assert_eq!(
+                data[block as usize], byte,
+                "the refusal names the wrong block"
+            );
             assert!(byte > 2);
         }
     }
