@@ -423,19 +423,7 @@ async fn peer_chunk(
     Query(query): Query<PeerChunkQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(token) = &state.peer_token {
-        if !crate::auth::carries(&headers, token) {
-            return Err(ApiError(
-                StatusCode::UNAUTHORIZED,
-                "peer chunk reads need this daemon's peer token (--peer-token)".into(),
-            ));
-        }
-    }
-    let digest: Digest = digest
-        .parse()
-        .map_err(|e: lazyblk_cache::digest::DigestParseError| {
-            ApiError(StatusCode::BAD_REQUEST, e.to_string())
-        })?;
+    let digest = peer_request(&state, &headers, &digest)?;
     if query.len == 0 || query.len > MAX_CHUNK {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -478,25 +466,31 @@ async fn peer_chunk(
         .into_response())
 }
 
-/// Serves a local chunk to a peer node (this node is an origin of its commits).
-async fn chunk(
-    State(state): State<ApiState>,
-    Path(digest): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+/// The checks of both chunk endpoints peers call: the peer token (when one is set) and
+/// the digest in the path.
+fn peer_request(state: &ApiState, headers: &HeaderMap, digest: &str) -> Result<Digest, ApiError> {
     if let Some(token) = &state.peer_token {
-        if !crate::auth::carries(&headers, token) {
+        if !crate::auth::carries(headers, token) {
             return Err(ApiError(
                 StatusCode::UNAUTHORIZED,
                 "chunk reads need this daemon's peer token (--peer-token)".into(),
             ));
         }
     }
-    let digest: Digest = digest
+    digest
         .parse()
         .map_err(|e: lazyblk_cache::digest::DigestParseError| {
             ApiError(StatusCode::BAD_REQUEST, e.to_string())
-        })?;
+        })
+}
+
+/// Serves a local chunk to a peer node (this node is an origin of its commits).
+async fn chunk(
+    State(state): State<ApiState>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let digest = peer_request(&state, &headers, &digest)?;
     let node = state.node.clone();
     // Opening may hash the file (its first open by this daemon): off the runtime.
     let opened = tokio::task::spawn_blocking(move || {
