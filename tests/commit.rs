@@ -327,3 +327,79 @@ fn bad_commits_publish_nothing() {
         "nothing was published: {out}"
     );
 }
+
+/// Two chunks of a sandbox rewritten with the same bytes make one new digest: the commit
+/// pins it once and its upload unpins it once, so once the template is DURABLE an evict
+/// removes it (a digest pinned twice and unpinned once would stay in the cache for good,
+/// out of reach of every evict).
+#[test]
+fn a_new_digest_written_twice_in_one_commit_is_pinned_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let image = make_ext4(tmp.path(), 16, &[("f", pattern(1 << 20, 3))]);
+    publish(&store.url(), &image, "dup");
+    let cache = tmp.path().join("n");
+    let node = DaemonProc::start_unix(&store.url(), &cache, &[]);
+    overlay(&node, "dup", "dup-sb");
+    let (ok, out, err) = sh(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 8M 1M",
+            "-c",
+            "write -P 0x77 10M 1M",
+            "-c",
+            "flush",
+            &node.nbd_uri("dup-sb"),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let outcome = commit(&node, "dup-sb", "dup-c");
+    println!("commit: {outcome}");
+    assert_eq!(
+        outcome["new_chunks"], 1,
+        "two equal chunks are one new digest"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while durability(&store, "dup-c") != "DURABLE" {
+        assert!(Instant::now() < deadline, "dup-c never became DURABLE");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let digest = lazyblk_cache::Digest::of(&vec![0x77u8; 1 << 20]).to_hex();
+    let cached = |dir: &Path| -> bool {
+        walk(dir)
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == digest.as_str()))
+    };
+    assert!(cached(&cache), "the new chunk is not in the node's cache");
+    let (ok, out, err) = run(&["overlay", "delete", "dup-sb", "--node", &node.url()]);
+    assert!(ok, "overlay delete: {out}{err}");
+    for id in ["dup-c", "dup"] {
+        let (ok, out, err) = run(&["evict", id, "--node", &node.url()]);
+        assert!(ok, "evict {id}: {out}{err}");
+    }
+    assert!(
+        !cached(&cache),
+        "the new chunk is still cached after its upload and an evict: still pinned"
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -426,3 +426,91 @@ async fn delete_and_gc_remove_only_unreferenced_chunks() {
         assert_eq!(path.exists(), present, "{}", path.display());
     }
 }
+
+/// A publisher asks `missing`, is told an old unreferenced chunk is present and so does
+/// not upload it; an operator's gc runs before the publisher's manifest arrives. The
+/// chunk must survive that gc (`missing` renews it under gc's lock), or the manifest
+/// would name a chunk the store no longer has. An old chunk nobody asked for is swept by
+/// the same gc, so the test sees gc really sweeping.
+#[tokio::test]
+async fn gc_keeps_a_chunk_missing_reported_present_to_a_publisher() {
+    let store = StoreProc::start();
+    let (base, client) = (store.url(), Client::new());
+    let (asked, unasked, absent) = (chunk(30), chunk(31), chunk(32));
+    for data in [&asked, &unasked] {
+        let (status, _) = put(
+            &client,
+            format!("{base}/v1/chunks/{}", Digest::of(data)),
+            data.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    // Both chunks were written two hours ago and no manifest names them.
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    for data in [&asked, &unasked] {
+        let path = store
+            .root()
+            .join("chunks")
+            .join(Digest::of(data).shard_path());
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(two_hours_ago))
+            .unwrap();
+    }
+
+    let r = client
+        .post(format!("{base}/v1/chunks/missing"))
+        .json(&vec![
+            Digest::of(&asked).to_hex(),
+            Digest::of(&absent).to_hex(),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let missing: Vec<String> = r.json().await.unwrap();
+    assert_eq!(missing, vec![Digest::of(&absent).to_hex()]);
+
+    // The operator's gc, with a grace period of ten minutes.
+    let r = client
+        .post(format!("{base}/v1/gc?grace_secs=600"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let report: Value = r.json().await.unwrap();
+    assert_eq!(report["chunks_deleted"], 1, "{report}");
+    assert_eq!(report["chunks_recent"], 1, "{report}");
+
+    // The publisher uploads what it was told is missing, then its manifest.
+    let (status, _) = put(
+        &client,
+        format!("{base}/v1/chunks/{}", Digest::of(&absent)),
+        absent.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let m = manifest("raced", &[Some(&asked), Some(&absent)]);
+    let (status, body) = put(
+        &client,
+        format!("{base}/v1/templates/raced/manifest"),
+        m.to_json(),
+    )
+    .await;
+    assert!(status.is_success(), "{status}: {body}");
+    let (status, got) = get(&client, format!("{base}/v1/chunks/{}", Digest::of(&asked))).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the chunk the publisher relied on was swept"
+    );
+    assert!(got == asked);
+    let (status, _) = get(
+        &client,
+        format!("{base}/v1/chunks/{}", Digest::of(&unasked)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "gc swept nothing");
+}
