@@ -48,7 +48,8 @@ pub enum Command {
     Daemon(Box<DaemonArgs>),
     /// Chunk an image, upload the chunks the store lacks, publish its manifest.
     Publish(PublishArgs),
-    /// Make an ext4 image from a directory (mkfs.ext4 -d) and publish it.
+    /// Make an ext4 image from a directory or a container image (OCI layout, docker
+    /// save) and publish it.
     Build(BuildArgs),
     /// List the store's templates and their durability.
     Templates(TemplatesArgs),
@@ -268,13 +269,21 @@ pub struct PublishArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("from").required(true).args(["from_dir", "from_oci"])))]
 pub struct BuildArgs {
     /// The directory that becomes the file system's root.
     #[arg(long)]
-    pub from_dir: PathBuf,
-    /// The image's size (e.g. 2G): room for the files plus free space.
+    pub from_dir: Option<PathBuf>,
+    /// A container image: an OCI image layout (a directory with index.json, or a tar of
+    /// one) or a `docker save` archive. Its layers are applied in order (whiteouts,
+    /// opaque directories) with their owners, modes, links, device nodes and extended
+    /// attributes, without root; the image's digest and config labels become labels.
+    #[arg(long)]
+    pub from_oci: Option<PathBuf>,
+    /// The image's size (e.g. 2G). Default: the content plus a quarter, plus 64 MiB
+    /// for the journal and metadata, rounded up to 64 MiB.
     #[arg(long, value_parser = parse_size)]
-    pub size: u64,
+    pub size: Option<u64>,
     /// Template id: [a-z0-9][a-z0-9._-]{0,127}.
     #[arg(long)]
     pub template: String,

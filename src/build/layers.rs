@@ -1,0 +1,492 @@
+//! Layers applied in order into a staging directory, as an overlay file system would
+//! merge them, without root: the files' bytes, directories, symlinks and hard links go
+//! to the staging directory (which `mkfs.ext4 -d` copies); what an unprivileged process
+//! cannot make there (ownership, device nodes, fifos, set-id bits, extended attributes
+//! such as file capabilities) is recorded in a [`Tree`] and written into the image
+//! afterwards by [`crate::build::debugfs`].
+//!
+//! Whiteouts follow the OCI layer spec: `.wh.NAME` removes NAME of the layers below;
+//! `.wh..wh..opq` in a directory removes what the layers below had in it (entries of the
+//! same layer stay). Every path stays inside the staging directory: `..` is refused, and
+//! symlinks met on the way to an entry are resolved inside the image's root, never on
+//! the host.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, Context};
+use sha2::{Digest as _, Sha256};
+
+use super::oci::{Compression, Layer};
+
+/// Symlinks followed while resolving one path before it is called a loop (as Linux).
+const MAX_SYMLINK_HOPS: usize = 40;
+/// Permission bits kept on a staged directory whatever the image says, so that later
+/// layers can write into it; the image's own bits are set by debugfs.
+const STAGED_DIR_BITS: u32 = 0o700;
+
+/// What an entry is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File {
+        size: u64,
+    },
+    Dir,
+    Symlink,
+    /// A second name of a file: its inode is the target's (made with `link(2)`).
+    HardLink,
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+}
+
+/// The metadata of one path of the merged tree.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub kind: Kind,
+    pub uid: u64,
+    pub gid: u64,
+    /// Permission bits, set-id and sticky bits included (no file type).
+    pub mode: u32,
+    pub mtime: u64,
+    /// Extended attributes from the layer's PAX headers (`SCHILY.xattr.*`).
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Entry {
+    /// The mode bits the staging directory holds for this entry.
+    pub fn staged_mode(&self) -> u32 {
+        match self.kind {
+            Kind::Dir => (self.mode | STAGED_DIR_BITS) & 0o777,
+            // Readable by its owner, so mkfs.ext4 -d can copy it without root.
+            Kind::File { .. } | Kind::HardLink => (self.mode | 0o400) & 0o777,
+            Kind::Char { .. } | Kind::Block { .. } | Kind::Fifo => 0o600,
+            Kind::Symlink => 0o777,
+        }
+    }
+}
+
+/// The merged tree: a staging directory and the metadata of every path in it (the
+/// relative path; the root is the empty path).
+pub struct Tree {
+    root: PathBuf,
+    pub entries: BTreeMap<PathBuf, Entry>,
+}
+
+/// What one layer held.
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    pub entries: u64,
+    pub whiteouts: u64,
+}
+
+impl Tree {
+    pub fn new(root: &Path) -> anyhow::Result<Tree> {
+        fs::create_dir_all(root).with_context(|| format!("making {}", root.display()))?;
+        let mut entries = BTreeMap::new();
+        entries.insert(PathBuf::new(), implicit_dir());
+        Ok(Tree {
+            root: root.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// Bytes of regular files and the number of paths: what sizing the image needs.
+    pub fn totals(&self) -> (u64, u64) {
+        let bytes = self
+            .entries
+            .values()
+            .map(|e| match e.kind {
+                Kind::File { size } => size,
+                _ => 0,
+            })
+            .sum();
+        (bytes, self.entries.len() as u64)
+    }
+
+    /// Applies one layer (its blob read through `counted`, which reports progress) and
+    /// checks the uncompressed tar against the layer's diff id.
+    pub fn apply(&mut self, layer: &Layer, counted: impl Read) -> anyhow::Result<LayerStats> {
+        let decoded: Box<dyn Read> = match layer.compression {
+            Compression::None => Box::new(counted),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(counted)),
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::new(counted)
+                    .context("starting the zstd decoder of a layer")?,
+            ),
+        };
+        let mut hashed = Hashing {
+            inner: decoded,
+            hasher: Sha256::new(),
+        };
+        let stats = self.apply_tar(&mut hashed)?;
+        // The tar ends before its padding; the diff id covers every byte.
+        io::copy(&mut hashed, &mut io::sink()).context("reading the end of the layer")?;
+        let actual = format!("sha256:{}", hex::encode(hashed.hasher.finalize()));
+        if let Some(expected) = &layer.diff_id {
+            if &actual != expected {
+                bail!(
+                    "layer {} is corrupt: its tar hashes to {actual}, but its diff id in the image config is {expected}",
+                    layer.path.display()
+                );
+            }
+        }
+        Ok(stats)
+    }
+
+    fn apply_tar(&mut self, reader: &mut dyn Read) -> anyhow::Result<LayerStats> {
+        let mut archive = tar::Archive::new(reader);
+        let mut created: HashSet<PathBuf> = HashSet::new();
+        let mut stats = LayerStats::default();
+        for entry in archive.entries().context("reading a layer's tar")? {
+            let mut entry = entry.context("reading a layer's tar")?;
+            let raw = entry.path().context("a layer entry's path")?.into_owned();
+            let rel = normalize(&raw)?;
+            let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
+                // The root itself: only its metadata.
+                let meta = entry_meta(&mut entry, Kind::Dir)?;
+                self.entries.insert(PathBuf::new(), meta);
+                continue;
+            };
+            let parent = self.resolve_dir(rel.parent().unwrap_or(Path::new("")))?;
+            let name_str = name.to_string_lossy();
+            if name_str == ".wh..wh..opq" {
+                stats.whiteouts += 1;
+                self.clear_below(&parent, &created)?;
+                continue;
+            }
+            if let Some(hidden) = name_str.strip_prefix(".wh.") {
+                stats.whiteouts += 1;
+                self.remove(&parent.join(hidden))?;
+                continue;
+            }
+            stats.entries += 1;
+            let rel = parent.join(&name);
+            let full = self.root.join(&rel);
+            let kind = match entry.header().entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    Kind::File { size: entry.size() }
+                }
+                tar::EntryType::Directory => Kind::Dir,
+                tar::EntryType::Symlink => Kind::Symlink,
+                tar::EntryType::Link => Kind::HardLink,
+                tar::EntryType::Char => Kind::Char {
+                    major: device(entry.header().device_major())?,
+                    minor: device(entry.header().device_minor())?,
+                },
+                tar::EntryType::Block => Kind::Block {
+                    major: device(entry.header().device_major())?,
+                    minor: device(entry.header().device_minor())?,
+                },
+                tar::EntryType::Fifo => Kind::Fifo,
+                other => {
+                    tracing::warn!(path = %rel.display(), kind = ?other, "skipping a layer entry of an unsupported kind");
+                    continue;
+                }
+            };
+            let mut meta = entry_meta(&mut entry, kind.clone())?;
+            // Whatever the lower layers had at this path goes, except a directory that
+            // stays a directory (its contents merge).
+            let existing = fs::symlink_metadata(&full).ok();
+            if let Some(existing) = existing {
+                if !(existing.is_dir() && kind == Kind::Dir) {
+                    self.remove(&rel)?;
+                }
+            }
+            match kind {
+                Kind::File { .. } => {
+                    let mut file = fs::File::create(&full)
+                        .with_context(|| format!("creating {}", full.display()))?;
+                    io::copy(&mut entry, &mut file)
+                        .with_context(|| format!("writing {}", full.display()))?;
+                    set_mode(&full, meta.staged_mode())?;
+                }
+                Kind::Dir => {
+                    if !full.is_dir() {
+                        fs::create_dir(&full)
+                            .with_context(|| format!("creating {}", full.display()))?;
+                    }
+                    set_mode(&full, meta.staged_mode())?;
+                }
+                Kind::Symlink => {
+                    let target = entry
+                        .link_name()
+                        .context("a symlink's target")?
+                        .with_context(|| format!("symlink {} has no target", rel.display()))?;
+                    std::os::unix::fs::symlink(&target, &full)
+                        .with_context(|| format!("creating symlink {}", full.display()))?;
+                }
+                Kind::HardLink => {
+                    let target = entry
+                        .link_name()
+                        .context("a hard link's target")?
+                        .with_context(|| format!("hard link {} has no target", rel.display()))?
+                        .into_owned();
+                    let target = normalize(&target)?;
+                    let target_parent =
+                        self.resolve_dir(target.parent().unwrap_or(Path::new("")))?;
+                    let target = match target.file_name() {
+                        Some(n) => target_parent.join(n),
+                        None => bail!("hard link {} points at the root", rel.display()),
+                    };
+                    let Some(of) = self.entries.get(&target).cloned() else {
+                        bail!(
+                            "hard link {} points at {}, which no layer holds",
+                            rel.display(),
+                            target.display()
+                        );
+                    };
+                    fs::hard_link(self.root.join(&target), &full).with_context(|| {
+                        format!("linking {} to {}", full.display(), target.display())
+                    })?;
+                    // One inode: the target's metadata is the link's.
+                    meta = Entry {
+                        kind: Kind::HardLink,
+                        ..of
+                    };
+                }
+                Kind::Char { .. } | Kind::Block { .. } | Kind::Fifo => {
+                    // A placeholder; debugfs makes the node itself.
+                    fs::File::create(&full)
+                        .with_context(|| format!("creating {}", full.display()))?;
+                    set_mode(&full, meta.staged_mode())?;
+                }
+            }
+            created.insert(rel.clone());
+            self.entries.insert(rel, meta);
+        }
+        Ok(stats)
+    }
+
+    /// Resolves a directory path inside the root, following symlinks within the image
+    /// and making directories a layer left implicit. Returns the path with no symlink.
+    fn resolve_dir(&mut self, rel: &Path) -> anyhow::Result<PathBuf> {
+        enum Step {
+            Up,
+            Name(OsString),
+        }
+        let mut pending: Vec<Step> = rel
+            .components()
+            .rev()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(Step::Name(n.to_os_string())),
+                Component::ParentDir => Some(Step::Up),
+                _ => None,
+            })
+            .collect();
+        let mut out = PathBuf::new();
+        let mut hops = 0;
+        while let Some(step) = pending.pop() {
+            let name = match step {
+                Step::Up => {
+                    out.pop();
+                    continue;
+                }
+                Step::Name(n) => n,
+            };
+            let candidate = out.join(&name);
+            let full = self.root.join(&candidate);
+            match fs::symlink_metadata(&full) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        bail!("{}: too many levels of symbolic links", rel.display());
+                    }
+                    let target = fs::read_link(&full)
+                        .with_context(|| format!("reading symlink {}", full.display()))?;
+                    if target.is_absolute() {
+                        out = PathBuf::new();
+                    }
+                    for c in target.components().rev() {
+                        match c {
+                            Component::Normal(n) => pending.push(Step::Name(n.to_os_string())),
+                            Component::ParentDir => pending.push(Step::Up),
+                            _ => {}
+                        }
+                    }
+                }
+                Ok(m) if m.is_dir() => out = candidate,
+                Ok(_) => {
+                    // A file of a lower layer where this layer has a directory.
+                    self.remove(&candidate)?;
+                    self.make_implicit_dir(&candidate)?;
+                    out = candidate;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.make_implicit_dir(&candidate)?;
+                    out = candidate;
+                }
+                Err(e) => return Err(e).with_context(|| format!("looking at {}", full.display())),
+            }
+        }
+        Ok(out)
+    }
+
+    fn make_implicit_dir(&mut self, rel: &Path) -> anyhow::Result<()> {
+        let full = self.root.join(rel);
+        fs::create_dir(&full).with_context(|| format!("creating {}", full.display()))?;
+        self.entries.insert(rel.to_path_buf(), implicit_dir());
+        Ok(())
+    }
+
+    /// Removes a path and everything under it, from the staging directory and the tree.
+    fn remove(&mut self, rel: &Path) -> anyhow::Result<()> {
+        let full = self.root.join(rel);
+        match fs::symlink_metadata(&full) {
+            Ok(m) if m.is_dir() => {
+                fs::remove_dir_all(&full).with_context(|| format!("removing {}", full.display()))?
+            }
+            Ok(_) => {
+                fs::remove_file(&full).with_context(|| format!("removing {}", full.display()))?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("looking at {}", full.display())),
+        }
+        // A path's descendants sort right after it (paths compare by components).
+        let doomed: Vec<PathBuf> = self
+            .entries
+            .range(rel.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(rel))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in doomed {
+            self.entries.remove(&p);
+        }
+        Ok(())
+    }
+
+    /// An opaque directory: removes what lower layers put in `dir`.
+    fn clear_below(&mut self, dir: &Path, created: &HashSet<PathBuf>) -> anyhow::Result<()> {
+        let full = self.root.join(dir);
+        let Ok(children) = fs::read_dir(&full) else {
+            return Ok(());
+        };
+        for child in children {
+            let child = child.with_context(|| format!("listing {}", full.display()))?;
+            let rel = dir.join(child.file_name());
+            if !created.contains(&rel) {
+                self.remove(&rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every staged path its image's mtime (after all layers: writing into a
+    /// directory changes its own).
+    pub fn set_times(&self) -> anyhow::Result<()> {
+        // Children first, so setting a file's time never touches its directory's.
+        for (rel, entry) in self.entries.iter().rev() {
+            let full = self.root.join(rel);
+            let c = std::ffi::CString::new(full.as_os_str().as_encoded_bytes())
+                .with_context(|| format!("{}: a NUL in the path", full.display()))?;
+            let t = libc::timespec {
+                tv_sec: entry.mtime as libc::time_t,
+                tv_nsec: 0,
+            };
+            let times = [t, t];
+            // SAFETY: `c` is a valid NUL-terminated path and `times` two timespecs.
+            let rc = unsafe {
+                libc::utimensat(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    times.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                return Err(e).with_context(|| format!("setting the time of {}", full.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A layer path made relative, refusing any that would leave the root.
+fn normalize(raw: &Path) -> anyhow::Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir => bail!(
+                "layer entry {:?} leaves the image's root (`..`)",
+                raw.display()
+            ),
+            Component::Prefix(_) => bail!("layer entry {:?}: not a Unix path", raw.display()),
+        }
+    }
+    Ok(out)
+}
+
+fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>, kind: Kind) -> anyhow::Result<Entry> {
+    let header = entry.header();
+    let uid = header.uid().context("a layer entry's uid")?;
+    let gid = header.gid().context("a layer entry's gid")?;
+    let mode = header.mode().context("a layer entry's mode")? & 0o7777;
+    let mtime = header.mtime().unwrap_or(0);
+    let mut xattrs = Vec::new();
+    if let Some(pax) = entry
+        .pax_extensions()
+        .context("a layer entry's PAX header")?
+    {
+        for ext in pax {
+            let ext = ext.context("a layer entry's PAX header")?;
+            if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(Entry {
+        kind,
+        uid,
+        gid,
+        mode,
+        mtime,
+        xattrs,
+    })
+}
+
+fn implicit_dir() -> Entry {
+    Entry {
+        kind: Kind::Dir,
+        uid: 0,
+        gid: 0,
+        mode: 0o755,
+        mtime: 0,
+        xattrs: Vec::new(),
+    }
+}
+
+fn device(n: io::Result<Option<u32>>) -> anyhow::Result<u32> {
+    Ok(n.context("a device entry's number")?.unwrap_or(0))
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}

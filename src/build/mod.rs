@@ -1,0 +1,252 @@
+//! `lazyblk build`: an ext4 image made with `mkfs.ext4 -d` (4 KiB blocks, so the kernel
+//! can mount it from a block device), then published. The root comes from a directory
+//! or from a container image, whose layers are merged into a staging directory
+//! ([`layers`]) and whose ownership, devices and attributes are then written into the
+//! image ([`debugfs`]); no step needs root.
+//!
+//! # Layout
+//! - [`oci`]: reading OCI image layouts and `docker save` archives.
+//! - [`layers`]: applying layers (whiteouts, opaque directories, links) into a tree.
+//! - [`debugfs`]: the metadata an unprivileged staging directory cannot hold.
+
+mod debugfs;
+mod layers;
+mod oci;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::cli::{BuildArgs, PublishArgs};
+use crate::progress::Progress;
+use crate::publish;
+
+/// Chunks uploaded at once, as `publish` does by default.
+const UPLOAD_CONCURRENCY: usize = 8;
+/// Sizes chosen from the content are multiples of this, and at least this.
+const SIZE_STEP: u64 = 64 << 20;
+/// Room for the journal and the file system's own metadata in a size chosen from the
+/// content.
+const METADATA_ROOM: u64 = 64 << 20;
+/// Bytes an inode takes in the inode table.
+const INODE_SIZE: u64 = 256;
+/// Times a build whose size was chosen from the content retries with 1.5 times the size
+/// when mkfs.ext4 finds it too small.
+const SIZE_RETRIES: usize = 3;
+/// Labels a build from a container image adds (the user's `--label`s win).
+const LABEL_DIGEST: &str = "oci.digest";
+const LABEL_IMAGE: &str = "oci.image";
+
+pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
+    lazyblk_cache::validate_id(&args.template)?;
+    if let Some(size) = args.size {
+        if size == 0 || !size.is_multiple_of(4096) {
+            bail!("--size {size}: the image size must be a non-zero multiple of 4096");
+        }
+    }
+    let work = tempfile::Builder::new()
+        .prefix("lazyblk-build-")
+        .tempdir_in(&args.work_dir)
+        .with_context(|| format!("making a work directory in {}", args.work_dir.display()))?;
+    let image = work.path().join(format!("{}.img", args.template));
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    match (&args.from_dir, &args.from_oci) {
+        (Some(dir), None) => {
+            if !dir.is_dir() {
+                bail!("--from-dir {}: not a directory", dir.display());
+            }
+            let content = {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || measure(&dir))
+                    .await
+                    .context("measuring the directory")??
+            };
+            make_ext4(&args, dir, &image, content).await?;
+        }
+        (None, Some(path)) => {
+            let (tree, oci_labels) = unpack(path, work.path()).await?;
+            let rootfs = work.path().join("rootfs");
+            let totals = tree.totals();
+            make_ext4(&args, &rootfs, &image, totals).await?;
+            let values = work.path().join("xattrs");
+            std::fs::create_dir_all(&values)
+                .with_context(|| format!("making {}", values.display()))?;
+            let owner = (
+                u64::from(nix::unistd::geteuid().as_raw()),
+                u64::from(nix::unistd::getegid().as_raw()),
+            );
+            let (script, commands) = debugfs::script(&tree, &values, owner)?;
+            let script_path = work.path().join("metadata.debugfs");
+            std::fs::write(&script_path, script)
+                .with_context(|| format!("writing {}", script_path.display()))?;
+            if commands > 0 {
+                debugfs::run(&image, &script_path).await?;
+            }
+            tracing::debug!(commands, "ownership, devices and attributes written");
+            labels = oci_labels;
+        }
+        _ => bail!("give exactly one of --from-dir and --from-oci"),
+    }
+    labels.extend(args.labels.iter().cloned());
+    publish::run(PublishArgs {
+        image,
+        template: args.template,
+        store: args.store,
+        chunk_size: args.chunk_size,
+        parent: None,
+        labels: labels.into_iter().collect(),
+        concurrency: UPLOAD_CONCURRENCY,
+        write_token: args.write_token,
+        json: args.json,
+    })
+    .await
+}
+
+/// Merges the image's layers into `<work>/rootfs`; returns the tree and the labels
+/// the template gets from the image.
+async fn unpack(
+    path: &Path,
+    work: &Path,
+) -> anyhow::Result<(layers::Tree, BTreeMap<String, String>)> {
+    let (path, work) = (path.to_path_buf(), work.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let image = oci::open(&path, &work)?;
+        let total: u64 = image.layers.iter().map(|l| l.size).sum();
+        let progress = Progress::new("unpacking", total);
+        let mut tree = layers::Tree::new(&work.join("rootfs"))?;
+        let (mut entries, mut whiteouts) = (0, 0);
+        for (i, layer) in image.layers.iter().enumerate() {
+            let file = std::fs::File::open(&layer.path)
+                .with_context(|| format!("opening layer {}", layer.path.display()))?;
+            let counted = Counted {
+                inner: std::io::BufReader::new(file),
+                progress: progress.clone(),
+            };
+            let stats = tree
+                .apply(layer, counted)
+                .with_context(|| format!("layer {} of {}", i + 1, image.layers.len()))?;
+            entries += stats.entries;
+            whiteouts += stats.whiteouts;
+        }
+        tree.set_times()?;
+        progress.finish(&format!(
+            "{} layers, {entries} entries, {whiteouts} whiteouts",
+            image.layers.len()
+        ));
+        let mut labels = image.labels.clone();
+        labels.insert(LABEL_DIGEST.to_string(), image.digest.clone());
+        if let Some(name) = &image.name {
+            labels.insert(LABEL_IMAGE.to_string(), name.clone());
+        }
+        Ok((tree, labels))
+    })
+    .await
+    .context("the unpacking task failed")?
+}
+
+/// Bytes of file data (in 4 KiB blocks) and the number of paths under `dir`.
+fn measure(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    let mut bytes = 0;
+    let mut paths = 1;
+    let mut pending: Vec<PathBuf> = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let entry = entry.with_context(|| format!("listing {}", d.display()))?;
+            let meta = entry
+                .path()
+                .symlink_metadata()
+                .with_context(|| format!("looking at {}", entry.path().display()))?;
+            paths += 1;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if meta.is_file() {
+                bytes += meta.len();
+            }
+        }
+    }
+    Ok((bytes, paths))
+}
+
+/// The size and inode count for `bytes` of files in `paths` paths: the data in whole
+/// blocks plus a quarter, room for metadata, rounded up.
+fn auto_size(bytes: u64, paths: u64) -> (u64, u64) {
+    let inodes = paths + paths / 2 + 1024;
+    let data = bytes + paths * 4096;
+    let size = data + data / 4 + inodes * INODE_SIZE + METADATA_ROOM;
+    (size.div_ceil(SIZE_STEP) * SIZE_STEP, inodes)
+}
+
+async fn make_ext4(
+    args: &BuildArgs,
+    root: &Path,
+    image: &Path,
+    (bytes, paths): (u64, u64),
+) -> anyhow::Result<()> {
+    // The volume label is at most 16 bytes.
+    let label: String = args.template.chars().take(16).collect();
+    let (mut size, inodes) = match args.size {
+        Some(size) => (size, None),
+        None => {
+            let (size, inodes) = auto_size(bytes, paths);
+            (size, Some(inodes))
+        }
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let _ = std::fs::remove_file(image);
+        let mut cmd = tokio::process::Command::new("mkfs.ext4");
+        cmd.args(["-q", "-F", "-b", "4096", "-L", &label]);
+        if let Some(inodes) = inodes {
+            cmd.arg("-N").arg(inodes.to_string());
+        }
+        let output = cmd
+            .arg("-d")
+            .arg(root)
+            .arg(image)
+            .arg(format!("{}k", size / 1024))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .context("running mkfs.ext4 (install e2fsprogs)")?;
+        if output.status.success() {
+            tracing::info!(size, "ext4 image made");
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let too_small = stderr.contains("Could not allocate")
+            || stderr.contains("No space")
+            || stderr.contains("Could not allocate block");
+        if too_small && args.size.is_none() && attempt <= SIZE_RETRIES {
+            size = (size + size / 2).div_ceil(SIZE_STEP) * SIZE_STEP;
+            tracing::warn!(size, "the content did not fit; trying a larger image");
+            continue;
+        }
+        let hint = if too_small {
+            " (the files do not fit: raise --size)"
+        } else {
+            ""
+        };
+        bail!(
+            "mkfs.ext4 -d {} failed{hint}: {}",
+            root.display(),
+            stderr.trim()
+        );
+    }
+}
+
+/// A reader that reports the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    progress: Progress,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.inc(n as u64);
+        Ok(n)
+    }
+}
