@@ -135,6 +135,15 @@ pub struct StoreArgs {
     /// Bearer token required for chunk reads.
     #[arg(long, env = "LAZYBLK_READ_TOKEN")]
     pub read_token: Option<String>,
+    /// Read flags from this TOML file first. Each key is a flag's long name
+    /// (`cache = "/var/lib/lazyblk/cache"`, `nbd-max-connections = 256`); flags on the
+    /// command line and environment variables win over the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the settings in effect (from the flags, the environment, --config and the
+    /// defaults) as a config file, each with its source, and exit. Tokens are not shown.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -234,6 +243,15 @@ pub struct DaemonArgs {
     /// on this daemon's own changing requests (warm, evict, overlays, commit, attach).
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
     pub write_token: Option<String>,
+    /// Read flags from this TOML file first. Each key is a flag's long name
+    /// (`cache = "/var/lib/lazyblk/cache"`, `nbd-max-connections = 256`); flags on the
+    /// command line and environment variables win over the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the settings in effect (from the flags, the environment, --config and the
+    /// defaults) as a config file, each with its source, and exit. Tokens are not shown.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 #[derive(Args, Debug, Clone)]

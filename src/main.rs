@@ -26,6 +26,7 @@
 mod auth;
 mod build;
 mod cli;
+mod config;
 mod control;
 mod daemon;
 mod fleet;
@@ -36,13 +37,12 @@ mod progress;
 mod publish;
 mod store;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command};
+use crate::cli::Command;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = config::parse();
     let default_level = match cli.command {
         // fuser logs every request it has no handler for (xattrs, ioctls) as a warning;
         // the kernel gets ENOSYS and carries on, so those lines are noise.
