@@ -18,3 +18,6 @@ fi
 # two-core machine responsive.
 # LAZYBLK_KERNEL_TEST=1 runs the kernel NBD client test in a qemu guest (scripts/kernel-test.sh).
 LAZYBLK_KERNEL_TEST=1 cargo test --workspace -- --test-threads=2
+# The Debian package: built, installed on this machine, checked (units, config files,
+# man pages, readiness), removed.
+scripts/package-test.sh

@@ -86,6 +86,25 @@ pub enum Command {
     /// The store's label policy: minimum versions; templates below them are STALE.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `lazyblk completions bash > /etc/bash_completion.d/lazyblk`.
+    Completions(CompletionsArgs),
+    /// Write man pages for lazyblk and each of its commands into a directory
+    /// (lazyblk.1, lazyblk-daemon.1, ...).
+    Manpages(ManpagesArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ManpagesArgs {
+    /// Where to write the pages (made if missing).
+    pub dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -298,8 +317,8 @@ pub struct BuildArgs {
     /// attributes, without root; the image's digest and config labels become labels.
     #[arg(long)]
     pub from_oci: Option<PathBuf>,
-    /// The image's size (e.g. 2G). Default: the content plus a quarter, plus 64 MiB
-    /// for the journal and metadata, rounded up to 64 MiB.
+    /// The image's size (e.g. 2G). Default: the content plus a quarter, plus room for
+    /// ext4's metadata, journal and reserved blocks, rounded up to 64 MiB.
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
     /// Template id: [a-z0-9][a-z0-9._-]{0,127}.

@@ -2,9 +2,11 @@
 //! copying them first.
 //!
 //! # Layout
-//! - [`cli`]: the command line (DESIGN.md section 7).
+//! - [`cli`]: the command line (DESIGN.md section 7); [`config`]: `--config FILE` of the
+//!   daemon and the store; [`docs`]: man pages and completions made from it;
+//!   [`notify`]: readiness for systemd.
 //! - [`store`]: the artifact store: an HTTP server over a directory, and its client.
-//! - [`build`]: make an ext4 image from a directory and publish it.
+//! - [`build`]: make an ext4 image from a directory or a container image and publish it.
 //! - [`publish`]: chunk an image, upload what the store lacks, publish the manifest.
 //! - [`daemon`]: the node daemon: NBD and FUSE exports over the chunk cache, the
 //!   background fill, traces, the HTTP API, the state database.
@@ -29,10 +31,12 @@ mod cli;
 mod config;
 mod control;
 mod daemon;
+mod docs;
 mod fleet;
 mod http_client;
 mod http_server;
 mod metrics;
+mod notify;
 mod progress;
 mod publish;
 mod store;
@@ -93,6 +97,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Warm(args) => control::warm(args).await,
         Command::Unwarm(args) => fleet::unwarm(args).await,
         Command::Policy(cmd) => fleet::policy(cmd).await,
+        Command::Completions(args) => docs::completions(args),
+        Command::Manpages(args) => docs::manpages(args),
         Command::Evict(args) => control::evict(args).await,
         Command::Overlay(cmd) => control::overlay(cmd).await,
         Command::Commit(args) => control::commit(args).await,

@@ -28,8 +28,12 @@ const UPLOAD_CONCURRENCY: usize = 8;
 /// Sizes chosen from the content are multiples of this, and at least this.
 const SIZE_STEP: u64 = 64 << 20;
 /// Room for the journal and the file system's own metadata in a size chosen from the
-/// content.
-const METADATA_ROOM: u64 = 64 << 20;
+/// content: this much, plus [`METADATA_SHARE`] of the rest.
+const METADATA_ROOM: u64 = 16 << 20;
+/// The share of a size chosen from the content kept for ext4's metadata (inode tables,
+/// bitmaps), its journal (up to 1/32 of mid-sized file systems) and the 5% of blocks
+/// reserved for root: 15%.
+const METADATA_SHARE: (u64, u64) = (15, 100);
 /// Bytes an inode takes in the inode table.
 const INODE_SIZE: u64 = 256;
 /// Times a build whose size was chosen from the content retries with 1.5 times the size
@@ -170,11 +174,12 @@ fn measure(dir: &Path) -> anyhow::Result<(u64, u64)> {
 }
 
 /// The size and inode count for `bytes` of files in `paths` paths: the data in whole
-/// blocks plus a quarter, room for metadata, rounded up.
+/// blocks plus a quarter, room for metadata, rounded up to [`SIZE_STEP`].
 fn auto_size(bytes: u64, paths: u64) -> (u64, u64) {
     let inodes = paths + paths / 2 + 1024;
     let data = bytes + paths * 4096;
-    let size = data + data / 4 + inodes * INODE_SIZE + METADATA_ROOM;
+    let content = data + data / 4 + inodes * INODE_SIZE;
+    let size = content + content * METADATA_SHARE.0 / METADATA_SHARE.1 + METADATA_ROOM;
     (size.div_ceil(SIZE_STEP) * SIZE_STEP, inodes)
 }
 

@@ -212,9 +212,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         fuse = ?args.fuse.as_ref().map(|d| d.display().to_string()),
         cached_chunks = cache.store().chunk_count(), "lazyblk daemon ready"
     );
+    crate::notify::ready(&format!("serving NBD on {nbd_addr}, HTTP on {http_addr}"));
 
     wait_for_signal().await;
     tracing::info!("shutting down");
+    crate::notify::stopping();
     if matches!(discovery, Some(membership::Discovery::Store)) {
         // Leave at once: peers move this node's chunks to their next owners now.
         if let Err(e) = node.store.leave(&node.node_id).await {

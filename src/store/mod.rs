@@ -133,6 +133,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         .local_addr()
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(store = %location, address = %local, "store listening");
+    crate::notify::ready(&format!("serving {location} on {local}"));
     crate::http_server::serve(listener, api::router(state), shutdown_signal())
         .await
         .with_context(|| format!("serving on {local}"))?;
@@ -177,4 +178,5 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+    crate::notify::stopping();
 }
