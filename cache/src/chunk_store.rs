@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use lru::LruCache;
 
 use crate::digest::Digest;
+use crate::pins::Pins;
 
 /// How many chunk files stay open for reading at once. An open file saves an `open`
 /// per read on the hot path; the bound keeps the daemon under its file limit (the daemon
@@ -144,8 +145,6 @@ impl ChunkFile {
 /// What the index knows of one chunk on disk.
 struct Entry {
     len: u64,
-    /// Replicas (READY templates) and pending uploads that need this chunk kept.
-    pins: u32,
     /// The open file, shared with readers; a strong count above one means a read is
     /// under way, which protects the chunk from eviction.
     file: Option<Arc<File>>,
@@ -160,9 +159,12 @@ struct Index {
     lru: LruCache<Digest, Entry>,
     used: u64,
     open_files: usize,
-    /// Pins of chunks dropped as corrupt, given back when the chunk is written again,
-    /// so a READY replica or an upload keeps its claim across the refetch.
-    orphan_pins: std::collections::HashMap<Digest, u32>,
+    /// Who needs which chunks kept (READY replicas, pending uploads). Claims outlive a
+    /// chunk dropped as corrupt, so they hold again for the copy fetched next.
+    pins: Pins,
+    /// Bumped at every insert and delete, so that counts of what is local can be kept
+    /// until something changes.
+    generation: u64,
 }
 
 /// The node's content-addressed chunk files.
@@ -220,7 +222,6 @@ impl ChunkStore {
                 digest,
                 Entry {
                     len,
-                    pins: 0,
                     file: None,
                     verified: false,
                 },
@@ -233,7 +234,8 @@ impl ChunkStore {
                 lru,
                 used,
                 open_files: 0,
-                orphan_pins: Default::default(),
+                pins: Pins::default(),
+                generation: 0,
             }),
             evictions: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
@@ -320,7 +322,7 @@ impl ChunkStore {
         }))
     }
 
-    /// Deletes a chunk file whose bytes do not match its name, keeping its pins for the
+    /// Deletes a chunk file whose bytes do not match its name; its claims stay for the
     /// copy that will replace it.
     fn drop_corrupt(&self, digest: &Digest) {
         let mut index = self.index();
@@ -329,9 +331,7 @@ impl ChunkStore {
             if gone.file.is_some() {
                 index.open_files -= 1;
             }
-            if gone.pins > 0 {
-                *index.orphan_pins.entry(*digest).or_default() += gone.pins;
-            }
+            index.generation += 1;
         }
         let _ = fs::remove_file(self.chunk_path(digest));
         drop(index);
@@ -372,31 +372,28 @@ impl ChunkStore {
     /// Writes a verified chunk crash-safely and indexes it. The caller has checked that
     /// `bytes` hash to `digest`.
     pub fn insert(&self, digest: &Digest, bytes: &[u8]) -> Result<ChunkFile, ChunkStoreError> {
-        self.insert_with(digest, bytes, false)
+        self.insert_with(digest, bytes)
     }
 
-    /// Like [`ChunkStore::insert`], and pins the chunk in the same step, so that no
-    /// eviction can come between the write and the pin (a commit's new chunks, whose
-    /// only copy is this one).
+    /// Like [`ChunkStore::insert`], with `owner`'s claim on the chunk taken before the
+    /// write, so that no eviction can come between the write and the pin (a commit's
+    /// new chunks, whose only copy is this one).
     pub fn insert_pinned(
         &self,
+        owner: &str,
         digest: &Digest,
         bytes: &[u8],
     ) -> Result<ChunkFile, ChunkStoreError> {
-        self.insert_with(digest, bytes, true)
+        self.index().pins.pin(owner, *digest);
+        let written = self.insert(digest, bytes);
+        if written.is_err() {
+            self.unpin(owner, digest);
+        }
+        written
     }
 
-    fn insert_with(
-        &self,
-        digest: &Digest,
-        bytes: &[u8],
-        pin: bool,
-    ) -> Result<ChunkFile, ChunkStoreError> {
+    fn insert_with(&self, digest: &Digest, bytes: &[u8]) -> Result<ChunkFile, ChunkStoreError> {
         if let Some(existing) = self.get(digest)? {
-            if pin && !self.pin(digest) {
-                // Evicted between the lookup and the pin: write it again, pinned.
-                return self.insert_with(digest, bytes, pin);
-            }
             return Ok(existing);
         }
         let final_path = self.chunk_path(digest);
@@ -437,21 +434,17 @@ impl ChunkStore {
         let file = Arc::new(File::open(&final_path).map_err(write_err(&final_path))?);
         let len = bytes.len() as u64;
         let mut index = self.index();
-        let pins = index.orphan_pins.remove(digest).unwrap_or(0) + u32::from(pin);
+        index.generation += 1;
         if let Some(prev) = index.lru.put(
             *digest,
             Entry {
                 len,
-                pins,
                 file: Some(file.clone()),
                 verified: true,
             },
         ) {
-            // Lost a race with another writer of the same digest: same bytes, keep pins.
+            // Lost a race with another writer of the same digest: same bytes.
             index.used -= prev.len;
-            if let Some(e) = index.lru.peek_mut(digest) {
-                e.pins += prev.pins;
-            }
             if prev.file.is_some() {
                 index.open_files -= 1;
             }
@@ -466,38 +459,65 @@ impl ChunkStore {
         })
     }
 
-    /// Keeps a chunk from eviction until a matching [`ChunkStore::unpin`]. Returns false
-    /// if the chunk is not local.
-    pub fn pin(&self, digest: &Digest) -> bool {
-        match self.index().lru.peek_mut(digest) {
-            Some(e) => {
-                e.pins += 1;
-                true
+    /// Claims each of `digests` for `owner` (see [`crate::pins`]): kept from eviction
+    /// until the owner lets go. Returns how many of them are not local (claimed all
+    /// the same: the claim holds when they arrive). Claims are taken before presence
+    /// is looked at, so no eviction comes between the two.
+    pub fn pin(&self, owner: &str, digests: impl IntoIterator<Item = Digest>) -> usize {
+        let mut index = self.index();
+        let mut absent = 0;
+        for digest in digests {
+            index.pins.pin(owner, digest);
+            if !index.lru.contains(&digest) {
+                absent += 1;
             }
-            None => false,
+        }
+        absent
+    }
+
+    /// Drops `owner`'s claim on one chunk (it stays cached, evictable).
+    pub fn unpin(&self, owner: &str, digest: &Digest) {
+        let mut index = self.index();
+        if index.pins.unpin(owner, digest) {
+            self.evict_over_budget(&mut index);
         }
     }
 
-    pub fn unpin(&self, digest: &Digest) {
+    /// Drops every claim of `owner`; returns how many there were.
+    pub fn release(&self, owner: &str) -> usize {
         let mut index = self.index();
-        if let Some(e) = index.lru.peek_mut(digest) {
-            e.pins = e.pins.saturating_sub(1);
-        } else if let Some(orphan) = index.orphan_pins.get_mut(digest) {
-            *orphan = orphan.saturating_sub(1);
-            if *orphan == 0 {
-                index.orphan_pins.remove(digest);
-            }
+        let released = index.pins.release(owner);
+        if released > 0 {
+            self.evict_over_budget(&mut index);
         }
-        self.evict_over_budget(&mut index);
+        released
+    }
+
+    /// Chunks `owner` holds claims on.
+    pub fn held_by(&self, owner: &str) -> usize {
+        self.index().pins.held_by(owner)
+    }
+
+    /// How many of `digests` are local, with their bytes. Counted under one lock.
+    pub fn count_local<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> (usize, u64) {
+        let index = self.index();
+        digests
+            .into_iter()
+            .filter_map(|d| index.lru.peek(d).map(|e| e.len))
+            .fold((0, 0), |(n, bytes), len| (n + 1, bytes + len))
+    }
+
+    /// Bumped at every insert and delete: a count of what is local stays right while
+    /// this does not move.
+    pub fn generation(&self) -> u64 {
+        self.index().generation
     }
 
     /// Deletes a chunk now unless it is pinned or being read. Returns whether it went.
     pub fn remove(&self, digest: &Digest) -> bool {
         let mut index = self.index();
-        let removable = index
-            .lru
-            .peek(digest)
-            .is_some_and(|e| e.pins == 0 && !in_use(e));
+        let removable =
+            index.lru.peek(digest).is_some_and(|e| !in_use(e)) && !index.pins.is_pinned(digest);
         if removable {
             self.delete(&mut index, digest);
         }
@@ -507,6 +527,7 @@ impl ChunkStore {
     fn delete(&self, index: &mut Index, digest: &Digest) {
         if let Some(gone) = index.lru.pop(digest) {
             index.used -= gone.len;
+            index.generation += 1;
             if gone.file.is_some() {
                 index.open_files -= 1;
             }
@@ -525,7 +546,7 @@ impl ChunkStore {
             if excess == 0 {
                 break;
             }
-            if entry.pins == 0 && !in_use(entry) {
+            if !in_use(entry) && !index.pins.is_pinned(digest) {
                 victims.push(*digest);
                 excess = excess.saturating_sub(entry.len);
             }
@@ -544,10 +565,11 @@ impl ChunkStore {
 
     /// Bytes of pinned chunks.
     pub fn pinned_bytes(&self) -> u64 {
-        self.index()
+        let index = self.index();
+        index
             .lru
             .iter()
-            .filter(|(_, e)| e.pins > 0)
+            .filter(|(d, _)| index.pins.is_pinned(d))
             .map(|(_, e)| e.len)
             .sum()
     }
@@ -675,7 +697,7 @@ mod tests {
         let (c, cb) = chunk(3);
         let (e, eb) = chunk(4);
         store.insert(&a, &ab).unwrap();
-        assert!(store.pin(&a));
+        assert_eq!(store.pin("t", [a]), 0);
         let reading_b = store.insert(&b, &bb).unwrap();
         // Over budget by 500, but a is pinned, b is being read and c was just written
         // for a reader: nothing can go yet.
@@ -688,7 +710,7 @@ mod tests {
         assert!(store.contains(&e));
         assert!(store.used_bytes() <= 2500);
         assert_eq!(store.evictions(), 2);
-        store.unpin(&a);
+        store.unpin("t", &a);
         assert!(store.remove(&a));
     }
 
@@ -705,7 +727,7 @@ mod tests {
         bad[10] ^= 0xff;
         fs::write(&path, &bad).unwrap();
         let store = ChunkStore::open(dir.path(), 1500).unwrap();
-        assert!(store.pin(&d), "indexed at open, before any check");
+        assert_eq!(store.pin("t", [d]), 0, "indexed at open, before any check");
         assert!(
             store.get(&d).unwrap().is_none(),
             "corrupt bytes are never handed out"
@@ -717,7 +739,7 @@ mod tests {
         let (e, eb) = chunk(8);
         store.insert(&e, &eb).unwrap();
         assert!(store.contains(&d), "still pinned: not evicted over budget");
-        store.unpin(&d);
+        store.unpin("t", &d);
         assert!(
             !store.contains(&d),
             "unpinned, the oldest chunk goes over budget"
@@ -745,11 +767,19 @@ mod tests {
         let store = ChunkStore::open(dir.path(), 1000).unwrap();
         let (a, ab) = chunk(1);
         let (b, bb) = chunk(2);
-        store.insert_pinned(&a, &ab).unwrap();
+        store.insert_pinned("upload:t", &a, &ab).unwrap();
+        store.insert_pinned("upload:t", &a, &ab).unwrap();
         store.insert(&b, &bb).unwrap();
         assert!(
             store.contains(&a),
             "a pinned new chunk is never the one evicted"
         );
+        assert_eq!(
+            store.held_by("upload:t"),
+            1,
+            "one claim however often pinned"
+        );
+        assert_eq!(store.release("upload:t"), 1);
+        assert!(store.remove(&a), "released, it can go");
     }
 }

@@ -247,14 +247,89 @@ impl ChunkCache {
         &self.health
     }
 
-    pub fn store(&self) -> &ChunkStore {
+    pub(crate) fn store(&self) -> &ChunkStore {
         &self.store
     }
 
-    /// A local chunk to serve to a peer, verified (a file this daemon did not write is
-    /// hashed on its first open); `None` if it is not here.
-    pub fn open_for_peer(&self, digest: &Digest) -> Result<Option<ChunkFile>, ChunkStoreError> {
+    /// A local chunk, verified (a file this daemon did not write is hashed on its first
+    /// open), to serve to a peer or upload; `None` if it is not here.
+    pub fn open_local(&self, digest: &Digest) -> Result<Option<ChunkFile>, ChunkStoreError> {
         self.store.get(digest)
+    }
+
+    // What the daemon asks of the cache, by intent (the index stays the cache's own).
+
+    /// Claims `digests` for the named `owner` (a READY replica, a pending upload): kept
+    /// until the owner lets go, however often a digest repeats. Returns how many are not
+    /// local (claimed all the same, for when they arrive).
+    pub fn pin(&self, owner: &str, digests: impl IntoIterator<Item = Digest>) -> usize {
+        self.store.pin(owner, digests)
+    }
+
+    /// Drops `owner`'s claim on one chunk (a chunk the store now has).
+    pub fn unpin(&self, owner: &str, digest: &Digest) {
+        self.store.unpin(owner, digest)
+    }
+
+    /// Drops every claim of `owner`; returns how many there were.
+    pub fn release(&self, owner: &str) -> usize {
+        self.store.release(owner)
+    }
+
+    /// Keeps bytes this node made (a commit's rebuilt chunk) in the cache, claimed for
+    /// `owner` before the write when given (the node's only copy).
+    pub fn keep(
+        &self,
+        owner: Option<&str>,
+        digest: &Digest,
+        bytes: &[u8],
+    ) -> Result<ChunkFile, ChunkStoreError> {
+        match owner {
+            Some(owner) => self.store.insert_pinned(owner, digest, bytes),
+            None => self.store.insert(digest, bytes),
+        }
+    }
+
+    /// Deletes the local chunks among `digests` that no owner claims and no reader has
+    /// open; returns how many went.
+    pub fn evict<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> usize {
+        digests.into_iter().filter(|d| self.store.remove(d)).count()
+    }
+
+    /// Whether a chunk is in the cache (its bytes unchecked until opened).
+    pub fn is_local(&self, digest: &Digest) -> bool {
+        self.store.contains(digest)
+    }
+
+    /// How many of `digests` are local, and their bytes.
+    pub fn count_local<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> (usize, u64) {
+        self.store.count_local(digests)
+    }
+
+    /// Moves at every insert and delete (see [`ChunkStore::generation`]).
+    pub fn generation(&self) -> u64 {
+        self.store.generation()
+    }
+
+    /// Bytes of claimed chunks (walks the index: for checks, not per request).
+    pub fn pinned_bytes(&self) -> u64 {
+        self.store.pinned_bytes()
+    }
+
+    /// The cache's size and counters.
+    pub fn usage(&self) -> CacheUsage {
+        CacheUsage {
+            used_bytes: self.store.used_bytes(),
+            budget_bytes: self.store.budget(),
+            chunks: self.store.chunk_count(),
+            evictions: self.store.evictions(),
+            corrupt_files: self.store.corrupt_files(),
+        }
+    }
+
+    /// Hashes every cached chunk and drops the bad ones (see [`ChunkStore::scrub`]).
+    pub fn scrub(&self, progress: impl FnMut(u64, u64)) -> crate::ScrubReport {
+        self.store.scrub(progress)
     }
 
     /// Whether a fetch of `digest` is under way.
@@ -584,6 +659,19 @@ impl Drop for Registered<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.digest);
     }
+}
+
+/// The cache's size and counters ([`ChunkCache::usage`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CacheUsage {
+    pub used_bytes: u64,
+    /// 0: no limit.
+    pub budget_bytes: u64,
+    pub chunks: usize,
+    /// Chunks deleted to stay within the budget or by request, since start.
+    pub evictions: u64,
+    /// Chunk files found corrupt (and dropped) since start.
+    pub corrupt_files: u64,
 }
 
 /// Whether the cache can keep what it fetches. A failed write (a full disk, say) does

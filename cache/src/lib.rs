@@ -5,7 +5,9 @@
 //! - [`digest`]: the sha256 [`Digest`] that names a chunk.
 //! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4).
 //! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
-//!   eviction, pins.
+//!   eviction, claims.
+//! - [`pins`]: named claims on chunks (`replica:<id>`, `upload:<id>`): each owner
+//!   holds a digest once and releases exactly its own.
 //! - [`source`]: the transports missing chunks come from (the store server, origins,
 //!   the fleet's peers, an object store read directly).
 //! - [`transport`]: HTTP and object-store transports, and [`SourceError`].
@@ -14,6 +16,10 @@
 //!   fill; demand first) and source health (a failing source is tried last for a while).
 //! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, run by the plan,
 //!   within per-attempt deadlines and a demand read's budget, verified against the digest.
+//!   It is all the daemon sees of the cache: calls by intent (claim a template's chunks
+//!   for a named owner, release an owner, keep a chunk made here, evict a template's
+//!   unclaimed chunks, count what is local, open a chunk for a peer or an upload, usage
+//!   and scrub); the index itself is not reachable from outside this crate.
 //! - [`background`]: low-priority threads for the work of background fills.
 //! - [`blocking`]: the one policy for blocking I/O from async code: cached chunk reads
 //!   try the page cache without blocking (`RWF_NOWAIT`) and block through
@@ -42,6 +48,7 @@ pub mod image;
 pub mod manifest;
 pub mod overlay;
 pub mod peers;
+pub mod pins;
 pub mod planner;
 pub mod readahead;
 pub mod source;
@@ -50,8 +57,8 @@ pub mod transport;
 pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError, ScrubReport};
 pub use digest::Digest;
 pub use fetch::{
-    CacheHealth, Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver, Priority,
-    DEFAULT_READ_BUDGET, DEFAULT_SOURCE_DEADLINE,
+    CacheHealth, CacheUsage, Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver,
+    Priority, DEFAULT_READ_BUDGET, DEFAULT_SOURCE_DEADLINE,
 };
 pub use image::{ImageExtent, ReadError, TemplateImage};
 pub use manifest::{validate_id, Manifest, ManifestError};

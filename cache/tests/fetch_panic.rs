@@ -70,7 +70,9 @@ async fn a_panicking_fetch_does_not_poison_its_chunk() {
         observer.panicked.load(Ordering::SeqCst),
         "the panic was not injected"
     );
-    let error = first.err().expect("a read whose fetch panicked succeeded");
+    let Err(error) = first else {
+        panic!("a read whose fetch panicked succeeded");
+    };
     assert!(
         error.to_string().contains("abandoned") || format!("{error:?}").contains("abandoned"),
         "unexpected error: {error:?}"

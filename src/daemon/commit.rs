@@ -20,6 +20,7 @@ use crate::daemon::intents::Settled;
 use crate::daemon::node::{Node, NodeError};
 use crate::daemon::sandboxes::{Sandbox, SandboxError};
 use crate::daemon::state::now_rfc3339;
+use crate::daemon::upload::upload_owner;
 use crate::store::client::StoreError;
 
 /// Why a commit was refused or failed. Nothing is published unless it succeeds, except
@@ -137,7 +138,7 @@ impl Node {
         let kept = self.save_manifest(&manifest).map_err(|e| e.to_string());
         let kept = kept.and_then(|()| self.intents.record(new_id).map_err(|e| e.to_string()));
         if let Err(detail) = kept {
-            self.abandon_commit(new_id, &new_chunks);
+            self.abandon_commit(new_id);
             return Err(CommitError::Intent {
                 template: new_id.to_string(),
                 detail,
@@ -148,7 +149,7 @@ impl Node {
             match self.settle(&manifest).await {
                 Settled::Published => {}
                 Settled::NotPublished(_) => {
-                    self.abandon_commit(new_id, &new_chunks);
+                    self.abandon_commit(new_id);
                     return Err(CommitError::Publish {
                         template: new_id.to_string(),
                         source,
@@ -233,7 +234,7 @@ impl Node {
                 }
                 Err(e) => {
                     drop(frozen);
-                    self.abandon_commit(new_id, &new_chunks);
+                    self.abandon_commit(new_id);
                     return Err(e);
                 }
             }
@@ -273,13 +274,9 @@ impl Node {
         };
         let pin = is_new(&digest);
         let cache = self.cache.clone();
+        let owner = pin.then(|| upload_owner(template));
         tokio::task::spawn_blocking(move || {
-            let store = cache.store();
-            if pin {
-                store.insert_pinned(&digest, &bytes).map(drop)
-            } else {
-                store.insert(&digest, &bytes).map(drop)
-            }
+            cache.keep(owner.as_deref(), &digest, &bytes).map(drop)
         })
         .await
         .map_err(|e| local(e.to_string()))?
@@ -288,13 +285,11 @@ impl Node {
     }
 
     /// Undoes a commit that was never published: its intent, its saved manifest, and
-    /// the pins of its new chunks (which stay cached, evictable).
-    pub fn abandon_commit(&self, template: &str, new_chunks: &[Digest]) {
+    /// the claims on its new chunks (which stay cached, evictable).
+    pub fn abandon_commit(&self, template: &str) {
         self.intents.clear(template);
         self.forget_manifest(template);
-        for digest in new_chunks {
-            self.cache.store().unpin(digest);
-        }
+        self.cache.release(&upload_owner(template));
     }
 
     /// Whether the store has published `manifest` (this node's version of it).
@@ -325,7 +320,7 @@ impl Node {
                 }
                 Settled::NotPublished(why) => {
                     tracing::warn!(template = %id, why, "commit was never published; dropping it");
-                    self.abandon_commit(&id, &pinned);
+                    self.abandon_commit(&id);
                     return;
                 }
                 Settled::Unknown(e) => {

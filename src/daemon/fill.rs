@@ -17,7 +17,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::daemon::node::{Node, NodeError};
-use crate::daemon::replica::Replica;
+use crate::daemon::replica::{replica_owner, Replica};
 use crate::daemon::state::{now_rfc3339, Phase, ReplicaRecord, StateDb};
 
 /// Tries per chunk before the fill gives up and the replica is FAILED. With the
@@ -33,8 +33,11 @@ const DEMAND_YIELD_LIMIT: Duration = Duration::from_millis(200);
 /// Reads within this long count as active readers: the fill then fetches one chunk at
 /// a time.
 const DEMAND_ACTIVE: Duration = Duration::from_millis(50);
-/// How often fill progress is written to the state database.
-const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a running fill checkpoints its progress to the state database. Phase
+/// changes are saved at once; progress only matters to an operator reading the
+/// database (a restart resumes the fill and counts what is local again), so a fill
+/// costs one SQLite write and one count of its chunks per half minute, not per second.
+const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the supervisor looks for FAILED replicas whose sources answer again.
 const SUPERVISE_INTERVAL: Duration = Duration::from_secs(3);
 
@@ -104,13 +107,12 @@ impl FillScheduler {
     }
 
     fn check_budget(&self, replica: &Replica) -> Result<(), FillError> {
-        let store = self.node.cache.store();
-        let budget = store.budget();
+        let budget = self.node.cache.usage().budget_bytes;
         if budget == 0 {
             return Ok(());
         }
         let needed = replica.manifest().stored_bytes();
-        let pinned = store.pinned_bytes();
+        let pinned = self.node.cache.pinned_bytes();
         if needed + pinned > budget {
             return Err(FillError::OverBudget {
                 template: replica.id().to_string(),
@@ -224,22 +226,13 @@ impl FillScheduler {
     fn finish(&self, replica: &Arc<Replica>, started: Instant) {
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         if !state.pinned {
-            // Pin first, then count what could not be pinned: a pin fails only for a
-            // chunk that is not local, so no eviction can come between check and pin.
-            let store = self.node.cache.store();
-            let mut pinned = Vec::new();
-            let mut missing = 0;
-            for (_, digest) in replica.manifest().stored_chunks() {
-                if store.pin(&digest) {
-                    pinned.push(digest);
-                } else {
-                    missing += 1;
-                }
-            }
+            // Claim first, then count what is not local: no eviction can come between
+            // the count and the claim.
+            let owner = replica_owner(replica.id());
+            let digests = replica.manifest().stored_chunks().map(|(_, d)| d);
+            let missing = self.node.cache.pin(&owner, digests);
             if missing > 0 {
-                for digest in &pinned {
-                    store.unpin(digest);
-                }
+                self.node.cache.release(&owner);
                 drop(state);
                 // Evicted under us (a budget smaller than the working set): not READY.
                 self.fail(
@@ -299,16 +292,11 @@ impl FillScheduler {
             std::mem::take(&mut state.pinned)
         };
         self.save(replica);
-        let store = self.node.cache.store();
-        let mut removed = 0;
-        for (_, digest) in replica.manifest().stored_chunks() {
-            if was_pinned {
-                store.unpin(&digest);
-            }
-            if store.remove(&digest) {
-                removed += 1;
-            }
+        if was_pinned {
+            self.node.cache.release(&replica_owner(replica.id()));
         }
+        let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
+        let removed = self.node.cache.evict(&digests);
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         state.phase = Some(Phase::Pending);
         state.last_error = None;
@@ -330,10 +318,7 @@ impl FillScheduler {
             std::mem::take(&mut state.pinned)
         };
         if was_pinned {
-            let store = self.node.cache.store();
-            for (_, digest) in replica.manifest().stored_chunks() {
-                store.unpin(&digest);
-            }
+            self.node.cache.release(&replica_owner(replica.id()));
         }
         self.save(replica);
         tracing::info!(

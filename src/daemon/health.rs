@@ -32,19 +32,19 @@ pub struct NodeInfo {
 
 impl NodeInfo {
     pub fn of(node: &Node) -> NodeInfo {
-        let store = node.cache.store();
+        let usage = node.cache.usage();
         let health = node.cache.health();
         NodeInfo {
             node_id: node.node_id.clone(),
             advertise: node.advertise.clone(),
             version: env!("CARGO_PKG_VERSION"),
-            cache_used_bytes: store.used_bytes(),
-            cache_budget_bytes: store.budget(),
-            cache_chunks: store.chunk_count(),
+            cache_used_bytes: usage.used_bytes,
+            cache_budget_bytes: usage.budget_bytes,
+            cache_chunks: usage.chunks,
             cache_degraded: health.degraded(),
             cache_write_failures: health.write_failures(),
             cache_last_write_error: health.last_error(),
-            cache_corrupt_files: store.corrupt_files(),
+            cache_corrupt_files: usage.corrupt_files,
             peers: node
                 .peers
                 .as_ref()
@@ -89,7 +89,7 @@ impl Scrubs {
             };
         }
         tokio::task::spawn_blocking(move || {
-            let report = node.cache.store().scrub(|done, total| {
+            let report = node.cache.scrub(|done, total| {
                 let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
                 p.done = done;
                 p.total = total;

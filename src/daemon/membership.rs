@@ -182,7 +182,7 @@ pub async fn run(
                     url: node.advertise.clone(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
                     replicas: report(&node),
-                    cache_used_bytes: node.cache.store().used_bytes(),
+                    cache_used_bytes: node.cache.usage().used_bytes,
                 };
                 match store.heartbeat(&node.node_id, &beat).await {
                     Ok(answer) => {

@@ -210,7 +210,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         http = %http_addr, nbd = %nbd_addr, node_id = %node.node_id, cache = %args.cache.display(),
         store = %args.store, advertise = %advertise, restored_templates = restored, sandboxes,
         fuse = ?args.fuse.as_ref().map(|d| d.display().to_string()),
-        cached_chunks = cache.store().chunk_count(), "lazyblk daemon ready"
+        cached_chunks = cache.usage().chunks, "lazyblk daemon ready"
     );
     crate::notify::ready(&format!("serving NBD on {nbd_addr}, HTTP on {http_addr}"));
 

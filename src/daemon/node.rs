@@ -11,7 +11,7 @@ use crate::daemon::intents::{node_id, sync_dir, OriginIntents, Settled};
 use crate::daemon::registry::Registry;
 pub use crate::daemon::replica::{FillState, Lease, Replica, Sandbox};
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
-use crate::daemon::upload::Uploads;
+use crate::daemon::upload::{upload_owner, Uploads};
 use crate::store::client::StoreClient;
 
 /// Why a template could not be served.
@@ -286,6 +286,7 @@ impl Node {
             users: Arc::default(),
             trace: TraceRecorder::new(chunk_count, self.trace_timing),
             fill: Mutex::new(FillState::default()),
+            local: Mutex::new(None),
         })
     }
 
@@ -390,7 +391,7 @@ impl Node {
                 Settled::Published => self.uploads.resume(replica).await,
                 Settled::NotPublished(why) => {
                     tracing::warn!(template = %id, why, "a commit cut off before it was published; dropping it");
-                    self.abandon_commit(&id, &[]);
+                    self.abandon_commit(&id);
                 }
                 Settled::Unknown(error) => {
                     tracing::warn!(template = %id, %error, "store unreachable; keeping the commit's chunks until it can be asked");
@@ -411,13 +412,16 @@ impl Node {
         }
     }
 
-    /// Pins the local chunks of `manifest` (once per distinct digest) and returns them.
+    /// Claims the local chunks of `manifest` for its upload and returns them (each
+    /// distinct digest once).
     fn pin_local(&self, manifest: &Manifest) -> Vec<Digest> {
-        let mut pinned: Vec<Digest> = manifest.stored_chunks().map(|(_, d)| d).collect();
-        pinned.sort();
-        pinned.dedup();
-        pinned.retain(|d| self.cache.store().pin(d));
-        pinned
+        let mut local: Vec<Digest> = manifest.stored_chunks().map(|(_, d)| d).collect();
+        local.sort();
+        local.dedup();
+        local.retain(|d| self.cache.is_local(d));
+        self.cache
+            .pin(&upload_owner(&manifest.template), local.iter().copied());
+        local
     }
 
     /// Names of the templates offered: those the store lists, and those known here.

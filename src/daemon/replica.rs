@@ -22,6 +22,14 @@ pub struct Replica {
     pub trace: TraceRecorder,
     /// Phase and progress of the background fill.
     pub fill: Mutex<FillState>,
+    /// What was local at a cache generation: (generation, chunks, bytes). Counting walks
+    /// every chunk, so a count is reused until the cache changes.
+    pub local: Mutex<Option<(u64, usize, u64)>>,
+}
+
+/// The cache owner of a READY replica's claims on its chunks.
+pub fn replica_owner(template: &str) -> String {
+    format!("replica:{template}")
 }
 
 impl Replica {
@@ -52,23 +60,32 @@ impl Replica {
 
     /// Bytes of the non-zero chunks that are local.
     pub fn local_bytes(&self) -> u64 {
-        let manifest = self.manifest();
-        let store = self.image.cache().store();
-        manifest
-            .stored_chunks()
-            .filter(|(_, d)| store.contains(d))
-            .map(|(i, _)| manifest.chunk_len(i))
-            .sum()
+        self.count_local().1
     }
 
     /// Number of non-zero chunks that are local.
     pub fn local_chunks(&self) -> usize {
+        self.count_local().0
+    }
+
+    /// (chunks, bytes) local, counted again only when the cache changed since the last
+    /// count. A digest repeated in the manifest counts at each place.
+    fn count_local(&self) -> (usize, u64) {
+        let cache = self.image.cache();
+        let generation = cache.generation();
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, chunks, bytes)) = *local {
+            if at == generation {
+                return (chunks, bytes);
+            }
+        }
         let manifest = self.manifest();
-        let store = self.image.cache().store();
-        manifest
+        let (chunks, bytes) = manifest
             .stored_chunks()
-            .filter(|(_, d)| store.contains(d))
-            .count()
+            .filter(|(_, d)| cache.is_local(d))
+            .fold((0, 0), |(n, b), (i, _)| (n + 1, b + manifest.chunk_len(i)));
+        *local = Some((generation, chunks, bytes));
+        (chunks, bytes)
     }
 }
 

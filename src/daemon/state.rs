@@ -51,6 +51,8 @@ impl Phase {
 pub struct ReplicaRecord {
     pub template: String,
     pub phase: Phase,
+    /// Local chunks at the last save (a phase change, or a fill's checkpoint); the live
+    /// count is the replica's.
     pub chunks_local: u64,
     pub chunks_total: u64,
     pub last_error: Option<String>,

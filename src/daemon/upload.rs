@@ -72,7 +72,8 @@ impl Uploads {
         f(all.entry(template.to_string()).or_default());
     }
 
-    /// Uploads `chunks` of `replica` (pinned by the caller; unpinned once stored).
+    /// Uploads `chunks` of `replica` (claimed by the caller for [`upload_owner`];
+    /// unpinned one by one as the store has them).
     pub fn start(self: &Arc<Self>, replica: Arc<Replica>, chunks: Vec<Digest>) {
         let id = replica.id().to_string();
         let durability = if chunks.is_empty() {
@@ -102,7 +103,7 @@ impl Uploads {
             .manifest()
             .stored_chunks()
             .map(|(_, d)| d)
-            .filter(|d| self.cache.store().contains(d))
+            .filter(|d| self.cache.is_local(d))
             .collect();
         local.sort();
         local.dedup();
@@ -113,9 +114,8 @@ impl Uploads {
                 local
             }
         };
-        for digest in &missing {
-            self.cache.store().pin(digest);
-        }
+        self.cache
+            .pin(&upload_owner(replica.id()), missing.iter().copied());
         if !missing.is_empty() {
             tracing::info!(
                 template = replica.id(),
@@ -138,12 +138,14 @@ impl Uploads {
                     continue;
                 }
             };
+            let owner = upload_owner(id);
             for digest in pending.iter().filter(|d| !missing.contains(d)) {
-                self.cache.store().unpin(digest);
+                self.cache.unpin(&owner, digest);
             }
             pending = missing;
             self.set(id, |s| s.pending_chunks = pending.len());
             if pending.is_empty() {
+                self.cache.release(&owner);
                 self.intents.clear(id);
                 self.set(id, |s| {
                     s.durability = "DURABLE".into();
@@ -164,7 +166,7 @@ impl Uploads {
     }
 
     async fn upload_one(&self, id: &str, digest: Digest) -> Result<(), String> {
-        let file = match self.cache.store().get(&digest) {
+        let file = match self.cache.open_local(&digest) {
             Ok(Some(f)) => f,
             Ok(None) => return Err(format!("chunk {digest} of {id} is no longer on this node")),
             Err(e) => return Err(e.to_string()),
@@ -186,4 +188,9 @@ impl Uploads {
         self.set(id, |s| s.last_error = Some(error));
         tokio::time::sleep(RETRY_BACKOFF).await;
     }
+}
+
+/// The cache owner of a commit's new chunks until the store has them all.
+pub fn upload_owner(template: &str) -> String {
+    format!("upload:{template}")
 }

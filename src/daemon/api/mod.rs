@@ -368,10 +368,12 @@ async fn resize(
 
 async fn metrics(State(state): State<ApiState>) -> Response {
     let node = &state.node;
-    let store = node.cache.store();
-    node.metrics.cache_bytes.set(store.used_bytes() as i64);
-    node.metrics.cache_budget_bytes.set(store.budget() as i64);
-    node.metrics.evictions.set(store.evictions());
+    let usage = node.cache.usage();
+    node.metrics.cache_bytes.set(usage.used_bytes as i64);
+    node.metrics
+        .cache_budget_bytes
+        .set(usage.budget_bytes as i64);
+    node.metrics.evictions.set(usage.evictions);
     let health = node.cache.health();
     node.metrics
         .cache_degraded
@@ -379,7 +381,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     node.metrics
         .cache_write_failures
         .set(health.write_failures());
-    node.metrics.cache_corrupt_files.set(store.corrupt_files());
+    node.metrics.cache_corrupt_files.set(usage.corrupt_files);
     if let Some(peers) = &node.peers {
         node.metrics.set_peer_stats(&peers.stats());
     }
@@ -494,7 +496,7 @@ async fn chunk(
     let node = state.node.clone();
     // Opening may hash the file (its first open by this daemon): off the runtime.
     let opened = tokio::task::spawn_blocking(move || {
-        let chunk = node.cache.open_for_peer(&digest)?;
+        let chunk = node.cache.open_local(&digest)?;
         chunk
             .map(|c| c.try_clone_file().map(|f| (c, f)))
             .transpose()
