@@ -20,6 +20,7 @@
 //!   for a named owner, release an owner, keep a chunk made here, evict a template's
 //!   unclaimed chunks, count what is local, open a chunk for a peer or an upload, usage
 //!   and scrub); the index itself is not reachable from outside this crate.
+//! - [`health`]: the cache's usage and whether it is DEGRADED (cannot keep chunks).
 //! - [`background`]: low-priority threads for the work of background fills.
 //! - [`blocking`]: the one policy for blocking I/O from async code: cached chunk reads
 //!   try the page cache without blocking (`RWF_NOWAIT`) and block through
@@ -44,6 +45,7 @@ pub mod blocking;
 pub mod chunk_store;
 pub mod digest;
 pub mod fetch;
+pub mod health;
 pub mod image;
 pub mod manifest;
 pub mod overlay;

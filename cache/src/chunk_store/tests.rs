@@ -1,0 +1,135 @@
+//! Unit tests of the chunk store: crash-safe writes, the budget, claims, verification.
+
+use super::*;
+
+fn chunk(n: u8) -> (Digest, Vec<u8>) {
+    let bytes = vec![n; 1000];
+    (Digest::of(&bytes), bytes)
+}
+
+#[test]
+fn insert_get_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, bytes) = chunk(1);
+    {
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        assert!(store.get(&d).unwrap().is_none());
+        store.insert(&d, &bytes).unwrap();
+        let f = store.get(&d).unwrap().unwrap();
+        assert_eq!(f.read_all().unwrap(), bytes);
+    }
+    fs::write(dir.path().join("tmp/leftover"), b"half").unwrap();
+    let store = ChunkStore::open(dir.path(), 0).unwrap();
+    assert_eq!(store.chunk_count(), 1);
+    assert_eq!(store.used_bytes(), 1000);
+    assert!(fs::read_dir(dir.path().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+    let mut buf = [0u8; 10];
+    store
+        .get(&d)
+        .unwrap()
+        .unwrap()
+        .read_at(990, &mut buf)
+        .unwrap();
+    assert_eq!(buf, [1u8; 10]);
+}
+
+#[test]
+fn evicts_lru_but_not_pinned_or_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), 2500).unwrap();
+    let (a, ab) = chunk(1);
+    let (b, bb) = chunk(2);
+    let (c, cb) = chunk(3);
+    let (e, eb) = chunk(4);
+    store.insert(&a, &ab).unwrap();
+    assert_eq!(store.pin("t", [a]), 0);
+    let reading_b = store.insert(&b, &bb).unwrap();
+    // Over budget by 500, but a is pinned, b is being read and c was just written
+    // for a reader: nothing can go yet.
+    drop(store.insert(&c, &cb).unwrap());
+    assert_eq!(store.used_bytes(), 3000);
+    drop(reading_b);
+    store.insert(&e, &eb).unwrap();
+    // Now b and c (least recently used, idle) go; a stays pinned.
+    assert!(store.contains(&a) && !store.contains(&b) && !store.contains(&c));
+    assert!(store.contains(&e));
+    assert!(store.used_bytes() <= 2500);
+    assert_eq!(store.evictions(), 2);
+    store.unpin("t", &a);
+    assert!(store.remove(&a));
+}
+
+#[test]
+fn a_corrupt_file_is_dropped_at_first_open_and_its_pins_survive_the_refetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, bytes) = chunk(7);
+    {
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        store.insert(&d, &bytes).unwrap();
+    }
+    let path = dir.path().join("chunks").join(d.shard_path());
+    let mut bad = bytes.clone();
+    bad[10] ^= 0xff;
+    fs::write(&path, &bad).unwrap();
+    let store = ChunkStore::open(dir.path(), 1500).unwrap();
+    assert_eq!(store.pin("t", [d]), 0, "indexed at open, before any check");
+    assert!(
+        store.get(&d).unwrap().is_none(),
+        "corrupt bytes are never handed out"
+    );
+    assert_eq!(store.corrupt_files(), 1);
+    assert!(!path.exists());
+    // Written again (refetched): the pin taken before the drop still holds.
+    store.insert(&d, &bytes).unwrap();
+    let (e, eb) = chunk(8);
+    store.insert(&e, &eb).unwrap();
+    assert!(store.contains(&d), "still pinned: not evicted over budget");
+    store.unpin("t", &d);
+    assert!(
+        !store.contains(&d),
+        "unpinned, the oldest chunk goes over budget"
+    );
+}
+
+#[test]
+fn scrub_drops_what_does_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), 0).unwrap();
+    let (a, ab) = chunk(1);
+    let (b, bb) = chunk(2);
+    store.insert(&a, &ab).unwrap();
+    store.insert(&b, &bb).unwrap();
+    fs::write(dir.path().join("chunks").join(b.shard_path()), b"short").unwrap();
+    let report = store.scrub(|_, _| {});
+    assert_eq!(report.checked, 2);
+    assert_eq!(report.dropped, vec![b.to_hex()]);
+    assert!(store.contains(&a) && !store.contains(&b));
+}
+
+#[test]
+fn insert_pinned_pins_in_the_same_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), 1000).unwrap();
+    let (a, ab) = chunk(1);
+    let (b, bb) = chunk(2);
+    store.insert_pinned("upload:t", &a, &ab).unwrap();
+    store.insert_pinned("upload:t", &a, &ab).unwrap();
+    store.insert(&b, &bb).unwrap();
+    assert!(
+        store.contains(&a),
+        "a pinned new chunk is never the one evicted"
+    );
+    assert_eq!(
+        store.held_by("upload:t"),
+        1,
+        "one claim however often pinned"
+    );
+    assert_eq!(store.release("upload:t"), 1);
+    assert!(
+        !store.contains(&a),
+        "released, the oldest chunk goes over budget"
+    );
+}
