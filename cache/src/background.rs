@@ -52,6 +52,14 @@ fn lower_priority() {
     if result != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the priority of a background thread");
     }
+    // SCHED_IDLE: run only when no normal thread wants the CPU, and yield to one at
+    // once when it wakes (nice 19 alone still takes a share of a busy core).
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: 0 names the calling thread; `param` is a valid sched_param.
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if result != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot make a background thread SCHED_IDLE");
+    }
 }
 
 /// Runs `f` on a background thread and waits for its result. Falls back to the

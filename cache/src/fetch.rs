@@ -312,6 +312,12 @@ impl ChunkCache {
         self.store.generation()
     }
 
+    /// Makes the names of every chunk fetched so far durable (a fill, before READY):
+    /// fetched chunks are not fsynced one directory at a time. Blocking.
+    pub fn sync_names(&self) -> Result<(), ChunkStoreError> {
+        self.store.sync_dirs()
+    }
+
     /// Bytes of claimed chunks (walks the index: for checks, not per request).
     pub fn pinned_bytes(&self) -> u64 {
         self.store.pinned_bytes()

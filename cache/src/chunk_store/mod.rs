@@ -167,6 +167,19 @@ struct Index {
     generation: u64,
 }
 
+/// Whether a chunk's name must be durable when its insert returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    /// The node's only copy (a commit's chunk): its directory is fsynced at once.
+    Now,
+    /// A fetched chunk: a lost name costs a fetch; see [`ChunkStore::sync_dirs`].
+    Later,
+}
+
+/// A chunk file is written in pieces of this size: each write(2) returns to user space,
+/// where the kernel may preempt a background writer for a reader that woke up.
+const WRITE_PIECE: usize = 32 << 10;
+
 /// The node's content-addressed chunk files.
 pub struct ChunkStore {
     root: PathBuf,
@@ -369,10 +382,11 @@ impl ChunkStore {
         report
     }
 
-    /// Writes a verified chunk crash-safely and indexes it. The caller has checked that
-    /// `bytes` hash to `digest`.
+    /// Writes a verified chunk crash-safely (its bytes durable before its name; the
+    /// name durable at the next [`ChunkStore::sync_dirs`]) and indexes it. The caller
+    /// has checked that `bytes` hash to `digest`.
     pub fn insert(&self, digest: &Digest, bytes: &[u8]) -> Result<ChunkFile, ChunkStoreError> {
-        self.insert_with(digest, bytes)
+        self.insert_with(digest, bytes, Durable::Later)
     }
 
     /// Like [`ChunkStore::insert`], with `owner`'s claim on the chunk taken before the
@@ -385,14 +399,19 @@ impl ChunkStore {
         bytes: &[u8],
     ) -> Result<ChunkFile, ChunkStoreError> {
         self.index().pins.pin(owner, *digest);
-        let written = self.insert(digest, bytes);
+        let written = self.insert_with(digest, bytes, Durable::Now);
         if written.is_err() {
             self.unpin(owner, digest);
         }
         written
     }
 
-    fn insert_with(&self, digest: &Digest, bytes: &[u8]) -> Result<ChunkFile, ChunkStoreError> {
+    fn insert_with(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        durable: Durable,
+    ) -> Result<ChunkFile, ChunkStoreError> {
         if let Some(existing) = self.get(digest)? {
             return Ok(existing);
         }
@@ -412,7 +431,9 @@ impl ChunkStore {
         };
         let written = (|| -> io::Result<()> {
             let mut f = File::create(&tmp_path)?;
-            f.write_all(bytes)?;
+            for piece in bytes.chunks(WRITE_PIECE) {
+                f.write_all(piece)?;
+            }
             f.sync_data()?;
             Ok(())
         })();
@@ -426,11 +447,16 @@ impl ChunkStore {
             let _ = fs::remove_file(&tmp_path);
             return Err(write_err(&final_path)(e));
         }
-        // The rename is durable once the directory is; a crash before this loses the
-        // chunk (it is fetched again), never half of it.
-        File::open(&shard)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err(&shard))?;
+        // The bytes are on disk before the rename, so a name never points at half a
+        // chunk. The rename is durable once the directory is: at once for a chunk only
+        // this node has (a commit's); for a fetched one, at the next `sync_dirs` (a
+        // fill's end) or the file system's own commit, and a crash before that only
+        // loses the name, and the chunk is fetched again.
+        if durable == Durable::Now {
+            File::open(&shard)
+                .and_then(|d| d.sync_all())
+                .map_err(write_err(&shard))?;
+        }
         let file = Arc::new(File::open(&final_path).map_err(write_err(&final_path))?);
         let len = bytes.len() as u64;
         let mut index = self.index();
@@ -457,6 +483,25 @@ impl ChunkStore {
             file,
             len,
         })
+    }
+
+    /// Makes every chunk written so far durable under its name: fsyncs each shard
+    /// directory (256 at most) and the chunk directory, once, instead of once per chunk.
+    pub fn sync_dirs(&self) -> Result<(), ChunkStoreError> {
+        let chunks = self.root.join("chunks");
+        let dir_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ChunkStoreError::Dir { path, source }
+        };
+        for shard in fs::read_dir(&chunks).map_err(dir_err(&chunks))?.flatten() {
+            let path = shard.path();
+            File::open(&path)
+                .and_then(|d| d.sync_all())
+                .map_err(dir_err(&path))?;
+        }
+        File::open(&chunks)
+            .and_then(|d| d.sync_all())
+            .map_err(dir_err(&chunks))
     }
 
     /// Claims each of `digests` for `owner` (see [`crate::pins`]): kept from eviction
