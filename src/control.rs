@@ -13,7 +13,7 @@ use crate::cli::{
 use crate::progress::Progress;
 
 /// How often `warm --wait` polls the daemon.
-const WAIT_POLL: Duration = Duration::from_millis(250);
+const WAIT_POLL: Duration = Duration::from_millis(50);
 
 /// A client of one daemon's HTTP API.
 struct NodeClient {
