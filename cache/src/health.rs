@@ -4,9 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::fetch::FetchError;
-
-/// The cache's size and counters ([`ChunkCache::usage`]).
+/// The cache's size and counters ([`crate::ChunkCache::usage`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CacheUsage {
     pub used_bytes: u64,
@@ -31,7 +29,7 @@ pub struct CacheHealth {
 }
 
 impl CacheHealth {
-    pub(crate) fn write_failed(&self, error: &FetchError) {
+    pub(crate) fn write_failed(&self, error: &dyn std::fmt::Display) {
         self.write_failures.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
         if !self.degraded.swap(true, Ordering::Relaxed) {
