@@ -8,8 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deb=$(scripts/package.sh | tail -1)
 echo "== installing $deb"
-dpkg -i "$deb" >/dev/null
-trap 'dpkg --purge lazyblk >/dev/null 2>&1 || true' EXIT
+# apt installs what the package depends on (e2fsprogs, fuse3) as a user's install would.
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "./$deb" >/dev/null
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  dpkg --purge lazyblk >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 
 fail() { echo "package-test: FAIL: $*" >&2; exit 1; }
 for f in /usr/bin/lazyblk /etc/lazyblk/daemon.toml /etc/lazyblk/store.toml \
@@ -57,6 +63,7 @@ with open(os.path.join(sys.argv[1], "notified"), "w") as out:
         out.flush()
 PY
 notifier=$!
+pids+=("$notifier")
 for _ in $(seq 50); do [ -S "$work/notify.sock" ] && break; sleep 0.1; done
 sed -e "s#/var/lib/lazyblk-store#$work/store#" -e 's#127.0.0.1:7070#127.0.0.1:17070#' \
   /etc/lazyblk/store.toml > "$work/store.toml"
@@ -64,10 +71,12 @@ sed -e "s#/var/lib/lazyblk/cache#$work/cache#" -e 's#127.0.0.1:7070#127.0.0.1:17
   -e 's#127.0.0.1:7071#127.0.0.1:17071#' /etc/lazyblk/daemon.toml > "$work/daemon.toml"
 NOTIFY_SOCKET="$work/notify.sock" lazyblk store --config "$work/store.toml" 2>"$work/store.log" &
 store=$!
+pids+=("$store")
 for _ in $(seq 100); do grep -qs READY=1 "$work/notified" && break; sleep 0.1; done
 grep -qs READY=1 "$work/notified" || fail "the store never said READY=1"
 NOTIFY_SOCKET="$work/notify.sock" lazyblk daemon --config "$work/daemon.toml" 2>"$work/daemon.log" &
 daemon=$!
+pids+=("$daemon")
 for _ in $(seq 100); do [ "$(grep -c READY=1 "$work/notified" 2>/dev/null)" -ge 2 ] && break; sleep 0.1; done
 [ "$(grep -c READY=1 "$work/notified")" -ge 2 ] || fail "the daemon never said READY=1"
 mkdir -p "$work/root" && echo "packaged" > "$work/root/hello"
@@ -82,5 +91,6 @@ rm -rf "$work"
 echo "== removing the package"
 dpkg --purge lazyblk >/dev/null
 [ ! -e /usr/bin/lazyblk ] || fail "/usr/bin/lazyblk is still there after a purge"
+pids=()
 trap - EXIT
 echo "package-test: ok ($deb)"

@@ -9,8 +9,9 @@
 //!
 //! Values: a string, an integer or a float is the flag's value as written on the
 //! command line (`cache-size = "20G"`, `nbd-max-connections = 256`); `true` turns on a
-//! switch (`false` leaves it off); an array repeats a flag. An unknown key, a table, or
-//! a value of the wrong kind is an error naming the file and the key.
+//! switch (`false` leaves it off). An unknown key, a table, a list, or a value of the
+//! wrong kind is an error naming the file and the key. A flag on the command line
+//! also overrides file keys it excludes (`--backend` over the file's `root`).
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -65,8 +66,10 @@ fn parse_from(args: Vec<OsString>) -> Result<(Cli, Option<String>), Failure> {
         .clone();
     let rest = &args[sub_at + 1..];
     let config = config_path(rest);
+    // Flags anywhere on the command line (a global one may come before the command).
+    let given = flags_given(&args[1..]);
     let (file_args, file_keys) = match &config {
-        Some(path) => from_file(path, &sub_command).map_err(Failure::Config)?,
+        Some(path) => from_file(path, &sub_command, &given).map_err(Failure::Config)?,
         None => (Vec::new(), BTreeSet::new()),
     };
     let mut merged: Vec<OsString> = args[..=sub_at].to_vec();
@@ -80,7 +83,6 @@ fn parse_from(args: Vec<OsString>) -> Result<(Cli, Option<String>), Failure> {
     let cli = Cli::from_arg_matches(&matches).map_err(Failure::Clap)?;
     let (_, sub_matches) = matches.subcommand().expect("a subcommand");
     if sub_matches.get_flag("print_config") {
-        let given = flags_given(rest);
         let printed = print(
             &sub_command,
             sub_matches,
@@ -145,6 +147,7 @@ fn flags_given(rest: &[OsString]) -> BTreeSet<String> {
 fn from_file(
     path: &Path,
     command: &clap::Command,
+    given: &BTreeSet<String>,
 ) -> anyhow::Result<(Vec<OsString>, BTreeSet<String>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the config file {}", path.display()))?;
@@ -173,12 +176,36 @@ fn from_file(
                 continue;
             }
         }
+        // The command line wins: the flag itself, or one that excludes it (`--backend`
+        // given, the file's `root` is left out).
+        let on_command_line = |a: &clap::Arg| a.get_long().is_some_and(|l| given.contains(l));
+        // Conflicts are declared on one side of the pair; look at both.
+        let excluded = command
+            .get_arg_conflicts_with(arg)
+            .into_iter()
+            .any(on_command_line)
+            || command
+                .get_arguments()
+                .filter(|a| on_command_line(a))
+                .any(|a| {
+                    command
+                        .get_arg_conflicts_with(a)
+                        .iter()
+                        .any(|c| c.get_id() == arg.get_id())
+                });
+        if given.contains(key.as_str()) || excluded {
+            continue;
+        }
         let takes_value = arg.get_action().takes_values();
-        let values = match value {
-            toml::Value::Array(items) => items,
-            one => vec![one],
-        };
-        for v in values {
+        // No flag of these commands takes several values.
+        if let toml::Value::Array(_) = value {
+            bail!(
+                "{}: a list is not a flag's value (each flag takes one)",
+                at()
+            );
+        }
+        {
+            let v = value;
             let text = match v {
                 toml::Value::String(s) => s,
                 toml::Value::Integer(i) => i.to_string(),
@@ -187,11 +214,12 @@ fn from_file(
                     if b {
                         out.push(OsString::from(format!("--{key}")));
                     }
+                    keys.insert(key);
                     continue;
                 }
                 toml::Value::Boolean(b) => b.to_string(),
                 other => bail!(
-                    "{}: a {} is not a flag's value (a string, a number, a boolean or an array of them)",
+                    "{}: a {} is not a flag's value (a string, a number or a boolean)",
                     at(),
                     other.type_str()
                 ),
@@ -239,10 +267,13 @@ fn print(
             Some(_) if from_file.contains(long) => "config file",
             Some(_) => "flag",
         };
+        if long.ends_with("token") {
+            // Not printed, and commented out: read back, the file keeps its own.
+            out.push_str(&format!("# {long} = (hidden)  # {source}\n"));
+            continue;
+        }
         let value = if !arg.get_action().takes_values() {
             toml::Value::Boolean(matches.get_flag(id)).to_string()
-        } else if long.ends_with("token") {
-            "\"(hidden)\"".to_string()
         } else {
             let raw: Vec<String> = matches
                 .get_raw(id)
@@ -341,6 +372,7 @@ mod tests {
             ("cache = { a = 1 }\n", "a table is not a flag's value"),
             ("cache = [\n", "parsing the config file"),
             ("config = \"x\"\n", "not a flag"),
+            ("peers = [\"a\", \"b\"]\n", "a list is not a flag's value"),
         ] {
             let path = dir.path().join("bad.toml");
             std::fs::write(&path, text).unwrap();

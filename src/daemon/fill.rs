@@ -188,7 +188,7 @@ impl FillScheduler {
         };
         match error {
             Some(e) => self.fail(&replica, e),
-            None => self.finish(&replica, started),
+            None => self.finish(&replica, started, &cancel),
         }
     }
 
@@ -236,8 +236,14 @@ impl FillScheduler {
         }
     }
 
-    fn finish(&self, replica: &Arc<Replica>, started: Instant) {
+    fn finish(&self, replica: &Arc<Replica>, started: Instant, cancel: &AtomicBool) {
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+        // An evict or unpin since the last check (it sets `cancel` under this lock):
+        // the replica is theirs now; claiming it here would undo them.
+        if cancel.load(Ordering::Relaxed) {
+            tracing::info!(template = replica.id(), "fill stopped");
+            return;
+        }
         if !state.pinned {
             // Claim first, then count what is not local: no eviction can come between
             // the count and the claim.

@@ -380,13 +380,28 @@ impl Node {
     /// that never reached the store is dropped, and one the store cannot be asked about
     /// keeps its chunks pinned until it can. Templates from before intents were kept
     /// (first origin equal to this address) resume as they did.
+    ///
+    /// The local chunks of every intent are claimed here, before the daemon serves
+    /// anything (so no evict can come first); asking the store happens in the
+    /// background, so that a store that does not answer does not hold the daemon's
+    /// start (and its readiness) for a minute per pending commit.
     pub async fn resume_uploads(self: &Arc<Self>) {
+        let mut pending = Vec::new();
         for id in self.intents.list() {
             let Some(replica) = self.known(&id) else {
                 tracing::warn!(template = %id, "commit intent without a saved manifest; dropping it");
                 self.intents.clear(&id);
                 continue;
             };
+            self.pin_local(replica.manifest());
+            pending.push(replica);
+        }
+        tokio::spawn(self.clone().settle_intents(pending));
+    }
+
+    async fn settle_intents(self: Arc<Self>, pending: Vec<Arc<Replica>>) {
+        for replica in pending {
+            let id = replica.id().to_string();
             match self.settle(replica.manifest()).await {
                 Settled::Published => self.uploads.resume(replica).await,
                 Settled::NotPublished(why) => {

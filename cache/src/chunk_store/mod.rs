@@ -300,6 +300,10 @@ impl ChunkStore {
                 let mut index = self.index();
                 if let Some(gone) = index.lru.pop(digest) {
                     index.used -= gone.len;
+                    index.generation += 1;
+                    if gone.file.is_some() {
+                        index.open_files -= 1;
+                    }
                 }
                 return Ok(None);
             }
@@ -398,9 +402,9 @@ impl ChunkStore {
         digest: &Digest,
         bytes: &[u8],
     ) -> Result<ChunkFile, ChunkStoreError> {
-        self.index().pins.pin(owner, *digest);
+        let claimed = self.index().pins.pin(owner, *digest);
         let written = self.insert_with(digest, bytes, Durable::Now);
-        if written.is_err() {
+        if written.is_err() && claimed {
             self.unpin(owner, digest);
         }
         written
@@ -412,10 +416,21 @@ impl ChunkStore {
         bytes: &[u8],
         durable: Durable,
     ) -> Result<ChunkFile, ChunkStoreError> {
+        let final_path = self.chunk_path(digest);
         if let Some(existing) = self.get(digest)? {
+            if durable == Durable::Now {
+                // Fetched earlier, its name may not be durable yet; this copy must be.
+                let shard = final_path.parent().unwrap_or(&self.root);
+                File::open(shard)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|source| ChunkStoreError::Write {
+                        digest: *digest,
+                        path: shard.to_path_buf(),
+                        source,
+                    })?;
+            }
             return Ok(existing);
         }
-        let final_path = self.chunk_path(digest);
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp_path =
             self.root
