@@ -121,8 +121,12 @@ fn lower_layer() -> Vec<u8> {
         .file("old/kept", 0o644, 0, b"kept")
         .dir("opq/")
         .file("opq/lower", 0o644, 0, b"lower")
+        .dir("opq2/")
+        .dir("opq2/sub/")
+        .file("opq2/sub/lowerfile", 0o644, 0, b"lower")
         .dir("dev/")
         .special(tar::EntryType::Char, "dev/null", 0o666, (1, 3))
+        .link(tar::EntryType::Link, "dev/null-link", "dev/null")
         .dir("run/")
         .special(tar::EntryType::Fifo, "run/fifo", 0o600, (0, 0))
         .dir("home/")
@@ -138,6 +142,12 @@ fn upper_layer() -> Vec<u8> {
         .file("opq/.wh..wh..opq", 0o644, 0, b"")
         .file("opq/upper", 0o644, 0, b"upper")
         .file("etc/hostname", 0o644, 0, b"top\n")
+        // Made before the opaque marker in the same layer: kept, but what the lower
+        // layer had inside it goes.
+        .dir("opq2/")
+        .dir("opq2/sub/")
+        .file("opq2/sub/new", 0o644, 0, b"new")
+        .file("opq2/.wh..wh..opq", 0o644, 0, b"")
         // Through the symlink lib -> usr/lib: lands in usr/lib.
         .file("lib/libtop.so", 0o644, 0, b"top library")
         // Through escape -> /: stays inside the image, never on the host.
@@ -383,6 +393,19 @@ fn check_image(image: &Path) {
         "device: {null}"
     );
     assert!(null.contains("Mode:  0666"), "device mode: {null}");
+    let sub = debugfs(image, "ls /opq2/sub");
+    assert!(
+        sub.contains("new") && !sub.contains("lowerfile"),
+        "opaque below: {sub}"
+    );
+    let null_link = debugfs(image, "stat /dev/null-link");
+    assert!(
+        null_link.contains("Type: character special")
+            && null_link.contains("Device major/minor number: 01:03"),
+        "a hard link to a device: {null_link}"
+    );
+    let root = debugfs(image, "stat /");
+    assert!(root.contains("Mode:  0755"), "the root's mode: {root}");
     let fifo = debugfs(image, "stat /run/fifo");
     assert!(fifo.contains("Type: FIFO"), "fifo: {fifo}");
     assert!(debugfs(image, "stat /lib").contains("Type: symlink"));
@@ -502,6 +525,45 @@ fn bad_images_are_refused_and_publish_nothing() {
     let (ok, _, err) = build(&store, &climbing, "climbing", &work);
     assert!(!ok, "a layer entry with .. was accepted");
     assert!(err.contains("leaves the image's root"), "{err}");
+
+    // A whiteout that names the directory itself.
+    let dots = open_dir(tmp.path(), "dots");
+    let evil = LayerBuilder::new().file(".wh..", 0o644, 0, b"").finish();
+    oci_layout(&dots, &[lower_layer(), evil]);
+    chmod_tree(&dots);
+    let (ok, _, err) = build(&store, &dots, "dots", &work);
+    assert!(!ok, "a whiteout of .. was accepted");
+    assert!(err.contains("names no file"), "{err}");
+    assert!(
+        dots.join("index.json").exists(),
+        "the whiteout removed files of the build"
+    );
+
+    // A blob that is a symlink to a file of the host.
+    let linked = open_dir(tmp.path(), "linked");
+    oci_layout(&linked, &[lower_layer(), upper_layer()]);
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(linked.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(linked.join("blobs/sha256").join(&manifest_digest[7..])).unwrap(),
+    )
+    .unwrap();
+    let blob = linked
+        .join("blobs/sha256")
+        .join(&manifest["layers"][0]["digest"].as_str().unwrap()[7..]);
+    let host_file = tmp.path().join("host-secret.tar");
+    std::fs::write(&host_file, lower_layer()).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    std::os::unix::fs::symlink(&host_file, &blob).unwrap();
+    chmod_tree(&linked);
+    chmod_tree(&host_file);
+    let (ok, _, err) = build(&store, &linked, "linked", &work);
+    assert!(!ok, "a blob linked to a host file was read");
+    assert!(err.contains("outside the image"), "{err}");
 
     // Not an image at all.
     let empty = open_dir(tmp.path(), "empty");

@@ -4,7 +4,7 @@
 //! ones differ (directories kept writable, set-id bits), device nodes and fifos (made
 //! in place of their placeholder files), and extended attributes.
 
-use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -18,17 +18,39 @@ const S_IFCHR: u32 = 0o020000;
 const S_IFBLK: u32 = 0o060000;
 const S_IFIFO: u32 = 0o010000;
 
+/// The longest script line: debugfs reads its script in lines of 8 KiB and runs the
+/// rest of a longer one as a command of its own, so a longer name is refused.
+const MAX_LINE: usize = 4096 + 128;
+/// The longest extended attribute name Linux has (XATTR_NAME_MAX).
+const XATTR_NAME_MAX: usize = 255;
+
 /// How many lines of debugfs's complaints an error shows.
 const ERROR_LINES: usize = 5;
 
-/// The script for `tree`: one command per line. Attribute values are written to files
-/// in `values` (debugfs reads them with `ea_set -f`).
-pub fn script(tree: &Tree, values: &Path, owner: (u64, u64)) -> anyhow::Result<(String, u64)> {
-    let mut out = String::new();
+/// The script for `tree`: one command per line, as bytes (names need not be UTF-8).
+/// Attribute values are written to files in `values` (debugfs reads them with
+/// `ea_set -f`). Owners are set on every entry (the staging directory's may differ by
+/// directory, a setgid one say), and modes on every directory and special file.
+pub fn script(tree: &Tree, values: &Path) -> anyhow::Result<(Vec<u8>, u64)> {
+    let mut out: Vec<u8> = Vec::new();
     let mut commands = 0u64;
     let mut value_files = 0usize;
+    let mut line = |out: &mut Vec<u8>, parts: &[&[u8]]| -> anyhow::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > MAX_LINE {
+            bail!("a path or attribute name is too long to be written into the image");
+        }
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        out.push(b'\n');
+        commands += 1;
+        Ok(())
+    };
     for (rel, entry) in &tree.entries {
-        let path = quote(&format!("/{}", rel.display()))?;
+        let mut abs = b"/".to_vec();
+        abs.extend_from_slice(rel.as_os_str().as_bytes());
+        let path = quote(&abs)?;
         let special = match entry.kind {
             Kind::Char { major, minor } => Some(format!("c {major} {minor}")),
             Kind::Block { major, minor } => Some(format!("b {major} {minor}")),
@@ -37,43 +59,57 @@ pub fn script(tree: &Tree, values: &Path, owner: (u64, u64)) -> anyhow::Result<(
         };
         if let Some(node) = &special {
             // debugfs's mknod takes a name in the current directory, not a path.
-            let dir = quote(&format!(
-                "/{}",
-                rel.parent().unwrap_or(Path::new("")).display()
-            ))?;
-            let name = quote(&rel.file_name().unwrap_or_default().to_string_lossy())?;
-            writeln!(out, "rm {path}\ncd {dir}\nmknod {name} {node}\ncd \"/\"").ok();
-            commands += 4;
+            let mut dir = b"/".to_vec();
+            dir.extend_from_slice(rel.parent().unwrap_or(Path::new("")).as_os_str().as_bytes());
+            let name = quote(rel.file_name().unwrap_or_default().as_bytes())?;
+            line(&mut out, &[b"rm ", &path])?;
+            line(&mut out, &[b"cd ", &quote(&dir)?])?;
+            line(&mut out, &[b"mknod ", &name, b" ", node.as_bytes()])?;
+            line(&mut out, &[b"cd \"/\""])?;
         }
+        line(
+            &mut out,
+            &[b"sif ", &path, format!(" uid {}", entry.uid).as_bytes()],
+        )?;
+        line(
+            &mut out,
+            &[b"sif ", &path, format!(" gid {}", entry.gid).as_bytes()],
+        )?;
         if entry.kind == Kind::Symlink {
-            // A symlink's mode is fixed; its owner is still the image's.
-            if (entry.uid, entry.gid) != owner {
-                writeln!(out, "sif {path} uid {}", entry.uid).ok();
-                writeln!(out, "sif {path} gid {}", entry.gid).ok();
-                commands += 2;
-            }
+            // A symlink's mode is fixed.
             continue;
         }
-        if special.is_some() || (entry.uid, entry.gid) != owner {
-            writeln!(out, "sif {path} uid {}", entry.uid).ok();
-            writeln!(out, "sif {path} gid {}", entry.gid).ok();
-            commands += 2;
-        }
-        if special.is_some() || entry.mode != entry.staged_mode() {
-            writeln!(out, "sif {path} mode 0{:o}", file_type(entry) | entry.mode).ok();
-            commands += 1;
+        if special.is_some() || entry.kind == Kind::Dir || entry.mode != entry.staged_mode() {
+            let mode = format!(" mode 0{:o}", file_type(entry) | entry.mode);
+            line(&mut out, &[b"sif ", &path, mode.as_bytes()])?;
         }
         if special.is_some() {
-            writeln!(out, "sif {path} mtime @{}", entry.mtime).ok();
-            commands += 1;
+            let mtime = format!(" mtime @{}", entry.mtime);
+            line(&mut out, &[b"sif ", &path, mtime.as_bytes()])?;
         }
         for (name, value) in &entry.xattrs {
+            if name.is_empty() || name.len() > XATTR_NAME_MAX {
+                bail!(
+                    "{}: an extended attribute name of {} bytes (at most {XATTR_NAME_MAX})",
+                    rel.display(),
+                    name.len()
+                );
+            }
             value_files += 1;
             let file = values.join(format!("xattr-{value_files}"));
             std::fs::write(&file, value).with_context(|| format!("writing {}", file.display()))?;
-            let file = quote(&file.display().to_string())?;
-            writeln!(out, "ea_set -f {file} {path} {}", quote(name)?).ok();
-            commands += 1;
+            let file = quote(file.as_os_str().as_bytes())?;
+            line(
+                &mut out,
+                &[
+                    b"ea_set -f ",
+                    &file,
+                    b" ",
+                    &path,
+                    b" ",
+                    &quote(name.as_bytes())?,
+                ],
+            )?;
         }
     }
     Ok((out, commands))
@@ -90,13 +126,25 @@ fn file_type(entry: &Entry) -> u32 {
     }
 }
 
-/// A debugfs argument: in double quotes, a quote doubled. A newline cannot be passed
-/// in a script line.
-fn quote(s: &str) -> anyhow::Result<String> {
-    if s.contains('\n') || s.contains('\r') {
-        bail!("{s:?}: a path or attribute name with a line break cannot be written into the image");
+/// A debugfs argument: in double quotes, a quote doubled. A line break cannot be
+/// passed in a script line.
+fn quote(s: &[u8]) -> anyhow::Result<Vec<u8>> {
+    if s.iter().any(|&b| b == b'\n' || b == b'\r' || b == 0) {
+        bail!(
+            "{:?}: a path or attribute name with a line break cannot be written into the image",
+            String::from_utf8_lossy(s)
+        );
     }
-    Ok(format!("\"{}\"", s.replace('"', "\"\"")))
+    let mut out = Vec::with_capacity(s.len() + 2);
+    out.push(b'"');
+    for &b in s {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+    Ok(out)
 }
 
 /// Runs the script on `image`. debugfs reports failed commands on stderr and still exits

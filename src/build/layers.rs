@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -81,6 +82,9 @@ impl Entry {
 pub struct Tree {
     root: PathBuf,
     pub entries: BTreeMap<PathBuf, Entry>,
+    /// Paths the layer being applied made (its entries and the directories it left
+    /// implicit): an opaque directory keeps these and drops the rest.
+    created: HashSet<PathBuf>,
 }
 
 /// What one layer held.
@@ -95,9 +99,11 @@ impl Tree {
         fs::create_dir_all(root).with_context(|| format!("making {}", root.display()))?;
         let mut entries = BTreeMap::new();
         entries.insert(PathBuf::new(), implicit_dir());
+        set_mode(root, 0o755)?;
         Ok(Tree {
             root: root.to_path_buf(),
             entries,
+            created: HashSet::new(),
         })
     }
 
@@ -146,7 +152,7 @@ impl Tree {
 
     fn apply_tar(&mut self, reader: &mut dyn Read) -> anyhow::Result<LayerStats> {
         let mut archive = tar::Archive::new(reader);
-        let mut created: HashSet<PathBuf> = HashSet::new();
+        self.created.clear();
         let mut stats = LayerStats::default();
         for entry in archive.entries().context("reading a layer's tar")? {
             let mut entry = entry.context("reading a layer's tar")?;
@@ -159,14 +165,22 @@ impl Tree {
                 continue;
             };
             let parent = self.resolve_dir(rel.parent().unwrap_or(Path::new("")))?;
-            let name_str = name.to_string_lossy();
-            if name_str == ".wh..wh..opq" {
+            let name_bytes = name.as_encoded_bytes();
+            if name_bytes == b".wh..wh..opq" {
                 stats.whiteouts += 1;
-                self.clear_below(&parent, &created)?;
+                self.clear_below(&parent)?;
                 continue;
             }
-            if let Some(hidden) = name_str.strip_prefix(".wh.") {
+            if let Some(hidden) = name_bytes.strip_prefix(b".wh.") {
+                if matches!(hidden, b"" | b"." | b"..") {
+                    bail!(
+                        "layer entry {:?}: a whiteout of {:?} names no file",
+                        rel.display(),
+                        String::from_utf8_lossy(hidden)
+                    );
+                }
                 stats.whiteouts += 1;
+                let hidden = std::ffi::OsStr::from_bytes(hidden);
                 self.remove(&parent.join(hidden))?;
                 continue;
             }
@@ -246,14 +260,38 @@ impl Tree {
                             target.display()
                         );
                     };
-                    fs::hard_link(self.root.join(&target), &full).with_context(|| {
-                        format!("linking {} to {}", full.display(), target.display())
-                    })?;
-                    // One inode: the target's metadata is the link's.
-                    meta = Entry {
-                        kind: Kind::HardLink,
-                        ..of
-                    };
+                    match of.kind {
+                        Kind::File { .. } | Kind::HardLink => {
+                            fs::hard_link(self.root.join(&target), &full).with_context(|| {
+                                format!("linking {} to {}", full.display(), target.display())
+                            })?;
+                            // One inode: the target's metadata is the link's.
+                            meta = Entry {
+                                kind: Kind::HardLink,
+                                ..of
+                            };
+                        }
+                        Kind::Symlink => {
+                            // A second name of a symlink: the same link, made again.
+                            let points_to = fs::read_link(self.root.join(&target))
+                                .with_context(|| format!("reading {}", target.display()))?;
+                            std::os::unix::fs::symlink(&points_to, &full)
+                                .with_context(|| format!("creating symlink {}", full.display()))?;
+                            meta = of;
+                        }
+                        Kind::Char { .. } | Kind::Block { .. } | Kind::Fifo => {
+                            // debugfs makes a node of the same kind here.
+                            fs::File::create(&full)
+                                .with_context(|| format!("creating {}", full.display()))?;
+                            set_mode(&full, of.staged_mode())?;
+                            meta = of;
+                        }
+                        Kind::Dir => bail!(
+                            "hard link {} points at a directory, {}",
+                            rel.display(),
+                            target.display()
+                        ),
+                    }
                 }
                 Kind::Char { .. } | Kind::Block { .. } | Kind::Fifo => {
                     // A placeholder; debugfs makes the node itself.
@@ -262,7 +300,7 @@ impl Tree {
                     set_mode(&full, meta.staged_mode())?;
                 }
             }
-            created.insert(rel.clone());
+            self.created.insert(rel.clone());
             self.entries.insert(rel, meta);
         }
         Ok(stats)
@@ -335,7 +373,9 @@ impl Tree {
     fn make_implicit_dir(&mut self, rel: &Path) -> anyhow::Result<()> {
         let full = self.root.join(rel);
         fs::create_dir(&full).with_context(|| format!("creating {}", full.display()))?;
+        set_mode(&full, 0o755)?;
         self.entries.insert(rel.to_path_buf(), implicit_dir());
+        self.created.insert(rel.to_path_buf());
         Ok(())
     }
 
@@ -365,16 +405,29 @@ impl Tree {
         Ok(())
     }
 
-    /// An opaque directory: removes what lower layers put in `dir`.
-    fn clear_below(&mut self, dir: &Path, created: &HashSet<PathBuf>) -> anyhow::Result<()> {
+    /// An opaque directory: removes what lower layers put anywhere under `dir`, and
+    /// keeps what this layer made there (and the directories leading to it).
+    fn clear_below(&mut self, dir: &Path) -> anyhow::Result<()> {
         let full = self.root.join(dir);
         let Ok(children) = fs::read_dir(&full) else {
             return Ok(());
         };
-        for child in children {
-            let child = child.with_context(|| format!("listing {}", full.display()))?;
-            let rel = dir.join(child.file_name());
-            if !created.contains(&rel) {
+        let mut children: Vec<PathBuf> = children
+            .map(|c| c.map(|c| dir.join(c.file_name())))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("listing {}", full.display()))?;
+        children.sort();
+        for rel in children {
+            let leads_to_new = self
+                .created
+                .iter()
+                .any(|c| c.starts_with(&rel) && c != &rel);
+            let is_dir = fs::symlink_metadata(self.root.join(&rel)).is_ok_and(|m| m.is_dir());
+            if self.created.contains(&rel) || leads_to_new {
+                if is_dir {
+                    self.clear_below(&rel)?;
+                }
+            } else {
                 self.remove(&rel)?;
             }
         }

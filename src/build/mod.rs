@@ -18,6 +18,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use sha2::{Digest as _, Sha256};
 
 use crate::cli::{BuildArgs, PublishArgs};
 use crate::progress::Progress;
@@ -77,11 +78,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
             let values = work.path().join("xattrs");
             std::fs::create_dir_all(&values)
                 .with_context(|| format!("making {}", values.display()))?;
-            let owner = (
-                u64::from(nix::unistd::geteuid().as_raw()),
-                u64::from(nix::unistd::getegid().as_raw()),
-            );
-            let (script, commands) = debugfs::script(&tree, &values, owner)?;
+            let (script, commands) = debugfs::script(&tree, &values)?;
             let script_path = work.path().join("metadata.debugfs");
             std::fs::write(&script_path, script)
                 .with_context(|| format!("writing {}", script_path.display()))?;
@@ -124,13 +121,25 @@ async fn unpack(
         for (i, layer) in image.layers.iter().enumerate() {
             let file = std::fs::File::open(&layer.path)
                 .with_context(|| format!("opening layer {}", layer.path.display()))?;
-            let counted = Counted {
+            let mut counted = Counted {
                 inner: std::io::BufReader::new(file),
                 progress: progress.clone(),
+                hasher: Sha256::new(),
             };
-            let stats = tree
-                .apply(layer, counted)
-                .with_context(|| format!("layer {} of {}", i + 1, image.layers.len()))?;
+            let what = || format!("layer {} of {}", i + 1, image.layers.len());
+            let stats = tree.apply(layer, &mut counted).with_context(what)?;
+            // The blob itself against its descriptor (bytes a decoder left unread too).
+            std::io::copy(&mut counted, &mut std::io::sink()).with_context(what)?;
+            if let Some(expected) = &layer.digest {
+                let actual = format!("sha256:{}", hex::encode(counted.hasher.finalize()));
+                if &actual != expected {
+                    bail!(
+                        "{}: blob {} is corrupt: its bytes hash to {actual}",
+                        what(),
+                        expected
+                    );
+                }
+            }
             entries += stats.entries;
             whiteouts += stats.whiteouts;
         }
@@ -242,16 +251,18 @@ async fn make_ext4(
     }
 }
 
-/// A reader that reports the bytes read through it.
+/// A reader that reports and hashes the bytes read through it.
 struct Counted<R> {
     inner: R,
     progress: Progress,
+    hasher: Sha256,
 }
 
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.progress.inc(n as u64);
+        self.hasher.update(&buf[..n]);
         Ok(n)
     }
 }

@@ -35,6 +35,8 @@ pub struct Layer {
     pub size: u64,
     /// `sha256:<hex>` of the uncompressed tar, when the config lists it.
     pub diff_id: Option<String>,
+    /// `sha256:<hex>` of the blob as stored, when a descriptor names it (OCI layouts).
+    pub digest: Option<String>,
 }
 
 /// An image to build a template from.
@@ -200,6 +202,7 @@ fn oci_layout(root: &Path) -> anyhow::Result<Image> {
                 .len(),
             path,
             diff_id,
+            digest: Some(layer.digest.clone()),
         });
     }
     Ok(Image {
@@ -237,6 +240,7 @@ fn docker_save(root: &Path) -> anyhow::Result<Image> {
                 .len(),
             path,
             diff_id,
+            digest: None,
         });
     }
     Ok(Image {
@@ -320,7 +324,22 @@ fn blob_path(root: &Path, digest: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| {
             format!("unsupported blob digest {digest:?} (expected sha256:<64 hex>)")
         })?;
-    Ok(root.join("blobs").join("sha256").join(hex))
+    within(root, &root.join("blobs").join("sha256").join(hex))
+}
+
+/// `path` with every symlink resolved, refused unless it stays under `root`: an archive
+/// may link its blobs to one another, never to a file of the host.
+fn within(root: &Path, path: &Path) -> anyhow::Result<PathBuf> {
+    let real_root = fs::canonicalize(root).with_context(|| format!("{}", root.display()))?;
+    let real = fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+    if !real.starts_with(&real_root) {
+        bail!(
+            "{} resolves to {}, outside the image",
+            path.display(),
+            real.display()
+        );
+    }
+    Ok(real)
 }
 
 /// `rel` under `root`, refusing paths that leave it.
@@ -332,7 +351,7 @@ fn inside(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
     {
         bail!("manifest.json names {rel:?}, outside the archive");
     }
-    Ok(root.join(p))
+    within(root, &root.join(p))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
