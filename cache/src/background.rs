@@ -1,8 +1,12 @@
 //! Low-priority threads for the CPU and disk work of background fills (hashing, writing
 //! chunk files), so that on a busy node the scheduler gives demand reads the CPU first.
 //!
-//! The threads run at the lowest scheduling priority (nice 19). They are few: fills are
-//! bounded by the network and the disk, not by parallel hashing.
+//! The threads run at the lowest scheduling priority (nice 19), and as SCHED_IDLE (run
+//! only on a CPU nothing else wants) for jobs submitted while readers are active. A
+//! profile of reads during a fill (perf, the B5 bench) found the readers waiting behind
+//! these threads; nice 19 alone kept them waiting, while SCHED_IDLE all the time would
+//! starve a fill that nobody reads behind. They are few: fills are bounded by the
+//! network and the disk, not by parallel hashing.
 
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
@@ -12,7 +16,8 @@ const BACKGROUND_THREADS: usize = 2;
 /// The nice value of background threads: the lowest priority Linux has.
 const BACKGROUND_NICE: i32 = 19;
 
-type Job = Box<dyn FnOnce() + Send>;
+/// Work, and whether it must yield the CPU to anything else (SCHED_IDLE).
+type Job = (bool, Box<dyn FnOnce() + Send>);
 
 fn pool() -> &'static Mutex<mpsc::Sender<Job>> {
     static POOL: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
@@ -25,10 +30,17 @@ fn pool() -> &'static Mutex<mpsc::Sender<Job>> {
                 .name(format!("lazyblk-bg-{n}"))
                 .spawn(move || {
                     lower_priority();
+                    let mut idle = false;
                     loop {
                         let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         match job {
-                            Ok(job) => job(),
+                            Ok((yielding, job)) => {
+                                if yielding != idle {
+                                    idle = yielding;
+                                    set_idle(idle);
+                                }
+                                job()
+                            }
                             Err(_) => return,
                         }
                     }
@@ -52,29 +64,40 @@ fn lower_priority() {
     if result != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the priority of a background thread");
     }
-    // SCHED_IDLE: run only when no normal thread wants the CPU, and yield to one at
-    // once when it wakes (nice 19 alone still takes a share of a busy core).
+}
+
+/// Makes the calling thread SCHED_IDLE (`idle`) or a normal thread again (its nice
+/// value stays 19).
+fn set_idle(idle: bool) {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: 0 names the calling thread; `param` is a valid sched_param.
-    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
     if result != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot make a background thread SCHED_IDLE");
+        tracing::debug!(error = %std::io::Error::last_os_error(), idle, "cannot change a background thread's scheduling policy");
     }
 }
 
 /// Runs `f` on a background thread and waits for its result. Falls back to the
 /// blocking pool if the background threads are gone.
-pub async fn run<T, F>(f: F) -> Result<T, String>
+pub async fn run<T, F>(yielding: bool, f: F) -> Result<T, String>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let _ = tx.send(f());
-    });
+    let job: Job = (
+        yielding,
+        Box::new(move || {
+            let _ = tx.send(f());
+        }),
+    );
     let sent = pool().lock().unwrap_or_else(|e| e.into_inner()).send(job);
-    if let Err(mpsc::SendError(job)) = sent {
+    if let Err(mpsc::SendError((_, job))) = sent {
         tokio::task::spawn_blocking(job);
     }
     rx.await.map_err(|_| "background job dropped".to_string())
@@ -84,7 +107,8 @@ where
 mod tests {
     #[tokio::test]
     async fn runs_jobs_and_returns_results() {
-        let results = futures::future::join_all((0..10).map(|i| super::run(move || i * 2))).await;
+        let results =
+            futures::future::join_all((0..10).map(|i| super::run(i % 2 == 0, move || i * 2))).await;
         let values: Vec<i32> = results.into_iter().map(|r| r.unwrap()).collect();
         assert_eq!(values, (0..10).map(|i| i * 2).collect::<Vec<_>>());
     }

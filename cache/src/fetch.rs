@@ -158,7 +158,7 @@ impl Chunk {
 
 /// Runs blocking work (hashing, writing) at `priority`: fills on the low-priority
 /// threads, the rest on tokio's blocking pool.
-async fn run_at<T, F>(priority: Priority, f: F) -> Result<T, String>
+async fn run_at<T, F>(priority: Priority, readers_active: bool, f: F) -> Result<T, String>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -167,9 +167,12 @@ where
         Priority::Demand | Priority::Prefetch => tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| e.to_string()),
-        Priority::Fill => crate::background::run(f).await,
+        Priority::Fill => crate::background::run(readers_active, f).await,
     }
 }
+
+/// Reads within this long make a fill's blocking work yield the CPU (SCHED_IDLE).
+const READERS_ACTIVE: Duration = Duration::from_millis(50);
 
 /// The state of one fetch, as its readers see it.
 #[derive(Clone)]
@@ -605,7 +608,7 @@ impl ChunkCache {
         let started = Instant::now();
         let bytes = source.fetch(&chunk.digest, chunk.len, deadline).await?;
         let digest = chunk.digest;
-        let (bytes, actual) = run_at(priority, move || {
+        let (bytes, actual) = run_at(priority, self.demand_within(READERS_ACTIVE), move || {
             let actual = Digest::of(&bytes);
             (bytes, actual)
         })
@@ -635,15 +638,18 @@ impl ChunkCache {
         let digest = chunk.digest;
         let cache = self.clone();
         // The write fsyncs; keep it off the runtime threads.
-        let written = run_at(priority, move || cache.store.insert(&digest, &bytes))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ChunkStoreError::Write {
-                    digest,
-                    path: self.store.root().to_path_buf(),
-                    source: std::io::Error::other(e),
-                })
-            });
+        let readers_active = self.demand_within(READERS_ACTIVE);
+        let written = run_at(priority, readers_active, move || {
+            cache.store.insert(&digest, &bytes)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ChunkStoreError::Write {
+                digest,
+                path: self.store.root().to_path_buf(),
+                source: std::io::Error::other(e),
+            })
+        });
         written.map_err(|source| FetchError::Local {
             template: chunk.template.clone(),
             index: chunk.index,
