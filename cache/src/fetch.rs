@@ -306,7 +306,7 @@ impl ChunkCache {
     }
 
     /// How many of `digests` are local, and their bytes.
-    pub fn count_local<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> (usize, u64) {
+    pub fn count_local(&self, digests: impl IntoIterator<Item = Digest>) -> (usize, u64) {
         self.store.count_local(digests)
     }
 

@@ -79,11 +79,7 @@ impl Replica {
                 return (chunks, bytes);
             }
         }
-        let manifest = self.manifest();
-        let (chunks, bytes) = manifest
-            .stored_chunks()
-            .filter(|(_, d)| cache.is_local(d))
-            .fold((0, 0), |(n, b), (i, _)| (n + 1, b + manifest.chunk_len(i)));
+        let (chunks, bytes) = cache.count_local(self.manifest().stored_chunks().map(|(_, d)| d));
         *local = Some((generation, chunks, bytes));
         (chunks, bytes)
     }

@@ -28,6 +28,7 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// chunk sizes takes a few hundred requests instead of one huge one.
 const MISSING_BATCH: usize = 8192;
 
+use super::error::parse_manifest;
 pub use super::error::{PutOutcome, StoreError};
 
 /// A client of one store. Cheap to clone; clones share one connection pool.
@@ -120,13 +121,7 @@ impl StoreClient {
         let Some(bytes) = self.fetch_optional(request, &what).await? else {
             return Ok(None);
         };
-        Manifest::parse(&bytes, Some(id))
-            .map(Some)
-            .map_err(|source| StoreError::MalformedManifest {
-                template: id.to_string(),
-                url: self.url.clone(),
-                source,
-            })
+        parse_manifest(&bytes, id, &self.url).map(Some)
     }
 
     /// Every template in the store with its durability.

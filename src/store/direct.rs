@@ -9,7 +9,7 @@ use bytes::Bytes;
 use lazyblk_cache::{Digest, Manifest, ObjectSource};
 
 use super::backend::{Backend, BackendError, ManifestPut};
-use super::error::{PutOutcome, StoreError};
+use super::error::{parse_manifest, PutOutcome, StoreError};
 use super::TraceDoc;
 
 /// Whether `url` names an object store rather than a store server.
@@ -61,13 +61,7 @@ impl Direct {
         else {
             return Ok(None);
         };
-        Manifest::parse(&bytes, Some(id))
-            .map(Some)
-            .map_err(|source| StoreError::MalformedManifest {
-                template: id.to_string(),
-                url: self.url.clone(),
-                source,
-            })
+        parse_manifest(&bytes, id, &self.url).map(Some)
     }
 
     pub async fn template_ids(&self) -> Result<Vec<String>, StoreError> {

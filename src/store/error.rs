@@ -1,6 +1,6 @@
 //! What the store's clients (over HTTP, or on an object store directly) report.
 
-use lazyblk_cache::ManifestError;
+use lazyblk_cache::{Manifest, ManifestError};
 
 /// Why a store request failed; each variant names the store and what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -51,4 +51,13 @@ pub enum PutOutcome {
     Created,
     /// The store already had a manifest with the same content.
     Unchanged,
+}
+
+/// The manifest of `id` in `bytes` read from the store at `url`, however it was reached.
+pub(crate) fn parse_manifest(bytes: &[u8], id: &str, url: &str) -> Result<Manifest, StoreError> {
+    Manifest::parse(bytes, Some(id)).map_err(|source| StoreError::MalformedManifest {
+        template: id.to_string(),
+        url: url.to_string(),
+        source,
+    })
 }

@@ -558,12 +558,13 @@ impl ChunkStore {
         self.index().pins.held_by(owner)
     }
 
-    /// How many of `digests` are local, with their bytes. Counted under one lock.
-    pub fn count_local<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> (usize, u64) {
+    /// How many of `digests` are local, with their bytes (a digest repeated counts at
+    /// each place). Counted under one lock.
+    pub fn count_local(&self, digests: impl IntoIterator<Item = Digest>) -> (usize, u64) {
         let index = self.index();
         digests
             .into_iter()
-            .filter_map(|d| index.lru.peek(d).map(|e| e.len))
+            .filter_map(|d| index.lru.peek(&d).map(|e| e.len))
             .fold((0, 0), |(n, bytes), len| (n + 1, bytes + len))
     }
 

@@ -5,11 +5,10 @@
 //! directory is fsynced, so a crash never leaves a torn manifest or chunk. Disk work
 //! runs on the blocking pool; the async side only streams bodies.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -20,10 +19,10 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    check_trace, difference, drain, summarize, BackendError, ChunkPut, ChunkStream, ManifestPut,
-    MAX_CHUNK_BODY,
+    check_trace, difference, drain, summarize, BackendError, ChunkPut, ChunkStream,
+    DurableSummaries, ManifestPut, MAX_CHUNK_BODY,
 };
-use crate::store::{Durability, TemplateSummary};
+use crate::store::TemplateSummary;
 
 /// Read size when streaming a chunk file to a client: a quarter of the default chunk,
 /// few system calls per chunk without holding much memory per connection.
@@ -48,7 +47,7 @@ pub struct DirBackend {
     pub(super) manifests_lock: tokio::sync::Mutex<()>,
     /// Summaries of DURABLE templates: nothing but a delete or gc of referenced chunks
     /// (which gc never does) can change them, so they are not recomputed.
-    durable: Mutex<HashMap<String, TemplateSummary>>,
+    durable: DurableSummaries,
 }
 
 impl DirBackend {
@@ -58,7 +57,7 @@ impl DirBackend {
         let backend = DirBackend {
             root: root.clone(),
             manifests_lock: tokio::sync::Mutex::new(()),
-            durable: Mutex::new(HashMap::new()),
+            durable: DurableSummaries::default(),
         };
         blocking(move || {
             for dir in ["manifests", "chunks", "traces", "tmp"] {
@@ -122,7 +121,7 @@ impl DirBackend {
         }
         let (tmp, path) = (self.tmp_dir(), self.manifest_path(id));
         blocking(move || write_atomic(&tmp, &path, &manifest.to_json())).await?;
-        self.forget(id);
+        self.durable.forget(id);
         Ok(ManifestPut::Created)
     }
 
@@ -147,14 +146,8 @@ impl DirBackend {
             sync_parent(&manifest)
         })
         .await?;
-        self.forget(id);
+        self.durable.forget(id);
         Ok(())
-    }
-
-    fn forget(&self, id: &str) {
-        if let Ok(mut durable) = self.durable.lock() {
-            durable.remove(id);
-        }
     }
 
     /// The stored trace of `id`.
@@ -186,7 +179,7 @@ impl DirBackend {
 
     /// The summary of one template, with its durability derived from the disk.
     pub async fn summary(&self, id: &str) -> Result<TemplateSummary, BackendError> {
-        let cached = self.durable.lock().ok().and_then(|d| d.get(id).cloned());
+        let cached = self.durable.get(id);
         if let Some(cached) = cached {
             // The cache may outlive a delete that raced with the summary that filled it.
             if tokio::fs::try_exists(self.manifest_path(id))
@@ -211,11 +204,7 @@ impl DirBackend {
             Ok(summarize(&manifest, parent.as_ref(), on_disk))
         })
         .await?;
-        if summary.durability == Durability::Durable {
-            if let Ok(mut durable) = self.durable.lock() {
-                durable.insert(id.to_string(), summary.clone());
-            }
-        }
+        self.durable.keep(id, &summary);
         Ok(summary)
     }
 

@@ -283,6 +283,35 @@ where
     }
 }
 
+/// Summaries of templates found DURABLE, shared by both engines: a durable template
+/// stays durable while it exists (gc keeps what a manifest references), so its summary
+/// is not computed again until it is deleted.
+#[derive(Default)]
+pub(crate) struct DurableSummaries(std::sync::Mutex<HashMap<String, TemplateSummary>>);
+
+impl DurableSummaries {
+    /// The kept summary of `id`; the caller checks that the template still exists.
+    pub(crate) fn get(&self, id: &str) -> Option<TemplateSummary> {
+        self.0.lock().ok().and_then(|d| d.get(id).cloned())
+    }
+
+    /// Keeps `summary` if it is DURABLE.
+    pub(crate) fn keep(&self, id: &str, summary: &TemplateSummary) {
+        if summary.durability == Durability::Durable {
+            if let Ok(mut durable) = self.0.lock() {
+                durable.insert(id.to_string(), summary.clone());
+            }
+        }
+    }
+
+    /// Drops what was kept of `id` (it was deleted).
+    pub(crate) fn forget(&self, id: &str) {
+        if let Ok(mut durable) = self.0.lock() {
+            durable.remove(id);
+        }
+    }
+}
+
 /// The summary of `manifest`; `is_stored` says whether the store holds a chunk.
 fn summarize(
     manifest: &Manifest,

@@ -26,10 +26,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 
 use super::bucket_url::{credentials, parse_url};
 use super::{
-    check_trace, difference, drain, summarize, BackendError, ChunkPut, ChunkStream, ManifestPut,
-    MAX_CHUNK_BODY,
+    check_trace, difference, drain, summarize, BackendError, ChunkPut, ChunkStream,
+    DurableSummaries, ManifestPut, MAX_CHUNK_BODY,
 };
-use crate::store::{Durability, TemplateSummary};
+use crate::store::TemplateSummary;
 
 /// HEAD requests in flight at once when checking which chunks the bucket holds
 /// (durability, the missing list): enough to hide a round trip per chunk, few enough
@@ -52,7 +52,7 @@ pub struct ObjectBackend {
     pub(super) manifests_lock: tokio::sync::Mutex<()>,
     /// Summaries of DURABLE templates, as in the directory engine: only a delete changes
     /// them, so they are not recomputed with a HEAD per chunk on every listing.
-    durable: Mutex<HashMap<String, TemplateSummary>>,
+    durable: DurableSummaries,
     /// When each chunk was last confirmed present to an uploader (the missing list, a
     /// PUT of a stored chunk). gc keeps unreferenced chunks confirmed within its grace
     /// period, as the directory engine keeps files whose mtime a confirmation refreshed:
@@ -111,7 +111,7 @@ impl ObjectBackend {
             store,
             prefix: ObjectPath::from(prefix),
             manifests_lock: tokio::sync::Mutex::new(()),
-            durable: Mutex::new(HashMap::new()),
+            durable: DurableSummaries::default(),
             confirmed: Mutex::new(HashMap::new()),
         }
     }
@@ -201,7 +201,7 @@ impl ObjectBackend {
             }
             Err(e) => return Err(object_err("writing", &key)(e)),
         }
-        self.forget(id);
+        self.durable.forget(id);
         Ok(ManifestPut::Created)
     }
 
@@ -226,14 +226,8 @@ impl ObjectBackend {
             .delete(&key)
             .await
             .map_err(object_err("deleting", &key))?;
-        self.forget(id);
+        self.durable.forget(id);
         Ok(())
-    }
-
-    fn forget(&self, id: &str) {
-        if let Ok(mut durable) = self.durable.lock() {
-            durable.remove(id);
-        }
     }
 
     /// The stored trace of `id`.
@@ -287,7 +281,7 @@ impl ObjectBackend {
 
     /// The summary of one template, with its durability from HEADs of its chunks.
     pub async fn summary(&self, id: &str) -> Result<TemplateSummary, BackendError> {
-        let cached = self.durable.lock().ok().and_then(|d| d.get(id).cloned());
+        let cached = self.durable.get(id);
         if let Some(cached) = cached {
             // The cache may outlive a delete (by another store process, too).
             if self.store.head(&self.manifest_key(id)).await.is_ok() {
@@ -312,11 +306,7 @@ impl ObjectBackend {
         let summary = summarize(&manifest, parent.as_ref(), |d: &Digest| {
             !missing.contains(d)
         });
-        if summary.durability == Durability::Durable {
-            if let Ok(mut durable) = self.durable.lock() {
-                durable.insert(id.to_string(), summary.clone());
-            }
-        }
+        self.durable.keep(id, &summary);
         Ok(summary)
     }
 

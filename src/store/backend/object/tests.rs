@@ -2,6 +2,7 @@
 //! is tested in tests/s3_store.rs and tests/azure_store.rs).
 
 use super::*;
+use crate::store::Durability;
 use object_store::memory::InMemory;
 
 fn backend() -> ObjectBackend {
