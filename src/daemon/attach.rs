@@ -16,8 +16,9 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::daemon::exports::{NbdExports, NodeExport};
-use crate::daemon::node::{Node, NodeError};
+use crate::daemon::node::Node;
 use crate::daemon::state::now_rfc3339;
+use crate::daemon::templates::TemplateError;
 
 /// How long a detach waits for the daemon's end of the connection to finish once the
 /// kernel has let go: in-flight requests are answered first, a cold chunk fetch at most.
@@ -347,7 +348,7 @@ impl Exports for KernelExports {
         }
         match NodeExport::open(&self.0.node, name, peer.to_owned()).await {
             Ok(export) => Ok(Arc::new(export)),
-            Err(NodeError::UnknownTemplate(..)) => Err(OpenError::Unknown),
+            Err(TemplateError::UnknownTemplate(..)) => Err(OpenError::Unknown),
             Err(e) => Err(OpenError::Unavailable(e.to_string())),
         }
     }

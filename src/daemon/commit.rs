@@ -13,15 +13,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lazyblk_cache::{validate_id, Digest, Manifest, Priority};
+use lazyblk_cache::{validate_id, ChunkCache, Digest, Manifest, Priority};
 use serde::Serialize;
 
-use crate::daemon::intents::Settled;
-use crate::daemon::node::{Node, NodeError};
-use crate::daemon::sandboxes::{Sandbox, SandboxError};
+use crate::daemon::intents::{OriginIntents, Settled};
+use crate::daemon::replica::Replica;
+use crate::daemon::sandboxes::{Sandbox, SandboxError, Sandboxes};
 use crate::daemon::state::now_rfc3339;
-use crate::daemon::upload::upload_owner;
-use crate::store::client::StoreError;
+use crate::daemon::templates::{TemplateError, Templates};
+use crate::daemon::upload::{upload_owner, Uploads};
+use crate::store::client::{StoreClient, StoreError};
 
 /// Why a commit was refused or failed. Nothing is published unless it succeeds, except
 /// where [`CommitError::PublishUncertain`] says the store's answer was lost.
@@ -35,7 +36,7 @@ pub enum CommitError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Template(#[from] TemplateError),
     /// Publishing the manifest failed and the store does not have it: nothing was
     /// published; the sandbox is unchanged and the commit can be retried.
     #[error("commit of {template:?} not published (nothing changed; retry): {source}")]
@@ -79,7 +80,26 @@ pub struct CommitOutcome {
     pub seconds: f64,
 }
 
-impl Node {
+/// Commits sandboxes into templates, and settles at start what earlier commits owe.
+pub struct Commits {
+    pub(crate) cache: Arc<ChunkCache>,
+    pub(crate) store: StoreClient,
+    pub(crate) templates: Arc<Templates>,
+    pub(crate) sandboxes: Arc<Sandboxes>,
+    pub(crate) uploads: Arc<Uploads>,
+    /// Commits this node owes an upload for (settled at start, whatever the address).
+    pub(crate) intents: OriginIntents,
+    /// The URL peers reach this daemon at: a commit's first origin.
+    pub(crate) advertise: String,
+}
+
+impl Commits {
+    /// Whether `template` was committed here and its new chunks are not all in the
+    /// store yet.
+    pub fn owes(&self, template: &str) -> bool {
+        self.intents.contains(template)
+    }
+
     /// Commits sandbox `sandbox` as template `new_id`.
     ///
     /// The order makes the commit durable before anyone learns of it: the new chunks
@@ -87,7 +107,7 @@ impl Node {
     /// this node's disk, and only then is the manifest published; the upload follows.
     /// A crash anywhere leaves either nothing visible, or a published template whose
     /// new chunks are pinned here and uploaded after the restart.
-    pub async fn commit_sandbox(
+    pub async fn commit(
         self: &Arc<Self>,
         sandbox: &str,
         new_id: &str,
@@ -96,10 +116,11 @@ impl Node {
         let started = Instant::now();
         validate_id(new_id).map_err(|e| CommitError::InvalidId(e.to_string()))?;
         let sb = self
-            .sandbox(sandbox)
+            .sandboxes
+            .get(sandbox)
             .ok_or_else(|| SandboxError::Unknown(sandbox.to_string()))?;
-        let _one_at_a_time = self.creating.lock().await;
-        if self.known(new_id).is_some() || self.sandbox(new_id).is_some() {
+        let _one_at_a_time = self.sandboxes.exclusive().await;
+        if self.templates.known(new_id).is_some() || self.sandboxes.get(new_id).is_some() {
             return Err(CommitError::Exists(new_id.to_string()));
         }
         match self.store.manifest(new_id).await {
@@ -135,10 +156,13 @@ impl Node {
         let new_chunks = built.new_chunks;
 
         // The durable intent, before the store (and so anyone) sees the template.
-        let kept = self.save_manifest(&manifest).map_err(|e| e.to_string());
+        let kept = self
+            .templates
+            .save_manifest(&manifest)
+            .map_err(|e| e.to_string());
         let kept = kept.and_then(|()| self.intents.record(new_id).map_err(|e| e.to_string()));
         if let Err(detail) = kept {
-            self.abandon_commit(new_id);
+            self.abandon(new_id);
             return Err(CommitError::Intent {
                 template: new_id.to_string(),
                 detail,
@@ -149,7 +173,7 @@ impl Node {
             match self.settle(&manifest).await {
                 Settled::Published => {}
                 Settled::NotPublished(_) => {
-                    self.abandon_commit(new_id);
+                    self.abandon(new_id);
                     return Err(CommitError::Publish {
                         template: new_id.to_string(),
                         source,
@@ -170,7 +194,7 @@ impl Node {
             .zip(&parent.manifest().chunks)
             .filter(|(a, b)| a == b && a.is_some())
             .count();
-        let replica = self.insert(manifest);
+        let replica = self.templates.insert(manifest);
         self.uploads.start(replica.clone(), new_chunks.clone());
         let outcome = CommitOutcome {
             template: new_id.to_string(),
@@ -234,7 +258,7 @@ impl Node {
                 }
                 Err(e) => {
                     drop(frozen);
-                    self.abandon_commit(new_id);
+                    self.abandon(new_id);
                     return Err(e);
                 }
             }
@@ -286,14 +310,78 @@ impl Node {
 
     /// Undoes a commit that was never published: its intent, its saved manifest, and
     /// the claims on its new chunks (which stay cached, evictable).
-    pub fn abandon_commit(&self, template: &str) {
+    pub fn abandon(&self, template: &str) {
         self.intents.clear(template);
-        self.forget_manifest(template);
+        self.templates.forget(template);
         self.cache.release(&upload_owner(template));
     }
 
+    /// At start, settles every commit this node recorded an intent for (whatever
+    /// address it had then): a published one has its new chunks pinned and uploaded, one
+    /// that never reached the store is dropped, and one the store cannot be asked about
+    /// keeps its chunks pinned until it can. Templates from before intents were kept
+    /// (first origin equal to this address) resume as they did.
+    ///
+    /// The local chunks of every intent are claimed here, before the daemon serves
+    /// anything (so no evict can come first); asking the store happens in the
+    /// background, so that a store that does not answer does not hold the daemon's
+    /// start (and its readiness) for a minute per pending commit.
+    pub fn resume(self: &Arc<Self>) {
+        let mut pending = Vec::new();
+        for id in self.intents.list() {
+            let Some(replica) = self.templates.known(&id) else {
+                tracing::warn!(template = %id, "commit intent without a saved manifest; dropping it");
+                self.intents.clear(&id);
+                continue;
+            };
+            self.pin_local(replica.manifest());
+            pending.push(replica);
+        }
+        tokio::spawn(self.clone().settle_intents(pending));
+    }
+
+    async fn settle_intents(self: Arc<Self>, pending: Vec<Arc<Replica>>) {
+        for replica in pending {
+            let id = replica.id().to_string();
+            match self.settle(replica.manifest()).await {
+                Settled::Published => self.uploads.resume(replica).await,
+                Settled::NotPublished(why) => {
+                    tracing::warn!(template = %id, why, "a commit cut off before it was published; dropping it");
+                    self.abandon(&id);
+                }
+                Settled::Unknown(error) => {
+                    tracing::warn!(template = %id, %error, "store unreachable; keeping the commit's chunks until it can be asked");
+                    let pinned = self.pin_local(replica.manifest());
+                    tokio::spawn(
+                        self.clone()
+                            .settle_later(Manifest::clone(replica.manifest()), pinned),
+                    );
+                }
+            }
+        }
+        for replica in self.templates.all() {
+            if replica.manifest().origins.first() == Some(&self.advertise)
+                && !self.intents.contains(replica.id())
+            {
+                self.uploads.resume(replica).await;
+            }
+        }
+    }
+
+    /// Claims the local chunks of `manifest` for its upload and returns them (each
+    /// distinct digest once).
+    fn pin_local(&self, manifest: &Manifest) -> Vec<Digest> {
+        let mut local: Vec<Digest> = manifest.stored_chunks().map(|(_, d)| d).collect();
+        local.sort();
+        local.dedup();
+        local.retain(|d| self.cache.is_local(d));
+        self.cache
+            .pin(&upload_owner(&manifest.template), local.iter().copied());
+        local
+    }
+
     /// Whether the store has published `manifest` (this node's version of it).
-    pub async fn settle(&self, manifest: &Manifest) -> Settled {
+    async fn settle(&self, manifest: &Manifest) -> Settled {
         match self.store.manifest(&manifest.template).await {
             Ok(Some(stored)) if stored.same_content(manifest) => Settled::Published,
             Ok(Some(_)) => Settled::NotPublished("the store holds other content under this id"),
@@ -304,23 +392,23 @@ impl Node {
 
     /// Settles a commit whose publish went unanswered: asks the store until it knows,
     /// then uploads (published) or drops the intent (not published).
-    pub async fn settle_later(self: Arc<Self>, manifest: Manifest, pinned: Vec<Digest>) {
+    async fn settle_later(self: Arc<Self>, manifest: Manifest, pinned: Vec<Digest>) {
         let id = manifest.template.clone();
         loop {
             tokio::time::sleep(SETTLE_RETRY).await;
             match self.settle(&manifest).await {
                 Settled::Published => {
                     tracing::info!(template = %id, "commit found published in the store; uploading its chunks");
-                    let replica = match self.known(&id) {
+                    let replica = match self.templates.known(&id) {
                         Some(r) => r,
-                        None => self.insert(manifest),
+                        None => self.templates.insert(manifest),
                     };
                     self.uploads.start(replica, pinned);
                     return;
                 }
                 Settled::NotPublished(why) => {
                     tracing::warn!(template = %id, why, "commit was never published; dropping it");
-                    self.abandon_commit(&id);
+                    self.abandon(&id);
                     return;
                 }
                 Settled::Unknown(e) => {

@@ -11,8 +11,10 @@ use lazyblk_cache::overlay::OverlayError;
 use lazyblk_fuse::Folder;
 use lazyblk_nbd::{Command, Exports, Extent, OpenError};
 
-use crate::daemon::node::{Lease, Node, NodeError};
+use crate::daemon::node::Node;
+use crate::daemon::replica::Lease;
 use crate::daemon::sandboxes::Sandbox;
+use crate::daemon::templates::TemplateError;
 use crate::daemon::users::UserLease;
 
 /// Maps a failed template read to the errno a block client understands, and logs it
@@ -54,15 +56,15 @@ pub enum NodeExport {
 
 impl NodeExport {
     /// Opens `name` (a sandbox on this node, else a template) for `user`.
-    pub async fn open(node: &Node, name: &str, user: String) -> Result<NodeExport, NodeError> {
-        if let Some(sandbox) = node.sandbox(name) {
+    pub async fn open(node: &Node, name: &str, user: String) -> Result<NodeExport, TemplateError> {
+        if let Some(sandbox) = node.sandboxes.get(name) {
             let lease = sandbox.users.lease(user);
             return Ok(NodeExport::Overlay {
                 sandbox,
                 _lease: lease,
             });
         }
-        let replica = node.replica(name).await?;
+        let replica = node.templates.replica(name).await?;
         Ok(NodeExport::Template(replica.lease(user)))
     }
 
@@ -247,7 +249,7 @@ impl Exports for NbdExports {
         }
         match NodeExport::open(&self.node, name, format!("nbd client {peer}")).await {
             Ok(export) => Ok(Arc::new(export)),
-            Err(NodeError::UnknownTemplate(..)) => Err(OpenError::Unknown),
+            Err(TemplateError::UnknownTemplate(..)) => Err(OpenError::Unknown),
             Err(e) => {
                 tracing::warn!(export = name, %peer, error = %e, "export unavailable");
                 Err(OpenError::Unavailable(e.to_string()))
@@ -258,7 +260,8 @@ impl Exports for NbdExports {
     async fn list(&self) -> Vec<(String, String)> {
         let mut all: Vec<(String, String)> = self
             .node
-            .sandboxes()
+            .sandboxes
+            .all()
             .iter()
             .map(|s| {
                 let description =
@@ -268,7 +271,8 @@ impl Exports for NbdExports {
             .collect();
         all.extend(
             self.node
-                .template_names()
+                .templates
+                .names()
                 .await
                 .into_iter()
                 .map(|n| (n, "template (read-only)".to_string())),
@@ -297,13 +301,15 @@ impl lazyblk_fuse::Files for FuseFiles {
         match folder {
             Folder::Templates => self
                 .node
-                .replicas()
+                .templates
+                .all()
                 .iter()
                 .map(|r| r.id().to_string())
                 .collect(),
             Folder::Sandboxes => self
                 .node
-                .sandboxes()
+                .sandboxes
+                .all()
                 .iter()
                 .map(|s| s.id().to_string())
                 .collect(),
@@ -313,11 +319,11 @@ impl lazyblk_fuse::Files for FuseFiles {
     fn open(&self, folder: Folder, name: &str) -> Option<Arc<FuseFile>> {
         let export = match folder {
             Folder::Templates => {
-                let replica = self.node.known(name)?;
+                let replica = self.node.templates.known(name)?;
                 NodeExport::Template(replica.lease(format!("fuse file templates/{name}")))
             }
             Folder::Sandboxes => {
-                let sandbox = self.node.sandbox(name)?;
+                let sandbox = self.node.sandboxes.get(name)?;
                 let lease = sandbox.users.lease(format!("fuse file sandboxes/{name}"));
                 NodeExport::Overlay {
                     sandbox,

@@ -16,9 +16,10 @@ use lazyblk_cache::Priority;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::daemon::node::{Node, NodeError};
+use crate::daemon::node::Node;
 use crate::daemon::replica::{replica_owner, Replica};
 use crate::daemon::state::{now_rfc3339, Phase, ReplicaRecord, StateDb};
+use crate::daemon::templates::TemplateError;
 
 /// Tries per chunk before the fill gives up and the replica is FAILED. With the
 /// backoff below that is about 8 s of a source being down (plus each try's own
@@ -54,7 +55,7 @@ pub struct FillConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum FillError {
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Template(#[from] TemplateError),
     /// The template cannot be pinned within the cache budget.
     #[error("template {template:?} needs {needed} bytes pinned but the cache budget is {budget} bytes ({pinned} already pinned); raise --cache-size")]
     OverBudget {
@@ -289,14 +290,14 @@ impl FillScheduler {
     /// the template, unless `force`.
     pub fn evict(&self, replica: &Arc<Replica>, force: bool) -> Result<usize, FillError> {
         let mut users = replica.users();
-        if self.node.intents.contains(replica.id()) {
+        if self.node.commits.owes(replica.id()) {
             // Its new chunks are pinned until uploaded and stay even with --force.
             users.push(
                 "its upload to the store (ORIGIN_ONLY: only this node has its new chunks)".into(),
             );
         }
         if !users.is_empty() && !force {
-            return Err(NodeError::InUse {
+            return Err(TemplateError::InUse {
                 template: replica.id().to_string(),
                 users,
             }
@@ -376,7 +377,7 @@ impl FillScheduler {
             }
         };
         for record in records {
-            let Some(replica) = self.node.known(&record.template) else {
+            let Some(replica) = self.node.templates.known(&record.template) else {
                 continue;
             };
             {
@@ -409,7 +410,7 @@ impl FillScheduler {
                 _ = tokio::time::sleep(SUPERVISE_INTERVAL) => {}
                 _ = stop.changed() => return,
             }
-            for replica in self.node.replicas() {
+            for replica in self.node.templates.all() {
                 let failed = replica
                     .fill
                     .lock()
@@ -431,7 +432,7 @@ impl FillScheduler {
 
     /// Stops every running fill (shutdown); progress is already saved.
     pub fn stop_all(&self) {
-        for replica in self.node.replicas() {
+        for replica in self.node.templates.all() {
             let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(cancel) = &state.cancel {
                 cancel.store(true, Ordering::Relaxed);

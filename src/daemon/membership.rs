@@ -25,7 +25,8 @@ const WISHED_FILE: &str = "wished.json";
 /// The replicas this node reports: those that are not merely known (a fill ran, or
 /// someone uses them), so a node that knows thousands of templates sends a short list.
 fn report(node: &Node) -> Vec<ReplicaReport> {
-    node.replicas()
+    node.templates
+        .all()
         .iter()
         .filter_map(|r| {
             let users = r.users();
@@ -78,7 +79,7 @@ impl Wished {
     async fn reconcile(&mut self, node: &Arc<Node>, fill: &Arc<FillScheduler>, wanted: Vec<Want>) {
         let mut changed = false;
         for want in &wanted {
-            let replica = match node.replica(&want.template).await {
+            let replica = match node.templates.replica(&want.template).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(template = %want.template, error = %e, "cannot warm a wished template");
@@ -108,7 +109,7 @@ impl Wished {
             .cloned()
             .collect();
         for template in gone {
-            if let Some(replica) = node.known(&template) {
+            if let Some(replica) = node.templates.known(&template) {
                 fill.unpin(&replica);
             }
             self.templates.remove(&template);

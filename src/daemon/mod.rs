@@ -3,12 +3,15 @@
 //! traces; answers the HTTP API.
 //!
 //! # Layout
-//! - [`node`]: the [`node::Node`] (cache, store client, replicas) and [`node::Replica`].
+//! - [`node`]: the [`node::Node`], the owners below built once and shared.
+//! - [`templates`]: the templates this node knows (manifests, learned from the store)
+//!   and the node's replica of each, with the sources its chunks come from.
 //! - [`sandboxes`]: sandbox overlays (create, delete, reopen at start).
 //! - [`exports`]: the export objects that the NBD server and the FUSE mount serve.
-//! - [`commit`]: a sandbox into a new template; [`upload`]: its new chunks to the
-//!   store in the background (ORIGIN_ONLY -> UPLOADING -> DURABLE); [`intents`]: the
-//!   durable record of what a commit owes after a crash, and the node's id.
+//! - [`commit`]: a sandbox into a new template, and what earlier commits owe settled
+//!   at start; [`upload`]: its new chunks to the store in the background
+//!   (ORIGIN_ONLY -> UPLOADING -> DURABLE); [`intents`]: the durable record of what a
+//!   commit owes after a crash, and the node's id.
 //! - [`resize`]: a template grown into a new one (e2fsck and resize2fs on a scratch
 //!   overlay, then a commit).
 //! - [`replica`]: a replica of a template and a sandbox, the values the owners keep.
@@ -39,6 +42,7 @@ pub mod replica;
 pub mod resize;
 pub mod sandboxes;
 pub mod state;
+pub mod templates;
 pub mod tls;
 pub mod trace;
 pub mod upload;
@@ -127,9 +131,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         )
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,
     );
-    let restored = node.restore();
-    let sandboxes = node.restore_sandboxes().await;
-    node.resume_uploads().await;
+    let (restored, sandboxes) = node.restore().await;
     let db_path = args.cache.join("state.db");
     let db = Arc::new(
         StateDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?,
@@ -234,7 +236,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "FUSE unmount");
         }
     }
-    for sandbox in node.sandboxes() {
+    for sandbox in node.sandboxes.all() {
         if let Err(e) = sandbox.overlay.flush().await {
             tracing::error!(sandbox = sandbox.id(), error = %e, "flushing overlay at shutdown");
         }
@@ -248,7 +250,7 @@ const LEARN_INTERVAL: Duration = Duration::from_secs(5);
 /// Keeps the node's list of templates in step with the store's.
 async fn learn_templates(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     loop {
-        let learned = node.learn_store_templates().await;
+        let learned = node.templates.learn_from_store().await;
         if learned > 0 {
             tracing::debug!(learned, "learned templates from the store");
         }
@@ -280,7 +282,7 @@ async fn publish_traces(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(TRACE_PUBLISH_INTERVAL) => {}
             _ = stop.changed() => return,
         }
-        for replica in node.replicas() {
+        for replica in node.templates.all() {
             if !replica.trace.ready_to_publish() {
                 continue;
             }

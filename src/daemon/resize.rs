@@ -7,7 +7,7 @@
 //! wrote (superblocks, group descriptors, the new groups' metadata) are new. Growing is
 //! supported; shrinking is refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,9 +16,9 @@ use lazyblk_cache::overlay::Overlay;
 use lazyblk_cache::{validate_id, Manifest};
 use serde::Serialize;
 
-use crate::daemon::commit::{CommitError, CommitOutcome};
-use crate::daemon::node::{Node, NodeError};
+use crate::daemon::commit::{CommitError, CommitOutcome, Commits};
 use crate::daemon::sandboxes::SandboxError;
+use crate::daemon::templates::TemplateError;
 
 /// How much of a failing tool's output goes into the error.
 const TOOL_OUTPUT_LIMIT: usize = 2000;
@@ -46,7 +46,7 @@ pub enum ResizeError {
         output: String,
     },
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Template(#[from] TemplateError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
@@ -64,10 +64,40 @@ pub struct ResizeOutcome {
     pub commit: CommitOutcome,
 }
 
-impl Node {
+/// Grows templates into new ones: a service over the templates, the sandboxes and
+/// commit.
+pub struct Resizes {
+    commits: Arc<Commits>,
+    /// Scratch overlays of resizes under way; emptied at start (an interrupted resize
+    /// publishes nothing and is simply abandoned).
+    scratch_dir: PathBuf,
+    /// The daemon's FUSE mount, if any: e2fsprogs run on its files.
+    fuse_dir: Option<PathBuf>,
+}
+
+impl Resizes {
+    /// Resizes that keep their scratch overlays under `state_dir` (what an earlier run
+    /// left there is removed).
+    pub fn open(
+        commits: Arc<Commits>,
+        state_dir: &Path,
+        fuse_dir: Option<PathBuf>,
+    ) -> std::io::Result<Resizes> {
+        let scratch_dir = state_dir.join("resizing");
+        if scratch_dir.exists() {
+            std::fs::remove_dir_all(&scratch_dir)?;
+        }
+        std::fs::create_dir_all(&scratch_dir)?;
+        Ok(Resizes {
+            commits,
+            scratch_dir,
+            fuse_dir,
+        })
+    }
+
     /// Grows template `id` to `size` bytes as template `new_id`.
-    pub async fn resize_template(
-        self: &Arc<Self>,
+    pub async fn resize(
+        &self,
         id: &str,
         size: u64,
         new_id: &str,
@@ -75,27 +105,26 @@ impl Node {
     ) -> Result<ResizeOutcome, ResizeError> {
         let started = Instant::now();
         validate_id(new_id).map_err(|e| ResizeError::InvalidId(e.to_string()))?;
-        if self.known(new_id).is_some()
-            || self.sandbox(new_id).is_some()
-            || matches!(self.store.manifest(new_id).await, Ok(Some(_)))
-        {
+        let templates = &self.commits.templates;
+        let sandboxes = &self.commits.sandboxes;
+        if sandboxes.get(new_id).is_some() || templates.exists(new_id).await {
             return Err(ResizeError::Exists(new_id.to_string()));
         }
         let fuse = self.fuse_dir.clone().ok_or(ResizeError::NoFuse)?;
-        let base = self.replica(id).await?;
+        let base = templates.replica(id).await?;
         let grown = grown_manifest(base.manifest(), size)?;
         let scratch_id = format!("resize-{}", &new_id[..new_id.len().min(100)]);
-        if self.sandbox(&scratch_id).is_some() {
+        if sandboxes.get(&scratch_id).is_some() {
             return Err(ResizeError::Exists(scratch_id));
         }
-        let replica = self.new_replica(grown);
-        let dir = self.resizing_dir.join(&scratch_id);
+        let replica = templates.new_replica(grown);
+        let dir = self.scratch_dir.join(&scratch_id);
         let overlay = Overlay::create(&dir, &scratch_id, replica.image.clone())
             .await
             .map_err(SandboxError::from)?;
-        let sandbox = self.register(&replica, overlay);
+        let sandbox = sandboxes.register(&replica, overlay);
         let result = self.resize_in(&fuse, &scratch_id, id, new_id, labels).await;
-        self.sandboxes.remove(&scratch_id);
+        sandboxes.unregister(&scratch_id);
         drop(sandbox);
         if let Err(e) = Overlay::remove_dir(&dir).await {
             tracing::warn!(dir = %dir.display(), error = %e, "removing a resize's scratch overlay");
@@ -113,7 +142,7 @@ impl Node {
     }
 
     async fn resize_in(
-        self: &Arc<Self>,
+        &self,
         fuse: &Path,
         scratch: &str,
         id: &str,
@@ -126,7 +155,8 @@ impl Node {
         run_tool("e2fsck", &["-f", "-y"], &file, id, &[0, 1]).await?;
         run_tool("resize2fs", &[], &file, id, &[0]).await?;
         Ok(self
-            .commit_sandbox(scratch, new_id, labels)
+            .commits
+            .commit(scratch, new_id, labels)
             .await
             .map_err(Box::new)?)
     }

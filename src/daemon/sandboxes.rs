@@ -3,15 +3,17 @@
 //! `<fuse>/sandboxes/<sb>`. Overlays live under `<cache>/overlays/<sb>/` and are
 //! reopened at start with their block maps.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lazyblk_cache::overlay::{Overlay, OverlayError, OverlayMeta};
 use lazyblk_cache::validate_id;
 use serde::Serialize;
 
-use crate::daemon::node::{Node, NodeError};
+use crate::daemon::registry::Registry;
 use crate::daemon::replica::Replica;
 pub use crate::daemon::replica::Sandbox;
+use crate::daemon::templates::{TemplateError, Templates};
 
 /// Why a sandbox operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +31,7 @@ pub enum SandboxError {
     #[error("sandbox {sandbox:?} is in use by {}; use --force to override", .users.join(", "))]
     InUse { sandbox: String, users: Vec<String> },
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Template(#[from] TemplateError),
     #[error(transparent)]
     Overlay(#[from] OverlayError),
 }
@@ -64,21 +66,52 @@ impl Sandbox {
     }
 }
 
-impl Node {
-    pub(crate) fn overlay_dir(&self, sandbox: &str) -> std::path::PathBuf {
-        self.overlays_dir.join(sandbox)
+/// The sandboxes on this node.
+pub struct Sandboxes {
+    templates: Arc<Templates>,
+    registry: Registry<Sandbox>,
+    /// Where sandbox overlays live, one directory each.
+    dir: PathBuf,
+    /// Serializes the steps that create or consume an id (create, delete, commit): the
+    /// id checks and the step are one.
+    exclusive: tokio::sync::Mutex<()>,
+}
+
+impl Sandboxes {
+    /// The sandboxes kept under `state_dir` (none reopened yet: see
+    /// [`Sandboxes::restore`]).
+    pub fn open(templates: Arc<Templates>, state_dir: &Path) -> std::io::Result<Sandboxes> {
+        let dir = state_dir.join("overlays");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Sandboxes {
+            templates,
+            registry: Registry::default(),
+            dir,
+            exclusive: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn overlay_dir(&self, sandbox: &str) -> PathBuf {
+        self.dir.join(sandbox)
     }
 
     /// The sandbox `id`, if it exists on this node.
-    pub fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
-        self.sandboxes.get(id)
+    pub fn get(&self, id: &str) -> Option<Arc<Sandbox>> {
+        self.registry.get(id)
     }
 
     /// Every sandbox, by id.
-    pub fn sandboxes(&self) -> Vec<Arc<Sandbox>> {
-        self.sandboxes.all()
+    pub fn all(&self) -> Vec<Arc<Sandbox>> {
+        self.registry.all()
     }
 
+    /// Held across a step that checks ids and then creates or consumes a sandbox, so
+    /// that no create, delete or commit runs in the middle of another.
+    pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.exclusive.lock().await
+    }
+
+    /// Lists `overlay` as a sandbox of `replica`.
     pub(crate) fn register(&self, replica: &Arc<Replica>, overlay: Overlay) -> Arc<Sandbox> {
         let id = overlay.sandbox().to_string();
         let sandbox = Arc::new(Sandbox {
@@ -86,24 +119,25 @@ impl Node {
             overlay: Arc::new(overlay),
             users: Arc::default(),
         });
-        self.sandboxes.insert_new(id, sandbox)
+        self.registry.insert_new(id, sandbox)
+    }
+
+    /// Stops listing sandbox `id` (its files are the caller's).
+    pub(crate) fn unregister(&self, id: &str) {
+        self.registry.remove(id);
     }
 
     /// Creates sandbox `id`'s overlay over `template`.
-    pub async fn create_sandbox(
-        &self,
-        template: &str,
-        id: &str,
-    ) -> Result<Arc<Sandbox>, SandboxError> {
+    pub async fn create(&self, template: &str, id: &str) -> Result<Arc<Sandbox>, SandboxError> {
         validate_id(id).map_err(|e| SandboxError::InvalidId(e.to_string()))?;
-        let _one_at_a_time = self.creating.lock().await;
-        if self.sandbox(id).is_some() {
+        let _one_at_a_time = self.exclusive().await;
+        if self.get(id).is_some() {
             return Err(SandboxError::Exists(id.to_string()));
         }
-        if self.known(id).is_some() || matches!(self.store.manifest(id).await, Ok(Some(_))) {
+        if self.templates.exists(id).await {
             return Err(SandboxError::NameTaken(id.to_string()));
         }
-        let replica = self.replica(template).await?;
+        let replica = self.templates.replica(template).await?;
         let overlay = Overlay::create(self.overlay_dir(id), id, replica.image.clone()).await?;
         tracing::info!(sandbox = id, template, "overlay created");
         Ok(self.register(&replica, overlay))
@@ -111,12 +145,12 @@ impl Node {
 
     /// Deletes sandbox `id` and its overlay's files. Refused while in use, unless
     /// `force` (users then keep their open files until they close them).
-    pub async fn delete_sandbox(&self, id: &str, force: bool) -> Result<(), SandboxError> {
-        // The lock that create and commit take: a delete never runs in the middle of
-        // either (a commit reading the overlay, a create of the same id).
-        let _one_at_a_time = self.creating.lock().await;
+    pub async fn delete(&self, id: &str, force: bool) -> Result<(), SandboxError> {
+        // A delete never runs in the middle of a commit reading the overlay, or a
+        // create of the same id.
+        let _one_at_a_time = self.exclusive().await;
         let sandbox = self
-            .sandbox(id)
+            .get(id)
             .ok_or_else(|| SandboxError::Unknown(id.to_string()))?;
         let users = sandbox.users.names();
         if !users.is_empty() && !force {
@@ -125,15 +159,15 @@ impl Node {
                 users,
             });
         }
-        self.sandboxes.remove(id);
+        self.unregister(id);
         Overlay::remove_dir(self.overlay_dir(id)).await?;
         tracing::info!(sandbox = id, "overlay deleted");
         Ok(())
     }
 
     /// Reopens the overlays found under the overlays directory.
-    pub async fn restore_sandboxes(&self) -> usize {
-        let Ok(entries) = std::fs::read_dir(&self.overlays_dir) else {
+    pub async fn restore(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
         let mut restored = 0;
@@ -146,7 +180,7 @@ impl Node {
                     continue;
                 }
             };
-            let replica = match self.replica(&meta.template).await {
+            let replica = match self.templates.replica(&meta.template).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(sandbox = %meta.sandbox, error = %e, "cannot reopen overlay: its template is unavailable");

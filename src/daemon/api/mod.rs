@@ -19,14 +19,16 @@ use serde::Serialize;
 use crate::daemon::attach::AttachError;
 use crate::daemon::commit::{CommitError, CommitOutcome};
 use crate::daemon::fill::FillError;
-use crate::daemon::node::{Node, NodeError, Replica};
+use crate::daemon::node::Node;
+use crate::daemon::replica::Replica;
 use crate::daemon::resize::{ResizeError, ResizeOutcome};
 use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
+use crate::daemon::templates::TemplateError;
 
 impl From<FillError> for ApiError {
     fn from(e: FillError) -> ApiError {
         match e {
-            FillError::Node(n) => n.into(),
+            FillError::Template(n) => n.into(),
             other @ FillError::OverBudget { .. } => {
                 ApiError(StatusCode::INSUFFICIENT_STORAGE, other.to_string())
             }
@@ -41,7 +43,7 @@ fn sandbox_status(e: &SandboxError) -> StatusCode {
             StatusCode::CONFLICT
         }
         SandboxError::Unknown(_) => StatusCode::NOT_FOUND,
-        SandboxError::Node(n) => node_status(n),
+        SandboxError::Template(n) => template_error_status(n),
         SandboxError::Overlay(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -58,7 +60,7 @@ impl From<CommitError> for ApiError {
             CommitError::InvalidId(_) => StatusCode::BAD_REQUEST,
             CommitError::Exists(_) => StatusCode::CONFLICT,
             CommitError::Sandbox(s) => sandbox_status(s),
-            CommitError::Node(n) => node_status(n),
+            CommitError::Template(n) => template_error_status(n),
             CommitError::Publish { .. } => StatusCode::BAD_GATEWAY,
             CommitError::PublishUncertain { .. } => StatusCode::GATEWAY_TIMEOUT,
             CommitError::Local { .. } | CommitError::Intent { .. } => {
@@ -82,7 +84,7 @@ impl From<ResizeError> for ApiError {
             ResizeError::Exists(_) => StatusCode::CONFLICT,
             ResizeError::NoFuse => StatusCode::PRECONDITION_FAILED,
             ResizeError::Tool { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ResizeError::Node(n) => node_status(n),
+            ResizeError::Template(n) => template_error_status(n),
             ResizeError::Sandbox(s) => sandbox_status(s),
             ResizeError::Commit(_) => StatusCode::BAD_GATEWAY,
         };
@@ -90,18 +92,18 @@ impl From<ResizeError> for ApiError {
     }
 }
 
-fn node_status(e: &NodeError) -> StatusCode {
+fn template_error_status(e: &TemplateError) -> StatusCode {
     match e {
-        NodeError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
-        NodeError::StoreUnavailable { .. } => StatusCode::BAD_GATEWAY,
-        NodeError::InUse { .. } => StatusCode::CONFLICT,
-        NodeError::SaveManifest { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        TemplateError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
+        TemplateError::StoreUnavailable { .. } => StatusCode::BAD_GATEWAY,
+        TemplateError::InUse { .. } => StatusCode::CONFLICT,
+        TemplateError::SaveManifest { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-impl From<NodeError> for ApiError {
-    fn from(e: NodeError) -> ApiError {
-        ApiError(node_status(&e), e.to_string())
+impl From<TemplateError> for ApiError {
+    fn from(e: TemplateError) -> ApiError {
+        ApiError(template_error_status(&e), e.to_string())
     }
 }
 
@@ -222,7 +224,8 @@ pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
 async fn list_templates(State(state): State<ApiState>) -> Json<Vec<ReplicaStatus>> {
     let node = &state.node;
     Json(
-        node.replicas()
+        node.templates
+            .all()
             .iter()
             .map(|r| replica_status(node, r))
             .collect(),
@@ -234,7 +237,7 @@ async fn template_status(
     Path(id): Path<String>,
 ) -> Result<Json<ReplicaStatus>, ApiError> {
     checked_id(&id)?;
-    let replica = state.node.replica(&id).await?;
+    let replica = state.node.templates.replica(&id).await?;
     Ok(Json(replica_status(&state.node, &replica)))
 }
 
@@ -255,7 +258,7 @@ async fn warm(
     Query(query): Query<WarmQuery>,
 ) -> Result<Json<ReplicaStatus>, ApiError> {
     checked_id(&id)?;
-    let replica = state.node.replica(&id).await?;
+    let replica = state.node.templates.replica(&id).await?;
     state.fill.warm(&replica, query.redo)?;
     Ok(Json(replica_status(&state.node, &replica)))
 }
@@ -266,7 +269,7 @@ async fn evict(
     Query(query): Query<EvictQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     checked_id(&id)?;
-    let replica = state.node.known(&id).ok_or_else(|| {
+    let replica = state.node.templates.known(&id).ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             format!("template {id:?} has no replica on this node"),
@@ -293,13 +296,22 @@ async fn create_overlay(
     checked_id(&body.template)?;
     let sandbox = state
         .node
-        .create_sandbox(&body.template, &body.sandbox)
+        .sandboxes
+        .create(&body.template, &body.sandbox)
         .await?;
     Ok((StatusCode::CREATED, Json(sandbox.status())))
 }
 
 async fn list_overlays(State(state): State<ApiState>) -> Json<Vec<SandboxStatus>> {
-    Json(state.node.sandboxes().iter().map(|s| s.status()).collect())
+    Json(
+        state
+            .node
+            .sandboxes
+            .all()
+            .iter()
+            .map(|s| s.status())
+            .collect(),
+    )
 }
 
 async fn overlay_status(
@@ -308,7 +320,8 @@ async fn overlay_status(
 ) -> Result<Json<SandboxStatus>, ApiError> {
     let sandbox = state
         .node
-        .sandbox(&sb)
+        .sandboxes
+        .get(&sb)
         .ok_or_else(|| ApiError::from(SandboxError::Unknown(sb.clone())))?;
     Ok(Json(sandbox.status()))
 }
@@ -318,7 +331,7 @@ async fn delete_overlay(
     Path(sb): Path<String>,
     Query(query): Query<EvictQuery>,
 ) -> Result<StatusCode, ApiError> {
-    state.node.delete_sandbox(&sb, query.force).await?;
+    state.node.sandboxes.delete(&sb, query.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -338,7 +351,8 @@ async fn commit_overlay(
 ) -> Result<(StatusCode, Json<CommitOutcome>), ApiError> {
     let outcome = state
         .node
-        .commit_sandbox(&sb, &body.template, &body.labels)
+        .commits
+        .commit(&sb, &body.template, &body.labels)
         .await?;
     Ok((StatusCode::CREATED, Json(outcome)))
 }
@@ -361,7 +375,8 @@ async fn resize(
     checked_id(&id)?;
     let outcome = state
         .node
-        .resize_template(&id, body.size, &body.template, &body.labels)
+        .resizes
+        .resize(&id, body.size, &body.template, &body.labels)
         .await?;
     Ok((StatusCode::CREATED, Json(outcome)))
 }
@@ -385,7 +400,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     if let Some(peers) = &node.peers {
         node.metrics.set_peer_stats(&peers.stats());
     }
-    for r in node.replicas() {
+    for r in node.templates.all() {
         let label = crate::daemon::counters::TemplateLabel {
             template: r.id().to_string(),
         };
@@ -441,7 +456,7 @@ async fn peer_chunk(
     };
     let got = node
         .cache
-        .get(&chunk, node.store_sources())
+        .get(&chunk, node.templates.store_sources())
         .await
         .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
     let bytes = match got {
