@@ -2,7 +2,9 @@
 //! metrics.
 
 mod attach;
+mod errors;
 mod health;
+mod sandboxes;
 mod state;
 
 pub use state::{ApiError, ApiState, EvictQuery};
@@ -16,96 +18,9 @@ use axum::{Json, Router};
 use lazyblk_cache::Digest;
 use serde::Serialize;
 
-use crate::daemon::attach::AttachError;
-use crate::daemon::commit::{CommitError, CommitOutcome};
-use crate::daemon::fill::FillError;
 use crate::daemon::node::Node;
 use crate::daemon::replica::Replica;
-use crate::daemon::resize::{ResizeError, ResizeOutcome};
-use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
-use crate::daemon::templates::TemplateError;
-
-impl From<FillError> for ApiError {
-    fn from(e: FillError) -> ApiError {
-        match e {
-            FillError::Template(n) => n.into(),
-            other @ FillError::OverBudget { .. } => {
-                ApiError(StatusCode::INSUFFICIENT_STORAGE, other.to_string())
-            }
-        }
-    }
-}
-
-fn sandbox_status(e: &SandboxError) -> StatusCode {
-    match e {
-        SandboxError::InvalidId(_) => StatusCode::BAD_REQUEST,
-        SandboxError::Exists(_) | SandboxError::NameTaken(_) | SandboxError::InUse { .. } => {
-            StatusCode::CONFLICT
-        }
-        SandboxError::Unknown(_) => StatusCode::NOT_FOUND,
-        SandboxError::Template(n) => template_error_status(n),
-        SandboxError::Overlay(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-impl From<SandboxError> for ApiError {
-    fn from(e: SandboxError) -> ApiError {
-        ApiError(sandbox_status(&e), e.to_string())
-    }
-}
-
-impl From<CommitError> for ApiError {
-    fn from(e: CommitError) -> ApiError {
-        let status = match &e {
-            CommitError::InvalidId(_) => StatusCode::BAD_REQUEST,
-            CommitError::Exists(_) => StatusCode::CONFLICT,
-            CommitError::Sandbox(s) => sandbox_status(s),
-            CommitError::Template(n) => template_error_status(n),
-            CommitError::Publish { .. } => StatusCode::BAD_GATEWAY,
-            CommitError::PublishUncertain { .. } => StatusCode::GATEWAY_TIMEOUT,
-            CommitError::Local { .. } | CommitError::Intent { .. } => {
-                StatusCode::INSUFFICIENT_STORAGE
-            }
-        };
-        ApiError(status, e.to_string())
-    }
-}
-
-impl From<AttachError> for ApiError {
-    fn from(e: AttachError) -> ApiError {
-        ApiError(e.status(), e.to_string())
-    }
-}
-
-impl From<ResizeError> for ApiError {
-    fn from(e: ResizeError) -> ApiError {
-        let status = match &e {
-            ResizeError::InvalidId(_) | ResizeError::BadSize { .. } => StatusCode::BAD_REQUEST,
-            ResizeError::Exists(_) => StatusCode::CONFLICT,
-            ResizeError::NoFuse => StatusCode::PRECONDITION_FAILED,
-            ResizeError::Tool { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ResizeError::Template(n) => template_error_status(n),
-            ResizeError::Sandbox(s) => sandbox_status(s),
-            ResizeError::Commit(_) => StatusCode::BAD_GATEWAY,
-        };
-        ApiError(status, e.to_string())
-    }
-}
-
-fn template_error_status(e: &TemplateError) -> StatusCode {
-    match e {
-        TemplateError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
-        TemplateError::StoreUnavailable { .. } => StatusCode::BAD_GATEWAY,
-        TemplateError::InUse { .. } => StatusCode::CONFLICT,
-        TemplateError::SaveManifest { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-impl From<TemplateError> for ApiError {
-    fn from(e: TemplateError) -> ApiError {
-        ApiError(template_error_status(&e), e.to_string())
-    }
-}
+use crate::daemon::resize::ResizeOutcome;
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -122,12 +37,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/templates/{id}/warm", post(warm))
         .route("/v1/templates/{id}/evict", post(evict))
         .route("/v1/templates/{id}/resize", post(resize))
-        .route("/v1/overlays", get(list_overlays).post(create_overlay))
+        .route("/v1/overlays", get(sandboxes::list).post(sandboxes::create))
         .route(
             "/v1/overlays/{sb}",
-            get(overlay_status).delete(delete_overlay),
+            get(sandboxes::status).delete(sandboxes::delete),
         )
-        .route("/v1/overlays/{sb}/commit", post(commit_overlay))
+        .route("/v1/overlays/{sb}/commit", post(sandboxes::commit))
         .route("/v1/chunks/{digest}", get(chunk).head(chunk))
         .route("/v1/attachments", get(attach::list).post(attach::create))
         .route("/v1/attachments/{device}", delete(attach::remove))
@@ -248,7 +163,7 @@ pub struct WarmQuery {
     pub redo: bool,
 }
 
-fn checked_id(id: &str) -> Result<(), ApiError> {
+pub(super) fn checked_id(id: &str) -> Result<(), ApiError> {
     lazyblk_cache::validate_id(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
@@ -280,81 +195,6 @@ async fn evict(
     Ok(Json(
         serde_json::json!({ "template": id, "removed_chunks": removed, "phase": replica.phase().as_str() }),
     ))
-}
-
-/// Body of `POST /v1/overlays`.
-#[derive(serde::Deserialize)]
-pub struct CreateOverlay {
-    pub template: String,
-    pub sandbox: String,
-}
-
-async fn create_overlay(
-    State(state): State<ApiState>,
-    Json(body): Json<CreateOverlay>,
-) -> Result<(StatusCode, Json<SandboxStatus>), ApiError> {
-    checked_id(&body.template)?;
-    let sandbox = state
-        .node
-        .sandboxes
-        .create(&body.template, &body.sandbox)
-        .await?;
-    Ok((StatusCode::CREATED, Json(sandbox.status())))
-}
-
-async fn list_overlays(State(state): State<ApiState>) -> Json<Vec<SandboxStatus>> {
-    Json(
-        state
-            .node
-            .sandboxes
-            .all()
-            .iter()
-            .map(|s| s.status())
-            .collect(),
-    )
-}
-
-async fn overlay_status(
-    State(state): State<ApiState>,
-    Path(sb): Path<String>,
-) -> Result<Json<SandboxStatus>, ApiError> {
-    let sandbox = state
-        .node
-        .sandboxes
-        .get(&sb)
-        .ok_or_else(|| ApiError::from(SandboxError::Unknown(sb.clone())))?;
-    Ok(Json(sandbox.status()))
-}
-
-async fn delete_overlay(
-    State(state): State<ApiState>,
-    Path(sb): Path<String>,
-    Query(query): Query<EvictQuery>,
-) -> Result<StatusCode, ApiError> {
-    state.node.sandboxes.delete(&sb, query.force).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-/// Body of `POST /v1/overlays/{sb}/commit`.
-#[derive(serde::Deserialize)]
-pub struct CommitBody {
-    pub template: String,
-    /// Labels over the parent's.
-    #[serde(default)]
-    pub labels: std::collections::BTreeMap<String, String>,
-}
-
-async fn commit_overlay(
-    State(state): State<ApiState>,
-    Path(sb): Path<String>,
-    Json(body): Json<CommitBody>,
-) -> Result<(StatusCode, Json<CommitOutcome>), ApiError> {
-    let outcome = state
-        .node
-        .commits
-        .commit(&sb, &body.template, &body.labels)
-        .await?;
-    Ok((StatusCode::CREATED, Json(outcome)))
 }
 
 /// Body of `POST /v1/templates/{id}/resize`.
