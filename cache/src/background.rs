@@ -82,6 +82,88 @@ fn set_idle(idle: bool) {
     }
 }
 
+/// The runtime that moves the bytes of background fetches: one worker thread of its
+/// own at nice 19, SCHED_IDLE while readers are active. A fill's HTTP receive ran on the
+/// runtime threads that answer NBD requests, and the profile of reads during a fill
+/// (B5) showed cached reads waiting behind it; here it waits for them instead.
+/// Connections it opens are driven by it alone: fetches on it use their own HTTP
+/// clients ([`crate::transport::HttpClients`]), so a demand read never rides a
+/// connection that this low-priority thread drives.
+fn runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let built = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .max_blocking_threads(4)
+                .thread_name("lazyblk-fill-io")
+                .on_thread_start(|| {
+                    lower_priority();
+                    ON_BACKGROUND.with(|b| b.set(true));
+                })
+                .enable_all()
+                .build();
+            built
+                .map_err(|e| tracing::warn!(error = %e, "cannot start the background fetch runtime; fills share the daemon's"))
+                .ok()
+        })
+        .as_ref()
+}
+
+thread_local! {
+    /// Whether this thread is SCHED_IDLE now (background runtime threads only).
+    static IDLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this thread belongs to the background runtime.
+    static ON_BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the caller runs on the background fetch runtime.
+pub fn on_background_runtime() -> bool {
+    ON_BACKGROUND.with(|b| b.get())
+}
+
+/// Runs `fut` on the background fetch runtime (or, without one, on the caller's).
+/// Before each poll the thread is made SCHED_IDLE when `yielding()` says so, and a
+/// normal thread otherwise: a fetch a demand reader joined runs at normal priority.
+pub fn spawn<F>(
+    yielding: impl Fn() -> bool + Send + Unpin + 'static,
+    fut: F,
+) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match runtime() {
+        Some(rt) => rt.spawn(Yielding {
+            inner: Box::pin(fut),
+            yielding,
+        }),
+        None => tokio::spawn(fut),
+    }
+}
+
+/// A future that sets its thread's scheduling policy before each poll.
+struct Yielding<F, Y> {
+    inner: std::pin::Pin<Box<F>>,
+    yielding: Y,
+}
+
+impl<F: std::future::Future, Y: Fn() -> bool + Unpin> std::future::Future for Yielding<F, Y> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.get_mut();
+        let want = (this.yielding)();
+        if IDLE.with(|i| i.replace(want)) != want {
+            set_idle(want);
+        }
+        this.inner.as_mut().poll(cx)
+    }
+}
+
 /// Runs `f` on a background thread and waits for its result. Falls back to the
 /// blocking pool if the background threads are gone.
 pub async fn run<T, F>(yielding: bool, f: F) -> Result<T, String>
@@ -105,6 +187,41 @@ where
 
 #[cfg(test)]
 mod tests {
+    /// The calling thread's (name, nice value, SCHED_IDLE or not).
+    fn thread_state() -> (String, i32, bool) {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        // SAFETY: plain queries of the calling thread's scheduling.
+        let (nice, policy) = unsafe {
+            let tid = libc::gettid();
+            (
+                libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t),
+                libc::sched_getscheduler(0),
+            )
+        };
+        (name, nice, policy == libc::SCHED_IDLE)
+    }
+
+    #[tokio::test]
+    async fn background_fetches_run_on_their_own_low_priority_thread() {
+        assert!(!super::on_background_runtime());
+        let (name, nice, idle) = super::spawn(|| true, async { thread_state() })
+            .await
+            .unwrap();
+        assert_eq!(name, "lazyblk-fill-io");
+        assert_eq!(nice, super::BACKGROUND_NICE);
+        assert!(idle, "yielding work runs SCHED_IDLE");
+        // Work that must not yield (a demand reader joined it) makes the thread a
+        // normal one again, and it knows it is the background runtime.
+        let (_, _, idle, on_background) = super::spawn(|| false, async {
+            let (n, p, i) = thread_state();
+            (n, p, i, super::on_background_runtime())
+        })
+        .await
+        .unwrap();
+        assert!(!idle);
+        assert!(on_background);
+    }
+
     #[tokio::test]
     async fn runs_jobs_and_returns_results() {
         let results =

@@ -491,7 +491,17 @@ impl ChunkCache {
         let cache = self.clone();
         let chunk = chunk.clone();
         let sources = sources.clone();
-        tokio::spawn(async move {
+        // A fill's fetch moves its bytes on the background runtime (it yields to readers,
+        // unless one joins it); anything else, and a fetch from a source whose
+        // connections cannot be kept apart (an object store's client), on the caller's.
+        let in_background =
+            priority == Priority::Fill && sources.iter().all(Source::has_own_connections);
+        let yielding = {
+            let cache = cache.clone();
+            let promotion = promotion.clone();
+            move || cache.demand_within(READERS_ACTIVE) && !promotion.is_promoted()
+        };
+        let fetch = async move {
             // Unregisters the fetch however the task ends (a panic included), so that
             // the next reader starts a fresh fetch instead of waiting on a dead one.
             let _registered = Registered {
@@ -525,7 +535,12 @@ impl ChunkCache {
             };
             drop(_registered);
             let _ = tx.send(progress);
-        });
+        };
+        if in_background {
+            crate::background::spawn(yielding, fetch);
+        } else {
+            tokio::spawn(fetch);
+        }
         Ok(rx)
     }
 

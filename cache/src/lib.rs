@@ -21,7 +21,10 @@
 //!   unclaimed chunks, count what is local, open a chunk for a peer or an upload, usage
 //!   and scrub); the index itself is not reachable from outside this crate.
 //! - [`health`]: the cache's usage and whether it is DEGRADED (cannot keep chunks).
-//! - [`background`]: low-priority threads for the work of background fills.
+//! - [`background`]: low-priority threads for the work of background fills: a runtime
+//!   of one thread of its own that moves a fill's bytes (SCHED_IDLE while readers are
+//!   active, normal once a demand reader joins the fetch), with HTTP clients of its own
+//!   ([`HttpClients`]), and two threads for its hashing and writing.
 //! - [`blocking`]: the one policy for blocking I/O from async code: cached chunk reads
 //!   try the page cache without blocking (`RWF_NOWAIT`) and block through
 //!   `block_in_place` only when they must; work on borrowed buffers (overlay I/O) goes
@@ -66,4 +69,4 @@ pub use image::{ImageExtent, ReadError, TemplateImage};
 pub use manifest::{validate_id, Manifest, ManifestError};
 pub use overlay::{FreezeGuard, Overlay, OverlayError, OverlayMeta, OverlayStats};
 pub use peers::{Member, PeerSet, PeerStats};
-pub use source::{HttpSource, ObjectSource, Source, SourceError};
+pub use source::{HttpClients, HttpSource, ObjectSource, Source, SourceError};

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
-use crate::transport::{HttpSource, SourceError};
+use crate::transport::{HttpClients, HttpSource, SourceError};
 
 /// Owners tried for one chunk before the read goes on to the store: the owner, then the
 /// next in rendezvous order (it fetches the chunk once from the store, so a dead owner
@@ -49,7 +49,7 @@ pub struct PeerSet {
     self_id: String,
     /// The live nodes other than this one, sorted by id.
     members: RwLock<Arc<Vec<Member>>>,
-    client: reqwest::Client,
+    clients: HttpClients,
     /// Sent to peers (`--peer-token`); never the store's read token.
     token: Option<String>,
     /// Peers passed over until the given time.
@@ -58,11 +58,11 @@ pub struct PeerSet {
 }
 
 impl PeerSet {
-    pub fn new(self_id: &str, client: reqwest::Client, token: Option<String>) -> PeerSet {
+    pub fn new(self_id: &str, clients: HttpClients, token: Option<String>) -> PeerSet {
         PeerSet {
             self_id: self_id.to_string(),
             members: RwLock::new(Arc::new(Vec::new())),
-            client,
+            clients,
             token,
             skipped: Mutex::new(BTreeMap::new()),
             stats: Mutex::new(BTreeMap::new()),
@@ -163,7 +163,7 @@ impl PeerSet {
             if left.is_zero() {
                 break;
             }
-            let source = HttpSource::new(self.client.clone(), &owner.url, self.token.clone());
+            let source = HttpSource::new(self.clients.clone(), &owner.url, self.token.clone());
             let url = format!("{}/v1/peer/chunks/{digest}?len={len}", owner.url);
             let attempt = Instant::now();
             match source.fetch_url(&url, len, left).await {
@@ -223,7 +223,7 @@ mod tests {
     use super::*;
 
     fn set(self_id: &str, ids: &[&str]) -> PeerSet {
-        let s = PeerSet::new(self_id, reqwest::Client::new(), None);
+        let s = PeerSet::new(self_id, HttpClients::new(reqwest::Client::new), None);
         s.set_members(
             ids.iter()
                 .map(|id| Member {

@@ -187,10 +187,14 @@ impl SourceHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::HttpSource;
+    use crate::source::{HttpClients, HttpSource};
 
     fn source(name: &str) -> Source {
-        Source::Http(HttpSource::new(reqwest::Client::new(), name, None))
+        Source::Http(HttpSource::new(
+            HttpClients::new(reqwest::Client::new),
+            name,
+            None,
+        ))
     }
 
     #[test]

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use crate::digest::Digest;
 use crate::peers::PeerSet;
 
-pub use crate::transport::{HttpSource, ObjectSource, SourceError};
+pub use crate::transport::{HttpClients, HttpSource, ObjectSource, SourceError};
 
 /// A source of chunks. An enum, not a trait object: the set of kinds is closed.
 #[derive(Clone)]
@@ -55,6 +55,12 @@ impl Source {
             Source::Origin { .. } => "origin",
             Source::Peers(_) => "peer",
         }
+    }
+
+    /// Whether the source's background fetches use connections of their own (see
+    /// [`HttpClients`]): HTTP sources do; an object store's client has one pool.
+    pub fn has_own_connections(&self) -> bool {
+        !matches!(self, Source::Object(_))
     }
 
     /// Fetches the chunk's bytes (unverified; the caller checks the digest).

@@ -124,21 +124,50 @@ impl ObjectSource {
     }
 }
 
+/// The HTTP clients of a node's fetches: one for demand work, one for background
+/// fetches on [`crate::background`]'s runtime. Two clients, two connection pools: a
+/// connection is driven by the runtime that opened it, so a demand read must never
+/// take one the low-priority runtime opened (nor a fill one of the demand runtime's).
+#[derive(Clone, Debug)]
+pub struct HttpClients {
+    demand: reqwest::Client,
+    background: reqwest::Client,
+}
+
+impl HttpClients {
+    /// Clients built by `make`, called once for each.
+    pub fn new(make: impl Fn() -> reqwest::Client) -> HttpClients {
+        HttpClients {
+            demand: make(),
+            background: make(),
+        }
+    }
+
+    /// The client for work on the calling thread's runtime.
+    pub fn current(&self) -> &reqwest::Client {
+        if crate::background::on_background_runtime() {
+            &self.background
+        } else {
+            &self.demand
+        }
+    }
+}
+
 /// A store or origin daemon reached over HTTP.
 #[derive(Clone, Debug)]
 pub struct HttpSource {
     /// Base URL without a trailing slash, e.g. `http://127.0.0.1:7070`.
     pub(crate) base: String,
-    client: reqwest::Client,
+    clients: HttpClients,
     /// Bearer token for chunk reads, when the source requires one.
     token: Option<String>,
 }
 
 impl HttpSource {
-    pub fn new(client: reqwest::Client, base: &str, token: Option<String>) -> HttpSource {
+    pub fn new(clients: HttpClients, base: &str, token: Option<String>) -> HttpSource {
         HttpSource {
             base: base.trim_end_matches('/').to_string(),
-            client,
+            clients,
             token,
         }
     }
@@ -174,7 +203,7 @@ impl HttpSource {
             source_name: self.base.clone(),
             detail: e.to_string(),
         };
-        let mut request = self.client.get(url);
+        let mut request = self.clients.current().get(url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -207,5 +236,23 @@ impl HttpSource {
             return Err(length_error(body.len() as u64));
         }
         Ok(body.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HttpClients;
+
+    #[tokio::test]
+    async fn background_work_gets_the_background_client() {
+        let clients = HttpClients::new(reqwest::Client::new);
+        assert!(std::ptr::eq(clients.current(), &clients.demand));
+        let on_background = clients.clone();
+        let picked_background = crate::background::spawn(|| false, async move {
+            std::ptr::eq(on_background.current(), &on_background.background)
+        })
+        .await
+        .unwrap();
+        assert!(picked_background);
     }
 }

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lazyblk_cache::{
-    ChunkCache, ChunkStore, Digest, HttpSource, Manifest, NoObserver, Source, TemplateImage,
-    DEFAULT_SOURCE_DEADLINE,
+    ChunkCache, ChunkStore, Digest, HttpClients, HttpSource, Manifest, NoObserver, Source,
+    TemplateImage, DEFAULT_SOURCE_DEADLINE,
 };
 
 struct Counting;
@@ -52,7 +52,7 @@ fn a_cached_template_read_allocates_nothing() {
         DEFAULT_SOURCE_DEADLINE,
     ));
     let source = Source::Http(HttpSource::new(
-        reqwest::Client::new(),
+        HttpClients::new(reqwest::Client::new),
         "http://127.0.0.1:9",
         None,
     ));

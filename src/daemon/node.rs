@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lazyblk_cache::{ChunkCache, HttpSource, PeerSet, Source};
+use lazyblk_cache::{ChunkCache, HttpClients, HttpSource, PeerSet, Source};
 
 use crate::daemon::commit::Commits;
 use crate::daemon::counters::DaemonMetrics;
@@ -74,17 +74,19 @@ impl Node {
     ) -> std::io::Result<Node> {
         let state_dir = config.state_dir;
         let node_id = node_id(&state_dir)?;
+        // Chunk fetches get clients of their own, a pair (see `HttpClients`).
+        let clients = HttpClients::new(crate::http_client::http_client);
         let peers = config.membership.then(|| {
             Arc::new(PeerSet::new(
                 &node_id,
-                store.http().clone(),
+                clients.clone(),
                 config.peer_token.clone(),
             ))
         });
         let store_source = match store.direct().and_then(|d| d.chunk_source()) {
             Some(object) => Source::Object(object),
             None => Source::Http(HttpSource::new(
-                store.http().clone(),
+                clients.clone(),
                 store.url(),
                 config.read_token.clone(),
             )),
@@ -94,6 +96,7 @@ impl Node {
             peer_token: config.peer_token,
             peers: peers.clone(),
             store: vec![store_source].into(),
+            clients,
         };
         let templates = Arc::new(Templates::open(
             cache.clone(),

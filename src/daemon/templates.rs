@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use lazyblk_cache::{ChunkCache, HttpSource, Manifest, PeerSet, Source, TemplateImage};
+use lazyblk_cache::{
+    ChunkCache, HttpClients, HttpSource, Manifest, PeerSet, Source, TemplateImage,
+};
 
 use crate::daemon::intents::sync_dir;
 use crate::daemon::registry::Registry;
@@ -50,6 +52,8 @@ pub struct SourcePlan {
     pub peers: Option<Arc<PeerSet>>,
     /// The store alone: what an owner fetches a peer's request from (never a peer).
     pub store: Arc<[Source]>,
+    /// The clients origins are reached with.
+    pub clients: HttpClients,
 }
 
 /// The templates this node knows, and its replica of each.
@@ -266,14 +270,13 @@ impl Templates {
     /// the peer token.
     fn sources(&self, manifest: &Manifest) -> Vec<Source> {
         let plan = &self.sources;
-        let http = self.store.http().clone();
         let own = plan.advertise.trim_end_matches('/');
         let mut sources: Vec<Source> = manifest
             .origins
             .iter()
             .filter(|o| o.trim_end_matches('/') != own)
             .map(|base| Source::Origin {
-                http: HttpSource::new(http.clone(), base, plan.peer_token.clone()),
+                http: HttpSource::new(plan.clients.clone(), base, plan.peer_token.clone()),
                 members: plan.peers.clone(),
             })
             .collect();
