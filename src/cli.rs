@@ -297,6 +297,11 @@ pub struct PublishArgs {
     /// Chunks uploaded at once.
     #[arg(long, default_value = "8")]
     pub concurrency: usize,
+    /// Upload every chunk raw and write a format-1 manifest (readable by builds before
+    /// compressed chunks). By default a chunk is stored zstd-compressed when that makes
+    /// it smaller (format 2).
+    #[arg(long)]
+    pub no_compress: bool,
     /// Bearer token for writes to the store.
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
     pub write_token: Option<String>,

@@ -274,7 +274,7 @@ fn raw_images_publish_with_a_warning() {
     assert!(stderr.contains("not an ext4 image"), "{stderr}");
     assert_eq!(
         stdout.trim(),
-        "published raw: 6 chunks (2 zero), uploaded 4 chunks (262144 bytes), 0 already in store"
+        "published raw: 6 chunks (2 zero), uploaded 4 chunks (262144 bytes, 262144 stored; 0 compressed), 0 already in store"
     );
     assert_eq!(
         stored_manifest(&store, "raw").chunks,

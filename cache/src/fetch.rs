@@ -612,7 +612,8 @@ impl ChunkCache {
         })
     }
 
-    /// Verified bytes from one source, `None` if they do not match the digest.
+    /// Verified raw bytes from one source (decoded here, whatever the transport: see
+    /// [`crate::encoding`]), `None` if they are not the chunk.
     async fn fetch_from(
         &self,
         chunk: &ChunkRef,
@@ -621,27 +622,38 @@ impl ChunkCache {
         deadline: Duration,
     ) -> Result<Option<Bytes>, SourceError> {
         let started = Instant::now();
-        let bytes = source.fetch(&chunk.digest, chunk.len, deadline).await?;
+        let stored = source.fetch(&chunk.digest, chunk.len, deadline).await?;
         let digest = chunk.digest;
-        let (bytes, actual) = run_at(priority, self.demand_within(READERS_ACTIVE), move || {
-            let actual = Digest::of(&bytes);
-            (bytes, actual)
+        let len = chunk.len as usize;
+        let decoded = run_at(priority, self.demand_within(READERS_ACTIVE), move || {
+            crate::encoding::decode(stored, len, &digest)
         })
         .await
         .map_err(|e| SourceError::Unreachable {
             source_name: source.name().to_string(),
-            detail: format!("hashing task failed: {e}"),
+            detail: format!("decoding task failed: {e}"),
         })?;
-        if actual != digest {
-            self.observer.corrupt(chunk, source.name());
-            tracing::error!(template = %chunk.template, chunk = chunk.index,
-                source = source.name(), expected = %digest, actual = %actual,
-                "chunk bytes do not match their digest; discarded");
-            return Ok(None);
+        match decoded {
+            Ok((_, bytes)) => {
+                self.observer
+                    .fetched(chunk, source.name(), started.elapsed());
+                Ok(Some(bytes))
+            }
+            // Raw bytes of the wrong length were cut short or padded on the way (a
+            // transport failure, never hashed), not a chunk that lies.
+            Err(crate::encoding::DecodeError::Length { stored, len }) => Err(SourceError::Length {
+                source_name: source.name().to_string(),
+                got: stored as u64,
+                expected: len as u64,
+            }),
+            Err(e) => {
+                self.observer.corrupt(chunk, source.name());
+                tracing::error!(template = %chunk.template, chunk = chunk.index,
+                    source = source.name(), expected = %digest, error = %e,
+                    "chunk bytes are not the chunk; discarded");
+                Ok(None)
+            }
         }
-        self.observer
-            .fetched(chunk, source.name(), started.elapsed());
-        Ok(Some(bytes))
     }
 
     async fn write(

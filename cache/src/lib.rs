@@ -47,6 +47,7 @@ pub mod background;
 pub mod blocking;
 pub mod chunk_store;
 pub mod digest;
+pub mod encoding;
 pub mod fetch;
 pub mod health;
 pub mod image;

@@ -6,8 +6,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 
-/// The manifest format this code reads and writes.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest format this code writes: 2, whose chunks may be stored zstd-compressed
+/// ([`crate::encoding`]). It reads 1 (every chunk raw) and 2.
+pub const MANIFEST_FORMAT: u32 = 2;
+/// The format of a manifest whose chunks are all stored raw (`publish --no-compress`),
+/// which builds before format 2 can read.
+pub const MANIFEST_FORMAT_RAW: u32 = 1;
 /// The default chunk size: large enough that a 10 GiB template has 10k chunks, small
 /// enough that a 4 KiB read on a cold node fetches little more than it needs.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
@@ -142,12 +146,13 @@ impl Manifest {
         out
     }
 
-    /// Checks every rule of format 1.
+    /// Checks every rule of formats 1 and 2 (they differ in how chunks are stored, not
+    /// in the manifest).
     pub fn validate(&self) -> Result<(), ManifestError> {
         validate_id(&self.template)?;
-        if self.format != MANIFEST_FORMAT {
+        if !(MANIFEST_FORMAT_RAW..=MANIFEST_FORMAT).contains(&self.format) {
             return Err(self.invalid(format!(
-                "format {} is not supported (this build reads format {MANIFEST_FORMAT})",
+                "format {} is not supported (this build reads formats {MANIFEST_FORMAT_RAW} and {MANIFEST_FORMAT})",
                 self.format
             )));
         }

@@ -1,4 +1,5 @@
-//! The transports that move a chunk's bytes (unverified; [`crate::fetch`] verifies):
+//! The transports that move a chunk's stored bytes (raw or a zstd frame, at most the
+//! chunk's size; unverified: [`crate::fetch`] decodes and verifies):
 //! HTTP (`GET {base}/v1/chunks/{digest}`, a store server or another daemon) and an
 //! object store read directly, and the error every source reports.
 
@@ -24,7 +25,8 @@ pub enum SourceError {
     /// The source answered with an HTTP error.
     #[error("{source_name}: HTTP {status}")]
     Status { source_name: String, status: u16 },
-    /// The body was shorter or longer than the chunk.
+    /// The body was longer than the chunk (no stored form of a chunk is), or ended
+    /// before its declared length.
     #[error("{source_name}: body of {got} bytes, chunk is {expected} bytes")]
     Length {
         source_name: String,
@@ -105,7 +107,7 @@ impl ObjectSource {
         };
         let fetched = async {
             let got = self.store.get(&key).await.map_err(fail)?;
-            if got.meta.size != len {
+            if got.meta.size > len {
                 return Err(SourceError::Length {
                     source_name: self.name.clone(),
                     got: got.meta.size,
@@ -182,7 +184,8 @@ impl HttpSource {
         self.fetch_url(&url, len, deadline).await
     }
 
-    /// Fetches exactly `len` bytes from `url` within `deadline`.
+    /// Fetches the stored bytes of a chunk of `len` bytes (at most `len`) from `url`
+    /// within `deadline`.
     pub async fn fetch_url(
         &self,
         url: &str,
@@ -219,8 +222,9 @@ impl HttpSource {
             got,
             expected: len,
         };
-        if let Some(declared) = response.content_length() {
-            if declared != len {
+        let declared = response.content_length();
+        if let Some(declared) = declared {
+            if declared > len {
                 return Err(length_error(declared));
             }
         }
@@ -232,7 +236,7 @@ impl HttpSource {
             }
             body.extend_from_slice(&piece);
         }
-        if body.len() as u64 != len {
+        if declared.is_some_and(|d| d != body.len() as u64) {
             return Err(length_error(body.len() as u64));
         }
         Ok(body.freeze())

@@ -99,6 +99,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
         parent: None,
         labels: labels.into_iter().collect(),
         concurrency: UPLOAD_CONCURRENCY,
+        no_compress: false,
         write_token: args.write_token,
         json: args.json,
     })

@@ -137,6 +137,8 @@ impl Commits {
         let built = self.build_chunks(&sb, new_id).await?;
         let mut manifest = built.manifest;
         manifest.template = new_id.to_string();
+        // Its new chunks are uploaded compressed where they shrink.
+        manifest.format = lazyblk_cache::manifest::MANIFEST_FORMAT;
         manifest.parent = Some(parent.id().to_string());
         manifest.created_at = now_rfc3339();
         // The parent's labels, with the commit's own over them.

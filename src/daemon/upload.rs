@@ -171,12 +171,19 @@ impl Uploads {
             Ok(None) => return Err(format!("chunk {digest} of {id} is no longer on this node")),
             Err(e) => return Err(e.to_string()),
         };
-        let bytes = tokio::task::spawn_blocking(move || file.read_all())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        // Stored zstd-compressed where that makes it smaller (DESIGN.md section 4).
+        let stored = tokio::task::spawn_blocking(move || {
+            file.read_all()
+                .map(|raw| match lazyblk_cache::encoding::encode(&raw) {
+                    (_, std::borrow::Cow::Owned(frame)) => frame,
+                    (_, std::borrow::Cow::Borrowed(_)) => raw,
+                })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         self.store
-            .put_chunk(&digest, bytes.into())
+            .put_chunk(&digest, stored.into())
             .await
             .map_err(|e| e.to_string())?;
         self.set(id, |s| s.uploaded_chunks += 1);

@@ -81,7 +81,12 @@ pub struct PublishReport {
     pub zero_chunks: usize,
     /// Distinct chunks uploaded.
     pub uploaded_chunks: usize,
+    /// Their bytes, uncompressed.
     pub uploaded_bytes: u64,
+    /// Their bytes as sent and stored (zstd frames where they shrink).
+    pub stored_bytes: u64,
+    /// Of the uploaded chunks, those stored compressed.
+    pub compressed_chunks: usize,
     /// Non-zero chunks that needed no upload (already in the store, or repeated).
     pub present_chunks: usize,
     /// `created`, or `unchanged` when the same manifest was already published.
@@ -97,17 +102,19 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         println!("template {} already published (no change)", report.template);
     } else if report.status == "unchanged" {
         println!(
-            "template {} already published; uploaded {} chunks ({} bytes) the store lacked",
-            report.template, report.uploaded_chunks, report.uploaded_bytes
+            "template {} already published; uploaded {} chunks ({} bytes, {} stored) the store lacked",
+            report.template, report.uploaded_chunks, report.uploaded_bytes, report.stored_bytes
         );
     } else {
         println!(
-            "published {}: {} chunks ({} zero), uploaded {} chunks ({} bytes), {} already in store",
+            "published {}: {} chunks ({} zero), uploaded {} chunks ({} bytes, {} stored; {} compressed), {} already in store",
             report.template,
             report.chunks,
             report.zero_chunks,
             report.uploaded_chunks,
             report.uploaded_bytes,
+            report.stored_bytes,
+            report.compressed_chunks,
             report.present_chunks
         );
     }
@@ -126,6 +133,9 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
     let size = blocking(move || inspect_image(&image)).await?;
 
     let mut wanted = Manifest::new(&args.template, size, chunk_size);
+    if args.no_compress {
+        wanted.format = lazyblk_cache::manifest::MANIFEST_FORMAT_RAW;
+    }
     wanted.parent = args.parent.clone();
     wanted.labels = args.labels.iter().cloned().collect::<BTreeMap<_, _>>();
 
@@ -139,7 +149,7 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
 
     let concurrency = args.concurrency.max(1);
     let progress = Progress::new(&format!("publish {}", args.template), size);
-    let uploader = Uploader::new(&client, concurrency, &progress);
+    let uploader = Uploader::new(&client, concurrency, !args.no_compress, &progress);
     let outcome = match &existing {
         None => hash_and_upload(args, size, None, uploader).await,
         Some(stored) => verify_and_repair(args, size, stored, uploader).await,
@@ -185,7 +195,8 @@ async fn verify_and_repair(
     stored: &Manifest,
     uploader: Uploader<'_>,
 ) -> Result<(Vec<Option<Digest>>, PublishReport), PublishError> {
-    let (client, concurrency) = (uploader.client, uploader.concurrency);
+    let (client, concurrency, compress) =
+        (uploader.client, uploader.concurrency, uploader.compress);
     let (chunks, mut report) = hash_and_upload(args, size, Some(stored), uploader).await?;
     let digests: Vec<Digest> = stored.stored_chunks().map(|(_, d)| d).collect();
     let missing: HashSet<Digest> = client.missing(&digests).await?.into_iter().collect();
@@ -194,21 +205,29 @@ async fn verify_and_repair(
         .stored_chunks()
         .filter(|(_, d)| missing.contains(d) && first.insert(*d))
         .collect();
-    let sent: Vec<u64> = stream::iter(todo)
+    let sent: Vec<Sent> = stream::iter(todo)
         .map(|(index, digest)| {
             let path = args.image.clone();
             let (offset, len) = (index as u64 * args.chunk_size, stored.chunk_len(index));
             async move {
-                let bytes = blocking(move || read_verified(&path, offset, len, digest)).await?;
-                put_with_retry(client, &digest, bytes).await?;
-                Ok::<u64, PublishError>(len)
+                let bytes = blocking(move || {
+                    read_verified(&path, offset, len, digest).map(|b| encode_chunk(b, compress))
+                })
+                .await?;
+                let sent = bytes.bytes.len() as u64;
+                put_with_retry(client, &digest, bytes.bytes).await?;
+                Ok::<Sent, PublishError>(Sent {
+                    raw: len,
+                    stored: sent,
+                    compressed: bytes.compressed,
+                })
             }
         })
         .buffer_unordered(concurrency)
         .try_collect()
         .await?;
     report.uploaded_chunks = sent.len();
-    report.uploaded_bytes = sent.iter().sum();
+    report.count_sent(&sent);
     report.present_chunks -= report.present_chunks.min(sent.len());
     Ok((chunks, report))
 }
@@ -235,6 +254,46 @@ fn read_verified(
         )));
     }
     Ok(Bytes::from(buf))
+}
+
+/// A chunk as it is uploaded.
+pub(super) struct Encoded {
+    pub(super) bytes: Bytes,
+    pub(super) compressed: bool,
+}
+
+/// The stored form of a chunk (see [`lazyblk_cache::encoding`]); raw with `compress`
+/// off. Blocking: compressing 1 MiB takes milliseconds.
+pub(super) fn encode_chunk(raw: Bytes, compress: bool) -> Encoded {
+    if compress {
+        if let (lazyblk_cache::encoding::Encoding::Zstd, frame) =
+            lazyblk_cache::encoding::encode(&raw)
+        {
+            return Encoded {
+                bytes: Bytes::from(frame.into_owned()),
+                compressed: true,
+            };
+        }
+    }
+    Encoded {
+        bytes: raw,
+        compressed: false,
+    }
+}
+
+/// One chunk uploaded: its raw and stored bytes.
+pub(super) struct Sent {
+    pub(super) raw: u64,
+    pub(super) stored: u64,
+    pub(super) compressed: bool,
+}
+
+impl PublishReport {
+    pub(super) fn count_sent(&mut self, sent: &[Sent]) {
+        self.uploaded_bytes += sent.iter().map(|s| s.raw).sum::<u64>();
+        self.stored_bytes += sent.iter().map(|s| s.stored).sum::<u64>();
+        self.compressed_chunks += sent.iter().filter(|s| s.compressed).count();
+    }
 }
 
 fn exists(template: &str, detail: String) -> PublishError {

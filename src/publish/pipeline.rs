@@ -11,7 +11,7 @@ use futures::{stream, StreamExt, TryStreamExt};
 use lazyblk_cache::{Digest, Manifest};
 use tokio::sync::mpsc;
 
-use super::{blocking, exists, PublishError, PublishReport};
+use super::{blocking, encode_chunk, exists, PublishError, PublishReport, Sent};
 use crate::cli::PublishArgs;
 use crate::progress::Progress;
 use crate::store::client::{StoreClient, StoreError};
@@ -181,6 +181,8 @@ fn hash_chunk(index: usize, bytes: Bytes) -> Hashed {
 pub(super) struct Uploader<'a> {
     pub(super) client: &'a StoreClient,
     pub(super) concurrency: usize,
+    /// Whether chunks are stored zstd-compressed where that makes them smaller.
+    pub(super) compress: bool,
     progress: &'a Progress,
     /// Chunks waiting for the next `missing` query.
     batch: Vec<(Digest, Bytes)>,
@@ -194,11 +196,13 @@ impl<'a> Uploader<'a> {
     pub(super) fn new(
         client: &'a StoreClient,
         concurrency: usize,
+        compress: bool,
         progress: &'a Progress,
     ) -> Uploader<'a> {
         Uploader {
             client,
             concurrency,
+            compress,
             progress,
             batch: Vec::new(),
             batch_bytes: 0,
@@ -249,24 +253,32 @@ impl<'a> Uploader<'a> {
         self.report.present_chunks += present.len();
         self.progress
             .inc(present.iter().map(|(_, b)| b.len() as u64).sum());
-        let (client, progress) = (self.client, self.progress);
-        let sent: Vec<u64> = stream::iter(upload)
+        let (client, progress, compress) = (self.client, self.progress, self.compress);
+        let sent: Vec<Sent> = stream::iter(upload)
             .map(|(digest, bytes)| async move {
-                let len = bytes.len() as u64;
-                put_with_retry(client, &digest, bytes).await?;
-                progress.inc(len);
-                Ok::<u64, PublishError>(len)
+                let raw = bytes.len() as u64;
+                // Only chunks the store lacks are compressed, off the runtime.
+                let encoded = blocking(move || Ok(encode_chunk(bytes, compress))).await?;
+                let stored = encoded.bytes.len() as u64;
+                put_with_retry(client, &digest, encoded.bytes).await?;
+                progress.inc(raw);
+                Ok::<Sent, PublishError>(Sent {
+                    raw,
+                    stored,
+                    compressed: encoded.compressed,
+                })
             })
             .buffer_unordered(self.concurrency)
             .try_collect()
             .await?;
         self.report.uploaded_chunks += sent.len();
-        self.report.uploaded_bytes += sent.iter().sum::<u64>();
+        self.report.count_sent(&sent);
         Ok(())
     }
 }
 
-/// Uploads one chunk, retrying when the store was unreachable for a moment.
+/// Uploads one chunk as stored (raw or a zstd frame), retrying when the store was
+/// unreachable for a moment.
 pub(super) async fn put_with_retry(
     client: &StoreClient,
     digest: &Digest,

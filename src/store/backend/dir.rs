@@ -13,13 +13,13 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use lazyblk_cache::digest::DigestWriter;
+use lazyblk_cache::encoding::StoredVerifier;
 use lazyblk_cache::{Digest, Manifest};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    check_trace, difference, drain, summarize, BackendError, ChunkPut, ChunkStream,
+    check_trace, difference, drain, not_the_chunk, summarize, BackendError, ChunkPut, ChunkStream,
     DurableSummaries, ManifestPut, MAX_CHUNK_BODY,
 };
 use crate::store::TemplateSummary;
@@ -278,7 +278,7 @@ impl DirBackend {
             // A stored copy that fails verification is replaced by this (verified)
             // upload: a PUT is how a damaged store is repaired.
             let intact = blocking(move || {
-                let intact = file_digest(&path).is_ok_and(|d| d == digest);
+                let intact = file_is_chunk(&path, &digest).unwrap_or(false);
                 if intact {
                     touch(&path);
                 }
@@ -327,7 +327,8 @@ impl DirBackend {
     }
 }
 
-/// Writes one chunk body to `file`, enforcing the size limit and checking the digest.
+/// Writes one chunk body to `file` as it is stored (raw or a zstd frame), enforcing
+/// the size limit and checking that it is the chunk.
 async fn receive<S, E>(
     digest: &Digest,
     mut body: S,
@@ -338,32 +339,27 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let mut hasher = DigestWriter::default();
-    let mut len = 0u64;
+    let mut verifier = StoredVerifier::new(MAX_CHUNK_BODY);
     while let Some(piece) = body.next().await {
         let piece = piece.map_err(|e| BackendError::Body {
             what: format!("chunk {digest}"),
             detail: e.to_string(),
         })?;
-        len += piece.len() as u64;
-        if len > MAX_CHUNK_BODY {
+        if verifier.stored_len() + piece.len() as u64 > MAX_CHUNK_BODY {
             return Err(BackendError::TooLarge {
                 what: format!("chunk {digest}"),
                 limit: MAX_CHUNK_BODY,
             });
         }
-        hasher.update(&piece);
+        verifier.update(&piece);
         file.write_all(&piece)
             .await
             .map_err(io_err("writing", temp_name))?;
     }
-    let actual = hasher.finish();
-    if actual != *digest {
-        return Err(BackendError::DigestMismatch {
-            expected: *digest,
-            actual,
-        });
-    }
+    let len = verifier.stored_len();
+    verifier
+        .finish(digest)
+        .map_err(|e| not_the_chunk(digest, e))?;
     file.flush().await.map_err(io_err("writing", temp_name))?;
     Ok(len)
 }
@@ -428,17 +424,17 @@ fn sync_parent(path: &Path) -> Result<(), BackendError> {
 }
 
 /// The sha256 of a stored file's bytes.
-pub(super) fn file_digest(path: &Path) -> io::Result<Digest> {
+pub(super) fn file_is_chunk(path: &Path, digest: &Digest) -> io::Result<bool> {
     use std::io::Read;
     let mut file = fs::File::open(path)?;
-    let mut hasher = lazyblk_cache::digest::DigestWriter::default();
+    let mut verifier = StoredVerifier::new(MAX_CHUNK_BODY);
     let mut buf = vec![0u8; 256 << 10];
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
-            return Ok(hasher.finish());
+            return Ok(verifier.finish(digest).is_ok());
         }
-        hasher.update(&buf[..n]);
+        verifier.update(&buf[..n]);
     }
 }
 

@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
+use lazyblk_cache::encoding::StoredVerifier;
 use lazyblk_cache::{Digest, Manifest, ManifestError};
 
 use super::{Durability, GcReport, TemplateSummary, TraceDoc};
@@ -40,6 +41,25 @@ pub use object::ObjectBackend;
 
 /// The largest chunk body accepted: the largest chunk size a manifest may have.
 pub const MAX_CHUNK_BODY: u64 = lazyblk_cache::manifest::MAX_CHUNK_SIZE as u64;
+
+/// Whether stored bytes are chunk `digest` (raw, or a zstd frame of it; see
+/// [`lazyblk_cache::encoding`]).
+pub fn is_chunk(stored: &[u8], digest: &Digest) -> bool {
+    let mut verifier = StoredVerifier::new(MAX_CHUNK_BODY);
+    verifier.update(stored);
+    verifier.finish(digest).is_ok()
+}
+
+/// The error for an upload that is not the chunk it names.
+pub(super) fn not_the_chunk(
+    digest: &Digest,
+    e: lazyblk_cache::encoding::DecodeError,
+) -> BackendError {
+    BackendError::DigestMismatch {
+        expected: *digest,
+        detail: e.to_string(),
+    }
+}
 
 /// A stored chunk's bytes as they are read.
 pub type ChunkStream = BoxStream<'static, io::Result<Bytes>>;
@@ -64,9 +84,10 @@ pub enum BackendError {
     /// A trace document that does not parse or names chunks the template lacks.
     #[error("invalid trace for template {template}: {reason}")]
     InvalidTrace { template: String, reason: String },
-    /// The uploaded bytes do not hash to the digest they were sent under.
-    #[error("digest mismatch: the body hashes to {actual}, not {expected}")]
-    DigestMismatch { expected: Digest, actual: Digest },
+    /// The uploaded bytes (decoded, when they are a zstd frame) do not hash to the
+    /// digest they were sent under.
+    #[error("the body is not chunk {expected}: {detail}")]
+    DigestMismatch { expected: Digest, detail: String },
     /// A body larger than its limit.
     #[error("{what} exceeds {limit} bytes")]
     TooLarge { what: String, limit: u64 },

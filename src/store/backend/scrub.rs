@@ -1,4 +1,4 @@
-//! Scrub of the store: every stored chunk hashed, and the ones whose bytes do not match
+//! Scrub of the store: every stored chunk decoded where it is a zstd frame and hashed, and the ones whose bytes do not match
 //! their names deleted, so that `missing` reports them and the next publish or upload of
 //! that content repairs the store (a PUT also replaces a bad copy it finds).
 
@@ -9,9 +9,9 @@ use futures::TryStreamExt;
 use lazyblk_cache::{Digest, ScrubReport};
 use object_store::{ObjectMeta, ObjectStoreExt};
 
-use super::dir::{blocking, file_digest, io_err, DirBackend};
+use super::dir::{blocking, file_is_chunk, io_err, DirBackend};
 use super::object::{object_err, ObjectBackend};
-use super::BackendError;
+use super::{is_chunk, BackendError};
 
 impl DirBackend {
     /// Hashes every chunk file; deletes the bad ones.
@@ -39,9 +39,9 @@ fn scrub_dir(chunks: &Path) -> Result<ScrubReport, BackendError> {
             };
             report.checked += 1;
             report.bytes += file.metadata().map(|m| m.len()).unwrap_or(0);
-            match file_digest(&path) {
-                Ok(actual) if actual == digest => {}
-                Ok(_) => {
+            match file_is_chunk(&path, &digest) {
+                Ok(true) => {}
+                Ok(false) => {
                     tracing::error!(chunk = %digest, path = %path.display(), "scrub: stored chunk does not match its digest; deleted");
                     fs::remove_file(&path).map_err(io_err("removing", &path))?;
                     report.dropped.push(digest.to_hex());
@@ -82,7 +82,7 @@ impl ObjectBackend {
                 Err(e) => Err(e),
             };
             match body {
-                Ok(bytes) if Digest::of(&bytes) == digest => {}
+                Ok(bytes) if is_chunk(&bytes, &digest) => {}
                 Ok(_) => {
                     tracing::error!(chunk = %digest, "scrub: stored chunk does not match its digest; deleted");
                     self.store

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
-use lazyblk_cache::digest::DigestWriter;
+use lazyblk_cache::encoding::StoredVerifier;
 use lazyblk_cache::{Digest, Manifest};
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as ObjectPath;
@@ -26,8 +26,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 
 use super::bucket_url::{credentials, parse_url};
 use super::{
-    check_trace, difference, drain, summarize, BackendError, ChunkPut, ChunkStream,
-    DurableSummaries, ManifestPut, MAX_CHUNK_BODY,
+    check_trace, difference, drain, is_chunk, not_the_chunk, summarize, BackendError, ChunkPut,
+    ChunkStream, DurableSummaries, ManifestPut, MAX_CHUNK_BODY,
 };
 use crate::store::TemplateSummary;
 
@@ -382,7 +382,7 @@ impl ObjectBackend {
             // missing chunks first, so a PUT of a present chunk is rare.
             let key = self.chunk_key(&digest);
             let stored = self.get_optional(&key).await?;
-            if stored.is_some_and(|b| Digest::of(&b) == digest) {
+            if stored.is_some_and(|b| is_chunk(&b, &digest)) {
                 // Read the body anyway so the client sees the answer, not a broken pipe.
                 drain(body, MAX_CHUNK_BODY).await;
                 self.confirm(std::iter::once(digest));
@@ -413,13 +413,14 @@ fn compare(id: &str, stored: &Manifest, offered: &Manifest) -> Result<ManifestPu
     }
 }
 
-/// Reads one chunk body into memory, enforcing the size limit and checking the digest.
+/// Reads one chunk body into memory as it is stored (raw or a zstd frame), enforcing
+/// the size limit and checking that it is the chunk.
 async fn receive<S, E>(digest: &Digest, mut body: S) -> Result<Bytes, BackendError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let mut hasher = DigestWriter::default();
+    let mut verifier = StoredVerifier::new(MAX_CHUNK_BODY);
     let mut out = Vec::new();
     while let Some(piece) = body.next().await {
         let piece = piece.map_err(|e| BackendError::Body {
@@ -432,16 +433,12 @@ where
                 limit: MAX_CHUNK_BODY,
             });
         }
-        hasher.update(&piece);
+        verifier.update(&piece);
         out.extend_from_slice(&piece);
     }
-    let actual = hasher.finish();
-    if actual != *digest {
-        return Err(BackendError::DigestMismatch {
-            expected: *digest,
-            actual,
-        });
-    }
+    verifier
+        .finish(digest)
+        .map_err(|e| not_the_chunk(digest, e))?;
     Ok(Bytes::from(out))
 }
 
