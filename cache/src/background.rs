@@ -7,6 +7,16 @@
 //! these threads; nice 19 alone kept them waiting, while SCHED_IDLE all the time would
 //! starve a fill that nobody reads behind. They are few: fills are bounded by the
 //! network and the disk, not by parallel hashing.
+//!
+//! A fill's fetches themselves (their HTTP receive) run on a runtime of one worker of
+//! their own ([`spawn`]), under the same rule. A demand read never waits on one: it
+//! fetches the chunk itself ([`crate::fetch`]).
+//!
+//! Leaving SCHED_IDLE needs CAP_SYS_NICE or an RLIMIT_NICE of at least 1 (Linux counts
+//! SCHED_IDLE as nice 20). Where neither is there (a daemon run without root), these
+//! threads stay at nice 19 and never become SCHED_IDLE, rather than staying idle for
+//! good after the first reader. [`start`] makes the threads from a normal thread, so
+//! none inherits SCHED_IDLE from the thread that first needs them.
 
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
@@ -30,14 +40,14 @@ fn pool() -> &'static Mutex<mpsc::Sender<Job>> {
                 .name(format!("lazyblk-bg-{n}"))
                 .spawn(move || {
                     lower_priority();
+                    set_idle(false);
                     let mut idle = false;
                     loop {
                         let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         match job {
                             Ok((yielding, job)) => {
-                                if yielding != idle {
+                                if yielding != idle && set_idle(yielding) {
                                     idle = yielding;
-                                    set_idle(idle);
                                 }
                                 job()
                             }
@@ -66,20 +76,65 @@ fn lower_priority() {
     }
 }
 
+/// Whether this process may make a thread SCHED_IDLE and back (see the module
+/// header): probed once, on a thread of its own, after raising RLIMIT_NICE's soft limit
+/// to 1 where the hard limit allows.
+fn idle_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        // SAFETY: getrlimit/setrlimit on a valid, owned rlimit struct.
+        unsafe {
+            let mut limit = std::mem::zeroed::<libc::rlimit>();
+            if libc::getrlimit(libc::RLIMIT_NICE, &mut limit) == 0
+                && limit.rlim_cur < 1
+                && limit.rlim_max >= 1
+            {
+                limit.rlim_cur = 1;
+                libc::setrlimit(libc::RLIMIT_NICE, &limit);
+            }
+        }
+        let probe = std::thread::spawn(|| {
+            lower_priority();
+            policy(libc::SCHED_IDLE) && policy(libc::SCHED_OTHER)
+        });
+        let allowed = probe.join().unwrap_or(false);
+        if !allowed {
+            tracing::info!("background fill threads stay at nice 19: leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE >= 1");
+        }
+        allowed
+    })
+}
+
+/// Sets the calling thread's scheduling policy; whether it took.
+fn policy(policy: libc::c_int) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: 0 names the calling thread; `param` is a valid sched_param.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
+
 /// Makes the calling thread SCHED_IDLE (`idle`) or a normal thread again (its nice
-/// value stays 19).
-fn set_idle(idle: bool) {
-    let policy = if idle {
+/// value stays 19); whether it took. Never makes a thread idle that could not come
+/// back.
+fn set_idle(idle: bool) -> bool {
+    if !idle_allowed() {
+        return !idle;
+    }
+    let took = policy(if idle {
         libc::SCHED_IDLE
     } else {
         libc::SCHED_OTHER
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: 0 names the calling thread; `param` is a valid sched_param.
-    let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if result != 0 {
+    });
+    if !took {
         tracing::debug!(error = %std::io::Error::last_os_error(), idle, "cannot change a background thread's scheduling policy");
     }
+    took
+}
+
+/// Starts the background threads and runtime now, from the calling (normal) thread.
+pub fn start() {
+    idle_allowed();
+    pool();
+    runtime();
 }
 
 /// The runtime that moves the bytes of background fetches: one worker thread of its
@@ -99,6 +154,7 @@ fn runtime() -> Option<&'static tokio::runtime::Runtime> {
                 .thread_name("lazyblk-fill-io")
                 .on_thread_start(|| {
                     lower_priority();
+                    set_idle(false);
                     ON_BACKGROUND.with(|b| b.set(true));
                 })
                 .enable_all()
@@ -123,8 +179,9 @@ pub fn on_background_runtime() -> bool {
 }
 
 /// Runs `fut` on the background fetch runtime (or, without one, on the caller's).
-/// Before each poll the thread is made SCHED_IDLE when `yielding()` says so, and a
-/// normal thread otherwise: a fetch a demand reader joined runs at normal priority.
+/// Before each poll the thread is made SCHED_IDLE when `yielding()` says so (readers
+/// are active), and a normal thread (at nice 19) otherwise. Every task there is fill
+/// work: a demand read never waits on one (see [`crate::fetch`]).
 pub fn spawn<F>(
     yielding: impl Fn() -> bool + Send + Unpin + 'static,
     fut: F,
@@ -157,8 +214,8 @@ impl<F: std::future::Future, Y: Fn() -> bool + Unpin> std::future::Future for Yi
     ) -> std::task::Poll<F::Output> {
         let this = self.get_mut();
         let want = (this.yielding)();
-        if IDLE.with(|i| i.replace(want)) != want {
-            set_idle(want);
+        if IDLE.with(|i| i.get()) != want && set_idle(want) {
+            IDLE.with(|i| i.set(want));
         }
         this.inner.as_mut().poll(cx)
     }
@@ -209,7 +266,8 @@ mod tests {
             .unwrap();
         assert_eq!(name, "lazyblk-fill-io");
         assert_eq!(nice, super::BACKGROUND_NICE);
-        assert!(idle, "yielding work runs SCHED_IDLE");
+        // SCHED_IDLE where the process may leave it again (root here), never otherwise.
+        assert_eq!(idle, super::idle_allowed(), "yielding work runs SCHED_IDLE");
         // Work that must not yield (a demand reader joined it) makes the thread a
         // normal one again, and it knows it is the background runtime.
         let (_, _, idle, on_background) = super::spawn(|| false, async {

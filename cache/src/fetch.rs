@@ -190,8 +190,9 @@ enum Progress {
 
 type Outcome = Progress;
 
-/// A fetch under way: its progress, and the flag a demand reader sets when it joins.
-type InFlight = (watch::Receiver<Outcome>, Arc<Promotion>);
+/// A fetch under way: its progress, the flag a demand reader sets when it joins, and
+/// whether it runs on the background runtime (which a demand read does not wait on).
+type InFlight = (watch::Receiver<Outcome>, Arc<Promotion>, bool);
 
 /// The node's chunks, local and in flight.
 pub struct ChunkCache {
@@ -470,11 +471,17 @@ impl ChunkCache {
         priority: Priority,
     ) -> Result<watch::Receiver<Outcome>, Arc<FetchError>> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((rx, promotion)) = inflight.get(&chunk.digest) {
-            if priority == Priority::Demand {
-                promotion.promote();
+        if let Some((rx, promotion, background)) = inflight.get(&chunk.digest) {
+            if priority != Priority::Demand || !background {
+                if priority == Priority::Demand {
+                    promotion.promote();
+                }
+                return Ok(rx.clone());
             }
-            return Ok(rx.clone());
+            // A fill's fetch on the low-priority runtime: a demand read does not wait
+            // behind it (it may be starved by the very readers it yields to). It fetches
+            // the chunk itself, and later readers join that fetch; the fill's goes on
+            // and its waiters keep theirs. At most one chunk is fetched twice.
         }
         // The chunk may have landed between our miss and taking the lock.
         if let Some(file) = self.local(chunk)? {
@@ -486,20 +493,19 @@ impl ChunkCache {
         if priority == Priority::Demand {
             promotion.promote();
         }
-        inflight.insert(chunk.digest, (rx.clone(), promotion.clone()));
+        // A fill's fetch moves its bytes on the background runtime (it yields to active
+        // readers); anything else, and a fetch from a source whose connections cannot be
+        // kept apart (an object store's client), on the caller's.
+        let in_background =
+            priority == Priority::Fill && sources.iter().all(Source::has_own_connections);
+        inflight.insert(chunk.digest, (rx.clone(), promotion.clone(), in_background));
         drop(inflight);
         let cache = self.clone();
         let chunk = chunk.clone();
         let sources = sources.clone();
-        // A fill's fetch moves its bytes on the background runtime (it yields to readers,
-        // unless one joins it); anything else, and a fetch from a source whose
-        // connections cannot be kept apart (an object store's client), on the caller's.
-        let in_background =
-            priority == Priority::Fill && sources.iter().all(Source::has_own_connections);
         let yielding = {
             let cache = cache.clone();
-            let promotion = promotion.clone();
-            move || cache.demand_within(READERS_ACTIVE) && !promotion.is_promoted()
+            move || cache.demand_within(READERS_ACTIVE)
         };
         let fetch = async move {
             // Unregisters the fetch however the task ends (a panic included), so that
@@ -507,6 +513,7 @@ impl ChunkCache {
             let _registered = Registered {
                 cache: &cache,
                 digest: chunk.digest,
+                promotion: promotion.clone(),
             };
             let _slot = cache.slots.acquire(priority, &promotion).await;
             // A fetch a demand reader joined is demand work from now on.
@@ -685,19 +692,27 @@ impl ChunkCache {
     }
 }
 
-/// Removes a fetch from the in-flight table when dropped.
+/// Removes a fetch from the in-flight table when dropped, unless a demand read's fetch
+/// of the same chunk has taken its place (its promotion tells them apart).
 struct Registered<'a> {
     cache: &'a ChunkCache,
     digest: Digest,
+    promotion: Arc<Promotion>,
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.cache
+        let mut inflight = self
+            .cache
             .inflight
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.digest);
+            .unwrap_or_else(|e| e.into_inner());
+        if inflight
+            .get(&self.digest)
+            .is_some_and(|(_, p, _)| Arc::ptr_eq(p, &self.promotion))
+        {
+            inflight.remove(&self.digest);
+        }
     }
 }
 

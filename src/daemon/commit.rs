@@ -158,11 +158,14 @@ impl Commits {
         let new_chunks = built.new_chunks;
 
         // The durable intent, before the store (and so anyone) sees the template.
-        let kept = self
-            .templates
-            .save_manifest(&manifest)
-            .map_err(|e| e.to_string());
-        let kept = kept.and_then(|()| self.intents.record(new_id).map_err(|e| e.to_string()));
+        // Two fsyncs of files and directories: off the runtime's hands (the blocking
+        // policy of `lazyblk_cache::blocking`).
+        let kept = lazyblk_cache::blocking::blocking(|| {
+            self.templates
+                .save_manifest(&manifest)
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.intents.record(new_id).map_err(|e| e.to_string()))
+        });
         if let Err(detail) = kept {
             self.abandon(new_id);
             return Err(CommitError::Intent {
@@ -313,8 +316,10 @@ impl Commits {
     /// Undoes a commit that was never published: its intent, its saved manifest, and
     /// the claims on its new chunks (which stay cached, evictable).
     pub fn abandon(&self, template: &str) {
-        self.intents.clear(template);
-        self.templates.forget(template);
+        lazyblk_cache::blocking::blocking(|| {
+            self.intents.clear(template);
+            self.templates.forget(template);
+        });
         self.cache.release(&upload_owner(template));
     }
 

@@ -71,6 +71,8 @@ const TRACE_PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     raise_nofile_limit();
+    // The fills' low-priority threads, made from this (normal) thread.
+    lazyblk_cache::background::start();
     std::fs::create_dir_all(&args.cache)
         .with_context(|| format!("creating cache directory {}", args.cache.display()))?;
     let chunk_store = ChunkStore::open(&args.cache, args.cache_size)

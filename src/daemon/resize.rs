@@ -114,15 +114,18 @@ impl Resizes {
         let base = templates.replica(id).await?;
         let grown = grown_manifest(base.manifest(), size)?;
         let scratch_id = format!("resize-{}", &new_id[..new_id.len().min(100)]);
+        let replica = templates.new_replica(grown);
+        let dir = self.scratch_dir.join(&scratch_id);
+        // The id check and the registration are one step, as a sandbox create's are.
+        let one_at_a_time = sandboxes.exclusive().await;
         if sandboxes.get(&scratch_id).is_some() {
             return Err(ResizeError::Exists(scratch_id));
         }
-        let replica = templates.new_replica(grown);
-        let dir = self.scratch_dir.join(&scratch_id);
         let overlay = Overlay::create(&dir, &scratch_id, replica.image.clone())
             .await
             .map_err(SandboxError::from)?;
         let sandbox = sandboxes.register(&replica, overlay);
+        drop(one_at_a_time);
         let result = self.resize_in(&fuse, &scratch_id, id, new_id, labels).await;
         sandboxes.unregister(&scratch_id);
         drop(sandbox);

@@ -7,6 +7,7 @@ mod health;
 mod sandboxes;
 mod state;
 
+use state::checked_id;
 pub use state::{ApiError, ApiState, EvictQuery};
 
 use axum::body::Body;
@@ -161,10 +162,6 @@ async fn template_status(
 pub struct WarmQuery {
     #[serde(default)]
     pub redo: bool,
-}
-
-pub(super) fn checked_id(id: &str) -> Result<(), ApiError> {
-    lazyblk_cache::validate_id(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn warm(

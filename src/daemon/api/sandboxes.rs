@@ -4,7 +4,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::{checked_id, ApiError, ApiState, EvictQuery};
+use super::state::{checked_id, ApiError, ApiState, EvictQuery};
 use crate::daemon::commit::CommitOutcome;
 use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
 

@@ -42,3 +42,8 @@ pub struct EvictQuery {
     #[serde(default)]
     pub force: bool,
 }
+
+/// Refuses an invalid template or sandbox id with 400.
+pub fn checked_id(id: &str) -> Result<(), ApiError> {
+    lazyblk_cache::validate_id(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
