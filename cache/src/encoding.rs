@@ -47,11 +47,27 @@ impl Encoding {
 }
 
 /// The stored form of a chunk's raw bytes: one zstd frame when that is smaller, the raw
-/// bytes when it is not (already compressed or random data).
+/// bytes when it is not (already compressed or random data). Each thread keeps one
+/// compression context, and the frame is written into a buffer no larger than the chunk
+/// (a frame that would not fit is not worth keeping).
 pub fn encode(raw: &[u8]) -> (Encoding, Cow<'_, [u8]>) {
-    match zstd::bulk::compress(raw, ZSTD_LEVEL) {
-        Ok(frame) if frame.len() < raw.len() => (Encoding::Zstd, Cow::Owned(frame)),
-        _ => (Encoding::Raw, Cow::Borrowed(raw)),
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let mut frame = Vec::with_capacity(raw.len().saturating_sub(1));
+    let compressed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut()
+            .is_some_and(|c| c.compress_to_buffer(raw, &mut frame).is_ok())
+    });
+    if compressed && frame.len() < raw.len() {
+        (Encoding::Zstd, Cow::Owned(frame))
+    } else {
+        (Encoding::Raw, Cow::Borrowed(raw))
     }
 }
 
@@ -86,7 +102,7 @@ pub fn decode(
 ) -> Result<(Encoding, Bytes), DecodeError> {
     let mut frame_error = None;
     if stored.starts_with(&ZSTD_MAGIC) {
-        match zstd::bulk::decompress(&stored, len) {
+        match decompress(&stored, len) {
             Ok(raw) if raw.len() == len => {
                 let actual = Digest::of(&raw);
                 if actual == *digest {
@@ -122,6 +138,24 @@ pub fn decode(
         return Ok((Encoding::Raw, stored));
     }
     Err(frame_error.unwrap_or(DecodeError::Mismatch { actual }))
+}
+
+/// Decodes one frame into at most `len` bytes, with this thread's context.
+fn decompress(frame: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        let mut out = Vec::with_capacity(len);
+        d.as_mut()
+            .map_or(Ok(0), |d| d.decompress_to_buffer(frame, &mut out))?;
+        Ok(out)
+    })
 }
 
 /// Verifies a stored chunk as its bytes stream by (an upload to the store, a scrub),

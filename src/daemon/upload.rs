@@ -40,6 +40,9 @@ pub struct Uploads {
     /// uploads back to prove that peers read from the origin).
     delay: Duration,
     status: Mutex<BTreeMap<String, UploadStatus>>,
+    /// Chunk uploads in flight on the whole node, however many templates upload at
+    /// once: each holds a chunk and its compressed copy in memory.
+    slots: tokio::sync::Semaphore,
 }
 
 impl Uploads {
@@ -55,6 +58,7 @@ impl Uploads {
             intents,
             delay,
             status: Mutex::new(BTreeMap::new()),
+            slots: tokio::sync::Semaphore::new(UPLOAD_CONCURRENCY),
         })
     }
 
@@ -166,6 +170,7 @@ impl Uploads {
     }
 
     async fn upload_one(&self, id: &str, digest: Digest) -> Result<(), String> {
+        let _slot = self.slots.acquire().await.map_err(|e| e.to_string())?;
         let file = match self.cache.open_local(&digest) {
             Ok(Some(f)) => f,
             Ok(None) => return Err(format!("chunk {digest} of {id} is no longer on this node")),
