@@ -12,14 +12,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lazyblk_cache::Priority;
+use lazyblk_cache::{ChunkCache, Priority};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::daemon::commit::Commits;
 use crate::daemon::node::Node;
 use crate::daemon::replica::{replica_owner, Replica};
 use crate::daemon::state::{now_rfc3339, Phase, ReplicaRecord, StateDb};
-use crate::daemon::templates::TemplateError;
+use crate::daemon::templates::{TemplateError, Templates};
+use crate::store::client::StoreClient;
 
 /// Tries per chunk before the fill gives up and the replica is FAILED. With the
 /// backoff below that is about 8 s of a source being down (plus each try's own
@@ -74,7 +76,11 @@ pub enum FillError {
 
 /// Runs and tracks the fills of every replica on the node.
 pub struct FillScheduler {
-    node: Arc<Node>,
+    cache: Arc<ChunkCache>,
+    store: StoreClient,
+    templates: Arc<Templates>,
+    /// What commits owe: a replica with an upload pending is not evicted.
+    commits: Arc<Commits>,
     db: Arc<StateDb>,
     config: FillConfig,
     /// The next instant the bandwidth cap lets a fill fetch start.
@@ -82,9 +88,13 @@ pub struct FillScheduler {
 }
 
 impl FillScheduler {
-    pub fn new(node: Arc<Node>, db: Arc<StateDb>, config: FillConfig) -> FillScheduler {
+    /// The fill scheduler of `node`'s replicas: it keeps only the owners it works with.
+    pub fn new(node: &Node, db: Arc<StateDb>, config: FillConfig) -> FillScheduler {
         FillScheduler {
-            node,
+            cache: node.cache.clone(),
+            store: node.store.clone(),
+            templates: node.templates.clone(),
+            commits: node.commits.clone(),
             db,
             config,
             next_slot: Mutex::new(Instant::now()),
@@ -114,12 +124,12 @@ impl FillScheduler {
     }
 
     fn check_budget(&self, replica: &Replica) -> Result<(), FillError> {
-        let budget = self.node.cache.usage().budget_bytes;
+        let budget = self.cache.usage().budget_bytes;
         if budget == 0 {
             return Ok(());
         }
         let needed = replica.manifest().stored_bytes();
-        let pinned = self.node.cache.pinned_bytes();
+        let pinned = self.cache.pinned_bytes();
         if needed + pinned > budget {
             return Err(FillError::OverBudget {
                 template: replica.id().to_string(),
@@ -148,7 +158,7 @@ impl FillScheduler {
             if replica.image.is_local(index) {
                 continue;
             }
-            if self.node.cache.demand_within(DEMAND_ACTIVE) {
+            if self.cache.demand_within(DEMAND_ACTIVE) {
                 // Readers are active: one fill fetch at a time, then a pause (see
                 // MAX_READER_PAUSE), so their reads keep the CPU and the disk (the fill
                 // still makes progress).
@@ -190,7 +200,7 @@ impl FillScheduler {
         // once here, not one directory fsync per fetched chunk.
         let error = match error {
             None => {
-                let cache = self.node.cache.clone();
+                let cache = self.cache.clone();
                 match tokio::task::spawn_blocking(move || cache.sync_names()).await {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(format!("making the chunks durable: {e}")),
@@ -208,7 +218,7 @@ impl FillScheduler {
     /// The trace's chunks first, in trace order, then every other chunk in order.
     async fn fill_order(&self, replica: &Replica) -> Vec<usize> {
         let count = replica.manifest().chunk_count();
-        let trace = match self.node.store.trace(replica.id()).await {
+        let trace = match self.store.trace(replica.id()).await {
             Ok(t) => t.unwrap_or_default(),
             Err(e) => {
                 tracing::debug!(template = replica.id(), error = %e, "no trace; filling in order");
@@ -227,7 +237,7 @@ impl FillScheduler {
 
     async fn yield_to_demand(&self) {
         let started = Instant::now();
-        while self.node.cache.demand_waiting() > 0 && started.elapsed() < DEMAND_YIELD_LIMIT {
+        while self.cache.demand_waiting() > 0 && started.elapsed() < DEMAND_YIELD_LIMIT {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
@@ -262,9 +272,9 @@ impl FillScheduler {
             // the count and the claim.
             let owner = replica_owner(replica.id());
             let digests = replica.manifest().stored_chunks().map(|(_, d)| d);
-            let missing = self.node.cache.pin(&owner, digests);
+            let missing = self.cache.pin(&owner, digests);
             if missing > 0 {
-                self.node.cache.release(&owner);
+                self.cache.release(&owner);
                 drop(state);
                 // Evicted under us (a budget smaller than the working set): not READY.
                 self.fail(
@@ -302,7 +312,7 @@ impl FillScheduler {
     /// the template, unless `force`.
     pub fn evict(&self, replica: &Arc<Replica>, force: bool) -> Result<usize, FillError> {
         let mut users = replica.users();
-        if self.node.commits.owes(replica.id()) {
+        if self.commits.owes(replica.id()) {
             // Its new chunks are pinned until uploaded and stay even with --force.
             users.push(
                 "its upload to the store (ORIGIN_ONLY: only this node has its new chunks)".into(),
@@ -325,10 +335,10 @@ impl FillScheduler {
         };
         self.save(replica);
         if was_pinned {
-            self.node.cache.release(&replica_owner(replica.id()));
+            self.cache.release(&replica_owner(replica.id()));
         }
         let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
-        let removed = self.node.cache.evict(&digests);
+        let removed = self.cache.evict(&digests);
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         state.phase = Some(Phase::Pending);
         state.last_error = None;
@@ -350,7 +360,7 @@ impl FillScheduler {
             std::mem::take(&mut state.pinned)
         };
         if was_pinned {
-            self.node.cache.release(&replica_owner(replica.id()));
+            self.cache.release(&replica_owner(replica.id()));
         }
         self.save(replica);
         tracing::info!(
@@ -389,7 +399,7 @@ impl FillScheduler {
             }
         };
         for record in records {
-            let Some(replica) = self.node.templates.known(&record.template) else {
+            let Some(replica) = self.templates.known(&record.template) else {
                 continue;
             };
             {
@@ -422,14 +432,14 @@ impl FillScheduler {
                 _ = tokio::time::sleep(SUPERVISE_INTERVAL) => {}
                 _ = stop.changed() => return,
             }
-            for replica in self.node.templates.all() {
+            for replica in self.templates.all() {
                 let failed = replica
                     .fill
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .phase()
                     == Phase::Failed;
-                if failed && self.node.store.template_ids().await.is_ok() {
+                if failed && self.store.template_ids().await.is_ok() {
                     tracing::info!(
                         template = replica.id(),
                         "store answers again; resuming fill"
@@ -444,7 +454,7 @@ impl FillScheduler {
 
     /// Stops every running fill (shutdown); progress is already saved.
     pub fn stop_all(&self) {
-        for replica in self.node.templates.all() {
+        for replica in self.templates.all() {
             let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(cancel) = &state.cancel {
                 cancel.store(true, Ordering::Relaxed);

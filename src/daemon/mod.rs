@@ -140,7 +140,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         StateDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?,
     );
     let fill = Arc::new(FillScheduler::new(
-        node.clone(),
+        &node,
         db,
         FillConfig {
             concurrency: args.fill_concurrency,
