@@ -15,7 +15,8 @@
 # first byte), B5 fill to READY (time, and read latency during the fill), B6 commit
 # time of a 1 GiB vs an 8 GiB template, B7 the daemon's peak RSS, B8 FUSE sequential
 # read, B9 a launch wave of N daemons reading one new template at once (the store's
-# bytes per template byte with peers and without, for N = 2, 4, 8).
+# bytes per template byte with peers and without, for N = 2, 4, 8), B10 thousands of
+# templates (NBD_OPT_LIST, `lazyblk templates`, the daemon's RSS) and a 50 GiB one.
 # A figure whose feature is missing is reported as "not measured: <reason>".
 # Exits 0 when targets are missed (the table says so), non-zero when the bench breaks.
 set -euo pipefail
@@ -56,13 +57,13 @@ cleanup() {
   is_mounted "$work/mnt" && umount "$work/mnt"
   [ -n "$loop_dev" ] && losetup -d "$loop_dev"
   # Background jobs of this script first (fio, warm), then the servers it started.
-  for p in $(jobs -p) $nbdkit_pid $qemu_pid $daemon_pid $nginx_pid $store_pid; do
+  for p in $(jobs -p) $nbdkit_pid $qemu_pid $daemon_pid $nginx_pid $store_pid ${b10_daemon_pid:-} ${b10_store_pid:-}; do
     kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
   done
   is_mounted "$work/fuse" && umount -l "$work/fuse"
   if [ -z "${BENCH_KEEP:-}" ]; then
     rm -rf "$work/tree" "$work/store" "$work/cache" "$work/old-caches" "$work/www" \
-      "$work/nbdkit-cache" "$work"/*.img
+      "$work/nbdkit-cache" "$work/b10" "$work"/*.img
   fi
 }
 trap cleanup EXIT
@@ -672,6 +673,67 @@ for n in 2 4 8; do
     "<= 1.2x store bytes" "$(meets "$on" "<=" 1.2)"
 done
 note "B9: ${wave_mib} MiB ext4 of random data, each wave on a template no node has read; wall times include every node's nbdcopy"
+
+# --- B10: thousands of templates ----------------------------------------------------
+
+# A store of its own with one published base and N templates that share it (manifests
+# only, as a fleet of task templates would be), a fresh daemon over it: NBD_OPT_LIST with
+# every export's info (nbdinfo --list), `lazyblk templates`, the daemon's peak RSS after
+# it has looked at all of them; and a 50 GiB sparse template with 20 GiB of data (its
+# chunks repeat the base's), first 4 KiB read on a fresh daemon after connect.
+b10_templates=${BENCH_B10_TEMPLATES:-3000}
+log "B10 thousands of templates: $b10_templates sharing a base, and a 50 GiB template"
+b10=$work/b10
+rm -rf "$b10"
+mkdir -p "$b10/m"
+b10_port=$(free_port)
+b10_store=http://127.0.0.1:$b10_port
+"$bin" store --root "$b10/store" --listen "127.0.0.1:$b10_port" >>"$work/logs/b10-store.log" 2>&1 &
+b10_store_pid=$!
+wait_http "$b10_store/healthz"
+"$bin" publish "$work/t1.img" --template base --store "$b10_store" >/dev/null 2>>"$work/logs/commands.err"
+curl -sf "$b10_store/v1/templates/base/manifest" >"$b10/base.json"
+$py - "$b10" "$b10_templates" <<'PY'
+import json, sys
+out, n = sys.argv[1], int(sys.argv[2])
+base = json.load(open(f"{out}/base.json"))
+for i in range(n):
+    m = dict(base, template=f"task-{i:05d}", parent="base")
+    json.dump(m, open(f"{out}/m/task-{i:05d}.json", "w"))
+# 50 GiB, 20 GiB of it data: 20480 chunks that cycle through the base's data chunks.
+data = [c for c in base["chunks"] if c]
+size = 50 << 30
+chunks = [None] * (size // base["chunk_size"])
+for i in range(20480):
+    chunks[i * 2] = data[i % len(data)]
+json.dump(dict(base, template="big", parent=None, size=size, chunks=chunks), open(f"{out}/big.json", "w"))
+PY
+ls "$b10/m" | xargs -P 8 -I{} sh -c \
+  "curl -sf -X PUT --data-binary @$b10/m/{} -o /dev/null $b10_store/v1/templates/\$(basename {} .json)/manifest"
+curl -sf -X PUT --data-binary @"$b10/big.json" -o /dev/null "$b10_store/v1/templates/big/manifest"
+b10_list_cli=$(timeit "$bin" templates --store "$b10_store")
+b10_node_port=$(free_port)
+"$bin" daemon --cache "$b10/cache" --store "$b10_store" --listen "127.0.0.1:$b10_node_port" \
+  --nbd "unix:$b10/nbd.sock" >>"$work/logs/b10-daemon.log" 2>&1 &
+b10_daemon_pid=$!
+wait_http "http://127.0.0.1:$b10_node_port/healthz"
+wait_socket "$b10/nbd.sock"
+b10_first=$($py "$helpers/nbdio.py" firstbyte "nbd+unix:///big?socket=$b10/nbd.sock")
+b10_list=$(timeit sh -c "nbdinfo --list 'nbd+unix:///?socket=$b10/nbd.sock' >'$b10/list.txt'")
+b10_exports=$(grep -c '^export=' "$b10/list.txt" || true)
+b10_rss=$(awk '/^VmHWM/ { print $2 }' "/proc/$b10_daemon_pid/status")
+kill "$b10_daemon_pid" "$b10_store_pid" 2>/dev/null
+wait "$b10_daemon_pid" "$b10_store_pid" 2>/dev/null || true
+row "B10 NBD_OPT_LIST of $b10_templates templates sharing a base (nbdinfo --list, every export's info)" \
+  "$b10_list s ($b10_exports exports)" "" "-" "<= 5 s" "$(meets "$b10_list" "<=" 5)"
+row "B10 lazyblk templates over $b10_templates templates" "$b10_list_cli s" "" "-" "<= 0.5 s" \
+  "$(meets "$b10_list_cli" "<=" 0.5)"
+row "B10 daemon peak RSS after looking at all $b10_templates templates (VmHWM)" \
+  "$(calc %.1f "$b10_rss / 1024") MiB" "" "-" "<= 128 MiB" "$(meets "$(calc %.1f "$b10_rss / 1024")" "<=" 128)"
+row "B10 50 GiB template (20 GiB of data): connect + first 4 KiB read on a fresh daemon" \
+  "$(calc %.1f "$b10_first") ms" "" "-" "<= 50 ms" "$(meets "$b10_first" "<=" 50)"
+note "B10: the base is t1 published to a store of its own; its $b10_templates children are manifests that share its chunks; the 50 GiB manifest names 20480 data chunks (cycling through the base's) among 51200"
+rm -rf "$b10"
 
 # --- report ------------------------------------------------------------------------------
 

@@ -64,6 +64,13 @@ pub(super) async fn put_manifest(
         ManifestPut::Created => {
             state.metrics.manifests_published.inc();
             tracing::info!(template = %id, "manifest published");
+            // Its summary now, in the background: a DURABLE one is kept, so the next
+            // listing does not read this manifest again.
+            let backend = state.backend.clone();
+            let summarized = id.clone();
+            tokio::spawn(async move {
+                let _ = backend.summary(&summarized).await;
+            });
             (StatusCode::CREATED, true)
         }
         ManifestPut::Unchanged => (StatusCode::OK, false),

@@ -39,6 +39,9 @@ mod scrub;
 pub use dir::DirBackend;
 pub use object::ObjectBackend;
 
+/// Templates summarized at once for a listing.
+const LISTING_CONCURRENCY: usize = 16;
+
 /// The largest chunk body accepted: the largest chunk size a manifest may have.
 pub const MAX_CHUNK_BODY: u64 = lazyblk_cache::manifest::MAX_CHUNK_SIZE as u64;
 
@@ -207,9 +210,20 @@ impl Backend {
     /// warning so one bad manifest does not hide the rest.
     pub async fn list(&self) -> Result<Vec<TemplateSummary>, BackendError> {
         let ids = dispatch!(self, b => b.ids().await)?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.summary(&id).await {
+        // Summaries not kept yet (after a restart) read manifests and look for chunks:
+        // several at once, in the listing's order.
+        let summaries: Vec<(String, Result<TemplateSummary, BackendError>)> =
+            futures::stream::iter(ids)
+                .map(|id| async move {
+                    let summary = self.summary(&id).await;
+                    (id, summary)
+                })
+                .buffered(LISTING_CONCURRENCY)
+                .collect()
+                .await;
+        let mut out = Vec::with_capacity(summaries.len());
+        for (id, summary) in summaries {
+            match summary {
                 Ok(summary) => out.push(summary),
                 // Deleted between the listing and the read.
                 Err(BackendError::UnknownTemplate(_)) => {}
