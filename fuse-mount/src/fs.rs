@@ -20,11 +20,11 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
+use crate::attrs::{AttrChange, BLOCK_SIZE, NAME_MAX};
 use crate::buffers::BufferPool;
 use crate::files::Files;
 use crate::handles::Handles;
 use crate::inodes::Inodes;
-use crate::namespace::{AttrChange, BLOCK_SIZE, NAME_MAX};
 
 /// How long the kernel may trust a name or an attribute before asking again. Files
 /// come and go as the daemon adds and removes templates and overlays; one second

@@ -19,6 +19,7 @@
 //! - `inodes`: stable inode numbers per (folder, name).
 //! - `handles`: open files and directory listings by handle.
 //! - `buffers`: reusable buffers for request payloads.
+//! - `attrs`: the block size and name length shown, and a setattr's fields.
 //! - `error`: [`FuseError`].
 //!
 //! # Data flow
@@ -29,6 +30,7 @@
 //! [`File::flush`] and replies to the kernel itself; so many requests are in flight
 //! at once and none blocks the session threads on the network.
 
+mod attrs;
 mod buffers;
 mod error;
 mod file_io;

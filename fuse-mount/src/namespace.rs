@@ -7,17 +7,11 @@ use std::sync::Arc;
 use fuser::{AccessFlags, Errno, FileAttr, FileType, INodeNo};
 use tracing::warn;
 
+use crate::attrs::{AttrChange, BLOCK_SIZE, NAME_MAX};
 use crate::files::{File, Files, Folder};
 use crate::fs::LazyFs;
 use crate::handles::DirEntry;
 use crate::inodes::{folder_ino, Node, ROOT_INO};
-
-/// The block size shown by `stat` and `statfs`: the page size and the block size of
-/// the ext4 templates, so tools that size their I/O by it stay aligned.
-pub(crate) const BLOCK_SIZE: u32 = 4096;
-
-/// The longest file name the folders show (the kernel's `NAME_MAX`).
-pub(crate) const NAME_MAX: u32 = 255;
 
 impl<F: Files> LazyFs<F> {
     /// The attributes of the root or a folder.
@@ -214,14 +208,6 @@ fn dir_entry(ino: u64, kind: FileType, name: &str) -> DirEntry {
         kind,
         name: name.to_owned(),
     }
-}
-
-/// The owner and size fields of a setattr request.
-pub(crate) struct AttrChange {
-    pub(crate) mode: Option<u32>,
-    pub(crate) uid: Option<u32>,
-    pub(crate) gid: Option<u32>,
-    pub(crate) size: Option<u64>,
 }
 
 #[cfg(test)]
