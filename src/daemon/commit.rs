@@ -366,7 +366,8 @@ impl Commits {
                 }
             }
         }
-        for replica in self.templates.all() {
+        // Every known template, also those only on disk (read for this and not kept).
+        for replica in self.templates.snapshot() {
             if replica.manifest().origins.first() == Some(&self.advertise)
                 && !self.intents.contains(replica.id())
             {

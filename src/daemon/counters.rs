@@ -76,6 +76,9 @@ pub struct DaemonMetrics {
     pub fill_chunks_total: Family<TemplateLabel, Gauge>,
     pub cache_bytes: Gauge,
     pub cache_budget_bytes: Gauge,
+    /// Replicas in memory, and templates known (in memory or only on disk).
+    pub replicas_in_memory: Gauge,
+    pub templates_known: Gauge,
     pub evictions: Gauge<u64, AtomicU64>,
     /// 1 while fetched chunks cannot be kept on disk (see `CacheHealth`).
     pub cache_degraded: Gauge,
@@ -109,6 +112,8 @@ impl DaemonMetrics {
             fill_chunks_total: Family::default(),
             cache_bytes: Gauge::default(),
             cache_budget_bytes: Gauge::default(),
+            replicas_in_memory: Gauge::default(),
+            templates_known: Gauge::default(),
             evictions: Gauge::default(),
             cache_degraded: Gauge::default(),
             cache_write_failures: Gauge::default(),
@@ -189,6 +194,16 @@ impl DaemonMetrics {
                 "cache_budget_bytes",
                 "The cache's byte budget (0: none)",
                 m.cache_budget_bytes.clone(),
+            );
+            r.register(
+                "replicas_in_memory",
+                "Replicas held in memory (every busy one, and a bounded number of idle ones)",
+                m.replicas_in_memory.clone(),
+            );
+            r.register(
+                "templates_known",
+                "Templates this node has a manifest of, in memory or on disk",
+                m.templates_known.clone(),
             );
             r.register(
                 "cache_evictions",

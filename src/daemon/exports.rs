@@ -289,7 +289,8 @@ impl Exports for NbdExports {
 
 /// The node's templates and sandboxes, as the FUSE mount sees them. Answers from local
 /// state only: templates appear once this node knows them (the daemon learns the
-/// store's templates in the background).
+/// store's templates in the background), whether their replica is in memory or only
+/// their manifest on disk.
 pub struct FuseFiles {
     pub node: Arc<Node>,
 }
@@ -299,13 +300,7 @@ impl lazyblk_fuse::Files for FuseFiles {
 
     fn list(&self, folder: Folder) -> Vec<String> {
         match folder {
-            Folder::Templates => self
-                .node
-                .templates
-                .all()
-                .iter()
-                .map(|r| r.id().to_string())
-                .collect(),
+            Folder::Templates => self.node.templates.known_ids(),
             Folder::Sandboxes => self
                 .node
                 .sandboxes

@@ -45,4 +45,26 @@ impl<T> Registry<T> {
     pub fn remove(&self, id: &str) -> Option<Arc<T>> {
         self.0.write().unwrap_or_else(|e| e.into_inner()).remove(id)
     }
+
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Drops objects that `idle` accepts and that nobody else holds (the registry's is
+    /// the only reference, checked under its lock, so no caller can be using one), until
+    /// at most `keep` are left. Returns how many were dropped.
+    pub fn drop_idle(&self, keep: usize, idle: impl Fn(&T) -> bool) -> usize {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let excess = map.len().saturating_sub(keep);
+        let unused: Vec<String> = map
+            .iter()
+            .filter(|(_, v)| Arc::strong_count(v) == 1 && idle(v))
+            .map(|(k, _)| k.clone())
+            .take(excess)
+            .collect();
+        for id in &unused {
+            map.remove(id);
+        }
+        unused.len()
+    }
 }

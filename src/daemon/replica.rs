@@ -58,6 +58,14 @@ impl Replica {
         self.fill.lock().unwrap_or_else(|e| e.into_inner()).phase()
     }
 
+    /// Whether the node holds nothing of this replica but its manifest: no fill ran or
+    /// runs, nothing is claimed, no read was recorded. Such a replica can be dropped
+    /// from memory and read again from the manifest's copy on disk.
+    pub fn is_idle(&self) -> bool {
+        let fill = self.fill.lock().unwrap_or_else(|e| e.into_inner());
+        fill.phase.is_none() && !fill.pinned && fill.cancel.is_none() && !self.trace.is_started()
+    }
+
     /// Bytes of the non-zero chunks that are local.
     pub fn local_bytes(&self) -> u64 {
         self.count_local().1

@@ -1,8 +1,14 @@
 //! The templates this node knows: their manifests (saved under `<cache>/manifests/`,
 //! learned from the store on first look) and the node's replica of each, built over the
 //! cache with the sources its chunks come from.
+//!
+//! A node may know thousands of templates it never serves. Replicas that hold nothing
+//! but their manifest (no fill, no claims, no reads, no users) are kept in memory up to
+//! [`IDLE_IN_MEMORY`]; beyond that they are dropped, and read again from the manifest's
+//! copy on disk when next asked for, so memory grows with the templates served, not
+//! with the templates known.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -70,7 +76,13 @@ pub struct Templates {
     loading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The store's template names and when they were asked (see [`LISTING_TTL`]).
     listing: tokio::sync::Mutex<Option<(Instant, Vec<String>)>>,
+    /// Every template whose manifest this node has a copy of, in memory or not.
+    saved: Mutex<BTreeSet<String>>,
 }
+
+/// Replicas kept in memory beyond the busy ones (see the module header): about 40 KiB
+/// each for a 1 GiB template of 1 MiB chunks.
+pub const IDLE_IN_MEMORY: usize = 256;
 
 impl Templates {
     /// The templates saved under `state_dir` (none loaded yet: see [`Templates::restore`]).
@@ -92,6 +104,7 @@ impl Templates {
             trace_timing,
             loading: Mutex::new(HashMap::new()),
             listing: tokio::sync::Mutex::new(None),
+            saved: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -132,14 +145,63 @@ impl Templates {
         restored
     }
 
-    /// The replica of `id` if this node already knows it.
+    /// The replica of `id` if this node already knows it (read again from its saved
+    /// manifest if it was dropped from memory).
     pub fn known(&self, id: &str) -> Option<Arc<Replica>> {
-        self.replicas.get(id)
+        if let Some(r) = self.replicas.get(id) {
+            return Some(r);
+        }
+        let saved = self.saved().contains(id);
+        if !saved {
+            return None;
+        }
+        match self.read_saved(id) {
+            Some(manifest) => Some(self.insert(manifest)),
+            None => {
+                self.saved().remove(id);
+                None
+            }
+        }
     }
 
-    /// Every replica this node knows, by id.
+    /// The replicas in memory, by id: every one that is filled, claimed, read or used,
+    /// and up to [`IDLE_IN_MEMORY`] others.
     pub fn all(&self) -> Vec<Arc<Replica>> {
         self.replicas.all()
+    }
+
+    /// Every template this node has a manifest of, in memory or on disk, by id.
+    pub fn known_ids(&self) -> Vec<String> {
+        self.saved().iter().cloned().collect()
+    }
+
+    /// The replica of every known template, in id order; those not in memory are read
+    /// from disk for the caller and not kept (an operator's listing).
+    pub fn snapshot(&self) -> Vec<Arc<Replica>> {
+        self.known_ids()
+            .iter()
+            .filter_map(|id| {
+                self.replicas
+                    .get(id)
+                    .or_else(|| self.read_saved(id).map(|m| self.new_replica(m)))
+            })
+            .collect()
+    }
+
+    fn saved(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The saved manifest of `id`, if its copy reads and parses (blocking policy: a
+    /// small file read, through `lazyblk_cache::blocking`).
+    fn read_saved(&self, id: &str) -> Option<Manifest> {
+        let path = self.manifest_path(id);
+        let bytes = lazyblk_cache::blocking::blocking(|| std::fs::read(&path)).ok()?;
+        Manifest::parse(&bytes, Some(id))
+            .map_err(
+                |e| tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest"),
+            )
+            .ok()
     }
 
     /// Whether `id` names a template, here or in the store (an id a new template or
@@ -205,8 +267,15 @@ impl Templates {
     /// Adds a template this node has a manifest for (published or committed here).
     pub fn insert(&self, manifest: Manifest) -> Arc<Replica> {
         let id = manifest.template.clone();
+        self.saved().insert(id.clone());
         let replica = self.new_replica(manifest);
-        self.replicas.insert_new(id, replica)
+        let replica = self.replicas.insert_new(id, replica);
+        if self.replicas.len() > IDLE_IN_MEMORY {
+            // Down to three quarters, so the scan does not run at every insert.
+            self.replicas
+                .drop_idle(IDLE_IN_MEMORY * 3 / 4, Replica::is_idle);
+        }
+        replica
     }
 
     /// A replica of `manifest` that the node does not list (a resize's grown base).
@@ -261,6 +330,7 @@ impl Templates {
             }
         }
         let _ = sync_dir(&self.manifests_dir);
+        self.saved().remove(template);
         self.replicas.remove(template);
     }
 
@@ -300,7 +370,8 @@ impl Templates {
         };
         let mut learned = 0;
         for id in ids {
-            if self.known(&id).is_none() && self.replica(&id).await.is_ok() {
+            let known = self.saved().contains(&id);
+            if !known && self.replica(&id).await.is_ok() {
                 learned += 1;
             }
         }
@@ -311,7 +382,7 @@ impl Templates {
     /// The store's listing is asked at most once per [`LISTING_TTL`], so a client that
     /// sends many NBD_OPT_LIST costs the store one request a second at most.
     pub async fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.all().iter().map(|r| r.id().to_string()).collect();
+        let mut names = self.known_ids();
         names.extend(self.store_listing().await);
         names.sort();
         names.dedup();

@@ -99,6 +99,11 @@ impl TraceRecorder {
         elapsed > self.timing.window || elapsed.saturating_sub(last) > self.timing.quiet
     }
 
+    /// Whether a read was recorded (the trace has something to keep).
+    pub fn is_started(&self) -> bool {
+        self.started.get().is_some()
+    }
+
     /// Stops recording: the trace was published or the store has one already.
     pub fn mark_published(&self) {
         self.published.store(true, Ordering::Relaxed);

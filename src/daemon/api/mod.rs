@@ -139,9 +139,10 @@ pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
 
 async fn list_templates(State(state): State<ApiState>) -> Json<Vec<ReplicaStatus>> {
     let node = &state.node;
+    // Every known template, those dropped from memory read again for this listing.
     Json(
         node.templates
-            .all()
+            .snapshot()
             .iter()
             .map(|r| replica_status(node, r))
             .collect(),
@@ -226,6 +227,12 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .cache_budget_bytes
         .set(usage.budget_bytes as i64);
     node.metrics.evictions.set(usage.evictions);
+    node.metrics
+        .replicas_in_memory
+        .set(node.templates.all().len() as i64);
+    node.metrics
+        .templates_known
+        .set(node.templates.known_ids().len() as i64);
     let health = node.cache.health();
     node.metrics
         .cache_degraded
