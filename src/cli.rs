@@ -297,9 +297,10 @@ pub struct PublishArgs {
     /// Chunks uploaded at once.
     #[arg(long, default_value = "8")]
     pub concurrency: usize,
-    /// Upload every chunk raw and write a format-1 manifest (readable by builds before
-    /// compressed chunks). By default a chunk is stored zstd-compressed when that makes
-    /// it smaller (format 2).
+    /// Upload chunks raw and write a format-1 manifest. By default a chunk is stored
+    /// zstd-compressed when that makes it smaller (format 2). Chunks the store already
+    /// holds are not uploaded again, so builds before compressed chunks can read the
+    /// template only from a store whose chunks were all uploaded raw.
     #[arg(long)]
     pub no_compress: bool,
     /// Bearer token for writes to the store.

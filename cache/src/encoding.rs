@@ -29,6 +29,11 @@ pub const ZSTD_LEVEL: i32 = 3;
 /// The first bytes of every zstd frame.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 
+/// The largest window a stored frame may use: 16 MiB, the largest chunk. Both decoders
+/// hold to it, so they accept the same frames, and a frame cannot make a decoder
+/// allocate a larger window.
+const WINDOW_LOG_MAX: u32 = 24;
+
 /// A stored chunk's encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,6 +95,9 @@ pub enum DecodeError {
     /// The bytes (decoded where they were a frame) hash to another digest.
     #[error("digest mismatch: the bytes hash to {actual}")]
     Mismatch { actual: Digest },
+    /// No decoder could be made (out of memory): nothing is known of the bytes.
+    #[error("cannot decode: {0}")]
+    Unavailable(String),
 }
 
 /// Decodes and verifies the stored bytes of a chunk of `len` raw bytes named `digest`:
@@ -101,7 +109,19 @@ pub fn decode(
     digest: &Digest,
 ) -> Result<(Encoding, Bytes), DecodeError> {
     let mut frame_error = None;
-    if stored.starts_with(&ZSTD_MAGIC) {
+    // A stored frame is exactly one frame, smaller than its chunk: what the store
+    // accepts (see `StoredVerifier`), so both ends agree on every body.
+    let one_frame = stored.starts_with(&ZSTD_MAGIC)
+        && stored.len() < len
+        && zstd::zstd_safe::find_frame_compressed_size(&stored) == Ok(stored.len());
+    if stored.starts_with(&ZSTD_MAGIC) && !one_frame {
+        frame_error = Some(DecodeError::BadFrame {
+            stored: stored.len(),
+            len,
+            detail: "not one frame smaller than the chunk".into(),
+        });
+    }
+    if one_frame {
         match decompress(&stored, len) {
             Ok(raw) if raw.len() == len => {
                 let actual = Digest::of(&raw);
@@ -149,7 +169,10 @@ fn decompress(frame: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
+            let mut decompressor = zstd::bulk::Decompressor::new()?;
+            decompressor
+                .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
+            *d = Some(decompressor);
         }
         let mut out = Vec::with_capacity(len);
         d.as_mut()
@@ -169,6 +192,8 @@ pub struct StoredVerifier {
     stored: DigestWriter,
     stored_len: u64,
     frame: Option<FrameState>,
+    /// Set when the bytes began a frame but no decoder could be made.
+    unavailable: Option<String>,
 }
 
 /// A frame being decoded: its output's hash, or why it is not a frame of the chunk.
@@ -194,6 +219,7 @@ impl StoredVerifier {
             stored: DigestWriter::default(),
             stored_len: 0,
             frame: None,
+            unavailable: None,
         }
     }
 
@@ -203,6 +229,9 @@ impl StoredVerifier {
     }
 
     pub fn update(&mut self, piece: &[u8]) {
+        if piece.is_empty() {
+            return;
+        }
         self.stored.update(piece);
         self.stored_len += piece.len() as u64;
         if self.head.len() < ZSTD_MAGIC.len() {
@@ -212,7 +241,13 @@ impl StoredVerifier {
                 return;
             }
             if self.head == ZSTD_MAGIC {
-                self.frame = FrameState::new();
+                self.frame = match FrameState::new() {
+                    Ok(frame) => Some(frame),
+                    Err(e) => {
+                        self.unavailable = Some(e.to_string());
+                        None
+                    }
+                };
                 let head = std::mem::take(&mut self.head);
                 self.feed(&head);
                 self.head = head;
@@ -240,6 +275,11 @@ impl StoredVerifier {
             if !frame.ended && frame.failed.is_none() {
                 frame.failed = Some("the frame is cut short".into());
             }
+            if frame.failed.is_none() && self.stored_len >= frame.decoded_len {
+                // A frame no smaller than its chunk is never stored (`encode`), and the
+                // daemon's transports refuse bodies longer than the chunk.
+                frame.failed = Some("the frame is not smaller than the chunk".into());
+            }
             match frame.failed {
                 None => {
                     let actual = frame.decoded.finish();
@@ -261,14 +301,18 @@ impl StoredVerifier {
         if actual == *digest && self.stored_len <= limit {
             return Ok((Encoding::Raw, self.stored_len));
         }
+        if let Some(e) = self.unavailable {
+            return Err(DecodeError::Unavailable(e));
+        }
         Err(frame_error.unwrap_or(DecodeError::Mismatch { actual }))
     }
 }
 
 impl FrameState {
-    fn new() -> Option<FrameState> {
-        let decoder = zstd::stream::raw::Decoder::new().ok()?;
-        Some(FrameState {
+    fn new() -> std::io::Result<FrameState> {
+        let mut decoder = zstd::stream::raw::Decoder::new()?;
+        decoder.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
+        Ok(FrameState {
             decoder,
             out: vec![0u8; DECODE_PIECE].into_boxed_slice(),
             decoded: DigestWriter::default(),
@@ -450,6 +494,40 @@ mod tests {
             matches!(streamed, Err(DecodeError::BadFrame { .. })),
             "{streamed:?}"
         );
+    }
+
+    #[test]
+    fn both_decoders_refuse_what_the_other_refuses() {
+        let raw = text(1 << 18);
+        let digest = Digest::of(&raw);
+        let frame = encode(&raw).1.into_owned();
+        // Two frames of the chunk's halves: one chunk, but not one frame.
+        let mut two = zstd::bulk::compress(&raw[..1 << 17], 3).unwrap();
+        two.extend(zstd::bulk::compress(&raw[1 << 17..], 3).unwrap());
+        // A skippable frame after the chunk's frame.
+        let mut skippable = frame.clone();
+        skippable.extend_from_slice(&[0x50, 0x2A, 0x4D, 0x18, 4, 0, 0, 0, 1, 2, 3, 4]);
+        // A frame of random bytes, larger than the chunk it holds.
+        let noise = random(1 << 16);
+        let big = zstd::bulk::compress(&noise, 1).unwrap();
+        assert!(big.len() >= noise.len());
+        for (body, len, digest) in [
+            (&two, raw.len(), digest),
+            (&skippable, raw.len(), digest),
+            (&big, noise.len(), Digest::of(&noise)),
+        ] {
+            assert!(decode(Bytes::copy_from_slice(body), len, &digest).is_err());
+            assert!(verify_streaming(body, 1 << 24, &digest, 4096).is_err());
+        }
+        // Empty pieces between the bytes change nothing.
+        let mut v = StoredVerifier::new(1 << 24);
+        for piece in frame.chunks(100) {
+            for _ in 0..20 {
+                v.update(&[]);
+            }
+            v.update(piece);
+        }
+        assert_eq!(v.finish(&digest), Ok((Encoding::Zstd, 1 << 18)));
     }
 
     #[test]

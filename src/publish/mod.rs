@@ -195,8 +195,12 @@ async fn verify_and_repair(
     stored: &Manifest,
     uploader: Uploader<'_>,
 ) -> Result<(Vec<Option<Digest>>, PublishReport), PublishError> {
-    let (client, concurrency, compress) =
-        (uploader.client, uploader.concurrency, uploader.compress);
+    // A format-1 template's repairs stay raw, whatever this publish was asked.
+    let compress = uploader.compress && stored.format >= lazyblk_cache::manifest::MANIFEST_FORMAT;
+    if args.no_compress && stored.format >= lazyblk_cache::manifest::MANIFEST_FORMAT {
+        tracing::warn!(template = %args.template, "--no-compress: the published template is format 2 (its chunks may be compressed); repairs stay as it is");
+    }
+    let (client, concurrency) = (uploader.client, uploader.concurrency);
     let (chunks, mut report) = hash_and_upload(args, size, Some(stored), uploader).await?;
     let digests: Vec<Digest> = stored.stored_chunks().map(|(_, d)| d).collect();
     let missing: HashSet<Digest> = client.missing(&digests).await?.into_iter().collect();

@@ -47,7 +47,7 @@ pub struct DirBackend {
     pub(super) manifests_lock: tokio::sync::Mutex<()>,
     /// Summaries of DURABLE templates: nothing but a delete or gc of referenced chunks
     /// (which gc never does) can change them, so they are not recomputed.
-    durable: DurableSummaries,
+    pub(super) durable: DurableSummaries,
 }
 
 impl DirBackend {
@@ -432,7 +432,14 @@ pub(super) fn file_is_chunk(path: &Path, digest: &Digest) -> io::Result<bool> {
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
-            return Ok(verifier.finish(digest).is_ok());
+            return match verifier.finish(digest) {
+                Ok(_) => Ok(true),
+                // Nothing is known of the bytes: not a reason to delete them.
+                Err(lazyblk_cache::encoding::DecodeError::Unavailable(e)) => {
+                    Err(io::Error::other(e))
+                }
+                Err(_) => Ok(false),
+            };
         }
         verifier.update(&buf[..n]);
     }

@@ -53,14 +53,18 @@ pub fn is_chunk(stored: &[u8], digest: &Digest) -> bool {
     verifier.finish(digest).is_ok()
 }
 
-/// The error for an upload that is not the chunk it names.
+/// The error for an upload that is not the chunk it names (or could not be decoded to
+/// tell, which is not the client's fault).
 pub(super) fn not_the_chunk(
     digest: &Digest,
     e: lazyblk_cache::encoding::DecodeError,
 ) -> BackendError {
-    BackendError::DigestMismatch {
-        expected: *digest,
-        detail: e.to_string(),
+    match e {
+        lazyblk_cache::encoding::DecodeError::Unavailable(detail) => BackendError::Task(detail),
+        e => BackendError::DigestMismatch {
+            expected: *digest,
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -336,6 +340,14 @@ impl DurableSummaries {
             if let Ok(mut durable) = self.0.lock() {
                 durable.insert(id.to_string(), summary.clone());
             }
+        }
+    }
+
+    /// Drops every kept summary (a scrub deleted chunks: a template may no longer be
+    /// DURABLE).
+    pub(crate) fn clear(&self) {
+        if let Ok(mut durable) = self.0.lock() {
+            durable.clear();
         }
     }
 

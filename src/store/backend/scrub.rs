@@ -17,7 +17,11 @@ impl DirBackend {
     /// Hashes every chunk file; deletes the bad ones.
     pub async fn scrub(&self) -> Result<ScrubReport, BackendError> {
         let chunks = self.root.join("chunks");
-        blocking(move || scrub_dir(&chunks)).await
+        let report = blocking(move || scrub_dir(&chunks)).await?;
+        if !report.dropped.is_empty() {
+            self.durable.clear();
+        }
+        Ok(report)
     }
 }
 
@@ -96,6 +100,9 @@ impl ObjectBackend {
                     report.unreadable.push(digest.to_hex());
                 }
             }
+        }
+        if !report.dropped.is_empty() {
+            self.durable.clear();
         }
         Ok(report)
     }

@@ -52,7 +52,7 @@ pub struct ObjectBackend {
     pub(super) manifests_lock: tokio::sync::Mutex<()>,
     /// Summaries of DURABLE templates, as in the directory engine: only a delete changes
     /// them, so they are not recomputed with a HEAD per chunk on every listing.
-    durable: DurableSummaries,
+    pub(super) durable: DurableSummaries,
     /// When each chunk was last confirmed present to an uploader (the missing list, a
     /// PUT of a stored chunk). gc keeps unreferenced chunks confirmed within its grace
     /// period, as the directory engine keeps files whose mtime a confirmation refreshed:
