@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use support::node::{nbdsh, sh, DaemonProc};
-use support::{make_ext4, pattern, run, StoreProc};
+use support::{make_ext4, manifest_json, pattern, publish_json, StoreProc};
 
 const CHUNK: usize = 1 << 20;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
@@ -29,37 +29,13 @@ fn mixed_image(dir: &Path) -> PathBuf {
     )
 }
 
-fn publish_json(store: &StoreProc, image: &Path, id: &str, extra: &[&str]) -> serde_json::Value {
-    let url = store.url();
-    let mut args = vec![
-        "publish",
-        image.to_str().unwrap(),
-        "--template",
-        id,
-        "--store",
-        &url,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let (ok, out, err) = run(&args);
-    assert!(ok, "publish {id}: {out}{err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-fn manifest(store: &StoreProc, id: &str) -> serde_json::Value {
-    let (status, body) =
-        support::http_get(&format!("{}/v1/templates/{id}/manifest", store.url())).unwrap();
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 fn chunk_path(store: &StoreProc, digest: &str) -> PathBuf {
     store.root().join("chunks").join(&digest[..2]).join(digest)
 }
 
 /// (index, digest, stored bytes) of every stored chunk of `id`.
 fn stored_chunks(store: &StoreProc, id: &str) -> Vec<(usize, String, Vec<u8>)> {
-    manifest(store, id)["chunks"]
+    manifest_json(&store.url(), id)["chunks"]
         .as_array()
         .unwrap()
         .iter()
@@ -101,7 +77,7 @@ fn a_template_of_compressed_and_raw_chunks_reads_back_byte_for_byte() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = mixed_image(tmp.path());
-    let report = publish_json(&store, &image, "mixed", &[]);
+    let report = publish_json(&image, "mixed", &store.url(), &[]);
     let uploaded = report["uploaded_chunks"].as_u64().unwrap();
     let compressed = report["compressed_chunks"].as_u64().unwrap();
     assert!(compressed > 0 && compressed < uploaded, "{report}");
@@ -109,7 +85,7 @@ fn a_template_of_compressed_and_raw_chunks_reads_back_byte_for_byte() {
         report["stored_bytes"].as_u64() < report["uploaded_bytes"].as_u64(),
         "{report}"
     );
-    assert_eq!(manifest(&store, "mixed")["format"], 2);
+    assert_eq!(manifest_json(&store.url(), "mixed")["format"], 2);
     let chunks = stored_chunks(&store, "mixed");
     let frames = chunks
         .iter()
@@ -136,7 +112,7 @@ fn a_corrupt_compressed_chunk_is_refused_and_fetched_again_once_the_store_is_rep
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = mixed_image(tmp.path());
-    publish_json(&store, &image, "spoiled", &[]);
+    publish_json(&image, "spoiled", &store.url(), &[]);
     let chunks = stored_chunks(&store, "spoiled");
     let (index, digest, mut frame) = chunks
         .into_iter()
@@ -164,7 +140,7 @@ fn a_corrupt_compressed_chunk_is_refused_and_fetched_again_once_the_store_is_rep
     );
     assert!(ok, "scrub: {err}");
     assert!(out.contains(&digest), "{out}");
-    publish_json(&store, &image, "spoiled", &[]);
+    publish_json(&image, "spoiled", &store.url(), &[]);
     let image_bytes = std::fs::read(&image).unwrap();
     assert_eq!(
         pread(&daemon, "spoiled", offset).expect("the repaired chunk"),
@@ -234,7 +210,7 @@ fn a_zstd_bomb_is_refused_by_the_store_and_by_the_daemon() {
 
     // The daemon: a compressed chunk replaced by a bomb behind the store's back.
     let image = mixed_image(tmp.path());
-    publish_json(&store, &image, "bombed", &[]);
+    publish_json(&image, "bombed", &store.url(), &[]);
     let (index, digest, _) = stored_chunks(&store, "bombed")
         .into_iter()
         .find(|(_, _, b)| b.starts_with(&ZSTD_MAGIC))
@@ -273,10 +249,10 @@ fn a_format_1_store_of_raw_chunks_is_read_by_this_daemon() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = mixed_image(tmp.path());
-    let report = publish_json(&store, &image, "plain", &["--no-compress"]);
+    let report = publish_json(&image, "plain", &store.url(), &["--no-compress"]);
     assert_eq!(report["compressed_chunks"], 0, "{report}");
     assert_eq!(report["stored_bytes"], report["uploaded_bytes"], "{report}");
-    assert_eq!(manifest(&store, "plain")["format"], 1);
+    assert_eq!(manifest_json(&store.url(), "plain")["format"], 1);
     for (_, digest, bytes) in stored_chunks(&store, "plain") {
         assert!(
             !bytes.starts_with(&ZSTD_MAGIC),
@@ -287,7 +263,7 @@ fn a_format_1_store_of_raw_chunks_is_read_by_this_daemon() {
     copy_and_compare(&daemon, "plain", &image, tmp.path());
     // A compressed template over the same store shares the raw chunks it has: only
     // chunks the store lacked are stored compressed.
-    let again = publish_json(&store, &image, "plain-too", &[]);
+    let again = publish_json(&image, "plain-too", &store.url(), &[]);
     assert_eq!(again["uploaded_chunks"], 0, "{again}");
     copy_and_compare(&daemon, "plain-too", &image, tmp.path());
 }

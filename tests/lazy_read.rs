@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use support::node::{nbdsh, sh, DaemonProc};
-use support::{make_ext4, pattern, publish, run, StoreProc};
+use support::{make_ext4, manifest_json, pattern, publish, run, StoreProc};
 
 const CHUNK: usize = 1 << 20;
 
@@ -23,13 +23,6 @@ fn publish_image(store: &StoreProc, dir: &Path, id: &str) -> PathBuf {
     let image = make_ext4(dir, 48, &files);
     publish(&store.url(), &image, id);
     image
-}
-
-fn manifest(store: &StoreProc, id: &str) -> serde_json::Value {
-    let (status, body) =
-        support::http_get(&format!("{}/v1/templates/{id}/manifest", store.url())).unwrap();
-    assert_eq!(status, 200);
-    serde_json::from_str(&body).unwrap()
 }
 
 #[test]
@@ -54,7 +47,7 @@ fn real_clients_read_the_template_byte_for_byte() {
     let (ok, out, err) = sh("nbdinfo", &["--map", "--json", &uri]);
     assert!(ok, "nbdinfo --map: {err}");
     let map: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let m = manifest(&store, "t1");
+    let m = manifest_json(&store.url(), "t1");
     let chunks = m["chunks"].as_array().unwrap();
     let mut holes_from_map = vec![false; chunks.len()];
     for extent in map.as_array().unwrap() {
@@ -165,7 +158,7 @@ fn one_small_read_fetches_one_chunk_not_the_template() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = publish_image(&store, tmp.path(), "t3");
-    let stored = manifest(&store, "t3")["chunks"]
+    let stored = manifest_json(&store.url(), "t3")["chunks"]
         .as_array()
         .unwrap()
         .iter()
@@ -192,7 +185,7 @@ fn one_small_read_fetches_one_chunk_not_the_template() {
     println!("one 4 KiB read: the store served {served} chunk(s), {bytes_served} bytes, of a template of {stored} stored chunks");
     assert_eq!(served, 1.0, "a 4 KiB read must fetch exactly one chunk");
     // That chunk as the store keeps it (a zstd frame where it compressed).
-    let digest = manifest(&store, "t3")["chunks"][offset / CHUNK]
+    let digest = manifest_json(&store.url(), "t3")["chunks"][offset / CHUNK]
         .as_str()
         .unwrap()
         .to_string();
@@ -211,7 +204,7 @@ fn a_corrupted_chunk_is_refused_and_never_served() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = publish_image(&store, tmp.path(), "t4");
-    let m = manifest(&store, "t4");
+    let m = manifest_json(&store.url(), "t4");
     let chunks = m["chunks"].as_array().unwrap();
     let (index, digest) = chunks
         .iter()
@@ -316,7 +309,7 @@ fn sigkill_mid_read_leaves_a_cache_that_serves_correct_bytes() {
     assert!(ok, "{err}");
     assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap());
     let fetched_again = store.metric("lazyblk_store_chunks_served_total") - served_before;
-    let stored = manifest(&store, "t5")["chunks"]
+    let stored = manifest_json(&store.url(), "t5")["chunks"]
         .as_array()
         .unwrap()
         .iter()

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use lazyblk_cache::{Digest, Manifest};
 use serde_json::Value;
-use support::{make_ext4, make_ext4_blocks, pattern, run, StoreProc};
+use support::{make_ext4, make_ext4_blocks, pattern, publish_json, run, StoreProc};
 
 const MIB: usize = 1 << 20;
 
@@ -19,23 +19,6 @@ fn expected_chunks(image: &Path, chunk_size: usize) -> Vec<Option<Digest>> {
         .chunks(chunk_size)
         .map(|c| c.iter().any(|b| *b != 0).then(|| Digest::of(c)))
         .collect()
-}
-
-fn publish_json(image: &Path, id: &str, store: &str, extra: &[&str]) -> Value {
-    let image = image.to_str().unwrap();
-    let mut args = vec![
-        "publish",
-        image,
-        "--template",
-        id,
-        "--store",
-        store,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let (ok, stdout, stderr) = run(&args);
-    assert!(ok, "publish {id} failed: {stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
 }
 
 fn publish_err(image: &Path, id: &str, store: &str, extra: &[&str]) -> String {

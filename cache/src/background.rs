@@ -41,14 +41,11 @@ fn pool() -> &'static Mutex<mpsc::Sender<Job>> {
                 .spawn(move || {
                     lower_priority();
                     set_idle(false);
-                    let mut idle = false;
                     loop {
                         let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         match job {
                             Ok((yielding, job)) => {
-                                if yielding != idle && set_idle(yielding) {
-                                    idle = yielding;
-                                }
+                                be_idle(yielding);
                                 job()
                             }
                             Err(_) => return,
@@ -167,10 +164,18 @@ fn runtime() -> Option<&'static tokio::runtime::Runtime> {
 }
 
 thread_local! {
-    /// Whether this thread is SCHED_IDLE now (background runtime threads only).
+    /// Whether this thread is SCHED_IDLE now (background threads only).
     static IDLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Whether this thread belongs to the background runtime.
     static ON_BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes the calling background thread SCHED_IDLE or not, with a system call only when
+/// that changes.
+fn be_idle(idle: bool) {
+    if IDLE.with(|i| i.get()) != idle && set_idle(idle) {
+        IDLE.with(|i| i.set(idle));
+    }
 }
 
 /// Whether the caller runs on the background fetch runtime.
@@ -213,10 +218,7 @@ impl<F: std::future::Future, Y: Fn() -> bool + Unpin> std::future::Future for Yi
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<F::Output> {
         let this = self.get_mut();
-        let want = (this.yielding)();
-        if IDLE.with(|i| i.get()) != want && set_idle(want) {
-            IDLE.with(|i| i.set(want));
-        }
+        be_idle((this.yielding)());
         this.inner.as_mut().poll(cx)
     }
 }

@@ -311,6 +311,12 @@ impl ChunkCache {
         self.store.count_local(digests)
     }
 
+    /// The distinct local digests among `digests`, sorted (a template's chunks to claim
+    /// for an upload).
+    pub fn local_of(&self, digests: impl IntoIterator<Item = Digest>) -> Vec<Digest> {
+        self.store.local_of(digests)
+    }
+
     /// Moves at every insert and delete (see [`ChunkStore::generation`]).
     pub fn generation(&self) -> u64 {
         self.store.generation()

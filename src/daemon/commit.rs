@@ -379,10 +379,9 @@ impl Commits {
     /// Claims the local chunks of `manifest` for its upload and returns them (each
     /// distinct digest once).
     fn pin_local(&self, manifest: &Manifest) -> Vec<Digest> {
-        let mut local: Vec<Digest> = manifest.stored_chunks().map(|(_, d)| d).collect();
-        local.sort();
-        local.dedup();
-        local.retain(|d| self.cache.is_local(d));
+        let local = self
+            .cache
+            .local_of(manifest.stored_chunks().map(|(_, d)| d));
         self.cache
             .pin(&upload_owner(&manifest.template), local.iter().copied());
         local

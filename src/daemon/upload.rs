@@ -103,14 +103,9 @@ impl Uploads {
     /// At start: re-pins and uploads the local chunks of `replica` (originated here)
     /// that the store still lacks.
     pub async fn resume(self: &Arc<Self>, replica: Arc<Replica>) {
-        let mut local: Vec<Digest> = replica
-            .manifest()
-            .stored_chunks()
-            .map(|(_, d)| d)
-            .filter(|d| self.cache.is_local(d))
-            .collect();
-        local.sort();
-        local.dedup();
+        let local = self
+            .cache
+            .local_of(replica.manifest().stored_chunks().map(|(_, d)| d));
         let missing = match self.store.missing(&local).await {
             Ok(m) => m,
             Err(e) => {

@@ -200,6 +200,33 @@ pub fn publish(store_url: &str, image: &Path, id: &str) {
     assert!(ok, "publish {id}: {out}{err}");
 }
 
+/// Publishes `image` as `id` with `--json` (and `extra` flags), asserting success;
+/// returns the report.
+pub fn publish_json(image: &Path, id: &str, store: &str, extra: &[&str]) -> serde_json::Value {
+    let image = image.to_str().expect("a UTF-8 image path");
+    let mut args = vec![
+        "publish",
+        image,
+        "--template",
+        id,
+        "--store",
+        store,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok, "publish {id} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+}
+
+/// The manifest of `id` as the store at `store_url` serves it.
+pub fn manifest_json(store_url: &str, id: &str) -> serde_json::Value {
+    let (status, body) =
+        http_get(&format!("{store_url}/v1/templates/{id}/manifest")).expect("GET manifest");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("a JSON manifest")
+}
+
 /// Makes an ext4 image with 4 KiB blocks, `size_mib` MiB, holding `files` (paths
 /// relative to the file system root; parents are created). Returns the image path,
 /// a new file under `dir`.

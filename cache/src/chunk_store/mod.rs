@@ -568,6 +568,20 @@ impl ChunkStore {
             .fold((0, 0), |(n, bytes), len| (n + 1, bytes + len))
     }
 
+    /// The distinct digests of `digests` that are local, sorted, under one look at the
+    /// index.
+    pub fn local_of(&self, digests: impl IntoIterator<Item = Digest>) -> Vec<Digest> {
+        let index = self.index();
+        let mut local: Vec<Digest> = digests
+            .into_iter()
+            .filter(|d| index.lru.peek(d).is_some())
+            .collect();
+        drop(index);
+        local.sort();
+        local.dedup();
+        local
+    }
+
     /// Bumped at every insert and delete: a count of what is local stays right while
     /// this does not move.
     pub fn generation(&self) -> u64 {
