@@ -109,6 +109,9 @@ fn warm_reaches_ready_and_status_reads_well() {
         store.metric("lazyblk_store_chunks_served_total") as u64,
         stored
     );
+    // Its large reads left the chunk files by splice over the unix socket, not copied.
+    let spliced = daemon.metric("lazyblk_nbd_spliced_bytes_total");
+    assert!(spliced >= (8 << 20) as f64, "spliced {spliced} bytes");
 
     // Warming again is a no-op.
     let (ok, out, _) = run(&["warm", "py311", "--node", &daemon.url()]);

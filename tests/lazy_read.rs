@@ -127,6 +127,23 @@ fn export_name_clients_and_fio_work_over_tcp() {
             "offset {offset}"
         );
     }
+    // The same reads again are cached: their bytes are spliced over TCP from the chunk
+    // files once those are written (a read right after a fetch may still be answered
+    // from the verified bytes in memory), and are the same bytes.
+    let mut spliced = 0.0;
+    for _ in 0..50 {
+        for offset in [0u64, 4096, 3 << 20, (47 << 20) - 256 * 1024] {
+            client.seek(SeekFrom::Start(offset)).unwrap();
+            client.read_exact(&mut buf).unwrap();
+            assert!(buf == bytes[offset as usize..offset as usize + buf.len()]);
+        }
+        spliced = daemon.metric("lazyblk_nbd_spliced_bytes_total");
+        if spliced > 0.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(spliced > 0.0, "no cached read was spliced");
 
     // fio's nbd engine: a short random read run without errors.
     let uri = daemon.nbd_uri("t2");

@@ -89,6 +89,8 @@ pub trait FetchObserver: Send + Sync + 'static {
     fn hit(&self, _template: &str) {}
     /// A read needed a fetch (counted once per reader).
     fn miss(&self, _template: &str) {}
+    /// A read's `bytes` were handed out as page-cached file pieces, to be spliced.
+    fn spliced(&self, _bytes: u64) {}
     /// A chunk arrived from `source` and was verified.
     fn fetched(&self, _chunk: &ChunkRef, _source: &str, _elapsed: Duration) {}
     /// A source failed to give a chunk.
@@ -402,6 +404,25 @@ impl ChunkCache {
     /// Demand reads waiting for a fetch now (background work yields to them).
     pub fn demand_waiting(&self) -> usize {
         self.demand_waiting.load(Ordering::Relaxed)
+    }
+
+    /// The local chunk, when bytes `offset..offset + len` of it are in the page cache now
+    /// (a read of them would not wait for the disk); nothing is counted.
+    pub fn resident(&self, chunk: &ChunkRef, offset: u64, len: u64) -> Option<ChunkFile> {
+        let file = self.local(chunk).ok().flatten()?;
+        file.resident(offset, len).then_some(file)
+    }
+
+    /// Counts a read of `chunks` chunks of `template` answered from resident chunk files
+    /// ([`ChunkCache::resident`]) as hits, and `bytes` as spliced: the same as reads
+    /// through [`ChunkCache::get`] for metrics and for the fill, which yields to readers.
+    pub fn resident_read(&self, template: &str, chunks: usize, bytes: u64) {
+        self.last_demand_us
+            .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+        for _ in 0..chunks {
+            self.observer.hit(template);
+        }
+        self.observer.spliced(bytes);
     }
 
     /// The local chunk without counting a hit or miss; `None` if absent.

@@ -167,6 +167,46 @@ impl TemplateImage {
         Ok(())
     }
 
+    /// Hands `push` the pieces of chunk files that hold the `len` bytes at `offset`, in
+    /// order, when every piece is local and in the page cache now, so a frontend can
+    /// splice them instead of reading them through a buffer. `false` (nothing counted)
+    /// when a piece is an all-zero chunk, not local or not resident, or `push` has no
+    /// room; the caller then uses [`Image::read_at`]. Never waits. On success it counts
+    /// like a read: hits, readahead, and the demand the fill yields to.
+    pub fn resident_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        mut push: impl FnMut(&Arc<std::fs::File>, u64, u32) -> bool,
+    ) -> bool {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return false;
+        }
+        let chunk_size = self.manifest.chunk_size as u64;
+        let first = (offset / chunk_size) as usize;
+        let last = ((offset + len - 1) / chunk_size) as usize;
+        let mut pos = offset;
+        for index in first..=last {
+            let chunk_start = index as u64 * chunk_size;
+            let take = (chunk_start + chunk_size).min(offset + len) - pos;
+            let within = pos - chunk_start;
+            let Some(chunk) = self.chunk_ref(index) else {
+                return false;
+            };
+            let Some(file) = self.cache.resident(&chunk, within, take) else {
+                return false;
+            };
+            // `take` is at most one chunk (16 MiB), so it fits u32.
+            if !push(file.file(), within, take as u32) {
+                return false;
+            }
+            pos += take;
+        }
+        self.read_ahead(first, last);
+        self.cache.resident_read(&self.id, last - first + 1, len);
+        true
+    }
+
     fn copy_out(&self, file: Option<&Chunk>, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         match file {
             Some(f) => f.read_at(offset, buf).map_err(|source| ReadError::Local {

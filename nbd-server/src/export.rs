@@ -4,6 +4,7 @@
 //! The server knows nothing else about an export: the daemon implements these traits
 //! over its cache and overlays, and tests implement them over a `Vec<u8>`.
 
+use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -87,6 +88,17 @@ pub trait Export: Send + Sync + 'static {
         }
     }
 
+    /// The `len` bytes at `offset` as pieces of files whose pages are already in the page
+    /// cache, so the server can send them with `splice` instead of copying them through
+    /// a buffer. `false` (the default) when any part is not such a file piece now: not
+    /// local, all zero, not resident, or more than [`FileSlices::CAPACITY`] pieces; the
+    /// server then calls [`Export::read`]. Must not block: it is asked on the
+    /// connection's reader task, and only for reads of at least
+    /// [`SPLICE_MIN_READ`](crate::SPLICE_MIN_READ) bytes on a plain socket.
+    fn read_files(&self, _offset: u64, _len: u32, _out: &mut FileSlices) -> bool {
+        false
+    }
+
     /// NBD_CMD_CACHE: start bringing the range local; may return before it is.
     fn cache(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send;
 
@@ -96,6 +108,56 @@ pub trait Export: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
+}
+
+/// Where a read's bytes lie in files: up to [`FileSlices::CAPACITY`] pieces, in order,
+/// kept inline so that answering a read this way allocates nothing. The files must not
+/// change while a reply holds them (the daemon's chunk files never do).
+#[derive(Debug, Default)]
+pub struct FileSlices {
+    pieces: [Option<FileSlice>; FileSlices::CAPACITY],
+    count: usize,
+}
+
+/// `len` bytes of `file` from `offset`.
+#[derive(Debug, Clone)]
+pub struct FileSlice {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl FileSlices {
+    /// Pieces one read may have: a read up to the largest chunk size spans two chunks.
+    pub const CAPACITY: usize = 4;
+
+    /// Appends a piece; `false` when there is no room (the read is then copied).
+    pub fn push(&mut self, file: &Arc<File>, offset: u64, len: u32) -> bool {
+        if self.count == Self::CAPACITY {
+            return false;
+        }
+        self.pieces[self.count] = Some(FileSlice {
+            file: Arc::clone(file),
+            offset,
+            len,
+        });
+        self.count += 1;
+        true
+    }
+
+    /// The pieces, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &FileSlice> {
+        self.pieces[..self.count].iter().flatten()
+    }
+
+    /// Bytes in all pieces.
+    pub fn len(&self) -> u64 {
+        self.iter().map(|p| u64::from(p.len)).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
 }
 
 /// How much of a NO_HOLE write-zeroes the default implementation writes per call:

@@ -7,14 +7,15 @@
 //!   [`Exports`] (the exports by name), with [`Extent`], [`Command`], [`OpenError`].
 //! - [`config`]: [`ServerConfig`], the limits of one server.
 //! - [`server`]: [`Listener`] (TCP or unix socket), [`serve`] (accept until shutdown),
-//!   [`serve_connection`] (one connection on any stream), [`ServerConfig`].
+//!   [`serve_connection`] (one connection on a socket), [`ServerConfig`].
 //! - [`proto`]: the wire format: constants and fixed headers.
 //! - [`kernel`]: the kernel's NBD client: connects `/dev/nbdN` to a server over a
 //!   socket (the client handshake, the driver's ioctls, the `NBD_DO_IT` thread).
 //! - `handshake`: option haggling up to the chosen export; `options` parses option
 //!   payloads.
 //! - `transmission`: the request loop; `request` checks each request, `reply` frames
-//!   answers, `writer` sends them, `buffer_pool` lends data buffers, `read` reads whole
+//!   answers, `writer` sends them, `splice` sends reads that lie in files without
+//!   copying them, `buffer_pool` lends data buffers, `read` reads whole
 //!   messages, `errno` maps export errors to NBD error values, `shutdown` carries the
 //!   server's stop signal.
 //!
@@ -24,7 +25,10 @@
 //! requests off the socket one after another, checks each against the advertised size
 //! and flags, and starts a task per request (up to `max_in_flight`) that calls the
 //! export with a pooled buffer; finished replies go to one writer task that sends each
-//! header and its data in one vectored write, in completion order. NBD_CMD_DISC, the
+//! header and its data in one vectored write, in completion order. On a plain socket a
+//! read of 64 KiB or more whose bytes the export has in page-cached files
+//! ([`Export::read_files`]) is not copied: the writer splices the file pieces after the
+//! header. NBD_CMD_DISC, the
 //! client closing, or shutdown stops the reader; the connection closes once every
 //! in-flight request is answered, and the export is dropped.
 //!
@@ -61,13 +65,17 @@ mod read;
 mod reply;
 mod request;
 mod shutdown;
+mod splice;
 mod transmission;
 mod writer;
 
-pub use export::{Command, Export, Exports, Extent, OpenError, NO_HOLE_WRITE_SIZE};
+pub use export::{
+    Command, Export, Exports, Extent, FileSlice, FileSlices, OpenError, NO_HOLE_WRITE_SIZE,
+};
 pub use handshake::HandshakeError;
 pub use server::{
     serve, serve_connection, serve_with_tls, ConnectionError, Listener, ServerConfig, ServerError,
     Tls, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING, SHUTDOWN_GRACE,
 };
+pub use splice::SPLICE_MIN_READ;
 pub use transmission::TransmissionError;

@@ -7,7 +7,7 @@
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::buffer_pool::PooledBuffer;
-use crate::export::Extent;
+use crate::export::{Extent, FileSlices};
 use crate::proto::{self, MAX_EXTENTS};
 
 /// The longest reply header: a structured chunk header plus an OFFSET_DATA offset.
@@ -34,6 +34,8 @@ enum Body {
     Data(PooledBuffer),
     /// Block status descriptors or an error message.
     Owned(Vec<u8>),
+    /// Read data that lies in files, sent with `splice` ([`crate::splice`]).
+    Files(FileSlices),
 }
 
 /// The semaphore permits a request holds while it is in flight; held only to be
@@ -74,15 +76,26 @@ impl Reply {
 
     /// Successful read of `data` at `offset`.
     pub fn data(framing: Framing, cookie: u64, offset: u64, data: PooledBuffer) -> Self {
+        let len = data.len() as u64;
+        Self::read(framing, cookie, offset, len, Body::Data(data))
+    }
+
+    /// Successful read at `offset` whose bytes are the file pieces `files` (not empty).
+    pub fn file_data(framing: Framing, cookie: u64, offset: u64, files: FileSlices) -> Self {
+        let len = files.len();
+        Self::read(framing, cookie, offset, len, Body::Files(files))
+    }
+
+    fn read(framing: Framing, cookie: u64, offset: u64, len: u64, body: Body) -> Self {
         match framing {
-            Framing::Simple => Self::with_head(&proto::simple_reply(0, cookie), Body::Data(data)),
+            Framing::Simple => Self::with_head(&proto::simple_reply(0, cookie), body),
             // An OFFSET_DATA chunk must carry at least one byte; an empty read is a NONE.
-            Framing::Structured if data.is_empty() => {
+            Framing::Structured if len == 0 => {
                 Self::structured(cookie, proto::REPLY_TYPE_NONE, Body::Empty)
             }
             Framing::Structured => {
                 // The length was checked against max_request (a u32) before reading.
-                let length = u32::try_from(data.len() + 8).unwrap_or(u32::MAX);
+                let length = u32::try_from(len + 8).unwrap_or(u32::MAX);
                 let mut head = [0; MAX_HEAD];
                 head[..proto::STRUCTURED_HEADER_LEN].copy_from_slice(&proto::structured_header(
                     proto::REPLY_FLAG_DONE,
@@ -91,7 +104,7 @@ impl Reply {
                     length,
                 ));
                 head[proto::STRUCTURED_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
-                Self::with_head(&head, Body::Data(data))
+                Self::with_head(&head, body)
             }
         }
     }
@@ -162,12 +175,20 @@ impl Reply {
         &self.head[..self.head_len]
     }
 
-    /// The bytes after the header (possibly none).
+    /// The bytes after the header held in memory (none for a file reply).
     pub fn body(&self) -> &[u8] {
         match &self.body {
-            Body::Empty => &[],
+            Body::Empty | Body::Files(_) => &[],
             Body::Data(data) => data,
             Body::Owned(bytes) => bytes,
+        }
+    }
+
+    /// The file pieces that follow the header, for a read answered from files.
+    pub fn files(&self) -> Option<&FileSlices> {
+        match &self.body {
+            Body::Files(files) => Some(files),
+            _ => None,
         }
     }
 
@@ -177,6 +198,7 @@ impl Reply {
             Body::Empty => 0,
             Body::Data(data) => data.len(),
             Body::Owned(bytes) => bytes.len(),
+            Body::Files(files) => files.len() as usize,
         };
         // Bodies here are bounded: MAX_STRING messages or MAX_EXTENTS descriptors.
         let length = u32::try_from(body_len).unwrap_or(u32::MAX);

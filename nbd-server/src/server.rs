@@ -5,6 +5,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub use crate::config::{
 use crate::export::Exports;
 use crate::handshake::{self, HandshakeError, Outcome, TlsState};
 use crate::shutdown::Shutdown;
+use crate::splice::SpliceSink;
 use crate::transmission::{self, TransmissionError};
 
 /// The prefix that makes a listen address a unix socket path.
@@ -306,13 +308,15 @@ pub async fn serve_with_tls<E: Exports>(
                 if let Err(error) = stream.set_nodelay(true) {
                     debug!(peer, %error, "could not set TCP_NODELAY");
                 }
+                let socket = stream.as_fd().try_clone_to_owned().ok();
                 connections.spawn(run_logged(
-                    stream, peer, exports, config, bytes, tls, signal,
+                    stream, socket, peer, exports, config, bytes, tls, signal,
                 ));
             }
             Accepted::Unix(stream, peer) => {
+                let socket = stream.as_fd().try_clone_to_owned().ok();
                 connections.spawn(run_logged(
-                    stream, peer, exports, config, bytes, tls, signal,
+                    stream, socket, peer, exports, config, bytes, tls, signal,
                 ));
             }
         }
@@ -341,8 +345,13 @@ pub async fn serve_with_tls<E: Exports>(
 }
 
 /// Serves one connection and logs how it ended.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the parts of one connection, handed on whole"
+)]
 async fn run_logged<E, S>(
     stream: S,
+    socket: Option<OwnedFd>,
     peer: String,
     exports: Arc<E>,
     config: ServerConfig,
@@ -353,17 +362,31 @@ async fn run_logged<E, S>(
     E: Exports,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match run_connection(stream, peer.clone(), exports, config, bytes, tls, shutdown).await {
+    match run_connection(
+        stream,
+        socket,
+        peer.clone(),
+        exports,
+        config,
+        bytes,
+        tls,
+        shutdown,
+    )
+    .await
+    {
         Ok(()) => {}
         Err(error) if error.is_protocol_violation() => warn!(peer, %error, "connection closed"),
         Err(error) => debug!(peer, %error, "connection closed"),
     }
 }
 
-/// Serves one connection on `stream` (any byte stream: a socket accepted elsewhere, a
-/// socketpair for the kernel client) until the client disconnects. `peer` names the
+/// Serves one connection on `stream` (a socket accepted elsewhere, a socketpair for the
+/// kernel client) until the client disconnects. `peer` names the
 /// client in logs and in [`Exports::open`]. Errors concern only this connection.
-pub async fn serve_connection<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+pub async fn serve_connection<
+    E: Exports,
+    S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
+>(
     stream: S,
     peer: String,
     exports: Arc<E>,
@@ -371,8 +394,10 @@ pub async fn serve_connection<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Se
 ) -> Result<(), ConnectionError> {
     let config = config.effective();
     let bytes = config.bytes_budget();
+    let socket = stream.as_fd().try_clone_to_owned().ok();
     run_connection(
         stream,
+        socket,
         peer,
         exports,
         config,
@@ -383,8 +408,13 @@ pub async fn serve_connection<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Se
     .await
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the parts of one connection, handed on whole"
+)]
 async fn run_connection<E, S>(
     stream: S,
+    socket: Option<OwnedFd>,
     peer: String,
     exports: Arc<E>,
     config: ServerConfig,
@@ -438,8 +468,10 @@ where
     match negotiated.map_err(handshake_error)? {
         None | Some((_, Outcome::Ended)) => Ok(()),
         Some((_, Outcome::Transmit(session))) => {
+            // Plain bytes on a socket of our own: large cached reads can be spliced.
+            let splice = socket.and_then(SpliceSink::new);
             run_session(
-                session, reader, writer, exports, config, bytes, &peer, shutdown,
+                session, reader, writer, exports, config, bytes, &peer, shutdown, splice,
             )
             .await
         }
@@ -480,7 +512,7 @@ where
                 (Outcome::Transmit(session), reader, writer) => {
                     debug!(peer, "TLS on");
                     run_session(
-                        session, reader, writer, exports, config, bytes, &peer, shutdown,
+                        session, reader, writer, exports, config, bytes, &peer, shutdown, None,
                     )
                     .await
                 }
@@ -504,6 +536,7 @@ async fn run_session<E, R, W>(
     bytes: Arc<Semaphore>,
     peer: &str,
     shutdown: Shutdown,
+    splice: Option<SpliceSink>,
 ) -> Result<(), ConnectionError>
 where
     E: Exports,
@@ -521,7 +554,7 @@ where
         "transmission started"
     );
     transmission::transmit(
-        session, reader, writer, exports, config, bytes, peer, shutdown,
+        session, reader, writer, exports, config, bytes, peer, shutdown, splice,
     )
     .await
     .map_err(|source| ConnectionError::Transmission {

@@ -12,6 +12,7 @@
 use std::future::Future;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -24,13 +25,14 @@ use tracing::{debug, error, warn};
 use crate::buffer_pool::{BufferPool, PooledBuffer};
 use crate::config::ServerConfig;
 use crate::errno::nbd_error;
-use crate::export::{Command, Export, Exports};
+use crate::export::{Command, Export, Exports, FileSlices};
 use crate::handshake::Session;
 use crate::proto::{self, RequestHeader};
 use crate::read::{read_message, skip};
 use crate::reply::{Framing, Permits, Reply};
 use crate::request::{Limits, Op, Rejection};
 use crate::shutdown::Shutdown;
+use crate::splice::{SpliceSink, SPLICE_MIN_READ};
 use crate::writer::write_replies;
 
 /// Payload bytes (read data and write data) one connection may hold in flight, queued
@@ -91,6 +93,7 @@ pub async fn transmit<E, R, W>(
     server_bytes: Arc<Semaphore>,
     peer: &str,
     shutdown: Shutdown,
+    splice: Option<SpliceSink>,
 ) -> Result<(), TransmissionError>
 where
     E: Exports,
@@ -110,7 +113,8 @@ where
         max_request,
     };
     let (replies, queued) = mpsc::channel(max_in_flight);
-    let writer = tokio::spawn(write_replies(writer, queued));
+    let splice_enabled = splice.as_ref().map(SpliceSink::enabled);
+    let writer = tokio::spawn(write_replies(writer, queued, splice));
     let mut requests = RequestReader {
         reader,
         limits,
@@ -120,6 +124,7 @@ where
             framing: session.framing,
             pool: BufferPool::new(),
             peer: peer.to_owned(),
+            splice: splice_enabled,
         }),
         requests: Arc::new(Semaphore::new(max_in_flight)),
         bytes: Arc::new(Semaphore::new(IN_FLIGHT_BYTES.max(max_request) as usize)),
@@ -170,6 +175,8 @@ struct Shared<E: Exports> {
     pool: Arc<BufferPool>,
     /// The client, for logs.
     peer: String,
+    /// Set while large reads may be answered with file pieces the writer splices.
+    splice: Option<Arc<AtomicBool>>,
 }
 
 /// The reading side of the request loop.
@@ -387,11 +394,27 @@ impl<E: Exports> Shared<E> {
         }
     }
 
+    /// The file pieces holding a large read, when this connection splices and the export
+    /// has them all in the page cache now.
+    fn files(&self, offset: u64, len: u32) -> Option<FileSlices> {
+        let enabled = self.splice.as_ref()?;
+        if len < SPLICE_MIN_READ || !enabled.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut files = FileSlices::default();
+        let whole =
+            self.export.read_files(offset, len, &mut files) && files.len() == u64::from(len);
+        whole.then_some(files)
+    }
+
     /// Runs one checked request against the export; the reply and whether it succeeded.
     async fn run(&self, cookie: u64, op: Op, payload: Option<PooledBuffer>) -> (Reply, bool) {
         let export = &*self.export;
         let result = match op {
             Op::Read { offset, len } => {
+                if let Some(files) = self.files(offset, len) {
+                    return (Reply::file_data(self.framing, cookie, offset, files), true);
+                }
                 let mut data = self.pool.take(len as usize);
                 match export.read(offset, &mut data).await {
                     Ok(()) => return (Reply::data(self.framing, cookie, offset, data), true),

@@ -1,6 +1,7 @@
 //! The one writer of a connection's replies: request tasks finish in any order and
 //! queue their [`Reply`]; this task writes them out, each header and body (and several
-//! queued replies at once) in a single vectored write.
+//! queued replies at once) in a single vectored write. A read answered from files has
+//! its header written that way and its bytes spliced ([`crate::splice`]).
 
 use std::io::{self, IoSlice};
 
@@ -8,6 +9,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::reply::Reply;
+use crate::splice::SpliceSink;
 
 /// Replies gathered into one vectored write when several are queued: amortises the
 /// system call under a deep queue while staying far below the kernel's IOV_MAX (1024).
@@ -19,16 +21,23 @@ const WRITE_BATCH: usize = 32;
 pub async fn write_replies<W: AsyncWrite + Unpin>(
     mut sink: W,
     mut replies: mpsc::Receiver<Reply>,
+    mut splice: Option<SpliceSink>,
 ) -> io::Result<()> {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while replies.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        write_batch(&mut sink, &batch).await?;
+        write_batch(&mut sink, &batch, splice.as_mut()).await?;
         batch.clear();
     }
     sink.shutdown().await
 }
 
-async fn write_batch<W: AsyncWrite + Unpin>(sink: &mut W, batch: &[Reply]) -> io::Result<()> {
+/// Writes `batch` in order: the in-memory parts gathered into vectored writes, each
+/// reply's file pieces spliced after the bytes before them are out.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    sink: &mut W,
+    batch: &[Reply],
+    mut splice: Option<&mut SpliceSink>,
+) -> io::Result<()> {
     let mut storage = [IoSlice::new(&[]); 2 * WRITE_BATCH];
     let mut count = 0;
     for reply in batch {
@@ -38,8 +47,24 @@ async fn write_batch<W: AsyncWrite + Unpin>(sink: &mut W, batch: &[Reply]) -> io
                 count += 1;
             }
         }
+        if let Some(files) = reply.files() {
+            write_all(sink, &mut storage[..count]).await?;
+            count = 0;
+            match splice.as_deref_mut() {
+                Some(splice) => splice.send(files).await?,
+                // The request side makes file replies only for a connection with a sink.
+                None => return Err(io::Error::other("a file reply without a splice sink")),
+            }
+        }
     }
-    let mut slices = &mut storage[..count];
+    write_all(sink, &mut storage[..count]).await?;
+    sink.flush().await
+}
+
+async fn write_all<W: AsyncWrite + Unpin>(
+    sink: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
     while !slices.is_empty() {
         let written = sink.write_vectored(slices).await?;
         if written == 0 {
@@ -47,7 +72,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(sink: &mut W, batch: &[Reply]) -> io
         }
         IoSlice::advance_slices(&mut slices, written);
     }
-    sink.flush().await
+    Ok(())
 }
 
 #[cfg(test)]
@@ -68,7 +93,7 @@ mod tests {
         tx.send(Reply::done(2)).await.expect("open");
         drop(tx);
         let mut out = Vec::new();
-        write_replies(&mut out, rx).await.expect("written");
+        write_replies(&mut out, rx, None).await.expect("written");
         let mut expected = crate::proto::simple_reply(0, 1).to_vec();
         expected.extend_from_slice(b"hello");
         expected.extend_from_slice(&crate::proto::simple_reply(0, 2));
@@ -86,7 +111,7 @@ mod tests {
             .await
             .expect("open");
         drop(tx);
-        let writer = tokio::spawn(write_replies(client, rx));
+        let writer = tokio::spawn(write_replies(client, rx, None));
         let mut out = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut server, &mut out)
             .await

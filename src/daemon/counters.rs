@@ -64,6 +64,8 @@ pub struct DaemonMetrics {
     pub registry: Mutex<Registry>,
     hits: Counter,
     misses: Counter,
+    /// Bytes of cached reads sent with splice, never copied through a buffer.
+    spliced_bytes: Counter,
     bytes_fetched: Family<SourceLabel, Counter>,
     chunks_fetched: Family<SourceLabel, Counter>,
     fetch_seconds: Family<SourceLabel, Histogram, fn() -> Histogram>,
@@ -100,6 +102,7 @@ impl DaemonMetrics {
             registry: Mutex::new(Registry::default()),
             hits: Counter::default(),
             misses: Counter::default(),
+            spliced_bytes: Counter::default(),
             bytes_fetched: Family::default(),
             chunks_fetched: Family::default(),
             fetch_seconds: Family::new_with_constructor(latency_histogram),
@@ -134,6 +137,11 @@ impl DaemonMetrics {
                 "cache_misses",
                 "Reads that needed a fetch",
                 m.misses.clone(),
+            );
+            r.register(
+                "nbd_spliced_bytes",
+                "Bytes of cached NBD reads sent from chunk files with splice, without a copy",
+                m.spliced_bytes.clone(),
             );
             r.register(
                 "fetched_bytes",
@@ -341,6 +349,10 @@ impl FetchObserver for DaemonMetrics {
 
     fn miss(&self, _template: &str) {
         self.misses.inc();
+    }
+
+    fn spliced(&self, bytes: u64) {
+        self.spliced_bytes.inc_by(bytes);
     }
 
     fn fetched(&self, chunk: &ChunkRef, source: &str, elapsed: Duration) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use lazyblk_cache::image::ReadError;
 use lazyblk_cache::overlay::OverlayError;
 use lazyblk_fuse::Folder;
-use lazyblk_nbd::{Command, Exports, Extent, OpenError};
+use lazyblk_nbd::{Command, Exports, Extent, FileSlices, OpenError};
 
 use crate::daemon::node::Node;
 use crate::daemon::replica::Lease;
@@ -102,6 +102,27 @@ impl NodeExport {
         }
     }
 
+    /// A template read as page-cached chunk file pieces, for the NBD server to splice
+    /// (see [`lazyblk_nbd::Export::read_files`]); overlays are read with `read`.
+    pub fn read_files(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
+        let NodeExport::Template(t) = self else {
+            return false;
+        };
+        let replica = t.replica();
+        let image = &replica.image;
+        let found = image.resident_pieces(offset, u64::from(len), |file, at, piece| {
+            out.push(file, at, piece)
+        });
+        if found {
+            let chunk_size = image.manifest().chunk_size as u64;
+            let last = offset + u64::from(len) - 1;
+            replica
+                .trace
+                .record((offset / chunk_size) as usize, (last / chunk_size) as usize);
+        }
+        found
+    }
+
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         match self {
             NodeExport::Template(_) => Err(read_only()),
@@ -140,6 +161,10 @@ impl lazyblk_nbd::Export for NodeExport {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         NodeExport::read(self, offset, buf).await
+    }
+
+    fn read_files(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
+        NodeExport::read_files(self, offset, len, out)
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {

@@ -133,3 +133,34 @@ fn insert_pinned_pins_in_the_same_step() {
         "released, the oldest chunk goes over budget"
     );
 }
+
+#[test]
+fn residency_follows_the_page_cache() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let d = Digest::of(&bytes);
+    let store = ChunkStore::open(dir.path(), 0).unwrap();
+    store.insert(&d, &bytes).unwrap();
+    let f = store.get(&d).unwrap().unwrap();
+    // Just written: every page is cached (dirty or clean).
+    assert!(f.resident(0, bytes.len() as u64));
+    assert!(f.resident(5000, 70_000));
+    assert!(f.resident(0, 0));
+    // Written back and dropped from the page cache: a read would go to the disk.
+    f.file().sync_all().unwrap();
+    // SAFETY: advice on an open descriptor; it only drops clean cached pages.
+    let rc = unsafe { libc::posix_fadvise(f.file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    if !f.resident(0, bytes.len() as u64) {
+        // Reading a piece brings only that piece back.
+        let mut buf = vec![0u8; 4096];
+        f.read_at(0, &mut buf).unwrap();
+        assert!(f.resident(0, 4096));
+        // (Past any readahead window of the first read.)
+        assert!(!f.resident((4 << 20) - 4096, 4096));
+    } else {
+        // A file system whose pages stay (tmpfs): nothing to drop, still resident.
+        assert!(f.resident(128 << 10, 4096));
+    }
+}

@@ -1,0 +1,221 @@
+//! Sending file pieces on a socket without copying them through memory: `splice(2)`
+//! moves page references from a chunk file into a pipe and from the pipe into the
+//! socket, so a cached read costs the server no copy at all (a `pread` into a buffer
+//! and a `write` out of it cost two).
+//!
+//! Each connection on a plain TCP or unix socket has one [`SpliceSink`], owned by its
+//! writer task: a pipe, and a duplicate of the socket's descriptor registered for write
+//! readiness. The writer sends a reply's header through the socket as usual, then the
+//! reply's file pieces through the pipe. The export promises the pieces are in the page
+//! cache ([`crate::Export::read_files`]), so the file side does not wait for a disk; if
+//! the kernel refuses to splice a file, the sink copies that piece instead and tells
+//! the connection to stop offering file replies.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tracing::debug;
+
+use crate::export::FileSlices;
+
+/// Reads shorter than this are copied: for a 4 KiB read one `pread` is cheaper than the
+/// extra system calls of a splice, and the copy is small.
+pub const SPLICE_MIN_READ: u32 = 64 << 10;
+
+/// The pipe size asked for: a 1 MiB chunk piece moves in one pair of splices. A system
+/// that allows less (`/proc/sys/fs/pipe-max-size`) keeps the default 64 KiB, which
+/// works in more steps.
+const PIPE_SIZE: i32 = 1 << 20;
+
+/// One connection's way to send file pieces with `splice`.
+pub struct SpliceSink {
+    /// A duplicate of the connection's socket, for its write readiness.
+    socket: AsyncFd<OwnedFd>,
+    pipe_read: OwnedFd,
+    pipe_write: OwnedFd,
+    /// Bytes the pipe holds at most.
+    capacity: usize,
+    /// Whether the request side may produce file replies; cleared when a splice is
+    /// refused, so later reads on this connection are copied.
+    enabled: Arc<AtomicBool>,
+    /// For a piece whose file cannot be spliced; allocated on first use.
+    fallback: Vec<u8>,
+}
+
+impl SpliceSink {
+    /// A sink writing to `socket` (a duplicate of a non-blocking TCP or unix socket
+    /// this runtime serves); `None`, logged, when the system gives no pipe.
+    pub fn new(socket: OwnedFd) -> Option<Self> {
+        match Self::try_new(socket) {
+            Ok(sink) => Some(sink),
+            Err(error) => {
+                debug!(%error, "no splice for this connection; reads are copied");
+                None
+            }
+        }
+    }
+
+    fn try_new(socket: OwnedFd) -> io::Result<Self> {
+        // SAFETY: the OwnedFd is this sink's own descriptor: open, never replaced, and
+        // closed only when the AsyncFd drops it.
+        let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both are new descriptors this sink now owns.
+        let (pipe_read, pipe_write) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a descriptor we own; a refusal leaves the default size.
+        unsafe { libc::fcntl(pipe_write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        // SAFETY: as above; F_GETPIPE_SZ only reads the size.
+        let capacity = unsafe { libc::fcntl(pipe_write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            socket,
+            pipe_read,
+            pipe_write,
+            capacity: capacity as usize,
+            enabled: Arc::new(AtomicBool::new(true)),
+            fallback: Vec::new(),
+        })
+    }
+
+    /// The switch the request side reads before answering a read with file pieces.
+    pub fn enabled(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.enabled)
+    }
+
+    /// Sends every piece, in order, after whatever was written to the socket before.
+    pub async fn send(&mut self, pieces: &FileSlices) -> io::Result<()> {
+        for piece in pieces.iter() {
+            let mut offset = piece.offset as libc::loff_t;
+            let mut left = piece.len as usize;
+            while left > 0 {
+                // The pipe is empty here: every byte put in is drained before the next.
+                let want = left.min(self.capacity);
+                // SAFETY: valid descriptors; `offset` outlives the call.
+                let moved = unsafe {
+                    libc::splice(
+                        piece.file.as_raw_fd(),
+                        &mut offset,
+                        self.pipe_write.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        want,
+                        libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                    )
+                };
+                match moved {
+                    0 => return Err(short_file()),
+                    n if n > 0 => {
+                        let n = n as usize;
+                        left -= n;
+                        self.drain(n, left > 0).await?;
+                    }
+                    _ => {
+                        let error = io::Error::last_os_error();
+                        if error.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        // A file system without splice: copy the rest of this piece and
+                        // copy every later read of the connection.
+                        debug!(%error, "splice from a file refused; copying reads");
+                        self.enabled.store(false, Ordering::Relaxed);
+                        self.copy(&piece.file, offset as u64, left).await?;
+                        left = 0;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `len` bytes from the pipe into the socket, waiting while it is full.
+    async fn drain(&mut self, mut len: usize, more: bool) -> io::Result<()> {
+        let flags = libc::SPLICE_F_MOVE
+            | libc::SPLICE_F_NONBLOCK
+            | if more { libc::SPLICE_F_MORE } else { 0 };
+        while len > 0 {
+            let mut ready = self.socket.writable().await?;
+            let pipe = self.pipe_read.as_raw_fd();
+            let sent = ready.try_io(|socket| {
+                // SAFETY: valid descriptors; no offsets (both are streams).
+                let n = unsafe {
+                    libc::splice(
+                        pipe,
+                        std::ptr::null_mut(),
+                        socket.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        len,
+                        flags,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match sent {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => len -= n,
+                Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(error)) => return Err(error),
+                // Not writable after all: readiness was cleared; wait again.
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `len` bytes of `file` at `offset` by reading them into a buffer.
+    async fn copy(&mut self, file: &File, offset: u64, len: usize) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = std::mem::take(&mut self.fallback);
+        buf.resize(len, 0);
+        let result = async {
+            file.read_exact_at(&mut buf, offset)?;
+            let mut done = 0;
+            while done < len {
+                let mut ready = self.socket.writable().await?;
+                match ready.try_io(|socket| write_some(socket.as_fd(), &buf[done..])) {
+                    Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(Ok(n)) => done += n,
+                    Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Ok(Err(error)) => return Err(error),
+                    Err(_would_block) => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.fallback = buf;
+        result
+    }
+}
+
+fn write_some(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is valid for reads of its length during the call.
+    let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn short_file() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "a file ended before the piece a read reply promised",
+    )
+}

@@ -1,0 +1,199 @@
+//! Reads answered from files with splice: the bytes on the wire are the file's, in the
+//! right place among copied replies, with simple and structured framing.
+
+mod support;
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lazyblk_nbd::{
+    proto, Export, Exports, Extent, FileSlices, Listener, OpenError, ServerConfig, SPLICE_MIN_READ,
+};
+use support::RawClient;
+use tokio::net::TcpListener;
+
+/// Pieces are cut at this size, like chunk files.
+const PIECE: u64 = 256 << 10;
+const SIZE: u64 = 4 << 20;
+
+/// An export over one file, whose large reads are offered as file pieces.
+struct FileExport {
+    file: Arc<File>,
+    /// Bytes handed out as pieces.
+    offered: AtomicU64,
+    /// Reads that went through `read` (copied).
+    copied: AtomicU64,
+}
+
+impl Export for FileExport {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.copied.fetch_add(1, Ordering::Relaxed);
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_files(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
+        let end = offset + u64::from(len);
+        let mut pos = offset;
+        while pos < end {
+            let take = ((pos / PIECE + 1) * PIECE).min(end) - pos;
+            if !out.push(&self.file, pos, take as u32) {
+                return false;
+            }
+            pos += take;
+        }
+        self.offered.fetch_add(u64::from(len), Ordering::Relaxed);
+        true
+    }
+
+    async fn write(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn trim(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+
+    async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+
+    async fn cache(&self, _: u64, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn block_status(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            length: len,
+            hole: false,
+            zero: false,
+        }])
+    }
+}
+
+struct OneFile(Arc<FileExport>);
+
+impl Exports for OneFile {
+    type Export = FileExport;
+
+    async fn open(&self, name: &str, _peer: &str) -> Result<Arc<FileExport>, OpenError> {
+        match name {
+            "f" => Ok(Arc::clone(&self.0)),
+            _ => Err(OpenError::Unknown),
+        }
+    }
+
+    async fn list(&self) -> Vec<(String, String)> {
+        vec![("f".into(), String::new())]
+    }
+}
+
+/// A file of `SIZE` patterned bytes, and a server of it on a TCP port.
+async fn serve_file() -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
+    let bytes: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let mut file = tempfile::tempfile().expect("temp file");
+    file.write_all(&bytes).expect("write");
+    let export = Arc::new(FileExport {
+        file: Arc::new(file),
+        offered: AtomicU64::new(0),
+        copied: AtomicU64::new(0),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(lazyblk_nbd::serve(
+        Listener::Tcp(listener),
+        Arc::new(OneFile(Arc::clone(&export))),
+        ServerConfig::default(),
+        std::future::pending::<()>(),
+    ));
+    (bytes, export, addr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spliced_and_copied_simple_replies_arrive_whole_and_in_order() {
+    let (bytes, export, addr) = serve_file().await;
+    let mut client = RawClient::connect(addr).await;
+    client.go("f").await;
+    // Pipelined: large reads across piece boundaries (spliced) between small ones
+    // (copied), so a spliced body must follow its own header and precede the next one.
+    let reads: Vec<(u64, u32)> = vec![
+        (0, 4096),
+        (PIECE - 1000, 3 * PIECE as u32),
+        (12_345, 512),
+        (SIZE - (1 << 20), 1 << 20),
+        (8192, SPLICE_MIN_READ),
+        (PIECE * 3 + 17, 100_000),
+        (SIZE - 4096, 4096),
+    ];
+    for (cookie, &(offset, len)) in reads.iter().enumerate() {
+        client
+            .request(0, proto::CMD_READ, cookie as u64, offset, len)
+            .await;
+    }
+    for (cookie, &(offset, len)) in reads.iter().enumerate() {
+        // Cached reads finish at once, in request order.
+        assert_eq!(client.simple_reply().await, (0, cookie as u64));
+        let got = client.read_exact(len as usize).await;
+        let start = offset as usize;
+        assert!(
+            got == bytes[start..start + len as usize],
+            "read {cookie} at {offset} of {len} bytes differs"
+        );
+    }
+    let large: u64 = reads
+        .iter()
+        .filter(|(_, len)| *len >= SPLICE_MIN_READ)
+        .map(|&(_, len)| u64::from(len))
+        .sum();
+    assert_eq!(export.offered.load(Ordering::Relaxed), large);
+    assert_eq!(export.copied.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spliced_structured_read_is_one_offset_data_chunk() {
+    let (bytes, export, addr) = serve_file().await;
+    let mut client = RawClient::connect(addr).await;
+    client.structured_with_block_status("f").await;
+    client.go("f").await;
+    let (offset, len) = (PIECE / 2, 2 * PIECE as u32);
+    client
+        .request(proto::CMD_FLAG_DF, proto::CMD_READ, 3, offset, len)
+        .await;
+    let (flags, kind, cookie, payload) = client.chunk().await;
+    assert_eq!(
+        (flags, kind, cookie),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, 3)
+    );
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), offset);
+    assert!(payload[8..] == bytes[offset as usize..(offset + u64::from(len)) as usize]);
+    assert_eq!(export.offered.load(Ordering::Relaxed), u64::from(len));
+    assert_eq!(export.copied.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_with_more_pieces_than_fit_is_copied() {
+    let (bytes, export, addr) = serve_file().await;
+    let mut client = RawClient::connect(addr).await;
+    client.go("f").await;
+    // Five pieces of PIECE: more than FileSlices holds.
+    let len = (FileSlices::CAPACITY as u64 + 1) * PIECE;
+    client.request(0, proto::CMD_READ, 1, 0, len as u32).await;
+    assert_eq!(client.simple_reply().await, (0, 1));
+    assert!(client.read_exact(len as usize).await == bytes[..len as usize]);
+    assert_eq!(export.offered.load(Ordering::Relaxed), 0);
+    assert_eq!(export.copied.load(Ordering::Relaxed), 1);
+}
