@@ -178,6 +178,30 @@ fn be_idle(idle: bool) {
     }
 }
 
+/// While alive, the calling thread is not SCHED_IDLE, if it was: held across a lock that
+/// foreground threads also take (the chunk index every cached read locks). An idle
+/// thread preempted inside such a lock keeps every reader waiting until the CPU has
+/// nothing else to run (priority inversion); the B5 profile showed the fill's threads
+/// delayed up to 8 ms there. Costs a thread-local read on other threads, and two
+/// system calls on an idle background thread.
+pub(crate) struct Foreground(bool);
+
+pub(crate) fn foreground() -> Foreground {
+    let idle = IDLE.with(|i| i.get());
+    if idle {
+        be_idle(false);
+    }
+    Foreground(idle)
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        if self.0 {
+            be_idle(true);
+        }
+    }
+}
+
 /// Whether the caller runs on the background fetch runtime.
 pub fn on_background_runtime() -> bool {
     ON_BACKGROUND.with(|b| b.get())
@@ -280,6 +304,31 @@ mod tests {
         .unwrap();
         assert!(!idle);
         assert!(on_background);
+    }
+
+    #[tokio::test]
+    async fn an_idle_thread_holding_a_shared_lock_is_a_normal_thread_meanwhile() {
+        let (before, held, after) = super::run(true, || {
+            let before = thread_state().2;
+            let guard = super::foreground();
+            let held = thread_state().2;
+            drop(guard);
+            (before, held, thread_state().2)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            before,
+            super::idle_allowed(),
+            "yielding work runs SCHED_IDLE"
+        );
+        assert!(!held, "SCHED_IDLE while holding a lock readers wait for");
+        assert_eq!(after, before, "idle again once the lock is released");
+        // On a foreground thread it changes nothing.
+        let guard = super::foreground();
+        assert!(!thread_state().2);
+        drop(guard);
+        assert!(!thread_state().2);
     }
 
     #[tokio::test]

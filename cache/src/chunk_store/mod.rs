@@ -62,6 +62,26 @@ pub struct ScrubReport {
     pub unreadable: Vec<String>,
 }
 
+/// The locked index. Fields drop in order: the lock is released before the thread may
+/// become SCHED_IDLE again.
+struct IndexGuard<'a> {
+    guard: MutexGuard<'a, Index>,
+    _foreground: crate::background::Foreground,
+}
+
+impl std::ops::Deref for IndexGuard<'_> {
+    type Target = Index;
+    fn deref(&self) -> &Index {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for IndexGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Index {
+        &mut self.guard
+    }
+}
+
 /// `cachestat(2)` (Linux 6.5): the same number on every architecture, not yet in libc.
 const SYS_CACHESTAT: libc::c_long = 451;
 /// The page size `cachestat` counts in; 4 KiB on the machines lazyblk runs on. Were it
@@ -310,10 +330,15 @@ impl ChunkStore {
         })
     }
 
-    fn index(&self) -> MutexGuard<'_, Index> {
+    fn index(&self) -> IndexGuard<'_> {
+        // Not SCHED_IDLE while waiting for or holding the lock (see `Foreground`).
+        let foreground = crate::background::foreground();
         // A panic while holding the lock leaves a consistent index (every update is a
         // single statement), so a poisoned lock is still usable.
-        self.index.lock().unwrap_or_else(|e| e.into_inner())
+        IndexGuard {
+            guard: self.index.lock().unwrap_or_else(|e| e.into_inner()),
+            _foreground: foreground,
+        }
     }
 
     fn chunk_path(&self, digest: &Digest) -> PathBuf {
