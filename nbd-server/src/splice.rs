@@ -126,10 +126,12 @@ impl SpliceSink {
                         if error.kind() == io::ErrorKind::Interrupted {
                             continue;
                         }
-                        // A file system without splice: copy the rest of this piece and
-                        // copy every later read of the connection.
-                        debug!(%error, "splice from a file refused; copying reads");
-                        self.enabled.store(false, Ordering::Relaxed);
+                        if error.kind() != io::ErrorKind::WouldBlock {
+                            // A file system without splice: copy the rest of this piece
+                            // and every later read of the connection.
+                            debug!(%error, "splice from a file refused; copying reads");
+                            self.enabled.store(false, Ordering::Relaxed);
+                        }
                         self.copy(&piece.file, offset as u64, left).await?;
                         left = 0;
                     }

@@ -197,3 +197,33 @@ async fn a_read_with_more_pieces_than_fit_is_copied() {
     assert_eq!(export.offered.load(Ordering::Relaxed), 0);
     assert_eq!(export.copied.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_mid_splice_ends_only_its_connection() {
+    let (bytes, export, addr) = serve_file().await;
+    {
+        let mut client = RawClient::connect(addr).await;
+        client.go("f").await;
+        // More spliced bytes than the socket buffers hold, then gone after a few.
+        for cookie in 0..32u64 {
+            client
+                .request(
+                    0,
+                    proto::CMD_READ,
+                    cookie,
+                    (cookie % 4) * (1 << 20),
+                    1 << 20,
+                )
+                .await;
+        }
+        assert_eq!(client.simple_reply().await, (0, 0));
+        client.read_exact(1000).await;
+    }
+    let mut client = RawClient::connect(addr).await;
+    client.go("f").await;
+    client.request(0, proto::CMD_READ, 1, PIECE, 1 << 20).await;
+    assert_eq!(client.simple_reply().await, (0, 1));
+    let start = PIECE as usize;
+    assert!(client.read_exact(1 << 20).await == bytes[start..start + (1 << 20)]);
+    assert!(export.offered.load(Ordering::Relaxed) > 1 << 20);
+}
