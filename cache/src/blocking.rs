@@ -12,6 +12,8 @@
 //! - Work that owns its data (hashing and writing a fetched chunk, a flush's fsyncs,
 //!   commit's chunk builds, scrub, first-open verification for peers) goes to
 //!   `spawn_blocking`, or for fills to the low-priority threads of [`crate::background`].
+//! - Pieces of chunk files handed to a frontend to `splice` are checked resident first
+//!   (`cachestat(2)`, [`crate::ChunkFile::resident`]); anything else is read as above.
 
 use tokio::runtime::{Handle, RuntimeFlavor};
 

@@ -171,7 +171,7 @@ impl TemplateImage {
     /// order, when every piece is local and in the page cache now, so a frontend can
     /// splice them instead of reading them through a buffer. `false` (nothing counted)
     /// when a piece is an all-zero chunk, not local or not resident, or `push` has no
-    /// room; the caller then uses [`Image::read_at`]. Never waits. On success it counts
+    /// room; the caller then uses [`TemplateImage::read_at`]. Never waits. On success it counts
     /// like a read: hits, readahead, and the demand the fill yields to.
     pub fn resident_pieces(
         &self,

@@ -29,7 +29,10 @@
 //!   try the page cache without blocking (`RWF_NOWAIT`) and block through
 //!   `block_in_place` only when they must; work on borrowed buffers (overlay I/O) goes
 //!   through `block_in_place`; work that owns its data (hashing, writing, fsyncs,
-//!   scrub) goes to `spawn_blocking`, or for fills to the low-priority threads.
+//!   scrub) goes to `spawn_blocking`, or for fills to the low-priority threads. A
+//!   frontend that splices cached bytes asks [`TemplateImage::resident_pieces`], which
+//!   hands out chunk file pieces only when `cachestat(2)` says they are in the page
+//!   cache, so the splice does not wait for the disk either.
 //! - [`readahead`]: which chunks to fetch ahead of sequential readers.
 //! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
 //! - [`overlay`]: a sandbox's [`Overlay`], its copy-on-write layer over a template image
@@ -38,8 +41,9 @@
 //! # Data flow
 //! A read at an offset of a template ([`TemplateImage::read_at`]) maps to chunks; a
 //! local chunk is read with one `pread`; a missing one is fetched once (whoever asks
-//! first leads, later readers wait for the same fetch), verified, written to a temporary
-//! file, fsynced and renamed into place, and only then read. A sandbox reads through its
+//! first leads, later readers wait for the same fetch), verified, and answered from the
+//! verified bytes while it is written to a temporary file, fsynced and renamed into
+//! place. A sandbox reads through its
 //! [`Overlay`] first: blocks it wrote come from the overlay's files, the rest from the
 //! template image. Nothing here knows NBD or FUSE.
 
