@@ -89,8 +89,6 @@ pub trait FetchObserver: Send + Sync + 'static {
     fn hit(&self, _template: &str) {}
     /// A read needed a fetch (counted once per reader).
     fn miss(&self, _template: &str) {}
-    /// A read's `bytes` were handed out as page-cached file pieces, to be spliced.
-    fn spliced(&self, _bytes: u64) {}
     /// A chunk arrived from `source` and was verified.
     fn fetched(&self, _chunk: &ChunkRef, _source: &str, _elapsed: Duration) {}
     /// A source failed to give a chunk.
@@ -414,15 +412,14 @@ impl ChunkCache {
     }
 
     /// Counts a read of `chunks` chunks of `template` answered from resident chunk files
-    /// ([`ChunkCache::resident`]) as hits, and `bytes` as spliced: the same as reads
-    /// through [`ChunkCache::get`] for metrics and for the fill, which yields to readers.
-    pub fn resident_read(&self, template: &str, chunks: usize, bytes: u64) {
+    /// ([`ChunkCache::resident`]) as hits: the same as reads through
+    /// [`ChunkCache::get`] for metrics and for the fill, which yields to readers.
+    pub fn resident_read(&self, template: &str, chunks: usize) {
         self.last_demand_us
             .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
         for _ in 0..chunks {
             self.observer.hit(template);
         }
-        self.observer.spliced(bytes);
     }
 
     /// The local chunk without counting a hit or miss; `None` if absent.

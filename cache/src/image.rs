@@ -171,7 +171,8 @@ impl TemplateImage {
     /// order, when every piece is local and in the page cache now, so a frontend can
     /// splice them instead of reading them through a buffer. `false` (nothing counted)
     /// when a piece is an all-zero chunk, not local or not resident, or `push` has no
-    /// room; the caller then uses [`TemplateImage::read_at`]. Never waits. On success it counts
+    /// room; the caller then uses [`TemplateImage::read_at`]. Never waits (the check is
+    /// `cachestat(2)`, see [`crate::ChunkFile::resident`]). On success it counts
     /// like a read: hits, readahead, and the demand the fill yields to.
     pub fn resident_pieces(
         &self,
@@ -203,7 +204,7 @@ impl TemplateImage {
             pos += take;
         }
         self.read_ahead(first, last);
-        self.cache.resident_read(&self.id, last - first + 1, len);
+        self.cache.resident_read(&self.id, last - first + 1);
         true
     }
 

@@ -92,9 +92,13 @@ pub trait Export: Send + Sync + 'static {
     /// cache, so the server can send them with `splice` instead of copying them through
     /// a buffer. `false` (the default) when any part is not such a file piece now: not
     /// local, all zero, not resident, or more than [`FileSlices::CAPACITY`] pieces; the
-    /// server then calls [`Export::read`]. Must not block: it is asked on the
-    /// connection's reader task, and only for reads of at least
-    /// [`SPLICE_MIN_READ`](crate::SPLICE_MIN_READ) bytes on a plain socket.
+    /// server then calls [`Export::read`]. Must not block: it is asked when the request
+    /// is first polled, on the connection's reader task (and again from the request's
+    /// own task if that first attempt would wait), and only for reads of at least
+    /// [`SPLICE_MIN_READ`](crate::SPLICE_MIN_READ) bytes on a socket served with
+    /// [`serve`](crate::serve) or [`serve_socket`](crate::serve_socket) without TLS. The
+    /// server splices the pieces off the runtime's hands (`block_in_place`), so a page
+    /// that left the page cache since only costs time.
     fn read_files(&self, _offset: u64, _len: u32, _out: &mut FileSlices) -> bool {
         false
     }
@@ -128,7 +132,8 @@ pub struct FileSlice {
 }
 
 impl FileSlices {
-    /// Pieces one read may have: a read up to the largest chunk size spans two chunks.
+    /// Pieces one read may have: a read of up to three chunks' size (768 KiB at 256 KiB
+    /// chunks, 3 MiB at the default 1 MiB). Longer reads over small chunks are copied.
     pub const CAPACITY: usize = 4;
 
     /// Appends a piece; `false` when there is no room (the read is then copied).
@@ -191,6 +196,10 @@ pub trait Exports: Send + Sync + 'static {
     /// `bytes` is the request's length (the data moved for reads and writes, the range
     /// covered otherwise); `ok` is false when the client got an error.
     fn observe(&self, _command: Command, _bytes: u64, _elapsed: Duration, _ok: bool) {}
+
+    /// Called with the bytes of each `splice` of a read's file pieces into a client's
+    /// socket ([`Export::read_files`]), for metrics. Default: nothing.
+    fn spliced(&self, _bytes: u64) {}
 }
 
 /// Why [`Exports::open`] refused a name.

@@ -7,7 +7,8 @@
 //!   [`Exports`] (the exports by name), with [`Extent`], [`Command`], [`OpenError`].
 //! - [`config`]: [`ServerConfig`], the limits of one server.
 //! - [`server`]: [`Listener`] (TCP or unix socket), [`serve`] (accept until shutdown),
-//!   [`serve_connection`] (one connection on a socket), [`ServerConfig`].
+//!   [`serve_connection`] (one connection on any stream), [`serve_socket`] (one on a
+//!   socket, splicing large cached reads), [`ServerConfig`].
 //! - [`proto`]: the wire format: constants and fixed headers.
 //! - [`kernel`]: the kernel's NBD client: connects `/dev/nbdN` to a server over a
 //!   socket (the client handshake, the driver's ioctls, the `NBD_DO_IT` thread).
@@ -74,8 +75,9 @@ pub use export::{
 };
 pub use handshake::HandshakeError;
 pub use server::{
-    serve, serve_connection, serve_with_tls, ConnectionError, Listener, ServerConfig, ServerError,
-    Tls, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING, SHUTDOWN_GRACE,
+    serve, serve_connection, serve_socket, serve_with_tls, ConnectionError, Listener, ServerConfig,
+    ServerError, Tls, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING,
+    SHUTDOWN_GRACE,
 };
 pub use splice::SPLICE_MIN_READ;
 pub use transmission::TransmissionError;

@@ -380,21 +380,44 @@ async fn run_logged<E, S>(
     }
 }
 
-/// Serves one connection on `stream` (a socket accepted elsewhere, a socketpair for the
-/// kernel client) until the client disconnects. `peer` names the
-/// client in logs and in [`Exports::open`]. Errors concern only this connection.
-pub async fn serve_connection<
+/// Serves one connection on `stream` (any byte stream) until the client disconnects.
+/// `peer` names the client in logs and in [`Exports::open`]. Errors concern only this
+/// connection. Every read is copied; on a socket, [`serve_socket`] splices large ones.
+pub async fn serve_connection<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    peer: String,
+    exports: Arc<E>,
+    config: ServerConfig,
+) -> Result<(), ConnectionError> {
+    serve_one(stream, None, peer, exports, config).await
+}
+
+/// [`serve_connection`] on a plain socket of this runtime (a TCP or unix socket, or a
+/// socketpair for the kernel client) that nothing else buffers or transforms: large
+/// cached reads may be spliced into it from the export's files.
+pub async fn serve_socket<E, S>(
+    stream: S,
+    peer: String,
+    exports: Arc<E>,
+    config: ServerConfig,
+) -> Result<(), ConnectionError>
+where
     E: Exports,
     S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
->(
+{
+    let socket = stream.as_fd().try_clone_to_owned().ok();
+    serve_one(stream, socket, peer, exports, config).await
+}
+
+async fn serve_one<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
+    socket: Option<OwnedFd>,
     peer: String,
     exports: Arc<E>,
     config: ServerConfig,
 ) -> Result<(), ConnectionError> {
     let config = config.effective();
     let bytes = config.bytes_budget();
-    let socket = stream.as_fd().try_clone_to_owned().ok();
     run_connection(
         stream,
         socket,
@@ -469,13 +492,18 @@ where
         None | Some((_, Outcome::Ended)) => Ok(()),
         Some((_, Outcome::Transmit(session))) => {
             // Plain bytes on a socket of our own: large cached reads can be spliced.
-            let splice = socket.and_then(SpliceSink::new);
+            let splice = socket.and_then(|socket| {
+                let exports = Arc::clone(&exports);
+                SpliceSink::new(socket, Box::new(move |bytes| exports.spliced(bytes)))
+            });
             run_session(
                 session, reader, writer, exports, config, bytes, &peer, shutdown, splice,
             )
             .await
         }
         Some((flags, Outcome::StartTls)) => {
+            // Encrypted bytes cannot be spliced.
+            drop(socket);
             let Some(tls) = tls else {
                 return Err(handshake_error(HandshakeError::Tls(
                     "not configured".into(),

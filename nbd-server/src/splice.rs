@@ -6,10 +6,11 @@
 //! Each connection on a plain TCP or unix socket has one [`SpliceSink`], owned by its
 //! writer task: a pipe, and a duplicate of the socket's descriptor registered for write
 //! readiness. The writer sends a reply's header through the socket as usual, then the
-//! reply's file pieces through the pipe. The export promises the pieces are in the page
-//! cache ([`crate::Export::read_files`]), so the file side does not wait for a disk; if
-//! the kernel refuses to splice a file, the sink copies that piece instead and tells
-//! the connection to stop offering file replies.
+//! reply's file pieces through the pipe. The export offers only pieces in the page
+//! cache ([`crate::Export::read_files`]); the file side still runs in `block_in_place`,
+//! as a page may leave the cache (or still be on its way in) before the splice. If the
+//! kernel refuses to splice a file, the sink copies that piece instead, in bounded
+//! reads, and tells the connection to stop offering file replies.
 
 use std::fs::File;
 use std::io;
@@ -31,6 +32,8 @@ pub const SPLICE_MIN_READ: u32 = 64 << 10;
 /// that allows less (`/proc/sys/fs/pipe-max-size`) keeps the default 64 KiB, which
 /// works in more steps.
 const PIPE_SIZE: i32 = 1 << 20;
+/// The buffer of the copy a file that cannot be spliced falls back to.
+const COPY_PIECE: usize = 256 << 10;
 
 /// One connection's way to send file pieces with `splice`.
 pub struct SpliceSink {
@@ -45,13 +48,16 @@ pub struct SpliceSink {
     enabled: Arc<AtomicBool>,
     /// For a piece whose file cannot be spliced; allocated on first use.
     fallback: Vec<u8>,
+    /// Told the bytes of every splice into the socket ([`crate::Exports::spliced`]).
+    counted: Box<dyn Fn(u64) + Send + Sync>,
 }
 
 impl SpliceSink {
     /// A sink writing to `socket` (a duplicate of a non-blocking TCP or unix socket
     /// this runtime serves); `None`, logged, when the system gives no pipe.
-    pub fn new(socket: OwnedFd) -> Option<Self> {
-        match Self::try_new(socket) {
+    /// `counted` is told the bytes of each splice that reached the socket.
+    pub fn new(socket: OwnedFd, counted: Box<dyn Fn(u64) + Send + Sync>) -> Option<Self> {
+        match Self::try_new(socket, counted) {
             Ok(sink) => Some(sink),
             Err(error) => {
                 debug!(%error, "no splice for this connection; reads are copied");
@@ -60,7 +66,7 @@ impl SpliceSink {
         }
     }
 
-    fn try_new(socket: OwnedFd) -> io::Result<Self> {
+    fn try_new(socket: OwnedFd, counted: Box<dyn Fn(u64) + Send + Sync>) -> io::Result<Self> {
         // SAFETY: the OwnedFd is this sink's own descriptor: open, never replaced, and
         // closed only when the AsyncFd drops it.
         let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }
@@ -87,6 +93,7 @@ impl SpliceSink {
             capacity: capacity as usize,
             enabled: Arc::new(AtomicBool::new(true)),
             fallback: Vec::new(),
+            counted,
         })
     }
 
@@ -97,41 +104,28 @@ impl SpliceSink {
 
     /// Sends every piece, in order, after whatever was written to the socket before.
     pub async fn send(&mut self, pieces: &FileSlices) -> io::Result<()> {
-        for piece in pieces.iter() {
+        let count = pieces.iter().count();
+        for (i, piece) in pieces.iter().enumerate() {
+            let last_piece = i + 1 == count;
             let mut offset = piece.offset as libc::loff_t;
             let mut left = piece.len as usize;
             while left > 0 {
                 // The pipe is empty here: every byte put in is drained before the next.
                 let want = left.min(self.capacity);
-                // SAFETY: valid descriptors; `offset` outlives the call.
-                let moved = unsafe {
-                    libc::splice(
-                        piece.file.as_raw_fd(),
-                        &mut offset,
-                        self.pipe_write.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        want,
-                        libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-                    )
-                };
-                match moved {
-                    0 => return Err(short_file()),
-                    n if n > 0 => {
-                        let n = n as usize;
+                let (file, pipe) = (piece.file.as_raw_fd(), self.pipe_write.as_raw_fd());
+                match off_runtime(|| splice_in(file, &mut offset, pipe, want)) {
+                    Ok(0) => return Err(short_file()),
+                    Ok(n) => {
                         left -= n;
-                        self.drain(n, left > 0).await?;
+                        self.drain(n, left > 0 || !last_piece).await?;
+                        (self.counted)(n as u64);
                     }
-                    _ => {
-                        let error = io::Error::last_os_error();
-                        if error.kind() == io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        if error.kind() != io::ErrorKind::WouldBlock {
-                            // A file system without splice: copy the rest of this piece
-                            // and every later read of the connection.
-                            debug!(%error, "splice from a file refused; copying reads");
-                            self.enabled.store(false, Ordering::Relaxed);
-                        }
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(error) => {
+                        // A file system without splice: copy the rest of this piece and
+                        // every later read of the connection.
+                        debug!(%error, "splice from a file refused; copying reads");
+                        self.enabled.store(false, Ordering::Relaxed);
                         self.copy(&piece.file, offset as u64, left).await?;
                         left = 0;
                     }
@@ -179,29 +173,67 @@ impl SpliceSink {
         Ok(())
     }
 
-    /// Sends `len` bytes of `file` at `offset` by reading them into a buffer.
-    async fn copy(&mut self, file: &File, offset: u64, len: usize) -> io::Result<()> {
+    /// Sends `len` bytes of `file` at `offset` by reading them into a buffer, a bounded
+    /// piece at a time, each read off the runtime's hands.
+    async fn copy(&mut self, file: &File, mut offset: u64, mut len: usize) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let mut buf = std::mem::take(&mut self.fallback);
-        buf.resize(len, 0);
+        buf.resize(COPY_PIECE, 0);
         let result = async {
-            file.read_exact_at(&mut buf, offset)?;
-            let mut done = 0;
-            while done < len {
-                let mut ready = self.socket.writable().await?;
-                match ready.try_io(|socket| write_some(socket.as_fd(), &buf[done..])) {
-                    Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(Ok(n)) => done += n,
-                    Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
-                    Ok(Err(error)) => return Err(error),
-                    Err(_would_block) => {}
+            while len > 0 {
+                let piece = &mut buf[..len.min(COPY_PIECE)];
+                off_runtime(|| file.read_exact_at(piece, offset))?;
+                let mut done = 0;
+                while done < piece.len() {
+                    let mut ready = self.socket.writable().await?;
+                    match ready.try_io(|socket| write_some(socket.as_fd(), &piece[done..])) {
+                        Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(Ok(n)) => done += n,
+                        Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(Err(error)) => return Err(error),
+                        Err(_would_block) => {}
+                    }
                 }
+                offset += piece.len() as u64;
+                len -= piece.len();
             }
             Ok(())
         }
         .await;
         self.fallback = buf;
         result
+    }
+}
+
+/// Runs a system call that may wait for the disk: through `block_in_place` on a
+/// multi-thread runtime (this worker's other tasks move to another thread meanwhile),
+/// inline elsewhere (a current-thread runtime, where that is not allowed).
+fn off_runtime<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Moves up to `len` bytes of `file` at `offset` (advanced) into the pipe.
+fn splice_in(file: RawFd, offset: &mut libc::loff_t, pipe: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: valid descriptors; `offset` outlives the call.
+    let n = unsafe {
+        libc::splice(
+            file,
+            offset,
+            pipe,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 

@@ -48,7 +48,10 @@ async fn write_batch<W: AsyncWrite + Unpin>(
             }
         }
         if let Some(files) = reply.files() {
+            // The header must be on the socket before the spliced bytes (a no-op flush
+            // for today's unbuffered sinks).
             write_all(sink, &mut storage[..count]).await?;
+            sink.flush().await?;
             count = 0;
             match splice.as_deref_mut() {
                 Some(splice) => splice.send(files).await?,

@@ -26,6 +26,8 @@ struct FileExport {
     offered: AtomicU64,
     /// Reads that went through `read` (copied).
     copied: AtomicU64,
+    /// Bytes the server reported spliced into the socket.
+    spliced: AtomicU64,
 }
 
 impl Export for FileExport {
@@ -100,6 +102,10 @@ impl Exports for OneFile {
     async fn list(&self) -> Vec<(String, String)> {
         vec![("f".into(), String::new())]
     }
+
+    fn spliced(&self, bytes: u64) {
+        self.0.spliced.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 /// A file of `SIZE` patterned bytes, and a server of it on a TCP port.
@@ -111,6 +117,7 @@ async fn serve_file() -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
         file: Arc::new(file),
         offered: AtomicU64::new(0),
         copied: AtomicU64::new(0),
+        spliced: AtomicU64::new(0),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -160,6 +167,11 @@ async fn spliced_and_copied_simple_replies_arrive_whole_and_in_order() {
         .map(|&(_, len)| u64::from(len))
         .sum();
     assert_eq!(export.offered.load(Ordering::Relaxed), large);
+    assert_eq!(
+        export.spliced.load(Ordering::Relaxed),
+        large,
+        "sent by splice, not copied"
+    );
     assert_eq!(export.copied.load(Ordering::Relaxed), 3);
 }
 
@@ -181,6 +193,7 @@ async fn a_spliced_structured_read_is_one_offset_data_chunk() {
     assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), offset);
     assert!(payload[8..] == bytes[offset as usize..(offset + u64::from(len)) as usize]);
     assert_eq!(export.offered.load(Ordering::Relaxed), u64::from(len));
+    assert_eq!(export.spliced.load(Ordering::Relaxed), u64::from(len));
     assert_eq!(export.copied.load(Ordering::Relaxed), 0);
 }
 

@@ -243,8 +243,7 @@ impl Attachments {
         let exports = self.exports.clone();
         let server = tokio::spawn(async move {
             let served =
-                lazyblk_nbd::serve_connection(daemon_end, peer, exports, ServerConfig::default())
-                    .await;
+                lazyblk_nbd::serve_socket(daemon_end, peer, exports, ServerConfig::default()).await;
             if let Err(error) = served {
                 tracing::warn!(device = %device, %error, "kernel connection ended with an error");
             }
@@ -359,6 +358,10 @@ impl Exports for KernelExports {
 
     fn observe(&self, command: Command, bytes: u64, elapsed: Duration, ok: bool) {
         self.0.observe(command, bytes, elapsed, ok)
+    }
+
+    fn spliced(&self, bytes: u64) {
+        self.0.spliced(bytes)
     }
 }
 

@@ -342,6 +342,13 @@ impl DaemonMetrics {
     }
 }
 
+impl DaemonMetrics {
+    /// Bytes of a cached read spliced into a client's socket.
+    pub fn spliced(&self, bytes: u64) {
+        self.spliced_bytes.inc_by(bytes);
+    }
+}
+
 impl FetchObserver for DaemonMetrics {
     fn hit(&self, _template: &str) {
         self.hits.inc();
@@ -349,10 +356,6 @@ impl FetchObserver for DaemonMetrics {
 
     fn miss(&self, _template: &str) {
         self.misses.inc();
-    }
-
-    fn spliced(&self, bytes: u64) {
-        self.spliced_bytes.inc_by(bytes);
     }
 
     fn fetched(&self, chunk: &ChunkRef, source: &str, elapsed: Duration) {

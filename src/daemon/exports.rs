@@ -310,6 +310,10 @@ impl Exports for NbdExports {
             .metrics
             .nbd_request(command.name(), bytes, elapsed, ok);
     }
+
+    fn spliced(&self, bytes: u64) {
+        self.node.metrics.spliced(bytes);
+    }
 }
 
 /// The node's templates and sandboxes, as the FUSE mount sees them. Answers from local

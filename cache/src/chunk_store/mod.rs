@@ -18,7 +18,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
@@ -82,11 +82,19 @@ impl std::ops::DerefMut for IndexGuard<'_> {
     }
 }
 
-/// `cachestat(2)` (Linux 6.5): the same number on every architecture, not yet in libc.
+/// `cachestat(2)` (Linux 6.5): 451 on every architecture of the unified system call
+/// table (x86_64, aarch64, riscv64 and the rest; not alpha); not yet in libc.
 const SYS_CACHESTAT: libc::c_long = 451;
-/// The page size `cachestat` counts in; 4 KiB on the machines lazyblk runs on. Were it
-/// larger, fewer pages would be counted than asked for and reads would be copied.
-const PAGE_SIZE: u64 = 4096;
+
+/// The page size `cachestat` counts in.
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
 
 #[repr(C)]
 struct CachestatRange {
@@ -166,12 +174,18 @@ impl ChunkFile {
     }
 
     /// Whether bytes `offset..offset + len` are all in the page cache now, asked with
-    /// `cachestat(2)`: reading or splicing them will not wait for the disk. `false`
-    /// where the kernel cannot tell (before Linux 6.5).
+    /// `cachestat(2)`: reading or splicing them will not wait for the disk, unless the
+    /// pages leave (reclaim) or are still being read in (readahead) at that moment.
+    /// `false` where the kernel cannot tell (before Linux 6.5, or filtered), remembered
+    /// so that such a system asks only once.
     pub fn resident(&self, offset: u64, len: u64) -> bool {
         use std::os::fd::AsRawFd;
+        static CACHESTAT_WORKS: AtomicBool = AtomicBool::new(true);
         if len == 0 {
             return true;
+        }
+        if !CACHESTAT_WORKS.load(Ordering::Relaxed) {
+            return false;
         }
         let range = CachestatRange { off: offset, len };
         let mut stat = Cachestat::default();
@@ -185,14 +199,21 @@ impl ChunkFile {
                 0u32,
             )
         };
-        let page = PAGE_SIZE;
+        if rc != 0 {
+            let errno = io::Error::last_os_error().raw_os_error();
+            if matches!(errno, Some(libc::ENOSYS) | Some(libc::EPERM)) {
+                CACHESTAT_WORKS.store(false, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let page = page_size();
         let pages = (offset + len).div_ceil(page) - offset / page;
-        rc == 0 && stat.nr_cache >= pages
+        stat.nr_cache >= pages
     }
 
-    /// The open file, for sending pieces of it with `splice`. The chunk is protected
-    /// from eviction only while this `ChunkFile` lives, but a file kept open stays
-    /// readable (with the same bytes: chunk files never change) even once evicted.
+    /// The open file, for sending pieces of it with `splice`. While a clone of it is
+    /// held (a queued reply's piece), the chunk counts as in use and is not evicted,
+    /// like while this `ChunkFile` lives.
     pub fn file(&self) -> &Arc<File> {
         &self.file
     }
