@@ -406,8 +406,10 @@ impl ChunkCache {
 
     /// The local chunk, when bytes `offset..offset + len` of it are in the page cache now
     /// (a read of them would not wait for the disk); nothing is counted.
+    /// Touches no disk: a chunk whose file is not open yet (or not verified since a
+    /// restart) is `None`, and is read the usual way.
     pub fn resident(&self, chunk: &ChunkRef, offset: u64, len: u64) -> Option<ChunkFile> {
-        let file = self.local(chunk).ok().flatten()?;
+        let file = self.store.get_open(&chunk.digest)?;
         file.resident(offset, len).then_some(file)
     }
 

@@ -374,6 +374,20 @@ impl ChunkStore {
     /// Opens a local chunk for reading and marks it recently used; `None` if absent (or
     /// found corrupt on its first open, and dropped). The first open of a file this
     /// daemon did not write hashes it, outside the index lock.
+    /// The local chunk when its file is open already (and so verified), marked recently
+    /// used; `None` otherwise, without touching the disk: for callers that must not
+    /// wait, which then go through [`ChunkStore::get`].
+    pub fn get_open(&self, digest: &Digest) -> Option<ChunkFile> {
+        let mut index = self.index();
+        let entry = index.lru.get_mut(digest).filter(|e| e.verified)?;
+        let file = entry.file.clone()?;
+        Some(ChunkFile {
+            digest: *digest,
+            file,
+            len: entry.len,
+        })
+    }
+
     pub fn get(&self, digest: &Digest) -> Result<Option<ChunkFile>, ChunkStoreError> {
         let (len, verified) = {
             let mut index = self.index();
