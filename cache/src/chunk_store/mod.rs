@@ -2,12 +2,16 @@
 //!
 //! Layout under the cache directory: `chunks/<2 hex>/<64 hex>` holds verified chunks;
 //! `tmp/` holds chunks being written. A chunk is written to `tmp/`, fsynced, and renamed
-//! into `chunks/` (then the directory is fsynced), so a crash leaves either the whole
-//! chunk or nothing under `chunks/`; `tmp/` is emptied at open.
+//! into `chunks/` (its directory fsynced at once for a chunk only this node has, else
+//! at the next [`ChunkStore::sync_dirs`]), so a crash leaves either the whole chunk or
+//! nothing under `chunks/`; `tmp/` is emptied at open.
 //!
 //! The store keeps an index of every chunk in least-recently-used order. When the bytes
 //! held pass the budget, the least recently used chunks that are neither pinned (by a
-//! READY replica or an unfinished upload) nor being read are deleted.
+//! READY replica or an unfinished upload) nor being read are deleted: taken out of the
+//! index under its lock, their files unlinked after it is released (every cached read
+//! takes that lock), and a new copy of one waits for its old file's unlink before it
+//! takes the name. `file` holds [`ChunkFile`], one open chunk.
 //!
 //! Bytes on the node's own disk are not trusted blindly: a chunk file this daemon did
 //! not write is hashed the first time it is opened (after a restart, say), and a file
@@ -18,13 +22,16 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
 
 use crate::digest::Digest;
 use crate::pins::Pins;
+
+mod file;
+pub use file::ChunkFile;
 
 /// How many chunk files stay open for reading at once. An open file saves an `open`
 /// per read on the hot path; the bound keeps the daemon under its file limit (the daemon
@@ -82,161 +89,6 @@ impl std::ops::DerefMut for IndexGuard<'_> {
     }
 }
 
-/// `cachestat(2)` (Linux 6.5): 451 on every architecture of the unified system call
-/// table (x86_64, aarch64, riscv64 and the rest; not alpha); not yet in libc.
-const SYS_CACHESTAT: libc::c_long = 451;
-
-/// The page size `cachestat` counts in.
-fn page_size() -> u64 {
-    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf has no preconditions.
-    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as u64,
-        _ => 4096,
-    })
-}
-
-#[repr(C)]
-struct CachestatRange {
-    off: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Cachestat {
-    nr_cache: u64,
-    nr_dirty: u64,
-    nr_writeback: u64,
-    nr_evicted: u64,
-    nr_recently_evicted: u64,
-}
-
-/// An open, verified chunk. While a `ChunkFile` is alive its chunk is never evicted.
-#[derive(Clone, Debug)]
-pub struct ChunkFile {
-    pub digest: Digest,
-    file: Arc<File>,
-    pub len: u64,
-}
-
-impl ChunkFile {
-    /// Reads `buf.len()` bytes at `offset` within the chunk (one `pread`, retried if short).
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ChunkStoreError> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|source| ChunkStoreError::Read {
-                digest: self.digest,
-                source,
-            })
-    }
-
-    /// Reads `buf.len()` bytes at `offset` from the page cache only: `Ok(false)` (and
-    /// `buf` in an unspecified state) when that would wait for the disk.
-    pub fn read_at_nowait(&self, offset: u64, buf: &mut [u8]) -> Result<bool, ChunkStoreError> {
-        use std::os::fd::AsRawFd;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let iov = libc::iovec {
-                iov_base: buf[done..].as_mut_ptr().cast(),
-                iov_len: buf.len() - done,
-            };
-            // SAFETY: one iovec over the unread tail of `buf`, which outlives the call.
-            let n = unsafe {
-                libc::preadv2(
-                    self.file.as_raw_fd(),
-                    &iov,
-                    1,
-                    (offset + done as u64) as libc::off_t,
-                    libc::RWF_NOWAIT,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Ok(false),
-                _ => {
-                    let err = io::Error::last_os_error();
-                    return match err.raw_os_error() {
-                        // Not resident, or a kernel or file system without RWF_NOWAIT.
-                        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
-                            Ok(false)
-                        }
-                        Some(libc::EINTR) => continue,
-                        _ => Err(ChunkStoreError::Read {
-                            digest: self.digest,
-                            source: err,
-                        }),
-                    };
-                }
-            }
-        }
-        Ok(true)
-    }
-
-    /// Whether bytes `offset..offset + len` are all in the page cache now, asked with
-    /// `cachestat(2)`: reading or splicing them will not wait for the disk, unless the
-    /// pages leave (reclaim) or are still being read in (readahead) at that moment.
-    /// `false` where the kernel cannot tell (before Linux 6.5, or filtered), remembered
-    /// so that such a system asks only once.
-    pub fn resident(&self, offset: u64, len: u64) -> bool {
-        use std::os::fd::AsRawFd;
-        static CACHESTAT_WORKS: AtomicBool = AtomicBool::new(true);
-        if len == 0 {
-            return true;
-        }
-        if !CACHESTAT_WORKS.load(Ordering::Relaxed) {
-            return false;
-        }
-        let range = CachestatRange { off: offset, len };
-        let mut stat = Cachestat::default();
-        // SAFETY: cachestat reads `range` and writes `stat`, both alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                SYS_CACHESTAT,
-                self.file.as_raw_fd(),
-                &range as *const CachestatRange,
-                &mut stat as *mut Cachestat,
-                0u32,
-            )
-        };
-        if rc != 0 {
-            let errno = io::Error::last_os_error().raw_os_error();
-            if matches!(errno, Some(libc::ENOSYS) | Some(libc::EPERM)) {
-                CACHESTAT_WORKS.store(false, Ordering::Relaxed);
-            }
-            return false;
-        }
-        let page = page_size();
-        let pages = (offset + len).div_ceil(page) - offset / page;
-        stat.nr_cache >= pages
-    }
-
-    /// The open file, for sending pieces of it with `splice`. While a clone of it is
-    /// held (a queued reply's piece), the chunk counts as in use and is not evicted,
-    /// like while this `ChunkFile` lives.
-    pub fn file(&self) -> &Arc<File> {
-        &self.file
-    }
-
-    /// A file handle of its own on the chunk (a `dup`), for streaming it out; the chunk
-    /// stays protected from eviction only while this `ChunkFile` lives.
-    pub fn try_clone_file(&self) -> Result<File, ChunkStoreError> {
-        self.file
-            .try_clone()
-            .map_err(|source| ChunkStoreError::Read {
-                digest: self.digest,
-                source,
-            })
-    }
-
-    /// The whole chunk.
-    pub fn read_all(&self) -> Result<Vec<u8>, ChunkStoreError> {
-        let mut buf = vec![0u8; self.len as usize];
-        self.read_at(0, &mut buf)?;
-        Ok(buf)
-    }
-}
-
 /// What the index knows of one chunk on disk.
 struct Entry {
     len: u64,
@@ -260,7 +112,13 @@ struct Index {
     /// Bumped at every insert and delete, so that counts of what is local can be kept
     /// until something changes.
     generation: u64,
+    /// Chunks gone from the index whose files are being unlinked, outside the lock. A
+    /// new copy of one waits for that before taking its name.
+    dying: std::collections::HashSet<Digest>,
 }
+
+/// A chunk taken out of the index, whose file is still to be unlinked.
+type Doomed = (Digest, Entry);
 
 /// Whether a chunk's name must be durable when its insert returns.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -344,6 +202,7 @@ impl ChunkStore {
                 open_files: 0,
                 pins: Pins::default(),
                 generation: 0,
+                dying: Default::default(),
             }),
             evictions: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
@@ -572,6 +431,7 @@ impl ChunkStore {
         }
         let shard = final_path.parent().unwrap_or(&self.root).to_path_buf();
         fs::create_dir_all(&shard).map_err(write_err(&shard))?;
+        self.wait_unlinked(digest);
         if let Err(e) = fs::rename(&tmp_path, &final_path) {
             let _ = fs::remove_file(&tmp_path);
             return Err(write_err(&final_path)(e));
@@ -606,7 +466,9 @@ impl ChunkStore {
         }
         index.used += len;
         index.open_files += 1;
-        self.evict_over_budget(&mut index);
+        let doomed = self.evict_over_budget(&mut index);
+        drop(index);
+        self.unlink(doomed);
         Ok(ChunkFile {
             digest: *digest,
             file,
@@ -653,7 +515,9 @@ impl ChunkStore {
     pub fn unpin(&self, owner: &str, digest: &Digest) {
         let mut index = self.index();
         if index.pins.unpin(owner, digest) {
-            self.evict_over_budget(&mut index);
+            let doomed = self.evict_over_budget(&mut index);
+            drop(index);
+            self.unlink(doomed);
         }
     }
 
@@ -662,7 +526,9 @@ impl ChunkStore {
         let mut index = self.index();
         let released = index.pins.release(owner);
         if released > 0 {
-            self.evict_over_budget(&mut index);
+            let doomed = self.evict_over_budget(&mut index);
+            drop(index);
+            self.unlink(doomed);
         }
         released
     }
@@ -708,26 +574,62 @@ impl ChunkStore {
         let removable =
             index.lru.peek(digest).is_some_and(|e| !in_use(e)) && !index.pins.is_pinned(digest);
         if removable {
-            self.delete(&mut index, digest);
+            let doomed: Vec<_> = self.delete(&mut index, digest).into_iter().collect();
+            drop(index);
+            self.unlink(doomed);
         }
         removable
     }
 
-    fn delete(&self, index: &mut Index, digest: &Digest) {
-        if let Some(gone) = index.lru.pop(digest) {
-            index.used -= gone.len;
-            index.generation += 1;
-            if gone.file.is_some() {
-                index.open_files -= 1;
-            }
-            let _ = fs::remove_file(self.chunk_path(digest));
+    /// Takes a chunk out of the index; its file is to be unlinked by [`Self::unlink`]
+    /// once the lock is released (an unlink can take a while: the last link of a
+    /// 1 MiB file frees its blocks, and every cached read waits for this lock).
+    fn delete(&self, index: &mut Index, digest: &Digest) -> Option<Doomed> {
+        let gone = index.lru.pop(digest)?;
+        index.used -= gone.len;
+        index.generation += 1;
+        if gone.file.is_some() {
+            index.open_files -= 1;
+        }
+        index.dying.insert(*digest);
+        Some((*digest, gone))
+    }
+
+    /// Unlinks the files of chunks taken out of the index, outside its lock.
+    fn unlink(&self, doomed: Vec<Doomed>) {
+        if doomed.is_empty() {
+            return;
+        }
+        let mut digests = Vec::with_capacity(doomed.len());
+        for (digest, entry) in doomed {
+            // The entry's open file (if any) closes first, while the name still holds
+            // the inode: the close is cheap, and the unlink frees it.
+            drop(entry);
+            let _ = fs::remove_file(self.chunk_path(&digest));
             self.evictions.fetch_add(1, Ordering::Relaxed);
+            digests.push(digest);
+        }
+        let mut index = self.index();
+        for digest in &digests {
+            index.dying.remove(digest);
         }
     }
 
-    fn evict_over_budget(&self, index: &mut Index) {
+    /// Waits until no unlink of `digest`'s old file is under way, so that a new copy's
+    /// name is not unlinked behind it. Runs on a blocking thread (an insert); the wait
+    /// is one unlink.
+    fn wait_unlinked(&self, digest: &Digest) {
+        while self.index().dying.contains(digest) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Chooses chunks to evict until the cache is within budget and takes them out of
+    /// the index; the caller unlinks them with [`Self::unlink`] after releasing it.
+    #[must_use]
+    fn evict_over_budget(&self, index: &mut Index) -> Vec<Doomed> {
         if self.budget == 0 || index.used <= self.budget {
-            return;
+            return Vec::new();
         }
         let mut victims = Vec::new();
         let mut excess = index.used - self.budget;
@@ -740,9 +642,10 @@ impl ChunkStore {
                 excess = excess.saturating_sub(entry.len);
             }
         }
-        for digest in victims {
-            self.delete(index, &digest);
-        }
+        let doomed = victims
+            .iter()
+            .filter_map(|digest| self.delete(index, digest))
+            .collect();
         if index.used > self.budget {
             tracing::debug!(
                 used = index.used,
@@ -750,6 +653,7 @@ impl ChunkStore {
                 "cache over budget: the rest is pinned or being read"
             );
         }
+        doomed
     }
 
     /// Bytes of pinned chunks.

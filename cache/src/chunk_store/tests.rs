@@ -164,3 +164,51 @@ fn residency_follows_the_page_cache() {
         assert!(f.resident(128 << 10, 4096));
     }
 }
+
+#[test]
+fn an_evicted_chunk_fetched_again_keeps_its_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), 2500).unwrap();
+    let (a, bytes_a) = chunk(1);
+    let (b, bytes_b) = chunk(2);
+    let (c, bytes_c) = chunk(3);
+    store.insert(&a, &bytes_a).unwrap();
+    store.insert(&b, &bytes_b).unwrap();
+    // Over budget: `a`, the least recently used, is evicted and its file unlinked
+    // (outside the index lock), and nothing is left dying.
+    store.insert(&c, &bytes_c).unwrap();
+    assert!(!store.contains(&a));
+    assert!(!store.chunk_path(&a).exists());
+    assert!(store.index().dying.is_empty());
+    assert_eq!(store.evictions(), 1);
+    // Fetched again, it gets a file that stays (the old unlink is done before the
+    // new name is taken).
+    store.insert(&a, &bytes_a).unwrap();
+    assert!(store.chunk_path(&a).exists());
+    assert_eq!(store.get(&a).unwrap().unwrap().read_all().unwrap(), bytes_a);
+    assert!(store.remove(&a));
+    assert!(!store.chunk_path(&a).exists());
+    assert!(store.index().dying.is_empty());
+}
+
+#[test]
+fn a_new_copy_waits_for_the_unlink_of_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ChunkStore::open(dir.path(), 0).unwrap());
+    let (a, bytes_a) = chunk(1);
+    // As if an eviction of `a` had taken it out of the index and not yet unlinked it.
+    store.index().dying.insert(a);
+    let writer = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || store.insert(&a, &bytes_a).map(|_| ()))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !store.chunk_path(&a).exists(),
+        "the new copy took the name while the old one was being unlinked"
+    );
+    store.index().dying.remove(&a);
+    writer.join().unwrap().unwrap();
+    assert!(store.chunk_path(&a).exists());
+    assert!(store.contains(&a));
+}
