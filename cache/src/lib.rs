@@ -64,7 +64,7 @@ pub mod readahead;
 pub mod source;
 pub mod transport;
 
-pub use chunk_store::{ChunkFile, ChunkStore, ChunkStoreError, ScrubReport};
+pub use chunk_store::{file_resident, ChunkFile, ChunkStore, ChunkStoreError, ScrubReport};
 pub use digest::Digest;
 pub use fetch::{
     CacheHealth, CacheUsage, Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver,

@@ -97,8 +97,9 @@ pub trait Export: Send + Sync + 'static {
     /// own task if that first attempt would wait), and only for reads of at least
     /// [`SPLICE_MIN_READ`](crate::SPLICE_MIN_READ) bytes on a socket served with
     /// [`serve`](crate::serve) or [`serve_socket`](crate::serve_socket) without TLS. The
-    /// server splices the pieces off the runtime's hands (`block_in_place`), so a page
-    /// that left the page cache since only costs time.
+    /// server asks each piece's [`Resident`] check again right before splicing it, and
+    /// splices a piece that left the page cache since off the runtime's hands
+    /// (`block_in_place`).
     fn read_files(&self, _offset: u64, _len: u32, _out: &mut FileSlices) -> bool {
         false
     }
@@ -129,15 +130,23 @@ pub struct FileSlice {
     pub file: Arc<File>,
     pub offset: u64,
     pub len: u32,
+    /// The export's check that bytes of the file are in the page cache, asked again
+    /// right before they are spliced: when it fails (the pages left since), the splice
+    /// runs in `block_in_place`, as it may wait for the disk.
+    pub resident: Resident,
 }
+
+/// Whether bytes `offset..offset + len` of a file are in the page cache now.
+pub type Resident = fn(file: &File, offset: u64, len: u64) -> bool;
 
 impl FileSlices {
     /// Pieces one read may have: a read of up to three chunks' size (768 KiB at 256 KiB
     /// chunks, 3 MiB at the default 1 MiB). Longer reads over small chunks are copied.
     pub const CAPACITY: usize = 4;
 
-    /// Appends a piece; `false` when there is no room (the read is then copied).
-    pub fn push(&mut self, file: &Arc<File>, offset: u64, len: u32) -> bool {
+    /// Appends a piece, with the check to ask again before it is spliced; `false` when
+    /// there is no room (the read is then copied).
+    pub fn push(&mut self, file: &Arc<File>, offset: u64, len: u32, resident: Resident) -> bool {
         if self.count == Self::CAPACITY {
             return false;
         }
@@ -145,6 +154,7 @@ impl FileSlices {
             file: Arc::clone(file),
             offset,
             len,
+            resident,
         });
         self.count += 1;
         true

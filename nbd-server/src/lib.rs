@@ -71,7 +71,8 @@ mod transmission;
 mod writer;
 
 pub use export::{
-    Command, Export, Exports, Extent, FileSlice, FileSlices, OpenError, NO_HOLE_WRITE_SIZE,
+    Command, Export, Exports, Extent, FileSlice, FileSlices, OpenError, Resident,
+    NO_HOLE_WRITE_SIZE,
 };
 pub use handshake::HandshakeError;
 pub use server::{

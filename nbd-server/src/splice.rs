@@ -7,8 +7,8 @@
 //! writer task: a pipe, and a duplicate of the socket's descriptor registered for write
 //! readiness. The writer sends a reply's header through the socket as usual, then the
 //! reply's file pieces through the pipe. The export offers only pieces in the page
-//! cache ([`crate::Export::read_files`]); the file side still runs in `block_in_place`,
-//! as a page may leave the cache (or still be on its way in) before the splice. If the
+//! cache ([`crate::Export::read_files`]); each is checked again right before its
+//! splice, and one whose pages left the cache since is spliced in `block_in_place`. If the
 //! kernel refuses to splice a file, the sink copies that piece instead, in bounded
 //! reads, and tells the connection to stop offering file replies.
 
@@ -113,7 +113,14 @@ impl SpliceSink {
                 // The pipe is empty here: every byte put in is drained before the next.
                 let want = left.min(self.capacity);
                 let (file, pipe) = (piece.file.as_raw_fd(), self.pipe_write.as_raw_fd());
-                match off_runtime(|| splice_in(file, &mut offset, pipe, want)) {
+                // Resident when the read was answered; asked again, as the pages may
+                // have left since (and a splice of them would wait for the disk).
+                let moved = if (piece.resident)(&piece.file, offset as u64, want as u64) {
+                    splice_in(file, &mut offset, pipe, want)
+                } else {
+                    off_runtime(|| splice_in(file, &mut offset, pipe, want))
+                };
+                match moved {
                     Ok(0) => return Err(short_file()),
                     Ok(n) => {
                         left -= n;

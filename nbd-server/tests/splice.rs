@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lazyblk_nbd::{
-    proto, Export, Exports, Extent, FileSlices, Listener, OpenError, ServerConfig, SPLICE_MIN_READ,
+    proto, Export, Exports, Extent, FileSlices, Listener, OpenError, Resident, ServerConfig,
+    SPLICE_MIN_READ,
 };
 use support::RawClient;
 use tokio::net::TcpListener;
@@ -28,6 +29,8 @@ struct FileExport {
     copied: AtomicU64,
     /// Bytes the server reported spliced into the socket.
     spliced: AtomicU64,
+    /// The check asked again before each splice.
+    recheck: Resident,
 }
 
 impl Export for FileExport {
@@ -49,7 +52,7 @@ impl Export for FileExport {
         let mut pos = offset;
         while pos < end {
             let take = ((pos / PIECE + 1) * PIECE).min(end) - pos;
-            if !out.push(&self.file, pos, take as u32) {
+            if !out.push(&self.file, pos, take as u32, self.recheck) {
                 return false;
             }
             pos += take;
@@ -110,6 +113,11 @@ impl Exports for OneFile {
 
 /// A file of `SIZE` patterned bytes, and a server of it on a TCP port.
 async fn serve_file() -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
+    serve_file_checked(|_, _, _| true).await
+}
+
+/// As [`serve_file`], with `recheck` asked before each splice.
+async fn serve_file_checked(recheck: Resident) -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
     let bytes: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8).collect();
     let mut file = tempfile::tempfile().expect("temp file");
     file.write_all(&bytes).expect("write");
@@ -118,6 +126,7 @@ async fn serve_file() -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
         offered: AtomicU64::new(0),
         copied: AtomicU64::new(0),
         spliced: AtomicU64::new(0),
+        recheck,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -239,4 +248,18 @@ async fn a_client_leaving_mid_splice_ends_only_its_connection() {
     let start = PIECE as usize;
     assert!(client.read_exact(1 << 20).await == bytes[start..start + (1 << 20)]);
     assert!(export.offered.load(Ordering::Relaxed) > 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pieces_that_left_the_page_cache_are_still_spliced_whole() {
+    // The check fails when asked again: each piece is spliced off the runtime's hands.
+    let (bytes, export, addr) = serve_file_checked(|_, _, _| false).await;
+    let mut client = RawClient::connect(addr).await;
+    client.go("f").await;
+    let (offset, len) = (PIECE + 5, 3 * PIECE as u32);
+    client.request(0, proto::CMD_READ, 7, offset, len).await;
+    assert_eq!(client.simple_reply().await, (0, 7));
+    let start = offset as usize;
+    assert!(client.read_exact(len as usize).await == bytes[start..start + len as usize]);
+    assert_eq!(export.spliced.load(Ordering::Relaxed), u64::from(len));
 }

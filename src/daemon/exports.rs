@@ -111,7 +111,7 @@ impl NodeExport {
         let replica = t.replica();
         let image = &replica.image;
         let found = image.resident_pieces(offset, u64::from(len), |file, at, piece| {
-            out.push(file, at, piece)
+            out.push(file, at, piece, lazyblk_cache::file_resident)
         });
         if found {
             let chunk_size = image.manifest().chunk_size as u64;

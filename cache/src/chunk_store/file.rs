@@ -102,42 +102,10 @@ impl ChunkFile {
         Ok(true)
     }
 
-    /// Whether bytes `offset..offset + len` are all in the page cache now, asked with
-    /// `cachestat(2)`: reading or splicing them will not wait for the disk, unless the
-    /// pages leave (reclaim) or are still being read in (readahead) at that moment.
-    /// `false` where the kernel cannot tell (before Linux 6.5, or filtered), remembered
-    /// so that such a system asks only once.
+    /// Whether bytes `offset..offset + len` are all in the page cache now
+    /// ([`file_resident`]).
     pub fn resident(&self, offset: u64, len: u64) -> bool {
-        use std::os::fd::AsRawFd;
-        static CACHESTAT_WORKS: AtomicBool = AtomicBool::new(true);
-        if len == 0 {
-            return true;
-        }
-        if !CACHESTAT_WORKS.load(Ordering::Relaxed) {
-            return false;
-        }
-        let range = CachestatRange { off: offset, len };
-        let mut stat = Cachestat::default();
-        // SAFETY: cachestat reads `range` and writes `stat`, both alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                SYS_CACHESTAT,
-                self.file.as_raw_fd(),
-                &range as *const CachestatRange,
-                &mut stat as *mut Cachestat,
-                0u32,
-            )
-        };
-        if rc != 0 {
-            let errno = io::Error::last_os_error().raw_os_error();
-            if matches!(errno, Some(libc::ENOSYS) | Some(libc::EPERM)) {
-                CACHESTAT_WORKS.store(false, Ordering::Relaxed);
-            }
-            return false;
-        }
-        let page = page_size();
-        let pages = (offset + len).div_ceil(page) - offset / page;
-        stat.nr_cache >= pages
+        file_resident(&self.file, offset, len)
     }
 
     /// The open file, for sending pieces of it with `splice`. While a clone of it is
@@ -164,4 +132,42 @@ impl ChunkFile {
         self.read_at(0, &mut buf)?;
         Ok(buf)
     }
+}
+
+/// Whether bytes `offset..offset + len` of `file` are all in the page cache now, asked
+/// with `cachestat(2)`: reading or splicing them will not wait for the disk, unless the
+/// pages leave (reclaim) or are still being read in (readahead) at that moment. `false`
+/// where the kernel cannot tell (before Linux 6.5, or filtered), remembered so that
+/// such a system asks only once.
+pub fn file_resident(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    static CACHESTAT_WORKS: AtomicBool = AtomicBool::new(true);
+    if len == 0 {
+        return true;
+    }
+    if !CACHESTAT_WORKS.load(Ordering::Relaxed) {
+        return false;
+    }
+    let range = CachestatRange { off: offset, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    if rc != 0 {
+        let errno = io::Error::last_os_error().raw_os_error();
+        if matches!(errno, Some(libc::ENOSYS) | Some(libc::EPERM)) {
+            CACHESTAT_WORKS.store(false, Ordering::Relaxed);
+        }
+        return false;
+    }
+    let page = page_size();
+    let pages = (offset + len).div_ceil(page) - offset / page;
+    stat.nr_cache >= pages
 }

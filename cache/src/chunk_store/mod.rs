@@ -31,7 +31,7 @@ use crate::digest::Digest;
 use crate::pins::Pins;
 
 mod file;
-pub use file::ChunkFile;
+pub use file::{file_resident, ChunkFile};
 
 /// How many chunk files stay open for reading at once. An open file saves an `open`
 /// per read on the hot path; the bound keeps the daemon under its file limit (the daemon
