@@ -237,7 +237,8 @@ pub struct DaemonArgs {
     /// Chunks fetched at once by a background fill.
     #[arg(long, default_value = "8")]
     pub fill_concurrency: usize,
-    /// Bandwidth cap of background fills in bytes per second (e.g. 200M; 0 = none).
+    /// Bandwidth cap of background fills in bytes per second of chunk bytes, decoded
+    /// (e.g. 200M; 0 = none); compressed chunks cross the network in fewer.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub fill_rate: u64,
     /// Seconds after a template's first read on this node during which first reads are

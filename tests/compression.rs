@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use support::node::{nbdsh, sh, DaemonProc};
-use support::{make_ext4, manifest_json, pattern, publish_json, StoreProc};
+use support::{http_get, make_ext4, manifest_json, pattern, publish_json, StoreProc};
 
 const CHUNK: usize = 1 << 20;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
@@ -96,6 +96,24 @@ fn a_template_of_compressed_and_raw_chunks_reads_back_byte_for_byte() {
 
     let daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
     copy_and_compare(&daemon, "mixed", &image, tmp.path());
+    // Each distinct chunk crossed once, as stored: the stored-bytes counter is what the
+    // store's files hold, less than the decoded bytes.
+    let mut distinct: Vec<&(usize, String, Vec<u8>)> = chunks.iter().collect();
+    distinct.sort_by(|a, b| a.1.cmp(&b.1));
+    distinct.dedup_by(|a, b| a.1 == b.1);
+    let stored_total: usize = distinct.iter().map(|(_, _, b)| b.len()).sum();
+    let (_, page) = http_get(&format!("{}/metrics", daemon.url())).unwrap();
+    let sum = |family: &str| -> f64 {
+        page.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        sum("lazyblk_fetched_stored_bytes_total") as usize,
+        stored_total
+    );
+    assert!(sum("lazyblk_fetched_stored_bytes_total") < sum("lazyblk_fetched_bytes_total"));
     // The store's scrub decodes frames before it hashes: nothing is dropped.
     let (ok, out, err) = sh(
         "curl",

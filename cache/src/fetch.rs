@@ -89,8 +89,9 @@ pub trait FetchObserver: Send + Sync + 'static {
     fn hit(&self, _template: &str) {}
     /// A read needed a fetch (counted once per reader).
     fn miss(&self, _template: &str) {}
-    /// A chunk arrived from `source` and was verified.
-    fn fetched(&self, _chunk: &ChunkRef, _source: &str, _elapsed: Duration) {}
+    /// A chunk arrived from `source` as `stored` bytes (a zstd frame or the raw chunk:
+    /// what the source sent) and was verified.
+    fn fetched(&self, _chunk: &ChunkRef, _source: &str, _stored: u64, _elapsed: Duration) {}
     /// A source failed to give a chunk.
     fn source_failed(&self, _chunk: &ChunkRef, _source: &str, _error: &SourceError) {}
     /// A source gave bytes that do not match the digest.
@@ -656,6 +657,7 @@ impl ChunkCache {
     ) -> Result<Option<Bytes>, SourceError> {
         let started = Instant::now();
         let stored = source.fetch(&chunk.digest, chunk.len, deadline).await?;
+        let stored_len = stored.len() as u64;
         let digest = chunk.digest;
         let len = chunk.len as usize;
         let decoded = run_at(priority, self.demand_within(READERS_ACTIVE), move || {
@@ -669,7 +671,7 @@ impl ChunkCache {
         match decoded {
             Ok((_, bytes)) => {
                 self.observer
-                    .fetched(chunk, source.name(), started.elapsed());
+                    .fetched(chunk, source.name(), stored_len, started.elapsed());
                 Ok(Some(bytes))
             }
             // Raw bytes of the wrong length were cut short or padded on the way (a

@@ -24,7 +24,7 @@ struct PanicOnce {
 }
 
 impl FetchObserver for PanicOnce {
-    fn fetched(&self, _chunk: &ChunkRef, _source: &str, _elapsed: Duration) {
+    fn fetched(&self, _chunk: &ChunkRef, _source: &str, _stored: u64, _elapsed: Duration) {
         if !self.panicked.swap(true, Ordering::SeqCst) {
             panic!("injected: a bug inside the fetch task");
         }

@@ -67,6 +67,8 @@ pub struct DaemonMetrics {
     /// Bytes of cached reads sent with splice, never copied through a buffer.
     spliced_bytes: Counter,
     bytes_fetched: Family<SourceLabel, Counter>,
+    /// The same chunks' bytes as the sources sent them (compressed where they shrank).
+    stored_bytes_fetched: Family<SourceLabel, Counter>,
     chunks_fetched: Family<SourceLabel, Counter>,
     fetch_seconds: Family<SourceLabel, Histogram, fn() -> Histogram>,
     fetch_failures: Family<SourceLabel, Counter>,
@@ -104,6 +106,7 @@ impl DaemonMetrics {
             misses: Counter::default(),
             spliced_bytes: Counter::default(),
             bytes_fetched: Family::default(),
+            stored_bytes_fetched: Family::default(),
             chunks_fetched: Family::default(),
             fetch_seconds: Family::new_with_constructor(latency_histogram),
             fetch_failures: Family::default(),
@@ -145,8 +148,13 @@ impl DaemonMetrics {
             );
             r.register(
                 "fetched_bytes",
-                "Verified chunk bytes fetched, by source",
+                "Verified chunk bytes fetched, by source (decoded: the chunks' own size)",
                 m.bytes_fetched.clone(),
+            );
+            r.register(
+                "fetched_stored_bytes",
+                "Bytes of the same chunks as the sources sent them (zstd frames where the chunk shrank): what crossed the network",
+                m.stored_bytes_fetched.clone(),
             );
             r.register(
                 "fetched_chunks",
@@ -358,12 +366,15 @@ impl FetchObserver for DaemonMetrics {
         self.misses.inc();
     }
 
-    fn fetched(&self, chunk: &ChunkRef, source: &str, elapsed: Duration) {
+    fn fetched(&self, chunk: &ChunkRef, source: &str, stored: u64, elapsed: Duration) {
         let label = SourceLabel {
             source: source.to_string(),
             class: self.class_of(source),
         };
         self.bytes_fetched.get_or_create(&label).inc_by(chunk.len);
+        self.stored_bytes_fetched
+            .get_or_create(&label)
+            .inc_by(stored);
         self.chunks_fetched.get_or_create(&label).inc();
         self.fetch_seconds
             .get_or_create(&label)
