@@ -144,27 +144,45 @@ impl TemplateImage {
         if len == 0 {
             return Ok(());
         }
-        let chunk_size = self.manifest.chunk_size as u64;
-        let first = (offset / chunk_size) as usize;
-        let last = ((offset + len - 1) / chunk_size) as usize;
+        let (first, last) = self.span(offset, len);
         self.read_ahead(first, last);
         if first == last {
             // The common case: one chunk, no allocation.
             let file = self.chunk(first).await?;
-            return self.copy_out(file.as_ref(), offset - first as u64 * chunk_size, buf);
+            let within = offset - first as u64 * self.manifest.chunk_size as u64;
+            return self.copy_out(file.as_ref(), within, buf);
         }
         let files = try_join_all((first..=last).map(|i| self.chunk(i))).await?;
-        let mut pos = offset;
         let mut rest = buf;
-        for (i, file) in (first..=last).zip(files) {
-            let chunk_start = i as u64 * chunk_size;
-            let take = ((chunk_start + chunk_size).min(offset + len) - pos) as usize;
-            let (head, tail) = rest.split_at_mut(take);
-            self.copy_out(file.as_ref(), pos - chunk_start, head)?;
-            pos += take as u64;
+        for ((_, within, take), file) in self.pieces(offset, len).zip(files) {
+            let (head, tail) = rest.split_at_mut(take as usize);
+            self.copy_out(file.as_ref(), within, head)?;
             rest = tail;
         }
         Ok(())
+    }
+
+    /// The chunks holding the `len` (> 0) bytes at `offset`, in order: (chunk index,
+    /// offset within the chunk, bytes in it).
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (usize, u64, u64)> {
+        let chunk_size = self.manifest.chunk_size as u64;
+        let end = offset + len;
+        let (first, last) = self.span(offset, len);
+        (first..=last).map(move |index| {
+            let chunk_start = index as u64 * chunk_size;
+            let from = offset.max(chunk_start);
+            let to = end.min(chunk_start + chunk_size);
+            (index, from - chunk_start, to - from)
+        })
+    }
+
+    /// The first and last chunk of the `len` (> 0) bytes at `offset`.
+    fn span(&self, offset: u64, len: u64) -> (usize, usize) {
+        let chunk_size = self.manifest.chunk_size as u64;
+        (
+            (offset / chunk_size) as usize,
+            ((offset + len - 1) / chunk_size) as usize,
+        )
     }
 
     /// Hands `push` the pieces of chunk files that hold the `len` bytes at `offset`, in
@@ -183,14 +201,7 @@ impl TemplateImage {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return false;
         }
-        let chunk_size = self.manifest.chunk_size as u64;
-        let first = (offset / chunk_size) as usize;
-        let last = ((offset + len - 1) / chunk_size) as usize;
-        let mut pos = offset;
-        for index in first..=last {
-            let chunk_start = index as u64 * chunk_size;
-            let take = (chunk_start + chunk_size).min(offset + len) - pos;
-            let within = pos - chunk_start;
+        for (index, within, take) in self.pieces(offset, len) {
             let Some(chunk) = self.chunk_ref(index) else {
                 return false;
             };
@@ -201,8 +212,8 @@ impl TemplateImage {
             if !push(file.file(), within, take as u32) {
                 return false;
             }
-            pos += take;
         }
+        let (first, last) = self.span(offset, len);
         self.read_ahead(first, last);
         self.cache.resident_read(&self.id, last - first + 1);
         true

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -143,41 +143,30 @@ impl SpliceSink {
     }
 
     /// Moves `len` bytes from the pipe into the socket, waiting while it is full.
-    async fn drain(&mut self, mut len: usize, more: bool) -> io::Result<()> {
+    async fn drain(&mut self, len: usize, more: bool) -> io::Result<()> {
         let flags = libc::SPLICE_F_MOVE
             | libc::SPLICE_F_NONBLOCK
             | if more { libc::SPLICE_F_MORE } else { 0 };
-        while len > 0 {
-            let mut ready = self.socket.writable().await?;
-            let pipe = self.pipe_read.as_raw_fd();
-            let sent = ready.try_io(|socket| {
-                // SAFETY: valid descriptors; no offsets (both are streams).
-                let n = unsafe {
-                    libc::splice(
-                        pipe,
-                        std::ptr::null_mut(),
-                        socket.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        len,
-                        flags,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match sent {
-                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => len -= n,
-                Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(error)) => return Err(error),
-                // Not writable after all: readiness was cleared; wait again.
-                Err(_would_block) => {}
+        let pipe = self.pipe_read.as_raw_fd();
+        self.send_all(len, |socket, _, left| {
+            // SAFETY: valid descriptors; no offsets (both are streams).
+            let n = unsafe {
+                libc::splice(
+                    pipe,
+                    std::ptr::null_mut(),
+                    socket,
+                    std::ptr::null_mut(),
+                    left,
+                    flags,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
             }
-        }
-        Ok(())
+        })
+        .await
     }
 
     /// Sends `len` bytes of `file` at `offset` by reading them into a buffer, a bounded
@@ -190,17 +179,11 @@ impl SpliceSink {
             while len > 0 {
                 let piece = &mut buf[..len.min(COPY_PIECE)];
                 off_runtime(|| file.read_exact_at(piece, offset))?;
-                let mut done = 0;
-                while done < piece.len() {
-                    let mut ready = self.socket.writable().await?;
-                    match ready.try_io(|socket| write_some(socket.as_fd(), &piece[done..])) {
-                        Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                        Ok(Ok(n)) => done += n,
-                        Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
-                        Ok(Err(error)) => return Err(error),
-                        Err(_would_block) => {}
-                    }
-                }
+                let piece = &*piece;
+                self.send_all(piece.len(), |socket, done, _| {
+                    write_some(socket, &piece[done..])
+                })
+                .await?;
                 offset += piece.len() as u64;
                 len -= piece.len();
             }
@@ -209,6 +192,28 @@ impl SpliceSink {
         .await;
         self.fallback = buf;
         result
+    }
+
+    /// Calls `send(socket, bytes sent so far, bytes left)` until `len` bytes are sent,
+    /// waiting while the socket is full.
+    async fn send_all(
+        &self,
+        len: usize,
+        mut send: impl FnMut(RawFd, usize, usize) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let mut ready = self.socket.writable().await?;
+            match ready.try_io(|socket| send(socket.as_raw_fd(), done, len - done)) {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => done += n,
+                Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(error)) => return Err(error),
+                // Not writable after all: readiness was cleared; wait again.
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -244,9 +249,9 @@ fn splice_in(file: RawFd, offset: &mut libc::loff_t, pipe: RawFd, len: usize) ->
     }
 }
 
-fn write_some(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+fn write_some(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     // SAFETY: `bytes` is valid for reads of its length during the call.
-    let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {

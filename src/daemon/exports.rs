@@ -12,7 +12,7 @@ use lazyblk_fuse::Folder;
 use lazyblk_nbd::{Command, Exports, Extent, FileSlices, OpenError};
 
 use crate::daemon::node::Node;
-use crate::daemon::replica::Lease;
+use crate::daemon::replica::{Lease, Replica};
 use crate::daemon::sandboxes::Sandbox;
 use crate::daemon::templates::TemplateError;
 use crate::daemon::users::UserLease;
@@ -38,6 +38,18 @@ fn overlay_error(e: OverlayError) -> io::Error {
     };
     tracing::error!(error = %e, "overlay operation failed");
     io::Error::from_raw_os_error(errno)
+}
+
+/// Records a read of `len` bytes at `offset` in the template's boot trace.
+fn record_read(replica: &Replica, offset: u64, len: u64) {
+    let image = &replica.image;
+    if len > 0 && offset < image.size() {
+        let chunk_size = image.manifest().chunk_size as u64;
+        let last = (offset + len - 1).min(image.size() - 1);
+        replica
+            .trace
+            .record((offset / chunk_size) as usize, (last / chunk_size) as usize);
+    }
 }
 
 fn read_only() -> io::Error {
@@ -84,15 +96,8 @@ impl NodeExport {
         match self {
             NodeExport::Template(t) => {
                 let replica = t.replica();
-                let image = &replica.image;
-                if !buf.is_empty() && offset < image.size() {
-                    let chunk_size = image.manifest().chunk_size as u64;
-                    let last = (offset + buf.len() as u64 - 1).min(image.size() - 1);
-                    replica
-                        .trace
-                        .record((offset / chunk_size) as usize, (last / chunk_size) as usize);
-                }
-                image.read_at(offset, buf).await.map_err(read_error)
+                record_read(replica, offset, buf.len() as u64);
+                replica.image.read_at(offset, buf).await.map_err(read_error)
             }
             NodeExport::Overlay { sandbox, .. } => sandbox
                 .overlay
@@ -114,11 +119,7 @@ impl NodeExport {
             out.push(file, at, piece, lazyblk_cache::file_resident)
         });
         if found {
-            let chunk_size = image.manifest().chunk_size as u64;
-            let last = offset + u64::from(len) - 1;
-            replica
-                .trace
-                .record((offset / chunk_size) as usize, (last / chunk_size) as usize);
+            record_read(replica, offset, u64::from(len));
         }
         found
     }

@@ -117,6 +117,19 @@ struct Index {
     dying: std::collections::HashSet<Digest>,
 }
 
+impl Index {
+    /// Takes a chunk's entry out, with the byte, open-file and generation counts.
+    fn forget(&mut self, digest: &Digest) -> Option<Entry> {
+        let gone = self.lru.pop(digest)?;
+        self.used -= gone.len;
+        self.generation += 1;
+        if gone.file.is_some() {
+            self.open_files -= 1;
+        }
+        Some(gone)
+    }
+}
+
 /// A chunk taken out of the index, whose file is still to be unlinked.
 type Doomed = (Digest, Entry);
 
@@ -270,14 +283,7 @@ impl ChunkStore {
             Ok(f) => Arc::new(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Removed behind our back (an operator cleaning up): forget it.
-                let mut index = self.index();
-                if let Some(gone) = index.lru.pop(digest) {
-                    index.used -= gone.len;
-                    index.generation += 1;
-                    if gone.file.is_some() {
-                        index.open_files -= 1;
-                    }
-                }
+                self.index().forget(digest);
                 return Ok(None);
             }
             Err(source) => return Err(read_err(source)),
@@ -316,13 +322,7 @@ impl ChunkStore {
     /// copy that will replace it.
     fn drop_corrupt(&self, digest: &Digest) {
         let mut index = self.index();
-        if let Some(gone) = index.lru.pop(digest) {
-            index.used -= gone.len;
-            if gone.file.is_some() {
-                index.open_files -= 1;
-            }
-            index.generation += 1;
-        }
+        index.forget(digest);
         let _ = fs::remove_file(self.chunk_path(digest));
         drop(index);
         self.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -585,12 +585,7 @@ impl ChunkStore {
     /// once the lock is released (an unlink can take a while: the last link of a
     /// 1 MiB file frees its blocks, and every cached read waits for this lock).
     fn delete(&self, index: &mut Index, digest: &Digest) -> Option<Doomed> {
-        let gone = index.lru.pop(digest)?;
-        index.used -= gone.len;
-        index.generation += 1;
-        if gone.file.is_some() {
-            index.open_files -= 1;
-        }
+        let gone = index.forget(digest)?;
         index.dying.insert(*digest);
         Some((*digest, gone))
     }
