@@ -302,7 +302,10 @@ mkdir -p "$work/www"
 raw_distinct=0 frames=0
 for d in $(curl -sf "$store/v1/templates/t1/manifest" | jq -r '[.chunks[] | select(. != null)] | unique | .[]'); do
   f=$work/store/chunks/${d:0:2}/$d
-  if [ "$(head -c 4 "$f" | od -An -tx1 | tr -d ' ')" = "28b52ffd" ]; then
+  # A zstd frame (format 2) or a chunk in blocks (format 3: a skippable frame, then a
+  # frame per block), both streams `zstd -d` decodes.
+  magic=$(head -c 4 "$f" | od -An -tx1 | tr -d ' ')
+  if [ "$magic" = "28b52ffd" ] || [ "$magic" = "5b2a4d18" ]; then
     cat "$f" >>"$work/www/frames.zst"
     frames=$((frames + 1))
   else

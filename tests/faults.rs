@@ -358,11 +358,7 @@ fn when_every_source_is_corrupt_the_read_fails_with_eio() {
     // The store's copy of one data chunk goes bad too, behind the store's back.
     let (index, digest) = manifest.stored_chunks().nth(1).unwrap();
     let path = store.root().join("chunks").join(digest.shard_path());
-    let mut bad = std::fs::read(&path).unwrap();
-    // The middle of the stored bytes: of the zstd frame, where the chunk compressed.
-    let middle = bad.len() / 2;
-    bad[middle] ^= 0xff;
-    std::fs::write(&path, &bad).unwrap();
+    support::corrupt_stored_chunk(&path);
     let cache = tmp.path().join("cache");
     let daemon = DaemonProc::start_unix(
         &store.url(),

@@ -171,7 +171,7 @@ fn export_name_clients_and_fio_work_over_tcp() {
 }
 
 #[test]
-fn one_small_read_fetches_one_chunk_not_the_template() {
+fn one_small_read_fetches_the_block_that_holds_it_not_the_chunk() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     let image = publish_image(&store, tmp.path(), "t3");
@@ -198,22 +198,38 @@ fn one_small_read_fetches_one_chunk_not_the_template() {
     assert_eq!(out.trim(), hex(&bytes[offset..offset + 4096]));
 
     let served = store.metric("lazyblk_store_chunks_served_total");
+    let ranges = store.metric("lazyblk_store_ranges_served_total");
     let bytes_served = store.metric("lazyblk_store_bytes_served_total");
-    println!("one 4 KiB read: the store served {served} chunk(s), {bytes_served} bytes, of a template of {stored} stored chunks");
-    assert_eq!(served, 1.0, "a 4 KiB read must fetch exactly one chunk");
-    // That chunk as the store keeps it (a zstd frame where it compressed).
-    let digest = manifest_json(&store.url(), "t3")["chunks"][offset / CHUNK]
-        .as_str()
-        .unwrap()
-        .to_string();
+    println!("one 4 KiB read: the store served {served} whole object(s) and {ranges} ranges, {bytes_served} bytes, of a template of {stored} stored chunks");
+    // The chunk as the store keeps it (a frame per 8 KiB block).
+    let m = manifest_json(&store.url(), "t3");
+    let digest = m["chunks"][offset / CHUNK].as_str().unwrap().to_string();
     let stored_len =
         std::fs::metadata(store.root().join("chunks").join(&digest[..2]).join(&digest))
             .unwrap()
             .len();
     assert!(stored_len <= CHUNK as u64);
-    assert_eq!(bytes_served, stored_len as f64);
+    // One page of the block index (fetched whole, like a chunk), then two ranges of the
+    // chunk: its table and the block that holds the 4 KiB. Not the chunk.
+    assert!(support::index_pages(&m) > 0, "{m}");
+    assert_eq!(served, 1.0, "one page of the block index");
+    assert_eq!(ranges, 2.0, "the chunk's table, then one block");
+    let page = support::PAGE_BYTES as f64;
+    assert!(
+        bytes_served < page + 2.0 * 8192.0 + 1024.0,
+        "a 4 KiB read fetched {bytes_served} bytes"
+    );
     assert!(stored > 3);
     assert_eq!(daemon.metric("lazyblk_cache_misses_total"), 1.0);
+    // A larger read (a quarter of the chunk or more) fetches the chunk whole.
+    let script = format!("h.pread({}, {offset})", CHUNK / 2);
+    let (ok, _, err) = nbdsh(&daemon.nbd_uri("t3"), &script);
+    assert!(ok, "nbdsh: {err}");
+    assert_eq!(store.metric("lazyblk_store_chunks_served_total"), 2.0);
+    assert_eq!(
+        store.metric("lazyblk_store_bytes_served_total"),
+        bytes_served + stored_len as f64
+    );
 }
 
 #[test]
@@ -231,11 +247,7 @@ fn a_corrupted_chunk_is_refused_and_never_served() {
         .unwrap();
     // Flip bytes of the chunk in the store's own files, behind its back.
     let path = store.root().join("chunks").join(&digest[..2]).join(&digest);
-    let mut bad = std::fs::read(&path).unwrap();
-    // The middle of the stored bytes: of the zstd frame, where the chunk compressed.
-    let middle = bad.len() / 2;
-    bad[middle] ^= 0xff;
-    std::fs::write(&path, &bad).unwrap();
+    support::corrupt_stored_chunk(&path);
 
     let daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
     let uri = daemon.nbd_uri("t4");

@@ -86,9 +86,12 @@ fn publish_uploads_only_what_the_store_lacks() {
     assert_eq!(report["chunks"], 64);
     assert_eq!(report["zero_chunks"], (64 - nonzero) as u64);
     assert_eq!(report["uploaded_chunks"], unique as u64);
+    // The chunks, and the pages of the block index (stored like chunks).
+    let pages = support::index_pages(&support::manifest_json(&url, "base"));
+    assert!(pages > 0);
     assert_eq!(
         store.metric("lazyblk_store_chunks_uploaded_total"),
-        unique as f64
+        (unique + pages) as f64
     );
 
     // The same image again: nothing to do.
@@ -106,7 +109,7 @@ fn publish_uploads_only_what_the_store_lacks() {
     assert_eq!(stdout.trim(), "template base already published (no change)");
     assert_eq!(
         store.metric("lazyblk_store_chunks_uploaded_total"),
-        unique as f64
+        (unique + pages) as f64
     );
 
     // A store that lost a chunk gets it back from a republish of the same image.
@@ -119,9 +122,9 @@ fn publish_uploads_only_what_the_store_lacks() {
     assert!(store.root().join("chunks").join(lost.shard_path()).exists());
     assert_eq!(
         store.metric("lazyblk_store_chunks_uploaded_total"),
-        (unique + 1) as f64
+        (unique + pages + 1) as f64
     );
-    let uploads = unique + 1; // the store's uploaded counter from here on
+    let uploads = unique + pages + 1; // the store's uploaded counter from here on
 
     // A second image that differs in two chunks uploads just those.
     let mut bytes = std::fs::read(&image).unwrap();
@@ -141,9 +144,20 @@ fn publish_uploads_only_what_the_store_lacks() {
         report["present_chunks"],
         (derived_chunks.iter().flatten().count() - 2) as u64
     );
+    // The two chunks, and the pages of the block index that hold their entries.
+    let page_set = |id: &str| -> std::collections::HashSet<String> {
+        support::manifest_json(&url, id)["blocks"]["pages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect()
+    };
+    let new_pages = page_set("derived").difference(&page_set("base")).count();
+    assert_eq!(new_pages, 1, "chunks 40 and 41 share one page");
     assert_eq!(
         store.metric("lazyblk_store_chunks_uploaded_total"),
-        (uploads + 2) as f64
+        (uploads + 2 + new_pages) as f64
     );
     assert_eq!(
         stored_manifest(&store, "derived").parent.as_deref(),
@@ -165,7 +179,7 @@ fn publish_uploads_only_what_the_store_lacks() {
     );
     assert_eq!(
         store.metric("lazyblk_store_chunks_uploaded_total"),
-        (uploads + 2) as f64
+        (uploads + 2 + new_pages) as f64
     );
     assert!(stored_manifest(&store, "base").same_content(&manifest));
 
@@ -188,14 +202,15 @@ fn publish_uploads_only_what_the_store_lacks() {
     assert_eq!(list.len(), 2);
     assert_eq!(list[1]["durability"], "DURABLE");
 
-    // Deleting the derived template and collecting frees exactly its two own chunks.
+    // Deleting the derived template and collecting frees exactly its two own chunks and
+    // its own page of the block index; the base's pages are kept with its chunks.
     let (ok, _, stderr) = run(&["delete", "derived", "--store", &url]);
     assert!(ok, "{stderr}");
     let (ok, stdout, stderr) = run(&["gc", "--store", &url, "--grace", "0s", "--json"]);
     assert!(ok, "{stderr}");
     let gc: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(gc["chunks_deleted"], 2, "{gc}");
-    assert_eq!(gc["chunks_referenced"], unique as u64);
+    assert_eq!(gc["chunks_deleted"], (2 + new_pages) as u64, "{gc}");
+    assert_eq!(gc["chunks_referenced"], (unique + pages) as u64);
 }
 
 #[test]

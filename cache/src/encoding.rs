@@ -39,7 +39,10 @@ const WINDOW_LOG_MAX: u32 = 24;
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
     Raw,
+    /// One zstd frame of the whole chunk (format 2).
     Zstd,
+    /// A zstd frame per block, after a table of their sizes (format 3, [`crate::blocks`]).
+    Blocks,
 }
 
 impl Encoding {
@@ -47,28 +50,40 @@ impl Encoding {
         match self {
             Encoding::Raw => "raw",
             Encoding::Zstd => "zstd",
+            Encoding::Blocks => "zstd-blocks",
         }
     }
 }
 
-/// The stored form of a chunk's raw bytes: one zstd frame when that is smaller, the raw
-/// bytes when it is not (already compressed or random data). Each thread keeps one
-/// compression context, and the frame is written into a buffer no larger than the chunk
-/// (a frame that would not fit is not worth keeping).
+/// The stored form of a chunk's raw bytes: a zstd frame per block of
+/// [`crate::blocks::STORED_BLOCK`] bytes when that is smaller, so readers can fetch part
+/// of it, the raw bytes when it is not (already compressed or random data). Each thread
+/// keeps one compression context.
 pub fn encode(raw: &[u8]) -> (Encoding, Cow<'_, [u8]>) {
     thread_local! {
         static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { std::cell::RefCell::new(None) };
     }
-    let mut frame = Vec::with_capacity(raw.len().saturating_sub(1));
-    let compressed = COMPRESSOR.with(|c| {
+    let blocks = COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
             *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
         }
         c.as_mut()
-            .is_some_and(|c| c.compress_to_buffer(raw, &mut frame).is_ok())
+            .and_then(|c| crate::blocks::encode_blocks(raw, c))
     });
+    match blocks {
+        Some(stored) => (Encoding::Blocks, Cow::Owned(stored)),
+        None => (Encoding::Raw, Cow::Borrowed(raw)),
+    }
+}
+
+/// One zstd frame of the whole chunk when that is smaller (format 2's stored form, which
+/// every reader still decodes), for tests and tools that write format-2 stores.
+pub fn encode_frame(raw: &[u8]) -> (Encoding, Cow<'_, [u8]>) {
+    let mut frame = Vec::with_capacity(raw.len().saturating_sub(1));
+    let compressed = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+        .is_ok_and(|mut c| c.compress_to_buffer(raw, &mut frame).is_ok());
     if compressed && frame.len() < raw.len() {
         (Encoding::Zstd, Cow::Owned(frame))
     } else {
@@ -92,6 +107,10 @@ pub enum DecodeError {
     /// Raw bytes of the wrong length.
     #[error("{stored} bytes stored, the chunk is {len} bytes")]
     Length { stored: usize, len: usize },
+    /// A chunk in blocks whose bytes end before (or run past) the length its table
+    /// gives: cut short or padded on the way.
+    #[error("{stored} bytes of a chunk in blocks whose table adds up to {expected}")]
+    Truncated { stored: usize, expected: u64 },
     /// The bytes (decoded where they were a frame) hash to another digest.
     #[error("digest mismatch: the bytes hash to {actual}")]
     Mismatch { actual: Digest },
@@ -109,6 +128,33 @@ pub fn decode(
     digest: &Digest,
 ) -> Result<(Encoding, Bytes), DecodeError> {
     let mut frame_error = None;
+    if stored.starts_with(&crate::blocks::BLOCKS_MAGIC) {
+        let table = crate::blocks::BlockTable::parse(&stored, Some(len as u64), len as u64);
+        if let Ok(table) = &table {
+            if table.stored_len() != stored.len() as u64 && Digest::of(&stored) != *digest {
+                return Err(DecodeError::Truncated {
+                    stored: stored.len(),
+                    expected: table.stored_len(),
+                });
+            }
+        }
+        match with_decompressor(|d| crate::blocks::decode_blocks(&stored, len, d)) {
+            Ok(raw) => {
+                let actual = Digest::of(&raw);
+                if actual == *digest {
+                    return Ok((Encoding::Blocks, Bytes::from(raw)));
+                }
+                frame_error = Some(DecodeError::Mismatch { actual });
+            }
+            Err(detail) => {
+                frame_error = Some(DecodeError::BadFrame {
+                    stored: stored.len(),
+                    len,
+                    detail,
+                })
+            }
+        }
+    }
     // A stored frame is exactly one frame, smaller than its chunk: what the store
     // accepts (see `StoredVerifier`), so both ends agree on every body.
     let one_frame = stored.starts_with(&ZSTD_MAGIC)
@@ -160,8 +206,11 @@ pub fn decode(
     Err(frame_error.unwrap_or(DecodeError::Mismatch { actual }))
 }
 
-/// Decodes one frame into at most `len` bytes, with this thread's context.
-fn decompress(frame: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+/// Runs `f` with this thread's decompression context (windows up to
+/// [`WINDOW_LOG_MAX`]).
+pub(crate) fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> Result<T, String>,
+) -> Result<T, String> {
     thread_local! {
         static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { std::cell::RefCell::new(None) };
@@ -169,16 +218,28 @@ fn decompress(frame: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
-            let mut decompressor = zstd::bulk::Decompressor::new()?;
+            let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?;
             decompressor
-                .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
+                .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))
+                .map_err(|e| e.to_string())?;
             *d = Some(decompressor);
         }
+        match d.as_mut() {
+            Some(d) => f(d),
+            None => Err("no zstd context".into()),
+        }
+    })
+}
+
+/// Decodes one frame into at most `len` bytes, with this thread's context.
+fn decompress(frame: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+    with_decompressor(|d| {
         let mut out = Vec::with_capacity(len);
-        d.as_mut()
-            .map_or(Ok(0), |d| d.decompress_to_buffer(frame, &mut out))?;
+        d.decompress_to_buffer(frame, &mut out)
+            .map_err(|e| e.to_string())?;
         Ok(out)
     })
+    .map_err(std::io::Error::other)
 }
 
 /// Verifies a stored chunk as its bytes stream by (an upload to the store, a scrub),
@@ -192,6 +253,8 @@ pub struct StoredVerifier {
     stored: DigestWriter,
     stored_len: u64,
     frame: Option<FrameState>,
+    /// The bytes began a block table: a chunk in blocks being decoded.
+    blocks: Option<crate::blocks::BlocksState>,
     /// Set when the bytes began a frame but no decoder could be made.
     unavailable: Option<String>,
 }
@@ -219,6 +282,7 @@ impl StoredVerifier {
             stored: DigestWriter::default(),
             stored_len: 0,
             frame: None,
+            blocks: None,
             unavailable: None,
         }
     }
@@ -251,6 +315,10 @@ impl StoredVerifier {
                 let head = std::mem::take(&mut self.head);
                 self.feed(&head);
                 self.head = head;
+            } else if self.head == crate::blocks::BLOCKS_MAGIC {
+                let mut blocks = crate::blocks::BlocksState::new(self.limit);
+                blocks.feed(&self.head);
+                self.blocks = Some(blocks);
             }
             self.feed(&piece[take..]);
             return;
@@ -262,6 +330,9 @@ impl StoredVerifier {
         let limit = self.limit;
         if let Some(frame) = &mut self.frame {
             frame.feed(input, limit);
+        }
+        if let Some(blocks) = &mut self.blocks {
+            blocks.feed(input);
         }
     }
 
@@ -285,6 +356,28 @@ impl StoredVerifier {
                     let actual = frame.decoded.finish();
                     if actual == *digest {
                         return Ok((Encoding::Zstd, frame.decoded_len));
+                    }
+                    frame_error = Some(DecodeError::Mismatch { actual });
+                }
+                Some(detail) => {
+                    frame_error = Some(DecodeError::BadFrame {
+                        stored: self.stored_len as usize,
+                        len: limit as usize,
+                        detail,
+                    })
+                }
+            }
+        }
+        if let Some(blocks) = self.blocks.take() {
+            let failed = blocks.incomplete().or_else(|| {
+                (self.stored_len >= blocks.decoded_len)
+                    .then(|| "the blocks are not smaller than the chunk".to_string())
+            });
+            match failed {
+                None => {
+                    let actual = blocks.decoded.finish();
+                    if actual == *digest {
+                        return Ok((Encoding::Blocks, blocks.decoded_len));
                     }
                     frame_error = Some(DecodeError::Mismatch { actual });
                 }
@@ -410,7 +503,7 @@ mod tests {
     fn compressible_chunks_are_stored_as_a_frame_and_decode_back() {
         let raw = text(1 << 20);
         let digest = Digest::of(&raw);
-        let (encoding, stored) = encode(&raw);
+        let (encoding, stored) = encode_frame(&raw);
         assert_eq!(encoding, Encoding::Zstd);
         assert!(stored.len() < raw.len() / 10);
         let (got, bytes) = decode(Bytes::copy_from_slice(&stored), raw.len(), &digest).unwrap();
@@ -428,7 +521,7 @@ mod tests {
     fn incompressible_chunks_stay_raw() {
         let raw = random(1 << 20);
         let digest = Digest::of(&raw);
-        let (encoding, stored) = encode(&raw);
+        let (encoding, stored) = encode_frame(&raw);
         assert_eq!(encoding, Encoding::Raw);
         assert_eq!(&stored[..], &raw[..]);
         assert_eq!(
@@ -462,7 +555,7 @@ mod tests {
     fn a_corrupt_frame_is_refused() {
         let raw = text(1 << 20);
         let digest = Digest::of(&raw);
-        let mut stored = encode(&raw).1.into_owned();
+        let mut stored = encode_frame(&raw).1.into_owned();
         let middle = stored.len() / 2;
         stored[middle] ^= 0x55;
         assert!(decode(Bytes::from(stored.clone()), raw.len(), &digest).is_err());
@@ -500,7 +593,7 @@ mod tests {
     fn both_decoders_refuse_what_the_other_refuses() {
         let raw = text(1 << 18);
         let digest = Digest::of(&raw);
-        let frame = encode(&raw).1.into_owned();
+        let frame = encode_frame(&raw).1.into_owned();
         // Two frames of the chunk's halves: one chunk, but not one frame.
         let mut two = zstd::bulk::compress(&raw[..1 << 17], 3).unwrap();
         two.extend(zstd::bulk::compress(&raw[1 << 17..], 3).unwrap());
@@ -534,9 +627,110 @@ mod tests {
     fn bytes_after_the_frame_are_refused() {
         let raw = text(1 << 18);
         let digest = Digest::of(&raw);
-        let mut stored = encode(&raw).1.into_owned();
+        let mut stored = encode_frame(&raw).1.into_owned();
         stored.extend_from_slice(b"trailing");
         assert!(decode(Bytes::from(stored.clone()), raw.len(), &digest).is_err());
         assert!(verify_streaming(&stored, 1 << 18, &digest, 7).is_err());
+    }
+
+    #[test]
+    fn chunks_are_stored_in_blocks_that_decode_whole_and_alone() {
+        let mut raw = text(1 << 20);
+        raw[..1 << 16].copy_from_slice(&random(1 << 16));
+        let digest = Digest::of(&raw);
+        let (encoding, stored) = encode(&raw);
+        assert_eq!(encoding, Encoding::Blocks);
+        assert!(stored.len() < raw.len() / 5, "{}", stored.len());
+        let (got, bytes) = decode(Bytes::copy_from_slice(&stored), raw.len(), &digest).unwrap();
+        assert_eq!(got, Encoding::Blocks);
+        assert_eq!(&bytes[..], &raw[..]);
+        for piece in [1, 7, 4096, 20000, 1 << 20] {
+            assert_eq!(
+                verify_streaming(&stored, 16 << 20, &digest, piece),
+                Ok((Encoding::Blocks, 1 << 20)),
+                "piece {piece}"
+            );
+        }
+        // Each block decodes on its own from its range of the stored bytes.
+        let table = crate::blocks::BlockTable::parse(&stored, Some(1 << 20), 1 << 20).unwrap();
+        assert_eq!(
+            table.count(),
+            (1 << 20) / crate::blocks::STORED_BLOCK as usize
+        );
+        for i in [0, 3, 63] {
+            let frame = &stored[table.offsets[i] as usize..table.offsets[i + 1] as usize];
+            let mut out = vec![0u8; table.block_len(i, 1 << 20)];
+            with_decompressor(|d| crate::blocks::decode_block(frame, &mut out, d)).unwrap();
+            let at = i * crate::blocks::STORED_BLOCK as usize;
+            assert_eq!(&out[..], &raw[at..at + out.len()]);
+        }
+        // The stored bytes are a zstd stream: `zstd -d` decodes them.
+        let mut decoder = zstd::stream::Decoder::new(&stored[..]).unwrap();
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut decoder, &mut all).unwrap();
+        assert_eq!(all, raw);
+    }
+
+    #[test]
+    fn a_short_last_block_and_a_corrupt_block_are_told_apart() {
+        let raw = text((1 << 20) - 12288);
+        let digest = Digest::of(&raw);
+        let stored = encode(&raw).1.into_owned();
+        assert_eq!(
+            decode(Bytes::from(stored.clone()), raw.len(), &digest)
+                .unwrap()
+                .0,
+            Encoding::Blocks
+        );
+        assert_eq!(
+            verify_streaming(&stored, 16 << 20, &digest, 999),
+            Ok((Encoding::Blocks, raw.len() as u64))
+        );
+        let table =
+            crate::blocks::BlockTable::parse(&stored, Some(raw.len() as u64), 1 << 20).unwrap();
+        let mut bad = stored.clone();
+        let at = table.offsets[10] as usize + 5;
+        bad[at] ^= 0x40;
+        assert!(decode(Bytes::from(bad.clone()), raw.len(), &digest).is_err());
+        assert!(verify_streaming(&bad, 16 << 20, &digest, 4096).is_err());
+        // Cut short, or with bytes after the last block.
+        assert!(verify_streaming(&stored[..stored.len() - 1], 16 << 20, &digest, 4096).is_err());
+        let mut long = stored.clone();
+        long.push(0);
+        assert!(decode(Bytes::from(long.clone()), raw.len(), &digest).is_err());
+        assert!(verify_streaming(&long, 16 << 20, &digest, 4096).is_err());
+    }
+
+    #[test]
+    fn a_block_that_decodes_past_its_size_is_refused_without_allocating_it() {
+        // A table of one block of 16 KiB whose frame holds 1 GiB of zeros.
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 19).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            std::io::Write::write_all(&mut encoder, &zeros).unwrap();
+        }
+        let bomb = encoder.finish().unwrap();
+        let block = crate::blocks::STORED_BLOCK;
+        let mut stored = Vec::new();
+        stored.extend_from_slice(&crate::blocks::BLOCKS_MAGIC);
+        stored.extend_from_slice(&16u32.to_le_bytes());
+        stored.extend_from_slice(b"LZBK");
+        stored.extend_from_slice(&block.to_le_bytes());
+        stored.extend_from_slice(&1u32.to_le_bytes());
+        stored.extend_from_slice(&(bomb.len() as u32).to_le_bytes());
+        stored.extend_from_slice(&bomb);
+        let digest = Digest::of(&zeros[..block as usize]);
+        let refused = decode(Bytes::from(stored.clone()), block as usize, &digest);
+        assert!(
+            matches!(refused, Err(DecodeError::BadFrame { .. })),
+            "{refused:?}"
+        );
+        let streamed = verify_streaming(&stored, 16 << 20, &digest, 4096);
+        assert!(
+            matches!(streamed, Err(DecodeError::BadFrame { .. })),
+            "{streamed:?}"
+        );
+        let mut out = vec![0u8; block as usize];
+        assert!(with_decompressor(|d| crate::blocks::decode_block(&bomb, &mut out, d)).is_err());
     }
 }

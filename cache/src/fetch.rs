@@ -96,6 +96,17 @@ pub trait FetchObserver: Send + Sync + 'static {
     fn source_failed(&self, _chunk: &ChunkRef, _source: &str, _error: &SourceError) {}
     /// A source gave bytes that do not match the digest.
     fn corrupt(&self, _chunk: &ChunkRef, _source: &str) {}
+    /// Blocks of a chunk (`raw` bytes of it) arrived from `source` as `stored` bytes
+    /// and were verified against the block index ([`crate::partial`]).
+    fn fetched_blocks(
+        &self,
+        _chunk: &ChunkRef,
+        _source: &str,
+        _raw: u64,
+        _stored: u64,
+        _elapsed: Duration,
+    ) {
+    }
 }
 
 /// An observer that counts nothing.
@@ -201,7 +212,7 @@ pub struct ChunkCache {
     /// Fetches under way, by digest; a reader that finds one here waits for it (and a
     /// demand reader promotes it).
     inflight: Mutex<HashMap<Digest, InFlight>>,
-    observer: Arc<dyn FetchObserver>,
+    pub(crate) observer: Arc<dyn FetchObserver>,
     /// How long one source gets for one chunk.
     deadline: Duration,
     /// How long a demand read waits for all attempts together.
@@ -218,6 +229,8 @@ pub struct ChunkCache {
     health_of_sources: SourceHealth,
     /// Whether fetched chunks can be kept on disk.
     health: CacheHealth,
+    /// Blocks of chunks read in part ([`crate::partial`]).
+    pub(crate) partial: crate::partial::Partial,
 }
 
 impl ChunkCache {
@@ -234,7 +247,23 @@ impl ChunkCache {
             slots: FetchSlots::default(),
             health_of_sources: SourceHealth::default(),
             health: CacheHealth::default(),
+            partial: crate::partial::Partial::default(),
         }
+    }
+
+    /// Records that a demand read arrived now (fills slow down while readers are active).
+    pub(crate) fn note_demand(&self) {
+        self.last_demand_us
+            .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn slots(&self) -> &FetchSlots {
+        &self.slots
+    }
+
+    /// How long one source gets for one request.
+    pub(crate) fn source_deadline(&self) -> Duration {
+        self.deadline
     }
 
     /// Sets the budget of one demand read for all its attempts.
@@ -365,8 +394,7 @@ impl ChunkCache {
         chunk: &ChunkRef,
         sources: &Arc<[Source]>,
     ) -> Result<Chunk, Arc<FetchError>> {
-        self.last_demand_us
-            .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.note_demand();
         if let Some(file) = self.local(chunk)? {
             self.observer.hit(&chunk.template);
             return Ok(Chunk::File(file));
@@ -418,8 +446,7 @@ impl ChunkCache {
     /// ([`ChunkCache::resident`]) as hits: the same as reads through
     /// [`ChunkCache::get`] for metrics and for the fill, which yields to readers.
     pub fn resident_read(&self, template: &str, chunks: usize) {
-        self.last_demand_us
-            .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.note_demand();
         for _ in 0..chunks {
             self.observer.hit(template);
         }
@@ -681,6 +708,13 @@ impl ChunkCache {
                 got: stored as u64,
                 expected: len as u64,
             }),
+            Err(crate::encoding::DecodeError::Truncated { stored, expected }) => {
+                Err(SourceError::Length {
+                    source_name: source.name().to_string(),
+                    got: stored as u64,
+                    expected,
+                })
+            }
             Err(e) => {
                 self.observer.corrupt(chunk, source.name());
                 tracing::error!(template = %chunk.template, chunk = chunk.index,

@@ -7,7 +7,7 @@ use futures::future::try_join_all;
 
 use crate::chunk_store::{ChunkFile, ChunkStoreError};
 use crate::fetch::{Chunk, ChunkCache, ChunkRef, FetchError, Priority};
-use crate::manifest::Manifest;
+use crate::manifest::{BlockIndex, Manifest};
 use crate::readahead::Readahead;
 use crate::source::Source;
 
@@ -28,6 +28,14 @@ pub enum ReadError {
         template: Arc<str>,
         source: ChunkStoreError,
     },
+}
+
+/// Reads of less than a quarter of a missing chunk fetch only the blocks that hold them,
+/// when the template has a block index (the kernel's reads of a lazily booting file
+/// system are mostly 4 to 32 KiB); a larger read (a file or an image read in sequence,
+/// nbdcopy's 256 KiB requests) fetches the chunk whole and keeps it.
+fn piecemeal(len: u64, chunk_size: u64) -> bool {
+    len < chunk_size / 4
 }
 
 /// One template's bytes over the node's cache.
@@ -61,12 +69,13 @@ impl ImageExtent {
 
 impl TemplateImage {
     pub fn new(manifest: Arc<Manifest>, cache: Arc<ChunkCache>, sources: Vec<Source>) -> Self {
+        let chunk_size = manifest.chunk_size as u64;
         TemplateImage {
             id: manifest.template.as_str().into(),
             manifest,
             cache,
             sources: sources.into(),
-            readahead: Readahead::default(),
+            readahead: Readahead::new(chunk_size),
         }
     }
 
@@ -145,21 +154,85 @@ impl TemplateImage {
             return Ok(());
         }
         let (first, last) = self.span(offset, len);
-        self.read_ahead(first, last);
+        self.read_ahead(first, last, len);
         if first == last {
             // The common case: one chunk, no allocation.
-            let file = self.chunk(first).await?;
             let within = offset - first as u64 * self.manifest.chunk_size as u64;
-            return self.copy_out(file.as_ref(), within, buf);
+            return self.read_piece(first, within, buf).await;
         }
-        let files = try_join_all((first..=last).map(|i| self.chunk(i))).await?;
+        let mut pieces = Vec::with_capacity(last - first + 1);
         let mut rest = buf;
-        for ((_, within, take), file) in self.pieces(offset, len).zip(files) {
+        for (index, within, take) in self.pieces(offset, len) {
             let (head, tail) = rest.split_at_mut(take as usize);
-            self.copy_out(file.as_ref(), within, head)?;
+            pieces.push(self.read_piece(index, within, head));
             rest = tail;
         }
+        try_join_all(pieces).await?;
         Ok(())
+    }
+
+    /// Fills `buf` with bytes `within..` of chunk `index`: from its blocks for a small
+    /// read of a missing chunk stored in blocks, else from the chunk (fetched whole if
+    /// missing).
+    async fn read_piece(&self, index: usize, within: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        if self.read_in_blocks(index, within, buf).await {
+            return Ok(());
+        }
+        let file = self.chunk(index).await?;
+        self.copy_out(file.as_ref(), within, buf)
+    }
+
+    /// Answers a small read of a missing chunk from the blocks that hold it, when the
+    /// template has a block index ([`crate::partial`]); `false` to read the chunk whole.
+    async fn read_in_blocks(&self, index: usize, within: u64, buf: &mut [u8]) -> bool {
+        let Some(blocks) = &self.manifest.blocks else {
+            return false;
+        };
+        if !piecemeal(buf.len() as u64, self.manifest.chunk_size as u64) {
+            tracing::debug!(template = %self.id, index, len = buf.len(), "a large read; reading the chunk whole");
+            return false;
+        }
+        let Some(chunk) = self.chunk_ref(index) else {
+            return false;
+        };
+        if self.cache.store().contains(&chunk.digest) || self.cache.is_fetching(&chunk.digest) {
+            return false;
+        }
+        tracing::trace!(template = %self.id, index, within, len = buf.len(), "reading blocks");
+        let Some(hashes) = self.block_hashes(blocks, &chunk).await else {
+            return false;
+        };
+        let sources = self.sources.clone();
+        self.cache
+            .read_blocks(&chunk, blocks.block_size, &hashes, within, buf, &sources)
+            .await
+    }
+
+    /// The sha256 of each block of `chunk`, from its page of the block index (fetched
+    /// and verified like a chunk, and kept in the cache like one).
+    async fn block_hashes(&self, blocks: &BlockIndex, chunk: &ChunkRef) -> Option<Vec<u8>> {
+        let chunk_size = self.manifest.chunk_size;
+        let (page, at) = blocks.locate(chunk.index, chunk_size);
+        let page_ref = ChunkRef {
+            template: self.id.clone(),
+            index: chunk.index,
+            digest: (*blocks.pages.get(page)?)?,
+            len: blocks.page_len(page, self.manifest.chunk_count(), chunk_size),
+        };
+        let file = match self
+            .cache
+            .fetch(&page_ref, &self.sources, Priority::Demand)
+            .await
+        {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::debug!(template = %self.id, page, %e, "block index page unavailable; reading whole chunks");
+                return None;
+            }
+        };
+        let mut entry = vec![0u8; blocks.entry_len(chunk_size) as usize];
+        Chunk::File(file).read_at(at, &mut entry).ok()?;
+        Some(entry)
     }
 
     /// The chunks holding the `len` (> 0) bytes at `offset`, in order: (chunk index,
@@ -214,7 +287,7 @@ impl TemplateImage {
             }
         }
         let (first, last) = self.span(offset, len);
-        self.read_ahead(first, last);
+        self.read_ahead(first, last, len);
         self.cache.resident_read(&self.id, last - first + 1);
         true
     }
@@ -233,13 +306,14 @@ impl TemplateImage {
     }
 
     /// Starts fetches of the chunks after a sequential reader's position.
-    fn read_ahead(&self, first: usize, last: usize) {
-        let Some(ahead) = self.readahead.on_read(first, last) else {
+    fn read_ahead(&self, first: usize, last: usize, len: u64) {
+        let Some(ahead) = self.readahead.on_read(first, last, len) else {
             return;
         };
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
+        tracing::trace!(template = %self.id, ?ahead, "readahead");
         for index in ahead.start..ahead.end.min(self.manifest.chunk_count()) {
             self.prefetch(index);
         }

@@ -49,6 +49,7 @@
 
 pub mod background;
 pub mod blocking;
+pub mod blocks;
 pub mod chunk_store;
 pub mod digest;
 pub mod encoding;
@@ -57,6 +58,7 @@ pub mod health;
 pub mod image;
 pub mod manifest;
 pub mod overlay;
+pub mod partial;
 pub mod peers;
 pub mod pins;
 pub mod planner;

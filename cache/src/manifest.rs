@@ -6,9 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 
-/// The manifest format this code writes: 2, whose chunks may be stored zstd-compressed
-/// ([`crate::encoding`]). It reads 1 (every chunk raw) and 2.
-pub const MANIFEST_FORMAT: u32 = 2;
+/// The manifest format this code writes: 3, whose chunks may be stored as one zstd
+/// frame (format 2) or a frame per block ([`crate::blocks`]), and which may carry a
+/// [`BlockIndex`]. It reads 1 (every chunk raw), 2 and 3.
+pub const MANIFEST_FORMAT: u32 = 3;
 /// The format of a manifest whose chunks are all stored raw (`publish --no-compress`),
 /// which builds before format 2 can read.
 pub const MANIFEST_FORMAT_RAW: u32 = 1;
@@ -69,6 +70,117 @@ pub struct Manifest {
     pub created_at: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The sha256 of every block of every chunk, so a reader can fetch and verify part
+    /// of a chunk; absent, reads fetch whole chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<BlockIndex>,
+}
+
+/// The manifest's block index (format 3): the sha256 of every `block_size` bytes of
+/// every chunk, in pages stored in the store like chunks (named by their own sha256, so
+/// a page is verified like one) and listed here, so the manifest grows by one digest
+/// per page, not by the index.
+///
+/// A `null` page is one whose chunks are read whole: all zero, or changed by a commit
+/// (whose new chunks have no entry yet).
+///
+/// A page holds `chunks_per_page` consecutive chunks' entries; an entry is the 32-byte
+/// sha256 of each of the chunk's blocks in order (a chunk's last block may be short; an
+/// all-zero chunk's entry is zeros and never read). A page whose chunks are all zero is
+/// `null`. Pages are about [`PAGE_BYTES`], so the first read of a chunk fetches one
+/// small page, whatever the template's size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockIndex {
+    pub block_size: u32,
+    pub chunks_per_page: u32,
+    pub pages: Vec<Option<Digest>>,
+}
+
+/// The size a page of the block index aims at: 32 KiB (16 chunks of 1 MiB).
+pub const PAGE_BYTES: u64 = 32 << 10;
+
+impl BlockIndex {
+    /// The layout of an index of `chunk_count` chunks of `chunk_size` in blocks of
+    /// `block_size` (pages not yet known).
+    pub fn layout(chunk_size: u32, block_size: u32, chunk_count: usize) -> BlockIndex {
+        let entry = (chunk_size / block_size) as u64 * 32;
+        let chunks_per_page = (PAGE_BYTES / entry).max(1) as u32;
+        BlockIndex {
+            block_size,
+            chunks_per_page,
+            pages: vec![None; chunk_count.div_ceil(chunks_per_page as usize)],
+        }
+    }
+
+    /// Bytes of one chunk's entry in a page.
+    pub fn entry_len(&self, chunk_size: u32) -> u64 {
+        (chunk_size / self.block_size) as u64 * 32
+    }
+
+    /// The page holding chunk `index`'s entry, and the entry's offset in it.
+    pub fn locate(&self, index: usize, chunk_size: u32) -> (usize, u64) {
+        let per = self.chunks_per_page as usize;
+        (
+            index / per,
+            (index % per) as u64 * self.entry_len(chunk_size),
+        )
+    }
+
+    /// Bytes of page `page` of an index of `chunk_count` chunks.
+    pub fn page_len(&self, page: usize, chunk_count: usize, chunk_size: u32) -> u64 {
+        let per = self.chunks_per_page as usize;
+        let chunks = chunk_count.saturating_sub(page * per).min(per);
+        chunks as u64 * self.entry_len(chunk_size)
+    }
+
+    /// Chunk `index` changed (a commit): its page is dropped, so its chunks are read whole.
+    pub fn forget(&mut self, index: usize) {
+        let page = index / self.chunks_per_page as usize;
+        if let Some(p) = self.pages.get_mut(page) {
+            *p = None;
+        }
+    }
+
+    /// The index of the template grown from `old_count` to `new_count` chunks (zero
+    /// chunks appended): full pages are kept, a last page that gains chunks is dropped.
+    pub fn grown(&self, old_count: usize, new_count: usize) -> BlockIndex {
+        let per = self.chunks_per_page as usize;
+        let mut pages: Vec<Option<Digest>> =
+            self.pages.iter().take(old_count / per).copied().collect();
+        pages.resize(new_count.div_ceil(per), None);
+        BlockIndex {
+            block_size: self.block_size,
+            chunks_per_page: self.chunks_per_page,
+            pages,
+        }
+    }
+
+    fn check(&self, chunk_size: u32, chunk_count: usize) -> Result<(), String> {
+        if !self.block_size.is_power_of_two()
+            || self.block_size < BLOCK_SIZE as u32
+            || self.block_size > chunk_size
+        {
+            return Err(format!(
+                "block index: block size {} must be a power of two from 4 KiB to the chunk size",
+                self.block_size
+            ));
+        }
+        let per = self.chunks_per_page as u64;
+        if per == 0 || per * self.entry_len(chunk_size) > 1 << 20 {
+            return Err(format!(
+                "block index: {} chunks per page is not 1 to a page of 1 MiB",
+                self.chunks_per_page
+            ));
+        }
+        let expected = chunk_count.div_ceil(per as usize);
+        if self.pages.len() != expected {
+            return Err(format!(
+                "block index: {} pages listed, {chunk_count} chunks need {expected}",
+                self.pages.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Checks a template or sandbox id against `[a-z0-9][a-z0-9._-]{0,127}`.
@@ -116,6 +228,7 @@ impl Manifest {
             origins: Vec::new(),
             created_at: String::new(),
             labels: BTreeMap::new(),
+            blocks: None,
         }
     }
 
@@ -146,13 +259,13 @@ impl Manifest {
         out
     }
 
-    /// Checks every rule of formats 1 and 2 (they differ in how chunks are stored, not
-    /// in the manifest).
+    /// Checks every rule of formats 1 to 3 (1 and 2 differ in how chunks are stored, not
+    /// in the manifest; 3 may add a block index).
     pub fn validate(&self) -> Result<(), ManifestError> {
         validate_id(&self.template)?;
         if !(MANIFEST_FORMAT_RAW..=MANIFEST_FORMAT).contains(&self.format) {
             return Err(self.invalid(format!(
-                "format {} is not supported (this build reads formats {MANIFEST_FORMAT_RAW} and {MANIFEST_FORMAT})",
+                "format {} is not supported (this build reads formats {MANIFEST_FORMAT_RAW} to {MANIFEST_FORMAT})",
                 self.format
             )));
         }
@@ -175,6 +288,14 @@ impl Manifest {
         }
         if let Some(parent) = &self.parent {
             validate_id(parent)?;
+        }
+        if let Some(blocks) = &self.blocks {
+            if self.format < 3 {
+                return Err(self.invalid("a block index needs format 3".into()));
+            }
+            blocks
+                .check(self.chunk_size, self.chunks.len())
+                .map_err(|r| self.invalid(r))?;
         }
         Ok(())
     }
@@ -205,6 +326,16 @@ impl Manifest {
             .filter_map(|(i, d)| d.map(|d| (i, d)))
     }
 
+    /// Every object the template needs from the store: its non-zero chunks and its
+    /// block index's pages (what a store's gc keeps).
+    pub fn referenced(&self) -> impl Iterator<Item = Digest> + '_ {
+        let pages = self
+            .blocks
+            .iter()
+            .flat_map(|b| b.pages.iter().flatten().copied());
+        self.chunks.iter().flatten().copied().chain(pages)
+    }
+
     /// Bytes held by non-zero chunks.
     pub fn stored_bytes(&self) -> u64 {
         self.stored_chunks().map(|(i, _)| self.chunk_len(i)).sum()
@@ -219,6 +350,7 @@ impl Manifest {
             && self.chunks == other.chunks
             && self.parent == other.parent
             && self.labels == other.labels
+            && self.blocks == other.blocks
     }
 }
 

@@ -87,4 +87,28 @@ impl Source {
             Source::Object(o) => o.fetch(digest, len, deadline).await,
         }
     }
+
+    /// Whether the source serves byte ranges of a chunk's stored object (the store's
+    /// objects, over HTTP or directly); origins and peers serve whole chunks.
+    pub fn serves_ranges(&self) -> bool {
+        matches!(self, Source::Http(_) | Source::Object(_))
+    }
+
+    /// Fetches bytes `range` of the chunk's stored object (unverified; the caller checks
+    /// each block against the block index).
+    pub async fn fetch_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        match self {
+            Source::Http(s) => s.fetch_range(digest, range, deadline).await,
+            Source::Object(o) => o.fetch_range(digest, range, deadline).await,
+            Source::Origin { .. } | Source::Peers(_) => Err(SourceError::Skipped {
+                source_name: self.name().to_string(),
+                why: "serves whole chunks only".into(),
+            }),
+        }
+    }
 }

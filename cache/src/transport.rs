@@ -90,21 +90,8 @@ impl ObjectSource {
         deadline: Duration,
     ) -> Result<Bytes, SourceError> {
         use object_store::ObjectStoreExt as _;
-        let hex = digest.to_hex();
-        let mut key = self.prefix.clone();
-        for part in ["chunks", &hex[..2], &hex] {
-            key = key.join(part);
-        }
-        let fail = |e: object_store::Error| match e {
-            object_store::Error::NotFound { .. } => SourceError::Status {
-                source_name: self.name.clone(),
-                status: 404,
-            },
-            other => SourceError::Object {
-                source_name: self.name.clone(),
-                detail: other.to_string(),
-            },
-        };
+        let key = self.chunk_key(digest);
+        let fail = |e: object_store::Error| self.error(e);
         let fetched = async {
             let got = self.store.get(&key).await.map_err(fail)?;
             if got.meta.size > len {
@@ -122,6 +109,59 @@ impl ObjectSource {
                 source_name: self.name.clone(),
                 deadline,
             }),
+        }
+    }
+
+    /// Fetches bytes `range` of a chunk's stored object (exactly those, or an error).
+    pub(crate) async fn fetch_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        let key = self.chunk_key(digest);
+        let len = range.end - range.start;
+        let fetched = async {
+            use object_store::ObjectStoreExt as _;
+            self.store
+                .get_range(&key, range)
+                .await
+                .map_err(|e| self.error(e))
+        };
+        match tokio::time::timeout(deadline, fetched).await {
+            Ok(Ok(body)) if body.len() as u64 == len => Ok(body),
+            Ok(Ok(body)) => Err(SourceError::Length {
+                source_name: self.name.clone(),
+                got: body.len() as u64,
+                expected: len,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SourceError::Timeout {
+                source_name: self.name.clone(),
+                deadline,
+            }),
+        }
+    }
+
+    fn chunk_key(&self, digest: &Digest) -> object_store::path::Path {
+        let hex = digest.to_hex();
+        let mut key = self.prefix.clone();
+        for part in ["chunks", &hex[..2], &hex] {
+            key = key.join(part);
+        }
+        key
+    }
+
+    fn error(&self, e: object_store::Error) -> SourceError {
+        match e {
+            object_store::Error::NotFound { .. } => SourceError::Status {
+                source_name: self.name.clone(),
+                status: 404,
+            },
+            other => SourceError::Object {
+                source_name: self.name.clone(),
+                detail: other.to_string(),
+            },
         }
     }
 }
@@ -192,7 +232,7 @@ impl HttpSource {
         len: u64,
         deadline: Duration,
     ) -> Result<Bytes, SourceError> {
-        match tokio::time::timeout(deadline, self.fetch_body(url, len)).await {
+        match tokio::time::timeout(deadline, self.fetch_body(url, len, None)).await {
             Ok(result) => result,
             Err(_) => Err(SourceError::Timeout {
                 source_name: self.base.clone(),
@@ -201,7 +241,37 @@ impl HttpSource {
         }
     }
 
-    async fn fetch_body(&self, url: &str, len: u64) -> Result<Bytes, SourceError> {
+    /// Fetches bytes `range` of a chunk's stored object (exactly those, or an error).
+    pub(crate) async fn fetch_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        let url = format!("{}/v1/chunks/{}", self.base, digest);
+        let len = range.end - range.start;
+        let got = tokio::time::timeout(deadline, self.fetch_body(&url, len, Some(range))).await;
+        match got {
+            Ok(Ok(body)) if body.len() as u64 == len => Ok(body),
+            Ok(Ok(body)) => Err(SourceError::Length {
+                source_name: self.base.clone(),
+                got: body.len() as u64,
+                expected: len,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SourceError::Timeout {
+                source_name: self.base.clone(),
+                deadline,
+            }),
+        }
+    }
+
+    async fn fetch_body(
+        &self,
+        url: &str,
+        len: u64,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Bytes, SourceError> {
         let unreachable = |e: reqwest::Error| SourceError::Unreachable {
             source_name: self.base.clone(),
             detail: e.to_string(),
@@ -210,7 +280,21 @@ impl HttpSource {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
+        let ranged = range.is_some();
+        if let Some(range) = range {
+            request = request.header(
+                reqwest::header::RANGE,
+                format!("bytes={}-{}", range.start, range.end - 1),
+            );
+        }
         let mut response = request.send().await.map_err(unreachable)?;
+        // A source that ignores the range would send the whole object: refused.
+        if ranged && response.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(SourceError::Status {
+                source_name: self.base.clone(),
+                status: response.status().as_u16(),
+            });
+        }
         if !response.status().is_success() {
             return Err(SourceError::Status {
                 source_name: self.base.clone(),

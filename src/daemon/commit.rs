@@ -257,6 +257,12 @@ impl Commits {
             match self.keep_chunk(new_id, index, bytes, is_new).await {
                 Ok((digest, pinned)) => {
                     manifest.chunks[index] = digest;
+                    if parent.manifest().chunks[index] != digest {
+                        // The new chunk has no entry in the block index: read it whole.
+                        if let Some(blocks) = &mut manifest.blocks {
+                            blocks.forget(index);
+                        }
+                    }
                     if let (Some(d), true) = (digest, pinned) {
                         new_chunks.push(d);
                     }

@@ -191,9 +191,12 @@ fn grown_manifest(base: &Manifest, size: u64) -> Result<Manifest, ResizeError> {
     }
     let mut grown = base.clone();
     grown.size = size;
-    grown
-        .chunks
-        .resize(size.div_ceil(chunk_size) as usize, None);
+    let count = size.div_ceil(chunk_size) as usize;
+    grown.chunks.resize(count, None);
+    grown.blocks = base
+        .blocks
+        .as_ref()
+        .map(|b| b.grown(base.chunks.len(), count));
     Ok(grown)
 }
 

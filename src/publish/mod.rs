@@ -154,7 +154,7 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
         None => hash_and_upload(args, size, None, uploader).await,
         Some(stored) => verify_and_repair(args, size, stored, uploader).await,
     };
-    let (chunks, mut report) = match outcome {
+    let (chunks, blocks, mut report) = match outcome {
         Ok(done) => done,
         Err(e) => {
             progress.finish("failed");
@@ -172,6 +172,7 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
     report.chunk_size = chunk_size;
     report.chunks = chunks.len();
     wanted.chunks = chunks;
+    wanted.blocks = blocks;
     report.status = if existing.is_some() {
         "unchanged"
     } else {
@@ -194,14 +195,15 @@ async fn verify_and_repair(
     size: u64,
     stored: &Manifest,
     uploader: Uploader<'_>,
-) -> Result<(Vec<Option<Digest>>, PublishReport), PublishError> {
+) -> Result<pipeline::Hashing, PublishError> {
     // A format-1 template's repairs stay raw, whatever this publish was asked.
-    let compress = uploader.compress && stored.format >= lazyblk_cache::manifest::MANIFEST_FORMAT;
-    if args.no_compress && stored.format >= lazyblk_cache::manifest::MANIFEST_FORMAT {
-        tracing::warn!(template = %args.template, "--no-compress: the published template is format 2 (its chunks may be compressed); repairs stay as it is");
+    let raw_format = lazyblk_cache::manifest::MANIFEST_FORMAT_RAW;
+    let compress = uploader.compress && stored.format > raw_format;
+    if args.no_compress && stored.format > raw_format {
+        tracing::warn!(template = %args.template, format = stored.format, "--no-compress: the published template's chunks may be compressed; repairs stay as it is");
     }
     let (client, concurrency) = (uploader.client, uploader.concurrency);
-    let (chunks, mut report) = hash_and_upload(args, size, Some(stored), uploader).await?;
+    let (chunks, _, mut report) = hash_and_upload(args, size, Some(stored), uploader).await?;
     let digests: Vec<Digest> = stored.stored_chunks().map(|(_, d)| d).collect();
     let missing: HashSet<Digest> = client.missing(&digests).await?.into_iter().collect();
     let mut first = HashSet::new();
@@ -233,7 +235,7 @@ async fn verify_and_repair(
     report.uploaded_chunks = sent.len();
     report.count_sent(&sent);
     report.present_chunks -= report.present_chunks.min(sent.len());
-    Ok((chunks, report))
+    Ok((chunks, stored.blocks.clone(), report))
 }
 
 /// Reads one chunk again and checks it still has the digest it had when hashed.
@@ -270,11 +272,11 @@ pub(super) struct Encoded {
 /// off. Blocking: compressing 1 MiB takes milliseconds.
 pub(super) fn encode_chunk(raw: Bytes, compress: bool) -> Encoded {
     if compress {
-        if let (lazyblk_cache::encoding::Encoding::Zstd, frame) =
+        if let (lazyblk_cache::encoding::Encoding::Blocks, stored) =
             lazyblk_cache::encoding::encode(&raw)
         {
             return Encoded {
-                bytes: Bytes::from(frame.into_owned()),
+                bytes: Bytes::from(stored.into_owned()),
                 compressed: true,
             };
         }

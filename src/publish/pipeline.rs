@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
+use lazyblk_cache::blocks::STORED_BLOCK;
+use lazyblk_cache::manifest::BlockIndex;
 use lazyblk_cache::{Digest, Manifest};
 use tokio::sync::mpsc;
 
@@ -37,15 +39,70 @@ struct Hashed {
     bytes: Bytes,
     /// The chunk's length in the image (holes included), for progress.
     len: u64,
+    /// Its entry in the block index: the sha256 of each block (empty for a zero chunk,
+    /// or without an index).
+    blocks: Vec<u8>,
 }
 
-/// Runs the pipeline and returns every chunk's digest in order.
+/// The block index being built as chunks arrive in order: a page is uploaded (like a
+/// chunk) as soon as its chunks are hashed, so memory holds one page.
+struct IndexBuilder {
+    index: BlockIndex,
+    chunk_size: u32,
+    chunk_count: usize,
+    page: Vec<u8>,
+    /// Whether the page has a non-zero chunk.
+    used: bool,
+    done: usize,
+}
+
+impl IndexBuilder {
+    fn new(chunk_size: u32, chunk_count: usize) -> IndexBuilder {
+        IndexBuilder {
+            index: BlockIndex::layout(chunk_size, STORED_BLOCK, chunk_count),
+            chunk_size,
+            chunk_count,
+            page: Vec::new(),
+            used: false,
+            done: 0,
+        }
+    }
+
+    /// Adds the next chunk's entry; returns a finished page to upload.
+    fn add(&mut self, entry: &[u8]) -> Option<(usize, Digest, Bytes)> {
+        let len = self.index.entry_len(self.chunk_size) as usize;
+        self.used |= !entry.is_empty();
+        self.page.extend_from_slice(entry);
+        self.page
+            .resize(self.page.len() + len - entry.len().min(len), 0);
+        self.done += 1;
+        let page = (self.done - 1) / self.index.chunks_per_page as usize;
+        let full =
+            self.page.len() as u64 == self.index.page_len(page, self.chunk_count, self.chunk_size);
+        if !full {
+            return None;
+        }
+        let bytes = Bytes::from(std::mem::take(&mut self.page));
+        if !std::mem::take(&mut self.used) {
+            return None;
+        }
+        let digest = Digest::of(&bytes);
+        self.index.pages[page] = Some(digest);
+        Some((page, digest, bytes))
+    }
+}
+
+/// What the pipeline made: every chunk's digest in order, the block index (uploaded;
+/// `None` without compression or when verifying an existing template), the report.
+pub(super) type Hashing = (Vec<Option<Digest>>, Option<BlockIndex>, PublishReport);
+
+/// Runs the pipeline.
 pub(super) async fn hash_and_upload(
     args: &PublishArgs,
     size: u64,
     existing: Option<&Manifest>,
     mut uploader: Uploader<'_>,
-) -> Result<(Vec<Option<Digest>>, PublishReport), PublishError> {
+) -> Result<Hashing, PublishError> {
     let chunk_size = args.chunk_size;
     let depth = (PIPELINE_BYTES / chunk_size).clamp(1, 64) as usize;
     let (read_tx, read_rx) = mpsc::channel(depth);
@@ -54,14 +111,18 @@ pub(super) async fn hash_and_upload(
     let reader = tokio::task::spawn_blocking(move || read_chunks(&path, size, chunk_size, read_tx));
     // Hashing more chunks at once than there are cores only holds more memory.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let count = size.div_ceil(chunk_size) as usize;
+    // The block index of a new template whose chunks are stored in blocks.
+    let mut index = (existing.is_none() && uploader.compress)
+        .then(|| IndexBuilder::new(chunk_size as u32, count));
     let hasher = tokio::spawn(hash_chunks(
         read_rx,
         hashed_tx,
         uploader.concurrency.min(cores),
-        (size, chunk_size),
+        (size, chunk_size, index.is_some()),
     ));
 
-    let mut chunks = Vec::with_capacity(size.div_ceil(chunk_size) as usize);
+    let mut chunks = Vec::with_capacity(count);
     while let Some(chunk) = hashed_rx.recv().await {
         let chunk = chunk?;
         if let Some(stored) = existing {
@@ -74,6 +135,12 @@ pub(super) async fn hash_and_upload(
             }
         }
         chunks.push(chunk.digest);
+        if let Some((page, digest, bytes)) = index.as_mut().and_then(|i| i.add(&chunk.blocks)) {
+            // Before the manifest that names it, like every chunk.
+            put_with_retry(uploader.client, &digest, bytes)
+                .await
+                .inspect_err(|_| tracing::warn!("upload of block index page {page} failed"))?;
+        }
         if existing.is_some() {
             uploader.count_only(&chunk);
         } else {
@@ -84,7 +151,7 @@ pub(super) async fn hash_and_upload(
     let task = |e: tokio::task::JoinError| PublishError::Task(e.to_string());
     hasher.await.map_err(task)?;
     reader.await.map_err(task)??;
-    Ok((chunks, uploader.report))
+    Ok((chunks, index.map(|i| i.index), uploader.report))
 }
 
 /// The hashing stage: its own task, so hashing goes on while the uploader waits on
@@ -93,12 +160,12 @@ async fn hash_chunks(
     mut read_rx: mpsc::Receiver<Result<(usize, Bytes), PublishError>>,
     hashed_tx: mpsc::Sender<Result<Hashed, PublishError>>,
     concurrency: usize,
-    (size, chunk_size): (u64, u64),
+    (size, chunk_size, with_blocks): (u64, u64, bool),
 ) {
     let hashed = stream::poll_fn(move |cx| read_rx.poll_recv(cx))
         .map(|read| async move {
             let (index, bytes) = read?;
-            let mut hashed = blocking(move || Ok(hash_chunk(index, bytes))).await?;
+            let mut hashed = blocking(move || Ok(hash_chunk(index, bytes, with_blocks))).await?;
             hashed.len = chunk_size.min(size - index as u64 * chunk_size);
             Ok(hashed)
         })
@@ -162,11 +229,19 @@ fn is_hole(file: &std::fs::File, offset: u64, len: u64) -> bool {
     next as u64 >= offset + len
 }
 
-fn hash_chunk(index: usize, bytes: Bytes) -> Hashed {
+fn hash_chunk(index: usize, bytes: Bytes, with_blocks: bool) -> Hashed {
     let digest = if bytes.iter().all(|b| *b == 0) {
         None
     } else {
         Some(Digest::of(&bytes))
+    };
+    let blocks = if with_blocks && digest.is_some() {
+        bytes
+            .chunks(STORED_BLOCK as usize)
+            .flat_map(|block| *Digest::of(block).as_bytes())
+            .collect()
+    } else {
+        Vec::new()
     };
     let len = bytes.len() as u64;
     Hashed {
@@ -174,6 +249,7 @@ fn hash_chunk(index: usize, bytes: Bytes) -> Hashed {
         digest,
         bytes,
         len,
+        blocks,
     }
 }
 
@@ -305,8 +381,10 @@ mod tests {
 
     #[test]
     fn zero_chunks_have_no_digest() {
-        assert!(hash_chunk(0, Bytes::from(vec![0u8; 4096])).digest.is_none());
-        let h = hash_chunk(1, Bytes::from_static(b"abc"));
+        assert!(hash_chunk(0, Bytes::from(vec![0u8; 4096]), true)
+            .digest
+            .is_none());
+        let h = hash_chunk(1, Bytes::from_static(b"abc"), true);
         assert_eq!(h.digest, Some(Digest::of(b"abc")));
     }
 }

@@ -219,6 +219,36 @@ pub fn publish_json(image: &Path, id: &str, store: &str, extra: &[&str]) -> serd
     serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
 }
 
+/// The first bytes of a chunk stored in blocks (format 3): a zstd skippable frame.
+pub const BLOCKS_MAGIC: [u8; 4] = [0x5B, 0x2A, 0x4D, 0x18];
+
+/// Flips a byte of the stored chunk at `path` that a read of the chunk's first 4 KiB
+/// depends on: in its first block's frame when it is stored in blocks (a read checks
+/// only the blocks it reads), else in the middle (a frame or a raw chunk is checked
+/// whole).
+pub fn corrupt_stored_chunk(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let at = if bytes.starts_with(&BLOCKS_MAGIC) {
+        20 + 4 * word(16) + word(20) / 2
+    } else {
+        bytes.len() / 2
+    };
+    bytes[at] ^= 0xff;
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// Bytes of a full page of the block index (32 KiB).
+pub const PAGE_BYTES: usize = 32 << 10;
+
+/// Pages of the block index of the manifest `m` (objects the store holds beside the
+/// chunks, fetched like chunks).
+pub fn index_pages(m: &serde_json::Value) -> usize {
+    m["blocks"]["pages"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|p| p.is_string()).count())
+}
+
 /// The manifest of `id` as the store at `store_url` serves it.
 pub fn manifest_json(store_url: &str, id: &str) -> serde_json::Value {
     let (status, body) =

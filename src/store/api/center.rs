@@ -79,7 +79,7 @@ pub(super) async fn chunks_in_use(
     let mut keep = std::collections::HashSet::new();
     for (id, json) in &tombstones {
         if let Ok(m) = lazyblk_cache::Manifest::parse(json.as_bytes(), Some(id)) {
-            keep.extend(m.stored_chunks().map(|(_, d)| d));
+            keep.extend(m.referenced());
         }
     }
     Ok(keep)

@@ -32,21 +32,64 @@ pub(super) fn chunk_headers(len: u64) -> [(header::HeaderName, String); 2] {
     ]
 }
 
+/// `GET /v1/chunks/{digest}`: the stored bytes, or with `Range: bytes=A-B` (one range)
+/// those bytes of them (206), which is how a reader fetches a few blocks of a chunk
+/// stored in blocks.
 pub(super) async fn get_chunk(
     State(state): State<AppState>,
     Path(digest): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let digest = checked_digest(&digest)?;
-    let Some((stream, len)) = state.backend.open_chunk(&digest).await? else {
+    let range = match headers.get(header::RANGE) {
+        Some(value) => Some(parse_range(value).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("unsupported range {value:?}: one range, bytes=A-B or bytes=A-"),
+            )
+        })?),
+        None => None,
+    };
+    let partial = range.is_some();
+    let Some(open) = state.backend.open_chunk(&digest, range).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("chunk {digest} is not in the store"),
         ));
     };
-    state.metrics.chunks_served.inc();
-    state.metrics.bytes_served.inc_by(len);
-    let body = Body::from_stream(stream);
-    Ok((chunk_headers(len), body).into_response())
+    let served = open.range.end - open.range.start;
+    state.metrics.bytes_served.inc_by(served);
+    let body = Body::from_stream(open.stream);
+    if !partial {
+        state.metrics.chunks_served.inc();
+        return Ok((chunk_headers(open.len), body).into_response());
+    }
+    state.metrics.ranges_served.inc();
+    let content_range = format!(
+        "bytes {}-{}/{}",
+        open.range.start,
+        open.range.end - 1,
+        open.len
+    );
+    Ok((
+        StatusCode::PARTIAL_CONTENT,
+        chunk_headers(served),
+        [(header::CONTENT_RANGE, content_range)],
+        body,
+    )
+        .into_response())
+}
+
+/// One byte range, `bytes=A-B` (inclusive) or `bytes=A-`, as `A..B+1`.
+fn parse_range(value: &header::HeaderValue) -> Option<std::ops::Range<u64>> {
+    let spec = value.to_str().ok()?.trim().strip_prefix("bytes=")?;
+    let (start, end) = spec.split_once('-')?;
+    let start: u64 = start.trim().parse().ok()?;
+    let end = match end.trim() {
+        "" => u64::MAX,
+        end => end.parse::<u64>().ok()?.checked_add(1)?,
+    };
+    (start < end).then_some(start..end)
 }
 
 pub(super) async fn head_chunk(

@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 pub(super) struct StoreMetrics {
     pub(super) registry: Registry,
     pub(super) chunks_served: Counter,
+    pub(super) ranges_served: Counter,
     pub(super) bytes_served: Counter,
     pub(super) chunks_uploaded: Counter,
     pub(super) bytes_uploaded: Counter,
@@ -59,7 +60,14 @@ impl StoreMetrics {
             c
         };
         let chunks_served = counter("chunks_served", "Chunks sent in full to GET requests");
-        let bytes_served = counter("bytes_served", "Bytes of chunks sent to GET requests");
+        let ranges_served = counter(
+            "ranges_served",
+            "Byte ranges of chunks sent to GET requests with a Range header (blocks of a chunk)",
+        );
+        let bytes_served = counter(
+            "bytes_served",
+            "Bytes of chunks sent to GET requests, whole or ranges",
+        );
         let chunks_uploaded = counter("chunks_uploaded", "Chunks verified and newly stored");
         let bytes_uploaded = counter("bytes_uploaded", "Bytes of chunks newly stored");
         let digest_mismatch = counter(
@@ -98,6 +106,7 @@ impl StoreMetrics {
             registry,
             fleet,
             chunks_served,
+            ranges_served,
             bytes_served,
             chunks_uploaded,
             bytes_uploaded,

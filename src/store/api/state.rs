@@ -83,6 +83,7 @@ impl From<BackendError> for ApiError {
             | BackendError::DigestMismatch { .. }
             | BackendError::Body { .. } => StatusCode::BAD_REQUEST,
             BackendError::Conflict { .. } => StatusCode::CONFLICT,
+            BackendError::Unsatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             BackendError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // The bucket behind the store failed, not the store itself.
             BackendError::Object { .. } => StatusCode::BAD_GATEWAY,

@@ -19,8 +19,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    check_trace, difference, drain, not_the_chunk, summarize, BackendError, ChunkPut, ChunkStream,
-    DurableSummaries, ManifestPut, MAX_CHUNK_BODY,
+    check_trace, clip_range, difference, drain, not_the_chunk, summarize, BackendError, ChunkPut,
+    DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
 };
 use crate::store::TemplateSummary;
 
@@ -222,9 +222,11 @@ impl DirBackend {
     pub async fn open_chunk(
         &self,
         digest: &Digest,
-    ) -> Result<Option<(ChunkStream, u64)>, BackendError> {
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Option<OpenChunk>, BackendError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let path = self.chunk_path(digest);
-        let file = match tokio::fs::File::open(&path).await {
+        let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("opening", &path)(e)),
@@ -234,8 +236,15 @@ impl DirBackend {
             .await
             .map_err(io_err("reading metadata of", &path))?
             .len();
-        let stream = ReaderStream::with_capacity(file, STREAM_BUFFER).boxed();
-        Ok(Some((stream, len)))
+        let range = clip_range(range, len, digest)?;
+        if range.start > 0 {
+            file.seek(io::SeekFrom::Start(range.start))
+                .await
+                .map_err(io_err("seeking in", &path))?;
+        }
+        let reader = file.take(range.end - range.start);
+        let stream = ReaderStream::with_capacity(reader, STREAM_BUFFER).boxed();
+        Ok(Some(OpenChunk { stream, len, range }))
     }
 
     /// The digests the store lacks, in the order given, without repeats. Present ones

@@ -36,7 +36,7 @@ fn sweep(root: &Path, grace: Duration, keep: HashSet<Digest>) -> Result<GcReport
         let bytes = fs::read(&path).map_err(io_err("reading", &path))?;
         let manifest = Manifest::parse(&bytes, Some(&id))
             .map_err(|source| BackendError::Corrupt { path, source })?;
-        referenced.extend(manifest.stored_chunks().map(|(_, d)| d));
+        referenced.extend(manifest.referenced());
     }
     let cutoff = SystemTime::now()
         .checked_sub(grace)

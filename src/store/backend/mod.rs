@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -47,6 +48,32 @@ pub const MAX_CHUNK_BODY: u64 = lazyblk_cache::manifest::MAX_CHUNK_SIZE as u64;
 
 /// Whether stored bytes are chunk `digest` (raw, or a zstd frame of it; see
 /// [`lazyblk_cache::encoding`]).
+/// `range` of a chunk of `len` bytes, clipped to its end (the whole chunk without one);
+/// a range that starts at or past the end is refused.
+pub(super) fn clip_range(
+    range: Option<Range<u64>>,
+    len: u64,
+    digest: &Digest,
+) -> Result<Range<u64>, BackendError> {
+    match range {
+        None => Ok(0..len),
+        Some(r) if r.start < len && r.start < r.end => Ok(r.start..r.end.min(len)),
+        Some(r) => Err(BackendError::Unsatisfiable {
+            digest: *digest,
+            len,
+            start: r.start,
+        }),
+    }
+}
+
+/// A stored chunk opened for reading: its bytes (of the range asked for), its whole
+/// length, and the range of it the stream holds.
+pub struct OpenChunk {
+    pub stream: ChunkStream,
+    pub len: u64,
+    pub range: Range<u64>,
+}
+
 pub fn is_chunk(stored: &[u8], digest: &Digest) -> bool {
     let mut verifier = StoredVerifier::new(MAX_CHUNK_BODY);
     verifier.update(stored);
@@ -120,6 +147,13 @@ pub enum BackendError {
         op: &'static str,
         key: String,
         source: object_store::Error,
+    },
+    /// A byte range that starts at or past the end of the chunk.
+    #[error("chunk {digest} is {len} bytes; range {start}.. is past its end")]
+    Unsatisfiable {
+        digest: Digest,
+        len: u64,
+        start: u64,
     },
     /// A `--backend` URL that cannot be used.
     #[error("backend {url}: {reason}")]
@@ -247,12 +281,14 @@ impl Backend {
         dispatch!(self, b => b.chunk_len(digest).await)
     }
 
-    /// A stored chunk as a stream of its bytes, with its length.
+    /// A stored chunk as a stream of its bytes (of `range` of them, clipped to its end),
+    /// with its whole length and the range served.
     pub async fn open_chunk(
         &self,
         digest: &Digest,
-    ) -> Result<Option<(ChunkStream, u64)>, BackendError> {
-        dispatch!(self, b => b.open_chunk(digest).await)
+        range: Option<Range<u64>>,
+    ) -> Result<Option<OpenChunk>, BackendError> {
+        dispatch!(self, b => b.open_chunk(digest, range).await)
     }
 
     /// The digests the store lacks, in the order given, without repeats.

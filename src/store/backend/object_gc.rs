@@ -84,7 +84,7 @@ impl ObjectBackend {
             };
             // A manifest deleted since the listing references nothing.
             if let Some(manifest) = self.manifest(id).await? {
-                referenced.extend(manifest.stored_chunks().map(|(_, d)| d));
+                referenced.extend(manifest.referenced());
             }
         }
         Ok(referenced)

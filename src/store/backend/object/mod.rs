@@ -26,8 +26,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 
 use super::bucket_url::{credentials, parse_url};
 use super::{
-    check_trace, difference, drain, is_chunk, not_the_chunk, summarize, BackendError, ChunkPut,
-    ChunkStream, DurableSummaries, ManifestPut, MAX_CHUNK_BODY,
+    check_trace, clip_range, difference, drain, is_chunk, not_the_chunk, summarize, BackendError,
+    ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
 };
 use crate::store::TemplateSummary;
 
@@ -324,16 +324,31 @@ impl ObjectBackend {
     pub async fn open_chunk(
         &self,
         digest: &Digest,
-    ) -> Result<Option<(ChunkStream, u64)>, BackendError> {
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Option<OpenChunk>, BackendError> {
         let key = self.chunk_key(digest);
-        let result = match self.store.get(&key).await {
+        let options = object_store::GetOptions {
+            range: range
+                .clone()
+                .map(|r| object_store::GetRange::Bounded(r.start..r.end.max(r.start + 1))),
+            ..Default::default()
+        };
+        let result = match self.store.get_opts(&key, options).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) if range.is_some() => {
+                // A range past the end: the same refusal as the directory backend's.
+                if let Ok(meta) = self.store.head(&key).await {
+                    clip_range(range, meta.size, digest)?;
+                }
+                return Err(object_err("reading", &key)(e));
+            }
             Err(e) => return Err(object_err("reading", &key)(e)),
         };
         let len = result.meta.size;
+        let range = result.range.clone();
         let stream = result.into_stream().map_err(std::io::Error::other).boxed();
-        Ok(Some((stream, len)))
+        Ok(Some(OpenChunk { stream, len, range }))
     }
 
     /// The digests the bucket lacks, in the order given, without repeats. Present ones
