@@ -298,8 +298,10 @@ pub struct PublishArgs {
     /// Chunks uploaded at once.
     #[arg(long, default_value = "8")]
     pub concurrency: usize,
-    /// Upload chunks raw and write a format-1 manifest. By default a chunk is stored
-    /// zstd-compressed when that makes it smaller (format 2). Chunks the store already
+    /// Upload chunks raw and write a format-1 manifest without a block index. By
+    /// default a chunk is stored as a zstd frame per 8 KiB block when that makes it
+    /// smaller, and the block index (the sha256 of every block, so a small read fetches
+    /// only its blocks) is uploaded with the chunks (format 3). Chunks the store already
     /// holds are not uploaded again, so builds before compressed chunks can read the
     /// template only from a store whose chunks were all uploaded raw.
     #[arg(long)]

@@ -174,6 +174,10 @@ fn fuse_template_file_mounts_read_only_with_every_file_intact() {
     }
     m.unmount();
     drop(m);
+    assert!(
+        store.metric("lazyblk_store_ranges_served_total") > 0.0,
+        "the kernel's small reads of the FUSE file fetched blocks, not only chunks"
+    );
     // The FUSE reads went through the same cache (small ones as blocks, the rest as
     // whole chunks): NBD then fetched each chunk the FUSE reads did not make local, and
     // every chunk crossed whole once (beside the pages of the block index the small

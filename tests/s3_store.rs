@@ -185,8 +185,18 @@ fn an_s3_bucket_backs_the_store() {
     let image = make_ext4(tmp.path(), 32, &files);
     publish(&store.url(), &image, "s3t");
 
-    // A daemon serves the template from the bucket byte for byte.
+    // A daemon serves the template from the bucket byte for byte: a small read from
+    // the blocks that hold it (ranges of the chunk's object in the bucket), then all.
     let daemon = DaemonProc::start_unix(&store.url(), &tmp.path().join("cache"), &[]);
+    let image_bytes = std::fs::read(&image).unwrap();
+    assert_eq!(
+        support::pread_4k(&daemon.nbd_uri("s3t"), 12288).unwrap(),
+        image_bytes[12288..12288 + 4096]
+    );
+    assert!(
+        support::metric(&store.url(), "lazyblk_store_ranges_served_total") >= 2.0,
+        "the small read fetched the chunk's table and a block, by range"
+    );
     let copy = tmp.path().join("copy.img");
     let (ok, _, err) = sh("nbdcopy", &[&daemon.nbd_uri("s3t"), copy.to_str().unwrap()]);
     assert!(ok, "nbdcopy: {err}");
@@ -320,11 +330,20 @@ fn a_daemon_reads_the_bucket_directly_without_a_store_process() {
     wait_http(&format!("http://127.0.0.1:{http}/healthz"));
     let copy = tmp.path().join("copy.img");
     let uri = format!("nbd+unix:///direct?socket={}", sock.display());
+    // A small read fetches blocks by ranged GETs of the object itself.
+    let small = support::pread_4k(&uri, 12288);
+    let blocks = support::metric_sum(
+        &format!("http://127.0.0.1:{http}"),
+        "lazyblk_fetched_blocks_total",
+    );
     let (ok, _, err) = sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
     let _ = daemon.kill();
     let _ = daemon.wait();
     assert!(ok, "nbdcopy from a daemon on the bucket: {err}");
-    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap());
+    let image_bytes = std::fs::read(&image).unwrap();
+    assert_eq!(small.unwrap(), image_bytes[12288..12288 + 4096]);
+    assert!(blocks >= 1.0, "the small read was not answered from blocks");
+    assert!(std::fs::read(&copy).unwrap() == image_bytes);
     let (ok, out, err) = {
         let o = with_env(lazyblk())
             .args(["templates", "--store", &bucket, "--json"])

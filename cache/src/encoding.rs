@@ -97,7 +97,7 @@ pub enum DecodeError {
     /// A zstd frame that decodes to more than the chunk's size (or is not a valid frame),
     /// and the bytes are not the raw chunk either.
     #[error(
-        "a zstd frame of {stored} bytes that does not decode to the chunk's {len} bytes ({detail})"
+        "{stored} stored bytes (zstd) that do not decode to the chunk's {len} bytes ({detail})"
     )]
     BadFrame {
         stored: usize,

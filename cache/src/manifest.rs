@@ -403,4 +403,66 @@ mod tests {
             assert!(validate_id(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn a_block_index_locates_entries_and_follows_commits_and_growth() {
+        let mut m = Manifest::new("b", 40 << 20, DEFAULT_CHUNK_SIZE);
+        let mut index = BlockIndex::layout(m.chunk_size, 8192, m.chunk_count());
+        // 128 blocks of 32 bytes per 1 MiB chunk: 8 chunks per 32 KiB page.
+        assert_eq!(index.entry_len(m.chunk_size), 4096);
+        assert_eq!(index.chunks_per_page, 8);
+        assert_eq!(index.pages.len(), 5);
+        assert_eq!(index.locate(17, m.chunk_size), (2, 4096));
+        assert_eq!(index.page_len(4, m.chunk_count(), m.chunk_size), 8 * 4096);
+        for p in &mut index.pages {
+            *p = Some(Digest::of(b"page"));
+        }
+        m.blocks = Some(index.clone());
+        m.validate().unwrap();
+        let back = Manifest::parse(&m.to_json(), Some("b")).unwrap();
+        assert_eq!(back.blocks, m.blocks);
+        // A commit that changed chunk 17 drops page 2 only.
+        let mut committed = index.clone();
+        committed.forget(17);
+        assert_eq!(committed.pages.iter().filter(|p| p.is_none()).count(), 1);
+        assert!(committed.pages[2].is_none());
+        // Growing 40 chunks to 44 keeps the 5 full pages and adds one empty; growing 36
+        // chunks to 44 drops the last page, which gains chunks.
+        let grown = index.grown(40, 44);
+        assert_eq!(grown.pages.len(), 6);
+        assert!(grown.pages[..5].iter().all(Option::is_some) && grown.pages[5].is_none());
+        let grown = index.grown(36, 44);
+        assert!(grown.pages[..4].iter().all(Option::is_some) && grown.pages[4].is_none());
+        // A broken index is refused.
+        for broken in [
+            BlockIndex {
+                pages: vec![None; 4],
+                ..index.clone()
+            },
+            BlockIndex {
+                block_size: 3000,
+                ..index.clone()
+            },
+            BlockIndex {
+                block_size: 2 << 20,
+                ..index.clone()
+            },
+            BlockIndex {
+                chunks_per_page: 0,
+                ..index.clone()
+            },
+            BlockIndex {
+                chunks_per_page: 1 << 20,
+                pages: vec![None; 1],
+                ..index.clone()
+            },
+        ] {
+            let mut bad = m.clone();
+            bad.blocks = Some(broken);
+            assert!(bad.validate().is_err(), "{:?}", bad.blocks);
+        }
+        let mut old = m.clone();
+        old.format = 2;
+        assert!(old.validate().is_err(), "an index needs format 3");
+    }
 }

@@ -116,6 +116,28 @@ pub fn metric(base_url: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of every sample of the metric family `family` (all its label sets).
+pub fn metric_sum(base_url: &str, family: &str) -> f64 {
+    let (status, page) = http_get(&format!("{base_url}/metrics")).expect("scraping /metrics");
+    assert_eq!(status, 200, "GET {base_url}/metrics");
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// 4 KiB at `offset` of the export at `uri`, read with nbdsh: the bytes, or the error.
+pub fn pread_4k(uri: &str, offset: usize) -> Result<Vec<u8>, String> {
+    let script = format!("import sys; sys.stdout.write(h.pread(4096, {offset}).hex())");
+    let (ok, out, err) = node::nbdsh(uri, &script);
+    if !ok {
+        return Err(err);
+    }
+    Ok((0..out.trim().len() / 2)
+        .map(|i| u8::from_str_radix(&out.trim()[2 * i..2 * i + 2], 16).unwrap())
+        .collect())
+}
+
 /// A `lazyblk store` process with its own temporary root; killed on drop.
 pub struct StoreProc {
     child: Child,
