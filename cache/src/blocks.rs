@@ -30,6 +30,9 @@ pub(crate) const BLOCKS_MAGIC: [u8; 4] = [0x5B, 0x2A, 0x4D, 0x18];
 const BLOCKS_TAG: [u8; 4] = *b"LZBK";
 /// Most blocks in one chunk: 16 MiB in 4 KiB blocks.
 const MAX_BLOCKS: u32 = 4096;
+/// The largest block a table or a block index may name: what one block costs a reader
+/// in memory (and the store while it verifies an upload) stays small.
+pub const MAX_BLOCK: u32 = 64 << 10;
 
 /// The largest frame a block of `block` bytes may be stored as: zstd's worst case for
 /// incompressible input is a few bytes per 128 KiB over the input.
@@ -72,9 +75,9 @@ impl BlockTable {
         let (Some(payload), Some(block_size), Some(count)) = (word(4), word(12), word(16)) else {
             return Err("the block table is cut short".into());
         };
-        if !block_size.is_power_of_two() || !(4096..=1 << 24).contains(&block_size) {
+        if !block_size.is_power_of_two() || !(4096..=MAX_BLOCK).contains(&block_size) {
             return Err(format!(
-                "block size {block_size} is not a power of two of 4 KiB to 16 MiB"
+                "block size {block_size} is not a power of two of 4 to 64 KiB"
             ));
         }
         if count == 0 || count > MAX_BLOCKS || (count as u64 - 1) * block_size as u64 >= limit {
@@ -290,13 +293,24 @@ impl BlocksState {
         let last = self.next + 1 == table.count();
         let block = table.block_size as usize;
         if self.decoder.is_none() {
-            match zstd::bulk::Decompressor::new() {
+            let made = zstd::bulk::Decompressor::new().and_then(|mut d| {
+                d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+                    crate::encoding::WINDOW_LOG_MAX,
+                ))?;
+                Ok(d)
+            });
+            match made {
                 Ok(d) => self.decoder = Some(d),
                 Err(e) => {
                     self.failed = Some(e.to_string());
                     return;
                 }
             }
+        }
+        // Exactly one frame per block, as every reader requires (`decode_block`).
+        if zstd::zstd_safe::find_frame_compressed_size(&self.frame) != Ok(self.frame.len()) {
+            self.failed = Some(format!("block {} is not one zstd frame", self.next));
+            return;
         }
         let Some(decoder) = self.decoder.as_mut() else {
             return;

@@ -32,7 +32,7 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 /// The largest window a stored frame may use: 16 MiB, the largest chunk. Both decoders
 /// hold to it, so they accept the same frames, and a frame cannot make a decoder
 /// allocate a larger window.
-const WINDOW_LOG_MAX: u32 = 24;
+pub(crate) const WINDOW_LOG_MAX: u32 = 24;
 
 /// A stored chunk's encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -621,6 +621,29 @@ mod tests {
             v.update(piece);
         }
         assert_eq!(v.finish(&digest), Ok((Encoding::Zstd, 1 << 18)));
+    }
+
+    #[test]
+    fn a_block_slot_of_two_frames_is_refused_by_both_decoders() {
+        let raw = text(16384);
+        let digest = Digest::of(&raw);
+        let block = crate::blocks::STORED_BLOCK as usize;
+        // Two blocks; the first slot holds two frames (of its halves), the second one.
+        let mut first = zstd::bulk::compress(&raw[..block / 2], 3).unwrap();
+        first.extend(zstd::bulk::compress(&raw[block / 2..block], 3).unwrap());
+        let second = zstd::bulk::compress(&raw[block..], 3).unwrap();
+        let mut stored = Vec::new();
+        stored.extend_from_slice(&crate::blocks::BLOCKS_MAGIC);
+        stored.extend_from_slice(&20u32.to_le_bytes());
+        stored.extend_from_slice(b"LZBK");
+        stored.extend_from_slice(&(block as u32).to_le_bytes());
+        stored.extend_from_slice(&2u32.to_le_bytes());
+        stored.extend_from_slice(&(first.len() as u32).to_le_bytes());
+        stored.extend_from_slice(&(second.len() as u32).to_le_bytes());
+        stored.extend_from_slice(&first);
+        stored.extend_from_slice(&second);
+        assert!(decode(Bytes::from(stored.clone()), raw.len(), &digest).is_err());
+        assert!(verify_streaming(&stored, 16 << 20, &digest, 100).is_err());
     }
 
     #[test]

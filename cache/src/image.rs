@@ -172,8 +172,9 @@ impl TemplateImage {
     }
 
     /// Fills `buf` with bytes `within..` of chunk `index`: from its blocks for a small
-    /// read of a missing chunk stored in blocks, else from the chunk (fetched whole if
-    /// missing).
+    /// piece of a missing chunk stored in blocks (the few KiB a large read takes of the
+    /// next chunk too: the reader's next read fetches that chunk whole), else from the
+    /// chunk (fetched whole if missing).
     async fn read_piece(&self, index: usize, within: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         if self.read_in_blocks(index, within, buf).await {
             return Ok(());

@@ -158,10 +158,10 @@ impl BlockIndex {
     fn check(&self, chunk_size: u32, chunk_count: usize) -> Result<(), String> {
         if !self.block_size.is_power_of_two()
             || self.block_size < BLOCK_SIZE as u32
-            || self.block_size > chunk_size
+            || self.block_size > chunk_size.min(crate::blocks::MAX_BLOCK)
         {
             return Err(format!(
-                "block index: block size {} must be a power of two from 4 KiB to the chunk size",
+                "block index: block size {} must be a power of two from 4 KiB to 64 KiB and the chunk size",
                 self.block_size
             ));
         }

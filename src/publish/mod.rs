@@ -203,6 +203,7 @@ async fn verify_and_repair(
         tracing::warn!(template = %args.template, format = stored.format, "--no-compress: the published template's chunks may be compressed; repairs stay as it is");
     }
     let (client, concurrency) = (uploader.client, uploader.concurrency);
+    let format = stored.format;
     let (chunks, _, mut report) = hash_and_upload(args, size, Some(stored), uploader).await?;
     let digests: Vec<Digest> = stored.stored_chunks().map(|(_, d)| d).collect();
     let missing: HashSet<Digest> = client.missing(&digests).await?.into_iter().collect();
@@ -217,7 +218,8 @@ async fn verify_and_repair(
             let (offset, len) = (index as u64 * args.chunk_size, stored.chunk_len(index));
             async move {
                 let bytes = blocking(move || {
-                    read_verified(&path, offset, len, digest).map(|b| encode_chunk(b, compress))
+                    read_verified(&path, offset, len, digest)
+                        .map(|b| encode_chunk(b, compress, format))
                 })
                 .await?;
                 let sent = bytes.bytes.len() as u64;
@@ -268,13 +270,19 @@ pub(super) struct Encoded {
     pub(super) compressed: bool,
 }
 
-/// The stored form of a chunk (see [`lazyblk_cache::encoding`]); raw with `compress`
-/// off. Blocking: compressing 1 MiB takes milliseconds.
-pub(super) fn encode_chunk(raw: Bytes, compress: bool) -> Encoded {
-    if compress {
-        if let (lazyblk_cache::encoding::Encoding::Blocks, stored) =
-            lazyblk_cache::encoding::encode(&raw)
-        {
+/// The stored form of a chunk (see [`lazyblk_cache::encoding`]) for a template of
+/// manifest format `format`: in blocks (3), one zstd frame (2: a repair of a format-2
+/// template stays readable by the builds that wrote it), raw (1, or `compress` off).
+/// Blocking: compressing 1 MiB takes milliseconds.
+pub(super) fn encode_chunk(raw: Bytes, compress: bool, format: u32) -> Encoded {
+    use lazyblk_cache::encoding::{encode, encode_frame, Encoding};
+    if compress && format > lazyblk_cache::manifest::MANIFEST_FORMAT_RAW {
+        let (encoding, stored) = if format == 2 {
+            encode_frame(&raw)
+        } else {
+            encode(&raw)
+        };
+        if encoding != Encoding::Raw {
             return Encoded {
                 bytes: Bytes::from(stored.into_owned()),
                 compressed: true,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
 use lazyblk_cache::blocks::STORED_BLOCK;
-use lazyblk_cache::manifest::BlockIndex;
+use lazyblk_cache::manifest::{BlockIndex, MANIFEST_FORMAT};
 use lazyblk_cache::{Digest, Manifest};
 use tokio::sync::mpsc;
 
@@ -334,7 +334,8 @@ impl<'a> Uploader<'a> {
             .map(|(digest, bytes)| async move {
                 let raw = bytes.len() as u64;
                 // Only chunks the store lacks are compressed, off the runtime.
-                let encoded = blocking(move || Ok(encode_chunk(bytes, compress))).await?;
+                let encoded =
+                    blocking(move || Ok(encode_chunk(bytes, compress, MANIFEST_FORMAT))).await?;
                 let stored = encoded.bytes.len() as u64;
                 put_with_retry(client, &digest, encoded.bytes).await?;
                 progress.inc(raw);
