@@ -25,6 +25,11 @@ use crate::digest::DigestWriter;
 /// block still compresses (2.9x for those blocks) and a 1 MiB chunk has 64 of them.
 pub const STORED_BLOCK: u32 = 8 << 10;
 
+/// The largest window a stored frame may use: 16 MiB, the largest chunk. Both decoders
+/// hold to it, so they accept the same frames, and a frame cannot make a decoder
+/// allocate a larger window.
+pub(crate) const WINDOW_LOG_MAX: u32 = 24;
+
 /// The first bytes of a chunk stored in blocks: a zstd skippable frame's magic number.
 pub(crate) const BLOCKS_MAGIC: [u8; 4] = [0x5B, 0x2A, 0x4D, 0x18];
 const BLOCKS_TAG: [u8; 4] = *b"LZBK";
@@ -294,9 +299,7 @@ impl BlocksState {
         let block = table.block_size as usize;
         if self.decoder.is_none() {
             let made = zstd::bulk::Decompressor::new().and_then(|mut d| {
-                d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
-                    crate::encoding::WINDOW_LOG_MAX,
-                ))?;
+                d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
                 Ok(d)
             });
             match made {

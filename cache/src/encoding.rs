@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::blocks::WINDOW_LOG_MAX;
 use crate::digest::{Digest, DigestWriter};
 
 /// zstd's level for chunks: level 3 (zstd's default) compresses a root file system
@@ -28,11 +29,6 @@ pub const ZSTD_LEVEL: i32 = 3;
 
 /// The first bytes of every zstd frame.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
-
-/// The largest window a stored frame may use: 16 MiB, the largest chunk. Both decoders
-/// hold to it, so they accept the same frames, and a frame cannot make a decoder
-/// allocate a larger window.
-pub(crate) const WINDOW_LOG_MAX: u32 = 24;
 
 /// A stored chunk's encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

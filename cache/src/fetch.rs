@@ -230,7 +230,7 @@ pub struct ChunkCache {
     /// Whether fetched chunks can be kept on disk.
     health: CacheHealth,
     /// Blocks of chunks read in part ([`crate::partial`]).
-    pub(crate) partial: crate::partial::Partial,
+    pub(crate) partial: crate::block_memory::Partial,
 }
 
 impl ChunkCache {
@@ -247,7 +247,7 @@ impl ChunkCache {
             slots: FetchSlots::default(),
             health_of_sources: SourceHealth::default(),
             health: CacheHealth::default(),
-            partial: crate::partial::Partial::default(),
+            partial: crate::block_memory::Partial::default(),
         }
     }
 

@@ -33,6 +33,10 @@
 //!   frontend that splices cached bytes asks [`TemplateImage::resident_pieces`], which
 //!   hands out chunk file pieces only when `cachestat(2)` says they are in the page
 //!   cache, so the splice does not wait for the disk either.
+//! - [`blocks`]: a chunk stored in blocks (format 3): its table, encoding, decoding.
+//! - [`partial`]: small reads of a missing chunk answered from the blocks that hold
+//!   them, verified against the manifest's block index; [`block_memory`]: the verified
+//!   blocks and chunk layouts it keeps in memory.
 //! - [`readahead`]: which chunks to fetch ahead of sequential readers.
 //! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
 //! - [`overlay`]: a sandbox's [`Overlay`], its copy-on-write layer over a template image
@@ -48,6 +52,7 @@
 //! template image. Nothing here knows NBD or FUSE.
 
 pub mod background;
+pub mod block_memory;
 pub mod blocking;
 pub mod blocks;
 pub mod chunk_store;
