@@ -420,6 +420,17 @@ impl ChunkCache {
         })
     }
 
+    /// The local chunk for a demand read, counted as a hit; `None` (nothing counted)
+    /// when it is missing, for a reader that then fetches it some way of its own.
+    pub fn local_read(&self, chunk: &ChunkRef) -> Result<Option<ChunkFile>, Arc<FetchError>> {
+        self.note_demand();
+        let file = self.local(chunk)?;
+        if file.is_some() {
+            self.observer.hit(&chunk.template);
+        }
+        Ok(file)
+    }
+
     /// Whether a demand read arrived within `window`.
     pub fn demand_within(&self, window: Duration) -> bool {
         let last = self.last_demand_us.load(Ordering::Relaxed);

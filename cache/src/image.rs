@@ -176,36 +176,37 @@ impl TemplateImage {
     /// next chunk too: the reader's next read fetches that chunk whole), else from the
     /// chunk (fetched whole if missing).
     async fn read_piece(&self, index: usize, within: u64, buf: &mut [u8]) -> Result<(), ReadError> {
-        if self.read_in_blocks(index, within, buf).await {
-            return Ok(());
+        let small = self.manifest.blocks.is_some()
+            && piecemeal(buf.len() as u64, self.manifest.chunk_size as u64);
+        if let (true, Some(chunk)) = (small, self.chunk_ref(index)) {
+            // A cached read looks the chunk up once, as without an index.
+            if let Some(file) = self.cache.local_read(&chunk)? {
+                return self.copy_out(Some(&Chunk::File(file)), within, buf);
+            }
+            if self.read_in_blocks(&chunk, within, buf).await {
+                return Ok(());
+            }
         }
         let file = self.chunk(index).await?;
         self.copy_out(file.as_ref(), within, buf)
     }
 
-    /// Answers a small read of a missing chunk from the blocks that hold it, when the
+    /// Answers a small read of missing `chunk` from the blocks that hold it, when the
     /// template has a block index ([`crate::partial`]); `false` to read the chunk whole.
-    async fn read_in_blocks(&self, index: usize, within: u64, buf: &mut [u8]) -> bool {
+    async fn read_in_blocks(&self, chunk: &ChunkRef, within: u64, buf: &mut [u8]) -> bool {
         let Some(blocks) = &self.manifest.blocks else {
             return false;
         };
-        if !piecemeal(buf.len() as u64, self.manifest.chunk_size as u64) {
-            tracing::debug!(template = %self.id, index, len = buf.len(), "a large read; reading the chunk whole");
+        if self.cache.is_fetching(&chunk.digest) {
             return false;
         }
-        let Some(chunk) = self.chunk_ref(index) else {
-            return false;
-        };
-        if self.cache.store().contains(&chunk.digest) || self.cache.is_fetching(&chunk.digest) {
-            return false;
-        }
-        tracing::trace!(template = %self.id, index, within, len = buf.len(), "reading blocks");
-        let Some(hashes) = self.block_hashes(blocks, &chunk).await else {
+        tracing::trace!(template = %self.id, index = chunk.index, within, len = buf.len(), "reading blocks");
+        let Some(hashes) = self.block_hashes(blocks, chunk).await else {
             return false;
         };
         let sources = self.sources.clone();
         self.cache
-            .read_blocks(&chunk, blocks.block_size, &hashes, within, buf, &sources)
+            .read_blocks(chunk, blocks.block_size, &hashes, within, buf, &sources)
             .await
     }
 
