@@ -112,19 +112,36 @@ fn publish_uploads_only_what_the_store_lacks() {
         (unique + pages) as f64
     );
 
-    // A store that lost a chunk gets it back from a republish of the same image.
+    // A store that lost a chunk and a page of the block index gets both back from a
+    // republish of the same image.
     let lost = expected.iter().flatten().next().unwrap();
     std::fs::remove_file(store.root().join("chunks").join(lost.shard_path())).unwrap();
+    let lost_page: Digest = serde_json::from_value(
+        support::manifest_json(&url, "base")["blocks"]["pages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p.is_string())
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    std::fs::remove_file(store.root().join("chunks").join(lost_page.shard_path())).unwrap();
     let report = publish_json(&image, "base", &url, &["--label", "guest=1.4"]);
     assert_eq!(report["status"], "unchanged");
     assert_eq!(report["uploaded_chunks"], 1);
     assert_eq!(report["uploaded_bytes"], MIB as u64);
     assert!(store.root().join("chunks").join(lost.shard_path()).exists());
+    assert!(store
+        .root()
+        .join("chunks")
+        .join(lost_page.shard_path())
+        .exists());
     assert_eq!(
         store.metric("lazyblk_store_chunks_uploaded_total"),
-        (unique + pages + 1) as f64
+        (unique + pages + 2) as f64
     );
-    let uploads = unique + pages + 1; // the store's uploaded counter from here on
+    let uploads = unique + pages + 2; // the store's uploaded counter from here on
 
     // A second image that differs in two chunks uploads just those.
     let mut bytes = std::fs::read(&image).unwrap();

@@ -92,8 +92,9 @@ impl IndexBuilder {
     }
 }
 
-/// What the pipeline made: every chunk's digest in order, the block index (uploaded;
-/// `None` without compression or when verifying an existing template), the report.
+/// What the pipeline made: every chunk's digest in order, the block index it built and
+/// uploaded (`None` without compression; for a republish it only restores the pages the
+/// store lost, and the stored manifest's index stays), the report.
 pub(super) type Hashing = (Vec<Option<Digest>>, Option<BlockIndex>, PublishReport);
 
 /// Runs the pipeline.
@@ -112,9 +113,12 @@ pub(super) async fn hash_and_upload(
     // Hashing more chunks at once than there are cores only holds more memory.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let count = size.div_ceil(chunk_size) as usize;
-    // The block index of a new template whose chunks are stored in blocks.
-    let mut index = (existing.is_none() && uploader.compress)
-        .then(|| IndexBuilder::new(chunk_size as u32, count));
+    // A republish of a template with an index builds it again, so that pages the store
+    // lost are uploaded again (only pages the stored manifest names).
+    let repairs = existing.and_then(|m| m.blocks.as_ref());
+    let mut index = (uploader.compress
+        && (existing.is_none() || repairs.is_some_and(|b| b.block_size == STORED_BLOCK)))
+    .then(|| IndexBuilder::new(chunk_size as u32, count));
     let hasher = tokio::spawn(hash_chunks(
         read_rx,
         hashed_tx,
@@ -136,10 +140,19 @@ pub(super) async fn hash_and_upload(
         }
         chunks.push(chunk.digest);
         if let Some((page, digest, bytes)) = index.as_mut().and_then(|i| i.add(&chunk.blocks)) {
-            // Before the manifest that names it, like every chunk.
-            put_with_retry(uploader.client, &digest, bytes)
-                .await
-                .inspect_err(|_| tracing::warn!("upload of block index page {page} failed"))?;
+            let upload = match repairs {
+                None => true,
+                Some(stored) => {
+                    stored.pages.get(page) == Some(&Some(digest))
+                        && uploader.client.missing(&[digest]).await?.contains(&digest)
+                }
+            };
+            if upload {
+                // Before the manifest that names it, like every chunk.
+                put_with_retry(uploader.client, &digest, bytes)
+                    .await
+                    .inspect_err(|_| tracing::warn!("upload of block index page {page} failed"))?;
+            }
         }
         if existing.is_some() {
             uploader.count_only(&chunk);
