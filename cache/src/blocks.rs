@@ -198,13 +198,13 @@ pub(crate) fn decode_block(
     Ok(())
 }
 
-/// Decodes a whole chunk stored in blocks into `len` raw bytes.
+/// Decodes a whole chunk stored in blocks (its `table` parsed) into `len` raw bytes.
 pub(crate) fn decode_blocks(
     stored: &[u8],
+    table: &BlockTable,
     len: usize,
     decompress: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<Vec<u8>, String> {
-    let table = BlockTable::parse(stored, Some(len as u64), len as u64)?;
     if table.stored_len() != stored.len() as u64 {
         return Err(format!(
             "the table adds up to {} bytes, {} are stored",

@@ -134,7 +134,10 @@ pub fn decode(
                 });
             }
         }
-        match with_decompressor(|d| crate::blocks::decode_blocks(&stored, len, d)) {
+        let decoded = table.and_then(|table| {
+            with_decompressor(|d| crate::blocks::decode_blocks(&stored, &table, len, d))
+        });
+        match decoded {
             Ok(raw) => {
                 let actual = Digest::of(&raw);
                 if actual == *digest {
@@ -332,6 +335,32 @@ impl StoredVerifier {
         }
     }
 
+    /// What a decoder of the stored bytes (a frame, or blocks) found: the chunk in
+    /// `encoding` if its output hashes to `digest`, else why not.
+    fn outcome(
+        &self,
+        encoding: Encoding,
+        (decoded, decoded_len): (DigestWriter, u64),
+        failed: Option<String>,
+        digest: &Digest,
+    ) -> Result<(Encoding, u64), DecodeError> {
+        match failed {
+            None => {
+                let actual = decoded.finish();
+                if actual == *digest {
+                    Ok((encoding, decoded_len))
+                } else {
+                    Err(DecodeError::Mismatch { actual })
+                }
+            }
+            Some(detail) => Err(DecodeError::BadFrame {
+                stored: self.stored_len as usize,
+                len: self.limit as usize,
+                detail,
+            }),
+        }
+    }
+
     /// The chunk's encoding if the bytes are the chunk named `digest` (raw bytes of at
     /// most the limit, or a frame of them), with its raw length.
     pub fn finish(mut self, digest: &Digest) -> Result<(Encoding, u64), DecodeError> {
@@ -347,21 +376,10 @@ impl StoredVerifier {
                 // daemon's transports refuse bodies longer than the chunk.
                 frame.failed = Some("the frame is not smaller than the chunk".into());
             }
-            match frame.failed {
-                None => {
-                    let actual = frame.decoded.finish();
-                    if actual == *digest {
-                        return Ok((Encoding::Zstd, frame.decoded_len));
-                    }
-                    frame_error = Some(DecodeError::Mismatch { actual });
-                }
-                Some(detail) => {
-                    frame_error = Some(DecodeError::BadFrame {
-                        stored: self.stored_len as usize,
-                        len: limit as usize,
-                        detail,
-                    })
-                }
+            let decoded = (frame.decoded, frame.decoded_len);
+            match self.outcome(Encoding::Zstd, decoded, frame.failed, digest) {
+                Ok(done) => return Ok(done),
+                Err(e) => frame_error = Some(e),
             }
         }
         if let Some(blocks) = self.blocks.take() {
@@ -369,21 +387,10 @@ impl StoredVerifier {
                 (self.stored_len >= blocks.decoded_len)
                     .then(|| "the blocks are not smaller than the chunk".to_string())
             });
-            match failed {
-                None => {
-                    let actual = blocks.decoded.finish();
-                    if actual == *digest {
-                        return Ok((Encoding::Blocks, blocks.decoded_len));
-                    }
-                    frame_error = Some(DecodeError::Mismatch { actual });
-                }
-                Some(detail) => {
-                    frame_error = Some(DecodeError::BadFrame {
-                        stored: self.stored_len as usize,
-                        len: limit as usize,
-                        detail,
-                    })
-                }
+            let decoded = (blocks.decoded, blocks.decoded_len);
+            match self.outcome(Encoding::Blocks, decoded, failed, digest) {
+                Ok(done) => return Ok(done),
+                Err(e) => frame_error = Some(e),
             }
         }
         let actual = self.stored.finish();

@@ -128,19 +128,7 @@ impl ObjectSource {
                 .await
                 .map_err(|e| self.error(e))
         };
-        match tokio::time::timeout(deadline, fetched).await {
-            Ok(Ok(body)) if body.len() as u64 == len => Ok(body),
-            Ok(Ok(body)) => Err(SourceError::Length {
-                source_name: self.name.clone(),
-                got: body.len() as u64,
-                expected: len,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(SourceError::Timeout {
-                source_name: self.name.clone(),
-                deadline,
-            }),
-        }
+        exactly(&self.name, len, deadline, fetched).await
     }
 
     fn chunk_key(&self, digest: &Digest) -> object_store::path::Path {
@@ -163,6 +151,28 @@ impl ObjectSource {
                 detail: other.to_string(),
             },
         }
+    }
+}
+
+/// The body of a ranged fetch within `deadline`: exactly `len` bytes, or an error.
+async fn exactly(
+    source_name: &str,
+    len: u64,
+    deadline: Duration,
+    fetch: impl std::future::Future<Output = Result<Bytes, SourceError>>,
+) -> Result<Bytes, SourceError> {
+    match tokio::time::timeout(deadline, fetch).await {
+        Ok(Ok(body)) if body.len() as u64 == len => Ok(body),
+        Ok(Ok(body)) => Err(SourceError::Length {
+            source_name: source_name.to_string(),
+            got: body.len() as u64,
+            expected: len,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(SourceError::Timeout {
+            source_name: source_name.to_string(),
+            deadline,
+        }),
     }
 }
 
@@ -250,20 +260,13 @@ impl HttpSource {
     ) -> Result<Bytes, SourceError> {
         let url = format!("{}/v1/chunks/{}", self.base, digest);
         let len = range.end - range.start;
-        let got = tokio::time::timeout(deadline, self.fetch_body(&url, len, Some(range))).await;
-        match got {
-            Ok(Ok(body)) if body.len() as u64 == len => Ok(body),
-            Ok(Ok(body)) => Err(SourceError::Length {
-                source_name: self.base.clone(),
-                got: body.len() as u64,
-                expected: len,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(SourceError::Timeout {
-                source_name: self.base.clone(),
-                deadline,
-            }),
-        }
+        exactly(
+            &self.base,
+            len,
+            deadline,
+            self.fetch_body(&url, len, Some(range)),
+        )
+        .await
     }
 
     async fn fetch_body(
