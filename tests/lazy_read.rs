@@ -98,6 +98,31 @@ fn real_clients_read_the_template_byte_for_byte() {
     assert!(ok, "nbdsh: {err}");
     let want = &std::fs::read(&image).unwrap()[CHUNK + 333..CHUNK + 333 + 10000];
     assert_eq!(out.trim(), hex(want));
+
+    // nbdsh: a structured read of a cached data chunk and the zero chunk after it gets
+    // the zero chunk as a hole chunk (no bytes on the wire), and the bytes are right.
+    let data = (0..chunks.len() - 1)
+        .find(|&c| !chunks[c].is_null() && chunks[c + 1].is_null())
+        .expect("a data chunk followed by a zero chunk");
+    let offset = data * CHUNK + CHUNK / 2;
+    let script = format!(
+        "import sys\n\
+         seen = []\n\
+         def chunk(sub, off, status, err):\n    seen.append((off, len(sub), status)); return 0\n\
+         b = h.pread_structured({CHUNK}, {offset}, chunk)\n\
+         print(sorted(seen)); print(b.hex())"
+    );
+    let (ok, out, err) = nbdsh(&uri, &script);
+    assert!(ok, "nbdsh: {err}");
+    let (seen, bytes) = out.trim().split_once('\n').expect("two lines");
+    let half = CHUNK / 2;
+    assert_eq!(
+        seen,
+        format!("[({offset}, {half}, 1), ({}, {half}, 2)]", offset + half),
+        "data (1) then a hole (2)"
+    );
+    let want = &std::fs::read(&image).unwrap()[offset..offset + CHUNK];
+    assert_eq!(bytes, hex(want));
 }
 
 fn hex(bytes: &[u8]) -> String {

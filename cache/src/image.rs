@@ -260,31 +260,34 @@ impl TemplateImage {
         )
     }
 
-    /// Hands `push` the pieces of chunk files that hold the `len` bytes at `offset`, in
-    /// order, when every piece is local and in the page cache now, so a frontend can
-    /// splice them instead of reading them through a buffer. `false` (nothing counted)
-    /// when a piece is an all-zero chunk, not local or not resident, or `push` has no
-    /// room; the caller then uses [`TemplateImage::read_at`]. Never waits (the check is
+    /// Hands `push` the pieces that hold the `len` bytes at `offset`, in order: a chunk
+    /// file and the offset in it, or `None` for a piece of an all-zero chunk (nothing
+    /// stored). Only when every stored piece is local and in the page cache now, so a
+    /// frontend can splice them (and send zeroes as holes) instead of reading them
+    /// through a buffer. `false` (nothing counted) when a piece is not local or not
+    /// resident, or `push` has no room; the caller then uses [`TemplateImage::read_at`]. Never waits (the check is
     /// `cachestat(2)`, see [`crate::ChunkFile::resident`]). On success it counts
     /// like a read: hits, readahead, and the demand the fill yields to.
     pub fn resident_pieces(
         &self,
         offset: u64,
         len: u64,
-        mut push: impl FnMut(&Arc<std::fs::File>, u64, u32) -> bool,
+        mut push: impl FnMut(Option<(&Arc<std::fs::File>, u64)>, u32) -> bool,
     ) -> bool {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return false;
         }
         for (index, within, take) in self.pieces(offset, len) {
-            let Some(chunk) = self.chunk_ref(index) else {
-                return false;
-            };
-            let Some(file) = self.cache.resident(&chunk, within, take) else {
-                return false;
-            };
             // `take` is at most one chunk (16 MiB), so it fits u32.
-            if !push(file.file(), within, take as u32) {
+            let pushed = match self.chunk_ref(index) {
+                // An all-zero chunk: nothing stored, a run of zeroes.
+                None => push(None, take as u32),
+                Some(chunk) => match self.cache.resident(&chunk, within, take) {
+                    Some(file) => push(Some((file.file(), within)), take as u32),
+                    None => return false,
+                },
+            };
+            if !pushed {
                 return false;
             }
         }

@@ -89,9 +89,10 @@ pub trait Export: Send + Sync + 'static {
     }
 
     /// The `len` bytes at `offset` as pieces of files whose pages are already in the page
-    /// cache, so the server can send them with `splice` instead of copying them through
-    /// a buffer. `false` (the default) when any part is not such a file piece now: not
-    /// local, all zero, not resident, or more than [`FileSlices::CAPACITY`] pieces; the
+    /// cache (or runs of zeroes, [`FileSlices::push_zeroes`]), so the server can send them
+    /// with `splice`, or as hole chunks, instead of copying them through a buffer.
+    /// `false` (the default) when any part is not such a piece now: not local, not
+    /// resident, or more than [`FileSlices::CAPACITY`] pieces; the
     /// server then calls [`Export::read`]. Must not block: it is asked when the request
     /// is first polled, on the connection's reader task (and again from the request's
     /// own task if that first attempt would wait), and only for reads of at least
@@ -116,12 +117,22 @@ pub trait Export: Send + Sync + 'static {
 }
 
 /// Where a read's bytes lie in files: up to [`FileSlices::CAPACITY`] pieces, in order,
-/// kept inline so that answering a read this way allocates nothing. The files must not
-/// change while a reply holds them (the daemon's chunk files never do).
+/// kept inline so that answering a read this way allocates nothing. A piece is bytes of
+/// a file or a run of zeroes (a hole, which nothing stores). The files must not change
+/// while a reply holds them (the daemon's chunk files never do).
 #[derive(Debug, Default)]
 pub struct FileSlices {
-    pieces: [Option<FileSlice>; FileSlices::CAPACITY],
+    pieces: [Option<Slice>; FileSlices::CAPACITY],
     count: usize,
+}
+
+/// One piece of a read answered from files.
+#[derive(Debug, Clone)]
+pub enum Slice {
+    File(FileSlice),
+    /// This many zero bytes: sent as a hole chunk where the client allows, otherwise
+    /// spliced from zero pages.
+    Zeroes(u32),
 }
 
 /// `len` bytes of `file` from `offset`.
@@ -136,6 +147,24 @@ pub struct FileSlice {
     pub resident: Resident,
 }
 
+impl Slice {
+    /// Bytes in the piece.
+    pub fn len(&self) -> u32 {
+        match self {
+            Slice::File(file) => file.len,
+            Slice::Zeroes(len) => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_zeroes(&self) -> bool {
+        matches!(self, Slice::Zeroes(_))
+    }
+}
+
 /// Whether bytes `offset..offset + len` of a file are in the page cache now.
 pub type Resident = fn(file: &File, offset: u64, len: u64) -> bool;
 
@@ -147,31 +176,59 @@ impl FileSlices {
     /// Appends a piece, with the check to ask again before it is spliced; `false` when
     /// there is no room (the read is then copied).
     pub fn push(&mut self, file: &Arc<File>, offset: u64, len: u32, resident: Resident) -> bool {
-        if self.count == Self::CAPACITY {
-            return false;
-        }
-        self.pieces[self.count] = Some(FileSlice {
+        self.append(Slice::File(FileSlice {
             file: Arc::clone(file),
             offset,
             len,
             resident,
-        });
+        }))
+    }
+
+    /// Appends `len` zero bytes, joined to a run of zeroes before them; `false` when
+    /// there is no room.
+    pub fn push_zeroes(&mut self, len: u32) -> bool {
+        if let Some(Some(Slice::Zeroes(last))) =
+            self.count.checked_sub(1).map(|i| &mut self.pieces[i])
+        {
+            if let Some(joined) = last.checked_add(len) {
+                *last = joined;
+                return true;
+            }
+        }
+        self.append(Slice::Zeroes(len))
+    }
+
+    fn append(&mut self, piece: Slice) -> bool {
+        if self.count == Self::CAPACITY {
+            return false;
+        }
+        self.pieces[self.count] = Some(piece);
         self.count += 1;
         true
     }
 
+    /// The pieces' slots, in order (every one is `Some`).
+    pub(crate) fn pieces(&self) -> &[Option<Slice>] {
+        &self.pieces[..self.count]
+    }
+
     /// The pieces, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &FileSlice> {
+    pub fn iter(&self) -> impl Iterator<Item = &Slice> {
         self.pieces[..self.count].iter().flatten()
     }
 
     /// Bytes in all pieces.
     pub fn len(&self) -> u64 {
-        self.iter().map(|p| u64::from(p.len)).sum()
+        self.iter().map(|p| u64::from(p.len())).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// Whether any piece is a run of zeroes.
+    pub fn has_zeroes(&self) -> bool {
+        self.iter().any(Slice::is_zeroes)
     }
 }
 
@@ -181,7 +238,7 @@ pub const NO_HOLE_WRITE_SIZE: usize = 1 << 20;
 
 /// The zeroes written by [`Export::write_zeroes_no_hole`]'s default; static, so zeroing
 /// never allocates.
-static ZEROES: [u8; NO_HOLE_WRITE_SIZE] = [0; NO_HOLE_WRITE_SIZE];
+pub(crate) static ZEROES: [u8; NO_HOLE_WRITE_SIZE] = [0; NO_HOLE_WRITE_SIZE];
 
 /// The set of exports a server offers, looked up by name at handshake.
 pub trait Exports: Send + Sync + 'static {

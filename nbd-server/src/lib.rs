@@ -71,7 +71,7 @@ mod transmission;
 mod writer;
 
 pub use export::{
-    Command, Export, Exports, Extent, FileSlice, FileSlices, OpenError, Resident,
+    Command, Export, Exports, Extent, FileSlice, FileSlices, OpenError, Resident, Slice,
     NO_HOLE_WRITE_SIZE,
 };
 pub use handshake::HandshakeError;

@@ -146,6 +146,8 @@ pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 /// Structured chunk: data at an offset.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured chunk: a run of zeroes at an offset (payload: offset, then length).
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Structured chunk: extents of one metadata context.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// Structured chunk: an error with an optional message.

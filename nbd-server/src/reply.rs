@@ -7,11 +7,12 @@
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::buffer_pool::PooledBuffer;
-use crate::export::{Extent, FileSlices};
+use crate::export::{Extent, FileSlices, Slice};
 use crate::proto::{self, MAX_EXTENTS};
 
-/// The longest reply header: a structured chunk header plus an OFFSET_DATA offset.
-const MAX_HEAD: usize = proto::STRUCTURED_HEADER_LEN + 8;
+/// The longest reply header: a structured chunk header plus an OFFSET_DATA offset (or
+/// an OFFSET_HOLE chunk's whole payload: offset and length).
+const MAX_HEAD: usize = proto::STRUCTURED_HEADER_LEN + 12;
 
 /// A reply to one request.
 #[derive(Debug)]
@@ -34,8 +35,34 @@ enum Body {
     Data(PooledBuffer),
     /// Block status descriptors or an error message.
     Owned(Vec<u8>),
-    /// Read data that lies in files, sent with `splice` ([`crate::splice`]).
-    Files(FileSlices),
+    /// Read data that lies in files, sent with `splice` ([`crate::splice`]); with
+    /// `holes`, as a structured chunk per run of file pieces and per run of zeroes.
+    Files {
+        files: FileSlices,
+        holes: Option<Holes>,
+    },
+}
+
+/// What a structured read answered from files needs to frame its chunks as it is sent.
+#[derive(Debug, Clone, Copy)]
+struct Holes {
+    cookie: u64,
+    offset: u64,
+}
+
+/// A chunk header, inline.
+#[derive(Debug, Clone, Copy)]
+pub struct Head {
+    bytes: [u8; MAX_HEAD],
+    len: usize,
+}
+
+impl std::ops::Deref for Head {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// The semaphore permits a request holds while it is in flight; held only to be
@@ -81,9 +108,31 @@ impl Reply {
     }
 
     /// Successful read at `offset` whose bytes are the file pieces `files` (not empty).
-    pub fn file_data(framing: Framing, cookie: u64, offset: u64, files: FileSlices) -> Self {
+    /// With structured replies, runs of zeroes go as hole chunks and the file pieces
+    /// between them as data chunks, unless the client asked for one content chunk
+    /// (`df`, NBD_CMD_FLAG_DF) and the read is not all one hole: then the zeroes are
+    /// sent as data.
+    pub fn file_data(
+        framing: Framing,
+        cookie: u64,
+        offset: u64,
+        files: FileSlices,
+        df: bool,
+    ) -> Self {
+        let all_hole = files.iter().count() == 1 && files.has_zeroes();
+        let sparse = framing == Framing::Structured && files.has_zeroes() && (!df || all_hole);
+        if sparse {
+            let holes = Some(Holes { cookie, offset });
+            return Self::with_head(&[], Body::Files { files, holes });
+        }
         let len = files.len();
-        Self::read(framing, cookie, offset, len, Body::Files(files))
+        Self::read(
+            framing,
+            cookie,
+            offset,
+            len,
+            Body::Files { files, holes: None },
+        )
     }
 
     fn read(framing: Framing, cookie: u64, offset: u64, len: u64, body: Body) -> Self {
@@ -103,8 +152,8 @@ impl Reply {
                     cookie,
                     length,
                 ));
-                head[proto::STRUCTURED_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
-                Self::with_head(&head, body)
+                head[proto::STRUCTURED_HEADER_LEN..][..8].copy_from_slice(&offset.to_be_bytes());
+                Self::with_head(&head[..proto::STRUCTURED_HEADER_LEN + 8], body)
             }
         }
     }
@@ -178,16 +227,22 @@ impl Reply {
     /// The bytes after the header held in memory (none for a file reply).
     pub fn body(&self) -> &[u8] {
         match &self.body {
-            Body::Empty | Body::Files(_) => &[],
+            Body::Empty | Body::Files { .. } => &[],
             Body::Data(data) => data,
             Body::Owned(bytes) => bytes,
         }
     }
 
-    /// The file pieces that follow the header, for a read answered from files.
-    pub fn files(&self) -> Option<&FileSlices> {
+    /// For a read answered from files, its parts in order: a header (after
+    /// [`Reply::head`], which is empty when the parts carry their own) and the pieces
+    /// that follow it.
+    pub fn file_parts(&self) -> Option<FileParts<'_>> {
         match &self.body {
-            Body::Files(files) => Some(files),
+            Body::Files { files, holes } => Some(FileParts {
+                pieces: files.pieces(),
+                next: 0,
+                holes: *holes,
+            }),
             _ => None,
         }
     }
@@ -198,7 +253,7 @@ impl Reply {
             Body::Empty => 0,
             Body::Data(data) => data.len(),
             Body::Owned(bytes) => bytes.len(),
-            Body::Files(files) => files.len() as usize,
+            Body::Files { files, .. } => files.len() as usize,
         };
         // Bodies here are bounded: MAX_STRING messages or MAX_EXTENTS descriptors.
         let length = u32::try_from(body_len).unwrap_or(u32::MAX);
@@ -215,6 +270,78 @@ impl Reply {
             body,
             _permits: None,
         }
+    }
+}
+
+/// The parts of a read answered from files ([`Reply::file_parts`]).
+pub struct FileParts<'a> {
+    pieces: &'a [Option<Slice>],
+    /// The first piece not yet handed out.
+    next: usize,
+    /// Without it, one part: no header of its own, every piece.
+    holes: Option<Holes>,
+}
+
+impl<'a> Iterator for FileParts<'a> {
+    type Item = (Head, &'a [Option<Slice>]);
+
+    /// Structured chunks: one per run of file pieces (OFFSET_DATA, the header before
+    /// the pieces) and one per run of zeroes (OFFSET_HOLE, no pieces after it), the
+    /// last flagged DONE.
+    fn next(&mut self) -> Option<Self::Item> {
+        let start = self.next;
+        if start >= self.pieces.len() {
+            return None;
+        }
+        let Some(Holes { cookie, offset }) = self.holes else {
+            self.next = self.pieces.len();
+            let none = Head {
+                bytes: [0; MAX_HEAD],
+                len: 0,
+            };
+            return Some((none, self.pieces));
+        };
+        let len = |piece: &Option<Slice>| piece.as_ref().map_or(0, |p| u64::from(p.len()));
+        let at = offset + self.pieces[..start].iter().map(len).sum::<u64>();
+        let zeroes = self.pieces[start].as_ref().is_some_and(Slice::is_zeroes);
+        let mut end = start + 1;
+        while !zeroes
+            && end < self.pieces.len()
+            && !self.pieces[end].as_ref().is_some_and(Slice::is_zeroes)
+        {
+            end += 1;
+        }
+        self.next = end;
+        let run: u64 = self.pieces[start..end].iter().map(len).sum();
+        let flags = if end == self.pieces.len() {
+            proto::REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        let mut bytes = [0; MAX_HEAD];
+        let header = proto::STRUCTURED_HEADER_LEN;
+        bytes[header..header + 8].copy_from_slice(&at.to_be_bytes());
+        // Runs are at most a read's length, which was checked against max_request (a u32).
+        let run = u32::try_from(run).unwrap_or(u32::MAX);
+        let (kind, length, used, pieces) = if zeroes {
+            bytes[header + 8..header + 12].copy_from_slice(&run.to_be_bytes());
+            (
+                proto::REPLY_TYPE_OFFSET_HOLE,
+                12,
+                header + 12,
+                &self.pieces[end..end],
+            )
+        } else {
+            let length = run.saturating_add(8);
+            (
+                proto::REPLY_TYPE_OFFSET_DATA,
+                length,
+                header + 8,
+                &self.pieces[start..end],
+            )
+        };
+        bytes[..header].copy_from_slice(&proto::structured_header(flags, kind, cookie, length));
+        Some((Head { bytes, len: used }, pieces))
     }
 }
 
@@ -252,6 +379,75 @@ mod tests {
         );
         assert_eq!(&head[20..28], &4096u64.to_be_bytes());
         assert_eq!(reply.body(), b"wxyz");
+    }
+
+    /// Pieces: two of a file, a run of zeroes, one of a file, of `PIECE` bytes each.
+    fn sparse_pieces() -> FileSlices {
+        let file = std::sync::Arc::new(tempfile::tempfile().expect("temp file"));
+        let mut files = FileSlices::default();
+        let resident: crate::Resident = |_, _, _| true;
+        assert!(files.push(&file, 0, PIECE, resident));
+        assert!(files.push(&file, 1 << 20, PIECE, resident));
+        assert!(
+            files.push_zeroes(PIECE / 2) && files.push_zeroes(PIECE / 2),
+            "one run"
+        );
+        assert!(files.push(&file, 0, PIECE, resident));
+        files
+    }
+
+    const PIECE: u32 = 4096;
+
+    fn parts(reply: &Reply) -> Vec<(Vec<u8>, usize)> {
+        let parts = reply.file_parts().expect("a file reply");
+        parts
+            .map(|(head, pieces)| (head.to_vec(), pieces.len()))
+            .collect()
+    }
+
+    #[test]
+    fn a_structured_file_reply_over_zeroes_is_a_chunk_per_run() {
+        let at = 1u64 << 30;
+        let reply = Reply::file_data(Framing::Structured, 4, at, sparse_pieces(), false);
+        assert!(reply.head().is_empty(), "the parts carry the headers");
+        let data = |flags, offset: u64, len: u32| {
+            let mut head =
+                proto::structured_header(flags, proto::REPLY_TYPE_OFFSET_DATA, 4, len + 8).to_vec();
+            head.extend_from_slice(&offset.to_be_bytes());
+            head
+        };
+        let mut hole = proto::structured_header(0, proto::REPLY_TYPE_OFFSET_HOLE, 4, 12).to_vec();
+        hole.extend_from_slice(&(at + 2 * u64::from(PIECE)).to_be_bytes());
+        hole.extend_from_slice(&PIECE.to_be_bytes());
+        let done = proto::REPLY_FLAG_DONE;
+        assert_eq!(
+            parts(&reply),
+            [
+                (data(0, at, 2 * PIECE), 2),
+                (hole, 0),
+                (data(done, at + 3 * u64::from(PIECE), PIECE), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_reply_that_must_not_fragment_or_is_simple_is_one_part() {
+        for (framing, df) in [(Framing::Structured, true), (Framing::Simple, false)] {
+            let reply = Reply::file_data(framing, 4, 0, sparse_pieces(), df);
+            let expected = Reply::read(framing, 4, 0, 4 * u64::from(PIECE), Body::Empty);
+            assert_eq!(reply.head(), expected.head(), "{framing:?}");
+            assert_eq!(parts(&reply), [(Vec::new(), 4)], "{framing:?}");
+        }
+        let mut hole = FileSlices::default();
+        assert!(hole.push_zeroes(PIECE));
+        let reply = Reply::file_data(Framing::Structured, 4, 8192, hole, true);
+        let (head, pieces) = reply.file_parts().expect("parts").next().expect("one");
+        assert_eq!(
+            &head[4..8],
+            &[0, 1, 0, 2],
+            "DONE, OFFSET_HOLE: one content chunk"
+        );
+        assert!(pieces.is_empty());
     }
 
     #[test]

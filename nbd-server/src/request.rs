@@ -12,6 +12,8 @@ pub enum Op {
     Read {
         offset: u64,
         len: u32,
+        /// NBD_CMD_FLAG_DF: the reply must carry at most one content chunk.
+        df: bool,
     },
     /// The payload of `len` bytes follows the header on the socket.
     Write {
@@ -79,7 +81,8 @@ impl Limits {
                 self.flags(flags, proto::CMD_FLAG_FUA | self.df())?;
                 self.payload(len)?;
                 self.within(offset, len, proto::EINVAL)?;
-                Ok(Op::Read { offset, len })
+                let df = flags & proto::CMD_FLAG_DF != 0;
+                Ok(Op::Read { offset, len, df })
             }
             proto::CMD_WRITE => {
                 self.flags(flags, proto::CMD_FLAG_FUA)?;
@@ -234,7 +237,8 @@ mod tests {
             op,
             Ok(Op::Read {
                 offset: SIZE - 512,
-                len: 512
+                len: 512,
+                df: false
             })
         );
     }

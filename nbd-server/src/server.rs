@@ -5,7 +5,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -182,6 +182,32 @@ impl fmt::Display for Listener {
     }
 }
 
+/// The send buffer asked for on a unix socket connection (the kernel doubles it, up to
+/// `net.core.wmem_max`). A unix socket's default (about 208 KiB) is less than one large
+/// read, so a cached sequential reader's replies stall on it; this is what TCP's
+/// autotuning grows to by default (`net.ipv4.tcp_wmem`), so a unix connection may pin
+/// no more kernel memory than a TCP one. Measured by bench B1: 0.16 s of nbdcopy's
+/// 1 GiB read at the default, 0.11 s at 2 MiB (4 MiB is no faster).
+const UNIX_SEND_BUFFER: libc::c_int = 2 << 20;
+
+/// Asks for [`UNIX_SEND_BUFFER`] on `stream`; a refusal keeps the default (logged).
+fn widen_send_buffer(stream: &UnixStream, peer: &str) {
+    let size = UNIX_SEND_BUFFER;
+    // SAFETY: a valid socket descriptor and a c_int option value of its own size.
+    let set = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        debug!(peer, error = %io::Error::last_os_error(), "could not widen the send buffer");
+    }
+}
+
 /// A newly accepted connection and its printable peer.
 enum Accepted {
     Tcp(TcpStream, String),
@@ -314,6 +340,7 @@ pub async fn serve_with_tls<E: Exports>(
                 ));
             }
             Accepted::Unix(stream, peer) => {
+                widen_send_buffer(&stream, &peer);
                 let socket = stream.as_fd().try_clone_to_owned().ok();
                 connections.spawn(run_logged(
                     stream, socket, peer, exports, config, bytes, tls, signal,

@@ -5,12 +5,15 @@
 //!
 //! Each connection on a plain TCP or unix socket has one [`SpliceSink`], owned by its
 //! writer task: a pipe, and a duplicate of the socket's descriptor registered for write
-//! readiness. The writer sends a reply's header through the socket as usual, then the
-//! reply's file pieces through the pipe. The export offers only pieces in the page
-//! cache ([`crate::Export::read_files`]); each is checked again right before its
-//! splice, and one whose pages left the cache since is spliced in `block_in_place`. If the
-//! kernel refuses to splice a file, the sink copies that piece instead, in bounded
-//! reads, and tells the connection to stop offering file replies.
+//! readiness. The writer puts a reply's header into the pipe (a copy of a few bytes),
+//! then its file pieces (references), and small replies queued behind it; the pipe goes
+//! to the socket when it is full or the batch ends, so a run of cached reads reaches the
+//! socket in few large sends. Runs of zeroes are spliced from one shared memory file of
+//! zeroes. The export offers only pieces in the page cache ([`crate::Export::read_files`]);
+//! each is checked again right before its splice, and one whose pages left the cache
+//! since is spliced in `block_in_place`. If the kernel refuses to splice a file, the
+//! sink sends what the pipe holds, copies that piece, in bounded reads, and tells the
+//! connection to stop offering file replies.
 
 use std::fs::File;
 use std::io;
@@ -22,7 +25,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tracing::debug;
 
-use crate::export::FileSlices;
+use std::sync::OnceLock;
+
+use crate::export::{FileSlice, Slice, ZEROES};
 
 /// Reads shorter than this are copied: for a 4 KiB read one `pread` is cheaper than the
 /// extra system calls of a splice, and the copy is small.
@@ -48,8 +53,10 @@ pub struct SpliceSink {
     enabled: Arc<AtomicBool>,
     /// For a piece whose file cannot be spliced; allocated on first use.
     fallback: Vec<u8>,
-    /// Told the bytes of every splice into the socket ([`crate::Exports::spliced`]).
+    /// Told the bytes of every splice of a file piece ([`crate::Exports::spliced`]).
     counted: Box<dyn Fn(u64) + Send + Sync>,
+    /// Bytes in the pipe, not yet sent: reply headers and pieces, in order.
+    pending: usize,
 }
 
 impl SpliceSink {
@@ -94,6 +101,7 @@ impl SpliceSink {
             enabled: Arc::new(AtomicBool::new(true)),
             fallback: Vec::new(),
             counted,
+            pending: 0,
         })
     }
 
@@ -102,44 +110,126 @@ impl SpliceSink {
         Arc::clone(&self.enabled)
     }
 
-    /// Sends every piece, in order, after whatever was written to the socket before.
-    pub async fn send(&mut self, pieces: &FileSlices) -> io::Result<()> {
-        let count = pieces.iter().count();
-        for (i, piece) in pieces.iter().enumerate() {
-            let last_piece = i + 1 == count;
-            let mut offset = piece.offset as libc::loff_t;
-            let mut left = piece.len as usize;
-            while left > 0 {
-                // The pipe is empty here: every byte put in is drained before the next.
-                let want = left.min(self.capacity);
-                let (file, pipe) = (piece.file.as_raw_fd(), self.pipe_write.as_raw_fd());
-                // Resident when the read was answered; asked again, as the pages may
-                // have left since (and a splice of them would wait for the disk).
-                let moved = if (piece.resident)(&piece.file, offset as u64, want as u64) {
-                    splice_in(file, &mut offset, pipe, want)
-                } else {
-                    off_runtime(|| splice_in(file, &mut offset, pipe, want))
-                };
-                match moved {
-                    Ok(0) => return Err(short_file()),
-                    Ok(n) => {
-                        left -= n;
-                        self.drain(n, left > 0 || !last_piece).await?;
-                        (self.counted)(n as u64);
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                    Err(error) => {
-                        // A file system without splice: copy the rest of this piece and
-                        // every later read of the connection.
-                        debug!(%error, "splice from a file refused; copying reads");
-                        self.enabled.store(false, Ordering::Relaxed);
-                        self.copy(&piece.file, offset as u64, left).await?;
-                        left = 0;
-                    }
+    /// Bytes in the pipe not yet sent.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Puts a copy of `bytes` in the pipe, after what it holds (sending that first when
+    /// the pipe is full).
+    pub async fn put_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < bytes.len() {
+            match write_some(self.pipe_write.as_raw_fd(), &bytes[done..]) {
+                Ok(n) => {
+                    done += n;
+                    self.pending += n;
+                }
+                Err(error) => self.pipe_full(error).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts every piece in the pipe, in order, after what it holds (sending whenever the
+    /// pipe is full). Runs of zeroes are spliced from shared zero pages.
+    pub async fn put_files(&mut self, pieces: &[Option<Slice>]) -> io::Result<()> {
+        for piece in pieces.iter().flatten() {
+            match piece {
+                Slice::File(piece) => self.put_file(piece).await?,
+                Slice::Zeroes(len) => self.put_zeroes(*len as usize).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_file(&mut self, piece: &FileSlice) -> io::Result<()> {
+        let mut offset = piece.offset as libc::loff_t;
+        let mut left = piece.len as usize;
+        while left > 0 {
+            let want = left.min(self.capacity);
+            let (file, pipe) = (piece.file.as_raw_fd(), self.pipe_write.as_raw_fd());
+            // Resident when the read was answered; asked again, as the pages may have
+            // left since (and a splice of them would wait for the disk).
+            let moved = if (piece.resident)(&piece.file, offset as u64, want as u64) {
+                splice_in(file, &mut offset, pipe, want)
+            } else {
+                off_runtime(|| splice_in(file, &mut offset, pipe, want))
+            };
+            match moved {
+                Ok(0) => return Err(short_file()),
+                Ok(n) => {
+                    left -= n;
+                    self.pending += n;
+                    (self.counted)(n as u64);
+                }
+                Err(error) if is_full(&error) => self.pipe_full(error).await?,
+                Err(error) => {
+                    // A file system without splice: copy the rest of this piece and
+                    // every later read of the connection.
+                    debug!(%error, "splice from a file refused; copying reads");
+                    self.enabled.store(false, Ordering::Relaxed);
+                    self.flush(true).await?;
+                    self.copy(&piece.file, offset as u64, left).await?;
+                    left = 0;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Puts `len` zero bytes in the pipe: references to the pages of [`zero_file`], or
+    /// copies of static zeroes where the system gives no such file.
+    async fn put_zeroes(&mut self, mut left: usize) -> io::Result<()> {
+        while left > 0 {
+            let want = left.min(self.capacity).min(ZEROES.len());
+            let Some(zeroes) = zero_file() else {
+                self.put_bytes(&ZEROES[..want]).await?;
+                left -= want;
+                continue;
+            };
+            let mut offset = 0;
+            match splice_in(
+                zeroes.as_raw_fd(),
+                &mut offset,
+                self.pipe_write.as_raw_fd(),
+                want,
+            ) {
+                Ok(0) => return Err(short_file()),
+                Ok(n) => {
+                    left -= n;
+                    self.pending += n;
+                }
+                Err(error) if is_full(&error) => self.pipe_full(error).await?,
+                Err(error) => {
+                    debug!(%error, "splice of zero pages refused; copying zeroes");
+                    self.put_bytes(&ZEROES[..want]).await?;
+                    left -= want;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends everything the pipe holds; `more` when other bytes follow at once.
+    pub async fn flush(&mut self, more: bool) -> io::Result<()> {
+        if self.pending > 0 {
+            self.drain(self.pending, more).await?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
+
+    /// After a write into the pipe failed with `error`: sends what the pipe holds when
+    /// it was full, so the write can be tried again; any other error is returned.
+    async fn pipe_full(&mut self, error: io::Error) -> io::Result<()> {
+        if error.kind() == io::ErrorKind::Interrupted {
+            return Ok(());
+        }
+        if !is_full(&error) || self.pending == 0 {
+            return Err(error);
+        }
+        self.flush(true).await
     }
 
     /// Moves `len` bytes from the pipe into the socket, waiting while it is full.
@@ -229,6 +319,35 @@ fn off_runtime<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// A memory file of [`ZEROES`]' size holding zeroes, written once and shared by every
+/// connection: runs of zeroes are spliced from its pages, so sending them copies
+/// nothing. `None` when the system gives no memory file (zeroes are then copied).
+fn zero_file() -> Option<&'static File> {
+    static ZERO_FILE: OnceLock<Option<File>> = OnceLock::new();
+    ZERO_FILE
+        .get_or_init(|| {
+            // SAFETY: a constant NUL-terminated name; the result is checked.
+            let fd = unsafe { libc::memfd_create(c"lazyblk-zeroes".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                debug!(error = %io::Error::last_os_error(), "no memory file for zeroes");
+                return None;
+            }
+            // SAFETY: memfd_create returned a new descriptor this file now owns.
+            let file = unsafe { File::from_raw_fd(fd) };
+            // Written, not just sized: splicing a sparse memory file's holes is not
+            // supported by every kernel.
+            use std::os::unix::fs::FileExt;
+            match file.write_all_at(&ZEROES, 0) {
+                Ok(()) => Some(file),
+                Err(error) => {
+                    debug!(%error, "no memory file for zeroes");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
 /// Moves up to `len` bytes of `file` at `offset` (advanced) into the pipe.
 fn splice_in(file: RawFd, offset: &mut libc::loff_t, pipe: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: valid descriptors; `offset` outlives the call.
@@ -257,6 +376,11 @@ fn write_some(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// Whether a write into the non-blocking pipe failed because the pipe is full.
+fn is_full(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::WouldBlock
 }
 
 fn short_file() -> io::Error {

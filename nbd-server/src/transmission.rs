@@ -411,9 +411,12 @@ impl<E: Exports> Shared<E> {
     async fn run(&self, cookie: u64, op: Op, payload: Option<PooledBuffer>) -> (Reply, bool) {
         let export = &*self.export;
         let result = match op {
-            Op::Read { offset, len } => {
+            Op::Read { offset, len, df } => {
                 if let Some(files) = self.files(offset, len) {
-                    return (Reply::file_data(self.framing, cookie, offset, files), true);
+                    return (
+                        Reply::file_data(self.framing, cookie, offset, files, df),
+                        true,
+                    );
                 }
                 let mut data = self.pool.take(len as usize);
                 match export.read(offset, &mut data).await {

@@ -1,7 +1,8 @@
 //! The one writer of a connection's replies: request tasks finish in any order and
 //! queue their [`Reply`]; this task writes them out, each header and body (and several
-//! queued replies at once) in a single vectored write. A read answered from files has
-//! its header written that way and its bytes spliced ([`crate::splice`]).
+//! queued replies at once) in a single vectored write. A read answered from files goes
+//! through the connection's pipe instead, header and pieces, with the small replies
+//! queued after it ([`crate::splice`]).
 
 use std::io::{self, IoSlice};
 
@@ -14,6 +15,10 @@ use crate::splice::SpliceSink;
 /// Replies gathered into one vectored write when several are queued: amortises the
 /// system call under a deep queue while staying far below the kernel's IOV_MAX (1024).
 const WRITE_BATCH: usize = 32;
+
+/// Replies up to this size (header and body) that follow a file reply are copied into
+/// its pipe rather than sending the pipe first: an error, a short read, a status.
+const INTO_PIPE: usize = 4096 + 64;
 
 /// Writes every reply received on `replies` to `sink` until all senders are gone, then
 /// shuts the sink down. Each reply is dropped (its buffer returned, its permits
@@ -31,8 +36,11 @@ pub async fn write_replies<W: AsyncWrite + Unpin>(
     sink.shutdown().await
 }
 
-/// Writes `batch` in order: the in-memory parts gathered into vectored writes, each
-/// reply's file pieces spliced after the bytes before them are out.
+/// Writes `batch` in order. Without a splice sink, every reply's parts are gathered
+/// into vectored writes. With one, a read answered from files goes through the pipe,
+/// header and pieces; replies after it join it there while they are small, so that a
+/// run of cached reads reaches the socket in few large sends; a larger one sends the
+/// pipe first and is written from memory.
 async fn write_batch<W: AsyncWrite + Unpin>(
     sink: &mut W,
     batch: &[Reply],
@@ -40,27 +48,44 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut storage = [IoSlice::new(&[]); 2 * WRITE_BATCH];
     let mut count = 0;
+    // Bytes are either gathered in `storage` or in the pipe, never in both: one is
+    // sent before the other takes more.
     for reply in batch {
-        for part in [reply.head(), reply.body()] {
-            if !part.is_empty() {
-                storage[count] = IoSlice::new(part);
-                count += 1;
+        let (head, body) = (reply.head(), reply.body());
+        match (splice.as_deref_mut(), reply.file_parts()) {
+            (Some(pipe), Some(parts)) => {
+                write_all(sink, &mut storage[..count]).await?;
+                sink.flush().await?;
+                count = 0;
+                pipe.put_bytes(head).await?;
+                for (part_head, pieces) in parts {
+                    pipe.put_bytes(&part_head).await?;
+                    pipe.put_files(pieces).await?;
+                }
             }
-        }
-        if let Some(files) = reply.files() {
-            // The header must be on the socket before the spliced bytes (a no-op flush
-            // for today's unbuffered sinks).
-            write_all(sink, &mut storage[..count]).await?;
-            sink.flush().await?;
-            count = 0;
-            match splice.as_deref_mut() {
-                Some(splice) => splice.send(files).await?,
-                // The request side makes file replies only for a connection with a sink.
-                None => return Err(io::Error::other("a file reply without a splice sink")),
+            (Some(pipe), None) if pipe.pending() > 0 && head.len() + body.len() <= INTO_PIPE => {
+                pipe.put_bytes(head).await?;
+                pipe.put_bytes(body).await?;
+            }
+            // The request side makes file replies only for a connection with a sink.
+            (None, Some(_)) => return Err(io::Error::other("a file reply without a splice sink")),
+            (pipe, None) => {
+                if let Some(pipe) = pipe {
+                    pipe.flush(true).await?;
+                }
+                for part in [head, body] {
+                    if !part.is_empty() {
+                        storage[count] = IoSlice::new(part);
+                        count += 1;
+                    }
+                }
             }
         }
     }
     write_all(sink, &mut storage[..count]).await?;
+    if let Some(pipe) = splice {
+        pipe.flush(false).await?;
+    }
     sink.flush().await
 }
 

@@ -31,6 +31,14 @@ struct FileExport {
     spliced: AtomicU64,
     /// The check asked again before each splice.
     recheck: Resident,
+    /// Whether the pieces [`is_hole`] names are offered as runs of zeroes (their bytes
+    /// in the file are zero too, so copied reads agree).
+    sparse: bool,
+}
+
+/// Which pieces a sparse export holds as holes: every third, from the second.
+fn is_hole(piece: u64) -> bool {
+    piece % 3 == 1
 }
 
 impl Export for FileExport {
@@ -52,7 +60,12 @@ impl Export for FileExport {
         let mut pos = offset;
         while pos < end {
             let take = ((pos / PIECE + 1) * PIECE).min(end) - pos;
-            if !out.push(&self.file, pos, take as u32, self.recheck) {
+            let pushed = if self.sparse && is_hole(pos / PIECE) {
+                out.push_zeroes(take as u32)
+            } else {
+                out.push(&self.file, pos, take as u32, self.recheck)
+            };
+            if !pushed {
                 return false;
             }
             pos += take;
@@ -118,7 +131,24 @@ async fn serve_file() -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
 
 /// As [`serve_file`], with `recheck` asked before each splice.
 async fn serve_file_checked(recheck: Resident) -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
-    let bytes: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8).collect();
+    serve(recheck, false).await
+}
+
+/// As [`serve_file`], with the pieces [`is_hole`] names zero and offered as zeroes.
+async fn serve_sparse_file() -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
+    serve(|_, _, _| true, true).await
+}
+
+async fn serve(
+    recheck: Resident,
+    sparse: bool,
+) -> (Vec<u8>, Arc<FileExport>, std::net::SocketAddr) {
+    let bytes: Vec<u8> = (0..SIZE)
+        .map(|i| match sparse && is_hole(i / PIECE) {
+            true => 0,
+            false => (i * 7 + i / 4096) as u8,
+        })
+        .collect();
     let mut file = tempfile::tempfile().expect("temp file");
     file.write_all(&bytes).expect("write");
     let export = Arc::new(FileExport {
@@ -127,6 +157,7 @@ async fn serve_file_checked(recheck: Resident) -> (Vec<u8>, Arc<FileExport>, std
         copied: AtomicU64::new(0),
         spliced: AtomicU64::new(0),
         recheck,
+        sparse,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -275,4 +306,127 @@ async fn pieces_that_left_the_page_cache_are_still_spliced_whole() {
     let start = offset as usize;
     assert!(client.read_exact(len as usize).await == bytes[start..start + len as usize]);
     assert_eq!(spliced(&export, u64::from(len)).await, u64::from(len));
+}
+
+/// A read over data, a hole and data again (and the hole's bytes are zero).
+const ACROSS_A_HOLE: (u64, u32) = (PIECE / 2, 2 * PIECE as u32);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_structured_read_over_a_hole_sends_the_hole_as_a_hole_chunk() {
+    let (bytes, export, addr) = serve_sparse_file().await;
+    let mut client = RawClient::connect(addr).await;
+    client.structured_with_block_status("f").await;
+    client.go("f").await;
+    let (offset, len) = ACROSS_A_HOLE;
+    client.request(0, proto::CMD_READ, 5, offset, len).await;
+    // Data up to the hole, the hole, data after it: the last chunk DONE.
+    let mut got = vec![0xee; len as usize];
+    let mut kinds = Vec::new();
+    loop {
+        let (flags, kind, cookie, payload) = client.chunk().await;
+        assert_eq!(cookie, 5);
+        let at = u64::from_be_bytes(payload[..8].try_into().unwrap());
+        let start = (at - offset) as usize;
+        match kind {
+            proto::REPLY_TYPE_OFFSET_DATA => {
+                got[start..start + payload.len() - 8].copy_from_slice(&payload[8..]);
+            }
+            proto::REPLY_TYPE_OFFSET_HOLE => {
+                assert_eq!(payload.len(), 12, "a hole chunk is an offset and a length");
+                let hole = u32::from_be_bytes(payload[8..12].try_into().unwrap()) as usize;
+                got[start..start + hole].fill(0);
+            }
+            other => panic!("unexpected chunk type {other}"),
+        }
+        kinds.push((kind, at));
+        if flags & proto::REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            (proto::REPLY_TYPE_OFFSET_DATA, offset),
+            (proto::REPLY_TYPE_OFFSET_HOLE, PIECE),
+            (proto::REPLY_TYPE_OFFSET_DATA, 2 * PIECE),
+        ]
+    );
+    assert!(got == bytes[offset as usize..(offset + u64::from(len)) as usize]);
+    // Only the data was spliced; the hole cost no bytes at all.
+    let data = u64::from(len) - PIECE;
+    assert_eq!(spliced(&export, data).await, data);
+    assert_eq!(export.copied.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_that_must_not_fragment_carries_its_zeroes_as_data() {
+    let (bytes, export, addr) = serve_sparse_file().await;
+    let mut client = RawClient::connect(addr).await;
+    client.structured_with_block_status("f").await;
+    client.go("f").await;
+    let (offset, len) = ACROSS_A_HOLE;
+    client
+        .request(proto::CMD_FLAG_DF, proto::CMD_READ, 6, offset, len)
+        .await;
+    let (flags, kind, cookie, payload) = client.chunk().await;
+    assert_eq!(
+        (flags, kind, cookie),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, 6)
+    );
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), offset);
+    assert!(payload[8..] == bytes[offset as usize..(offset + u64::from(len)) as usize]);
+    assert_eq!(
+        export.copied.load(Ordering::Relaxed),
+        0,
+        "zeroes spliced, not read"
+    );
+
+    // A read all inside a hole is one content chunk even so: the hole.
+    client
+        .request(proto::CMD_FLAG_DF, proto::CMD_READ, 7, PIECE, PIECE as u32)
+        .await;
+    let (flags, kind, cookie, payload) = client.chunk().await;
+    assert_eq!(
+        (flags, kind, cookie),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_HOLE, 7)
+    );
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), PIECE);
+    assert_eq!(
+        u32::from_be_bytes(payload[8..12].try_into().unwrap()),
+        PIECE as u32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simple_replies_over_holes_carry_zeroes_among_spliced_and_copied_replies() {
+    let (bytes, export, addr) = serve_sparse_file().await;
+    let mut client = RawClient::connect(addr).await;
+    client.go("f").await;
+    // Pipelined, so that zeroes, file pieces and copied replies share the pipe.
+    let reads: Vec<(u64, u32)> = vec![
+        ACROSS_A_HOLE,
+        (PIECE + 100, 4096),
+        (4 * PIECE, 3 * PIECE as u32),
+        (PIECE, PIECE as u32),
+        (7 * PIECE - 1, SPLICE_MIN_READ),
+    ];
+    for (cookie, &(offset, len)) in reads.iter().enumerate() {
+        client
+            .request(0, proto::CMD_READ, cookie as u64, offset, len)
+            .await;
+    }
+    for (cookie, &(offset, len)) in reads.iter().enumerate() {
+        assert_eq!(client.simple_reply().await, (0, cookie as u64));
+        let got = client.read_exact(len as usize).await;
+        let start = offset as usize;
+        assert!(
+            got == bytes[start..start + len as usize],
+            "read {cookie} at {offset} of {len} bytes differs"
+        );
+    }
+    assert_eq!(
+        export.copied.load(Ordering::Relaxed),
+        1,
+        "only the small read"
+    );
 }

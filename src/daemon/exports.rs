@@ -115,8 +115,9 @@ impl NodeExport {
         };
         let replica = t.replica();
         let image = &replica.image;
-        let found = image.resident_pieces(offset, u64::from(len), |file, at, piece| {
-            out.push(file, at, piece, lazyblk_cache::file_resident)
+        let found = image.resident_pieces(offset, u64::from(len), |file, piece| match file {
+            Some((file, at)) => out.push(file, at, piece, lazyblk_cache::file_resident),
+            None => out.push_zeroes(piece),
         });
         if found {
             record_read(replica, offset, u64::from(len));
