@@ -123,6 +123,22 @@ fn real_clients_read_the_template_byte_for_byte() {
     );
     let want = &std::fs::read(&image).unwrap()[offset..offset + CHUNK];
     assert_eq!(bytes, hex(want));
+
+    // A read all inside zero chunks is a hole, and no cache hit: nothing was stored.
+    let hits = daemon.metric("lazyblk_cache_hits_total");
+    let zero = (data + 1) * CHUNK;
+    let script = format!(
+        "import sys; b = h.pread({}, {zero}); sys.stdout.write(str(b.count(0)))",
+        CHUNK / 2
+    );
+    let (ok, out, err) = nbdsh(&uri, &script);
+    assert!(ok, "nbdsh: {err}");
+    assert_eq!(out.trim(), (CHUNK / 2).to_string(), "zeroes");
+    assert_eq!(
+        daemon.metric("lazyblk_cache_hits_total"),
+        hits,
+        "zero chunks are no hits"
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -176,14 +176,15 @@ impl TemplateImage {
     /// next chunk too: the reader's next read fetches that chunk whole), else from the
     /// chunk (fetched whole if missing).
     async fn read_piece(&self, index: usize, within: u64, buf: &mut [u8]) -> Result<(), ReadError> {
-        let small = self.manifest.blocks.is_some()
-            && piecemeal(buf.len() as u64, self.manifest.chunk_size as u64);
-        if let (true, Some(chunk)) = (small, self.chunk_ref(index)) {
+        let small = piecemeal(buf.len() as u64, self.manifest.chunk_size as u64);
+        if let (Some(blocks), true, Some(chunk)) =
+            (&self.manifest.blocks, small, self.chunk_ref(index))
+        {
             // A cached read looks the chunk up once, as without an index.
             if let Some(file) = self.cache.local_read(&chunk)? {
                 return self.copy_out(Some(&Chunk::File(file)), within, buf);
             }
-            if self.read_in_blocks(&chunk, within, buf).await {
+            if self.read_in_blocks(blocks, &chunk, within, buf).await {
                 return Ok(());
             }
         }
@@ -191,12 +192,16 @@ impl TemplateImage {
         self.copy_out(file.as_ref(), within, buf)
     }
 
-    /// Answers a small read of missing `chunk` from the blocks that hold it, when the
-    /// template has a block index ([`crate::partial`]); `false` to read the chunk whole.
-    async fn read_in_blocks(&self, chunk: &ChunkRef, within: u64, buf: &mut [u8]) -> bool {
-        let Some(blocks) = &self.manifest.blocks else {
-            return false;
-        };
+    /// Answers a small read of missing `chunk` from the blocks that hold it, as the
+    /// template's block index `blocks` names them ([`crate::partial`]); `false` to read
+    /// the chunk whole.
+    async fn read_in_blocks(
+        &self,
+        blocks: &BlockIndex,
+        chunk: &ChunkRef,
+        within: u64,
+        buf: &mut [u8],
+    ) -> bool {
         if self.cache.is_fetching(&chunk.digest) {
             return false;
         }
@@ -277,13 +282,17 @@ impl TemplateImage {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return false;
         }
+        let mut stored = 0;
         for (index, within, take) in self.pieces(offset, len) {
             // `take` is at most one chunk (16 MiB), so it fits u32.
             let pushed = match self.chunk_ref(index) {
                 // An all-zero chunk: nothing stored, a run of zeroes.
                 None => push(None, take as u32),
                 Some(chunk) => match self.cache.resident(&chunk, within, take) {
-                    Some(file) => push(Some((file.file(), within)), take as u32),
+                    Some(file) => {
+                        stored += 1;
+                        push(Some((file.file(), within)), take as u32)
+                    }
                     None => return false,
                 },
             };
@@ -293,7 +302,10 @@ impl TemplateImage {
         }
         let (first, last) = self.span(offset, len);
         self.read_ahead(first, last, len);
-        self.cache.resident_read(&self.id, last - first + 1);
+        // Zero chunks are neither hits nor demand, as in `read_at`.
+        if stored > 0 {
+            self.cache.resident_read(&self.id, stored);
+        }
         true
     }
 

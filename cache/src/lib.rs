@@ -32,7 +32,8 @@
 //!   scrub) goes to `spawn_blocking`, or for fills to the low-priority threads. A
 //!   frontend that splices cached bytes asks [`TemplateImage::resident_pieces`], which
 //!   hands out chunk file pieces only when `cachestat(2)` says they are in the page
-//!   cache, so the splice does not wait for the disk either.
+//!   cache, so the splice does not wait for the disk either (and zero chunks as runs of
+//!   zeroes, which the NBD server sends as holes).
 //! - [`blocks`]: a chunk stored in blocks (format 3): its table, encoding, decoding.
 //! - [`partial`]: small reads of a missing chunk answered from the blocks that hold
 //!   them, verified against the manifest's block index; [`block_memory`]: the verified

@@ -174,8 +174,12 @@ impl FileSlices {
     pub const CAPACITY: usize = 4;
 
     /// Appends a piece, with the check to ask again before it is spliced; `false` when
-    /// there is no room (the read is then copied).
+    /// there is no room (the read is then copied). An empty piece is left out.
     pub fn push(&mut self, file: &Arc<File>, offset: u64, len: u32, resident: Resident) -> bool {
+        // An empty piece would frame as an empty data chunk, which the protocol forbids.
+        if len == 0 {
+            return true;
+        }
         self.append(Slice::File(FileSlice {
             file: Arc::clone(file),
             offset,
@@ -185,8 +189,12 @@ impl FileSlices {
     }
 
     /// Appends `len` zero bytes, joined to a run of zeroes before them; `false` when
-    /// there is no room.
+    /// there is no room. An empty run is left out.
     pub fn push_zeroes(&mut self, len: u32) -> bool {
+        // A hole chunk must not be empty.
+        if len == 0 {
+            return true;
+        }
         if let Some(Some(Slice::Zeroes(last))) =
             self.count.checked_sub(1).map(|i| &mut self.pieces[i])
         {
@@ -264,8 +272,8 @@ pub trait Exports: Send + Sync + 'static {
     /// covered otherwise); `ok` is false when the client got an error.
     fn observe(&self, _command: Command, _bytes: u64, _elapsed: Duration, _ok: bool) {}
 
-    /// Called with the bytes of each `splice` of a read's file pieces into a client's
-    /// socket ([`Export::read_files`]), for metrics. Default: nothing.
+    /// Called with the bytes of a read's file pieces once they were spliced into a
+    /// client's socket ([`Export::read_files`]), for metrics. Default: nothing.
     fn spliced(&self, _bytes: u64) {}
 }
 

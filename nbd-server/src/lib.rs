@@ -27,9 +27,10 @@
 //! and flags, and starts a task per request (up to `max_in_flight`) that calls the
 //! export with a pooled buffer; finished replies go to one writer task that sends each
 //! header and its data in one vectored write, in completion order. On a plain socket a
-//! read of 64 KiB or more whose bytes the export has in page-cached files
-//! ([`Export::read_files`]) is not copied: the writer splices the file pieces after the
-//! header. NBD_CMD_DISC, the
+//! read of 64 KiB or more whose bytes the export has in page-cached files or runs of
+//! zeroes ([`Export::read_files`]) is not copied: the writer splices the header and the
+//! file pieces through a pipe, and sends runs of zeroes as hole chunks or zero pages
+//! ([`crate::splice`]). NBD_CMD_DISC, the
 //! client closing, or shutdown stops the reader; the connection closes once every
 //! in-flight request is answered, and the export is dropped.
 //!
@@ -42,9 +43,12 @@
 //!   NBD_OPT_INFO/NBD_OPT_GO; the name and description when asked for. Metadata
 //!   contexts are checked without opening the export.
 //! - A read is answered whole or not at all: with structured replies, one final
-//!   OFFSET_DATA chunk (so NBD_FLAG_SEND_DF costs nothing) or one ERROR chunk carrying
-//!   the export's error text; other successes use a simple reply, which the protocol
-//!   allows.
+//!   OFFSET_DATA chunk or one ERROR chunk carrying the export's error text; other
+//!   successes use a simple reply, which the protocol allows. A read answered from
+//!   files that holds runs of zeroes is the one exception: an OFFSET_DATA chunk per run
+//!   of data and an OFFSET_HOLE chunk per run of zeroes, unless the client set
+//!   NBD_CMD_FLAG_DF (then one OFFSET_DATA chunk with the zeroes in it, or one
+//!   OFFSET_HOLE chunk for a read that is all one hole).
 //! - NBD_CMD_FLAG_NO_HOLE calls [`Export::write_zeroes_no_hole`] (by default, real
 //!   zeroes through [`Export::write`]).
 //! - A write the server refuses still has its payload read and dropped, up to

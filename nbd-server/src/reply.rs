@@ -2,7 +2,9 @@
 //! optional body (read data on loan from the buffer pool, or a few owned bytes).
 //!
 //! The constructors pick simple or structured framing; the writer sends the header and
-//! the body in one vectored write.
+//! the body in one vectored write. A read answered from files has no body: its parts
+//! ([`Reply::file_parts`]), a header and the pieces after it each, go through the splice
+//! pipe.
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -119,7 +121,7 @@ impl Reply {
         files: FileSlices,
         df: bool,
     ) -> Self {
-        let all_hole = files.iter().count() == 1 && files.has_zeroes();
+        let all_hole = files.pieces().len() == 1 && files.has_zeroes();
         let sparse = framing == Framing::Structured && files.has_zeroes() && (!df || all_hole);
         if sparse {
             let holes = Some(Holes { cookie, offset });
@@ -241,6 +243,7 @@ impl Reply {
             Body::Files { files, holes } => Some(FileParts {
                 pieces: files.pieces(),
                 next: 0,
+                at: holes.map_or(0, |h| h.offset),
                 holes: *holes,
             }),
             _ => None,
@@ -253,7 +256,7 @@ impl Reply {
             Body::Empty => 0,
             Body::Data(data) => data.len(),
             Body::Owned(bytes) => bytes.len(),
-            Body::Files { files, .. } => files.len() as usize,
+            Body::Files { .. } => 0,
         };
         // Bodies here are bounded: MAX_STRING messages or MAX_EXTENTS descriptors.
         let length = u32::try_from(body_len).unwrap_or(u32::MAX);
@@ -278,6 +281,8 @@ pub struct FileParts<'a> {
     pieces: &'a [Option<Slice>],
     /// The first piece not yet handed out.
     next: usize,
+    /// Where that piece's bytes lie in the export.
+    at: u64,
     /// Without it, one part: no header of its own, every piece.
     holes: Option<Holes>,
 }
@@ -293,7 +298,7 @@ impl<'a> Iterator for FileParts<'a> {
         if start >= self.pieces.len() {
             return None;
         }
-        let Some(Holes { cookie, offset }) = self.holes else {
+        let Some(Holes { cookie, .. }) = self.holes else {
             self.next = self.pieces.len();
             let none = Head {
                 bytes: [0; MAX_HEAD],
@@ -301,18 +306,19 @@ impl<'a> Iterator for FileParts<'a> {
             };
             return Some((none, self.pieces));
         };
-        let len = |piece: &Option<Slice>| piece.as_ref().map_or(0, |p| u64::from(p.len()));
-        let at = offset + self.pieces[..start].iter().map(len).sum::<u64>();
-        let zeroes = self.pieces[start].as_ref().is_some_and(Slice::is_zeroes);
+        let zeroes = |i: usize| self.pieces[i].as_ref().is_some_and(Slice::is_zeroes);
+        let hole = zeroes(start);
         let mut end = start + 1;
-        while !zeroes
-            && end < self.pieces.len()
-            && !self.pieces[end].as_ref().is_some_and(Slice::is_zeroes)
-        {
+        while !hole && end < self.pieces.len() && !zeroes(end) {
             end += 1;
         }
-        self.next = end;
-        let run: u64 = self.pieces[start..end].iter().map(len).sum();
+        let run: u64 = self.pieces[start..end]
+            .iter()
+            .flatten()
+            .map(|p| u64::from(p.len()))
+            .sum();
+        let at = self.at;
+        (self.next, self.at) = (end, at + run);
         let flags = if end == self.pieces.len() {
             proto::REPLY_FLAG_DONE
         } else {
@@ -323,7 +329,7 @@ impl<'a> Iterator for FileParts<'a> {
         bytes[header..header + 8].copy_from_slice(&at.to_be_bytes());
         // Runs are at most a read's length, which was checked against max_request (a u32).
         let run = u32::try_from(run).unwrap_or(u32::MAX);
-        let (kind, length, used, pieces) = if zeroes {
+        let (kind, length, used, pieces) = if hole {
             bytes[header + 8..header + 12].copy_from_slice(&run.to_be_bytes());
             (
                 proto::REPLY_TYPE_OFFSET_HOLE,
@@ -441,13 +447,16 @@ mod tests {
         let mut hole = FileSlices::default();
         assert!(hole.push_zeroes(PIECE));
         let reply = Reply::file_data(Framing::Structured, 4, 8192, hole, true);
-        let (head, pieces) = reply.file_parts().expect("parts").next().expect("one");
+        let mut hole_head =
+            proto::structured_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_HOLE, 4, 12)
+                .to_vec();
+        hole_head.extend_from_slice(&8192u64.to_be_bytes());
+        hole_head.extend_from_slice(&PIECE.to_be_bytes());
         assert_eq!(
-            &head[4..8],
-            &[0, 1, 0, 2],
-            "DONE, OFFSET_HOLE: one content chunk"
+            parts(&reply),
+            [(hole_head, 0)],
+            "one content chunk: the hole"
         );
-        assert!(pieces.is_empty());
     }
 
     #[test]

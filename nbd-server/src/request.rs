@@ -329,7 +329,9 @@ mod tests {
     fn df_needs_structured_replies() {
         let mut l = limits(false);
         let read = request(proto::CMD_READ, proto::CMD_FLAG_DF, 0, 1);
-        assert!(l.check(&read).is_ok());
+        let df = |op| matches!(op, Ok(Op::Read { df, .. }) if df);
+        assert!(df(l.check(&read)), "the flag reaches the read");
+        assert!(!df(l.check(&request(proto::CMD_READ, 0, 0, 1))));
         l.framing = Framing::Simple;
         assert_eq!(error(l.check(&read)), proto::EINVAL);
     }

@@ -182,12 +182,13 @@ impl fmt::Display for Listener {
     }
 }
 
-/// The send buffer asked for on a unix socket connection (the kernel doubles it, up to
-/// `net.core.wmem_max`). A unix socket's default (about 208 KiB) is less than one large
-/// read, so a cached sequential reader's replies stall on it; this is what TCP's
-/// autotuning grows to by default (`net.ipv4.tcp_wmem`), so a unix connection may pin
-/// no more kernel memory than a TCP one. Measured by bench B1: 0.16 s of nbdcopy's
-/// 1 GiB read at the default, 0.11 s at 2 MiB (4 MiB is no faster).
+/// The send buffer asked for on an accepted unix socket connection (the kernel caps it
+/// at `net.core.wmem_max`, then doubles it; a stock 208 KiB cap gives 416 KiB). A unix
+/// socket's default (about 208 KiB) is less than one large read, so a cached sequential
+/// reader's replies stall on it; what is asked for is what TCP's autotuning may grow
+/// to by default (`net.ipv4.tcp_wmem`), so a unix connection may pin no more kernel
+/// memory than a TCP one. Measured by bench B1 (where `wmem_max` is 4 MiB): 0.16 s of
+/// nbdcopy's 1 GiB read at the default, 0.11 s at 2 MiB (4 MiB is no faster).
 const UNIX_SEND_BUFFER: libc::c_int = 2 << 20;
 
 /// Asks for [`UNIX_SEND_BUFFER`] on `stream`; a refusal keeps the default (logged).

@@ -18,14 +18,13 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tracing::debug;
-
-use std::sync::OnceLock;
 
 use crate::export::{FileSlice, Slice, ZEROES};
 
@@ -53,16 +52,18 @@ pub struct SpliceSink {
     enabled: Arc<AtomicBool>,
     /// For a piece whose file cannot be spliced; allocated on first use.
     fallback: Vec<u8>,
-    /// Told the bytes of every splice of a file piece ([`crate::Exports::spliced`]).
+    /// Told the bytes of file pieces once they are sent ([`crate::Exports::spliced`]).
     counted: Box<dyn Fn(u64) + Send + Sync>,
     /// Bytes in the pipe, not yet sent: reply headers and pieces, in order.
     pending: usize,
+    /// Of those, bytes of file pieces: counted once sent.
+    pending_file: u64,
 }
 
 impl SpliceSink {
     /// A sink writing to `socket` (a duplicate of a non-blocking TCP or unix socket
     /// this runtime serves); `None`, logged, when the system gives no pipe.
-    /// `counted` is told the bytes of each splice that reached the socket.
+    /// `counted` is told the bytes of file pieces once they reached the socket.
     pub fn new(socket: OwnedFd, counted: Box<dyn Fn(u64) + Send + Sync>) -> Option<Self> {
         match Self::try_new(socket, counted) {
             Ok(sink) => Some(sink),
@@ -102,6 +103,7 @@ impl SpliceSink {
             fallback: Vec::new(),
             counted,
             pending: 0,
+            pending_file: 0,
         })
     }
 
@@ -148,26 +150,27 @@ impl SpliceSink {
         let mut left = piece.len as usize;
         while left > 0 {
             let want = left.min(self.capacity);
-            let (file, pipe) = (piece.file.as_raw_fd(), self.pipe_write.as_raw_fd());
             // Resident when the read was answered; asked again, as the pages may have
-            // left since (and a splice of them would wait for the disk).
-            let moved = if (piece.resident)(&piece.file, offset as u64, want as u64) {
+            // left since: then the splice may wait for the disk, so it runs off the
+            // runtime, and what the pipe holds goes first rather than wait with it.
+            let resident = (piece.resident)(&piece.file, offset as u64, want as u64);
+            if !resident {
+                self.flush(true).await?;
+            }
+            let (file, pipe) = (piece.file.as_raw_fd(), self.pipe_write.as_raw_fd());
+            let moved = if resident {
                 splice_in(file, &mut offset, pipe, want)
             } else {
                 off_runtime(|| splice_in(file, &mut offset, pipe, want))
             };
-            match moved {
-                Ok(0) => return Err(short_file()),
-                Ok(n) => {
+            match self.moved(moved).await? {
+                Some(n) => {
                     left -= n;
-                    self.pending += n;
-                    (self.counted)(n as u64);
+                    self.pending_file += n as u64;
                 }
-                Err(error) if is_full(&error) => self.pipe_full(error).await?,
-                Err(error) => {
+                None => {
                     // A file system without splice: copy the rest of this piece and
                     // every later read of the connection.
-                    debug!(%error, "splice from a file refused; copying reads");
                     self.enabled.store(false, Ordering::Relaxed);
                     self.flush(true).await?;
                     self.copy(&piece.file, offset as u64, left).await?;
@@ -183,26 +186,17 @@ impl SpliceSink {
     async fn put_zeroes(&mut self, mut left: usize) -> io::Result<()> {
         while left > 0 {
             let want = left.min(self.capacity).min(ZEROES.len());
-            let Some(zeroes) = zero_file() else {
-                self.put_bytes(&ZEROES[..want]).await?;
-                left -= want;
-                continue;
-            };
-            let mut offset = 0;
-            match splice_in(
-                zeroes.as_raw_fd(),
-                &mut offset,
-                self.pipe_write.as_raw_fd(),
-                want,
-            ) {
-                Ok(0) => return Err(short_file()),
-                Ok(n) => {
-                    left -= n;
-                    self.pending += n;
+            let moved = match zero_file() {
+                Some(zeroes) => {
+                    let pipe = self.pipe_write.as_raw_fd();
+                    self.moved(splice_in(zeroes.as_raw_fd(), &mut 0, pipe, want))
+                        .await?
                 }
-                Err(error) if is_full(&error) => self.pipe_full(error).await?,
-                Err(error) => {
-                    debug!(%error, "splice of zero pages refused; copying zeroes");
+                None => None,
+            };
+            match moved {
+                Some(n) => left -= n,
+                None => {
                     self.put_bytes(&ZEROES[..want]).await?;
                     left -= want;
                 }
@@ -211,11 +205,34 @@ impl SpliceSink {
         Ok(())
     }
 
+    /// What a splice into the pipe came to: `Some(bytes)` moved (0 when interrupted or
+    /// when the full pipe was sent, to try again), `None` when the kernel refused the
+    /// source (logged; the caller copies instead).
+    async fn moved(&mut self, moved: io::Result<usize>) -> io::Result<Option<usize>> {
+        match moved {
+            Ok(0) => Err(short_file()),
+            Ok(n) => {
+                self.pending += n;
+                Ok(Some(n))
+            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(Some(0)),
+            Err(error) if is_full(&error) && self.pending > 0 => {
+                self.flush(true).await?;
+                Ok(Some(0))
+            }
+            Err(error) => {
+                debug!(%error, "splice into the pipe refused; copying");
+                Ok(None)
+            }
+        }
+    }
+
     /// Sends everything the pipe holds; `more` when other bytes follow at once.
     pub async fn flush(&mut self, more: bool) -> io::Result<()> {
         if self.pending > 0 {
             self.drain(self.pending, more).await?;
             self.pending = 0;
+            (self.counted)(std::mem::take(&mut self.pending_file));
         }
         Ok(())
     }
@@ -262,7 +279,6 @@ impl SpliceSink {
     /// Sends `len` bytes of `file` at `offset` by reading them into a buffer, a bounded
     /// piece at a time, each read off the runtime's hands.
     async fn copy(&mut self, file: &File, mut offset: u64, mut len: usize) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
         let mut buf = std::mem::take(&mut self.fallback);
         buf.resize(COPY_PIECE, 0);
         let result = async {
@@ -325,27 +341,39 @@ fn off_runtime<R>(f: impl FnOnce() -> R) -> R {
 fn zero_file() -> Option<&'static File> {
     static ZERO_FILE: OnceLock<Option<File>> = OnceLock::new();
     ZERO_FILE
-        .get_or_init(|| {
-            // SAFETY: a constant NUL-terminated name; the result is checked.
-            let fd = unsafe { libc::memfd_create(c"lazyblk-zeroes".as_ptr(), libc::MFD_CLOEXEC) };
-            if fd < 0 {
-                debug!(error = %io::Error::last_os_error(), "no memory file for zeroes");
-                return None;
-            }
-            // SAFETY: memfd_create returned a new descriptor this file now owns.
-            let file = unsafe { File::from_raw_fd(fd) };
-            // Written, not just sized: splicing a sparse memory file's holes is not
-            // supported by every kernel.
-            use std::os::unix::fs::FileExt;
-            match file.write_all_at(&ZEROES, 0) {
-                Ok(()) => Some(file),
-                Err(error) => {
-                    debug!(%error, "no memory file for zeroes");
-                    None
-                }
+        .get_or_init(|| match make_zero_file() {
+            Ok(file) => Some(file),
+            Err(error) => {
+                debug!(%error, "no memory file for zeroes; zeroes are copied");
+                None
             }
         })
         .as_ref()
+}
+
+/// The memory file of [`zero_file`]: written (splicing a sparse memory file's holes is
+/// not supported by every kernel), then sealed, so that nothing can ever change what
+/// every client is sent as zeroes.
+fn make_zero_file() -> io::Result<File> {
+    // SAFETY: a constant NUL-terminated name; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"lazyblk-zeroes".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor this file now owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.write_all_at(&ZEROES, 0)?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// Moves up to `len` bytes of `file` at `offset` (advanced) into the pipe.

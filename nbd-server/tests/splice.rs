@@ -171,8 +171,8 @@ async fn serve(
 }
 
 /// The bytes the server reported spliced, once they reach `expected` or after 5 s: the
-/// server counts a splice after the socket took it, so the client may read the bytes
-/// a moment before they are counted.
+/// server counts file bytes after the socket took them, so the client may read the
+/// bytes a moment before they are counted.
 async fn spliced(export: &FileExport, expected: u64) -> u64 {
     for _ in 0..500 {
         if export.spliced.load(Ordering::Relaxed) >= expected {
@@ -402,12 +402,16 @@ async fn simple_replies_over_holes_carry_zeroes_among_spliced_and_copied_replies
     let (bytes, export, addr) = serve_sparse_file().await;
     let mut client = RawClient::connect(addr).await;
     client.go("f").await;
-    // Pipelined, so that zeroes, file pieces and copied replies share the pipe.
+    // Pipelined, so that zeroes, file pieces and copied replies (small ones that may
+    // join the pipe, a larger one and one of five pieces that send it first) follow
+    // each other on the wire. The copied reads lie on data, so a misplaced body shows.
     let reads: Vec<(u64, u32)> = vec![
         ACROSS_A_HOLE,
-        (PIECE + 100, 4096),
+        (2 * PIECE + 100, 4096),
+        (3 * PIECE + 5, 8192),
         (4 * PIECE, 3 * PIECE as u32),
         (PIECE, PIECE as u32),
+        (0, 5 * PIECE as u32),
         (7 * PIECE - 1, SPLICE_MIN_READ),
     ];
     for (cookie, &(offset, len)) in reads.iter().enumerate() {
@@ -426,7 +430,7 @@ async fn simple_replies_over_holes_carry_zeroes_among_spliced_and_copied_replies
     }
     assert_eq!(
         export.copied.load(Ordering::Relaxed),
-        1,
-        "only the small read"
+        3,
+        "the two small reads and the one of five pieces"
     );
 }
