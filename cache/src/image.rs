@@ -270,7 +270,8 @@ impl TemplateImage {
     /// stored). Only when every stored piece is local and in the page cache now, so a
     /// frontend can splice them (and send zeroes as holes) instead of reading them
     /// through a buffer. `false` (nothing counted) when a piece is not local or not
-    /// resident, or `push` has no room; the caller then uses [`TemplateImage::read_at`]. Never waits (the check is
+    /// resident, or `push` has no room; the caller then uses
+    /// [`TemplateImage::read_at`]. Never waits (the check is
     /// `cachestat(2)`, see [`crate::ChunkFile::resident`]). On success it counts
     /// like a read: hits, readahead, and the demand the fill yields to.
     pub fn resident_pieces(

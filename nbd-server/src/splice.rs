@@ -127,7 +127,11 @@ impl SpliceSink {
                     done += n;
                     self.pending += n;
                 }
-                Err(error) => self.pipe_full(error).await?,
+                Err(error) => {
+                    if !self.retry(&error).await? {
+                        return Err(error);
+                    }
+                }
             }
         }
         Ok(())
@@ -215,11 +219,7 @@ impl SpliceSink {
                 self.pending += n;
                 Ok(Some(n))
             }
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(Some(0)),
-            Err(error) if is_full(&error) && self.pending > 0 => {
-                self.flush(true).await?;
-                Ok(Some(0))
-            }
+            Err(error) if self.retry(&error).await? => Ok(Some(0)),
             Err(error) => {
                 debug!(%error, "splice into the pipe refused; copying");
                 Ok(None)
@@ -237,16 +237,17 @@ impl SpliceSink {
         Ok(())
     }
 
-    /// After a write into the pipe failed with `error`: sends what the pipe holds when
-    /// it was full, so the write can be tried again; any other error is returned.
-    async fn pipe_full(&mut self, error: io::Error) -> io::Result<()> {
+    /// After a write into the pipe failed with `error`: whether to try it again, as it
+    /// was interrupted, or the pipe was full (what it holds is sent first).
+    async fn retry(&mut self, error: &io::Error) -> io::Result<bool> {
         if error.kind() == io::ErrorKind::Interrupted {
-            return Ok(());
+            return Ok(true);
         }
-        if !is_full(&error) || self.pending == 0 {
-            return Err(error);
+        if !is_full(error) || self.pending == 0 {
+            return Ok(false);
         }
-        self.flush(true).await
+        self.flush(true).await?;
+        Ok(true)
     }
 
     /// Moves `len` bytes from the pipe into the socket, waiting while it is full.

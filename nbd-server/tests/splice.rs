@@ -183,6 +183,25 @@ async fn spliced(export: &FileExport, expected: u64) -> u64 {
     export.spliced.load(Ordering::Relaxed)
 }
 
+/// Sends every read of `reads` (offset, length) at once, then checks that each simple
+/// reply comes back whole and in request order, as cached reads finish at once.
+async fn read_pipelined(client: &mut RawClient, bytes: &[u8], reads: &[(u64, u32)]) {
+    for (cookie, &(offset, len)) in reads.iter().enumerate() {
+        client
+            .request(0, proto::CMD_READ, cookie as u64, offset, len)
+            .await;
+    }
+    for (cookie, &(offset, len)) in reads.iter().enumerate() {
+        assert_eq!(client.simple_reply().await, (0, cookie as u64));
+        let got = client.read_exact(len as usize).await;
+        let start = offset as usize;
+        assert!(
+            got == bytes[start..start + len as usize],
+            "read {cookie} at {offset} of {len} bytes differs"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn spliced_and_copied_simple_replies_arrive_whole_and_in_order() {
     let (bytes, export, addr) = serve_file().await;
@@ -199,21 +218,7 @@ async fn spliced_and_copied_simple_replies_arrive_whole_and_in_order() {
         (PIECE * 3 + 17, 100_000),
         (SIZE - 4096, 4096),
     ];
-    for (cookie, &(offset, len)) in reads.iter().enumerate() {
-        client
-            .request(0, proto::CMD_READ, cookie as u64, offset, len)
-            .await;
-    }
-    for (cookie, &(offset, len)) in reads.iter().enumerate() {
-        // Cached reads finish at once, in request order.
-        assert_eq!(client.simple_reply().await, (0, cookie as u64));
-        let got = client.read_exact(len as usize).await;
-        let start = offset as usize;
-        assert!(
-            got == bytes[start..start + len as usize],
-            "read {cookie} at {offset} of {len} bytes differs"
-        );
-    }
+    read_pipelined(&mut client, &bytes, &reads).await;
     let large: u64 = reads
         .iter()
         .filter(|(_, len)| *len >= SPLICE_MIN_READ)
@@ -414,20 +419,7 @@ async fn simple_replies_over_holes_carry_zeroes_among_spliced_and_copied_replies
         (0, 5 * PIECE as u32),
         (7 * PIECE - 1, SPLICE_MIN_READ),
     ];
-    for (cookie, &(offset, len)) in reads.iter().enumerate() {
-        client
-            .request(0, proto::CMD_READ, cookie as u64, offset, len)
-            .await;
-    }
-    for (cookie, &(offset, len)) in reads.iter().enumerate() {
-        assert_eq!(client.simple_reply().await, (0, cookie as u64));
-        let got = client.read_exact(len as usize).await;
-        let start = offset as usize;
-        assert!(
-            got == bytes[start..start + len as usize],
-            "read {cookie} at {offset} of {len} bytes differs"
-        );
-    }
+    read_pipelined(&mut client, &bytes, &reads).await;
     assert_eq!(
         export.copied.load(Ordering::Relaxed),
         3,
