@@ -122,7 +122,7 @@ impl Drop for DemandGuard<'_> {
 }
 
 /// A chunk a reader can read: its file in the cache, or its verified bytes in memory
-/// while the file is being written (a reader never waits for the cache's fsync).
+/// while the file is being written (a reader never waits for the cache's disk).
 #[derive(Clone, Debug)]
 pub enum Chunk {
     File(ChunkFile),
@@ -352,10 +352,18 @@ impl ChunkCache {
         self.store.generation()
     }
 
-    /// Makes the names of every chunk fetched so far durable (a fill, before READY):
-    /// fetched chunks are not fsynced one directory at a time. Blocking.
-    pub fn sync_names(&self) -> Result<(), ChunkStoreError> {
-        self.store.sync_dirs()
+    /// Makes `digests` durable, bytes and names (a fill, before READY): fetched chunks
+    /// are not fsynced one at a time (see [`ChunkStore::make_durable`]). Blocking.
+    pub fn make_durable(
+        &self,
+        digests: impl IntoIterator<Item = Digest>,
+    ) -> Result<(), ChunkStoreError> {
+        self.store.make_durable(digests)
+    }
+
+    /// Whether a local chunk's bytes are known to be on disk.
+    pub fn is_durable(&self, digest: &Digest) -> bool {
+        self.store.is_synced(digest)
     }
 
     /// Bytes of claimed chunks (walks the index: for checks, not per request).
@@ -744,7 +752,7 @@ impl ChunkCache {
     ) -> Result<ChunkFile, FetchError> {
         let digest = chunk.digest;
         let cache = self.clone();
-        // The write fsyncs; keep it off the runtime threads.
+        // The write copies a chunk into the page cache; keep it off the runtime threads.
         let readers_active = self.demand_within(READERS_ACTIVE);
         let written = run_at(priority, readers_active, move || {
             cache.store.insert(&digest, &bytes)

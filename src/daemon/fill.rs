@@ -196,12 +196,13 @@ impl FillScheduler {
             tracing::info!(template = replica.id(), "fill stopped");
             return;
         }
-        // READY promises the chunks survive a crash: their names are made durable
-        // once here, not one directory fsync per fetched chunk.
+        // READY promises the chunks survive a crash: their bytes and names are made
+        // durable once here, not one fsync per fetched chunk.
         let error = match error {
             None => {
                 let cache = self.cache.clone();
-                match tokio::task::spawn_blocking(move || cache.sync_names()).await {
+                let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
+                match tokio::task::spawn_blocking(move || cache.make_durable(digests)).await {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(format!("making the chunks durable: {e}")),
                     Err(e) => Some(format!("making the chunks durable: {e}")),

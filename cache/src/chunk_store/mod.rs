@@ -1,10 +1,15 @@
 //! Chunk files on the node's disk: content-addressed, crash-safe, budgeted.
 //!
 //! Layout under the cache directory: `chunks/<2 hex>/<64 hex>` holds verified chunks;
-//! `tmp/` holds chunks being written. A chunk is written to `tmp/`, fsynced, and renamed
-//! into `chunks/` (its directory fsynced at once for a chunk only this node has, else
-//! at the next [`ChunkStore::sync_dirs`]), so a crash leaves either the whole chunk or
-//! nothing under `chunks/`; `tmp/` is emptied at open.
+//! `tmp/` holds chunks being written, and is emptied at open. A chunk is written to
+//! `tmp/` and renamed into `chunks/`. A chunk only this node has (a commit's) is made
+//! durable before its insert returns: its bytes are fsynced before the rename and its
+//! directory after it. A fetched chunk is not waited for one at a time: its write-back
+//! is started, and [`ChunkStore::make_durable`] waits for its bytes and names once for a
+//! whole replica (a fill, before READY). A crash before that may leave a fetched chunk's
+//! name on a file short of its bytes; such a file is hashed when it is first opened
+//! after the restart (see below), found wrong and fetched again, which is all a lost
+//! fetched chunk costs.
 //!
 //! The store keeps an index of every chunk in least-recently-used order. When the bytes
 //! held pass the budget, the least recently used chunks that are neither pinned (by a
@@ -98,6 +103,10 @@ struct Entry {
     /// Whether this daemon has checked (or written) the file's bytes: a file found on
     /// disk at start is hashed when first opened.
     verified: bool,
+    /// Whether the file's bytes are known to be on disk (fsynced by this daemon). A file
+    /// found at start is not known to be: the daemon may have died before the kernel
+    /// wrote it back.
+    synced: bool,
 }
 
 struct Index {
@@ -136,9 +145,10 @@ type Doomed = (Digest, Entry);
 /// Whether a chunk's name must be durable when its insert returns.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Durable {
-    /// The node's only copy (a commit's chunk): its directory is fsynced at once.
+    /// The node's only copy (a commit's chunk): its bytes and its directory are fsynced
+    /// at once.
     Now,
-    /// A fetched chunk: a lost name costs a fetch; see [`ChunkStore::sync_dirs`].
+    /// A fetched chunk: a lost one costs a fetch; see [`ChunkStore::make_durable`].
     Later,
 }
 
@@ -203,6 +213,7 @@ impl ChunkStore {
                     len,
                     file: None,
                     verified: false,
+                    synced: false,
                 },
             );
         }
@@ -359,9 +370,9 @@ impl ChunkStore {
         report
     }
 
-    /// Writes a verified chunk crash-safely (its bytes durable before its name; the
-    /// name durable at the next [`ChunkStore::sync_dirs`]) and indexes it. The caller
-    /// has checked that `bytes` hash to `digest`.
+    /// Writes a fetched, verified chunk and indexes it. Its write-back is started, not
+    /// waited for: it is durable after the next [`ChunkStore::make_durable`] that names
+    /// it. The caller has checked that `bytes` hash to `digest`.
     pub fn insert(&self, digest: &Digest, bytes: &[u8]) -> Result<ChunkFile, ChunkStoreError> {
         self.insert_with(digest, bytes, Durable::Later)
     }
@@ -392,7 +403,16 @@ impl ChunkStore {
         let final_path = self.chunk_path(digest);
         if let Some(existing) = self.get(digest)? {
             if durable == Durable::Now {
-                // Fetched earlier, its name may not be durable yet; this copy must be.
+                // Fetched earlier, it may not be durable yet; this copy must be.
+                existing
+                    .file
+                    .sync_data()
+                    .map_err(|source| ChunkStoreError::Write {
+                        digest: *digest,
+                        path: final_path.clone(),
+                        source,
+                    })?;
+                self.mark_synced(digest, &existing.file);
                 let shard = final_path.parent().unwrap_or(&self.root);
                 File::open(shard)
                     .and_then(|d| d.sync_all())
@@ -422,7 +442,12 @@ impl ChunkStore {
             for piece in bytes.chunks(WRITE_PIECE) {
                 f.write_all(piece)?;
             }
-            f.sync_data()?;
+            match durable {
+                Durable::Now => f.sync_data()?,
+                // The disk starts on it now, so that the wait at READY is short; a fill
+                // does not hold a fetch slot while the disk catches up.
+                Durable::Later => start_write_back(&f),
+            }
             Ok(())
         })();
         if let Err(e) = written {
@@ -436,11 +461,11 @@ impl ChunkStore {
             let _ = fs::remove_file(&tmp_path);
             return Err(write_err(&final_path)(e));
         }
-        // The bytes are on disk before the rename, so a name never points at half a
-        // chunk. The rename is durable once the directory is: at once for a chunk only
-        // this node has (a commit's); for a fetched one, at the next `sync_dirs` (a
-        // fill's end) or the file system's own commit, and a crash before that only
-        // loses the name, and the chunk is fetched again.
+        // A commit's chunk: its bytes are on disk before the rename, and the rename is
+        // durable once the directory is, at once. A fetched one: both at the next
+        // `make_durable` (a fill's end) or the kernel's own write-back; a crash before
+        // that loses the chunk or leaves its name on a file short of it, which the
+        // hash at its first open after the restart finds (see the module header).
         if durable == Durable::Now {
             File::open(&shard)
                 .and_then(|d| d.sync_all())
@@ -456,6 +481,7 @@ impl ChunkStore {
                 len,
                 file: Some(file.clone()),
                 verified: true,
+                synced: durable == Durable::Now,
             },
         ) {
             // Lost a race with another writer of the same digest: same bytes.
@@ -476,9 +502,67 @@ impl ChunkStore {
         })
     }
 
-    /// Makes every chunk written so far durable under its name: fsyncs each shard
-    /// directory (256 at most) and the chunk directory, once, instead of once per chunk.
-    pub fn sync_dirs(&self) -> Result<(), ChunkStoreError> {
+    /// Makes `digests` durable under their names (a replica before READY): waits for the
+    /// bytes of each that is not known to be on disk (most were written back while the
+    /// fill ran), then fsyncs each shard directory (256 at most) and the chunk
+    /// directory, once for the whole set instead of once per chunk. Digests that are not
+    /// local are passed over. Blocking.
+    pub fn make_durable(
+        &self,
+        digests: impl IntoIterator<Item = Digest>,
+    ) -> Result<(), ChunkStoreError> {
+        // The open file where there is one; else the path, opened without the hash a
+        // first read does (a restart's resumed fill would hash every chunk just to
+        // fsync it; a file that lies is still found by that first read).
+        let unsynced: Vec<(Digest, Option<Arc<File>>)> = {
+            let index = self.index();
+            digests
+                .into_iter()
+                .filter_map(|d| {
+                    let entry = index.lru.peek(&d).filter(|e| !e.synced)?;
+                    Some((d, entry.file.clone()))
+                })
+                .collect()
+        };
+        for (digest, file) in unsynced {
+            let write_err = |source| ChunkStoreError::Write {
+                digest,
+                path: self.chunk_path(&digest),
+                source,
+            };
+            let file = match file {
+                Some(file) => file,
+                None => match File::open(self.chunk_path(&digest)) {
+                    Ok(f) => Arc::new(f),
+                    // Evicted meanwhile: nothing to keep.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(write_err(e)),
+                },
+            };
+            file.sync_data().map_err(write_err)?;
+            self.mark_synced(&digest, &file);
+        }
+        self.sync_dirs()
+    }
+
+    /// Records that `file`'s bytes are on disk, unless its chunk was evicted and written
+    /// anew meanwhile (that copy has a flag of its own).
+    fn mark_synced(&self, digest: &Digest, file: &Arc<File>) {
+        let mut index = self.index();
+        if let Some(entry) = index.lru.peek_mut(digest) {
+            if entry.file.as_ref().is_none_or(|f| Arc::ptr_eq(f, file)) {
+                entry.synced = true;
+            }
+        }
+    }
+
+    /// Whether the chunk's bytes are known to be on disk (for tests and checks).
+    pub fn is_synced(&self, digest: &Digest) -> bool {
+        self.index().lru.peek(digest).is_some_and(|e| e.synced)
+    }
+
+    /// fsyncs each shard directory and the chunk directory.
+    fn sync_dirs(&self) -> Result<(), ChunkStoreError> {
         let chunks = self.root.join("chunks");
         let dir_err = |path: &Path| {
             let path = path.to_path_buf();
@@ -696,6 +780,17 @@ impl ChunkStore {
 const VERIFY_BUFFER: usize = 256 << 10;
 
 /// Whether `file` holds exactly `len` bytes that hash to `digest`.
+/// Starts writing a file's dirty pages to disk without waiting for them
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that a later fsync finds little left
+/// to do. Only a hint: where it is refused, the kernel's own write-back does the same.
+fn start_write_back(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; the call touches no memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 fn file_matches(file: &File, digest: &Digest, len: u64) -> io::Result<bool> {
     let mut hasher = crate::digest::DigestWriter::default();
     let mut buf = vec![0u8; VERIFY_BUFFER];

@@ -212,3 +212,56 @@ fn a_new_copy_waits_for_the_unlink_of_the_old_one() {
     assert!(store.chunk_path(&a).exists());
     assert!(store.contains(&a));
 }
+
+#[test]
+fn fetched_chunks_are_made_durable_together_and_a_commits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path(), 0).unwrap();
+    let (a, ab) = chunk(1);
+    let (b, bb) = chunk(2);
+    let (c, cb) = chunk(3);
+    let (absent, _) = chunk(4);
+    store.insert(&a, &ab).unwrap();
+    store.insert(&b, &bb).unwrap();
+    assert!(
+        !store.is_synced(&a) && !store.is_synced(&b),
+        "a fetched chunk is not waited for on its own"
+    );
+    store.insert_pinned("upload:t", &c, &cb).unwrap();
+    assert!(store.is_synced(&c), "a commit's chunk is durable at once");
+    store.make_durable([a, absent]).unwrap();
+    assert!(store.is_synced(&a), "named: made durable");
+    assert!(!store.is_synced(&b), "not named: left to the kernel");
+    // A fetched chunk a commit then writes is made durable by that write.
+    store.insert_pinned("upload:t", &b, &bb).unwrap();
+    assert!(store.is_synced(&b));
+}
+
+#[test]
+fn chunks_found_at_open_are_made_durable_without_a_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, ab) = chunk(1);
+    let (b, bb) = chunk(2);
+    {
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        store.insert(&a, &ab).unwrap();
+        store.insert(&b, &bb).unwrap();
+        store.make_durable([a, b]).unwrap();
+    }
+    let path = dir.path().join("chunks").join(b.shard_path());
+    fs::write(&path, b"short").unwrap();
+    let store = ChunkStore::open(dir.path(), 0).unwrap();
+    assert!(
+        !store.is_synced(&a),
+        "found on disk: the daemon before may have died before the write-back"
+    );
+    store.make_durable([a, b]).unwrap();
+    assert!(store.is_synced(&a) && store.is_synced(&b));
+    assert_eq!(store.corrupt_files(), 0, "fsynced, not hashed");
+    assert!(
+        store.get(&b).unwrap().is_none(),
+        "the first read still hashes it and drops it"
+    );
+    assert_eq!(store.corrupt_files(), 1);
+    assert_eq!(store.get(&a).unwrap().unwrap().read_all().unwrap(), ab);
+}
