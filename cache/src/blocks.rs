@@ -212,7 +212,8 @@ pub(crate) fn decode_blocks(
             stored.len()
         ));
     }
-    let mut raw = vec![0u8; len];
+    // Every byte is written below: each block's frame must fill its block exactly.
+    let mut raw = crate::buffers::take_filled(len);
     let block = table.block_size as usize;
     for (i, out) in raw.chunks_mut(block).enumerate() {
         let frame = &stored[table.offsets[i] as usize..table.offsets[i + 1] as usize];

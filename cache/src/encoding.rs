@@ -141,7 +141,7 @@ pub fn decode(
             Ok(raw) => {
                 let actual = Digest::of(&raw);
                 if actual == *digest {
-                    return Ok((Encoding::Blocks, Bytes::from(raw)));
+                    return Ok((Encoding::Blocks, crate::buffers::into_bytes(raw)));
                 }
                 frame_error = Some(DecodeError::Mismatch { actual });
             }
@@ -171,7 +171,7 @@ pub fn decode(
             Ok(raw) if raw.len() == len => {
                 let actual = Digest::of(&raw);
                 if actual == *digest {
-                    return Ok((Encoding::Zstd, Bytes::from(raw)));
+                    return Ok((Encoding::Zstd, crate::buffers::into_bytes(raw)));
                 }
                 frame_error = Some(DecodeError::Mismatch { actual });
             }
@@ -233,9 +233,11 @@ pub(crate) fn with_decompressor<T>(
 /// Decodes one frame into at most `len` bytes, with this thread's context.
 fn decompress(frame: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
     with_decompressor(|d| {
-        let mut out = Vec::with_capacity(len);
-        d.decompress_to_buffer(frame, &mut out)
+        let mut out = crate::buffers::take_filled(len);
+        let n = d
+            .decompress_to_buffer(frame, &mut out[..])
             .map_err(|e| e.to_string())?;
+        out.truncate(n);
         Ok(out)
     })
     .map_err(std::io::Error::other)

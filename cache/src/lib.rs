@@ -56,6 +56,7 @@ pub mod background;
 pub mod block_memory;
 pub mod blocking;
 pub mod blocks;
+pub mod buffers;
 pub mod chunk_store;
 pub mod digest;
 pub mod encoding;

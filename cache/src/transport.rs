@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::digest::Digest;
 
@@ -316,7 +316,7 @@ impl HttpSource {
             }
         }
         // Read at most `len` bytes: a hostile or broken source cannot make us buffer more.
-        let mut body = BytesMut::with_capacity(len as usize);
+        let mut body = crate::buffers::take_empty(len as usize);
         while let Some(piece) = response.chunk().await.map_err(unreachable)? {
             if body.len() + piece.len() > len as usize {
                 return Err(length_error((body.len() + piece.len()) as u64));
@@ -326,7 +326,7 @@ impl HttpSource {
         if declared.is_some_and(|d| d != body.len() as u64) {
             return Err(length_error(body.len() as u64));
         }
-        Ok(body.freeze())
+        Ok(crate::buffers::into_bytes(body))
     }
 }
 

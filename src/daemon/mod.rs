@@ -350,15 +350,20 @@ fn restrict_socket(path: &std::path::Path, group: Option<&str>) -> anyhow::Resul
 }
 
 /// Keeps glibc's heap from growing with the chunk buffers of past fetches: a buffer of
-/// 256 KiB or more is its own mapping, returned when freed (glibc's threshold would
-/// otherwise rise to the largest buffer freed, and chunk-sized buffers would stay in
-/// per-thread arenas), and the arenas are few. B7 (the daemon's peak RSS) measured this
-/// with chunks now decoded from zstd frames (a frame and its output per fetch).
+/// 1 MiB or more (a chunk's body or its decoded bytes) is its own mapping, returned when
+/// freed, and the arenas are few; chunk buffers are reused through
+/// `lazyblk_cache::buffers` instead. glibc's own threshold would rise to the largest
+/// buffer freed and keep chunk-sized buffers in per-thread arenas (B7, the daemon's
+/// peak RSS, was 139 MiB so). Smaller buffers (hyper's read buffers of about 400 KiB,
+/// the NBD server's 256 KiB request buffers) come from the arenas and are reused: at a
+/// threshold of 256 KiB each was a fresh mapping, and on B2's cold read the daemon
+/// faulted in 290,000 pages (a quarter of its CPU); with the chunk buffers kept, 110,000
+/// at 256 KiB and 33,000 at 1 MiB, for 4-10 MiB more peak RSS.
 fn bound_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; called before other threads start.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 4);
     }
 }
