@@ -21,77 +21,120 @@ pub const KEPT_BYTES: usize = 16 << 20;
 /// The largest buffer kept.
 pub const LARGEST_KEPT: usize = 4 << 20;
 
+/// A set of idle buffers (one per process, [`KEPT`]; tests make their own).
 struct Kept {
+    state: Mutex<KeptState>,
+}
+
+struct KeptState {
     buffers: Vec<Vec<u8>>,
     bytes: usize,
 }
 
-static KEPT: Mutex<Kept> = Mutex::new(Kept {
-    buffers: Vec::new(),
-    bytes: 0,
-});
+static KEPT: Kept = Kept::new();
 
-fn kept() -> std::sync::MutexGuard<'static, Kept> {
-    // Every update is one step on plain data: a poisoned lock is still consistent.
-    KEPT.lock().unwrap_or_else(|e| e.into_inner())
-}
+impl Kept {
+    const fn new() -> Kept {
+        Kept {
+            state: Mutex::new(KeptState {
+                buffers: Vec::new(),
+                bytes: 0,
+            }),
+        }
+    }
 
-/// A kept buffer of at least `len` bytes' capacity, if there is one.
-fn reuse(len: usize) -> Option<Vec<u8>> {
-    let mut kept = kept();
-    let at = kept.buffers.iter().position(|b| b.capacity() >= len)?;
-    let buffer = kept.buffers.swap_remove(at);
-    kept.bytes -= buffer.capacity();
-    Some(buffer)
+    /// Runs `f` on the set, not SCHED_IDLE meanwhile: fills' low-priority threads take
+    /// and give back buffers too, and one preempted holding the lock would keep a
+    /// demand read's fetch waiting (as with the chunk index).
+    fn with<T>(&self, f: impl FnOnce(&mut KeptState) -> T) -> T {
+        let _foreground = crate::background::foreground();
+        // Every update is one step on plain data: a poisoned lock is still consistent.
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The smallest kept buffer of at least `len` bytes' capacity, if there is one.
+    fn reuse(&self, len: usize) -> Option<Vec<u8>> {
+        self.with(|kept| {
+            let at = (0..kept.buffers.len())
+                .filter(|&i| kept.buffers[i].capacity() >= len)
+                .min_by_key(|&i| kept.buffers[i].capacity())?;
+            let buffer = kept.buffers.swap_remove(at);
+            kept.bytes -= buffer.capacity();
+            Some(buffer)
+        })
+    }
+
+    fn take_empty(&self, len: usize) -> Vec<u8> {
+        match self.reuse(len) {
+            Some(mut buffer) => {
+                buffer.clear();
+                buffer
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    fn take_filled(&self, len: usize) -> Vec<u8> {
+        match self.reuse(len) {
+            Some(mut buffer) => {
+                buffer.resize(len, 0);
+                buffer
+            }
+            None => vec![0; len],
+        }
+    }
+
+    /// Keeps `buffer`, unless it is too large or enough is kept; a buffer not kept is
+    /// freed outside the lock.
+    fn give_back(&self, buffer: Vec<u8>) {
+        let capacity = buffer.capacity();
+        if capacity == 0 || capacity > LARGEST_KEPT {
+            return;
+        }
+        let refused = self.with(|kept| {
+            if kept.bytes + capacity <= KEPT_BYTES {
+                kept.bytes += capacity;
+                kept.buffers.push(buffer);
+                None
+            } else {
+                Some(buffer)
+            }
+        });
+        drop(refused);
+    }
+
+    fn bytes(&self) -> usize {
+        self.with(|kept| kept.bytes)
+    }
 }
 
 /// An empty buffer with room for `len` bytes, for a body appended to.
 pub fn take_empty(len: usize) -> Vec<u8> {
-    match reuse(len) {
-        Some(mut buffer) => {
-            buffer.clear();
-            buffer
-        }
-        None => Vec::with_capacity(len),
-    }
+    KEPT.take_empty(len)
 }
 
 /// A buffer of exactly `len` bytes whose contents are unspecified (an earlier chunk's,
 /// or zeroes), for a decoder that writes every byte of it.
 pub fn take_filled(len: usize) -> Vec<u8> {
-    match reuse(len) {
-        Some(mut buffer) => {
-            buffer.resize(len, 0);
-            buffer
-        }
-        None => vec![0; len],
-    }
+    KEPT.take_filled(len)
 }
 
 /// Keeps `buffer` for the next taker, unless it is too large or enough is kept.
 pub fn give_back(buffer: Vec<u8>) {
-    let capacity = buffer.capacity();
-    if capacity == 0 || capacity > LARGEST_KEPT {
-        return;
-    }
-    let mut kept = kept();
-    if kept.bytes + capacity <= KEPT_BYTES {
-        kept.bytes += capacity;
-        kept.buffers.push(buffer);
-    }
+    KEPT.give_back(buffer)
 }
 
 /// `buffer`'s bytes as [`Bytes`]; the buffer is given back when the last clone drops.
 pub fn into_bytes(buffer: Vec<u8>) -> Bytes {
-    Bytes::from_owner(Returned(buffer))
+    Bytes::from_owner(Returned(buffer, &KEPT))
 }
 
 /// The bytes of idle buffers kept now (for metrics and tests).
 pub fn kept_bytes() -> usize {
-    kept().bytes
+    KEPT.bytes()
 }
 
-struct Returned(Vec<u8>);
+struct Returned(Vec<u8>, &'static Kept);
 
 impl AsRef<[u8]> for Returned {
     fn as_ref(&self) -> &[u8] {
@@ -101,7 +144,7 @@ impl AsRef<[u8]> for Returned {
 
 impl Drop for Returned {
     fn drop(&mut self) {
-        give_back(std::mem::take(&mut self.0));
+        self.1.give_back(std::mem::take(&mut self.0));
     }
 }
 
@@ -109,32 +152,56 @@ impl Drop for Returned {
 mod tests {
     use super::*;
 
-    // One test: the kept set is process-wide, and tests run in parallel.
+    fn local() -> &'static Kept {
+        Box::leak(Box::new(Kept::new()))
+    }
+
     #[test]
-    fn buffers_come_back_bounded_and_are_reused() {
-        let before = kept_bytes();
-        let mut body = take_empty(1 << 20);
+    fn a_buffer_comes_back_when_its_last_reader_drops_it_and_is_reused() {
+        let kept = local();
+        let mut body = kept.take_empty(1 << 20);
         body.extend_from_slice(&[7; 1000]);
         let address = body.as_ptr();
-        let bytes = into_bytes(body);
+        let bytes = Bytes::from_owner(Returned(body, kept));
         let reader = bytes.clone();
-        assert_eq!(&bytes[..], &[7; 1000][..]);
+        assert_eq!(&bytes[..], &[7; 1000][..], "only the bytes written");
         drop(bytes);
-        assert_eq!(kept_bytes(), before, "a reader still holds it");
+        assert_eq!(kept.bytes(), 0, "a reader still holds it");
         drop(reader);
-        assert!(
-            kept_bytes() >= before + (1 << 20),
-            "given back by the last reader"
-        );
-        let again = take_filled(1 << 20);
-        assert_eq!(again.len(), 1 << 20);
-        assert_eq!(again.as_ptr(), address, "the same memory, no fresh pages");
-        give_back(again);
-        give_back(vec![0; LARGEST_KEPT + 1]);
-        assert!(kept_bytes() <= KEPT_BYTES, "too large a buffer is not kept");
-        for _ in 0..(KEPT_BYTES >> 20) + 4 {
-            give_back(Vec::with_capacity(1 << 20));
+        assert_eq!(kept.bytes(), 1 << 20, "given back by the last reader");
+        let decoded = kept.take_filled(1 << 20);
+        assert_eq!(decoded.len(), 1 << 20);
+        assert_eq!(decoded.as_ptr(), address, "the same memory: no fresh pages");
+        assert_eq!(kept.bytes(), 0);
+    }
+
+    #[test]
+    fn what_is_kept_is_bounded_and_the_best_fit_is_taken() {
+        let kept = local();
+        kept.give_back(vec![0; LARGEST_KEPT + 1]);
+        assert_eq!(kept.bytes(), 0, "too large a buffer is not kept");
+        kept.give_back(Vec::with_capacity(4 << 20));
+        for _ in 0..KEPT_BYTES >> 20 {
+            kept.give_back(Vec::with_capacity(1 << 20));
         }
-        assert!(kept_bytes() <= KEPT_BYTES);
+        assert_eq!(
+            kept.bytes(),
+            KEPT_BYTES,
+            "filled up to the bound, not past it"
+        );
+        let small = kept.take_empty(1000);
+        assert_eq!(
+            small.capacity(),
+            1 << 20,
+            "the smallest that fits, not the 4 MiB one"
+        );
+        let large = kept.take_filled(3 << 20);
+        assert_eq!(large.capacity(), 4 << 20);
+        assert_eq!(large.len(), 3 << 20);
+        assert_eq!(
+            kept.take_empty(5 << 20).capacity(),
+            5 << 20,
+            "none fits: a fresh one"
+        );
     }
 }

@@ -352,18 +352,15 @@ impl ChunkCache {
         self.store.generation()
     }
 
-    /// Makes `digests` durable, bytes and names (a fill, before READY): fetched chunks
-    /// are not fsynced one at a time (see [`ChunkStore::make_durable`]). Blocking.
+    /// Makes `digests` durable, bytes and names (a fill, its chunks claimed, before
+    /// READY): fetched chunks are not fsynced one at a time. Returns how many chunk files
+    /// did not match their digests and were dropped (see [`ChunkStore::make_durable`]).
+    /// Blocking.
     pub fn make_durable(
         &self,
         digests: impl IntoIterator<Item = Digest>,
-    ) -> Result<(), ChunkStoreError> {
+    ) -> Result<usize, ChunkStoreError> {
         self.store.make_durable(digests)
-    }
-
-    /// Whether a local chunk's bytes are known to be on disk.
-    pub fn is_durable(&self, digest: &Digest) -> bool {
-        self.store.is_synced(digest)
     }
 
     /// Bytes of claimed chunks (walks the index: for checks, not per request).

@@ -196,23 +196,34 @@ impl FillScheduler {
             tracing::info!(template = replica.id(), "fill stopped");
             return;
         }
+        if let Some(e) = error {
+            return self.fail(&replica, e);
+        }
+        // The chunks are claimed first, so none is evicted (and fetched again, not yet
+        // on disk) while they are made durable.
+        match self.claim(&replica, &cancel) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => return self.fail(&replica, e),
+        }
         // READY promises the chunks survive a crash: their bytes and names are made
         // durable once here, not one fsync per fetched chunk.
-        let error = match error {
-            None => {
-                let cache = self.cache.clone();
-                let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
-                match tokio::task::spawn_blocking(move || cache.make_durable(digests)).await {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(format!("making the chunks durable: {e}")),
-                    Err(e) => Some(format!("making the chunks durable: {e}")),
-                }
-            }
-            some => some,
+        let cache = self.cache.clone();
+        let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
+        let durable = match tokio::task::spawn_blocking(move || cache.make_durable(digests)).await {
+            Ok(Ok(0)) => Ok(()),
+            // Files a crash left short of their bytes: fetched again when the fill
+            // resumes (the supervisor resumes FAILED fills).
+            Ok(Ok(dropped)) => Err(format!(
+                "{dropped} chunk files on disk did not match their digests (a crash \
+                 before they were written back?); dropped, to be fetched again"
+            )),
+            Ok(Err(e)) => Err(format!("making the chunks durable: {e}")),
+            Err(e) => Err(format!("making the chunks durable: {e}")),
         };
-        match error {
-            Some(e) => self.fail(&replica, e),
-            None => self.finish(&replica, started, &cancel),
+        match durable {
+            Ok(()) => self.finish(&replica, started, &cancel),
+            Err(e) => self.fail(&replica, e),
         }
     }
 
@@ -260,13 +271,15 @@ impl FillScheduler {
         }
     }
 
-    fn finish(&self, replica: &Arc<Replica>, started: Instant, cancel: &AtomicBool) {
+    /// Claims the replica's chunks for it (once): `Ok(false)` if an evict or unpin came
+    /// first, `Err` if some are not local (evicted under the fill).
+    fn claim(&self, replica: &Arc<Replica>, cancel: &AtomicBool) -> Result<bool, String> {
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         // An evict or unpin since the last check (it sets `cancel` under this lock):
         // the replica is theirs now; claiming it here would undo them.
         if cancel.load(Ordering::Relaxed) {
             tracing::info!(template = replica.id(), "fill stopped");
-            return;
+            return Ok(false);
         }
         if !state.pinned {
             // Claim first, then count what is not local: no eviction can come between
@@ -276,15 +289,21 @@ impl FillScheduler {
             let missing = self.cache.pin(&owner, digests);
             if missing > 0 {
                 self.cache.release(&owner);
-                drop(state);
                 // Evicted under us (a budget smaller than the working set): not READY.
-                self.fail(
-                    replica,
-                    format!("{missing} chunks were evicted before the fill finished"),
-                );
-                return;
+                return Err(format!(
+                    "{missing} chunks were evicted before the fill finished"
+                ));
             }
             state.pinned = true;
+        }
+        Ok(true)
+    }
+
+    fn finish(&self, replica: &Arc<Replica>, started: Instant, cancel: &AtomicBool) {
+        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+        if cancel.load(Ordering::Relaxed) {
+            tracing::info!(template = replica.id(), "fill stopped");
+            return;
         }
         state.phase = Some(Phase::Ready);
         state.cancel = None;
@@ -415,8 +434,10 @@ impl FillScheduler {
             }
             match record.phase {
                 Phase::Ready | Phase::Distributing => {
-                    // A READY replica whose chunks are all local becomes READY again at
-                    // once (the fill finds nothing to fetch and pins).
+                    // A READY replica whose chunks are all local becomes READY again
+                    // without a fetch: the fill finds nothing to fetch, claims them, and
+                    // hashes and fsyncs each chunk file (a crash may have left one
+                    // short of its bytes), on the fill's low-priority threads.
                     if let Err(e) = self.warm(&replica, false) {
                         tracing::warn!(template = replica.id(), error = %e, "cannot resume fill");
                     }

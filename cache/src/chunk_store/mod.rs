@@ -403,16 +403,16 @@ impl ChunkStore {
         let final_path = self.chunk_path(digest);
         if let Some(existing) = self.get(digest)? {
             if durable == Durable::Now {
-                // Fetched earlier, it may not be durable yet; this copy must be.
-                existing
-                    .file
-                    .sync_data()
+                // Fetched earlier, it may not be durable yet; this copy must be. By its
+                // name: the file behind the name is the one that must be on disk.
+                File::open(&final_path)
+                    .and_then(|f| f.sync_data())
                     .map_err(|source| ChunkStoreError::Write {
                         digest: *digest,
                         path: final_path.clone(),
                         source,
                     })?;
-                self.mark_synced(digest, &existing.file);
+                self.mark_synced(digest);
                 let shard = final_path.parent().unwrap_or(&self.root);
                 File::open(shard)
                     .and_then(|d| d.sync_all())
@@ -424,6 +424,13 @@ impl ChunkStore {
             }
             return Ok(existing);
         }
+        // A chunk someone claims (a READY replica's, refetched after it was found
+        // corrupt) is not waited for by any later fill: it is made durable now.
+        let durable = if durable == Durable::Later && self.index().pins.is_pinned(digest) {
+            Durable::Now
+        } else {
+            durable
+        };
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp_path =
             self.root
@@ -502,57 +509,57 @@ impl ChunkStore {
         })
     }
 
-    /// Makes `digests` durable under their names (a replica before READY): waits for the
-    /// bytes of each that is not known to be on disk (most were written back while the
-    /// fill ran), then fsyncs each shard directory (256 at most) and the chunk
-    /// directory, once for the whole set instead of once per chunk. Digests that are not
-    /// local are passed over. Blocking.
+    /// Makes `digests` durable under their names (a replica before READY, its chunks
+    /// claimed so none is evicted meanwhile). Each one not known to be on disk is
+    /// fsynced by its name (most were written back while the fill ran); one this daemon
+    /// did not write or check is hashed first, as its first read would: after a crash
+    /// its name may stand on a file short of its bytes, which is dropped here, not
+    /// promised as local. Then each shard directory (256 at most) and the chunk
+    /// directory are fsynced, once for the whole set instead of once per chunk. Returns
+    /// how many were dropped (to be fetched again); digests not local are passed over.
+    /// Blocking.
     pub fn make_durable(
         &self,
         digests: impl IntoIterator<Item = Digest>,
-    ) -> Result<(), ChunkStoreError> {
-        // The open file where there is one; else the path, opened without the hash a
-        // first read does (a restart's resumed fill would hash every chunk just to
-        // fsync it; a file that lies is still found by that first read).
-        let unsynced: Vec<(Digest, Option<Arc<File>>)> = {
+    ) -> Result<usize, ChunkStoreError> {
+        let unsynced: Vec<(Digest, bool)> = {
             let index = self.index();
             digests
                 .into_iter()
                 .filter_map(|d| {
                     let entry = index.lru.peek(&d).filter(|e| !e.synced)?;
-                    Some((d, entry.file.clone()))
+                    Some((d, entry.verified))
                 })
                 .collect()
         };
-        for (digest, file) in unsynced {
-            let write_err = |source| ChunkStoreError::Write {
-                digest,
-                path: self.chunk_path(&digest),
-                source,
-            };
-            let file = match file {
-                Some(file) => file,
-                None => match File::open(self.chunk_path(&digest)) {
-                    Ok(f) => Arc::new(f),
-                    // Evicted meanwhile: nothing to keep.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(write_err(e)),
-                },
-            };
-            file.sync_data().map_err(write_err)?;
-            self.mark_synced(&digest, &file);
+        let mut dropped = 0;
+        for (digest, verified) in unsynced {
+            if !verified && self.get(&digest)?.is_none() {
+                dropped += 1;
+                continue;
+            }
+            let path = self.chunk_path(&digest);
+            match File::open(&path).and_then(|f| f.sync_data()) {
+                Ok(()) => self.mark_synced(&digest),
+                // Evicted meanwhile (not claimed): nothing to keep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ChunkStoreError::Write {
+                        digest,
+                        path,
+                        source,
+                    })
+                }
+            }
         }
-        self.sync_dirs()
+        self.sync_dirs()?;
+        Ok(dropped)
     }
 
-    /// Records that `file`'s bytes are on disk, unless its chunk was evicted and written
-    /// anew meanwhile (that copy has a flag of its own).
-    fn mark_synced(&self, digest: &Digest, file: &Arc<File>) {
-        let mut index = self.index();
-        if let Some(entry) = index.lru.peek_mut(digest) {
-            if entry.file.as_ref().is_none_or(|f| Arc::ptr_eq(f, file)) {
-                entry.synced = true;
-            }
+    /// Records that the file under a chunk's name has its bytes on disk.
+    fn mark_synced(&self, digest: &Digest) {
+        if let Some(entry) = self.index().lru.peek_mut(digest) {
+            entry.synced = true;
         }
     }
 
@@ -779,10 +786,10 @@ impl ChunkStore {
 /// that a scrub holds little memory.
 const VERIFY_BUFFER: usize = 256 << 10;
 
-/// Whether `file` holds exactly `len` bytes that hash to `digest`.
 /// Starts writing a file's dirty pages to disk without waiting for them
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that a later fsync finds little left
 /// to do. Only a hint: where it is refused, the kernel's own write-back does the same.
+/// It may still wait while the device's queue is full (it runs off the runtime).
 fn start_write_back(file: &File) {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid open descriptor; the call touches no memory of ours.
@@ -791,6 +798,7 @@ fn start_write_back(file: &File) {
     }
 }
 
+/// Whether `file` holds exactly `len` bytes that hash to `digest`.
 fn file_matches(file: &File, digest: &Digest, len: u64) -> io::Result<bool> {
     let mut hasher = crate::digest::DigestWriter::default();
     let mut buf = vec![0u8; VERIFY_BUFFER];

@@ -238,7 +238,7 @@ fn fetched_chunks_are_made_durable_together_and_a_commits_at_once() {
 }
 
 #[test]
-fn chunks_found_at_open_are_made_durable_without_a_hash() {
+fn a_chunk_file_a_crash_left_short_is_dropped_not_made_durable() {
     let dir = tempfile::tempdir().unwrap();
     let (a, ab) = chunk(1);
     let (b, bb) = chunk(2);
@@ -246,22 +246,26 @@ fn chunks_found_at_open_are_made_durable_without_a_hash() {
         let store = ChunkStore::open(dir.path(), 0).unwrap();
         store.insert(&a, &ab).unwrap();
         store.insert(&b, &bb).unwrap();
-        store.make_durable([a, b]).unwrap();
     }
+    // The name was renamed in, the bytes never written back.
     let path = dir.path().join("chunks").join(b.shard_path());
-    fs::write(&path, b"short").unwrap();
+    fs::write(&path, vec![0u8; bb.len()]).unwrap();
     let store = ChunkStore::open(dir.path(), 0).unwrap();
     assert!(
         !store.is_synced(&a),
         "found on disk: the daemon before may have died before the write-back"
     );
-    store.make_durable([a, b]).unwrap();
-    assert!(store.is_synced(&a) && store.is_synced(&b));
-    assert_eq!(store.corrupt_files(), 0, "fsynced, not hashed");
+    store.pin("replica:t", [a, b]);
+    assert_eq!(store.make_durable([a, b]).unwrap(), 1, "one dropped");
+    assert!(store.is_synced(&a));
     assert!(
-        store.get(&b).unwrap().is_none(),
-        "the first read still hashes it and drops it"
+        !store.contains(&b) && !path.exists(),
+        "not promised as local"
     );
     assert_eq!(store.corrupt_files(), 1);
+    // Fetched again while a replica claims it: durable at once, no fill waits for it.
+    store.insert(&b, &bb).unwrap();
+    assert!(store.is_synced(&b));
+    assert_eq!(store.make_durable([a, b]).unwrap(), 0);
     assert_eq!(store.get(&a).unwrap().unwrap().read_all().unwrap(), ab);
 }
