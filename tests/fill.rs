@@ -492,3 +492,42 @@ fn a_fill_follows_the_published_trace_first() {
     }
     wait_phase(&b, "booted", "READY", Duration::from_secs(60));
 }
+
+#[test]
+fn a_chunk_file_a_crash_left_short_is_fetched_again_before_ready() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let image = image_with_data(tmp.path(), 12);
+    publish(&store.url(), &image, "t");
+    let cache = tmp.path().join("cache");
+    // A budget under twice the replica: a resumed fill whose own claims counted against
+    // it would be refused forever.
+    let mut daemon = DaemonProc::start_unix(&store.url(), &cache, &["--cache-size", "20M"]);
+    let (ok, out, err) = run(&["warm", "t", "--wait", "--node", &daemon.url()]);
+    assert!(ok, "warm --wait: {out}{err}");
+    let stored = status(&daemon, "t")["stored_chunks"].as_u64().unwrap();
+    daemon.stop();
+    // What a power loss can leave of a fetched chunk: its name on a file short of its
+    // bytes (fetched chunks are not fsynced one at a time).
+    let victim = cached_digests(&cache)[0].clone();
+    let path = cache.join("chunks").join(&victim[..2]).join(&victim);
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    daemon.restart();
+    // The resumed fill hashes the files it did not write, drops the short one, fails
+    // once and is resumed by the supervisor, which fetches it again.
+    let s = wait_phase(&daemon, "t", "READY", Duration::from_secs(60));
+    assert_eq!(s["local_chunks"], s["stored_chunks"]);
+    assert_eq!(
+        store.metric("lazyblk_store_chunks_served_total") as u64,
+        stored + 1,
+        "only the short chunk is fetched again"
+    );
+    verify_cache(&cache);
+    assert_eq!(daemon.metric("lazyblk_cache_corrupt_files") as u64, 1);
+}

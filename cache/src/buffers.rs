@@ -103,6 +103,7 @@ impl Kept {
         drop(refused);
     }
 
+    #[cfg(test)]
     fn bytes(&self) -> usize {
         self.with(|kept| kept.bytes)
     }
@@ -119,19 +120,9 @@ pub fn take_filled(len: usize) -> Vec<u8> {
     KEPT.take_filled(len)
 }
 
-/// Keeps `buffer` for the next taker, unless it is too large or enough is kept.
-pub fn give_back(buffer: Vec<u8>) {
-    KEPT.give_back(buffer)
-}
-
 /// `buffer`'s bytes as [`Bytes`]; the buffer is given back when the last clone drops.
 pub fn into_bytes(buffer: Vec<u8>) -> Bytes {
     Bytes::from_owner(Returned(buffer, &KEPT))
-}
-
-/// The bytes of idle buffers kept now (for metrics and tests).
-pub fn kept_bytes() -> usize {
-    KEPT.bytes()
 }
 
 struct Returned(Vec<u8>, &'static Kept);

@@ -48,8 +48,8 @@
 //! local chunk is read with one `pread`; a missing one is fetched once (whoever asks
 //! first leads, later readers wait for the same fetch), verified, and answered from the
 //! verified bytes while it is written to a temporary file and renamed into place (made
-//! durable once per replica, before READY: [`ChunkStore::make_durable`]). A sandbox reads through its
-//! [`Overlay`] first: blocks it wrote come from the overlay's files, the rest from the
+//! durable once per replica, before READY: [`ChunkStore::make_durable`]). A sandbox
+//! reads through its [`Overlay`] first: blocks it wrote come from the overlay's files, the rest from the
 //! template image. Nothing here knows NBD or FUSE.
 
 pub mod background;

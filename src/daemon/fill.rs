@@ -197,33 +197,35 @@ impl FillScheduler {
             return;
         }
         if let Some(e) = error {
-            return self.fail(&replica, e);
+            return self.fail(&replica, e, &cancel);
         }
         // The chunks are claimed first, so none is evicted (and fetched again, not yet
         // on disk) while they are made durable.
         match self.claim(&replica, &cancel) {
             Ok(true) => {}
             Ok(false) => return,
-            Err(e) => return self.fail(&replica, e),
+            Err(e) => return self.fail(&replica, e, &cancel),
         }
         // READY promises the chunks survive a crash: their bytes and names are made
         // durable once here, not one fsync per fetched chunk.
         let cache = self.cache.clone();
         let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
-        let durable = match tokio::task::spawn_blocking(move || cache.make_durable(digests)).await {
-            Ok(Ok(0)) => Ok(()),
-            // Files a crash left short of their bytes: fetched again when the fill
-            // resumes (the supervisor resumes FAILED fills).
-            Ok(Ok(dropped)) => Err(format!(
-                "{dropped} chunk files on disk did not match their digests (a crash \
-                 before they were written back?); dropped, to be fetched again"
-            )),
-            Ok(Err(e)) => Err(format!("making the chunks durable: {e}")),
-            Err(e) => Err(format!("making the chunks durable: {e}")),
-        };
+        // On a low-priority thread: after a restart this hashes the replica's files.
+        let durable =
+            match lazyblk_cache::background::run(true, move || cache.make_durable(digests)).await {
+                Ok(Ok(0)) => Ok(()),
+                // Files a crash left short of their bytes: fetched again when the fill
+                // resumes (the supervisor resumes FAILED fills).
+                Ok(Ok(dropped)) => Err(format!(
+                    "{dropped} chunk files on disk were gone or did not match their digests \
+                 (a crash before they were written back?); to be fetched again"
+                )),
+                Ok(Err(e)) => Err(format!("making the chunks durable: {e}")),
+                Err(e) => Err(format!("making the chunks durable: {e}")),
+            };
         match durable {
             Ok(()) => self.finish(&replica, started, &cancel),
-            Err(e) => self.fail(&replica, e),
+            Err(e) => self.fail(&replica, e, &cancel),
         }
     }
 
@@ -316,14 +318,25 @@ impl FillScheduler {
         );
     }
 
-    fn fail(&self, replica: &Arc<Replica>, error: String) {
-        tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
+    /// Marks the fill FAILED and lets go of its claim, if it made one: a resumed fill
+    /// claims again and counts what is missing (and its own claims do not count against
+    /// its budget). Nothing, if an evict or unpin came first: the replica is theirs.
+    fn fail(&self, replica: &Arc<Replica>, error: String, cancel: &AtomicBool) {
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
+        if cancel.load(Ordering::Relaxed) {
+            tracing::info!(template = replica.id(), %error, "fill stopped");
+            return;
+        }
+        tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
         state.phase = Some(Phase::Failed);
         state.last_error = Some(error);
         state.last_error_at = Some(now_rfc3339());
         state.cancel = None;
+        let was_pinned = std::mem::take(&mut state.pinned);
         drop(state);
+        if was_pinned {
+            self.cache.release(&replica_owner(replica.id()));
+        }
         self.save(replica);
     }
 
@@ -437,7 +450,7 @@ impl FillScheduler {
                     // A READY replica whose chunks are all local becomes READY again
                     // without a fetch: the fill finds nothing to fetch, claims them, and
                     // hashes and fsyncs each chunk file (a crash may have left one
-                    // short of its bytes), on the fill's low-priority threads.
+                    // short of its bytes), on a low-priority background thread.
                     if let Err(e) = self.warm(&replica, false) {
                         tracing::warn!(template = replica.id(), error = %e, "cannot resume fill");
                     }

@@ -359,7 +359,7 @@ fn restrict_socket(path: &std::path::Path, group: Option<&str>) -> anyhow::Resul
 /// threshold of 256 KiB each was a fresh mapping, and on B2's cold read the daemon
 /// faulted in 290,000 pages (a quarter of its CPU); with the chunk buffers kept, 110,000
 /// at 256 KiB and 33,000 at 1 MiB; the daemon's peak RSS on that read went from 91 to
-/// 106 MiB (B7 in the bench: 102 MiB, under its 128 MiB).
+/// 106 MiB (B7 in the bench: 102-106 MiB, under its 128 MiB).
 fn bound_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; called before other threads start.

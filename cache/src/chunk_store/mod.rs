@@ -563,8 +563,9 @@ impl ChunkStore {
         }
     }
 
-    /// Whether the chunk's bytes are known to be on disk (for tests and checks).
-    pub fn is_synced(&self, digest: &Digest) -> bool {
+    /// Whether the chunk's bytes are known to be on disk.
+    #[cfg(test)]
+    pub(crate) fn is_synced(&self, digest: &Digest) -> bool {
         self.index().lru.peek(digest).is_some_and(|e| e.synced)
     }
 

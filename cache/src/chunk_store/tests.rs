@@ -229,7 +229,11 @@ fn fetched_chunks_are_made_durable_together_and_a_commits_at_once() {
     );
     store.insert_pinned("upload:t", &c, &cb).unwrap();
     assert!(store.is_synced(&c), "a commit's chunk is durable at once");
-    store.make_durable([a, absent]).unwrap();
+    assert_eq!(
+        store.make_durable([a, absent]).unwrap(),
+        0,
+        "an absent one is no drop"
+    );
     assert!(store.is_synced(&a), "named: made durable");
     assert!(!store.is_synced(&b), "not named: left to the kernel");
     // A fetched chunk a commit then writes is made durable by that write.
@@ -247,25 +251,35 @@ fn a_chunk_file_a_crash_left_short_is_dropped_not_made_durable() {
         store.insert(&a, &ab).unwrap();
         store.insert(&b, &bb).unwrap();
     }
-    // The name was renamed in, the bytes never written back.
+    // The name was renamed in, the bytes never all written back: zeroes, or a short file.
     let path = dir.path().join("chunks").join(b.shard_path());
     fs::write(&path, vec![0u8; bb.len()]).unwrap();
+    let (c, cb) = chunk(3);
+    store_file(dir.path(), &c, &cb[..cb.len() / 2]);
     let store = ChunkStore::open(dir.path(), 0).unwrap();
     assert!(
         !store.is_synced(&a),
         "found on disk: the daemon before may have died before the write-back"
     );
-    store.pin("replica:t", [a, b]);
-    assert_eq!(store.make_durable([a, b]).unwrap(), 1, "one dropped");
+    store.pin("replica:t", [a, b, c]);
+    assert_eq!(store.make_durable([a, b, c]).unwrap(), 2, "both dropped");
+    assert!(!store.contains(&c));
     assert!(store.is_synced(&a));
     assert!(
         !store.contains(&b) && !path.exists(),
         "not promised as local"
     );
-    assert_eq!(store.corrupt_files(), 1);
+    assert_eq!(store.corrupt_files(), 2);
     // Fetched again while a replica claims it: durable at once, no fill waits for it.
     store.insert(&b, &bb).unwrap();
     assert!(store.is_synced(&b));
     assert_eq!(store.make_durable([a, b]).unwrap(), 0);
     assert_eq!(store.get(&a).unwrap().unwrap().read_all().unwrap(), ab);
+}
+
+/// Writes `bytes` under `digest`'s name, as a crash may have left them.
+fn store_file(root: &Path, digest: &Digest, bytes: &[u8]) {
+    let path = root.join("chunks").join(digest.shard_path());
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, bytes).unwrap();
 }
