@@ -401,26 +401,21 @@ impl ChunkStore {
         durable: Durable,
     ) -> Result<ChunkFile, ChunkStoreError> {
         let final_path = self.chunk_path(digest);
+        let write_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ChunkStoreError::Write {
+                digest: *digest,
+                path,
+                source,
+            }
+        };
         if let Some(existing) = self.get(digest)? {
             if durable == Durable::Now {
-                // Fetched earlier, it may not be durable yet; this copy must be. By its
-                // name: the file behind the name is the one that must be on disk.
-                File::open(&final_path)
-                    .and_then(|f| f.sync_data())
-                    .map_err(|source| ChunkStoreError::Write {
-                        digest: *digest,
-                        path: final_path.clone(),
-                        source,
-                    })?;
+                // Fetched earlier, it may not be durable yet; this copy must be.
+                self.sync_by_name(digest).map_err(write_err(&final_path))?;
                 self.mark_synced(digest);
                 let shard = final_path.parent().unwrap_or(&self.root);
-                File::open(shard)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|source| ChunkStoreError::Write {
-                        digest: *digest,
-                        path: shard.to_path_buf(),
-                        source,
-                    })?;
+                sync_dir(shard).map_err(write_err(shard))?;
             }
             return Ok(existing);
         }
@@ -436,14 +431,6 @@ impl ChunkStore {
             self.root
                 .join("tmp")
                 .join(format!("{}.{}.{seq}", digest.to_hex(), std::process::id()));
-        let write_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ChunkStoreError::Write {
-                digest: *digest,
-                path,
-                source,
-            }
-        };
         let written = (|| -> io::Result<()> {
             let mut f = File::create(&tmp_path)?;
             for piece in bytes.chunks(WRITE_PIECE) {
@@ -474,9 +461,7 @@ impl ChunkStore {
         // that loses the chunk or leaves its name on a file short of it, which the
         // hash at its first open after the restart finds (see the module header).
         if durable == Durable::Now {
-            File::open(&shard)
-                .and_then(|d| d.sync_all())
-                .map_err(write_err(&shard))?;
+            sync_dir(&shard).map_err(write_err(&shard))?;
         }
         let file = Arc::new(File::open(&final_path).map_err(write_err(&final_path))?);
         let len = bytes.len() as u64;
@@ -538,15 +523,14 @@ impl ChunkStore {
                 dropped += 1;
                 continue;
             }
-            let path = self.chunk_path(&digest);
-            match File::open(&path).and_then(|f| f.sync_data()) {
+            match self.sync_by_name(&digest) {
                 Ok(()) => self.mark_synced(&digest),
                 // Evicted meanwhile (not claimed): nothing to keep.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(ChunkStoreError::Write {
                         digest,
-                        path,
+                        path: self.chunk_path(&digest),
                         source,
                     })
                 }
@@ -554,6 +538,12 @@ impl ChunkStore {
         }
         self.sync_dirs()?;
         Ok(dropped)
+    }
+
+    /// fsyncs the bytes of the file under a chunk's name: the one that must be on disk,
+    /// whichever file the index holds open.
+    fn sync_by_name(&self, digest: &Digest) -> io::Result<()> {
+        File::open(self.chunk_path(digest)).and_then(|f| f.sync_data())
     }
 
     /// Records that the file under a chunk's name has its bytes on disk.
@@ -578,13 +568,9 @@ impl ChunkStore {
         };
         for shard in fs::read_dir(&chunks).map_err(dir_err(&chunks))?.flatten() {
             let path = shard.path();
-            File::open(&path)
-                .and_then(|d| d.sync_all())
-                .map_err(dir_err(&path))?;
+            sync_dir(&path).map_err(dir_err(&path))?;
         }
-        File::open(&chunks)
-            .and_then(|d| d.sync_all())
-            .map_err(dir_err(&chunks))
+        sync_dir(&chunks).map_err(dir_err(&chunks))
     }
 
     /// Claims each of `digests` for `owner` (see [`crate::pins`]): kept from eviction
@@ -797,6 +783,11 @@ fn start_write_back(file: &File) {
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
+}
+
+/// fsyncs a directory (the names in it).
+fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path).and_then(|d| d.sync_all())
 }
 
 /// Whether `file` holds exactly `len` bytes that hash to `digest`.
