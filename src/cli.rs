@@ -80,6 +80,9 @@ pub enum Command {
     Scrub(ScrubArgs),
     /// List the live nodes of a store's fleet (their leases, replicas, cache).
     Nodes(NodesArgs),
+    /// Print this node's id and public key (made on first use, kept in the cache
+    /// directory as node.key): what a store's --member-keys file lists.
+    NodeKey(NodeKeyArgs),
     /// Remove a fleet wish recorded by `warm --all-nodes|--nodes|--min-replicas`; the
     /// nodes unpin the template at their next heartbeat.
     Unwarm(UnwarmArgs),
@@ -105,6 +108,16 @@ pub struct CompletionsArgs {
 pub struct ManpagesArgs {
     /// Where to write the pages (made if missing).
     pub dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeKeyArgs {
+    /// The node's cache directory (the daemon's --cache), where node.key is kept.
+    #[arg(long, default_value = "./lazyblk-cache")]
+    pub cache: PathBuf,
+    /// Print {"node_id", "public_key"} as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -148,12 +161,33 @@ pub struct StoreArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
-    /// Bearer token required for writes (PUT, DELETE).
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    /// Bearer token required for writes (PUT, DELETE); also the member and admin token
+    /// when those are not set.
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
     /// Bearer token required for chunk reads.
-    #[arg(long, env = "LAZYBLK_READ_TOKEN")]
+    #[arg(long, env = "LAZYBLK_READ_TOKEN", hide_env_values = true)]
     pub read_token: Option<String>,
+    /// Bearer token required, besides the node's key, for leases (joining the fleet);
+    /// the write token when unset. Give daemons this one instead of the write token.
+    #[arg(long, env = "LAZYBLK_MEMBER_TOKEN", hide_env_values = true)]
+    pub member_token: Option<String>,
+    /// Bearer token required for wishes, policy, deletes, gc and scrub (give it to those
+    /// commands in place of the write token); the write token when unset.
+    #[arg(long, env = "LAZYBLK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Only nodes whose public key (or id) this file lists may be members: one per
+    /// line, as `lazyblk node-key` prints them; `#` starts a comment. Read again when
+    /// the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub member_keys: Option<PathBuf>,
+    /// Networks a member's advertised address must be in (CIDRs, comma-separated); a
+    /// host name must resolve into them.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub member_networks: Vec<String>,
+    /// The most nodes the store keeps leases for; more are refused (503).
+    #[arg(long, default_value_t = crate::store::nodes::DEFAULT_MAX_MEMBERS)]
+    pub max_members: usize,
     /// Read flags from this TOML file first. Each key is a flag's long name
     /// (`cache = "/var/lib/lazyblk/cache"`, `nbd-max-connections = 256`); flags on the
     /// command line and environment variables win over the file.
@@ -261,8 +295,12 @@ pub struct DaemonArgs {
     pub peer_token: Option<String>,
     /// Bearer token sent with writes to the store (commit uploads, traces), and required
     /// on this daemon's own changing requests (warm, evict, overlays, commit, attach).
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
+    /// Bearer token sent with this node's leases (the store's --member-token); the
+    /// write token when unset. Leases are also signed with the node's key.
+    #[arg(long, env = "LAZYBLK_MEMBER_TOKEN", hide_env_values = true)]
+    pub member_token: Option<String>,
     /// Read flags from this TOML file first. Each key is a flag's long name
     /// (`cache = "/var/lib/lazyblk/cache"`, `nbd-max-connections = 256`); flags on the
     /// command line and environment variables win over the file.

@@ -31,10 +31,12 @@ mod cli;
 mod config;
 mod control;
 mod daemon;
+mod display;
 mod docs;
 mod fleet;
 mod http_client;
 mod http_server;
+mod identity;
 mod metrics;
 mod notify;
 mod progress;
@@ -109,5 +111,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Gc(args) => store::client::gc_command(args).await,
         Command::Scrub(args) => control::scrub(args).await,
         Command::Nodes(args) => store::client::nodes_command(args).await,
+        Command::NodeKey(args) => identity::node_key_command(args),
     }
 }

@@ -13,6 +13,8 @@ use crate::daemon::node::Node;
 #[derive(Serialize)]
 pub struct NodeInfo {
     pub node_id: String,
+    /// The public key the node's id derives from (hex).
+    pub public_key: String,
     pub advertise: String,
     pub version: &'static str,
     pub cache_used_bytes: u64,
@@ -36,6 +38,7 @@ impl NodeInfo {
         let health = node.cache.health();
         NodeInfo {
             node_id: node.node_id.clone(),
+            public_key: node.key.public_hex(),
             advertise: node.advertise.clone(),
             version: env!("CARGO_PKG_VERSION"),
             cache_used_bytes: usage.used_bytes,

@@ -1,5 +1,5 @@
 //! What this node owes after a crash: the templates it committed (or is committing)
-//! whose new chunks only it holds, and the node's own identity.
+//! whose new chunks only it holds.
 //!
 //! A commit records its intent here, durably, before anyone is told the template exists
 //! (before the manifest goes to the store): `originated/<template>` beside the saved
@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 /// The directory of commit intents under the node's state directory.
 const INTENTS_DIR: &str = "originated";
-/// The file that holds the node's id.
-const NODE_ID_FILE: &str = "node-id";
+/// The file an older lazyblk kept a random node id in.
+const OLD_NODE_ID_FILE: &str = "node-id";
 
 /// A failure to keep an intent durable.
 #[derive(Debug, thiserror::Error)]
@@ -93,26 +93,16 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
-/// The node's id: made once (random, 16 hex digits), kept in the state directory, so
-/// that it stays the same when the node's address changes between restarts.
-pub fn node_id(state_dir: &Path) -> io::Result<String> {
-    let path = state_dir.join(NODE_ID_FILE);
-    match fs::read_to_string(&path) {
-        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+/// Removes the random id an older lazyblk kept (`node-id`): the id now derives from the
+/// node's key ([`crate::identity`]), so the node's chunks move to their new owners once.
+pub fn forget_old_node_id(state_dir: &Path, id: &str) {
+    let path = state_dir.join(OLD_NODE_ID_FILE);
+    if let Ok(old) = fs::read_to_string(&path) {
+        tracing::info!(old = %old.trim(), new = %id, "this node's id now derives from its key (node.key)");
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing the old node id");
+        }
     }
-    let mut bytes = [0u8; 8];
-    fs::File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes))?;
-    let id = hex::encode(bytes);
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(id.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path)?;
-    sync_dir(state_dir)?;
-    Ok(id)
 }
 
 /// What the store says of a commit this node intended to publish.
@@ -130,7 +120,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn intents_survive_reopen_and_node_id_is_stable() {
+    fn intents_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let intents = OriginIntents::open(dir.path()).unwrap();
         intents.record("t1").unwrap();
@@ -138,8 +128,5 @@ mod tests {
         intents.clear("t1");
         let again = OriginIntents::open(dir.path()).unwrap();
         assert_eq!(again.list(), vec!["t2".to_string()]);
-        let id = node_id(dir.path()).unwrap();
-        assert_eq!(id.len(), 16);
-        assert_eq!(node_id(dir.path()).unwrap(), id);
     }
 }

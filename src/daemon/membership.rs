@@ -14,9 +14,13 @@ use tokio::sync::watch;
 use crate::daemon::fill::FillScheduler;
 use crate::daemon::node::Node;
 use crate::daemon::state::Phase;
+use crate::store::admission::checked_url;
 use crate::store::center::Want;
 use crate::store::client::StoreClient;
-use crate::store::nodes::{Heartbeat, ReplicaReport, HEARTBEAT};
+use crate::store::nodes::{
+    Heartbeat, ReplicaReport, HEARTBEAT, MAX_REPORTED_REPLICAS, MAX_REPORT_STRING,
+    MAX_USERS_PER_REPLICA,
+};
 
 /// The file that remembers which templates this node keeps warm because of a wish (and
 /// the redo count it last acted on), so that a removed wish is unpinned after a restart.
@@ -24,8 +28,12 @@ const WISHED_FILE: &str = "wished.json";
 
 /// The replicas this node reports: those that are not merely known (a fill ran, or
 /// someone uses them), so a node that knows thousands of templates sends a short list.
+/// The store's bounds are kept: replicas in use first, at most
+/// [`MAX_REPORTED_REPLICAS`], each with at most [`MAX_USERS_PER_REPLICA`] users (the
+/// last one says how many more), every string cut to [`MAX_REPORT_STRING`].
 fn report(node: &Node) -> Vec<ReplicaReport> {
-    node.templates
+    let mut reports: Vec<ReplicaReport> = node
+        .templates
         .all()
         .iter()
         .filter_map(|r| {
@@ -42,11 +50,40 @@ fn report(node: &Node) -> Vec<ReplicaReport> {
                 phase: phase.as_str().to_string(),
                 local_chunks: r.local_chunks(),
                 stored_chunks: r.manifest().stored_chunks().count(),
-                last_error,
-                users,
+                last_error: last_error.map(|e| cut(&e)),
+                users: bounded_users(users),
             })
         })
-        .collect()
+        .collect();
+    if reports.len() > MAX_REPORTED_REPLICAS {
+        // Users matter most to the store (deletes and gc are refused on them).
+        reports.sort_by_key(|r| r.users.is_empty());
+        tracing::warn!(
+            replicas = reports.len(),
+            "more replicas than a heartbeat may report; the unused ones beyond {MAX_REPORTED_REPLICAS} are left out"
+        );
+        reports.truncate(MAX_REPORTED_REPLICAS);
+    }
+    reports
+}
+
+/// At most [`MAX_USERS_PER_REPLICA`] users, the last saying how many were left out.
+fn bounded_users(mut users: Vec<String>) -> Vec<String> {
+    if users.len() > MAX_USERS_PER_REPLICA {
+        let more = users.len() - (MAX_USERS_PER_REPLICA - 1);
+        users.truncate(MAX_USERS_PER_REPLICA - 1);
+        users.push(format!("and {more} more"));
+    }
+    users.iter().map(|u| cut(u)).collect()
+}
+
+/// `s` cut to at most [`MAX_REPORT_STRING`] bytes, on a character boundary.
+fn cut(s: &str) -> String {
+    let mut end = s.len().min(MAX_REPORT_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// Templates warmed here because the center wishes it, with the redo count acted on.
@@ -185,19 +222,24 @@ pub async fn run(
                     replicas: report(&node),
                     cache_used_bytes: node.cache.usage().used_bytes,
                 };
-                match store.heartbeat(&node.node_id, &beat).await {
+                match store.heartbeat(&node.key, &beat).await {
                     Ok(answer) => {
                         if !reachable {
                             tracing::info!("store membership reachable again");
                             reachable = true;
                         }
+                        // The store vouched for these ids (each proved its key); their
+                        // addresses are checked again before the peer token goes there.
                         peers.set_members(
                             answer
                                 .nodes
                                 .into_iter()
-                                .map(|n| Member {
-                                    id: n.id,
-                                    url: n.url,
+                                .filter_map(|n| match checked_url(&n.url) {
+                                    Ok(url) => Some(Member { id: n.id, url }),
+                                    Err(e) => {
+                                        tracing::warn!(node = %crate::display::clean(&n.id), "{e}; not asked as a peer");
+                                        None
+                                    }
                                 })
                                 .collect(),
                         );

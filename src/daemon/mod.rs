@@ -90,8 +90,14 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         args.write_token.clone(),
         args.read_token.clone(),
     )
-    .with_context(|| format!("opening the store {}", args.store))?;
+    .with_context(|| format!("opening the store {}", args.store))?
+    .with_member_token(args.member_token.clone());
 
+    if let Some(url) = &args.advertise {
+        // Peers send their token to this address: it must be a bare origin.
+        crate::store::admission::checked_url(url)
+            .map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
+    }
     let discovery = match (&args.peers, &args.advertise) {
         (Some(spec), _) => {
             Some(membership::Discovery::parse_peers(spec).map_err(anyhow::Error::msg)?)
@@ -224,7 +230,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     crate::notify::stopping();
     if matches!(discovery, Some(membership::Discovery::Store)) {
         // Leave at once: peers move this node's chunks to their next owners now.
-        if let Err(e) = node.store.leave(&node.node_id).await {
+        if let Err(e) = node.store.leave(&node.key).await {
             tracing::debug!(error = %e, "leaving the membership");
         }
     }

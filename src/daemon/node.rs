@@ -16,12 +16,13 @@ use lazyblk_cache::{ChunkCache, HttpClients, HttpSource, PeerSet, Source};
 
 use crate::daemon::commit::Commits;
 use crate::daemon::counters::DaemonMetrics;
-use crate::daemon::intents::{node_id, OriginIntents};
+use crate::daemon::intents::OriginIntents;
 use crate::daemon::resize::Resizes;
 use crate::daemon::sandboxes::Sandboxes;
 use crate::daemon::templates::{SourcePlan, Templates};
 use crate::daemon::trace::TraceTiming;
 use crate::daemon::upload::Uploads;
+use crate::identity::NodeKey;
 use crate::store::client::StoreClient;
 
 /// Everything the daemon's frontends and API share.
@@ -37,8 +38,10 @@ pub struct Node {
     pub resizes: Resizes,
     /// The URL peers reach this daemon at.
     pub advertise: String,
-    /// The node's id, kept in its state directory: stable across address changes.
+    /// The node's id, derived from its key: stable across address changes.
     pub node_id: String,
+    /// The node's key pair (`node.key` in its state directory): leases prove it.
+    pub key: Arc<NodeKey>,
     /// The fleet's live nodes, when this node is a member (`--advertise` or
     /// `--peers`): chunk owners to ask, and the origins it may contact.
     pub peers: Option<Arc<PeerSet>>,
@@ -73,7 +76,10 @@ impl Node {
         config: NodeConfig,
     ) -> std::io::Result<Node> {
         let state_dir = config.state_dir;
-        let node_id = node_id(&state_dir)?;
+        let key = NodeKey::load_or_create(&state_dir).map_err(std::io::Error::other)?;
+        crate::daemon::intents::forget_old_node_id(&state_dir, key.id());
+        let node_id = key.id().to_string();
+        let key = Arc::new(key);
         // Chunk fetches get clients of their own, a pair (see `HttpClients`).
         let clients = HttpClients::new(crate::http_client::http_client);
         let peers = config.membership.then(|| {
@@ -133,6 +139,7 @@ impl Node {
             resizes,
             advertise: config.advertise,
             node_id,
+            key,
             peers,
             state_dir,
         })

@@ -268,6 +268,7 @@ mod tests {
             url: format!("http://{id}"),
             version: "0.1.0".into(),
             last_seen_secs: 0.0,
+            key: String::new(),
             replicas: phase
                 .map(|p| {
                     vec![ReplicaReport {

@@ -39,6 +39,8 @@ pub struct StoreClient {
     http: reqwest::Client,
     /// Sent with every write (PUT, POST, DELETE).
     write_token: Option<String>,
+    /// Sent with lease requests instead of the write token, when set (`--member-token`).
+    member_token: Option<String>,
     /// Sent with chunk reads by users of [`StoreClient::http`]; kept here for them.
     #[allow(dead_code, reason = "read by the daemon's chunk sources")]
     read_token: Option<String>,
@@ -63,9 +65,16 @@ impl StoreClient {
             url: base_url.trim_end_matches('/').to_string(),
             http,
             write_token: write_token.filter(|t| !t.is_empty()),
+            member_token: None,
             read_token: read_token.filter(|t| !t.is_empty()),
             direct: None,
         }
+    }
+
+    /// This client, sending `token` with its lease requests instead of the write token.
+    pub fn with_member_token(mut self, token: Option<String>) -> StoreClient {
+        self.member_token = token.filter(|t| !t.is_empty());
+        self
     }
 
     /// This client over an object store read directly.
@@ -273,36 +282,54 @@ impl StoreClient {
         self.decode(&bytes, what)
     }
 
-    /// Renews this node's lease; the answer is the live nodes.
+    /// Renews this node's lease, signed with its key; the answer is the live nodes.
     pub async fn heartbeat(
         &self,
-        node: &str,
+        key: &crate::identity::NodeKey,
         beat: &crate::store::nodes::Heartbeat,
     ) -> Result<crate::store::center::HeartbeatAnswer, StoreError> {
         let what = "a heartbeat";
+        let body = serde_json::to_vec(beat).unwrap_or_default();
+        let request = self.lease_request(key, reqwest::Method::PUT, body, what)?;
+        let bytes = self.send(request, HEARTBEAT_TIMEOUT, what).await?.1;
+        self.decode(&bytes, what)
+    }
+
+    /// Ends this node's lease (at a clean shutdown).
+    pub async fn leave(&self, key: &crate::identity::NodeKey) -> Result<(), StoreError> {
+        let what = "leaving the membership";
+        let request = self.lease_request(key, reqwest::Method::DELETE, Vec::new(), what)?;
+        self.send(request, HEARTBEAT_TIMEOUT, what)
+            .await
+            .map(|_| ())
+    }
+
+    /// A request on this node's lease, signed with its key and carrying the member token.
+    fn lease_request(
+        &self,
+        key: &crate::identity::NodeKey,
+        method: reqwest::Method,
+        body: Vec<u8>,
+        what: &str,
+    ) -> Result<RequestBuilder, StoreError> {
         if self.direct.is_some() {
             return Err(StoreError::NeedsServer {
                 what: what.into(),
                 url: self.url.clone(),
             });
         }
-        let request = self
-            .write(self.http.put(self.endpoint(&format!("/v1/nodes/{node}"))))
-            .json(beat);
-        let bytes = self.send(request, HEARTBEAT_TIMEOUT, what).await?.1;
-        self.decode(&bytes, what)
-    }
-
-    /// Ends this node's lease (at a clean shutdown).
-    pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
-        let what = "leaving the membership";
-        let request = self.write(
-            self.http
-                .delete(self.endpoint(&format!("/v1/nodes/{node}"))),
-        );
-        self.send(request, HEARTBEAT_TIMEOUT, what)
-            .await
-            .map(|_| ())
+        let path = format!("/v1/nodes/{}", key.id());
+        let mut request = self
+            .http
+            .request(method.clone(), self.endpoint(&path))
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        for (name, value) in key.sign(method.as_str(), &path, &body) {
+            request = request.header(name, value);
+        }
+        if let Some(token) = self.member_token.as_ref().or(self.write_token.as_ref()) {
+            request = request.bearer_auth(token);
+        }
+        Ok(request.body(body))
     }
 
     /// The live nodes.

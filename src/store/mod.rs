@@ -20,6 +20,7 @@
 //! crash leaves either the old state or the new one, never a torn file; object storage
 //! gets one PUT per object, after the body was verified.
 
+pub mod admission;
 pub mod api;
 pub mod backend;
 pub mod center;
@@ -125,7 +126,37 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     let center = center::Center::load(backend.clone())
         .await
         .with_context(|| format!("loading the template center's wishes from {location}"))?;
-    let state = api::AppState::new(backend, Arc::new(center), args.write_token, args.read_token);
+    let members = backend
+        .doc(nodes::MEMBERS_DOC)
+        .await
+        .with_context(|| format!("loading the members the store knew from {location}"))?;
+    let membership = nodes::Membership::new(args.max_members, members.as_deref());
+    if let Some((waiting, _)) = membership.unsettled() {
+        tracing::info!(
+            nodes = waiting.len(),
+            "deletes and gc wait until the nodes this store knew renew their leases (at most {} s)",
+            nodes::SETTLE.as_secs()
+        );
+    }
+    let admission = admission::Admission::new(args.member_keys.clone(), &args.member_networks)
+        .map_err(anyhow::Error::msg)?;
+    let tokens = api::Tokens::new(
+        args.write_token,
+        args.read_token,
+        args.member_token,
+        args.admin_token,
+    );
+    let state = api::AppState::new(backend, Arc::new(center), membership, admission, tokens);
+    // Nodes whose lease ran out are struck from the member list.
+    let persisting = state.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(nodes::HEARTBEAT).await;
+            if let Err(e) = persisting.persist_members().await {
+                tracing::warn!(error = %e, "saving the member list");
+            }
+        }
+    });
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

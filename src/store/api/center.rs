@@ -1,15 +1,21 @@
 //! The template center's routes: node leases, wishes, the fleet's view of a template,
 //! the label policy, and deletes that a node's use refuses.
 
+use std::collections::BTreeMap;
+
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::Json;
 use lazyblk_cache::Digest;
 use serde::Deserialize;
 
+use crate::display::clean;
+use crate::store::admission::checked_url;
+use crate::store::nodes::{Heartbeat, NodeEntry, MAX_HEARTBEAT_BODY};
 use crate::store::TemplateSummary;
 
-use super::state::{checked_id, ApiError, AppState};
+use super::state::{checked_id, read_body, ApiError, AppState};
 
 /// Adds the fleet's view (replicas) and the policy's verdict (STALE) to a summary.
 pub(super) async fn enrich(
@@ -36,49 +42,123 @@ pub(super) async fn enrich(
     }
 }
 
-/// The document of forced deletes still in use somewhere: template id to manifest.
+/// The document of forced deletes still in use somewhere (see [`Tombstone`]).
 pub(super) const TOMBSTONES_DOC: &str = "deleted.json";
+/// How long a tombstone waits for a node that used its template and then went away
+/// (crashed, partitioned, rescheduled) to come back and say whether it still does.
+pub(super) const TOMBSTONE_HOLD: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+/// The node a tombstone of an older store (which did not say who used it) waits for.
+const UNKNOWN_USER: &str = "(a node of an older store)";
 
-pub(super) async fn tombstones(
-    state: &AppState,
-) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
-    Ok(match state.backend.doc(TOMBSTONES_DOC).await? {
-        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
-        None => Default::default(),
-    })
+/// A template deleted with `--force` while nodes used it: its manifest (gc spares its
+/// chunks) and, for each node that reported a user of it, when it last did.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct Tombstone {
+    manifest: String,
+    /// Node id to the unix second it last reported a user of the template.
+    users: BTreeMap<String, u64>,
+}
+
+impl Tombstone {
+    /// Brings the users up to date with `live` at `now` (unix seconds): a live node that
+    /// reports a user is seen again, a live node that reports none is done with it, a
+    /// node gone for [`TOMBSTONE_HOLD`] is forgotten. Whether anyone may still use it:
+    /// a tombstone is never dropped because the view is empty, only because every node
+    /// that used the template has said it no longer does, or has been gone for hours.
+    fn refresh(&mut self, id: &str, live: &[NodeEntry], now: u64) -> bool {
+        for n in live {
+            if uses(n, id) {
+                self.users.insert(n.id.clone(), now);
+            } else {
+                self.users.remove(&n.id);
+            }
+        }
+        self.users
+            .retain(|_, seen| now.saturating_sub(*seen) < TOMBSTONE_HOLD.as_secs());
+        !self.users.is_empty()
+    }
+}
+
+fn uses(node: &NodeEntry, template: &str) -> bool {
+    node.replicas
+        .iter()
+        .any(|r| r.template == template && !r.users.is_empty())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(super) async fn tombstones(state: &AppState) -> Result<BTreeMap<String, Tombstone>, ApiError> {
+    let Some(bytes) = state.backend.doc(TOMBSTONES_DOC).await? else {
+        return Ok(BTreeMap::new());
+    };
+    if let Ok(t) = serde_json::from_slice(&bytes) {
+        return Ok(t);
+    }
+    // An older store kept id to manifest, without the users: wait for whoever it was.
+    match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
+        Ok(old) => Ok(old
+            .into_iter()
+            .map(|(id, manifest)| {
+                let users = BTreeMap::from([(UNKNOWN_USER.to_string(), unix_now())]);
+                (id, Tombstone { manifest, users })
+            })
+            .collect()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("center/{TOMBSTONES_DOC} is unreadable ({e}); gc refuses to run without it"),
+        )),
+    }
 }
 
 pub(super) async fn save_tombstones(
     state: &AppState,
-    t: &std::collections::BTreeMap<String, String>,
+    t: &BTreeMap<String, Tombstone>,
 ) -> Result<(), ApiError> {
-    let bytes = serde_json::to_vec(t).unwrap_or_default();
+    let bytes = serde_json::to_vec_pretty(t).unwrap_or_default();
     Ok(state.backend.put_doc(TOMBSTONES_DOC, bytes).await?)
 }
 
+/// Refuses while the store's membership is too young to be trusted: it restarted and
+/// has not heard from every node it knew.
+pub(super) fn settled(state: &AppState, what: &str) -> Result<(), ApiError> {
+    match state.nodes.unsettled() {
+        None => Ok(()),
+        Some((waiting, left)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{what} refused: the store restarted and has not heard from every node it knew yet \
+                 ({} of them, e.g. {}); its view of who uses what is not trusted for {} s more",
+                waiting.len(),
+                waiting.first().map(String::as_str).unwrap_or(""),
+                left.as_secs() + 1
+            ),
+        )),
+    }
+}
+
 /// The chunks gc must keep although no manifest names them: those of templates deleted
-/// with --force that a live node still reports in use (an overlay's base, an export).
-/// Tombstones no live node uses any more are dropped.
+/// with --force that a node may still use (an overlay's base, an export). Tombstones
+/// that no node uses any more are dropped.
 pub(super) async fn chunks_in_use(
     state: &AppState,
 ) -> Result<std::collections::HashSet<Digest>, ApiError> {
+    settled(state, "gc")?;
     let live = state.nodes.live();
-    let in_use = |id: &str| {
-        live.iter().any(|n| {
-            n.replicas
-                .iter()
-                .any(|r| r.template == id && !r.users.is_empty())
-        })
-    };
+    let now = unix_now();
     let mut tombstones = tombstones(state).await?;
-    let before = tombstones.len();
-    tombstones.retain(|id, _| in_use(id));
-    if tombstones.len() != before {
+    let before = tombstones.clone();
+    tombstones.retain(|id, t| t.refresh(id, &live, now));
+    if tombstones != before {
         save_tombstones(state, &tombstones).await?;
     }
     let mut keep = std::collections::HashSet::new();
-    for (id, json) in &tombstones {
-        if let Ok(m) = lazyblk_cache::Manifest::parse(json.as_bytes(), Some(id)) {
+    for (id, t) in &tombstones {
+        if let Ok(m) = lazyblk_cache::Manifest::parse(t.manifest.as_bytes(), Some(id)) {
             keep.extend(m.referenced());
         }
     }
@@ -93,23 +173,32 @@ pub(super) struct ForceQuery {
 }
 
 /// Removes a template, refused while a live node reports a user of it (the error names
-/// the nodes and users) unless `?force=true`. A forced delete keeps the manifest as a
-/// tombstone, so gc spares its chunks while any live node still uses them.
+/// the nodes and users) unless `?force=true`, and while the store's membership has not
+/// settled after a restart. A forced delete keeps the manifest as a tombstone, so gc
+/// spares its chunks while any node that used it may still do.
 pub(super) async fn delete_template(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<ForceQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     checked_id(&id)?;
-    let users: Vec<String> = state
-        .nodes
-        .live()
+    settled(&state, &format!("deleting template {id}"))?;
+    let live = state.nodes.live();
+    let users: Vec<String> = live
         .iter()
         .flat_map(|n| {
             n.replicas
                 .iter()
                 .filter(|r| r.template == id && !r.users.is_empty())
-                .map(move |r| format!("node {} ({}): {}", n.id, n.url, r.users.join(", ")))
+                .map(move |r| {
+                    clean(&format!(
+                        "node {} ({}): {}",
+                        n.id,
+                        n.url,
+                        r.users.join(", ")
+                    ))
+                    .into_owned()
+                })
         })
         .collect();
     if !users.is_empty() && !query.force {
@@ -124,7 +213,12 @@ pub(super) async fn delete_template(
     if !users.is_empty() {
         if let Some(bytes) = state.backend.manifest_bytes(&id).await? {
             let mut tombstones = tombstones(&state).await?;
-            tombstones.insert(id.clone(), String::from_utf8_lossy(&bytes).into_owned());
+            let mut stone = Tombstone {
+                manifest: String::from_utf8_lossy(&bytes).into_owned(),
+                users: BTreeMap::new(),
+            };
+            stone.refresh(&id, &live, unix_now());
+            tombstones.insert(id.clone(), stone);
             save_tombstones(&state, &tombstones).await?;
         }
     }
@@ -133,43 +227,105 @@ pub(super) async fn delete_template(
     Ok(Json(serde_json::json!({ "deleted": id })))
 }
 
-/// `GET /v1/nodes`: the live nodes.
-pub(super) async fn list_nodes(
-    State(state): State<AppState>,
-) -> Json<Vec<crate::store::nodes::NodeEntry>> {
+/// `GET /v1/nodes`: the live nodes, with their reports.
+pub(super) async fn list_nodes(State(state): State<AppState>) -> Json<Vec<NodeEntry>> {
     Json(state.nodes.live())
 }
 
-/// `PUT /v1/nodes/{node}`: renews a node's lease; answers with the live nodes, so one
-/// request a heartbeat keeps every node's view of the fleet current.
+/// The proven sender of a signed lease request (see [`crate::identity`]), admitted by
+/// `--member-keys`.
+fn proven(
+    state: &AppState,
+    headers: &HeaderMap,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    node: &str,
+) -> Result<crate::identity::Proof, ApiError> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let proof =
+        crate::identity::verify(header, method, path, body, node, crate::identity::now_ms())
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!("lease of node {}: {e}", clean(node)),
+                )
+            })?;
+    state
+        .admission
+        .admits_key(&proof.public_hex(), &proof.id)
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e))?;
+    Ok(proof)
+}
+
+fn lease_refused(e: crate::store::nodes::LeaseError) -> ApiError {
+    let status = match e {
+        crate::store::nodes::LeaseError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+        crate::store::nodes::LeaseError::Replayed(_) => StatusCode::CONFLICT,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+/// `PUT /v1/nodes/{node}`: renews a node's lease, signed by the node's key; answers
+/// with the live nodes (ids, addresses, keys: not their reports) and what this node
+/// should keep READY.
 pub(super) async fn renew_node(
     State(state): State<AppState>,
     Path(node): Path<String>,
-    Json(beat): Json<crate::store::nodes::Heartbeat>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<crate::store::center::HeartbeatAnswer>, ApiError> {
-    let valid = !node.is_empty()
-        && node.len() <= 64
-        && node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    if !valid || !(beat.url.starts_with("http://") || beat.url.starts_with("https://")) {
+    let bytes = read_body(body, MAX_HEARTBEAT_BODY as u64, "a heartbeat").await?;
+    let proof = proven(&state, &headers, "PUT", uri.path(), &bytes, &node)?;
+    let mut beat: Heartbeat = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("bad heartbeat of node {node}: {e}")))?;
+    if let Some(why) = beat.over_bounds() {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("bad heartbeat: node id {node:?} (hex or alphanumerics) and an http(s) URL"),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("heartbeat of node {node} refused: {why}"),
         ));
     }
-    state.nodes.renew(&node, beat);
-    let nodes = state.nodes.live();
+    beat.url = checked_url(&beat.url).map_err(ApiError::bad_request)?;
+    state
+        .admission
+        .admits_url(&beat.url)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e))?;
+    state
+        .nodes
+        .renew(&node, proof.public_hex(), proof.at_ms, beat)
+        .map_err(lease_refused)?;
+    // A join is durable before it is answered: a restarted store then waits for it.
+    state.persist_members().await?;
+    // Placement needs ids and addresses only, not every node's report.
+    let nodes = state.nodes.members();
     let warm = state.center.wanted_on(&node, &nodes).await;
     Ok(Json(crate::store::center::HeartbeatAnswer { nodes, warm }))
 }
 
-/// `DELETE /v1/nodes/{node}`: a node that shuts down cleanly leaves at once, so its
-/// chunks move to the next owners without waiting for its lease to run out.
+/// `DELETE /v1/nodes/{node}`: a node that shuts down cleanly leaves at once (signed by
+/// its key), so its chunks move to the next owners without waiting for its lease.
 pub(super) async fn leave_node(
     State(state): State<AppState>,
     Path(node): Path<String>,
-) -> Json<serde_json::Value> {
-    let left = state.nodes.leave(&node);
-    Json(serde_json::json!({ "node": node, "left": left }))
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let bytes = read_body(body, MAX_HEARTBEAT_BODY as u64, "a leave").await?;
+    let proof = proven(&state, &headers, "DELETE", uri.path(), &bytes, &node)?;
+    let left = state
+        .nodes
+        .leave(&node, proof.at_ms)
+        .map_err(lease_refused)?;
+    state.persist_members().await?;
+    Ok(Json(serde_json::json!({ "node": node, "left": left })))
 }
 
 /// Body of `PUT /v1/wishes/{id}`: where the template should be READY.

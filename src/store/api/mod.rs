@@ -24,7 +24,7 @@ use axum::Router;
 use center::*;
 use chunks::*;
 use state::ApiError;
-pub use state::AppState;
+pub use state::{AppState, Tokens};
 use templates::*;
 
 /// The store's routes, with token checks and request counting on every one.

@@ -35,25 +35,31 @@ pub struct AppState {
     pub(super) center: Arc<crate::store::center::Center>,
     pub(super) metrics: Arc<StoreMetrics>,
     pub(super) tokens: Arc<Tokens>,
+    /// Who may be a member, at what address (`--member-keys`, `--member-networks`).
+    pub(super) admission: Arc<crate::store::admission::Admission>,
 }
 
 impl AppState {
     pub fn new(
         backend: Arc<Backend>,
         center: Arc<crate::store::center::Center>,
-        write_token: Option<String>,
-        read_token: Option<String>,
+        nodes: crate::store::nodes::Membership,
+        admission: crate::store::admission::Admission,
+        tokens: Tokens,
     ) -> AppState {
         AppState {
             backend,
             center,
-            nodes: Arc::default(),
+            nodes: Arc::new(nodes),
             metrics: Arc::new(StoreMetrics::new()),
-            tokens: Arc::new(Tokens {
-                write: write_token.filter(|t| !t.is_empty()),
-                read: read_token.filter(|t| !t.is_empty()),
-            }),
+            tokens: Arc::new(tokens),
+            admission: Arc::new(admission),
         }
+    }
+
+    /// Writes the member list when it changed (see [`crate::store::nodes::Membership::persist`]).
+    pub async fn persist_members(&self) -> Result<(), BackendError> {
+        self.nodes.persist(&self.backend).await
     }
 }
 
@@ -98,7 +104,10 @@ impl From<BackendError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        // A refusal for now (503: membership settling, members full) is not a fault.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::info!("{}", self.message);
+        } else if self.status.is_server_error() {
             tracing::error!("{}", self.message);
         }
         (
@@ -142,15 +151,60 @@ pub(super) fn json_bytes(bytes: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
 }
 
-/// The configured bearer tokens.
-pub(super) struct Tokens {
-    /// Needed for every request that is not GET or HEAD.
-    pub(super) write: Option<String>,
-    /// Needed (or the write token) for chunk reads.
-    pub(super) read: Option<String>,
+/// The configured bearer tokens: one right each.
+#[derive(Default)]
+pub struct Tokens {
+    /// Publishing: manifests, chunks, traces (every request that is not GET or HEAD
+    /// and has no right of its own below).
+    pub write: Option<String>,
+    /// Chunk reads (the write token also reads).
+    pub read: Option<String>,
+    /// Leases (`/v1/nodes/{id}`), besides the node's key; the write token when unset.
+    pub member: Option<String>,
+    /// Wishes, policy, deletes, gc and scrub; the write token when unset.
+    pub admin: Option<String>,
 }
 
 impl Tokens {
+    /// The tokens as configured; an empty one is none.
+    pub fn new(
+        write: Option<String>,
+        read: Option<String>,
+        member: Option<String>,
+        admin: Option<String>,
+    ) -> Tokens {
+        let set = |t: Option<String>| t.filter(|t| !t.is_empty());
+        Tokens {
+            write: set(write),
+            read: set(read),
+            member: set(member),
+            admin: set(admin),
+        }
+    }
+
+    /// The right a changing request of `method` on `path` needs: (its token, its name).
+    fn right<'s>(&'s self, method: &Method, path: &str) -> (Option<&'s String>, &'static str) {
+        let or_write = |t: &'s Option<String>| t.as_ref().or(self.write.as_ref());
+        if path.starts_with("/v1/nodes/") {
+            return (
+                or_write(&self.member),
+                "leases need the store's member token",
+            );
+        }
+        let admin = path.starts_with("/v1/wishes")
+            || path.starts_with("/v1/policy")
+            || path == "/v1/gc"
+            || path == "/v1/scrub"
+            || (method == Method::DELETE && path.starts_with("/v1/templates/"));
+        if admin {
+            return (
+                or_write(&self.admin),
+                "wishes, policy, deletes, gc and scrub need the store's admin token",
+            );
+        }
+        (self.write.as_ref(), "writes need the store's write token")
+    }
+
     pub(super) fn check(
         &self,
         method: &Method,
@@ -159,8 +213,12 @@ impl Tokens {
     ) -> Result<(), ApiError> {
         let matches = |t: &Option<String>| t.as_deref().is_some_and(|t| carries(headers, t));
         let reading = method == Method::GET || method == Method::HEAD;
-        if !reading && self.write.is_some() && !matches(&self.write) {
-            return Err(unauthorized("writes need the store's write token"));
+        if !reading {
+            if let (Some(token), what) = self.right(method, path) {
+                if !carries(headers, token) {
+                    return Err(unauthorized(what));
+                }
+            }
         }
         let chunk_read = reading && path.starts_with("/v1/chunks/");
         if chunk_read && self.read.is_some() && !matches(&self.read) && !matches(&self.write) {
@@ -184,10 +242,7 @@ mod tests {
 
     #[test]
     fn tokens_guard_writes_and_chunk_reads() {
-        let tokens = Tokens {
-            write: Some("w".into()),
-            read: Some("r".into()),
-        };
+        let tokens = Tokens::new(Some("w".into()), Some("r".into()), None, None);
         let auth = |t: &str| {
             let mut h = HeaderMap::new();
             h.insert(
@@ -212,5 +267,39 @@ mod tests {
             .check(&Method::HEAD, "/v1/chunks/x", &auth("w"))
             .is_ok());
         assert!(tokens.check(&Method::GET, "/v1/templates", &none).is_ok());
+        // Without tokens of their own, leases and admin routes take the write token.
+        assert!(tokens
+            .check(&Method::PUT, "/v1/nodes/a", &auth("w"))
+            .is_ok());
+        assert!(tokens.check(&Method::PUT, "/v1/nodes/a", &none).is_err());
+        assert!(tokens.check(&Method::POST, "/v1/gc", &auth("w")).is_ok());
+    }
+
+    #[test]
+    fn member_and_admin_rights_are_separate() {
+        let tokens = Tokens::new(Some("w".into()), None, Some("m".into()), Some("a".into()));
+        let auth = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+            h
+        };
+        let ok = |m: Method, p: &str, t: &str| tokens.check(&m, p, &auth(t)).is_ok();
+        assert!(ok(Method::PUT, "/v1/nodes/a", "m"));
+        assert!(!ok(Method::PUT, "/v1/nodes/a", "w"));
+        assert!(!ok(Method::PUT, "/v1/nodes/a", "a"));
+        assert!(ok(Method::DELETE, "/v1/templates/t", "a"));
+        assert!(!ok(Method::DELETE, "/v1/templates/t", "w"));
+        assert!(!ok(Method::DELETE, "/v1/templates/t", "m"));
+        assert!(ok(Method::PUT, "/v1/wishes/t", "a"));
+        assert!(!ok(Method::PUT, "/v1/wishes/t", "m"));
+        assert!(ok(Method::PUT, "/v1/policy/k", "a"));
+        assert!(ok(Method::POST, "/v1/gc", "a"));
+        assert!(!ok(Method::POST, "/v1/gc", "w"));
+        assert!(ok(Method::PUT, "/v1/templates/t/manifest", "w"));
+        assert!(!ok(Method::PUT, "/v1/templates/t/manifest", "a"));
+        assert!(!ok(Method::PUT, "/v1/chunks/x", "m"));
     }
 }
