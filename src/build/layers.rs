@@ -22,6 +22,8 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context};
 use sha2::{Digest as _, Sha256};
 
+use super::headers::{pax_records, HeaderGuard, Headers};
+use super::limits::{self, bytes, check_path, Limits, Refused};
 use super::oci::{Compression, Layer};
 
 /// Symlinks followed while resolving one path before it is called a loop (as Linux).
@@ -29,6 +31,14 @@ const MAX_SYMLINK_HOPS: usize = 40;
 /// Permission bits kept on a staged directory whatever the image says, so that later
 /// layers can write into it; the image's own bits are set by debugfs.
 const STAGED_DIR_BITS: u32 = 0o700;
+/// Extended attribute namespaces Linux has and ext4 stores; a name outside them could
+/// only be a mistake or an attempt to pass debugfs something else.
+const XATTR_NAMESPACES: [&str; 3] = ["user.", "trusted.", "security."];
+/// The `system.` attributes ext4 stores: POSIX ACLs (`system.data` is ext4's own inline
+/// data and must not come from an archive).
+const XATTR_SYSTEM_NAMES: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
+/// The longest extended attribute name Linux has (XATTR_NAME_MAX).
+const XATTR_NAME_MAX: usize = 255;
 
 /// What an entry is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,7 +70,8 @@ pub struct Entry {
     /// Permission bits, set-id and sticky bits included (no file type).
     pub mode: u32,
     pub mtime: u64,
-    /// Extended attributes from the layer's PAX headers (`SCHILY.xattr.*`).
+    /// Extended attributes from the layer's PAX headers (`SCHILY.xattr.*`), names in a
+    /// known namespace, values as bytes.
     pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
@@ -85,6 +96,12 @@ pub struct Tree {
     /// Paths the layer being applied made (its entries and the directories it left
     /// implicit): an opaque directory keeps these and drops the rest.
     created: HashSet<PathBuf>,
+    limits: Limits,
+    /// Bytes of the regular files in the tree now.
+    content: u64,
+    /// Bytes of names and attribute values read into the tree (never less: a bound on
+    /// memory, see [`limits::MAX_HELD_BYTES`]).
+    held: u64,
 }
 
 /// What one layer held.
@@ -95,7 +112,7 @@ pub struct LayerStats {
 }
 
 impl Tree {
-    pub fn new(root: &Path) -> anyhow::Result<Tree> {
+    pub fn new(root: &Path, limits: Limits) -> anyhow::Result<Tree> {
         fs::create_dir_all(root).with_context(|| format!("making {}", root.display()))?;
         let mut entries = BTreeMap::new();
         entries.insert(PathBuf::new(), implicit_dir());
@@ -104,6 +121,9 @@ impl Tree {
             root: root.to_path_buf(),
             entries,
             created: HashSet::new(),
+            limits,
+            content: 0,
+            held: 0,
         })
     }
 
@@ -151,16 +171,22 @@ impl Tree {
     }
 
     fn apply_tar(&mut self, reader: &mut dyn Read) -> anyhow::Result<LayerStats> {
-        let mut archive = tar::Archive::new(reader);
+        let (guard, headers) = HeaderGuard::new(reader, self.limits.header);
+        let mut archive = tar::Archive::new(guard);
         self.created.clear();
         let mut stats = LayerStats::default();
         for entry in archive.entries().context("reading a layer's tar")? {
             let mut entry = entry.context("reading a layer's tar")?;
-            let raw = entry.path().context("a layer entry's path")?.into_owned();
+            let pax = Pax::of(&headers)?;
+            let raw = match &pax.path {
+                Some(p) => p.clone(),
+                None => entry.path_bytes().into_owned(),
+            };
+            check_path(&raw, &self.limits)?;
             let rel = normalize(&raw)?;
             let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
                 // The root itself: only its metadata.
-                let meta = entry_meta(&mut entry, Kind::Dir)?;
+                let meta = entry_meta(&entry, Kind::Dir, &pax)?;
                 self.entries.insert(PathBuf::new(), meta);
                 continue;
             };
@@ -186,6 +212,8 @@ impl Tree {
             }
             stats.entries += 1;
             let rel = parent.join(&name);
+            // Symlinks on the way may have made it longer or deeper.
+            check_path(rel.as_os_str().as_bytes(), &self.limits)?;
             let full = self.root.join(&rel);
             let kind = match entry.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -208,7 +236,7 @@ impl Tree {
                     continue;
                 }
             };
-            let mut meta = entry_meta(&mut entry, kind.clone())?;
+            let mut meta = entry_meta(&entry, kind.clone(), &pax)?;
             // Whatever the lower layers had at this path goes, except a directory that
             // stays a directory (its contents merge).
             let existing = fs::symlink_metadata(&full).ok();
@@ -217,11 +245,12 @@ impl Tree {
                     self.remove(&rel)?;
                 }
             }
+            self.admit(&rel, &meta)?;
             match kind {
-                Kind::File { .. } => {
+                Kind::File { size } => {
                     let mut file = fs::File::create(&full)
                         .with_context(|| format!("creating {}", full.display()))?;
-                    io::copy(&mut entry, &mut file)
+                    io::copy(&mut (&mut entry).take(size), &mut file)
                         .with_context(|| format!("writing {}", full.display()))?;
                     set_mode(&full, meta.staged_mode())?;
                 }
@@ -233,19 +262,23 @@ impl Tree {
                     set_mode(&full, meta.staged_mode())?;
                 }
                 Kind::Symlink => {
-                    let target = entry
-                        .link_name()
-                        .context("a symlink's target")?
+                    let target = link_name(&entry, &pax)
                         .with_context(|| format!("symlink {} has no target", rel.display()))?;
-                    std::os::unix::fs::symlink(&target, &full)
+                    if target.len() >= limits::MAX_PATH {
+                        bail!(Refused {
+                            what: format!("the target of symlink {}", limits::shown(&target)),
+                            limit: format!("{} bytes (Linux's PATH_MAX)", limits::MAX_PATH - 1),
+                            flag: "",
+                        });
+                    }
+                    let target = std::ffi::OsStr::from_bytes(&target);
+                    std::os::unix::fs::symlink(target, &full)
                         .with_context(|| format!("creating symlink {}", full.display()))?;
                 }
                 Kind::HardLink => {
-                    let target = entry
-                        .link_name()
-                        .context("a hard link's target")?
-                        .with_context(|| format!("hard link {} has no target", rel.display()))?
-                        .into_owned();
+                    let target = link_name(&entry, &pax)
+                        .with_context(|| format!("hard link {} has no target", rel.display()))?;
+                    check_path(&target, &self.limits)?;
                     let target = normalize(&target)?;
                     let target_parent =
                         self.resolve_dir(target.parent().unwrap_or(Path::new("")))?;
@@ -280,9 +313,8 @@ impl Tree {
                             meta = of;
                         }
                         Kind::Char { .. } | Kind::Block { .. } | Kind::Fifo => {
-                            // debugfs makes a node of the same kind here.
-                            fs::File::create(&full)
-                                .with_context(|| format!("creating {}", full.display()))?;
+                            // A node of the same kind here (a second inode).
+                            make_special(&full, &of.kind)?;
                             set_mode(&full, of.staged_mode())?;
                             meta = of;
                         }
@@ -294,9 +326,7 @@ impl Tree {
                     }
                 }
                 Kind::Char { .. } | Kind::Block { .. } | Kind::Fifo => {
-                    // A placeholder; debugfs makes the node itself.
-                    fs::File::create(&full)
-                        .with_context(|| format!("creating {}", full.display()))?;
+                    make_special(&full, &meta.kind)?;
                     set_mode(&full, meta.staged_mode())?;
                 }
             }
@@ -370,7 +400,46 @@ impl Tree {
         Ok(out)
     }
 
+    /// Counts a new entry against the limits before it is made: entries, bytes of
+    /// files, bytes held in memory.
+    fn admit(&mut self, rel: &Path, meta: &Entry) -> anyhow::Result<()> {
+        if !self.entries.contains_key(rel) && self.entries.len() as u64 >= self.limits.entries {
+            bail!(Refused {
+                what: format!("the image's tree, at {}, ", rel.display()),
+                limit: format!("{} entries", self.limits.entries),
+                flag: "--max-entries",
+            });
+        }
+        if let Kind::File { size } = meta.kind {
+            let total = self.content.saturating_add(size);
+            if total > self.limits.content {
+                bail!(Refused {
+                    what: format!(
+                        "the image's files ({} and more, at {})",
+                        bytes(total),
+                        limits::shown(rel.as_os_str().as_bytes())
+                    ),
+                    limit: bytes(self.limits.content),
+                    flag: self.limits.content_flag,
+                });
+            }
+            self.content = total;
+        }
+        let attrs: usize = meta.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+        self.held += (rel.as_os_str().len() + attrs) as u64;
+        if self.held > limits::MAX_HELD_BYTES {
+            bail!(Refused {
+                what: "the names and attributes of the image's tree".to_string(),
+                limit: bytes(limits::MAX_HELD_BYTES),
+                flag: "",
+            });
+        }
+        Ok(())
+    }
+
     fn make_implicit_dir(&mut self, rel: &Path) -> anyhow::Result<()> {
+        check_path(rel.as_os_str().as_bytes(), &self.limits)?;
+        self.admit(rel, &implicit_dir())?;
         let full = self.root.join(rel);
         fs::create_dir(&full).with_context(|| format!("creating {}", full.display()))?;
         set_mode(&full, 0o755)?;
@@ -400,7 +469,13 @@ impl Tree {
             .map(|(p, _)| p.clone())
             .collect();
         for p in doomed {
-            self.entries.remove(&p);
+            if let Some(Entry {
+                kind: Kind::File { size },
+                ..
+            }) = self.entries.remove(&p)
+            {
+                self.content -= size.min(self.content);
+            }
         }
         Ok(())
     }
@@ -465,8 +540,16 @@ impl Tree {
     }
 }
 
-/// A layer path made relative, refusing any that would leave the root.
-fn normalize(raw: &Path) -> anyhow::Result<PathBuf> {
+/// A layer path made relative, refusing any that would leave the root, and names that
+/// hold a line break (debugfs lists directories one name a line).
+fn normalize(raw: &[u8]) -> anyhow::Result<PathBuf> {
+    if raw.iter().any(|&b| b == b'\n' || b == b'\r' || b == 0) {
+        bail!(
+            "layer entry {}: a name with a line break cannot be written into the image",
+            limits::shown(raw)
+        );
+    }
+    let raw = Path::new(std::ffi::OsStr::from_bytes(raw));
     let mut out = PathBuf::new();
     for c in raw.components() {
         match c {
@@ -482,32 +565,122 @@ fn normalize(raw: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>, kind: Kind) -> anyhow::Result<Entry> {
-    let header = entry.header();
-    let uid = header.uid().context("a layer entry's uid")?;
-    let gid = header.gid().context("a layer entry's gid")?;
-    let mode = header.mode().context("a layer entry's mode")? & 0o7777;
-    let mtime = header.mtime().unwrap_or(0);
-    let mut xattrs = Vec::new();
-    if let Some(pax) = entry
-        .pax_extensions()
-        .context("a layer entry's PAX header")?
-    {
-        for ext in pax {
-            let ext = ext.context("a layer entry's PAX header")?;
-            if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+/// What an entry's PAX records say that the tar crate does not give as bytes.
+#[derive(Default)]
+struct Pax {
+    path: Option<Vec<u8>>,
+    linkpath: Option<Vec<u8>>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+    mtime: Option<u64>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Pax {
+    fn of(headers: &Headers) -> anyhow::Result<Pax> {
+        let mut pax = Pax::default();
+        let Some(records) = headers.current_pax() else {
+            return Ok(pax);
+        };
+        let number = |v: &[u8]| -> Option<u64> {
+            // mtime may carry a fraction of a second.
+            let whole = v.split(|&b| b == b'.').next()?;
+            std::str::from_utf8(whole).ok()?.parse().ok()
+        };
+        let mut attrs = 0;
+        for (key, value) in pax_records(&records).context("a layer entry's PAX header")? {
+            match key {
+                b"path" => pax.path = Some(value.to_vec()),
+                b"linkpath" => pax.linkpath = Some(value.to_vec()),
+                b"uid" => pax.uid = number(value),
+                b"gid" => pax.gid = number(value),
+                b"mtime" => pax.mtime = number(value),
+                _ => {
+                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                        let name = xattr_name(name)?;
+                        attrs += name.len() + value.len();
+                        if attrs > limits::MAX_XATTR_BYTES {
+                            bail!(Refused {
+                                what: format!("extended attributes of {}", bytes(attrs as u64)),
+                                limit: format!(
+                                    "{} per file (what ext4 holds for an inode)",
+                                    bytes(limits::MAX_XATTR_BYTES as u64)
+                                ),
+                                flag: "",
+                            });
+                        }
+                        pax.xattrs.push((name, value.to_vec()));
+                    }
+                }
             }
         }
+        Ok(pax)
     }
+}
+
+/// An extended attribute name, refused unless it is in a namespace Linux and ext4 have.
+fn xattr_name(name: &[u8]) -> anyhow::Result<String> {
+    let shown = limits::shown(name);
+    let text = std::str::from_utf8(name)
+        .ok()
+        .filter(|n| !n.is_empty() && n.len() <= XATTR_NAME_MAX)
+        .filter(|n| !n.bytes().any(|b| b.is_ascii_control()))
+        .with_context(|| {
+            format!("the extended attribute name {shown} is not 1 to {XATTR_NAME_MAX} bytes of printable UTF-8")
+        })?;
+    let known = XATTR_NAMESPACES
+        .iter()
+        .any(|ns| text.len() > ns.len() && text.starts_with(ns))
+        || XATTR_SYSTEM_NAMES.contains(&text);
+    if !known {
+        bail!(
+            "the extended attribute {shown} is in no namespace ext4 stores (user., trusted., security., or system.posix_acl_access/default)"
+        );
+    }
+    Ok(text.to_string())
+}
+
+fn link_name<R: Read>(entry: &tar::Entry<'_, R>, pax: &Pax) -> Option<Vec<u8>> {
+    match &pax.linkpath {
+        Some(l) => Some(l.clone()),
+        None => entry.link_name_bytes().map(|l| l.into_owned()),
+    }
+}
+
+fn entry_meta<R: Read>(entry: &tar::Entry<'_, R>, kind: Kind, pax: &Pax) -> anyhow::Result<Entry> {
+    let header = entry.header();
+    let uid = match pax.uid {
+        Some(uid) => uid,
+        None => header.uid().context("a layer entry's uid")?,
+    };
+    let gid = match pax.gid {
+        Some(gid) => gid,
+        None => header.gid().context("a layer entry's gid")?,
+    };
+    let mode = header.mode().context("a layer entry's mode")? & 0o7777;
+    let mtime = pax.mtime.unwrap_or_else(|| header.mtime().unwrap_or(0));
     Ok(Entry {
         kind,
         uid,
         gid,
         mode,
         mtime,
-        xattrs,
+        xattrs: pax.xattrs.clone(),
     })
+}
+
+/// A device node or fifo in the staging directory: a fifo as itself (mkfs.ext4 -d copies
+/// it), a device as an empty file that debugfs turns into the node (making one needs
+/// root).
+fn make_special(full: &Path, kind: &Kind) -> anyhow::Result<()> {
+    if *kind == Kind::Fifo {
+        nix::unistd::mkfifo(full, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("making the fifo {}", full.display()))
+    } else {
+        fs::File::create(full)
+            .map(drop)
+            .with_context(|| format!("creating {}", full.display()))
+    }
 }
 
 fn implicit_dir() -> Entry {
