@@ -287,7 +287,10 @@ fn binary_attribute_values_with_line_breaks_are_kept() {
     );
     let note = debugfs(&img, "ea_get /bin/signed user.note");
     // debugfs shows the line break escaped.
-    assert!(note.contains(r#""line one\nline two""#), "user.note: {note}");
+    assert!(
+        note.contains(r#""line one\nline two""#),
+        "user.note: {note}"
+    );
 }
 
 /// Finding 11: GNU long names and PAX records are not held whole: one over the header
@@ -359,6 +362,13 @@ fn content_and_entry_limits_refuse_bombs() {
     let dir = image(tmp.path(), "many", &[many]);
     let b = build(&store, &dir, "many", &work, &["--max-entries", "100"]);
     refused(&b, "200 entries", &["--max-entries", "100"]);
+    // mkfs.ext4 -d is quadratic in the entries of one directory (finding 12).
+    let b = build(&store, &dir, "many", &work, &["--max-dir-entries", "150"]);
+    refused(
+        &b,
+        "200 entries in one directory",
+        &["--max-dir-entries", "150"],
+    );
     no_templates(&store);
 }
 

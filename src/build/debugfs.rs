@@ -10,7 +10,7 @@
 //! one directory never ended. The numbers come from listing the image's directories
 //! level by level (`ls -p <ino>`), one debugfs run per level, each directory read once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -138,12 +138,12 @@ fn script(
         commands += 1;
     };
     // A hard link's inode once.
-    let mut done: BTreeMap<u64, ()> = BTreeMap::new();
+    let mut done: HashSet<u64> = HashSet::new();
     for (rel, entry) in &tree.entries {
         let Some(&ino) = inodes.get(rel) else {
             bail!("{}: no inode found in the image", rel.display());
         };
-        if done.insert(ino, ()).is_some() {
+        if !done.insert(ino) {
             continue;
         }
         let at = format!("<{ino}>");
@@ -286,11 +286,13 @@ async fn run(image: &Path, script: &Path, write: bool) -> anyhow::Result<Vec<u8>
         .filter(|l| !l.trim().is_empty() && !l.starts_with("debugfs "))
         .map(str::to_string)
         .collect();
+    // A read-only run lists directories: `/INODE/MODE/UID/GID/NAME/SIZE/` lines.
+    let listed = |l: &[u8]| !write && l.starts_with(b"/");
     complaints.extend(
         output
             .stdout
             .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty() && !l.starts_with(ECHO) && !(!write && l.starts_with(b"/")))
+            .filter(|l| !l.is_empty() && !l.starts_with(ECHO) && !listed(l))
             .map(|l| String::from_utf8_lossy(l).into_owned()),
     );
     if !output.status.success() || !complaints.is_empty() {

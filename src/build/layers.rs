@@ -11,7 +11,7 @@
 //! symlinks met on the way to an entry are resolved inside the image's root, never on
 //! the host.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read};
@@ -99,6 +99,8 @@ pub struct Tree {
     limits: Limits,
     /// Bytes of the regular files in the tree now.
     content: u64,
+    /// Entries in each directory of the tree now (see `--max-dir-entries`).
+    children: HashMap<PathBuf, u64>,
     /// Bytes of names and attribute values read into the tree (never less: a bound on
     /// memory, see [`limits::MAX_HELD_BYTES`]).
     held: u64,
@@ -123,6 +125,7 @@ impl Tree {
             created: HashSet::new(),
             limits,
             content: 0,
+            children: HashMap::new(),
             held: 0,
         })
     }
@@ -403,12 +406,28 @@ impl Tree {
     /// Counts a new entry against the limits before it is made: entries, bytes of
     /// files, bytes held in memory.
     fn admit(&mut self, rel: &Path, meta: &Entry) -> anyhow::Result<()> {
-        if !self.entries.contains_key(rel) && self.entries.len() as u64 >= self.limits.entries {
-            bail!(Refused {
-                what: format!("the image's tree, at {}, ", rel.display()),
-                limit: format!("{} entries", self.limits.entries),
-                flag: "--max-entries",
-            });
+        if !self.entries.contains_key(rel) {
+            if self.entries.len() as u64 >= self.limits.entries {
+                bail!(Refused {
+                    what: format!("the image's tree, at {}, ", rel.display()),
+                    limit: format!("{} entries", self.limits.entries),
+                    flag: "--max-entries",
+                });
+            }
+            let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+            let children = self.children.entry(parent).or_default();
+            if *children >= self.limits.dir_entries {
+                bail!(Refused {
+                    what: format!(
+                        "the directory {}, at {},",
+                        limits::shown(rel.parent().unwrap_or(Path::new("")).as_os_str().as_bytes()),
+                        limits::shown(rel.as_os_str().as_bytes())
+                    ),
+                    limit: format!("{} entries", self.limits.dir_entries),
+                    flag: "--max-dir-entries",
+                });
+            }
+            *children += 1;
         }
         if let Kind::File { size } = meta.kind {
             let total = self.content.saturating_add(size);
@@ -469,6 +488,10 @@ impl Tree {
             .map(|(p, _)| p.clone())
             .collect();
         for p in doomed {
+            self.children.remove(&p);
+            if let Some(count) = p.parent().and_then(|d| self.children.get_mut(d)) {
+                *count = count.saturating_sub(1);
+            }
             if let Some(Entry {
                 kind: Kind::File { size },
                 ..

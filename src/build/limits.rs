@@ -27,6 +27,8 @@ pub struct Limits {
     pub header: u64,
     /// Entries in the merged tree (`--max-entries`).
     pub entries: u64,
+    /// Entries in one directory (`--max-dir-entries`).
+    pub dir_entries: u64,
     /// Directories above an entry (`--max-depth`).
     pub depth: usize,
     /// Bytes of the merged tree's files, and which flag set it.
@@ -44,6 +46,7 @@ impl Limits {
         Limits {
             header: args.max_header,
             entries: args.max_entries,
+            dir_entries: args.max_dir_entries,
             depth: usize::from(args.max_depth),
             content,
             content_flag,
@@ -133,6 +136,7 @@ mod tests {
         Limits {
             header: 1 << 20,
             entries: 10,
+            dir_entries: 10,
             depth: 3,
             content: 1 << 20,
             content_flag: "--max-content",
