@@ -332,3 +332,44 @@ async fn set_entry_types(image: &Path) -> anyhow::Result<()> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A usage line on stdout (where debugfs prints it, exiting 0) fails the run.
+    #[tokio::test]
+    async fn a_usage_line_on_stdout_is_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("img");
+        let made = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096"])
+            .arg(&image)
+            .arg("8M")
+            .output()
+            .unwrap();
+        assert!(made.status.success());
+        let script = dir.path().join("s");
+        std::fs::write(&script, "sif <2> uid 7\n").unwrap();
+        run(&image, &script, true).await.unwrap();
+        std::fs::write(&script, "ea_set <2>\n").unwrap();
+        let err = run(&image, &script, true).await.unwrap_err().to_string();
+        assert!(err.contains("Usage"), "{err}");
+    }
+
+    #[test]
+    fn listings_and_device_numbers_parse() {
+        assert_eq!(
+            parse_listing(b"/14/100644/0/0/a b\"c/3/"),
+            Some((14, &b"a b\"c"[..]))
+        );
+        assert_eq!(parse_listing(b"/12/040755/0/0/d//"), Some((12, &b"d"[..])));
+        assert_eq!(parse_listing(b"debugfs: ls -p <2>"), None);
+        assert_eq!(listed_dir(b"ls -p <12>"), Some(12));
+        assert_eq!(device_words(1, 3), (0x103, 0));
+        assert_eq!(
+            device_words(259, 70000),
+            (0, (70000 & 0xff) | (259 << 8) | ((70000 & !0xff) << 12))
+        );
+    }
+}

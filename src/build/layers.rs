@@ -226,12 +226,12 @@ impl Tree {
                 tar::EntryType::Symlink => Kind::Symlink,
                 tar::EntryType::Link => Kind::HardLink,
                 tar::EntryType::Char => Kind::Char {
-                    major: device(entry.header().device_major())?,
-                    minor: device(entry.header().device_minor())?,
+                    major: device(entry.header().device_major(), MAJOR_LIMIT)?,
+                    minor: device(entry.header().device_minor(), MINOR_LIMIT)?,
                 },
                 tar::EntryType::Block => Kind::Block {
-                    major: device(entry.header().device_major())?,
-                    minor: device(entry.header().device_minor())?,
+                    major: device(entry.header().device_major(), MAJOR_LIMIT)?,
+                    minor: device(entry.header().device_minor(), MINOR_LIMIT)?,
                 },
                 tar::EntryType::Fifo => Kind::Fifo,
                 other => {
@@ -717,8 +717,16 @@ fn implicit_dir() -> Entry {
     }
 }
 
-fn device(n: io::Result<Option<u32>>) -> anyhow::Result<u32> {
-    Ok(n.context("a device entry's number")?.unwrap_or(0))
+/// Linux's device numbers: a 12-bit major and a 20-bit minor; ext4 stores no more.
+const MAJOR_LIMIT: u32 = 1 << 12;
+const MINOR_LIMIT: u32 = 1 << 20;
+
+fn device(n: io::Result<Option<u32>>, limit: u32) -> anyhow::Result<u32> {
+    let n = n.context("a device entry's number")?.unwrap_or(0);
+    if n >= limit {
+        bail!("a device number part of {n}: Linux's stop below {limit}");
+    }
+    Ok(n)
 }
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
