@@ -22,23 +22,16 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context};
 use sha2::{Digest as _, Sha256};
 
-use super::headers::{pax_records, HeaderGuard, Headers};
+use super::headers::HeaderGuard;
 use super::limits::{self, bytes, check_path, Limits, Refused};
 use super::oci::{Compression, Layer};
+use super::pax::Pax;
 
 /// Symlinks followed while resolving one path before it is called a loop (as Linux).
 const MAX_SYMLINK_HOPS: usize = 40;
 /// Permission bits kept on a staged directory whatever the image says, so that later
 /// layers can write into it; the image's own bits are set by debugfs.
 const STAGED_DIR_BITS: u32 = 0o700;
-/// Extended attribute namespaces Linux has and ext4 stores; a name outside them could
-/// only be a mistake or an attempt to pass debugfs something else.
-const XATTR_NAMESPACES: [&str; 3] = ["user.", "trusted.", "security."];
-/// The `system.` attributes ext4 stores: POSIX ACLs (`system.data` is ext4's own inline
-/// data and must not come from an archive).
-const XATTR_SYSTEM_NAMES: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
-/// The longest extended attribute name Linux has (XATTR_NAME_MAX).
-const XATTR_NAME_MAX: usize = 255;
 
 /// What an entry is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -586,81 +579,6 @@ fn normalize(raw: &[u8]) -> anyhow::Result<PathBuf> {
         }
     }
     Ok(out)
-}
-
-/// What an entry's PAX records say that the tar crate does not give as bytes.
-#[derive(Default)]
-struct Pax {
-    path: Option<Vec<u8>>,
-    linkpath: Option<Vec<u8>>,
-    uid: Option<u64>,
-    gid: Option<u64>,
-    mtime: Option<u64>,
-    xattrs: Vec<(String, Vec<u8>)>,
-}
-
-impl Pax {
-    fn of(headers: &Headers) -> anyhow::Result<Pax> {
-        let mut pax = Pax::default();
-        let Some(records) = headers.current_pax() else {
-            return Ok(pax);
-        };
-        let number = |v: &[u8]| -> Option<u64> {
-            // mtime may carry a fraction of a second.
-            let whole = v.split(|&b| b == b'.').next()?;
-            std::str::from_utf8(whole).ok()?.parse().ok()
-        };
-        let mut attrs = 0;
-        for (key, value) in pax_records(&records).context("a layer entry's PAX header")? {
-            match key {
-                b"path" => pax.path = Some(value.to_vec()),
-                b"linkpath" => pax.linkpath = Some(value.to_vec()),
-                b"uid" => pax.uid = number(value),
-                b"gid" => pax.gid = number(value),
-                b"mtime" => pax.mtime = number(value),
-                _ => {
-                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                        let name = xattr_name(name)?;
-                        attrs += name.len() + value.len();
-                        if attrs > limits::MAX_XATTR_BYTES {
-                            bail!(Refused {
-                                what: format!("extended attributes of {}", bytes(attrs as u64)),
-                                limit: format!(
-                                    "{} per file (what ext4 holds for an inode)",
-                                    bytes(limits::MAX_XATTR_BYTES as u64)
-                                ),
-                                flag: "",
-                            });
-                        }
-                        pax.xattrs.push((name, value.to_vec()));
-                    }
-                }
-            }
-        }
-        Ok(pax)
-    }
-}
-
-/// An extended attribute name, refused unless it is in a namespace Linux and ext4 have.
-fn xattr_name(name: &[u8]) -> anyhow::Result<String> {
-    let shown = limits::shown(name);
-    let text = std::str::from_utf8(name)
-        .ok()
-        .filter(|n| !n.is_empty() && n.len() <= XATTR_NAME_MAX)
-        .filter(|n| !n.bytes().any(|b| b.is_ascii_control()))
-        .with_context(|| {
-            format!("the extended attribute name {shown} is not 1 to {XATTR_NAME_MAX} bytes of printable UTF-8")
-        })?;
-    let known = XATTR_NAMESPACES
-        .iter()
-        .any(|ns| text.len() > ns.len() && text.starts_with(ns))
-        || XATTR_SYSTEM_NAMES.contains(&text);
-    if !known {
-        bail!(
-            "the extended attribute {shown} is in no namespace ext4 stores (user., trusted., security., or system.posix_acl_access/default)"
-        );
-    }
-    Ok(text.to_string())
 }
 
 fn link_name<R: Read>(entry: &tar::Entry<'_, R>, pax: &Pax) -> Option<Vec<u8>> {

@@ -10,6 +10,7 @@
 //! - [`debugfs`]: the metadata an unprivileged staging directory cannot hold.
 //! - [`limits`]: what an archive may hold (headers, names, depth, entries, bytes).
 //! - [`headers`]: a tar stream's extension headers bounded before they are read.
+//! - [`pax`]: an entry's PAX records (path, owner, extended attributes) as bytes.
 //!
 //! A build that fails removes its work directory, whatever step failed.
 
@@ -18,6 +19,7 @@ mod headers;
 mod layers;
 mod limits;
 mod oci;
+mod pax;
 
 use std::collections::BTreeMap;
 use std::io::Read;
