@@ -269,6 +269,27 @@ mod tests {
         assert!(err.contains("PAX header"), "{err}");
     }
 
+    /// A PAX `size` (how files over 8 GiB are written, the header's field 0) moves the
+    /// next header as it moves the crate's: a long name after it is still seen.
+    #[test]
+    fn a_pax_size_moves_the_next_header() {
+        let tar = archive(|b| {
+            b.append_pax_extensions([("size", &b"1000"[..])]).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_path("big").unwrap();
+            h.set_size(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            b.append(&h, &[9u8; 1000][..]).unwrap();
+            file(b, &"a".repeat(5000), b"after");
+        });
+        let entries = read(&tar, 8192).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[1].0.len(), 5000);
+        let err = read(&tar, 4096).unwrap_err().to_string();
+        assert!(err.contains("GNU long name of 5001 bytes"), "{err}");
+    }
+
     #[test]
     fn each_entry_gets_its_own_pax_records_with_binary_values() {
         let value = [1u8, b'\n', 0, 255, b'\n'];
