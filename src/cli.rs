@@ -382,9 +382,34 @@ pub struct BuildArgs {
     /// A label KEY=VALUE for the manifest (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
-    /// Where the image is made before it is published (removed after).
+    /// Where the image is made before it is published (removed after, whether the build
+    /// succeeds or fails).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     pub work_dir: PathBuf,
+    /// --from-oci: refuse an archive entry whose GNU long name, long link or PAX records
+    /// pass this size (they are read into memory whole; real ones are a few KiB).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub max_header: u64,
+    /// --from-oci: refuse an image whose merged tree has more entries than this (each is
+    /// held in memory until the image is made; distributions have a few hundred
+    /// thousand).
+    #[arg(long, default_value_t = 2_000_000)]
+    pub max_entries: u64,
+    /// --from-oci: refuse an image with more entries than this in one directory
+    /// (mkfs.ext4 -d scans a directory to add each name to it: 20,000 names in one
+    /// directory take it 18 s here, 100,000 eight minutes).
+    #[arg(long, default_value_t = 50_000)]
+    pub max_dir_entries: u64,
+    /// --from-oci: refuse a path more directories deep than this; at most 1000
+    /// (mkfs.ext4 1.47.0 aborts with heap corruption on a tree 1,024 deep, and builds one
+    /// 1,000 deep).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_depth: u16,
+    /// --from-oci: refuse an image whose files hold more than this (e.g. 50G: the
+    /// largest template lazyblk is made for), and never more than --size; a small
+    /// compressed layer can unpack to any size.
+    #[arg(long, default_value = "50G", value_parser = parse_size)]
+    pub max_content: u64,
     /// Bearer token for writes to the store.
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
     pub write_token: Option<String>,

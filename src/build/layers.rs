@@ -11,7 +11,7 @@
 //! symlinks met on the way to an entry are resolved inside the image's root, never on
 //! the host.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read};
@@ -22,7 +22,10 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context};
 use sha2::{Digest as _, Sha256};
 
+use super::headers::HeaderGuard;
+use super::limits::{self, bytes, check_path, Limits, Refused};
 use super::oci::{Compression, Layer};
+use super::pax::Pax;
 
 /// Symlinks followed while resolving one path before it is called a loop (as Linux).
 const MAX_SYMLINK_HOPS: usize = 40;
@@ -60,7 +63,8 @@ pub struct Entry {
     /// Permission bits, set-id and sticky bits included (no file type).
     pub mode: u32,
     pub mtime: u64,
-    /// Extended attributes from the layer's PAX headers (`SCHILY.xattr.*`).
+    /// Extended attributes from the layer's PAX headers (`SCHILY.xattr.*`), names in a
+    /// known namespace, values as bytes.
     pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
@@ -85,6 +89,14 @@ pub struct Tree {
     /// Paths the layer being applied made (its entries and the directories it left
     /// implicit): an opaque directory keeps these and drops the rest.
     created: HashSet<PathBuf>,
+    limits: Limits,
+    /// Bytes of the regular files in the tree now.
+    content: u64,
+    /// Entries in each directory of the tree now (see `--max-dir-entries`).
+    children: HashMap<PathBuf, u64>,
+    /// Bytes of names and attribute values read into the tree (never less: a bound on
+    /// memory, see [`limits::MAX_HELD_BYTES`]).
+    held: u64,
 }
 
 /// What one layer held.
@@ -95,7 +107,7 @@ pub struct LayerStats {
 }
 
 impl Tree {
-    pub fn new(root: &Path) -> anyhow::Result<Tree> {
+    pub fn new(root: &Path, limits: Limits) -> anyhow::Result<Tree> {
         fs::create_dir_all(root).with_context(|| format!("making {}", root.display()))?;
         let mut entries = BTreeMap::new();
         entries.insert(PathBuf::new(), implicit_dir());
@@ -104,6 +116,10 @@ impl Tree {
             root: root.to_path_buf(),
             entries,
             created: HashSet::new(),
+            limits,
+            content: 0,
+            children: HashMap::new(),
+            held: 0,
         })
     }
 
@@ -151,16 +167,22 @@ impl Tree {
     }
 
     fn apply_tar(&mut self, reader: &mut dyn Read) -> anyhow::Result<LayerStats> {
-        let mut archive = tar::Archive::new(reader);
+        let (guard, headers) = HeaderGuard::new(reader, self.limits.header);
+        let mut archive = tar::Archive::new(guard);
         self.created.clear();
         let mut stats = LayerStats::default();
         for entry in archive.entries().context("reading a layer's tar")? {
             let mut entry = entry.context("reading a layer's tar")?;
-            let raw = entry.path().context("a layer entry's path")?.into_owned();
+            let pax = Pax::of(&headers)?;
+            let raw = match &pax.path {
+                Some(p) => p.clone(),
+                None => entry.path_bytes().into_owned(),
+            };
+            check_path(&raw, &self.limits)?;
             let rel = normalize(&raw)?;
             let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
                 // The root itself: only its metadata.
-                let meta = entry_meta(&mut entry, Kind::Dir)?;
+                let meta = entry_meta(&entry, Kind::Dir, &pax)?;
                 self.entries.insert(PathBuf::new(), meta);
                 continue;
             };
@@ -186,6 +208,8 @@ impl Tree {
             }
             stats.entries += 1;
             let rel = parent.join(&name);
+            // Symlinks on the way may have made it longer or deeper.
+            check_path(rel.as_os_str().as_bytes(), &self.limits)?;
             let full = self.root.join(&rel);
             let kind = match entry.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -195,12 +219,12 @@ impl Tree {
                 tar::EntryType::Symlink => Kind::Symlink,
                 tar::EntryType::Link => Kind::HardLink,
                 tar::EntryType::Char => Kind::Char {
-                    major: device(entry.header().device_major())?,
-                    minor: device(entry.header().device_minor())?,
+                    major: device(entry.header().device_major(), MAJOR_LIMIT)?,
+                    minor: device(entry.header().device_minor(), MINOR_LIMIT)?,
                 },
                 tar::EntryType::Block => Kind::Block {
-                    major: device(entry.header().device_major())?,
-                    minor: device(entry.header().device_minor())?,
+                    major: device(entry.header().device_major(), MAJOR_LIMIT)?,
+                    minor: device(entry.header().device_minor(), MINOR_LIMIT)?,
                 },
                 tar::EntryType::Fifo => Kind::Fifo,
                 other => {
@@ -208,7 +232,7 @@ impl Tree {
                     continue;
                 }
             };
-            let mut meta = entry_meta(&mut entry, kind.clone())?;
+            let mut meta = entry_meta(&entry, kind.clone(), &pax)?;
             // Whatever the lower layers had at this path goes, except a directory that
             // stays a directory (its contents merge).
             let existing = fs::symlink_metadata(&full).ok();
@@ -217,11 +241,12 @@ impl Tree {
                     self.remove(&rel)?;
                 }
             }
+            self.admit(&rel, &meta)?;
             match kind {
-                Kind::File { .. } => {
+                Kind::File { size } => {
                     let mut file = fs::File::create(&full)
                         .with_context(|| format!("creating {}", full.display()))?;
-                    io::copy(&mut entry, &mut file)
+                    io::copy(&mut (&mut entry).take(size), &mut file)
                         .with_context(|| format!("writing {}", full.display()))?;
                     set_mode(&full, meta.staged_mode())?;
                 }
@@ -233,19 +258,23 @@ impl Tree {
                     set_mode(&full, meta.staged_mode())?;
                 }
                 Kind::Symlink => {
-                    let target = entry
-                        .link_name()
-                        .context("a symlink's target")?
+                    let target = link_name(&entry, &pax)
                         .with_context(|| format!("symlink {} has no target", rel.display()))?;
-                    std::os::unix::fs::symlink(&target, &full)
+                    if target.len() >= limits::MAX_PATH {
+                        bail!(Refused {
+                            what: format!("the target of symlink {}", limits::shown(&target)),
+                            limit: format!("{} bytes (Linux's PATH_MAX)", limits::MAX_PATH - 1),
+                            flag: "",
+                        });
+                    }
+                    let target = std::ffi::OsStr::from_bytes(&target);
+                    std::os::unix::fs::symlink(target, &full)
                         .with_context(|| format!("creating symlink {}", full.display()))?;
                 }
                 Kind::HardLink => {
-                    let target = entry
-                        .link_name()
-                        .context("a hard link's target")?
-                        .with_context(|| format!("hard link {} has no target", rel.display()))?
-                        .into_owned();
+                    let target = link_name(&entry, &pax)
+                        .with_context(|| format!("hard link {} has no target", rel.display()))?;
+                    check_path(&target, &self.limits)?;
                     let target = normalize(&target)?;
                     let target_parent =
                         self.resolve_dir(target.parent().unwrap_or(Path::new("")))?;
@@ -280,9 +309,8 @@ impl Tree {
                             meta = of;
                         }
                         Kind::Char { .. } | Kind::Block { .. } | Kind::Fifo => {
-                            // debugfs makes a node of the same kind here.
-                            fs::File::create(&full)
-                                .with_context(|| format!("creating {}", full.display()))?;
+                            // A node of the same kind here (a second inode).
+                            make_special(&full, &of.kind)?;
                             set_mode(&full, of.staged_mode())?;
                             meta = of;
                         }
@@ -294,9 +322,7 @@ impl Tree {
                     }
                 }
                 Kind::Char { .. } | Kind::Block { .. } | Kind::Fifo => {
-                    // A placeholder; debugfs makes the node itself.
-                    fs::File::create(&full)
-                        .with_context(|| format!("creating {}", full.display()))?;
+                    make_special(&full, &meta.kind)?;
                     set_mode(&full, meta.staged_mode())?;
                 }
             }
@@ -370,7 +396,62 @@ impl Tree {
         Ok(out)
     }
 
+    /// Counts a new entry against the limits before it is made: entries, bytes of
+    /// files, bytes held in memory.
+    fn admit(&mut self, rel: &Path, meta: &Entry) -> anyhow::Result<()> {
+        if !self.entries.contains_key(rel) {
+            if self.entries.len() as u64 >= self.limits.entries {
+                bail!(Refused {
+                    what: format!("the image's tree, at {}, ", rel.display()),
+                    limit: format!("{} entries", self.limits.entries),
+                    flag: "--max-entries",
+                });
+            }
+            let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+            let children = self.children.entry(parent).or_default();
+            if *children >= self.limits.dir_entries {
+                bail!(Refused {
+                    what: format!(
+                        "the directory {}, at {},",
+                        limits::shown(rel.parent().unwrap_or(Path::new("")).as_os_str().as_bytes()),
+                        limits::shown(rel.as_os_str().as_bytes())
+                    ),
+                    limit: format!("{} entries", self.limits.dir_entries),
+                    flag: "--max-dir-entries",
+                });
+            }
+            *children += 1;
+        }
+        if let Kind::File { size } = meta.kind {
+            let total = self.content.saturating_add(size);
+            if total > self.limits.content {
+                bail!(Refused {
+                    what: format!(
+                        "the image's files ({} and more, at {})",
+                        bytes(total),
+                        limits::shown(rel.as_os_str().as_bytes())
+                    ),
+                    limit: bytes(self.limits.content),
+                    flag: self.limits.content_flag,
+                });
+            }
+            self.content = total;
+        }
+        let attrs: usize = meta.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+        self.held += (rel.as_os_str().len() + attrs) as u64;
+        if self.held > limits::MAX_HELD_BYTES {
+            bail!(Refused {
+                what: "the names and attributes of the image's tree".to_string(),
+                limit: bytes(limits::MAX_HELD_BYTES),
+                flag: "",
+            });
+        }
+        Ok(())
+    }
+
     fn make_implicit_dir(&mut self, rel: &Path) -> anyhow::Result<()> {
+        check_path(rel.as_os_str().as_bytes(), &self.limits)?;
+        self.admit(rel, &implicit_dir())?;
         let full = self.root.join(rel);
         fs::create_dir(&full).with_context(|| format!("creating {}", full.display()))?;
         set_mode(&full, 0o755)?;
@@ -400,7 +481,17 @@ impl Tree {
             .map(|(p, _)| p.clone())
             .collect();
         for p in doomed {
-            self.entries.remove(&p);
+            self.children.remove(&p);
+            if let Some(count) = p.parent().and_then(|d| self.children.get_mut(d)) {
+                *count = count.saturating_sub(1);
+            }
+            if let Some(Entry {
+                kind: Kind::File { size },
+                ..
+            }) = self.entries.remove(&p)
+            {
+                self.content -= size.min(self.content);
+            }
         }
         Ok(())
     }
@@ -465,8 +556,16 @@ impl Tree {
     }
 }
 
-/// A layer path made relative, refusing any that would leave the root.
-fn normalize(raw: &Path) -> anyhow::Result<PathBuf> {
+/// A layer path made relative, refusing any that would leave the root, and names that
+/// hold a line break (debugfs lists directories one name a line).
+fn normalize(raw: &[u8]) -> anyhow::Result<PathBuf> {
+    if raw.iter().any(|&b| b == b'\n' || b == b'\r' || b == 0) {
+        bail!(
+            "layer entry {}: a name with a line break cannot be written into the image",
+            limits::shown(raw)
+        );
+    }
+    let raw = Path::new(std::ffi::OsStr::from_bytes(raw));
     let mut out = PathBuf::new();
     for c in raw.components() {
         match c {
@@ -482,32 +581,47 @@ fn normalize(raw: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>, kind: Kind) -> anyhow::Result<Entry> {
-    let header = entry.header();
-    let uid = header.uid().context("a layer entry's uid")?;
-    let gid = header.gid().context("a layer entry's gid")?;
-    let mode = header.mode().context("a layer entry's mode")? & 0o7777;
-    let mtime = header.mtime().unwrap_or(0);
-    let mut xattrs = Vec::new();
-    if let Some(pax) = entry
-        .pax_extensions()
-        .context("a layer entry's PAX header")?
-    {
-        for ext in pax {
-            let ext = ext.context("a layer entry's PAX header")?;
-            if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
-            }
-        }
+fn link_name<R: Read>(entry: &tar::Entry<'_, R>, pax: &Pax) -> Option<Vec<u8>> {
+    match &pax.linkpath {
+        Some(l) => Some(l.clone()),
+        None => entry.link_name_bytes().map(|l| l.into_owned()),
     }
+}
+
+fn entry_meta<R: Read>(entry: &tar::Entry<'_, R>, kind: Kind, pax: &Pax) -> anyhow::Result<Entry> {
+    let header = entry.header();
+    let uid = match pax.uid {
+        Some(uid) => uid,
+        None => header.uid().context("a layer entry's uid")?,
+    };
+    let gid = match pax.gid {
+        Some(gid) => gid,
+        None => header.gid().context("a layer entry's gid")?,
+    };
+    let mode = header.mode().context("a layer entry's mode")? & 0o7777;
+    let mtime = pax.mtime.unwrap_or_else(|| header.mtime().unwrap_or(0));
     Ok(Entry {
         kind,
         uid,
         gid,
         mode,
         mtime,
-        xattrs,
+        xattrs: pax.xattrs.clone(),
     })
+}
+
+/// A device node or fifo in the staging directory: a fifo as itself (mkfs.ext4 -d copies
+/// it), a device as an empty file that debugfs turns into the node (making one needs
+/// root).
+fn make_special(full: &Path, kind: &Kind) -> anyhow::Result<()> {
+    if *kind == Kind::Fifo {
+        nix::unistd::mkfifo(full, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("making the fifo {}", full.display()))
+    } else {
+        fs::File::create(full)
+            .map(drop)
+            .with_context(|| format!("creating {}", full.display()))
+    }
 }
 
 fn implicit_dir() -> Entry {
@@ -521,8 +635,16 @@ fn implicit_dir() -> Entry {
     }
 }
 
-fn device(n: io::Result<Option<u32>>) -> anyhow::Result<u32> {
-    Ok(n.context("a device entry's number")?.unwrap_or(0))
+/// Linux's device numbers: a 12-bit major and a 20-bit minor; ext4 stores no more.
+const MAJOR_LIMIT: u32 = 1 << 12;
+const MINOR_LIMIT: u32 = 1 << 20;
+
+fn device(n: io::Result<Option<u32>>, limit: u32) -> anyhow::Result<u32> {
+    let n = n.context("a device entry's number")?.unwrap_or(0);
+    if n >= limit {
+        bail!("a device number part of {n}: Linux's stop below {limit}");
+    }
+    Ok(n)
 }
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {

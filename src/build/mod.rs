@@ -8,10 +8,18 @@
 //! - [`oci`]: reading OCI image layouts and `docker save` archives.
 //! - [`layers`]: applying layers (whiteouts, opaque directories, links) into a tree.
 //! - [`debugfs`]: the metadata an unprivileged staging directory cannot hold.
+//! - [`limits`]: what an archive may hold (headers, names, depth, entries, bytes).
+//! - [`headers`]: a tar stream's extension headers bounded before they are read.
+//! - [`pax`]: an entry's PAX records (path, owner, extended attributes) as bytes.
+//!
+//! A build that fails removes its work directory, whatever step failed.
 
 mod debugfs;
+mod headers;
 mod layers;
+mod limits;
 mod oci;
+mod pax;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -55,7 +63,25 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
         .prefix("lazyblk-build-")
         .tempdir_in(&args.work_dir)
         .with_context(|| format!("making a work directory in {}", args.work_dir.display()))?;
-    let image = work.path().join(format!("{}.img", args.template));
+    let outcome = build(args, work.path()).await;
+    let path = work.path().to_path_buf();
+    let removed = tokio::task::spawn_blocking(move || work.close())
+        .await
+        .context("removing the work directory")?;
+    if let Err(e) = removed {
+        let e = anyhow::Error::new(e).context(format!("removing {}", path.display()));
+        return Err(match outcome {
+            Err(failed) => failed.context(format!("{e:#}")),
+            Ok(()) => e,
+        });
+    }
+    outcome
+}
+
+/// The build in its work directory (removed by the caller, whatever happens here).
+async fn build(args: BuildArgs, work: &Path) -> anyhow::Result<()> {
+    let limits = limits::Limits::from_args(&args);
+    let image = work.join(format!("{}.img", args.template));
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     match (&args.from_dir, &args.from_oci) {
         (Some(dir), None) => {
@@ -71,20 +97,14 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
             make_ext4(&args, dir, &image, content).await?;
         }
         (None, Some(path)) => {
-            let (tree, oci_labels) = unpack(path, work.path()).await?;
-            let rootfs = work.path().join("rootfs");
+            let (tree, oci_labels) = unpack(path, work, limits).await?;
+            let rootfs = work.join("rootfs");
             let totals = tree.totals();
             make_ext4(&args, &rootfs, &image, totals).await?;
-            let values = work.path().join("xattrs");
+            let values = work.join("xattrs");
             std::fs::create_dir_all(&values)
                 .with_context(|| format!("making {}", values.display()))?;
-            let (script, commands) = debugfs::script(&tree, &values)?;
-            let script_path = work.path().join("metadata.debugfs");
-            std::fs::write(&script_path, script)
-                .with_context(|| format!("writing {}", script_path.display()))?;
-            if commands > 0 {
-                debugfs::run(&image, &script_path).await?;
-            }
+            let commands = debugfs::apply(&image, &tree, &values, work).await?;
             tracing::debug!(commands, "ownership, devices and attributes written");
             labels = oci_labels;
         }
@@ -111,13 +131,14 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
 async fn unpack(
     path: &Path,
     work: &Path,
+    limits: limits::Limits,
 ) -> anyhow::Result<(layers::Tree, BTreeMap<String, String>)> {
     let (path, work) = (path.to_path_buf(), work.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        let image = oci::open(&path, &work)?;
+        let image = oci::open(&path, &work, &limits)?;
         let total: u64 = image.layers.iter().map(|l| l.size).sum();
         let progress = Progress::new("unpacking", total);
-        let mut tree = layers::Tree::new(&work.join("rootfs"))?;
+        let mut tree = layers::Tree::new(&work.join("rootfs"), limits)?;
         let (mut entries, mut whiteouts) = (0, 0);
         for (i, layer) in image.layers.iter().enumerate() {
             let file = std::fs::File::open(&layer.path)

@@ -11,11 +11,19 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
+
+use super::headers::HeaderGuard;
+use super::limits::{bytes, check_path, Limits, Refused};
+
+/// The largest JSON file (index, manifest, config) read from an archive: they are read
+/// whole, and an image config with a long history is a few hundred KiB.
+const MAX_JSON_BYTES: u64 = 16 << 20;
 
 /// How a layer blob is compressed, found from its first bytes (media types lie, and a
 /// `docker save` archive has none).
@@ -56,36 +64,68 @@ pub struct Image {
 }
 
 /// Opens `path`: a layout directory, or a tar of a layout or of `docker save`. A tar is
-/// unpacked into `work` first (its blobs only; nothing in it is trusted as a path).
-pub fn open(path: &Path, work: &Path) -> anyhow::Result<Image> {
+/// unpacked into `work` first: its directories, regular files and links only, each made
+/// writable by the builder (so that it can be removed), with its headers bounded as a
+/// layer's are; nothing in it is trusted as a path.
+pub fn open(path: &Path, work: &Path, limits: &Limits) -> anyhow::Result<Image> {
     let meta = fs::metadata(path).with_context(|| format!("--from-oci {}", path.display()))?;
     if meta.is_dir() {
         return open_dir(path, None);
+    }
+    if !meta.is_file() {
+        bail!(
+            "--from-oci {}: not a directory nor a regular file",
+            path.display()
+        );
     }
     let unpacked = tempfile::Builder::new()
         .prefix("lazyblk-oci-")
         .tempdir_in(work)
         .with_context(|| format!("making a directory in {}", work.display()))?;
     let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let (guard, _) = HeaderGuard::new(std::io::BufReader::new(file), limits.header);
+    let mut archive = tar::Archive::new(guard);
     for entry in archive
         .entries()
         .with_context(|| format!("{}: not a tar archive", path.display()))?
     {
         let mut entry = entry.with_context(|| format!("reading {}", path.display()))?;
-        // unpack_in refuses paths that leave the directory (`..`, absolute).
+        check_path(&entry.path_bytes(), limits)
+            .with_context(|| format!("unpacking {}", path.display()))?;
+        let mode = match entry.header().entry_type() {
+            tar::EntryType::Directory => 0o700,
+            tar::EntryType::Regular | tar::EntryType::Continuous => 0o600,
+            tar::EntryType::Symlink | tar::EntryType::Link => 0,
+            other => {
+                // Devices, fifos, sparse files: nothing an image archive holds.
+                tracing::warn!(kind = ?other, "skipping an archive entry of an unsupported kind");
+                continue;
+            }
+        };
+        // unpack_in refuses paths that leave the directory (`..`, absolute) and links
+        // on the way out of it.
         entry
             .unpack_in(unpacked.path())
             .with_context(|| format!("unpacking {}", path.display()))?;
+        if mode != 0 {
+            let rel = entry
+                .path()
+                .with_context(|| format!("unpacking {}", path.display()))?;
+            let made = within(unpacked.path(), &unpacked.path().join(rel))?;
+            fs::set_permissions(&made, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", made.display()))?;
+        }
     }
     let root = unpacked.path().to_path_buf();
     open_dir(&root, Some(unpacked))
 }
 
 fn open_dir(root: &Path, unpacked: Option<tempfile::TempDir>) -> anyhow::Result<Image> {
-    let image = if root.join("manifest.json").is_file() {
+    // Present at all (a link is followed only inside the archive, when it is read).
+    let present = |name: &str| root.join(name).symlink_metadata().is_ok();
+    let image = if present("manifest.json") {
         docker_save(root)
-    } else if root.join("index.json").is_file() {
+    } else if present("index.json") {
         oci_layout(root)
     } else {
         bail!(
@@ -165,7 +205,7 @@ const INDEX_TYPES: [&str; 2] = [
 ];
 
 fn oci_layout(root: &Path) -> anyhow::Result<Image> {
-    let index: Index = read_json(&root.join("index.json"))?;
+    let index: Index = read_json(&inside(root, "index.json")?)?;
     let mut chosen = pick(root, index.manifests, "index.json")?;
     let mut name = chosen
         .annotations
@@ -215,7 +255,7 @@ fn oci_layout(root: &Path) -> anyhow::Result<Image> {
 }
 
 fn docker_save(root: &Path) -> anyhow::Result<Image> {
-    let entries: Vec<DockerEntry> = read_json(&root.join("manifest.json"))?;
+    let entries: Vec<DockerEntry> = read_json(&inside(root, "manifest.json")?)?;
     let entry = match entries.len() {
         1 => entries.into_iter().next().expect("one entry"),
         0 => bail!("{}: manifest.json lists no image", root.display()),
@@ -225,8 +265,7 @@ fn docker_save(root: &Path) -> anyhow::Result<Image> {
         ),
     };
     let config_path = inside(root, &entry.config)?;
-    let config_bytes =
-        fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+    let config_bytes = read_small(&config_path)?;
     let config: Config = serde_json::from_slice(&config_bytes)
         .with_context(|| format!("parsing the image config {}", entry.config))?;
     let diff_ids = diff_ids(&config, entry.layers.len())?;
@@ -301,7 +340,7 @@ fn labels(config: Config) -> BTreeMap<String, String> {
 /// A blob's bytes, checked against its digest.
 fn read_blob(root: &Path, d: &Descriptor) -> anyhow::Result<Vec<u8>> {
     let path = blob_path(root, &d.digest)?;
-    let bytes = fs::read(&path).with_context(|| format!("reading blob {}", d.digest))?;
+    let bytes = read_small(&path).with_context(|| format!("reading blob {}", d.digest))?;
     let actual = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
     if actual != d.digest {
         bail!("blob {} is corrupt: its bytes hash to {actual}", d.digest);
@@ -324,7 +363,7 @@ fn blob_path(root: &Path, digest: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| {
             format!("unsupported blob digest {digest:?} (expected sha256:<64 hex>)")
         })?;
-    within(root, &root.join("blobs").join("sha256").join(hex))
+    regular_within(root, &root.join("blobs").join("sha256").join(hex))
 }
 
 /// `path` with every symlink resolved, refused unless it stays under `root`: an archive
@@ -342,6 +381,34 @@ fn within(root: &Path, path: &Path) -> anyhow::Result<PathBuf> {
     Ok(real)
 }
 
+/// A file of the archive the build reads: inside it, and a regular file (a fifo would
+/// hang the build, a device would be read for ever).
+fn regular_within(root: &Path, path: &Path) -> anyhow::Result<PathBuf> {
+    let real = within(root, path)?;
+    let meta = fs::metadata(&real).with_context(|| format!("{}", real.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    Ok(real)
+}
+
+/// A JSON file of the archive, read whole once it is known to be small.
+fn read_small(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut data = Vec::new();
+    file.take(MAX_JSON_BYTES + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if data.len() as u64 > MAX_JSON_BYTES {
+        bail!(Refused {
+            what: format!("{}, a JSON file of the image,", path.display()),
+            limit: bytes(MAX_JSON_BYTES),
+            flag: "",
+        });
+    }
+    Ok(data)
+}
+
 /// `rel` under `root`, refusing paths that leave it.
 fn inside(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
     let p = Path::new(rel);
@@ -349,13 +416,13 @@ fn inside(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
         || p.components()
             .any(|c| matches!(c, std::path::Component::ParentDir))
     {
-        bail!("manifest.json names {rel:?}, outside the archive");
+        bail!("{rel:?} is outside the archive");
     }
-    within(root, &root.join(p))
+    regular_within(root, &root.join(p))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = read_small(path)?;
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }
 
