@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`digest`]: the sha256 [`Digest`] that names a chunk.
-//! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4).
+//! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4);
+//!   [`labels`]: the grammar and size limits of its labels (and of policy keys).
 //! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
 //!   eviction, claims.
 //! - [`pins`]: named claims on chunks (`replica:<id>`, `upload:<id>`): each owner
@@ -63,6 +64,7 @@ pub mod encoding;
 pub mod fetch;
 pub mod health;
 pub mod image;
+pub mod labels;
 pub mod manifest;
 pub mod overlay;
 pub mod partial;
