@@ -26,6 +26,8 @@ pub use crate::planner::Priority;
 use crate::planner::{FetchSlots, Promotion, SourceHealth};
 use crate::source::{Source, SourceError};
 
+mod peer;
+
 /// The default time one source gets to deliver one chunk. Well under the kernel NBD
 /// client's 30 s request timeout, so that a stalled source is passed over and the read
 /// can still be answered from the next one.
@@ -239,6 +241,8 @@ pub struct ChunkCache {
     health: CacheHealth,
     /// Blocks of chunks read in part ([`crate::partial`]).
     pub(crate) partial: crate::block_memory::Partial,
+    /// Fetches for peers under way, by digest and the length asked ([`peer`]).
+    peer_fetches: Mutex<HashMap<(Digest, u64), peer::PeerFetch>>,
 }
 
 impl ChunkCache {
@@ -256,6 +260,7 @@ impl ChunkCache {
             health_of_sources: SourceHealth::default(),
             health: CacheHealth::default(),
             partial: crate::block_memory::Partial::default(),
+            peer_fetches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -433,82 +438,6 @@ impl ChunkCache {
         })
     }
 
-    /// A chunk a peer asked for by digest and length (`/v1/peer/chunks`): local, or
-    /// fetched from `sources` (the store: an owner never asks a peer). The length is the
-    /// asker's word, not a manifest's, so bytes that are not the chunk at that length,
-    /// or a source that does not have the digest, make [`FetchError::AskedWrong`]: the
-    /// asker's error, counted against no source (no failure, no corrupt chunk, no
-    /// backoff). Such a fetch is not shared with this node's own readers, whom a wrong
-    /// length must not fail; its verified bytes are kept in the cache like any other.
-    pub async fn get_for_peer(
-        self: &Arc<Self>,
-        chunk: &ChunkRef,
-        sources: &[Source],
-    ) -> Result<Chunk, Arc<FetchError>> {
-        if let Some(file) = self.local(chunk)? {
-            return Ok(Chunk::File(file));
-        }
-        let asked_wrong = |detail: String| {
-            Arc::new(FetchError::AskedWrong {
-                digest: chunk.digest,
-                len: chunk.len,
-                detail,
-            })
-        };
-        let mut errors = Vec::new();
-        for source in self.health_of_sources.plan(sources) {
-            let started = Instant::now();
-            let stored = match source.fetch(&chunk.digest, chunk.len, self.deadline).await {
-                Ok(stored) => stored,
-                // A body longer than the length asked, or a chunk the source lacks.
-                Err(e @ SourceError::Length { .. }) => return Err(asked_wrong(e.to_string())),
-                Err(e @ SourceError::Status { status, .. }) if (400..500).contains(&status) => {
-                    return Err(asked_wrong(e.to_string()))
-                }
-                Err(e) if e.is_skip() => continue,
-                Err(e) => {
-                    self.health_of_sources.failed(source.name());
-                    self.observer.source_failed(chunk, source.name(), &e);
-                    errors.push(e.to_string());
-                    continue;
-                }
-            };
-            let stored_len = stored.len() as u64;
-            let (len, digest) = (chunk.len as usize, chunk.digest);
-            let decoded =
-                tokio::task::spawn_blocking(move || crate::encoding::decode(stored, len, &digest))
-                    .await;
-            let bytes = match decoded {
-                Ok(Ok((_, bytes))) => bytes,
-                // Not the chunk at this length: without the manifest this node cannot
-                // tell a wrong length from a bad copy, and the asker can (it verifies
-                // what the store sends it).
-                Ok(Err(e)) => return Err(asked_wrong(e.to_string())),
-                Err(e) => {
-                    errors.push(format!("decoding task failed: {e}"));
-                    continue;
-                }
-            };
-            self.health_of_sources.succeeded(source.name());
-            self.observer
-                .fetched(chunk, source.name(), stored_len, started.elapsed());
-            match self.write(chunk, bytes.clone(), Priority::Demand).await {
-                Ok(_) => self.health.write_ok(),
-                Err(e) => self.health.write_failed(&e),
-            }
-            return Ok(Chunk::Verified { digest, bytes });
-        }
-        if sources.is_empty() {
-            errors.push("no sources configured".into());
-        }
-        Err(Arc::new(FetchError::Exhausted {
-            template: chunk.template.clone(),
-            index: chunk.index,
-            digest: chunk.digest,
-            errors,
-        }))
-    }
-
     /// The local chunk for a demand read, counted as a hit; `None` (nothing counted)
     /// when it is missing, for a reader that then fetches it some way of its own.
     pub fn local_read(&self, chunk: &ChunkRef) -> Result<Option<ChunkFile>, Arc<FetchError>> {
@@ -586,7 +515,18 @@ impl ChunkCache {
         stored: bool,
         priority: Priority,
     ) -> Result<Chunk, Arc<FetchError>> {
-        let mut outcome = self.join_or_start(chunk, sources, priority)?;
+        let outcome = self.join_or_start(chunk, sources, priority)?;
+        self.follow(chunk, outcome, stored).await
+    }
+
+    /// Waits on a fetch's progress until the chunk is readable (or, with `stored`, in
+    /// the cache).
+    async fn follow(
+        &self,
+        chunk: &ChunkRef,
+        mut outcome: watch::Receiver<Outcome>,
+        stored: bool,
+    ) -> Result<Chunk, Arc<FetchError>> {
         loop {
             match &*outcome.borrow_and_update() {
                 Progress::Fetching => {}

@@ -20,7 +20,8 @@
 //!   It is all the daemon sees of the cache: calls by intent (claim a template's chunks
 //!   for a named owner, release an owner, keep a chunk made here, evict a template's
 //!   unclaimed chunks, count what is local, open a chunk for a peer or an upload, usage
-//!   and scrub); the index itself is not reachable from outside this crate.
+//!   and scrub); the index itself is not reachable from outside this crate. Its `peer`
+//!   part fetches for peers that ask by digest and length, a length it does not trust.
 //! - [`health`]: the cache's usage and whether it is DEGRADED (cannot keep chunks).
 //! - [`background`]: low-priority threads for the work of background fills: a runtime
 //!   of one thread of its own that moves a fill's bytes (SCHED_IDLE while readers are
