@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::node::sh;
+use support::node::{sh, DaemonProc};
 use support::{free_port, lazyblk, make_ext4, pattern, publish, run, StoreProc};
 
 /// Token values no output may contain, one per variable the CLI reads.
@@ -359,6 +359,40 @@ fn labels_are_checked_where_they_enter() {
     assert!(ok, "{err}");
     assert!(out.trim_end().ends_with("400"), "{out}");
     assert!(out.contains("label"), "{out}");
+
+    // A commit through a daemon's API is refused before any work (400, not the store's
+    // refusal at publish), and nothing is published.
+    let node = DaemonProc::start(&url, &dir.path().join("node"), &[]);
+    let (ok, out, err) = run(&[
+        "overlay",
+        "create",
+        "good",
+        "--sandbox",
+        "sb",
+        "--node",
+        &node.url(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = sh(
+        "curl",
+        &[
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            r#"{"template":"committed","labels":{"bad key":"1"}}"#,
+            &format!("{}/v1/overlays/sb/commit", node.url()),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.trim_end().ends_with("400"), "{out}");
+    assert!(out.contains("label"), "{out}");
+    let (status, _) = support::http_get(&format!("{url}/v1/templates/committed/manifest")).unwrap();
+    assert_eq!(status, 404);
 }
 
 /// Starts a daemon with `--peers spec`; it must exit with an error naming `--peers`
