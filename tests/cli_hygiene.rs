@@ -119,6 +119,18 @@ fn no_help_page_man_page_or_printed_config_shows_a_token() {
         read += 1;
     }
     assert!(read >= 20, "{read} man pages");
+    // A config file that does not parse is refused without quoting its line (an
+    // unquoted token there was printed in the parser's message).
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!("cache = \"/x\"\nwrite-token = {}\n", SECRETS[0].1),
+    )
+    .unwrap();
+    let (ok, text) = run_with_secrets(&["daemon", "--config", config.to_str().unwrap()]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("line 2"), "{text}");
+    assert_no_secret("a config file's parse error", &text);
     // --print-config names where each token came from, never its value.
     for command in ["daemon", "store"] {
         let (ok, text) = run_with_secrets(&[command, "--print-config"]);
