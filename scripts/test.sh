@@ -17,7 +17,24 @@ fi
 # Integration tests start servers and mount file systems; two at a time keeps a
 # two-core machine responsive.
 # LAZYBLK_KERNEL_TEST=1 runs the kernel NBD client test in a qemu guest (scripts/kernel-test.sh).
-LAZYBLK_KERNEL_TEST=1 cargo test --workspace -- --test-threads=2
+# --no-fail-fast: every test binary runs even after one fails, and cargo lists every
+# binary that failed at the end; each failed test is also listed below.
+failed=()
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! LAZYBLK_KERNEL_TEST=1 cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"; then
+  failed+=("cargo test")
+fi
 # The Debian package: built, installed on this machine, checked (units, config files,
 # man pages, readiness), removed.
-scripts/package-test.sh
+if ! scripts/package-test.sh; then
+  failed+=("scripts/package-test.sh")
+fi
+if ((${#failed[@]})); then
+  echo
+  echo "test: FAILED: ${failed[*]}"
+  # libtest prints "test NAME ... FAILED" per failed test; cargo names the binaries.
+  grep -E '^test .* \.\.\. FAILED$|^    `|^error: [0-9]+ targets? failed' "$log" | sed 's/^/test:   /' || true
+  exit 1
+fi
+echo "test: every test passed"

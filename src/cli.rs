@@ -345,7 +345,7 @@ pub struct PublishArgs {
     #[arg(long)]
     pub no_compress: bool,
     /// Bearer token for writes to the store.
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
@@ -411,7 +411,7 @@ pub struct BuildArgs {
     #[arg(long, default_value = "50G", value_parser = parse_size)]
     pub max_content: u64,
     /// Bearer token for writes to the store.
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
@@ -446,7 +446,7 @@ pub struct DeleteArgs {
     #[arg(long)]
     pub force: bool,
     /// Bearer token for writes to the store.
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
 }
 
@@ -461,7 +461,7 @@ pub struct GcArgs {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub grace: std::time::Duration,
     /// Bearer token for writes to the store.
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN")]
+    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
@@ -555,6 +555,7 @@ pub enum PolicyCommand {
 #[derive(Args, Debug, Clone)]
 pub struct PolicySetArgs {
     /// The label key, e.g. guest_agent.
+    #[arg(value_parser = parse_label_key)]
     pub key: String,
     /// The minimum, e.g. '>=1.4.2' (dotted numbers).
     pub minimum: String,
@@ -566,6 +567,7 @@ pub struct PolicySetArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct PolicyUnsetArgs {
+    /// The label key (any key the policy holds, even one from before the label grammar).
     pub key: String,
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
@@ -706,15 +708,64 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Parses `KEY=VALUE`, checked against the label grammar (`lazyblk_cache::labels`).
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
+    let (key, value) = s.split_once('=').ok_or_else(|| {
+        format!(
+            "label {:?} must be KEY=VALUE",
+            s.chars().take(80).collect::<String>()
+        )
+    })?;
+    lazyblk_cache::labels::validate_label(key, value)?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Parses a policy's label key (the label grammar's keys).
+fn parse_label_key(s: &str) -> Result<String, String> {
+    lazyblk_cache::labels::validate_label_key(s)?;
+    Ok(s.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every argument read from the environment hides its value in `--help` (they are
+    /// the tokens); tests/cli_hygiene.rs checks the pages themselves.
+    #[test]
+    fn environment_values_are_hidden() {
+        use clap::CommandFactory;
+        let mut todo = vec![Cli::command()];
+        let mut checked = 0;
+        while let Some(mut command) = todo.pop() {
+            command.build();
+            for arg in command.get_arguments() {
+                if arg.get_env().is_some() {
+                    assert!(
+                        arg.is_hide_env_values_set(),
+                        "{} --{}",
+                        command.get_name(),
+                        arg.get_id()
+                    );
+                    checked += 1;
+                }
+            }
+            todo.extend(command.get_subcommands().cloned());
+        }
+        assert!(checked >= 14, "{checked}");
+    }
+
+    #[test]
+    fn labels_follow_the_grammar() {
+        assert_eq!(
+            parse_label("guest_agent=1.4.2").unwrap(),
+            ("guest_agent".to_string(), "1.4.2".to_string())
+        );
+        assert!(parse_label("no-equals").is_err());
+        assert!(parse_label("bad key=1").is_err());
+        assert!(parse_label("k=a\u{1b}b").is_err());
+        assert!(parse_label_key("bad\nkey").is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -151,9 +151,19 @@ fn from_file(
 ) -> anyhow::Result<(Vec<OsString>, BTreeSet<String>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the config file {}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("parsing the config file {}", path.display()))?;
+    // The parser's own message quotes the offending line, which may hold a token: the
+    // error names the line and column and the reason only.
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let line = e
+            .span()
+            .map(|span| bytecount_lines(&text.as_bytes()[..span.start.min(text.len())]));
+        anyhow::anyhow!(
+            "parsing the config file {}{}: {}",
+            path.display(),
+            line.map(|l| format!(", line {l}")).unwrap_or_default(),
+            e.message()
+        )
+    })?;
     let mut out = Vec::new();
     let mut keys = BTreeSet::new();
     for (key, value) in table {
@@ -232,6 +242,11 @@ fn from_file(
         keys.insert(key);
     }
     Ok((out, keys))
+}
+
+/// The line number (from 1) that follows `before`, the bytes of a file before a place.
+fn bytecount_lines(before: &[u8]) -> usize {
+    before.iter().filter(|b| **b == b'\n').count() + 1
 }
 
 /// The settings in effect as a config file, each line with its source.

@@ -10,6 +10,7 @@ use crate::cli::{
     AttachArgs, CommitArgs, DetachArgs, EvictArgs, NodeArg, OverlayCommand, ResizeArgs, StatusArgs,
     WarmArgs,
 };
+use crate::printable::printable;
 use crate::progress::Progress;
 
 /// How often `warm --wait` polls the daemon.
@@ -63,7 +64,7 @@ impl NodeClient {
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .unwrap_or(text);
-            bail!("{message}");
+            bail!("{}", printable(&message));
         }
         Ok(value)
     }
@@ -113,8 +114,18 @@ fn u(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
 
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
+/// A string field of a daemon's answer, as shown: without control characters (an error
+/// message or a user's name may quote what a client or a peer sent).
+fn s<'a>(v: &'a Value, key: &str) -> std::borrow::Cow<'a, str> {
+    printable(v.get(key).and_then(Value::as_str).unwrap_or(""))
+}
+
+/// The strings of an array field, as shown (see [`s`]).
+fn strings<'a>(v: &'a Value, key: &str) -> Vec<std::borrow::Cow<'a, str>> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(printable).collect())
+        .unwrap_or_default()
 }
 
 /// Bytes in binary units, as an operator reads them.
@@ -149,7 +160,11 @@ fn by_source(v: &Value) -> String {
     }
     map.iter()
         .map(|(source, bytes)| {
-            format!("{} from {source}", human_bytes(bytes.as_u64().unwrap_or(0)))
+            format!(
+                "{} from {}",
+                human_bytes(bytes.as_u64().unwrap_or(0)),
+                printable(source)
+            )
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -208,9 +223,10 @@ fn describe(r: &Value) -> String {
         by_source(r),
     );
     if let Some(parent) = r.get("parent").and_then(Value::as_str) {
-        out.push_str(&format!("parent:     {parent}\n"));
+        out.push_str(&format!("parent:     {}\n", printable(parent)));
     }
     if let Some(durability) = r.get("durability").and_then(Value::as_str) {
+        let durability = printable(durability);
         let pending = u(r, "pending_upload_chunks");
         let detail = if pending > 0 {
             format!(" ({pending} chunks to upload)")
@@ -219,11 +235,7 @@ fn describe(r: &Value) -> String {
         };
         out.push_str(&format!("durability: {durability}{detail}\n"));
     }
-    let origins: Vec<&str> = r
-        .get("origins")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let origins = strings(r, "origins");
     if !origins.is_empty() {
         out.push_str(&format!("origins:    {}\n", origins.join(", ")));
     }
@@ -234,7 +246,8 @@ fn describe(r: &Value) -> String {
         ));
     }
     if let Some(e) = r.get("last_error").and_then(Value::as_str) {
-        let at = r.get("last_error_at").and_then(Value::as_str).unwrap_or("");
+        let e = printable(e);
+        let at = s(r, "last_error_at");
         out.push_str(&format!(
             "last error: {e} {}\n",
             if at.is_empty() {
@@ -244,11 +257,7 @@ fn describe(r: &Value) -> String {
             }
         ));
     }
-    let users: Vec<&str> = r
-        .get("users")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let users = strings(r, "users");
     out.push_str(&format!(
         "in use by:  {}\n",
         if users.is_empty() {
@@ -275,7 +284,7 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
     loop {
         let r = node.get(&path).await?;
         progress.set(u(&r, "local_bytes"));
-        match s(&r, "phase") {
+        match &*s(&r, "phase") {
             "READY" => {
                 progress.finish(&format!(
                     "{} READY ({} chunks local)",
@@ -527,10 +536,10 @@ pub async fn scrub(args: crate::cli::ScrubArgs) -> anyhow::Result<()> {
         unreadable.len()
     );
     for d in dropped {
-        println!("dropped {}", d.as_str().unwrap_or(""));
+        println!("dropped {}", printable(d.as_str().unwrap_or("")));
     }
     for d in unreadable {
-        println!("unreadable {}", d.as_str().unwrap_or(""));
+        println!("unreadable {}", printable(d.as_str().unwrap_or("")));
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::cli::{PolicyCommand, StatusArgs, UnwarmArgs, WarmArgs};
+use crate::printable::printable;
 
 /// One request to the store server; the store's own message on an error.
 async fn call(
@@ -35,7 +36,7 @@ async fn call(
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
     if !status.is_success() {
         let message = value.get("error").and_then(Value::as_str).unwrap_or(&text);
-        bail!("{message}");
+        bail!("{}", printable(message));
     }
     Ok(value)
 }
@@ -123,21 +124,23 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<18} {:<28} {:<13} {:>13} {:<7} ERROR",
+        "{:<32} {:<28} {:<13} {:>13} {:<7} ERROR",
         "NODE", "ADDRESS", "PHASE", "LOCAL", "WANTED"
     );
+    // Every string here comes from a node's lease: shown without control characters.
+    let text = |l: &Value, key: &str| printable(l[key].as_str().unwrap_or("")).into_owned();
     for l in lines {
         let local = l["local_chunks"].as_u64().unwrap_or(0);
         let total = l["stored_chunks"].as_u64().unwrap_or(0);
         let pct = (local * 100).checked_div(total).unwrap_or(0);
         println!(
-            "{:<18} {:<28} {:<13} {:>13} {:<7} {}",
-            l["node"].as_str().unwrap_or(""),
-            l["url"].as_str().unwrap_or(""),
-            l["phase"].as_str().unwrap_or(""),
+            "{:<32} {:<28} {:<13} {:>13} {:<7} {}",
+            text(&l, "node"),
+            text(&l, "url"),
+            text(&l, "phase"),
             format!("{local}/{total} ({pct}%)"),
             if l["wanted"] == true { "yes" } else { "-" },
-            l["last_error"].as_str().unwrap_or("-"),
+            printable(l["last_error"].as_str().unwrap_or("-")),
         );
     }
     Ok(())
@@ -150,23 +153,23 @@ pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
             let p = call(
                 &a.store,
                 reqwest::Method::PUT,
-                &format!("/v1/policy/{}", a.key),
+                &format!("/v1/policy/{}", path_segment(&a.key)),
                 a.token.as_deref(),
                 Some(json!({ "minimum": a.minimum })),
             )
             .await?;
-            println!("policy: {}", serde_json::to_string(&p)?);
+            println!("policy: {}", printable(&serde_json::to_string(&p)?));
         }
         PolicyCommand::Unset(a) => {
             let p = call(
                 &a.store,
                 reqwest::Method::PUT,
-                &format!("/v1/policy/{}", a.key),
+                &format!("/v1/policy/{}", path_segment(&a.key)),
                 a.token.as_deref(),
                 Some(json!({ "minimum": null })),
             )
             .await?;
-            println!("policy: {}", serde_json::to_string(&p)?);
+            println!("policy: {}", printable(&serde_json::to_string(&p)?));
         }
         PolicyCommand::List(a) => {
             let p = call(&a.store, reqwest::Method::GET, "/v1/policy", None, None).await?;
@@ -177,10 +180,36 @@ pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
                     println!("no policy: no template is STALE");
                 }
                 for (k, v) in map {
-                    println!("{k} {}", v.as_str().unwrap_or(""));
+                    println!("{} {}", printable(k), printable(v.as_str().unwrap_or("")));
                 }
             }
         }
     }
     Ok(())
+}
+
+/// `s` as one path segment: every byte but the URL's unreserved characters
+/// percent-encoded (a label key holds `/`; one from before the grammar may hold more).
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_one_path_segment() {
+        assert_eq!(path_segment("guest_agent"), "guest_agent");
+        assert_eq!(path_segment("app.k8s.io/name"), "app.k8s.io%2Fname");
+        assert_eq!(path_segment("a b\n"), "a%20b%0A");
+    }
 }

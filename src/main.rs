@@ -18,6 +18,8 @@
 //!   tokens on both HTTP servers; [`http_server`]: their accept loop, with header and
 //!   idle timeouts.
 //! - [`metrics`]: Prometheus counters shared by the daemon and the store.
+//! - [`printable`]: strings from outside (leases, errors, labels) made safe to show, in
+//!   the CLI's output and the text log.
 //!
 //! # Data flow
 //! `publish` writes chunks and a manifest to the store. A daemon learns templates from
@@ -31,7 +33,6 @@ mod cli;
 mod config;
 mod control;
 mod daemon;
-mod display;
 mod docs;
 mod fleet;
 mod http_client;
@@ -39,6 +40,7 @@ mod http_server;
 mod identity;
 mod metrics;
 mod notify;
+mod printable;
 mod progress;
 mod publish;
 mod store;
@@ -57,15 +59,17 @@ fn main() -> std::process::ExitCode {
     };
     let filter =
         EnvFilter::try_from_env("LAZYBLK_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match cli.log_format {
-        crate::cli::LogFormat::Json => logs.json().init(),
+        // JSON escapes control characters in strings itself.
+        crate::cli::LogFormat::Json => logs.with_writer(std::io::stderr).json().init(),
         // Colour codes only for a person at a terminal, not in a log file or journal.
-        crate::cli::LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+        crate::cli::LogFormat::Text => {
+            let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            logs.with_ansi(colour)
+                .with_writer(printable::LogWriter { colour })
+                .init()
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -80,7 +84,9 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may quote a store, a daemon or a lease: shown without its
+            // control characters (the message's own line breaks stay).
+            eprintln!("error: {}", printable::printable_lines(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }

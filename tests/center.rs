@@ -37,6 +37,32 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// How long the fleet gets to report a change (a heartbeat is every 2 s): generous, for
+/// a loaded machine; waits end as soon as the change is seen.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// The users the live nodes report of template `id` (`GET /v1/nodes`).
+fn users_of(store: &StoreProc, id: &str) -> Vec<String> {
+    let (_, body) = support::http_get(&format!("{}/v1/nodes", store.url())).unwrap();
+    let nodes: Value = serde_json::from_str(&body).unwrap_or_default();
+    let mut users = Vec::new();
+    for node in nodes.as_array().cloned().unwrap_or_default() {
+        for r in node["replicas"].as_array().cloned().unwrap_or_default() {
+            if r["template"] == id {
+                users.extend(
+                    r["users"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|u| u.as_str().map(str::to_string)),
+                );
+            }
+        }
+    }
+    users
+}
+
 fn live(store: &StoreProc) -> usize {
     json(&["nodes", "--store", &store.url(), "--json"])
         .as_array()
@@ -166,7 +192,10 @@ fn delete_is_refused_while_in_use_and_gc_keeps_what_others_need() {
         &node.url(),
     ]);
     assert!(ok, "{out}{err}");
-    std::thread::sleep(Duration::from_millis(4500)); // a heartbeat reports the user
+    // A heartbeat reports the user (every 2 s; later on a loaded machine).
+    wait_for("the store to see sb1's use of base", SETTLE, || {
+        users_of(&store, "base").contains(&"overlay sb1".to_string())
+    });
     let (ok, _, err) = run(&["delete", "base", "--store", &store.url()]);
     assert!(!ok, "delete of a template in use succeeded");
     assert!(
@@ -176,7 +205,9 @@ fn delete_is_refused_while_in_use_and_gc_keeps_what_others_need() {
 
     let (ok, out, err) = run(&["overlay", "delete", "sb1", "--node", &node.url()]);
     assert!(ok, "{out}{err}");
-    std::thread::sleep(Duration::from_millis(4500));
+    wait_for("the store to see base unused", SETTLE, || {
+        users_of(&store, "base").is_empty()
+    });
     let (ok, out, err) = run(&["delete", "base", "--store", &store.url()]);
     assert!(ok, "delete after the overlay is gone: {out}{err}");
     let (ok, out, err) = run(&["gc", "--grace", "0s", "--store", &store.url()]);

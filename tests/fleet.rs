@@ -23,6 +23,15 @@ fn live_nodes(store: &StoreProc) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// How many peers a daemon sees (`GET /v1/node`).
+fn peers_seen(url: &str) -> usize {
+    let Ok((200, body)) = http_get(&format!("{url}/v1/node")) else {
+        return 0;
+    };
+    let info: Value = serde_json::from_str(&body).unwrap_or_default();
+    info["peers"].as_array().map_or(0, Vec::len)
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -49,8 +58,12 @@ fn a_wave_of_six_nodes_costs_the_store_about_one_copy() {
     wait_for("six live nodes", Duration::from_secs(20), || {
         live_nodes(&store).len() == 6
     });
-    // One more heartbeat, so that every node has the full list.
-    std::thread::sleep(Duration::from_millis(2500));
+    // Every node sees the five others (its next heartbeat's answer; later when loaded).
+    wait_for(
+        "every node to see the five others",
+        Duration::from_secs(60),
+        || nodes.iter().all(|n| peers_seen(&n.url()) == 5),
+    );
     let served_before = store.metric("lazyblk_store_bytes_served_total");
     let copies: Vec<_> = nodes
         .iter()

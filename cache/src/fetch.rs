@@ -26,6 +26,8 @@ pub use crate::planner::Priority;
 use crate::planner::{FetchSlots, Promotion, SourceHealth};
 use crate::source::{Source, SourceError};
 
+mod peer;
+
 /// The default time one source gets to deliver one chunk. Well under the kernel NBD
 /// client's 30 s request timeout, so that a stalled source is passed over and the read
 /// can still be answered from the next one.
@@ -79,6 +81,14 @@ pub enum FetchError {
         template: Arc<str>,
         index: usize,
         source: ChunkStoreError,
+    },
+    /// A peer asked for a chunk its sources do not have at the length it gave
+    /// ([`ChunkCache::get_for_peer`]): the asker's error, not a source's.
+    #[error("chunk {digest} is not to be had at {len} bytes: {detail} (the asker's length or digest is wrong)")]
+    AskedWrong {
+        digest: Digest,
+        len: u64,
+        detail: String,
     },
 }
 
@@ -231,6 +241,8 @@ pub struct ChunkCache {
     health: CacheHealth,
     /// Blocks of chunks read in part ([`crate::partial`]).
     pub(crate) partial: crate::block_memory::Partial,
+    /// Fetches for peers under way, by digest and the length asked ([`peer`]).
+    peer_fetches: Mutex<HashMap<(Digest, u64), peer::PeerFetch>>,
 }
 
 impl ChunkCache {
@@ -248,6 +260,7 @@ impl ChunkCache {
             health_of_sources: SourceHealth::default(),
             health: CacheHealth::default(),
             partial: crate::block_memory::Partial::default(),
+            peer_fetches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -502,7 +515,18 @@ impl ChunkCache {
         stored: bool,
         priority: Priority,
     ) -> Result<Chunk, Arc<FetchError>> {
-        let mut outcome = self.join_or_start(chunk, sources, priority)?;
+        let outcome = self.join_or_start(chunk, sources, priority)?;
+        self.follow(chunk, outcome, stored).await
+    }
+
+    /// Waits on a fetch's progress until the chunk is readable (or, with `stored`, in
+    /// the cache).
+    async fn follow(
+        &self,
+        chunk: &ChunkRef,
+        mut outcome: watch::Receiver<Outcome>,
+        stored: bool,
+    ) -> Result<Chunk, Arc<FetchError>> {
         loop {
             match &*outcome.borrow_and_update() {
                 Progress::Fetching => {}

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`digest`]: the sha256 [`Digest`] that names a chunk.
-//! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4).
+//! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4);
+//!   [`labels`]: the grammar and size limits of its labels (and of policy keys).
 //! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
 //!   eviction, claims.
 //! - [`pins`]: named claims on chunks (`replica:<id>`, `upload:<id>`): each owner
@@ -19,7 +20,8 @@
 //!   It is all the daemon sees of the cache: calls by intent (claim a template's chunks
 //!   for a named owner, release an owner, keep a chunk made here, evict a template's
 //!   unclaimed chunks, count what is local, open a chunk for a peer or an upload, usage
-//!   and scrub); the index itself is not reachable from outside this crate.
+//!   and scrub); the index itself is not reachable from outside this crate. Its `peer`
+//!   part fetches for peers that ask by digest and length, a length it does not trust.
 //! - [`health`]: the cache's usage and whether it is DEGRADED (cannot keep chunks).
 //! - [`background`]: low-priority threads for the work of background fills: a runtime
 //!   of one thread of its own that moves a fill's bytes (SCHED_IDLE while readers are
@@ -63,6 +65,7 @@ pub mod encoding;
 pub mod fetch;
 pub mod health;
 pub mod image;
+pub mod labels;
 pub mod manifest;
 pub mod overlay;
 pub mod partial;

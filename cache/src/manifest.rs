@@ -300,6 +300,12 @@ impl Manifest {
         Ok(())
     }
 
+    /// Checks the labels against [`crate::labels`]: for a manifest being published, not
+    /// one being read (a store's older manifests stay readable).
+    pub fn validate_labels(&self) -> Result<(), ManifestError> {
+        crate::labels::validate_labels(self.labels.iter()).map_err(|r| self.invalid(r))
+    }
+
     fn invalid(&self, reason: String) -> ManifestError {
         ManifestError::Invalid {
             template: self.template.clone(),

@@ -30,6 +30,10 @@ use crate::store::client::{StoreClient, StoreError};
 pub enum CommitError {
     #[error("invalid template id: {0}")]
     InvalidId(String),
+    /// A label that breaks the label grammar (`lazyblk_cache::labels`): the store would
+    /// refuse the manifest.
+    #[error("invalid label: {0}")]
+    InvalidLabel(String),
     /// The new id is taken by a template or a sandbox.
     #[error("template {0:?} already exists; commit under a new id")]
     Exists(String),
@@ -115,6 +119,7 @@ impl Commits {
     ) -> Result<CommitOutcome, CommitError> {
         let started = Instant::now();
         validate_id(new_id).map_err(|e| CommitError::InvalidId(e.to_string()))?;
+        lazyblk_cache::labels::validate_labels(labels.iter()).map_err(CommitError::InvalidLabel)?;
         let sb = self
             .sandboxes
             .get(sandbox)

@@ -175,15 +175,24 @@ pub enum Discovery {
 }
 
 impl Discovery {
-    /// Parses `--peers`: `dns:NAME:PORT` or a comma-separated list of URLs.
+    /// Parses `--peers`: `dns:NAME:PORT` or a comma-separated list of URLs. A spec
+    /// that names no host (`dns::80`, `http://`), no port, or nothing at all is refused
+    /// here, at start, rather than resolved or probed in vain every few seconds.
     pub fn parse_peers(spec: &str) -> Result<Discovery, String> {
         if let Some(rest) = spec.strip_prefix("dns:") {
             let (name, port) = rest
                 .rsplit_once(':')
                 .ok_or_else(|| format!("--peers {spec:?}: expected dns:NAME:PORT"))?;
             let port = port
-                .parse()
-                .map_err(|_| format!("--peers {spec:?}: {port:?} is not a port"))?;
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("--peers {spec:?}: {port:?} is not a port (1 to 65535)"))?;
+            if !is_dns_name(name) {
+                return Err(format!(
+                    "--peers {spec:?}: {name:?} is not a DNS name (dns:NAME:PORT)"
+                ));
+            }
             return Ok(Discovery::Dns {
                 name: name.to_string(),
                 port,
@@ -194,11 +203,55 @@ impl Discovery {
             .map(|u| u.trim().trim_end_matches('/').to_string())
             .filter(|u| !u.is_empty())
             .collect();
-        if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
-            return Err(format!("--peers: {bad:?} is not an http:// URL"));
+        if urls.is_empty() {
+            return Err(format!(
+                "--peers {spec:?} names no peer (URL,URL,... or dns:NAME:PORT)"
+            ));
+        }
+        for url in &urls {
+            check_peer_url(url).map_err(|why| format!("--peers: {url:?} {why}"))?;
         }
         Ok(Discovery::Static(urls))
     }
+}
+
+/// Whether `name` is a host name DNS can resolve: dot-separated labels of 1 to 63
+/// letters, digits and inner hyphens, 253 bytes at most (a final dot allowed).
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Why `url` cannot be a peer's base URL, if it cannot: it must be `http://HOST[:PORT]`
+/// with a host, and nothing after it that would swallow the paths appended to it.
+fn check_peer_url(url: &str) -> Result<(), &'static str> {
+    if !url.starts_with("http://") {
+        return Err("is not an http:// URL");
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|_| "is not a URL")?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("names no host");
+    }
+    if parsed.port() == Some(0) {
+        return Err("names port 0");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("carries credentials");
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() || parsed.path() != "/" {
+        return Err("has a path, query or fragment (give http://HOST:PORT)");
+    }
+    Ok(())
 }
 
 /// Keeps `peers` in step with the fleet until `stop`.
@@ -237,7 +290,7 @@ pub async fn run(
                                 .filter_map(|n| match checked_url(&n.url) {
                                     Ok(url) => Some(Member { id: n.id, url }),
                                     Err(e) => {
-                                        tracing::warn!(node = %crate::display::clean(&n.id), "{e}; not asked as a peer");
+                                        tracing::warn!(node = %crate::printable::printable(&n.id), "{e}; not asked as a peer");
                                         None
                                     }
                                 })
@@ -313,5 +366,24 @@ mod tests {
         ));
         assert!(Discovery::parse_peers("dns:nope").is_err());
         assert!(Discovery::parse_peers("ftp://x").is_err());
+        for bad in [
+            "dns::80",
+            "dns:a:0",
+            "dns:a:",
+            "dns:-a:80",
+            "dns:a b:80",
+            "",
+            " , ",
+            "http://",
+            "http://:80",
+            "http://a:0",
+            "http://a b:80",
+            "http://u:p@a:80",
+            "http://a:80/internal?x=",
+        ] {
+            assert!(Discovery::parse_peers(bad).is_err(), "{bad:?}");
+        }
+        assert!(Discovery::parse_peers("http://10.0.0.7:7071").is_ok());
+        assert!(Discovery::parse_peers("dns:lazyblk.default.svc.cluster.local.:7071").is_ok());
     }
 }

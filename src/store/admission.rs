@@ -25,7 +25,7 @@ pub fn checked_url(url: &str) -> Result<String, String> {
     let bad = |why: &str| {
         Err(format!(
             "advertised URL {:?}: {why}",
-            crate::display::clean(url)
+            crate::printable::printable(url)
         ))
     };
     if url.len() > MAX_URL {

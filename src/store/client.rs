@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use super::direct::Direct;
 use super::{GcReport, TemplateSummary, TraceDoc};
 use crate::cli::{DeleteArgs, GcArgs, TemplatesArgs};
+use crate::printable::printable;
 
 /// Deadline of a metadata request (manifests, lists, traces): a 50 GiB template's
 /// manifest at 64 KiB chunks is ~55 MB, still seconds on any link a node uses.
@@ -382,6 +383,8 @@ impl StoreClient {
         if status.is_success() {
             return Ok((status, body));
         }
+        // The store's message may quote a node's lease (a delete refused for its
+        // users): kept without control characters wherever it is shown.
         let detail = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
@@ -392,6 +395,7 @@ impl StoreClient {
                     .take(500)
                     .collect()
             });
+        let detail = printable(&detail).into_owned();
         Err(StoreError::Http {
             url: self.url.clone(),
             status: status.as_u16(),
@@ -479,6 +483,11 @@ fn table(templates: &[TemplateSummary]) -> String {
             },
         ]);
     }
+    // Cells hold what a manifest or a node said (a parent, a creation time): shown
+    // without control characters.
+    for cell in rows.iter_mut().flatten() {
+        *cell = printable(cell).into_owned();
+    }
     let widths: Vec<usize> = (0..header.len())
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
@@ -543,13 +552,17 @@ pub async fn nodes_command(args: crate::cli::NodesArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<18} {:<32} {:<9} {:>9}",
+        "{:<32} {:<32} {:<9} {:>9}",
         "NODE", "ADDRESS", "VERSION", "LAST SEEN"
     );
+    // What a node says of itself in its lease: shown without control characters.
     for n in nodes {
         println!(
-            "{:<18} {:<32} {:<9} {:>8.1}s",
-            n.id, n.url, n.version, n.last_seen_secs
+            "{:<32} {:<32} {:<9} {:>8.1}s",
+            printable(&n.id),
+            printable(&n.url),
+            printable(&n.version),
+            n.last_seen_secs
         );
     }
     Ok(())

@@ -83,7 +83,7 @@ impl Heartbeat {
             if strings.into_iter().any(|s| s.len() > MAX_REPORT_STRING * 4) {
                 return Some(format!(
                     "a string in the report of {} is too long",
-                    crate::display::clean(&r.template)
+                    crate::printable::printable(&r.template)
                 ));
             }
         }
@@ -192,7 +192,7 @@ impl Membership {
     ) -> Result<(), LeaseError> {
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         Self::expire(&mut leases);
-        let clean = crate::display::clean;
+        let clean = crate::printable::printable;
         match leases.get(id) {
             None if leases.len() >= self.max_members => {
                 return Err(LeaseError::Full(leases.len()));
@@ -231,7 +231,7 @@ impl Membership {
         }
         let left = leases.remove(id);
         if let Some(lease) = &left {
-            tracing::info!(node = id, url = %crate::display::clean(&lease.beat.url), "node left (shut down)");
+            tracing::info!(node = id, url = %crate::printable::printable(&lease.beat.url), "node left (shut down)");
         }
         drop(leases);
         self.awaited
@@ -332,7 +332,7 @@ impl Membership {
         leases.retain(|id, l| {
             let live = l.seen.elapsed() <= lease;
             if !live {
-                tracing::info!(node = %id, url = %crate::display::clean(&l.beat.url), "node left (lease expired)");
+                tracing::info!(node = %id, url = %crate::printable::printable(&l.beat.url), "node left (lease expired)");
             }
             live
         });

@@ -42,7 +42,7 @@ impl From<SandboxError> for ApiError {
 impl From<CommitError> for ApiError {
     fn from(e: CommitError) -> ApiError {
         let status = match &e {
-            CommitError::InvalidId(_) => StatusCode::BAD_REQUEST,
+            CommitError::InvalidId(_) | CommitError::InvalidLabel(_) => StatusCode::BAD_REQUEST,
             CommitError::Exists(_) => StatusCode::CONFLICT,
             CommitError::Sandbox(s) => sandbox_status(s),
             CommitError::Template(n) => template_error_status(n),

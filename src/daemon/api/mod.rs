@@ -298,11 +298,18 @@ async fn peer_chunk(
         digest,
         len: query.len,
     };
+    // The length is the asker's: one the store's bytes do not have is its error (400),
+    // never a failure of this node's store.
     let got = node
         .cache
-        .get(&chunk, node.templates.store_sources())
+        .get_for_peer(&chunk, node.templates.store_sources())
         .await
-        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+        .map_err(|e| match *e {
+            lazyblk_cache::FetchError::AskedWrong { .. } => {
+                ApiError(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            _ => ApiError(StatusCode::BAD_GATEWAY, e.to_string()),
+        })?;
     let bytes = match got {
         lazyblk_cache::Chunk::Verified { bytes, .. } => bytes,
         lazyblk_cache::Chunk::File(file) => {

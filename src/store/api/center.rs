@@ -10,7 +10,7 @@ use axum::Json;
 use lazyblk_cache::Digest;
 use serde::Deserialize;
 
-use crate::display::clean;
+use crate::printable::printable as clean;
 use crate::store::admission::checked_url;
 use crate::store::nodes::{Heartbeat, NodeEntry, MAX_HEARTBEAT_BODY};
 use crate::store::TemplateSummary;
@@ -465,13 +465,40 @@ pub(super) struct PolicyBody {
     minimum: Option<String>,
 }
 
+/// Longest policy minimum, in bytes: `>=` and a dotted version of a dozen or so parts.
+const MAX_POLICY_MINIMUM: usize = 64;
+/// Rules the policy may hold: every listing checks each template against each rule.
+const MAX_POLICY_RULES: usize = 256;
+
+/// `PUT /v1/policy/{key}`: sets or removes a label's minimum. The key follows the label
+/// grammar (`lazyblk_cache::labels`), so `policy list` prints one line per rule.
 pub(super) async fn put_policy(
     State(state): State<AppState>,
     Path(key): Path<String>,
     Json(body): Json<PolicyBody>,
 ) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
     if let Some(m) = &body.minimum {
+        // Checked when a rule is set, not when one is removed: a key stored before
+        // the grammar can still go.
+        lazyblk_cache::labels::validate_label_key(&key)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("policy: {e}")))?;
+        let policy = state.center.policy().await;
+        if !policy.contains_key(&key) && policy.len() >= MAX_POLICY_RULES {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("policy: {MAX_POLICY_RULES} rules already; unset one first"),
+            ));
+        }
         let v = m.trim().trim_start_matches(">=");
+        if m.len() > MAX_POLICY_MINIMUM {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "policy {key}: a minimum of {} bytes; minimums are at most {MAX_POLICY_MINIMUM}",
+                    m.len()
+                ),
+            ));
+        }
         if v.is_empty() || v.split('.').any(|p| p.parse::<u64>().is_err()) {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,

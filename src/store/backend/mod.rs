@@ -224,8 +224,24 @@ impl Backend {
         dispatch!(self, b => b.manifest_bytes(id).await)
     }
 
-    /// Stores a manifest unless one with other content has this id.
+    /// Stores a manifest unless one with other content has this id. Its labels must
+    /// follow `lazyblk_cache::labels` (checked here, on the way in, and not when a
+    /// manifest is read, so a store's older manifests stay readable).
     pub async fn put_manifest(&self, id: &str, body: &[u8]) -> Result<ManifestPut, BackendError> {
+        /// The labels alone; the rest of the manifest is checked by the backend.
+        #[derive(serde::Deserialize)]
+        struct Labels {
+            #[serde(default)]
+            labels: std::collections::BTreeMap<String, String>,
+        }
+        if let Ok(Labels { labels }) = serde_json::from_slice::<Labels>(body) {
+            lazyblk_cache::labels::validate_labels(labels.iter()).map_err(|reason| {
+                ManifestError::Invalid {
+                    template: id.to_string(),
+                    reason,
+                }
+            })?;
+        }
         dispatch!(self, b => b.put_manifest(id, body).await)
     }
 
