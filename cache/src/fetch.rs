@@ -699,7 +699,7 @@ impl ChunkCache {
         deadline: Duration,
     ) -> Result<Option<Bytes>, SourceError> {
         let started = Instant::now();
-        let stored = source.fetch(&chunk.digest, chunk.len, deadline).await?;
+        let stored = source.fetch(chunk, deadline).await?;
         let stored_len = stored.len() as u64;
         let digest = chunk.digest;
         let len = chunk.len as usize;

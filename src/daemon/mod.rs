@@ -70,6 +70,7 @@ const WANTED_NOFILE: u64 = 65536;
 const TRACE_PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    check_peer_trust(&args)?;
     raise_nofile_limit();
     bound_heap();
     // The fills' low-priority threads, made from this (normal) thread.
@@ -176,12 +177,15 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         fill: fill.clone(),
         attachments: attachments.clone(),
         peer_token: args.peer_token.clone(),
+        fleet: args.advertise.is_some() || args.peers.is_some(),
+        peer_budget: Arc::new(api::PeerBudget::new(args.peer_max_bytes_in_flight)),
         write_token: args.write_token.clone(),
         scrubs: Arc::default(),
     });
     let http = tokio::spawn(crate::http_server::serve(
         http_listener,
         api,
+        args.http.limits(),
         shutdown(shutdown_rx.clone()),
     ));
     let nbd_tls = tls::setup(&args)?;
@@ -243,6 +247,21 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         if let Err(e) = sandbox.overlay.flush().await {
             tracing::error!(sandbox = sandbox.id(), error = %e, "flushing overlay at shutdown");
         }
+    }
+    Ok(())
+}
+
+/// Refuses a fleet member that holds the store's read token but has no peer token: its
+/// peer endpoints would fetch and serve the protected store's chunks to anyone.
+fn check_peer_trust(args: &DaemonArgs) -> anyhow::Result<()> {
+    let fleet = args.advertise.is_some() || args.peers.is_some();
+    if fleet && args.read_token.is_some() && args.peer_token.is_none() {
+        anyhow::bail!(
+            "--read-token without --peer-token in a fleet (--advertise or --peers): this \
+             daemon's peer endpoints would serve the protected store's chunks to anyone who \
+             asks. Give every daemon of the fleet the same --peer-token (LAZYBLK_PEER_TOKEN), \
+             or run without --advertise and --peers"
+        );
     }
     Ok(())
 }

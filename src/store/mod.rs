@@ -125,6 +125,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     let center = center::Center::load(backend.clone())
         .await
         .with_context(|| format!("loading the template center's wishes from {location}"))?;
+    let limits = args.http.limits();
     let state = api::AppState::new(backend, Arc::new(center), args.write_token, args.read_token);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -134,7 +135,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(store = %location, address = %local, "store listening");
     crate::notify::ready(&format!("serving {location} on {local}"));
-    crate::http_server::serve(listener, api::router(state), shutdown_signal())
+    crate::http_server::serve(listener, api::router(state), limits, shutdown_signal())
         .await
         .with_context(|| format!("serving on {local}"))?;
     tracing::info!("store stopped");
