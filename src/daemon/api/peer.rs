@@ -93,7 +93,7 @@ pub async fn peer_chunk(
             format!("len={} is not a chunk length (1 to {MAX_CHUNK})", query.len),
         ));
     }
-    let chunk = known_chunk(&state, digest, &query)?;
+    let chunk = known_chunk(&state, digest, &query).await?;
     let permit = match state.peer_budget.first_piece(chunk.len).await {
         Ok(permit) => permit,
         Err(busy) => return Ok(busy),
@@ -116,9 +116,10 @@ pub async fn peer_chunk(
     Ok(streamed(fetched, state.peer_budget.bytes.clone(), permit))
 }
 
-/// The chunk a peer asks for, if a manifest this node knows names `digest` at the
-/// index given (as a chunk, or as the page of the block index that covers it).
-fn known_chunk(
+/// The chunk a peer asks for, if a manifest this node knows (or learns now from the
+/// store: a template published a moment ago) names `digest` at the index given (as a
+/// chunk, or as the page of the block index that covers it).
+async fn known_chunk(
     state: &ApiState,
     digest: Digest,
     query: &PeerChunkQuery,
@@ -136,7 +137,7 @@ fn known_chunk(
             format!("{digest} is not chunk {index} of a template {template:?} this node knows"),
         )
     };
-    let replica = state.node.templates.known(template).ok_or_else(not_known)?;
+    let replica = state.node.templates.replica(template).await?;
     let manifest = replica.manifest();
     let len = if manifest.chunks.get(index) == Some(&Some(digest)) {
         manifest.chunk_len(index)
