@@ -286,7 +286,8 @@ pub struct DaemonArgs {
     #[arg(long, env = "LAZYBLK_READ_TOKEN", hide_env_values = true)]
     pub read_token: Option<String>,
     /// Bearer token between daemons: sent with chunk reads to origins, and required on
-    /// this daemon's own chunk endpoint, when set.
+    /// this daemon's own chunk endpoints, when set. A fleet member (--advertise or
+    /// --peers) with --read-token refuses to start without one.
     #[arg(long, env = "LAZYBLK_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
     /// Bytes of chunk responses to peers in flight at once, over all of them (e.g. 32M):

@@ -71,7 +71,7 @@ const TRACE_PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     check_peer_trust(&args)?;
-    raise_nofile_limit();
+    crate::http_server::raise_descriptor_limit(WANTED_NOFILE);
     bound_heap();
     // The fills' low-priority threads, made from this (normal) thread.
     lazyblk_cache::background::start();
@@ -385,15 +385,5 @@ fn bound_heap() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 4);
-    }
-}
-
-fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let wanted = WANTED_NOFILE.min(hard);
-        if soft < wanted {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard);
-        }
     }
 }

@@ -51,6 +51,19 @@ const LINGER_BYTES: usize = 1 << 20;
 /// server, the cache's files and the logs.
 const CONNECTION_SHARE_OF_NOFILE: u64 = 4;
 
+/// Raises the soft descriptor limit toward `wanted` (at most the hard limit): HTTP
+/// connections are bounded by a quarter of it, and a store's default soft limit (1024
+/// under systemd) would otherwise leave a fleet's keep-alive connections 256 slots.
+pub fn raise_descriptor_limit(wanted: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let wanted = wanted.min(hard);
+        if soft < wanted {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard);
+        }
+    }
+}
+
 /// The bounds of one server's clients (the store's or the daemon's `--http-*` flags).
 #[derive(Clone, Copy, Debug)]
 pub struct HttpLimits {

@@ -118,8 +118,13 @@ pub struct GcReport {
     pub chunks_recent: u64,
 }
 
+/// The descriptor limit the store asks for: its HTTP connections (a fleet's keep-alive
+/// pools) and the files of the chunks it reads and writes.
+const WANTED_NOFILE: u64 = 65536;
+
 /// Runs the store until SIGINT or SIGTERM.
 pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
+    crate::http_server::raise_descriptor_limit(WANTED_NOFILE);
     let (backend, location) = open_backend(&args).await?;
     let backend = Arc::new(backend);
     let center = center::Center::load(backend.clone())
