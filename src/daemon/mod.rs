@@ -263,6 +263,17 @@ fn check_peer_trust(args: &DaemonArgs) -> anyhow::Result<()> {
              or run without --advertise and --peers"
         );
     }
+    let direct = crate::store::direct::is_object_url(&args.store);
+    if fleet && direct && args.peer_token.is_none() {
+        // Not refused: a bucket may be public. A private one's chunks go to anyone who
+        // names a template and a digest of it.
+        tracing::warn!(
+            store = %args.store,
+            "a fleet member reading an object store directly without --peer-token serves \
+             its chunks to anyone who asks; give the fleet a --peer-token unless the bucket \
+             is public"
+        );
+    }
     Ok(())
 }
 
