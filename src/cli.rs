@@ -188,6 +188,8 @@ pub struct StoreArgs {
     /// The most nodes the store keeps leases for; more are refused (503).
     #[arg(long, default_value_t = crate::store::nodes::DEFAULT_MAX_MEMBERS)]
     pub max_members: usize,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Read flags from this TOML file first. Each key is a flag's long name
     /// (`cache = "/var/lib/lazyblk/cache"`, `nbd-max-connections = 256`); flags on the
     /// command line and environment variables win over the file.
@@ -197,6 +199,34 @@ pub struct StoreArgs {
     /// defaults) as a config file, each with its source, and exit. Tokens are not shown.
     #[arg(long)]
     pub print_config: bool,
+}
+
+/// The bounds of an HTTP server's clients (the store's and the daemon's).
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// HTTP connections served at once (at most a quarter of the descriptor limit); more wait in
+    /// the listen backlog until one ends, so slow clients cannot take every descriptor.
+    #[arg(long, default_value = "1024")]
+    pub http_max_connections: usize,
+    /// Seconds a request body may take to arrive in full; a later one is cut off and
+    /// its connection closed.
+    #[arg(long, default_value = "60")]
+    pub http_body_timeout: f64,
+    /// Bytes per second a request body must average after its first 5 seconds (e.g.
+    /// 64K); a slower one (a client that sends a byte now and then) is cut off.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub http_min_body_rate: u64,
+}
+
+impl HttpArgs {
+    /// The limits the HTTP server applies.
+    pub fn limits(&self) -> crate::http_server::HttpLimits {
+        crate::http_server::HttpLimits {
+            max_connections: self.http_max_connections.max(1),
+            body_timeout: std::time::Duration::from_secs_f64(self.http_body_timeout.max(0.1)),
+            min_body_rate: self.http_min_body_rate.max(1),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -290,9 +320,17 @@ pub struct DaemonArgs {
     #[arg(long, env = "LAZYBLK_READ_TOKEN", hide_env_values = true)]
     pub read_token: Option<String>,
     /// Bearer token between daemons: sent with chunk reads to origins, and required on
-    /// this daemon's own chunk endpoint, when set.
+    /// this daemon's own chunk endpoints, when set. A fleet member (--advertise or
+    /// --peers) with --read-token refuses to start without one.
     #[arg(long, env = "LAZYBLK_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
+    /// Bytes of chunk responses to peers in flight at once, over all of them (e.g. 32M):
+    /// responses stream from the chunk files, and a piece waits for room; a request that
+    /// finds none for a moment gets 503 with Retry-After (the peer then asks the store).
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    pub peer_max_bytes_in_flight: u64,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Bearer token sent with writes to the store (commit uploads, traces), and required
     /// on this daemon's own changing requests (warm, evict, overlays, commit, attach).
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]

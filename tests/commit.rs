@@ -25,6 +25,32 @@ fn commit(node: &DaemonProc, sandbox: &str, id: &str) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// Waits until each of `nodes` sees every other as a live member: a daemon serves its
+/// commits' chunks only in a fleet, and its fellows contact it as an origin only while
+/// it is a live member.
+fn wait_for_fleet(nodes: &[&DaemonProc]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in nodes {
+        loop {
+            let seen = http_get(&format!("{}/v1/node", node.url()))
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+                .and_then(|info| info["peers"].as_array().map(Vec::len))
+                .unwrap_or(0);
+            if seen + 1 >= nodes.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} sees {seen} of the fleet's {} other nodes",
+                node.url(),
+                nodes.len() - 1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn overlay(node: &DaemonProc, template: &str, sandbox: &str) {
     let (ok, out, err) = run(&[
         "overlay",
@@ -103,18 +129,19 @@ fn a_commit_is_servable_on_every_node_at_once_and_durable_after() {
         files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     let image = make_ext4(tmp.path(), 96, &borrowed);
     publish(&store.url(), &image, "t");
-    let _a = DaemonProc::start_unix(&store.url(), &tmp.path().join("a"), &[]);
+    let _a = DaemonProc::start_unix_member(&store.url(), &tmp.path().join("a"), &[]);
     // B holds its uploads back, so the new chunks exist only on B for a while.
-    let mut b = DaemonProc::start_unix(
+    let mut b = DaemonProc::start_unix_member(
         &store.url(),
         &tmp.path().join("b"),
         &["--upload-delay", "15"],
     );
-    let c = DaemonProc::start_unix(
+    let c = DaemonProc::start_unix_member(
         &store.url(),
         &tmp.path().join("c"),
         &["--source-deadline", "2"],
     );
+    wait_for_fleet(&[&_a, &b, &c]);
     // B and C read T lazily.
     copy_export(&b, "t", &tmp.path().join("b-t.img"));
     copy_export(&c, "t", &tmp.path().join("c-t.img"));
@@ -201,16 +228,17 @@ fn commits_of_commits_work_to_any_depth_across_nodes() {
     let store = StoreProc::start();
     let image = make_ext4(tmp.path(), 64, &[("a", pattern(2 << 20, 1))]);
     publish(&store.url(), &image, "l0");
-    let b = DaemonProc::start_unix(
+    let b = DaemonProc::start_unix_member(
         &store.url(),
         &tmp.path().join("b"),
         &["--upload-delay", "60"],
     );
-    let c = DaemonProc::start_unix(
+    let c = DaemonProc::start_unix_member(
         &store.url(),
         &tmp.path().join("c"),
         &["--upload-delay", "60"],
     );
+    wait_for_fleet(&[&b, &c]);
     overlay(&b, "l0", "s1");
     write_files_through_nbd(&b, "s1", tmp.path(), &[("/one", pattern(1 << 20, 2))]);
     commit(&b, "s1", "l1");

@@ -41,21 +41,26 @@ fn a_wrong_len_is_the_askers_error_not_the_stores() {
     let body = dir.path().join("body");
 
     // A digest of each manifest, with its real length (1 MiB chunks, none is last).
-    let first = |m: &serde_json::Value| -> String {
+    let first = |m: &serde_json::Value| -> (usize, String) {
         m["chunks"]
             .as_array()
             .unwrap()
             .iter()
-            .find_map(|c| c.as_str())
+            .enumerate()
+            .find_map(|(i, c)| c.as_str().map(|d| (i, d.to_string())))
             .unwrap()
-            .to_string()
     };
     let len = 1u64 << 20;
-    for (what, digest) in [("compressed", first(&packed)), ("raw", first(&raw))] {
+    // A peer names the template and the chunk's index (the owner fetches only what a
+    // manifest it knows names there).
+    for (what, (index, digest)) in [("packed", first(&packed)), ("raw", first(&raw))] {
         for wrong in [4096, len - 1, len + 4096, 16 << 20] {
             for _ in 0..3 {
                 let status = curl_status(
-                    &format!("{}/v1/peer/chunks/{digest}?len={wrong}", node.url()),
+                    &format!(
+                        "{}/v1/peer/chunks/{digest}?len={wrong}&template={what}&index={index}",
+                        node.url()
+                    ),
                     &body,
                 );
                 assert!(
@@ -77,7 +82,10 @@ fn a_wrong_len_is_the_askers_error_not_the_stores() {
         );
         // The right length is served, byte for byte.
         let status = curl_status(
-            &format!("{}/v1/peer/chunks/{digest}?len={len}", node.url()),
+            &format!(
+                "{}/v1/peer/chunks/{digest}?len={len}&template={what}&index={index}",
+                node.url()
+            ),
             &body,
         );
         assert_eq!(

@@ -26,8 +26,6 @@ pub use crate::planner::Priority;
 use crate::planner::{FetchSlots, Promotion, SourceHealth};
 use crate::source::{Source, SourceError};
 
-mod peer;
-
 /// The default time one source gets to deliver one chunk. Well under the kernel NBD
 /// client's 30 s request timeout, so that a stalled source is passed over and the read
 /// can still be answered from the next one.
@@ -81,14 +79,6 @@ pub enum FetchError {
         template: Arc<str>,
         index: usize,
         source: ChunkStoreError,
-    },
-    /// A peer asked for a chunk its sources do not have at the length it gave
-    /// ([`ChunkCache::get_for_peer`]): the asker's error, not a source's.
-    #[error("chunk {digest} is not to be had at {len} bytes: {detail} (the asker's length or digest is wrong)")]
-    AskedWrong {
-        digest: Digest,
-        len: u64,
-        detail: String,
     },
 }
 
@@ -241,8 +231,6 @@ pub struct ChunkCache {
     health: CacheHealth,
     /// Blocks of chunks read in part ([`crate::partial`]).
     pub(crate) partial: crate::block_memory::Partial,
-    /// Fetches for peers under way, by digest and the length asked ([`peer`]).
-    peer_fetches: Mutex<HashMap<(Digest, u64), peer::PeerFetch>>,
 }
 
 impl ChunkCache {
@@ -260,7 +248,6 @@ impl ChunkCache {
             health_of_sources: SourceHealth::default(),
             health: CacheHealth::default(),
             partial: crate::block_memory::Partial::default(),
-            peer_fetches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -723,7 +710,7 @@ impl ChunkCache {
         deadline: Duration,
     ) -> Result<Option<Bytes>, SourceError> {
         let started = Instant::now();
-        let stored = source.fetch(&chunk.digest, chunk.len, deadline).await?;
+        let stored = source.fetch(chunk, deadline).await?;
         let stored_len = stored.len() as u64;
         let digest = chunk.digest;
         let len = chunk.len as usize;

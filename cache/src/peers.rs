@@ -1,7 +1,7 @@
 //! The fleet's nodes as chunk sources: each chunk digest has one owner among the live
 //! nodes, chosen by rendezvous hashing over their ids (so a node that comes or goes
 //! moves only its own share of chunks). A node missing a chunk asks the owner
-//! (`GET {owner}/v1/peer/chunks/{digest}?len=N`), which answers from its cache or
+//! (`GET {owner}/v1/peer/chunks/{digest}?len=N&template=ID&index=I`), which answers from its cache or
 //! fetches the chunk once from the store. An owner never asks a peer: its own fetches
 //! use the store only, so requests cannot loop.
 //!
@@ -18,6 +18,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
+use crate::fetch::ChunkRef;
 use crate::transport::{HttpClients, HttpSource, SourceError};
 
 /// Owners tried for one chunk before the read goes on to the store: the owner, then the
@@ -142,13 +143,16 @@ impl PeerSet {
             .collect()
     }
 
-    /// Fetches `digest` from its owners (unverified; the caller checks the digest).
-    pub async fn fetch(
-        &self,
-        digest: &Digest,
-        len: u64,
-        deadline: Duration,
-    ) -> Result<Bytes, SourceError> {
+    /// Fetches `chunk` from its owners (unverified; the caller checks the digest).
+    pub async fn fetch(&self, chunk: &ChunkRef, deadline: Duration) -> Result<Bytes, SourceError> {
+        let (digest, len) = (&chunk.digest, chunk.len);
+        if crate::manifest::validate_id(&chunk.template).is_err() {
+            // Not a template's chunk (an owner would refuse it): the store has it.
+            return Err(SourceError::Skipped {
+                source_name: "peers".into(),
+                why: format!("{:?} names no template an owner could know", chunk.template),
+            });
+        }
         let owners = self.owners(digest);
         if owners.is_empty() {
             return Err(SourceError::Skipped {
@@ -164,7 +168,10 @@ impl PeerSet {
                 break;
             }
             let source = HttpSource::new(self.clients.clone(), &owner.url, self.token.clone());
-            let url = format!("{}/v1/peer/chunks/{digest}?len={len}", owner.url);
+            let url = format!(
+                "{}/v1/peer/chunks/{digest}?len={len}&template={}&index={}",
+                owner.url, chunk.template, chunk.index
+            );
             let attempt = Instant::now();
             match source.fetch_url(&url, len, left).await {
                 Ok(bytes) => {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::digest::Digest;
+use crate::fetch::ChunkRef;
 use crate::peers::PeerSet;
 
 pub use crate::transport::{HttpClients, HttpSource, ObjectSource, SourceError};
@@ -63,13 +64,11 @@ impl Source {
         !matches!(self, Source::Object(_))
     }
 
-    /// Fetches the chunk's bytes (unverified; the caller checks the digest).
-    pub async fn fetch(
-        &self,
-        digest: &Digest,
-        len: u64,
-        deadline: Duration,
-    ) -> Result<Bytes, SourceError> {
+    /// Fetches the chunk's bytes (unverified; the caller checks the digest). Peers are
+    /// told the chunk's template and index too: an owner fetches for a peer only what a
+    /// manifest it knows names there.
+    pub async fn fetch(&self, chunk: &ChunkRef, deadline: Duration) -> Result<Bytes, SourceError> {
+        let (digest, len) = (&chunk.digest, chunk.len);
         match self {
             Source::Http(s) => s.fetch(digest, len, deadline).await,
             Source::Origin { http, members } => {
@@ -83,7 +82,7 @@ impl Source {
                 }
                 http.fetch(digest, len, deadline).await
             }
-            Source::Peers(p) => p.fetch(digest, len, deadline).await,
+            Source::Peers(p) => p.fetch(chunk, deadline).await,
             Source::Object(o) => o.fetch(digest, len, deadline).await,
         }
     }

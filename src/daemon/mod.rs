@@ -70,7 +70,8 @@ const WANTED_NOFILE: u64 = 65536;
 const TRACE_PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    raise_nofile_limit();
+    check_peer_trust(&args)?;
+    crate::http_server::raise_descriptor_limit(WANTED_NOFILE);
     bound_heap();
     // The fills' low-priority threads, made from this (normal) thread.
     lazyblk_cache::background::start();
@@ -182,12 +183,15 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         fill: fill.clone(),
         attachments: attachments.clone(),
         peer_token: args.peer_token.clone(),
+        fleet: args.advertise.is_some() || args.peers.is_some(),
+        peer_budget: Arc::new(api::PeerBudget::new(args.peer_max_bytes_in_flight)),
         write_token: args.write_token.clone(),
         scrubs: Arc::default(),
     });
     let http = tokio::spawn(crate::http_server::serve(
         http_listener,
         api,
+        args.http.limits(),
         shutdown(shutdown_rx.clone()),
     ));
     let nbd_tls = tls::setup(&args)?;
@@ -249,6 +253,32 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         if let Err(e) = sandbox.overlay.flush().await {
             tracing::error!(sandbox = sandbox.id(), error = %e, "flushing overlay at shutdown");
         }
+    }
+    Ok(())
+}
+
+/// Refuses a fleet member that holds the store's read token but has no peer token: its
+/// peer endpoints would fetch and serve the protected store's chunks to anyone.
+fn check_peer_trust(args: &DaemonArgs) -> anyhow::Result<()> {
+    let fleet = args.advertise.is_some() || args.peers.is_some();
+    if fleet && args.read_token.is_some() && args.peer_token.is_none() {
+        anyhow::bail!(
+            "--read-token without --peer-token in a fleet (--advertise or --peers): this \
+             daemon's peer endpoints would serve the protected store's chunks to anyone who \
+             asks. Give every daemon of the fleet the same --peer-token (LAZYBLK_PEER_TOKEN), \
+             or run without --advertise and --peers"
+        );
+    }
+    let direct = crate::store::direct::is_object_url(&args.store);
+    if fleet && direct && args.peer_token.is_none() {
+        // Not refused: a bucket may be public. A private one's chunks go to anyone who
+        // names a template and a digest of it.
+        tracing::warn!(
+            store = %args.store,
+            "a fleet member reading an object store directly without --peer-token serves \
+             its chunks to anyone who asks; give the fleet a --peer-token unless the bucket \
+             is public"
+        );
     }
     Ok(())
 }
@@ -372,15 +402,5 @@ fn bound_heap() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 4);
-    }
-}
-
-fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let wanted = WANTED_NOFILE.min(hard);
-        if soft < wanted {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard);
-        }
     }
 }

@@ -119,13 +119,19 @@ pub struct GcReport {
     pub chunks_recent: u64,
 }
 
+/// The descriptor limit the store asks for: its HTTP connections (a fleet's keep-alive
+/// pools) and the files of the chunks it reads and writes.
+const WANTED_NOFILE: u64 = 65536;
+
 /// Runs the store until SIGINT or SIGTERM.
 pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
+    crate::http_server::raise_descriptor_limit(WANTED_NOFILE);
     let (backend, location) = open_backend(&args).await?;
     let backend = Arc::new(backend);
     let center = center::Center::load(backend.clone())
         .await
         .with_context(|| format!("loading the template center's wishes from {location}"))?;
+    let limits = args.http.limits();
     let members = backend
         .doc(nodes::MEMBERS_DOC)
         .await
@@ -165,7 +171,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(store = %location, address = %local, "store listening");
     crate::notify::ready(&format!("serving {location} on {local}"));
-    crate::http_server::serve(listener, api::router(state), shutdown_signal())
+    crate::http_server::serve(listener, api::router(state), limits, shutdown_signal())
         .await
         .with_context(|| format!("serving on {local}"))?;
     tracing::info!("store stopped");

@@ -66,6 +66,25 @@ impl DaemonProc {
         d
     }
 
+    /// Like [`DaemonProc::start_unix`], as a member of the store's fleet (`--advertise`
+    /// its own API URL): only then does it serve its chunks to other nodes, as the
+    /// origin of its commits.
+    pub fn start_unix_member(store_url: &str, cache: &Path, extra: &[&str]) -> DaemonProc {
+        let mut d = DaemonProc {
+            child: None,
+            http_port: free_port(),
+            nbd_port: 0,
+            cache: cache.to_path_buf(),
+            store_url: store_url.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            unix: true,
+        };
+        d.extra.push("--advertise".into());
+        d.extra.push(d.url());
+        d.spawn();
+        d
+    }
+
     fn socket(&self) -> PathBuf {
         self.cache.join("nbd.sock")
     }

@@ -4,19 +4,20 @@
 mod attach;
 mod errors;
 mod health;
+mod peer;
 mod sandboxes;
 mod state;
+
+pub use peer::PeerBudget;
 
 use state::checked_id;
 pub use state::{ApiError, ApiState, EvictQuery};
 
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use lazyblk_cache::Digest;
 use serde::Serialize;
 
 use crate::daemon::node::Node;
@@ -28,7 +29,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/node", get(health::node_info))
-        .route("/v1/peer/chunks/{digest}", get(peer_chunk))
+        .route("/v1/peer/chunks/{digest}", get(peer::peer_chunk))
         .route(
             "/v1/scrub",
             get(health::scrub_status).post(health::start_scrub),
@@ -44,7 +45,7 @@ pub fn router(state: ApiState) -> Router {
             get(sandboxes::status).delete(sandboxes::delete),
         )
         .route("/v1/overlays/{sb}/commit", post(sandboxes::commit))
-        .route("/v1/chunks/{digest}", get(chunk).head(chunk))
+        .route("/v1/chunks/{digest}", get(peer::chunk).head(peer::chunk))
         .route("/v1/attachments", get(attach::list).post(attach::create))
         .route("/v1/attachments/{device}", delete(attach::remove))
         .layer(axum::middleware::from_fn_with_state(
@@ -67,12 +68,17 @@ async fn require_write_token(
     );
     if let (true, Some(token)) = (changing, &state.write_token) {
         if !crate::auth::carries(request.headers(), token) {
-            return ApiError(
-                StatusCode::UNAUTHORIZED,
-                "this daemon needs its write token for changes (--token or LAZYBLK_WRITE_TOKEN)"
-                    .into(),
+            // Answered at once, the body unread and the connection closed (see
+            // crate::store::api::auth).
+            return (
+                [(header::CONNECTION, "close")],
+                ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "this daemon needs its write token for changes (--token or LAZYBLK_WRITE_TOKEN)"
+                        .into(),
+                ),
             )
-            .into_response();
+                .into_response();
         }
     }
     next.run(request).await
@@ -263,133 +269,4 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     crate::metrics::response(&registry)
-}
-
-/// Query of `GET /v1/peer/chunks/{digest}`.
-#[derive(serde::Deserialize)]
-pub struct PeerChunkQuery {
-    /// The chunk's length (from the asker's manifest): bounds what the owner fetches.
-    len: u64,
-}
-
-/// The largest chunk (DESIGN section 2).
-const MAX_CHUNK: u64 = 16 << 20;
-
-/// An owner's fetch-and-serve (DESIGN section 10): the chunk from this node's cache, or
-/// fetched once from the store (never from a peer, so requests cannot loop), cached and
-/// served. Needs the peer token when one is set.
-async fn peer_chunk(
-    State(state): State<ApiState>,
-    Path(digest): Path<String>,
-    Query(query): Query<PeerChunkQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let digest = peer_request(&state, &headers, &digest)?;
-    if query.len == 0 || query.len > MAX_CHUNK {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("len={} is not a chunk length (1 to {MAX_CHUNK})", query.len),
-        ));
-    }
-    let node = &state.node;
-    let chunk = lazyblk_cache::ChunkRef {
-        template: "peer request".into(),
-        index: 0,
-        digest,
-        len: query.len,
-    };
-    // The length is the asker's: one the store's bytes do not have is its error (400),
-    // never a failure of this node's store.
-    let got = node
-        .cache
-        .get_for_peer(&chunk, node.templates.store_sources())
-        .await
-        .map_err(|e| match *e {
-            lazyblk_cache::FetchError::AskedWrong { .. } => {
-                ApiError(StatusCode::BAD_REQUEST, e.to_string())
-            }
-            _ => ApiError(StatusCode::BAD_GATEWAY, e.to_string()),
-        })?;
-    let bytes = match got {
-        lazyblk_cache::Chunk::Verified { bytes, .. } => bytes,
-        lazyblk_cache::Chunk::File(file) => {
-            let read = tokio::task::spawn_blocking(move || file.read_all())
-                .await
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            read.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-                .into()
-        }
-    };
-    if bytes.len() as u64 != query.len {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("chunk {digest} is {} bytes, not {}", bytes.len(), query.len),
-        ));
-    }
-    node.metrics.peer_served(bytes.len() as u64);
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from(bytes),
-    )
-        .into_response())
-}
-
-/// The checks of both chunk endpoints peers call: the peer token (when one is set) and
-/// the digest in the path.
-fn peer_request(state: &ApiState, headers: &HeaderMap, digest: &str) -> Result<Digest, ApiError> {
-    if let Some(token) = &state.peer_token {
-        if !crate::auth::carries(headers, token) {
-            return Err(ApiError(
-                StatusCode::UNAUTHORIZED,
-                "chunk reads need this daemon's peer token (--peer-token)".into(),
-            ));
-        }
-    }
-    digest
-        .parse()
-        .map_err(|e: lazyblk_cache::digest::DigestParseError| {
-            ApiError(StatusCode::BAD_REQUEST, e.to_string())
-        })
-}
-
-/// Serves a local chunk to a peer node (this node is an origin of its commits).
-async fn chunk(
-    State(state): State<ApiState>,
-    Path(digest): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let digest = peer_request(&state, &headers, &digest)?;
-    let node = state.node.clone();
-    // Opening may hash the file (its first open by this daemon): off the runtime.
-    let opened = tokio::task::spawn_blocking(move || {
-        let chunk = node.cache.open_local(&digest)?;
-        chunk
-            .map(|c| c.try_clone_file().map(|f| (c, f)))
-            .transpose()
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let Some((chunk, file)) = opened else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("chunk {digest} is not on this node"),
-        ));
-    };
-    // Streamed from the file: nothing is read for a HEAD, and a GET holds one buffer,
-    // not the chunk. The `ChunkFile` rides along so the chunk is not evicted meanwhile.
-    let len = chunk.len;
-    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
-    let stream = futures::StreamExt::map(stream, move |piece| {
-        let _held = &chunk;
-        piece
-    });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, len.to_string()),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
 }

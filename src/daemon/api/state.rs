@@ -21,6 +21,11 @@ pub struct ApiState {
     pub attachments: Arc<Attachments>,
     /// Bearer token required to read chunks (peers and origins), when configured.
     pub peer_token: Option<String>,
+    /// Whether this node is in a fleet (`--advertise` or `--peers`): only then does it
+    /// serve chunks to other nodes.
+    pub fleet: bool,
+    /// The bytes of chunk responses to peers in flight, node-wide.
+    pub peer_budget: Arc<super::PeerBudget>,
     /// Bearer token required for changing requests (POST, PUT, DELETE), when configured.
     pub write_token: Option<String>,
     /// The node's scrub of its cache.

@@ -1,11 +1,14 @@
 //! Bearer tokens on the store's routes: writes need the write token, chunk reads the
 //! read token (or the write token), when they are set; and per-route request counts.
+//! A refused request is answered at once, its body unread, and its connection closed
+//! (the server lingers briefly so the client reads the 401): waiting for the body let
+//! clients without a token hold connections for as long as they trickled bytes.
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::store::backend::{drain, MAX_CHUNK_BODY};
+use axum::http::{header, HeaderValue};
 
 use super::counters::HttpLabels;
 use super::state::AppState;
@@ -21,9 +24,11 @@ pub(super) async fn authorize(
     match checked {
         Ok(()) => next.run(request).await,
         Err(e) => {
-            // Read what the client is sending so it sees the 401 instead of a broken pipe.
-            drain(request.into_body().into_data_stream(), MAX_CHUNK_BODY).await;
-            e.into_response()
+            let mut response = e.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
         }
     }
 }

@@ -1,8 +1,19 @@
 //! The HTTP server loop of the store and the daemon: axum routers over hyper's HTTP/1
-//! connections, with the timeouts `axum::serve` lacks. A client that does not finish a
+//! connections, with the bounds `axum::serve` lacks. A client that does not finish a
 //! request's headers within [`HEADER_TIMEOUT`] is dropped, and so is a keep-alive
-//! connection that stays idle for [`IDLE_TIMEOUT`] between requests; a handler that
-//! works long (a commit, a gc) is not cut off.
+//! connection that stays idle for [`IDLE_TIMEOUT`] between requests; a request body
+//! has a deadline and a minimum rate ([`body`]); connections served at once are
+//! bounded below the descriptor limit (more wait in the listen backlog), so slow
+//! clients cannot take the descriptors that `/healthz` and the chunk files need; a
+//! connection closed before its request body was read lingers briefly, so the client
+//! reads the answer (a 401) instead of a reset. A handler that works long (a commit, a
+//! gc) is not cut off.
+//!
+//! # Layout
+//! - this file: the accept loop, one connection, its idle watch.
+//! - [`body`]: the request body's deadline and minimum rate.
+
+mod body;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,9 +25,11 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+
+use body::BodyDeadline;
 
 /// Time a client has to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,27 +39,98 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long connections get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a closing connection keeps reading (and dropping) what its client still
+/// sends: closing a socket with unread bytes sends a reset, which can make the client
+/// lose the answer it was sent (a 401 to an upload that is still sending).
+const LINGER: Duration = Duration::from_secs(1);
+/// The most a lingering connection reads before it closes anyway.
+const LINGER_BYTES: usize = 1 << 20;
+/// The part of the process's descriptor limit that HTTP connections may take (a
+/// quarter): a connection may hold a file besides its socket (an upload's temporary
+/// file, a chunk being served), and the rest is for the store's backend, the NBD
+/// server, the cache's files and the logs.
+const CONNECTION_SHARE_OF_NOFILE: u64 = 4;
+
+/// Raises the soft descriptor limit toward `wanted` (at most the hard limit): HTTP
+/// connections are bounded by a quarter of it, and a store's default soft limit (1024
+/// under systemd) would otherwise leave a fleet's keep-alive connections 256 slots.
+pub fn raise_descriptor_limit(wanted: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let wanted = wanted.min(hard);
+        if soft < wanted {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard);
+        }
+    }
+}
+
+/// The bounds of one server's clients (the store's or the daemon's `--http-*` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    /// Connections served at once (lowered to a quarter of the descriptor limit); more
+    /// wait in the listen backlog until one ends.
+    pub max_connections: usize,
+    /// Time a whole request body may take to arrive.
+    pub body_timeout: Duration,
+    /// Bytes per second a request body must average once [`body::BODY_RATE_GRACE`] has
+    /// passed.
+    pub min_body_rate: u64,
+}
+
+impl HttpLimits {
+    /// The connections this process can serve at once: `max_connections`, at most the
+    /// share of the descriptor limit.
+    fn connections(&self) -> usize {
+        use nix::sys::resource::{getrlimit, Resource};
+        let nofile = getrlimit(Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(u64::MAX);
+        let share = usize::try_from(nofile / CONNECTION_SHARE_OF_NOFILE).unwrap_or(usize::MAX);
+        let n = self.max_connections.min(share).max(1);
+        if n < self.max_connections {
+            tracing::info!(
+                connections = n,
+                nofile,
+                "HTTP connections bounded by the descriptor limit"
+            );
+        }
+        n
+    }
+}
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets connections
 /// finish their requests (for up to [`SHUTDOWN_GRACE`]).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    let slots = Arc::new(Semaphore::new(limits.connections()));
     tokio::pin!(shutdown);
     loop {
-        let accepted = tokio::select! {
+        // A slot first: at the bound, new clients wait in the listen backlog, holding
+        // no descriptor of ours.
+        let slot = tokio::select! {
             () = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                connections.spawn(serve_one(stream, router.clone(), stop_rx.clone()));
+                let (router, stop) = (router.clone(), stop_rx.clone());
+                connections.spawn(async move {
+                    serve_one(stream, router, limits, stop).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting an HTTP connection failed; backing off");
@@ -65,7 +149,12 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_one(stream: TcpStream, router: Router, mut stop: watch::Receiver<bool>) {
+async fn serve_one(
+    stream: TcpStream,
+    router: Router,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         inner: stream,
@@ -73,30 +162,30 @@ async fn serve_one(stream: TcpStream, router: Router, mut stop: watch::Receiver<
     });
     let busy = activity.clone();
     let service = tower::ServiceBuilder::new()
-        .map_request(move |req| {
+        .map_request(move |req: hyper::Request<hyper::body::Incoming>| {
             busy.requests.fetch_add(1, Ordering::Relaxed);
-            req
+            req.map(|body| axum::body::Body::new(BodyDeadline::new(body, limits)))
         })
         .service(router);
     let service = InFlight {
         inner: service,
         activity: activity.clone(),
     };
-    let conn = hyper::server::conn::http1::Builder::new()
+    let mut conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(io, TowerToHyperService::new(service));
-    tokio::pin!(conn);
     let mut ticker = tokio::time::interval(IDLE_TIMEOUT / 4);
     loop {
         tokio::select! {
-            result = conn.as_mut() => {
+            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "HTTP connection ended");
+                    return;
                 }
-                return;
+                break;
             }
-            _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+            _ = stop.changed() => Pin::new(&mut conn).graceful_shutdown(),
             _ = ticker.tick() => {
                 if activity.idle_for() > IDLE_TIMEOUT {
                     tracing::debug!("closing an idle HTTP connection");
@@ -105,6 +194,26 @@ async fn serve_one(stream: TcpStream, router: Router, mut stop: watch::Receiver<
             }
         }
     }
+    linger(conn.into_parts().io.into_inner().inner).await;
+}
+
+/// Closes a finished connection: sends what is written, then reads and drops what the
+/// client still sends (up to [`LINGER`] and [`LINGER_BYTES`]) before closing.
+async fn linger(mut stream: TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut scratch = [0u8; 16 << 10];
+    let mut dropped = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while dropped < LINGER_BYTES {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => dropped += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// When bytes last moved on a connection, and how many requests are being answered.
@@ -205,6 +314,25 @@ impl AsyncWrite for Watched {
             self.activity.touch();
         }
         polled
+    }
+
+    // Vectored writes make hyper queue a response's pieces instead of copying them into
+    // a buffer of its own: a piece (and its room in a budget, see the daemon's peer
+    // responses) is released when it has been written to the socket.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -1,0 +1,275 @@
+//! The chunk endpoints other daemons call: `/v1/chunks/{digest}` (what this node holds,
+//! for a template it is the origin of) and `/v1/peer/chunks/{digest}` (an owner's
+//! fetch-and-serve, DESIGN section 10).
+//!
+//! They answer only in a fleet (`--advertise` or `--peers`), with the peer token when
+//! one is set; an owner fetches for a peer only a chunk that a manifest it knows names
+//! at the index the peer gives, so no one can read the store through it or fill its
+//! disk with chunks of their choosing. Responses stream from the chunk file in
+//! [`PIECE`]s, each holding its bytes of the node-wide [`PeerBudget`] until hyper has
+//! written it: peers that never read hold at most the budget, not a chunk each.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use lazyblk_cache::{Chunk, ChunkFile, ChunkRef, Digest, Priority};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::state::{checked_id, ApiError, ApiState};
+
+/// Bytes of a chunk read from its file and handed to hyper at once.
+const PIECE: u64 = 64 << 10;
+/// How long a peer request waits for room in the budget before it gets 503.
+const BUDGET_WAIT: Duration = Duration::from_secs(1);
+/// The Retry-After of that 503, in seconds (the peer asks the store meanwhile).
+const RETRY_AFTER_SECS: &str = "1";
+/// The largest chunk (DESIGN section 2).
+const MAX_CHUNK: u64 = 16 << 20;
+
+/// The bytes of chunk responses to peers that may be in flight (read from the files and
+/// not yet written to a socket) over all of them (`--peer-max-bytes-in-flight`).
+pub struct PeerBudget {
+    bytes: Arc<Semaphore>,
+}
+
+impl PeerBudget {
+    pub fn new(bytes: u64) -> PeerBudget {
+        let bytes = usize::try_from(bytes.max(PIECE))
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS);
+        PeerBudget {
+            bytes: Arc::new(Semaphore::new(bytes)),
+        }
+    }
+
+    /// Room for the first piece of a `len`-byte response, or after [`BUDGET_WAIT`] the
+    /// answer to send instead: 503 with Retry-After.
+    async fn first_piece(&self, len: u64) -> Result<OwnedSemaphorePermit, Response> {
+        let wanted = len.min(PIECE) as u32;
+        match tokio::time::timeout(BUDGET_WAIT, self.bytes.clone().acquire_many_owned(wanted)).await
+        {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                let busy = ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this node is sending as many chunk bytes to peers as it may; ask again or ask the store"
+                        .into(),
+                );
+                Err(([(header::RETRY_AFTER, RETRY_AFTER_SECS)], busy).into_response())
+            }
+        }
+    }
+}
+
+/// Query of `GET /v1/peer/chunks/{digest}`.
+#[derive(serde::Deserialize)]
+pub struct PeerChunkQuery {
+    /// The chunk's length (from the asker's manifest); checked against the owner's.
+    len: u64,
+    /// The template the asker reads, and the chunk's index in it: the owner fetches
+    /// only a chunk that a manifest it knows names there.
+    template: Option<String>,
+    index: Option<usize>,
+}
+
+/// An owner's fetch-and-serve (DESIGN section 10): the chunk from this node's cache, or
+/// fetched once from the store (never from a peer, so requests cannot loop), cached and
+/// served from its file.
+pub async fn peer_chunk(
+    State(state): State<ApiState>,
+    Path(digest): Path<String>,
+    Query(query): Query<PeerChunkQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let digest = peer_request(&state, &headers, &digest)?;
+    if query.len == 0 || query.len > MAX_CHUNK {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("len={} is not a chunk length (1 to {MAX_CHUNK})", query.len),
+        ));
+    }
+    let chunk = known_chunk(&state, digest, &query).await?;
+    let permit = match state.peer_budget.first_piece(chunk.len).await {
+        Ok(permit) => permit,
+        Err(busy) => return Ok(busy),
+    };
+    let node = &state.node;
+    let sources = node.templates.store_sources();
+    let fetched = tokio::time::timeout(
+        lazyblk_cache::DEFAULT_READ_BUDGET,
+        node.cache.fetch(&chunk, sources, Priority::Demand),
+    )
+    .await
+    .map_err(|_| {
+        ApiError(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("chunk {digest} did not arrive from the store in time"),
+        )
+    })?
+    .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    node.metrics.peer_served(fetched.len);
+    Ok(streamed(fetched, state.peer_budget.bytes.clone(), permit))
+}
+
+/// The chunk a peer asks for, if a manifest this node knows (or learns now from the
+/// store: a template published a moment ago) names `digest` at the index given (as a
+/// chunk, or as the page of the block index that covers it).
+async fn known_chunk(
+    state: &ApiState,
+    digest: Digest,
+    query: &PeerChunkQuery,
+) -> Result<ChunkRef, ApiError> {
+    let (Some(template), Some(index)) = (&query.template, query.index) else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a peer request names its template and chunk index (&template=ID&index=N)".into(),
+        ));
+    };
+    checked_id(template)?;
+    let not_known = || {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{digest} is not chunk {index} of a template {template:?} this node knows"),
+        )
+    };
+    let replica = state.node.templates.replica(template).await?;
+    let manifest = replica.manifest();
+    let len = if manifest.chunks.get(index) == Some(&Some(digest)) {
+        manifest.chunk_len(index)
+    } else {
+        let blocks = manifest.blocks.as_ref().ok_or_else(not_known)?;
+        let (page, _) = blocks.locate(index, manifest.chunk_size);
+        if blocks.pages.get(page) != Some(&Some(digest)) {
+            return Err(not_known());
+        }
+        blocks.page_len(page, manifest.chunk_count(), manifest.chunk_size)
+    };
+    if len != query.len {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("chunk {digest} is {len} bytes, not len={}", query.len),
+        ));
+    }
+    Ok(ChunkRef {
+        template: template.as_str().into(),
+        index,
+        digest,
+        len,
+    })
+}
+
+/// The checks of both chunk endpoints: a fleet, the peer token (when one is set) and
+/// the digest in the path.
+fn peer_request(state: &ApiState, headers: &HeaderMap, digest: &str) -> Result<Digest, ApiError> {
+    if !state.fleet {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "this node is not in a fleet (no --advertise or --peers): it serves no chunks to other nodes"
+                .into(),
+        ));
+    }
+    if let Some(token) = &state.peer_token {
+        if !crate::auth::carries(headers, token) {
+            return Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "chunk reads need this daemon's peer token (--peer-token)".into(),
+            ));
+        }
+    }
+    digest
+        .parse()
+        .map_err(|e: lazyblk_cache::digest::DigestParseError| {
+            ApiError(StatusCode::BAD_REQUEST, e.to_string())
+        })
+}
+
+/// Serves a local chunk to a peer node (this node is an origin of its commits).
+pub async fn chunk(
+    State(state): State<ApiState>,
+    Path(digest): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let digest = peer_request(&state, &headers, &digest)?;
+    let node = state.node.clone();
+    // Opening may hash the file (its first open by this daemon): off the runtime.
+    let opened = tokio::task::spawn_blocking(move || node.cache.open_local(&digest))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let Some(file) = opened else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("chunk {digest} is not on this node"),
+        ));
+    };
+    if method == Method::HEAD {
+        return Ok((
+            [(header::CONTENT_LENGTH, file.len.to_string())],
+            Body::empty(),
+        )
+            .into_response());
+    }
+    let permit = match state.peer_budget.first_piece(file.len).await {
+        Ok(permit) => permit,
+        Err(busy) => return Ok(busy),
+    };
+    Ok(streamed(file, state.peer_budget.bytes.clone(), permit))
+}
+
+/// A chunk's bytes held by a piece of a response, with their room in the budget: both
+/// go when hyper drops the piece (written to the socket, or the connection gone).
+struct Piece {
+    bytes: Vec<u8>,
+    _room: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The response that streams `file`, a [`PIECE`] at a time, each piece waiting for its
+/// room in `budget` (the first one's is `first`). The `ChunkFile` rides along, so the
+/// chunk is not evicted meanwhile.
+fn streamed(file: ChunkFile, budget: Arc<Semaphore>, first: OwnedSemaphorePermit) -> Response {
+    let len = file.len;
+    let pieces = futures::stream::unfold(
+        (Chunk::File(file), 0u64, Some(first)),
+        move |(chunk, offset, first)| {
+            let budget = budget.clone();
+            async move {
+                if offset >= chunk.len() {
+                    return None;
+                }
+                let n = PIECE.min(chunk.len() - offset);
+                let room = match first {
+                    Some(room) => room,
+                    None => budget.acquire_many_owned(n as u32).await.ok()?,
+                };
+                let mut bytes = vec![0u8; n as usize];
+                if let Err(e) = chunk.read_at(offset, &mut bytes) {
+                    tracing::warn!(error = %e, "reading a chunk for a peer");
+                    let end = chunk.len();
+                    return Some((Err(std::io::Error::other(e)), (chunk, end, None)));
+                }
+                let piece = Bytes::from_owner(Piece { bytes, _room: room });
+                Some((Ok(piece), (chunk, offset + n, None)))
+            }
+        },
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(pieces),
+    )
+        .into_response()
+}
