@@ -146,7 +146,13 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         args.member_token,
         args.admin_token,
     );
-    let state = api::AppState::new(backend, Arc::new(center), membership, admission, tokens);
+    let mut state = api::AppState::new(backend, Arc::new(center), membership, admission, tokens);
+    if let Some(path) = &args.trusted_keys {
+        let keys = crate::trust::TrustedKeys::open(path)?;
+        keys.reload_on_sighup()
+            .context("listening for SIGHUP (to read --trusted-keys again)")?;
+        state = state.with_trusted_keys(keys);
+    }
     // Nodes whose lease ran out are struck from the member list.
     let persisting = state.clone();
     tokio::spawn(async move {
