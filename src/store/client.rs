@@ -91,11 +91,6 @@ impl StoreClient {
         self
     }
 
-    /// The key this client signs manifests with, if any.
-    pub fn signer(&self) -> Option<&Arc<NodeKey>> {
-        self.signer.as_ref()
-    }
-
     /// The bytes `m` is published as, and their signature when this client signs: the
     /// time of publication is set first, since the store keeps a signed manifest
     /// exactly as it was signed.
