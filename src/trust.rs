@@ -226,7 +226,9 @@ impl TrustedKeys {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 match keys.reload() {
-                    Ok(n) => tracing::info!(path = %keys.path.display(), keys = n, "trusted keys read again"),
+                    Ok(n) => {
+                        tracing::info!(path = %keys.path.display(), keys = n, "trusted keys read again")
+                    }
                     Err(e) => tracing::error!(error = %e, "trusted keys unchanged"),
                 }
             }
@@ -242,7 +244,9 @@ fn read_keys(path: &Path) -> Result<BTreeSet<String>, TrustError> {
         path: path.to_path_buf(),
         reason,
     };
-    let len = std::fs::metadata(path).map_err(|e| err(e.to_string()))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| err(e.to_string()))?
+        .len();
     if len > MAX_KEYS_FILE {
         return Err(err(format!("larger than {MAX_KEYS_FILE} bytes")));
     }

@@ -100,7 +100,11 @@ enum Signer {
 }
 
 impl Signer {
-    fn of(template: &str, bytes: &[u8], signature: Result<Option<&ManifestSignature>, TrustError>) -> Signer {
+    fn of(
+        template: &str,
+        bytes: &[u8],
+        signature: Result<Option<&ManifestSignature>, TrustError>,
+    ) -> Signer {
         match signature {
             Ok(None) => Signer::Unsigned,
             Ok(Some(sig)) => match sig.verify(template, bytes) {
@@ -260,8 +264,17 @@ impl Templates {
                 |e| tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest"),
             )
             .ok()?;
-        let signature = sig.map(|doc| ManifestSignature::parse(id, &doc)).transpose();
-        self.record_signer(id, Signer::of(id, &bytes, signature.as_ref().map(Option::as_ref).map_err(Clone::clone)));
+        let signature = sig
+            .map(|doc| ManifestSignature::parse(id, &doc))
+            .transpose();
+        self.record_signer(
+            id,
+            Signer::of(
+                id,
+                &bytes,
+                signature.as_ref().map(Option::as_ref).map_err(Clone::clone),
+            ),
+        );
         Some(manifest)
     }
 
@@ -348,7 +361,11 @@ impl Templates {
                 })
             }
         };
-        let signature = signed.signature.as_ref().map(Option::as_ref).map_err(Clone::clone);
+        let signature = signed
+            .signature
+            .as_ref()
+            .map(Option::as_ref)
+            .map_err(Clone::clone);
         self.record_signer(id, Signer::of(id, &signed.bytes, signature));
         // The copy only spares a restart a trip to the store, and a lost one is simply
         // fetched again: written off the runtime, without an fsync, and a full disk does

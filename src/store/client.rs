@@ -181,7 +181,10 @@ impl StoreClient {
         let request = self
             .http
             .get(self.endpoint(&format!("/v1/templates/{id}/manifest")));
-        let (headers, bytes) = match self.send_with_headers(request, METADATA_TIMEOUT, &what).await {
+        let (headers, bytes) = match self
+            .send_with_headers(request, METADATA_TIMEOUT, &what)
+            .await
+        {
             Ok((_, headers, bytes)) => (headers, bytes),
             Err(StoreError::Http { status: 404, .. }) => return Ok(None),
             Err(e) => return Err(e),
@@ -214,7 +217,9 @@ impl StoreClient {
     pub async fn put_manifest(&self, m: &Manifest) -> Result<PutOutcome, StoreError> {
         if let Some(d) = &self.direct {
             let (bytes, signature) = self.manifest_to_publish(m);
-            return d.put_manifest(&m.template, &bytes, signature.as_ref()).await;
+            return d
+                .put_manifest(&m.template, &bytes, signature.as_ref())
+                .await;
         }
         validate_id(&m.template)?;
         let what = format!("publishing the manifest of {}", m.template);

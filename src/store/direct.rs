@@ -9,8 +9,8 @@ use bytes::Bytes;
 use lazyblk_cache::{Digest, Manifest, ObjectSource};
 
 use super::backend::{Backend, BackendError, ManifestPut};
-use super::error::{parse_manifest, PutOutcome, StoreError};
 use super::client::SignedManifest;
+use super::error::{parse_manifest, PutOutcome, StoreError};
 use super::TraceDoc;
 use crate::trust::ManifestSignature;
 

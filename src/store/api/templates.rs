@@ -73,8 +73,9 @@ fn offered_signature(
     manifest: &[u8],
 ) -> Result<Option<ManifestSignature>, ApiError> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let signature = ManifestSignature::from_headers(id, header(KEY_HEADER), header(SIGNATURE_HEADER))
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let signature =
+        ManifestSignature::from_headers(id, header(KEY_HEADER), header(SIGNATURE_HEADER))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if let Some(trusted) = &state.trusted_keys {
         trusted
             .check(id, manifest, signature.as_ref())

@@ -22,8 +22,8 @@ use super::{
     check_trace, clip_range, difference, drain, manifest_to_store, not_the_chunk, summarize,
     BackendError, ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
 };
-use crate::trust::ManifestSignature;
 use crate::store::TemplateSummary;
+use crate::trust::ManifestSignature;
 
 /// Read size when streaming a chunk file to a client: a quarter of the default chunk,
 /// few system calls per chunk without holding much memory per connection.
