@@ -188,6 +188,18 @@ fn a_fleet_with_trusted_keys_serves_only_what_trusted_keys_signed() {
         assert!(listed_error(node, "signed").is_empty(), "node {name}");
     }
 
+    // The template center hears of the refusals from both nodes' heartbeats.
+    wait_until("both nodes to report by-other refused", || {
+        let (ok, out, _) = run(&["status", "by-other", "--fleet", "--store", &url, "--json"]);
+        let lines: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let refused = lines.as_array().map_or(0, |l| {
+            l.iter()
+                .filter(|l| l["last_error"].as_str().unwrap_or("").contains("not in"))
+                .count()
+        });
+        ok && refused == 2
+    });
+
     // A commit on node a is signed with a's key, which b trusts: b serves it.
     let (ok, out, err) = run(&[
         "overlay",
