@@ -234,8 +234,26 @@ fn a_fleet_with_trusted_keys_serves_only_what_trusted_keys_signed() {
     assert!(!ok && out.contains("signed by key"), "{out}");
     let (ok, out) = publish(&strict.url(), &image, "t-signed", Some(&k.release));
     assert!(ok, "{out}");
+    let root = dir.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/motd"), "signed build\n").unwrap();
+    let (ok, out, err) = run(&[
+        "build",
+        "--from-dir",
+        root.to_str().unwrap(),
+        "--template",
+        "t-built",
+        "--store",
+        &strict.url(),
+        "--signing-key",
+        k.release.to_str().unwrap(),
+    ]);
+    assert!(ok, "build --signing-key: {out}{err}");
     let (ok, out, _) = run(&["templates", "--store", &strict.url()]);
-    assert!(ok && out.contains("t-signed"), "{out}");
+    assert!(
+        ok && out.contains("t-signed") && out.contains("t-built"),
+        "{out}"
+    );
     assert!(
         !out.contains("t-unsigned") && !out.contains("t-other"),
         "{out}"
@@ -348,6 +366,16 @@ fn bad_signatures_are_refused_and_a_revoked_key_stops_serving() {
     });
     assert!(copy_export(&node, "good", &dir.path().join("good-2")).is_err());
     assert!(listed_error(&node, "good").contains(&k.release_pub));
+    // Trusted again and restarted: the copies the node kept are checked as they are
+    // read back (the good one served, the swapped one still refused).
+    std::fs::write(&trusted, format!("{}\n", k.release_pub)).unwrap();
+    let mut node = node;
+    node.restart();
+    assert!(copy_export(&node, "good", &dir.path().join("good-3")).is_ok());
+    let (ok, out) = status(&node, "swapped");
+    assert!(!ok && out.contains("does not match the manifest"), "{out}");
+    std::fs::write(&trusted, "# release key revoked\n").unwrap();
+
     let (ok, out) = publish(&strict.url(), &image, "before-hup", Some(&k.release));
     assert!(ok, "{out}");
     hup(strict.pid());
