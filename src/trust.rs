@@ -217,24 +217,29 @@ impl TrustedKeys {
         }
         self.check_signer(template, signature.map(|s| s.key.as_str()))
     }
+}
 
-    /// Reads the file again on every SIGHUP, for as long as the process runs.
-    pub fn reload_on_sighup(self: &Arc<TrustedKeys>) -> std::io::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup())?;
-        let keys = self.clone();
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                match keys.reload() {
-                    Ok(n) => {
-                        tracing::info!(path = %keys.path.display(), keys = n, "trusted keys read again")
-                    }
-                    Err(e) => tracing::error!(error = %e, "trusted keys unchanged"),
+/// Reads `keys` again on every SIGHUP, for as long as the process runs. Installed
+/// without keys too, so a reload (systemd's `ExecReload`) never ends the process, as
+/// SIGHUP's default action would.
+pub fn reload_on_sighup(keys: Option<Arc<TrustedKeys>>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(keys) = &keys else {
+                tracing::info!("SIGHUP: no --trusted-keys to read again");
+                continue;
+            };
+            match keys.reload() {
+                Ok(n) => {
+                    tracing::info!(path = %keys.path.display(), keys = n, "trusted keys read again")
                 }
+                Err(e) => tracing::error!(error = %e, "trusted keys unchanged"),
             }
-        });
-        Ok(())
-    }
+        }
+    });
+    Ok(())
 }
 
 /// The keys of a trusted keys file: one public key in hex at the start of each line

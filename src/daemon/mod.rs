@@ -112,14 +112,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let trusted_keys = match &args.trusted_keys {
-        Some(path) => {
-            let keys = crate::trust::TrustedKeys::open(path)?;
-            keys.reload_on_sighup()
-                .context("listening for SIGHUP (to read --trusted-keys again)")?;
-            Some(keys)
-        }
+        Some(path) => Some(crate::trust::TrustedKeys::open(path)?),
         None => None,
     };
+    crate::trust::reload_on_sighup(trusted_keys.clone())
+        .context("listening for SIGHUP (to read --trusted-keys again)")?;
     let http_listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding the HTTP API on {}", args.listen))?;

@@ -147,10 +147,13 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         args.admin_token,
     );
     let mut state = api::AppState::new(backend, Arc::new(center), membership, admission, tokens);
-    if let Some(path) = &args.trusted_keys {
-        let keys = crate::trust::TrustedKeys::open(path)?;
-        keys.reload_on_sighup()
-            .context("listening for SIGHUP (to read --trusted-keys again)")?;
+    let trusted_keys = match &args.trusted_keys {
+        Some(path) => Some(crate::trust::TrustedKeys::open(path)?),
+        None => None,
+    };
+    crate::trust::reload_on_sighup(trusted_keys.clone())
+        .context("listening for SIGHUP (to read --trusted-keys again)")?;
+    if let Some(keys) = trusted_keys {
         state = state.with_trusted_keys(keys);
     }
     // Nodes whose lease ran out are struck from the member list.
