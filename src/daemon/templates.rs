@@ -250,11 +250,14 @@ impl Templates {
     fn read_saved(&self, id: &str) -> Option<Manifest> {
         let path = self.manifest_path(id);
         let sig_path = self.signature_path(id);
+        // The signature matters (and is read and checked) only with --trusted-keys.
+        let checks = self.trust.is_some();
         let (bytes, sig) = lazyblk_cache::blocking::blocking(|| {
-            let sig = match std::fs::read(&sig_path) {
-                Ok(doc) => Some(doc),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(e),
+            let sig = match checks.then(|| std::fs::read(&sig_path)) {
+                None => None,
+                Some(Ok(doc)) => Some(doc),
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Some(Err(e)) => return Err(e),
             };
             Ok((std::fs::read(&path)?, sig))
         })
@@ -264,6 +267,9 @@ impl Templates {
                 |e| tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest"),
             )
             .ok()?;
+        if !checks {
+            return Some(manifest);
+        }
         let signature = sig
             .map(|doc| ManifestSignature::parse(id, &doc))
             .transpose();
