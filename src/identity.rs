@@ -48,15 +48,18 @@ pub const SIGNATURE_HEADER: &str = "x-lazyblk-signature";
 /// A node's key could not be made, read or used.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// reading or writing the node key {path}: {source}
-    #[error("reading or writing the node key {path}: {source}")]
+    /// reading or writing the key {path}: {source}
+    #[error("reading or writing the key {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// the node key {path} is not an ed25519 private key in PKCS#8 PEM: {reason}
-    #[error("the node key {path} is not an ed25519 private key in PKCS#8 PEM: {reason}")]
+    /// {path} is not an ed25519 private key in PKCS#8 PEM: {reason}
+    #[error("{path} is not an ed25519 private key in PKCS#8 PEM: {reason}")]
     Format { path: PathBuf, reason: String },
+    /// `lazyblk keygen` never replaces a key: whatever it signed would lose its signer.
+    #[error("{0} already exists; a key is never replaced (remove it first, or pick another file)")]
+    Exists(PathBuf),
 }
 
 /// Why a signed request was refused.
@@ -114,13 +117,7 @@ impl NodeKey {
     /// Makes a key and writes it to `path`, which must not exist yet (`lazyblk keygen`).
     pub fn create_new(path: &Path) -> Result<NodeKey, IdentityError> {
         if path.exists() {
-            return Err(IdentityError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "a key is already there; it is not replaced",
-                ),
-            });
+            return Err(IdentityError::Exists(path.to_path_buf()));
         }
         NodeKey::create(path)
     }

@@ -304,6 +304,10 @@ fn bad_signatures_are_refused_and_a_revoked_key_stops_serving() {
         let (ok, out) = publish(&store.url(), &image, id, Some(&k.release));
         assert!(ok, "{out}");
     }
+    // A --signing-key that is not a private key: refused before anything is uploaded.
+    let (ok, out) = publish(&store.url(), &image, "no-key", Some(&trusted));
+    assert!(!ok && out.contains("not an ed25519 private key"), "{out}");
+    assert!(!store.root().join("manifests/no-key.json").exists());
     // "swapped" keeps a real signature by the trusted key, of other bytes (good's);
     // "short" a signature cut in half.
     let (_, good_sig) = stored(&store, "good");
