@@ -83,6 +83,9 @@ pub enum Command {
     /// Print this node's id and public key (made on first use, kept in the cache
     /// directory as node.key): what a store's --member-keys file lists.
     NodeKey(NodeKeyArgs),
+    /// Make an ed25519 key for signing templates (`publish`/`build --signing-key FILE`)
+    /// and print its public key, the line a `--trusted-keys` file lists.
+    Keygen(KeygenArgs),
     /// Remove a fleet wish recorded by `warm --all-nodes|--nodes|--min-replicas`; the
     /// nodes unpin the template at their next heartbeat.
     Unwarm(UnwarmArgs),
@@ -108,6 +111,16 @@ pub struct CompletionsArgs {
 pub struct ManpagesArgs {
     /// Where to write the pages (made if missing).
     pub dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KeygenArgs {
+    /// Where to write the private key (PKCS#8 PEM, mode 0600); an existing file is
+    /// never replaced.
+    pub file: PathBuf,
+    /// Print {"public_key", "file"} as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -181,6 +194,11 @@ pub struct StoreArgs {
     /// the file changes.
     #[arg(long, value_name = "FILE")]
     pub member_keys: Option<PathBuf>,
+    /// Publish only manifests signed by a key this file lists (hex public keys, one a
+    /// line, as `lazyblk keygen` and `lazyblk node-key` print them; `#` comments), so a
+    /// write token alone cannot publish. Read again on SIGHUP.
+    #[arg(long)]
+    pub trusted_keys: Option<PathBuf>,
     /// Networks a member's advertised address must be in (CIDRs, comma-separated); a
     /// host name must resolve into them.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
@@ -339,6 +357,12 @@ pub struct DaemonArgs {
     /// write token when unset. Leases are also signed with the node's key.
     #[arg(long, env = "LAZYBLK_MEMBER_TOKEN", hide_env_values = true)]
     pub member_token: Option<String>,
+    /// Serve only templates whose manifest is signed by a key this file lists (hex
+    /// public keys, one a line, as `lazyblk keygen` and `lazyblk node-key` print them;
+    /// `#` comments); others are refused with an error naming the template and its key.
+    /// Read again on SIGHUP (add a key, then remove the old one, to rotate).
+    #[arg(long)]
+    pub trusted_keys: Option<PathBuf>,
     /// Read flags from this TOML file first. Each key is a flag's long name
     /// (`cache = "/var/lib/lazyblk/cache"`, `nbd-max-connections = 256`); flags on the
     /// command line and environment variables win over the file.
@@ -382,6 +406,11 @@ pub struct PublishArgs {
     /// template only from a store whose chunks were all uploaded raw.
     #[arg(long)]
     pub no_compress: bool,
+    /// Sign the manifest with this ed25519 key (PKCS#8 PEM: `lazyblk keygen FILE` or
+    /// `openssl genpkey -algorithm ed25519 -out FILE`), for daemons and stores with
+    /// --trusted-keys.
+    #[arg(long, env = "LAZYBLK_SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<PathBuf>,
     /// Bearer token for writes to the store.
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
@@ -448,6 +477,11 @@ pub struct BuildArgs {
     /// compressed layer can unpack to any size.
     #[arg(long, default_value = "50G", value_parser = parse_size)]
     pub max_content: u64,
+    /// Sign the manifest with this ed25519 key (PKCS#8 PEM: `lazyblk keygen FILE` or
+    /// `openssl genpkey -algorithm ed25519 -out FILE`), for daemons and stores with
+    /// --trusted-keys.
+    #[arg(long, env = "LAZYBLK_SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<PathBuf>,
     /// Bearer token for writes to the store.
     #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,

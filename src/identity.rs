@@ -48,15 +48,18 @@ pub const SIGNATURE_HEADER: &str = "x-lazyblk-signature";
 /// A node's key could not be made, read or used.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// reading or writing the node key {path}: {source}
-    #[error("reading or writing the node key {path}: {source}")]
+    /// reading or writing the key {path}: {source}
+    #[error("reading or writing the key {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// the node key {path} is not an ed25519 private key in PKCS#8 PEM: {reason}
-    #[error("the node key {path} is not an ed25519 private key in PKCS#8 PEM: {reason}")]
+    /// {path} is not an ed25519 private key in PKCS#8 PEM: {reason}
+    #[error("{path} is not an ed25519 private key in PKCS#8 PEM: {reason}")]
     Format { path: PathBuf, reason: String },
+    /// `lazyblk keygen` never replaces a key: whatever it signed would lose its signer.
+    #[error("{0} already exists; a key is never replaced (remove it first, or pick another file)")]
+    Exists(PathBuf),
 }
 
 /// Why a signed request was refused.
@@ -82,6 +85,13 @@ pub struct NodeKey {
     id: String,
 }
 
+/// Shows the public half only: a key in a log line must never be the private one.
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeKey({})", self.public_hex())
+    }
+}
+
 impl NodeKey {
     /// The key in `dir` ([`KEY_FILE`]), made (random, from the kernel) and kept durably
     /// there if there is none.
@@ -92,6 +102,24 @@ impl NodeKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => NodeKey::create(&path),
             Err(source) => Err(IdentityError::Io { path, source }),
         }
+    }
+
+    /// The key in the PEM file `path` (a `--signing-key`), which must exist: a signing
+    /// key is made on purpose (`lazyblk keygen`, openssl), never by accident.
+    pub fn load(path: &Path) -> Result<NodeKey, IdentityError> {
+        let pem = std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        NodeKey::from_pem(&pem, path)
+    }
+
+    /// Makes a key and writes it to `path`, which must not exist yet (`lazyblk keygen`).
+    pub fn create_new(path: &Path) -> Result<NodeKey, IdentityError> {
+        if path.exists() {
+            return Err(IdentityError::Exists(path.to_path_buf()));
+        }
+        NodeKey::create(path)
     }
 
     fn from_pem(pem: &str, path: &Path) -> Result<NodeKey, IdentityError> {
@@ -158,6 +186,11 @@ impl NodeKey {
         hex::encode(self.signing.verifying_key().as_bytes())
     }
 
+    /// This key's signature of `message` (a manifest's, see [`crate::trust`]).
+    pub(crate) fn sign_bytes(&self, message: &[u8]) -> Signature {
+        self.signing.sign(message)
+    }
+
     /// The headers that prove this key on a request of `method` to `path` with `body`,
     /// signed now.
     pub fn sign(&self, method: &str, path: &str, body: &[u8]) -> [(&'static str, String); 3] {
@@ -191,6 +224,20 @@ pub fn node_key_command(args: crate::cli::NodeKeyArgs) -> anyhow::Result<()> {
     } else {
         println!("node id     {}", key.id());
         println!("public key  {}", key.public_hex());
+    }
+    Ok(())
+}
+
+/// `lazyblk keygen FILE`: makes a signing key for templates (PKCS#8 PEM, mode 0600; the
+/// form `openssl genpkey -algorithm ed25519` writes) and prints its public key, the line
+/// a `--trusted-keys` file lists.
+pub fn keygen_command(args: crate::cli::KeygenArgs) -> anyhow::Result<()> {
+    let key = NodeKey::create_new(&args.file)?;
+    if args.json {
+        let doc = serde_json::json!({ "public_key": key.public_hex(), "file": args.file });
+        println!("{doc}");
+    } else {
+        println!("{}", key.public_hex());
     }
     Ok(())
 }

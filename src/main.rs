@@ -17,6 +17,8 @@
 //! - [`http_client`]: the HTTP client of the commands and the daemon; [`auth`]: bearer
 //!   tokens on both HTTP servers; [`http_server`]: their accept loop, with header and
 //!   idle timeouts.
+//! - [`identity`]: a node's key and signed requests; [`trust`]: signed manifests and
+//!   the keys a daemon or store trusts.
 //! - [`metrics`]: Prometheus counters shared by the daemon and the store.
 //! - [`printable`]: strings from outside (leases, errors, labels) made safe to show, in
 //!   the CLI's output and the text log.
@@ -44,6 +46,7 @@ mod printable;
 mod progress;
 mod publish;
 mod store;
+mod trust;
 
 use tracing_subscriber::EnvFilter;
 
@@ -118,5 +121,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Scrub(args) => control::scrub(args).await,
         Command::Nodes(args) => store::client::nodes_command(args).await,
         Command::NodeKey(args) => identity::node_key_command(args),
+        Command::Keygen(args) => identity::keygen_command(args),
     }
 }

@@ -358,3 +358,83 @@ fn a_daemon_reads_the_bucket_directly_without_a_store_process() {
     assert!(ok, "templates on the bucket: {err}");
     assert!(out.contains("\"direct\""), "{out}");
 }
+
+/// Issue 29: manifests read straight from a bucket are checked like those from a store
+/// server: the signature is kept beside the manifest (`manifests/<id>.sig`), and a
+/// daemon with `--trusted-keys` serves the signed template and refuses the unsigned one.
+#[test]
+fn a_daemon_on_a_bucket_checks_signatures_too() {
+    if !garage_on_path() && std::env::var_os("LAZYBLK_S3_TEST").is_none() {
+        eprintln!("skipping the signed S3 test: garage is not on PATH");
+        return;
+    }
+    let garage = Garage::start();
+    let endpoint = garage.var("LAZYBLK_S3_ENDPOINT");
+    let bucket = format!("s3://lazyblk/signed?endpoint={endpoint}");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = make_ext4(tmp.path(), 8, &[("a", pattern(CHUNK + 7, 5))]);
+    let key = tmp.path().join("release.pem");
+    let (ok, public, err) = run(&["keygen", key.to_str().unwrap()]);
+    assert!(ok, "keygen: {err}");
+    let trusted = tmp.path().join("trusted-keys");
+    std::fs::write(&trusted, &public).unwrap();
+    let lazyblk_env = || {
+        let mut cmd = lazyblk();
+        for (k, v) in &garage.env {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    for (id, signed) in [("signed", true), ("unsigned", false)] {
+        let mut cmd = lazyblk_env();
+        cmd.args(["publish", image.to_str().unwrap(), "--template", id])
+            .args(["--store", &bucket]);
+        if signed {
+            cmd.args(["--signing-key", key.to_str().unwrap()]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "publish {id} to the bucket: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let http = free_port();
+    let cache = tmp.path().join("cache");
+    let sock = cache.join("nbd.sock");
+    let mut daemon = lazyblk_env()
+        .args([
+            "daemon",
+            "--cache",
+            cache.to_str().unwrap(),
+            "--store",
+            &bucket,
+        ])
+        .args(["--listen", &format!("127.0.0.1:{http}")])
+        .args(["--trusted-keys", trusted.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_http(&format!("http://127.0.0.1:{http}/healthz"));
+    let node = format!("http://127.0.0.1:{http}");
+    let copy = |id: &str| {
+        let uri = format!("nbd+unix:///{id}?socket={}", sock.display());
+        let to = tmp.path().join(format!("{id}.img"));
+        let (ok, _, _) = sh("nbdcopy", &[&uri, to.to_str().unwrap()]);
+        ok.then(|| std::fs::read(&to).unwrap())
+    };
+    let signed = copy("signed");
+    let unsigned = copy("unsigned");
+    let (status_ok, out, err) = run(&["status", "unsigned", "--node", &node]);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        signed == Some(std::fs::read(&image).unwrap()),
+        "signed not served"
+    );
+    assert!(unsigned.is_none(), "the unsigned template was served");
+    assert!(
+        !status_ok && format!("{out}{err}").contains("not signed"),
+        "{out}{err}"
+    );
+}

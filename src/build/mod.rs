@@ -54,6 +54,10 @@ const LABEL_IMAGE: &str = "oci.image";
 
 pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     lazyblk_cache::validate_id(&args.template)?;
+    // A key that does not load fails the build before the image is made.
+    if let Some(path) = &args.signing_key {
+        crate::identity::NodeKey::load(path)?;
+    }
     if let Some(size) = args.size {
         if size == 0 || !size.is_multiple_of(4096) {
             bail!("--size {size}: the image size must be a non-zero multiple of 4096");
@@ -121,6 +125,7 @@ async fn build(args: BuildArgs, work: &Path) -> anyhow::Result<()> {
         concurrency: UPLOAD_CONCURRENCY,
         no_compress: false,
         write_token: args.write_token,
+        signing_key: args.signing_key,
         json: args.json,
     })
     .await

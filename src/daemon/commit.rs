@@ -139,6 +139,11 @@ impl Commits {
             }
         }
         let parent = sb.template().clone();
+        // A parent this node no longer trusts (its key removed from --trusted-keys since
+        // the sandbox was made) passes on nothing.
+        self.templates
+            .trusted(parent.id())
+            .map_err(|e| CommitError::Template(e.into()))?;
         let built = self.build_chunks(&sb, new_id).await?;
         let mut manifest = built.manifest;
         manifest.template = new_id.to_string();

@@ -331,7 +331,8 @@ impl lazyblk_fuse::Files for FuseFiles {
 
     fn list(&self, folder: Folder) -> Vec<String> {
         match folder {
-            Folder::Templates => self.node.templates.known_ids(),
+            // A template this node refuses (--trusted-keys) has no file.
+            Folder::Templates => self.node.templates.servable_ids(),
             Folder::Sandboxes => self
                 .node
                 .sandboxes
@@ -346,6 +347,10 @@ impl lazyblk_fuse::Files for FuseFiles {
         let export = match folder {
             Folder::Templates => {
                 let replica = self.node.templates.known(name)?;
+                if let Err(e) = self.node.templates.trusted(name) {
+                    tracing::warn!(template = name, error = %e, "FUSE file refused");
+                    return None;
+                }
                 NodeExport::Template(replica.lease(format!("fuse file templates/{name}")))
             }
             Folder::Sandboxes => {

@@ -42,9 +42,12 @@ fn report(node: &Node) -> Vec<ReplicaReport> {
                 let state = r.fill.lock().unwrap_or_else(|e| e.into_inner());
                 (state.phase(), state.last_error.clone())
             };
-            if phase == Phase::Pending && users.is_empty() {
+            // A template refused here (--trusted-keys) is reported, with why.
+            let refused = node.templates.trusted(r.id()).err().map(|e| e.to_string());
+            if phase == Phase::Pending && users.is_empty() && refused.is_none() {
                 return None;
             }
+            let last_error = refused.or(last_error);
             Some(ReplicaReport {
                 template: r.id().to_string(),
                 phase: phase.as_str().to_string(),

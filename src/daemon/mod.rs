@@ -112,6 +112,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         (None, Some(_)) => Some(membership::Discovery::Store),
         (None, None) => None,
     };
+    let trusted_keys = match &args.trusted_keys {
+        Some(path) => Some(crate::trust::TrustedKeys::open(path)?),
+        None => None,
+    };
+    crate::trust::reload_on_sighup(trusted_keys.clone())
+        .context("listening for SIGHUP (to read --trusted-keys again)")?;
     let http_listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding the HTTP API on {}", args.listen))?;
@@ -137,6 +143,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
                 },
                 upload_delay: Duration::from_secs_f64(args.upload_delay.max(0.0)),
                 fuse_dir: args.fuse.clone(),
+                trusted_keys,
             },
         )
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,

@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub upload_delay: std::time::Duration,
     /// The daemon's FUSE mount, if any (resize runs e2fsprogs on its files).
     pub fuse_dir: Option<PathBuf>,
+    /// The keys templates must be signed by to be served (`--trusted-keys`).
+    pub trusted_keys: Option<Arc<crate::trust::TrustedKeys>>,
 }
 
 impl Node {
@@ -80,6 +82,8 @@ impl Node {
         crate::daemon::intents::forget_old_node_id(&state_dir, key.id());
         let node_id = key.id().to_string();
         let key = Arc::new(key);
+        // What this node commits and resizes is signed with its key.
+        let store = store.with_signer(key.clone());
         // Chunk fetches get clients of their own, a pair (see `HttpClients`).
         let clients = HttpClients::new(crate::http_client::http_client);
         let peers = config.membership.then(|| {
@@ -110,6 +114,7 @@ impl Node {
             plan,
             &state_dir,
             config.trace_timing,
+            config.trusted_keys,
         )?);
         let sandboxes = Arc::new(Sandboxes::open(templates.clone(), &state_dir)?);
         let uploads = Uploads::new(

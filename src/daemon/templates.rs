@@ -22,6 +22,7 @@ use crate::daemon::registry::Registry;
 use crate::daemon::replica::{FillState, Replica};
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
 use crate::store::client::StoreClient;
+use crate::trust::{ManifestSignature, TrustError, TrustedKeys};
 
 /// Why a template could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub enum TemplateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// `--trusted-keys` is given and the manifest is not signed by one of them.
+    #[error("{0}")]
+    Untrusted(#[from] TrustError),
     /// The template is in use and the operation needs `--force`.
     #[error("template {template:?} is in use by {}; use --force to override", .users.join(", "))]
     InUse {
@@ -78,6 +82,38 @@ pub struct Templates {
     listing: tokio::sync::Mutex<Option<(Instant, Vec<String>)>>,
     /// Every template whose manifest this node has a copy of, in memory or not.
     saved: Mutex<BTreeSet<String>>,
+    /// The keys a template's manifest must be signed by to be served
+    /// (`--trusted-keys`); every template is served when unset.
+    trust: Option<Arc<TrustedKeys>>,
+    /// Who signed each known template's manifest, as checked when it was read (the
+    /// trust itself is asked at every use, so a key removed on SIGHUP stops serving).
+    signers: Mutex<HashMap<String, Signer>>,
+}
+
+/// Who signed a manifest this node read, its signature checked against its bytes.
+#[derive(Clone, Debug)]
+enum Signer {
+    Unsigned,
+    Key(String),
+    /// A signature that is malformed or not of these bytes.
+    Invalid(TrustError),
+}
+
+impl Signer {
+    fn of(
+        template: &str,
+        bytes: &[u8],
+        signature: Result<Option<&ManifestSignature>, TrustError>,
+    ) -> Signer {
+        match signature {
+            Ok(None) => Signer::Unsigned,
+            Ok(Some(sig)) => match sig.verify(template, bytes) {
+                Ok(()) => Signer::Key(sig.key.clone()),
+                Err(e) => Signer::Invalid(e),
+            },
+            Err(e) => Signer::Invalid(e),
+        }
+    }
 }
 
 /// Replicas kept in memory beyond the busy ones (see the module header): about 40 KiB
@@ -92,6 +128,7 @@ impl Templates {
         sources: SourcePlan,
         state_dir: &std::path::Path,
         trace_timing: TraceTiming,
+        trust: Option<Arc<TrustedKeys>>,
     ) -> std::io::Result<Templates> {
         let manifests_dir = state_dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir)?;
@@ -105,6 +142,8 @@ impl Templates {
             loading: Mutex::new(HashMap::new()),
             listing: tokio::sync::Mutex::new(None),
             saved: Mutex::new(BTreeSet::new()),
+            trust,
+            signers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -119,6 +158,10 @@ impl Templates {
         let before = saved.len();
         for entry in dir.flatten() {
             let path = entry.path();
+            if path.extension().is_some_and(|e| e == "sig") {
+                // A saved manifest's signature, read with it.
+                continue;
+            }
             if path.extension().is_some_and(|e| e == "tmp") {
                 // A save cut off by a crash: the manifest it held is saved again (or
                 // was never acknowledged).
@@ -168,6 +211,23 @@ impl Templates {
         self.saved().iter().cloned().collect()
     }
 
+    /// The known templates this node serves: all of them, or with `--trusted-keys` those
+    /// signed by a trusted key (a saved manifest not read yet is read for its signer).
+    pub fn servable_ids(&self) -> Vec<String> {
+        let mut ids = self.known_ids();
+        if self.trust.is_some() {
+            ids.retain(|id| {
+                let read = self
+                    .signers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(id);
+                (read || self.read_saved(id).is_some()) && self.trusted(id).is_ok()
+            });
+        }
+        ids
+    }
+
     /// The replica of every known template, in id order; those not in memory are read
     /// from disk for the caller and not kept (an operator's listing).
     pub fn snapshot(&self) -> Vec<Arc<Replica>> {
@@ -189,12 +249,66 @@ impl Templates {
     /// small file read, through `lazyblk_cache::blocking`).
     fn read_saved(&self, id: &str) -> Option<Manifest> {
         let path = self.manifest_path(id);
-        let bytes = lazyblk_cache::blocking::blocking(|| std::fs::read(&path)).ok()?;
-        Manifest::parse(&bytes, Some(id))
+        let sig_path = self.signature_path(id);
+        // The signature matters (and is read and checked) only with --trusted-keys.
+        let checks = self.trust.is_some();
+        let (bytes, sig) = lazyblk_cache::blocking::blocking(|| {
+            let sig = match checks.then(|| std::fs::read(&sig_path)) {
+                None => None,
+                Some(Ok(doc)) => Some(doc),
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Some(Err(e)) => return Err(e),
+            };
+            Ok((std::fs::read(&path)?, sig))
+        })
+        .ok()?;
+        let manifest = Manifest::parse(&bytes, Some(id))
             .map_err(
                 |e| tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest"),
             )
-            .ok()
+            .ok()?;
+        if !checks {
+            return Some(manifest);
+        }
+        let signature = sig
+            .map(|doc| ManifestSignature::parse(id, &doc))
+            .transpose();
+        self.record_signer(
+            id,
+            Signer::of(
+                id,
+                &bytes,
+                signature.as_ref().map(Option::as_ref).map_err(Clone::clone),
+            ),
+        );
+        Some(manifest)
+    }
+
+    fn record_signer(&self, id: &str, signer: Signer) {
+        self.signers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), signer);
+    }
+
+    /// Whether this node may serve `id`: always without `--trusted-keys`; with it, only
+    /// when its manifest is signed by one of the keys (as the file reads now).
+    pub fn trusted(&self, id: &str) -> Result<(), TrustError> {
+        let Some(trust) = &self.trust else {
+            return Ok(());
+        };
+        let signer = self
+            .signers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or(Signer::Unsigned);
+        match signer {
+            Signer::Unsigned => trust.check_signer(id, None),
+            Signer::Key(key) => trust.check_signer(id, Some(&key)),
+            Signer::Invalid(e) => Err(e),
+        }
     }
 
     /// Whether `id` names a template, here or in the store (an id a new template or
@@ -204,7 +318,18 @@ impl Templates {
     }
 
     /// The replica of `id`, learning the template from the store if needed.
+    /// With `--trusted-keys`, a template whose manifest is not signed by a trusted key
+    /// is refused ([`TemplateError::Untrusted`]), though this node keeps knowing it.
     pub async fn replica(&self, id: &str) -> Result<Arc<Replica>, TemplateError> {
+        let replica = self.any_replica(id).await?;
+        self.trusted(id).map_err(|e| {
+            tracing::warn!(template = %id, error = %e, "template refused");
+            e
+        })?;
+        Ok(replica)
+    }
+
+    async fn any_replica(&self, id: &str) -> Result<Arc<Replica>, TemplateError> {
         if let Some(r) = self.known(id) {
             return Ok(r);
         }
@@ -227,7 +352,7 @@ impl Templates {
         if let Some(r) = self.known(id) {
             return Ok(r);
         }
-        let manifest = match self.store.manifest(id).await {
+        let signed = match self.store.signed_manifest(id).await {
             Ok(Some(m)) => m,
             Ok(None) => {
                 return Err(TemplateError::UnknownTemplate(
@@ -242,19 +367,27 @@ impl Templates {
                 })
             }
         };
+        let signature = signed
+            .signature
+            .as_ref()
+            .map(Option::as_ref)
+            .map_err(Clone::clone);
+        self.record_signer(id, Signer::of(id, &signed.bytes, signature));
         // The copy only spares a restart a trip to the store, and a lost one is simply
         // fetched again: written off the runtime, without an fsync, and a full disk does
-        // not make the template unreadable.
-        let path = self.manifest_path(id);
-        let json = manifest.to_json();
+        // not make the template unreadable. The bytes are kept exactly as the store had
+        // them, with their signature, so a restart checks the signature again.
+        let (path, sig_path) = (self.manifest_path(id), self.signature_path(id));
+        let bytes = signed.bytes;
+        let sig = signed.signature.ok().flatten().map(|s| s.to_json());
         tokio::task::spawn_blocking(move || {
-            let tmp = path.with_extension("json.tmp");
-            let written = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path));
+            let written = write_replacing(&sig_path, sig.as_deref(), false)
+                .and_then(|()| write_replacing(&path, Some(&bytes), false));
             if let Err(e) = written {
                 tracing::warn!(path = %path.display(), error = %e, "serving without a local copy of the manifest");
             }
         });
-        Ok(self.insert(manifest))
+        Ok(self.insert(signed.manifest))
     }
 
     /// Adds a template this node has a manifest for (published or committed here).
@@ -291,17 +424,26 @@ impl Templates {
 
     /// Writes a manifest to the node's disk (temporary file, fsync, rename, fsync of
     /// the directory: the rename is durable when this returns).
+    ///
+    /// The bytes and signature are those the store client publishes (this node signs
+    /// what it commits with its key), so the copy is checked like one from the store.
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), TemplateError> {
-        let path = self.manifest_path(&manifest.template);
+        let id = &manifest.template;
+        let path = self.manifest_path(id);
         let tmp = path.with_extension("json.tmp");
+        let (bytes, signature) = self.store.manifest_to_publish(manifest);
+        let sig_path = self.signature_path(id);
         let written = (|| {
             use std::io::Write;
+            let doc = signature.as_ref().map(|s| s.to_json());
+            write_replacing(&sig_path, doc.as_deref(), true)?;
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&manifest.to_json())?;
+            f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
             sync_dir(&self.manifests_dir)
         })();
+        self.record_signer(id, Signer::of(id, &bytes, Ok(signature.as_ref())));
         written.map_err(|source| TemplateError::SaveManifest {
             template: manifest.template.clone(),
             path,
@@ -313,15 +455,24 @@ impl Templates {
         self.manifests_dir.join(format!("{template}.json"))
     }
 
+    fn signature_path(&self, template: &str) -> PathBuf {
+        self.manifests_dir.join(format!("{template}.sig"))
+    }
+
     /// Forgets a template this node saved but that was never published: its saved
     /// manifest and its replica.
     pub fn forget(&self, template: &str) {
-        let path = self.manifest_path(template);
-        if let Err(e) = std::fs::remove_file(&path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %path.display(), error = %e, "removing a saved manifest");
+        for path in [self.manifest_path(template), self.signature_path(template)] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "removing a saved manifest");
+                }
             }
         }
+        self.signers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(template);
         let _ = sync_dir(&self.manifests_dir);
         self.saved().remove(template);
         self.replicas.remove(template);
@@ -404,3 +555,28 @@ impl Templates {
 
 /// How long the store's template listing is reused for NBD_OPT_LIST.
 const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Writes `bytes` to `path` through a temporary file and a rename (fsynced first when
+/// `durable`), or removes `path` for `None`.
+fn write_replacing(
+    path: &std::path::Path,
+    bytes: Option<&[u8]>,
+    durable: bool,
+) -> std::io::Result<()> {
+    match bytes {
+        Some(bytes) => {
+            use std::io::Write;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            if durable {
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, path)
+        }
+        None => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}

@@ -65,6 +65,9 @@ pub enum PublishError {
     Exists { template: String, detail: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The `--signing-key` file could not be read as a key.
+    #[error(transparent)]
+    SigningKey(#[from] crate::identity::IdentityError),
     #[error("publish task failed: {0}")]
     Task(String),
 }
@@ -139,7 +142,10 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
     wanted.parent = args.parent.clone();
     wanted.labels = args.labels.iter().cloned().collect::<BTreeMap<_, _>>();
 
-    let client = crate::store::client::connect(&args.store, args.write_token.clone(), None)?;
+    let mut client = crate::store::client::connect(&args.store, args.write_token.clone(), None)?;
+    if let Some(path) = &args.signing_key {
+        client = client.with_signer(std::sync::Arc::new(crate::identity::NodeKey::load(path)?));
+    }
     let existing = client.manifest(&args.template).await?;
     if let Some(existing) = &existing {
         if let Some(detail) = header_difference(existing, &wanted) {

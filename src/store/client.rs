@@ -14,7 +14,9 @@ use serde::de::DeserializeOwned;
 use super::direct::Direct;
 use super::{GcReport, TemplateSummary, TraceDoc};
 use crate::cli::{DeleteArgs, GcArgs, TemplatesArgs};
+use crate::identity::NodeKey;
 use crate::printable::printable;
+use crate::trust::{ManifestSignature, TrustError};
 
 /// Deadline of a metadata request (manifests, lists, traces): a 50 GiB template's
 /// manifest at 64 KiB chunks is ~55 MB, still seconds on any link a node uses.
@@ -47,6 +49,17 @@ pub struct StoreClient {
     read_token: Option<String>,
     /// Set for an object store read directly: every call goes there instead.
     direct: Option<Arc<Direct>>,
+    /// Signs every manifest this client publishes (`--signing-key`, or a daemon's
+    /// node key for its commits and resizes).
+    signer: Option<Arc<NodeKey>>,
+}
+
+/// A manifest as the store keeps it: parsed, its exact bytes, and its signature (an
+/// error when the one stored is malformed, so a reader can say so).
+pub struct SignedManifest {
+    pub manifest: Manifest,
+    pub bytes: Vec<u8>,
+    pub signature: Result<Option<ManifestSignature>, TrustError>,
 }
 
 impl std::fmt::Debug for Direct {
@@ -69,7 +82,31 @@ impl StoreClient {
             member_token: None,
             read_token: read_token.filter(|t| !t.is_empty()),
             direct: None,
+            signer: None,
         }
+    }
+
+    /// This client, signing the manifests it publishes with `key`.
+    pub fn with_signer(mut self, key: Arc<NodeKey>) -> StoreClient {
+        self.signer = Some(key);
+        self
+    }
+
+    /// The bytes `m` is published as, and their signature when this client signs: the
+    /// time of publication is set first, since the store keeps a signed manifest
+    /// exactly as it was signed.
+    pub fn manifest_to_publish(&self, m: &Manifest) -> (Vec<u8>, Option<ManifestSignature>) {
+        let Some(key) = &self.signer else {
+            return (m.to_json(), None);
+        };
+        let mut m = m.clone();
+        if m.created_at.is_empty() {
+            m.created_at =
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        }
+        let bytes = m.to_json();
+        let signature = ManifestSignature::sign(key, &bytes);
+        (bytes, Some(signature))
     }
 
     /// This client, sending `token` with its lease requests instead of the write token.
@@ -134,6 +171,38 @@ impl StoreClient {
         parse_manifest(&bytes, id, &self.url).map(Some)
     }
 
+    /// The manifest of `id` as stored, with its signature; `None` when the store does
+    /// not have it.
+    pub async fn signed_manifest(&self, id: &str) -> Result<Option<SignedManifest>, StoreError> {
+        if let Some(d) = &self.direct {
+            return d.signed_manifest(id).await;
+        }
+        validate_id(id)?;
+        let what = format!("the manifest of {id}");
+        let request = self
+            .http
+            .get(self.endpoint(&format!("/v1/templates/{id}/manifest")));
+        let (headers, bytes) = match self
+            .send_with_headers(request, METADATA_TIMEOUT, &what)
+            .await
+        {
+            Ok((_, headers, bytes)) => (headers, bytes),
+            Err(StoreError::Http { status: 404, .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let signature = ManifestSignature::from_headers(
+            id,
+            header(crate::trust::KEY_HEADER),
+            header(crate::trust::SIGNATURE_HEADER),
+        );
+        Ok(Some(SignedManifest {
+            manifest: parse_manifest(&bytes, id, &self.url)?,
+            bytes: bytes.to_vec(),
+            signature,
+        }))
+    }
+
     /// Every template in the store with its durability.
     pub async fn templates(&self) -> Result<Vec<TemplateSummary>, StoreError> {
         if let Some(d) = &self.direct {
@@ -148,17 +217,26 @@ impl StoreClient {
     /// Publishes a manifest. Another manifest under its id is a [`StoreError::Conflict`].
     pub async fn put_manifest(&self, m: &Manifest) -> Result<PutOutcome, StoreError> {
         if let Some(d) = &self.direct {
-            return d.put_manifest(m).await;
+            let (bytes, signature) = self.manifest_to_publish(m);
+            return d
+                .put_manifest(&m.template, &bytes, signature.as_ref())
+                .await;
         }
         validate_id(&m.template)?;
         let what = format!("publishing the manifest of {}", m.template);
-        let request = self
+        let (bytes, signature) = self.manifest_to_publish(m);
+        let mut request = self
             .write(
                 self.http
                     .put(self.endpoint(&format!("/v1/templates/{}/manifest", m.template))),
             )
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(m.to_json());
+            .body(bytes);
+        if let Some(sig) = signature {
+            request = request
+                .header(crate::trust::KEY_HEADER, sig.key)
+                .header(crate::trust::SIGNATURE_HEADER, sig.signature);
+        }
         match self.send(request, METADATA_TIMEOUT, &what).await {
             Ok((StatusCode::CREATED, _)) => Ok(PutOutcome::Created),
             Ok(_) => Ok(PutOutcome::Unchanged),
@@ -373,15 +451,27 @@ impl StoreClient {
         timeout: Duration,
         what: &str,
     ) -> Result<(StatusCode, Bytes), StoreError> {
+        let (status, _, body) = self.send_with_headers(request, timeout, what).await?;
+        Ok((status, body))
+    }
+
+    /// [`StoreClient::send`], with the answer's headers.
+    async fn send_with_headers(
+        &self,
+        request: RequestBuilder,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes), StoreError> {
         let unreachable = |e: reqwest::Error| StoreError::Unreachable {
             url: self.url.clone(),
             detail: error_chain(&e),
         };
         let response = request.timeout(timeout).send().await.map_err(unreachable)?;
         let status = response.status();
+        let headers = response.headers().clone();
         let body = response.bytes().await.map_err(unreachable)?;
         if status.is_success() {
-            return Ok((status, body));
+            return Ok((status, headers, body));
         }
         // The store's message may quote a node's lease (a delete refused for its
         // users): kept without control characters wherever it is shown.

@@ -9,8 +9,10 @@ use bytes::Bytes;
 use lazyblk_cache::{Digest, Manifest, ObjectSource};
 
 use super::backend::{Backend, BackendError, ManifestPut};
+use super::client::SignedManifest;
 use super::error::{parse_manifest, PutOutcome, StoreError};
 use super::TraceDoc;
+use crate::trust::ManifestSignature;
 
 /// Whether `url` names an object store rather than a store server.
 pub fn is_object_url(url: &str) -> bool {
@@ -72,8 +74,37 @@ impl Direct {
         self.backend.list().await.map_err(|e| self.err(e))
     }
 
-    pub async fn put_manifest(&self, m: &Manifest) -> Result<PutOutcome, StoreError> {
-        match self.backend.put_manifest(&m.template, &m.to_json()).await {
+    /// The manifest of `id` as stored, with its signature (see
+    /// [`StoreClient::signed_manifest`](super::client::StoreClient::signed_manifest)).
+    pub async fn signed_manifest(&self, id: &str) -> Result<Option<SignedManifest>, StoreError> {
+        // The signature first, as the store server reads them (see its GET).
+        let signature = match self.backend.manifest_signature(id).await {
+            Ok(sig) => Ok(sig),
+            Err(BackendError::Signature(e)) => Err(e),
+            Err(e) => return Err(self.err(e)),
+        };
+        let Some(bytes) = self
+            .backend
+            .manifest_bytes(id)
+            .await
+            .map_err(|e| self.err(e))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(SignedManifest {
+            manifest: parse_manifest(&bytes, id, &self.url)?,
+            bytes,
+            signature,
+        }))
+    }
+
+    pub async fn put_manifest(
+        &self,
+        id: &str,
+        bytes: &[u8],
+        signature: Option<&ManifestSignature>,
+    ) -> Result<PutOutcome, StoreError> {
+        match self.backend.put_manifest(id, bytes, signature).await {
             Ok(ManifestPut::Created) => Ok(PutOutcome::Created),
             Ok(ManifestPut::Unchanged) => Ok(PutOutcome::Unchanged),
             Err(e) => Err(self.err(e)),

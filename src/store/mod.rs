@@ -152,7 +152,16 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         args.member_token,
         args.admin_token,
     );
-    let state = api::AppState::new(backend, Arc::new(center), membership, admission, tokens);
+    let mut state = api::AppState::new(backend, Arc::new(center), membership, admission, tokens);
+    let trusted_keys = match &args.trusted_keys {
+        Some(path) => Some(crate::trust::TrustedKeys::open(path)?),
+        None => None,
+    };
+    crate::trust::reload_on_sighup(trusted_keys.clone())
+        .context("listening for SIGHUP (to read --trusted-keys again)")?;
+    if let Some(keys) = trusted_keys {
+        state = state.with_trusted_keys(keys);
+    }
     // Nodes whose lease ran out are struck from the member list.
     let persisting = state.clone();
     tokio::spawn(async move {

@@ -197,6 +197,11 @@ impl StoreProc {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The store's process id (for a signal).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The store's directory.
     pub fn root(&self) -> &Path {
         self.root.path()

@@ -82,6 +82,7 @@ fn template_error_status(e: &TemplateError) -> StatusCode {
         TemplateError::UnknownTemplate(..) => StatusCode::NOT_FOUND,
         TemplateError::StoreUnavailable { .. } => StatusCode::BAD_GATEWAY,
         TemplateError::InUse { .. } => StatusCode::CONFLICT,
+        TemplateError::Untrusted(_) => StatusCode::FORBIDDEN,
         TemplateError::SaveManifest { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

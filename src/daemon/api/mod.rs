@@ -136,7 +136,11 @@ pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
         local_bytes: replica.local_bytes(),
         bytes_by_source: bytes.by_source,
         corrupt_chunks: bytes.corrupt,
-        last_error: fill_error.or(bytes.last_error),
+        // A template this node refuses (--trusted-keys) says why first.
+        last_error: (node.templates.trusted(replica.id()).err())
+            .map(|e| e.to_string())
+            .or(fill_error)
+            .or(bytes.last_error),
         users: replica.users(),
         origins: manifest.origins.clone(),
         parent: manifest.parent.clone(),

@@ -37,6 +37,9 @@ pub struct AppState {
     pub(super) tokens: Arc<Tokens>,
     /// Who may be a member, at what address (`--member-keys`, `--member-networks`).
     pub(super) admission: Arc<crate::store::admission::Admission>,
+    /// The keys a manifest must be signed by to be published (`--trusted-keys`); any
+    /// manifest, signed or not, when unset.
+    pub(super) trusted_keys: Option<Arc<crate::trust::TrustedKeys>>,
 }
 
 impl AppState {
@@ -54,7 +57,14 @@ impl AppState {
             metrics: Arc::new(StoreMetrics::new()),
             tokens: Arc::new(tokens),
             admission: Arc::new(admission),
+            trusted_keys: None,
         }
+    }
+
+    /// This state, publishing only manifests signed by one of `keys`.
+    pub fn with_trusted_keys(mut self, keys: Arc<crate::trust::TrustedKeys>) -> AppState {
+        self.trusted_keys = Some(keys);
+        self
     }
 
     /// Writes the member list when it changed (see [`crate::store::nodes::Membership::persist`]).
@@ -85,6 +95,7 @@ impl From<BackendError> for ApiError {
         let status = match &e {
             BackendError::UnknownTemplate(_) | BackendError::NoTrace(_) => StatusCode::NOT_FOUND,
             BackendError::InvalidManifest(_)
+            | BackendError::Signature(_)
             | BackendError::InvalidTrace { .. }
             | BackendError::DigestMismatch { .. }
             | BackendError::Body { .. } => StatusCode::BAD_REQUEST,

@@ -4,13 +4,14 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
 use crate::store::backend::{BackendError, ManifestPut};
 use crate::store::{GcReport, TemplateSummary};
+use crate::trust::{ManifestSignature, KEY_HEADER, SIGNATURE_HEADER};
 
 use super::center::{chunks_in_use, enrich};
 use super::state::{
@@ -46,20 +47,59 @@ pub(super) async fn get_manifest(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     checked_id(&id)?;
-    match state.backend.manifest_bytes(&id).await? {
-        Some(bytes) => Ok(json_bytes(bytes)),
-        None => Err(BackendError::UnknownTemplate(id).into()),
+    // The signature first: a manifest is written after its signature, so one read
+    // after the other never pairs a new manifest with no signature.
+    let signature = state.backend.manifest_signature(&id).await?;
+    let Some(bytes) = state.backend.manifest_bytes(&id).await? else {
+        return Err(BackendError::UnknownTemplate(id).into());
+    };
+    let mut response = json_bytes(bytes);
+    if let Some(sig) = signature {
+        let headers = response.headers_mut();
+        for (name, value) in [(KEY_HEADER, sig.key), (SIGNATURE_HEADER, sig.signature)] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
     }
+    Ok(response)
+}
+
+/// The signature sent with a manifest's PUT, if any, and whether the store trusts it.
+fn offered_signature(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    manifest: &[u8],
+) -> Result<Option<ManifestSignature>, ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let signature =
+        ManifestSignature::from_headers(id, header(KEY_HEADER), header(SIGNATURE_HEADER))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(trusted) = &state.trusted_keys {
+        trusted
+            .check(id, manifest, signature.as_ref())
+            .map_err(|e| {
+                tracing::warn!(template = %id, error = %e, "manifest refused");
+                ApiError::new(StatusCode::FORBIDDEN, format!("{e}; this store publishes only manifests signed by a key it trusts (--signing-key)"))
+            })?;
+    }
+    Ok(signature)
 }
 
 pub(super) async fn put_manifest(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body, MAX_JSON_BODY, "a manifest").await?;
     checked_id(&id)?;
-    let outcome = state.backend.put_manifest(&id, &bytes).await?;
+    let signature = offered_signature(&state, &id, &headers, &bytes)?;
+    let outcome = state
+        .backend
+        .put_manifest(&id, &bytes, signature.as_ref())
+        .await?;
     let (status, created) = match outcome {
         ManifestPut::Created => {
             state.metrics.manifests_published.inc();

@@ -19,10 +19,11 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    check_trace, clip_range, difference, drain, not_the_chunk, summarize, BackendError, ChunkPut,
-    DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
+    check_trace, clip_range, difference, drain, manifest_to_store, not_the_chunk, summarize,
+    BackendError, ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
 };
 use crate::store::TemplateSummary;
+use crate::trust::ManifestSignature;
 
 /// Read size when streaming a chunk file to a client: a quarter of the default chunk,
 /// few system calls per chunk without holding much memory per connection.
@@ -102,25 +103,53 @@ impl DirBackend {
         }
     }
 
-    /// Stores a manifest unless one with other content has this id.
-    pub async fn put_manifest(&self, id: &str, body: &[u8]) -> Result<ManifestPut, BackendError> {
-        let mut manifest = Manifest::parse(body, Some(id))?;
-        if manifest.created_at.is_empty() {
-            manifest.created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        }
+    /// The signature document kept beside the manifest of `id`, if any.
+    pub async fn signature_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        read_optional(self.signature_path(id)).await
+    }
+
+    fn signature_path(&self, id: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{id}.sig"))
+    }
+
+    /// Stores a manifest unless one with other content has this id. The signature is
+    /// written first, so no reader sees a signed manifest without it.
+    pub async fn put_manifest(
+        &self,
+        id: &str,
+        body: &[u8],
+        signature: Option<&ManifestSignature>,
+    ) -> Result<ManifestPut, BackendError> {
+        let (manifest, bytes) = manifest_to_store(id, body, signature)?;
         let _guard = self.manifests_lock.lock().await;
         if let Some(existing) = self.manifest(id).await? {
-            return if existing.same_content(&manifest) {
-                Ok(ManifestPut::Unchanged)
-            } else {
-                Err(BackendError::Conflict {
+            if !existing.same_content(&manifest) {
+                return Err(BackendError::Conflict {
                     template: id.to_string(),
                     detail: difference(&existing, &manifest),
-                })
-            };
+                });
+            }
+            // The same content signed now: the signature is kept if it is of the very
+            // bytes stored (otherwise the stored manifest stays as it was).
+            let stored = self.manifest_bytes(id).await?;
+            if let (Some(sig), Some(true)) = (signature, stored.map(|b| b == bytes)) {
+                let (tmp, path, doc) = (self.tmp_dir(), self.signature_path(id), sig.to_json());
+                blocking(move || write_atomic(&tmp, &path, &doc)).await?;
+            }
+            return Ok(ManifestPut::Unchanged);
         }
         let (tmp, path) = (self.tmp_dir(), self.manifest_path(id));
-        blocking(move || write_atomic(&tmp, &path, &manifest.to_json())).await?;
+        let sig_path = self.signature_path(id);
+        let doc = signature.map(ManifestSignature::to_json);
+        blocking(move || {
+            match doc {
+                Some(doc) => write_atomic(&tmp, &sig_path, &doc)?,
+                // A signature left by a crash between its write and its manifest's.
+                None => remove_if_there(&sig_path)?,
+            }
+            write_atomic(&tmp, &path, &bytes)
+        })
+        .await?;
         self.durable.forget(id);
         Ok(ManifestPut::Created)
     }
@@ -129,6 +158,7 @@ impl DirBackend {
     pub async fn delete(&self, id: &str) -> Result<(), BackendError> {
         let _guard = self.manifests_lock.lock().await;
         let (manifest, trace) = (self.manifest_path(id), self.trace_path(id));
+        let signature = self.signature_path(id);
         let id_owned = id.to_string();
         blocking(move || {
             match fs::remove_file(&manifest) {
@@ -143,6 +173,7 @@ impl DirBackend {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("removing", &trace)(e)),
             }
+            remove_if_there(&signature)?;
             sync_parent(&manifest)
         })
         .await?;
@@ -417,6 +448,15 @@ fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), BackendErro
 pub(super) fn write_atomic_in(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), BackendError> {
     fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
     write_atomic(dir, &dir.join(name), bytes)
+}
+
+/// Removes `path` if it exists (and makes the removal durable).
+fn remove_if_there(path: &Path) -> Result<(), BackendError> {
+    match fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("removing", path)(e)),
+    }
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), BackendError> {

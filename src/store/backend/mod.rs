@@ -10,7 +10,8 @@
 //! - This file: [`Backend`], the enum the API calls, which hands every operation to
 //!   the engine it holds.
 //!
-//! Both engines keep the same keys (`manifests/<id>.json`, `chunks/<2 hex>/<64 hex>`,
+//! Both engines keep the same keys (`manifests/<id>.json`, its signature
+//! `manifests/<id>.sig` when it is signed ([`crate::trust`]), `chunks/<2 hex>/<64 hex>`,
 //! `traces/<id>.json`) and the same rules: a chunk is stored only after its body
 //! hashes to its digest; a manifest is immutable once stored.
 
@@ -27,6 +28,7 @@ use lazyblk_cache::encoding::StoredVerifier;
 use lazyblk_cache::{Digest, Manifest, ManifestError};
 
 use super::{Durability, GcReport, TemplateSummary, TraceDoc};
+use crate::trust::{ManifestSignature, TrustError};
 
 mod bucket_url;
 pub mod clouds;
@@ -122,6 +124,9 @@ pub enum BackendError {
     /// digest they were sent under.
     #[error("the body is not chunk {expected}: {detail}")]
     DigestMismatch { expected: Digest, detail: String },
+    /// A manifest's signature that is malformed or not of the manifest's bytes.
+    #[error(transparent)]
+    Signature(#[from] TrustError),
     /// A body larger than its limit.
     #[error("{what} exceeds {limit} bytes")]
     TooLarge { what: String, limit: u64 },
@@ -224,10 +229,29 @@ impl Backend {
         dispatch!(self, b => b.manifest_bytes(id).await)
     }
 
-    /// Stores a manifest unless one with other content has this id. Its labels must
+    /// The signature kept beside the manifest of `id`, if it is signed. A `.sig` that
+    /// does not parse is returned as an error, not as "unsigned".
+    pub async fn manifest_signature(
+        &self,
+        id: &str,
+    ) -> Result<Option<ManifestSignature>, BackendError> {
+        let doc = dispatch!(self, b => b.signature_bytes(id).await)?;
+        match doc {
+            None => Ok(None),
+            Some(doc) => Ok(Some(ManifestSignature::parse(id, &doc)?)),
+        }
+    }
+
+    /// Stores a manifest (and its signature, checked against the body) unless one with
+    /// other content has this id. Its labels must
     /// follow `lazyblk_cache::labels` (checked here, on the way in, and not when a
     /// manifest is read, so a store's older manifests stay readable).
-    pub async fn put_manifest(&self, id: &str, body: &[u8]) -> Result<ManifestPut, BackendError> {
+    pub async fn put_manifest(
+        &self,
+        id: &str,
+        body: &[u8],
+        signature: Option<&ManifestSignature>,
+    ) -> Result<ManifestPut, BackendError> {
         /// The labels alone; the rest of the manifest is checked by the backend.
         #[derive(serde::Deserialize)]
         struct Labels {
@@ -242,7 +266,7 @@ impl Backend {
                 }
             })?;
         }
-        dispatch!(self, b => b.put_manifest(id, body).await)
+        dispatch!(self, b => b.put_manifest(id, body, signature).await)
     }
 
     /// Removes a template's manifest and trace; its chunks stay until gc.
@@ -338,6 +362,27 @@ impl Backend {
 }
 
 /// Checks a trace document against its template's manifest; the bytes to store.
+/// A manifest to store: parsed, and the bytes to keep. A signed manifest is kept
+/// exactly as it was signed (its signature checked first); an unsigned one is written
+/// in the canonical form, with the time of publication if it has none.
+pub(super) fn manifest_to_store(
+    id: &str,
+    body: &[u8],
+    signature: Option<&ManifestSignature>,
+) -> Result<(Manifest, Vec<u8>), BackendError> {
+    let mut manifest = Manifest::parse(body, Some(id))?;
+    if let Some(sig) = signature {
+        sig.verify(id, body)?;
+        return Ok((manifest, body.to_vec()));
+    }
+    if manifest.created_at.is_empty() {
+        manifest.created_at =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    }
+    let bytes = manifest.to_json();
+    Ok((manifest, bytes))
+}
+
 fn check_trace(id: &str, manifest: &Manifest, body: &[u8]) -> Result<Vec<u8>, BackendError> {
     let invalid = |reason: String| BackendError::InvalidTrace {
         template: id.to_string(),

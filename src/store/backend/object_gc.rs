@@ -133,7 +133,7 @@ mod tests {
         }
         let mut m = Manifest::new("t", 65536, 65536);
         m.chunks[0] = Some(Digest::of(kept));
-        b.put_manifest("t", &m.to_json()).await.unwrap();
+        b.put_manifest("t", &m.to_json(), None).await.unwrap();
 
         let young = b
             .gc(Duration::from_secs(600), HashSet::new())

@@ -26,10 +26,11 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 
 use super::bucket_url::{credentials, parse_url};
 use super::{
-    check_trace, clip_range, difference, drain, is_chunk, not_the_chunk, summarize, BackendError,
-    ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
+    check_trace, clip_range, difference, drain, is_chunk, manifest_to_store, not_the_chunk,
+    summarize, BackendError, ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
 };
 use crate::store::TemplateSummary;
+use crate::trust::ManifestSignature;
 
 /// HEAD requests in flight at once when checking which chunks the bucket holds
 /// (durability, the missing list): enough to hide a round trip per chunk, few enough
@@ -173,22 +174,44 @@ impl ObjectBackend {
         }
     }
 
-    /// Stores a manifest unless one with other content has this id.
-    pub async fn put_manifest(&self, id: &str, body: &[u8]) -> Result<ManifestPut, BackendError> {
-        let mut manifest = Manifest::parse(body, Some(id))?;
-        if manifest.created_at.is_empty() {
-            manifest.created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        }
+    /// The signature document kept beside the manifest of `id`, if any.
+    pub async fn signature_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let bytes = self.get_optional(&self.signature_key(id)).await?;
+        Ok(bytes.map(|b| b.to_vec()))
+    }
+
+    fn signature_key(&self, id: &str) -> ObjectPath {
+        self.manifests_dir().join(format!("{id}.sig"))
+    }
+
+    /// Stores a manifest unless one with other content has this id. The signature is
+    /// written first, so no reader sees a signed manifest without it.
+    pub async fn put_manifest(
+        &self,
+        id: &str,
+        body: &[u8],
+        signature: Option<&ManifestSignature>,
+    ) -> Result<ManifestPut, BackendError> {
+        let (manifest, bytes) = manifest_to_store(id, body, signature)?;
         let _guard = self.manifests_lock.lock().await;
         if let Some(existing) = self.manifest(id).await? {
-            return compare(id, &existing, &manifest);
+            let outcome = compare(id, &existing, &manifest)?;
+            // The same content signed now: the signature is kept if it is of the very
+            // bytes stored (otherwise the stored manifest stays as it was).
+            let stored = self.manifest_bytes(id).await?;
+            if let (Some(sig), Some(true)) = (signature, stored.map(|b| b == bytes)) {
+                self.put_signature(id, Some(sig)).await?;
+            }
+            return Ok(outcome);
         }
+        // A signature left by a failure between its write and its manifest's goes too.
+        self.put_signature(id, signature).await?;
         let key = self.manifest_key(id);
         let create = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
-        let payload = PutPayload::from(manifest.to_json());
+        let payload = PutPayload::from(bytes);
         match self.store.put_opts(&key, payload, create).await {
             Ok(_) => {}
             // Another store process created it between the read and the write.
@@ -203,6 +226,27 @@ impl ObjectBackend {
         }
         self.durable.forget(id);
         Ok(ManifestPut::Created)
+    }
+
+    /// Writes (or, for `None`, removes) the signature of `id`.
+    async fn put_signature(
+        &self,
+        id: &str,
+        signature: Option<&ManifestSignature>,
+    ) -> Result<(), BackendError> {
+        let key = self.signature_key(id);
+        match signature {
+            Some(sig) => self
+                .store
+                .put(&key, PutPayload::from(sig.to_json()))
+                .await
+                .map(|_| ())
+                .map_err(object_err("writing", &key)),
+            None => match self.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(object_err("deleting", &key)(e)),
+            },
+        }
     }
 
     /// Removes a template's manifest and trace; its chunks stay.
@@ -226,6 +270,8 @@ impl ObjectBackend {
             .delete(&key)
             .await
             .map_err(object_err("deleting", &key))?;
+        // After the manifest: a signature without its manifest is never read.
+        self.put_signature(id, None).await?;
         self.durable.forget(id);
         Ok(())
     }

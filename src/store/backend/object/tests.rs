@@ -57,16 +57,16 @@ async fn manifests_are_immutable_and_durability_follows_the_bucket() {
     let (c1, c2): (&[u8], &[u8]) = (b"one", b"two");
     let json = manifest_json("t", &[c1, c2]);
     assert_eq!(
-        b.put_manifest("t", &json).await.unwrap(),
+        b.put_manifest("t", &json, None).await.unwrap(),
         ManifestPut::Created
     );
     assert_eq!(
-        b.put_manifest("t", &json).await.unwrap(),
+        b.put_manifest("t", &json, None).await.unwrap(),
         ManifestPut::Unchanged
     );
     let other = manifest_json("t", &[c1, b"three"]);
     assert!(matches!(
-        b.put_manifest("t", &other).await,
+        b.put_manifest("t", &other, None).await,
         Err(BackendError::Conflict { .. })
     ));
     assert_eq!(
