@@ -23,7 +23,7 @@ use crate::chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
 use crate::digest::Digest;
 pub use crate::health::{CacheHealth, CacheUsage};
 pub use crate::planner::Priority;
-use crate::planner::{FetchSlots, Promotion, SourceHealth};
+use crate::planner::{FetchSlots, Hedging, Promotion, SourceHealth};
 use crate::source::{Source, SourceError};
 
 /// The default time one source gets to deliver one chunk. Well under the kernel NBD
@@ -227,6 +227,8 @@ pub struct ChunkCache {
     slots: FetchSlots,
     /// Which sources keep failing, so plans try them last.
     health_of_sources: SourceHealth,
+    /// When a read hedges a slow node (see [`crate::planner`]).
+    hedging: Hedging,
     /// Whether fetched chunks can be kept on disk.
     health: CacheHealth,
     /// Blocks of chunks read in part ([`crate::partial`]).
@@ -246,6 +248,7 @@ impl ChunkCache {
             epoch: Instant::now(),
             slots: FetchSlots::default(),
             health_of_sources: SourceHealth::default(),
+            hedging: Hedging::default(),
             health: CacheHealth::default(),
             partial: crate::block_memory::Partial::default(),
         }
@@ -280,6 +283,18 @@ impl ChunkCache {
     /// Whether the cache keeps what it fetches (see [`CacheHealth`]).
     pub fn health(&self) -> &CacheHealth {
         &self.health
+    }
+
+    /// Bytes free on the cache's file system (see [`crate::health::free_bytes`]).
+    pub fn free_bytes(&self) -> Option<u64> {
+        crate::health::free_bytes(self.store.root())
+    }
+
+    /// Whether a chunk of `len` bytes could be written to the cache now: writes and
+    /// removes that many bytes, fetches nothing (see [`crate::health::probe_write`]).
+    /// Blocking.
+    pub fn probe_write(&self, len: u64) -> std::io::Result<()> {
+        crate::health::probe_write(self.store.root(), len)
     }
 
     pub(crate) fn store(&self) -> &ChunkStore {
@@ -630,52 +645,27 @@ impl ChunkCache {
         // A demand read's attempts share one budget; background work has none (each
         // attempt still has the source deadline).
         let budget_ends = (priority == Priority::Demand).then(|| Instant::now() + self.read_budget);
+        // Reads hedge a slow node; fills wait it out (see `crate::planner`).
+        let hedge_after = (priority != Priority::Fill).then(|| {
+            self.hedging
+                .delay(budget_ends.map(|_| self.read_budget))
+        });
         let mut errors = Vec::new();
-        'passes: for pass in 0..FETCH_PASSES {
+        for pass in 0..FETCH_PASSES {
             if pass > 0 {
                 tokio::time::sleep(PASS_BACKOFF).await;
             }
-            for source in self.health_of_sources.plan(sources) {
-                let attempt = match budget_ends {
-                    Some(end) => {
-                        let left = end.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            errors.push(format!(
-                                "the read's budget of {:?} is spent",
-                                self.read_budget
-                            ));
-                            break 'passes;
-                        }
-                        left.min(self.deadline)
-                    }
-                    None => self.deadline,
-                };
-                match self.fetch_from(chunk, source, priority, attempt).await {
-                    Ok(Some(bytes)) => {
-                        self.health_of_sources.succeeded(source.name());
-                        return Ok(bytes);
-                    }
-                    Ok(None) => {
-                        self.health_of_sources.failed(source.name());
-                        errors.push(format!("{}: digest mismatch", source.name()));
-                    }
-                    Err(e) if e.is_skip() => {}
-                    Err(e) => {
-                        // The peers keep a health per peer of their own: one dead owner
-                        // must not demote every other.
-                        if !matches!(source, Source::Peers(_)) {
-                            self.health_of_sources.failed(source.name());
-                        }
-                        self.observer.source_failed(chunk, source.name(), &e);
-                        tracing::warn!(template = %chunk.template, chunk = chunk.index,
-                            source = source.name(), error = %e, "chunk fetch failed");
-                        let transient = e.is_transient();
-                        errors.push(e.to_string());
-                        if !transient && sources.len() == 1 {
-                            break 'passes;
-                        }
-                    }
-                }
+            let plan = Plan {
+                chunk,
+                sources,
+                priority,
+                budget_ends,
+                hedge_after,
+            };
+            match self.fetch_pass(&plan, &mut errors).await {
+                Pass::Delivered(bytes) => return Ok(bytes),
+                Pass::Exhausted => {}
+                Pass::Stop => break,
             }
         }
         if sources.is_empty() {
@@ -687,6 +677,151 @@ impl ChunkCache {
             digest: chunk.digest,
             errors,
         })
+    }
+
+    /// One pass over the sources, healthy first: the next source starts when the last
+    /// one failed, or beside a node that has not answered within the hedge delay.
+    async fn fetch_pass(self: &Arc<Self>, plan: &Plan<'_>, errors: &mut Vec<String>) -> Pass {
+        let order = self.health_of_sources.plan(plan.sources);
+        let mut attempts = futures::stream::FuturesUnordered::new();
+        // The attempts under way: their place in `order` and when they started.
+        let mut running: Vec<(usize, Instant)> = Vec::new();
+        let mut next = 0;
+        loop {
+            let hedge_at = match plan.hedge_after {
+                Some(after) if next < order.len() && !running.is_empty() => running
+                    .iter()
+                    .all(|(i, _)| order[*i].is_node())
+                    .then(|| running.iter().map(|(_, at)| *at).max())
+                    .flatten()
+                    .map(|last| last + after),
+                _ => None,
+            };
+            let start_next = if running.is_empty() {
+                true
+            } else {
+                tokio::select! {
+                    Some((i, took, result)) = futures::StreamExt::next(&mut attempts) => {
+                        running.retain(|(r, _)| *r != i);
+                        match self.settle(plan, order[i], took, result, errors) {
+                            Settled::Delivered(bytes) => {
+                                self.give_up_on(&order, &running);
+                                return Pass::Delivered(bytes);
+                            }
+                            Settled::Stop => return Pass::Stop,
+                            Settled::Next => {}
+                        }
+                        running.is_empty()
+                    }
+                    () = sleep_until(hedge_at), if hedge_at.is_some() => {
+                        tracing::debug!(template = %plan.chunk.template, chunk = plan.chunk.index,
+                            slow = order[running[0].0].name(), next = order[next].name(),
+                            "a node has not answered; hedging to the next source");
+                        true
+                    }
+                }
+            };
+            if !start_next {
+                continue;
+            }
+            let Some(source) = order.get(next) else {
+                if running.is_empty() {
+                    return Pass::Exhausted;
+                }
+                continue;
+            };
+            let deadline = match plan.budget_ends {
+                Some(end) => {
+                    let left = end.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        errors.push(format!(
+                            "the read's budget of {:?} is spent",
+                            self.read_budget
+                        ));
+                        return Pass::Stop;
+                    }
+                    left.min(self.deadline)
+                }
+                None => self.deadline,
+            };
+            attempts.push(self.attempt(plan, next, source, deadline));
+            running.push((next, Instant::now()));
+            next += 1;
+        }
+    }
+
+    /// One source's attempt: its place in the pass, how long it took, its outcome.
+    async fn attempt(
+        &self,
+        plan: &Plan<'_>,
+        index: usize,
+        source: &Source,
+        deadline: Duration,
+    ) -> (usize, Duration, Result<Option<Bytes>, SourceError>) {
+        let started = Instant::now();
+        let result = self
+            .fetch_from(plan.chunk, source, plan.priority, deadline)
+            .await;
+        (index, started.elapsed(), result)
+    }
+
+    /// What an attempt's outcome means for the pass.
+    fn settle(
+        &self,
+        plan: &Plan<'_>,
+        source: &Source,
+        took: Duration,
+        result: Result<Option<Bytes>, SourceError>,
+        errors: &mut Vec<String>,
+    ) -> Settled {
+        let chunk = plan.chunk;
+        match result {
+            Ok(Some(bytes)) => {
+                self.health_of_sources.succeeded(source.name());
+                if source.is_node() {
+                    self.hedging.observe(took);
+                }
+                Settled::Delivered(bytes)
+            }
+            Ok(None) => {
+                self.health_of_sources.failed(source.name());
+                errors.push(format!("{}: digest mismatch", source.name()));
+                Settled::Next
+            }
+            Err(e) if e.is_skip() => Settled::Next,
+            Err(e) => {
+                // The peers keep a health per peer of their own: one dead owner must not
+                // demote every other.
+                if !source.has_own_health() {
+                    self.health_of_sources.failed(source.name());
+                }
+                self.observer.source_failed(chunk, source.name(), &e);
+                tracing::warn!(template = %chunk.template, chunk = chunk.index,
+                    source = source.name(), error = %e, "chunk fetch failed");
+                let transient = e.is_transient();
+                errors.push(e.to_string());
+                if !transient && plan.sources.len() == 1 {
+                    Settled::Stop
+                } else {
+                    Settled::Next
+                }
+            }
+        }
+    }
+
+    /// The attempts still under way when another source answered are dropped: an
+    /// origin among them that had run for the shortest hedge delay counts as failed in
+    /// the planner's health (peers count their own, see `crate::peers`).
+    fn give_up_on(&self, order: &[&Source], running: &[(usize, Instant)]) {
+        for (i, started) in running {
+            let source = order[*i];
+            if !source.has_own_health()
+                && source.is_node()
+                && started.elapsed() >= crate::planner::HEDGE_DELAY_MIN
+            {
+                self.health_of_sources.failed(source.name());
+            }
+        }
     }
 
     /// Verified raw bytes from one source (decoded here, whatever the transport: see
@@ -803,4 +938,39 @@ fn unreachable_verified(chunk: &ChunkRef) -> Result<ChunkFile, Arc<FetchError>> 
         digest: chunk.digest,
         errors: vec!["internal: fetch returned before the chunk was stored".into()],
     }))
+}
+
+/// What one fetch of a chunk asks of its passes over the sources.
+struct Plan<'a> {
+    chunk: &'a ChunkRef,
+    sources: &'a [Source],
+    priority: Priority,
+    /// When a demand read's budget ends.
+    budget_ends: Option<Instant>,
+    /// How long a read waits for a node before it hedges; `None` for fills.
+    hedge_after: Option<Duration>,
+}
+
+/// How a pass over the sources ended.
+enum Pass {
+    Delivered(Bytes),
+    /// Every source failed; another pass may follow.
+    Exhausted,
+    /// No further pass: the budget is spent, or the only source refused for good.
+    Stop,
+}
+
+/// What one attempt's outcome means for its pass.
+enum Settled {
+    Delivered(Bytes),
+    Next,
+    Stop,
+}
+
+/// Sleeps until `at`; for ever when there is none (a disabled `select!` branch).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }

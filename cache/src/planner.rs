@@ -12,9 +12,16 @@
 //! the end of every plan for a while (doubling from [`FIRST_BACKOFF`] up to
 //! [`MAX_BACKOFF`]); it is still tried when every other source has failed, and its
 //! first success restores it. So a stalled origin costs one deadline, not one per read.
+//!
+//! Hedging. A read (demand or prefetch) whose attempt at another node (a peer, an
+//! origin) has not answered after [`Hedging::delay`] starts the next source of its plan
+//! beside it and takes the first verified answer: a member that accepts and never
+//! answers costs a read one hedge delay, not the source deadline, and fits in the
+//! read's budget (`--read-deadline`). Fills do not hedge (a copy more from the store
+//! for a chunk nobody waits for buys nothing); they wait out the source deadline.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +41,57 @@ pub const FAILURES_BEFORE_BACKOFF: u32 = 2;
 /// How long a failing source is tried last, at first; doubled per further failure.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The shortest hedge delay: a peer's cold answer includes its own fetch from the
+/// store, tens of milliseconds on a LAN, so a second is well past a healthy owner's
+/// answer even on a loaded node; hedging sooner would cost the store the copies that
+/// asking the owner saves.
+pub const HEDGE_DELAY_MIN: Duration = Duration::from_secs(1);
+/// The longest hedge delay: half the default source deadline, so a hedged read still
+/// has most of its budget for the next source.
+pub const HEDGE_DELAY_MAX: Duration = Duration::from_secs(4);
+/// The hedge delay is this many times the typical time a node took to answer (a
+/// moving average), within the bounds above: a fleet whose peers are slow under load
+/// hedges later instead of sending every read to the store as well.
+pub const HEDGE_LATENCY_FACTOR: u32 = 4;
+/// A demand read hedges within this share of its budget (1/4), so the next source has
+/// the rest.
+const HEDGE_BUDGET_SHARE: u32 = 4;
+
+/// When a read hedges a slow node (see the module header): learns how long nodes
+/// take to answer.
+#[derive(Default)]
+pub struct Hedging {
+    /// Moving average of the time a node took to deliver a chunk, in µs; 0 before the
+    /// first answer.
+    typical_us: AtomicU64,
+}
+
+impl Hedging {
+    /// A node (peer or origin) delivered a chunk after `took`.
+    pub fn observe(&self, took: Duration) {
+        let took = took.as_micros().min(u64::MAX as u128) as u64;
+        // An average over about the last eight answers; a race of two updates loses one
+        // sample, which an average does not miss.
+        let was = self.typical_us.load(Ordering::Relaxed);
+        let now = if was == 0 {
+            took
+        } else {
+            was - was / 8 + took / 8
+        };
+        self.typical_us.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// How long a read waits for a node before it hedges; `budget` is a demand read's.
+    pub fn delay(&self, budget: Option<Duration>) -> Duration {
+        let typical = Duration::from_micros(self.typical_us.load(Ordering::Relaxed));
+        let delay = (typical * HEDGE_LATENCY_FACTOR).clamp(HEDGE_DELAY_MIN, HEDGE_DELAY_MAX);
+        match budget {
+            Some(budget) => delay.min(budget / HEDGE_BUDGET_SHARE).max(HEDGE_DELAY_MIN),
+            None => delay,
+        }
+    }
+}
 
 /// Who a fetch is for. Demand reads go first; prefetches (readahead, NBD CACHE) next;
 /// fills last, with their hashing and writing on low-priority threads
@@ -218,6 +276,24 @@ mod tests {
         assert_eq!(names(&health), ["http://store", "http://origin"]);
         health.succeeded("http://origin");
         assert_eq!(names(&health)[0], "http://origin");
+    }
+
+    #[test]
+    fn the_hedge_delay_follows_how_long_nodes_take_within_bounds() {
+        let h = Hedging::default();
+        assert_eq!(h.delay(None), HEDGE_DELAY_MIN, "no answer seen yet");
+        for _ in 0..64 {
+            h.observe(Duration::from_millis(600));
+        }
+        let d = h.delay(None);
+        assert!(d > Duration::from_secs(2) && d <= HEDGE_DELAY_MAX, "{d:?}");
+        // A short read budget hedges sooner, never under the minimum.
+        assert_eq!(h.delay(Some(Duration::from_secs(6))), Duration::from_millis(1500));
+        assert_eq!(h.delay(Some(Duration::from_secs(1))), HEDGE_DELAY_MIN);
+        for _ in 0..64 {
+            h.observe(Duration::from_millis(10));
+        }
+        assert_eq!(h.delay(None), HEDGE_DELAY_MIN);
     }
 
     #[tokio::test]

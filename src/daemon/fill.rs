@@ -5,14 +5,22 @@
 //! set), then in index order; with bounded concurrency and an optional bandwidth cap;
 //! demand reads go first (a fill waits while a reader waits for a fetch). A chunk that
 //! cannot be fetched is retried with backoff; after [`MAX_CHUNK_ATTEMPTS`] the replica
-//! is FAILED with the error shown, and a supervisor resumes it when a source answers
+//! is FAILED with the error shown, and a supervisor resumes it when the store answers
 //! again (or `warm --redo` does).
+//!
+//! A chunk that arrived but cannot be written (a full disk, a read-only or unwritable
+//! cache) fails the fill at once, without retries: fetching it again would not help.
+//! Such a fill stays FAILED and does not download anything until the disk can take a
+//! chunk: the supervisor probes it ([`ChunkCache::probe_write`], no download) when room
+//! appears on the file system, when another chunk write succeeds, or otherwise after a
+//! backoff that doubles from [`DISK_FIRST_BACKOFF`] to [`DISK_MAX_BACKOFF`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lazyblk_cache::{ChunkCache, Priority};
+use lazyblk_cache::{ChunkCache, FetchError, Priority, ReadError};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -47,8 +55,17 @@ const MAX_READER_PAUSE: Duration = Duration::from_millis(10);
 /// database (a restart resumes the fill and counts what is local again), so a fill
 /// costs one SQLite write and one count of its chunks per half minute, not per second.
 const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(30);
-/// How often the supervisor looks for FAILED replicas whose sources answer again.
+/// How often the supervisor looks for FAILED replicas whose sources answer again (or
+/// whose disk has room again).
 const SUPERVISE_INTERVAL: Duration = Duration::from_secs(3);
+/// How long a fill stopped by its disk waits, without a sign of room, before the disk
+/// is probed again: a probe writes one chunk's bytes and fetches nothing, so this only
+/// spares the disk; doubled per failed probe up to [`DISK_MAX_BACKOFF`].
+const DISK_FIRST_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest a fill stopped by its disk waits between probes without a sign of room:
+/// an operator who fixes a read-only or unwritable cache sees the fill resume within
+/// ten minutes (at once with `warm --redo`, or when a read's chunk is written).
+const DISK_MAX_BACKOFF: Duration = Duration::from_secs(600);
 
 /// Tunables of the background fill.
 #[derive(Clone, Debug)]
@@ -85,6 +102,34 @@ pub struct FillScheduler {
     config: FillConfig,
     /// The next instant the bandwidth cap lets a fill fetch start.
     next_slot: Mutex<Instant>,
+    /// Fills stopped by the local disk, by template: what they wait for (see the
+    /// module header). The supervisor resumes the others when the store answers.
+    disk_waits: Mutex<HashMap<String, DiskWait>>,
+}
+
+/// Why a fill stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// The local disk: a chunk arrived but could not be written or made durable.
+    Disk,
+    /// The sources: no source delivered a chunk (or the chunks on disk went bad).
+    Source,
+}
+
+/// Why a fill stopped, with the error an operator sees.
+type Failure = (Fault, String);
+
+/// What a fill stopped by its disk waits for before it is tried again.
+#[derive(Clone, Copy, Debug)]
+struct DiskWait {
+    /// Probe the disk at this time even without a sign of room.
+    next_probe: Instant,
+    /// The wait before the next probe after this one fails.
+    backoff: Duration,
+    /// Bytes free on the cache's file system when the fill stopped or was last probed.
+    free: Option<u64>,
+    /// The cache's successful chunk writes then.
+    writes: u64,
 }
 
 impl FillScheduler {
@@ -98,6 +143,7 @@ impl FillScheduler {
             db,
             config,
             next_slot: Mutex::new(Instant::now()),
+            disk_waits: Mutex::new(HashMap::new()),
         }
     }
 
@@ -145,7 +191,7 @@ impl FillScheduler {
         let started = Instant::now();
         let order = self.fill_order(&replica).await;
         let semaphore = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
-        let failed: Arc<Mutex<Option<String>>> = Arc::default();
+        let failed: Arc<Mutex<Option<Failure>>> = Arc::default();
         let mut tasks = JoinSet::new();
         let mut last_save = Instant::now();
         let mut last_spawn: Option<Instant> = None;
@@ -196,15 +242,15 @@ impl FillScheduler {
             tracing::info!(template = replica.id(), "fill stopped");
             return;
         }
-        if let Some(e) = error {
-            return self.fail(&replica, e, &cancel);
+        if let Some((fault, e)) = error {
+            return self.fail(&replica, fault, e, &cancel);
         }
         // The chunks are claimed first, so none is evicted (and fetched again, not yet
         // on disk) while they are made durable.
         match self.claim(&replica, &cancel) {
             Ok(true) => {}
             Ok(false) => return,
-            Err(e) => return self.fail(&replica, e, &cancel),
+            Err(e) => return self.fail(&replica, Fault::Source, e, &cancel),
         }
         // READY promises the chunks survive a crash: their bytes and names are made
         // durable once here, not one fsync per fetched chunk.
@@ -216,16 +262,19 @@ impl FillScheduler {
                 Ok(Ok(0)) => Ok(()),
                 // Files a crash left short of their bytes: fetched again when the fill
                 // resumes (the supervisor resumes FAILED fills).
-                Ok(Ok(dropped)) => Err(format!(
-                    "{dropped} chunk files on disk were gone or did not match their digests \
-                 (a crash before they were written back?); to be fetched again"
+                Ok(Ok(dropped)) => Err((
+                    Fault::Source,
+                    format!(
+                        "{dropped} chunk files on disk were gone or did not match their \
+                         digests (a crash before they were written back?); to be fetched again"
+                    ),
                 )),
-                Ok(Err(e)) => Err(format!("making the chunks durable: {e}")),
-                Err(e) => Err(format!("making the chunks durable: {e}")),
+                Ok(Err(e)) => Err((Fault::Disk, format!("making the chunks durable: {e}"))),
+                Err(e) => Err((Fault::Disk, format!("making the chunks durable: {e}"))),
             };
         match durable {
             Ok(()) => self.finish(&replica, started, &cancel),
-            Err(e) => self.fail(&replica, e, &cancel),
+            Err((fault, e)) => self.fail(&replica, fault, e, &cancel),
         }
     }
 
@@ -310,6 +359,7 @@ impl FillScheduler {
         state.phase = Some(Phase::Ready);
         state.cancel = None;
         drop(state);
+        self.forget_disk_wait(replica.id());
         self.save(replica);
         tracing::info!(
             template = replica.id(),
@@ -321,13 +371,28 @@ impl FillScheduler {
     /// Marks the fill FAILED and lets go of its claim, if it made one: a resumed fill
     /// claims again and counts what is missing (and its own claims do not count against
     /// its budget). Nothing, if an evict or unpin came first: the replica is theirs.
-    fn fail(&self, replica: &Arc<Replica>, error: String, cancel: &AtomicBool) {
+    fn fail(&self, replica: &Arc<Replica>, fault: Fault, error: String, cancel: &AtomicBool) {
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         if cancel.load(Ordering::Relaxed) {
             tracing::info!(template = replica.id(), %error, "fill stopped");
             return;
         }
-        tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
+        let error = match fault {
+            Fault::Disk => {
+                let wait = self.wait_for_disk(replica.id());
+                tracing::warn!(template = replica.id(), %error, next_probe = ?wait,
+                    "fill FAILED on the cache's disk; it resumes when a chunk can be written \
+                     (probed when room appears); the template is still served lazily");
+                format!(
+                    "{error} (the cache's disk: the fill resumes when a chunk can be written)"
+                )
+            }
+            Fault::Source => {
+                self.forget_disk_wait(replica.id());
+                tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
+                error
+            }
+        };
         state.phase = Some(Phase::Failed);
         state.last_error = Some(error);
         state.last_error_at = Some(now_rfc3339());
@@ -372,6 +437,7 @@ impl FillScheduler {
         }
         let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
         let removed = self.cache.evict(&digests);
+        self.forget_disk_wait(replica.id());
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         state.phase = Some(Phase::Pending);
         state.last_error = None;
@@ -395,6 +461,7 @@ impl FillScheduler {
         if was_pinned {
             self.cache.release(&replica_owner(replica.id()));
         }
+        self.forget_disk_wait(replica.id());
         self.save(replica);
         tracing::info!(
             template = replica.id(),
@@ -460,7 +527,8 @@ impl FillScheduler {
         }
     }
 
-    /// Resumes FAILED fills once a source of theirs answers again.
+    /// Resumes FAILED fills: those stopped by their sources once the store answers
+    /// again, those stopped by the disk once it can take a chunk (see the module header).
     pub async fn supervise(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
@@ -474,15 +542,117 @@ impl FillScheduler {
                     .unwrap_or_else(|e| e.into_inner())
                     .phase()
                     == Phase::Failed;
-                if failed && self.store.template_ids().await.is_ok() {
-                    tracing::info!(
-                        template = replica.id(),
-                        "store answers again; resuming fill"
-                    );
+                if !failed {
+                    continue;
+                }
+                let resume = match self.disk_wait(replica.id()) {
+                    Some(wait) => self.disk_has_room(&replica, wait).await,
+                    None => {
+                        let answers = self.store.template_ids().await.is_ok();
+                        if answers {
+                            tracing::info!(
+                                template = replica.id(),
+                                "store answers again; resuming fill"
+                            );
+                        }
+                        answers
+                    }
+                };
+                if resume {
                     if let Err(e) = self.warm(&replica, true) {
                         tracing::warn!(template = replica.id(), error = %e, "cannot resume fill");
                     }
                 }
+            }
+        }
+    }
+
+    /// Records that the fill of `template` stopped on the disk; returns how long until
+    /// its next probe without a sign of room (doubled if it stopped so before).
+    fn wait_for_disk(&self, template: &str) -> Duration {
+        let free = self.cache.free_bytes();
+        let writes = self.cache.health().writes();
+        let mut waits = self.disk_waits.lock().unwrap_or_else(|e| e.into_inner());
+        let backoff = match waits.get(template) {
+            Some(w) => (w.backoff * 2).min(DISK_MAX_BACKOFF),
+            None => DISK_FIRST_BACKOFF,
+        };
+        waits.insert(
+            template.to_string(),
+            DiskWait {
+                next_probe: Instant::now() + backoff,
+                backoff,
+                free,
+                writes,
+            },
+        );
+        backoff
+    }
+
+    fn disk_wait(&self, template: &str) -> Option<DiskWait> {
+        self.disk_waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(template)
+            .copied()
+    }
+
+    fn forget_disk_wait(&self, template: &str) {
+        self.disk_waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(template);
+    }
+
+    /// Whether the disk can take a chunk of `replica` now: probed (a write of one
+    /// chunk's bytes, nothing fetched) when room appeared since `wait` was recorded,
+    /// when a chunk write succeeded since, or when its backoff ran out. A failed probe
+    /// waits again; after a backoff that ran out, twice as long.
+    async fn disk_has_room(&self, replica: &Replica, wait: DiskWait) -> bool {
+        let chunk = u64::from(replica.manifest().chunk_size);
+        let free = self.cache.free_bytes();
+        let writes = self.cache.health().writes();
+        let room = match (free, wait.free) {
+            (Some(now), Some(then)) => now >= then.saturating_add(chunk),
+            _ => false,
+        };
+        let wrote = writes > wait.writes;
+        let due = Instant::now() >= wait.next_probe;
+        if !(room || wrote || due) {
+            return false;
+        }
+        let cache = self.cache.clone();
+        let probe = tokio::task::spawn_blocking(move || cache.probe_write(chunk))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match probe {
+            Ok(()) => {
+                tracing::info!(
+                    template = replica.id(),
+                    room,
+                    wrote,
+                    "the cache's disk takes a chunk again; resuming fill"
+                );
+                true
+            }
+            Err(e) => {
+                let backoff = if due {
+                    (wait.backoff * 2).min(DISK_MAX_BACKOFF)
+                } else {
+                    wait.backoff
+                };
+                tracing::debug!(template = replica.id(), error = %e, ?backoff,
+                    "the cache's disk still cannot take a chunk");
+                let mut waits = self.disk_waits.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(w) = waits.get_mut(replica.id()) {
+                    w.free = free;
+                    w.writes = writes;
+                    if due {
+                        w.backoff = backoff;
+                        w.next_probe = Instant::now() + backoff;
+                    }
+                }
+                false
             }
         }
     }
@@ -500,15 +670,18 @@ impl FillScheduler {
     }
 }
 
-/// Fetches one chunk, retrying with backoff; the error of the last try otherwise.
-async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), String> {
+/// Fetches one chunk, retrying with backoff; the error of the last try otherwise. A
+/// chunk that arrived but could not be written is not fetched again: the disk fails
+/// the fill at once.
+async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), Failure> {
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
         match replica.image.fetch_chunk(index, Priority::Fill).await {
             Ok(_) => return Ok(()),
+            Err(e) if fault_of(&e) == Fault::Disk => return Err((Fault::Disk, e.to_string())),
             Err(e) if attempt >= MAX_CHUNK_ATTEMPTS => {
-                return Err(format!("after {attempt} tries: {e}"));
+                return Err((Fault::Source, format!("after {attempt} tries: {e}")));
             }
             Err(e) => {
                 tracing::debug!(template = replica.id(), chunk = index, attempt, error = %e, "fill fetch failed; retrying");
@@ -517,5 +690,14 @@ async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), Strin
                 attempt += 1;
             }
         }
+    }
+}
+
+/// Whether a fill's read failed on the local disk or at its sources.
+fn fault_of(error: &ReadError) -> Fault {
+    match error {
+        ReadError::Local { .. } => Fault::Disk,
+        ReadError::Fetch(e) if matches!(**e, FetchError::Local { .. }) => Fault::Disk,
+        _ => Fault::Source,
     }
 }
