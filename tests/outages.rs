@@ -185,6 +185,16 @@ fn with_the_store_down_an_owner_reads_its_chunks_from_a_peer_that_holds_them() {
     let bytes = nbdcopy(&node, "t", dir.path())
         .unwrap_or_else(|e| panic!("with the store down, nbdcopy failed: {e}"));
     assert!(bytes == expected, "wrong bytes with the store down");
+    // The chunks the node owns came from the peer's cache (the fallback), the others
+    // through their owner, the peer.
+    let from = |source: &str| {
+        node.metric(&format!(
+            "lazyblk_fetched_chunks_total{{source=\"{source}\",class=\"peer\"}}"
+        ))
+    };
+    let (cached, owned) = (from("peer-caches"), from("peers"));
+    eprintln!("chunks from the peer's cache: {cached}; through their owner: {owned}");
+    assert!(cached >= 1.0 && owned >= 1.0, "{cached} and {owned}");
 }
 
 /// A fleet member that answers `GET /v1/node` with an id and accepts every other

@@ -7,7 +7,9 @@
 //! promotes it), then tries the sources healthy first, each attempt within the source
 //! deadline and, for a demand read, all of them within the read's budget
 //! ([`DEFAULT_READ_BUDGET`]), after which the read fails with EIO rather than outliving
-//! the kernel client's timeout. Bytes whose sha256 is not the chunk's digest are
+//! the kernel client's timeout. A read whose attempt at another node (peer, origin) has
+//! not answered within the hedge delay starts the next source beside it and takes the
+//! first verified answer ([`crate::planner::Hedging`]). Bytes whose sha256 is not the chunk's digest are
 //! discarded, counted, logged with template, chunk index and source, and the next
 //! source is tried. Only verified bytes are served or written.
 
@@ -646,10 +648,8 @@ impl ChunkCache {
         // attempt still has the source deadline).
         let budget_ends = (priority == Priority::Demand).then(|| Instant::now() + self.read_budget);
         // Reads hedge a slow node; fills wait it out (see `crate::planner`).
-        let hedge_after = (priority != Priority::Fill).then(|| {
-            self.hedging
-                .delay(budget_ends.map(|_| self.read_budget))
-        });
+        let hedge_after = (priority != Priority::Fill)
+            .then(|| self.hedging.delay(budget_ends.map(|_| self.read_budget)));
         let mut errors = Vec::new();
         for pass in 0..FETCH_PASSES {
             if pass > 0 {

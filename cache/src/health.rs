@@ -131,7 +131,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         probe_write(dir.path(), 200_000).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
         assert!(free_bytes(dir.path()).is_some_and(|b| b > 0));
         // A store whose tmp directory is gone cannot be written.
         assert!(probe_write(&dir.path().join("missing"), 10).is_err());

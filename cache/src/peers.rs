@@ -124,7 +124,8 @@ impl Drop for Attempt<'_> {
         let ran = self.started.elapsed();
         if ran >= HEDGE_DELAY_MIN {
             tracing::debug!(peer = %self.id, ?ran, "a peer did not answer before a hedge did; passing it over");
-            self.peers.record(&self.id, self.trial, Outcome::Failed(ran));
+            self.peers
+                .record(&self.id, self.trial, Outcome::Failed(ran));
         } else {
             self.peers.end_trial(&self.id);
         }
@@ -317,14 +318,6 @@ impl PeerSet {
         }
     }
 
-    /// Whether `id` is passed over now (in backoff, or on trial by another request).
-    pub fn passed_over(&self, id: &str) -> bool {
-        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        health
-            .get(id)
-            .is_some_and(|h| h.until > Instant::now() || h.on_trial)
-    }
-
     /// Fetches `digest` from its owners (unverified; the caller checks the digest).
     pub async fn fetch(
         &self,
@@ -454,6 +447,87 @@ mod tests {
                 .collect(),
         );
         s
+    }
+
+    #[test]
+    fn a_failed_peer_waits_at_least_its_attempt_doubling_per_failed_trial() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(1), 1), PEER_MIN_BACKOFF);
+        assert_eq!(
+            backoff(s(8), 1),
+            s(8),
+            "at least as long as the attempt took"
+        );
+        assert_eq!(backoff(s(1), 2), s(10));
+        assert_eq!(backoff(s(8), 3), s(32));
+        assert_eq!(backoff(s(1), 30), PEER_MAX_BACKOFF);
+        assert_eq!(
+            backoff(s(300), 1),
+            s(300),
+            "the cap never undercuts the attempt"
+        );
+    }
+
+    #[test]
+    fn a_peer_in_backoff_is_passed_over_then_tried_by_one_request() {
+        let peers = set("me", &["a"]);
+        assert_eq!(peers.admit("a"), Some(false), "a healthy peer is asked");
+        peers.record("a", false, Outcome::Failed(Duration::from_millis(1500)));
+        assert_eq!(peers.admit("a"), None, "passed over after a failure");
+        // Requests under way when it failed fail too: the wait is not doubled.
+        peers.record("a", false, Outcome::Failed(Duration::from_millis(1500)));
+        let h = peers.health.lock().unwrap()["a"];
+        assert_eq!(h.failures, 1);
+        // The wait ends: one request tries it, the others still pass it over.
+        peers.health.lock().unwrap().get_mut("a").unwrap().until = Instant::now();
+        assert_eq!(peers.admit("a"), Some(true));
+        assert_eq!(peers.admit("a"), None, "one trial at a time");
+        peers.record("a", true, Outcome::Failed(Duration::from_secs(1)));
+        let h = peers.health.lock().unwrap()["a"];
+        assert_eq!(h.failures, 2);
+        assert!(!h.on_trial);
+        assert!(h.until > Instant::now() + Duration::from_secs(9), "doubled");
+        // A trial given up on at once tells nothing: the next request may try.
+        peers.health.lock().unwrap().get_mut("a").unwrap().until = Instant::now();
+        let attempt = peers.attempt("a").unwrap();
+        assert!(attempt.trial);
+        drop(attempt);
+        assert_eq!(peers.admit("a"), Some(true));
+        // An answer restores it.
+        peers.record("a", true, Outcome::Answered);
+        assert_eq!(peers.admit("a"), Some(false));
+        assert_eq!(peers.stats()["a"].failures, 3);
+    }
+
+    #[test]
+    fn the_fallback_asks_the_next_nodes_after_those_asked_to_fetch() {
+        let ids = ["a", "b", "c", "d", "e", "f"];
+        let digests: Vec<Digest> = (0..100u32).map(|i| Digest::of(&i.to_be_bytes())).collect();
+        let me = set("a", &ids);
+        for d in &digests {
+            let ranked: Vec<String> = me
+                .ranked(d)
+                .into_iter()
+                .map(|(_, m)| m.map_or("a".to_string(), |m| m.id))
+                .collect();
+            let fallbacks: Vec<String> = me.fallbacks(d).into_iter().map(|m| m.id).collect();
+            let owners: Vec<String> = me.owners(d).into_iter().map(|m| m.id).collect();
+            assert_eq!(fallbacks.len(), FALLBACK_NODES);
+            assert!(!fallbacks.contains(&"a".to_string()), "never itself");
+            assert!(fallbacks.iter().all(|f| !owners.contains(f)));
+            if me.owns(d) {
+                assert!(owners.is_empty());
+                assert_eq!(fallbacks, ranked[1..1 + FALLBACK_NODES]);
+            } else {
+                let after: Vec<String> = ranked[OWNERS_TRIED..]
+                    .iter()
+                    .filter(|id| *id != "a")
+                    .take(FALLBACK_NODES)
+                    .cloned()
+                    .collect();
+                assert_eq!(fallbacks, after);
+            }
+        }
     }
 
     #[test]

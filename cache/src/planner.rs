@@ -288,7 +288,10 @@ mod tests {
         let d = h.delay(None);
         assert!(d > Duration::from_secs(2) && d <= HEDGE_DELAY_MAX, "{d:?}");
         // A short read budget hedges sooner, never under the minimum.
-        assert_eq!(h.delay(Some(Duration::from_secs(6))), Duration::from_millis(1500));
+        assert_eq!(
+            h.delay(Some(Duration::from_secs(6))),
+            Duration::from_millis(1500)
+        );
         assert_eq!(h.delay(Some(Duration::from_secs(1))), HEDGE_DELAY_MIN);
         for _ in 0..64 {
             h.observe(Duration::from_millis(10));

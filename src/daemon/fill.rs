@@ -383,9 +383,7 @@ impl FillScheduler {
                 tracing::warn!(template = replica.id(), %error, next_probe = ?wait,
                     "fill FAILED on the cache's disk; it resumes when a chunk can be written \
                      (probed when room appears); the template is still served lazily");
-                format!(
-                    "{error} (the cache's disk: the fill resumes when a chunk can be written)"
-                )
+                format!("{error} (the cache's disk: the fill resumes when a chunk can be written)")
             }
             Fault::Source => {
                 self.forget_disk_wait(replica.id());
