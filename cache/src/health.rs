@@ -77,9 +77,13 @@ impl CacheHealth {
     }
 }
 
-/// The name of the probe file in the chunk store's `tmp/` directory (emptied at open,
-/// so a probe a crash left behind goes then).
+/// Where a probe is written: the chunk store's `tmp/` directory (emptied at open, so a
+/// probe a crash left there goes then), and renamed into `chunks/` as a chunk is.
 const PROBE_FILE: &str = "tmp/write-probe";
+/// Where a probe is placed, as a chunk would be, before it is removed. Not a chunk's
+/// name (the store's scan passes over it); one left by a crash is removed at the next
+/// probe.
+const PROBE_PLACED: &str = "chunks/write-probe";
 
 /// Bytes an unprivileged writer may still put on the file system holding `dir`; `None`
 /// if it cannot be asked.
@@ -98,12 +102,15 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     Some((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
 }
 
-/// Writes `len` bytes under the chunk store `root` (its `tmp/`) and removes them: whether
-/// a chunk of that size could be kept now. Blocking; nothing is fetched.
+/// Writes `len` bytes under the chunk store `root` the way a chunk is written (into
+/// `tmp/`, then renamed into `chunks/`) and removes them: whether a chunk of that size
+/// could be kept now (a full disk, a read-only or unwritable cache say no). Blocking;
+/// nothing is fetched.
 pub fn probe_write(root: &Path, len: u64) -> std::io::Result<()> {
     /// Written a piece at a time, so a probe of a large chunk holds little memory.
     const PIECE: usize = 64 << 10;
-    let path = root.join(PROBE_FILE);
+    let (path, placed) = (root.join(PROBE_FILE), root.join(PROBE_PLACED));
+    let _ = std::fs::remove_file(&placed);
     let written = (|| {
         let mut file = std::fs::File::create(&path)?;
         let zeros = vec![0u8; PIECE];
@@ -113,13 +120,14 @@ pub fn probe_write(root: &Path, len: u64) -> std::io::Result<()> {
             file.write_all(&zeros[..n])?;
             left -= n as u64;
         }
-        Ok(())
+        std::fs::rename(&path, &placed)?;
+        std::fs::remove_file(&placed)
     })();
-    let removed = std::fs::remove_file(&path);
-    written.and(removed.or_else(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Ok(()),
-        _ => Err(e),
-    }))
+    if written.is_err() {
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&placed);
+    }
+    written
 }
 
 #[cfg(test)]
@@ -129,12 +137,13 @@ mod tests {
     #[test]
     fn a_probe_writes_and_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        for sub in ["tmp", "chunks"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
         probe_write(dir.path(), 200_000).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        for sub in ["tmp", "chunks"] {
+            assert_eq!(std::fs::read_dir(dir.path().join(sub)).unwrap().count(), 0);
+        }
         assert!(free_bytes(dir.path()).is_some_and(|b| b > 0));
         // A store whose tmp directory is gone cannot be written.
         assert!(probe_write(&dir.path().join("missing"), 10).is_err());
