@@ -719,6 +719,11 @@ impl ChunkCache {
                             "a node has not answered; hedging to the next source");
                         true
                     }
+                    // Not reached: every running attempt is in `attempts`.
+                    else => {
+                        running.clear();
+                        true
+                    }
                 }
             };
             if !start_next {
