@@ -197,6 +197,63 @@ fn with_the_store_down_an_owner_reads_its_chunks_from_a_peer_that_holds_them() {
     assert!(cached >= 1.0 && owned >= 1.0, "{cached} and {owned}");
 }
 
+/// Finding 7, a peer that holds part of a template: with the store down, its refusals
+/// of the chunks it lacks (it answers 502: its own fetch from the store failed) do not
+/// make the node pass it over for the chunks it holds.
+#[test]
+fn during_a_store_outage_a_peer_that_lacks_some_chunks_still_serves_the_others() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Some(StoreProc::start());
+    let store_url = store.as_ref().unwrap().url();
+    let image = image_with_data(dir.path(), 32, 24, 750);
+    publish(&store_url, &image, "t");
+    let expected = std::fs::read(&image).unwrap();
+    let half = expected.len() / 2;
+    let peer = DaemonProc::start_member(&store_url, &dir.path().join("peer"), &[]);
+    // The peer reads (and keeps) the first half only.
+    let script = format!("for off in range(0, {half}, {MIB}):\n    h.pread({MIB}, off)\n");
+    let (ok, _, err) = support::node::nbdsh(&peer.nbd_uri("t"), &script);
+    assert!(ok, "the peer's read: {err}");
+    let node = DaemonProc::start_member(&store_url, &dir.path().join("node"), &[]);
+    let peer_id = node_info(&peer)["node_id"].as_str().unwrap().to_string();
+    wait_for("the node to see the peer", || {
+        node_info(&node)["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|m| m["id"] == peer_id.as_str()))
+    });
+    let (ok, _, err) = sh("nbdinfo", &["--size", &node.nbd_uri("t")]);
+    assert!(ok, "nbdinfo: {err}");
+    drop(store.take());
+    // The second half first: what nobody holds fails (the peer refuses what it owns),
+    // then the first half, which the peer holds, must read whole.
+    let script = format!(
+        "import hashlib\n\
+         for off in range({half}, {size}, {MIB}):\n    \
+             try: h.pread({MIB}, off)\n    \
+             except Exception: pass\n\
+         print(' '.join(hashlib.sha256(h.pread({MIB}, off)).hexdigest() \
+                         for off in range(0, {half}, {MIB})))\n",
+        size = expected.len()
+    );
+    let (ok, out, err) = support::node::nbdsh(&node.nbd_uri("t"), &script);
+    assert!(
+        ok,
+        "with the store down, a chunk the peer holds failed: {err}"
+    );
+    let want: Vec<String> = expected[..half]
+        .chunks(MIB)
+        .map(|c| {
+            sha2::Sha256::digest(c)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+        .collect();
+    let got: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(got, want, "the first half read wrong bytes");
+}
+
 /// A fleet member that answers `GET /v1/node` with an id and accepts every other
 /// request without ever answering it. Counts the chunk requests it holds.
 struct Staller {

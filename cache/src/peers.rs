@@ -16,7 +16,8 @@
 //! counts. A peer that fails is passed over at least as long as its failed attempt took
 //! (and at least [`PEER_MIN_BACKOFF`]), doubling at each failed trial up to
 //! [`PEER_MAX_BACKOFF`]; when its backoff ends, one request tries it (others still pass
-//! it over) and its answer decides. An attempt a read gave up on because a hedge
+//! it over) and its answer decides. A peer that answers with an HTTP error (an owner
+//! whose own fetch failed answers 502) is alive: counted, not passed over. An attempt a read gave up on because a hedge
 //! answered first ([`crate::planner::Hedging`]) counts as a failure when it had run
 //! for the shortest hedge delay. Every byte from a peer is verified by
 //! [`crate::fetch`] like any other.
@@ -381,6 +382,15 @@ impl PeerSet {
                 // Alive, and without the chunk: no mark against it.
                 Err(e @ SourceError::Status { status: 404, .. }) => {
                     attempt.settle(Outcome::Answered);
+                    last = Some(e);
+                }
+                // Alive, and it said no (an owner whose own fetch from the store failed
+                // answers 502): counted, but not passed over; the chunks it holds are
+                // still asked of it during a store outage.
+                Err(e @ SourceError::Status { .. }) => {
+                    attempt.settle(Outcome::Answered);
+                    self.count(&node.id, |s| s.failures += 1);
+                    tracing::debug!(peer = %node.id, error = %e, "peer refused a chunk");
                     last = Some(e);
                 }
                 Err(e) => {
