@@ -112,7 +112,7 @@ fn a_fill_on_a_full_disk_waits_for_room_instead_of_downloading_again() {
     publish(&store.url(), &image, "t");
     let cache = dir.path().join("cache");
     let _disk = SmallDisk::mount(&cache, "24m");
-    let daemon = DaemonProc::start(&store.url(), &cache, &[]);
+    let mut daemon = DaemonProc::start(&store.url(), &cache, &[]);
     // Leave room for about five chunks: the fill stops on a full disk half way.
     let filler = cache.join("filler");
     let keep = 5 * MIB as u64 + MIB as u64 / 2;
@@ -142,6 +142,17 @@ fn a_fill_on_a_full_disk_waits_for_room_instead_of_downloading_again() {
     assert!(
         during <= 16.0,
         "a fill on a full disk downloaded {during} chunks in 20 s"
+    );
+    // A restarted daemon knows the fill stopped on its disk: it waits for room too
+    // (it does not try once more to find out, downloading a chunk per fill slot).
+    daemon.restart();
+    let before = served();
+    std::thread::sleep(Duration::from_secs(8));
+    let after_restart = served() - before;
+    assert_eq!(status(&daemon, "t")["phase"], "FAILED");
+    assert_eq!(
+        after_restart, 0.0,
+        "a restarted daemon downloaded {after_restart} chunks for a fill stopped by its disk"
     );
 
     // Room appears: the fill resumes by itself and finishes.

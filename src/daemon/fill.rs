@@ -67,6 +67,10 @@ const DISK_FIRST_BACKOFF: Duration = Duration::from_secs(10);
 /// ten minutes (at once with `warm --redo`, or when a read's chunk is written).
 const DISK_MAX_BACKOFF: Duration = Duration::from_secs(600);
 
+/// Ends the error of a fill stopped by its disk, in status and in the state database:
+/// a restarted daemon knows from it to wait for room too, not to download again.
+const DISK_FAULT_NOTE: &str = "(the cache's disk: the fill resumes when a chunk can be written)";
+
 /// Tunables of the background fill.
 #[derive(Clone, Debug)]
 pub struct FillConfig {
@@ -383,7 +387,7 @@ impl FillScheduler {
                 tracing::warn!(template = replica.id(), %error, next_probe = ?wait,
                     "fill FAILED on the cache's disk; it resumes when a chunk can be written \
                      (probed when room appears); the template is still served lazily");
-                format!("{error} (the cache's disk: the fill resumes when a chunk can be written)")
+                format!("{error} {DISK_FAULT_NOTE}")
             }
             Fault::Source => {
                 self.forget_disk_wait(replica.id());
@@ -487,7 +491,7 @@ impl FillScheduler {
 
     /// Picks up where the previous run stopped: READY replicas are pinned again (or
     /// refilled if chunks went missing), DISTRIBUTING ones resume, FAILED ones wait for
-    /// the supervisor.
+    /// the supervisor (those stopped by the disk for room, as before the restart).
     pub async fn restore(self: &Arc<Self>) {
         let records = match self.db.all() {
             Ok(r) => r,
@@ -511,6 +515,14 @@ impl FillScheduler {
                 });
             }
             match record.phase {
+                Phase::Failed
+                    if record
+                        .last_error
+                        .as_deref()
+                        .is_some_and(|e| e.ends_with(DISK_FAULT_NOTE)) =>
+                {
+                    self.wait_for_disk(replica.id());
+                }
                 Phase::Ready | Phase::Distributing => {
                     // A READY replica whose chunks are all local becomes READY again
                     // without a fetch: the fill finds nothing to fetch, claims them, and
