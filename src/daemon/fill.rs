@@ -11,11 +11,8 @@
 //! A chunk that arrived but cannot be written (a full disk, a read-only or unwritable
 //! cache) fails the fill at once, without retries: fetching it again would not help.
 //! Such a fill stays FAILED and does not download anything until the disk can take a
-//! chunk: the supervisor probes it ([`ChunkCache::probe_write`], no download) when room
-//! appears on the file system, when another chunk write succeeds, or otherwise after a
-//! backoff that doubles from [`DISK_FIRST_BACKOFF`] to [`DISK_MAX_BACKOFF`].
+//! chunk (see [`disk`]).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +27,9 @@ use crate::daemon::replica::{replica_owner, Replica};
 use crate::daemon::state::{now_rfc3339, Phase, ReplicaRecord, StateDb};
 use crate::daemon::templates::{TemplateError, Templates};
 use crate::store::client::StoreClient;
+
+mod disk;
+use disk::{DiskWaits, DISK_FAULT_NOTE};
 
 /// Tries per chunk before the fill gives up and the replica is FAILED. With the
 /// backoff below that is about 8 s of a source being down (plus each try's own
@@ -58,19 +58,6 @@ const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the supervisor looks for FAILED replicas whose sources answer again (or
 /// whose disk has room again).
 const SUPERVISE_INTERVAL: Duration = Duration::from_secs(3);
-/// How long a fill stopped by its disk waits, without a sign of room, before the disk
-/// is probed again: a probe writes one chunk's bytes and fetches nothing, so this only
-/// spares the disk; doubled per failed probe up to [`DISK_MAX_BACKOFF`].
-const DISK_FIRST_BACKOFF: Duration = Duration::from_secs(10);
-/// The longest a fill stopped by its disk waits between probes without a sign of room:
-/// an operator who fixes a read-only or unwritable cache sees the fill resume within
-/// ten minutes (at once with `warm --redo`, or when a read's chunk is written).
-const DISK_MAX_BACKOFF: Duration = Duration::from_secs(600);
-
-/// Ends the error of a fill stopped by its disk, in status and in the state database:
-/// a restarted daemon knows from it to wait for room too, not to download again.
-const DISK_FAULT_NOTE: &str = "(the cache's disk: the fill resumes when a chunk can be written)";
-
 /// Tunables of the background fill.
 #[derive(Clone, Debug)]
 pub struct FillConfig {
@@ -106,9 +93,9 @@ pub struct FillScheduler {
     config: FillConfig,
     /// The next instant the bandwidth cap lets a fill fetch start.
     next_slot: Mutex<Instant>,
-    /// Fills stopped by the local disk, by template: what they wait for (see the
-    /// module header). The supervisor resumes the others when the store answers.
-    disk_waits: Mutex<HashMap<String, DiskWait>>,
+    /// Fills stopped by the local disk: what they wait for (see [`disk`]). The
+    /// supervisor resumes the others when the store answers.
+    disk: DiskWaits,
 }
 
 /// Why a fill stopped.
@@ -123,19 +110,6 @@ enum Fault {
 /// Why a fill stopped, with the error an operator sees.
 type Failure = (Fault, String);
 
-/// What a fill stopped by its disk waits for before it is tried again.
-#[derive(Clone, Copy, Debug)]
-struct DiskWait {
-    /// Probe the disk at this time even without a sign of room.
-    next_probe: Instant,
-    /// The wait before the next probe after this one fails.
-    backoff: Duration,
-    /// Bytes free on the cache's file system when the fill stopped or was last probed.
-    free: Option<u64>,
-    /// The cache's successful chunk writes then.
-    writes: u64,
-}
-
 impl FillScheduler {
     /// The fill scheduler of `node`'s replicas: it keeps only the owners it works with.
     pub fn new(node: &Node, db: Arc<StateDb>, config: FillConfig) -> FillScheduler {
@@ -147,7 +121,7 @@ impl FillScheduler {
             db,
             config,
             next_slot: Mutex::new(Instant::now()),
-            disk_waits: Mutex::new(HashMap::new()),
+            disk: DiskWaits::new(node.cache.clone()),
         }
     }
 
@@ -363,7 +337,7 @@ impl FillScheduler {
         state.phase = Some(Phase::Ready);
         state.cancel = None;
         drop(state);
-        self.forget_disk_wait(replica.id());
+        self.disk.forget(replica.id());
         self.save(replica);
         tracing::info!(
             template = replica.id(),
@@ -383,14 +357,14 @@ impl FillScheduler {
         }
         let error = match fault {
             Fault::Disk => {
-                let wait = self.wait_for_disk(replica.id());
+                let wait = self.disk.record(replica.id());
                 tracing::warn!(template = replica.id(), %error, next_probe = ?wait,
                     "fill FAILED on the cache's disk; it resumes when a chunk can be written \
                      (probed when room appears); the template is still served lazily");
                 format!("{error} {DISK_FAULT_NOTE}")
             }
             Fault::Source => {
-                self.forget_disk_wait(replica.id());
+                self.disk.forget(replica.id());
                 tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
                 error
             }
@@ -439,7 +413,7 @@ impl FillScheduler {
         }
         let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
         let removed = self.cache.evict(&digests);
-        self.forget_disk_wait(replica.id());
+        self.disk.forget(replica.id());
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         state.phase = Some(Phase::Pending);
         state.last_error = None;
@@ -463,7 +437,7 @@ impl FillScheduler {
         if was_pinned {
             self.cache.release(&replica_owner(replica.id()));
         }
-        self.forget_disk_wait(replica.id());
+        self.disk.forget(replica.id());
         self.save(replica);
         tracing::info!(
             template = replica.id(),
@@ -521,7 +495,7 @@ impl FillScheduler {
                         .as_deref()
                         .is_some_and(|e| e.ends_with(DISK_FAULT_NOTE)) =>
                 {
-                    self.wait_for_disk(replica.id());
+                    self.disk.record(replica.id());
                 }
                 Phase::Ready | Phase::Distributing => {
                     // A READY replica whose chunks are all local becomes READY again
@@ -555,114 +529,24 @@ impl FillScheduler {
                 if !failed {
                     continue;
                 }
-                let resume = match self.disk_wait(replica.id()) {
-                    Some(wait) => self.disk_has_room(&replica, wait).await,
-                    None => {
-                        let answers = self.store.template_ids().await.is_ok();
-                        if answers {
-                            tracing::info!(
-                                template = replica.id(),
-                                "store answers again; resuming fill"
-                            );
-                        }
-                        answers
+                let resume = if self.disk.is_waiting(replica.id()) {
+                    let chunk_size = u64::from(replica.manifest().chunk_size);
+                    self.disk.has_room(replica.id(), chunk_size).await
+                } else {
+                    let answers = self.store.template_ids().await.is_ok();
+                    if answers {
+                        tracing::info!(
+                            template = replica.id(),
+                            "store answers again; resuming fill"
+                        );
                     }
+                    answers
                 };
                 if resume {
                     if let Err(e) = self.warm(&replica, true) {
                         tracing::warn!(template = replica.id(), error = %e, "cannot resume fill");
                     }
                 }
-            }
-        }
-    }
-
-    /// Records that the fill of `template` stopped on the disk; returns how long until
-    /// its next probe without a sign of room (doubled if it stopped so before).
-    fn wait_for_disk(&self, template: &str) -> Duration {
-        let free = self.cache.free_bytes();
-        let writes = self.cache.health().writes();
-        let mut waits = self.disk_waits.lock().unwrap_or_else(|e| e.into_inner());
-        let backoff = match waits.get(template) {
-            Some(w) => (w.backoff * 2).min(DISK_MAX_BACKOFF),
-            None => DISK_FIRST_BACKOFF,
-        };
-        waits.insert(
-            template.to_string(),
-            DiskWait {
-                next_probe: Instant::now() + backoff,
-                backoff,
-                free,
-                writes,
-            },
-        );
-        backoff
-    }
-
-    fn disk_wait(&self, template: &str) -> Option<DiskWait> {
-        self.disk_waits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(template)
-            .copied()
-    }
-
-    fn forget_disk_wait(&self, template: &str) {
-        self.disk_waits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(template);
-    }
-
-    /// Whether the disk can take a chunk of `replica` now: probed (a write of one
-    /// chunk's bytes, nothing fetched) when room appeared since `wait` was recorded,
-    /// when a chunk write succeeded since, or when its backoff ran out. A failed probe
-    /// waits again; after a backoff that ran out, twice as long.
-    async fn disk_has_room(&self, replica: &Replica, wait: DiskWait) -> bool {
-        let chunk = u64::from(replica.manifest().chunk_size);
-        let free = self.cache.free_bytes();
-        let writes = self.cache.health().writes();
-        let room = match (free, wait.free) {
-            (Some(now), Some(then)) => now >= then.saturating_add(chunk),
-            _ => false,
-        };
-        let wrote = writes > wait.writes;
-        let due = Instant::now() >= wait.next_probe;
-        if !(room || wrote || due) {
-            return false;
-        }
-        let cache = self.cache.clone();
-        let probe = tokio::task::spawn_blocking(move || cache.probe_write(chunk))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match probe {
-            Ok(()) => {
-                tracing::info!(
-                    template = replica.id(),
-                    room,
-                    wrote,
-                    "the cache's disk takes a chunk again; resuming fill"
-                );
-                true
-            }
-            Err(e) => {
-                let backoff = if due {
-                    (wait.backoff * 2).min(DISK_MAX_BACKOFF)
-                } else {
-                    wait.backoff
-                };
-                tracing::debug!(template = replica.id(), error = %e, ?backoff,
-                    "the cache's disk still cannot take a chunk");
-                let mut waits = self.disk_waits.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(w) = waits.get_mut(replica.id()) {
-                    w.free = free;
-                    w.writes = writes;
-                    if due {
-                        w.backoff = backoff;
-                        w.next_probe = Instant::now() + backoff;
-                    }
-                }
-                false
             }
         }
     }
