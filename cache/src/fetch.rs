@@ -7,7 +7,9 @@
 //! promotes it), then tries the sources healthy first, each attempt within the source
 //! deadline and, for a demand read, all of them within the read's budget
 //! ([`DEFAULT_READ_BUDGET`]), after which the read fails with EIO rather than outliving
-//! the kernel client's timeout. Bytes whose sha256 is not the chunk's digest are
+//! the kernel client's timeout. A read whose attempt at another node (peer, origin) has
+//! not answered within the hedge delay starts the next source beside it and takes the
+//! first verified answer ([`crate::planner::Hedging`]). Bytes whose sha256 is not the chunk's digest are
 //! discarded, counted, logged with template, chunk index and source, and the next
 //! source is tried. Only verified bytes are served or written.
 
@@ -23,8 +25,10 @@ use crate::chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
 use crate::digest::Digest;
 pub use crate::health::{CacheHealth, CacheUsage};
 pub use crate::planner::Priority;
-use crate::planner::{FetchSlots, Promotion, SourceHealth};
+use crate::planner::{FetchSlots, Hedging, Promotion, SourceHealth};
 use crate::source::{Source, SourceError};
+
+mod passes;
 
 /// The default time one source gets to deliver one chunk. Well under the kernel NBD
 /// client's 30 s request timeout, so that a stalled source is passed over and the read
@@ -227,6 +231,8 @@ pub struct ChunkCache {
     slots: FetchSlots,
     /// Which sources keep failing, so plans try them last.
     health_of_sources: SourceHealth,
+    /// When a read hedges a slow node (see [`crate::planner`]).
+    hedging: Hedging,
     /// Whether fetched chunks can be kept on disk.
     health: CacheHealth,
     /// Blocks of chunks read in part ([`crate::partial`]).
@@ -246,6 +252,7 @@ impl ChunkCache {
             epoch: Instant::now(),
             slots: FetchSlots::default(),
             health_of_sources: SourceHealth::default(),
+            hedging: Hedging::default(),
             health: CacheHealth::default(),
             partial: crate::block_memory::Partial::default(),
         }
@@ -280,6 +287,18 @@ impl ChunkCache {
     /// Whether the cache keeps what it fetches (see [`CacheHealth`]).
     pub fn health(&self) -> &CacheHealth {
         &self.health
+    }
+
+    /// Bytes free on the cache's file system (see [`crate::health::free_bytes`]).
+    pub fn free_bytes(&self) -> Option<u64> {
+        crate::health::free_bytes(self.store.root())
+    }
+
+    /// Whether a chunk of `len` bytes could be written to the cache now: writes and
+    /// removes that many bytes, fetches nothing (see [`crate::health::probe_write`]).
+    /// Blocking.
+    pub fn probe_write(&self, len: u64) -> std::io::Result<()> {
+        crate::health::probe_write(self.store.root(), len)
     }
 
     pub(crate) fn store(&self) -> &ChunkStore {
@@ -630,74 +649,6 @@ impl ChunkCache {
             tokio::spawn(fetch);
         }
         Ok(rx)
-    }
-
-    async fn fetch_verified(
-        self: &Arc<Self>,
-        chunk: &ChunkRef,
-        sources: &[Source],
-        priority: Priority,
-    ) -> Result<Bytes, FetchError> {
-        // A demand read's attempts share one budget; background work has none (each
-        // attempt still has the source deadline).
-        let budget_ends = (priority == Priority::Demand).then(|| Instant::now() + self.read_budget);
-        let mut errors = Vec::new();
-        'passes: for pass in 0..FETCH_PASSES {
-            if pass > 0 {
-                tokio::time::sleep(PASS_BACKOFF).await;
-            }
-            for source in self.health_of_sources.plan(sources) {
-                let attempt = match budget_ends {
-                    Some(end) => {
-                        let left = end.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            errors.push(format!(
-                                "the read's budget of {:?} is spent",
-                                self.read_budget
-                            ));
-                            break 'passes;
-                        }
-                        left.min(self.deadline)
-                    }
-                    None => self.deadline,
-                };
-                match self.fetch_from(chunk, source, priority, attempt).await {
-                    Ok(Some(bytes)) => {
-                        self.health_of_sources.succeeded(source.name());
-                        return Ok(bytes);
-                    }
-                    Ok(None) => {
-                        self.health_of_sources.failed(source.name());
-                        errors.push(format!("{}: digest mismatch", source.name()));
-                    }
-                    Err(e) if e.is_skip() => {}
-                    Err(e) => {
-                        // The peers keep a health per peer of their own: one dead owner
-                        // must not demote every other.
-                        if !matches!(source, Source::Peers(_)) {
-                            self.health_of_sources.failed(source.name());
-                        }
-                        self.observer.source_failed(chunk, source.name(), &e);
-                        tracing::warn!(template = %chunk.template, chunk = chunk.index,
-                            source = source.name(), error = %e, "chunk fetch failed");
-                        let transient = e.is_transient();
-                        errors.push(e.to_string());
-                        if !transient && sources.len() == 1 {
-                            break 'passes;
-                        }
-                    }
-                }
-            }
-        }
-        if sources.is_empty() {
-            errors.push("no sources configured".into());
-        }
-        Err(FetchError::Exhausted {
-            template: chunk.template.clone(),
-            index: chunk.index,
-            digest: chunk.digest,
-            errors,
-        })
     }
 
     /// Verified raw bytes from one source (decoded here, whatever the transport: see

@@ -1,14 +1,27 @@
 //! The fleet's nodes as chunk sources: each chunk digest has one owner among the live
 //! nodes, chosen by rendezvous hashing over their ids (so a node that comes or goes
 //! moves only its own share of chunks). A node missing a chunk asks the owner
-//! (`GET {owner}/v1/peer/chunks/{digest}?len=N&template=ID&index=I`), which answers from its cache or
-//! fetches the chunk once from the store. An owner never asks a peer: its own fetches
-//! use the store only, so requests cannot loop.
+//! (`GET {owner}/v1/peer/chunks/{digest}?len=N&template=ID&index=I`), which answers
+//! from its cache or
+//! fetches the chunk once from the store. An owner never asks a peer to fetch for it:
+//! its own fetches and those it makes for peers use the store, so requests cannot loop.
+//!
+//! The fallback. When the owners and the store have failed (a store outage), a read
+//! asks the next nodes in rendezvous order for the chunk from their caches
+//! (`GET {node}/v1/chunks/{digest}`, which serves what a node holds and never fetches),
+//! so an owner can still read the chunks it owns from a peer that holds them, and the
+//! fallback cannot loop either.
 //!
 //! [`PeerSet`] is the membership as this node sees it (set by the daemon from the
-//! store's lease listing, or from `--peers`), the per-peer health (a peer that fails is
-//! passed over for a while) and per-peer byte counts. Every byte from a peer is
-//! verified by [`crate::fetch`] like any other.
+//! store's lease listing, or from `--peers`), the per-peer health and per-peer byte
+//! counts. A peer that fails is passed over at least as long as its failed attempt took
+//! (and at least [`PEER_MIN_BACKOFF`]), doubling at each failed trial up to
+//! [`PEER_MAX_BACKOFF`]; when its backoff ends, one request tries it (others still pass
+//! it over) and its answer decides. A peer that answers with an HTTP error (an owner
+//! whose own fetch failed answers 502) is alive: counted, not passed over. An attempt a read gave up on because a hedge
+//! answered first ([`crate::planner::Hedging`]) counts as a failure when it had run
+//! for the shortest hedge delay. Every byte from a peer is verified by
+//! [`crate::fetch`] like any other.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,14 +32,25 @@ use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
 use crate::fetch::ChunkRef;
+use crate::planner::HEDGE_DELAY_MIN;
 use crate::transport::{HttpClients, HttpSource, SourceError};
 
 /// Owners tried for one chunk before the read goes on to the store: the owner, then the
 /// next in rendezvous order (it fetches the chunk once from the store, so a dead owner
 /// costs the store no extra copies while the membership catches up).
 pub const OWNERS_TRIED: usize = 2;
-/// How long a peer that failed is passed over.
-pub const PEER_BACKOFF: Duration = Duration::from_secs(5);
+/// The shortest time a peer that failed is passed over: a peer refusing connections
+/// (restarting) is not asked again at every read. A peer whose failed attempt took
+/// longer (a stall until the source deadline) is passed over at least that long.
+pub const PEER_MIN_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest a failing peer is passed over: its backoff doubles at each failed trial
+/// up to this, so a member that stalls for good costs one trial (and one hedge delay of
+/// one read) per two minutes, and a recovered one is asked again within two minutes.
+pub const PEER_MAX_BACKOFF: Duration = Duration::from_secs(120);
+/// Nodes asked for a chunk from their caches after the owners and the store failed:
+/// a few, so a read during a store outage finds a node that read the template, without
+/// asking the whole fleet for every chunk.
+pub const FALLBACK_NODES: usize = 3;
 
 /// One live node: its id (stable across restarts) and the URL it is reached at.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -44,6 +68,17 @@ pub struct PeerStats {
     pub seconds: f64,
 }
 
+/// What this node remembers of a peer that failed (a peer without an entry is healthy).
+#[derive(Clone, Copy, Debug)]
+struct PeerHealth {
+    /// Failed trials in a row: the backoff doubles with each.
+    failures: u32,
+    /// Passed over until then.
+    until: Instant,
+    /// A request is trying the peer after its backoff; others pass it over meanwhile.
+    on_trial: bool,
+}
+
 /// The live nodes of the fleet, as this node sees them.
 pub struct PeerSet {
     /// This node's id: never a peer of itself.
@@ -53,9 +88,51 @@ pub struct PeerSet {
     clients: HttpClients,
     /// Sent to peers (`--peer-token`); never the store's read token.
     token: Option<String>,
-    /// Peers passed over until the given time.
-    skipped: Mutex<BTreeMap<String, Instant>>,
+    /// Peers that failed, by id (see the module header).
+    health: Mutex<BTreeMap<String, PeerHealth>>,
     stats: Mutex<BTreeMap<String, PeerStats>>,
+}
+
+/// How one request to a peer ended, for its health.
+enum Outcome {
+    /// It answered (with the chunk, or that it does not hold it).
+    Answered,
+    /// It failed, or did not answer, after this long.
+    Failed(Duration),
+}
+
+/// One request to a peer. Dropped unsettled (the read took another source's answer
+/// first), it counts as a failure if it ran for the shortest hedge delay, so a peer
+/// that never answers is passed over even though no request to it ever timed out.
+struct Attempt<'a> {
+    peers: &'a PeerSet,
+    id: String,
+    started: Instant,
+    trial: bool,
+    settled: bool,
+}
+
+impl Attempt<'_> {
+    fn settle(mut self, outcome: Outcome) {
+        self.settled = true;
+        self.peers.record(&self.id, self.trial, outcome);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let ran = self.started.elapsed();
+        if ran >= HEDGE_DELAY_MIN {
+            tracing::debug!(peer = %self.id, ?ran, "a peer did not answer before a hedge did; passing it over");
+            self.peers
+                .record(&self.id, self.trial, Outcome::Failed(ran));
+        } else {
+            self.peers.end_trial(&self.id);
+        }
+    }
 }
 
 impl PeerSet {
@@ -65,7 +142,7 @@ impl PeerSet {
             members: RwLock::new(Arc::new(Vec::new())),
             clients,
             token,
-            skipped: Mutex::new(BTreeMap::new()),
+            health: Mutex::new(BTreeMap::new()),
             stats: Mutex::new(BTreeMap::new()),
         }
     }
@@ -125,25 +202,128 @@ impl PeerSet {
         matches!(self.ranked(digest).first(), Some((_, None)))
     }
 
-    /// The peers to ask for `digest`, best first: the owner and the next in rendezvous
-    /// order, without this node and without peers in backoff. Empty when this node is
-    /// the owner (it goes to the store).
+    /// The peers to ask to fetch `digest` for this node, best first: the owner and the
+    /// next in rendezvous order, without this node. Empty when this node is the owner
+    /// (it goes to the store). Peers in backoff are passed over when asked (see
+    /// [`PeerSet::admit`]).
     pub fn owners(&self, digest: &Digest) -> Vec<Member> {
         let ranked = self.ranked(digest);
         if matches!(ranked.first(), Some((_, None))) {
             return Vec::new();
         }
-        let now = Instant::now();
-        let skipped = self.skipped.lock().unwrap_or_else(|e| e.into_inner());
         ranked
             .into_iter()
             .take(OWNERS_TRIED)
             .filter_map(|(_, m)| m)
-            .filter(|m| skipped.get(&m.id).is_none_or(|until| *until <= now))
             .collect()
     }
 
-    /// Fetches `chunk` from its owners (unverified; the caller checks the digest).
+    /// The nodes to ask for `digest` from their caches once the owners and the store
+    /// failed: the next [`FALLBACK_NODES`] in rendezvous order after those asked to
+    /// fetch it (after this node, when it is the owner).
+    pub fn fallbacks(&self, digest: &Digest) -> Vec<Member> {
+        let ranked = self.ranked(digest);
+        let asked = if matches!(ranked.first(), Some((_, None))) {
+            1
+        } else {
+            OWNERS_TRIED
+        };
+        ranked
+            .into_iter()
+            .skip(asked)
+            .filter_map(|(_, m)| m)
+            .take(FALLBACK_NODES)
+            .collect()
+    }
+
+    /// Whether `id` may be asked now: `None` while it is passed over; `Some(trial)`
+    /// otherwise, `trial` when this request is the one that tries it after its backoff
+    /// (others pass it over until it settles).
+    fn admit(&self, id: &str) -> Option<bool> {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = health.get_mut(id) else {
+            return Some(false);
+        };
+        if h.until > Instant::now() || h.on_trial {
+            return None;
+        }
+        h.on_trial = true;
+        Some(true)
+    }
+
+    /// Starts a request to `id`, if it may be asked now.
+    fn attempt(&self, id: &str) -> Option<Attempt<'_>> {
+        let trial = self.admit(id)?;
+        Some(Attempt {
+            peers: self,
+            id: id.to_string(),
+            started: Instant::now(),
+            trial,
+            settled: false,
+        })
+    }
+
+    /// Records how a request to `id` ended. A failure passes the peer over at least as
+    /// long as the attempt took (at least [`PEER_MIN_BACKOFF`]), doubled per failed
+    /// trial in a row up to [`PEER_MAX_BACKOFF`]. Requests that were already under way
+    /// when it first failed fail together: they extend the backoff, not double it.
+    fn record(&self, id: &str, trial: bool, outcome: Outcome) {
+        let took = match outcome {
+            Outcome::Answered => {
+                let was = self
+                    .health
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(id);
+                if was.is_some_and(|h| h.failures > 0) {
+                    tracing::info!(peer = %id, "peer answers again");
+                }
+                return;
+            }
+            Outcome::Failed(took) => took,
+        };
+        self.count(id, |s| s.failures += 1);
+        let now = Instant::now();
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match health.get_mut(id) {
+            Some(h) if !trial && h.until > now => {
+                h.until = h.until.max(now + took);
+            }
+            Some(h) => {
+                h.failures = h.failures.saturating_add(1);
+                h.until = now + backoff(took, h.failures);
+                if trial {
+                    h.on_trial = false;
+                }
+                tracing::debug!(peer = %id, failures = h.failures, backoff = ?backoff(took, h.failures), "peer failed again; passing it over");
+            }
+            None => {
+                let wait = backoff(took, 1);
+                tracing::warn!(peer = %id, ?took, ?wait, "peer failed; passing it over");
+                health.insert(
+                    id.to_string(),
+                    PeerHealth {
+                        failures: 1,
+                        until: now + wait,
+                        on_trial: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A request that was the peer's trial ended without telling anything (given up
+    /// on at once): the next request may try the peer.
+    fn end_trial(&self, id: &str) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = health.get_mut(id) {
+            h.on_trial = false;
+        }
+    }
+
+    /// Fetches `chunk` from its owners (unverified; the caller checks the digest). An
+    /// owner fetches for a peer only a chunk a manifest it knows names at that index, so
+    /// the request names both.
     pub async fn fetch(&self, chunk: &ChunkRef, deadline: Duration) -> Result<Bytes, SourceError> {
         let (digest, len) = (&chunk.digest, chunk.len);
         if crate::manifest::validate_id(&chunk.template).is_err() {
@@ -153,55 +333,93 @@ impl PeerSet {
                 why: format!("{:?} names no template an owner could know", chunk.template),
             });
         }
-        let owners = self.owners(digest);
-        if owners.is_empty() {
-            return Err(SourceError::Skipped {
-                source_name: "peers".into(),
-                why: "this node owns the chunk, or its owners are passed over".into(),
-            });
-        }
+        let path = format!(
+            "v1/peer/chunks/{digest}?len={len}&template={}&index={}",
+            chunk.template, chunk.index
+        );
+        self.fetch_from(self.owners(digest), &path, len, deadline, "peers")
+            .await
+    }
+
+    /// Fetches `digest` from the caches of the next nodes in rendezvous order (see the
+    /// module header): a node that does not hold it answers 404 at once.
+    pub async fn fetch_cached(
+        &self,
+        digest: &Digest,
+        len: u64,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        let path = format!("v1/chunks/{digest}");
+        self.fetch_from(self.fallbacks(digest), &path, len, deadline, "peer-caches")
+            .await
+    }
+
+    /// Asks `nodes` in turn for `path` within `deadline` over all of them.
+    async fn fetch_from(
+        &self,
+        nodes: Vec<Member>,
+        path: &str,
+        len: u64,
+        deadline: Duration,
+        name: &str,
+    ) -> Result<Bytes, SourceError> {
         let started = Instant::now();
         let mut last = None;
-        for owner in owners {
+        let mut asked = 0;
+        for node in nodes {
             let left = deadline.saturating_sub(started.elapsed());
             if left.is_zero() {
                 break;
             }
-            let source = HttpSource::new(self.clients.clone(), &owner.url, self.token.clone());
-            let url = format!(
-                "{}/v1/peer/chunks/{digest}?len={len}&template={}&index={}",
-                owner.url, chunk.template, chunk.index
-            );
-            let attempt = Instant::now();
-            match source.fetch_url(&url, len, left).await {
+            let Some(attempt) = self.attempt(&node.id) else {
+                continue;
+            };
+            asked += 1;
+            let source = HttpSource::new(self.clients.clone(), &node.url, self.token.clone());
+            let url = format!("{}/{path}", node.url);
+            let fetched = source.fetch_url(&url, len, left).await;
+            let took = attempt.started.elapsed();
+            match fetched {
                 Ok(bytes) => {
-                    self.count(&owner.id, |s| {
+                    attempt.settle(Outcome::Answered);
+                    self.count(&node.id, |s| {
                         s.chunks += 1;
                         s.bytes += bytes.len() as u64;
-                        s.seconds += attempt.elapsed().as_secs_f64();
+                        s.seconds += took.as_secs_f64();
                     });
                     return Ok(bytes);
                 }
+                // Alive, and without the chunk: no mark against it.
+                Err(e @ SourceError::Status { status: 404, .. }) => {
+                    attempt.settle(Outcome::Answered);
+                    last = Some(e);
+                }
+                // Alive, and it said no (an owner whose own fetch from the store failed
+                // answers 502): counted, but not passed over; the chunks it holds are
+                // still asked of it during a store outage.
+                Err(e @ SourceError::Status { .. }) => {
+                    attempt.settle(Outcome::Answered);
+                    self.count(&node.id, |s| s.failures += 1);
+                    tracing::debug!(peer = %node.id, error = %e, "peer refused a chunk");
+                    last = Some(e);
+                }
                 Err(e) => {
-                    self.peer_failed(&owner.id);
-                    tracing::debug!(peer = %owner.id, error = %e, "peer fetch failed; passing it over");
+                    attempt.settle(Outcome::Failed(took));
+                    tracing::debug!(peer = %node.id, error = %e, "peer fetch failed; passing it over");
                     last = Some(e);
                 }
             }
         }
+        if asked == 0 {
+            return Err(SourceError::Skipped {
+                source_name: name.into(),
+                why: "this node owns the chunk, or the nodes to ask are passed over".into(),
+            });
+        }
         Err(last.unwrap_or(SourceError::Timeout {
-            source_name: "peers".into(),
+            source_name: name.into(),
             deadline,
         }))
-    }
-
-    /// A peer sent bytes that do not match their digest: passed over like a failure.
-    pub fn peer_failed(&self, id: &str) {
-        self.skipped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), Instant::now() + PEER_BACKOFF);
-        self.count(id, |s| s.failures += 1);
     }
 
     fn count(&self, id: &str, f: impl FnOnce(&mut PeerStats)) {
@@ -213,6 +431,15 @@ impl PeerSet {
     pub fn stats(&self) -> BTreeMap<String, PeerStats> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// How long a peer is passed over after its `failures`-th failed trial in a row, the
+/// last one having taken `took`.
+fn backoff(took: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    let base = took.max(PEER_MIN_BACKOFF);
+    base.saturating_mul(1 << doublings)
+        .min(PEER_MAX_BACKOFF.max(took))
 }
 
 /// The rendezvous score of a node for a chunk: the first 8 bytes of
@@ -240,6 +467,87 @@ mod tests {
                 .collect(),
         );
         s
+    }
+
+    #[test]
+    fn a_failed_peer_waits_at_least_its_attempt_doubling_per_failed_trial() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(1), 1), PEER_MIN_BACKOFF);
+        assert_eq!(
+            backoff(s(8), 1),
+            s(8),
+            "at least as long as the attempt took"
+        );
+        assert_eq!(backoff(s(1), 2), s(10));
+        assert_eq!(backoff(s(8), 3), s(32));
+        assert_eq!(backoff(s(1), 30), PEER_MAX_BACKOFF);
+        assert_eq!(
+            backoff(s(300), 1),
+            s(300),
+            "the cap never undercuts the attempt"
+        );
+    }
+
+    #[test]
+    fn a_peer_in_backoff_is_passed_over_then_tried_by_one_request() {
+        let peers = set("me", &["a"]);
+        assert_eq!(peers.admit("a"), Some(false), "a healthy peer is asked");
+        peers.record("a", false, Outcome::Failed(Duration::from_millis(1500)));
+        assert_eq!(peers.admit("a"), None, "passed over after a failure");
+        // Requests under way when it failed fail too: the wait is not doubled.
+        peers.record("a", false, Outcome::Failed(Duration::from_millis(1500)));
+        let h = peers.health.lock().unwrap()["a"];
+        assert_eq!(h.failures, 1);
+        // The wait ends: one request tries it, the others still pass it over.
+        peers.health.lock().unwrap().get_mut("a").unwrap().until = Instant::now();
+        assert_eq!(peers.admit("a"), Some(true));
+        assert_eq!(peers.admit("a"), None, "one trial at a time");
+        peers.record("a", true, Outcome::Failed(Duration::from_secs(1)));
+        let h = peers.health.lock().unwrap()["a"];
+        assert_eq!(h.failures, 2);
+        assert!(!h.on_trial);
+        assert!(h.until > Instant::now() + Duration::from_secs(9), "doubled");
+        // A trial given up on at once tells nothing: the next request may try.
+        peers.health.lock().unwrap().get_mut("a").unwrap().until = Instant::now();
+        let attempt = peers.attempt("a").unwrap();
+        assert!(attempt.trial);
+        drop(attempt);
+        assert_eq!(peers.admit("a"), Some(true));
+        // An answer restores it.
+        peers.record("a", true, Outcome::Answered);
+        assert_eq!(peers.admit("a"), Some(false));
+        assert_eq!(peers.stats()["a"].failures, 3);
+    }
+
+    #[test]
+    fn the_fallback_asks_the_next_nodes_after_those_asked_to_fetch() {
+        let ids = ["a", "b", "c", "d", "e", "f"];
+        let digests: Vec<Digest> = (0..100u32).map(|i| Digest::of(&i.to_be_bytes())).collect();
+        let me = set("a", &ids);
+        for d in &digests {
+            let ranked: Vec<String> = me
+                .ranked(d)
+                .into_iter()
+                .map(|(_, m)| m.map_or("a".to_string(), |m| m.id))
+                .collect();
+            let fallbacks: Vec<String> = me.fallbacks(d).into_iter().map(|m| m.id).collect();
+            let owners: Vec<String> = me.owners(d).into_iter().map(|m| m.id).collect();
+            assert_eq!(fallbacks.len(), FALLBACK_NODES);
+            assert!(!fallbacks.contains(&"a".to_string()), "never itself");
+            assert!(fallbacks.iter().all(|f| !owners.contains(f)));
+            if me.owns(d) {
+                assert!(owners.is_empty());
+                assert_eq!(fallbacks, ranked[1..1 + FALLBACK_NODES]);
+            } else {
+                let after: Vec<String> = ranked[OWNERS_TRIED..]
+                    .iter()
+                    .filter(|id| *id != "a")
+                    .take(FALLBACK_NODES)
+                    .cloned()
+                    .collect();
+                assert_eq!(fallbacks, after);
+            }
+        }
     }
 
     #[test]

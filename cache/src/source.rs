@@ -1,8 +1,9 @@
 //! Where missing chunks come from, the transports: the store server over HTTP
 //! (`GET {base}/v1/chunks/{digest}`), an origin node (the same endpoint, contacted only
 //! while it is a live member when the fleet's membership is known), the fleet's peers by
-//! chunk ownership ([`crate::peers`]), and an object store read directly. Transports only
-//! move bytes; [`crate::fetch`] plans, times and verifies.
+//! chunk ownership ([`crate::peers`]), the caches of the next peers when the owners and
+//! the store failed, and an object store read directly. Transports only move bytes;
+//! [`crate::fetch`] plans, times and verifies.
 
 use std::time::Duration;
 
@@ -15,6 +16,9 @@ use crate::fetch::ChunkRef;
 use crate::peers::PeerSet;
 
 pub use crate::transport::{HttpClients, HttpSource, ObjectSource, SourceError};
+
+/// The name of [`Source::PeerCaches`] in logs and metrics.
+pub const PEER_CACHES: &str = "peer-caches";
 
 /// A source of chunks. An enum, not a trait object: the set of kinds is closed.
 #[derive(Clone)]
@@ -29,6 +33,10 @@ pub enum Source {
     },
     /// The chunk's owner among the live peers.
     Peers(Arc<PeerSet>),
+    /// The caches of the next peers in rendezvous order, which answer from their caches
+    /// only: after the store, for a read that the owners and the store failed (see
+    /// [`crate::peers`]).
+    PeerCaches(Arc<PeerSet>),
     /// An object store read directly (S3 and compatible, GCS, Azure).
     Object(ObjectSource),
 }
@@ -45,6 +53,7 @@ impl Source {
         match self {
             Source::Http(s) | Source::Origin { http: s, .. } => &s.base,
             Source::Peers(_) => "peers",
+            Source::PeerCaches(_) => PEER_CACHES,
             Source::Object(o) => &o.name,
         }
     }
@@ -54,8 +63,23 @@ impl Source {
         match self {
             Source::Http(_) | Source::Object(_) => "store",
             Source::Origin { .. } => "origin",
-            Source::Peers(_) => "peer",
+            Source::Peers(_) | Source::PeerCaches(_) => "peer",
         }
+    }
+
+    /// Whether the source is another node of the fleet (an origin, a peer): a read
+    /// hedges one that is slow ([`crate::planner::Hedging`]).
+    pub fn is_node(&self) -> bool {
+        matches!(
+            self,
+            Source::Origin { .. } | Source::Peers(_) | Source::PeerCaches(_)
+        )
+    }
+
+    /// Whether the source keeps a health per node of its own ([`crate::peers`]): then
+    /// one dead peer does not demote the others in the planner's health.
+    pub fn has_own_health(&self) -> bool {
+        matches!(self, Source::Peers(_) | Source::PeerCaches(_))
     }
 
     /// Whether the source's background fetches use connections of their own (see
@@ -83,6 +107,7 @@ impl Source {
                 http.fetch(digest, len, deadline).await
             }
             Source::Peers(p) => p.fetch(chunk, deadline).await,
+            Source::PeerCaches(p) => p.fetch_cached(digest, len, deadline).await,
             Source::Object(o) => o.fetch(digest, len, deadline).await,
         }
     }
@@ -104,10 +129,12 @@ impl Source {
         match self {
             Source::Http(s) => s.fetch_range(digest, range, deadline).await,
             Source::Object(o) => o.fetch_range(digest, range, deadline).await,
-            Source::Origin { .. } | Source::Peers(_) => Err(SourceError::Skipped {
-                source_name: self.name().to_string(),
-                why: "serves whole chunks only".into(),
-            }),
+            Source::Origin { .. } | Source::Peers(_) | Source::PeerCaches(_) => {
+                Err(SourceError::Skipped {
+                    source_name: self.name().to_string(),
+                    why: "serves whole chunks only".into(),
+                })
+            }
         }
     }
 }

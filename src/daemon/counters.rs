@@ -295,7 +295,7 @@ impl DaemonMetrics {
     }
 
     fn class_of(&self, source: &str) -> &'static str {
-        if source == "peers" {
+        if source == "peers" || source == lazyblk_cache::source::PEER_CACHES {
             "peer"
         } else if self.store_url.get().is_some_and(|s| s == source) {
             "store"

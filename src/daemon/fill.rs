@@ -5,14 +5,19 @@
 //! set), then in index order; with bounded concurrency and an optional bandwidth cap;
 //! demand reads go first (a fill waits while a reader waits for a fetch). A chunk that
 //! cannot be fetched is retried with backoff; after [`MAX_CHUNK_ATTEMPTS`] the replica
-//! is FAILED with the error shown, and a supervisor resumes it when a source answers
+//! is FAILED with the error shown, and a supervisor resumes it when the store answers
 //! again (or `warm --redo` does).
+//!
+//! A chunk that arrived but cannot be written (a full disk, a read-only or unwritable
+//! cache) fails the fill at once, without retries: fetching it again would not help.
+//! Such a fill stays FAILED and does not download anything until the disk can take a
+//! chunk (see [`disk`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lazyblk_cache::{ChunkCache, Priority};
+use lazyblk_cache::{ChunkCache, FetchError, Priority, ReadError};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -22,6 +27,9 @@ use crate::daemon::replica::{replica_owner, Replica};
 use crate::daemon::state::{now_rfc3339, Phase, ReplicaRecord, StateDb};
 use crate::daemon::templates::{TemplateError, Templates};
 use crate::store::client::StoreClient;
+
+mod disk;
+use disk::{DiskWaits, DISK_FAULT_NOTE};
 
 /// Tries per chunk before the fill gives up and the replica is FAILED. With the
 /// backoff below that is about 8 s of a source being down (plus each try's own
@@ -47,9 +55,9 @@ const MAX_READER_PAUSE: Duration = Duration::from_millis(10);
 /// database (a restart resumes the fill and counts what is local again), so a fill
 /// costs one SQLite write and one count of its chunks per half minute, not per second.
 const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(30);
-/// How often the supervisor looks for FAILED replicas whose sources answer again.
+/// How often the supervisor looks for FAILED replicas whose sources answer again (or
+/// whose disk has room again).
 const SUPERVISE_INTERVAL: Duration = Duration::from_secs(3);
-
 /// Tunables of the background fill.
 #[derive(Clone, Debug)]
 pub struct FillConfig {
@@ -85,7 +93,22 @@ pub struct FillScheduler {
     config: FillConfig,
     /// The next instant the bandwidth cap lets a fill fetch start.
     next_slot: Mutex<Instant>,
+    /// Fills stopped by the local disk: what they wait for (see [`disk`]). The
+    /// supervisor resumes the others when the store answers.
+    disk: DiskWaits,
 }
+
+/// Why a fill stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// The local disk: a chunk arrived but could not be written or made durable.
+    Disk,
+    /// The sources: no source delivered a chunk (or the chunks on disk went bad).
+    Source,
+}
+
+/// Why a fill stopped, with the error an operator sees.
+type Failure = (Fault, String);
 
 impl FillScheduler {
     /// The fill scheduler of `node`'s replicas: it keeps only the owners it works with.
@@ -98,6 +121,7 @@ impl FillScheduler {
             db,
             config,
             next_slot: Mutex::new(Instant::now()),
+            disk: DiskWaits::new(node.cache.clone()),
         }
     }
 
@@ -145,7 +169,7 @@ impl FillScheduler {
         let started = Instant::now();
         let order = self.fill_order(&replica).await;
         let semaphore = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
-        let failed: Arc<Mutex<Option<String>>> = Arc::default();
+        let failed: Arc<Mutex<Option<Failure>>> = Arc::default();
         let mut tasks = JoinSet::new();
         let mut last_save = Instant::now();
         let mut last_spawn: Option<Instant> = None;
@@ -196,15 +220,15 @@ impl FillScheduler {
             tracing::info!(template = replica.id(), "fill stopped");
             return;
         }
-        if let Some(e) = error {
-            return self.fail(&replica, e, &cancel);
+        if let Some((fault, e)) = error {
+            return self.fail(&replica, fault, e, &cancel);
         }
         // The chunks are claimed first, so none is evicted (and fetched again, not yet
         // on disk) while they are made durable.
         match self.claim(&replica, &cancel) {
             Ok(true) => {}
             Ok(false) => return,
-            Err(e) => return self.fail(&replica, e, &cancel),
+            Err(e) => return self.fail(&replica, Fault::Source, e, &cancel),
         }
         // READY promises the chunks survive a crash: their bytes and names are made
         // durable once here, not one fsync per fetched chunk.
@@ -216,16 +240,19 @@ impl FillScheduler {
                 Ok(Ok(0)) => Ok(()),
                 // Files a crash left short of their bytes: fetched again when the fill
                 // resumes (the supervisor resumes FAILED fills).
-                Ok(Ok(dropped)) => Err(format!(
-                    "{dropped} chunk files on disk were gone or did not match their digests \
-                 (a crash before they were written back?); to be fetched again"
+                Ok(Ok(dropped)) => Err((
+                    Fault::Source,
+                    format!(
+                        "{dropped} chunk files on disk were gone or did not match their \
+                         digests (a crash before they were written back?); to be fetched again"
+                    ),
                 )),
-                Ok(Err(e)) => Err(format!("making the chunks durable: {e}")),
-                Err(e) => Err(format!("making the chunks durable: {e}")),
+                Ok(Err(e)) => Err((Fault::Disk, format!("making the chunks durable: {e}"))),
+                Err(e) => Err((Fault::Disk, format!("making the chunks durable: {e}"))),
             };
         match durable {
             Ok(()) => self.finish(&replica, started, &cancel),
-            Err(e) => self.fail(&replica, e, &cancel),
+            Err((fault, e)) => self.fail(&replica, fault, e, &cancel),
         }
     }
 
@@ -310,6 +337,7 @@ impl FillScheduler {
         state.phase = Some(Phase::Ready);
         state.cancel = None;
         drop(state);
+        self.disk.forget(replica.id());
         self.save(replica);
         tracing::info!(
             template = replica.id(),
@@ -321,13 +349,26 @@ impl FillScheduler {
     /// Marks the fill FAILED and lets go of its claim, if it made one: a resumed fill
     /// claims again and counts what is missing (and its own claims do not count against
     /// its budget). Nothing, if an evict or unpin came first: the replica is theirs.
-    fn fail(&self, replica: &Arc<Replica>, error: String, cancel: &AtomicBool) {
+    fn fail(&self, replica: &Arc<Replica>, fault: Fault, error: String, cancel: &AtomicBool) {
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         if cancel.load(Ordering::Relaxed) {
             tracing::info!(template = replica.id(), %error, "fill stopped");
             return;
         }
-        tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
+        let error = match fault {
+            Fault::Disk => {
+                let wait = self.disk.record(replica.id());
+                tracing::warn!(template = replica.id(), %error, next_probe = ?wait,
+                    "fill FAILED on the cache's disk; it resumes when a chunk can be written \
+                     (probed when room appears); the template is still served lazily");
+                format!("{error} {DISK_FAULT_NOTE}")
+            }
+            Fault::Source => {
+                self.disk.forget(replica.id());
+                tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
+                error
+            }
+        };
         state.phase = Some(Phase::Failed);
         state.last_error = Some(error);
         state.last_error_at = Some(now_rfc3339());
@@ -372,6 +413,7 @@ impl FillScheduler {
         }
         let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
         let removed = self.cache.evict(&digests);
+        self.disk.forget(replica.id());
         let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
         state.phase = Some(Phase::Pending);
         state.last_error = None;
@@ -395,6 +437,7 @@ impl FillScheduler {
         if was_pinned {
             self.cache.release(&replica_owner(replica.id()));
         }
+        self.disk.forget(replica.id());
         self.save(replica);
         tracing::info!(
             template = replica.id(),
@@ -422,7 +465,7 @@ impl FillScheduler {
 
     /// Picks up where the previous run stopped: READY replicas are pinned again (or
     /// refilled if chunks went missing), DISTRIBUTING ones resume, FAILED ones wait for
-    /// the supervisor.
+    /// the supervisor (those stopped by the disk for room, as before the restart).
     pub async fn restore(self: &Arc<Self>) {
         let records = match self.db.all() {
             Ok(r) => r,
@@ -446,6 +489,14 @@ impl FillScheduler {
                 });
             }
             match record.phase {
+                Phase::Failed
+                    if record
+                        .last_error
+                        .as_deref()
+                        .is_some_and(|e| e.ends_with(DISK_FAULT_NOTE)) =>
+                {
+                    self.disk.record(replica.id());
+                }
                 Phase::Ready | Phase::Distributing => {
                     // A READY replica whose chunks are all local becomes READY again
                     // without a fetch: the fill finds nothing to fetch, claims them, and
@@ -460,7 +511,8 @@ impl FillScheduler {
         }
     }
 
-    /// Resumes FAILED fills once a source of theirs answers again.
+    /// Resumes FAILED fills: those stopped by their sources once the store answers
+    /// again, those stopped by the disk once it can take a chunk (see the module header).
     pub async fn supervise(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
@@ -474,11 +526,23 @@ impl FillScheduler {
                     .unwrap_or_else(|e| e.into_inner())
                     .phase()
                     == Phase::Failed;
-                if failed && self.store.template_ids().await.is_ok() {
-                    tracing::info!(
-                        template = replica.id(),
-                        "store answers again; resuming fill"
-                    );
+                if !failed {
+                    continue;
+                }
+                let resume = if self.disk.is_waiting(replica.id()) {
+                    let chunk_size = u64::from(replica.manifest().chunk_size);
+                    self.disk.has_room(replica.id(), chunk_size).await
+                } else {
+                    let answers = self.store.template_ids().await.is_ok();
+                    if answers {
+                        tracing::info!(
+                            template = replica.id(),
+                            "store answers again; resuming fill"
+                        );
+                    }
+                    answers
+                };
+                if resume {
                     if let Err(e) = self.warm(&replica, true) {
                         tracing::warn!(template = replica.id(), error = %e, "cannot resume fill");
                     }
@@ -500,15 +564,18 @@ impl FillScheduler {
     }
 }
 
-/// Fetches one chunk, retrying with backoff; the error of the last try otherwise.
-async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), String> {
+/// Fetches one chunk, retrying with backoff; the error of the last try otherwise. A
+/// chunk that arrived but could not be written is not fetched again: the disk fails
+/// the fill at once.
+async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), Failure> {
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
         match replica.image.fetch_chunk(index, Priority::Fill).await {
             Ok(_) => return Ok(()),
+            Err(e) if fault_of(&e) == Fault::Disk => return Err((Fault::Disk, e.to_string())),
             Err(e) if attempt >= MAX_CHUNK_ATTEMPTS => {
-                return Err(format!("after {attempt} tries: {e}"));
+                return Err((Fault::Source, format!("after {attempt} tries: {e}")));
             }
             Err(e) => {
                 tracing::debug!(template = replica.id(), chunk = index, attempt, error = %e, "fill fetch failed; retrying");
@@ -517,5 +584,14 @@ async fn fetch_with_retries(replica: &Replica, index: usize) -> Result<(), Strin
                 attempt += 1;
             }
         }
+    }
+}
+
+/// Whether a fill's read failed on the local disk or at its sources.
+fn fault_of(error: &ReadError) -> Fault {
+    match error {
+        ReadError::Local { .. } => Fault::Disk,
+        ReadError::Fetch(e) if matches!(**e, FetchError::Local { .. }) => Fault::Disk,
+        _ => Fault::Source,
     }
 }

@@ -60,7 +60,8 @@ pub struct SourcePlan {
     /// The fleet's live nodes, when this node is a member: chunk owners to ask, and the
     /// origins it may contact.
     pub peers: Option<Arc<PeerSet>>,
-    /// The store alone: what an owner fetches a peer's request from (never a peer).
+    /// The store alone: what an owner fetches a peer's request from (never a peer:
+    /// the asking node tries the peers' caches itself when the store fails).
     pub store: Arc<[Source]>,
     /// The clients origins are reached with.
     pub clients: HttpClients,
@@ -480,8 +481,10 @@ impl Templates {
 
     /// A template's sources: its origins (other than this node; with a membership,
     /// only while they are live members), then the chunk's owner among the peers, then
-    /// the store. The store's read token goes to the store alone; origins and peers get
-    /// the peer token.
+    /// the store, then (a store outage) the caches of the next peers in rendezvous
+    /// order, which answer only from their caches, so an owner can read the chunks it
+    /// owns from a peer that holds them. The store's read token goes to the store
+    /// alone; origins and peers get the peer token.
     fn sources(&self, manifest: &Manifest) -> Vec<Source> {
         let plan = &self.sources;
         let own = plan.advertise.trim_end_matches('/');
@@ -498,6 +501,9 @@ impl Templates {
             sources.push(Source::Peers(peers.clone()));
         }
         sources.extend(plan.store.iter().cloned());
+        if let Some(peers) = &plan.peers {
+            sources.push(Source::PeerCaches(peers.clone()));
+        }
         sources
     }
 
