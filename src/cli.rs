@@ -188,6 +188,16 @@ pub struct StoreArgs {
     /// The most nodes the store keeps leases for; more are refused (503).
     #[arg(long, default_value_t = crate::store::nodes::DEFAULT_MAX_MEMBERS)]
     pub max_members: usize,
+    /// Share the backend with other store servers: any number of `lazyblk store
+    /// --shared` over one bucket (or directory) answer alike. Checks at start that the
+    /// backend honours conditional writes (refuses to start otherwise), and shares the
+    /// node leases through it.
+    #[arg(long)]
+    pub shared: bool,
+    /// This server's name among the --shared servers (its lease view is
+    /// center/leases/NAME.json); defaults to HOSTNAME-PORT. Letters, digits, '.', '_', '-'.
+    #[arg(long, value_name = "NAME", requires = "shared")]
+    pub replica_name: Option<String>,
     /// Read flags from this TOML file first. Each key is a flag's long name
     /// (`cache = "/var/lib/lazyblk/cache"`, `nbd-max-connections = 256`); flags on the
     /// command line and environment variables win over the file.
