@@ -7,12 +7,17 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::node::{sh, DaemonProc};
+use support::buckets::{Azurite, Garage};
+use support::node::{nbdsh, DaemonProc};
 use support::{free_port, lazyblk, make_ext4, pattern, run, wait_http};
 
 /// The flags that make a store server one of several over one backend.
@@ -267,4 +272,262 @@ fn two_servers_over_one_directory_lose_no_update() {
     wait_for("the unwarm through the other server", CONVERGE, || {
         !wishes(&b.url()).contains_key("w002")
     });
+}
+
+/// The container both servers share in Azurite, and the backend URL over it.
+const AZ_BACKEND: &str = "az://fleet/lazyblk?emulator=true";
+
+#[test]
+fn two_servers_over_azurite_carry_a_fleet_through_the_death_of_one() {
+    let Some(azurite) = Azurite::start("fleet") else {
+        eprintln!("skipping: Azurite could not be installed or started (npm install azurite)");
+        return;
+    };
+    let env = [("AZURITE_BLOB_STORAGE_URL", azurite.url.as_str())];
+    let mut a = Server::start(&["--backend", AZ_BACKEND], &env);
+    let b = Server::start(&["--backend", AZ_BACKEND], &env);
+    let (au, bu) = (a.url(), b.url());
+    let tmp = tempfile::tempdir().unwrap();
+    let image = make_ext4(tmp.path(), 8, &[("f", pattern(3 << 20, 28))]);
+    race_wishes(&au, &bu, &image, &[]);
+    for id in (0..100).map(|i| format!("w{i:03}")) {
+        ok(&["unwarm", &id, "--store", &au]);
+    }
+
+    // Four daemons, two of them through each server first.
+    let a_first = format!("{au},{bu}");
+    let b_first = format!("{bu},{au}");
+    let nodes: Vec<DaemonProc> = (0..4)
+        .map(|i| {
+            let stores = if i < 2 { &a_first } else { &b_first };
+            DaemonProc::start_member(stores, &tmp.path().join(format!("n{i}")), &[])
+        })
+        .collect();
+    wait_for("both servers list the same 4 nodes", CONVERGE, || {
+        let (x, y) = (node_ids(&au), node_ids(&bu));
+        x.len() == 4 && x == y
+    });
+
+    ok(&["warm", "w003", "--all-nodes", "--store", &au]);
+    for server in [&au, &bu] {
+        wait_for("READY 4/4 through both servers", CONVERGE, || {
+            replicas(server, "w003") == "READY 4/4"
+        });
+    }
+    ok(&["policy", "set", "guest_agent", ">=1.4.2", "--store", &bu]);
+    let stale = template(&au, "w003").unwrap();
+    assert_eq!(stale["stale"], true, "policy through B, seen through A: {stale}");
+    ok(&["unwarm", "w003", "--store", &bu]);
+    wait_for("the unwarm through B, seen through A", CONVERGE, || {
+        !wishes(&au).contains_key("w003")
+    });
+    ok(&["delete", "w004", "--store", &bu]);
+    assert!(template(&au, "w004").is_none(), "deleted through B");
+
+    // A dies; the nodes that renewed through it go on through B.
+    a.kill9();
+    // Longer than a lease: a node that had not moved to B would have dropped out.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(node_ids(&bu).len(), 4, "every node renews through B");
+    ok(&["warm", "w005", "--all-nodes", "--store", &a_first]);
+    wait_for("READY 4/4 after A died", CONVERGE, || {
+        replicas(&bu, "w005") == "READY 4/4"
+    });
+    // A commit on a node whose first store server is dead publishes through B.
+    let node = &nodes[0];
+    ok(&["overlay", "create", "w005", "--sandbox", "sb", "--node", &node.url()]);
+    let (done, out, err) = nbdsh(
+        &node.nbd_uri("sb"),
+        "h.pwrite(b'committed' * 7282, 1 << 20)\nh.flush()",
+    );
+    assert!(done, "writing the sandbox: {out}{err}");
+    ok(&["commit", "sb", "--template", "c1", "--node", &node.url()]);
+    wait_for("the commit DURABLE through B", CONVERGE, || {
+        template(&bu, "c1").is_some_and(|t| t["durability"] == "DURABLE")
+    });
+    ok(&["delete", "w006", "--store", &a_first]);
+    assert!(template(&bu, "w006").is_none(), "deleted through A,B");
+}
+
+#[test]
+fn garage_is_refused_for_shared_mode_and_works_alone() {
+    let Some(garage) = Garage::start() else {
+        eprintln!("skipping: garage is not on PATH (scripts/garage.sh installs it)");
+        return;
+    };
+    let backend = format!(
+        "s3://lazyblk/shared?endpoint={}",
+        garage.var("LAZYBLK_S3_ENDPOINT")
+    );
+    let mut cmd = lazyblk();
+    cmd.args(["store", "--backend", &backend, "--shared"])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .stdin(Stdio::null());
+    for (k, v) in &garage.env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--shared over Garage must refuse to start");
+    assert!(
+        err.contains("does not honour conditional writes"),
+        "the refusal names why: {err}"
+    );
+    // One server alone still works over it.
+    let port = free_port();
+    let mut cmd = lazyblk();
+    cmd.args(["store", "--backend", &backend])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null());
+    for (k, v) in &garage.env {
+        cmd.env(k, v);
+    }
+    let mut alone = Server {
+        child: Some(cmd.spawn().unwrap()),
+        port,
+    };
+    wait_http(&format!("{}/healthz", alone.url()));
+    let tmp = tempfile::tempdir().unwrap();
+    let image = make_ext4(tmp.path(), 8, &[("f", pattern(1 << 20, 3))]);
+    publish_many(&alone.url(), &image, &["g1".to_string()], &[]);
+    ok(&["warm", "g1", "--min-replicas", "2", "--store", &alone.url()]);
+    ok(&["warm", "g1", "--failed", "--store", &alone.url()]);
+    assert_eq!(wishes(&alone.url())["g1"]["redo"], 1);
+    alone.kill9();
+}
+
+/// A proxy in front of a bucket that, once armed, answers some writes itself as a
+/// bucket under contention does: every third PUT 503 (Slow Down / Server Busy), every
+/// fifth conditional PUT 409 (a conflicting write), without forwarding them.
+struct FlakyBucket {
+    url: String,
+    armed: Arc<AtomicBool>,
+    faults: Arc<AtomicU64>,
+}
+
+impl FlakyBucket {
+    fn start(upstream: &str) -> FlakyBucket {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Keep the path (Azurite's account name) and change only the address.
+        let rest = upstream.trim_start_matches("http://");
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let url = format!("http://127.0.0.1:{port}/{path}");
+        let host = host.to_string();
+        let armed = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(AtomicU64::new(0));
+        let (a, f) = (armed.clone(), faults.clone());
+        let puts = Arc::new(AtomicU64::new(0));
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (host, a, f, puts) = (host.clone(), a.clone(), f.clone(), puts.clone());
+                std::thread::spawn(move || {
+                    let _ = forward_flaky(client, &host, &a, &f, &puts);
+                });
+            }
+        });
+        FlakyBucket { url, armed, faults }
+    }
+}
+
+fn forward_flaky(
+    mut client: TcpStream,
+    upstream: &str,
+    armed: &AtomicBool,
+    faults: &AtomicU64,
+    puts: &AtomicU64,
+) -> std::io::Result<()> {
+    loop {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if client.read(&mut byte)? == 0 {
+                return Ok(());
+            }
+            head.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&head).to_string();
+        let header = |name: &str| {
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let length: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        client.read_exact(&mut body)?;
+        if text.starts_with("PUT ") && armed.load(Ordering::SeqCst) {
+            let n = puts.fetch_add(1, Ordering::SeqCst);
+            let conditional = header("if-match").is_some() || header("if-none-match").is_some();
+            let answer: Option<&[u8]> = if n % 3 == 0 {
+                Some(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            } else if conditional && n % 5 == 1 {
+                Some(b"HTTP/1.1 409 Conflict\r\ncontent-length: 0\r\n\r\n")
+            } else {
+                None
+            };
+            if let Some(answer) = answer {
+                faults.fetch_add(1, Ordering::SeqCst);
+                client.write_all(answer)?;
+                continue;
+            }
+        }
+        let head = text.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+        let mut up = TcpStream::connect(upstream)?;
+        up.write_all(head.as_bytes())?;
+        up.write_all(&body)?;
+        let mut answer = Vec::new();
+        up.read_to_end(&mut answer)?;
+        client.write_all(&answer)?;
+        return Ok(());
+    }
+}
+
+#[test]
+fn a_bucket_answering_409_and_503_loses_no_update() {
+    let Some(azurite) = Azurite::start("flaky") else {
+        eprintln!("skipping: Azurite could not be installed or started (npm install azurite)");
+        return;
+    };
+    let flaky = FlakyBucket::start(&azurite.url);
+    let env = [("AZURITE_BLOB_STORAGE_URL", flaky.url.as_str())];
+    let backend = "az://flaky/lazyblk?emulator=true";
+    let a = Server::start(&["--backend", backend], &env);
+    let b = Server::start(&["--backend", backend], &env);
+    let tmp = tempfile::tempdir().unwrap();
+    let image = make_ext4(tmp.path(), 8, &[("f", pattern(1 << 20, 5))]);
+    let ids: Vec<String> = (0..20).map(|i| format!("f{i:02}")).collect();
+    publish_many(&a.url(), &image, &ids, &[]);
+    flaky.armed.store(true, Ordering::SeqCst);
+    let (au, bu) = (a.url(), b.url());
+    let mut commands: Vec<Vec<String>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let via = if i % 2 == 0 { &au } else { &bu };
+            ["warm", id, "--all-nodes", "--store", via]
+                .map(str::to_string)
+                .to_vec()
+        })
+        .collect();
+    all_at_once(commands.clone());
+    commands = (0..20)
+        .map(|i| {
+            let via = if i % 2 == 0 { &au } else { &bu };
+            ["warm", "f00", "--failed", "--store", via]
+                .map(str::to_string)
+                .to_vec()
+        })
+        .collect();
+    all_at_once(commands);
+    flaky.armed.store(false, Ordering::SeqCst);
+    assert!(flaky.faults.load(Ordering::SeqCst) > 0, "the proxy failed some writes");
+    for server in [&au, &bu] {
+        wait_for("every wish through a flaky bucket", CONVERGE, || {
+            let w = wishes(server);
+            ids.iter().all(|id| w.contains_key(id)) && w["f00"]["redo"] == 20
+        });
+    }
 }

@@ -335,5 +335,6 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+pub mod buckets;
 pub mod node;
 pub mod proxy;

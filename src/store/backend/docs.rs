@@ -43,6 +43,16 @@ pub const CAS_ATTEMPTS: u32 = 40;
 /// min(2^try ms, this), so colliding writers spread out instead of colliding again.
 const CAS_MAX_BACKOFF: Duration = Duration::from_millis(200);
 
+/// Failed requests to the bucket one update survives (each tried again from a fresh
+/// read): a bucket under load answers some with 503 after the client's own retries.
+const TRANSIENT_RETRIES: u32 = 8;
+
+/// Why one try of an update failed.
+enum Failed<E> {
+    Backend(BackendError),
+    Change(E),
+}
+
 /// A stored document's version: what a conditional write compares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DocVersion {
@@ -153,21 +163,24 @@ impl Backend {
     where
         E: From<BackendError>,
     {
+        let mut failures = 0;
         for attempt in 0..CAS_ATTEMPTS {
-            let current = self.doc_versioned(name).await?;
-            let (bytes, version) = match &current {
-                Some((b, v)) => (Some(b.as_slice()), Some(v)),
-                None => (None, None),
-            };
-            match change(bytes)? {
-                DocChange::Keep(out) => return Ok(out),
-                DocChange::Write(new, out) => {
-                    if self.put_doc_if(name, new, version).await?.is_some() {
-                        return Ok(out);
-                    }
+            match self.try_update(name, &mut change).await {
+                Ok(Some(out)) => return Ok(out),
+                Ok(None) => {
+                    tracing::debug!(doc = name, attempt, "document changed meanwhile; reading it again")
                 }
+                // The bucket failed a request (503 under load, a 409 it made up): the
+                // change is computed again from a fresh read, so trying again is safe.
+                Err(Failed::Backend(e @ BackendError::Object { .. }))
+                    if failures < TRANSIENT_RETRIES =>
+                {
+                    failures += 1;
+                    tracing::info!(doc = name, error = %e, "updating a document; trying again");
+                }
+                Err(Failed::Backend(e)) => return Err(e.into()),
+                Err(Failed::Change(e)) => return Err(e),
             }
-            tracing::debug!(doc = name, attempt, "document changed meanwhile; reading it again");
             tokio::time::sleep(backoff(attempt)).await;
         }
         Err(BackendError::Contended {
@@ -175,6 +188,28 @@ impl Backend {
             attempts: CAS_ATTEMPTS,
         }
         .into())
+    }
+
+    /// One read, change and conditional write: `None` when the document changed
+    /// meanwhile.
+    async fn try_update<T, E>(
+        &self,
+        name: &str,
+        change: &mut impl FnMut(Option<&[u8]>) -> Result<DocChange<T>, E>,
+    ) -> Result<Option<T>, Failed<E>> {
+        let current = self.doc_versioned(name).await.map_err(Failed::Backend)?;
+        let (bytes, version) = match &current {
+            Some((b, v)) => (Some(b.as_slice()), Some(v)),
+            None => (None, None),
+        };
+        match change(bytes).map_err(Failed::Change)? {
+            DocChange::Keep(out) => Ok(Some(out)),
+            DocChange::Write(new, out) => Ok(self
+                .put_doc_if(name, new, version)
+                .await
+                .map_err(Failed::Backend)?
+                .map(|_| out)),
+        }
     }
 
     /// Whether the backend honours conditional writes (shared mode needs them): a
