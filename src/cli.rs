@@ -221,6 +221,8 @@ pub struct DaemonArgs {
     /// directly (no store process needed): s3://BUCKET/PREFIX?endpoint=URL[&region=R]
     /// (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), az://CONTAINER/PREFIX?account=NAME
     /// (AZURE_STORAGE_* variables; &emulator=true for Azurite) or gs://BUCKET/PREFIX.
+    /// Several store servers over one bucket (`lazyblk store --shared`):
+    /// http://S1:7070,http://S2:7070, tried in turn when one does not answer.
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// HTTP address for the daemon's API, /metrics and chunk serving to peers.

@@ -263,7 +263,14 @@ fn two_servers_over_one_directory_lose_no_update() {
     race_wishes(&a.url(), &b.url(), &image, &[]);
 
     // Policy through one, seen through the other; a delete through the other.
-    ok(&["policy", "set", "guest_agent", ">=1.4.2", "--store", &b.url()]);
+    ok(&[
+        "policy",
+        "set",
+        "guest_agent",
+        ">=1.4.2",
+        "--store",
+        &b.url(),
+    ]);
     let stale = template(&a.url(), "w001").unwrap();
     assert_eq!(stale["stale"], true, "{stale}");
     ok(&["delete", "w001", "--store", &a.url()]);
@@ -316,7 +323,10 @@ fn two_servers_over_azurite_carry_a_fleet_through_the_death_of_one() {
     }
     ok(&["policy", "set", "guest_agent", ">=1.4.2", "--store", &bu]);
     let stale = template(&au, "w003").unwrap();
-    assert_eq!(stale["stale"], true, "policy through B, seen through A: {stale}");
+    assert_eq!(
+        stale["stale"], true,
+        "policy through B, seen through A: {stale}"
+    );
     ok(&["unwarm", "w003", "--store", &bu]);
     wait_for("the unwarm through B, seen through A", CONVERGE, || {
         !wishes(&au).contains_key("w003")
@@ -335,7 +345,15 @@ fn two_servers_over_azurite_carry_a_fleet_through_the_death_of_one() {
     });
     // A commit on a node whose first store server is dead publishes through B.
     let node = &nodes[0];
-    ok(&["overlay", "create", "w005", "--sandbox", "sb", "--node", &node.url()]);
+    ok(&[
+        "overlay",
+        "create",
+        "w005",
+        "--sandbox",
+        "sb",
+        "--node",
+        &node.url(),
+    ]);
     let (done, out, err) = nbdsh(
         &node.nbd_uri("sb"),
         "h.pwrite(b'committed' * 7282, 1 << 20)\nh.flush()",
@@ -368,7 +386,10 @@ fn garage_is_refused_for_shared_mode_and_works_alone() {
     }
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "--shared over Garage must refuse to start");
+    assert!(
+        !out.status.success(),
+        "--shared over Garage must refuse to start"
+    );
     assert!(
         err.contains("does not honour conditional writes"),
         "the refusal names why: {err}"
@@ -450,7 +471,9 @@ fn forward_flaky(
         let header = |name: &str| {
             text.lines().find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
             })
         };
         let length: usize = header("content-length")
@@ -523,11 +546,91 @@ fn a_bucket_answering_409_and_503_loses_no_update() {
         .collect();
     all_at_once(commands);
     flaky.armed.store(false, Ordering::SeqCst);
-    assert!(flaky.faults.load(Ordering::SeqCst) > 0, "the proxy failed some writes");
+    assert!(
+        flaky.faults.load(Ordering::SeqCst) > 0,
+        "the proxy failed some writes"
+    );
     for server in [&au, &bu] {
         wait_for("every wish through a flaky bucket", CONVERGE, || {
             let w = wishes(server);
             ids.iter().all(|id| w.contains_key(id)) && w["f00"]["redo"] == 20
         });
     }
+}
+
+/// libfaketime, which moves a process's clock (Debian's `faketime` package).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[test]
+fn a_server_with_its_clock_off_and_one_killed_mid_update() {
+    if !Path::new(LIBFAKETIME).exists() {
+        eprintln!("skipping: faketime is not installed (apt-get install faketime)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let root_arg = root.to_str().unwrap();
+    let mut a = Server::start(&["--root", root_arg], &[]);
+    // Two hours ahead: far past the 2 minutes of skew a signed lease may have.
+    let ahead = [("LD_PRELOAD", LIBFAKETIME), ("FAKETIME", "+2h")];
+    let skewed = Server::start(&["--root", root_arg], &ahead);
+    let (au, bu) = (a.url(), skewed.url());
+    let image = make_ext4(dir.path(), 8, &[("f", pattern(2 << 20, 9))]);
+    let ids: Vec<String> = (0..30).map(|i| format!("k{i:02}")).collect();
+    publish_many(&au, &image, &ids, &[]);
+
+    // The skewed server refuses every signed lease (its clock says they are two hours
+    // old); the nodes that try it first renew through the other, and both servers
+    // still list the same nodes, their ages measured on each one's own clock.
+    let b_first = format!("{bu},{au}");
+    let _nodes: Vec<DaemonProc> = (0..2)
+        .map(|i| DaemonProc::start_member(&b_first, &dir.path().join(format!("n{i}")), &[]))
+        .collect();
+    wait_for("both servers list the same 2 nodes", CONVERGE, || {
+        let (x, y) = (node_ids(&au), node_ids(&bu));
+        x.len() == 2 && x == y
+    });
+    ok(&["warm", "k00", "--all-nodes", "--store", &bu]);
+    wait_for("READY 2/2 through the skewed server", CONVERGE, || {
+        replicas(&bu, "k00") == "READY 2/2"
+    });
+    assert_eq!(replicas(&au, "k00"), "READY 2/2");
+
+    // A server killed while it records wishes: every wish it confirmed is there, and
+    // every stored wish is whole (the listing parses each document).
+    let confirmed: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = ids[1..]
+            .iter()
+            .map(|id| {
+                let au = au.clone();
+                s.spawn(move || {
+                    let (ok, _, _) = run(&["warm", id, "--min-replicas", "1", "--store", &au]);
+                    ok.then(|| id.clone())
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        a.kill9();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let listed = wishes(&bu);
+    for id in &confirmed {
+        assert!(listed.contains_key(id), "wish {id} confirmed, then lost");
+    }
+    for wish in listed.values() {
+        assert!(
+            wish["placement"].is_object() || wish["placement"].is_string(),
+            "{wish}"
+        );
+    }
+    // The same root, served again: the same wishes.
+    let again = Server::start(&["--root", root_arg], &[]);
+    wait_for(
+        "the restarted server lists the same wishes",
+        CONVERGE,
+        || wishes(&again.url()).keys().eq(listed.keys()),
+    );
 }

@@ -162,8 +162,10 @@ impl Center {
         self.cache.lock().await.read_at = None;
     }
 
-    /// Every wish.
+    /// Every wish, read again now (an operator who wrote through another server reads
+    /// what they wrote).
     pub async fn wishes(&self) -> Result<Vec<Wish>, BackendError> {
+        self.invalidate().await;
         Ok(self.snapshot().await?.into_values().collect())
     }
 

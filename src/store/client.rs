@@ -318,7 +318,12 @@ impl StoreClient {
         let what = "a heartbeat";
         let body = serde_json::to_vec(beat).unwrap_or_default();
         let request = self.lease_request(key, reqwest::Method::PUT, body, what)?;
-        let bytes = self.send(request, HEARTBEAT_TIMEOUT, what).await?.1;
+        // Any refusal passes to the next server: one whose clock is off refuses every
+        // signed lease (401), one still settling answers 503, and the others may not.
+        let bytes = self
+            .send_passing(request, HEARTBEAT_TIMEOUT, what, |_| true)
+            .await?
+            .1;
         self.decode(&bytes, what)
     }
 
@@ -399,24 +404,44 @@ impl StoreClient {
         timeout: Duration,
         what: &str,
     ) -> Result<(StatusCode, Bytes), StoreError> {
-        let request = request.timeout(timeout).build().map_err(|e| StoreError::Unreachable {
-            url: self.url.clone(),
-            detail: error_chain(&e),
-        })?;
+        self.send_passing(request, timeout, what, |e| {
+            matches!(
+                e,
+                StoreError::Unreachable { .. }
+                    | StoreError::Http {
+                        status: 502..=504,
+                        ..
+                    }
+            )
+        })
+        .await
+    }
+
+    /// Sends a request to the server that answered last, and to the next ones while
+    /// `passes` says another server may answer better.
+    async fn send_passing(
+        &self,
+        request: RequestBuilder,
+        timeout: Duration,
+        what: &str,
+        passes: fn(&StoreError) -> bool,
+    ) -> Result<(StatusCode, Bytes), StoreError> {
+        let request = request
+            .timeout(timeout)
+            .build()
+            .map_err(|e| StoreError::Unreachable {
+                url: self.url.clone(),
+                detail: error_chain(&e),
+            })?;
         let first = self.current.load(std::sync::atomic::Ordering::Relaxed);
         let mut last = None;
         for step in 0..self.urls.len() {
             let index = (first + step) % self.urls.len();
             let result = self.send_to(&request, &self.urls[index], what).await;
             match result {
-                Err(StoreError::Unreachable { .. })
-                | Err(StoreError::Http {
-                    status: 502..=504, ..
-                }) if self.urls.len() > 1 => {
-                    if let Err(e) = &result {
-                        tracing::debug!(error = %e, "store server passed over");
-                    }
-                    last = Some(result);
+                Err(e) if self.urls.len() > 1 && passes(&e) => {
+                    tracing::debug!(error = %e, "store server passed over");
+                    last = Some(Err(e));
                 }
                 result => {
                     if result.is_ok() && index != first {
@@ -459,12 +484,11 @@ impl StoreClient {
             .strip_prefix(self.url.as_str())
             .unwrap_or("")
             .to_string();
-        *request.url_mut() = reqwest::Url::parse(&format!("{base}{path}")).map_err(|e| {
-            StoreError::Unreachable {
+        *request.url_mut() =
+            reqwest::Url::parse(&format!("{base}{path}")).map_err(|e| StoreError::Unreachable {
                 url: base.to_string(),
                 detail: e.to_string(),
-            }
-        })?;
+            })?;
         let response = self.http.execute(request).await.map_err(unreachable)?;
         let status = response.status();
         let body = response.bytes().await.map_err(unreachable)?;

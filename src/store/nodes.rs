@@ -426,7 +426,11 @@ impl Membership {
         if self.latest_at_ms(id).is_some_and(|t| at_ms <= t) {
             return Err(LeaseError::Replayed(id.to_string()));
         }
-        let had = self.merged().get(id).filter(|c| !c.left).map(|c| (c.key.clone(), c.beat.clone()));
+        let had = self
+            .merged()
+            .get(id)
+            .filter(|c| !c.left)
+            .map(|c| (c.key.clone(), c.beat.clone()));
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         if leases.get(id).is_some_and(|l| at_ms <= l.last_at_ms) {
             return Err(LeaseError::Replayed(id.to_string()));
@@ -502,11 +506,8 @@ impl Membership {
     ) -> Result<(), crate::store::backend::BackendError> {
         use crate::store::backend::DocChange;
         let mut persisted = self.persisted.lock().await;
-        let now: BTreeMap<String, String> = self
-            .live()
-            .into_iter()
-            .map(|n| (n.id, n.key))
-            .collect();
+        let now: BTreeMap<String, String> =
+            self.live().into_iter().map(|n| (n.id, n.key)).collect();
         // Nodes awaited after a restart stay listed until they renew or SETTLE ends.
         let awaited: Vec<String> = match self.unsettled() {
             Some((ids, _)) => ids,
@@ -614,6 +615,80 @@ mod tests {
         assert_eq!(m.unsettled().unwrap().0, ["b"]);
         m.renew("b", "kb".into(), 1, beat("http://b")).unwrap();
         assert!(m.unsettled().is_none());
+    }
+
+    /// Two servers' views exchanged by hand, as `replica::share_leases` does.
+    fn exchange(from: &Membership, name: &str, to: &Membership) {
+        to.absorb(name, from.view(name));
+    }
+
+    #[test]
+    fn servers_see_each_others_leases_once_a_view_changed() {
+        let (a, b) = (Membership::new(8, None), Membership::new(8, None));
+        a.renew("n1", "k1".into(), 10, beat("http://n1")).unwrap();
+        exchange(&a, "a", &b);
+        assert!(b.live().is_empty(), "a view seen once is not trusted yet");
+        exchange(&a, "a", &b);
+        let live = b.live();
+        assert_eq!((live.len(), live[0].url.as_str()), (1, "http://n1"));
+        // The node moves to B: B's newer lease wins on both, and A's older one cannot
+        // be replayed to B.
+        assert!(matches!(
+            b.renew("n1", "k1".into(), 10, beat("http://n1")),
+            Err(LeaseError::Replayed(_))
+        ));
+        b.renew("n1", "k1".into(), 11, beat("http://n1-moved"))
+            .unwrap();
+        exchange(&b, "b", &a);
+        exchange(&b, "b", &a);
+        for m in [&a, &b] {
+            let live = m.live();
+            assert_eq!(live.len(), 1, "one node, not two");
+            assert_eq!(live[0].url, "http://n1-moved");
+        }
+        // A leave through A reaches B; a node over --max-members counts both servers'.
+        a.leave("n1", 12).unwrap();
+        exchange(&a, "a", &b);
+        assert!(a.live().is_empty() && b.live().is_empty());
+        let (c, small) = (Membership::new(8, None), Membership::new(1, None));
+        c.renew("n2", "k2".into(), 1, beat("http://n2")).unwrap();
+        exchange(&c, "c", &small);
+        exchange(&c, "c", &small);
+        assert!(matches!(
+            small.renew("n3", "k3".into(), 1, beat("http://n3")),
+            Err(LeaseError::Full(1))
+        ));
+    }
+
+    #[test]
+    fn a_view_ages_on_the_readers_clock_whatever_the_writers_says() {
+        let b = Membership::new(8, None);
+        // A writer whose wall clock is hours off writes the same ages: only the age a
+        // lease had when written counts, plus the time since the reader saw it change.
+        let lease = |age_ms| SharedLease {
+            id: "n1".into(),
+            key: "k1".into(),
+            beat: beat("http://n1"),
+            last_at_ms: 7_200_000 + 5,
+            age_ms,
+            left: false,
+        };
+        let view = |seq, age_ms| LeaseView {
+            replica: "a".into(),
+            seq,
+            leases: vec![lease(age_ms)],
+        };
+        b.absorb("a", view(1, 0));
+        b.absorb("a", view(2, 100));
+        assert_eq!(b.live().len(), 1);
+        let seen = b.live()[0].last_seen_secs;
+        assert!((0.1..1.0).contains(&seen), "{seen}");
+        // An old lease in a fresh view is expired all the same.
+        b.absorb(
+            "a",
+            view(3, (HEARTBEAT * MISSED_RENEWALS).as_millis() as u64 + 1),
+        );
+        assert!(b.live().is_empty());
     }
 
     #[test]

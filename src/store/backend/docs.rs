@@ -168,7 +168,11 @@ impl Backend {
             match self.try_update(name, &mut change).await {
                 Ok(Some(out)) => return Ok(out),
                 Ok(None) => {
-                    tracing::debug!(doc = name, attempt, "document changed meanwhile; reading it again")
+                    tracing::debug!(
+                        doc = name,
+                        attempt,
+                        "document changed meanwhile; reading it again"
+                    )
                 }
                 // The bucket failed a request (503 under load, a 409 it made up): the
                 // change is computed again from a fresh read, so trying again is safe.
