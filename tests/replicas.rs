@@ -253,6 +253,27 @@ fn race_wishes(a: &str, b: &str, image: &Path, env: &[(&str, &str)]) {
 }
 
 #[test]
+fn wishes_of_an_earlier_store_are_moved_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    std::fs::create_dir_all(root.join("center")).unwrap();
+    // What a store of 7440fc6 kept: every wish in one document.
+    std::fs::write(
+        root.join("center/wishes.json"),
+        r#"{"old": {"template": "old", "placement": "all_nodes", "redo": 3}}"#,
+    )
+    .unwrap();
+    let a = Server::start(&["--root", root.to_str().unwrap()], &[]);
+    let listed = wishes(&a.url());
+    assert_eq!(listed["old"]["redo"], 3, "{listed:?}");
+    assert!(
+        !root.join("center/wishes.json").exists(),
+        "moved, not kept twice"
+    );
+    assert!(root.join("center/wishes/old.json").exists());
+}
+
+#[test]
 fn two_servers_over_one_directory_lose_no_update() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
@@ -484,7 +505,7 @@ fn forward_flaky(
         if text.starts_with("PUT ") && armed.load(Ordering::SeqCst) {
             let n = puts.fetch_add(1, Ordering::SeqCst);
             let conditional = header("if-match").is_some() || header("if-none-match").is_some();
-            let answer: Option<&[u8]> = if n % 3 == 0 {
+            let answer: Option<&[u8]> = if n.is_multiple_of(3) {
                 Some(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
             } else if conditional && n % 5 == 1 {
                 Some(b"HTTP/1.1 409 Conflict\r\ncontent-length: 0\r\n\r\n")
