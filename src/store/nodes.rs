@@ -195,10 +195,11 @@ struct RemoteView {
     leases: Vec<SharedLease>,
 }
 
-/// A lease from any server, its age on this server's clock.
-struct Candidate {
+/// A lease from any server, its age on this server's clock, with what the caller took
+/// of its report (`B`: all of it, its address only, or nothing).
+struct Candidate<B> {
     key: String,
-    beat: Heartbeat,
+    beat: B,
     last_at_ms: u64,
     age: Duration,
     left: bool,
@@ -250,11 +251,17 @@ impl Membership {
     }
 
     /// Every node's freshest lease (from this server or another), unexpired; left ones
-    /// included (they mask the older leases of the node).
-    fn merged(&self) -> BTreeMap<String, Candidate> {
+    /// included (they mask the older leases of the node). With the whole reports.
+    fn merged(&self) -> BTreeMap<String, Candidate<Heartbeat>> {
+        self.merge(Heartbeat::clone)
+    }
+
+    /// Like [`Membership::merged`], taking of each report what `take` returns: a check
+    /// made at every heartbeat does not copy a thousand nodes' reports.
+    fn merge<B>(&self, take: impl Fn(&Heartbeat) -> B) -> BTreeMap<String, Candidate<B>> {
         let lease_time = HEARTBEAT * MISSED_RENEWALS;
-        let mut out: BTreeMap<String, Candidate> = BTreeMap::new();
-        let mut offer = |id: &str, c: Candidate| {
+        let mut out: BTreeMap<String, Candidate<B>> = BTreeMap::new();
+        let mut offer = |id: &str, c: Candidate<B>| {
             if c.age > lease_time {
                 return;
             }
@@ -273,7 +280,7 @@ impl Membership {
                     id,
                     Candidate {
                         key: l.key.clone(),
-                        beat: l.beat.clone(),
+                        beat: take(&l.beat),
                         last_at_ms: l.last_at_ms,
                         age: l.seen.elapsed(),
                         left: l.left,
@@ -288,7 +295,7 @@ impl Membership {
                     &l.id,
                     Candidate {
                         key: l.key.clone(),
-                        beat: l.beat.clone(),
+                        beat: take(&l.beat),
                         last_at_ms: l.last_at_ms,
                         age: Duration::from_millis(l.age_ms) + view.changed.elapsed(),
                         left: l.left,
@@ -381,7 +388,7 @@ impl Membership {
         if self.latest_at_ms(id).is_some_and(|t| at_ms <= t) {
             return Err(LeaseError::Replayed(id.to_string()));
         }
-        let members = self.merged();
+        let members = self.merge(|_| ());
         let live_members = members.values().filter(|c| !c.left).count();
         let known = members.get(id).is_some_and(|c| !c.left);
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
@@ -477,11 +484,17 @@ impl Membership {
 
     /// The live nodes without their reports: what a heartbeat's answer carries.
     pub fn members(&self) -> Vec<NodeEntry> {
-        self.live()
+        self.merge(|b| (b.url.clone(), b.version.clone(), b.cache_used_bytes))
             .into_iter()
-            .map(|n| NodeEntry {
+            .filter(|(_, c)| !c.left)
+            .map(|(id, c)| NodeEntry {
+                id,
+                url: c.beat.0,
+                version: c.beat.1,
+                last_seen_secs: c.age.as_secs_f64(),
+                key: c.key,
                 replicas: Vec::new(),
-                ..n
+                cache_used_bytes: c.beat.2,
             })
             .collect()
     }
@@ -490,7 +503,7 @@ impl Membership {
     /// at start and has not heard from, and how long it will wait for them at most.
     pub fn unsettled(&self) -> Option<(Vec<String>, Duration)> {
         let left = SETTLE.checked_sub(self.started.elapsed())?;
-        let seen = self.merged();
+        let seen = self.merge(|_| ());
         let mut awaited = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
         // A member another server has a lease of is heard from.
         awaited.retain(|id| !seen.contains_key(id));
