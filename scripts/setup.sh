@@ -4,7 +4,7 @@
 # Safe to run again; it installs only what is missing.
 set -euo pipefail
 
-packages=(libnbd-bin python3-libnbd nbdkit qemu-utils e2fsprogs fio fuse3 nginx-light curl util-linux openssl jq systemd zstd)
+packages=(libnbd-bin python3-libnbd nbdkit qemu-utils e2fsprogs fio fuse3 nginx-light curl util-linux openssl jq systemd zstd faketime)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

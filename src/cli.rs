@@ -208,6 +208,16 @@ pub struct StoreArgs {
     pub max_members: usize,
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Share the backend with other store servers: any number of `lazyblk store
+    /// --shared` over one bucket (or directory) answer alike. Checks at start that the
+    /// backend honours conditional writes (refuses to start otherwise), and shares the
+    /// node leases through it.
+    #[arg(long)]
+    pub shared: bool,
+    /// This server's name among the --shared servers (its lease view is
+    /// center/leases/NAME.json); defaults to HOSTNAME-PORT. Letters, digits, '.', '_', '-'.
+    #[arg(long, value_name = "NAME", requires = "shared")]
+    pub replica_name: Option<String>,
     /// Read flags from this TOML file first. Each key is a flag's long name
     /// (`cache = "/var/lib/lazyblk/cache"`, `nbd-max-connections = 256`); flags on the
     /// command line and environment variables win over the file.
@@ -259,6 +269,8 @@ pub struct DaemonArgs {
     /// directly (no store process needed): s3://BUCKET/PREFIX?endpoint=URL[&region=R]
     /// (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), az://CONTAINER/PREFIX?account=NAME
     /// (AZURE_STORAGE_* variables; &emulator=true for Azurite) or gs://BUCKET/PREFIX.
+    /// Several store servers over one bucket (`lazyblk store --shared`):
+    /// http://S1:7070,http://S2:7070, tried in turn when one does not answer.
     #[arg(long, default_value = DEFAULT_STORE)]
     pub store: String,
     /// HTTP address for the daemon's API, /metrics and chunk serving to peers.

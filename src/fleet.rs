@@ -6,13 +6,15 @@
 //! durably and the nodes' reports as soft state; nodes pull the wishes at their
 //! heartbeats.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde_json::{json, Value};
 
 use crate::cli::{PolicyCommand, StatusArgs, UnwarmArgs, WarmArgs};
 use crate::printable::printable;
 
-/// One request to the store server; the store's own message on an error.
+/// One request to the store server; the store's own message on an error. `store` may
+/// name several servers over one bucket (`URL,URL`): one that cannot be reached or
+/// answers 502, 503 or 504 is passed over for the next.
 async fn call(
     store: &str,
     method: reqwest::Method,
@@ -20,6 +22,41 @@ async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> anyhow::Result<Value> {
+    let servers: Vec<&str> = store
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut last = None;
+    for (i, server) in servers.iter().enumerate() {
+        let more = i + 1 < servers.len();
+        match call_one(server, method.clone(), path, token, body.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(Failure::Passable(e)) if more => {
+                tracing::debug!(error = %e, "store server {server} passed over");
+                last = Some(e);
+            }
+            Err(Failure::Passable(e)) | Err(Failure::Final(e)) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no store server given")))
+}
+
+/// Why one server's answer was not the answer.
+enum Failure {
+    /// Unreachable, or 502-504: another server may answer.
+    Passable(anyhow::Error),
+    /// The store's own refusal.
+    Final(anyhow::Error),
+}
+
+async fn call_one(
+    store: &str,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Result<Value, Failure> {
     let url = format!("{}{path}", store.trim_end_matches('/'));
     let mut request = crate::http_client::http_client().request(method, &url);
     if let Some(token) = token {
@@ -28,15 +65,21 @@ async fn call(
     if let Some(body) = body {
         request = request.json(&body);
     }
-    let response = request.send().await.with_context(|| {
-        format!("store {store} unreachable (is `lazyblk store` running there?)")
+    let response = request.send().await.map_err(|e| {
+        Failure::Passable(anyhow::Error::new(e).context(format!(
+            "store {store} unreachable (is `lazyblk store` running there?)"
+        )))
     })?;
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
     if !status.is_success() {
         let message = value.get("error").and_then(Value::as_str).unwrap_or(&text);
-        bail!("{}", printable(message));
+        let e = anyhow::anyhow!("{}", printable(message));
+        return Err(match status.as_u16() {
+            502..=504 => Failure::Passable(e),
+            _ => Failure::Final(e),
+        });
     }
     Ok(value)
 }

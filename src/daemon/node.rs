@@ -93,19 +93,26 @@ impl Node {
                 config.peer_token.clone(),
             ))
         });
-        let store_source = match store.direct().and_then(|d| d.chunk_source()) {
-            Some(object) => Source::Object(object),
-            None => Source::Http(HttpSource::new(
-                clients.clone(),
-                store.url(),
-                config.read_token.clone(),
-            )),
+        // Several store servers (`--store URL,URL`) are several sources, tried in order.
+        let store_sources: Vec<Source> = match store.direct().and_then(|d| d.chunk_source()) {
+            Some(object) => vec![Source::Object(object)],
+            None => store
+                .urls()
+                .iter()
+                .map(|url| {
+                    Source::Http(HttpSource::new(
+                        clients.clone(),
+                        url,
+                        config.read_token.clone(),
+                    ))
+                })
+                .collect(),
         };
         let plan = SourcePlan {
             advertise: config.advertise.clone(),
             peer_token: config.peer_token,
             peers: peers.clone(),
-            store: vec![store_source].into(),
+            store: store_sources.into(),
             clients,
         };
         let templates = Arc::new(Templates::open(

@@ -34,11 +34,20 @@ const MISSING_BATCH: usize = 8192;
 use super::error::parse_manifest;
 pub use super::error::{PutOutcome, StoreError};
 
-/// A client of one store. Cheap to clone; clones share one connection pool.
+/// A client of one store, reached through one or more store servers (`--store
+/// URL,URL`: servers over one bucket, `lazyblk store --shared`). A request goes to the
+/// server that last answered; one that cannot be reached or answers 502, 503 or 504 is
+/// passed over for the next. Cheap to clone; clones share one connection pool and the
+/// choice of server.
 #[derive(Clone, Debug)]
 pub struct StoreClient {
-    /// Base URL without a trailing slash.
+    /// The first server's base URL without a trailing slash: requests are built on it
+    /// and sent to whichever server [`StoreClient::current`] names.
     url: String,
+    /// Every server's base URL, in the order given.
+    urls: Arc<[String]>,
+    /// The index in `urls` of the server that answered last.
+    current: Arc<std::sync::atomic::AtomicUsize>,
     http: reqwest::Client,
     /// Sent with every write (PUT, POST, DELETE).
     write_token: Option<String>,
@@ -69,14 +78,27 @@ impl std::fmt::Debug for Direct {
 }
 
 impl StoreClient {
+    /// A client of the store server(s) `base_url` names (`URL` or `URL,URL,...`).
     pub fn new(
         base_url: &str,
         write_token: Option<String>,
         read_token: Option<String>,
     ) -> StoreClient {
         let http = crate::http_client::http_client();
+        let urls: Vec<String> = base_url
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let urls: Arc<[String]> = if urls.is_empty() {
+            Arc::from(vec![String::new()])
+        } else {
+            urls.into()
+        };
         StoreClient {
-            url: base_url.trim_end_matches('/').to_string(),
+            url: urls[0].clone(),
+            urls,
+            current: Arc::default(),
             http,
             write_token: write_token.filter(|t| !t.is_empty()),
             member_token: None,
@@ -144,9 +166,14 @@ impl StoreClient {
         &self.http
     }
 
-    /// The store's base URL, without a trailing slash.
+    /// The base URL of the store server that answered last, without a trailing slash.
     pub fn url(&self) -> &str {
-        &self.url
+        &self.urls[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.urls.len()]
+    }
+
+    /// Every store server's base URL, in the order given.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
     }
 
     /// The read token chunk GETs need, if one was given.
@@ -370,7 +397,12 @@ impl StoreClient {
         let what = "a heartbeat";
         let body = serde_json::to_vec(beat).unwrap_or_default();
         let request = self.lease_request(key, reqwest::Method::PUT, body, what)?;
-        let bytes = self.send(request, HEARTBEAT_TIMEOUT, what).await?.1;
+        // Any refusal passes to the next server: one whose clock is off refuses every
+        // signed lease (401), one still settling answers 503, and the others may not.
+        let bytes = self
+            .send_passing(request, HEARTBEAT_TIMEOUT, what, |_| true)
+            .await?
+            .2;
         self.decode(&bytes, what)
     }
 
@@ -455,18 +487,100 @@ impl StoreClient {
         Ok((status, body))
     }
 
-    /// [`StoreClient::send`], with the answer's headers.
+    /// [`StoreClient::send`], with the answer's headers; passes over a server that is
+    /// unreachable or answers 502 to 504 for the next one.
     async fn send_with_headers(
         &self,
         request: RequestBuilder,
         timeout: Duration,
         what: &str,
     ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes), StoreError> {
+        self.send_passing(request, timeout, what, |e| {
+            matches!(
+                e,
+                StoreError::Unreachable { .. }
+                    | StoreError::Http {
+                        status: 502..=504,
+                        ..
+                    }
+            )
+        })
+        .await
+    }
+
+    /// Sends a request to the server that answered last, and to the next ones while
+    /// `passes` says another server may answer better.
+    async fn send_passing(
+        &self,
+        request: RequestBuilder,
+        timeout: Duration,
+        what: &str,
+        passes: fn(&StoreError) -> bool,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes), StoreError> {
+        let request = request
+            .timeout(timeout)
+            .build()
+            .map_err(|e| StoreError::Unreachable {
+                url: self.url.clone(),
+                detail: error_chain(&e),
+            })?;
+        let first = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last = None;
+        for step in 0..self.urls.len() {
+            let index = (first + step) % self.urls.len();
+            let result = self.send_to(&request, &self.urls[index], what).await;
+            match result {
+                Err(e) if self.urls.len() > 1 && passes(&e) => {
+                    tracing::debug!(error = %e, "store server passed over");
+                    last = Some(Err(e));
+                }
+                result => {
+                    if result.is_ok() && index != first {
+                        tracing::info!(store = %self.urls[index], "store server answered in place of {}", self.urls[first % self.urls.len()]);
+                        self.current
+                            .store(index, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return result;
+                }
+            }
+        }
+        last.unwrap_or_else(|| {
+            Err(StoreError::Unreachable {
+                url: self.url.clone(),
+                detail: "no store server".into(),
+            })
+        })
+    }
+
+    /// Sends `request` (built on the first server's URL) to the server at `base`.
+    async fn send_to(
+        &self,
+        request: &reqwest::Request,
+        base: &str,
+        what: &str,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes), StoreError> {
         let unreachable = |e: reqwest::Error| StoreError::Unreachable {
-            url: self.url.clone(),
+            url: base.to_string(),
             detail: error_chain(&e),
         };
-        let response = request.timeout(timeout).send().await.map_err(unreachable)?;
+        let Some(mut request) = request.try_clone() else {
+            return Err(StoreError::Unreachable {
+                url: base.to_string(),
+                detail: format!("{what}: a streamed body cannot be sent again"),
+            });
+        };
+        let path = request
+            .url()
+            .as_str()
+            .strip_prefix(self.url.as_str())
+            .unwrap_or("")
+            .to_string();
+        *request.url_mut() =
+            reqwest::Url::parse(&format!("{base}{path}")).map_err(|e| StoreError::Unreachable {
+                url: base.to_string(),
+                detail: e.to_string(),
+            })?;
+        let response = self.http.execute(request).await.map_err(unreachable)?;
         let status = response.status();
         let headers = response.headers().clone();
         let body = response.bytes().await.map_err(unreachable)?;
@@ -487,7 +601,7 @@ impl StoreClient {
             });
         let detail = printable(&detail).into_owned();
         Err(StoreError::Http {
-            url: self.url.clone(),
+            url: base.to_string(),
             status: status.as_u16(),
             what: what.to_string(),
             detail,

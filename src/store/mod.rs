@@ -12,6 +12,7 @@
 //! - [`center`]: the template center: replicas over the fleet, wishes (desired
 //!   state), the label policy.
 //! - [`nodes`]: the fleet's membership, node leases kept as soft state.
+//! - `replica`: several store servers over one bucket (`--shared`): sharing the leases.
 //! - This file: [`run`] and the JSON documents the server and the client share.
 //!
 //! # Data flow
@@ -28,6 +29,7 @@ pub mod client;
 pub mod direct;
 pub mod error;
 pub mod nodes;
+mod replica;
 
 use std::sync::Arc;
 
@@ -127,6 +129,15 @@ const WANTED_NOFILE: u64 = 65536;
 pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     crate::http_server::raise_descriptor_limit(WANTED_NOFILE);
     let (backend, location) = open_backend(&args).await?;
+    if args.shared {
+        if let backend::Backend::Object(o) = &backend {
+            o.use_conditional_writes();
+        }
+        backend.probe_conditional_writes().await.with_context(|| {
+            format!("--shared: checking that {location} honours conditional writes")
+        })?;
+        tracing::info!(store = %location, "the backend honours conditional writes; sharing it with other store servers");
+    }
     let backend = Arc::new(backend);
     let center = center::Center::load(backend.clone())
         .await
@@ -178,6 +189,11 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .with_context(|| format!("listening on {}", args.listen))?;
+    if args.shared {
+        let name = replica::name(args.replica_name.as_deref(), local.port())?;
+        tracing::info!(replica = %name, "sharing node leases through center/leases/");
+        tokio::spawn(replica::share_leases(state.clone(), name));
+    }
     tracing::info!(store = %location, address = %local, "store listening");
     crate::notify::ready(&format!("serving {location} on {local}"));
     crate::http_server::serve(listener, api::router(state), limits, shutdown_signal())

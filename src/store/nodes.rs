@@ -8,6 +8,18 @@
 //! the store's view is not trusted for deletes and gc until every node it knew has
 //! renewed again or [`SETTLE`] has passed ([`Membership::unsettled`]).
 //!
+//! Several store servers over one bucket (`--shared`) see the same leases: each one
+//! writes the leases it received as one document, `center/leases/<replica>.json`, every
+//! [`HEARTBEAT`], and reads the others' ([`Membership::view`], [`Membership::absorb`]).
+//! A node may heartbeat to any of them; for each node the report with the latest
+//! signed timestamp wins, so a node that moves from one server to another is seen
+//! once, with its newest report. Ages are measured on each server's own monotonic
+//! clock (the age a lease had when its view was written, plus the time since this
+//! server saw that view change), never by comparing two servers' wall clocks, so a
+//! server whose clock is off sees the same leases as the others. A view seen for the
+//! first time is trusted only once it changes (its writer is alive); a view that has
+//! not changed for [`STALE_VIEW`] is deleted.
+//!
 //! Every bound here is one a client can make the store spend: members
 //! (`--max-members`), a report's replicas ([`MAX_REPORTED_REPLICAS`]), users per
 //! replica ([`MAX_USERS_PER_REPLICA`]) and the length of every string in a report
@@ -41,6 +53,11 @@ pub const MAX_USERS_PER_REPLICA: usize = 32;
 pub const MAX_REPORT_STRING: usize = 256;
 /// The document that lists the members the store knew.
 pub const MEMBERS_DOC: &str = "members.json";
+/// The folder of the replicas' lease views (`--shared`): one document per store server.
+pub const LEASES_DIR: &str = "leases";
+/// How long a store server's lease view may stay unchanged before the others delete it
+/// (the server is gone for good: a view changes every [`HEARTBEAT`] while it runs).
+pub const STALE_VIEW: Duration = Duration::from_secs(3600);
 
 /// What a daemon says of itself in a heartbeat.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -140,6 +157,52 @@ struct Lease {
     seen: Instant,
     /// The timestamp of the last request accepted from it (replays are older).
     last_at_ms: u64,
+    /// It left (a clean shutdown): kept until it would have expired, so the other store
+    /// servers learn of the leave through this server's view.
+    left: bool,
+}
+
+/// A lease as a store server shares it with the others (`--shared`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SharedLease {
+    pub id: String,
+    pub key: String,
+    pub beat: Heartbeat,
+    /// The node's signed timestamp of the request that renewed (or ended) it.
+    pub last_at_ms: u64,
+    /// How old the lease was, on its server's clock, when the view was written.
+    pub age_ms: u64,
+    #[serde(default)]
+    pub left: bool,
+}
+
+/// One store server's lease view, as written to `center/leases/<replica>.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub replica: String,
+    /// Raised at every write: a reader that sees it change knows the writer is alive.
+    pub seq: u64,
+    pub leases: Vec<SharedLease>,
+}
+
+/// Another server's view as this one last read it.
+struct RemoteView {
+    seq: u64,
+    /// When this server saw `seq` change (the view's ages count from then).
+    changed: Instant,
+    /// Seen to change at least once: its writer is alive.
+    trusted: bool,
+    leases: Vec<SharedLease>,
+}
+
+/// A lease from any server, its age on this server's clock, with what the caller took
+/// of its report (`B`: all of it, its address only, or nothing).
+struct Candidate<B> {
+    key: String,
+    beat: B,
+    last_at_ms: u64,
+    age: Duration,
+    left: bool,
 }
 
 /// The leases of the live nodes, and what the store remembers of its members.
@@ -150,8 +213,12 @@ pub struct Membership {
     started: Instant,
     /// The members the store knew when it started that have not renewed since.
     awaited: Mutex<BTreeSet<String>>,
-    /// The members as last written to [`MEMBERS_DOC`] (id to public key).
+    /// The members as last written to (or read from) [`MEMBERS_DOC`] (id to public key).
     persisted: tokio::sync::Mutex<BTreeMap<String, String>>,
+    /// The other store servers' lease views (`--shared`), by replica name.
+    remote: Mutex<BTreeMap<String, RemoteView>>,
+    /// This server's view's sequence number.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 /// A member as [`MEMBERS_DOC`] keeps it.
@@ -178,7 +245,134 @@ impl Membership {
             persisted: tokio::sync::Mutex::new(
                 known.into_iter().map(|(id, k)| (id, k.key)).collect(),
             ),
+            remote: Mutex::default(),
+            seq: std::sync::atomic::AtomicU64::new(random_start()),
         }
+    }
+
+    /// Every node's freshest lease (from this server or another), unexpired; left ones
+    /// included (they mask the older leases of the node). With the whole reports.
+    fn merged(&self) -> BTreeMap<String, Candidate<Heartbeat>> {
+        self.merge(Heartbeat::clone)
+    }
+
+    /// Like [`Membership::merged`], taking of each report what `take` returns: a check
+    /// made at every heartbeat does not copy a thousand nodes' reports.
+    fn merge<B>(&self, take: impl Fn(&Heartbeat) -> B) -> BTreeMap<String, Candidate<B>> {
+        let lease_time = HEARTBEAT * MISSED_RENEWALS;
+        let mut out: BTreeMap<String, Candidate<B>> = BTreeMap::new();
+        let mut offer = |id: &str, c: Candidate<B>| {
+            if c.age > lease_time {
+                return;
+            }
+            match out.get(id) {
+                Some(have) if have.last_at_ms >= c.last_at_ms => {}
+                _ => {
+                    out.insert(id.to_string(), c);
+                }
+            }
+        };
+        {
+            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            Self::expire(&mut leases);
+            for (id, l) in leases.iter() {
+                offer(
+                    id,
+                    Candidate {
+                        key: l.key.clone(),
+                        beat: take(&l.beat),
+                        last_at_ms: l.last_at_ms,
+                        age: l.seen.elapsed(),
+                        left: l.left,
+                    },
+                );
+            }
+        }
+        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        for view in remote.values().filter(|v| v.trusted) {
+            for l in &view.leases {
+                offer(
+                    &l.id,
+                    Candidate {
+                        key: l.key.clone(),
+                        beat: take(&l.beat),
+                        last_at_ms: l.last_at_ms,
+                        age: Duration::from_millis(l.age_ms) + view.changed.elapsed(),
+                        left: l.left,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// The latest signed timestamp any server accepted from node `id`.
+    fn latest_at_ms(&self, id: &str) -> Option<u64> {
+        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        remote
+            .values()
+            .flat_map(|v| v.leases.iter())
+            .filter(|l| l.id == id)
+            .map(|l| l.last_at_ms)
+            .max()
+    }
+
+    /// This server's leases as a view for the others (`--shared`).
+    pub fn view(&self, replica: &str) -> LeaseView {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        Self::expire(&mut leases);
+        LeaseView {
+            replica: replica.to_string(),
+            seq,
+            leases: leases
+                .iter()
+                .map(|(id, l)| SharedLease {
+                    id: id.clone(),
+                    key: l.key.clone(),
+                    beat: l.beat.clone(),
+                    last_at_ms: l.last_at_ms,
+                    age_ms: l.seen.elapsed().as_millis() as u64,
+                    left: l.left,
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes in another server's view as read from the bucket; whether it is stale
+    /// (unchanged for [`STALE_VIEW`]: its server is gone, the view may be deleted).
+    pub fn absorb(&self, name: &str, view: LeaseView) -> bool {
+        let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        match remote.get_mut(name) {
+            Some(known) if known.seq == view.seq => known.changed.elapsed() > STALE_VIEW,
+            Some(known) => {
+                known.seq = view.seq;
+                known.changed = Instant::now();
+                known.trusted = true;
+                known.leases = view.leases;
+                false
+            }
+            None => {
+                remote.insert(
+                    name.to_string(),
+                    RemoteView {
+                        seq: view.seq,
+                        changed: Instant::now(),
+                        trusted: false,
+                        leases: view.leases,
+                    },
+                );
+                false
+            }
+        }
+    }
+
+    /// Forgets a view that was deleted.
+    pub fn forget_view(&self, name: &str) {
+        self.remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
     }
 
     /// Renews the lease of node `id`, proven by `key` at `at_ms`; a node seen for the
@@ -190,17 +384,27 @@ impl Membership {
         at_ms: u64,
         beat: Heartbeat,
     ) -> Result<(), LeaseError> {
+        // Another server may have accepted a later request of this node.
+        if self.latest_at_ms(id).is_some_and(|t| at_ms <= t) {
+            return Err(LeaseError::Replayed(id.to_string()));
+        }
+        let members = self.merge(|_| ());
+        let live_members = members.values().filter(|c| !c.left).count();
+        let known = members.get(id).is_some_and(|c| !c.left);
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         Self::expire(&mut leases);
         let clean = crate::printable::printable;
         match leases.get(id) {
-            None if leases.len() >= self.max_members => {
-                return Err(LeaseError::Full(leases.len()));
-            }
-            None => tracing::info!(node = id, url = %clean(&beat.url), "node joined"),
             Some(old) if at_ms <= old.last_at_ms => {
                 return Err(LeaseError::Replayed(id.to_string()))
             }
+            _ if !known && live_members >= self.max_members => {
+                return Err(LeaseError::Full(live_members));
+            }
+            None | Some(Lease { left: true, .. }) if !known => {
+                tracing::info!(node = id, url = %clean(&beat.url), "node joined")
+            }
+            None | Some(Lease { left: true, .. }) => {}
             Some(old) if old.beat.url != beat.url => {
                 tracing::info!(node = id, url = %clean(&beat.url), was = %clean(&old.beat.url), "node moved")
             }
@@ -213,6 +417,7 @@ impl Membership {
                 key,
                 seen: Instant::now(),
                 last_at_ms: at_ms,
+                left: false,
             },
         );
         drop(leases);
@@ -225,54 +430,71 @@ impl Membership {
 
     /// Ends node `id`'s lease at once (a clean shutdown); whether it had one.
     pub fn leave(&self, id: &str, at_ms: u64) -> Result<bool, LeaseError> {
+        if self.latest_at_ms(id).is_some_and(|t| at_ms <= t) {
+            return Err(LeaseError::Replayed(id.to_string()));
+        }
+        let had = self
+            .merged()
+            .get(id)
+            .filter(|c| !c.left)
+            .map(|c| (c.key.clone(), c.beat.clone()));
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         if leases.get(id).is_some_and(|l| at_ms <= l.last_at_ms) {
             return Err(LeaseError::Replayed(id.to_string()));
         }
-        let left = leases.remove(id);
-        if let Some(lease) = &left {
-            tracing::info!(node = id, url = %crate::printable::printable(&lease.beat.url), "node left (shut down)");
+        if let Some((key, beat)) = &had {
+            tracing::info!(node = id, url = %crate::printable::printable(&beat.url), "node left (shut down)");
+            // Kept, marked, until it would have expired: the other servers learn of it.
+            leases.insert(
+                id.to_string(),
+                Lease {
+                    beat: beat.clone(),
+                    key: key.clone(),
+                    seen: Instant::now(),
+                    last_at_ms: at_ms,
+                    left: true,
+                },
+            );
         }
         drop(leases);
         self.awaited
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        Ok(left.is_some())
+        Ok(had.is_some())
     }
 
-    /// The live nodes, by id, with their reports.
+    /// The live nodes, by id, with their reports (from whichever server has the
+    /// freshest lease of each).
     pub fn live(&self) -> Vec<NodeEntry> {
-        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        Self::expire(&mut leases);
-        leases
-            .iter()
-            .map(|(id, lease)| NodeEntry {
-                id: id.clone(),
-                url: lease.beat.url.clone(),
-                version: lease.beat.version.clone(),
-                last_seen_secs: lease.seen.elapsed().as_secs_f64(),
-                key: lease.key.clone(),
-                replicas: lease.beat.replicas.clone(),
-                cache_used_bytes: lease.beat.cache_used_bytes,
+        self.merged()
+            .into_iter()
+            .filter(|(_, c)| !c.left)
+            .map(|(id, c)| NodeEntry {
+                id,
+                url: c.beat.url,
+                version: c.beat.version,
+                last_seen_secs: c.age.as_secs_f64(),
+                key: c.key,
+                replicas: c.beat.replicas,
+                cache_used_bytes: c.beat.cache_used_bytes,
             })
             .collect()
     }
 
     /// The live nodes without their reports: what a heartbeat's answer carries.
     pub fn members(&self) -> Vec<NodeEntry> {
-        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        Self::expire(&mut leases);
-        leases
-            .iter()
-            .map(|(id, lease)| NodeEntry {
-                id: id.clone(),
-                url: lease.beat.url.clone(),
-                version: lease.beat.version.clone(),
-                last_seen_secs: lease.seen.elapsed().as_secs_f64(),
-                key: lease.key.clone(),
+        self.merge(|b| (b.url.clone(), b.version.clone(), b.cache_used_bytes))
+            .into_iter()
+            .filter(|(_, c)| !c.left)
+            .map(|(id, c)| NodeEntry {
+                id,
+                url: c.beat.0,
+                version: c.beat.1,
+                last_seen_secs: c.age.as_secs_f64(),
+                key: c.key,
                 replicas: Vec::new(),
-                cache_used_bytes: lease.beat.cache_used_bytes,
+                cache_used_bytes: c.beat.2,
             })
             .collect()
     }
@@ -281,49 +503,63 @@ impl Membership {
     /// at start and has not heard from, and how long it will wait for them at most.
     pub fn unsettled(&self) -> Option<(Vec<String>, Duration)> {
         let left = SETTLE.checked_sub(self.started.elapsed())?;
-        let awaited = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = self.merge(|_| ());
+        let mut awaited = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+        // A member another server has a lease of is heard from.
+        awaited.retain(|id| !seen.contains_key(id));
         (!awaited.is_empty()).then(|| (awaited.iter().cloned().collect(), left))
     }
 
-    /// Writes [`MEMBERS_DOC`] if the members differ from what it holds; a join is
-    /// answered only after this succeeded, so a restarted store waits for the node.
+    /// Writes [`MEMBERS_DOC`] if the members differ from what it holds (by
+    /// compare-and-swap: other store servers write it too, from the same shared view);
+    /// a join is answered only after this succeeded, so a restarted store waits for it.
     pub async fn persist(
         &self,
         backend: &crate::store::backend::Backend,
     ) -> Result<(), crate::store::backend::BackendError> {
+        use crate::store::backend::DocChange;
         let mut persisted = self.persisted.lock().await;
-        let now: BTreeMap<String, String> = {
-            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-            Self::expire(&mut leases);
-            leases
-                .iter()
-                .map(|(id, l)| (id.clone(), l.key.clone()))
-                .collect()
-        };
+        let now: BTreeMap<String, String> =
+            self.live().into_iter().map(|n| (n.id, n.key)).collect();
         // Nodes awaited after a restart stay listed until they renew or SETTLE ends.
         let awaited: Vec<String> = match self.unsettled() {
             Some((ids, _)) => ids,
             None => Vec::new(),
         };
-        let mut doc: BTreeMap<String, Known> = now
-            .iter()
-            .map(|(id, key)| (id.clone(), Known { key: key.clone() }))
-            .collect();
-        for id in awaited {
-            if let Some(key) = persisted.get(&id) {
-                doc.entry(id).or_insert(Known { key: key.clone() });
+        let with_awaited = |stored: &BTreeMap<String, String>| {
+            let mut doc = now.clone();
+            for id in &awaited {
+                if let Some(key) = stored.get(id) {
+                    doc.entry(id.clone()).or_insert(key.clone());
+                }
             }
-        }
-        let flat: BTreeMap<String, String> = doc
-            .iter()
-            .map(|(id, k)| (id.clone(), k.key.clone()))
-            .collect();
-        if flat == *persisted {
+            doc
+        };
+        if with_awaited(&persisted) == *persisted {
             return Ok(());
         }
-        let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
-        backend.put_doc(MEMBERS_DOC, bytes).await?;
-        *persisted = flat;
+        let stored = backend
+            .update_doc(MEMBERS_DOC, |bytes| {
+                let stored: BTreeMap<String, String> = bytes
+                    .and_then(|b| serde_json::from_slice::<BTreeMap<String, Known>>(b).ok())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(id, k)| (id, k.key))
+                    .collect();
+                let doc = with_awaited(&stored);
+                Ok::<_, crate::store::backend::BackendError>(if doc == stored {
+                    DocChange::Keep(doc)
+                } else {
+                    let known: BTreeMap<&String, Known> = doc
+                        .iter()
+                        .map(|(id, key)| (id, Known { key: key.clone() }))
+                        .collect();
+                    let bytes = serde_json::to_vec_pretty(&known).unwrap_or_default();
+                    DocChange::Write(bytes, doc)
+                })
+            })
+            .await?;
+        *persisted = stored;
         Ok(())
     }
 
@@ -331,12 +567,18 @@ impl Membership {
         let lease = HEARTBEAT * MISSED_RENEWALS;
         leases.retain(|id, l| {
             let live = l.seen.elapsed() <= lease;
-            if !live {
+            if !live && !l.left {
                 tracing::info!(node = %id, url = %crate::printable::printable(&l.beat.url), "node left (lease expired)");
             }
             live
         });
     }
+}
+
+/// Where a fresh server's view numbers start: random, so a restarted server that
+/// reuses its replica name still changes its view's number.
+fn random_start() -> u64 {
+    crate::store::backend::random_u64() >> 16
 }
 
 #[cfg(test)]
@@ -386,6 +628,80 @@ mod tests {
         assert_eq!(m.unsettled().unwrap().0, ["b"]);
         m.renew("b", "kb".into(), 1, beat("http://b")).unwrap();
         assert!(m.unsettled().is_none());
+    }
+
+    /// Two servers' views exchanged by hand, as `replica::share_leases` does.
+    fn exchange(from: &Membership, name: &str, to: &Membership) {
+        to.absorb(name, from.view(name));
+    }
+
+    #[test]
+    fn servers_see_each_others_leases_once_a_view_changed() {
+        let (a, b) = (Membership::new(8, None), Membership::new(8, None));
+        a.renew("n1", "k1".into(), 10, beat("http://n1")).unwrap();
+        exchange(&a, "a", &b);
+        assert!(b.live().is_empty(), "a view seen once is not trusted yet");
+        exchange(&a, "a", &b);
+        let live = b.live();
+        assert_eq!((live.len(), live[0].url.as_str()), (1, "http://n1"));
+        // The node moves to B: B's newer lease wins on both, and A's older one cannot
+        // be replayed to B.
+        assert!(matches!(
+            b.renew("n1", "k1".into(), 10, beat("http://n1")),
+            Err(LeaseError::Replayed(_))
+        ));
+        b.renew("n1", "k1".into(), 11, beat("http://n1-moved"))
+            .unwrap();
+        exchange(&b, "b", &a);
+        exchange(&b, "b", &a);
+        for m in [&a, &b] {
+            let live = m.live();
+            assert_eq!(live.len(), 1, "one node, not two");
+            assert_eq!(live[0].url, "http://n1-moved");
+        }
+        // A leave through A reaches B; a node over --max-members counts both servers'.
+        a.leave("n1", 12).unwrap();
+        exchange(&a, "a", &b);
+        assert!(a.live().is_empty() && b.live().is_empty());
+        let (c, small) = (Membership::new(8, None), Membership::new(1, None));
+        c.renew("n2", "k2".into(), 1, beat("http://n2")).unwrap();
+        exchange(&c, "c", &small);
+        exchange(&c, "c", &small);
+        assert!(matches!(
+            small.renew("n3", "k3".into(), 1, beat("http://n3")),
+            Err(LeaseError::Full(1))
+        ));
+    }
+
+    #[test]
+    fn a_view_ages_on_the_readers_clock_whatever_the_writers_says() {
+        let b = Membership::new(8, None);
+        // A writer whose wall clock is hours off writes the same ages: only the age a
+        // lease had when written counts, plus the time since the reader saw it change.
+        let lease = |age_ms| SharedLease {
+            id: "n1".into(),
+            key: "k1".into(),
+            beat: beat("http://n1"),
+            last_at_ms: 7_200_000 + 5,
+            age_ms,
+            left: false,
+        };
+        let view = |seq, age_ms| LeaseView {
+            replica: "a".into(),
+            seq,
+            leases: vec![lease(age_ms)],
+        };
+        b.absorb("a", view(1, 0));
+        b.absorb("a", view(2, 100));
+        assert_eq!(b.live().len(), 1);
+        let seen = b.live()[0].last_seen_secs;
+        assert!((0.1..1.0).contains(&seen), "{seen}");
+        // An old lease in a fresh view is expired all the same.
+        b.absorb(
+            "a",
+            view(3, (HEARTBEAT * MISSED_RENEWALS).as_millis() as u64 + 1),
+        );
+        assert!(b.live().is_empty());
     }
 
     #[test]

@@ -340,6 +340,7 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+pub mod buckets;
 pub mod lease;
 pub mod node;
 pub mod proxy;

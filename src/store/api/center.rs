@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::printable::printable as clean;
 use crate::store::admission::checked_url;
+use crate::store::backend::DocChange;
 use crate::store::nodes::{Heartbeat, NodeEntry, MAX_HEARTBEAT_BODY};
 use crate::store::TemplateSummary;
 
@@ -23,8 +24,8 @@ pub(super) async fn enrich(
     t: &mut TemplateSummary,
     live: &[crate::store::nodes::NodeEntry],
     policy: &std::collections::BTreeMap<String, String>,
-) {
-    t.replicas = Some(state.center.counts(&t.template, live).await);
+) -> Result<(), ApiError> {
+    t.replicas = Some(state.center.counts(&t.template, live).await?);
     for (key, minimum) in policy {
         let version = t.labels.get(key).map(String::as_str).unwrap_or("");
         if crate::store::center::below(version, minimum) {
@@ -40,6 +41,7 @@ pub(super) async fn enrich(
             break;
         }
     }
+    Ok(())
 }
 
 /// The document of forced deletes still in use somewhere (see [`Tombstone`]).
@@ -92,15 +94,16 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) async fn tombstones(state: &AppState) -> Result<BTreeMap<String, Tombstone>, ApiError> {
-    let Some(bytes) = state.backend.doc(TOMBSTONES_DOC).await? else {
+/// The tombstones in a stored [`TOMBSTONES_DOC`] (none when there is none).
+fn parse_tombstones(bytes: Option<&[u8]>) -> Result<BTreeMap<String, Tombstone>, ApiError> {
+    let Some(bytes) = bytes else {
         return Ok(BTreeMap::new());
     };
-    if let Ok(t) = serde_json::from_slice(&bytes) {
+    if let Ok(t) = serde_json::from_slice(bytes) {
         return Ok(t);
     }
     // An older store kept id to manifest, without the users: wait for whoever it was.
-    match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
+    match serde_json::from_slice::<BTreeMap<String, String>>(bytes) {
         Ok(old) => Ok(old
             .into_iter()
             .map(|(id, manifest)| {
@@ -115,12 +118,24 @@ pub(super) async fn tombstones(state: &AppState) -> Result<BTreeMap<String, Tomb
     }
 }
 
-pub(super) async fn save_tombstones(
+/// Changes the tombstones by compare-and-swap (another store server may be changing
+/// them too); `change` says whether it changed anything. The tombstones as stored.
+async fn update_tombstones(
     state: &AppState,
-    t: &BTreeMap<String, Tombstone>,
-) -> Result<(), ApiError> {
-    let bytes = serde_json::to_vec_pretty(t).unwrap_or_default();
-    Ok(state.backend.put_doc(TOMBSTONES_DOC, bytes).await?)
+    mut change: impl FnMut(&mut BTreeMap<String, Tombstone>) -> bool,
+) -> Result<BTreeMap<String, Tombstone>, ApiError> {
+    state
+        .backend
+        .update_doc(TOMBSTONES_DOC, |bytes| {
+            let mut stones = parse_tombstones(bytes)?;
+            Ok::<_, ApiError>(if change(&mut stones) {
+                let bytes = serde_json::to_vec_pretty(&stones).unwrap_or_default();
+                DocChange::Write(bytes, stones)
+            } else {
+                DocChange::Keep(stones)
+            })
+        })
+        .await
 }
 
 /// Refuses while the store's membership is too young to be trusted: it restarted and
@@ -150,12 +165,12 @@ pub(super) async fn chunks_in_use(
     settled(state, "gc")?;
     let live = state.nodes.live();
     let now = unix_now();
-    let mut tombstones = tombstones(state).await?;
-    let before = tombstones.clone();
-    tombstones.retain(|id, t| t.refresh(id, &live, now));
-    if tombstones != before {
-        save_tombstones(state, &tombstones).await?;
-    }
+    let tombstones = update_tombstones(state, |stones| {
+        let before = stones.clone();
+        stones.retain(|id, t| t.refresh(id, &live, now));
+        *stones != before
+    })
+    .await?;
     let mut keep = std::collections::HashSet::new();
     for (id, t) in &tombstones {
         if let Ok(m) = lazyblk_cache::Manifest::parse(t.manifest.as_bytes(), Some(id)) {
@@ -212,14 +227,16 @@ pub(super) async fn delete_template(
     }
     if !users.is_empty() {
         if let Some(bytes) = state.backend.manifest_bytes(&id).await? {
-            let mut tombstones = tombstones(&state).await?;
             let mut stone = Tombstone {
                 manifest: String::from_utf8_lossy(&bytes).into_owned(),
                 users: BTreeMap::new(),
             };
             stone.refresh(&id, &live, unix_now());
-            tombstones.insert(id.clone(), stone);
-            save_tombstones(&state, &tombstones).await?;
+            update_tombstones(&state, |stones| {
+                stones.insert(id.clone(), stone.clone());
+                true
+            })
+            .await?;
         }
     }
     state.backend.delete(&id).await?;
@@ -305,7 +322,7 @@ pub(super) async fn renew_node(
     state.persist_members().await?;
     // Placement needs ids and addresses only, not every node's report.
     let nodes = state.nodes.members();
-    let warm = state.center.wanted_on(&node, &nodes).await;
+    let warm = state.center.wanted_on(&node, &nodes).await?;
     Ok(Json(crate::store::center::HeartbeatAnswer { nodes, warm }))
 }
 
@@ -411,8 +428,8 @@ pub(super) async fn redo_wish(
 
 pub(super) async fn list_wishes(
     State(state): State<AppState>,
-) -> Json<Vec<crate::store::center::Wish>> {
-    Json(state.center.wishes().await)
+) -> Result<Json<Vec<crate::store::center::Wish>>, ApiError> {
+    Ok(Json(state.center.wishes().await?))
 }
 
 /// One node's line in `status ID --fleet`.
@@ -440,7 +457,7 @@ pub(super) async fn fleet_status(
         let wanted = state
             .center
             .wanted_on(&n.id, &live)
-            .await
+            .await?
             .iter()
             .any(|w| w.template == id);
         let r = n.replicas.iter().find(|r| r.template == id);
@@ -482,7 +499,7 @@ pub(super) async fn put_policy(
         // the grammar can still go.
         lazyblk_cache::labels::validate_label_key(&key)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("policy: {e}")))?;
-        let policy = state.center.policy().await;
+        let policy = state.center.policy().await?;
         if !policy.contains_key(&key) && policy.len() >= MAX_POLICY_RULES {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -507,11 +524,11 @@ pub(super) async fn put_policy(
         }
     }
     state.center.set_policy(&key, body.minimum).await?;
-    Ok(Json(state.center.policy().await))
+    Ok(Json(state.center.policy().await?))
 }
 
 pub(super) async fn get_policy(
     State(state): State<AppState>,
-) -> Json<std::collections::BTreeMap<String, String>> {
-    Json(state.center.policy().await)
+) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
+    Ok(Json(state.center.policy().await?))
 }

@@ -25,8 +25,13 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         }
     }
     fleet.wanted.clear();
-    for w in state.center.wishes().await {
-        let wanted = state.center.counts(&w.template, &live).await.wanted;
+    // A scrape while the bucket does not answer shows what it can.
+    for w in state.center.wishes().await.unwrap_or_default() {
+        let wanted = state
+            .center
+            .counts(&w.template, &live)
+            .await
+            .map_or(0, |c| c.wanted);
         fleet
             .wanted
             .get_or_create(&TemplateOnly {
@@ -34,12 +39,12 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
             })
             .set(wanted as i64);
     }
-    let policy = state.center.policy().await;
+    let policy = state.center.policy().await.unwrap_or_default();
     fleet.stale.clear();
     if !policy.is_empty() {
         if let Ok(mut list) = state.backend.list().await {
             for t in &mut list {
-                enrich(&state, t, &live, &policy).await;
+                let _ = enrich(&state, t, &live, &policy).await;
                 fleet
                     .stale
                     .get_or_create(&TemplateOnly {

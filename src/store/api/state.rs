@@ -67,6 +67,16 @@ impl AppState {
         self
     }
 
+    /// The store's engine.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// The fleet's membership.
+    pub fn nodes(&self) -> &crate::store::nodes::Membership {
+        &self.nodes
+    }
+
     /// Writes the member list when it changed (see [`crate::store::nodes::Membership::persist`]).
     pub async fn persist_members(&self) -> Result<(), BackendError> {
         self.nodes.persist(&self.backend).await
@@ -104,6 +114,7 @@ impl From<BackendError> for ApiError {
             BackendError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // The bucket behind the store failed, not the store itself.
             BackendError::Object { .. } => StatusCode::BAD_GATEWAY,
+            BackendError::Contended { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BackendError::Corrupt { .. }
             | BackendError::Io { .. }
             | BackendError::Config { .. }

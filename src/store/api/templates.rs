@@ -23,9 +23,9 @@ pub(super) async fn list_templates(
 ) -> Result<Json<Vec<TemplateSummary>>, ApiError> {
     let mut list = state.backend.list().await?;
     let live = state.nodes.live();
-    let policy = state.center.policy().await;
+    let policy = state.center.policy().await?;
     for t in &mut list {
-        enrich(&state, t, &live, &policy).await;
+        enrich(&state, t, &live, &policy).await?;
     }
     Ok(Json(list))
 }
@@ -37,8 +37,8 @@ pub(super) async fn get_template(
     checked_id(&id)?;
     let mut t = state.backend.summary(&id).await?;
     let live = state.nodes.live();
-    let policy = state.center.policy().await;
-    enrich(&state, &mut t, &live, &policy).await;
+    let policy = state.center.policy().await?;
+    enrich(&state, &mut t, &live, &policy).await?;
     Ok(Json(t))
 }
 

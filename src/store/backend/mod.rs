@@ -34,6 +34,7 @@ mod bucket_url;
 pub mod clouds;
 mod dir;
 mod docs;
+pub use docs::{random_u64, DocChange, DocVersion};
 mod gc;
 mod object;
 mod object_gc;
@@ -163,6 +164,9 @@ pub enum BackendError {
     /// A `--backend` URL that cannot be used.
     #[error("backend {url}: {reason}")]
     Config { url: String, reason: String },
+    /// A control-plane document kept changing under this server's updates.
+    #[error("{doc} changed under {attempts} tries to update it (other store servers writing it); try again")]
+    Contended { doc: String, attempts: u32 },
     /// A blocking task died (a panic in disk code).
     #[error("store task failed: {0}")]
     Task(String),

@@ -60,6 +60,12 @@ pub struct ObjectBackend {
     /// object storage cannot refresh an object's age cheaply. It lives as long as the
     /// process, so it covers publishes through this store process only.
     pub(super) confirmed: Mutex<HashMap<Digest, SystemTime>>,
+    /// Serializes "compare, then write" of the control plane's documents when the
+    /// bucket's conditional writes are not used (one store server per bucket).
+    pub(super) docs_lock: tokio::sync::Mutex<()>,
+    /// Whether documents are written with the bucket's conditional PUTs (shared mode,
+    /// after the start-up probe said the bucket honours them).
+    pub(super) conditional: std::sync::atomic::AtomicBool,
 }
 
 pub(super) fn object_err(
@@ -114,7 +120,19 @@ impl ObjectBackend {
             manifests_lock: tokio::sync::Mutex::new(()),
             durable: DurableSummaries::default(),
             confirmed: Mutex::new(HashMap::new()),
+            docs_lock: tokio::sync::Mutex::new(()),
+            conditional: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Writes documents with the bucket's conditional PUTs from now on (shared mode).
+    pub fn use_conditional_writes(&self) {
+        self.conditional
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn conditional(&self) -> bool {
+        self.conditional.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(super) fn manifests_dir(&self) -> ObjectPath {
