@@ -529,3 +529,19 @@ fn a_big_layer_is_streamed() {
         usage.ru_maxrss
     );
 }
+
+#[test]
+fn a_pulled_layer_obeys_the_archive_limits() {
+    let (store, tmp) = (StoreProc::start(), tempfile::tempdir().unwrap());
+    let (from, _, _) = fake_registry(&layer("data", &support::pattern(64 << 10, 5)), Fault::None);
+    let (ok, out) = build(
+        &store,
+        &from,
+        "limited",
+        tmp.path(),
+        &["--max-content", "4K"],
+    );
+    assert!(!ok, "{out}");
+    assert!(out.contains("--max-content"), "{out}");
+    assert!(!listed(&store, "limited"));
+}
