@@ -501,7 +501,7 @@ fn a_registry_that_stalls_mid_layer_times_out() {
     );
     assert!(!ok, "{out}");
     assert!(
-        out.contains(&layer_digest) && out.contains("timed out"),
+        out.contains(&layer_digest) && out.contains("sent nothing for 2s (--registry-timeout)"),
         "{out}"
     );
     assert!(!listed(&store, "stall"));

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::{DigestError, OciDistributionError};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
@@ -60,15 +61,15 @@ pub async fn pull(source: &str, args: &BuildArgs, limits: &Limits) -> anyhow::Re
     client
         .auth(&reference, &auth, RegistryOperation::Pull)
         .await
-        .map_err(anyhow::Error::new)
+        .map_err(|e| explain(e, args))
         .with_context(|| format!("{source}: authenticating to {registry}"))?;
 
-    let (digest, config, layers) = manifest(&client, &reference, &auth, source).await?;
-    let config_bytes = config_blob(&client, &reference, &config, source).await?;
+    let (digest, config, layers) = manifest(&client, &reference, &auth, source, args).await?;
+    let config_bytes = config_blob(&client, &reference, &config, source, args).await?;
     let cache = layer_cache(args)?;
     for (i, layer) in layers.iter().enumerate() {
         let what = format!("layer {} of {} ({})", i + 1, layers.len(), layer.digest);
-        fetch_layer(&client, &reference, layer, &cache, limits, &what)
+        fetch_layer(&client, &reference, layer, &cache, (limits, args), &what)
             .await
             .with_context(|| format!("{source}: {what}"))?;
     }
@@ -110,13 +111,14 @@ async fn manifest(
     reference: &Reference,
     auth: &RegistryAuth,
     source: &str,
+    args: &BuildArgs,
 ) -> anyhow::Result<(String, BlobRef, Vec<BlobRef>)> {
     let mut current = reference.clone();
     for _ in 0..=MAX_INDEX_DEPTH {
         let (body, _) = client
             .pull_manifest_raw(&current, auth, &ACCEPT)
             .await
-            .map_err(anyhow::Error::new)
+            .map_err(|e| explain(e, args))
             .with_context(|| format!("{source}: pulling the manifest {current}"))?;
         if body.len() as u64 > oci::MAX_JSON_BYTES {
             bail!(Refused {
@@ -152,6 +154,7 @@ async fn config_blob(
     reference: &Reference,
     config: &BlobRef,
     source: &str,
+    args: &BuildArgs,
 ) -> anyhow::Result<Vec<u8>> {
     oci::sha256_hex(&config.digest)?;
     if config.size > oci::MAX_JSON_BYTES {
@@ -169,7 +172,7 @@ async fn config_blob(
             Bounded::new(&mut out, config.size, None),
         )
         .await
-        .map_err(anyhow::Error::new)
+        .map_err(|e| explain(e, args))
         .with_context(|| format!("{source}: pulling the image config {}", config.digest))?;
     Ok(out)
 }
@@ -181,7 +184,7 @@ async fn fetch_layer(
     reference: &Reference,
     layer: &BlobRef,
     cache: &Path,
-    limits: &Limits,
+    (limits, args): (&Limits, &BuildArgs),
     what: &str,
 ) -> anyhow::Result<()> {
     oci::sha256_hex(&layer.digest)?;
@@ -193,7 +196,7 @@ async fn fetch_layer(
     // A compressed layer is smaller than what it unpacks to, which --max-content bounds.
     if layer.size > limits.content {
         bail!(Refused {
-            what: what.to_string(),
+            what: "the layer's blob".to_string(),
             limit: bytes(limits.content),
             flag: limits.content_flag,
         });
@@ -215,13 +218,46 @@ async fn fetch_layer(
             Bounded::new(file, layer.size, Some(progress.clone())),
         )
         .await
-        .map_err(anyhow::Error::new)
+        .map_err(|e| explain(e, args))
         .context("downloading")?;
     partial
         .persist(&path)
         .with_context(|| format!("saving {}", path.display()))?;
     progress.finish(&format!("downloaded, {}", bytes(layer.size)));
     Ok(())
+}
+
+/// The client's error in a user's words: what a wrong digest, a refusal of the
+/// credentials or a silent registry mean, and which flag is involved.
+fn explain(e: OciDistributionError, args: &BuildArgs) -> anyhow::Error {
+    match e {
+        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+            anyhow::anyhow!(
+                "the registry sent bytes that do not match their digest (Invalid digest. \
+                 Expected {expected}, got {actual}); nothing was kept"
+            )
+        }
+        OciDistributionError::UnauthorizedError { url } => anyhow::anyhow!(
+            "Not authorized: url {url} (check --registry-auth or the registry's entry in \
+             the credentials files)"
+        ),
+        e => {
+            let e = anyhow::Error::new(e);
+            let timed_out = e.chain().any(|c| {
+                c.downcast_ref::<reqwest::Error>()
+                    .is_some_and(reqwest::Error::is_timeout)
+                    || c.to_string().contains("timed out")
+            });
+            if timed_out {
+                e.context(format!(
+                    "the registry sent nothing for {} (--registry-timeout)",
+                    humantime::format_duration(args.registry_timeout)
+                ))
+            } else {
+                e
+            }
+        }
+    }
 }
 
 fn descriptor(blob: &BlobRef) -> OciDescriptor {
