@@ -486,6 +486,16 @@ fn build_from_a_registry_with_tls_and_auth() {
         assert_eq!(registry.blob_gets(layer), 1, "{layer} downloaded once");
     }
 
+    // By digest: the same image, all of it from the layer cache.
+    let by_digest = format!("{}@{v1_digest}", registry.image("demo"));
+    let (ok, out) = build(&store, &by_digest, "demo-by-digest", &work, &args);
+    assert!(ok, "{out}");
+    let m = manifest(&store, "demo-by-digest");
+    assert_eq!(m["labels"]["oci.digest"], json!(v1_digest), "{m}");
+    for layer in &v1_layers {
+        assert_eq!(registry.blob_gets(layer), 1, "{layer} came from the cache");
+    }
+
     // The second tag: only its new layer is downloaded.
     let (ok, out) = build(
         &store,

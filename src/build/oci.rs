@@ -3,7 +3,8 @@
 //! archive (`manifest.json` naming a config and layer tars). Both come down to
 //! [`Image`]: the layers in order, each with the sha256 of its uncompressed tar (the
 //! config's `rootfs.diff_ids`, checked while the layer is unpacked), the image's digest
-//! and its config labels.
+//! and its config labels. An image pulled from a registry ([`super::registry`]) comes
+//! down to the same [`Image`] through [`parse_pulled`] and [`from_registry`].
 //!
 //! An index with several manifests picks the one for this machine's platform
 //! (linux/amd64 here), else the only one; an index nested in an index is followed.
