@@ -2,7 +2,7 @@
 //! `--registry-insecure-http`) that misbehaves on purpose: a 401 then a token endpoint,
 //! a blob redirected to another host (followed without the credentials), a blob whose
 //! bytes do not match its digest, an index with no manifest for this platform, a
-//! registry that stalls mid-layer, and a layer that unpacks to hundreds of MiB (streamed,
+//! registry that stalls mid-layer, a manifest that never ends, and a layer that unpacks to hundreds of MiB (streamed,
 //! never held in memory). Each refusal is clear and publishes nothing.
 
 mod support;
@@ -65,6 +65,8 @@ enum Fault {
     NoPlatform,
     /// The layer's headers and half its bytes, then nothing.
     Stall,
+    /// The tag's manifest never ends (spaces, without a length).
+    HugeManifest,
     /// No auth, nothing wrong (the big layer).
     None,
 }
@@ -210,6 +212,16 @@ fn answer(stream: &mut TcpStream, req: &Request, image: &Image, fault: Fault, ot
         .unwrap();
         let (body, kind) = if fault == Fault::NoPlatform && reference == "1" {
             (index, "application/vnd.oci.image.index.v1+json")
+        } else if fault == Fault::HugeManifest {
+            // No length: spaces until the client hangs up (at most 1 GiB).
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            let spaces = vec![b' '; 64 << 10];
+            for _ in 0..(1 << 30) / spaces.len() {
+                if stream.write_all(&spaces).is_err() {
+                    break;
+                }
+            }
+            return;
         } else {
             (
                 image.manifest.clone(),
@@ -544,4 +556,17 @@ fn a_pulled_layer_obeys_the_archive_limits() {
     assert!(!ok, "{out}");
     assert!(out.contains("--max-content"), "{out}");
     assert!(!listed(&store, "limited"));
+}
+
+#[test]
+fn a_huge_manifest_is_refused() {
+    let (store, tmp) = (StoreProc::start(), tempfile::tempdir().unwrap());
+    let (from, _, _) = fake_registry(&small_layer(), Fault::HugeManifest);
+    let (ok, out) = build(&store, &from, "huge-manifest", tmp.path(), &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("the manifest is over the limit of 16"),
+        "{out}"
+    );
+    assert!(!listed(&store, "huge-manifest"));
 }

@@ -8,6 +8,9 @@
 //! is unpacked. Blobs go to files, never to memory; only manifests and configs (bounded
 //! by [`oci::MAX_JSON_BYTES`]) are held whole.
 //!
+//! Manifests are fetched with reqwest directly (with the token oci-client got), so that
+//! their size is bounded while they are read.
+//!
 //! A redirect to another host for a blob is followed, as registries use them for their
 //! storage, without the credentials (reqwest drops `Authorization` across hosts).
 
@@ -18,6 +21,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use base64::Engine as _;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError};
 use oci_client::manifest::OciDescriptor;
@@ -57,14 +61,27 @@ pub async fn pull(source: &str, args: &BuildArgs, limits: &Limits) -> anyhow::Re
     })?;
     let registry = reference.resolve_registry().to_string();
     let auth = credentials::resolve(args.registry_auth.as_deref(), &registry)?;
-    let client = Client::new(client_config(args)?);
-    client
+    let certificates = ca_certificates(args)?;
+    let mut config = client_config(args);
+    config.extra_root_certificates = certificates
+        .iter()
+        .map(|data| Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: data.clone(),
+        })
+        .collect();
+    // Client::new would fall back to a default client (no CA, HTTPS) on an error.
+    let client = Client::try_from(config)
+        .map_err(anyhow::Error::new)
+        .context("setting up the registry client")?;
+    let bearer = client
         .auth(&reference, &auth, RegistryOperation::Pull)
         .await
         .map_err(|e| explain(e, args))
         .with_context(|| format!("{source}: authenticating to {registry}"))?;
+    let manifests = ManifestClient::new(args, &certificates, bearer, &auth)?;
 
-    let (digest, config, layers) = manifest(&client, &reference, &auth, source, args).await?;
+    let (digest, config, layers) = manifest(&manifests, &reference, source).await?;
     let config_bytes = config_blob(&client, &reference, &config, source, args).await?;
     let cache = layer_cache(args)?;
     for (i, layer) in layers.iter().enumerate() {
@@ -78,8 +95,8 @@ pub async fn pull(source: &str, args: &BuildArgs, limits: &Limits) -> anyhow::Re
     })
 }
 
-fn client_config(args: &BuildArgs) -> anyhow::Result<ClientConfig> {
-    let mut config = ClientConfig {
+fn client_config(args: &BuildArgs) -> ClientConfig {
+    ClientConfig {
         protocol: if args.registry_insecure_http {
             ClientProtocol::Http
         } else {
@@ -90,43 +107,138 @@ fn client_config(args: &BuildArgs) -> anyhow::Result<ClientConfig> {
         read_timeout: Some(args.registry_timeout),
         connect_timeout: Some(CONNECT_TIMEOUT),
         ..ClientConfig::default()
-    };
-    if let Some(path) = &args.registry_ca {
-        let data =
-            std::fs::read(path).with_context(|| format!("--registry-ca {}", path.display()))?;
-        if reqwest::Certificate::from_pem_bundle(&data).map_or(true, |c| c.is_empty()) {
-            bail!("--registry-ca {}: no PEM certificate in it", path.display());
-        }
-        config.extra_root_certificates.push(Certificate {
-            encoding: CertificateEncoding::Pem,
-            data,
-        });
     }
-    Ok(config)
+}
+
+/// The PEM files of `--registry-ca` (one, checked to hold a certificate).
+fn ca_certificates(args: &BuildArgs) -> anyhow::Result<Vec<Vec<u8>>> {
+    let Some(path) = &args.registry_ca else {
+        return Ok(Vec::new());
+    };
+    let data = std::fs::read(path).with_context(|| format!("--registry-ca {}", path.display()))?;
+    if reqwest::Certificate::from_pem_bundle(&data).map_or(true, |c| c.is_empty()) {
+        bail!("--registry-ca {}: no PEM certificate in it", path.display());
+    }
+    Ok(vec![data])
+}
+
+/// Manifests are fetched here rather than by oci-client, which reads a response whole
+/// before anything can bound it: this reads at most [`oci::MAX_JSON_BYTES`].
+struct ManifestClient {
+    http: reqwest::Client,
+    scheme: &'static str,
+    /// The `Authorization` header: the bearer token `auth` got, else basic credentials.
+    authorization: Option<String>,
+    timeout: Duration,
+}
+
+impl ManifestClient {
+    fn new(
+        args: &BuildArgs,
+        certificates: &[Vec<u8>],
+        bearer: Option<String>,
+        auth: &RegistryAuth,
+    ) -> anyhow::Result<Self> {
+        let mut roots = Vec::new();
+        for data in certificates {
+            roots.extend(reqwest::Certificate::from_pem_bundle(data).context("--registry-ca")?);
+        }
+        let http = reqwest::Client::builder()
+            .tls_certs_merge(roots)
+            .read_timeout(args.registry_timeout)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .context("setting up the registry client")?;
+        let authorization = match (bearer, auth) {
+            (Some(token), _) => Some(format!("Bearer {token}")),
+            (None, RegistryAuth::Basic(user, pass)) => {
+                let pair = format!("{user}:{pass}");
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ))
+            }
+            (None, RegistryAuth::Bearer(token)) => Some(format!("Bearer {token}")),
+            (None, RegistryAuth::Anonymous) => None,
+        };
+        Ok(ManifestClient {
+            http,
+            scheme: if args.registry_insecure_http {
+                "http"
+            } else {
+                "https"
+            },
+            authorization,
+            timeout: args.registry_timeout,
+        })
+    }
+
+    /// The manifest `reference` names, at most [`oci::MAX_JSON_BYTES`] of it.
+    async fn fetch(&self, reference: &Reference, source: &str) -> anyhow::Result<Vec<u8>> {
+        let url = format!(
+            "{}://{}/v2/{}/manifests/{}",
+            self.scheme,
+            reference.resolve_registry(),
+            reference.repository(),
+            reference.digest().or(reference.tag()).unwrap_or("latest")
+        );
+        let mut request = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, ACCEPT.join(", "));
+        if let Some(value) = &self.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        let timed_out = |e: reqwest::Error| {
+            let timeout = e.is_timeout();
+            let e = anyhow::Error::new(e).context(format!("pulling the manifest {url}"));
+            if timeout {
+                e.context(format!(
+                    "the registry sent nothing for {} (--registry-timeout)",
+                    humantime::format_duration(self.timeout)
+                ))
+            } else {
+                e
+            }
+        };
+        let mut response = request.send().await.map_err(timed_out)?;
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            bail!(
+                "Not authorized: url {url} (check --registry-auth or the registry's entry in \
+                 the credentials files)"
+            );
+        }
+        if !status.is_success() {
+            bail!("pulling the manifest {url}: the registry answered {status}");
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(timed_out)? {
+            if (body.len() + chunk.len()) as u64 > oci::MAX_JSON_BYTES {
+                bail!(Refused {
+                    what: format!("{source}: the manifest"),
+                    limit: bytes(oci::MAX_JSON_BYTES),
+                    flag: "",
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
 }
 
 /// The image manifest `reference` names, through indexes: its digest, config and layers.
 async fn manifest(
-    client: &Client,
+    manifests: &ManifestClient,
     reference: &Reference,
-    auth: &RegistryAuth,
     source: &str,
-    args: &BuildArgs,
 ) -> anyhow::Result<(String, BlobRef, Vec<BlobRef>)> {
     let mut current = reference.clone();
     for _ in 0..=MAX_INDEX_DEPTH {
-        let (body, _) = client
-            .pull_manifest_raw(&current, auth, &ACCEPT)
+        let body = manifests
+            .fetch(&current, source)
             .await
-            .map_err(|e| explain(e, args))
             .with_context(|| format!("{source}: pulling the manifest {current}"))?;
-        if body.len() as u64 > oci::MAX_JSON_BYTES {
-            bail!(Refused {
-                what: format!("{source}: the manifest"),
-                limit: bytes(oci::MAX_JSON_BYTES),
-                flag: "",
-            });
-        }
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
         if let Some(expected) = current.digest() {
             if expected != digest {
