@@ -438,11 +438,35 @@ pub struct BuildArgs {
     #[arg(long)]
     pub from_dir: Option<PathBuf>,
     /// A container image: an OCI image layout (a directory with index.json, or a tar of
-    /// one) or a `docker save` archive. Its layers are applied in order (whiteouts,
-    /// opaque directories) with their owners, modes, links, device nodes and extended
-    /// attributes, without root; the image's digest and config labels become labels.
+    /// one), a `docker save` archive, or an image in a registry,
+    /// docker://HOST[:PORT]/REPO:TAG (or @sha256:DIGEST). Its layers are applied in order
+    /// (whiteouts, opaque directories) with their owners, modes, links, device nodes and
+    /// extended attributes, without root; the image's digest, reference and config
+    /// labels become labels.
     #[arg(long)]
     pub from_oci: Option<PathBuf>,
+    /// --from-oci docker://: the registry's credentials, USER:PASS or @FILE (a file
+    /// holding USER:PASS). Default: the registry's entry in $REGISTRY_AUTH_FILE,
+    /// $XDG_RUNTIME_DIR/containers/auth.json or ~/.docker/config.json, else anonymous.
+    #[arg(long, env = "LAZYBLK_REGISTRY_AUTH", hide_env_values = true)]
+    pub registry_auth: Option<String>,
+    /// --from-oci docker://: a PEM file of CA certificates the registry's TLS certificate
+    /// may chain to, besides the system's.
+    #[arg(long)]
+    pub registry_ca: Option<PathBuf>,
+    /// --from-oci docker://: talk plain HTTP to the registry (credentials and images
+    /// travel unencrypted; for a registry on a trusted network only).
+    #[arg(long)]
+    pub registry_insecure_http: bool,
+    /// --from-oci docker://: give up when the registry sends nothing for this long (a
+    /// stalled download fails instead of hanging the build).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub registry_timeout: std::time::Duration,
+    /// --from-oci docker://: where pulled layers are kept by digest, so a rebuild from a
+    /// new tag downloads only new layers. Default: $XDG_CACHE_HOME/lazyblk/layers, else
+    /// ~/.cache/lazyblk/layers. Nothing removes old layers: delete files to reclaim space.
+    #[arg(long)]
+    pub layer_cache: Option<PathBuf>,
     /// The image's size (e.g. 2G). Default: the content plus a quarter, plus room for
     /// ext4's metadata, journal and reserved blocks, rounded up to 64 MiB.
     #[arg(long, value_parser = parse_size)]

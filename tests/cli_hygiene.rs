@@ -14,12 +14,13 @@ use support::node::{sh, DaemonProc};
 use support::{free_port, lazyblk, make_ext4, pattern, publish, run, StoreProc};
 
 /// Token values no output may contain, one per variable the CLI reads.
-const SECRETS: [(&str, &str); 5] = [
+const SECRETS: [(&str, &str); 6] = [
     ("LAZYBLK_WRITE_TOKEN", "write-5ecret-1c7e9a"),
     ("LAZYBLK_READ_TOKEN", "read-5ecret-4b20d1"),
     ("LAZYBLK_PEER_TOKEN", "peer-5ecret-93f6e2"),
     ("LAZYBLK_MEMBER_TOKEN", "member-5ecret-7d1a0c"),
     ("LAZYBLK_ADMIN_TOKEN", "admin-5ecret-2e8b44"),
+    ("LAZYBLK_REGISTRY_AUTH", "registry-user:5ecret-6f0c3a"),
 ];
 
 /// Runs the binary with every token variable set: (success, stdout + stderr).

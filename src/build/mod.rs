@@ -6,6 +6,8 @@
 //!
 //! # Layout
 //! - [`oci`]: reading OCI image layouts and `docker save` archives.
+//! - [`registry`]: pulling an image from a registry into the layer cache.
+//! - [`credentials`]: a registry's credentials, from the flag or Docker/Podman files.
 //! - [`layers`]: applying layers (whiteouts, opaque directories, links) into a tree.
 //! - [`debugfs`]: the metadata an unprivileged staging directory cannot hold.
 //! - [`limits`]: what an archive may hold (headers, names, depth, entries, bytes).
@@ -14,12 +16,14 @@
 //!
 //! A build that fails removes its work directory, whatever step failed.
 
+mod credentials;
 mod debugfs;
 mod headers;
 mod layers;
 mod limits;
 mod oci;
 mod pax;
+mod registry;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -101,7 +105,16 @@ async fn build(args: BuildArgs, work: &Path) -> anyhow::Result<()> {
             make_ext4(&args, dir, &image, content).await?;
         }
         (None, Some(path)) => {
-            let (tree, oci_labels) = unpack(path, work, limits).await?;
+            let pulled = match path.to_str().filter(|p| p.starts_with(registry::SCHEME)) {
+                Some(source) => registry::pull(source, &args, &limits).await?,
+                None => {
+                    let (path, work) = (path.clone(), work.to_path_buf());
+                    tokio::task::spawn_blocking(move || oci::open(&path, &work, &limits))
+                        .await
+                        .context("the task reading the image failed")??
+                }
+            };
+            let (tree, oci_labels) = unpack(pulled, work, limits).await?;
             let rootfs = work.join("rootfs");
             let totals = tree.totals();
             make_ext4(&args, &rootfs, &image, totals).await?;
@@ -134,13 +147,12 @@ async fn build(args: BuildArgs, work: &Path) -> anyhow::Result<()> {
 /// Merges the image's layers into `<work>/rootfs`; returns the tree and the labels
 /// the template gets from the image.
 async fn unpack(
-    path: &Path,
+    image: oci::Image,
     work: &Path,
     limits: limits::Limits,
 ) -> anyhow::Result<(layers::Tree, BTreeMap<String, String>)> {
-    let (path, work) = (path.to_path_buf(), work.to_path_buf());
+    let work = work.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let image = oci::open(&path, &work, &limits)?;
         let total: u64 = image.layers.iter().map(|l| l.size).sum();
         let progress = Progress::new("unpacking", total);
         let mut tree = layers::Tree::new(&work.join("rootfs"), limits)?;

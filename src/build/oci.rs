@@ -3,7 +3,8 @@
 //! archive (`manifest.json` naming a config and layer tars). Both come down to
 //! [`Image`]: the layers in order, each with the sha256 of its uncompressed tar (the
 //! config's `rootfs.diff_ids`, checked while the layer is unpacked), the image's digest
-//! and its config labels.
+//! and its config labels. An image pulled from a registry ([`super::registry`]) comes
+//! down to the same [`Image`] through [`parse_pulled`] and [`from_registry`].
 //!
 //! An index with several manifests picks the one for this machine's platform
 //! (linux/amd64 here), else the only one; an index nested in an index is followed.
@@ -21,9 +22,9 @@ use sha2::{Digest as _, Sha256};
 use super::headers::HeaderGuard;
 use super::limits::{bytes, check_path, Limits, Refused};
 
-/// The largest JSON file (index, manifest, config) read from an archive: they are read
-/// whole, and an image config with a long history is a few hundred KiB.
-const MAX_JSON_BYTES: u64 = 16 << 20;
+/// The largest JSON file (index, manifest, config) read from an archive or a registry:
+/// they are read whole, and an image config with a long history is a few hundred KiB.
+pub const MAX_JSON_BYTES: u64 = 16 << 20;
 
 /// How a layer blob is compressed, found from its first bytes (media types lie, and a
 /// `docker save` archive has none).
@@ -206,7 +207,7 @@ const INDEX_TYPES: [&str; 2] = [
 
 fn oci_layout(root: &Path) -> anyhow::Result<Image> {
     let index: Index = read_json(&inside(root, "index.json")?)?;
-    let mut chosen = pick(root, index.manifests, "index.json")?;
+    let mut chosen = pick(&root.display().to_string(), index.manifests, "index.json")?;
     let mut name = chosen
         .annotations
         .get("org.opencontainers.image.ref.name")
@@ -218,7 +219,11 @@ fn oci_layout(root: &Path) -> anyhow::Result<Image> {
         }
         let nested: Index = serde_json::from_slice(&read_blob(root, &chosen)?)
             .with_context(|| format!("parsing the index {}", chosen.digest))?;
-        chosen = pick(root, nested.manifests, &chosen.digest)?;
+        chosen = pick(
+            &root.display().to_string(),
+            nested.manifests,
+            &chosen.digest,
+        )?;
         name = name.or_else(|| {
             chosen
                 .annotations
@@ -291,8 +296,8 @@ fn docker_save(root: &Path) -> anyhow::Result<Image> {
     })
 }
 
-/// The manifest for this platform among `manifests`.
-fn pick(root: &Path, manifests: Vec<Descriptor>, what: &str) -> anyhow::Result<Descriptor> {
+/// The manifest for this platform among `manifests` (`source` names the image in errors).
+fn pick(source: &str, manifests: Vec<Descriptor>, what: &str) -> anyhow::Result<Descriptor> {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -310,11 +315,94 @@ fn pick(root: &Path, manifests: Vec<Descriptor>, what: &str) -> anyhow::Result<D
                 .is_some_and(|p| p.os == "linux" && p.architecture == arch)
         })
         .with_context(|| {
-            format!(
-                "{}: {what} lists {count} manifests and none for linux/{arch}",
-                root.display()
-            )
+            format!("{source}: {what} lists {count} manifests and none for linux/{arch}")
         })
+}
+
+/// A blob a registry's manifest names: its digest and size, as its descriptor says.
+#[derive(Clone, Debug)]
+pub struct BlobRef {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// What a manifest pulled from a registry is: an index (the manifest chosen from it
+/// for this machine's platform) or an image manifest (its config and layers).
+pub enum Pulled {
+    Index(BlobRef),
+    Image {
+        config: BlobRef,
+        layers: Vec<BlobRef>,
+    },
+}
+
+/// Parses a manifest a registry sent for `source`.
+pub fn parse_pulled(source: &str, bytes: &[u8]) -> anyhow::Result<Pulled> {
+    #[derive(Deserialize)]
+    struct Kind {
+        #[serde(rename = "mediaType", default)]
+        media_type: String,
+        #[serde(default)]
+        manifests: Option<serde_json::Value>,
+    }
+    let kind: Kind = serde_json::from_slice(bytes)
+        .with_context(|| format!("{source}: the registry sent a manifest that is not JSON"))?;
+    let blob = |d: &Descriptor| BlobRef {
+        digest: d.digest.clone(),
+        size: d.size,
+    };
+    if INDEX_TYPES.contains(&kind.media_type.as_str()) || kind.manifests.is_some() {
+        let index: Index = serde_json::from_slice(bytes)
+            .with_context(|| format!("{source}: parsing the image index"))?;
+        let chosen = pick(source, index.manifests, "the image index")?;
+        return Ok(Pulled::Index(blob(&chosen)));
+    }
+    let manifest: ImageManifest = serde_json::from_slice(bytes)
+        .with_context(|| format!("{source}: parsing the image manifest"))?;
+    Ok(Pulled::Image {
+        config: blob(&manifest.config),
+        layers: manifest.layers.iter().map(blob).collect(),
+    })
+}
+
+/// The image pulled from a registry: its layers are files named by digest under `blobs`
+/// (checked against the digest again while they are unpacked).
+pub fn from_registry(
+    name: String,
+    digest: String,
+    config_bytes: &[u8],
+    layers: &[BlobRef],
+    blob_path: impl Fn(&str) -> PathBuf,
+) -> anyhow::Result<Image> {
+    let config: Config = serde_json::from_slice(config_bytes)
+        .with_context(|| format!("{name}: parsing the image config"))?;
+    let diff_ids = diff_ids(&config, layers.len())?;
+    let mut pulled = Vec::with_capacity(layers.len());
+    for (layer, diff_id) in layers.iter().zip(diff_ids) {
+        let path = blob_path(&layer.digest);
+        pulled.push(Layer {
+            compression: sniff(&path)?,
+            size: layer.size,
+            path,
+            diff_id,
+            digest: Some(layer.digest.clone()),
+        });
+    }
+    Ok(Image {
+        layers: pulled,
+        digest,
+        labels: labels(config),
+        name: Some(name),
+        _unpacked: None,
+    })
+}
+
+/// The hex of a `sha256:<64 hex>` digest; nothing else is a name for a blob.
+pub fn sha256_hex(digest: &str) -> anyhow::Result<&str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .with_context(|| format!("unsupported blob digest {digest:?} (expected sha256:<64 hex>)"))
 }
 
 /// The layers' diff ids in order, when the config has one per layer.
@@ -357,12 +445,7 @@ fn read_blob(root: &Path, d: &Descriptor) -> anyhow::Result<Vec<u8>> {
 }
 
 fn blob_path(root: &Path, digest: &str) -> anyhow::Result<PathBuf> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .with_context(|| {
-            format!("unsupported blob digest {digest:?} (expected sha256:<64 hex>)")
-        })?;
+    let hex = sha256_hex(digest)?;
     regular_within(root, &root.join("blobs").join("sha256").join(hex))
 }
 
