@@ -98,7 +98,9 @@ fn wishes_warm_the_fleet_retry_failures_and_reach_late_joiners() {
 
     let (ok, out, err) = run(&["warm", "t", "--all-nodes", "--store", &store.url()]);
     assert!(ok, "warm --all-nodes: {out}{err}");
-    wait_for("FAILED on the broken node", Duration::from_secs(60), || {
+    // Five tries with backoff against a source that fails every chunk, then FAILED: on a
+    // loaded machine that took over a minute.
+    wait_for("FAILED on the broken node", Duration::from_secs(180), || {
         replicas(&store, "t") == "FAILED 1"
     });
     let fleet = json(&["status", "t", "--fleet", "--store", &store.url(), "--json"]);
