@@ -4,15 +4,22 @@
 //! the handshake); the other end goes to the kernel through
 //! [`lazyblk_nbd::kernel::attach`]. An attached device holds a lease on its export:
 //! evictions and deletions name it ("kernel /dev/nbd0").
+//!
+//! Devices attached through netlink outlive the daemon: each carries the node's id as
+//! its backend identifier and a dead-connection timeout, and the node's cache
+//! directory records each one ([`DEVICES_FILE`]). A restarted daemon
+//! ([`Attachments::restore`]) gives each recorded device that is still its own a new
+//! socket; a device whose export is gone is disconnected and listed with the reason.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use lazyblk_nbd::kernel::{self, Connection, Device, KernelError};
-use lazyblk_nbd::{Command, Exports, OpenError, ServerConfig};
-use serde::Serialize;
+use lazyblk_nbd::kernel::{self, AttachOptions, Connection, Device, KernelError};
+use lazyblk_nbd::{Command, Exports, Extent, FileSlices, OpenError, ServerConfig};
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::daemon::exports::{NbdExports, NodeExport};
@@ -23,6 +30,22 @@ use crate::daemon::templates::TemplateError;
 /// How long a detach waits for the daemon's end of the connection to finish once the
 /// kernel has let go: in-flight requests are answered first, a cold chunk fetch at most.
 const SERVER_DRAIN: Duration = Duration::from_secs(10);
+
+/// The node's record of its kernel devices, in its cache directory: what a restarted
+/// daemon reconnects.
+pub const DEVICES_FILE: &str = "kernel-devices.json";
+
+/// One device as the node's state records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DeviceRecord {
+    /// N of `/dev/nbdN`.
+    index: u32,
+    export: String,
+    read_only: bool,
+    /// Sockets the device was given.
+    connections: u32,
+    attached_at: String,
+}
 
 /// Why an attach or detach was refused.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +124,8 @@ pub struct AttachmentStatus {
     pub connected: bool,
     pub error: Option<String>,
     pub attached_at: String,
+    /// Attached through netlink: the device outlives a daemon restart.
+    pub survives_restart: bool,
 }
 
 /// The devices this daemon has attached.
@@ -110,6 +135,14 @@ pub struct Attachments {
     /// By device; a device is reserved while its attach runs, so two requests never
     /// pick the same one.
     slots: Mutex<BTreeMap<Device, Slot>>,
+    /// How devices are attached (the node's id as backend, the dead-connection
+    /// timeout).
+    options: AttachOptions,
+    /// [`DEVICES_FILE`] in the cache directory.
+    state_path: PathBuf,
+    /// Recorded devices a restart could not serve again, with the reason: listed
+    /// until the daemon stops.
+    lost: Mutex<Vec<AttachmentStatus>>,
 }
 
 enum Slot {
@@ -142,15 +175,132 @@ impl Attachment {
             connected: error.is_none(),
             error,
             attached_at: self.attached_at.clone(),
+            survives_restart: self.connection.survives_restart(),
+        }
+    }
+
+    fn record(&self) -> DeviceRecord {
+        DeviceRecord {
+            index: self.connection.device().0,
+            export: self.export.clone(),
+            read_only: self.connection.info().read_only(),
+            connections: 1,
+            attached_at: self.attached_at.clone(),
         }
     }
 }
 
 impl Attachments {
-    pub fn new(node: Arc<Node>) -> Attachments {
+    /// `dead_timeout`: how long a device waits for a restarted daemon;
+    /// `force_ioctl`: attach through the ioctls even where netlink exists.
+    pub fn new(
+        node: Arc<Node>,
+        state_dir: &Path,
+        dead_timeout: Duration,
+        force_ioctl: bool,
+    ) -> Attachments {
+        let options = AttachOptions {
+            backend: node.node_id.clone(),
+            dead_conn_timeout: dead_timeout,
+            force_ioctl,
+        };
         Attachments {
-            exports: Arc::new(KernelExports(NbdExports { node })),
+            exports: Arc::new(KernelExports {
+                exports: NbdExports { node },
+                // Devices through the ioctls die with the daemon: nothing to keep.
+                write_through: !force_ioctl,
+            }),
             slots: Mutex::new(BTreeMap::new()),
+            options,
+            state_path: state_dir.join(DEVICES_FILE),
+            lost: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Reconnects the devices an earlier run of this node left attached (read from
+    /// [`DEVICES_FILE`]). A device that is no longer this node's is forgotten, never
+    /// touched; one whose export is gone (or changed size) is disconnected; each that
+    /// cannot be served is listed with its reason.
+    pub async fn restore(&self) {
+        let records = match load_records(&self.state_path) {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::warn!(path = %self.state_path.display(), %error, "reading the node's kernel devices; none reconnected");
+                return;
+            }
+        };
+        for record in records {
+            let device = Device(record.index);
+            let export = record.export.clone();
+            match self.reconnect(device, &record).await {
+                Ok(mut attachment) => {
+                    let status = attachment.status();
+                    tracing::info!(device = %device, export, size = status.size, "reconnected kernel block device");
+                    self.slots().insert(device, Slot::Attached(attachment));
+                }
+                Err(error) => self.lose(device, record, error).await,
+            }
+        }
+        self.save();
+    }
+
+    /// Reports (and where its export is gone, disconnects) a recorded device that a
+    /// restart could not serve again.
+    async fn lose(&self, device: Device, record: DeviceRecord, error: AttachError) {
+        let export = record.export.clone();
+        let not_ours = matches!(error, AttachError::Kernel(KernelError::NotOurs { .. }));
+        let gone = match &error {
+            AttachError::Kernel(KernelError::Handshake { source, .. }) => {
+                source.is_unknown_export()
+            }
+            AttachError::Kernel(KernelError::SizeChanged { .. }) => true,
+            _ => false,
+        };
+        let mut reason = error.to_string();
+        if not_ours {
+            tracing::info!(device = %device, export, %error, "forgetting a recorded kernel device");
+            return;
+        }
+        if gone {
+            let disconnected = blocking(device, move || {
+                kernel::disconnect_netlink(device, kernel::DISCONNECT_TIMEOUT)
+            })
+            .await;
+            match disconnected {
+                Ok(Ok(())) => reason.push_str("; disconnected"),
+                Ok(Err(e)) => reason.push_str(&format!("; disconnecting failed: {e}")),
+                Err(e) => reason.push_str(&format!("; disconnecting failed: {e}")),
+            }
+        }
+        tracing::warn!(device = %device, export, reason, "a kernel device left by the last run cannot be served");
+        self.lost_list().push(AttachmentStatus {
+            device: device.to_string(),
+            export: record.export,
+            size: 0,
+            read_only: record.read_only,
+            connected: false,
+            error: Some(reason),
+            attached_at: record.attached_at,
+            survives_restart: true,
+        });
+    }
+
+    fn lost_list(&self) -> std::sync::MutexGuard<'_, Vec<AttachmentStatus>> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes [`DEVICES_FILE`]: the devices attached now that outlive the daemon.
+    fn save(&self) {
+        let records: Vec<DeviceRecord> = self
+            .slots()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Attached(a) if a.connection.survives_restart() => Some(a.record()),
+                _ => None,
+            })
+            .collect();
+        if let Err(error) = save_records(&self.state_path, &records) {
+            tracing::warn!(path = %self.state_path.display(), %error, "recording the node's kernel devices");
         }
     }
 
@@ -160,13 +310,16 @@ impl Attachments {
 
     /// Every attached device, including those whose connection has ended.
     pub fn list(&self) -> Vec<AttachmentStatus> {
-        self.slots()
+        let mut list: Vec<AttachmentStatus> = self
+            .slots()
             .values_mut()
             .filter_map(|slot| match slot {
                 Slot::Attached(a) => Some(a.status()),
                 Slot::Attaching => None,
             })
-            .collect()
+            .collect();
+        list.extend(self.lost_list().iter().cloned());
+        list
     }
 
     /// Connects `device` (or the first free one) to `export`.
@@ -187,6 +340,8 @@ impl Attachments {
                 let status = attachment.status();
                 tracing::info!(device = %device, export, size = status.size, read_only = status.read_only, "attached kernel block device");
                 slots.insert(device, Slot::Attached(attachment));
+                drop(slots);
+                self.save();
                 Ok(status)
             }
             Err(e) => {
@@ -234,6 +389,39 @@ impl Attachments {
 
     /// Serves one end of a new socketpair and hands the other to the kernel.
     async fn connect(&self, device: Device, export: &str) -> Result<Attachment, AttachError> {
+        let options = self.options.clone();
+        self.link(device, export, move |device, socket, name| {
+            kernel::attach(device, socket, name, &options)
+        })
+        .await
+    }
+
+    /// Gives a recorded device a new socket to its export.
+    async fn reconnect(
+        &self,
+        device: Device,
+        record: &DeviceRecord,
+    ) -> Result<Attachment, AttachError> {
+        let options = self.options.clone();
+        let mut attachment = self
+            .link(device, &record.export, move |device, socket, name| {
+                kernel::reconnect(device, socket, name, &options)
+            })
+            .await?;
+        attachment.attached_at = record.attached_at.clone();
+        Ok(attachment)
+    }
+
+    /// Serves one end of a new socketpair and runs `kernel_side` (an attach or a
+    /// reconnect) with the other.
+    async fn link(
+        &self,
+        device: Device,
+        export: &str,
+        kernel_side: impl FnOnce(Device, std::os::unix::net::UnixStream, &str) -> Result<Connection, KernelError>
+            + Send
+            + 'static,
+    ) -> Result<Attachment, AttachError> {
         let socket_error = |source| AttachError::Socket { device, source };
         let (kernel_end, daemon_end) =
             std::os::unix::net::UnixStream::pair().map_err(socket_error)?;
@@ -251,8 +439,7 @@ impl Attachments {
         let name = export.to_owned();
         // On failure the kernel's end is dropped, so the server task sees the socket
         // close and ends by itself.
-        let connection =
-            blocking(device, move || kernel::attach(device, kernel_end, &name)).await??;
+        let connection = blocking(device, move || kernel_side(device, kernel_end, &name)).await??;
         Ok(Attachment {
             export: export.to_owned(),
             connection,
@@ -302,6 +489,7 @@ impl Attachments {
         {
             tracing::warn!(device = %device, export, "the kernel connection's server did not end in time");
         }
+        self.save();
         tracing::info!(device = %device, export, "detached kernel block device");
         Ok(AttachmentStatus {
             connected: false,
@@ -309,15 +497,44 @@ impl Attachments {
         })
     }
 
-    /// Disconnects every device (at shutdown: their server goes away with the daemon).
+    /// At shutdown: disconnects every device that cannot outlive the daemon (attached
+    /// through the ioctls); those attached through netlink stay, waiting up to their
+    /// dead-connection timeout for the next run of this node.
     pub async fn detach_all(&self) {
-        let devices: Vec<Device> = self.slots().keys().copied().collect();
+        let devices: Vec<Device> = self
+            .slots()
+            .iter()
+            .filter_map(|(device, slot)| match slot {
+                Slot::Attached(a) if a.connection.survives_restart() => {
+                    tracing::info!(device = %device, export = a.export, "leaving kernel block device attached for the next run");
+                    None
+                }
+                _ => Some(*device),
+            })
+            .collect();
         for device in devices {
             if let Err(error) = self.detach(&device.name(), true).await {
                 tracing::warn!(device = %device, %error, "detaching at shutdown");
             }
         }
     }
+}
+
+/// The recorded devices; none when the file does not exist.
+fn load_records(path: &Path) -> std::io::Result<Vec<DeviceRecord>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces the record atomically (a new file renamed over the old).
+fn save_records(path: &Path, records: &[DeviceRecord]) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(records).map_err(std::io::Error::other)?;
+    let temporary = path.with_extension("json.new");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
 }
 
 /// Runs blocking kernel work (device opens, ioctls, sysfs polls) off the runtime.
@@ -335,33 +552,101 @@ async fn blocking<T: Send + 'static>(
 
 /// The node's exports as the kernel's connections open them: those of [`NbdExports`],
 /// but the user named in status and refusals is the device itself ("kernel
-/// /dev/nbd0"), which is the connection's peer name.
-struct KernelExports(NbdExports);
+/// /dev/nbd0"), which is the connection's peer name, and (for devices that outlive the
+/// daemon) writes are durable before they are acknowledged.
+struct KernelExports {
+    exports: NbdExports,
+    /// Whether every write is made durable before its reply ([`KernelExport`]).
+    write_through: bool,
+}
 
 impl Exports for KernelExports {
-    type Export = NodeExport;
+    type Export = KernelExport;
 
-    async fn open(&self, name: &str, peer: &str) -> Result<Arc<NodeExport>, OpenError> {
+    async fn open(&self, name: &str, peer: &str) -> Result<Arc<KernelExport>, OpenError> {
         if lazyblk_cache::validate_id(name).is_err() {
             return Err(OpenError::Unknown);
         }
-        match NodeExport::open(&self.0.node, name, peer.to_owned()).await {
-            Ok(export) => Ok(Arc::new(export)),
+        match NodeExport::open(&self.exports.node, name, peer.to_owned()).await {
+            Ok(export) => Ok(Arc::new(KernelExport {
+                export,
+                write_through: self.write_through,
+            })),
             Err(TemplateError::UnknownTemplate(..)) => Err(OpenError::Unknown),
             Err(e) => Err(OpenError::Unavailable(e.to_string())),
         }
     }
 
     async fn list(&self) -> Vec<(String, String)> {
-        self.0.list().await
+        self.exports.list().await
     }
 
     fn observe(&self, command: Command, bytes: u64, elapsed: Duration, ok: bool) {
-        self.0.observe(command, bytes, elapsed, ok)
+        self.exports.observe(command, bytes, elapsed, ok)
     }
 
     fn spliced(&self, bytes: u64) {
-        self.0.spliced(bytes)
+        self.exports.spliced(bytes)
+    }
+}
+
+/// An export behind a kernel device. With `write_through`, every write, trim and
+/// write-zeroes is made durable before its reply (as if it carried FUA). An overlay
+/// keeps the map of what was written in memory until a flush; a client that
+/// reconnects after a daemon restart would otherwise find writes it was told were
+/// done missing, and the device's file system does not re-read or replay them: it
+/// keeps running on the assumption that they happened.
+struct KernelExport {
+    export: NodeExport,
+    write_through: bool,
+}
+
+impl lazyblk_nbd::Export for KernelExport {
+    fn size(&self) -> u64 {
+        lazyblk_nbd::Export::size(&self.export)
+    }
+
+    fn read_only(&self) -> bool {
+        lazyblk_nbd::Export::read_only(&self.export)
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        lazyblk_nbd::Export::can_multi_conn(&self.export)
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        lazyblk_nbd::Export::read(&self.export, offset, buf).await
+    }
+
+    fn read_files(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
+        lazyblk_nbd::Export::read_files(&self.export, offset, len, out)
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        let fua = fua || self.write_through;
+        lazyblk_nbd::Export::write(&self.export, offset, data, fua).await
+    }
+
+    async fn flush(&self) -> std::io::Result<()> {
+        lazyblk_nbd::Export::flush(&self.export).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        let fua = fua || self.write_through;
+        lazyblk_nbd::Export::trim(&self.export, offset, len, fua).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        let fua = fua || self.write_through;
+        lazyblk_nbd::Export::write_zeroes(&self.export, offset, len, fua).await
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        lazyblk_nbd::Export::cache(&self.export, offset, len).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+        lazyblk_nbd::Export::block_status(&self.export, offset, len).await
     }
 }
 

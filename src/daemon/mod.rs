@@ -184,7 +184,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let attachments = Arc::new(attach::Attachments::new(node.clone()));
+    let attachments = Arc::new(attach::Attachments::new(
+        node.clone(),
+        &args.cache,
+        Duration::from_secs(args.device_dead_timeout),
+        args.device_ioctl,
+    ));
+    attachments.restore().await;
     let api = api::router(api::ApiState {
         node: node.clone(),
         fill: fill.clone(),

@@ -64,6 +64,20 @@ impl Device {
             .map(|pid| pid.trim().to_owned())
     }
 
+    /// Who attached the device (`/sys/block/nbdN/backend`: netlink devices with a
+    /// backend identifier, kernel 5.14+).
+    pub fn backend(&self) -> Option<String> {
+        std::fs::read_to_string(self.sys().join("backend"))
+            .ok()
+            .map(|backend| backend.trim_end_matches('\n').to_owned())
+    }
+
+    /// The device's size in bytes as the kernel shows it (0 while not connected).
+    pub fn size_bytes(&self) -> Option<u64> {
+        let sectors = std::fs::read_to_string(self.sys().join("size")).ok()?;
+        sectors.trim().parse::<u64>().ok()?.checked_mul(512)
+    }
+
     /// Whether the device is mounted or held open exclusively (an exclusive open fails
     /// with EBUSY): disconnecting it would fail a file system's I/O.
     pub fn held(&self) -> bool {
