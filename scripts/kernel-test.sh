@@ -174,6 +174,12 @@ fail() {
   echo "KERNEL-TEST: FAIL: $*"
   echo "--- daemon log"; tail -n 40 /tmp/daemon.log
   echo "--- kernel log"; dmesg | tail -n 20
+  if [ -n "${daemon:-}" ] && [ -d "/proc/$daemon" ]; then
+    echo "--- where the daemon's threads wait"
+    for task in /proc/$daemon/task/*; do
+      echo "$(cat "$task/comm") $(cat "$task/wchan" 2>/dev/null)"; cat "$task/stack" 2>/dev/null | head -n 12
+    done
+  fi
   poweroff -f
 }
 # Runs a command that must succeed; its output is in $out.
@@ -194,10 +200,11 @@ done
 # arguments); its pid is in $daemon.
 start_daemon() {
   # shellcheck disable=SC2046
-  lazyblk daemon --cache /tmp/cache --store http://127.0.0.1:7070 --listen 127.0.0.1:7071 \
+  LAZYBLK_LOG=warn,lazyblk::daemon::attach=debug \
+    lazyblk daemon --cache /tmp/cache --store http://127.0.0.1:7070 --listen 127.0.0.1:7071 \
     --nbd unix:/tmp/nbd.sock $(cat /etc/daemon-flags) "$@" 2>>/tmp/daemon.log &
   daemon=$!
-  for i in $(seq 100); do wget -q -O /dev/null $node/healthz 2>/dev/null && return; sleep 0.2; done
+  for i in $(seq 100); do timeout 5 wget -q -O /dev/null $node/healthz 2>/dev/null && return; sleep 0.2; done
   fail "the daemon did not start"
 }
 # Waits until /dev/$1 is no longer connected.
@@ -317,7 +324,8 @@ must lazyblk attach base
 ro=$out
 must mount -t ext4 -o ro "$ro" /mnt/ro
 must lazyblk overlay create base --sandbox sb2
-must lazyblk attach sb2
+must_refuse "--connections must be 1 to 16" lazyblk attach sb2 --connections 17
+must lazyblk attach sb2 --connections 2
 rw=$out
 must mount -t ext4 "$rw" /mnt/rw
 head -c $((1 << 20)) /dev/urandom >/tmp/src
@@ -353,8 +361,11 @@ while [ "$round" -le "$rounds" ]; do
   ) &
   reader=$!
   wait_file /mnt/rw/r$round-2
-  kill -KILL $daemon; wait $daemon
+  # Counted before the kill: between the kill and the restart nothing may touch the
+  # devices' file systems (the reader drops the page cache, so even a directory
+  # listing would wait for the daemon that is not started yet).
   killed_at=$(ls /mnt/rw | grep -c "^r$round-")
+  kill -KILL $daemon; wait $daemon
   start_daemon
   # Two more files after the restart, then stop.
   wait_file /mnt/rw/r$round-$((killed_at + 2))
@@ -370,7 +381,9 @@ while [ "$round" -le "$rounds" ]; do
     i=$((i + 1))
   done
   check_kernel_log "round $round"
-  log "round $round: kill -9 and restart under I/O (file $killed_at being written); $written files and the template's reads intact"
+  wget -q -O - $node/v1/attachments | tr '}' '\n' | grep "\"device\":\"$rw\"" | grep -q '"connections":2' \
+    || fail "round $round: $rw is not listed with its 2 connections: $(wget -q -O - $node/v1/attachments)"
+  log "round $round: kill -9 and restart under I/O ($killed_at files begun before the kill); $written files and the template's reads intact"
   round=$((round + 1))
 done
 must umount /mnt/rw
@@ -411,6 +424,7 @@ check_kernel_log "after the restarts"
 # daemon, as before, and is free for the next one.
 kill -TERM $daemon; wait $daemon
 start_daemon --device-ioctl
+must_refuse "takes one connection" lazyblk attach base --connections 2
 must lazyblk attach base
 kill -KILL $daemon; wait $daemon
 wait_free nbd0 "after the daemon (ioctl attach) was killed"

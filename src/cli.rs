@@ -727,6 +727,11 @@ pub struct AttachArgs {
     /// The device to use, /dev/nbdN; the first free one when omitted.
     #[arg(long)]
     pub device: Option<String>,
+    /// Sockets the kernel gets for the device (1 to 16), served in parallel; more than
+    /// one needs the netlink interface (every export advertises multi-conn: a flush on
+    /// one connection covers the writes done on all).
+    #[arg(long, default_value = "1")]
+    pub connections: u32,
     #[command(flatten)]
     pub node: NodeArg,
     /// Print JSON (device, export, size, read_only).

@@ -12,6 +12,7 @@
 //! socket; a device whose export is gone is disconnected and listed with the reason.
 
 use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,12 +48,20 @@ struct DeviceRecord {
     attached_at: String,
 }
 
+/// The most sockets one device may get: the kernel serves each with a receive worker
+/// and the daemon with a connection task; past the kernel's queues (one per CPU) more
+/// only cost memory.
+pub const MAX_DEVICE_CONNECTIONS: u32 = 16;
+
 /// Why an attach or detach was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// The export name is not a valid template or sandbox id.
     #[error("invalid export name: {0}")]
     InvalidExport(String),
+    /// The number of sockets asked for is out of bounds.
+    #[error("--connections must be 1 to {MAX_DEVICE_CONNECTIONS}, not {0}")]
+    Connections(u32),
     /// The kernel side failed (no driver, device busy, a failed ioctl with its errno).
     #[error(transparent)]
     Kernel(#[from] KernelError),
@@ -84,7 +93,7 @@ impl AttachError {
     /// The HTTP status the API answers with.
     pub fn status(&self) -> StatusCode {
         match self {
-            AttachError::InvalidExport(_) => StatusCode::BAD_REQUEST,
+            AttachError::InvalidExport(_) | AttachError::Connections(_) => StatusCode::BAD_REQUEST,
             AttachError::Attaching(_)
             | AttachError::AlreadyAttached { .. }
             | AttachError::InUse { .. } => StatusCode::CONFLICT,
@@ -107,7 +116,7 @@ fn kernel_status(e: &KernelError) -> StatusCode {
         KernelError::NoDriver { .. } | KernelError::NoFreeDevice { .. } => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        KernelError::Busy { .. } => StatusCode::CONFLICT,
+        KernelError::Busy { .. } | KernelError::Settling { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -126,6 +135,8 @@ pub struct AttachmentStatus {
     pub attached_at: String,
     /// Attached through netlink: the device outlives a daemon restart.
     pub survives_restart: bool,
+    /// Sockets the device has.
+    pub connections: u32,
 }
 
 /// The devices this daemon has attached.
@@ -143,6 +154,11 @@ pub struct Attachments {
     /// Recorded devices a restart could not serve again, with the reason: listed
     /// until the daemon stops.
     lost: Mutex<Vec<AttachmentStatus>>,
+    /// Recorded devices a restart could not serve for a reason that may pass (the
+    /// store unreachable): kept in [`DEVICES_FILE`] so the next run tries again.
+    retry: Mutex<Vec<DeviceRecord>>,
+    /// Held while [`DEVICES_FILE`] is written: one writer at a time.
+    saving: Mutex<()>,
 }
 
 enum Slot {
@@ -153,8 +169,10 @@ enum Slot {
 struct Attachment {
     export: String,
     connection: Connection,
-    /// The task serving the daemon's end; it ends once the kernel disconnects.
-    server: JoinHandle<()>,
+    /// The tasks serving the daemon's ends; they end once the kernel disconnects.
+    servers: Vec<JoinHandle<()>>,
+    /// Sockets the device was given.
+    connections: u32,
     attached_at: String,
 }
 
@@ -176,6 +194,7 @@ impl Attachment {
             error,
             attached_at: self.attached_at.clone(),
             survives_restart: self.connection.survives_restart(),
+            connections: self.connections,
         }
     }
 
@@ -184,7 +203,7 @@ impl Attachment {
             index: self.connection.device().0,
             export: self.export.clone(),
             read_only: self.connection.info().read_only(),
-            connections: 1,
+            connections: self.connections,
             attached_at: self.attached_at.clone(),
         }
     }
@@ -214,6 +233,8 @@ impl Attachments {
             options,
             state_path: state_dir.join(DEVICES_FILE),
             lost: Mutex::new(Vec::new()),
+            retry: Mutex::new(Vec::new()),
+            saving: Mutex::new(()),
         }
     }
 
@@ -232,6 +253,7 @@ impl Attachments {
         for record in records {
             let device = Device(record.index);
             let export = record.export.clone();
+            tracing::debug!(device = %device, export, connections = record.connections, "reconnecting a recorded kernel device");
             match self.reconnect(device, &record).await {
                 Ok(mut attachment) => {
                     let status = attachment.status();
@@ -271,6 +293,11 @@ impl Attachments {
                 Ok(Err(e)) => reason.push_str(&format!("; disconnecting failed: {e}")),
                 Err(e) => reason.push_str(&format!("; disconnecting failed: {e}")),
             }
+        } else {
+            self.retry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(record.clone());
         }
         tracing::warn!(device = %device, export, reason, "a kernel device left by the last run cannot be served");
         self.lost_list().push(AttachmentStatus {
@@ -282,6 +309,7 @@ impl Attachments {
             error: Some(reason),
             attached_at: record.attached_at,
             survives_restart: true,
+            connections: record.connections,
         });
     }
 
@@ -289,9 +317,11 @@ impl Attachments {
         self.lost.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes [`DEVICES_FILE`]: the devices attached now that outlive the daemon.
+    /// Writes [`DEVICES_FILE`]: the devices attached now that outlive the daemon, and
+    /// those the next run should try again.
     fn save(&self) {
-        let records: Vec<DeviceRecord> = self
+        let _writing = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records: Vec<DeviceRecord> = self
             .slots()
             .values()
             .filter_map(|slot| match slot {
@@ -299,6 +329,13 @@ impl Attachments {
                 _ => None,
             })
             .collect();
+        records.extend(
+            self.retry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
         if let Err(error) = save_records(&self.state_path, &records) {
             tracing::warn!(path = %self.state_path.display(), %error, "recording the node's kernel devices");
         }
@@ -322,18 +359,21 @@ impl Attachments {
         list
     }
 
-    /// Connects `device` (or the first free one) to `export`.
+    /// Connects `device` (or the first free one) to `export` with `connections`
+    /// sockets.
     pub async fn attach(
         &self,
         export: &str,
         device: Option<&str>,
+        connections: u32,
     ) -> Result<AttachmentStatus, AttachError> {
         lazyblk_cache::validate_id(export)
             .map_err(|e| AttachError::InvalidExport(e.to_string()))?;
+        let connections = check_connections(connections)?;
         let requested = device.map(Device::parse).transpose()?;
         blocking(Device(0), kernel::ensure_driver).await??;
         let device = self.reserve(requested)?;
-        let connected = self.connect(device, export).await;
+        let connected = self.connect(device, export, connections).await;
         let mut slots = self.slots();
         match connected {
             Ok(mut attachment) => {
@@ -387,63 +427,79 @@ impl Attachments {
         Ok(device)
     }
 
-    /// Serves one end of a new socketpair and hands the other to the kernel.
-    async fn connect(&self, device: Device, export: &str) -> Result<Attachment, AttachError> {
+    /// Serves one end of each new socketpair and hands the others to the kernel.
+    async fn connect(
+        &self,
+        device: Device,
+        export: &str,
+        connections: u32,
+    ) -> Result<Attachment, AttachError> {
         let options = self.options.clone();
-        self.link(device, export, move |device, socket, name| {
-            kernel::attach(device, socket, name, &options)
+        self.link(device, export, connections, move |device, sockets, name| {
+            kernel::attach(device, sockets, name, &options)
         })
         .await
     }
 
-    /// Gives a recorded device a new socket to its export.
+    /// Gives a recorded device new sockets to its export, as many as it had.
     async fn reconnect(
         &self,
         device: Device,
         record: &DeviceRecord,
     ) -> Result<Attachment, AttachError> {
         let options = self.options.clone();
+        let connections = check_connections(record.connections)?;
         let mut attachment = self
-            .link(device, &record.export, move |device, socket, name| {
-                kernel::reconnect(device, socket, name, &options)
-            })
+            .link(
+                device,
+                &record.export,
+                connections,
+                move |device, sockets, name| kernel::reconnect(device, sockets, name, &options),
+            )
             .await?;
         attachment.attached_at = record.attached_at.clone();
         Ok(attachment)
     }
 
-    /// Serves one end of a new socketpair and runs `kernel_side` (an attach or a
-    /// reconnect) with the other.
+    /// Serves one end of each of `connections` new socketpairs and runs `kernel_side`
+    /// (an attach or a reconnect) with the other ends.
     async fn link(
         &self,
         device: Device,
         export: &str,
-        kernel_side: impl FnOnce(Device, std::os::unix::net::UnixStream, &str) -> Result<Connection, KernelError>
+        connections: u32,
+        kernel_side: impl FnOnce(Device, Vec<StdUnixStream>, &str) -> Result<Connection, KernelError>
             + Send
             + 'static,
     ) -> Result<Attachment, AttachError> {
         let socket_error = |source| AttachError::Socket { device, source };
-        let (kernel_end, daemon_end) =
-            std::os::unix::net::UnixStream::pair().map_err(socket_error)?;
-        daemon_end.set_nonblocking(true).map_err(socket_error)?;
-        let daemon_end = tokio::net::UnixStream::from_std(daemon_end).map_err(socket_error)?;
-        let peer = format!("kernel {device}");
-        let exports = self.exports.clone();
-        let server = tokio::spawn(async move {
-            let served =
-                lazyblk_nbd::serve_socket(daemon_end, peer, exports, ServerConfig::default()).await;
-            if let Err(error) = served {
-                tracing::warn!(device = %device, %error, "kernel connection ended with an error");
-            }
-        });
+        let mut kernel_ends = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..connections {
+            let (kernel_end, daemon_end) = StdUnixStream::pair().map_err(socket_error)?;
+            daemon_end.set_nonblocking(true).map_err(socket_error)?;
+            let daemon_end = tokio::net::UnixStream::from_std(daemon_end).map_err(socket_error)?;
+            let peer = format!("kernel {device}");
+            let exports = self.exports.clone();
+            servers.push(tokio::spawn(async move {
+                let config = ServerConfig::default();
+                let served = lazyblk_nbd::serve_socket(daemon_end, peer, exports, config).await;
+                if let Err(error) = served {
+                    tracing::warn!(device = %device, %error, "kernel connection ended with an error");
+                }
+            }));
+            kernel_ends.push(kernel_end);
+        }
         let name = export.to_owned();
-        // On failure the kernel's end is dropped, so the server task sees the socket
-        // close and ends by itself.
-        let connection = blocking(device, move || kernel_side(device, kernel_end, &name)).await??;
+        // On failure the kernel's ends are dropped, so the server tasks see their sockets
+        // close and end by themselves.
+        let connection =
+            blocking(device, move || kernel_side(device, kernel_ends, &name)).await??;
         Ok(Attachment {
             export: export.to_owned(),
             connection,
-            server,
+            servers,
+            connections,
             attached_at: now_rfc3339(),
         })
     }
@@ -483,10 +539,8 @@ impl Attachments {
             }
             return Err(e.into());
         }
-        if tokio::time::timeout(SERVER_DRAIN, attachment.server)
-            .await
-            .is_err()
-        {
+        let servers = wait_all(attachment.servers);
+        if tokio::time::timeout(SERVER_DRAIN, servers).await.is_err() {
             tracing::warn!(device = %device, export, "the kernel connection's server did not end in time");
         }
         self.save();
@@ -517,6 +571,22 @@ impl Attachments {
                 tracing::warn!(device = %device, %error, "detaching at shutdown");
             }
         }
+    }
+}
+
+/// Waits for every task.
+async fn wait_all(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Checks a device's number of sockets against [`MAX_DEVICE_CONNECTIONS`].
+fn check_connections(connections: u32) -> Result<u32, AttachError> {
+    if (1..=MAX_DEVICE_CONNECTIONS).contains(&connections) {
+        Ok(connections)
+    } else {
+        Err(AttachError::Connections(connections))
     }
 }
 

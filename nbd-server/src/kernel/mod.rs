@@ -124,6 +124,9 @@ pub enum KernelError {
         "every NBD device is connected ({count} devices; more with `modprobe nbd nbds_max=N`)"
     )]
     NoFreeDevice { count: usize },
+    /// Not connected, but the kernel still shows requests in flight or holders.
+    #[error("{device} is not connected but still has requests in flight or holders; try again or use another device")]
+    Settling { device: Device },
     /// The device is connected already.
     #[error("{device} is already connected (pid {pid})")]
     Busy { device: Device, pid: String },
@@ -162,6 +165,9 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
+    /// The device's sockets cannot serve it together.
+    #[error("{device}: {why}")]
+    Connections { device: Device, why: String },
     /// The device's size did not appear after the connect.
     #[error("{device} showed no size within {timeout:?} after NBD_CMD_CONNECT")]
     SizeTimeout { device: Device, timeout: Duration },
@@ -352,18 +358,53 @@ fn handshake_socket(
     Ok(info)
 }
 
+/// Runs the client handshake on every socket of a device; they must agree, and
+/// several sockets need an export that advertises multi-conn (a FLUSH on one
+/// connection covers the writes completed on all of them).
+fn handshake_sockets(
+    device: Device,
+    sockets: &mut [UnixStream],
+    export: &str,
+) -> Result<ExportInfo, KernelError> {
+    let mut first: Option<ExportInfo> = None;
+    for socket in sockets.iter_mut() {
+        let info = handshake_socket(device, socket, export)?;
+        if let Some(first) = first {
+            if first.size != info.size || first.flags != info.flags {
+                return Err(KernelError::Connections {
+                    device,
+                    why: "the export answered its connections differently".into(),
+                });
+            }
+        }
+        first = Some(info);
+    }
+    let info = first.ok_or_else(|| KernelError::Connections {
+        device,
+        why: "no socket was given".into(),
+    })?;
+    if sockets.len() > 1 && info.flags & proto::FLAG_CAN_MULTI_CONN == 0 {
+        return Err(KernelError::Connections {
+            device,
+            why: format!("export {export:?} does not advertise multi-conn"),
+        });
+    }
+    Ok(info)
+}
+
 /// Connects `device` to the export `export` of the server at the other end of
-/// `socket`: the client handshake on `socket`, then netlink's `NBD_CMD_CONNECT` (or,
-/// where the kernel has no netlink family, the ioctls and the device thread). Returns
-/// once the device shows its size. Blocks: call it from a blocking thread.
+/// `sockets` (one per connection the device gets): the client handshake on each, then
+/// netlink's `NBD_CMD_CONNECT` (or, where the kernel has no netlink family, the ioctls
+/// and the device thread, with one socket). Returns once the device shows its size.
+/// Blocks: call it from a blocking thread.
 pub fn attach(
     device: Device,
-    mut socket: UnixStream,
+    mut sockets: Vec<UnixStream>,
     export: &str,
     options: &AttachOptions,
 ) -> Result<Connection, KernelError> {
     check_free(device)?;
-    let info = handshake_socket(device, &mut socket, export)?;
+    let info = handshake_sockets(device, &mut sockets, export)?;
     let step = "NBD_CMD_CONNECT";
     let netlink = if options.force_ioctl {
         None
@@ -371,8 +412,16 @@ pub fn attach(
         netlink::NbdNetlink::open().map_err(device.error(step))?
     };
     let Some(mut netlink) = netlink else {
-        return attach_ioctl(device, socket, info);
+        let mut sockets = sockets.into_iter();
+        return match (sockets.next(), sockets.next()) {
+            (Some(socket), None) => attach_ioctl(device, socket, info),
+            _ => Err(KernelError::Connections {
+                device,
+                why: "attaching through the ioctls takes one connection".into(),
+            }),
+        };
     };
+    let fds: Vec<_> = sockets.iter().map(|socket| socket.as_raw_fd()).collect();
     let request = netlink::ConnectRequest {
         index: device.0,
         size: info.size,
@@ -381,11 +430,11 @@ pub fn attach(
         timeout_secs: REQUEST_TIMEOUT.as_secs(),
         dead_conn_timeout_secs: options.dead_conn_timeout.as_secs(),
         backend: &options.backend,
-        sockets: &[socket.as_raw_fd()],
+        sockets: &fds,
     };
-    retry_busy(|| netlink.connect(&request)).map_err(device.error(step))?;
-    // The kernel holds its own reference to the socket now.
-    drop(socket);
+    retry_busy(false, || netlink.connect(&request)).map_err(device.error(step))?;
+    // The kernel holds its own references to the sockets now.
+    drop(sockets);
     let mut connection = Connection {
         device,
         info,
@@ -399,12 +448,12 @@ pub fn attach(
     Ok(connection)
 }
 
-/// Gives `device`, attached through netlink by `options.backend` and whose socket
-/// died, the new `socket` to the export `export` (`NBD_CMD_RECONFIGURE`); the I/O the
-/// kernel queued meanwhile is sent on it. Blocks: call it from a blocking thread.
+/// Gives `device`, attached through netlink by `options.backend` and whose sockets
+/// died, the new `sockets` to the export `export` (`NBD_CMD_RECONFIGURE`); the I/O the
+/// kernel queued meanwhile is sent on them. Blocks: call it from a blocking thread.
 pub fn reconnect(
     device: Device,
-    mut socket: UnixStream,
+    mut sockets: Vec<UnixStream>,
     export: &str,
     options: &AttachOptions,
 ) -> Result<Connection, KernelError> {
@@ -417,7 +466,8 @@ pub fn reconnect(
         Some(backend) => return Err(not_ours(format!("its backend is {backend:?}"))),
         None => return Err(not_ours("it has no backend identifier".into())),
     }
-    let info = handshake_socket(device, &mut socket, export)?;
+    let info = handshake_sockets(device, &mut sockets, export)?;
+    tracing::debug!(device = %device, export, size = info.size, "reconnect: handshake done");
     // The kernel shows whole 512-byte sectors.
     let device_size = device.size_bytes().unwrap_or(0);
     if device_size != info.size / 512 * 512 {
@@ -430,11 +480,18 @@ pub fn reconnect(
     }
     let step = "NBD_CMD_RECONFIGURE";
     let mut netlink = open_netlink(device, step)?;
-    let fds = [socket.as_raw_fd()];
+    let fds: Vec<_> = sockets.iter().map(|socket| socket.as_raw_fd()).collect();
     let timeout = options.dead_conn_timeout.as_secs();
-    retry_busy(|| netlink.reconfigure(device.0, &options.backend, timeout, &fds))
-        .map_err(device.error(step))?;
-    drop(socket);
+    // The kernel takes the sockets one by one: after a partial success a retry would
+    // hand it a socket it already has, so only a single socket is retried on ENOSPC
+    // (its old one not yet seen dead).
+    let retry_nospc = fds.len() == 1;
+    retry_busy(retry_nospc, || {
+        netlink.reconfigure(device.0, &options.backend, timeout, &fds)
+    })
+    .map_err(device.error(step))?;
+    tracing::debug!(device = %device, export, "reconnect: NBD_CMD_RECONFIGURE done");
+    drop(sockets);
     Ok(Connection {
         device,
         info,
@@ -443,14 +500,15 @@ pub fn reconnect(
     })
 }
 
-/// Runs `request` again while the kernel answers EBUSY or ENOSPC, up to
-/// [`BUSY_RETRIES`] times.
-fn retry_busy<T>(mut request: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+/// Runs `request` again while the kernel answers EBUSY (or, with `retry_nospc`,
+/// ENOSPC), up to [`BUSY_RETRIES`] times.
+fn retry_busy<T>(retry_nospc: bool, mut request: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     let mut tries = 0;
     loop {
         match request() {
             Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOSPC))
+                if (e.raw_os_error() == Some(libc::EBUSY)
+                    || (retry_nospc && e.raw_os_error() == Some(libc::ENOSPC)))
                     && tries < BUSY_RETRIES =>
             {
                 tries += 1;
