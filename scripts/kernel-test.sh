@@ -14,6 +14,8 @@
 #   KERNEL_TEST_WORK     work directory (default: target/kernel-test; downloads are kept)
 #   KERNEL_TEST_TIMEOUT  seconds the guest may run (default: 600)
 #   KERNEL_TEST_ROUNDS   kill -9 rounds under I/O (default: 2)
+#   KERNEL_TEST_KERNEL   the kernel's meta package (default: linux-image-cloud-amd64;
+#                        linux-image-6.12-cloud-amd64 for 6.12)
 #   KERNEL_TEST_DAEMON_FLAGS  extra flags for the guest's daemon (e.g. --device-ioctl,
 #                        which attaches through the ioctls: the restart checks fail)
 #
@@ -80,16 +82,19 @@ else
   qemu=("$work/pkg/qemu-system-x86/usr/bin/qemu-system-x86_64" -L /usr/share/seabios -L /usr/share/qemu)
 fi
 
-# The cloud kernel: linux-image-cloud-amd64 names the current versioned package.
-if [ ! -e "$work/pkg/kernel/.unpacked" ]; then
+# The cloud kernel: the meta package (KERNEL_TEST_KERNEL, default linux-image-cloud-amd64,
+# Debian 12's 6.1; linux-image-6.12-cloud-amd64 for 6.12) names the versioned package.
+kernel_meta=${KERNEL_TEST_KERNEL:-linux-image-cloud-amd64}
+kernel_dir=$work/pkg/kernel-$kernel_meta
+if [ ! -e "$kernel_dir/.unpacked" ]; then
   apt_update_once
-  kernel_package=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-  [ -n "$kernel_package" ] || { say "cannot resolve linux-image-cloud-amd64"; exit 1; }
+  kernel_package=$(apt-cache depends "$kernel_meta" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  [ -n "$kernel_package" ] || { say "cannot resolve $kernel_meta"; exit 1; }
   unpack "$kernel_package"
-  rm -rf "$work/pkg/kernel" && mv "$work/pkg/$kernel_package" "$work/pkg/kernel"
+  rm -rf "$kernel_dir" && mv "$work/pkg/$kernel_package" "$kernel_dir"
 fi
-vmlinuz=$(ls "$work"/pkg/kernel/boot/vmlinuz-* | head -1)
-modules=$(ls -d "$work"/pkg/kernel/lib/modules/* | head -1)
+vmlinuz=$(ls "$kernel_dir"/boot/vmlinuz-* | head -1)
+modules=$(ls -d "$kernel_dir"/lib/modules/* | head -1)
 say "kernel $(basename "$vmlinuz"), qemu $("${qemu[0]}" --version | head -1)"
 
 # ---- the binary ----------------------------------------------------------------------
