@@ -25,6 +25,7 @@
 //!   database that keeps them across restarts.
 //! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
+//! - [`kernel_export`]: the exports behind kernel devices (writes durable before their ack).
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
 
 pub mod api;
@@ -35,6 +36,7 @@ pub mod exports;
 pub mod fill;
 pub mod health;
 pub mod intents;
+pub mod kernel_export;
 pub mod membership;
 pub mod node;
 pub mod registry;
