@@ -311,6 +311,16 @@ pub struct DaemonArgs {
     /// NBD connections served at once; more are refused (closed at once, logged).
     #[arg(long, default_value = "1024")]
     pub nbd_max_connections: usize,
+    /// Seconds a kernel block device (`lazyblk attach`) waits for a new connection once
+    /// the daemon is gone: a restarted daemon reconnects it within this time and the
+    /// I/O queued meanwhile completes; after it, the device fails its I/O. Long enough
+    /// for a restart or a package upgrade.
+    #[arg(long, default_value = "120")]
+    pub device_dead_timeout: u64,
+    /// Attach kernel block devices through the nbd driver's ioctls even where its
+    /// netlink interface exists (such devices do not outlive the daemon).
+    #[arg(long)]
+    pub device_ioctl: bool,
     /// Seconds a client gets to finish the NBD handshake before it is dropped.
     #[arg(long, default_value = "10")]
     pub nbd_handshake_timeout: f64,
@@ -753,6 +763,11 @@ pub struct AttachArgs {
     /// The device to use, /dev/nbdN; the first free one when omitted.
     #[arg(long)]
     pub device: Option<String>,
+    /// Sockets the kernel gets for the device (1 to 16), served in parallel; more than
+    /// one needs the netlink interface (every export advertises multi-conn: a flush on
+    /// one connection covers the writes done on all).
+    #[arg(long, default_value = "1")]
+    pub connections: u32,
     #[command(flatten)]
     pub node: NodeArg,
     /// Print JSON (device, export, size, read_only).

@@ -421,7 +421,11 @@ pub async fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let r = node
         .post(
             "/v1/attachments",
-            Some(serde_json::json!({ "export": args.export, "device": args.device })),
+            Some(serde_json::json!({
+                "export": args.export,
+                "device": args.device,
+                "connections": args.connections,
+            })),
         )
         .await?;
     if args.json {

@@ -100,9 +100,11 @@ fn wishes_warm_the_fleet_retry_failures_and_reach_late_joiners() {
     assert!(ok, "warm --all-nodes: {out}{err}");
     // Five tries with backoff against a source that fails every chunk, then FAILED: on a
     // loaded machine that took over a minute.
-    wait_for("FAILED on the broken node", Duration::from_secs(180), || {
-        replicas(&store, "t") == "FAILED 1"
-    });
+    wait_for(
+        "FAILED on the broken node",
+        Duration::from_secs(180),
+        || replicas(&store, "t") == "FAILED 1",
+    );
     let fleet = json(&["status", "t", "--fleet", "--store", &store.url(), "--json"]);
     let lines = fleet.as_array().unwrap();
     assert_eq!(lines.len(), 4);

@@ -4,25 +4,54 @@
 //! the handshake); the other end goes to the kernel through
 //! [`lazyblk_nbd::kernel::attach`]. An attached device holds a lease on its export:
 //! evictions and deletions name it ("kernel /dev/nbd0").
+//!
+//! Devices attached through netlink outlive the daemon: each carries the node's id as
+//! its backend identifier and a dead-connection timeout, and the node's cache
+//! directory records each one ([`DEVICES_FILE`]). A restarted daemon
+//! ([`Attachments::restore`]) gives each recorded device that is still its own a new
+//! socket; a device whose export is gone is disconnected and listed with the reason.
 
 use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use lazyblk_nbd::kernel::{self, Connection, Device, KernelError};
-use lazyblk_nbd::{Command, Exports, OpenError, ServerConfig};
-use serde::Serialize;
+use lazyblk_nbd::kernel::{self, AttachOptions, Connection, Device, KernelError};
+use lazyblk_nbd::ServerConfig;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use crate::daemon::exports::{NbdExports, NodeExport};
+use crate::daemon::exports::NbdExports;
+use crate::daemon::kernel_export::KernelExports;
 use crate::daemon::node::Node;
 use crate::daemon::state::now_rfc3339;
-use crate::daemon::templates::TemplateError;
 
 /// How long a detach waits for the daemon's end of the connection to finish once the
 /// kernel has let go: in-flight requests are answered first, a cold chunk fetch at most.
 const SERVER_DRAIN: Duration = Duration::from_secs(10);
+
+/// The node's record of its kernel devices, in its cache directory: what a restarted
+/// daemon reconnects.
+pub const DEVICES_FILE: &str = "kernel-devices.json";
+
+/// One device as the node's state records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DeviceRecord {
+    /// N of `/dev/nbdN`.
+    index: u32,
+    export: String,
+    read_only: bool,
+    /// Sockets the device was given.
+    connections: u32,
+    attached_at: String,
+}
+
+/// The most sockets one device may get: the kernel serves each with a receive worker
+/// and the daemon with a connection task; past the kernel's queues (one per CPU) more
+/// only cost memory.
+pub const MAX_DEVICE_CONNECTIONS: u32 = 16;
 
 /// Why an attach or detach was refused.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +59,9 @@ pub enum AttachError {
     /// The export name is not a valid template or sandbox id.
     #[error("invalid export name: {0}")]
     InvalidExport(String),
+    /// The number of sockets asked for is out of bounds.
+    #[error("--connections must be 1 to {MAX_DEVICE_CONNECTIONS}, not {0}")]
+    Connections(u32),
     /// The kernel side failed (no driver, device busy, a failed ioctl with its errno).
     #[error(transparent)]
     Kernel(#[from] KernelError),
@@ -61,7 +93,7 @@ impl AttachError {
     /// The HTTP status the API answers with.
     pub fn status(&self) -> StatusCode {
         match self {
-            AttachError::InvalidExport(_) => StatusCode::BAD_REQUEST,
+            AttachError::InvalidExport(_) | AttachError::Connections(_) => StatusCode::BAD_REQUEST,
             AttachError::Attaching(_)
             | AttachError::AlreadyAttached { .. }
             | AttachError::InUse { .. } => StatusCode::CONFLICT,
@@ -84,7 +116,7 @@ fn kernel_status(e: &KernelError) -> StatusCode {
         KernelError::NoDriver { .. } | KernelError::NoFreeDevice { .. } => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        KernelError::Busy { .. } => StatusCode::CONFLICT,
+        KernelError::Busy { .. } | KernelError::Settling { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -101,6 +133,10 @@ pub struct AttachmentStatus {
     pub connected: bool,
     pub error: Option<String>,
     pub attached_at: String,
+    /// Attached through netlink: the device outlives a daemon restart.
+    pub survives_restart: bool,
+    /// Sockets the device has.
+    pub connections: u32,
 }
 
 /// The devices this daemon has attached.
@@ -110,6 +146,19 @@ pub struct Attachments {
     /// By device; a device is reserved while its attach runs, so two requests never
     /// pick the same one.
     slots: Mutex<BTreeMap<Device, Slot>>,
+    /// How devices are attached (the node's id as backend, the dead-connection
+    /// timeout).
+    options: AttachOptions,
+    /// [`DEVICES_FILE`] in the cache directory.
+    state_path: PathBuf,
+    /// Recorded devices a restart could not serve again, with the reason: listed
+    /// until the daemon stops.
+    lost: Mutex<Vec<AttachmentStatus>>,
+    /// Recorded devices a restart could not serve for a reason that may pass (the
+    /// store unreachable): kept in [`DEVICES_FILE`] so the next run tries again.
+    retry: Mutex<Vec<DeviceRecord>>,
+    /// Held while [`DEVICES_FILE`] is written: one writer at a time.
+    saving: Mutex<()>,
 }
 
 enum Slot {
@@ -120,8 +169,10 @@ enum Slot {
 struct Attachment {
     export: String,
     connection: Connection,
-    /// The task serving the daemon's end; it ends once the kernel disconnects.
-    server: JoinHandle<()>,
+    /// The tasks serving the daemon's ends; they end once the kernel disconnects.
+    servers: Vec<JoinHandle<()>>,
+    /// Sockets the device was given.
+    connections: u32,
     attached_at: String,
 }
 
@@ -142,15 +193,148 @@ impl Attachment {
             connected: error.is_none(),
             error,
             attached_at: self.attached_at.clone(),
+            survives_restart: self.connection.survives_restart(),
+            connections: self.connections,
+        }
+    }
+
+    fn record(&self) -> DeviceRecord {
+        DeviceRecord {
+            index: self.connection.device().0,
+            export: self.export.clone(),
+            read_only: self.connection.info().read_only(),
+            connections: self.connections,
+            attached_at: self.attached_at.clone(),
         }
     }
 }
 
 impl Attachments {
-    pub fn new(node: Arc<Node>) -> Attachments {
+    /// `dead_timeout`: how long a device waits for a restarted daemon;
+    /// `force_ioctl`: attach through the ioctls even where netlink exists.
+    pub fn new(
+        node: Arc<Node>,
+        state_dir: &Path,
+        dead_timeout: Duration,
+        force_ioctl: bool,
+    ) -> Attachments {
+        let options = AttachOptions {
+            backend: node.node_id.clone(),
+            dead_conn_timeout: dead_timeout,
+            force_ioctl,
+        };
         Attachments {
-            exports: Arc::new(KernelExports(NbdExports { node })),
+            // Devices through the ioctls die with the daemon: nothing to keep.
+            exports: Arc::new(KernelExports::new(NbdExports { node }, !force_ioctl)),
             slots: Mutex::new(BTreeMap::new()),
+            options,
+            state_path: state_dir.join(DEVICES_FILE),
+            lost: Mutex::new(Vec::new()),
+            retry: Mutex::new(Vec::new()),
+            saving: Mutex::new(()),
+        }
+    }
+
+    /// Reconnects the devices an earlier run of this node left attached (read from
+    /// [`DEVICES_FILE`]). A device that is no longer this node's is forgotten, never
+    /// touched; one whose export is gone (or changed size) is disconnected; each that
+    /// cannot be served is listed with its reason.
+    pub async fn restore(&self) {
+        let records = match load_records(&self.state_path) {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::warn!(path = %self.state_path.display(), %error, "reading the node's kernel devices; none reconnected");
+                return;
+            }
+        };
+        for record in records {
+            let device = Device(record.index);
+            let export = record.export.clone();
+            tracing::debug!(device = %device, export, connections = record.connections, "reconnecting a recorded kernel device");
+            match self.reconnect(device, &record).await {
+                Ok(mut attachment) => {
+                    let status = attachment.status();
+                    tracing::info!(device = %device, export, size = status.size, "reconnected kernel block device");
+                    self.slots().insert(device, Slot::Attached(attachment));
+                }
+                Err(error) => self.lose(device, record, error).await,
+            }
+        }
+        self.save();
+    }
+
+    /// Reports (and where its export is gone, disconnects) a recorded device that a
+    /// restart could not serve again.
+    async fn lose(&self, device: Device, record: DeviceRecord, error: AttachError) {
+        let export = record.export.clone();
+        let not_ours = matches!(error, AttachError::Kernel(KernelError::NotOurs { .. }));
+        let gone = match &error {
+            AttachError::Kernel(KernelError::Handshake { source, .. }) => {
+                source.is_unknown_export()
+            }
+            AttachError::Kernel(KernelError::SizeChanged { .. }) => true,
+            _ => false,
+        };
+        let mut reason = error.to_string();
+        if not_ours {
+            tracing::info!(device = %device, export, %error, "forgetting a recorded kernel device");
+            return;
+        }
+        if gone {
+            let disconnected = blocking(device, move || {
+                kernel::disconnect_netlink(device, kernel::DISCONNECT_TIMEOUT)
+            })
+            .await;
+            match disconnected {
+                Ok(Ok(())) => reason.push_str("; disconnected"),
+                Ok(Err(e)) => reason.push_str(&format!("; disconnecting failed: {e}")),
+                Err(e) => reason.push_str(&format!("; disconnecting failed: {e}")),
+            }
+        } else {
+            self.retry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(record.clone());
+        }
+        tracing::warn!(device = %device, export, reason, "a kernel device left by the last run cannot be served");
+        self.lost_list().push(AttachmentStatus {
+            device: device.to_string(),
+            export: record.export,
+            size: 0,
+            read_only: record.read_only,
+            connected: false,
+            error: Some(reason),
+            attached_at: record.attached_at,
+            survives_restart: true,
+            connections: record.connections,
+        });
+    }
+
+    fn lost_list(&self) -> std::sync::MutexGuard<'_, Vec<AttachmentStatus>> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes [`DEVICES_FILE`]: the devices attached now that outlive the daemon, and
+    /// those the next run should try again.
+    fn save(&self) {
+        let _writing = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records: Vec<DeviceRecord> = self
+            .slots()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Attached(a) if a.connection.survives_restart() => Some(a.record()),
+                _ => None,
+            })
+            .collect();
+        records.extend(
+            self.retry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        if let Err(error) = save_records(&self.state_path, &records) {
+            tracing::warn!(path = %self.state_path.display(), %error, "recording the node's kernel devices");
         }
     }
 
@@ -160,33 +344,41 @@ impl Attachments {
 
     /// Every attached device, including those whose connection has ended.
     pub fn list(&self) -> Vec<AttachmentStatus> {
-        self.slots()
+        let mut list: Vec<AttachmentStatus> = self
+            .slots()
             .values_mut()
             .filter_map(|slot| match slot {
                 Slot::Attached(a) => Some(a.status()),
                 Slot::Attaching => None,
             })
-            .collect()
+            .collect();
+        list.extend(self.lost_list().iter().cloned());
+        list
     }
 
-    /// Connects `device` (or the first free one) to `export`.
+    /// Connects `device` (or the first free one) to `export` with `connections`
+    /// sockets.
     pub async fn attach(
         &self,
         export: &str,
         device: Option<&str>,
+        connections: u32,
     ) -> Result<AttachmentStatus, AttachError> {
         lazyblk_cache::validate_id(export)
             .map_err(|e| AttachError::InvalidExport(e.to_string()))?;
+        let connections = check_connections(connections)?;
         let requested = device.map(Device::parse).transpose()?;
         blocking(Device(0), kernel::ensure_driver).await??;
         let device = self.reserve(requested)?;
-        let connected = self.connect(device, export).await;
+        let connected = self.connect(device, export, connections).await;
         let mut slots = self.slots();
         match connected {
             Ok(mut attachment) => {
                 let status = attachment.status();
                 tracing::info!(device = %device, export, size = status.size, read_only = status.read_only, "attached kernel block device");
                 slots.insert(device, Slot::Attached(attachment));
+                drop(slots);
+                self.save();
                 Ok(status)
             }
             Err(e) => {
@@ -232,31 +424,79 @@ impl Attachments {
         Ok(device)
     }
 
-    /// Serves one end of a new socketpair and hands the other to the kernel.
-    async fn connect(&self, device: Device, export: &str) -> Result<Attachment, AttachError> {
+    /// Serves one end of each new socketpair and hands the others to the kernel.
+    async fn connect(
+        &self,
+        device: Device,
+        export: &str,
+        connections: u32,
+    ) -> Result<Attachment, AttachError> {
+        let options = self.options.clone();
+        self.link(device, export, connections, move |device, sockets, name| {
+            kernel::attach(device, sockets, name, &options)
+        })
+        .await
+    }
+
+    /// Gives a recorded device new sockets to its export, as many as it had.
+    async fn reconnect(
+        &self,
+        device: Device,
+        record: &DeviceRecord,
+    ) -> Result<Attachment, AttachError> {
+        let options = self.options.clone();
+        let connections = check_connections(record.connections)?;
+        let mut attachment = self
+            .link(
+                device,
+                &record.export,
+                connections,
+                move |device, sockets, name| kernel::reconnect(device, sockets, name, &options),
+            )
+            .await?;
+        attachment.attached_at = record.attached_at.clone();
+        Ok(attachment)
+    }
+
+    /// Serves one end of each of `connections` new socketpairs and runs `kernel_side`
+    /// (an attach or a reconnect) with the other ends.
+    async fn link(
+        &self,
+        device: Device,
+        export: &str,
+        connections: u32,
+        kernel_side: impl FnOnce(Device, Vec<StdUnixStream>, &str) -> Result<Connection, KernelError>
+            + Send
+            + 'static,
+    ) -> Result<Attachment, AttachError> {
         let socket_error = |source| AttachError::Socket { device, source };
-        let (kernel_end, daemon_end) =
-            std::os::unix::net::UnixStream::pair().map_err(socket_error)?;
-        daemon_end.set_nonblocking(true).map_err(socket_error)?;
-        let daemon_end = tokio::net::UnixStream::from_std(daemon_end).map_err(socket_error)?;
-        let peer = format!("kernel {device}");
-        let exports = self.exports.clone();
-        let server = tokio::spawn(async move {
-            let served =
-                lazyblk_nbd::serve_socket(daemon_end, peer, exports, ServerConfig::default()).await;
-            if let Err(error) = served {
-                tracing::warn!(device = %device, %error, "kernel connection ended with an error");
-            }
-        });
+        let mut kernel_ends = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..connections {
+            let (kernel_end, daemon_end) = StdUnixStream::pair().map_err(socket_error)?;
+            daemon_end.set_nonblocking(true).map_err(socket_error)?;
+            let daemon_end = tokio::net::UnixStream::from_std(daemon_end).map_err(socket_error)?;
+            let peer = format!("kernel {device}");
+            let exports = self.exports.clone();
+            servers.push(tokio::spawn(async move {
+                let config = ServerConfig::default();
+                let served = lazyblk_nbd::serve_socket(daemon_end, peer, exports, config).await;
+                if let Err(error) = served {
+                    tracing::warn!(device = %device, %error, "kernel connection ended with an error");
+                }
+            }));
+            kernel_ends.push(kernel_end);
+        }
         let name = export.to_owned();
-        // On failure the kernel's end is dropped, so the server task sees the socket
-        // close and ends by itself.
+        // On failure the kernel's ends are dropped, so the server tasks see their sockets
+        // close and end by themselves.
         let connection =
-            blocking(device, move || kernel::attach(device, kernel_end, &name)).await??;
+            blocking(device, move || kernel_side(device, kernel_ends, &name)).await??;
         Ok(Attachment {
             export: export.to_owned(),
             connection,
-            server,
+            servers,
+            connections,
             attached_at: now_rfc3339(),
         })
     }
@@ -296,12 +536,11 @@ impl Attachments {
             }
             return Err(e.into());
         }
-        if tokio::time::timeout(SERVER_DRAIN, attachment.server)
-            .await
-            .is_err()
-        {
+        let servers = wait_all(attachment.servers);
+        if tokio::time::timeout(SERVER_DRAIN, servers).await.is_err() {
             tracing::warn!(device = %device, export, "the kernel connection's server did not end in time");
         }
+        self.save();
         tracing::info!(device = %device, export, "detached kernel block device");
         Ok(AttachmentStatus {
             connected: false,
@@ -309,15 +548,60 @@ impl Attachments {
         })
     }
 
-    /// Disconnects every device (at shutdown: their server goes away with the daemon).
+    /// At shutdown: disconnects every device that cannot outlive the daemon (attached
+    /// through the ioctls); those attached through netlink stay, waiting up to their
+    /// dead-connection timeout for the next run of this node.
     pub async fn detach_all(&self) {
-        let devices: Vec<Device> = self.slots().keys().copied().collect();
+        let devices: Vec<Device> = self
+            .slots()
+            .iter()
+            .filter_map(|(device, slot)| match slot {
+                Slot::Attached(a) if a.connection.survives_restart() => {
+                    tracing::info!(device = %device, export = a.export, "leaving kernel block device attached for the next run");
+                    None
+                }
+                _ => Some(*device),
+            })
+            .collect();
         for device in devices {
             if let Err(error) = self.detach(&device.name(), true).await {
                 tracing::warn!(device = %device, %error, "detaching at shutdown");
             }
         }
     }
+}
+
+/// Waits for every task.
+async fn wait_all(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Checks a device's number of sockets against [`MAX_DEVICE_CONNECTIONS`].
+fn check_connections(connections: u32) -> Result<u32, AttachError> {
+    if (1..=MAX_DEVICE_CONNECTIONS).contains(&connections) {
+        Ok(connections)
+    } else {
+        Err(AttachError::Connections(connections))
+    }
+}
+
+/// The recorded devices; none when the file does not exist.
+fn load_records(path: &Path) -> std::io::Result<Vec<DeviceRecord>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces the record atomically (a new file renamed over the old).
+fn save_records(path: &Path, records: &[DeviceRecord]) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(records).map_err(std::io::Error::other)?;
+    let temporary = path.with_extension("json.new");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
 }
 
 /// Runs blocking kernel work (device opens, ioctls, sysfs polls) off the runtime.
@@ -331,38 +615,6 @@ async fn blocking<T: Send + 'static>(
             what: format!("kernel work on {device}"),
             detail: e.to_string(),
         })
-}
-
-/// The node's exports as the kernel's connections open them: those of [`NbdExports`],
-/// but the user named in status and refusals is the device itself ("kernel
-/// /dev/nbd0"), which is the connection's peer name.
-struct KernelExports(NbdExports);
-
-impl Exports for KernelExports {
-    type Export = NodeExport;
-
-    async fn open(&self, name: &str, peer: &str) -> Result<Arc<NodeExport>, OpenError> {
-        if lazyblk_cache::validate_id(name).is_err() {
-            return Err(OpenError::Unknown);
-        }
-        match NodeExport::open(&self.0.node, name, peer.to_owned()).await {
-            Ok(export) => Ok(Arc::new(export)),
-            Err(TemplateError::UnknownTemplate(..)) => Err(OpenError::Unknown),
-            Err(e) => Err(OpenError::Unavailable(e.to_string())),
-        }
-    }
-
-    async fn list(&self) -> Vec<(String, String)> {
-        self.0.list().await
-    }
-
-    fn observe(&self, command: Command, bytes: u64, elapsed: Duration, ok: bool) {
-        self.0.observe(command, bytes, elapsed, ok)
-    }
-
-    fn spliced(&self, bytes: u64) {
-        self.0.spliced(bytes)
-    }
 }
 
 #[cfg(test)]

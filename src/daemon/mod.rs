@@ -25,6 +25,7 @@
 //!   database that keeps them across restarts.
 //! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
+//! - [`kernel_export`]: the exports behind kernel devices (writes durable before their ack).
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
 
 pub mod api;
@@ -35,6 +36,7 @@ pub mod exports;
 pub mod fill;
 pub mod health;
 pub mod intents;
+pub mod kernel_export;
 pub mod membership;
 pub mod node;
 pub mod registry;
@@ -184,7 +186,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let attachments = Arc::new(attach::Attachments::new(node.clone()));
+    let attachments = Arc::new(attach::Attachments::new(
+        node.clone(),
+        &args.cache,
+        Duration::from_secs(args.device_dead_timeout),
+        args.device_ioctl,
+    ));
+    attachments.restore().await;
     let api = api::router(api::ApiState {
         node: node.clone(),
         fill: fill.clone(),

@@ -64,6 +64,32 @@ impl Device {
             .map(|pid| pid.trim().to_owned())
     }
 
+    /// Who attached the device (`/sys/block/nbdN/backend`: netlink devices with a
+    /// backend identifier, kernel 5.14+).
+    pub fn backend(&self) -> Option<String> {
+        std::fs::read_to_string(self.sys().join("backend"))
+            .ok()
+            .map(|backend| backend.trim_end_matches('\n').to_owned())
+    }
+
+    /// Whether the kernel still shows the device busy although no client is connected:
+    /// requests in flight (`inflight`, a teardown not finished) or holders (a device
+    /// mapper or md device stacked on it). Such a slot is not reused.
+    pub fn settling(&self) -> bool {
+        let inflight = std::fs::read_to_string(self.sys().join("inflight")).unwrap_or_default();
+        let busy = inflight.split_whitespace().any(|count| count != "0");
+        let held = std::fs::read_dir(self.sys().join("holders"))
+            .map(|mut entries| entries.next().is_some())
+            .unwrap_or(false);
+        busy || held
+    }
+
+    /// The device's size in bytes as the kernel shows it (0 while not connected).
+    pub fn size_bytes(&self) -> Option<u64> {
+        let sectors = std::fs::read_to_string(self.sys().join("size")).ok()?;
+        sectors.trim().parse::<u64>().ok()?.checked_mul(512)
+    }
+
     /// Whether the device is mounted or held open exclusively (an exclusive open fails
     /// with EBUSY): disconnecting it would fail a file system's I/O.
     pub fn held(&self) -> bool {
@@ -137,6 +163,7 @@ pub fn check_free(device: Device) -> Result<(), KernelError> {
     }
     match device.connected_pid() {
         Some(pid) => Err(KernelError::Busy { device, pid }),
+        None if device.settling() => Err(KernelError::Settling { device }),
         None => Ok(()),
     }
 }
@@ -146,6 +173,6 @@ pub fn free_device(taken: &[Device]) -> Result<Device, KernelError> {
     let all = devices()?;
     all.iter()
         .copied()
-        .find(|d| !taken.contains(d) && d.connected_pid().is_none())
+        .find(|d| !taken.contains(d) && d.connected_pid().is_none() && !d.settling())
         .ok_or(KernelError::NoFreeDevice { count: all.len() })
 }

@@ -1,8 +1,16 @@
-//! The kernel's NBD client: connects `/dev/nbdN` to an NBD server over a socket through
-//! the driver's ioctl interface.
+//! The kernel's NBD client: connects `/dev/nbdN` to an NBD server over a socket, through
+//! the driver's generic netlink family where the kernel has it ([`netlink`]), else
+//! through its ioctls.
 //!
 //! [`attach`] runs the client half of the handshake on the socket ([`handshake`]) to
-//! learn the export's size and transmission flags, then a dedicated thread opens the
+//! learn the export's size and transmission flags. Through netlink, one
+//! `NBD_CMD_CONNECT` hands the kernel the socket with a dead-connection timeout and the
+//! node's id as backend identifier: the kernel owns the socket from then on, and the
+//! device outlives the process that attached it. When the server's end closes, the
+//! device queues its I/O for up to the dead-connection timeout, and [`reconnect`] (a
+//! restarted daemon) hands it a new socket with `NBD_CMD_RECONFIGURE`.
+//!
+//! Through the ioctls (kernels without the family), a dedicated thread opens the
 //! device, configures it (`NBD_SET_BLKSIZE`, `NBD_SET_SIZE`, `NBD_SET_FLAGS`,
 //! `NBD_SET_TIMEOUT`), hands the socket over (`NBD_SET_SOCK`) and sits in `NBD_DO_IT`,
 //! which returns only when the device is disconnected. The driver binds the device to
@@ -15,6 +23,7 @@
 
 mod devices;
 pub mod handshake;
+mod netlink;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -78,6 +87,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// to return before the socket is cut (`NBD_CLEAR_SOCK`).
 pub const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many times a netlink connect or reconfigure is retried while the kernel
+/// answers EBUSY (a device still being torn down) or ENOSPC (a socket not yet seen
+/// dead), `RETRY_INTERVAL` apart: a teardown or a socket's death is seen within
+/// milliseconds, so a few seconds in all is generous.
+const BUSY_RETRIES: u32 = 50;
+const RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How often the device's sysfs state is polled while waiting for it.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -108,6 +124,9 @@ pub enum KernelError {
         "every NBD device is connected ({count} devices; more with `modprobe nbd nbds_max=N`)"
     )]
     NoFreeDevice { count: usize },
+    /// Not connected, but the kernel still shows requests in flight or holders.
+    #[error("{device} is not connected but still has requests in flight or holders; try again or use another device")]
+    Settling { device: Device },
     /// The device is connected already.
     #[error("{device} is already connected (pid {pid})")]
     Busy { device: Device, pid: String },
@@ -146,20 +165,60 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
+    /// The device's sockets cannot serve it together.
+    #[error("{device}: {why}")]
+    Connections { device: Device, why: String },
+    /// The device's size did not appear after the connect.
+    #[error("{device} showed no size within {timeout:?} after NBD_CMD_CONNECT")]
+    SizeTimeout { device: Device, timeout: Duration },
+    /// A device to reconnect was attached by someone else, or is not attached.
+    #[error("{device} is not this node's to reconnect: {why}")]
+    NotOurs { device: Device, why: String },
+    /// The export's size is not the device's any more.
+    #[error("{device} has {device_size} bytes but export {export:?} now has {export_size}")]
+    SizeChanged {
+        device: Device,
+        export: String,
+        device_size: u64,
+        export_size: u64,
+    },
     /// `/sys/block` could not be read.
     #[error("listing NBD devices under {SYS_BLOCK}: {0}")]
     Sysfs(#[source] io::Error),
 }
 
-/// A device connected to a server; dropping it leaves the device connected (until the
-/// server side closes), so call [`Connection::disconnect`].
+/// How a device is attached, and what it may outlive.
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    /// The backend identifier the device carries (the node's id): only its owner
+    /// reconnects or disconnects it.
+    pub backend: String,
+    /// How long the device waits for a new socket once its socket died (the daemon
+    /// stopped); only through netlink.
+    pub dead_conn_timeout: Duration,
+    /// Attach through the ioctls even where the netlink family exists.
+    pub force_ioctl: bool,
+}
+
+/// The two ways a device is connected.
+#[derive(Debug)]
+enum Link {
+    /// Through netlink: the kernel holds the socket; the device lives until it is
+    /// disconnected (or its dead-connection timeout passes with no server).
+    Netlink,
+    /// Through the ioctls: a thread sits in `NBD_DO_IT` and sends its result here when
+    /// the device is disconnected; the device dies with the process.
+    Ioctl(Receiver<Result<(), KernelError>>),
+}
+
+/// A device connected to a server. Dropping it leaves the device connected: call
+/// [`Connection::disconnect`].
 #[derive(Debug)]
 pub struct Connection {
     device: Device,
     info: ExportInfo,
-    /// The device thread's result, sent when `NBD_DO_IT` returns.
-    done: Receiver<Result<(), KernelError>>,
-    /// Set once `done` has delivered.
+    link: Link,
+    /// Set once the connection is seen ended.
     ended: Option<Result<(), String>>,
 }
 
@@ -173,22 +232,36 @@ impl Connection {
         self.info
     }
 
+    /// Whether the device was connected through netlink (and so outlives the daemon).
+    pub fn survives_restart(&self) -> bool {
+        matches!(self.link, Link::Netlink)
+    }
+
     /// `None` while connected; once the connection has ended on its own (the server
-    /// closed, a request timed out), how it ended.
+    /// closed, a request timed out, someone disconnected it), how it ended.
     pub fn ended(&mut self) -> Option<&Result<(), String>> {
         if self.ended.is_none() {
-            match self.done.try_recv() {
-                Ok(result) => self.ended = Some(result.map_err(|e| e.to_string())),
-                Err(TryRecvError::Disconnected) => {
-                    self.ended = Some(Err("the device thread ended".into()))
+            match &self.link {
+                Link::Netlink => {
+                    if self.device.connected_pid().is_none() {
+                        self.ended = Some(Ok(()));
+                    }
                 }
-                Err(TryRecvError::Empty) => {}
+                Link::Ioctl(done) => match done.try_recv() {
+                    Ok(result) => self.ended = Some(result.map_err(|e| e.to_string())),
+                    Err(TryRecvError::Disconnected) => {
+                        self.ended = Some(Err("the device thread ended".into()))
+                    }
+                    Err(TryRecvError::Empty) => {}
+                },
             }
         }
         self.ended.as_ref()
     }
 
-    /// Disconnects the device: `NBD_DISCONNECT` (the kernel sends NBD_CMD_DISC once its
+    /// Disconnects the device. Through netlink: `NBD_CMD_DISCONNECT`, then waits until
+    /// the device is free (or only its holders keep it: it is freed when they close).
+    /// Through the ioctls: `NBD_DISCONNECT` (the kernel sends NBD_CMD_DISC once its
     /// queue drains), then waits for `NBD_DO_IT` to return; after `timeout` the socket
     /// is cut with `NBD_CLEAR_SOCK`. Blocks: call it from a blocking thread.
     pub fn disconnect(&mut self, timeout: Duration) -> Result<(), KernelError> {
@@ -196,6 +269,11 @@ impl Connection {
             return Ok(());
         }
         let device = self.device;
+        if matches!(self.link, Link::Netlink) {
+            disconnect_netlink(device, timeout)?;
+            self.ended = Some(Ok(()));
+            return Ok(());
+        }
         let file = open_device(device)?;
         ioctl(&file, device, NBD_DISCONNECT, 0)?;
         if self.wait_ended(timeout) {
@@ -210,7 +288,10 @@ impl Connection {
 
     /// Waits up to `timeout` for `NBD_DO_IT` to return; whether it has.
     fn wait_ended(&mut self, timeout: Duration) -> bool {
-        let ended = match self.done.recv_timeout(timeout) {
+        let Link::Ioctl(done) = &self.link else {
+            return true;
+        };
+        let ended = match done.recv_timeout(timeout) {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(RecvTimeoutError::Disconnected) => Err("the device thread ended".into()),
             Err(RecvTimeoutError::Timeout) => return false,
@@ -220,15 +301,43 @@ impl Connection {
     }
 }
 
-/// Connects `device` to the export `export` of the server at the other end of
-/// `socket`: the client handshake on `socket`, then the device thread, which returns
-/// once the device is up. Blocks: call it from a blocking thread.
-pub fn attach(
+/// Disconnects a netlink device by its index; see [`Connection::disconnect`].
+pub fn disconnect_netlink(device: Device, timeout: Duration) -> Result<(), KernelError> {
+    let step = "NBD_CMD_DISCONNECT";
+    let mut netlink = open_netlink(device, step)?;
+    netlink.disconnect(device.0).map_err(device.error(step))?;
+    let deadline = Instant::now() + timeout;
+    while device.connected_pid().is_some() {
+        if Instant::now() >= deadline {
+            // Its sockets are shut; a mount or an open keeps the device configured
+            // until it lets go, which is the holder's business (a forced detach).
+            if device.held() {
+                return Ok(());
+            }
+            return Err(KernelError::DisconnectTimeout { device, timeout });
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    Ok(())
+}
+
+fn open_netlink(device: Device, step: &'static str) -> Result<netlink::NbdNetlink, KernelError> {
+    netlink::NbdNetlink::open()
+        .map_err(device.error(step))?
+        .ok_or_else(|| {
+            device.error(step)(io::Error::other(
+                "the kernel has no \"nbd\" generic netlink family",
+            ))
+        })
+}
+
+/// Runs the client handshake for `export` on `socket` and leaves the socket blocking
+/// with no timeouts, as the kernel wants it.
+fn handshake_socket(
     device: Device,
-    mut socket: UnixStream,
+    socket: &mut UnixStream,
     export: &str,
-) -> Result<Connection, KernelError> {
-    check_free(device)?;
+) -> Result<ExportInfo, KernelError> {
     let handshake_error = |source| KernelError::Handshake {
         device,
         export: export.to_owned(),
@@ -239,14 +348,199 @@ pub fn attach(
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .and_then(|()| socket.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
         .map_err(|e| io_error("setting the handshake timeout", e))?;
-    let info = handshake::negotiate(&mut socket, export).map_err(handshake_error)?;
+    let info = handshake::negotiate(socket, export).map_err(handshake_error)?;
     // The kernel reads and writes this socket itself; a timeout left on it would look
     // to the driver like a dead server.
     socket
         .set_read_timeout(None)
         .and_then(|()| socket.set_write_timeout(None))
         .map_err(|e| io_error("clearing the handshake timeout", e))?;
+    Ok(info)
+}
 
+/// Runs the client handshake on every socket of a device; they must agree, and
+/// several sockets need an export that advertises multi-conn (a FLUSH on one
+/// connection covers the writes completed on all of them).
+fn handshake_sockets(
+    device: Device,
+    sockets: &mut [UnixStream],
+    export: &str,
+) -> Result<ExportInfo, KernelError> {
+    let mut first: Option<ExportInfo> = None;
+    for socket in sockets.iter_mut() {
+        let info = handshake_socket(device, socket, export)?;
+        if let Some(first) = first {
+            if first.size != info.size || first.flags != info.flags {
+                return Err(KernelError::Connections {
+                    device,
+                    why: "the export answered its connections differently".into(),
+                });
+            }
+        }
+        first = Some(info);
+    }
+    let info = first.ok_or_else(|| KernelError::Connections {
+        device,
+        why: "no socket was given".into(),
+    })?;
+    if sockets.len() > 1 && info.flags & proto::FLAG_CAN_MULTI_CONN == 0 {
+        return Err(KernelError::Connections {
+            device,
+            why: format!("export {export:?} does not advertise multi-conn"),
+        });
+    }
+    Ok(info)
+}
+
+/// Connects `device` to the export `export` of the server at the other end of
+/// `sockets` (one per connection the device gets): the client handshake on each, then
+/// netlink's `NBD_CMD_CONNECT` (or, where the kernel has no netlink family, the ioctls
+/// and the device thread, with one socket). Returns once the device shows its size.
+/// Blocks: call it from a blocking thread.
+pub fn attach(
+    device: Device,
+    mut sockets: Vec<UnixStream>,
+    export: &str,
+    options: &AttachOptions,
+) -> Result<Connection, KernelError> {
+    check_free(device)?;
+    let info = handshake_sockets(device, &mut sockets, export)?;
+    let step = "NBD_CMD_CONNECT";
+    let netlink = if options.force_ioctl {
+        None
+    } else {
+        netlink::NbdNetlink::open().map_err(device.error(step))?
+    };
+    let Some(mut netlink) = netlink else {
+        let mut sockets = sockets.into_iter();
+        return match (sockets.next(), sockets.next()) {
+            (Some(socket), None) => attach_ioctl(device, socket, info),
+            _ => Err(KernelError::Connections {
+                device,
+                why: "attaching through the ioctls takes one connection".into(),
+            }),
+        };
+    };
+    let fds: Vec<_> = sockets.iter().map(|socket| socket.as_raw_fd()).collect();
+    let request = netlink::ConnectRequest {
+        index: device.0,
+        size: info.size,
+        block_size: BLOCK_SIZE,
+        server_flags: u64::from(info.flags & KERNEL_FLAGS),
+        timeout_secs: REQUEST_TIMEOUT.as_secs(),
+        dead_conn_timeout_secs: options.dead_conn_timeout.as_secs(),
+        backend: &options.backend,
+        sockets: &fds,
+    };
+    retry_busy(false, || netlink.connect(&request)).map_err(device.error(step))?;
+    // The kernel holds its own references to the sockets now.
+    drop(sockets);
+    let mut connection = Connection {
+        device,
+        info,
+        link: Link::Netlink,
+        ended: None,
+    };
+    if let Err(e) = wait_size(device) {
+        let _ = connection.disconnect(DISCONNECT_TIMEOUT);
+        return Err(e);
+    }
+    Ok(connection)
+}
+
+/// Gives `device`, attached through netlink by `options.backend` and whose sockets
+/// died, the new `sockets` to the export `export` (`NBD_CMD_RECONFIGURE`); the I/O the
+/// kernel queued meanwhile is sent on them. Blocks: call it from a blocking thread.
+pub fn reconnect(
+    device: Device,
+    mut sockets: Vec<UnixStream>,
+    export: &str,
+    options: &AttachOptions,
+) -> Result<Connection, KernelError> {
+    let not_ours = |why: String| KernelError::NotOurs { device, why };
+    if device.connected_pid().is_none() {
+        return Err(not_ours("it is not connected".into()));
+    }
+    match device.backend() {
+        Some(backend) if backend == options.backend => {}
+        Some(backend) => return Err(not_ours(format!("its backend is {backend:?}"))),
+        None => return Err(not_ours("it has no backend identifier".into())),
+    }
+    let info = handshake_sockets(device, &mut sockets, export)?;
+    tracing::debug!(device = %device, export, size = info.size, "reconnect: handshake done");
+    // The kernel shows whole 512-byte sectors.
+    let device_size = device.size_bytes().unwrap_or(0);
+    if device_size != info.size / 512 * 512 {
+        return Err(KernelError::SizeChanged {
+            device,
+            export: export.to_owned(),
+            device_size,
+            export_size: info.size,
+        });
+    }
+    let step = "NBD_CMD_RECONFIGURE";
+    let mut netlink = open_netlink(device, step)?;
+    let fds: Vec<_> = sockets.iter().map(|socket| socket.as_raw_fd()).collect();
+    let timeout = options.dead_conn_timeout.as_secs();
+    // The kernel takes the sockets one by one: after a partial success a retry would
+    // hand it a socket it already has, so only a single socket is retried on ENOSPC
+    // (its old one not yet seen dead).
+    let retry_nospc = fds.len() == 1;
+    retry_busy(retry_nospc, || {
+        netlink.reconfigure(device.0, &options.backend, timeout, &fds)
+    })
+    .map_err(device.error(step))?;
+    tracing::debug!(device = %device, export, "reconnect: NBD_CMD_RECONFIGURE done");
+    drop(sockets);
+    Ok(Connection {
+        device,
+        info,
+        link: Link::Netlink,
+        ended: None,
+    })
+}
+
+/// Runs `request` again while the kernel answers EBUSY (or, with `retry_nospc`,
+/// ENOSPC), up to [`BUSY_RETRIES`] times.
+fn retry_busy<T>(retry_nospc: bool, mut request: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match request() {
+            Err(e)
+                if (e.raw_os_error() == Some(libc::EBUSY)
+                    || (retry_nospc && e.raw_os_error() == Some(libc::ENOSPC)))
+                    && tries < BUSY_RETRIES =>
+            {
+                tries += 1;
+                thread::sleep(RETRY_INTERVAL);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Waits until the device shows a size: since about 6.13 it appears only once the
+/// connect has finished, and a mount before it would see an empty device.
+fn wait_size(device: Device) -> Result<(), KernelError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while device.size_bytes().unwrap_or(0) == 0 {
+        if Instant::now() >= deadline {
+            return Err(KernelError::SizeTimeout {
+                device,
+                timeout: START_TIMEOUT,
+            });
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    Ok(())
+}
+
+/// The ioctl attach: the device thread, which returns once the device is up.
+fn attach_ioctl(
+    device: Device,
+    socket: UnixStream,
+    info: ExportInfo,
+) -> Result<Connection, KernelError> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
     thread::Builder::new()
@@ -276,10 +570,14 @@ pub fn attach(
     let mut connection = Connection {
         device,
         info,
-        done: done_rx,
+        link: Link::Ioctl(done_rx),
         ended: None,
     };
-    if let Err(e) = wait_started(device, &connection.done) {
+    let started = match &connection.link {
+        Link::Ioctl(done) => wait_started(device, done),
+        Link::Netlink => Ok(()), // not made here
+    };
+    if let Err(e) = started {
         // The thread may still be in NBD_DO_IT: leave no device connected without a
         // Connection to disconnect it by.
         if matches!(e, KernelError::StartTimeout { .. }) {

@@ -16,6 +16,8 @@ pub struct AttachBody {
     pub export: String,
     /// `/dev/nbdN` or `nbdN`; the first free device when absent.
     pub device: Option<String>,
+    /// Sockets the device gets (1 when absent).
+    pub connections: Option<u32>,
 }
 
 /// `POST /v1/attachments`.
@@ -28,7 +30,11 @@ pub async fn create(
     let attachments = state.attachments.clone();
     let status = tokio::spawn(async move {
         attachments
-            .attach(&body.export, body.device.as_deref())
+            .attach(
+                &body.export,
+                body.device.as_deref(),
+                body.connections.unwrap_or(1),
+            )
             .await
     })
     .await
