@@ -468,6 +468,20 @@ fn an_oci_layout_becomes_a_template_with_its_metadata() {
     let (ok, out, err) = build(&store, &tar_path, "from-oci-tar", &tmp.path().join("work"));
     assert!(ok, "build --from-oci TAR: {out}{err}");
     check_image(&read_back(&store, tmp.path(), "from-oci-tar"));
+
+    // Built again, from the tar of it, as the same template: the same bytes, so the
+    // same chunks (mkfs.ext4's UUID, hash seed and clock, and every inode's times, come
+    // from the image), and nodes that hold the first build hold the second.
+    let again = StoreProc::start();
+    let (ok, out, err) = build(&again, &tar_path, "from-oci", &tmp.path().join("work"));
+    assert!(ok, "build --from-oci again: {out}{err}");
+    let chunks =
+        |store: &StoreProc| support::manifest_json(&store.url(), "from-oci")["chunks"].clone();
+    assert_eq!(
+        chunks(&store),
+        chunks(&again),
+        "a rebuild changed the image"
+    );
 }
 
 #[test]

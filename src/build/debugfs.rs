@@ -39,17 +39,52 @@ const ECHO: &[u8] = b"debugfs: ";
 /// Writes `tree`'s ownership, modes, devices and attributes into `image`. Attribute
 /// values go to files in `values` (debugfs reads them with `ea_set -f`); scripts to
 /// `work`.
-pub async fn apply(image: &Path, tree: &Tree, values: &Path, work: &Path) -> anyhow::Result<u64> {
+///
+/// With `same`, every inode's times are set from the image (the root's to its time) and
+/// both tools run at that time, so two builds of one image are the same bytes.
+pub async fn apply(
+    image: &Path,
+    tree: &Tree,
+    values: &Path,
+    work: &Path,
+    same: Option<&super::Reproducible>,
+) -> anyhow::Result<u64> {
     let inodes = inodes(image, tree, work).await?;
-    let (script, commands, devices) = script(tree, &inodes, values)?;
+    let (mut script, commands, devices) = script(tree, &inodes, values)?;
+    if let Some(same) = same {
+        script.extend(times(tree, &inodes, same.time));
+    }
     let path = work.join("metadata.debugfs");
     std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
-    run(image, &path, true).await?;
+    let now = same.map(|s| s.time);
+    run(image, &path, true, now).await?;
     if devices > 0 {
         // A device was a file in its directory entry; e2fsck sets the entry's type.
-        set_entry_types(image).await?;
+        set_entry_types(image, now).await?;
     }
     Ok(commands)
+}
+
+/// Commands that give every inode of `tree` its mtime as access, change and modify
+/// time, and the root `time`: the staging directory's access and change times are
+/// those of the unpacking, which mkfs.ext4 copies.
+fn times(tree: &Tree, inodes: &HashMap<PathBuf, u64>, time: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut set = |ino: u64, t: u64| {
+        for field in ["atime", "ctime", "mtime"] {
+            out.extend_from_slice(format!("sif <{ino}> {field} @{t}\n").as_bytes());
+        }
+    };
+    set(ROOT_INODE, time);
+    let mut done: HashSet<u64> = HashSet::new();
+    for (rel, entry) in &tree.entries {
+        if let Some(&ino) = inodes.get(rel) {
+            if done.insert(ino) {
+                set(ino, entry.mtime);
+            }
+        }
+    }
+    out
 }
 
 /// The inode number of every path of `tree` in `image`, found by listing its
@@ -68,7 +103,7 @@ async fn inodes(image: &Path, tree: &Tree, work: &Path) -> anyhow::Result<HashMa
         }
         std::fs::write(&script_path, &script)
             .with_context(|| format!("writing {}", script_path.display()))?;
-        let listing = run(image, &script_path, false).await?;
+        let listing = run(image, &script_path, false, None).await?;
         let mut next = Vec::new();
         let mut dir: Option<&Path> = None;
         for line in listing.split(|&b| b == b'\n') {
@@ -267,10 +302,18 @@ fn quote(s: &[u8]) -> anyhow::Result<Vec<u8>> {
 /// reports failed commands on stderr, and a command it could not parse (a usage line) on
 /// stdout, and still exits 0: any line there other than its banner, the echo of a
 /// command, or (for a listing) a listed entry is an error.
-async fn run(image: &Path, script: &Path, write: bool) -> anyhow::Result<Vec<u8>> {
+async fn run(
+    image: &Path,
+    script: &Path,
+    write: bool,
+    now: Option<u64>,
+) -> anyhow::Result<Vec<u8>> {
     let mut cmd = tokio::process::Command::new("debugfs");
     if write {
         cmd.arg("-w");
+    }
+    if let Some(now) = now {
+        cmd.env(super::Reproducible::FAKE_TIME, now.to_string());
     }
     let output = cmd
         .arg("-f")
@@ -311,8 +354,12 @@ async fn run(image: &Path, script: &Path, write: bool) -> anyhow::Result<Vec<u8>
 
 /// `e2fsck -fy`: sets the type in the directory entry of each device made from a
 /// placeholder file. Exit codes 0 and 1 are a clean or corrected file system.
-async fn set_entry_types(image: &Path) -> anyhow::Result<()> {
-    let output = tokio::process::Command::new("e2fsck")
+async fn set_entry_types(image: &Path, now: Option<u64>) -> anyhow::Result<()> {
+    let mut cmd = tokio::process::Command::new("e2fsck");
+    if let Some(now) = now {
+        cmd.env(super::Reproducible::FAKE_TIME, now.to_string());
+    }
+    let output = cmd
         .arg("-fy")
         .arg(image)
         .stdin(std::process::Stdio::null())
@@ -351,9 +398,12 @@ mod tests {
         assert!(made.status.success());
         let script = dir.path().join("s");
         std::fs::write(&script, "sif <2> uid 7\n").unwrap();
-        run(&image, &script, true).await.unwrap();
+        run(&image, &script, true, None).await.unwrap();
         std::fs::write(&script, "ea_set <2>\n").unwrap();
-        let err = run(&image, &script, true).await.unwrap_err().to_string();
+        let err = run(&image, &script, true, None)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("Usage"), "{err}");
     }
 

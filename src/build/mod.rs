@@ -102,7 +102,7 @@ async fn build(args: BuildArgs, work: &Path) -> anyhow::Result<()> {
                     .await
                     .context("measuring the directory")??
             };
-            make_ext4(&args, dir, &image, content).await?;
+            make_ext4(&args, dir, &image, content, None).await?;
         }
         (None, Some(path)) => {
             let pulled = match path.to_str().filter(|p| p.starts_with(registry::SCHEME)) {
@@ -117,11 +117,14 @@ async fn build(args: BuildArgs, work: &Path) -> anyhow::Result<()> {
             let (tree, oci_labels) = unpack(pulled, work, limits).await?;
             let rootfs = work.join("rootfs");
             let totals = tree.totals();
-            make_ext4(&args, &rootfs, &image, totals).await?;
+            let same = oci_labels
+                .get(LABEL_DIGEST)
+                .map(|digest| Reproducible::of(digest, &tree));
+            make_ext4(&args, &rootfs, &image, totals, same.as_ref()).await?;
             let values = work.join("xattrs");
             std::fs::create_dir_all(&values)
                 .with_context(|| format!("making {}", values.display()))?;
-            let commands = debugfs::apply(&image, &tree, &values, work).await?;
+            let commands = debugfs::apply(&image, &tree, &values, work, same.as_ref()).await?;
             tracing::debug!(commands, "ownership, devices and attributes written");
             labels = oci_labels;
         }
@@ -231,11 +234,53 @@ fn auto_size(bytes: u64, paths: u64) -> (u64, u64) {
     (size.div_ceil(SIZE_STEP) * SIZE_STEP, inodes)
 }
 
+/// What makes two builds of one container image byte for byte the same image (so the
+/// same chunks, which nodes already hold): mkfs.ext4 would otherwise pick a random UUID
+/// and directory hash seed and stamp the current time, and the staging directory's
+/// change times are those of the unpacking.
+pub struct Reproducible {
+    /// The file system's UUID and directory hash seed, from the image's digest.
+    pub uuid: String,
+    /// The time every e2fsprogs step sees as now: the newest mtime in the image.
+    pub time: u64,
+}
+
+impl Reproducible {
+    fn of(digest: &str, tree: &layers::Tree) -> Reproducible {
+        let hash = Sha256::digest(format!("lazyblk-ext4-uuid\n{digest}").as_bytes());
+        let mut b: [u8; 16] = hash[..16].try_into().unwrap_or([0; 16]);
+        // A version-4-shaped UUID (RFC 9562 bits), which every tool accepts.
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let h = hex::encode(b);
+        let uuid = format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        );
+        let time = tree
+            .entries
+            .values()
+            .map(|e| e.mtime)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        Reproducible { uuid, time }
+    }
+
+    /// The environment variable e2fsprogs reads its "now" from.
+    pub const FAKE_TIME: &'static str = "E2FSPROGS_FAKE_TIME";
+}
+
 async fn make_ext4(
     args: &BuildArgs,
     root: &Path,
     image: &Path,
     (bytes, paths): (u64, u64),
+    same: Option<&Reproducible>,
 ) -> anyhow::Result<()> {
     // The volume label is at most 16 bytes.
     let label: String = args.template.chars().take(16).collect();
@@ -254,6 +299,10 @@ async fn make_ext4(
         cmd.args(["-q", "-F", "-b", "4096", "-L", &label]);
         if let Some(inodes) = inodes {
             cmd.arg("-N").arg(inodes.to_string());
+        }
+        if let Some(same) = same {
+            cmd.args(["-U", &same.uuid, "-E", &format!("hash_seed={}", same.uuid)]);
+            cmd.env(Reproducible::FAKE_TIME, same.time.to_string());
         }
         let output = cmd
             .arg("-d")
