@@ -52,9 +52,9 @@ ensure_garage() {
   command -v garage >/dev/null || { log "garage is still not on PATH after cargo install"; exit 1; }
 }
 
-start() {
+# Starts the server and sets it up once; exits non-zero (in its subshell) on failure.
+start_once() {
   local dir=$1
-  ensure_garage
   mkdir -p "$dir/meta" "$dir/data"
   dir=$(cd "$dir" && pwd)
   local cfg=$dir/garage.toml rpc_port s3_port secret
@@ -102,6 +102,26 @@ EOF
   local line="export AWS_ACCESS_KEY_ID=$key_id AWS_SECRET_ACCESS_KEY=$key_secret LAZYBLK_S3_ENDPOINT=http://127.0.0.1:$s3_port"
   echo "$line" >"$dir/env"
   echo "$line"
+}
+
+# Two starts at once (tests run side by side) can be handed the same free port between
+# free_port and the server's bind; the setup then talks to the other server and fails.
+# Such a start is stopped and made again from scratch, with new ports.
+START_ATTEMPTS=3
+
+start() {
+  local dir=$1 attempt
+  ensure_garage
+  for attempt in $(seq "$START_ATTEMPTS"); do
+    if (start_once "$dir"); then
+      return 0
+    fi
+    stop "$dir"
+    rm -rf "${dir:?}/meta" "${dir:?}/data"
+    ((attempt < START_ATTEMPTS)) && log "start failed; trying again with new ports"
+  done
+  log "could not start after $START_ATTEMPTS attempts"
+  exit 1
 }
 
 stop() {
