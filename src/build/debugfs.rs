@@ -358,6 +358,7 @@ async fn set_entry_types(image: &Path, now: Option<u64>) -> anyhow::Result<()> {
     let mut cmd = tokio::process::Command::new("e2fsck");
     if let Some(now) = now {
         cmd.env(super::Reproducible::FAKE_TIME, now.to_string());
+        cmd.env(super::Reproducible::FSCK_TIME, now.to_string());
     }
     let output = cmd
         .arg("-fy")

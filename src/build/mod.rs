@@ -273,6 +273,9 @@ impl Reproducible {
 
     /// The environment variable e2fsprogs reads its "now" from.
     pub const FAKE_TIME: &'static str = "E2FSPROGS_FAKE_TIME";
+    /// e2fsck's own (1.47.0 ignores `FAKE_TIME`): without it a check stamps the
+    /// superblock's write and check times with the clock.
+    pub const FSCK_TIME: &'static str = "E2FSCK_TIME";
 }
 
 async fn make_ext4(
