@@ -16,7 +16,9 @@
 # time of a 1 GiB vs an 8 GiB template, B7 the daemon's peak RSS, B8 FUSE sequential
 # read, B9 a launch wave of N daemons reading one new template at once (the store's
 # bytes per template byte with peers and without, for N = 2, 4, 8), B10 thousands of
-# templates (NBD_OPT_LIST, `lazyblk templates`, the daemon's RSS) and a 50 GiB one.
+# templates (NBD_OPT_LIST, `lazyblk templates`, the daemon's RSS) and a 50 GiB one;
+# B9 again over shaped networks (scripts/bench/net.sh: nodes and store in network
+# namespaces, the store 20 ms and 1 Gbit/s away, then 60 ms and 200 Mbit/s).
 # A figure whose feature is missing is reported as "not measured: <reason>".
 # Exits 0 when targets are missed (the table says so), non-zero when the bench breaks.
 set -euo pipefail
@@ -772,6 +774,22 @@ row "B10 50 GiB template (20 GiB of data): connect + first 4 KiB read on a fresh
   "$(calc %.1f "$b10_first") ms" "" "-" "<= 50 ms" "$(meets "$b10_first" "<=" 50)"
 note "B10: the base is t1 published to a store of its own; its $b10_templates children are manifests that share its chunks; the 50 GiB manifest names 20480 data chunks (cycling through the base's) among 51200"
 rm -rf "$b10"
+
+# --- B9 over shaped networks --------------------------------------------------------
+
+# The same wave with each node and the store in network namespaces of their own, the
+# store's link shaped to the "region" and "far" profiles (scripts/netlab.sh).
+# BENCH_NET=0 skips it.
+if [ "${BENCH_NET:-1}" != 0 ]; then
+  log "B9 over shaped networks (scripts/bench/net.sh)"
+  : >"$work/net-rows"
+  if BENCH_BIN=$bin BENCH_DIR=$work BENCH_NET_ROWS=$work/net-rows scripts/bench/net.sh >&2; then
+    while IFS= read -r line; do rows+=("$line"); done <"$work/net-rows"
+    note "B9 region/far: ${BENCH_NET_MIB:-64} MiB ext4 of random data; ${BENCH_NET_NODES:-8} nodes and the store each in a network namespace (scripts/netlab.sh); the store's link shaped with tbf, its requests delayed by scripts/bench/delay_proxy.py"
+  else
+    not_measured "B9 over shaped networks" "scripts/bench/net.sh failed (see its output above)" "<= 1.5x"
+  fi
+fi
 
 # --- report ------------------------------------------------------------------------------
 
