@@ -11,9 +11,9 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use serde_json::json;
 use sha2::{Digest as _, Sha256};
-use support::node::{sh, DaemonProc};
+use support::node::sh;
+use support::oci::{self, chmod_tree, debugfs, open_dir, write_layout, Layer};
 use support::StoreProc;
 
 /// stderr of a refused build is read by people: a hostile name must not make it huge.
@@ -46,73 +46,13 @@ fn add_dir(tar: &mut tar::Builder<Vec<u8>>, path: &str) {
     tar.append_data(&mut h, path, &[][..]).unwrap();
 }
 
-fn sha(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-/// An OCI image layout in `dir` of `layers` (stored as given: plain or gzip), with
-/// `diff_ids` the sha256 of each uncompressed tar.
-fn oci_layout(dir: &Path, layers: &[Vec<u8>], diff_ids: &[String]) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> String {
-        let d = sha(bytes);
-        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
-        d
-    };
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }))
-    .unwrap();
-    let config_digest = put(&config);
-    let descriptors: Vec<_> = layers
-        .iter()
-        .map(|l| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": put(l), "size": l.len()}))
-        .collect();
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": descriptors,
-    }))
-    .unwrap();
-    let manifest_digest = put(&manifest);
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let index = json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest.len(),
-        }],
-    });
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-}
-
 /// A layout of plain (uncompressed) layers, readable by every user.
 fn image(tmp: &Path, name: &str, layers: &[Vec<u8>]) -> PathBuf {
     let dir = open_dir(tmp, name);
-    let diff_ids: Vec<String> = layers.iter().map(|l| sha(l)).collect();
-    oci_layout(&dir, layers, &diff_ids);
+    let layers: Vec<Layer> = layers.iter().map(|l| Layer::plain(l.clone())).collect();
+    write_layout(&dir, &layers, None, None);
     chmod_tree(&dir);
     dir
-}
-
-/// A directory every user can read (the tests' temporary directories are 0700).
-fn open_dir(tmp: &Path, name: &str) -> PathBuf {
-    let dir = tmp.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for p in [tmp, dir.as_path()] {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    dir
-}
-
-fn chmod_tree(p: &Path) {
-    let (ok, _, err) = sh("chmod", &["-R", "a+rX", p.to_str().unwrap()]);
-    assert!(ok, "{err}");
 }
 
 /// What a build left: its outcome, stdout, stderr.
@@ -201,23 +141,12 @@ fn no_templates(store: &StoreProc) {
     assert_eq!(out.trim(), "[]", "a refused build published something");
 }
 
-/// The template's image read back through a daemon.
+/// The template's image read back through a daemon, checked clean by e2fsck.
 fn read_back(store: &StoreProc, tmp: &Path, template: &str) -> PathBuf {
-    let node = DaemonProc::start_unix(&store.url(), &tmp.join(format!("node-{template}")), &[]);
-    let image = tmp.join(format!("{template}.img"));
-    let (ok, _, err) = sh(
-        "nbdcopy",
-        &[&node.nbd_uri(template), image.to_str().unwrap()],
-    );
-    assert!(ok, "nbdcopy: {err}");
+    let image = oci::read_back(store, tmp, template, template);
     let (ok, out, err) = sh("e2fsck", &["-fn", image.to_str().unwrap()]);
     assert!(ok, "e2fsck: {out}{err}");
     image
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    let (_, out, _) = sh("debugfs", &["-R", request, image.to_str().unwrap()]);
-    out
 }
 
 /// Finding 10: an attribute name that debugfs's getopt would take as `-f FILE` (a file
@@ -346,7 +275,12 @@ fn content_and_entry_limits_refuse_bombs() {
     let diff_id = format!("sha256:{}", hex::encode(tee.hash.finalize()));
     let gz = tee.gz.finish().unwrap();
     let dir = open_dir(tmp.path(), "bomb");
-    oci_layout(&dir, &[gz], &[diff_id]);
+    let bomb = Layer {
+        stored: gz,
+        media_type: oci::LAYER_TAR,
+        diff_id,
+    };
+    write_layout(&dir, &[bomb], None, None);
     chmod_tree(&dir);
 
     let b = build(&store, &dir, "bomb", &work, &["--max-content", "64M"]);

@@ -11,8 +11,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha256};
-use support::node::{sh, DaemonProc};
+use support::node::sh;
+use support::oci::{self, chmod_tree, config, debugfs, gzip, open_dir, sha, write_layout, Layer};
 use support::{lazyblk, StoreProc};
 
 /// A file capability (vfs_cap_data revision 2): cap_net_raw permitted and effective.
@@ -155,82 +155,25 @@ fn upper_layer() -> Vec<u8> {
         .finish()
 }
 
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
+fn labels_given() -> Value {
+    json!({"org.opencontainers.image.version": "1.2.3", "team": "agents"})
 }
 
-fn sha(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+fn config_of(layers: &[Vec<u8>]) -> Vec<u8> {
+    let diff_ids: Vec<String> = layers.iter().map(|l| sha(l)).collect();
+    config(&diff_ids, Some(&labels_given()))
 }
 
-fn config(layers: &[&[u8]]) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Labels": {"org.opencontainers.image.version": "1.2.3", "team": "agents"}},
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| sha(l)).collect::<Vec<_>>()},
-    }))
-    .unwrap()
-}
-
-/// An OCI image layout in `dir`; returns the manifest's digest.
+/// An OCI image layout in `dir`, the first layer stored plain, the second
+/// gzip-compressed; returns the manifest's digest.
 fn oci_layout(dir: &Path, layers: &[Vec<u8>]) -> String {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> String {
-        let d = sha(bytes);
-        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
-        d
-    };
-    let raw: Vec<&[u8]> = layers.iter().map(|l| l.as_slice()).collect();
-    let config = config(&raw);
-    let config_digest = put(&config);
-    // The first layer as stored plain, the second gzip-compressed.
-    let stored = [layers[0].clone(), gzip(&layers[1])];
-    let descriptors: Vec<Value> = stored
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            json!({
-                "mediaType": if i == 0 { "application/vnd.oci.image.layer.v1.tar" } else { "application/vnd.oci.image.layer.v1.tar+gzip" },
-                "digest": put(l),
-                "size": l.len(),
-            })
-        })
-        .collect();
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": descriptors,
-    }))
-    .unwrap();
-    let manifest_digest = put(&manifest);
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    std::fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": manifest.len(),
-                "annotations": {"org.opencontainers.image.ref.name": "demo:1"},
-            }],
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    manifest_digest
+    let stored = [Layer::plain(layers[0].clone()), Layer::gzip(&layers[1])];
+    write_layout(dir, &stored, Some(&labels_given()), Some("demo:1")).manifest_digest
 }
 
 /// A `docker save` archive of the same layers, at `path`; returns the config's digest.
 fn docker_save(path: &Path, layers: &[Vec<u8>]) -> String {
-    let raw: Vec<&[u8]> = layers.iter().map(|l| l.as_slice()).collect();
-    let config = config(&raw);
+    let config = config_of(layers);
     let id = sha(&config);
     let mut tar = tar::Builder::new(Vec::new());
     let mut add = |name: &str, bytes: &[u8]| {
@@ -292,37 +235,9 @@ fn build(
     )
 }
 
-/// A directory every user can read (the tests' temporary directories are 0700).
-fn open_dir(tmp: &Path, name: &str) -> PathBuf {
-    let dir = tmp.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for p in [tmp, dir.as_path()] {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    dir
-}
-
-fn chmod_tree(dir: &Path) {
-    let (ok, _, err) = sh("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
-    assert!(ok, "{err}");
-}
-
 /// The template's image read back through a daemon.
 fn read_back(store: &StoreProc, tmp: &Path, template: &str) -> PathBuf {
-    let node = DaemonProc::start_unix(&store.url(), &tmp.join(format!("node-{template}")), &[]);
-    let image = tmp.join(format!("{template}.img"));
-    let (ok, _, err) = sh(
-        "nbdcopy",
-        &[&node.nbd_uri(template), image.to_str().unwrap()],
-    );
-    assert!(ok, "nbdcopy: {err}");
-    image
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    // Its banner and complaints go to stderr; what was asked for to stdout.
-    let (_, out, _) = sh("debugfs", &["-R", request, image.to_str().unwrap()]);
-    out
+    oci::read_back(store, tmp, template, template)
 }
 
 fn labels(store: &StoreProc, template: &str) -> Value {

@@ -6,30 +6,19 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha256};
-use support::node::{sh, DaemonProc};
+use support::node::sh;
+use support::oci::{self, debugfs, write_layout, Layer};
 use support::{lazyblk, StoreProc};
 
 /// How long the registry may take to listen (generous: the machine is shared).
 const START_WAIT: Duration = Duration::from_secs(60);
 const USER: &str = "builder";
 const PASS: &str = "s3cret-pass";
-
-fn sha(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
-}
 
 /// A layer tar holding `files` (path, mode, body), directories made as needed.
 fn layer(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
@@ -62,51 +51,9 @@ fn app_layer(version: &str) -> Vec<u8> {
 /// An OCI image layout in `dir` of gzip-compressed `layers`; returns the manifest's
 /// digest and the stored layers' digests.
 fn oci_layout(dir: &Path, layers: &[Vec<u8>]) -> (String, Vec<String>) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> String {
-        let d = sha(bytes);
-        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
-        d
-    };
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Labels": {"team": "agents"}},
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| sha(l)).collect::<Vec<_>>()},
-    }))
-    .unwrap();
-    let config_digest = put(&config);
-    let stored: Vec<Vec<u8>> = layers.iter().map(|l| gzip(l)).collect();
-    let digests: Vec<String> = stored.iter().map(|l| put(l)).collect();
-    let descriptors: Vec<Value> = stored
-        .iter()
-        .zip(&digests)
-        .map(|(l, d)| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": l.len()}))
-        .collect();
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": descriptors,
-    }))
-    .unwrap();
-    let manifest_digest = put(&manifest);
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    std::fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": manifest.len(),
-            }],
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    (manifest_digest, digests)
+    let stored: Vec<Layer> = layers.iter().map(|l| Layer::gzip(l)).collect();
+    let written = write_layout(dir, &stored, Some(&json!({"team": "agents"})), None);
+    (written.manifest_digest, written.layer_digests)
 }
 
 fn have(tool: &str) -> bool {
@@ -345,16 +292,7 @@ fn listed(store: &StoreProc, template: &str) -> bool {
 
 /// The template `demo` of `store` read back through a daemon into `DIR/NAME.img`.
 fn read_back(store: &StoreProc, dir: &Path, name: &str) -> PathBuf {
-    let node = DaemonProc::start_unix(&store.url(), &dir.join(format!("node-{name}")), &[]);
-    let image = dir.join(format!("{name}.img"));
-    let (ok, _, err) = sh("nbdcopy", &[&node.nbd_uri("demo"), image.to_str().unwrap()]);
-    assert!(ok, "nbdcopy: {err}");
-    image
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    let (_, out, _) = sh("debugfs", &["-R", request, image.to_str().unwrap()]);
-    out
+    oci::read_back(store, dir, "demo", name)
 }
 
 fn manifest(store: &StoreProc, template: &str) -> Value {

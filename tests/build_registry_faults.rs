@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
+use support::oci::{gzip, sha};
 use support::{lazyblk, StoreProc};
 
 const USER: &str = "builder";
@@ -27,16 +28,6 @@ const BIG_FILE: usize = 256 << 20;
 /// The most memory the build may take while it unpacks the big layer: well under the
 /// layer, so the layer was never held whole.
 const MAX_RSS_KIB: i64 = 160 << 10;
-
-fn sha(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
-}
 
 fn layer(path: &str, body: &[u8]) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());

@@ -343,4 +343,5 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub mod buckets;
 pub mod lease;
 pub mod node;
+pub mod oci;
 pub mod proxy;
