@@ -5,54 +5,15 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
+use support::buckets::Azurite;
 use support::node::sh;
 use support::{free_port, lazyblk, make_ext4, pattern, wait_http};
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/azurite.sh")
-}
-
-struct Azurite {
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-fn start_azurite(container: &str) -> Option<Azurite> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(script())
-        .arg("start")
-        .arg(dir.path())
-        .arg(container)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-    let line = String::from_utf8_lossy(&out.stdout).into_owned();
-    let url = line
-        .trim()
-        .strip_prefix("export AZURITE_BLOB_STORAGE_URL=")?
-        .to_string();
-    if !out.status.success() {
-        return None;
-    }
-    Some(Azurite { dir, url })
-}
-
 #[test]
 fn a_daemon_reads_an_azure_container_directly() {
-    let Some(azurite) = start_azurite("templates") else {
+    let Some(azurite) = Azurite::start("templates") else {
         eprintln!("skipping the Azure test: Azurite could not be installed or started (npm install azurite); see the output above");
         return;
     };

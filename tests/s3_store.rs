@@ -9,80 +9,16 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use lazyblk_cache::Digest;
 use serde_json::Value;
+use support::buckets::Garage;
 use support::node::{sh, DaemonProc};
 use support::{free_port, lazyblk, make_ext4, pattern, publish, run, wait_http};
 
 const CHUNK: usize = 1 << 20;
-
-fn garage_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/garage.sh")
-}
-
-fn garage_on_path() -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join("garage").is_file()))
-        .unwrap_or(false)
-}
-
-/// A Garage server in its own directory; stopped on drop.
-struct Garage {
-    dir: tempfile::TempDir,
-    /// (name, value) of the variables the script printed to export.
-    env: Vec<(String, String)>,
-}
-
-impl Garage {
-    fn start() -> Garage {
-        let dir = tempfile::tempdir().expect("garage directory");
-        let out = Command::new(garage_script())
-            .arg("start")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running scripts/garage.sh");
-        // Built before the checks, so a failed start still stops what it started.
-        let mut garage = Garage {
-            dir,
-            env: Vec::new(),
-        };
-        assert!(out.status.success(), "scripts/garage.sh start failed");
-        let line = String::from_utf8_lossy(&out.stdout).into_owned();
-        garage.env = line
-            .trim()
-            .strip_prefix("export ")
-            .unwrap_or_else(|| panic!("no export line from garage.sh: {line:?}"))
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        garage
-    }
-
-    fn var(&self, name: &str) -> &str {
-        self.env
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_else(|| panic!("garage.sh printed no {name}"))
-    }
-}
-
-impl Drop for Garage {
-    fn drop(&mut self) {
-        let _ = Command::new(garage_script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .status();
-    }
-}
 
 /// A `lazyblk store` process over a bucket prefix; killed on drop.
 struct S3Store {
@@ -165,14 +101,13 @@ fn durability(store_url: &str, id: &str) -> String {
 
 #[test]
 fn an_s3_bucket_backs_the_store() {
-    if !garage_on_path() && std::env::var_os("LAZYBLK_S3_TEST").is_none() {
+    let Some(garage) = Garage::start() else {
         eprintln!(
             "skipping the S3 store test: garage is not on PATH \
              (cargo install garage --locked, or set LAZYBLK_S3_TEST=1 to install it)"
         );
         return;
-    }
-    let garage = Garage::start();
+    };
     let endpoint = garage.var("LAZYBLK_S3_ENDPOINT");
     let backend = format!("s3://lazyblk/test?endpoint={endpoint}");
     let store = S3Store::start(&garage, &backend);
@@ -258,11 +193,10 @@ fn an_s3_bucket_backs_the_store() {
 /// commit through the bucket once it is uploaded.
 #[test]
 fn a_daemon_reads_the_bucket_directly_without_a_store_process() {
-    if !garage_on_path() && std::env::var_os("LAZYBLK_S3_TEST").is_none() {
+    let Some(garage) = Garage::start() else {
         eprintln!("skipping the direct S3 test: garage is not on PATH");
         return;
-    }
-    let garage = Garage::start();
+    };
     let endpoint = garage.var("LAZYBLK_S3_ENDPOINT");
     let bucket = format!("s3://lazyblk/direct?endpoint={endpoint}");
     let tmp = tempfile::tempdir().unwrap();
@@ -364,11 +298,10 @@ fn a_daemon_reads_the_bucket_directly_without_a_store_process() {
 /// daemon with `--trusted-keys` serves the signed template and refuses the unsigned one.
 #[test]
 fn a_daemon_on_a_bucket_checks_signatures_too() {
-    if !garage_on_path() && std::env::var_os("LAZYBLK_S3_TEST").is_none() {
+    let Some(garage) = Garage::start() else {
         eprintln!("skipping the signed S3 test: garage is not on PATH");
         return;
-    }
-    let garage = Garage::start();
+    };
     let endpoint = garage.var("LAZYBLK_S3_ENDPOINT");
     let bucket = format!("s3://lazyblk/signed?endpoint={endpoint}");
     let tmp = tempfile::tempdir().unwrap();
