@@ -14,6 +14,7 @@
 //!   it names exists.
 
 mod docs {
+    pub mod design;
     pub mod links;
     pub mod quickstart;
     pub mod reference;
@@ -23,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use docs::reference::{self, CommandHelp};
-use docs::{links, quickstart};
+use docs::{design, links, quickstart};
 
 /// Set to 1 to rewrite the generated blocks from the binary instead of failing.
 const BLESS_VAR: &str = "LAZYBLK_BLESS_DOCS";
@@ -273,65 +274,6 @@ fn design_md() -> Option<PathBuf> {
     beside.exists().then_some(beside)
 }
 
-/// DESIGN.md section 7's commands and the flags each row names: `lazyblk warm ID
-/// [--wait] [--redo]` gives `lazyblk warm` {--wait, --redo}; a span without `lazyblk`
-/// (`overlay delete SB`, `unwarm`) is a command too.
-fn design_commands(
-    section: &str,
-    known: &[CommandHelp],
-) -> (BTreeMap<String, BTreeSet<String>>, Vec<String>) {
-    let groups: BTreeSet<String> = known
-        .iter()
-        .filter(|c| !c.subcommands.is_empty())
-        .map(|c| c.path[0].clone())
-        .collect();
-    let tops: BTreeSet<String> = known.iter().map(|c| c.path[0].clone()).collect();
-    let mut map: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut unknown = Vec::new();
-    for line in section.lines().filter(|l| l.starts_with("| `")) {
-        let first_cell = line
-            .trim_start_matches('|')
-            .split(" |")
-            .next()
-            .unwrap_or("");
-        for (i, span) in first_cell.split('`').enumerate() {
-            if i % 2 == 0 {
-                continue;
-            }
-            let span = span.replace("\\|", "|");
-            let words: Vec<&str> = span.split_whitespace().collect();
-            let words = match words.first() {
-                Some(&"lazyblk") => &words[1..],
-                _ => &words[..],
-            };
-            let Some(first) = words.first() else { continue };
-            if !tops.contains(*first) {
-                if first.chars().all(|c| c.is_ascii_lowercase() || c == '-')
-                    && !first.starts_with('-')
-                {
-                    unknown.push(format!(
-                        "DESIGN.md section 7 names `lazyblk {first}`, which --help does not have"
-                    ));
-                }
-                continue;
-            }
-            let mut name = format!("lazyblk {first}");
-            if groups.contains(*first) {
-                if let Some(sub) = words.get(1).filter(|w| !w.starts_with('-')) {
-                    name = format!("{name} {sub}");
-                }
-            }
-            let flags = words
-                .iter()
-                .flat_map(|w| w.split(['[', ']', '|', '=']))
-                .filter(|w| w.starts_with("--"))
-                .map(|w| w.trim_end_matches([',', '.', ')']).to_string());
-            map.entry(name).or_default().extend(flags);
-        }
-    }
-    (map, unknown)
-}
-
 #[test]
 fn design_section_7_agrees_with_help() {
     let Some(path) = design_md() else {
@@ -346,7 +288,7 @@ fn design_section_7_agrees_with_help() {
         .find("\n## ")
         .map_or(text.len(), |i| start + 5 + i);
     let commands = reference::from_binary(&bin());
-    let (named, mut failures) = design_commands(&text[start..end], &commands);
+    let (named, mut failures) = design::section_7_commands(&text[start..end], &commands);
     let real: BTreeMap<String, &CommandHelp> = commands.iter().map(|c| (c.name(), c)).collect();
     for command in &commands {
         let covered = named.contains_key(&command.name())
