@@ -86,6 +86,11 @@ fn sections(text: &str) -> (String, BTreeMap<String, Vec<String>>) {
                 .or_default();
             continue;
         }
+        if !line.starts_with(' ') && !line.trim().is_empty() {
+            // Unindented text that is not a section title (an after-help paragraph)
+            // ends the section: clap indents every entry.
+            current = None;
+        }
         match &current {
             Some(title) => map.entry(title.clone()).or_default().push(line.to_string()),
             None if map.is_empty() && !line.trim().is_empty() && about.is_empty() => {
