@@ -21,7 +21,8 @@ fail() { echo "package-test: FAIL: $*" >&2; exit 1; }
 for f in /usr/bin/lazyblk /etc/lazyblk/daemon.toml /etc/lazyblk/store.toml \
          /lib/systemd/system/lazyblk-daemon.service /lib/systemd/system/lazyblk-store.service \
          /usr/share/man/man1/lazyblk-daemon.1.gz /usr/share/bash-completion/completions/lazyblk \
-         /usr/share/zsh/vendor-completions/_lazyblk /usr/share/doc/lazyblk/README.md; do
+         /usr/share/zsh/vendor-completions/_lazyblk /usr/share/doc/lazyblk/README.md \
+         /usr/share/doc/lazyblk/docs/README.md /usr/share/doc/lazyblk/docs/commands.md; do
   [ -e "$f" ] || fail "$f is not installed"
 done
 dpkg-query -W -f='${Conffiles}\n' lazyblk | grep -q /etc/lazyblk/daemon.toml \

@@ -1,5 +1,5 @@
 //! The grammar of labels (a manifest's `labels`, `--label KEY=VALUE`) and of the label
-//! policy's keys, written down in README.md ("Labels").
+//! policy's keys, written down in docs/template-center.md ("Label grammar").
 //!
 //! Keys are label keys as Kubernetes and OCI annotations spell them: letters, digits,
 //! `.`, `-`, `_` and `/`, beginning and ending with a letter or digit (`guest_agent`,

@@ -3,7 +3,7 @@
 //! `lazyblk store --backend` runs, in this process, with the same keys. A daemon on
 //! an object store needs no store process; publish can write straight to the bucket
 //! (the manifest created only if absent, as far as the object store honours that: see
-//! the README).
+//! docs/fleet.md, "The object store, read directly").
 
 use bytes::Bytes;
 use lazyblk_cache::{Digest, Manifest, ObjectSource};
