@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -25,6 +24,8 @@ use super::{
 use crate::store::TemplateSummary;
 use crate::trust::ManifestSignature;
 
+/// The lock file of the chunks (see [`chunks_lock`]), beside `chunks/`.
+const CHUNKS_LOCK: &str = "chunks.lock";
 /// Read size when streaming a chunk file to a client: a quarter of the default chunk,
 /// few system calls per chunk without holding much memory per connection.
 const STREAM_BUFFER: usize = 256 << 10;
@@ -282,10 +283,13 @@ impl DirBackend {
     /// get a fresh mtime so a concurrent gc keeps them for the publish that asked.
     pub async fn missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, BackendError> {
         let chunks_dir = self.root.join("chunks");
+        let root = self.root.clone();
         // gc holds this lock while it sweeps: a chunk reported present here cannot be
-        // swept between its check and its touch.
+        // swept between its check and its touch (by this process; `chunks_lock` keeps
+        // other processes' gc out).
         let _no_gc = self.manifests_lock.lock().await;
         blocking(move || {
+            let _shared = chunks_lock(&root, false)?;
             let mut seen = HashSet::with_capacity(digests.len());
             let mut missing = Vec::new();
             for digest in digests {
@@ -314,10 +318,11 @@ impl DirBackend {
         let dest = self.chunk_path(&digest);
         let no_gc = self.manifests_lock.lock().await;
         if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-            let path = dest.clone();
+            let (path, root) = (dest.clone(), self.root.clone());
             // A stored copy that fails verification is replaced by this (verified)
             // upload: a PUT is how a damaged store is repaired.
             let intact = blocking(move || {
+                let _shared = chunks_lock(&root, false)?;
                 let intact = file_is_chunk(&path, &digest).unwrap_or(false);
                 if intact {
                     touch(&path);
@@ -494,12 +499,51 @@ pub(super) fn file_is_chunk(path: &Path, digest: &Digest) -> io::Result<bool> {
     }
 }
 
-/// Sets a chunk's mtime to now: gc keeps chunks touched within its grace period. A
-/// failure only weakens that protection, so it is logged, not returned.
+/// Sets a chunk's mtime to now, the file system's time rather than this process's
+/// clock (which may be off): gc keeps chunks touched within its grace period and takes
+/// its own "now" from the file system too. A truncate to the file's own length sets
+/// the time as a write does, without changing a byte; where the file cannot be opened
+/// for writing, the time is set explicitly. A failure only weakens the protection, so
+/// it is logged, not returned.
 fn touch(path: &Path) {
-    if let Err(e) = fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now())) {
+    use nix::sys::time::TimeSpec;
+    let by_truncate = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.metadata().and_then(|m| f.set_len(m.len())));
+    if by_truncate.is_ok() {
+        return;
+    }
+    let touched = fs::File::open(path).and_then(|f| {
+        nix::sys::stat::futimens(&f, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW)
+            .map_err(io::Error::from)
+    });
+    if let Err(e) = touched {
         tracing::debug!("touching {}: {e}", path.display());
     }
+}
+
+/// The lock every process serving this directory takes around "is the chunk there?
+/// touch it" (shared) and gc around "is it still old? delete it" (exclusive), so no
+/// chunk confirmed to a publisher by one process is deleted by another's gc. The
+/// kernel releases it when its holder dies.
+pub(super) fn chunks_lock(
+    root: &Path,
+    exclusive: bool,
+) -> Result<nix::fcntl::Flock<fs::File>, BackendError> {
+    let path = root.join(CHUNKS_LOCK);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("opening", &path))?;
+    let how = if exclusive {
+        nix::fcntl::FlockArg::LockExclusive
+    } else {
+        nix::fcntl::FlockArg::LockShared
+    };
+    nix::fcntl::Flock::lock(file, how).map_err(|(_, e)| io_err("locking", &path)(e.into()))
 }
 
 /// Removes everything in `dir` (leftover temporary files of a crashed write).

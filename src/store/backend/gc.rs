@@ -2,14 +2,14 @@
 //! older than a grace period (publish uploads chunks before its manifest, so a young
 //! unreferenced chunk may belong to a publish in progress).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use lazyblk_cache::{Digest, Manifest};
 
-use super::dir::{blocking, io_err, sync_dir, template_ids, DirBackend};
+use super::dir::{blocking, chunks_lock, io_err, sync_dir, template_ids, DirBackend};
 use super::BackendError;
 use crate::store::GcReport;
 
@@ -27,7 +27,10 @@ impl DirBackend {
     }
 }
 
-/// The gc sweep: the referenced set from every manifest, then every chunk file.
+/// The gc sweep: the referenced set from every manifest, then every chunk file; the
+/// chunks found unreferenced and old are checked again and deleted under the
+/// exclusive [`chunks_lock`], so none that another process confirmed (touched) since
+/// is lost.
 fn sweep(root: &Path, grace: Duration, keep: HashSet<Digest>) -> Result<GcReport, BackendError> {
     let manifests = root.join("manifests");
     let mut referenced = keep;
@@ -38,17 +41,28 @@ fn sweep(root: &Path, grace: Duration, keep: HashSet<Digest>) -> Result<GcReport
             .map_err(|source| BackendError::Corrupt { path, source })?;
         referenced.extend(manifest.referenced());
     }
-    let cutoff = SystemTime::now()
+    let cutoff = disk_now(root)?
         .checked_sub(grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
+    let old = |path: &Path| -> Result<Option<u64>, BackendError> {
+        match fs::metadata(path) {
+            Ok(meta) => Ok(meta
+                .modified()
+                .is_ok_and(|m| m <= cutoff)
+                .then_some(meta.len())),
+            // Deleted meanwhile (by another process's gc).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading metadata of", path)(e)),
+        }
+    };
     let mut report = GcReport::default();
+    let mut candidates = Vec::new();
     let chunks = root.join("chunks");
     for shard in fs::read_dir(&chunks).map_err(io_err("listing", &chunks))? {
         let shard = shard.map_err(io_err("listing", &chunks))?.path();
         if !shard.is_dir() {
             continue;
         }
-        let mut removed = false;
         for entry in fs::read_dir(&shard).map_err(io_err("listing", &shard))? {
             let path = entry.map_err(io_err("listing", &shard))?.path();
             let Some(digest) = path
@@ -60,21 +74,45 @@ fn sweep(root: &Path, grace: Duration, keep: HashSet<Digest>) -> Result<GcReport
             };
             if referenced.contains(&digest) {
                 report.chunks_referenced += 1;
-                continue;
-            }
-            let meta = fs::metadata(&path).map_err(io_err("reading metadata of", &path))?;
-            if meta.modified().map(|m| m > cutoff).unwrap_or(false) {
+            } else if old(&path)?.is_some() {
+                candidates.push(path);
+            } else {
                 report.chunks_recent += 1;
-                continue;
             }
-            fs::remove_file(&path).map_err(io_err("removing", &path))?;
-            report.chunks_deleted += 1;
-            report.bytes_freed += meta.len();
-            removed = true;
-        }
-        if removed {
-            sync_dir(&shard)?;
         }
     }
+    let _exclusive = chunks_lock(root, true)?;
+    let mut shards = BTreeSet::new();
+    for path in candidates {
+        let Some(len) = old(&path)? else {
+            report.chunks_recent += 1;
+            continue;
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err("removing", &path)(e)),
+        }
+        report.chunks_deleted += 1;
+        report.bytes_freed += len;
+        if let Some(shard) = path.parent() {
+            shards.insert(shard.to_path_buf());
+        }
+    }
+    for shard in shards {
+        sync_dir(&shard)?;
+    }
     Ok(report)
+}
+
+/// The file system's time now (the mtime of a new file): chunk mtimes are its times, so
+/// gc's cutoff is too, whatever this process's clock says.
+fn disk_now(root: &Path) -> Result<SystemTime, BackendError> {
+    let tmp = root.join("tmp");
+    let file = tempfile::NamedTempFile::new_in(&tmp)
+        .map_err(io_err("creating a temporary file in", &tmp))?;
+    file.as_file()
+        .metadata()
+        .and_then(|m| m.modified())
+        .map_err(io_err("reading metadata of", file.path()))
 }
