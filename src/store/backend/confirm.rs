@@ -64,6 +64,10 @@ const GC_HOLD: Duration = Duration::from_secs(8);
 const GC_RENEW: Duration = Duration::from_secs(5);
 /// Chunks deleted per batch at most (one read of the confirmations each).
 const GC_BATCH: usize = 2000;
+/// Confirmations younger than this are kept by every gc, whatever its grace: a gc run
+/// with a short grace must not drop what a later run with the default grace (10 min)
+/// relies on.
+const CONFIRMATION_KEEP: Duration = Duration::from_secs(600);
 /// How often a confirmer waiting on a `sweeping` marker reads it again.
 const MARKER_POLL: Duration = Duration::from_millis(200);
 
@@ -349,11 +353,16 @@ impl<'a> GcRun<'a> {
         self.set(Phase::Open).await
     }
 
-    /// Deletes confirmations older than `cutoff` (they protect nothing any more) and
-    /// leaves the marker `idle`.
+    /// Deletes confirmations older than `cutoff` and [`CONFIRMATION_KEEP`] (they
+    /// protect nothing any more) and leaves the marker `idle`.
     pub(super) async fn finish(mut self, cutoff: SystemTime) -> Result<(), BackendError> {
+        let floor = self
+            .started
+            .checked_sub(CONFIRMATION_KEEP)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let expired = cutoff.min(floor);
         for meta in self.confirmation_docs().await? {
-            if SystemTime::from(meta.last_modified) <= cutoff {
+            if SystemTime::from(meta.last_modified) <= expired {
                 match self.backend.store.delete(&meta.location).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(object_err("deleting", &meta.location)(e)),
@@ -381,5 +390,80 @@ impl<'a> GcRun<'a> {
             .try_collect()
             .await
             .map_err(object_err("listing", &dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    async fn with_chunk(body: &'static [u8]) -> (Arc<ObjectBackend>, Digest) {
+        let b = Arc::new(ObjectBackend::new(Arc::new(InMemory::new()), "p"));
+        let piece = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(body))]);
+        b.put_chunk(Digest::of(body), piece).await.unwrap();
+        (b, Digest::of(body))
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_while_gc_lists_is_read_by_its_next_batch() {
+        let (b, x) = with_chunk(b"leftover").await;
+        let mut run = GcRun::start(&b).await.unwrap();
+        let found = b.find_confirmed(vec![x]).await.unwrap();
+        assert_eq!(found, vec![(x, true)]);
+        let confirmed = run.begin_batch(SystemTime::UNIX_EPOCH).await.unwrap();
+        assert!(confirmed.contains(&x), "the batch sees the confirmation");
+        run.end_batch().await.unwrap();
+        run.finish(SystemTime::UNIX_EPOCH).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_during_a_sweep_waits_for_it_and_sees_its_deletes() {
+        let (b, x) = with_chunk(b"leftover").await;
+        let mut run = GcRun::start(&b).await.unwrap();
+        let confirmed = run.begin_batch(SystemTime::UNIX_EPOCH).await.unwrap();
+        assert!(confirmed.is_empty());
+        let asking = {
+            let b = b.clone();
+            tokio::spawn(async move { b.find_confirmed(vec![x]).await.unwrap() })
+        };
+        // The batch deletes x while the confirmation waits for it to end.
+        tokio::time::sleep(MARKER_POLL * 3).await;
+        assert!(!asking.is_finished(), "no answer while a batch sweeps");
+        b.store.delete(&b.chunk_key(&x)).await.unwrap();
+        run.end_batch().await.unwrap();
+        assert_eq!(asking.await.unwrap(), vec![(x, false)], "x is missing");
+        run.finish(SystemTime::UNIX_EPOCH).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_second_gc_is_refused_while_one_runs() {
+        let (b, _) = with_chunk(b"leftover").await;
+        let mut run = GcRun::start(&b).await.unwrap();
+        let second = {
+            let b = b.clone();
+            tokio::spawn(async move { GcRun::start(&b).await.map(|_| ()) })
+        };
+        // The running gc's marker changes (a batch), so the second is refused.
+        tokio::time::sleep(MARKER_POLL * 2).await;
+        run.begin_batch(SystemTime::UNIX_EPOCH).await.unwrap();
+        let refused = second.await.unwrap();
+        assert!(
+            matches!(refused, Err(BackendError::GcRunning(_))),
+            "{refused:?}"
+        );
+        run.end_batch().await.unwrap();
+        run.finish(SystemTime::UNIX_EPOCH).await.unwrap();
+        // Once it is idle, a new run starts at once.
+        GcRun::start(&b)
+            .await
+            .unwrap()
+            .finish(SystemTime::UNIX_EPOCH)
+            .await
+            .unwrap();
     }
 }

@@ -143,7 +143,7 @@ impl ObjectBackend {
             .join(format!("{id}.json"))
     }
 
-    fn chunk_key(&self, digest: &Digest) -> ObjectPath {
+    pub(super) fn chunk_key(&self, digest: &Digest) -> ObjectPath {
         let hex = digest.to_string();
         self.prefix.clone().join("chunks").join(&hex[..2]).join(hex)
     }
