@@ -104,8 +104,22 @@ fn version(seen: &Seen) -> Option<&DocVersion> {
 }
 
 impl ObjectBackend {
-    fn marker_key(&self) -> ObjectPath {
-        self.doc_key(MARKER)
+    /// The bucket's time of the marker's last write, from a listing of `center/`
+    /// (a HEAD's `Last-Modified` is whole seconds; a listing's is finer).
+    async fn marker_time(&self) -> Result<SystemTime, BackendError> {
+        let key = self.doc_key(MARKER);
+        let dir = self.prefix.clone().join("center");
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&dir))
+            .await
+            .map_err(object_err("listing", &dir))?;
+        match listed.objects.into_iter().find(|o| o.location == key) {
+            Some(meta) => Ok(meta.last_modified.into()),
+            None => Err(BackendError::GcRunning(format!(
+                "{key} vanished right after this gc wrote it"
+            ))),
+        }
     }
 
     async fn read_marker(&self) -> Result<Seen, BackendError> {
@@ -152,6 +166,16 @@ impl ObjectBackend {
                 return Ok((self.read_marker().await?, replaced.is_some()));
             }
         }
+    }
+
+    /// The version of the marker if it is still `written`: read back rather than taken
+    /// from the PUT's answer, which some S3-compatible servers word differently from a
+    /// GET's (the compare-and-swap without `--shared` compares what a GET says).
+    async fn written_marker(&self, written: &Marker) -> Result<Option<DocVersion>, BackendError> {
+        Ok(match self.read_marker().await? {
+            Some((m, v)) if m.run == written.run && m.seq == written.seq => Some(v),
+            _ => None,
+        })
     }
 
     /// Which of `digests` (repeats dropped, in order) are stored, the stored ones
@@ -256,24 +280,23 @@ impl<'a> GcRun<'a> {
                 seq,
                 phase: Phase::Open,
             };
-            let Some(version) = backend
+            if backend
                 .put_doc_if(MARKER, to_json(&marker), expected.as_ref())
                 .await?
-            else {
+                .is_none()
+            {
+                continue;
+            }
+            let Some(version) = backend.written_marker(&marker).await? else {
                 continue;
             };
-            let key = backend.marker_key();
-            let meta = backend
-                .store
-                .head(&key)
-                .await
-                .map_err(object_err("checking", &key))?;
+            let started = backend.marker_time().await?;
             return Ok(GcRun {
                 backend,
                 marker,
                 version,
                 written: Instant::now(),
-                started: meta.last_modified.into(),
+                started,
                 read: HashMap::new(),
             });
         }
@@ -293,7 +316,11 @@ impl<'a> GcRun<'a> {
             .backend
             .put_doc_if(MARKER, to_json(&next), Some(&self.version))
             .await?;
-        let Some(version) = written else {
+        let version = match written {
+            Some(_) => self.backend.written_marker(&next).await?,
+            None => None,
+        };
+        let Some(version) = version else {
             return Err(BackendError::GcRunning(format!(
                 "gc run {} lost its marker (taken for dead after {} s without a change); it \
                  stopped, another may run",
