@@ -505,7 +505,7 @@ pub(super) fn file_is_chunk(path: &Path, digest: &Digest) -> io::Result<bool> {
 /// the time as a write does, without changing a byte; where the file cannot be opened
 /// for writing, the time is set explicitly. A failure only weakens the protection, so
 /// it is logged, not returned.
-fn touch(path: &Path) {
+pub(super) fn touch(path: &Path) {
     use nix::sys::time::TimeSpec;
     let by_truncate = fs::OpenOptions::new()
         .write(true)

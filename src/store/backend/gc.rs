@@ -116,3 +116,51 @@ fn disk_now(root: &Path) -> Result<SystemTime, BackendError> {
         .and_then(|m| m.modified())
         .map_err(io_err("reading metadata of", file.path()))
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::store::backend::dir::touch;
+
+    /// Another process's confirmation, made while this one's gc had already chosen the
+    /// chunk: the gc waits for the lock, sees the fresh touch and keeps it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_touched_while_gc_waits_for_the_lock_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = std::sync::Arc::new(DirBackend::open(tmp.path()).await.unwrap());
+        let mut paths = Vec::new();
+        for body in [&b"confirmed"[..], &b"abandoned"[..]] {
+            let piece = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(body))]);
+            b.put_chunk(Digest::of(body), piece).await.unwrap();
+            let path = tmp
+                .path()
+                .join("chunks")
+                .join(Digest::of(body).shard_path());
+            let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+            fs::File::open(&path)
+                .unwrap()
+                .set_modified(hour_ago)
+                .unwrap();
+            paths.push(path);
+        }
+        // A confirmer in another process holds the lock: it found the chunk.
+        let confirmer = chunks_lock(tmp.path(), false).unwrap();
+        let gc = {
+            let b = b.clone();
+            tokio::spawn(async move { b.gc(Duration::from_secs(60), HashSet::new()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            paths[0].exists(),
+            "gc deletes nothing while a confirmer holds the lock"
+        );
+        touch(&paths[0]);
+        drop(confirmer);
+        let report = gc.await.unwrap().unwrap();
+        assert!(paths[0].exists(), "the confirmed chunk is kept");
+        assert!(!paths[1].exists(), "the other old one is swept");
+        assert_eq!((report.chunks_deleted, report.chunks_recent), (1, 1));
+    }
+}
