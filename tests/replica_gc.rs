@@ -291,45 +291,42 @@ fn forward(
     armed: &AtomicBool,
     held: &AtomicU64,
 ) -> std::io::Result<()> {
-    loop {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if client.read(&mut byte)? == 0 {
-                return Ok(());
-            }
-            head.push(byte[0]);
-        }
-        let text = String::from_utf8_lossy(&head).to_string();
-        let length: usize = text
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        let mut body = vec![0u8; length];
-        client.read_exact(&mut body)?;
-        let line = text.lines().next().unwrap_or("");
-        // A delete: one blob's, or a batch of them (`POST ...?comp=batch`).
-        let delete = line.starts_with("DELETE ") || line.contains("comp=batch");
-        if delete && armed.load(Ordering::SeqCst) {
-            held.fetch_add(1, Ordering::SeqCst);
-            // Never answered: the connection stays open until the client goes away.
-            let _ = client.read(&mut byte);
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte)? == 0 {
             return Ok(());
         }
-        let head = text.replacen("\r\n", "\r\nConnection: close\r\n", 1);
-        let mut up = TcpStream::connect(upstream)?;
-        up.write_all(head.as_bytes())?;
-        up.write_all(&body)?;
-        let mut answer = Vec::new();
-        up.read_to_end(&mut answer)?;
-        client.write_all(&answer)?;
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let length: usize = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    client.read_exact(&mut body)?;
+    let line = text.lines().next().unwrap_or("");
+    // A delete: one blob's, or a batch of them (`POST ...?comp=batch`).
+    let delete = line.starts_with("DELETE ") || line.contains("comp=batch");
+    if delete && armed.load(Ordering::SeqCst) {
+        held.fetch_add(1, Ordering::SeqCst);
+        // Never answered: the connection stays open until the client goes away.
+        let _ = client.read(&mut byte);
         return Ok(());
     }
+    let head = text.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(head.as_bytes())?;
+    up.write_all(&body)?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    client.write_all(&answer)
 }
 
 /// A gc killed while it deletes (its deletes held by a proxy, then the server killed):

@@ -17,6 +17,7 @@ use lazyblk_cache::{Digest, Manifest};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
+use super::gc::{chunks_lock, touch};
 use super::{
     check_trace, clip_range, difference, drain, manifest_to_store, not_the_chunk, summarize,
     BackendError, ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
@@ -24,8 +25,6 @@ use super::{
 use crate::store::TemplateSummary;
 use crate::trust::ManifestSignature;
 
-/// The lock file of the chunks (see [`chunks_lock`]), beside `chunks/`.
-const CHUNKS_LOCK: &str = "chunks.lock";
 /// Read size when streaming a chunk file to a client: a quarter of the default chunk,
 /// few system calls per chunk without holding much memory per connection.
 const STREAM_BUFFER: usize = 256 << 10;
@@ -497,53 +496,6 @@ pub(super) fn file_is_chunk(path: &Path, digest: &Digest) -> io::Result<bool> {
         }
         verifier.update(&buf[..n]);
     }
-}
-
-/// Sets a chunk's mtime to now, the file system's time rather than this process's
-/// clock (which may be off): gc keeps chunks touched within its grace period and takes
-/// its own "now" from the file system too. A truncate to the file's own length sets
-/// the time as a write does, without changing a byte; where the file cannot be opened
-/// for writing, the time is set explicitly. A failure only weakens the protection, so
-/// it is logged, not returned.
-pub(super) fn touch(path: &Path) {
-    use nix::sys::time::TimeSpec;
-    let by_truncate = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.metadata().and_then(|m| f.set_len(m.len())));
-    if by_truncate.is_ok() {
-        return;
-    }
-    let touched = fs::File::open(path).and_then(|f| {
-        nix::sys::stat::futimens(&f, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW)
-            .map_err(io::Error::from)
-    });
-    if let Err(e) = touched {
-        tracing::debug!("touching {}: {e}", path.display());
-    }
-}
-
-/// The lock every process serving this directory takes around "is the chunk there?
-/// touch it" (shared) and gc around "is it still old? delete it" (exclusive), so no
-/// chunk confirmed to a publisher by one process is deleted by another's gc. The
-/// kernel releases it when its holder dies.
-pub(super) fn chunks_lock(
-    root: &Path,
-    exclusive: bool,
-) -> Result<nix::fcntl::Flock<fs::File>, BackendError> {
-    let path = root.join(CHUNKS_LOCK);
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err("opening", &path))?;
-    let how = if exclusive {
-        nix::fcntl::FlockArg::LockExclusive
-    } else {
-        nix::fcntl::FlockArg::LockShared
-    };
-    nix::fcntl::Flock::lock(file, how).map_err(|(_, e)| io_err("locking", &path)(e.into()))
 }
 
 /// Removes everything in `dir` (leftover temporary files of a crashed write).
