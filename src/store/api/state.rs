@@ -109,7 +109,7 @@ impl From<BackendError> for ApiError {
             | BackendError::InvalidTrace { .. }
             | BackendError::DigestMismatch { .. }
             | BackendError::Body { .. } => StatusCode::BAD_REQUEST,
-            BackendError::Conflict { .. } => StatusCode::CONFLICT,
+            BackendError::Conflict { .. } | BackendError::GcRunning(_) => StatusCode::CONFLICT,
             BackendError::Unsatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             BackendError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // The bucket behind the store failed, not the store itself.

@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -18,6 +17,7 @@ use lazyblk_cache::{Digest, Manifest};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
+use super::gc::{chunks_lock, touch};
 use super::{
     check_trace, clip_range, difference, drain, manifest_to_store, not_the_chunk, summarize,
     BackendError, ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
@@ -282,10 +282,13 @@ impl DirBackend {
     /// get a fresh mtime so a concurrent gc keeps them for the publish that asked.
     pub async fn missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, BackendError> {
         let chunks_dir = self.root.join("chunks");
+        let root = self.root.clone();
         // gc holds this lock while it sweeps: a chunk reported present here cannot be
-        // swept between its check and its touch.
+        // swept between its check and its touch (by this process; `chunks_lock` keeps
+        // other processes' gc out).
         let _no_gc = self.manifests_lock.lock().await;
         blocking(move || {
+            let _shared = chunks_lock(&root, false)?;
             let mut seen = HashSet::with_capacity(digests.len());
             let mut missing = Vec::new();
             for digest in digests {
@@ -314,10 +317,11 @@ impl DirBackend {
         let dest = self.chunk_path(&digest);
         let no_gc = self.manifests_lock.lock().await;
         if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-            let path = dest.clone();
+            let (path, root) = (dest.clone(), self.root.clone());
             // A stored copy that fails verification is replaced by this (verified)
             // upload: a PUT is how a damaged store is repaired.
             let intact = blocking(move || {
+                let _shared = chunks_lock(&root, false)?;
                 let intact = file_is_chunk(&path, &digest).unwrap_or(false);
                 if intact {
                     touch(&path);
@@ -491,14 +495,6 @@ pub(super) fn file_is_chunk(path: &Path, digest: &Digest) -> io::Result<bool> {
             };
         }
         verifier.update(&buf[..n]);
-    }
-}
-
-/// Sets a chunk's mtime to now: gc keeps chunks touched within its grace period. A
-/// failure only weakens that protection, so it is logged, not returned.
-fn touch(path: &Path) {
-    if let Err(e) = fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now())) {
-        tracing::debug!("touching {}: {e}", path.display());
     }
 }
 

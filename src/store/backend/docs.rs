@@ -383,7 +383,10 @@ impl ObjectBackend {
         key
     }
 
-    async fn doc(&self, name: &str) -> Result<Option<(Vec<u8>, DocVersion)>, BackendError> {
+    pub(super) async fn doc(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Vec<u8>, DocVersion)>, BackendError> {
         let key = self.doc_key(name);
         let result = match self.store.get(&key).await {
             Ok(r) => r,
@@ -398,7 +401,7 @@ impl ObjectBackend {
         Ok(Some((bytes.to_vec(), version)))
     }
 
-    async fn put_doc_if(
+    pub(super) async fn put_doc_if(
         &self,
         name: &str,
         bytes: Vec<u8>,

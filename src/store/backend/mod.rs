@@ -32,6 +32,7 @@ use crate::trust::{ManifestSignature, TrustError};
 
 mod bucket_url;
 pub mod clouds;
+mod confirm;
 mod dir;
 mod docs;
 pub use docs::{random_u64, DocChange, DocVersion};
@@ -167,6 +168,10 @@ pub enum BackendError {
     /// A control-plane document kept changing under this server's updates.
     #[error("{doc} changed under {attempts} tries to update it (other store servers writing it); try again")]
     Contended { doc: String, attempts: u32 },
+    /// A gc could not run (another runs through another store process) or stopped
+    /// (it lost its marker to another).
+    #[error("{0}")]
+    GcRunning(String),
     /// A blocking task died (a panic in disk code).
     #[error("store task failed: {0}")]
     Task(String),

@@ -8,13 +8,13 @@
 //! after a read under a lock. Servers that ignore that header (Garage 2.x does) leave
 //! one race open: two store processes putting *different* manifests under one new id
 //! at the same instant; the last one wins. One store process per bucket prefix closes
-//! it, as its lock serializes manifest writes. The same holds for gc (`object_gc`),
-//! which knows only the chunks *this* process confirmed to uploaders.
+//! it, as its lock serializes manifest writes. Chunks confirmed to uploaders are
+//! recorded in the bucket (`confirm`), so a gc through any process keeps them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -54,12 +54,6 @@ pub struct ObjectBackend {
     /// Summaries of DURABLE templates, as in the directory engine: only a delete changes
     /// them, so they are not recomputed with a HEAD per chunk on every listing.
     pub(super) durable: DurableSummaries,
-    /// When each chunk was last confirmed present to an uploader (the missing list, a
-    /// PUT of a stored chunk). gc keeps unreferenced chunks confirmed within its grace
-    /// period, as the directory engine keeps files whose mtime a confirmation refreshed:
-    /// object storage cannot refresh an object's age cheaply. It lives as long as the
-    /// process, so it covers publishes through this store process only.
-    pub(super) confirmed: Mutex<HashMap<Digest, SystemTime>>,
     /// Serializes "compare, then write" of the control plane's documents when the
     /// bucket's conditional writes are not used (one store server per bucket).
     pub(super) docs_lock: tokio::sync::Mutex<()>,
@@ -119,7 +113,6 @@ impl ObjectBackend {
             prefix: ObjectPath::from(prefix),
             manifests_lock: tokio::sync::Mutex::new(()),
             durable: DurableSummaries::default(),
-            confirmed: Mutex::new(HashMap::new()),
             docs_lock: tokio::sync::Mutex::new(()),
             conditional: std::sync::atomic::AtomicBool::new(false),
         }
@@ -150,7 +143,7 @@ impl ObjectBackend {
             .join(format!("{id}.json"))
     }
 
-    fn chunk_key(&self, digest: &Digest) -> ObjectPath {
+    pub(super) fn chunk_key(&self, digest: &Digest) -> ObjectPath {
         let hex = digest.to_string();
         self.prefix.clone().join("chunks").join(&hex[..2]).join(hex)
     }
@@ -416,10 +409,10 @@ impl ObjectBackend {
     }
 
     /// The digests the bucket lacks, in the order given, without repeats. Present ones
-    /// are recorded as confirmed, so gc keeps them for the publish that asked.
+    /// are recorded as confirmed in the bucket, so a gc through any process keeps them
+    /// for the publish that asked.
     pub async fn missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, BackendError> {
-        let found = self.find(digests).await?;
-        self.confirm(found.iter().filter(|(_, here)| *here).map(|(d, _)| *d));
+        let found = self.find_confirmed(digests).await?;
         Ok(found
             .into_iter()
             .filter(|(_, here)| !here)
@@ -428,7 +421,10 @@ impl ObjectBackend {
     }
 
     /// Whether the bucket holds each of `digests` (repeats dropped), in order.
-    async fn find(&self, digests: Vec<Digest>) -> Result<Vec<(Digest, bool)>, BackendError> {
+    pub(super) async fn find(
+        &self,
+        digests: Vec<Digest>,
+    ) -> Result<Vec<(Digest, bool)>, BackendError> {
         let mut seen = HashSet::with_capacity(digests.len());
         let unique: Vec<Digest> = digests.into_iter().filter(|d| seen.insert(*d)).collect();
         futures::stream::iter(unique)
@@ -441,13 +437,6 @@ impl ObjectBackend {
             .await
     }
 
-    fn confirm(&self, digests: impl Iterator<Item = Digest>) {
-        let now = SystemTime::now();
-        if let Ok(mut confirmed) = self.confirmed.lock() {
-            confirmed.extend(digests.map(|d| (d, now)));
-        }
-    }
-
     /// Receives a chunk body into memory, hashing it, and stores it with one PUT only
     /// when it hashes to `digest`.
     pub async fn put_chunk<S, E>(&self, digest: Digest, body: S) -> Result<ChunkPut, BackendError>
@@ -455,27 +444,53 @@ impl ObjectBackend {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        if self.chunk_len(&digest).await?.is_some() {
+        let replacing = self.chunk_len(&digest).await?.is_some();
+        if replacing {
             // A stored copy that fails verification is replaced by this (verified)
             // upload: a PUT is how a damaged bucket is repaired. Publishers ask for
             // missing chunks first, so a PUT of a present chunk is rare.
             let key = self.chunk_key(&digest);
             let stored = self.get_optional(&key).await?;
             if stored.is_some_and(|b| is_chunk(&b, &digest)) {
-                // Read the body anyway so the client sees the answer, not a broken pipe.
-                drain(body, MAX_CHUNK_BODY).await;
-                self.confirm(std::iter::once(digest));
-                return Ok(ChunkPut::Present);
+                // "Present" is a confirmation like the missing list's; a chunk a gc
+                // deleted meanwhile is stored again from this upload.
+                if self
+                    .find_confirmed(vec![digest])
+                    .await?
+                    .iter()
+                    .all(|(_, h)| *h)
+                {
+                    // Read the body anyway so the client sees the answer, not a broken
+                    // pipe.
+                    drain(body, MAX_CHUNK_BODY).await;
+                    return Ok(ChunkPut::Present);
+                }
+            } else {
+                tracing::warn!(chunk = %digest, "stored chunk does not match its digest; replacing it with the verified upload");
             }
-            tracing::warn!(chunk = %digest, "stored chunk does not match its digest; replacing it with the verified upload");
         }
         let bytes = receive(&digest, body).await?;
         let len = bytes.len() as u64;
         let key = self.chunk_key(&digest);
         self.store
-            .put(&key, PutPayload::from(bytes))
+            .put(&key, PutPayload::from(bytes.clone()))
             .await
             .map_err(object_err("writing", &key))?;
+        // A copy that replaced another may be in a gc's batch (chosen from the bucket's
+        // listing when the old copy was there): confirmed like a present chunk, and
+        // written again if that batch deleted it.
+        if replacing
+            && !self
+                .find_confirmed(vec![digest])
+                .await?
+                .iter()
+                .all(|(_, h)| *h)
+        {
+            self.store
+                .put(&key, PutPayload::from(bytes))
+                .await
+                .map_err(object_err("writing", &key))?;
+        }
         Ok(ChunkPut::Stored(len))
     }
 }
