@@ -18,7 +18,8 @@
 # bytes per template byte with peers and without, for N = 2, 4, 8), B10 thousands of
 # templates (NBD_OPT_LIST, `lazyblk templates`, the daemon's RSS) and a 50 GiB one;
 # B9 again over shaped networks (scripts/bench/net.sh: nodes and store in network
-# namespaces, the store 20 ms and 1 Gbit/s away, then 60 ms and 200 Mbit/s).
+# namespaces, the store 20 ms and 1 Gbit/s away, then 60 ms and 200 Mbit/s), and B12
+# cold boots of a real Debian in a qemu guest from /dev/nbd0 (scripts/bench/boot.sh).
 # A figure whose feature is missing is reported as "not measured: <reason>".
 # Exits 0 when targets are missed (the table says so), non-zero when the bench breaks.
 set -euo pipefail
@@ -788,6 +789,22 @@ if [ "${BENCH_NET:-1}" != 0 ]; then
     note "B9 region/far: ${BENCH_NET_MIB:-64} MiB ext4 of random data; ${BENCH_NET_NODES:-8} nodes and the store each in a network namespace (scripts/netlab.sh); the store's link shaped with tbf, its requests delayed by scripts/bench/delay_proxy.py"
   else
     not_measured "B9 over shaped networks" "scripts/bench/net.sh failed (see its output above)" "<= 1.5x"
+  fi
+fi
+
+# --- B12: cold boots -------------------------------------------------------------------
+
+# A real Debian booting in a qemu guest from a lazyblk sandbox on /dev/nbd0, the store
+# 20 ms per request away: warm, first, cold, and the image as a virtio disk (the floor).
+# Minutes under TCG; BENCH_BOOT=0 skips it.
+if [ "${BENCH_BOOT:-1}" != 0 ]; then
+  log "B12 cold boots (scripts/bench/boot.sh)"
+  : >"$work/boot-rows"
+  if BENCH_BIN=$bin BENCH_NET_ROWS=$work/boot-rows scripts/bench/boot.sh region >&2; then
+    while IFS= read -r line; do rows+=("$line"); done <"$work/boot-rows"
+    note "B12: Debian 12 (systemd; debootstrap, 2 GiB ext4) in a qemu guest under TCG on Debian's 6.12 cloud kernel; the store on the host behind a 20 ms per-request delay through qemu's user network; times from the moment the root device can be opened to multi-user.target, guest clock"
+  else
+    not_measured "B12 cold boots" "scripts/bench/boot.sh failed (see its output above)" "<= 1.3x"
   fi
 fi
 
