@@ -1,27 +1,41 @@
-//! Reusable data buffers for one connection's reads and writes, so that a steady stream
-//! of requests allocates nothing (DESIGN.md section 9).
+//! The one pool of request buffers, so that a steady stream of reads and writes
+//! allocates (and faults in) nothing (DESIGN.md section 9). The NBD server keeps one per
+//! connection, the FUSE mount one per mount.
 //!
-//! A pool belongs to one connection: a buffer only ever held that connection's own
-//! export bytes, so handing it out again without zeroing leaks nothing across clients.
+//! A buffer handed out again is not zeroed: it holds bytes its pool's user read or
+//! wrote before. An NBD connection's pool only ever held that connection's own image
+//! bytes; the FUSE mount's are all served to the kernel, which checks access itself.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Bytes of idle buffers one connection keeps for reuse: enough for a kernel client's
+/// Bytes of idle buffers a pool keeps for reuse by default: enough for a kernel client's
 /// usual queue of 128 KiB–1 MiB requests, small enough that a thousand idle
 /// connections do not pin gigabytes.
 pub const RETAINED_BYTES: usize = 8 << 20;
 
-/// A connection's free buffers.
-#[derive(Debug, Default)]
+/// Free buffers, lent out by [`BufferPool::take`].
+#[derive(Debug)]
 pub struct BufferPool {
     /// Idle buffers; each is fully initialised up to its `len()`.
     free: Mutex<Vec<Vec<u8>>>,
+    /// The most idle bytes kept; a buffer returned past it is freed.
+    retained: usize,
 }
 
 impl BufferPool {
+    /// A pool keeping at most [`RETAINED_BYTES`] idle.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Self::with_retained(RETAINED_BYTES)
+    }
+
+    /// A pool keeping at most `retained` idle bytes (a buffer larger than that is never
+    /// kept).
+    pub fn with_retained(retained: usize) -> Arc<Self> {
+        Arc::new(BufferPool {
+            free: Mutex::new(Vec::new()),
+            retained,
+        })
     }
 
     /// A buffer of exactly `len` bytes. Its contents are unspecified (zeroes, or bytes this
@@ -55,7 +69,7 @@ impl BufferPool {
     fn give_back(&self, buf: Vec<u8>) {
         let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
         let retained: usize = free.iter().map(Vec::len).sum();
-        if retained + buf.len() <= RETAINED_BYTES {
+        if retained + buf.len() <= self.retained {
             free.push(buf);
         }
     }
