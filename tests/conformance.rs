@@ -5,9 +5,9 @@
 //! libnbd, FUSE through pread/pwrite/fsync/fallocate/lseek on the mounted file), and
 //! the answers hold the bytes a model of the script predicts.
 
-mod support;
 #[path = "conformance/suite.rs"]
 mod suite;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use lazyblk_image::{Kind, MemImages};
 use lazyblk_nbd::{Listener, ServerConfig};
 use suite::{
-    assert_same, check_model, fuse_usable, read_only_script, script, FuseDoor, ImageDoor,
-    NbdDoor,
+    assert_same, check_model, fuse_usable, read_only_script, script, FuseDoor, ImageDoor, NbdDoor,
 };
 use support::node::{sh, DaemonProc};
 use support::{make_ext4, pattern, publish, run, StoreProc};
@@ -38,7 +37,11 @@ fn mem_start() -> Vec<u8> {
 fn wait_for_file(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -99,9 +102,18 @@ fn nbd_and_fuse_give_the_same_answers_over_in_memory_images() {
     assert_same(&steps, ("the traits", &by_traits), ("NBD", &by_nbd));
     assert_same(&steps, ("the traits", &by_traits), ("FUSE", &by_fuse));
     let want = reference.contents();
-    assert!(images.get("via-nbd").unwrap().contents() == want, "NBD left other bytes");
-    assert!(images.get("via-fuse").unwrap().contents() == want, "FUSE left other bytes");
-    assert!(images.get("via-fuse").unwrap().flushes() >= 2, "fsync reached the image");
+    assert!(
+        images.get("via-nbd").unwrap().contents() == want,
+        "NBD left other bytes"
+    );
+    assert!(
+        images.get("via-fuse").unwrap().contents() == want,
+        "FUSE left other bytes"
+    );
+    assert!(
+        images.get("via-fuse").unwrap().flushes() >= 2,
+        "fsync reached the image"
+    );
 
     let steps = read_only_script(MEM_SIZE);
     let template = images.get("template").unwrap();

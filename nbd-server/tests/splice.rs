@@ -74,7 +74,7 @@ impl ReadImage for FileExport {
 
 impl WriteImage for FileExport {
     fn writable(&self) -> bool {
-        !true
+        false
     }
 
     async fn write_at(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {

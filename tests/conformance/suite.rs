@@ -64,26 +64,81 @@ pub fn script(size: u64) -> Vec<Step> {
     vec![
         Step::DataMap,
         Step::Read { offset: 0, len: M },
-        Step::Write { offset: 3 * 4096 + 100, len: 10_000, seed: 1 },
-        Step::Read { offset: 0, len: 64 * K },
-        Step::Write { offset: M, len: 256 * K, seed: 2 },
+        Step::Write {
+            offset: 3 * 4096 + 100,
+            len: 10_000,
+            seed: 1,
+        },
+        Step::Read {
+            offset: 0,
+            len: 64 * K,
+        },
+        Step::Write {
+            offset: M,
+            len: 256 * K,
+            seed: 2,
+        },
         Step::Flush,
         Step::DataMap,
-        Step::Trim { offset: M + 64 * K, len: 64 * K },
-        Step::Read { offset: M, len: 256 * K },
-        Step::Zero { offset: 3 * 4096 + 2100, len: 5000 },
-        Step::Read { offset: 0, len: 64 * K },
-        Step::Zero { offset: M + 192 * K, len: 32 * K },
-        Step::ZeroAllocated { offset: M + 128 * K, len: 32 * K },
+        Step::Trim {
+            offset: M + 64 * K,
+            len: 64 * K,
+        },
+        Step::Read {
+            offset: M,
+            len: 256 * K,
+        },
+        Step::Zero {
+            offset: 3 * 4096 + 2100,
+            len: 5000,
+        },
+        Step::Read {
+            offset: 0,
+            len: 64 * K,
+        },
+        Step::Zero {
+            offset: M + 192 * K,
+            len: 32 * K,
+        },
+        Step::ZeroAllocated {
+            offset: M + 128 * K,
+            len: 32 * K,
+        },
         Step::DataMap,
-        Step::Read { offset: M, len: 256 * K },
-        Step::Write { offset: 2 * M + 4000, len: 200 * K, seed: 3 },
-        Step::Read { offset: 512 * K, len: 2 * M },
-        Step::Read { offset: end - 64 * K, len: 64 * K },
-        Step::Write { offset: end - 512, len: 512, seed: 4 },
-        Step::Read { offset: end - 4096, len: 4096 },
-        Step::Zero { offset: end - 8192, len: 8192 },
-        Step::Read { offset: end - 16 * K, len: 16 * K },
+        Step::Read {
+            offset: M,
+            len: 256 * K,
+        },
+        Step::Write {
+            offset: 2 * M + 4000,
+            len: 200 * K,
+            seed: 3,
+        },
+        Step::Read {
+            offset: 512 * K,
+            len: 2 * M,
+        },
+        Step::Read {
+            offset: end - 64 * K,
+            len: 64 * K,
+        },
+        Step::Write {
+            offset: end - 512,
+            len: 512,
+            seed: 4,
+        },
+        Step::Read {
+            offset: end - 4096,
+            len: 4096,
+        },
+        Step::Zero {
+            offset: end - 8192,
+            len: 8192,
+        },
+        Step::Read {
+            offset: end - 16 * K,
+            len: 16 * K,
+        },
         Step::Flush,
         Step::DataMap,
     ]
@@ -93,11 +148,27 @@ pub fn script(size: u64) -> Vec<Step> {
 pub fn read_only_script(size: u64) -> Vec<Step> {
     vec![
         Step::DataMap,
-        Step::Read { offset: 0, len: 1 << 20 },
-        Step::Read { offset: size - 8192, len: 8192 },
-        Step::Write { offset: 0, len: 512, seed: 9 },
-        Step::Zero { offset: 0, len: 4096 },
-        Step::Read { offset: 0, len: 4096 },
+        Step::Read {
+            offset: 0,
+            len: 1 << 20,
+        },
+        Step::Read {
+            offset: size - 8192,
+            len: 8192,
+        },
+        Step::Write {
+            offset: 0,
+            len: 512,
+            seed: 9,
+        },
+        Step::Zero {
+            offset: 0,
+            len: 4096,
+        },
+        Step::Read {
+            offset: 0,
+            len: 4096,
+        },
         Step::DataMap,
     ]
 }
@@ -117,7 +188,10 @@ pub fn check_model(start: &[u8], steps: &[Step], answers: &[Answer], writable: b
                 let Answer::Bytes(got) = answer else {
                     panic!("step {i} {step:?}: {answer:?}");
                 };
-                assert!(got == want, "step {i} {step:?}: bytes differ from the model");
+                assert!(
+                    got == want,
+                    "step {i} {step:?}: bytes differ from the model"
+                );
             }
             Step::Write { offset, len, seed } if writable => {
                 assert_eq!(answer, &Answer::Done, "step {i} {step:?}");
@@ -152,10 +226,16 @@ pub fn check_model(start: &[u8], steps: &[Step], answers: &[Answer], writable: b
                 let covered = |s: u64, e: u64| map.iter().any(|&(ms, me)| ms <= s && e <= me);
                 let touches = |s: u64, e: u64| map.iter().any(|&(ms, me)| ms < e && s < me);
                 for &(s, e) in &written {
-                    assert!(covered(s, e), "step {i}: written [{s}, {e}) not data in {map:?}");
+                    assert!(
+                        covered(s, e),
+                        "step {i}: written [{s}, {e}) not data in {map:?}"
+                    );
                 }
                 for &(s, e) in trimmed.iter().filter(|(s, e)| s < e) {
-                    assert!(!touches(s, e), "step {i}: trimmed [{s}, {e}) is data in {map:?}");
+                    assert!(
+                        !touches(s, e),
+                        "step {i}: trimmed [{s}, {e}) is data in {map:?}"
+                    );
                 }
             }
         }
@@ -441,7 +521,10 @@ impl FuseDoor {
     pub fn run(&self, steps: &[Step]) -> Vec<Answer> {
         let (file, writable) = match OpenOptions::new().read(true).write(true).open(&self.path) {
             Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EROFS) || e.raw_os_error() == Some(libc::EACCES) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EROFS)
+                    || e.raw_os_error() == Some(libc::EACCES) =>
+            {
                 (File::open(&self.path).expect("opening read-only"), false)
             }
             Err(e) => panic!("opening {}: {e}", self.path.display()),
@@ -462,7 +545,10 @@ impl FuseDoor {
                         Err(e) => Answer::Failed(e.to_string()),
                     }
                 }
-                Step::Write { .. } | Step::Trim { .. } | Step::Zero { .. } | Step::ZeroAllocated { .. }
+                Step::Write { .. }
+                | Step::Trim { .. }
+                | Step::Zero { .. }
+                | Step::ZeroAllocated { .. }
                     if !writable =>
                 {
                     Answer::Refused
