@@ -193,6 +193,23 @@ fn nbd_and_fuse_give_the_same_answers_over_the_daemons_images() {
     check_model(&start, &steps, &by_nbd, true);
     check_model(&start, &steps, &by_fuse, true);
     assert_same(&steps, ("NBD", &by_nbd), ("FUSE", &by_fuse));
+    // Every operation was counted once as its neutral operation, under its door.
+    for command in [
+        "read",
+        "write",
+        "flush",
+        "trim",
+        "write_zeroes",
+        "block_status",
+        "fuse_read",
+        "fuse_write",
+        "fuse_flush",
+        "fuse_write_zeroes",
+        "fuse_extents",
+    ] {
+        let name = format!("lazyblk_nbd_requests_total{{command=\"{command}\",result=\"ok\"}}");
+        assert!(daemon.metric(&name) > 0.0, "{name} not counted");
+    }
     // Each sandbox read whole through the other door: the same bytes.
     let fuse_of_nbd = std::fs::read(fuse.join("sandboxes/sb-nbd")).unwrap();
     let nbd_of_fuse = nbd_bytes(&daemon.nbd_uri("sb-fuse"), &tmp.path().join("sb-fuse.img"));
