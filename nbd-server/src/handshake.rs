@@ -26,9 +26,24 @@ pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// opaque to clients, there is one context, so any fixed value does.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
-/// The preferred block size advertised in NBD_INFO_BLOCK_SIZE: the page size, and the
-/// block size of the ext4 templates this server exists for.
+/// The preferred block size advertised in NBD_INFO_BLOCK_SIZE when the image's own
+/// ([`ReadImage::block_size`]) cannot be: the page size, and the block size of the ext4
+/// templates this server exists for.
 pub const PREFERRED_BLOCK: u32 = 4096;
+
+/// The smallest preferred block size the protocol allows.
+const SMALLEST_PREFERRED: u32 = 512;
+
+/// The preferred block size to advertise for an image that tracks `image` bytes at a
+/// time: its own when the protocol allows it (a power of two from 512 up to the largest
+/// request), [`PREFERRED_BLOCK`] otherwise.
+fn preferred_block(image: u32, max_request: u32) -> u32 {
+    if image.is_power_of_two() && (SMALLEST_PREFERRED..=max_request).contains(&image) {
+        image
+    } else {
+        PREFERRED_BLOCK
+    }
+}
 
 /// The minimum block size advertised: any byte is addressable (exports do
 /// read-modify-write where they need to).
@@ -407,7 +422,8 @@ impl<E: Images> Negotiation<'_, E> {
         self.reply(option, proto::REP_INFO, &info);
 
         let mut info = proto::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-        for size in [MINIMUM_BLOCK, PREFERRED_BLOCK, self.max_request] {
+        let preferred = preferred_block(session.export.block_size(), self.max_request);
+        for size in [MINIMUM_BLOCK, preferred, self.max_request] {
             info.extend_from_slice(&size.to_be_bytes());
         }
         self.reply(option, proto::REP_INFO, &info);
@@ -569,4 +585,26 @@ async fn receive<R: AsyncRead + Unpin>(
     read_message(reader, buf)
         .await
         .map_err(|source| io_error(stage, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_images_block_size_is_preferred_when_the_protocol_allows_it() {
+        assert_eq!(preferred_block(4096, 1 << 20), 4096);
+        assert_eq!(preferred_block(65536, 1 << 20), 65536);
+        assert_eq!(
+            preferred_block(3000, 1 << 20),
+            PREFERRED_BLOCK,
+            "not a power of two"
+        );
+        assert_eq!(preferred_block(256, 1 << 20), PREFERRED_BLOCK, "below 512");
+        assert_eq!(
+            preferred_block(2 << 20, 1 << 20),
+            PREFERRED_BLOCK,
+            "past max_request"
+        );
+    }
 }
