@@ -63,6 +63,11 @@ pub fn script(size: u64) -> Vec<Step> {
     let end = size;
     vec![
         Step::DataMap,
+        // A large read of holes (over MemImages: sent as a hole chunk, not copied).
+        Step::Read {
+            offset: 512 * K,
+            len: 256 * K,
+        },
         Step::Read { offset: 0, len: M },
         Step::Write {
             offset: 3 * 4096 + 100,
