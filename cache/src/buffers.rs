@@ -11,9 +11,8 @@
 //! hands on ([`take_filled`] for decoders that fill every byte, [`take_empty`] for bodies
 //! appended to).
 
-use std::sync::Mutex;
-
 use bytes::Bytes;
+use lazyblk_image::BufferPool;
 
 /// The most bytes of idle buffers kept: as many 1 MiB chunks as the node fetches at once
 /// on demand.
@@ -21,103 +20,26 @@ pub const KEPT_BYTES: usize = 16 << 20;
 /// The largest buffer kept.
 pub const LARGEST_KEPT: usize = 4 << 20;
 
-/// A set of idle buffers (one per process, [`KEPT`]; tests make their own).
-struct Kept {
-    state: Mutex<KeptState>,
-}
+/// The node's idle fetch buffers: `lazyblk-image`'s one [`BufferPool`], process-wide.
+static KEPT: BufferPool = BufferPool::bounded(KEPT_BYTES, LARGEST_KEPT);
 
-struct KeptState {
-    buffers: Vec<Vec<u8>>,
-    bytes: usize,
-}
-
-static KEPT: Kept = Kept::new();
-
-impl Kept {
-    const fn new() -> Kept {
-        Kept {
-            state: Mutex::new(KeptState {
-                buffers: Vec::new(),
-                bytes: 0,
-            }),
-        }
-    }
-
-    /// Runs `f` on the set, not SCHED_IDLE meanwhile: fills' low-priority threads take
-    /// and give back buffers too, and one preempted holding the lock would keep a
-    /// demand read's fetch waiting (as with the chunk index).
-    fn with<T>(&self, f: impl FnOnce(&mut KeptState) -> T) -> T {
-        let _foreground = crate::background::foreground();
-        // Every update is one step on plain data: a poisoned lock is still consistent.
-        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// The smallest kept buffer of at least `len` bytes' capacity, if there is one.
-    fn reuse(&self, len: usize) -> Option<Vec<u8>> {
-        self.with(|kept| {
-            let at = (0..kept.buffers.len())
-                .filter(|&i| kept.buffers[i].capacity() >= len)
-                .min_by_key(|&i| kept.buffers[i].capacity())?;
-            let buffer = kept.buffers.swap_remove(at);
-            kept.bytes -= buffer.capacity();
-            Some(buffer)
-        })
-    }
-
-    fn take_empty(&self, len: usize) -> Vec<u8> {
-        match self.reuse(len) {
-            Some(mut buffer) => {
-                buffer.clear();
-                buffer
-            }
-            None => Vec::with_capacity(len),
-        }
-    }
-
-    fn take_filled(&self, len: usize) -> Vec<u8> {
-        match self.reuse(len) {
-            Some(mut buffer) => {
-                buffer.resize(len, 0);
-                buffer
-            }
-            None => vec![0; len],
-        }
-    }
-
-    /// Keeps `buffer`, unless it is too large or enough is kept; a buffer not kept is
-    /// freed outside the lock.
-    fn give_back(&self, buffer: Vec<u8>) {
-        let capacity = buffer.capacity();
-        if capacity == 0 || capacity > LARGEST_KEPT {
-            return;
-        }
-        let refused = self.with(|kept| {
-            if kept.bytes + capacity <= KEPT_BYTES {
-                kept.bytes += capacity;
-                kept.buffers.push(buffer);
-                None
-            } else {
-                Some(buffer)
-            }
-        });
-        drop(refused);
-    }
-
-    #[cfg(test)]
-    fn bytes(&self) -> usize {
-        self.with(|kept| kept.bytes)
-    }
+/// Runs `f` on the pool, not SCHED_IDLE meanwhile: fills' low-priority threads take
+/// and give back buffers too, and one preempted holding the pool's lock would keep a
+/// demand read's fetch waiting (as with the chunk index).
+fn with_pool<T>(pool: &BufferPool, f: impl FnOnce(&BufferPool) -> T) -> T {
+    let _foreground = crate::background::foreground();
+    f(pool)
 }
 
 /// An empty buffer with room for `len` bytes, for a body appended to.
 pub fn take_empty(len: usize) -> Vec<u8> {
-    KEPT.take_empty(len)
+    with_pool(&KEPT, |pool| pool.take_empty(len))
 }
 
 /// A buffer of exactly `len` bytes whose contents are unspecified (an earlier chunk's,
 /// or zeroes), for a decoder that writes every byte of it.
 pub fn take_filled(len: usize) -> Vec<u8> {
-    KEPT.take_filled(len)
+    with_pool(&KEPT, |pool| pool.take_filled(len))
 }
 
 /// `buffer`'s bytes as [`Bytes`]; the buffer is given back when the last clone drops.
@@ -125,7 +47,7 @@ pub fn into_bytes(buffer: Vec<u8>) -> Bytes {
     Bytes::from_owner(Returned(buffer, &KEPT))
 }
 
-struct Returned(Vec<u8>, &'static Kept);
+struct Returned(Vec<u8>, &'static BufferPool);
 
 impl AsRef<[u8]> for Returned {
     fn as_ref(&self) -> &[u8] {
@@ -135,7 +57,8 @@ impl AsRef<[u8]> for Returned {
 
 impl Drop for Returned {
     fn drop(&mut self) {
-        self.1.give_back(std::mem::take(&mut self.0));
+        let buffer = std::mem::take(&mut self.0);
+        with_pool(self.1, |pool| pool.give_back(buffer));
     }
 }
 
@@ -143,8 +66,8 @@ impl Drop for Returned {
 mod tests {
     use super::*;
 
-    fn local() -> &'static Kept {
-        Box::leak(Box::new(Kept::new()))
+    fn local() -> &'static BufferPool {
+        Box::leak(Box::new(BufferPool::bounded(KEPT_BYTES, LARGEST_KEPT)))
     }
 
     #[test]
@@ -157,26 +80,26 @@ mod tests {
         let reader = bytes.clone();
         assert_eq!(&bytes[..], &[7; 1000][..], "only the bytes written");
         drop(bytes);
-        assert_eq!(kept.bytes(), 0, "a reader still holds it");
+        assert_eq!(kept.idle_bytes(), 0, "a reader still holds it");
         drop(reader);
-        assert_eq!(kept.bytes(), 1 << 20, "given back by the last reader");
+        assert_eq!(kept.idle_bytes(), 1 << 20, "given back by the last reader");
         let decoded = kept.take_filled(1 << 20);
         assert_eq!(decoded.len(), 1 << 20);
         assert_eq!(decoded.as_ptr(), address, "the same memory: no fresh pages");
-        assert_eq!(kept.bytes(), 0);
+        assert_eq!(kept.idle_bytes(), 0);
     }
 
     #[test]
     fn what_is_kept_is_bounded_and_the_best_fit_is_taken() {
         let kept = local();
         kept.give_back(vec![0; LARGEST_KEPT + 1]);
-        assert_eq!(kept.bytes(), 0, "too large a buffer is not kept");
+        assert_eq!(kept.idle_bytes(), 0, "too large a buffer is not kept");
         kept.give_back(Vec::with_capacity(4 << 20));
         for _ in 0..KEPT_BYTES >> 20 {
             kept.give_back(Vec::with_capacity(1 << 20));
         }
         assert_eq!(
-            kept.bytes(),
+            kept.idle_bytes(),
             KEPT_BYTES,
             "filled up to the bound, not past it"
         );
@@ -189,10 +112,5 @@ mod tests {
         let large = kept.take_filled(3 << 20);
         assert_eq!(large.capacity(), 4 << 20);
         assert_eq!(large.len(), 3 << 20);
-        assert_eq!(
-            kept.take_empty(5 << 20).capacity(),
-            5 << 20,
-            "none fits: a fresh one"
-        );
     }
 }

@@ -18,17 +18,20 @@
 //! is the line an operator needs, and an outage fails thousands of requests a second.
 
 use std::io;
+use std::time::Instant;
 
 use fuser::{Errno, FopenFlags, OpenAccMode, OpenFlags, ReplyData, ReplyEmpty, ReplyWrite};
 use tracing::debug;
 
-use crate::files::{File, Files, Folder};
+use lazyblk_image::{Door, Images, Op, ReadImage, WriteImage};
+
+use crate::files::Folder;
 use crate::fs::LazyFs;
 use crate::handles::OpenFile;
 use crate::inodes::Node;
 use crate::namespace::is_writable;
 
-impl<F: Files> LazyFs<F> {
+impl<F: Images> LazyFs<F> {
     /// Opens file `ino`; returns the handle and the kernel caching flags.
     pub(crate) fn open_file(&self, ino: u64, flags: OpenFlags) -> Result<(u64, FopenFlags), Errno> {
         let (folder, name) = match self.node(ino)? {
@@ -69,8 +72,13 @@ impl<F: Files> LazyFs<F> {
             return;
         }
         let mut buf = self.buffers.take(len);
+        let images = self.files.clone();
         self.runtime.spawn(async move {
-            match open.file.read(offset, &mut buf).await {
+            let started = Instant::now();
+            let result = open.file.read_at(offset, &mut buf).await;
+            let ok = result.is_ok();
+            images.observe(Door::Fuse, Op::Read, len as u64, started.elapsed(), ok);
+            match result {
                 Ok(()) => reply.data(&buf),
                 Err(err) => {
                     debug!(folder = ?open.folder, name = %open.name, offset, len, %err, "read failed");
@@ -112,8 +120,13 @@ impl<F: Files> LazyFs<F> {
         // The request buffer is only lent for this call; the task needs its own copy.
         let mut buf = self.buffers.take(len);
         buf.copy_from_slice(&data[..len]);
+        let images = self.files.clone();
         self.runtime.spawn(async move {
-            match open.file.write(offset, &buf).await {
+            let started = Instant::now();
+            let result = open.file.write_at(offset, &buf, false).await;
+            let ok = result.is_ok();
+            images.observe(Door::Fuse, Op::Write, len as u64, started.elapsed(), ok);
+            match result {
                 Ok(()) => reply.written(written),
                 Err(err) => {
                     debug!(folder = ?open.folder, name = %open.name, offset, len, %err, "write failed");
@@ -134,8 +147,12 @@ impl<F: Files> LazyFs<F> {
             reply.ok();
             return;
         }
+        let images = self.files.clone();
         self.runtime.spawn(async move {
-            match open.file.flush().await {
+            let started = Instant::now();
+            let result = open.file.flush().await;
+            images.observe(Door::Fuse, Op::Flush, 0, started.elapsed(), result.is_ok());
+            match result {
                 Ok(()) => reply.ok(),
                 Err(err) => {
                     debug!(folder = ?open.folder, name = %open.name, %err, "flush failed");
@@ -147,7 +164,7 @@ impl<F: Files> LazyFs<F> {
 }
 
 /// How many bytes a read of `requested` at `offset` returns from a file of `size`.
-fn read_len(size: u64, offset: u64, requested: u32) -> usize {
+pub(crate) fn read_len(size: u64, offset: u64, requested: u32) -> usize {
     let available = size.saturating_sub(offset);
     // Both fit: `requested` is a u32, and the minimum is no larger.
     available.min(u64::from(requested)) as usize
@@ -166,7 +183,7 @@ fn write_len(size: u64, offset: u64, len: usize) -> Result<usize, Errno> {
 }
 
 /// The errno to answer for a backend error: its own when it has one, EIO otherwise.
-fn errno_of(err: &io::Error) -> Errno {
+pub(crate) fn errno_of(err: &io::Error) -> Errno {
     match err.raw_os_error() {
         Some(code) => Errno::from_i32(code),
         None if err.kind() == io::ErrorKind::TimedOut => Errno::ETIMEDOUT,

@@ -1,9 +1,11 @@
 //! The FUSE filesystem: the state behind a mount, the kernel connection settings,
 //! and the [`fuser::Filesystem`] callbacks, which hand each request to `namespace`
-//! (names, attributes, listings) or `file_io` (open, read, write, fsync).
+//! (names, attributes, listings), `file_io` (open, read, write, fsync) or `sparse`
+//! (fallocate, lseek).
 //!
-//! Every callback answers from memory or from [`Files`], whose `list` and `open` are
-//! answered from the daemon's local state; nothing here waits on the network.
+//! Every callback answers from memory or from the image set, whose `list_local` and
+//! `open_local` are answered from the daemon's local state; nothing here waits on the
+//! network.
 
 use std::ffi::OsStr;
 use std::io;
@@ -14,15 +16,15 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileHandle, Filesystem, FopenFlags, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
 use crate::attrs::{AttrChange, BLOCK_SIZE, NAME_MAX};
-use crate::buffers::BufferPool;
-use crate::files::Files;
+use lazyblk_image::{BufferPool, Images};
+
 use crate::handles::Handles;
 use crate::inodes::Inodes;
 
@@ -51,7 +53,7 @@ const WANTED_CAPABILITIES: InitFlags = InitFlags::FUSE_ASYNC_READ
     .union(InitFlags::FUSE_PARALLEL_DIROPS);
 
 /// The filesystem a [`crate::Mount`] serves.
-pub(crate) struct LazyFs<F: Files> {
+pub(crate) struct LazyFs<F: Images> {
     /// The backend that lists and opens the files.
     pub(crate) files: Arc<F>,
     /// Where reads, writes and flushes run, so that callbacks return at once and
@@ -60,7 +62,7 @@ pub(crate) struct LazyFs<F: Files> {
     /// Inode numbers of the files seen so far.
     pub(crate) inodes: Inodes,
     /// Open files and directory listings.
-    pub(crate) handles: Handles<F::File>,
+    pub(crate) handles: Handles<F::Image>,
     /// Buffers for the bytes of reads and writes.
     pub(crate) buffers: Arc<BufferPool>,
     /// The kernel's limit on background requests (readahead, async direct I/O).
@@ -73,14 +75,14 @@ pub(crate) struct LazyFs<F: Files> {
     pub(crate) mounted_at: SystemTime,
 }
 
-impl<F: Files> LazyFs<F> {
+impl<F: Images> LazyFs<F> {
     pub(crate) fn new(files: Arc<F>, runtime: Handle, max_background: u16) -> LazyFs<F> {
         LazyFs {
             files,
             runtime,
             inodes: Inodes::default(),
             handles: Handles::default(),
-            buffers: BufferPool::new(MAX_IO_BYTES as usize, RETAINED_BUFFERS),
+            buffers: BufferPool::with_retained(MAX_IO_BYTES as usize * RETAINED_BUFFERS),
             max_background,
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
@@ -109,7 +111,7 @@ fn configure<T: Copy + std::fmt::Debug>(
     }
 }
 
-impl<F: Files> Filesystem for LazyFs<F> {
+impl<F: Images> Filesystem for LazyFs<F> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         configure(
             "max_write",
@@ -250,6 +252,31 @@ impl<F: Files> Filesystem for LazyFs<F> {
         reply: ReplyEmpty,
     ) {
         self.fsync_file(fh.0, reply);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.fallocate_file(fh.0, offset, length, mode, reply);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        self.lseek_file(fh.0, offset, whence, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! # Layout
-//! - `files`: the [`Files`] and [`File`] traits a backend implements, and [`Folder`].
+//! - `files`: [`Folder`], the two folders and the kind of image each shows. The files
+//!   themselves are `lazyblk-image`'s: any [`Images`](lazyblk_image::Images) set can be
+//!   mounted, and each file is one of its images.
 //! - `mount`: [`mount`], [`MountOptions`] and the [`Mount`] that unmounts on drop.
 //! - `stale`: [`clear_stale_mount`], for a mount left behind by a killed daemon.
 //! - `fs`: the state behind a mount and the `fuser::Filesystem` callbacks, with
@@ -16,22 +18,23 @@
 //! - `namespace`: the root, the folders and their files: lookups, attributes,
 //!   listings, and the checks on setattr (sizes are fixed) and access.
 //! - `file_io`: open, read, write, fsync, and the page cache policy.
+//! - `sparse`: fallocate (punch hole, zero range) and lseek (SEEK_DATA, SEEK_HOLE).
 //! - `inodes`: stable inode numbers per (folder, name).
 //! - `handles`: open files and directory listings by handle.
-//! - `buffers`: reusable buffers for request payloads.
 //! - `attrs`: the block size and name length shown, and a setattr's fields.
 //! - `error`: [`FuseError`].
 //!
 //! # Data flow
 //! The kernel's requests arrive on a few session threads. Names and attributes are
-//! answered there, from [`Files::list`] and [`Files::open`] (local state only). A
-//! read, write or fsync is checked there (bounds, read-only), then handed to the
-//! tokio runtime as a task that awaits [`File::read`], [`File::write`] or
-//! [`File::flush`] and replies to the kernel itself; so many requests are in flight
-//! at once and none blocks the session threads on the network.
+//! answered there, from `Images::list_local` and `Images::open_local` (local state
+//! only). A read, write, fsync, fallocate or lseek is checked there (bounds,
+//! read-only), then handed to the tokio runtime as a task that awaits the image
+//! (`read_at`, `write_at`, `flush`, `write_zeroes`, `extents`), reports the operation
+//! to `Images::observe` and replies to the kernel itself; so many requests are in
+//! flight at once and none blocks the session threads on the network. Request buffers
+//! come from `lazyblk-image`'s pool.
 
 mod attrs;
-mod buffers;
 mod error;
 mod file_io;
 mod files;
@@ -40,9 +43,10 @@ mod handles;
 mod inodes;
 mod mount;
 mod namespace;
+mod sparse;
 mod stale;
 
 pub use error::FuseError;
-pub use files::{File, Files, Folder};
+pub use files::Folder;
 pub use mount::{mount, Mount, MountOptions};
 pub use stale::clear_stale_mount;

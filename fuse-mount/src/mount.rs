@@ -14,9 +14,9 @@ use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
 use crate::error::FuseError;
-use crate::files::Files;
 use crate::fs::LazyFs;
 use crate::stale::{detach_lazily, probe, DirState};
+use lazyblk_image::Images;
 
 /// The source name the mount table shows for the mount.
 const FS_NAME: &str = "lazyblk";
@@ -69,7 +69,7 @@ impl Default for MountOptions {
 
 /// Mounts the filesystem of `files` at `dir` (created if missing) and serves it on
 /// background threads, running reads, writes and flushes on `runtime`.
-pub fn mount<F: Files>(
+pub fn mount<F: Images>(
     dir: &Path,
     files: Arc<F>,
     runtime: Handle,

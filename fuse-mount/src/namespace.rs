@@ -7,13 +7,15 @@ use std::sync::Arc;
 use fuser::{AccessFlags, Errno, FileAttr, FileType, INodeNo};
 use tracing::warn;
 
+use lazyblk_image::{Images, ReadImage, WriteImage};
+
 use crate::attrs::{AttrChange, BLOCK_SIZE, NAME_MAX};
-use crate::files::{File, Files, Folder};
+use crate::files::Folder;
 use crate::fs::LazyFs;
 use crate::handles::DirEntry;
 use crate::inodes::{folder_ino, Node, ROOT_INO};
 
-impl<F: Files> LazyFs<F> {
+impl<F: Images> LazyFs<F> {
     /// The attributes of the root or a folder.
     fn dir_attr(&self, ino: u64) -> FileAttr {
         // A folder links to itself and its parent; the root also to the two folders.
@@ -56,12 +58,18 @@ impl<F: Files> LazyFs<F> {
     }
 
     /// The backend's file `name`, retiring the name's inode if it is gone.
-    pub(crate) fn backend_file(&self, folder: Folder, name: &str) -> Option<Arc<F::File>> {
-        let file = self.files.open(folder, name);
-        if file.is_none() {
-            self.inodes.retire(folder, name);
+    pub(crate) fn backend_file(&self, folder: Folder, name: &str) -> Option<Arc<F::Image>> {
+        match self
+            .files
+            .open_local(folder.kind(), name, &folder.user(name))
+        {
+            Ok(file) => Some(file),
+            Err(error) => {
+                tracing::debug!(?folder, name, ?error, "not opened");
+                self.inodes.retire(folder, name);
+                None
+            }
         }
-        file
     }
 
     /// The attributes of `ino`, from the open file `fh` when the kernel names one.
@@ -140,7 +148,7 @@ impl<F: Files> LazyFs<F> {
 
     /// The files of a folder, as the backend lists them now, sorted.
     fn folder_entries(&self, folder: Folder) -> Vec<DirEntry> {
-        let mut names = self.files.list(folder);
+        let mut names = self.files.list_local(folder.kind());
         names.retain(|name| {
             let valid = is_valid_name(name);
             if !valid {
@@ -189,7 +197,7 @@ impl<F: Files> LazyFs<F> {
 
 /// Whether a file of `folder` takes writes: only sandboxes, and only while their
 /// backend allows it.
-pub(crate) fn is_writable(folder: Folder, file: &impl File) -> bool {
+pub(crate) fn is_writable(folder: Folder, file: &impl WriteImage) -> bool {
     folder == Folder::Sandboxes && file.writable()
 }
 
@@ -212,8 +220,9 @@ fn dir_entry(ino: u64, kind: FileType, name: &str) -> DirEntry {
 
 #[cfg(test)]
 mod tests {
-    use std::io;
     use std::time::SystemTime;
+
+    use lazyblk_image::MemImages;
 
     use super::*;
 
@@ -258,7 +267,7 @@ mod tests {
 
     #[test]
     fn setattr_accepts_only_no_op_changes() {
-        type Fs = LazyFs<NoFiles>;
+        type Fs = LazyFs<MemImages>;
         let file = attr(FileType::RegularFile, 4096, 0o644);
         assert_eq!(Fs::check_setattr(&file, &change(None, None, None)), Ok(()));
         assert_eq!(
@@ -291,38 +300,5 @@ mod tests {
             Fs::check_setattr(&dir, &change(Some(0), None, None)),
             Err(Errno::EISDIR)
         );
-    }
-
-    /// A backend with nothing in it, for tests of the pure helpers.
-    struct NoFiles;
-
-    struct NoFile;
-
-    impl File for NoFile {
-        fn size(&self) -> u64 {
-            0
-        }
-        fn writable(&self) -> bool {
-            false
-        }
-        async fn read(&self, _offset: u64, _buf: &mut [u8]) -> io::Result<()> {
-            Ok(())
-        }
-        async fn write(&self, _offset: u64, _data: &[u8]) -> io::Result<()> {
-            Ok(())
-        }
-        async fn flush(&self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Files for NoFiles {
-        type File = NoFile;
-        fn list(&self, _folder: Folder) -> Vec<String> {
-            Vec::new()
-        }
-        fn open(&self, _folder: Folder, _name: &str) -> Option<Arc<NoFile>> {
-            None
-        }
     }
 }

@@ -1,5 +1,5 @@
-//! What the fuzz targets share: in-memory exports that check the server keeps the
-//! [`Export`] contract, and a driver that plays fuzz bytes as the client's side of one
+//! What the fuzz targets share: in-memory images that check the server keeps the
+//! image contract of `lazyblk-image`, and a driver that plays fuzz bytes as the client's side of one
 //! NBD connection over an in-memory duplex stream.
 //!
 //! # Layout
@@ -20,8 +20,11 @@ use std::io;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
+use lazyblk_image::{
+    Extent, Images, Kind, Listing, OpenError, PrefetchImage, ReadImage, SparseImage, WriteImage,
+};
 use lazyblk_nbd::proto;
-use lazyblk_nbd::{Export, Exports, Extent, OpenError, ServerConfig};
+use lazyblk_nbd::ServerConfig;
 use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::runtime::Runtime;
 
@@ -43,7 +46,7 @@ const DUPLEX_BUFFER: usize = 64 << 10;
 /// connection is reported with this message rather than as a bare timeout.
 const SESSION_LIMIT: Duration = Duration::from_secs(5);
 
-/// An export over a `Vec<u8>` that panics when the server breaks the [`Export`] contract.
+/// An image over a `Vec<u8>` that panics when the server breaks the image contract.
 pub struct MemoryExport {
     data: RwLock<Vec<u8>>,
     read_only: bool,
@@ -68,7 +71,7 @@ impl MemoryExport {
         offset as usize..(offset + len) as usize
     }
 
-    fn writable(&self, op: &str) {
+    fn check_writable(&self, op: &str) {
         assert!(
             !self.read_only,
             "the server passed {op} to a read-only export"
@@ -76,23 +79,25 @@ impl MemoryExport {
     }
 }
 
-impl Export for MemoryExport {
+impl ReadImage for MemoryExport {
     fn size(&self) -> u64 {
         self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64
     }
 
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let range = self.range("a read", offset, buf.len() as u64);
         buf.copy_from_slice(&self.data.read().unwrap_or_else(|e| e.into_inner())[range]);
         Ok(())
     }
+}
 
-    async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
-        self.writable("a write");
+impl WriteImage for MemoryExport {
+    fn writable(&self) -> bool {
+        !self.read_only
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+        self.check_writable("a write");
         let range = self.range("a write", offset, data.len() as u64);
         self.data.write().unwrap_or_else(|e| e.into_inner())[range].copy_from_slice(data);
         Ok(())
@@ -101,25 +106,22 @@ impl Export for MemoryExport {
     async fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+}
 
+impl SparseImage for MemoryExport {
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.writable("a trim");
+        self.check_writable("a trim");
         self.write_zeroes(offset, len, fua).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> io::Result<()> {
-        self.writable("a write-zeroes");
+        self.check_writable("a write-zeroes");
         let range = self.range("a write-zeroes", offset, len);
         self.data.write().unwrap_or_else(|e| e.into_inner())[range].fill(0);
         Ok(())
     }
 
-    async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.range("a cache", offset, len);
-        Ok(())
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    async fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let range = self.range("a block status", offset, len);
         let data = self.data.read().unwrap_or_else(|e| e.into_inner());
         let mut extents: Vec<Extent> = Vec::new();
@@ -141,6 +143,12 @@ impl Export for MemoryExport {
             at = block_end;
         }
         Ok(extents)
+    }
+}
+
+impl PrefetchImage for MemoryExport {
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.range("a prefetch", offset, len);
     }
 }
 
@@ -183,8 +191,8 @@ impl Default for MemoryExports {
     }
 }
 
-impl Exports for MemoryExports {
-    type Export = MemoryExport;
+impl Images for MemoryExports {
+    type Image = MemoryExport;
 
     async fn open(&self, name: &str, _peer: &str) -> Result<Arc<MemoryExport>, OpenError> {
         match name {
@@ -195,11 +203,39 @@ impl Exports for MemoryExports {
         }
     }
 
-    async fn list(&self) -> Vec<(String, String)> {
+    fn open_local(
+        &self,
+        kind: Kind,
+        name: &str,
+        _user: &str,
+    ) -> Result<Arc<MemoryExport>, OpenError> {
+        match (kind, name) {
+            (Kind::Template, "ro") => Ok(Arc::clone(&self.ro)),
+            (Kind::Sandbox, "rw") => Ok(Arc::clone(&self.rw)),
+            _ => Err(OpenError::Unknown),
+        }
+    }
+
+    async fn list(&self) -> Vec<Listing> {
         vec![
-            ("ro".to_owned(), "read-only".to_owned()),
-            ("rw".to_owned(), "writable".to_owned()),
+            Listing {
+                name: "ro".to_owned(),
+                kind: Kind::Template,
+                description: "read-only".to_owned(),
+            },
+            Listing {
+                name: "rw".to_owned(),
+                kind: Kind::Sandbox,
+                description: "writable".to_owned(),
+            },
         ]
+    }
+
+    fn list_local(&self, kind: Kind) -> Vec<String> {
+        match kind {
+            Kind::Template => vec!["ro".to_owned()],
+            Kind::Sandbox => vec!["rw".to_owned()],
+        }
     }
 }
 

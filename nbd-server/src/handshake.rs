@@ -10,11 +10,11 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use crate::export::{Export, Exports, OpenError};
 use crate::options::{InfoRequest, MetaContextRequest};
 use crate::proto::{self, OptionHeader};
 use crate::read::{read_message, skip};
 use crate::reply::Framing;
+use lazyblk_image::{Image, Images, Listing, OpenError, ReadImage, WriteImage};
 
 /// The largest option payload read into memory. The longest legitimate one is an
 /// `NBD_OPT_SET_META_CONTEXT` with a 4 KiB name and a few queries; anything larger is
@@ -26,9 +26,24 @@ pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// opaque to clients, there is one context, so any fixed value does.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
-/// The preferred block size advertised in NBD_INFO_BLOCK_SIZE: the page size, and the
-/// block size of the ext4 templates this server exists for.
+/// The preferred block size advertised in NBD_INFO_BLOCK_SIZE when the image's own
+/// ([`ReadImage::block_size`]) cannot be: the page size, and the block size of the ext4
+/// templates this server exists for.
 pub const PREFERRED_BLOCK: u32 = 4096;
+
+/// The smallest preferred block size the protocol allows.
+const SMALLEST_PREFERRED: u32 = 512;
+
+/// The preferred block size to advertise for an image that tracks `image` bytes at a
+/// time: its own when the protocol allows it (a power of two from 512 up to the largest
+/// request), [`PREFERRED_BLOCK`] otherwise.
+fn preferred_block(image: u32, max_request: u32) -> u32 {
+    if image.is_power_of_two() && (SMALLEST_PREFERRED..=max_request).contains(&image) {
+        image
+    } else {
+        PREFERRED_BLOCK
+    }
+}
 
 /// The minimum block size advertised: any byte is addressable (exports do
 /// read-modify-write where they need to).
@@ -162,9 +177,9 @@ pub async fn negotiate_options<E, R, W>(
     max_request: u32,
     flags: ClientFlags,
     tls: TlsState,
-) -> Result<Outcome<E::Export>, HandshakeError>
+) -> Result<Outcome<E::Image>, HandshakeError>
 where
-    E: Exports,
+    E: Images,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -220,7 +235,7 @@ enum Step<X> {
 struct Negotiation<'a, E> {
     /// Where names are opened and listed.
     exports: &'a E,
-    /// The client, for logs and [`Exports::open`].
+    /// The client, for logs and [`Images::open`].
     peer: &'a str,
     /// Advertised as the maximum payload in NBD_INFO_BLOCK_SIZE.
     max_request: u32,
@@ -237,12 +252,12 @@ struct Negotiation<'a, E> {
     tls: TlsState,
 }
 
-impl<E: Exports> Negotiation<'_, E> {
+impl<E: Images> Negotiation<'_, E> {
     async fn option<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
         header: OptionHeader,
-    ) -> Result<Step<E::Export>, HandshakeError> {
+    ) -> Result<Step<E::Image>, HandshakeError> {
         let OptionHeader { option, length } = header;
         if option == proto::OPT_EXPORT_NAME && length > proto::MAX_STRING as u32 {
             return Err(HandshakeError::ExportNameTooLong { length });
@@ -298,7 +313,7 @@ impl<E: Exports> Negotiation<'_, E> {
     }
 
     /// NBD_OPT_STARTTLS: acknowledged when TLS is offered and not on yet.
-    fn start_tls(&mut self, payload: &[u8]) -> Step<E::Export> {
+    fn start_tls(&mut self, payload: &[u8]) -> Step<E::Image> {
         let option = proto::OPT_STARTTLS;
         if !payload.is_empty() {
             self.reply_error(
@@ -325,7 +340,7 @@ impl<E: Exports> Negotiation<'_, E> {
         }
     }
 
-    async fn export_name(&mut self, payload: Vec<u8>) -> Result<Step<E::Export>, HandshakeError> {
+    async fn export_name(&mut self, payload: Vec<u8>) -> Result<Step<E::Image>, HandshakeError> {
         let name = String::from_utf8(payload).map_err(|_| HandshakeError::ExportNameNotUtf8)?;
         let export = self.exports.open(&name, self.peer).await.map_err(|error| {
             HandshakeError::ExportRefused {
@@ -343,12 +358,15 @@ impl<E: Exports> Negotiation<'_, E> {
         Ok(Step::Transmit(session))
     }
 
-    async fn list(&mut self, payload: &[u8]) -> Result<Step<E::Export>, HandshakeError> {
+    async fn list(&mut self, payload: &[u8]) -> Result<Step<E::Image>, HandshakeError> {
         if !payload.is_empty() {
             self.invalid(proto::OPT_LIST, "NBD_OPT_LIST takes no data");
             return Ok(Step::Continue);
         }
-        for (name, description) in self.exports.list().await {
+        for Listing {
+            name, description, ..
+        } in self.exports.list().await
+        {
             let mut entry = Vec::with_capacity(4 + name.len() + description.len());
             entry.extend_from_slice(&(name.len() as u32).to_be_bytes());
             entry.extend_from_slice(name.as_bytes());
@@ -363,7 +381,7 @@ impl<E: Exports> Negotiation<'_, E> {
         &mut self,
         option: u32,
         payload: &[u8],
-    ) -> Result<Step<E::Export>, HandshakeError> {
+    ) -> Result<Step<E::Image>, HandshakeError> {
         let request = match InfoRequest::parse(payload) {
             Ok(request) => request,
             Err(error) => {
@@ -396,7 +414,7 @@ impl<E: Exports> Negotiation<'_, E> {
     }
 
     /// NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE always; the name and description when asked.
-    async fn send_infos(&mut self, option: u32, session: &Session<E::Export>, requested: &[u16]) {
+    async fn send_infos(&mut self, option: u32, session: &Session<E::Image>, requested: &[u16]) {
         let flags = transmission_flags(&*session.export, session.framing);
         let mut info = proto::INFO_EXPORT.to_be_bytes().to_vec();
         info.extend_from_slice(&session.size.to_be_bytes());
@@ -404,7 +422,8 @@ impl<E: Exports> Negotiation<'_, E> {
         self.reply(option, proto::REP_INFO, &info);
 
         let mut info = proto::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-        for size in [MINIMUM_BLOCK, PREFERRED_BLOCK, self.max_request] {
+        let preferred = preferred_block(session.export.block_size(), self.max_request);
+        for size in [MINIMUM_BLOCK, preferred, self.max_request] {
             info.extend_from_slice(&size.to_be_bytes());
         }
         self.reply(option, proto::REP_INFO, &info);
@@ -416,7 +435,9 @@ impl<E: Exports> Negotiation<'_, E> {
         }
         if requested.contains(&proto::INFO_DESCRIPTION) {
             let listed = self.exports.list().await;
-            if let Some((_, description)) = listed.iter().find(|(name, _)| *name == session.name) {
+            if let Some(Listing { description, .. }) =
+                listed.iter().find(|l| l.name == session.name)
+            {
                 let mut info = proto::INFO_DESCRIPTION.to_be_bytes().to_vec();
                 info.extend_from_slice(description.as_bytes());
                 self.reply(option, proto::REP_INFO, &info);
@@ -424,7 +445,7 @@ impl<E: Exports> Negotiation<'_, E> {
         }
     }
 
-    fn structured_reply(&mut self, payload: &[u8]) -> Step<E::Export> {
+    fn structured_reply(&mut self, payload: &[u8]) -> Step<E::Image> {
         if payload.is_empty() {
             self.structured = true;
             self.reply(proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &[]);
@@ -437,7 +458,7 @@ impl<E: Exports> Negotiation<'_, E> {
         Step::Continue
     }
 
-    fn meta_context(&mut self, option: u32, payload: &[u8]) -> Step<E::Export> {
+    fn meta_context(&mut self, option: u32, payload: &[u8]) -> Step<E::Image> {
         let set = option == proto::OPT_SET_META_CONTEXT;
         if set {
             // A SET replaces the previous selection, even when it fails.
@@ -472,12 +493,12 @@ impl<E: Exports> Negotiation<'_, E> {
         Step::Continue
     }
 
-    fn session(&self, name: String, export: Arc<E::Export>) -> Session<E::Export> {
+    fn session(&self, name: String, export: Arc<E::Image>) -> Session<E::Image> {
         let block_status_context =
             (self.meta_context_export.as_deref() == Some(&name)).then_some(BASE_ALLOCATION_ID);
         Session {
             size: export.size(),
-            read_only: export.read_only(),
+            read_only: !export.writable(),
             framing: if self.structured {
                 Framing::Structured
             } else {
@@ -509,17 +530,17 @@ impl<E: Exports> Negotiation<'_, E> {
 }
 
 /// The transmission flags advertised for `export`.
-pub fn transmission_flags<X: Export>(export: &X, framing: Framing) -> u16 {
+pub fn transmission_flags<X: Image>(export: &X, framing: Framing) -> u16 {
     let mut flags = proto::FLAG_HAS_FLAGS
         | proto::FLAG_SEND_FLUSH
         | proto::FLAG_SEND_FUA
         | proto::FLAG_SEND_CACHE;
-    if export.read_only() {
+    if !export.writable() {
         flags |= proto::FLAG_READ_ONLY;
     } else {
         flags |= proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES;
     }
-    if export.can_multi_conn() {
+    if export.shared() {
         flags |= proto::FLAG_CAN_MULTI_CONN;
     }
     if framing == Framing::Structured {
@@ -564,4 +585,26 @@ async fn receive<R: AsyncRead + Unpin>(
     read_message(reader, buf)
         .await
         .map_err(|source| io_error(stage, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_images_block_size_is_preferred_when_the_protocol_allows_it() {
+        assert_eq!(preferred_block(4096, 1 << 20), 4096);
+        assert_eq!(preferred_block(65536, 1 << 20), 65536);
+        assert_eq!(
+            preferred_block(3000, 1 << 20),
+            PREFERRED_BLOCK,
+            "not a power of two"
+        );
+        assert_eq!(preferred_block(256, 1 << 20), PREFERRED_BLOCK, "below 512");
+        assert_eq!(
+            preferred_block(2 << 20, 1 << 20),
+            PREFERRED_BLOCK,
+            "past max_request"
+        );
+    }
 }

@@ -1,10 +1,12 @@
 //! lazyblk-nbd: an async NBD server (fixed newstyle handshake, structured replies,
-//! `base:allocation` block status, pipelined requests) for any type that implements
-//! its small [`Export`] trait. It knows nothing of the rest of lazyblk.
+//! `base:allocation` block status, pipelined requests) for any image set of
+//! `lazyblk-image` ([`Images`](lazyblk_image::Images)). It knows nothing else of
+//! lazyblk: the image side (the traits, the zero-copy pieces, the buffer pool) is that
+//! crate's, and this one keeps only the wire mapping.
 //!
 //! # Layout
-//! - [`export`]: the traits the server serves: [`Export`] (one device's bytes) and
-//!   [`Exports`] (the exports by name), with [`Extent`], [`Command`], [`OpenError`].
+//! - [`export`]: [`Command`], the wire's commands and the image operation each stands
+//!   for.
 //! - [`config`]: [`ServerConfig`], the limits of one server.
 //! - [`server`]: [`Listener`] (TCP or unix socket), [`serve`] (accept until shutdown),
 //!   [`serve_connection`] (one connection on any stream), [`serve_socket`] (one on a
@@ -16,19 +18,19 @@
 //!   payloads.
 //! - `transmission`: the request loop; `request` checks each request, `reply` frames
 //!   answers, `writer` sends them, `splice` sends reads that lie in files without
-//!   copying them, `buffer_pool` lends data buffers, `read` reads whole
+//!   copying them, `read` reads whole
 //!   messages, `errno` maps export errors to NBD error values, `shutdown` carries the
 //!   server's stop signal.
 //!
 //! # Data flow
 //! [`serve`] accepts a connection and spawns its task. The handshake reads options and
-//! opens the chosen export through [`Exports::open`]. In transmission a reader takes
+//! opens the chosen image through `Images::open` (an NBD export is an image). In transmission a reader takes
 //! requests off the socket one after another, checks each against the advertised size
 //! and flags, and starts a task per request (up to `max_in_flight`) that calls the
-//! export with a pooled buffer; finished replies go to one writer task that sends each
+//! image with a buffer from `lazyblk-image`'s pool; finished replies go to one writer task that sends each
 //! header and its data in one vectored write, in completion order. On a plain socket a
 //! read of 64 KiB or more whose bytes the export has in page-cached files or runs of
-//! zeroes ([`Export::read_files`]) is not copied: the writer splices the header and the
+//! zeroes (`ReadImage::resident_pieces`) is not copied: the writer splices the header and the
 //! file pieces through a pipe, and sends runs of zeroes as hole chunks or zero pages
 //! ([`crate::splice`]). NBD_CMD_DISC, the
 //! client closing, or shutdown stops the reader; the connection closes once every
@@ -49,8 +51,9 @@
 //!   of data and an OFFSET_HOLE chunk per run of zeroes, unless the client set
 //!   NBD_CMD_FLAG_DF (then one OFFSET_DATA chunk with the zeroes in it, or one
 //!   OFFSET_HOLE chunk for a read that is all one hole).
-//! - NBD_CMD_FLAG_NO_HOLE calls [`Export::write_zeroes_no_hole`] (by default, real
-//!   zeroes through [`Export::write`]).
+//! - NBD_CMD_FLAG_NO_HOLE calls `SparseImage::write_zeroes_allocated` (by default,
+//!   real zeroes through `WriteImage::write_at`); NBD_CMD_CACHE is a prefetch hint
+//!   (`PrefetchImage::prefetch`), answered at once.
 //! - A write the server refuses still has its payload read and dropped, up to
 //!   max(`max_request`, 32 MiB); a larger one closes the connection, as the protocol
 //!   permits. Each connection holds at most `max_in_flight` requests and 64 MiB of
@@ -61,7 +64,6 @@ pub mod kernel;
 pub mod proto;
 pub mod server;
 
-mod buffer_pool;
 mod config;
 mod errno;
 mod handshake;
@@ -74,10 +76,7 @@ mod splice;
 mod transmission;
 mod writer;
 
-pub use export::{
-    Command, Export, Exports, Extent, FileSlice, FileSlices, OpenError, Resident, Slice,
-    NO_HOLE_WRITE_SIZE,
-};
+pub use export::Command;
 pub use handshake::HandshakeError;
 pub use server::{
     serve, serve_connection, serve_socket, serve_with_tls, ConnectionError, Listener, ServerConfig,

@@ -8,9 +8,9 @@
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::buffer_pool::PooledBuffer;
-use crate::export::{Extent, FileSlices, Slice};
 use crate::proto::{self, MAX_EXTENTS};
+use lazyblk_image::PooledBuffer;
+use lazyblk_image::{Extent, FileSlices, Slice};
 
 /// The longest reply header: a structured chunk header plus an OFFSET_DATA offset (or
 /// an OFFSET_HOLE chunk's whole payload: offset and length).
@@ -354,8 +354,8 @@ impl<'a> Iterator for FileParts<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer_pool::BufferPool;
     use crate::proto::MAX_STRING;
+    use lazyblk_image::BufferPool;
 
     fn be32(bytes: &[u8], at: usize) -> u32 {
         u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
@@ -391,7 +391,7 @@ mod tests {
     fn sparse_pieces() -> FileSlices {
         let file = std::sync::Arc::new(tempfile::tempfile().expect("temp file"));
         let mut files = FileSlices::default();
-        let resident: crate::Resident = |_, _, _| true;
+        let resident: lazyblk_image::Resident = |_, _, _| true;
         assert!(files.push(&file, 0, PIECE, resident));
         assert!(files.push(&file, 1 << 20, PIECE, resident));
         assert!(

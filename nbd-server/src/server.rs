@@ -21,11 +21,11 @@ pub use crate::config::{
     ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING,
 };
-use crate::export::Exports;
 use crate::handshake::{self, HandshakeError, Outcome, TlsState};
 use crate::shutdown::Shutdown;
 use crate::splice::SpliceSink;
 use crate::transmission::{self, TransmissionError};
+use lazyblk_image::Images;
 
 /// The prefix that makes a listen address a unix socket path.
 const UNIX_PREFIX: &str = "unix:";
@@ -256,7 +256,7 @@ async fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
 /// Accepts connections on `listener` and serves each in its own task until `shutdown`
 /// resolves. Then it stops accepting, lets connections answer what is in flight (for
 /// up to [`SHUTDOWN_GRACE`]), closes them, removes a unix socket file, and returns.
-pub async fn serve<E: Exports>(
+pub async fn serve<E: Images>(
     listener: Listener,
     exports: Arc<E>,
     config: ServerConfig,
@@ -266,7 +266,7 @@ pub async fn serve<E: Exports>(
 }
 
 /// [`serve`], offering (or requiring) TLS when `tls` is given.
-pub async fn serve_with_tls<E: Exports>(
+pub async fn serve_with_tls<E: Images>(
     listener: Listener,
     exports: Arc<E>,
     config: ServerConfig,
@@ -387,7 +387,7 @@ async fn run_logged<E, S>(
     tls: Option<Arc<Tls>>,
     shutdown: Shutdown,
 ) where
-    E: Exports,
+    E: Images,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match run_connection(
@@ -409,9 +409,9 @@ async fn run_logged<E, S>(
 }
 
 /// Serves one connection on `stream` (any byte stream) until the client disconnects.
-/// `peer` names the client in logs and in [`Exports::open`]. Errors concern only this
+/// `peer` names the client in logs and in [`Images::open`]. Errors concern only this
 /// connection. Every read is copied; on a socket, [`serve_socket`] splices large ones.
-pub async fn serve_connection<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+pub async fn serve_connection<E: Images, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     peer: String,
     exports: Arc<E>,
@@ -430,14 +430,14 @@ pub async fn serve_socket<E, S>(
     config: ServerConfig,
 ) -> Result<(), ConnectionError>
 where
-    E: Exports,
+    E: Images,
     S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
 {
     let socket = stream.as_fd().try_clone_to_owned().ok();
     serve_one(stream, socket, peer, exports, config).await
 }
 
-async fn serve_one<E: Exports, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+async fn serve_one<E: Images, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     socket: Option<OwnedFd>,
     peer: String,
@@ -474,7 +474,7 @@ async fn run_connection<E, S>(
     mut shutdown: Shutdown,
 ) -> Result<(), ConnectionError>
 where
-    E: Exports,
+    E: Images,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     debug!(peer, "connection opened");
@@ -584,7 +584,7 @@ where
     reason = "the parts of one connection, handed on whole"
 )]
 async fn run_session<E, R, W>(
-    session: handshake::Session<E::Export>,
+    session: handshake::Session<E::Image>,
     reader: R,
     writer: W,
     exports: Arc<E>,
@@ -595,7 +595,7 @@ async fn run_session<E, R, W>(
     splice: Option<SpliceSink>,
 ) -> Result<(), ConnectionError>
 where
-    E: Exports,
+    E: Images,
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {

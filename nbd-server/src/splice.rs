@@ -9,7 +9,7 @@
 //! then its file pieces (references), and small replies queued behind it; the pipe goes
 //! to the socket when it is full or the batch ends, so a run of cached reads reaches the
 //! socket in few large sends. Runs of zeroes are spliced from one shared memory file of
-//! zeroes. The export offers only pieces in the page cache ([`crate::Export::read_files`]);
+//! zeroes. The export offers only pieces in the page cache ([`ReadImage::resident_pieces`](lazyblk_image::ReadImage::resident_pieces));
 //! each is checked again right before its splice, and one whose pages left the cache
 //! since is spliced in `block_in_place`. If the kernel refuses to splice a file, the
 //! sink sends what the pipe holds, copies that piece, in bounded reads, and tells the
@@ -26,7 +26,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tracing::debug;
 
-use crate::export::{FileSlice, Slice, ZEROES};
+use lazyblk_image::{FileSlice, Slice, ZEROES};
 
 /// Reads shorter than this are copied: for a 4 KiB read one `pread` is cheaper than the
 /// extra system calls of a splice, and the copy is small.
@@ -52,7 +52,7 @@ pub struct SpliceSink {
     enabled: Arc<AtomicBool>,
     /// For a piece whose file cannot be spliced; allocated on first use.
     fallback: Vec<u8>,
-    /// Told the bytes of file pieces once they are sent ([`crate::Exports::spliced`]).
+    /// Told the bytes of file pieces once they are sent ([`Images::spliced`](lazyblk_image::Images::spliced)).
     counted: Box<dyn Fn(u64) + Send + Sync>,
     /// Bytes in the pipe, not yet sent: reply headers and pieces, in order.
     pending: usize,

@@ -22,10 +22,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
 
-use crate::buffer_pool::{BufferPool, PooledBuffer};
 use crate::config::ServerConfig;
 use crate::errno::nbd_error;
-use crate::export::{Command, Export, Exports, FileSlices};
+use crate::export::Command;
 use crate::handshake::Session;
 use crate::proto::{self, RequestHeader};
 use crate::read::{read_message, skip};
@@ -34,6 +33,10 @@ use crate::request::{Limits, Op, Rejection};
 use crate::shutdown::Shutdown;
 use crate::splice::{SpliceSink, SPLICE_MIN_READ};
 use crate::writer::write_replies;
+use lazyblk_image::{
+    BufferPool, Door, FileSlices, Images, PooledBuffer, PrefetchImage, ReadImage, SparseImage,
+    WriteImage,
+};
 
 /// Payload bytes (read data and write data) one connection may hold in flight, queued
 /// replies included: room for 64 requests of 1 MiB, which keeps a kernel client or
@@ -85,7 +88,7 @@ enum End {
     reason = "each is one part of the connection the loop owns; a struct would only rename them"
 )]
 pub async fn transmit<E, R, W>(
-    session: Session<E::Export>,
+    session: Session<E::Image>,
     reader: R,
     writer: W,
     exports: Arc<E>,
@@ -96,7 +99,7 @@ pub async fn transmit<E, R, W>(
     splice: Option<SpliceSink>,
 ) -> Result<(), TransmissionError>
 where
-    E: Exports,
+    E: Images,
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -164,10 +167,10 @@ where
 }
 
 /// What request tasks share: the export, and how to answer.
-struct Shared<E: Exports> {
+struct Shared<E: Images> {
     /// The export this connection opened; every clone is gone when `transmit` returns.
-    export: Arc<E::Export>,
-    /// For [`Exports::observe`] after each request.
+    export: Arc<E::Image>,
+    /// For [`Images::observe`] after each request.
     exports: Arc<E>,
     /// Simple or structured replies, as negotiated.
     framing: Framing,
@@ -180,7 +183,7 @@ struct Shared<E: Exports> {
 }
 
 /// The reading side of the request loop.
-struct RequestReader<'a, E: Exports, R> {
+struct RequestReader<'a, E: Images, R> {
     /// The socket's read half (buffered).
     reader: R,
     /// What every request is checked against.
@@ -204,7 +207,7 @@ struct RequestReader<'a, E: Exports, R> {
     shutdown: Shutdown,
 }
 
-impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
+impl<E: Images, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
     async fn run(&mut self) -> Result<End, TransmissionError> {
         loop {
             if let Some(end) = self.next().await? {
@@ -249,9 +252,13 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
         let permits = Permits::new(slot, bytes);
         match checked {
             Ok(Op::Disc) => {
-                self.shared
-                    .exports
-                    .observe(Command::Disc, 0, started.elapsed(), true);
+                self.shared.exports.observe(
+                    Door::Nbd,
+                    Command::Disc.op(),
+                    0,
+                    started.elapsed(),
+                    true,
+                );
                 Ok(Some(End::Disc))
             }
             Ok(op) => {
@@ -370,7 +377,7 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
             let bytes = u64::from(header.length);
             self.shared
                 .exports
-                .observe(command, bytes, started.elapsed(), false);
+                .observe(Door::Nbd, command.op(), bytes, started.elapsed(), false);
         }
         let reply = Reply::error(
             self.limits.framing,
@@ -385,12 +392,13 @@ impl<E: Exports, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
     }
 }
 
-impl<E: Exports> Shared<E> {
-    /// Reports a finished request to [`Exports::observe`].
+impl<E: Images> Shared<E> {
+    /// Reports a finished request to [`Images::observe`].
     fn observe(&self, header: &RequestHeader, started: Instant, ok: bool) {
         if let Some(command) = Command::from_wire(header.kind) {
             let bytes = u64::from(header.length);
-            self.exports.observe(command, bytes, started.elapsed(), ok);
+            self.exports
+                .observe(Door::Nbd, command.op(), bytes, started.elapsed(), ok);
         }
     }
 
@@ -403,7 +411,7 @@ impl<E: Exports> Shared<E> {
         }
         let mut files = FileSlices::default();
         let whole =
-            self.export.read_files(offset, len, &mut files) && files.len() == u64::from(len);
+            self.export.resident_pieces(offset, len, &mut files) && files.len() == u64::from(len);
         whole.then_some(files)
     }
 
@@ -419,13 +427,13 @@ impl<E: Exports> Shared<E> {
                     );
                 }
                 let mut data = self.pool.take(len as usize);
-                match export.read(offset, &mut data).await {
+                match export.read_at(offset, &mut data).await {
                     Ok(()) => return (Reply::data(self.framing, cookie, offset, data), true),
                     Err(error) => Err(error),
                 }
             }
             Op::Write { offset, fua, .. } => match payload {
-                Some(data) => export.write(offset, &data, fua).await,
+                Some(data) => export.write_at(offset, &data, fua).await,
                 None => Err(io::Error::other("write without its payload")),
             },
             Op::Flush => export.flush().await,
@@ -443,16 +451,19 @@ impl<E: Exports> Shared<E> {
                 no_hole: true,
             } => {
                 export
-                    .write_zeroes_no_hole(offset, u64::from(len), fua)
+                    .write_zeroes_allocated(offset, u64::from(len), fua)
                     .await
             }
-            Op::Cache { offset, len } => export.cache(offset, u64::from(len)).await,
+            Op::Cache { offset, len } => {
+                export.prefetch(offset, u64::from(len));
+                Ok(())
+            }
             Op::BlockStatus {
                 offset,
                 len,
                 req_one,
                 context,
-            } => match export.block_status(offset, u64::from(len)).await {
+            } => match export.extents(offset, u64::from(len)).await {
                 Ok(extents) => match Reply::block_status(cookie, context, len, &extents, req_one) {
                     Some(reply) => return (reply, true),
                     None => Err(io::Error::other("the export reported no extents")),

@@ -106,8 +106,8 @@ async fn write_all<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer_pool::BufferPool;
     use crate::reply::Framing;
+    use lazyblk_image::BufferPool;
 
     #[tokio::test]
     async fn replies_are_written_whole_and_in_queue_order() {

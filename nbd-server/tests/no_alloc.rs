@@ -10,7 +10,10 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use lazyblk_nbd::{Export, Exports, Extent, Listener, OpenError, ServerConfig};
+use lazyblk_image::{
+    Extent, Images, Kind, Listing, OpenError, PrefetchImage, ReadImage, SparseImage, WriteImage,
+};
+use lazyblk_nbd::{Listener, ServerConfig};
 
 struct Counting;
 
@@ -38,33 +41,36 @@ static DATA: [u8; SIZE as usize] = [7; SIZE as usize];
 
 struct Static;
 
-impl Export for Static {
+impl ReadImage for Static {
     fn size(&self) -> u64 {
         SIZE
     }
-    fn read_only(&self) -> bool {
-        true
-    }
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         buf.copy_from_slice(&DATA[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
-    async fn write(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
+}
+
+impl WriteImage for Static {
+    fn writable(&self) -> bool {
+        false
+    }
+    async fn write_at(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
         Err(io::Error::from(io::ErrorKind::PermissionDenied))
     }
     async fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+}
+
+impl SparseImage for Static {
     async fn trim(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
         Ok(())
     }
     async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
         Ok(())
     }
-    async fn cache(&self, _: u64, _: u64) -> io::Result<()> {
-        Ok(())
-    }
-    async fn block_status(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
+    async fn extents(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
         Ok(vec![Extent {
             length: len,
             hole: false,
@@ -73,14 +79,22 @@ impl Export for Static {
     }
 }
 
+impl PrefetchImage for Static {}
+
 struct One(Arc<Static>);
 
-impl Exports for One {
-    type Export = Static;
+impl Images for One {
+    type Image = Static;
     async fn open(&self, _: &str, _: &str) -> Result<Arc<Static>, OpenError> {
         Ok(self.0.clone())
     }
-    async fn list(&self) -> Vec<(String, String)> {
+    fn open_local(&self, _: Kind, _: &str, _: &str) -> Result<Arc<Static>, OpenError> {
+        Ok(self.0.clone())
+    }
+    async fn list(&self) -> Vec<Listing> {
+        Vec::new()
+    }
+    fn list_local(&self, _: Kind) -> Vec<String> {
         Vec::new()
     }
 }

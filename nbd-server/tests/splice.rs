@@ -9,10 +9,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use lazyblk_nbd::{
-    proto, Export, Exports, Extent, FileSlices, Listener, OpenError, Resident, ServerConfig,
-    SPLICE_MIN_READ,
+use lazyblk_image::{
+    Extent, FileSlices, Images, Kind, Listing, OpenError, PrefetchImage, ReadImage, Resident,
+    SparseImage, WriteImage,
 };
+use lazyblk_nbd::{proto, Listener, ServerConfig, SPLICE_MIN_READ};
 use support::RawClient;
 use tokio::net::TcpListener;
 
@@ -41,21 +42,17 @@ fn is_hole(piece: u64) -> bool {
     piece % 3 == 1
 }
 
-impl Export for FileExport {
+impl ReadImage for FileExport {
     fn size(&self) -> u64 {
         SIZE
     }
 
-    fn read_only(&self) -> bool {
-        true
-    }
-
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.copied.fetch_add(1, Ordering::Relaxed);
         self.file.read_exact_at(buf, offset)
     }
 
-    fn read_files(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
+    fn resident_pieces(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
         let end = offset + u64::from(len);
         let mut pos = offset;
         while pos < end {
@@ -73,15 +70,23 @@ impl Export for FileExport {
         self.offered.fetch_add(u64::from(len), Ordering::Relaxed);
         true
     }
+}
 
-    async fn write(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
+impl WriteImage for FileExport {
+    fn writable(&self) -> bool {
+        false
+    }
+
+    async fn write_at(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EPERM))
     }
 
     async fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+}
 
+impl SparseImage for FileExport {
     async fn trim(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EPERM))
     }
@@ -90,11 +95,7 @@ impl Export for FileExport {
         Err(io::Error::from_raw_os_error(libc::EPERM))
     }
 
-    async fn cache(&self, _: u64, _: u64) -> io::Result<()> {
-        Ok(())
-    }
-
-    async fn block_status(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
+    async fn extents(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
         Ok(vec![Extent {
             length: len,
             hole: false,
@@ -103,10 +104,12 @@ impl Export for FileExport {
     }
 }
 
+impl PrefetchImage for FileExport {}
+
 struct OneFile(Arc<FileExport>);
 
-impl Exports for OneFile {
-    type Export = FileExport;
+impl Images for OneFile {
+    type Image = FileExport;
 
     async fn open(&self, name: &str, _peer: &str) -> Result<Arc<FileExport>, OpenError> {
         match name {
@@ -115,8 +118,28 @@ impl Exports for OneFile {
         }
     }
 
-    async fn list(&self) -> Vec<(String, String)> {
-        vec![("f".into(), String::new())]
+    fn open_local(
+        &self,
+        _kind: Kind,
+        name: &str,
+        _user: &str,
+    ) -> Result<Arc<FileExport>, OpenError> {
+        match name {
+            "f" => Ok(Arc::clone(&self.0)),
+            _ => Err(OpenError::Unknown),
+        }
+    }
+
+    async fn list(&self) -> Vec<Listing> {
+        vec![Listing {
+            name: "f".into(),
+            kind: Kind::Template,
+            description: String::new(),
+        }]
+    }
+
+    fn list_local(&self, _kind: Kind) -> Vec<String> {
+        vec!["f".into()]
     }
 
     fn spliced(&self, bytes: u64) {

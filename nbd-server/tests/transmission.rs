@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lazyblk_nbd::{proto, Command, ServerConfig};
+use lazyblk_image::Op;
+use lazyblk_nbd::{proto, ServerConfig};
 use support::{
     chunk_error, fixture_bytes, Fault, MemoryExport, MemoryExports, RawClient, TestServer, HOLE,
     SIZE,
@@ -351,8 +352,8 @@ async fn disc_answers_in_flight_requests_then_closes() {
     client.assert_closed().await;
     assert_eq!(&server.exports.get("rw").bytes()[..4], b"DATA");
     let observed = server.exports.observed.lock().unwrap().clone();
-    assert!(observed.contains(&(Command::Write, 4, true)));
-    assert!(observed.contains(&(Command::Disc, 0, true)));
+    assert!(observed.contains(&(Op::Write, 4, true)));
+    assert!(observed.contains(&(Op::Disconnect, 0, true)));
 }
 
 #[tokio::test(flavor = "multi_thread")]

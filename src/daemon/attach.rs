@@ -23,8 +23,7 @@ use lazyblk_nbd::ServerConfig;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use crate::daemon::exports::NbdExports;
-use crate::daemon::kernel_export::KernelExports;
+use crate::daemon::exports::NodeImages;
 use crate::daemon::node::Node;
 use crate::daemon::state::now_rfc3339;
 
@@ -142,7 +141,7 @@ pub struct AttachmentStatus {
 /// The devices this daemon has attached.
 pub struct Attachments {
     /// Opens exports for the kernel's connections.
-    exports: Arc<KernelExports>,
+    exports: Arc<NodeImages>,
     /// By device; a device is reserved while its attach runs, so two requests never
     /// pick the same one.
     slots: Mutex<BTreeMap<Device, Slot>>,
@@ -225,7 +224,7 @@ impl Attachments {
         };
         Attachments {
             // Devices through the ioctls die with the daemon: nothing to keep.
-            exports: Arc::new(KernelExports::new(NbdExports { node }, !force_ioctl)),
+            exports: Arc::new(NodeImages::kernel(node, !force_ioctl)),
             slots: Mutex::new(BTreeMap::new()),
             options,
             state_path: state_dir.join(DEVICES_FILE),

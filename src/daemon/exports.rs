@@ -1,6 +1,9 @@
-//! The glue between the frontends (NBD, FUSE) and the cache: an export per template
-//! (read-only) and per sandbox overlay (read-write). Both frontends serve the same
-//! [`NodeExport`], so one chunk is fetched once whichever frontend asked.
+//! The node's images as every frontend sees them: the one implementation of
+//! `lazyblk-image`'s traits over the cache. An image per template (read-only) and per
+//! sandbox overlay (read-write); the NBD server, the FUSE mount and the kernel's
+//! devices all serve [`NodeImage`]s opened from a [`NodeImages`] set, so one chunk is
+//! fetched once whichever door asked. The sets differ only in how they name their
+//! users and in write-through (for kernel devices, which outlive the daemon).
 
 use std::io;
 use std::sync::Arc;
@@ -8,8 +11,10 @@ use std::time::Duration;
 
 use lazyblk_cache::image::ReadError;
 use lazyblk_cache::overlay::OverlayError;
-use lazyblk_fuse::Folder;
-use lazyblk_nbd::{Command, Exports, Extent, FileSlices, OpenError};
+use lazyblk_image::{
+    Door, Extent, FileSlices, Images, Kind, Listing, Op, OpenError, PrefetchImage, ReadImage,
+    SparseImage, WriteImage,
+};
 
 use crate::daemon::node::Node;
 use crate::daemon::replica::{Lease, Replica};
@@ -56,8 +61,8 @@ fn read_only() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
 }
 
-/// One export opened by one client (an NBD connection or an open FUSE file). Holding
-/// it marks the template or sandbox in use. An enum: the kinds are closed.
+/// What one opener holds: a template's lease or a sandbox with its user's lease.
+/// Holding it marks the template or sandbox in use. An enum: the kinds are closed.
 pub enum NodeExport {
     Template(Lease),
     Overlay {
@@ -108,7 +113,7 @@ impl NodeExport {
     }
 
     /// A template read as page-cached chunk file pieces, for the NBD server to splice
-    /// (see [`lazyblk_nbd::Export::read_files`]); overlays are read with `read`.
+    /// (see [`ReadImage::resident_pieces`]); overlays are read with `read`.
     pub fn read_files(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
         let NodeExport::Template(t) = self else {
             return false;
@@ -146,37 +151,7 @@ impl NodeExport {
     }
 }
 
-impl lazyblk_nbd::Export for NodeExport {
-    fn size(&self) -> u64 {
-        NodeExport::size(self)
-    }
-
-    fn read_only(&self) -> bool {
-        NodeExport::read_only(self)
-    }
-
-    /// Overlays too: every connection shares one overlay, and a flush on any
-    /// connection flushes all of it.
-    fn can_multi_conn(&self) -> bool {
-        true
-    }
-
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        NodeExport::read(self, offset, buf).await
-    }
-
-    fn read_files(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
-        NodeExport::read_files(self, offset, len, out)
-    }
-
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        NodeExport::write(self, offset, data, fua).await
-    }
-
-    async fn flush(&self) -> io::Result<()> {
-        NodeExport::flush(self).await
-    }
-
+impl NodeExport {
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         match self {
             NodeExport::Template(_) => Err(read_only()),
@@ -199,62 +174,71 @@ impl lazyblk_nbd::Export for NodeExport {
         }
     }
 
-    async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn prefetch(&self, offset: u64, len: u64) {
         match self {
             NodeExport::Template(t) => t.replica().image.prefetch_range(offset, len),
             NodeExport::Overlay { sandbox, .. } => sandbox.overlay.prefetch(offset, len),
         }
-        Ok(())
     }
 
-    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
         let extents = match self {
             NodeExport::Template(t) => t.replica().image.extents(offset, len),
             NodeExport::Overlay { sandbox, .. } => sandbox.overlay.extents(offset, len),
         };
-        Ok(extents
+        extents
             .into_iter()
             .map(|e| Extent {
                 length: e.length,
                 hole: e.zero,
                 zero: e.zero,
             })
-            .collect())
+            .collect()
     }
 }
 
-/// A FUSE file: an export, and the metrics its reads and writes are counted in (as
-/// `fuse_read` and `fuse_write` beside the NBD commands).
-pub struct FuseFile {
+/// One image opened by one user (an NBD connection, an open FUSE file, a kernel
+/// device's connection).
+///
+/// With `write_through`, every write, trim and write-zeroes is made durable before it
+/// returns (as if it carried FUA): kernel devices outlive the daemon, an overlay keeps
+/// the map of what was written in memory until a flush, and a device that reconnects
+/// after a daemon restart would otherwise find writes it was told were done missing;
+/// its file system does not re-read or replay them, it keeps running on the assumption
+/// that they happened.
+pub struct NodeImage {
     export: NodeExport,
-    metrics: Arc<crate::daemon::counters::DaemonMetrics>,
+    write_through: bool,
 }
 
-impl lazyblk_fuse::File for FuseFile {
+impl ReadImage for NodeImage {
     fn size(&self) -> u64 {
         self.export.size()
     }
 
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.export.read(offset, buf).await
+    }
+
+    fn resident_pieces(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
+        self.export.read_files(offset, len, out)
+    }
+}
+
+impl WriteImage for NodeImage {
     fn writable(&self) -> bool {
         !self.export.read_only()
     }
 
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let started = std::time::Instant::now();
-        let result = self.export.read(offset, buf).await;
-        let ok = result.is_ok();
-        self.metrics
-            .nbd_request("fuse_read", buf.len() as u64, started.elapsed(), ok);
-        result
+    /// Overlays too: every opener shares one overlay, and a flush by any of them
+    /// flushes all of it.
+    fn shared(&self) -> bool {
+        true
     }
 
-    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let started = std::time::Instant::now();
-        let result = self.export.write(offset, data, false).await;
-        let ok = result.is_ok();
-        self.metrics
-            .nbd_request("fuse_write", data.len() as u64, started.elapsed(), ok);
-        result
+    async fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let fua = fua || self.write_through;
+        self.export.write(offset, data, fua).await
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -262,38 +246,152 @@ impl lazyblk_fuse::File for FuseFile {
     }
 }
 
-/// The node's exports, as the NBD server sees them.
-pub struct NbdExports {
-    pub node: Arc<Node>,
+impl SparseImage for NodeImage {
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let fua = fua || self.write_through;
+        self.export.trim(offset, len, fua).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let fua = fua || self.write_through;
+        self.export.write_zeroes(offset, len, fua).await
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        Ok(self.export.extents(offset, len))
+    }
 }
 
-impl Exports for NbdExports {
-    type Export = NodeExport;
+impl PrefetchImage for NodeImage {
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.export.prefetch(offset, len)
+    }
+}
 
-    async fn open(&self, name: &str, peer: &str) -> Result<Arc<NodeExport>, OpenError> {
+/// The node's templates and sandboxes, as one frontend opens them. Answers
+/// `open_local` and `list_local` from local state only: templates appear once this node
+/// knows them (the daemon learns the store's templates in the background), whether
+/// their replica is in memory or only their manifest on disk.
+pub struct NodeImages {
+    node: Arc<Node>,
+    /// Put before the opener's name to make the user shown in status ("nbd client ").
+    user_prefix: &'static str,
+    /// Whether the images it opens write through ([`NodeImage`]).
+    write_through: bool,
+}
+
+impl NodeImages {
+    /// The images of the NBD server: users are "nbd client ADDRESS".
+    pub fn nbd(node: Arc<Node>) -> NodeImages {
+        NodeImages {
+            node,
+            user_prefix: "nbd client ",
+            write_through: false,
+        }
+    }
+
+    /// The images of the FUSE mount: users are the files ("fuse file sandboxes/sb1").
+    pub fn fuse(node: Arc<Node>) -> NodeImages {
+        NodeImages {
+            node,
+            user_prefix: "",
+            write_through: false,
+        }
+    }
+
+    /// The images behind kernel block devices: users are the devices ("kernel
+    /// /dev/nbd0", the connection's peer name), and with `write_through` (devices that
+    /// outlive the daemon) writes are durable before they are acknowledged.
+    pub fn kernel(node: Arc<Node>, write_through: bool) -> NodeImages {
+        NodeImages {
+            node,
+            user_prefix: "",
+            write_through,
+        }
+    }
+
+    fn image(&self, export: NodeExport) -> Arc<NodeImage> {
+        Arc::new(NodeImage {
+            export,
+            write_through: self.write_through,
+        })
+    }
+}
+
+/// The metric label of an operation: the NBD command's name for the NBD server and the
+/// kernel devices, `fuse_` and the operation for the FUSE files.
+fn label(door: Door, op: Op) -> &'static str {
+    match (door, op) {
+        (Door::Nbd, Op::Read) => "read",
+        (Door::Nbd, Op::Write) => "write",
+        (Door::Nbd, Op::Flush) => "flush",
+        (Door::Nbd, Op::Trim) => "trim",
+        (Door::Nbd, Op::WriteZeroes) => "write_zeroes",
+        (Door::Nbd, Op::Extents) => "block_status",
+        (Door::Nbd, Op::Prefetch) => "cache",
+        (Door::Nbd, Op::Disconnect) => "disc",
+        (Door::Fuse, Op::Read) => "fuse_read",
+        (Door::Fuse, Op::Write) => "fuse_write",
+        (Door::Fuse, Op::Flush) => "fuse_flush",
+        (Door::Fuse, Op::Trim) => "fuse_trim",
+        (Door::Fuse, Op::WriteZeroes) => "fuse_write_zeroes",
+        (Door::Fuse, Op::Extents) => "fuse_extents",
+        (Door::Fuse, Op::Prefetch) => "fuse_prefetch",
+        (Door::Fuse, Op::Disconnect) => "fuse_disconnect",
+    }
+}
+
+impl Images for NodeImages {
+    type Image = NodeImage;
+
+    async fn open(&self, name: &str, user: &str) -> Result<Arc<NodeImage>, OpenError> {
         if lazyblk_cache::validate_id(name).is_err() {
             return Err(OpenError::Unknown);
         }
-        match NodeExport::open(&self.node, name, format!("nbd client {peer}")).await {
-            Ok(export) => Ok(Arc::new(export)),
+        let user = format!("{}{user}", self.user_prefix);
+        match NodeExport::open(&self.node, name, user).await {
+            Ok(export) => Ok(self.image(export)),
             Err(TemplateError::UnknownTemplate(..)) => Err(OpenError::Unknown),
             Err(e) => {
-                tracing::warn!(export = name, %peer, error = %e, "export unavailable");
+                tracing::warn!(image = name, error = %e, "image unavailable");
                 Err(OpenError::Unavailable(e.to_string()))
             }
         }
     }
 
-    async fn list(&self) -> Vec<(String, String)> {
-        let mut all: Vec<(String, String)> = self
+    fn open_local(&self, kind: Kind, name: &str, user: &str) -> Result<Arc<NodeImage>, OpenError> {
+        let user = format!("{}{user}", self.user_prefix);
+        let export = match kind {
+            Kind::Template => {
+                let replica = self.node.templates.known(name).ok_or(OpenError::Unknown)?;
+                if let Err(e) = self.node.templates.trusted(name) {
+                    tracing::warn!(template = name, error = %e, "template refused");
+                    return Err(OpenError::Unavailable(e.to_string()));
+                }
+                NodeExport::Template(replica.lease(user))
+            }
+            Kind::Sandbox => {
+                let sandbox = self.node.sandboxes.get(name).ok_or(OpenError::Unknown)?;
+                let lease = sandbox.users.lease(user);
+                NodeExport::Overlay {
+                    sandbox,
+                    _lease: lease,
+                }
+            }
+        };
+        Ok(self.image(export))
+    }
+
+    async fn list(&self) -> Vec<Listing> {
+        let mut all: Vec<Listing> = self
             .node
             .sandboxes
             .all()
             .iter()
-            .map(|s| {
-                let description =
-                    format!("sandbox overlay over {} (read-write)", s.template().id());
-                (s.id().to_string(), description)
+            .map(|s| Listing {
+                name: s.id().to_string(),
+                kind: Kind::Sandbox,
+                description: format!("sandbox overlay over {} (read-write)", s.template().id()),
             })
             .collect();
         all.extend(
@@ -302,38 +400,20 @@ impl Exports for NbdExports {
                 .names()
                 .await
                 .into_iter()
-                .map(|n| (n, "template (read-only)".to_string())),
+                .map(|name| Listing {
+                    name,
+                    kind: Kind::Template,
+                    description: "template (read-only)".to_string(),
+                }),
         );
         all
     }
 
-    fn observe(&self, command: Command, bytes: u64, elapsed: Duration, ok: bool) {
-        self.node
-            .metrics
-            .nbd_request(command.name(), bytes, elapsed, ok);
-    }
-
-    fn spliced(&self, bytes: u64) {
-        self.node.metrics.spliced(bytes);
-    }
-}
-
-/// The node's templates and sandboxes, as the FUSE mount sees them. Answers from local
-/// state only: templates appear once this node knows them (the daemon learns the
-/// store's templates in the background), whether their replica is in memory or only
-/// their manifest on disk.
-pub struct FuseFiles {
-    pub node: Arc<Node>,
-}
-
-impl lazyblk_fuse::Files for FuseFiles {
-    type File = FuseFile;
-
-    fn list(&self, folder: Folder) -> Vec<String> {
-        match folder {
-            // A template this node refuses (--trusted-keys) has no file.
-            Folder::Templates => self.node.templates.servable_ids(),
-            Folder::Sandboxes => self
+    fn list_local(&self, kind: Kind) -> Vec<String> {
+        match kind {
+            // A template this node refuses (--trusted-keys) is not listed.
+            Kind::Template => self.node.templates.servable_ids(),
+            Kind::Sandbox => self
                 .node
                 .sandboxes
                 .all()
@@ -343,28 +423,31 @@ impl lazyblk_fuse::Files for FuseFiles {
         }
     }
 
-    fn open(&self, folder: Folder, name: &str) -> Option<Arc<FuseFile>> {
-        let export = match folder {
-            Folder::Templates => {
-                let replica = self.node.templates.known(name)?;
-                if let Err(e) = self.node.templates.trusted(name) {
-                    tracing::warn!(template = name, error = %e, "FUSE file refused");
-                    return None;
-                }
-                NodeExport::Template(replica.lease(format!("fuse file templates/{name}")))
-            }
-            Folder::Sandboxes => {
-                let sandbox = self.node.sandboxes.get(name)?;
-                let lease = sandbox.users.lease(format!("fuse file sandboxes/{name}"));
-                NodeExport::Overlay {
-                    sandbox,
-                    _lease: lease,
-                }
-            }
-        };
-        Some(Arc::new(FuseFile {
-            export,
-            metrics: self.node.metrics.clone(),
-        }))
+    fn observe(&self, door: Door, op: Op, bytes: u64, elapsed: Duration, ok: bool) {
+        self.node
+            .metrics
+            .nbd_request(label(door, op), bytes, elapsed, ok);
+    }
+
+    fn spliced(&self, bytes: u64) {
+        self.node.metrics.spliced(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_labels_stay_the_command_names_and_fuse_labels_are_apart() {
+        let nbd: std::collections::HashSet<_> =
+            Op::ALL.iter().map(|&op| label(Door::Nbd, op)).collect();
+        let fuse: std::collections::HashSet<_> =
+            Op::ALL.iter().map(|&op| label(Door::Fuse, op)).collect();
+        assert_eq!(nbd.len(), Op::ALL.len());
+        assert_eq!(fuse.len(), Op::ALL.len());
+        assert!(nbd.is_disjoint(&fuse));
+        assert_eq!(label(Door::Nbd, Op::Extents), "block_status");
+        assert_eq!(label(Door::Fuse, Op::Read), "fuse_read");
     }
 }

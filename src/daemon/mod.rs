@@ -7,7 +7,8 @@
 //! - [`templates`]: the templates this node knows (manifests, learned from the store)
 //!   and the node's replica of each, with the sources its chunks come from.
 //! - [`sandboxes`]: sandbox overlays (create, delete, reopen at start).
-//! - [`exports`]: the export objects that the NBD server and the FUSE mount serve.
+//! - [`exports`]: the node's images (`lazyblk-image`), the one implementation every
+//!   frontend serves: NBD, the FUSE mount and kernel devices (write-through).
 //! - [`commit`]: a sandbox into a new template, and what earlier commits owe settled
 //!   at start; [`upload`]: its new chunks to the store in the background
 //!   (ORIGIN_ONLY -> UPLOADING -> DURABLE); [`intents`]: the durable record of what a
@@ -25,7 +26,6 @@
 //!   database that keeps them across restarts.
 //! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
-//! - [`kernel_export`]: the exports behind kernel devices (writes durable before their ack).
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
 
 pub mod api;
@@ -36,7 +36,6 @@ pub mod exports;
 pub mod fill;
 pub mod health;
 pub mod intents;
-pub mod kernel_export;
 pub mod membership;
 pub mod node;
 pub mod registry;
@@ -59,7 +58,7 @@ use tokio::sync::watch;
 
 use crate::cli::DaemonArgs;
 use crate::daemon::counters::DaemonMetrics;
-use crate::daemon::exports::{FuseFiles, NbdExports};
+use crate::daemon::exports::NodeImages;
 use crate::daemon::fill::{FillConfig, FillScheduler};
 use crate::daemon::node::{Node, NodeConfig};
 use crate::daemon::state::StateDb;
@@ -212,7 +211,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let nbd_tls = tls::setup(&args)?;
     let nbd = tokio::spawn(lazyblk_nbd::serve_with_tls(
         nbd_listener,
-        Arc::new(NbdExports { node: node.clone() }),
+        Arc::new(NodeImages::nbd(node.clone())),
         nbd_config,
         nbd_tls,
         shutdown(shutdown_rx.clone()),
@@ -322,7 +321,7 @@ fn mount_fuse(dir: &std::path::Path, node: Arc<Node>) -> anyhow::Result<lazyblk_
         .with_context(|| format!("clearing a stale mount at {}", dir.display()))?;
     lazyblk_fuse::mount(
         dir,
-        Arc::new(FuseFiles { node }),
+        Arc::new(NodeImages::fuse(node)),
         tokio::runtime::Handle::current(),
         lazyblk_fuse::MountOptions::default(),
     )

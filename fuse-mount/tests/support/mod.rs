@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use lazyblk_fuse::{File, Files, Folder, Mount, MountOptions};
+use lazyblk_fuse::{Folder, Mount, MountOptions};
+use lazyblk_image::{
+    Extent, Images, Kind, Listing, OpenError, PrefetchImage, ReadImage, SparseImage, WriteImage,
+};
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
 
@@ -90,16 +93,12 @@ impl MemFile {
     }
 }
 
-impl File for MemFile {
+impl ReadImage for MemFile {
     fn size(&self) -> u64 {
         self.data.read().unwrap().len() as u64
     }
 
-    fn writable(&self) -> bool {
-        self.writable
-    }
-
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         if !self.read_delay.is_zero() {
@@ -111,8 +110,14 @@ impl File for MemFile {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         result
     }
+}
 
-    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+impl WriteImage for MemFile {
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
         if !self.writable {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
@@ -126,6 +131,29 @@ impl File for MemFile {
         Ok(())
     }
 }
+
+/// Zeroes are written as zero bytes; every byte counts as data.
+impl SparseImage for MemFile {
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.write_zeroes(offset, len, fua).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        self.write_at(offset, &vec![0; len], fua).await
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let length = len.min(self.size().saturating_sub(offset));
+        Ok(vec![Extent {
+            length,
+            hole: false,
+            zero: false,
+        }])
+    }
+}
+
+impl PrefetchImage for MemFile {}
 
 /// An in-memory backend whose files can be added and removed while mounted.
 #[derive(Default)]
@@ -149,21 +177,40 @@ impl MemFiles {
     }
 }
 
-impl Files for MemFiles {
-    type File = MemFile;
+fn folder(kind: Kind) -> Folder {
+    match kind {
+        Kind::Template => Folder::Templates,
+        Kind::Sandbox => Folder::Sandboxes,
+    }
+}
 
-    fn list(&self, folder: Folder) -> Vec<String> {
+impl Images for MemFiles {
+    type Image = MemFile;
+
+    async fn open(&self, name: &str, user: &str) -> Result<Arc<MemFile>, OpenError> {
+        self.open_local(Kind::Sandbox, name, user)
+            .or_else(|_| self.open_local(Kind::Template, name, user))
+    }
+
+    fn open_local(&self, kind: Kind, name: &str, _user: &str) -> Result<Arc<MemFile>, OpenError> {
+        let files = self.files.lock().unwrap();
+        files
+            .get(&(folder(kind), name.to_owned()))
+            .cloned()
+            .ok_or(OpenError::Unknown)
+    }
+
+    async fn list(&self) -> Vec<Listing> {
+        Vec::new()
+    }
+
+    fn list_local(&self, kind: Kind) -> Vec<String> {
         let files = self.files.lock().unwrap();
         files
             .keys()
-            .filter(|(f, _)| *f == folder)
+            .filter(|(f, _)| *f == folder(kind))
             .map(|(_, name)| name.clone())
             .collect()
-    }
-
-    fn open(&self, folder: Folder, name: &str) -> Option<Arc<MemFile>> {
-        let files = self.files.lock().unwrap();
-        files.get(&(folder, name.to_owned())).cloned()
     }
 }
 

@@ -248,8 +248,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::export::{Export, Exports, Extent, OpenError};
     use crate::server::{serve_connection, ServerConfig};
+    use lazyblk_image::{
+        Extent, Images, Kind, Listing, OpenError, PrefetchImage, ReadImage, SparseImage, WriteImage,
+    };
 
     /// An all-zero export of `size` bytes.
     struct Zeroes {
@@ -257,33 +259,36 @@ mod tests {
         read_only: bool,
     }
 
-    impl Export for Zeroes {
+    impl ReadImage for Zeroes {
         fn size(&self) -> u64 {
             self.size
         }
-        fn read_only(&self) -> bool {
-            self.read_only
-        }
-        async fn read(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        async fn read_at(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
             buf.fill(0);
             Ok(())
         }
-        async fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> io::Result<()> {
+    }
+
+    impl WriteImage for Zeroes {
+        fn writable(&self) -> bool {
+            !self.read_only
+        }
+        async fn write_at(&self, _offset: u64, _data: &[u8], _fua: bool) -> io::Result<()> {
             Ok(())
         }
         async fn flush(&self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    impl SparseImage for Zeroes {
         async fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
             Ok(())
         }
         async fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
             Ok(())
         }
-        async fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
-            Ok(())
-        }
-        async fn block_status(&self, _offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        async fn extents(&self, _offset: u64, len: u64) -> io::Result<Vec<Extent>> {
             Ok(vec![Extent {
                 length: len,
                 hole: true,
@@ -292,11 +297,13 @@ mod tests {
         }
     }
 
+    impl PrefetchImage for Zeroes {}
+
     /// "ro" (read-only, 1 MiB) and "rw" (read-write, 2 MiB); "busy" cannot be served.
     struct TwoExports;
 
-    impl Exports for TwoExports {
-        type Export = Zeroes;
+    impl Images for TwoExports {
+        type Image = Zeroes;
 
         async fn open(&self, name: &str, _peer: &str) -> Result<Arc<Zeroes>, OpenError> {
             match name {
@@ -313,7 +320,20 @@ mod tests {
             }
         }
 
-        async fn list(&self) -> Vec<(String, String)> {
+        fn open_local(
+            &self,
+            _kind: Kind,
+            _name: &str,
+            _user: &str,
+        ) -> Result<Arc<Zeroes>, OpenError> {
+            Err(OpenError::Unknown)
+        }
+
+        async fn list(&self) -> Vec<Listing> {
+            Vec::new()
+        }
+
+        fn list_local(&self, _kind: Kind) -> Vec<String> {
             Vec::new()
         }
     }

@@ -12,10 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use lazyblk_nbd::proto::{self, RequestHeader};
-use lazyblk_nbd::{
-    Command, Export, Exports, Extent, Listener, OpenError, ServerConfig, ServerError,
+use lazyblk_image::{
+    Door, Extent, Images, Kind, Listing, Op, OpenError, PrefetchImage, ReadImage, SparseImage,
+    WriteImage,
 };
+use lazyblk_nbd::proto::{self, RequestHeader};
+use lazyblk_nbd::{Listener, ServerConfig, ServerError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -98,16 +100,12 @@ impl MemoryExport {
     }
 }
 
-impl Export for MemoryExport {
+impl ReadImage for MemoryExport {
     fn size(&self) -> u64 {
         self.data.read().expect("lock").len() as u64
     }
 
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if let Some((range, delay)) = &self.slow {
             if range.contains(&offset) {
                 tokio::time::sleep(*delay).await;
@@ -124,8 +122,14 @@ impl Export for MemoryExport {
         buf.copy_from_slice(&data[self.range(offset, buf.len() as u64)]);
         Ok(())
     }
+}
 
-    async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+impl WriteImage for MemoryExport {
+    fn writable(&self) -> bool {
+        !self.read_only
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
         let mut stored = self.data.write().expect("lock");
         let range = self.range(offset, data.len() as u64);
         stored[range].copy_from_slice(data);
@@ -136,7 +140,9 @@ impl Export for MemoryExport {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+}
 
+impl SparseImage for MemoryExport {
     async fn trim(&self, offset: u64, len: u64, _fua: bool) -> io::Result<()> {
         self.write_zeroes(offset, len, false).await
     }
@@ -148,11 +154,7 @@ impl Export for MemoryExport {
         Ok(())
     }
 
-    async fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Ok(())
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    async fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let data = self.data.read().expect("lock");
         let end = offset + len;
         let mut extents: Vec<Extent> = Vec::new();
@@ -175,11 +177,13 @@ impl Export for MemoryExport {
     }
 }
 
+impl PrefetchImage for MemoryExport {}
+
 /// A named set of [`MemoryExport`]s: "ro" (read-only fixture) and "rw" (writable fixture).
 pub struct MemoryExports {
     exports: HashMap<String, (Arc<MemoryExport>, String)>,
     /// Every `observe` call, for metrics tests.
-    pub observed: Mutex<Vec<(Command, u64, bool)>>,
+    pub observed: Mutex<Vec<(Op, u64, bool)>>,
 }
 
 impl MemoryExports {
@@ -216,8 +220,8 @@ impl MemoryExports {
     }
 }
 
-impl Exports for MemoryExports {
-    type Export = MemoryExport;
+impl Images for MemoryExports {
+    type Image = MemoryExport;
 
     async fn open(&self, name: &str, _peer: &str) -> Result<Arc<MemoryExport>, OpenError> {
         match name {
@@ -232,21 +236,50 @@ impl Exports for MemoryExports {
         }
     }
 
-    async fn list(&self) -> Vec<(String, String)> {
+    fn open_local(
+        &self,
+        _kind: Kind,
+        name: &str,
+        _user: &str,
+    ) -> Result<Arc<MemoryExport>, OpenError> {
+        self.exports
+            .get(name)
+            .map(|(export, _)| Arc::clone(export))
+            .ok_or(OpenError::Unknown)
+    }
+
+    async fn list(&self) -> Vec<Listing> {
         let mut listed: Vec<_> = self
             .exports
             .iter()
-            .map(|(name, (_, description))| (name.clone(), description.clone()))
+            .map(|(name, (export, description))| Listing {
+                name: name.clone(),
+                kind: if export.read_only {
+                    Kind::Template
+                } else {
+                    Kind::Sandbox
+                },
+                description: description.clone(),
+            })
             .collect();
-        listed.sort();
+        listed.sort_by(|a, b| a.name.cmp(&b.name));
         listed
     }
 
-    fn observe(&self, command: Command, bytes: u64, _elapsed: Duration, ok: bool) {
-        self.observed
-            .lock()
-            .expect("lock")
-            .push((command, bytes, ok));
+    fn list_local(&self, kind: Kind) -> Vec<String> {
+        let mut names: Vec<_> = self
+            .exports
+            .iter()
+            .filter(|(_, (export, _))| export.read_only == (kind == Kind::Template))
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn observe(&self, door: Door, op: Op, bytes: u64, _elapsed: Duration, ok: bool) {
+        assert_eq!(door, Door::Nbd);
+        self.observed.lock().expect("lock").push((op, bytes, ok));
     }
 }
 
