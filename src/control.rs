@@ -415,8 +415,14 @@ pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
                     "SANDBOX", "TEMPLATE", "WRITTEN"
                 );
                 for o in r.as_array().cloned().unwrap_or_default() {
+                    // A commit under way says so: the sandbox cannot be deleted or
+                    // committed again until it returns.
+                    let committing = match o.get("committing").and_then(Value::as_str) {
+                        Some(t) => format!("  (committing as {})", printable(t)),
+                        None => String::new(),
+                    };
                     println!(
-                        "{:<24} {:<24} {:>10}  {}",
+                        "{:<24} {:<24} {:>10}  {}{committing}",
                         s(&o, "sandbox"),
                         s(&o, "template"),
                         human_bytes(u(&o, "written_bytes")),

@@ -174,6 +174,13 @@ fn sandbox_creates_are_not_delayed_by_a_commit_on_a_slow_store() {
         sb["committing"], "t2",
         "the commit is shown under way: {sb}"
     );
+    let (ok, listing, err) = run(&["overlay", "list", "--node", &s.node.url()]);
+    assert!(ok, "{err}");
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with("sb "))
+        .unwrap_or_default();
+    assert!(line.ends_with("(committing as t2)"), "{listing}");
 
     // The committing sandbox and the reserved id are refused, saying why.
     let (ok, out, err) = run(&["commit", "sb", "--template", "t3", "--node", &s.node.url()]);
