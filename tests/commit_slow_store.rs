@@ -1,7 +1,8 @@
 //! Issue 24: a commit waits on its store alone. With a store that takes a second per
 //! request and a publish held at a gate, sandbox creates on the node are answered while
 //! the commit is still under way; a second commit or a delete of the committing sandbox
-//! gets a clear refusal; the commit then publishes the right bytes. A daemon killed
+//! gets a clear refusal; a commit of another sandbox goes on beside it; the commits then
+//! publish the right bytes. A daemon killed
 //! (SIGKILL) while its publish is in flight comes back consistent: the commit is
 //! resumed (uploaded, DURABLE) when the store got the manifest, and released (nothing
 //! left, the id free again) when it did not.
@@ -204,10 +205,19 @@ fn sandbox_creates_are_not_delayed_by_a_commit_on_a_slow_store() {
         commit.try_wait().unwrap().is_none(),
         "the commit finished early"
     );
+    // A commit of another sandbox does not wait for this one: both reach the store.
+    let other = start_commit(&s.node, "sb1", "t3");
+    wait_for("the second commit's publish to reach the store", || {
+        s.proxy.publishes_held() >= 2
+    });
 
-    // Let the publish through: the commit publishes what the sandbox holds.
+    // Let the publishes through: each commit publishes what its sandbox holds.
     s.proxy.delay_every(Duration::ZERO);
     s.proxy.publishes(Publishes::Pass);
+    let outcome = finish_commit(other).expect("the commit of sb1");
+    assert_eq!(outcome["new_chunks"], 0, "sb1 was not written: {outcome}");
+    let read = read_export(&s.node, "t3", &s.tmp.path().join("t3.img"));
+    assert_eq!(sha256(&read), sha256(&pattern(TEMPLATE_SIZE, 1)), "t3 is t");
     let outcome = finish_commit(commit).expect("the commit");
     assert_eq!(outcome["template"], "t2", "{outcome}");
     assert_eq!(outcome["new_chunks"], 2, "{outcome}");
