@@ -599,3 +599,43 @@ pub async fn scrub(args: crate::cli::ScrubArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_and_durabilities_parse_typed_and_unknown_names_are_named() {
+        for (name, want) in [
+            ("PENDING", Phase::Pending),
+            ("DISTRIBUTING", Phase::Distributing),
+            ("READY", Phase::Ready),
+            ("FAILED", Phase::Failed),
+            ("CLEANING", Phase::Cleaning),
+        ] {
+            let r = serde_json::json!({ "phase": name });
+            assert_eq!(phase(&r).unwrap(), want);
+            assert_eq!(want.to_string(), name, "the same name on the wire");
+        }
+        let err = phase(&serde_json::json!({ "phase": "MIGRATING" })).unwrap_err();
+        assert!(format!("{err:#}").contains("MIGRATING"), "{err:#}");
+        assert!(phase(&serde_json::json!({})).is_err());
+
+        assert_eq!(durability(&serde_json::json!({})).unwrap(), None);
+        assert_eq!(
+            durability(&serde_json::json!({ "durability": null })).unwrap(),
+            None
+        );
+        assert_eq!(
+            durability(&serde_json::json!({ "durability": "ORIGIN_ONLY" })).unwrap(),
+            Some(Durability::OriginOnly)
+        );
+        let odd = serde_json::json!({ "durability": "LOST" });
+        assert!(durability(&odd).is_err());
+        assert_eq!(
+            shown(committed_durability(&odd), &odd, "durability"),
+            "LOST"
+        );
+        assert!(committed_durability(&serde_json::json!({})).is_err());
+    }
+}

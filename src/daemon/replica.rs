@@ -307,3 +307,134 @@ impl Sandbox {
         self.template.replica()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use lazyblk_cache::{ChunkCache, ChunkStore, Digest};
+
+    use super::*;
+    use crate::daemon::counters::DaemonMetrics;
+    use crate::daemon::trace::TraceTiming;
+
+    const CHUNK: usize = 1 << 20;
+
+    /// A replica of a two-chunk template over a fresh cache, and the chunks' bytes.
+    fn replica(dir: &std::path::Path) -> (Replica, Vec<(Digest, Vec<u8>)>) {
+        let store = ChunkStore::open(dir, 0).unwrap();
+        let cache = Arc::new(ChunkCache::new(
+            store,
+            Arc::new(DaemonMetrics::new()),
+            Duration::from_secs(1),
+        ));
+        let mut manifest = Manifest::new("t", 2 * CHUNK as u64, CHUNK as u32);
+        let chunks: Vec<(Digest, Vec<u8>)> = (1..=2u8)
+            .map(|n| {
+                let bytes = vec![n; CHUNK];
+                (Digest::of(&bytes), bytes)
+            })
+            .collect();
+        for (i, (digest, _)) in chunks.iter().enumerate() {
+            manifest.chunks[i] = Some(*digest);
+        }
+        let image = Arc::new(TemplateImage::new(Arc::new(manifest), cache, Vec::new()));
+        let timing = TraceTiming {
+            window: Duration::from_secs(60),
+            quiet: Duration::from_secs(10),
+        };
+        (Replica::new(image, TraceRecorder::new(2, timing)), chunks)
+    }
+
+    fn started(start: Result<FillStart, ()>) -> Arc<AtomicBool> {
+        match start {
+            Ok(FillStart::Started(cancel)) => cancel,
+            Ok(FillStart::Unchanged(phase)) => panic!("not started: {phase}"),
+            Err(()) => panic!("refused"),
+        }
+    }
+
+    #[test]
+    fn a_fill_goes_pending_distributing_ready_and_an_evict_lets_go_of_its_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, chunks) = replica(dir.path());
+        assert_eq!(r.phase(), Phase::Pending);
+        assert!(r.is_idle());
+        // The budget refuses: nothing changes.
+        assert!(r.start_fill(false, || Err::<(), _>("over budget")).is_err());
+        assert_eq!(r.phase(), Phase::Pending);
+
+        let cancel = started(r.start_fill(false, || Ok(())));
+        assert_eq!(r.phase(), Phase::Distributing);
+        assert!(matches!(
+            r.start_fill(true, || Ok::<(), ()>(())),
+            Ok(FillStart::Unchanged(Phase::Distributing))
+        ));
+        // Not every chunk is local: no claim, not READY.
+        let err = r.claim(&cancel).unwrap_err();
+        assert!(err.contains("evicted"), "{err}");
+        assert_eq!(r.image.cache().pinned_bytes(), 0);
+        for (digest, bytes) in &chunks {
+            r.image.cache().keep(None, digest, bytes).unwrap();
+        }
+        assert_eq!(r.claim(&cancel), Ok(true));
+        assert!(r.finish_fill(&cancel));
+        assert_eq!(r.phase(), Phase::Ready);
+        assert_eq!(r.image.cache().pinned_bytes(), 2 * CHUNK as u64);
+        assert!(!r.is_idle());
+
+        r.stop_fill(Phase::Cleaning);
+        assert_eq!(r.phase(), Phase::Cleaning);
+        assert_eq!(r.image.cache().pinned_bytes(), 0, "the claim went");
+        r.evicted();
+        assert_eq!(r.fill_status().phase, Phase::Pending);
+    }
+
+    #[test]
+    fn a_stopped_fill_changes_nothing_when_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, chunks) = replica(dir.path());
+        for (digest, bytes) in &chunks {
+            r.image.cache().keep(None, digest, bytes).unwrap();
+        }
+        let cancel = started(r.start_fill(false, || Ok(())));
+        r.stop_fill(Phase::Pending);
+        assert!(cancel.load(Ordering::Relaxed), "the fill was told to stop");
+        assert_eq!(r.claim(&cancel), Ok(false));
+        assert!(!r.finish_fill(&cancel));
+        assert!(!r.fail_fill(&cancel, || unreachable!("no error is made")));
+        assert_eq!(r.phase(), Phase::Pending);
+        assert_eq!(r.image.cache().pinned_bytes(), 0);
+    }
+
+    #[test]
+    fn a_failed_fill_shows_its_error_and_restarts_only_with_redo() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, chunks) = replica(dir.path());
+        for (digest, bytes) in &chunks {
+            r.image.cache().keep(None, digest, bytes).unwrap();
+        }
+        let cancel = started(r.start_fill(false, || Ok(())));
+        assert_eq!(r.claim(&cancel), Ok(true));
+        assert!(r.fail_fill(&cancel, || "store down".to_string()));
+        let status = r.fill_status();
+        assert_eq!(status.phase, Phase::Failed);
+        assert_eq!(status.last_error.as_deref(), Some("store down"));
+        assert!(status.last_error_at.is_some());
+        assert_eq!(r.image.cache().pinned_bytes(), 0, "a failed fill lets go");
+        assert!(matches!(
+            r.start_fill(false, || Ok::<(), ()>(())),
+            Ok(FillStart::Unchanged(Phase::Failed))
+        ));
+        started(r.start_fill(true, || Ok(())));
+        assert_eq!(r.fill_status().last_error, None);
+
+        // A restart brings a READY replica back PENDING (its fill makes it READY again).
+        r.restore_fill(FillStatus {
+            phase: Phase::Ready,
+            last_error: None,
+            last_error_at: None,
+        });
+        assert_eq!(r.phase(), Phase::Pending);
+    }
+}
