@@ -9,6 +9,10 @@
 //! published before the new chunks are uploaded in the background
 //! ([`crate::daemon::upload`]). The work grows with the bytes written, not with the
 //! template's size.
+//!
+//! A commit takes the node-wide sandbox lock only to check ids and reserve its new one
+//! ([`Sandboxes::hold_for_commit`]); its store round trips run without it, so a slow
+//! store delays that commit alone, not the node's sandbox creates and deletes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
