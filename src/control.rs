@@ -4,14 +4,17 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::cli::{
     AttachArgs, CommitArgs, DetachArgs, EvictArgs, NodeArg, OverlayCommand, ResizeArgs, StatusArgs,
     WarmArgs,
 };
+use crate::daemon::state::Phase;
 use crate::printable::printable;
 use crate::progress::Progress;
+use crate::store::Durability;
 
 /// How often `warm --wait` polls the daemon.
 const WAIT_POLL: Duration = Duration::from_millis(50);
@@ -110,6 +113,44 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A replica's phase in a daemon's answer. A name this client does not know (a newer
+/// daemon's) is an error that quotes it.
+fn phase(v: &Value) -> anyhow::Result<Phase> {
+    Phase::deserialize(v.get("phase").unwrap_or(&Value::Null)).with_context(|| {
+        format!(
+            "the daemon reported a phase this lazyblk does not know: {}",
+            printable(&v.get("phase").map(Value::to_string).unwrap_or_default())
+        )
+    })
+}
+
+/// A template's durability in a daemon's answer (`None`: the daemon did not commit it).
+fn durability(v: &Value) -> anyhow::Result<Option<Durability>> {
+    Option::<Durability>::deserialize(v.get("durability").unwrap_or(&Value::Null)).with_context(
+        || {
+            format!(
+                "the daemon reported a durability this lazyblk does not know: {}",
+                printable(
+                    &v.get("durability")
+                        .map(Value::to_string)
+                        .unwrap_or_default()
+                )
+            )
+        },
+    )
+}
+
+/// The durability of a template a commit just made (a commit's answer always has it).
+fn committed_durability(v: &Value) -> anyhow::Result<Durability> {
+    durability(v)?.context("the daemon's commit answer has no durability")
+}
+
+/// A phase or durability as shown in a listing: the typed name, or what the daemon
+/// sent (printable) when this client does not know it.
+fn shown<T: std::fmt::Display>(typed: anyhow::Result<T>, v: &Value, key: &str) -> String {
+    typed.map_or_else(|_| s(v, key).into_owned(), |t| t.to_string())
+}
+
 fn u(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
@@ -183,7 +224,7 @@ fn table(replicas: &[Value]) -> String {
         let (local, total) = (u(r, "local_chunks"), u(r, "stored_chunks"));
         rows.push([
             s(r, "template").to_string(),
-            s(r, "phase").to_string(),
+            shown(phase(r), r, "phase"),
             format!("{local}/{total} ({})", percent(local, total)),
             human_bytes(u(r, "size")),
             by_source(r),
@@ -214,7 +255,7 @@ fn describe(r: &Value) -> String {
     let mut out = format!(
         "template:   {}\nphase:      {}\nsize:       {} ({} chunks of {}, {} zero)\nlocal:      {local}/{total} chunks ({})\nfetched:    {}\n",
         s(r, "template"),
-        s(r, "phase"),
+        shown(phase(r), r, "phase"),
         human_bytes(u(r, "size")),
         u(r, "chunks"),
         human_bytes(u(r, "chunk_size")),
@@ -225,8 +266,11 @@ fn describe(r: &Value) -> String {
     if let Some(parent) = r.get("parent").and_then(Value::as_str) {
         out.push_str(&format!("parent:     {}\n", printable(parent)));
     }
-    if let Some(durability) = r.get("durability").and_then(Value::as_str) {
-        let durability = printable(durability);
+    if r.get("durability").is_some_and(|d| !d.is_null()) {
+        let durability = match durability(r) {
+            Ok(Some(d)) => d.to_string(),
+            _ => s(r, "durability").into_owned(),
+        };
         let pending = u(r, "pending_upload_chunks");
         let detail = if pending > 0 {
             format!(" ({pending} chunks to upload)")
@@ -276,7 +320,7 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
     let query = if args.redo { "?redo=true" } else { "" };
     let started = node.post(&format!("{path}/warm{query}"), None).await?;
     if !args.wait {
-        println!("{}: {}", args.template, s(&started, "phase"));
+        println!("{}: {}", args.template, phase(&started)?);
         return Ok(());
     }
     let total = u(&started, "stored_bytes");
@@ -284,8 +328,8 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
     loop {
         let r = node.get(&path).await?;
         progress.set(u(&r, "local_bytes"));
-        match &*s(&r, "phase") {
-            "READY" => {
+        match phase(&r)? {
+            Phase::Ready => {
                 progress.finish(&format!(
                     "{} READY ({} chunks local)",
                     args.template,
@@ -293,7 +337,7 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
                 ));
                 return Ok(());
             }
-            "FAILED" => {
+            Phase::Failed => {
                 progress.finish(&format!("{} FAILED", args.template));
                 bail!(
                     "fill of {} FAILED: {} (reads are still served lazily; retry with `lazyblk warm {} --redo`)",
@@ -302,12 +346,10 @@ pub async fn warm(args: WarmArgs) -> anyhow::Result<()> {
                     args.template
                 );
             }
-            "PENDING" | "CLEANING" => bail!(
-                "fill of {} stopped (phase {})",
-                args.template,
-                s(&r, "phase")
-            ),
-            _ => tokio::time::sleep(WAIT_POLL).await,
+            stopped @ (Phase::Pending | Phase::Cleaning) => {
+                bail!("fill of {} stopped (phase {stopped})", args.template)
+            }
+            Phase::Distributing => tokio::time::sleep(WAIT_POLL).await,
         }
     }
 }
@@ -373,8 +415,14 @@ pub async fn overlay(command: OverlayCommand) -> anyhow::Result<()> {
                     "SANDBOX", "TEMPLATE", "WRITTEN"
                 );
                 for o in r.as_array().cloned().unwrap_or_default() {
+                    // A commit under way says so: the sandbox cannot be deleted or
+                    // committed again until it returns.
+                    let committing = match o.get("committing").and_then(Value::as_str) {
+                        Some(t) => format!("  (committing as {})", printable(t)),
+                        None => String::new(),
+                    };
                     println!(
-                        "{:<24} {:<24} {:>10}  {}",
+                        "{:<24} {:<24} {:>10}  {}{committing}",
                         s(&o, "sandbox"),
                         s(&o, "template"),
                         human_bytes(u(&o, "written_bytes")),
@@ -409,7 +457,7 @@ pub async fn commit(args: CommitArgs) -> anyhow::Result<()> {
             u(&r, "new_chunks"),
             u(&r, "shared_chunks"),
             s(&r, "parent"),
-            s(&r, "durability")
+            shown(committed_durability(&r), &r, "durability")
         );
     }
     Ok(())
@@ -482,7 +530,11 @@ pub async fn resize(args: ResizeArgs) -> anyhow::Result<()> {
             human_bytes(u(&r, "new_size")),
             u(&r["commit"], "new_chunks"),
             u(&r["commit"], "shared_chunks"),
-            s(&r["commit"], "durability")
+            shown(
+                committed_durability(&r["commit"]),
+                &r["commit"],
+                "durability"
+            )
         );
     }
     Ok(())
@@ -546,4 +598,44 @@ pub async fn scrub(args: crate::cli::ScrubArgs) -> anyhow::Result<()> {
         println!("unreadable {}", printable(d.as_str().unwrap_or("")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_and_durabilities_parse_typed_and_unknown_names_are_named() {
+        for (name, want) in [
+            ("PENDING", Phase::Pending),
+            ("DISTRIBUTING", Phase::Distributing),
+            ("READY", Phase::Ready),
+            ("FAILED", Phase::Failed),
+            ("CLEANING", Phase::Cleaning),
+        ] {
+            let r = serde_json::json!({ "phase": name });
+            assert_eq!(phase(&r).unwrap(), want);
+            assert_eq!(want.to_string(), name, "the same name on the wire");
+        }
+        let err = phase(&serde_json::json!({ "phase": "MIGRATING" })).unwrap_err();
+        assert!(format!("{err:#}").contains("MIGRATING"), "{err:#}");
+        assert!(phase(&serde_json::json!({})).is_err());
+
+        assert_eq!(durability(&serde_json::json!({})).unwrap(), None);
+        assert_eq!(
+            durability(&serde_json::json!({ "durability": null })).unwrap(),
+            None
+        );
+        assert_eq!(
+            durability(&serde_json::json!({ "durability": "ORIGIN_ONLY" })).unwrap(),
+            Some(Durability::OriginOnly)
+        );
+        let odd = serde_json::json!({ "durability": "LOST" });
+        assert!(durability(&odd).is_err());
+        assert_eq!(
+            shown(committed_durability(&odd), &odd, "durability"),
+            "LOST"
+        );
+        assert!(committed_durability(&serde_json::json!({})).is_err());
+    }
 }

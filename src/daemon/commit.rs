@@ -9,6 +9,10 @@
 //! published before the new chunks are uploaded in the background
 //! ([`crate::daemon::upload`]). The work grows with the bytes written, not with the
 //! template's size.
+//!
+//! A commit takes the node-wide sandbox lock only to check ids and reserve its new one
+//! ([`Sandboxes::hold_for_commit`]); its store round trips run without it, so a slow
+//! store delays that commit alone, not the node's sandbox creates and deletes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,11 +22,12 @@ use serde::Serialize;
 
 use crate::daemon::intents::{OriginIntents, Settled};
 use crate::daemon::replica::Replica;
-use crate::daemon::sandboxes::{Sandbox, SandboxError, Sandboxes};
+use crate::daemon::sandboxes::{IdReservation, Sandbox, SandboxError, Sandboxes};
 use crate::daemon::state::now_rfc3339;
 use crate::daemon::templates::{TemplateError, Templates};
 use crate::daemon::upload::{upload_owner, Uploads};
 use crate::store::client::{StoreClient, StoreError};
+use crate::store::Durability;
 
 /// Why a commit was refused or failed. Nothing is published unless it succeeds, except
 /// where [`CommitError::PublishUncertain`] says the store's answer was lost.
@@ -80,7 +85,7 @@ pub struct CommitOutcome {
     pub shared_chunks: usize,
     /// Bytes read and hashed to build the new chunks: grows with the writes, not the size.
     pub bytes_hashed: u64,
-    pub durability: String,
+    pub durability: Durability,
     pub seconds: f64,
 }
 
@@ -106,11 +111,15 @@ impl Commits {
 
     /// Commits sandbox `sandbox` as template `new_id`.
     ///
-    /// The order makes the commit durable before anyone learns of it: the new chunks
-    /// are written and pinned, then the manifest and the intent to upload are kept on
-    /// this node's disk, and only then is the manifest published; the upload follows.
-    /// A crash anywhere leaves either nothing visible, or a published template whose
-    /// new chunks are pinned here and uploaded after the restart.
+    /// The order makes the commit durable before anyone learns of it: the new id is
+    /// reserved (in memory, under the node-wide lock, which is then released), the new
+    /// chunks are written and pinned, then the manifest and the intent to upload are
+    /// kept on this node's disk, and only then is the manifest published; the id
+    /// becomes a known template and its reservation goes; the upload follows. A crash
+    /// anywhere leaves either nothing visible (the reservation dies with the process;
+    /// an intent whose manifest the store lacks is dropped at the restart), or a
+    /// published template whose new chunks are pinned here and uploaded after the
+    /// restart.
     pub async fn commit(
         self: &Arc<Self>,
         sandbox: &str,
@@ -120,14 +129,23 @@ impl Commits {
         let started = Instant::now();
         validate_id(new_id).map_err(|e| CommitError::InvalidId(e.to_string()))?;
         lazyblk_cache::labels::validate_labels(labels.iter()).map_err(CommitError::InvalidLabel)?;
-        let sb = self
-            .sandboxes
-            .get(sandbox)
-            .ok_or_else(|| SandboxError::Unknown(sandbox.to_string()))?;
-        let _one_at_a_time = self.sandboxes.exclusive().await;
-        if self.templates.known(new_id).is_some() || self.sandboxes.get(new_id).is_some() {
-            return Err(CommitError::Exists(new_id.to_string()));
-        }
+        // The node-wide lock covers the id checks and the reservation only: the store
+        // round trips below run without it, so sandbox creates and deletes on the node
+        // (and commits of other sandboxes) go on meanwhile. The hold keeps this sandbox
+        // from being deleted or committed again, the reservation keeps `new_id` from
+        // being taken, until this commit returns (or, unsettled, until it is settled).
+        let (sb, _hold, reservation) = {
+            let _one_at_a_time = self.sandboxes.exclusive().await;
+            let sb = self
+                .sandboxes
+                .get(sandbox)
+                .ok_or_else(|| SandboxError::Unknown(sandbox.to_string()))?;
+            if self.templates.known(new_id).is_some() || self.sandboxes.get(new_id).is_some() {
+                return Err(CommitError::Exists(new_id.to_string()));
+            }
+            let (hold, reservation) = self.sandboxes.hold_for_commit(sandbox, new_id)?;
+            (sb, hold, reservation)
+        };
         match self.store.manifest(new_id).await {
             Ok(Some(_)) => return Err(CommitError::Exists(new_id.to_string())),
             Ok(None) => {}
@@ -195,7 +213,11 @@ impl Commits {
                     });
                 }
                 Settled::Unknown(detail) => {
-                    tokio::spawn(self.clone().settle_later(manifest, new_chunks));
+                    tokio::spawn(self.clone().settle_later(
+                        manifest,
+                        new_chunks,
+                        Some(reservation),
+                    ));
                     return Err(CommitError::PublishUncertain {
                         template: new_id.to_string(),
                         detail: format!("{source}; then {detail}"),
@@ -209,7 +231,9 @@ impl Commits {
             .zip(&parent.manifest().chunks)
             .filter(|(a, b)| a == b && a.is_some())
             .count();
+        // Published: the id is a known template before its reservation goes.
         let replica = self.templates.insert(manifest);
+        drop(reservation);
         self.uploads.start(replica.clone(), new_chunks.clone());
         let outcome = CommitOutcome {
             template: new_id.to_string(),
@@ -219,12 +243,7 @@ impl Commits {
             new_chunks: new_chunks.len(),
             shared_chunks: shared,
             bytes_hashed: built.bytes_hashed,
-            durability: if new_chunks.is_empty() {
-                "DURABLE"
-            } else {
-                "ORIGIN_ONLY"
-            }
-            .to_string(),
+            durability: Durability::after_commit(new_chunks.len()),
             seconds: started.elapsed().as_secs_f64(),
         };
         tracing::info!(
@@ -329,12 +348,14 @@ impl Commits {
         Ok((Some(digest), pin))
     }
 
-    /// Undoes a commit that was never published: its intent, its saved manifest, and
-    /// the claims on its new chunks (which stay cached, evictable).
+    /// Undoes a commit that was never published: its saved manifest, its intent, and
+    /// the claims on its new chunks (which stay cached, evictable). The manifest goes
+    /// first: a crash in between leaves an intent without a manifest, which the restart
+    /// drops, where the other order would leave a manifest that looks committed here.
     pub fn abandon(&self, template: &str) {
         lazyblk_cache::blocking::blocking(|| {
-            self.intents.clear(template);
             self.templates.forget(template);
+            self.intents.clear(template);
         });
         self.cache.release(&upload_owner(template));
     }
@@ -375,10 +396,11 @@ impl Commits {
                 Settled::Unknown(error) => {
                     tracing::warn!(template = %id, %error, "store unreachable; keeping the commit's chunks until it can be asked");
                     let pinned = self.pin_local(replica.manifest());
-                    tokio::spawn(
-                        self.clone()
-                            .settle_later(Manifest::clone(replica.manifest()), pinned),
-                    );
+                    tokio::spawn(self.clone().settle_later(
+                        Manifest::clone(replica.manifest()),
+                        pinned,
+                        None,
+                    ));
                 }
             }
         }
@@ -414,8 +436,14 @@ impl Commits {
     }
 
     /// Settles a commit whose publish went unanswered: asks the store until it knows,
-    /// then uploads (published) or drops the intent (not published).
-    async fn settle_later(self: Arc<Self>, manifest: Manifest, pinned: Vec<Digest>) {
+    /// then uploads (published) or drops the intent (not published). The commit's id
+    /// reservation, if it still has one, is kept until then.
+    async fn settle_later(
+        self: Arc<Self>,
+        manifest: Manifest,
+        pinned: Vec<Digest>,
+        _reservation: Option<IdReservation>,
+    ) {
         let id = manifest.template.clone();
         loop {
             tokio::time::sleep(SETTLE_RETRY).await;

@@ -23,8 +23,8 @@ use tokio::task::JoinSet;
 
 use crate::daemon::commit::Commits;
 use crate::daemon::node::Node;
-use crate::daemon::replica::{replica_owner, Replica};
-use crate::daemon::state::{now_rfc3339, Phase, ReplicaRecord, StateDb};
+use crate::daemon::replica::{FillStart, FillStatus, Replica};
+use crate::daemon::state::{Phase, ReplicaRecord, StateDb};
 use crate::daemon::templates::{TemplateError, Templates};
 use crate::store::client::StoreClient;
 
@@ -128,18 +128,10 @@ impl FillScheduler {
     /// Starts (or resumes) the fill of `replica`. A READY replica stays READY; a
     /// running fill goes on; a FAILED one restarts only with `redo`.
     pub fn warm(self: &Arc<Self>, replica: &Arc<Replica>, redo: bool) -> Result<Phase, FillError> {
-        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-        match state.phase() {
-            Phase::Ready | Phase::Distributing | Phase::Cleaning => return Ok(state.phase()),
-            Phase::Failed if !redo => return Ok(Phase::Failed),
-            _ => {}
-        }
-        self.check_budget(replica)?;
-        let cancel = Arc::new(AtomicBool::new(false));
-        state.cancel = Some(cancel.clone());
-        state.phase = Some(Phase::Distributing);
-        state.last_error = None;
-        drop(state);
+        let cancel = match replica.start_fill(redo, || self.check_budget(replica))? {
+            FillStart::Started(cancel) => cancel,
+            FillStart::Unchanged(phase) => return Ok(phase),
+        };
         self.save(replica);
         let this = self.clone();
         let replica = replica.clone();
@@ -301,42 +293,21 @@ impl FillScheduler {
     }
 
     /// Claims the replica's chunks for it (once): `Ok(false)` if an evict or unpin came
-    /// first, `Err` if some are not local (evicted under the fill).
+    /// first, `Err` if some are not local (evicted under the fill: a budget smaller
+    /// than the working set; not READY).
     fn claim(&self, replica: &Arc<Replica>, cancel: &AtomicBool) -> Result<bool, String> {
-        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-        // An evict or unpin since the last check (it sets `cancel` under this lock):
-        // the replica is theirs now; claiming it here would undo them.
-        if cancel.load(Ordering::Relaxed) {
+        let claimed = replica.claim(cancel)?;
+        if !claimed {
             tracing::info!(template = replica.id(), "fill stopped");
-            return Ok(false);
         }
-        if !state.pinned {
-            // Claim first, then count what is not local: no eviction can come between
-            // the count and the claim.
-            let owner = replica_owner(replica.id());
-            let digests = replica.manifest().stored_chunks().map(|(_, d)| d);
-            let missing = self.cache.pin(&owner, digests);
-            if missing > 0 {
-                self.cache.release(&owner);
-                // Evicted under us (a budget smaller than the working set): not READY.
-                return Err(format!(
-                    "{missing} chunks were evicted before the fill finished"
-                ));
-            }
-            state.pinned = true;
-        }
-        Ok(true)
+        Ok(claimed)
     }
 
     fn finish(&self, replica: &Arc<Replica>, started: Instant, cancel: &AtomicBool) {
-        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-        if cancel.load(Ordering::Relaxed) {
+        if !replica.finish_fill(cancel) {
             tracing::info!(template = replica.id(), "fill stopped");
             return;
         }
-        state.phase = Some(Phase::Ready);
-        state.cancel = None;
-        drop(state);
         self.disk.forget(replica.id());
         self.save(replica);
         tracing::info!(
@@ -350,12 +321,8 @@ impl FillScheduler {
     /// claims again and counts what is missing (and its own claims do not count against
     /// its budget). Nothing, if an evict or unpin came first: the replica is theirs.
     fn fail(&self, replica: &Arc<Replica>, fault: Fault, error: String, cancel: &AtomicBool) {
-        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-        if cancel.load(Ordering::Relaxed) {
-            tracing::info!(template = replica.id(), %error, "fill stopped");
-            return;
-        }
-        let error = match fault {
+        let stopped_error = error.clone();
+        let failed = replica.fail_fill(cancel, || match fault {
             Fault::Disk => {
                 let wait = self.disk.record(replica.id());
                 tracing::warn!(template = replica.id(), %error, next_probe = ?wait,
@@ -368,15 +335,10 @@ impl FillScheduler {
                 tracing::warn!(template = replica.id(), %error, "fill FAILED; the template is still served lazily");
                 error
             }
-        };
-        state.phase = Some(Phase::Failed);
-        state.last_error = Some(error);
-        state.last_error_at = Some(now_rfc3339());
-        state.cancel = None;
-        let was_pinned = std::mem::take(&mut state.pinned);
-        drop(state);
-        if was_pinned {
-            self.cache.release(&replica_owner(replica.id()));
+        });
+        if !failed {
+            tracing::info!(template = replica.id(), error = %stopped_error, "fill stopped");
+            return;
         }
         self.save(replica);
     }
@@ -399,25 +361,12 @@ impl FillScheduler {
             }
             .into());
         }
-        let was_pinned = {
-            let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(cancel) = state.cancel.take() {
-                cancel.store(true, Ordering::Relaxed);
-            }
-            state.phase = Some(Phase::Cleaning);
-            std::mem::take(&mut state.pinned)
-        };
+        replica.stop_fill(Phase::Cleaning);
         self.save(replica);
-        if was_pinned {
-            self.cache.release(&replica_owner(replica.id()));
-        }
         let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
         let removed = self.cache.evict(&digests);
         self.disk.forget(replica.id());
-        let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-        state.phase = Some(Phase::Pending);
-        state.last_error = None;
-        drop(state);
+        replica.evicted();
         self.save(replica);
         tracing::info!(template = replica.id(), removed, "replica evicted");
         Ok(removed)
@@ -426,17 +375,7 @@ impl FillScheduler {
     /// Stops keeping a replica READY (a wish was removed): its fill stops and its chunks
     /// are unpinned, but stay cached (evictable) and the template is still served.
     pub fn unpin(&self, replica: &Arc<Replica>) {
-        let was_pinned = {
-            let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(cancel) = state.cancel.take() {
-                cancel.store(true, Ordering::Relaxed);
-            }
-            state.phase = Some(Phase::Pending);
-            std::mem::take(&mut state.pinned)
-        };
-        if was_pinned {
-            self.cache.release(&replica_owner(replica.id()));
-        }
+        replica.stop_fill(Phase::Pending);
         self.disk.forget(replica.id());
         self.save(replica);
         tracing::info!(
@@ -447,16 +386,14 @@ impl FillScheduler {
 
     /// Saves a replica's phase and progress.
     pub fn save(&self, replica: &Replica) {
-        let record = {
-            let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-            ReplicaRecord {
-                template: replica.id().to_string(),
-                phase: state.phase(),
-                chunks_local: replica.local_chunks() as u64,
-                chunks_total: replica.manifest().stored_chunks().count() as u64,
-                last_error: state.last_error.clone(),
-                last_error_at: state.last_error_at.clone(),
-            }
+        let fill = replica.fill_status();
+        let record = ReplicaRecord {
+            template: replica.id().to_string(),
+            phase: fill.phase,
+            chunks_local: replica.local_chunks() as u64,
+            chunks_total: replica.manifest().stored_chunks().count() as u64,
+            last_error: fill.last_error,
+            last_error_at: fill.last_error_at,
         };
         if let Err(e) = self.db.save(&record) {
             tracing::warn!(error = %e, "saving replica state failed");
@@ -478,16 +415,11 @@ impl FillScheduler {
             let Some(replica) = self.templates.known(&record.template) else {
                 continue;
             };
-            {
-                let mut state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-                state.last_error = record.last_error.clone();
-                state.last_error_at = record.last_error_at.clone();
-                state.phase = Some(match record.phase {
-                    Phase::Cleaning => Phase::Pending,
-                    Phase::Ready | Phase::Distributing => Phase::Pending,
-                    other => other,
-                });
-            }
+            replica.restore_fill(FillStatus {
+                phase: record.phase,
+                last_error: record.last_error.clone(),
+                last_error_at: record.last_error_at.clone(),
+            });
             match record.phase {
                 Phase::Failed
                     if record
@@ -520,13 +452,7 @@ impl FillScheduler {
                 _ = stop.changed() => return,
             }
             for replica in self.templates.all() {
-                let failed = replica
-                    .fill
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .phase()
-                    == Phase::Failed;
-                if !failed {
+                if replica.phase() != Phase::Failed {
                     continue;
                 }
                 let resume = if self.disk.is_waiting(replica.id()) {
@@ -554,11 +480,7 @@ impl FillScheduler {
     /// Stops every running fill (shutdown); progress is already saved.
     pub fn stop_all(&self) {
         for replica in self.templates.all() {
-            let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(cancel) = &state.cancel {
-                cancel.store(true, Ordering::Relaxed);
-            }
-            drop(state);
+            replica.cancel_fill();
             self.save(&replica);
         }
     }

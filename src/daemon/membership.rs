@@ -38,10 +38,8 @@ fn report(node: &Node) -> Vec<ReplicaReport> {
         .iter()
         .filter_map(|r| {
             let users = r.users();
-            let (phase, last_error) = {
-                let state = r.fill.lock().unwrap_or_else(|e| e.into_inner());
-                (state.phase(), state.last_error.clone())
-            };
+            let fill = r.fill_status();
+            let (phase, last_error) = (fill.phase, fill.last_error);
             // A template refused here (--trusted-keys) is reported, with why.
             let refused = node.templates.trusted(r.id()).err().map(|e| e.to_string());
             if phase == Phase::Pending && users.is_empty() && refused.is_none() {

@@ -6,7 +6,8 @@
 //! - [`node`]: the [`node::Node`], the owners below built once and shared.
 //! - [`templates`]: the templates this node knows (manifests, learned from the store)
 //!   and the node's replica of each, with the sources its chunks come from.
-//! - [`sandboxes`]: sandbox overlays (create, delete, reopen at start).
+//! - [`sandboxes`]: sandbox overlays (create, delete, reopen at start), and what the
+//!   commits under way hold (their sandboxes, their new ids).
 //! - [`exports`]: the node's images (`lazyblk-image`), the one implementation every
 //!   frontend serves: NBD, the FUSE mount and kernel devices (write-through).
 //! - [`commit`]: a sandbox into a new template, and what earlier commits owe settled
@@ -15,15 +16,17 @@
 //!   commit owes after a crash, and the node's id.
 //! - [`resize`]: a template grown into a new one (e2fsck and resize2fs on a scratch
 //!   overlay, then a commit).
-//! - [`replica`]: a replica of a template and a sandbox, the values the owners keep.
+//! - [`replica`]: a replica of a template (the owner of its phase, last error and
+//!   claim on its chunks) and a sandbox, the values the owners keep.
 //! - [`membership`]: how the node finds the fleet's live nodes (leases on the store,
 //!   or `--peers`), for chunk ownership.
 //! - [`registry`]: the id-to-object maps of replicas and sandboxes.
 //! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
 //! - [`counters`]: Prometheus metrics and per-template byte counts.
-//! - [`fill`]: the background fill and the replica phases; [`state`]: the SQLite
-//!   database that keeps them across restarts.
+//! - [`fill`]: the background fill, the replicas' worker (it moves their phases
+//!   through the replica's methods); [`state`]: the SQLite database that keeps the
+//!   phases across restarts.
 //! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.

@@ -6,8 +6,9 @@
 //! - [`Uploads`]: committed chunks still to send to the store;
 //! - [`Commits`] and [`Resizes`]: services over those.
 //!
-//! The replicas' phases and pins are kept by the fill scheduler
-//! ([`crate::daemon::fill`]), which is their worker.
+//! Each replica owns its phase and its claim on its chunks (private state, changed by
+//! its methods); the fill scheduler ([`crate::daemon::fill`]) is their worker, and
+//! the state database their memory.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,8 +3,9 @@
 //! `<fuse>/sandboxes/<sb>`. Overlays live under `<cache>/overlays/<sb>/` and are
 //! reopened at start with their block maps.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use lazyblk_cache::overlay::{Overlay, OverlayError, OverlayMeta};
 use lazyblk_cache::validate_id;
@@ -30,6 +31,12 @@ pub enum SandboxError {
     Unknown(String),
     #[error("sandbox {sandbox:?} is in use by {}; use --force to override", .users.join(", "))]
     InUse { sandbox: String, users: Vec<String> },
+    /// A commit of the sandbox is under way: it reads the overlay until it returns.
+    #[error("sandbox {sandbox:?} is being committed as template {template:?}; wait for that commit to finish")]
+    Committing { sandbox: String, template: String },
+    /// The id is the new template of a commit under way.
+    #[error("{0:?} is being committed as a template; sandbox ids and template ids must differ")]
+    Reserved(String),
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error(transparent)]
@@ -47,10 +54,13 @@ pub struct SandboxStatus {
     pub bytes_on_disk: u64,
     pub users: Vec<String>,
     pub created_at: String,
+    /// The template a commit of this sandbox under way is making.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub committing: Option<String>,
 }
 
 impl Sandbox {
-    pub fn status(&self) -> SandboxStatus {
+    pub fn status(&self, committing: Option<String>) -> SandboxStatus {
         let stats = self.overlay.stats();
         let block = lazyblk_cache::manifest::BLOCK_SIZE;
         SandboxStatus {
@@ -62,6 +72,7 @@ impl Sandbox {
             bytes_on_disk: stats.bytes_on_disk,
             users: self.users.names(),
             created_at: self.overlay.meta().created_at.clone(),
+            committing,
         }
     }
 }
@@ -72,9 +83,48 @@ pub struct Sandboxes {
     registry: Registry<Sandbox>,
     /// Where sandbox overlays live, one directory each.
     dir: PathBuf,
-    /// Serializes the steps that create or consume an id (create, delete, commit): the
-    /// id checks and the step are one.
+    /// Serializes the steps that create or consume an id (create, delete, the start of
+    /// a commit): the id checks and the step are one. Never held across a round trip to
+    /// the store: every sandbox create on the node would wait for it.
     exclusive: tokio::sync::Mutex<()>,
+    /// Commits under way, which hold no lock while they wait on the store.
+    commits: Mutex<CommitsUnderWay>,
+}
+
+/// What the commits under way hold: their sandboxes (not deleted or committed again
+/// meanwhile) and their new template ids (not taken by a sandbox or another commit
+/// until the commit publishes or gives up).
+#[derive(Default)]
+struct CommitsUnderWay {
+    /// Sandbox id -> the template its commit makes.
+    sandboxes: BTreeMap<String, String>,
+    /// Template ids reserved by commits.
+    ids: BTreeSet<String>,
+}
+
+/// A commit's hold on its sandbox, released when dropped.
+pub struct CommitHold {
+    sandboxes: Arc<Sandboxes>,
+    sandbox: String,
+}
+
+impl Drop for CommitHold {
+    fn drop(&mut self) {
+        self.sandboxes.under_way().sandboxes.remove(&self.sandbox);
+    }
+}
+
+/// A commit's reservation of its new template id, released when dropped (after the
+/// commit made the id a known template, or gave up).
+pub struct IdReservation {
+    sandboxes: Arc<Sandboxes>,
+    id: String,
+}
+
+impl Drop for IdReservation {
+    fn drop(&mut self) {
+        self.sandboxes.under_way().ids.remove(&self.id);
+    }
 }
 
 impl Sandboxes {
@@ -88,7 +138,59 @@ impl Sandboxes {
             registry: Registry::default(),
             dir,
             exclusive: tokio::sync::Mutex::new(()),
+            commits: Mutex::default(),
         })
+    }
+
+    fn under_way(&self) -> MutexGuard<'_, CommitsUnderWay> {
+        self.commits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The template a commit of `sandbox` under way is making.
+    pub fn committing(&self, sandbox: &str) -> Option<String> {
+        self.under_way().sandboxes.get(sandbox).cloned()
+    }
+
+    /// Whether `id` is the new template of a commit under way.
+    pub fn is_reserved(&self, id: &str) -> bool {
+        self.under_way().ids.contains(id)
+    }
+
+    /// Holds `sandbox` and reserves `template` for a commit, refusing a sandbox that is
+    /// being committed already. Called under [`Sandboxes::exclusive`], after the id
+    /// checks; the lock may be released once this returns.
+    pub(crate) fn hold_for_commit(
+        self: &Arc<Self>,
+        sandbox: &str,
+        template: &str,
+    ) -> Result<(CommitHold, IdReservation), SandboxError> {
+        let mut under_way = self.under_way();
+        if let Some(t) = under_way.sandboxes.get(sandbox) {
+            return Err(SandboxError::Committing {
+                sandbox: sandbox.to_string(),
+                template: t.clone(),
+            });
+        }
+        if !under_way.ids.insert(template.to_string()) {
+            return Err(SandboxError::Reserved(template.to_string()));
+        }
+        under_way
+            .sandboxes
+            .insert(sandbox.to_string(), template.to_string());
+        let hold = CommitHold {
+            sandboxes: self.clone(),
+            sandbox: sandbox.to_string(),
+        };
+        let reservation = IdReservation {
+            sandboxes: self.clone(),
+            id: template.to_string(),
+        };
+        Ok((hold, reservation))
+    }
+
+    /// The sandbox as the API shows it.
+    pub fn status(&self, sandbox: &Sandbox) -> SandboxStatus {
+        sandbox.status(self.committing(sandbox.id()))
     }
 
     fn overlay_dir(&self, sandbox: &str) -> PathBuf {
@@ -128,9 +230,13 @@ impl Sandboxes {
     }
 
     /// Creates sandbox `id`'s overlay over `template`.
+    ///
+    /// The store is asked (is `id` a template there; the template's manifest) before
+    /// the node-wide lock is taken, so creates never queue behind a store round trip;
+    /// under the lock the ids are checked again against what this node knows, which
+    /// covers a commit that published or reserved `id` meanwhile.
     pub async fn create(&self, template: &str, id: &str) -> Result<Arc<Sandbox>, SandboxError> {
         validate_id(id).map_err(|e| SandboxError::InvalidId(e.to_string()))?;
-        let _one_at_a_time = self.exclusive().await;
         if self.get(id).is_some() {
             return Err(SandboxError::Exists(id.to_string()));
         }
@@ -138,20 +244,37 @@ impl Sandboxes {
             return Err(SandboxError::NameTaken(id.to_string()));
         }
         let replica = self.templates.replica(template).await?;
+        let _one_at_a_time = self.exclusive().await;
+        if self.get(id).is_some() {
+            return Err(SandboxError::Exists(id.to_string()));
+        }
+        if self.templates.known(id).is_some() {
+            return Err(SandboxError::NameTaken(id.to_string()));
+        }
+        if self.is_reserved(id) {
+            return Err(SandboxError::Reserved(id.to_string()));
+        }
         let overlay = Overlay::create(self.overlay_dir(id), id, replica.image.clone()).await?;
         tracing::info!(sandbox = id, template, "overlay created");
         Ok(self.register(&replica, overlay))
     }
 
     /// Deletes sandbox `id` and its overlay's files. Refused while in use, unless
-    /// `force` (users then keep their open files until they close them).
+    /// `force` (users then keep their open files until they close them), and refused
+    /// while a commit of it is under way, even with `force`.
     pub async fn delete(&self, id: &str, force: bool) -> Result<(), SandboxError> {
-        // A delete never runs in the middle of a commit reading the overlay, or a
-        // create of the same id.
+        // A delete never runs in the middle of a create of the same id, or of the
+        // start of a commit.
         let _one_at_a_time = self.exclusive().await;
         let sandbox = self
             .get(id)
             .ok_or_else(|| SandboxError::Unknown(id.to_string()))?;
+        if let Some(template) = self.committing(id) {
+            return Err(SandboxError::Committing {
+                sandbox: id.to_string(),
+                template,
+            });
+        }
         let users = sandbox.users.names();
         if !users.is_empty() && !force {
             return Err(SandboxError::InUse {

@@ -35,6 +35,8 @@ impl Phase {
         }
     }
 
+    /// The phase a database row names (an unknown name, from a newer lazyblk, reads as
+    /// PENDING: the replica is filled again if it is wished).
     fn parse(s: &str) -> Phase {
         match s {
             "DISTRIBUTING" => Phase::Distributing,
@@ -43,6 +45,12 @@ impl Phase {
             "CLEANING" => Phase::Cleaning,
             _ => Phase::Pending,
         }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

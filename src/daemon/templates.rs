@@ -19,7 +19,7 @@ use lazyblk_cache::{
 
 use crate::daemon::intents::sync_dir;
 use crate::daemon::registry::Registry;
-use crate::daemon::replica::{FillState, Replica};
+use crate::daemon::replica::Replica;
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
 use crate::store::client::StoreClient;
 use crate::trust::{ManifestSignature, TrustError, TrustedKeys};
@@ -414,13 +414,10 @@ impl Templates {
             self.cache.clone(),
             sources,
         ));
-        Arc::new(Replica {
+        Arc::new(Replica::new(
             image,
-            users: Arc::default(),
-            trace: TraceRecorder::new(chunk_count, self.trace_timing),
-            fill: Mutex::new(FillState::default()),
-            local: Mutex::new(None),
-        })
+            TraceRecorder::new(chunk_count, self.trace_timing),
+        ))
     }
 
     /// Writes a manifest to the node's disk (temporary file, fsync, rename, fsync of

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::daemon::intents::OriginIntents;
 use crate::daemon::replica::Replica;
 use crate::store::client::StoreClient;
+use crate::store::Durability;
 
 /// Chunks uploaded at once per template.
 const UPLOAD_CONCURRENCY: usize = 4;
@@ -22,9 +23,9 @@ const UPLOAD_CONCURRENCY: usize = 4;
 const RETRY_BACKOFF: Duration = Duration::from_secs(2);
 
 /// A template's durability as this node, its origin, sees it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct UploadStatus {
-    pub durability: String,
+    pub durability: Durability,
     pub pending_chunks: usize,
     pub uploaded_chunks: usize,
     pub last_error: Option<String>,
@@ -73,20 +74,21 @@ impl Uploads {
 
     fn set(&self, template: &str, f: impl FnOnce(&mut UploadStatus)) {
         let mut all = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        f(all.entry(template.to_string()).or_default());
+        f(all.entry(template.to_string()).or_insert(UploadStatus {
+            durability: Durability::OriginOnly,
+            pending_chunks: 0,
+            uploaded_chunks: 0,
+            last_error: None,
+        }));
     }
 
     /// Uploads `chunks` of `replica` (claimed by the caller for [`upload_owner`];
     /// unpinned one by one as the store has them).
     pub fn start(self: &Arc<Self>, replica: Arc<Replica>, chunks: Vec<Digest>) {
         let id = replica.id().to_string();
-        let durability = if chunks.is_empty() {
-            "DURABLE"
-        } else {
-            "ORIGIN_ONLY"
-        };
+        let durability = Durability::after_commit(chunks.len());
         self.set(&id, |s| {
-            s.durability = durability.into();
+            s.durability = durability;
             s.pending_chunks = chunks.len();
         });
         if chunks.is_empty() {
@@ -128,7 +130,7 @@ impl Uploads {
     async fn upload(&self, id: &str, chunks: Vec<Digest>) {
         let mut pending = chunks;
         loop {
-            self.set(id, |s| s.durability = "UPLOADING".into());
+            self.set(id, |s| s.durability = Durability::Uploading);
             // Ask the store which are still missing (another node may have sent some).
             let missing = match self.store.missing(&pending).await {
                 Ok(m) => m,
@@ -147,7 +149,7 @@ impl Uploads {
                 self.cache.release(&owner);
                 self.intents.clear(id);
                 self.set(id, |s| {
-                    s.durability = "DURABLE".into();
+                    s.durability = Durability::Durable;
                     s.last_error = None;
                 });
                 tracing::info!(template = id, "template DURABLE in the store");

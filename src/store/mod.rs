@@ -53,12 +53,27 @@ pub enum Durability {
 }
 
 impl Durability {
+    /// A template just committed with `new_chunks` chunks only its origin holds.
+    pub fn after_commit(new_chunks: usize) -> Durability {
+        if new_chunks == 0 {
+            Durability::Durable
+        } else {
+            Durability::OriginOnly
+        }
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Durability::OriginOnly => "ORIGIN_ONLY",
             Durability::Uploading => "UPLOADING",
             Durability::Durable => "DURABLE",
         }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

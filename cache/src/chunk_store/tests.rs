@@ -1,6 +1,7 @@
 //! Unit tests of the chunk store: crash-safe writes, the budget, claims, verification.
 
 use super::*;
+use std::sync::Arc;
 
 fn chunk(n: u8) -> (Digest, Vec<u8>) {
     let bytes = vec![n; 1000];

@@ -24,9 +24,11 @@ impl From<FillError> for ApiError {
 fn sandbox_status(e: &SandboxError) -> StatusCode {
     match e {
         SandboxError::InvalidId(_) => StatusCode::BAD_REQUEST,
-        SandboxError::Exists(_) | SandboxError::NameTaken(_) | SandboxError::InUse { .. } => {
-            StatusCode::CONFLICT
-        }
+        SandboxError::Exists(_)
+        | SandboxError::NameTaken(_)
+        | SandboxError::InUse { .. }
+        | SandboxError::Committing { .. }
+        | SandboxError::Reserved(_) => StatusCode::CONFLICT,
         SandboxError::Unknown(_) => StatusCode::NOT_FOUND,
         SandboxError::Template(n) => template_error_status(n),
         SandboxError::Overlay(_) => StatusCode::INTERNAL_SERVER_ERROR,

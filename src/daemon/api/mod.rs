@@ -23,6 +23,8 @@ use serde::Serialize;
 use crate::daemon::node::Node;
 use crate::daemon::replica::Replica;
 use crate::daemon::resize::ResizeOutcome;
+use crate::daemon::state::Phase;
+use crate::store::Durability;
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -88,9 +90,9 @@ async fn require_write_token(
 #[derive(Serialize)]
 pub struct ReplicaStatus {
     pub template: String,
-    pub phase: String,
+    pub phase: Phase,
     /// For templates this node committed: ORIGIN_ONLY, UPLOADING or DURABLE.
-    pub durability: Option<String>,
+    pub durability: Option<Durability>,
     pub pending_upload_chunks: Option<usize>,
     pub last_error_at: Option<String>,
     pub size: u64,
@@ -113,18 +115,12 @@ pub fn replica_status(node: &Node, replica: &Replica) -> ReplicaStatus {
     let manifest = replica.manifest();
     let bytes = node.metrics.template_bytes(replica.id());
     let upload = node.uploads.status(replica.id());
-    let (phase, fill_error, fill_error_at) = {
-        let state = replica.fill.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            state.phase(),
-            state.last_error.clone(),
-            state.last_error_at.clone(),
-        )
-    };
+    let fill = replica.fill_status();
+    let (phase, fill_error, fill_error_at) = (fill.phase, fill.last_error, fill.last_error_at);
     ReplicaStatus {
         template: replica.id().to_string(),
-        phase: phase.as_str().to_string(),
-        durability: upload.as_ref().map(|u| u.durability.clone()),
+        phase,
+        durability: upload.as_ref().map(|u| u.durability),
         pending_upload_chunks: upload.as_ref().map(|u| u.pending_chunks),
         last_error_at: fill_error_at,
         size: manifest.size,

@@ -25,7 +25,10 @@ pub(super) async fn create(
         .sandboxes
         .create(&body.template, &body.sandbox)
         .await?;
-    Ok((StatusCode::CREATED, Json(sandbox.status())))
+    Ok((
+        StatusCode::CREATED,
+        Json(state.node.sandboxes.status(&sandbox)),
+    ))
 }
 
 pub(super) async fn list(State(state): State<ApiState>) -> Json<Vec<SandboxStatus>> {
@@ -35,7 +38,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<Vec<SandboxStatu
             .sandboxes
             .all()
             .iter()
-            .map(|s| s.status())
+            .map(|s| state.node.sandboxes.status(s))
             .collect(),
     )
 }
@@ -49,7 +52,7 @@ pub(super) async fn status(
         .sandboxes
         .get(&sb)
         .ok_or_else(|| ApiError::from(SandboxError::Unknown(sb.clone())))?;
-    Ok(Json(sandbox.status()))
+    Ok(Json(state.node.sandboxes.status(&sandbox)))
 }
 
 pub(super) async fn delete(
