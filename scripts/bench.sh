@@ -16,7 +16,9 @@
 # time of a 1 GiB vs an 8 GiB template, B7 the daemon's peak RSS, B8 FUSE sequential
 # read, B9 a launch wave of N daemons reading one new template at once (the store's
 # bytes per template byte with peers and without, for N = 2, 4, 8), B10 thousands of
-# templates (NBD_OPT_LIST, `lazyblk templates`, the daemon's RSS) and a 50 GiB one.
+# templates (NBD_OPT_LIST, `lazyblk templates`, the daemon's RSS) and a 50 GiB one,
+# B11 kernel block devices in a qemu guest (only with BENCH_B11=1: attach latency,
+# fio through /dev/nbdX as a ratio to the guest's own disk).
 # A figure whose feature is missing is reported as "not measured: <reason>".
 # Exits 0 when targets are missed (the table says so), non-zero when the bench breaks.
 set -euo pipefail
@@ -772,6 +774,39 @@ row "B10 50 GiB template (20 GiB of data): connect + first 4 KiB read on a fresh
   "$(calc %.1f "$b10_first") ms" "" "-" "<= 50 ms" "$(meets "$b10_first" "<=" 50)"
 note "B10: the base is t1 published to a store of its own; its $b10_templates children are manifests that share its chunks; the 50 GiB manifest names 20480 data chunks (cycling through the base's) among 51200"
 rm -rf "$b10"
+
+# --- B11: kernel block devices (a qemu guest) -----------------------------------------
+
+# This machine's kernel has no nbd driver: scripts/kernel-test.sh boots Debian's 6.12
+# cloud kernel under qemu (TCG, minutes) and measures there: attach latency over 100
+# attaches, fio through /dev/nbdX with 1 and 2 connections as ratios to the same fio on
+# a file of the guest's own disk. Its own selector, BENCH_B11=1, as it takes minutes.
+if [ "${BENCH_B11:-0}" = 1 ]; then
+  log "B11 kernel block devices in a qemu guest (scripts/kernel-test.sh, KERNEL_TEST_BENCH=1)"
+  b11_line=$(KERNEL_TEST_BENCH=1 KERNEL_TEST_FIO_RUNTIME=$fio_runtime LAZYBLK_BIN=$bin \
+    KERNEL_TEST_KERNEL=${KERNEL_TEST_KERNEL:-linux-image-6.12-cloud-amd64} \
+    "$repo/scripts/kernel-test.sh" 2>>"$work/logs/b11.log" | tr -d '\r' | grep '^B11 ' || true)
+  if [ -n "$b11_line" ]; then
+    b11_field() { echo "$b11_line" | sed -n "s|.*$1.*|\1|p"; }
+    row "B11 attach latency over 100 attaches (guest, TCG): p50 / p95" \
+      "$(b11_field 'attach p50 \([0-9.]* ms\) p95') / $(b11_field 'p95 \([0-9.]* ms\)')" "" "-" "-" "-"
+    for conn in 1 2; do
+      row "B11 /dev/nbdX, ${conn} connection(s): 4 KiB random reads qd 32 (fio, direct)" \
+        "$(b11_field "nbd ${conn}conn: randread4k-qd32 \([0-9]* IOPS\)")" \
+        "guest disk file: $(b11_field 'disk: randread4k-qd32 \([0-9]* IOPS\)')" \
+        "$(b11_field "nbd ${conn}conn: randread4k-qd32 [0-9]* IOPS (\([0-9.]*x\) disk)")" "-" "-"
+      row "B11 /dev/nbdX, ${conn} connection(s): 1 MiB sequential reads (fio, direct)" \
+        "$(b11_field "nbd ${conn}conn: [^;]*seqread1M \([0-9.]* MiB/s\)")" \
+        "guest disk file: $(b11_field 'disk: [^;]*seqread1M \([0-9.]* MiB/s\)')" \
+        "$(b11_field "nbd ${conn}conn: [^;]*seqread1M [0-9.]* MiB/s (\([0-9.]*x\) disk)")" "-" "-"
+    done
+    note "B11: $b11_line (a TCG guest: absolute figures are the emulator's, the ratios to the guest's own virtio disk are what count; not asserted)"
+  else
+    not_measured "B11 kernel block devices (qemu guest)" "scripts/kernel-test.sh failed (see $work/logs/b11.log)" "-"
+  fi
+else
+  not_measured "B11 kernel block devices (qemu guest)" "set BENCH_B11=1 (boots a qemu guest; minutes)" "-"
+fi
 
 # --- report ------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ use lazyblk_nbd::ServerConfig;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+use crate::daemon::counters::DaemonMetrics;
+use crate::daemon::device_state::{self, DeviceState};
 use crate::daemon::exports::NbdExports;
 use crate::daemon::kernel_export::KernelExports;
 use crate::daemon::node::Node;
@@ -121,12 +123,25 @@ fn kernel_status(e: &KernelError) -> StatusCode {
     }
 }
 
+/// How many free devices an attach that picks its own device tries when another
+/// process takes each one first (a launch wave of several daemons or tools).
+const PICK_TRIES: usize = 8;
+
 /// One attached device as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttachmentStatus {
     /// `/dev/nbdN`.
     pub device: String,
+    /// N of `/dev/nbdN`.
+    pub index: u32,
     pub export: String,
+    /// "template" (read-only) or "sandbox" (read-write).
+    pub kind: &'static str,
+    /// "netlink" (outlives the daemon) or "ioctl".
+    pub link: &'static str,
+    /// Connected, waiting for reconfigure (the kernel holds the device and queues its
+    /// I/O, but no socket of this daemon serves it), or dead.
+    pub state: DeviceState,
     pub size: u64,
     pub read_only: bool,
     /// False once the connection has ended on its own (the error says why).
@@ -159,6 +174,8 @@ pub struct Attachments {
     retry: Mutex<Vec<DeviceRecord>>,
     /// Held while [`DEVICES_FILE`] is written: one writer at a time.
     saving: Mutex<()>,
+    /// The attach phases' histogram.
+    metrics: Arc<DaemonMetrics>,
 }
 
 enum Slot {
@@ -179,18 +196,33 @@ struct Attachment {
 impl Attachment {
     fn status(&mut self) -> AttachmentStatus {
         let info = self.connection.info();
-        let device = self.connection.device().to_string();
-        let error = match self.connection.ended() {
+        let device = self.connection.device();
+        let mut error = match self.connection.ended() {
             None => None,
             Some(Ok(())) => Some("disconnected".to_string()),
             Some(Err(e)) => Some(e.clone()),
         };
+        let serving = self.servers.iter().any(|server| !server.is_finished());
+        let state = match (&error, serving) {
+            (Some(_), _) => DeviceState::Dead,
+            (None, true) => DeviceState::Connected,
+            // The kernel still holds the device (netlink) but this daemon's ends of
+            // its sockets are closed: it queues I/O until reconfigured or timed out.
+            (None, false) => {
+                error = Some("no connection of this daemon serves it".into());
+                DeviceState::Waiting
+            }
+        };
         AttachmentStatus {
-            device,
+            device: device.to_string(),
+            index: device.0,
             export: self.export.clone(),
+            kind: device_state::kind(info.read_only()),
+            link: device_state::link(self.connection.survives_restart()),
+            state,
             size: info.size,
             read_only: info.read_only(),
-            connected: error.is_none(),
+            connected: state == DeviceState::Connected,
             error,
             attached_at: self.attached_at.clone(),
             survives_restart: self.connection.survives_restart(),
@@ -223,6 +255,7 @@ impl Attachments {
             dead_conn_timeout: dead_timeout,
             force_ioctl,
         };
+        let metrics = node.metrics.clone();
         Attachments {
             // Devices through the ioctls die with the daemon: nothing to keep.
             exports: Arc::new(KernelExports::new(NbdExports { node }, !force_ioctl)),
@@ -232,6 +265,7 @@ impl Attachments {
             lost: Mutex::new(Vec::new()),
             retry: Mutex::new(Vec::new()),
             saving: Mutex::new(()),
+            metrics,
         }
     }
 
@@ -247,6 +281,7 @@ impl Attachments {
                 return;
             }
         };
+        let recorded: Vec<Device> = records.iter().map(|r| Device(r.index)).collect();
         for record in records {
             let device = Device(record.index);
             let export = record.export.clone();
@@ -260,7 +295,61 @@ impl Attachments {
                 Err(error) => self.lose(device, record, error).await,
             }
         }
+        self.disconnect_unrecorded(&recorded).await;
         self.save();
+    }
+
+    /// Disconnects and reports devices the kernel shows with this node's backend
+    /// identifier that [`DEVICES_FILE`] does not name (the daemon died between the
+    /// connect and the record): no export is known to serve them, and left alone they
+    /// would hang their users until the dead-connection timeout.
+    async fn disconnect_unrecorded(&self, recorded: &[Device]) {
+        let backend = self.options.backend.clone();
+        let recorded = recorded.to_vec();
+        let found = blocking(Device(0), move || {
+            device_state::unrecorded(&backend, &recorded)
+        })
+        .await;
+        let orphans = match found {
+            Ok(Ok(orphans)) => orphans,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "looking for this node's unrecorded kernel devices");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "looking for this node's unrecorded kernel devices");
+                return;
+            }
+        };
+        for device in orphans {
+            let backend = self.options.backend.clone();
+            let disconnected = blocking(device, move || {
+                kernel::disconnect_netlink(device, &backend, kernel::DISCONNECT_TIMEOUT)
+            })
+            .await;
+            let mut reason = "attached by this node but not in its record".to_string();
+            match disconnected {
+                Ok(Ok(())) => reason.push_str("; disconnected"),
+                Ok(Err(e)) => reason.push_str(&format!("; disconnecting failed: {e}")),
+                Err(e) => reason.push_str(&format!("; disconnecting failed: {e}")),
+            }
+            tracing::warn!(device = %device, reason, "an unrecorded kernel device of this node");
+            self.lost_list().push(AttachmentStatus {
+                device: device.to_string(),
+                index: device.0,
+                export: String::new(),
+                kind: "unknown",
+                link: device_state::link(true),
+                state: DeviceState::Dead,
+                size: 0,
+                read_only: false,
+                connected: false,
+                error: Some(reason),
+                attached_at: String::new(),
+                survives_restart: true,
+                connections: 0,
+            });
+        }
     }
 
     /// Reports (and where its export is gone, disconnects) a recorded device that a
@@ -281,8 +370,9 @@ impl Attachments {
             return;
         }
         if gone {
+            let backend = self.options.backend.clone();
             let disconnected = blocking(device, move || {
-                kernel::disconnect_netlink(device, kernel::DISCONNECT_TIMEOUT)
+                kernel::disconnect_netlink(device, &backend, kernel::DISCONNECT_TIMEOUT)
             })
             .await;
             match disconnected {
@@ -299,7 +389,12 @@ impl Attachments {
         tracing::warn!(device = %device, export, reason, "a kernel device left by the last run cannot be served");
         self.lost_list().push(AttachmentStatus {
             device: device.to_string(),
+            index: device.0,
             export: record.export,
+            kind: device_state::kind(record.read_only),
+            link: device_state::link(true),
+            // Updated from the kernel whenever the list is read.
+            state: DeviceState::Dead,
             size: 0,
             read_only: record.read_only,
             connected: false,
@@ -352,7 +447,12 @@ impl Attachments {
                 Slot::Attaching => None,
             })
             .collect();
-        list.extend(self.lost_list().iter().cloned());
+        let backend = &self.options.backend;
+        list.extend(self.lost_list().iter().map(|lost| {
+            let mut lost = lost.clone();
+            lost.state = device_state::unserved(Device(lost.index), backend);
+            lost
+        }));
         list
     }
 
@@ -369,8 +469,23 @@ impl Attachments {
         let connections = check_connections(connections)?;
         let requested = device.map(Device::parse).transpose()?;
         blocking(Device(0), kernel::ensure_driver).await??;
-        let device = self.reserve(requested)?;
-        let connected = self.connect(device, export, connections).await;
+        let mut tries = 0;
+        let (device, connected) = loop {
+            let device = self.reserve(requested)?;
+            let connected = self.connect(device, export, connections).await;
+            tries += 1;
+            match connected {
+                // Another process connected the device this one picked between the
+                // look at sysfs and the connect: the next free one.
+                Err(AttachError::Kernel(KernelError::Busy { .. }))
+                    if requested.is_none() && tries < PICK_TRIES =>
+                {
+                    tracing::debug!(device = %device, export, "taken by someone else meanwhile; picking another");
+                    self.slots().remove(&device);
+                }
+                connected => break (device, connected),
+            }
+        };
         let mut slots = self.slots();
         match connected {
             Ok(mut attachment) => {
@@ -432,10 +547,20 @@ impl Attachments {
         connections: u32,
     ) -> Result<Attachment, AttachError> {
         let options = self.options.clone();
-        self.link(device, export, connections, move |device, sockets, name| {
-            kernel::attach(device, sockets, name, &options)
-        })
-        .await
+        let attachment = self
+            .link(device, export, connections, move |device, sockets, name| {
+                kernel::attach(device, sockets, name, &options)
+            })
+            .await?;
+        self.measure(&attachment);
+        Ok(attachment)
+    }
+
+    /// Records the phases of an attach or reconnect in the histogram.
+    fn measure(&self, attachment: &Attachment) {
+        for (phase, took) in attachment.connection.phases() {
+            self.metrics.device_attach_phase(phase.name(), *took);
+        }
     }
 
     /// Gives a recorded device new sockets to its export, as many as it had.
@@ -455,6 +580,7 @@ impl Attachments {
             )
             .await?;
         attachment.attached_at = record.attached_at.clone();
+        self.measure(&attachment);
         Ok(attachment)
     }
 
