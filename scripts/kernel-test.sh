@@ -687,6 +687,59 @@ if [ "$(cat /etc/bench)" = 1 ]; then
   log "B11 measured (fio ${runtime}s per run; connections: 1 is the default, 2 one per guest CPU)"
 fi
 
+# ---- ownership: a device is this node's only while the kernel names its node id ----
+# A second daemon on its own cache (so its own node id) attaches a device and is killed:
+# the device waits for that node. This node's restart leaves it alone, an attach never
+# picks it, one that names it or a detach of it is refused; its own node takes it back.
+other_node=http://127.0.0.1:7072
+start_other() {
+  LAZYBLK_LOG=warn lazyblk daemon --cache /tmp/cache-other --store http://127.0.0.1:7070 \
+    --listen 127.0.0.1:7072 --nbd unix:/tmp/nbd-other.sock 2>>/tmp/other.log &
+  other=$!
+  for try in $(seq 100); do timeout 5 wget -q -O /dev/null $other_node/healthz 2>/dev/null && return; sleep 0.2; done
+  fail "the second daemon did not start: $(tail -n 5 /tmp/other.log)"
+}
+start_other
+must lazyblk attach base --node $other_node
+theirs=$out
+kill -KILL $other; wait $other
+kill -KILL $daemon; wait $daemon
+start_daemon
+[ -e "/sys/block/${theirs#/dev/}/pid" ] || fail "this node's restart disconnected $theirs, another node's device"
+must_refuse "already connected" lazyblk attach base --device "$theirs"
+must_refuse "not attached by this daemon" lazyblk detach "$theirs"
+must lazyblk attach base
+[ "$out" != "$theirs" ] || fail "an attach picked $theirs, another node's device"
+must lazyblk detach "$out"
+case $(wget -q -O - $node/v1/attachments) in *"$theirs"*) fail "this node lists $theirs, another node's device" ;; esac
+start_other
+for try in $(seq 100); do
+  wget -q -O - $other_node/v1/attachments | grep -q '"state":"connected"' && break
+  sleep 0.2
+done
+wget -q -O - $other_node/v1/attachments | grep -q "\"device\":\"$theirs\".*\"state\":\"connected\"" \
+  || fail "the other node did not take $theirs back: $(wget -q -O - $other_node/v1/attachments)"
+must lazyblk detach "$theirs" --node $other_node
+kill -TERM $other; wait $other
+log "another node's device: untouched by this node's restart, attach and detach; its own node took it back"
+
+# A device the kernel shows with this node's id but the record does not name (the daemon
+# died between the connect and the record) is disconnected at the next start and reported.
+must lazyblk attach base
+orphan=$out
+kill -KILL $daemon; wait $daemon
+echo '[]' >/tmp/cache/kernel-devices.json
+start_daemon
+wait_free "${orphan#/dev/}" "it was attached by this node but not recorded"
+case $(wget -q -O - $node/v1/attachments) in
+  *"$orphan"*'"state":"dead"'*"not in its record; disconnected"*) ;;
+  *) fail "the unrecorded $orphan is not reported: $(wget -q -O - $node/v1/attachments)" ;;
+esac
+log "a device of this node missing from its record was disconnected and reported at the start"
+# Restarted again so the reports above do not linger in the list.
+kill -TERM $daemon; wait $daemon
+start_daemon
+
 # A device whose export is gone by the restart is disconnected and reported.
 must lazyblk overlay create base --sandbox gone1
 must lazyblk attach gone1
