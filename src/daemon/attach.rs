@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use lazyblk_nbd::kernel::{self, AttachOptions, Connection, Device, KernelError};
 use lazyblk_nbd::ServerConfig;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::daemon::counters::DaemonMetrics;
@@ -30,6 +30,9 @@ use crate::daemon::kernel_export::KernelExports;
 use crate::daemon::node::Node;
 use crate::daemon::state::now_rfc3339;
 
+mod restore;
+use restore::DeviceRecord;
+
 /// How long a detach waits for the daemon's end of the connection to finish once the
 /// kernel has let go: in-flight requests are answered first, a cold chunk fetch at most.
 const SERVER_DRAIN: Duration = Duration::from_secs(10);
@@ -37,18 +40,6 @@ const SERVER_DRAIN: Duration = Duration::from_secs(10);
 /// The node's record of its kernel devices, in its cache directory: what a restarted
 /// daemon reconnects.
 pub const DEVICES_FILE: &str = "kernel-devices.json";
-
-/// One device as the node's state records it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct DeviceRecord {
-    /// N of `/dev/nbdN`.
-    index: u32,
-    export: String,
-    read_only: bool,
-    /// Sockets the device was given.
-    connections: u32,
-    attached_at: String,
-}
 
 /// The most sockets one device may get: the kernel serves each with a receive worker
 /// and the daemon with a connection task; past the kernel's queues (one per CPU) more
@@ -266,170 +257,6 @@ impl Attachments {
             retry: Mutex::new(Vec::new()),
             saving: Mutex::new(()),
             metrics,
-        }
-    }
-
-    /// Reconnects the devices an earlier run of this node left attached (read from
-    /// [`DEVICES_FILE`]). A device that is no longer this node's is forgotten, never
-    /// touched; one whose export is gone (or changed size) is disconnected; each that
-    /// cannot be served is listed with its reason.
-    pub async fn restore(&self) {
-        let records = match load_records(&self.state_path) {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::warn!(path = %self.state_path.display(), %error, "reading the node's kernel devices; none reconnected");
-                return;
-            }
-        };
-        let recorded: Vec<Device> = records.iter().map(|r| Device(r.index)).collect();
-        for record in records {
-            let device = Device(record.index);
-            let export = record.export.clone();
-            tracing::debug!(device = %device, export, connections = record.connections, "reconnecting a recorded kernel device");
-            match self.reconnect(device, &record).await {
-                Ok(mut attachment) => {
-                    let status = attachment.status();
-                    tracing::info!(device = %device, export, size = status.size, "reconnected kernel block device");
-                    self.slots().insert(device, Slot::Attached(attachment));
-                }
-                Err(error) => self.lose(device, record, error).await,
-            }
-        }
-        self.disconnect_unrecorded(&recorded).await;
-        self.save();
-    }
-
-    /// Disconnects and reports devices the kernel shows with this node's backend
-    /// identifier that [`DEVICES_FILE`] does not name (the daemon died between the
-    /// connect and the record): no export is known to serve them, and left alone they
-    /// would hang their users until the dead-connection timeout.
-    async fn disconnect_unrecorded(&self, recorded: &[Device]) {
-        let backend = self.options.backend.clone();
-        let recorded = recorded.to_vec();
-        let found = blocking(Device(0), move || {
-            device_state::unrecorded(&backend, &recorded)
-        })
-        .await;
-        let orphans = match found {
-            Ok(Ok(orphans)) => orphans,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "looking for this node's unrecorded kernel devices");
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "looking for this node's unrecorded kernel devices");
-                return;
-            }
-        };
-        for device in orphans {
-            let backend = self.options.backend.clone();
-            let disconnected = blocking(device, move || {
-                kernel::disconnect_netlink(device, &backend, kernel::DISCONNECT_TIMEOUT)
-            })
-            .await;
-            let mut reason = "attached by this node but not in its record".to_string();
-            match disconnected {
-                Ok(Ok(())) => reason.push_str("; disconnected"),
-                Ok(Err(e)) => reason.push_str(&format!("; disconnecting failed: {e}")),
-                Err(e) => reason.push_str(&format!("; disconnecting failed: {e}")),
-            }
-            tracing::warn!(device = %device, reason, "an unrecorded kernel device of this node");
-            self.lost_list().push(AttachmentStatus {
-                device: device.to_string(),
-                index: device.0,
-                export: String::new(),
-                kind: "unknown",
-                link: device_state::link(true),
-                state: DeviceState::Dead,
-                size: 0,
-                read_only: false,
-                connected: false,
-                error: Some(reason),
-                attached_at: String::new(),
-                survives_restart: true,
-                connections: 0,
-            });
-        }
-    }
-
-    /// Reports (and where its export is gone, disconnects) a recorded device that a
-    /// restart could not serve again.
-    async fn lose(&self, device: Device, record: DeviceRecord, error: AttachError) {
-        let export = record.export.clone();
-        let not_ours = matches!(error, AttachError::Kernel(KernelError::NotOurs { .. }));
-        let gone = match &error {
-            AttachError::Kernel(KernelError::Handshake { source, .. }) => {
-                source.is_unknown_export()
-            }
-            AttachError::Kernel(KernelError::SizeChanged { .. }) => true,
-            _ => false,
-        };
-        let mut reason = error.to_string();
-        if not_ours {
-            tracing::info!(device = %device, export, %error, "forgetting a recorded kernel device");
-            return;
-        }
-        if gone {
-            let backend = self.options.backend.clone();
-            let disconnected = blocking(device, move || {
-                kernel::disconnect_netlink(device, &backend, kernel::DISCONNECT_TIMEOUT)
-            })
-            .await;
-            match disconnected {
-                Ok(Ok(())) => reason.push_str("; disconnected"),
-                Ok(Err(e)) => reason.push_str(&format!("; disconnecting failed: {e}")),
-                Err(e) => reason.push_str(&format!("; disconnecting failed: {e}")),
-            }
-        } else {
-            self.retry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(record.clone());
-        }
-        tracing::warn!(device = %device, export, reason, "a kernel device left by the last run cannot be served");
-        self.lost_list().push(AttachmentStatus {
-            device: device.to_string(),
-            index: device.0,
-            export: record.export,
-            kind: device_state::kind(record.read_only),
-            link: device_state::link(true),
-            // Updated from the kernel whenever the list is read.
-            state: DeviceState::Dead,
-            size: 0,
-            read_only: record.read_only,
-            connected: false,
-            error: Some(reason),
-            attached_at: record.attached_at,
-            survives_restart: true,
-            connections: record.connections,
-        });
-    }
-
-    fn lost_list(&self) -> std::sync::MutexGuard<'_, Vec<AttachmentStatus>> {
-        self.lost.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Writes [`DEVICES_FILE`]: the devices attached now that outlive the daemon, and
-    /// those the next run should try again.
-    fn save(&self) {
-        let _writing = self.saving.lock().unwrap_or_else(|e| e.into_inner());
-        let mut records: Vec<DeviceRecord> = self
-            .slots()
-            .values()
-            .filter_map(|slot| match slot {
-                Slot::Attached(a) if a.connection.survives_restart() => Some(a.record()),
-                _ => None,
-            })
-            .collect();
-        records.extend(
-            self.retry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .cloned(),
-        );
-        if let Err(error) = save_records(&self.state_path, &records) {
-            tracing::warn!(path = %self.state_path.display(), %error, "recording the node's kernel devices");
         }
     }
 
@@ -711,23 +538,6 @@ fn check_connections(connections: u32) -> Result<u32, AttachError> {
     } else {
         Err(AttachError::Connections(connections))
     }
-}
-
-/// The recorded devices; none when the file does not exist.
-fn load_records(path: &Path) -> std::io::Result<Vec<DeviceRecord>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Replaces the record atomically (a new file renamed over the old).
-fn save_records(path: &Path, records: &[DeviceRecord]) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(records).map_err(std::io::Error::other)?;
-    let temporary = path.with_extension("json.new");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
 }
 
 /// Runs blocking kernel work (device opens, ioctls, sysfs polls) off the runtime.
