@@ -18,8 +18,10 @@
 # bytes per template byte with peers and without, for N = 2, 4, 8), B10 thousands of
 # templates (NBD_OPT_LIST, `lazyblk templates`, the daemon's RSS) and a 50 GiB one;
 # B9 again over shaped networks (scripts/bench/net.sh: nodes and store in network
-# namespaces, the store 20 ms and 1 Gbit/s away, then 60 ms and 200 Mbit/s), and B12
-# cold boots of a real Debian in a qemu guest from /dev/nbd0 (scripts/bench/boot.sh).
+# namespaces, the store 20 ms and 1 Gbit/s away, then 60 ms and 200 Mbit/s), B11
+# kernel block devices in a qemu guest (only with BENCH_B11=1: attach latency, fio
+# through /dev/nbdX as a ratio to the guest's own disk), and B12 cold boots of a
+# real Debian in a qemu guest from /dev/nbd0 (scripts/bench/boot.sh).
 # A figure whose feature is missing is reported as "not measured: <reason>".
 # Exits 0 when targets are missed (the table says so), non-zero when the bench breaks.
 set -euo pipefail
@@ -806,6 +808,39 @@ if [ "${BENCH_BOOT:-1}" != 0 ]; then
   else
     not_measured "B12 cold boots" "scripts/bench/boot.sh failed (see its output above)" "<= 1.3x"
   fi
+fi
+
+# --- B11: kernel block devices (a qemu guest) -----------------------------------------
+
+# This machine's kernel has no nbd driver: scripts/kernel-test.sh boots Debian's 6.12
+# cloud kernel under qemu (TCG, minutes) and measures there: attach latency over 100
+# attaches, fio through /dev/nbdX with 1 and 2 connections as ratios to the same fio on
+# a file of the guest's own disk. Its own selector, BENCH_B11=1, as it takes minutes.
+if [ "${BENCH_B11:-0}" = 1 ]; then
+  log "B11 kernel block devices in a qemu guest (scripts/kernel-test.sh, KERNEL_TEST_BENCH=1)"
+  b11_line=$(KERNEL_TEST_BENCH=1 KERNEL_TEST_FIO_RUNTIME=$fio_runtime LAZYBLK_BIN=$bin \
+    KERNEL_TEST_KERNEL=${KERNEL_TEST_KERNEL:-linux-image-6.12-cloud-amd64} \
+    "$repo/scripts/kernel-test.sh" 2>>"$work/logs/b11.log" | tr -d '\r' | grep '^B11 ' || true)
+  if [ -n "$b11_line" ]; then
+    b11_field() { echo "$b11_line" | sed -n "s|.*$1.*|\1|p"; }
+    row "B11 attach latency over 100 attaches (guest, TCG): p50 / p95" \
+      "$(b11_field 'attach p50 \([0-9.]* ms\) p95') / $(b11_field 'p95 \([0-9.]* ms\)')" "" "-" "-" "-"
+    for conn in 1 2; do
+      row "B11 /dev/nbdX, ${conn} connection(s): 4 KiB random reads qd 32 (fio, direct)" \
+        "$(b11_field "nbd ${conn}conn: randread4k-qd32 \([0-9]* IOPS\)")" \
+        "guest disk file: $(b11_field 'disk: randread4k-qd32 \([0-9]* IOPS\)')" \
+        "$(b11_field "nbd ${conn}conn: randread4k-qd32 [0-9]* IOPS (\([0-9.]*x\) disk)")" "-" "-"
+      row "B11 /dev/nbdX, ${conn} connection(s): 1 MiB sequential reads (fio, direct)" \
+        "$(b11_field "nbd ${conn}conn: [^;]*seqread1M \([0-9.]* MiB/s\)")" \
+        "guest disk file: $(b11_field 'disk: [^;]*seqread1M \([0-9.]* MiB/s\)')" \
+        "$(b11_field "nbd ${conn}conn: [^;]*seqread1M [0-9.]* MiB/s (\([0-9.]*x\) disk)")" "-" "-"
+    done
+    note "B11: $b11_line (a TCG guest: absolute figures are the emulator's, the ratios to the guest's own virtio disk are what count; not asserted)"
+  else
+    not_measured "B11 kernel block devices (qemu guest)" "scripts/kernel-test.sh failed (see $work/logs/b11.log)" "-"
+  fi
+else
+  not_measured "B11 kernel block devices (qemu guest)" "set BENCH_B11=1 (boots a qemu guest; minutes)" "-"
 fi
 
 # --- report ------------------------------------------------------------------------------

@@ -605,6 +605,11 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Only the kernel block devices (/dev/nbdN): export, kind, connections and state
+    /// (connected, waiting for reconfigure, dead); with --json, the daemon's
+    /// /v1/attachments.
+    #[arg(long, conflicts_with_all = ["template", "fleet"])]
+    pub devices: bool,
     /// One line per live node of the fleet for the template (needs --store).
     #[arg(long, requires = "template", requires = "store")]
     pub fleet: bool,

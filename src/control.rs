@@ -84,6 +84,20 @@ impl NodeClient {
 /// `lazyblk status [ID]`.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let node = NodeClient::new(&args.node);
+    if args.devices {
+        let devices = node.get("/v1/attachments").await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&devices)?);
+        } else {
+            let devices = devices.as_array().cloned().unwrap_or_default();
+            if devices.is_empty() {
+                println!("no kernel block devices attached by this node");
+            } else {
+                print!("{}", devices_table(&devices));
+            }
+        }
+        return Ok(());
+    }
     let replicas = match &args.template {
         Some(id) => vec![node.get(&format!("/v1/templates/{id}")).await?],
         None => node
@@ -101,14 +115,19 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    if replicas.is_empty() {
-        println!("no templates on this node yet (they appear when first opened or warmed)");
-        return Ok(());
-    }
     if args.template.is_some() {
         print!("{}", describe(&replicas[0]));
+        return Ok(());
+    }
+    if replicas.is_empty() {
+        println!("no templates on this node yet (they appear when first opened or warmed)");
     } else {
         print!("{}", table(&replicas));
+    }
+    let devices = node.get("/v1/attachments").await?;
+    let devices = devices.as_array().cloned().unwrap_or_default();
+    if !devices.is_empty() {
+        print!("\n{}", devices_table(&devices));
     }
     Ok(())
 }
@@ -149,6 +168,55 @@ fn committed_durability(v: &Value) -> anyhow::Result<Durability> {
 /// sent (printable) when this client does not know it.
 fn shown<T: std::fmt::Display>(typed: anyhow::Result<T>, v: &Value, key: &str) -> String {
     typed.map_or_else(|_| s(v, key).into_owned(), |t| t.to_string())
+}
+
+/// The kernel block devices, one line each; a device not connected says why.
+fn devices_table(devices: &[Value]) -> String {
+    let mut rows = vec![[
+        "DEVICE".to_string(),
+        "EXPORT".into(),
+        "KIND".into(),
+        "CONNECTIONS".into(),
+        "STATE".into(),
+        "ATTACHED".into(),
+    ]];
+    let mut notes = Vec::new();
+    for d in devices {
+        rows.push([
+            s(d, "device").to_string(),
+            s(d, "export").to_string(),
+            s(d, "kind").to_string(),
+            format!("{} ({})", u(d, "connections"), s(d, "link")),
+            s(d, "state").to_string(),
+            s(d, "attached_at").to_string(),
+        ]);
+        if let Some(error) = d.get("error").and_then(Value::as_str) {
+            notes.push(format!("{}: {}", s(d, "device"), printable(error)));
+        }
+    }
+    let mut out = aligned(&rows);
+    for note in notes {
+        out.push_str(&format!("  {note}\n"));
+    }
+    out
+}
+
+/// Rows of six cells in aligned columns.
+fn aligned(rows: &[[String; 6]]) -> String {
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn u(v: &Value, key: &str) -> u64 {
@@ -234,20 +302,7 @@ fn table(replicas: &[Value]) -> String {
                 .to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    aligned(&rows)
 }
 
 fn describe(r: &Value) -> String {

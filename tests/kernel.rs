@@ -58,6 +58,19 @@ fn attach_without_the_nbd_driver_says_so() {
     assert!(ok, "status: {err}");
     let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
     assert_eq!(status["users"], serde_json::json!([]), "{out}");
+
+    // The devices' part of status: none, in words and as JSON.
+    let (ok, out, err) = run(&["status", "--devices", "--node", &node]);
+    assert!(ok, "status --devices: {err}");
+    assert_eq!(out.trim(), "no kernel block devices attached by this node");
+    let (ok, out, err) = run(&["status", "--devices", "--json", "--node", &node]);
+    assert!(ok, "status --devices --json: {err}");
+    let devices: serde_json::Value = serde_json::from_str(&out).expect("devices JSON");
+    assert_eq!(devices, serde_json::json!([]));
+    let (ok, out, _) = run(&["status", "--node", &node]);
+    assert!(ok && !out.contains("DEVICE"), "{out}");
+    let (ok, _, err) = run(&["status", "t", "--devices", "--node", &node]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
 }
 
 #[test]

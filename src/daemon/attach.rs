@@ -20,12 +20,17 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use lazyblk_nbd::kernel::{self, AttachOptions, Connection, Device, KernelError};
 use lazyblk_nbd::ServerConfig;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use crate::daemon::counters::DaemonMetrics;
+use crate::daemon::device_state::{self, DeviceState};
 use crate::daemon::exports::NodeImages;
 use crate::daemon::node::Node;
 use crate::daemon::state::now_rfc3339;
+
+mod restore;
+use restore::DeviceRecord;
 
 /// How long a detach waits for the daemon's end of the connection to finish once the
 /// kernel has let go: in-flight requests are answered first, a cold chunk fetch at most.
@@ -34,18 +39,6 @@ const SERVER_DRAIN: Duration = Duration::from_secs(10);
 /// The node's record of its kernel devices, in its cache directory: what a restarted
 /// daemon reconnects.
 pub const DEVICES_FILE: &str = "kernel-devices.json";
-
-/// One device as the node's state records it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct DeviceRecord {
-    /// N of `/dev/nbdN`.
-    index: u32,
-    export: String,
-    read_only: bool,
-    /// Sockets the device was given.
-    connections: u32,
-    attached_at: String,
-}
 
 /// The most sockets one device may get: the kernel serves each with a receive worker
 /// and the daemon with a connection task; past the kernel's queues (one per CPU) more
@@ -120,12 +113,25 @@ fn kernel_status(e: &KernelError) -> StatusCode {
     }
 }
 
+/// How many free devices an attach that picks its own device tries when another
+/// process takes each one first (a launch wave of several daemons or tools).
+const PICK_TRIES: usize = 8;
+
 /// One attached device as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttachmentStatus {
     /// `/dev/nbdN`.
     pub device: String,
+    /// N of `/dev/nbdN`.
+    pub index: u32,
     pub export: String,
+    /// "template" (read-only) or "sandbox" (read-write).
+    pub kind: &'static str,
+    /// "netlink" (outlives the daemon) or "ioctl".
+    pub link: &'static str,
+    /// Connected, waiting for reconfigure (the kernel holds the device and queues its
+    /// I/O, but no socket of this daemon serves it), or dead.
+    pub state: DeviceState,
     pub size: u64,
     pub read_only: bool,
     /// False once the connection has ended on its own (the error says why).
@@ -158,6 +164,8 @@ pub struct Attachments {
     retry: Mutex<Vec<DeviceRecord>>,
     /// Held while [`DEVICES_FILE`] is written: one writer at a time.
     saving: Mutex<()>,
+    /// The attach phases' histogram.
+    metrics: Arc<DaemonMetrics>,
 }
 
 enum Slot {
@@ -178,18 +186,33 @@ struct Attachment {
 impl Attachment {
     fn status(&mut self) -> AttachmentStatus {
         let info = self.connection.info();
-        let device = self.connection.device().to_string();
-        let error = match self.connection.ended() {
+        let device = self.connection.device();
+        let mut error = match self.connection.ended() {
             None => None,
             Some(Ok(())) => Some("disconnected".to_string()),
             Some(Err(e)) => Some(e.clone()),
         };
+        let serving = self.servers.iter().any(|server| !server.is_finished());
+        let state = match (&error, serving) {
+            (Some(_), _) => DeviceState::Dead,
+            (None, true) => DeviceState::Connected,
+            // The kernel still holds the device (netlink) but this daemon's ends of
+            // its sockets are closed: it queues I/O until reconfigured or timed out.
+            (None, false) => {
+                error = Some("no connection of this daemon serves it".into());
+                DeviceState::Waiting
+            }
+        };
         AttachmentStatus {
-            device,
+            device: device.to_string(),
+            index: device.0,
             export: self.export.clone(),
+            kind: device_state::kind(info.read_only()),
+            link: device_state::link(self.connection.survives_restart()),
+            state,
             size: info.size,
             read_only: info.read_only(),
-            connected: error.is_none(),
+            connected: state == DeviceState::Connected,
             error,
             attached_at: self.attached_at.clone(),
             survives_restart: self.connection.survives_restart(),
@@ -222,6 +245,7 @@ impl Attachments {
             dead_conn_timeout: dead_timeout,
             force_ioctl,
         };
+        let metrics = node.metrics.clone();
         Attachments {
             // Devices through the ioctls die with the daemon: nothing to keep.
             exports: Arc::new(NodeImages::kernel(node, !force_ioctl)),
@@ -231,109 +255,7 @@ impl Attachments {
             lost: Mutex::new(Vec::new()),
             retry: Mutex::new(Vec::new()),
             saving: Mutex::new(()),
-        }
-    }
-
-    /// Reconnects the devices an earlier run of this node left attached (read from
-    /// [`DEVICES_FILE`]). A device that is no longer this node's is forgotten, never
-    /// touched; one whose export is gone (or changed size) is disconnected; each that
-    /// cannot be served is listed with its reason.
-    pub async fn restore(&self) {
-        let records = match load_records(&self.state_path) {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::warn!(path = %self.state_path.display(), %error, "reading the node's kernel devices; none reconnected");
-                return;
-            }
-        };
-        for record in records {
-            let device = Device(record.index);
-            let export = record.export.clone();
-            tracing::debug!(device = %device, export, connections = record.connections, "reconnecting a recorded kernel device");
-            match self.reconnect(device, &record).await {
-                Ok(mut attachment) => {
-                    let status = attachment.status();
-                    tracing::info!(device = %device, export, size = status.size, "reconnected kernel block device");
-                    self.slots().insert(device, Slot::Attached(attachment));
-                }
-                Err(error) => self.lose(device, record, error).await,
-            }
-        }
-        self.save();
-    }
-
-    /// Reports (and where its export is gone, disconnects) a recorded device that a
-    /// restart could not serve again.
-    async fn lose(&self, device: Device, record: DeviceRecord, error: AttachError) {
-        let export = record.export.clone();
-        let not_ours = matches!(error, AttachError::Kernel(KernelError::NotOurs { .. }));
-        let gone = match &error {
-            AttachError::Kernel(KernelError::Handshake { source, .. }) => {
-                source.is_unknown_export()
-            }
-            AttachError::Kernel(KernelError::SizeChanged { .. }) => true,
-            _ => false,
-        };
-        let mut reason = error.to_string();
-        if not_ours {
-            tracing::info!(device = %device, export, %error, "forgetting a recorded kernel device");
-            return;
-        }
-        if gone {
-            let disconnected = blocking(device, move || {
-                kernel::disconnect_netlink(device, kernel::DISCONNECT_TIMEOUT)
-            })
-            .await;
-            match disconnected {
-                Ok(Ok(())) => reason.push_str("; disconnected"),
-                Ok(Err(e)) => reason.push_str(&format!("; disconnecting failed: {e}")),
-                Err(e) => reason.push_str(&format!("; disconnecting failed: {e}")),
-            }
-        } else {
-            self.retry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(record.clone());
-        }
-        tracing::warn!(device = %device, export, reason, "a kernel device left by the last run cannot be served");
-        self.lost_list().push(AttachmentStatus {
-            device: device.to_string(),
-            export: record.export,
-            size: 0,
-            read_only: record.read_only,
-            connected: false,
-            error: Some(reason),
-            attached_at: record.attached_at,
-            survives_restart: true,
-            connections: record.connections,
-        });
-    }
-
-    fn lost_list(&self) -> std::sync::MutexGuard<'_, Vec<AttachmentStatus>> {
-        self.lost.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Writes [`DEVICES_FILE`]: the devices attached now that outlive the daemon, and
-    /// those the next run should try again.
-    fn save(&self) {
-        let _writing = self.saving.lock().unwrap_or_else(|e| e.into_inner());
-        let mut records: Vec<DeviceRecord> = self
-            .slots()
-            .values()
-            .filter_map(|slot| match slot {
-                Slot::Attached(a) if a.connection.survives_restart() => Some(a.record()),
-                _ => None,
-            })
-            .collect();
-        records.extend(
-            self.retry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .cloned(),
-        );
-        if let Err(error) = save_records(&self.state_path, &records) {
-            tracing::warn!(path = %self.state_path.display(), %error, "recording the node's kernel devices");
+            metrics,
         }
     }
 
@@ -351,7 +273,12 @@ impl Attachments {
                 Slot::Attaching => None,
             })
             .collect();
-        list.extend(self.lost_list().iter().cloned());
+        let backend = &self.options.backend;
+        list.extend(self.lost_list().iter().map(|lost| {
+            let mut lost = lost.clone();
+            lost.state = device_state::unserved(Device(lost.index), backend);
+            lost
+        }));
         list
     }
 
@@ -368,8 +295,23 @@ impl Attachments {
         let connections = check_connections(connections)?;
         let requested = device.map(Device::parse).transpose()?;
         blocking(Device(0), kernel::ensure_driver).await??;
-        let device = self.reserve(requested)?;
-        let connected = self.connect(device, export, connections).await;
+        let mut tries = 0;
+        let (device, connected) = loop {
+            let device = self.reserve(requested)?;
+            let connected = self.connect(device, export, connections).await;
+            tries += 1;
+            match connected {
+                // Another process connected the device this one picked between the
+                // look at sysfs and the connect: the next free one.
+                Err(AttachError::Kernel(KernelError::Busy { .. }))
+                    if requested.is_none() && tries < PICK_TRIES =>
+                {
+                    tracing::debug!(device = %device, export, "taken by someone else meanwhile; picking another");
+                    self.slots().remove(&device);
+                }
+                connected => break (device, connected),
+            }
+        };
         let mut slots = self.slots();
         match connected {
             Ok(mut attachment) => {
@@ -431,10 +373,20 @@ impl Attachments {
         connections: u32,
     ) -> Result<Attachment, AttachError> {
         let options = self.options.clone();
-        self.link(device, export, connections, move |device, sockets, name| {
-            kernel::attach(device, sockets, name, &options)
-        })
-        .await
+        let attachment = self
+            .link(device, export, connections, move |device, sockets, name| {
+                kernel::attach(device, sockets, name, &options)
+            })
+            .await?;
+        self.measure(&attachment);
+        Ok(attachment)
+    }
+
+    /// Records the phases of an attach or reconnect in the histogram.
+    fn measure(&self, attachment: &Attachment) {
+        for (phase, took) in attachment.connection.phases() {
+            self.metrics.device_attach_phase(phase.name(), *took);
+        }
     }
 
     /// Gives a recorded device new sockets to its export, as many as it had.
@@ -454,6 +406,7 @@ impl Attachments {
             )
             .await?;
         attachment.attached_at = record.attached_at.clone();
+        self.measure(&attachment);
         Ok(attachment)
     }
 
@@ -584,23 +537,6 @@ fn check_connections(connections: u32) -> Result<u32, AttachError> {
     } else {
         Err(AttachError::Connections(connections))
     }
-}
-
-/// The recorded devices; none when the file does not exist.
-fn load_records(path: &Path) -> std::io::Result<Vec<DeviceRecord>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Replaces the record atomically (a new file renamed over the old).
-fn save_records(path: &Path, records: &[DeviceRecord]) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(records).map_err(std::io::Error::other)?;
-    let temporary = path.with_extension("json.new");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
 }
 
 /// Runs blocking kernel work (device opens, ioctls, sysfs polls) off the runtime.

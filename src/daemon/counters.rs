@@ -46,6 +46,19 @@ pub struct CommandOnly {
     pub command: &'static str,
 }
 
+/// The label of a kernel device attach's phase (handshake, connect, size_visible,
+/// reconfigure).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+fn attach_histogram() -> Histogram {
+    // 1 ms to ~65 s: a handshake on a warm node takes milliseconds, a connect hundreds
+    // of them on many-core hosts, a wave of attaches queued behind each other seconds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs to ~26 s: cached reads land in the first buckets, remote fetches in the last.
     Histogram::new(exponential_buckets(0.00005, 2.0, 20))
@@ -78,6 +91,8 @@ pub struct DaemonMetrics {
     nbd_requests: Family<CommandLabel, Counter>,
     nbd_seconds: Family<CommandOnly, Histogram, fn() -> Histogram>,
     nbd_bytes: Family<CommandOnly, Counter>,
+    /// Phases of kernel device attaches and reconnects.
+    device_attach_seconds: Family<PhaseLabel, Histogram, fn() -> Histogram>,
     pub fill_chunks_local: Family<TemplateLabel, Gauge>,
     pub fill_chunks_total: Family<TemplateLabel, Gauge>,
     pub cache_bytes: Gauge,
@@ -117,6 +132,7 @@ impl DaemonMetrics {
             nbd_requests: Family::default(),
             nbd_seconds: Family::new_with_constructor(latency_histogram),
             nbd_bytes: Family::default(),
+            device_attach_seconds: Family::new_with_constructor(attach_histogram),
             fill_chunks_local: Family::default(),
             fill_chunks_total: Family::default(),
             cache_bytes: Gauge::default(),
@@ -274,6 +290,11 @@ impl DaemonMetrics {
                 "Cached chunk files found corrupt (and dropped) since start",
                 m.cache_corrupt_files.clone(),
             );
+            r.register(
+                "device_attach_seconds",
+                "Phases of kernel block device attaches (handshake, connect, size_visible) and of their reconnects after a restart (handshake, reconfigure)",
+                m.device_attach_seconds.clone(),
+            );
         }
         m
     }
@@ -340,6 +361,13 @@ impl DaemonMetrics {
         if bytes > 0 {
             self.nbd_bytes.get_or_create(&only).inc_by(bytes);
         }
+    }
+
+    /// Records one phase of a kernel device attach or reconnect.
+    pub fn device_attach_phase(&self, phase: &'static str, elapsed: Duration) {
+        self.device_attach_seconds
+            .get_or_create(&PhaseLabel { phase })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Bytes fetched for `template`, by source.

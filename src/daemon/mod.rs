@@ -35,6 +35,7 @@ pub mod api;
 pub mod attach;
 pub mod commit;
 pub mod counters;
+pub mod device_state;
 pub mod exports;
 pub mod fill;
 pub mod health;

@@ -31,6 +31,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,13 @@ pub const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const BUSY_RETRIES: u32 = 50;
 const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Held around each request to the `nbd` netlink family, so a wave of attaches (or a
+/// restart reconfiguring many devices) sends the kernel one request at a time: the
+/// driver serializes them anyway (its index and config locks), and many at once from
+/// one process is where other tools saw replies dropped and devices hang. Handshakes
+/// and the waits for a device's size run outside it, in parallel.
+static NETLINK_REQUESTS: Mutex<()> = Mutex::new(());
+
 /// How often the device's sysfs state is polled while waiting for it.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -143,6 +151,15 @@ pub enum KernelError {
     Device {
         device: Device,
         step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel kept answering EBUSY (or ENOSPC) for a step past its retries.
+    #[error("{step} on {device}: still refused after {tries} tries: {source}")]
+    Retried {
+        device: Device,
+        step: &'static str,
+        tries: u32,
         #[source]
         source: io::Error,
     },
@@ -218,8 +235,63 @@ pub struct Connection {
     device: Device,
     info: ExportInfo,
     link: Link,
+    /// The backend identifier the device was given (netlink): the device is this
+    /// connection's only while the kernel shows the same one.
+    backend: Option<String>,
+    /// How long each phase of the attach or reconnect took, in order.
+    phases: Vec<(Phase, Duration)>,
     /// Set once the connection is seen ended.
     ended: Option<Result<(), String>>,
+}
+
+/// A phase of an attach or a reconnect, as logged and measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// The client handshake on the device's sockets.
+    Handshake,
+    /// `NBD_CMD_CONNECT` (or the ioctls and `NBD_DO_IT` up to the device's pid).
+    Connect,
+    /// From the connect until the device shows its size.
+    SizeVisible,
+    /// `NBD_CMD_RECONFIGURE` of a device a restarted daemon takes back.
+    Reconfigure,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Handshake => "handshake",
+            Phase::Connect => "connect",
+            Phase::SizeVisible => "size_visible",
+            Phase::Reconfigure => "reconfigure",
+        }
+    }
+}
+
+/// Times the phases of one attach and logs each at debug level.
+struct PhaseClock {
+    device: Device,
+    started: Instant,
+    phases: Vec<(Phase, Duration)>,
+}
+
+impl PhaseClock {
+    fn new(device: Device) -> PhaseClock {
+        PhaseClock {
+            device,
+            started: Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    /// Ends `phase` now.
+    fn done(&mut self, phase: Phase) {
+        let now = Instant::now();
+        let took = now - self.started;
+        self.started = now;
+        tracing::debug!(device = %self.device, phase = phase.name(), ms = took.as_secs_f64() * 1000.0, "kernel device phase done");
+        self.phases.push((phase, took));
+    }
 }
 
 impl Connection {
@@ -237,6 +309,11 @@ impl Connection {
         matches!(self.link, Link::Netlink)
     }
 
+    /// How long each phase of the attach (or reconnect) took.
+    pub fn phases(&self) -> &[(Phase, Duration)] {
+        &self.phases
+    }
+
     /// `None` while connected; once the connection has ended on its own (the server
     /// closed, a request timed out, someone disconnected it), how it ended.
     pub fn ended(&mut self) -> Option<&Result<(), String>> {
@@ -245,6 +322,9 @@ impl Connection {
                 Link::Netlink => {
                     if self.device.connected_pid().is_none() {
                         self.ended = Some(Ok(()));
+                    } else if let Some(theirs) = self.foreign_backend() {
+                        // Torn down and attached again by someone else in between.
+                        self.ended = Some(Err(format!("now attached by backend {theirs:?}")));
                     }
                 }
                 Link::Ioctl(done) => match done.try_recv() {
@@ -270,7 +350,8 @@ impl Connection {
         }
         let device = self.device;
         if matches!(self.link, Link::Netlink) {
-            disconnect_netlink(device, timeout)?;
+            let backend = self.backend.clone().unwrap_or_default();
+            disconnect_netlink(device, &backend, timeout)?;
             self.ended = Some(Ok(()));
             return Ok(());
         }
@@ -284,6 +365,13 @@ impl Connection {
             return Ok(());
         }
         Err(KernelError::DisconnectTimeout { device, timeout })
+    }
+
+    /// The backend identifier the kernel shows for the device when it is not the one
+    /// this connection gave it.
+    fn foreign_backend(&self) -> Option<String> {
+        let ours = self.backend.as_deref()?;
+        self.device.backend().filter(|theirs| theirs != ours)
     }
 
     /// Waits up to `timeout` for `NBD_DO_IT` to return; whether it has.
@@ -301,11 +389,29 @@ impl Connection {
     }
 }
 
-/// Disconnects a netlink device by its index; see [`Connection::disconnect`].
-pub fn disconnect_netlink(device: Device, timeout: Duration) -> Result<(), KernelError> {
+/// Disconnects a netlink device by its index, if it is still `backend`'s (the kernel
+/// shows no other backend identifier; a device free already is left alone); see
+/// [`Connection::disconnect`].
+pub fn disconnect_netlink(
+    device: Device,
+    backend: &str,
+    timeout: Duration,
+) -> Result<(), KernelError> {
+    if device.connected_pid().is_none() {
+        return Ok(());
+    }
+    if let Some(theirs) = device.backend().filter(|theirs| theirs != backend) {
+        return Err(KernelError::NotOurs {
+            device,
+            why: format!("its backend is {theirs:?}"),
+        });
+    }
     let step = "NBD_CMD_DISCONNECT";
     let mut netlink = open_netlink(device, step)?;
-    netlink.disconnect(device.0).map_err(device.error(step))?;
+    {
+        let _one_at_a_time = netlink_turn();
+        netlink.disconnect(device.0).map_err(device.error(step))?;
+    }
     let deadline = Instant::now() + timeout;
     while device.connected_pid().is_some() {
         if Instant::now() >= deadline {
@@ -404,7 +510,9 @@ pub fn attach(
     options: &AttachOptions,
 ) -> Result<Connection, KernelError> {
     check_free(device)?;
+    let mut clock = PhaseClock::new(device);
     let info = handshake_sockets(device, &mut sockets, export)?;
+    clock.done(Phase::Handshake);
     let step = "NBD_CMD_CONNECT";
     let netlink = if options.force_ioctl {
         None
@@ -414,7 +522,7 @@ pub fn attach(
     let Some(mut netlink) = netlink else {
         let mut sockets = sockets.into_iter();
         return match (sockets.next(), sockets.next()) {
-            (Some(socket), None) => attach_ioctl(device, socket, info),
+            (Some(socket), None) => attach_ioctl(device, socket, info, clock),
             _ => Err(KernelError::Connections {
                 device,
                 why: "attaching through the ioctls takes one connection".into(),
@@ -432,19 +540,31 @@ pub fn attach(
         backend: &options.backend,
         sockets: &fds,
     };
-    retry_busy(false, || netlink.connect(&request)).map_err(device.error(step))?;
+    // EBUSY while the device is still torn down is retried; once someone else has
+    // connected it, it is theirs.
+    let taken = || {
+        device
+            .connected_pid()
+            .map(|pid| KernelError::Busy { device, pid })
+    };
+    retry_busy(device, step, false, taken, || netlink.connect(&request))?;
+    clock.done(Phase::Connect);
     // The kernel holds its own references to the sockets now.
     drop(sockets);
     let mut connection = Connection {
         device,
         info,
         link: Link::Netlink,
+        backend: Some(options.backend.clone()),
+        phases: Vec::new(),
         ended: None,
     };
     if let Err(e) = wait_size(device) {
         let _ = connection.disconnect(DISCONNECT_TIMEOUT);
         return Err(e);
     }
+    clock.done(Phase::SizeVisible);
+    connection.phases = clock.phases;
     Ok(connection)
 }
 
@@ -466,8 +586,9 @@ pub fn reconnect(
         Some(backend) => return Err(not_ours(format!("its backend is {backend:?}"))),
         None => return Err(not_ours("it has no backend identifier".into())),
     }
+    let mut clock = PhaseClock::new(device);
     let info = handshake_sockets(device, &mut sockets, export)?;
-    tracing::debug!(device = %device, export, size = info.size, "reconnect: handshake done");
+    clock.done(Phase::Handshake);
     // The kernel shows whole 512-byte sectors.
     let device_size = device.size_bytes().unwrap_or(0);
     if device_size != info.size / 512 * 512 {
@@ -486,36 +607,69 @@ pub fn reconnect(
     // hand it a socket it already has, so only a single socket is retried on ENOSPC
     // (its old one not yet seen dead).
     let retry_nospc = fds.len() == 1;
-    retry_busy(retry_nospc, || {
-        netlink.reconfigure(device.0, &options.backend, timeout, &fds)
-    })
-    .map_err(device.error(step))?;
-    tracing::debug!(device = %device, export, "reconnect: NBD_CMD_RECONFIGURE done");
+    retry_busy(
+        device,
+        step,
+        retry_nospc,
+        || None,
+        || netlink.reconfigure(device.0, &options.backend, timeout, &fds),
+    )?;
+    clock.done(Phase::Reconfigure);
     drop(sockets);
     Ok(Connection {
         device,
         info,
         link: Link::Netlink,
+        backend: Some(options.backend.clone()),
+        phases: clock.phases,
         ended: None,
     })
 }
 
-/// Runs `request` again while the kernel answers EBUSY (or, with `retry_nospc`,
-/// ENOSPC), up to [`BUSY_RETRIES`] times.
-fn retry_busy<T>(retry_nospc: bool, mut request: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+/// Whose turn it is to send the `nbd` family a request ([`NETLINK_REQUESTS`]).
+fn netlink_turn() -> std::sync::MutexGuard<'static, ()> {
+    NETLINK_REQUESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends `request` (step `step` on `device`), one request of this process at a time,
+/// and again while the kernel answers EBUSY (or, with `retry_nospc`, ENOSPC), up to
+/// [`BUSY_RETRIES`] times, unless `gave_up` says why retrying is pointless.
+fn retry_busy<T>(
+    device: Device,
+    step: &'static str,
+    retry_nospc: bool,
+    gave_up: impl Fn() -> Option<KernelError>,
+    mut request: impl FnMut() -> io::Result<T>,
+) -> Result<T, KernelError> {
     let mut tries = 0;
     loop {
-        match request() {
-            Err(e)
-                if (e.raw_os_error() == Some(libc::EBUSY)
-                    || (retry_nospc && e.raw_os_error() == Some(libc::ENOSPC)))
-                    && tries < BUSY_RETRIES =>
-            {
-                tries += 1;
-                thread::sleep(RETRY_INTERVAL);
-            }
-            other => return other,
+        let answer = {
+            let _one_at_a_time = netlink_turn();
+            request()
+        };
+        tries += 1;
+        let e = match answer {
+            Ok(value) => return Ok(value),
+            Err(e) => e,
+        };
+        let busy = e.raw_os_error() == Some(libc::EBUSY)
+            || (retry_nospc && e.raw_os_error() == Some(libc::ENOSPC));
+        if !busy {
+            return Err(device.error(step)(e));
         }
+        if let Some(why) = gave_up() {
+            return Err(why);
+        }
+        if tries > BUSY_RETRIES {
+            return Err(KernelError::Retried {
+                device,
+                step,
+                tries,
+                source: e,
+            });
+        }
+        tracing::debug!(device = %device, step, tries, error = %e, "the kernel is busy; trying again");
+        thread::sleep(RETRY_INTERVAL);
     }
 }
 
@@ -540,6 +694,7 @@ fn attach_ioctl(
     device: Device,
     socket: UnixStream,
     info: ExportInfo,
+    mut clock: PhaseClock,
 ) -> Result<Connection, KernelError> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
@@ -571,6 +726,8 @@ fn attach_ioctl(
         device,
         info,
         link: Link::Ioctl(done_rx),
+        backend: None,
+        phases: Vec::new(),
         ended: None,
     };
     let started = match &connection.link {
@@ -585,6 +742,9 @@ fn attach_ioctl(
         }
         return Err(e);
     }
+    // The ioctls set the size before NBD_DO_IT: it is visible once the device is up.
+    clock.done(Phase::Connect);
+    connection.phases = clock.phases;
     Ok(connection)
 }
 
