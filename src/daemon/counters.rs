@@ -64,6 +64,7 @@ pub struct DaemonMetrics {
     pub registry: Mutex<Registry>,
     hits: Counter,
     misses: Counter,
+    read_budget_spent: Counter,
     /// Bytes of cached reads sent with splice, never copied through a buffer.
     spliced_bytes: Counter,
     bytes_fetched: Family<SourceLabel, Counter>,
@@ -106,6 +107,7 @@ impl DaemonMetrics {
             registry: Mutex::new(Registry::default()),
             hits: Counter::default(),
             misses: Counter::default(),
+            read_budget_spent: Counter::default(),
             spliced_bytes: Counter::default(),
             bytes_fetched: Family::default(),
             stored_bytes_fetched: Family::default(),
@@ -143,6 +145,11 @@ impl DaemonMetrics {
                 "cache_misses",
                 "Reads that needed a fetch",
                 m.misses.clone(),
+            );
+            r.register(
+                "read_budget_spent",
+                "Demand reads that failed with EIO because no source delivered within --read-deadline",
+                m.read_budget_spent.clone(),
             );
             r.register(
                 "nbd_spliced_bytes",
@@ -372,6 +379,10 @@ impl FetchObserver for DaemonMetrics {
 
     fn miss(&self, _template: &str) {
         self.misses.inc();
+    }
+
+    fn read_budget_spent(&self, _template: &str) {
+        self.read_budget_spent.inc();
     }
 
     fn fetched(&self, chunk: &ChunkRef, source: &str, stored: u64, elapsed: Duration) {
