@@ -8,7 +8,8 @@
 //!   and other exports are served meanwhile.
 //! - A four-node wave where one node answers every chunk it owns with wrong bytes: the
 //!   other peers keep serving, the store sends about one copy of the template, and every
-//!   node reads the right bytes.
+//!   node reads the right bytes. The same when that node dies mid-stream at every chunk
+//!   it owns: a cut answer is a transport failure, never hashed or served.
 
 mod support;
 
@@ -171,19 +172,28 @@ fn peers_seen(url: &str) -> usize {
     info["peers"].as_array().map_or(0, Vec::len)
 }
 
+/// What a [`HostileFront`] does to the chunks peers ask its node for.
+#[derive(Clone, Copy)]
+enum Hostility {
+    /// Answers with bytes that are not the chunk, of the length asked.
+    Lie,
+    /// Sends the headers and half the body, then closes the connection: an owner that
+    /// dies mid-stream.
+    Die,
+}
+
 /// A front for one real node's API: forwards every request to the node, except the
-/// chunks peers ask it for (`GET /v1/peer/chunks/..`), which it answers itself with
-/// bytes that are not the chunk, of the length asked. The node advertises the front, so
-/// the fleet sees a member that lies about every chunk it owns (and never fetches them
-/// from the store).
-struct LyingFront {
+/// chunks peers ask it for (`GET /v1/peer/chunks/..`), which it answers itself as its
+/// [`Hostility`] says. The node advertises the front, so the fleet sees a member that
+/// fails every chunk it owns that way (and never fetches them from the store).
+struct HostileFront {
     url: String,
     node: Arc<Mutex<String>>,
     lies: Arc<AtomicUsize>,
 }
 
-impl LyingFront {
-    fn start() -> LyingFront {
+impl HostileFront {
+    fn start(how: Hostility) -> HostileFront {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let node: Arc<Mutex<String>> = Arc::default();
@@ -194,15 +204,20 @@ impl LyingFront {
                 let Ok(client) = client else { continue };
                 let (to, told) = (to.lock().unwrap().clone(), told.clone());
                 std::thread::spawn(move || {
-                    let _ = answer(client, &to, &told);
+                    let _ = answer(client, &to, how, &told);
                 });
             }
         });
-        LyingFront { url, node, lies }
+        HostileFront { url, node, lies }
     }
 }
 
-fn answer(mut client: TcpStream, node: &str, lies: &AtomicUsize) -> std::io::Result<()> {
+fn answer(
+    mut client: TcpStream,
+    node: &str,
+    how: Hostility,
+    lies: &AtomicUsize,
+) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -224,8 +239,14 @@ fn answer(mut client: TcpStream, node: &str, lies: &AtomicUsize) -> std::io::Res
         let mut a =
             format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n")
                 .into_bytes();
-        a.extend(std::iter::repeat_n(0x5au8, len));
-        return client.write_all(&a);
+        let sent = match how {
+            Hostility::Lie => len,
+            Hostility::Die => len / 2,
+        };
+        a.extend(std::iter::repeat_n(0x5au8, sent));
+        client.write_all(&a)?;
+        // Gone: no more bytes, the connection reset.
+        return client.shutdown(std::net::Shutdown::Both);
     }
     let length: usize = text
         .lines()
@@ -247,11 +268,23 @@ fn answer(mut client: TcpStream, node: &str, lies: &AtomicUsize) -> std::io::Res
     client.write_all(&answer)
 }
 
-#[test]
-fn one_node_of_four_lying_about_every_chunk_it_owns_costs_only_itself() {
+/// A fleet of three honest members and one behind a [`HostileFront`]; the three read
+/// the template "wave" at once. Returns the store's bytes sent over the template's
+/// stored bytes, the bytes the honest peers served each other, and what the honest
+/// nodes counted against the peers (verify failures, fetch failures).
+struct Wave {
+    ratio: f64,
+    stored_bytes: u64,
+    from_peers: f64,
+    corrupt: f64,
+    failed: f64,
+    asked: usize,
+}
+
+fn wave_beside(how: Hostility, seed: u64) -> Wave {
     let dir = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
-    let image = make_ext4(dir.path(), 64, &[("f", pattern(48 << 20, 41))]);
+    let image = make_ext4(dir.path(), 64, &[("f", pattern(48 << 20, seed))]);
     let expected = std::fs::read(&image).unwrap();
     publish(&store.url(), &image, "wave");
     let stored_bytes = {
@@ -262,13 +295,13 @@ fn one_node_of_four_lying_about_every_chunk_it_owns_costs_only_itself() {
     let honest: Vec<DaemonProc> = (0..3)
         .map(|i| DaemonProc::start_member(&store.url(), &dir.path().join(format!("n{i}")), &[]))
         .collect();
-    let front = LyingFront::start();
-    let liar = DaemonProc::start(
+    let front = HostileFront::start(how);
+    let hostile = DaemonProc::start(
         &store.url(),
-        &dir.path().join("liar"),
+        &dir.path().join("hostile"),
         &["--advertise", &front.url],
     );
-    *front.node.lock().unwrap() = liar.url();
+    *front.node.lock().unwrap() = hostile.url();
     wait_for("four live nodes", WAIT, || live_nodes(&store) == 4);
     wait_for("every honest node to see the three others", WAIT, || {
         honest.iter().all(|n| peers_seen(&n.url()) == 3)
@@ -297,41 +330,81 @@ fn one_node_of_four_lying_about_every_chunk_it_owns_costs_only_itself() {
         );
     }
     let served = store.metric("lazyblk_store_bytes_served_total") - served_before;
-    let ratio = served / stored_bytes as f64;
-    let from_peers: f64 = honest
-        .iter()
-        .map(|n| n.metric("lazyblk_peer_bytes_served_total"))
-        .sum();
-    let caught: f64 = honest
-        .iter()
-        .map(|n| n.metric("lazyblk_verify_failures_total{source=\"peers\",class=\"peer\"}"))
-        .sum();
+    let sum = |name: &str| -> f64 { honest.iter().map(|n| n.metric(name)).sum() };
+    let wave = Wave {
+        ratio: served / stored_bytes as f64,
+        stored_bytes,
+        from_peers: sum("lazyblk_peer_bytes_served_total"),
+        corrupt: sum("lazyblk_verify_failures_total{source=\"peers\",class=\"peer\"}"),
+        failed: sum("lazyblk_fetch_failures_total{source=\"peers\",class=\"peer\"}"),
+        asked: front.lies.load(Ordering::SeqCst),
+    };
     eprintln!(
-        "wave of 3 beside a liar: the store sent {:.1} MiB for {:.1} MiB stored ({ratio:.2}x); \
-         honest peers served {:.1} MiB; the liar was asked {} times and caught {caught} times",
+        "wave of 3 beside a hostile node: the store sent {:.1} MiB for {:.1} MiB stored \
+         ({:.2}x); honest peers served {:.1} MiB; the hostile node was asked {} times; \
+         the honest nodes counted {} corrupt chunks and {} failed fetches from peers",
         served / 1048576.0,
         stored_bytes as f64 / 1048576.0,
-        from_peers / 1048576.0,
-        front.lies.load(Ordering::SeqCst),
+        wave.ratio,
+        wave.from_peers / 1048576.0,
+        wave.asked,
+        wave.corrupt,
+        wave.failed,
     );
+    // The hostile node's own reads are right too (its peers are honest).
+    let out = dir.path().join("copy-hostile");
+    let (ok, _, err) = sh(
+        "nbdcopy",
+        &[&hostile.nbd_uri("wave"), out.to_str().unwrap()],
+    );
+    assert!(ok, "the hostile node: nbdcopy: {err}");
     assert!(
-        front.lies.load(Ordering::SeqCst) >= 1 && caught >= 1.0,
+        std::fs::read(out).unwrap() == expected,
+        "the hostile node read wrong bytes"
+    );
+    wave
+}
+
+#[test]
+fn one_node_of_four_lying_about_every_chunk_it_owns_costs_only_itself() {
+    let wave = wave_beside(Hostility::Lie, 41);
+    assert!(
+        wave.asked >= 1 && wave.corrupt >= 1.0,
         "the liar was asked and caught"
     );
     assert!(
-        ratio <= 1.2,
-        "the store sent {ratio:.2}x the template's stored bytes"
+        wave.ratio <= 1.2,
+        "the store sent {:.2}x the template's stored bytes",
+        wave.ratio
     );
     assert!(
-        from_peers >= stored_bytes as f64,
-        "the honest peers kept serving: {from_peers} bytes for {stored_bytes} stored"
+        wave.from_peers >= wave.stored_bytes as f64,
+        "the honest peers kept serving: {} bytes for {} stored",
+        wave.from_peers,
+        wave.stored_bytes
     );
-    // The liar's own reads are right too (its peers are honest).
-    let out = dir.path().join("copy-liar");
-    let (ok, _, err) = sh("nbdcopy", &[&liar.nbd_uri("wave"), out.to_str().unwrap()]);
-    assert!(ok, "the lying node: nbdcopy: {err}");
+}
+
+#[test]
+fn an_owner_that_dies_mid_stream_is_passed_over_and_nothing_partial_is_served() {
+    let wave = wave_beside(Hostility::Die, 43);
     assert!(
-        std::fs::read(out).unwrap() == expected,
-        "the lying node read wrong bytes"
+        wave.asked >= 1 && wave.failed >= 1.0,
+        "the owner was asked and its cut answers counted as failures"
+    );
+    assert_eq!(
+        wave.corrupt, 0.0,
+        "a cut answer is a transport failure, never bytes that are hashed"
+    );
+    assert!(
+        wave.ratio <= 1.2,
+        "the store sent {:.2}x the template's stored bytes",
+        wave.ratio
+    );
+    assert!(
+        wave.from_peers >= wave.stored_bytes as f64,
+        "the other peers kept serving: {} bytes for {} stored",
+        wave.from_peers,
+        wave.stored_bytes
     );
 }
