@@ -154,6 +154,49 @@ fn a_small_read_with_every_source_stalled_fails_within_its_budget() {
     assert_eq!(hex(&got), hex(&image[cold..cold + 4096]));
 }
 
+/// Two guests booting one template on a node read the same blocks at the same time:
+/// their small reads share one fetch of the chunk's table and one of its blocks (the
+/// in-flight table holds byte ranges as it holds whole chunks), whenever the second
+/// arrives.
+#[test]
+fn concurrent_small_reads_of_one_block_share_one_fetch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let image = std::fs::read(publish_image(&store.url(), tmp.path(), "t3", 3)).unwrap();
+    // Each chunk GET (whole or a range) takes a second: the reads overlap.
+    let proxy = Proxy::start(&store.url(), 1000);
+    let daemon = DaemonProc::start_unix(&proxy.url, &tmp.path().join("cache"), &[]);
+    let chunks = data_chunks(&image);
+    let offset = chunks[chunks.len() - 1] * CHUNK + 3 * 8192;
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let uri = daemon.nbd_uri("t3");
+            std::thread::spawn(move || support::pread_4k(&uri, offset))
+        })
+        .collect();
+    for r in readers {
+        let got = r.join().unwrap().expect("a small read");
+        assert_eq!(hex(&got), hex(&image[offset..offset + 4096]));
+    }
+    eprintln!(
+        "two concurrent 4 KiB reads of one block: the store served {} objects, {} ranges; \
+         the daemon counted {} misses",
+        store.metric("lazyblk_store_chunks_served_total"),
+        store.metric("lazyblk_store_ranges_served_total"),
+        daemon.metric("lazyblk_cache_misses_total"),
+    );
+    assert_eq!(
+        store.metric("lazyblk_store_chunks_served_total"),
+        1.0,
+        "one page of the block index"
+    );
+    assert_eq!(
+        store.metric("lazyblk_store_ranges_served_total"),
+        2.0,
+        "one fetch of the chunk's table and one of the block, for both reads"
+    );
+}
+
 fn live_nodes(store: &StoreProc) -> usize {
     let (ok, out, err) = run(&["nodes", "--store", &store.url(), "--json"]);
     assert!(ok, "lazyblk nodes: {err}");

@@ -34,12 +34,14 @@ use crate::source::SourceError;
 mod budget;
 mod chunk;
 mod inflight;
+pub(crate) mod ranges;
 pub(crate) mod runner;
 mod whole;
 
 pub use budget::ReadBudget;
 pub use chunk::Chunk;
-use inflight::InFlight;
+pub(crate) use inflight::FetchKey;
+use inflight::Flight;
 
 /// The default time one source gets to deliver one chunk. Well under the kernel NBD
 /// client's 30 s request timeout, so that a stalled source is passed over and the read
@@ -134,9 +136,10 @@ impl FetchObserver for NoObserver {}
 /// The node's chunks, local and in flight.
 pub struct ChunkCache {
     store: ChunkStore,
-    /// Fetches under way, by digest; a reader that finds one here waits for it (and a
-    /// demand reader promotes it).
-    inflight: Mutex<HashMap<Digest, InFlight>>,
+    /// Fetches under way, whole chunks and the byte ranges of small reads alike; a
+    /// reader that finds its fetch here waits for it (and a demand reader promotes a
+    /// whole chunk's).
+    inflight: Mutex<HashMap<FetchKey, Flight>>,
     pub(crate) observer: Arc<dyn FetchObserver>,
     /// How long one source gets for one chunk.
     deadline: Duration,

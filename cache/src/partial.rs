@@ -24,8 +24,10 @@
 //! The table and the blocks are fetched by the one runner of every attempt
 //! ([`crate::fetch::runner`]): in the planner's order, each attempt within the source
 //! deadline and all of them, with the whole chunk's fetch that may follow, within the
-//! read's budget ([`ReadBudget`], `--read-deadline`). The blocks are decoded and
-//! verified on the blocking pool.
+//! read's budget ([`ReadBudget`], `--read-deadline`), and under the one in-flight
+//! table: concurrent reads of the same chunk's table, or of the same blocks, share one
+//! fetch ([`crate::fetch::ranges`]). The blocks are decoded and verified on the
+//! blocking pool.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -37,7 +39,9 @@ use bytes::Bytes;
 use crate::block_memory::{BLOCK_CACHE_BYTES, SEQUENTIAL_READS, TABLE_OFFSETS_KEPT};
 use crate::blocks::{block_count, table_len, BlockTable};
 use crate::digest::Digest;
+use crate::fetch::ranges::RangeValue;
 use crate::fetch::runner::{Answer, Run, Want};
+use crate::fetch::FetchKey;
 use crate::fetch::{ChunkCache, ChunkRef, ReadBudget};
 use crate::planner::{Priority, Promotion};
 use crate::source::{Source, SourceError};
@@ -147,34 +151,43 @@ impl ChunkCache {
         if !sources.iter().any(Source::serves_ranges) {
             return false;
         }
-        // One demand slot, like a whole chunk's fetch: blocks in flight are bounded too.
-        let promotion = Promotion::default();
-        let _slot = self.slots().acquire(Priority::Demand, &promotion).await;
+        // Each range fetch takes one demand slot, like a whole chunk's fetch: blocks in
+        // flight are bounded too. Readers that join one take none.
+        let slot = || async {
+            self.slots()
+                .acquire(Priority::Demand, &Promotion::default())
+                .await
+        };
         let layout = match known {
             Some(layout) => layout,
             None => {
-                let run = Run {
-                    want: &Table { count },
-                    chunk,
-                    sources,
-                    budget_ends: Some(budget.ends()),
-                    hedge_after: None,
-                };
-                match self.run(&run).await {
-                    Ok(Some(table)) => {
-                        let table = (table.block_size == block_size).then_some(table);
-                        let layout = self.partial.keep_layout(&chunk.digest, table);
+                let table = self.range_flight(FetchKey::Table(chunk.digest), async {
+                    let _slot = slot().await;
+                    let run = Run {
+                        want: &Table { count },
+                        chunk,
+                        sources,
+                        budget_ends: Some(budget.ends()),
+                        hedge_after: None,
+                    };
+                    match self.run(&run).await {
+                        Ok(table) => {
+                            let table = table.filter(|t| t.block_size == block_size);
+                            self.partial.keep_layout(&chunk.digest, table);
+                            Some(RangeValue::Table)
+                        }
+                        Err(e) => {
+                            tracing::debug!(template = %chunk.template, index = chunk.index, error = %e, "no table of the chunk; reading it whole");
+                            None
+                        }
+                    }
+                });
+                match (table.await, self.partial.layout(&chunk.digest)) {
+                    (Some(RangeValue::Table), Some(layout)) => {
                         layout.sequential(offset, offset + len);
                         layout
                     }
-                    Ok(None) => {
-                        self.partial.keep_layout(&chunk.digest, None);
-                        return false;
-                    }
-                    Err(e) => {
-                        tracing::debug!(template = %chunk.template, index = chunk.index, error = %e, "no table of the chunk; reading it whole");
-                        return false;
-                    }
+                    _ => return false,
                 }
             }
         };
@@ -193,26 +206,32 @@ impl ChunkCache {
             from,
             to,
         };
-        let run = Run {
-            want: &want,
-            chunk,
-            sources,
-            budget_ends: Some(budget.ends()),
-            hedge_after: None,
-        };
-        let verified = match self.run(&run).await {
-            Ok(verified) => verified,
-            Err(e) => {
-                tracing::debug!(template = %chunk.template, index = chunk.index, error = %e, "no blocks of the chunk; reading it whole");
-                return false;
+        let fetched = self.range_flight(FetchKey::Blocks(chunk.digest, from, to), async {
+            let _slot = slot().await;
+            let run = Run {
+                want: &want,
+                chunk,
+                sources,
+                budget_ends: Some(budget.ends()),
+                hedge_after: None,
+            };
+            match self.run(&run).await {
+                Ok(verified) => Some(RangeValue::Blocks(Arc::new(verified))),
+                Err(e) => {
+                    tracing::debug!(template = %chunk.template, index = chunk.index, error = %e, "no blocks of the chunk; reading it whole");
+                    None
+                }
             }
+        });
+        let Some(RangeValue::Blocks(verified)) = fetched.await else {
+            return false;
         };
         self.observer.miss(&chunk.template);
-        for (i, block) in (from..=to).zip(verified) {
+        for (i, block) in (from..=to).zip(verified.iter()) {
             if blocks[i - first].is_none() {
                 blocks[i - first] = Some(block.clone());
             }
-            self.partial.keep(hash(i), block);
+            self.partial.keep(hash(i), block.clone());
         }
         let blocks: Vec<Bytes> = blocks.into_iter().flatten().collect();
         copy_blocks(&blocks, first, bs, chunk.len, offset, buf)

@@ -61,9 +61,27 @@ pub(super) enum Progress {
 
 type Outcome = Progress;
 
-/// A fetch under way: its progress, the flag a demand reader sets when it joins, and
-/// whether it runs on the background runtime (which a demand read does not wait on).
+/// A whole chunk's fetch under way: its progress, the flag a demand reader sets when it
+/// joins, and whether it runs on the background runtime (which a demand read does not
+/// wait on).
 pub(super) type InFlight = (watch::Receiver<Outcome>, Arc<Promotion>, bool);
+
+/// What the in-flight table is keyed by: a whole chunk, or a byte range of its stored
+/// object that a small read fetches ([`crate::partial`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum FetchKey {
+    Chunk(Digest),
+    /// The chunk's table.
+    Table(Digest),
+    /// Blocks `.1..=.2` of the chunk.
+    Blocks(Digest, usize, usize),
+}
+
+/// One entry of the in-flight table.
+pub(super) enum Flight {
+    Chunk(InFlight),
+    Range(super::ranges::RangeFlight),
+}
 
 impl ChunkCache {
     /// Whether a fetch of `digest` is under way.
@@ -71,7 +89,7 @@ impl ChunkCache {
         self.inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(digest)
+            .contains_key(&FetchKey::Chunk(*digest))
     }
 
     /// The chunk for a demand read: local, or fetched from `sources` (answered as soon
@@ -271,7 +289,9 @@ impl ChunkCache {
         priority: Priority,
     ) -> Result<watch::Receiver<Outcome>, Arc<FetchError>> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((rx, promotion, background)) = inflight.get(&chunk.digest) {
+        if let Some(Flight::Chunk((rx, promotion, background))) =
+            inflight.get(&FetchKey::Chunk(chunk.digest))
+        {
             if priority != Priority::Demand || !background {
                 if priority == Priority::Demand {
                     promotion.promote();
@@ -298,7 +318,10 @@ impl ChunkCache {
         // kept apart (an object store's client), on the caller's.
         let in_background =
             priority == Priority::Fill && sources.iter().all(Source::has_own_connections);
-        inflight.insert(chunk.digest, (rx.clone(), promotion.clone(), in_background));
+        inflight.insert(
+            FetchKey::Chunk(chunk.digest),
+            Flight::Chunk((rx.clone(), promotion.clone(), in_background)),
+        );
         drop(inflight);
         let cache = self.clone();
         let chunk = chunk.clone();
@@ -396,11 +419,10 @@ impl Drop for Registered<'_> {
             .inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if inflight
-            .get(&self.digest)
-            .is_some_and(|(_, p, _)| Arc::ptr_eq(p, &self.promotion))
+        let key = FetchKey::Chunk(self.digest);
+        if matches!(inflight.get(&key), Some(Flight::Chunk((_, p, _))) if Arc::ptr_eq(p, &self.promotion))
         {
-            inflight.remove(&self.digest);
+            inflight.remove(&key);
         }
     }
 }
