@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::future::try_join_all;
 
 use crate::chunk_store::{ChunkFile, ChunkStoreError};
-use crate::fetch::{Chunk, ChunkCache, ChunkRef, FetchError, Priority};
+use crate::fetch::{Chunk, ChunkCache, ChunkRef, FetchError, Priority, ReadBudget};
 use crate::manifest::{BlockIndex, Manifest};
 use crate::readahead::Readahead;
 use crate::source::Source;
@@ -155,16 +155,18 @@ impl TemplateImage {
         }
         let (first, last) = self.span(offset, len);
         self.read_ahead(first, last, len);
+        // One budget for every attempt of the read, whatever its pieces fetch.
+        let budget = self.cache.read_budget();
         if first == last {
             // The common case: one chunk, no allocation.
             let within = offset - first as u64 * self.manifest.chunk_size as u64;
-            return self.read_piece(first, within, buf).await;
+            return self.read_piece(first, within, buf, &budget).await;
         }
         let mut pieces = Vec::with_capacity(last - first + 1);
         let mut rest = buf;
         for (index, within, take) in self.pieces(offset, len) {
             let (head, tail) = rest.split_at_mut(take as usize);
-            pieces.push(self.read_piece(index, within, head));
+            pieces.push(self.read_piece(index, within, head, &budget));
             rest = tail;
         }
         try_join_all(pieces).await?;
@@ -174,8 +176,14 @@ impl TemplateImage {
     /// Fills `buf` with bytes `within..` of chunk `index`: from its blocks for a small
     /// piece of a missing chunk stored in blocks (the few KiB a large read takes of the
     /// next chunk too: the reader's next read fetches that chunk whole), else from the
-    /// chunk (fetched whole if missing).
-    async fn read_piece(&self, index: usize, within: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+    /// chunk (fetched whole if missing); every attempt within the read's `budget`.
+    async fn read_piece(
+        &self,
+        index: usize,
+        within: u64,
+        buf: &mut [u8],
+        budget: &ReadBudget,
+    ) -> Result<(), ReadError> {
         let small = piecemeal(buf.len() as u64, self.manifest.chunk_size as u64);
         if let (Some(blocks), true, Some(chunk)) =
             (&self.manifest.blocks, small, self.chunk_ref(index))
@@ -184,11 +192,17 @@ impl TemplateImage {
             if let Some(file) = self.cache.local_read(&chunk)? {
                 return self.copy_out(Some(&Chunk::File(file)), within, buf);
             }
-            if self.read_in_blocks(blocks, &chunk, within, buf).await {
+            if self
+                .read_in_blocks(blocks, &chunk, within, buf, budget)
+                .await
+            {
                 return Ok(());
             }
         }
-        let file = self.chunk(index).await?;
+        let file = match self.chunk_ref(index) {
+            Some(c) => Some(self.cache.get_within(&c, &self.sources, budget).await?),
+            None => None,
+        };
         self.copy_out(file.as_ref(), within, buf)
     }
 
@@ -201,23 +215,38 @@ impl TemplateImage {
         chunk: &ChunkRef,
         within: u64,
         buf: &mut [u8],
+        budget: &ReadBudget,
     ) -> bool {
         if self.cache.is_fetching(&chunk.digest) {
             return false;
         }
         tracing::trace!(template = %self.id, index = chunk.index, within, len = buf.len(), "reading blocks");
-        let Some(hashes) = self.block_hashes(blocks, chunk).await else {
+        let Some(hashes) = self.block_hashes(blocks, chunk, budget).await else {
             return false;
         };
         let sources = self.sources.clone();
         self.cache
-            .read_blocks(chunk, blocks.block_size, &hashes, within, buf, &sources)
+            .read_blocks(
+                chunk,
+                blocks.block_size,
+                &hashes,
+                within,
+                buf,
+                &sources,
+                budget,
+            )
             .await
     }
 
     /// The sha256 of each block of `chunk`, from its page of the block index (fetched
-    /// and verified like a chunk, and kept in the cache like one).
-    async fn block_hashes(&self, blocks: &BlockIndex, chunk: &ChunkRef) -> Option<Vec<u8>> {
+    /// and verified like a chunk, and kept in the cache like one), within the read's
+    /// `budget`.
+    async fn block_hashes(
+        &self,
+        blocks: &BlockIndex,
+        chunk: &ChunkRef,
+        budget: &ReadBudget,
+    ) -> Option<Vec<u8>> {
         let chunk_size = self.manifest.chunk_size;
         let (page, at) = blocks.locate(chunk.index, chunk_size);
         let page_ref = ChunkRef {
@@ -228,7 +257,7 @@ impl TemplateImage {
         };
         let file = match self
             .cache
-            .fetch(&page_ref, &self.sources, Priority::Demand)
+            .fetch_within(&page_ref, &self.sources, budget)
             .await
         {
             Ok(file) => file,

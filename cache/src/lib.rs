@@ -13,10 +13,16 @@
 //!   the fleet's peers, an object store read directly).
 //! - [`transport`]: HTTP and object-store transports, and [`SourceError`].
 //! - [`peers`]: the fleet's live nodes and chunk ownership by rendezvous hashing.
-//! - [`planner`]: the fetch plan's policies: slots per priority (demand, prefetch,
-//!   fill; demand first) and source health (a failing source is tried last for a while).
-//! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, run by the plan,
-//!   within per-attempt deadlines and a demand read's budget, verified against the digest.
+//! - [`planner`]: the fetch plan: which sources a template's chunks come from and in
+//!   which order ([`SourcePlan`]: origins, the owners among the peers, the store or the
+//!   object store, the peers' caches), slots per priority (demand, prefetch, fill;
+//!   demand first), source health (a failing source is tried last for a while) and
+//!   hedging.
+//! - [`fetch`]: the [`ChunkCache`]: one shared fetch per missing chunk, and the one
+//!   runner of every attempt (whole chunks, and the byte ranges of [`partial`]) within
+//!   per-attempt deadlines and one budget per demand read ([`ReadBudget`]), decoded and
+//!   verified on the blocking pool; bytes that are not the chunk demote the source, or
+//!   the one peer, that sent them.
 //!   It is all the daemon sees of the cache: calls by intent (claim a template's chunks
 //!   for a named owner, release an owner, keep a chunk made here, evict a template's
 //!   unclaimed chunks, count what is local, open a chunk for a peer or an upload, usage
@@ -80,10 +86,11 @@ pub use chunk_store::{file_resident, ChunkFile, ChunkStore, ChunkStoreError, Scr
 pub use digest::Digest;
 pub use fetch::{
     CacheHealth, CacheUsage, Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver,
-    Priority, DEFAULT_READ_BUDGET, DEFAULT_SOURCE_DEADLINE,
+    Priority, ReadBudget, DEFAULT_READ_BUDGET, DEFAULT_SOURCE_DEADLINE,
 };
 pub use image::{ImageExtent, ReadError, TemplateImage};
 pub use manifest::{validate_id, Manifest, ManifestError};
 pub use overlay::{FreezeGuard, Overlay, OverlayError, OverlayMeta, OverlayStats};
 pub use peers::{Member, PeerSet, PeerStats};
-pub use source::{HttpClients, HttpSource, ObjectSource, Source, SourceError};
+pub use planner::SourcePlan;
+pub use source::{Fetched, HttpClients, HttpSource, ObjectSource, Source, SourceError};

@@ -20,9 +20,18 @@
 //! fetch tries every source and verifies), the chunk is being read in sequence
 //! ([`SEQUENTIAL_READS`] reads in a row, each where the last ended), or reads of it
 //! already fetched half of its blocks in pieces.
+//!
+//! The table and the blocks are fetched by the one runner of every attempt
+//! ([`crate::fetch::runner`]): in the planner's order, each attempt within the source
+//! deadline and all of them, with the whole chunk's fetch that may follow, within the
+//! read's budget ([`ReadBudget`], `--read-deadline`), and under the one in-flight
+//! table: concurrent reads of the same chunk's table, or of the same blocks, share one
+//! fetch ([`crate::fetch::ranges`]). The blocks are decoded and verified on the
+//! blocking pool.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -30,24 +39,17 @@ use bytes::Bytes;
 use crate::block_memory::{BLOCK_CACHE_BYTES, SEQUENTIAL_READS, TABLE_OFFSETS_KEPT};
 use crate::blocks::{block_count, table_len, BlockTable};
 use crate::digest::Digest;
-use crate::fetch::{ChunkCache, ChunkRef};
+use crate::fetch::ranges::RangeValue;
+use crate::fetch::runner::{Answer, Run, Want};
+use crate::fetch::FetchKey;
+use crate::fetch::{ChunkCache, ChunkRef, ReadBudget};
 use crate::planner::{Priority, Promotion};
-use crate::source::Source;
+use crate::source::{Source, SourceError};
 
 /// Reads of a chunk fetch at most half of its blocks in pieces; past that, the next read
 /// fetches the chunk whole and keeps it (whole, it costs at most twice what it took in
 /// pieces). On B4's root file system a quarter fetched 1.98x the bytes read, half 1.54x.
 const PIECEMEAL_SHARE: usize = 2;
-
-/// What a source's first bytes of a chunk said of its layout.
-enum TableFetch {
-    Table(BlockTable),
-    /// The chunk is not stored in blocks (a raw chunk or one frame, shorter than a table
-    /// or not one), or the source does not serve ranges of it.
-    NotInBlocks,
-    /// No source answered.
-    Unavailable,
-}
 
 /// The bytes `offset..offset + buf.len()` of a chunk of `len` bytes, from its verified
 /// blocks `first..`; `false` (nothing copied that counts) if a block is not its length.
@@ -84,8 +86,10 @@ fn copy_blocks(
 impl ChunkCache {
     /// Fills `buf` with bytes `offset..` of `chunk` (not local) from its blocks of
     /// `block_size`, verified against `hashes` (the chunk's entry in the block index:
-    /// the 32-byte sha256 of each block). `false` when the read should take the whole
-    /// chunk instead (see the module header); nothing was served then.
+    /// the 32-byte sha256 of each block), within the read's `budget`. `false` when the
+    /// read should take the whole chunk instead (see the module header; with what is
+    /// left of the budget, none once it is spent); nothing was served then.
+    #[allow(clippy::too_many_arguments)]
     pub async fn read_blocks(
         &self,
         chunk: &ChunkRef,
@@ -94,6 +98,22 @@ impl ChunkCache {
         offset: u64,
         buf: &mut [u8],
         sources: &[Source],
+        budget: &ReadBudget,
+    ) -> bool {
+        let read = self.read_blocks_within(chunk, block_size, hashes, offset, buf, sources, budget);
+        budget.bound(read).await.unwrap_or(false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn read_blocks_within(
+        &self,
+        chunk: &ChunkRef,
+        block_size: u32,
+        hashes: &[u8],
+        offset: u64,
+        buf: &mut [u8],
+        sources: &[Source],
+        budget: &ReadBudget,
     ) -> bool {
         let len = buf.len() as u64;
         let count = block_count(chunk.len, block_size);
@@ -128,33 +148,48 @@ impl ChunkCache {
             .rposition(Option::is_none)
             .unwrap_or(missing_first);
         let (from, to) = (first + missing_first, first + missing_last);
-        let ranged: Vec<&Source> = self
-            .sources_health()
-            .plan(sources)
-            .into_iter()
-            .filter(|s| s.serves_ranges())
-            .collect();
-        if ranged.is_empty() {
+        if !sources.iter().any(Source::serves_ranges) {
             return false;
         }
-        // One demand slot, like a whole chunk's fetch: blocks in flight are bounded too.
-        let promotion = Promotion::default();
-        let _slot = self.slots().acquire(Priority::Demand, &promotion).await;
+        // Each range fetch takes one demand slot, like a whole chunk's fetch: blocks in
+        // flight are bounded too. Readers that join one take none.
+        let slot = || async {
+            self.slots()
+                .acquire(Priority::Demand, &Promotion::default())
+                .await
+        };
         let layout = match known {
             Some(layout) => layout,
-            None => match self.fetch_table(chunk, count, &ranged).await {
-                TableFetch::Table(table) => {
-                    let table = (table.block_size == block_size).then_some(table);
-                    let layout = self.partial.keep_layout(&chunk.digest, table);
-                    layout.sequential(offset, offset + len);
-                    layout
+            None => {
+                let table = self.range_flight(FetchKey::Table(chunk.digest), async {
+                    let _slot = slot().await;
+                    let run = Run {
+                        want: &Table { count },
+                        chunk,
+                        sources,
+                        budget_ends: Some(budget.ends()),
+                        hedge_after: None,
+                    };
+                    match self.run(&run).await {
+                        Ok(table) => {
+                            let table = table.filter(|t| t.block_size == block_size);
+                            self.partial.keep_layout(&chunk.digest, table);
+                            Some(RangeValue::Table)
+                        }
+                        Err(e) => {
+                            tracing::debug!(template = %chunk.template, index = chunk.index, error = %e, "no table of the chunk; reading it whole");
+                            None
+                        }
+                    }
+                });
+                match (table.await, self.partial.layout(&chunk.digest)) {
+                    (Some(RangeValue::Table), Some(layout)) => {
+                        layout.sequential(offset, offset + len);
+                        layout
+                    }
+                    _ => return false,
                 }
-                TableFetch::NotInBlocks => {
-                    self.partial.keep_layout(&chunk.digest, None);
-                    return false;
-                }
-                TableFetch::Unavailable => return false,
-            },
+            }
         };
         let Some(table) = &layout.table else {
             return false;
@@ -164,94 +199,42 @@ impl ChunkCache {
             tracing::debug!(template = %chunk.template, index = chunk.index, "half of the chunk's blocks were read in pieces; reading it whole");
             return false;
         }
-        let range = table.offsets[from]..table.offsets[to + 1];
         tracing::trace!(template = %chunk.template, index = chunk.index, from, to, "fetching blocks");
-        for source in ranged {
-            let started = Instant::now();
-            let stored = match source
-                .fetch_range(&chunk.digest, range.clone(), self.source_deadline())
-                .await
-            {
-                Ok(stored) => stored,
-                Err(e) => {
-                    if !e.is_skip() {
-                        self.sources_health().failed(source.name());
-                        self.observer.source_failed(chunk, source.name(), &e);
-                    }
-                    continue;
-                }
-            };
-            let Some(verified) =
-                verify_blocks(chunk, table, hashes, from..=to, &stored, range.start)
-            else {
-                tracing::warn!(
-                    template = %chunk.template,
-                    index = chunk.index,
-                    digest = %chunk.digest,
-                    source = source.name(),
-                    blocks = ?(from..=to),
-                    "blocks of a chunk did not match the block index; reading the chunk whole"
-                );
-                self.sources_health().failed(source.name());
-                self.observer.corrupt(chunk, source.name());
-                return false;
-            };
-            self.sources_health().succeeded(source.name());
-            let raw: u64 = verified.iter().map(|b| b.len() as u64).sum();
-            self.observer.fetched_blocks(
+        let want = Blocks {
+            table: Arc::new(table.clone()),
+            hashes: Arc::from(&hashes[from * 32..(to + 1) * 32]),
+            from,
+            to,
+        };
+        let fetched = self.range_flight(FetchKey::Blocks(chunk.digest, from, to), async {
+            let _slot = slot().await;
+            let run = Run {
+                want: &want,
                 chunk,
-                source.name(),
-                raw,
-                stored.len() as u64,
-                started.elapsed(),
-            );
-            self.observer.miss(&chunk.template);
-            for (i, block) in (from..=to).zip(verified) {
-                if blocks[i - first].is_none() {
-                    blocks[i - first] = Some(block.clone());
-                }
-                self.partial.keep(hash(i), block);
-            }
-            let blocks: Vec<Bytes> = blocks.into_iter().flatten().collect();
-            return copy_blocks(&blocks, first, bs, chunk.len, offset, buf);
-        }
-        false
-    }
-
-    /// The chunk's table, from the first source that answers. A body that is not a
-    /// table (a raw chunk, one frame, an object shorter than a table) or a source that
-    /// ignores the range means the chunk is read whole, and is not held against the
-    /// source.
-    async fn fetch_table(&self, chunk: &ChunkRef, count: usize, sources: &[&Source]) -> TableFetch {
-        let head = 0..table_len(count) as u64;
-        for source in sources {
-            match source
-                .fetch_range(&chunk.digest, head.clone(), self.source_deadline())
-                .await
-            {
-                Ok(bytes) => {
-                    return match BlockTable::parse(&bytes, Some(chunk.len), chunk.len) {
-                        Ok(table) => TableFetch::Table(table),
-                        Err(_) => TableFetch::NotInBlocks,
-                    };
-                }
-                // A stored object shorter than a table (clipped to its end, or refused
-                // as past it), or a whole body where a range was asked for.
-                Err(
-                    crate::SourceError::Length { .. }
-                    | crate::SourceError::Status {
-                        status: 200 | 416, ..
-                    },
-                ) => return TableFetch::NotInBlocks,
+                sources,
+                budget_ends: Some(budget.ends()),
+                hedge_after: None,
+            };
+            match self.run(&run).await {
+                Ok(verified) => Some(RangeValue::Blocks(Arc::new(verified))),
                 Err(e) => {
-                    if !e.is_skip() {
-                        self.sources_health().failed(source.name());
-                        self.observer.source_failed(chunk, source.name(), &e);
-                    }
+                    tracing::debug!(template = %chunk.template, index = chunk.index, error = %e, "no blocks of the chunk; reading it whole");
+                    None
                 }
             }
+        });
+        let Some(RangeValue::Blocks(verified)) = fetched.await else {
+            return false;
+        };
+        self.observer.miss(&chunk.template);
+        for (i, block) in (from..=to).zip(verified.iter()) {
+            if blocks[i - first].is_none() {
+                blocks[i - first] = Some(block.clone());
+            }
+            self.partial.keep(hash(i), block.clone());
         }
-        TableFetch::Unavailable
+        let blocks: Vec<Bytes> = blocks.into_iter().flatten().collect();
+        copy_blocks(&blocks, first, bs, chunk.len, offset, buf)
     }
 
     /// Verified blocks held for partly read chunks.
@@ -260,24 +243,144 @@ impl ChunkCache {
     }
 }
 
+/// A chunk's table, the head of its stored object: `None` when the chunk is not
+/// stored in blocks. A body that is not a table (a raw chunk, one frame, an object
+/// shorter than a table) or a source that ignores the range means the chunk is read
+/// whole, and is not held against the source.
+struct Table {
+    count: usize,
+}
+
+impl Want for Table {
+    type Output = Option<BlockTable>;
+    const PASSES: usize = 1;
+    const STOP_ON_CORRUPT: bool = true;
+
+    fn asks(&self, source: &Source) -> bool {
+        source.serves_ranges()
+    }
+
+    async fn attempt(
+        &self,
+        _cache: &ChunkCache,
+        chunk: &ChunkRef,
+        source: &Source,
+        deadline: Duration,
+    ) -> Result<Answer<Option<BlockTable>>, SourceError> {
+        let head = 0..table_len(self.count) as u64;
+        let table = match source.fetch_range(&chunk.digest, head, deadline).await {
+            // A table's offsets are checked by the blocks' sha256 that follow.
+            Ok(bytes) => BlockTable::parse(&bytes, Some(chunk.len), chunk.len).ok(),
+            // A stored object shorter than a table (clipped to its end, or refused as
+            // past it), or a whole body where a range was asked for.
+            Err(
+                SourceError::Length { .. }
+                | SourceError::Status {
+                    status: 200 | 416, ..
+                },
+            ) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Answer::Verified {
+            value: table,
+            node: None,
+        })
+    }
+}
+
+/// Blocks `from..=to` of a chunk, each verified against its sha256 in the block index.
+struct Blocks {
+    table: Arc<BlockTable>,
+    /// The sha256 of blocks `from..=to`.
+    hashes: Arc<[u8]>,
+    from: usize,
+    to: usize,
+}
+
+impl Want for Blocks {
+    type Output = Vec<Bytes>;
+    const PASSES: usize = 1;
+    /// A block that is not its index entry: the whole chunk's fetch tries every source
+    /// and verifies against the chunk's digest.
+    const STOP_ON_CORRUPT: bool = true;
+
+    fn asks(&self, source: &Source) -> bool {
+        source.serves_ranges()
+    }
+
+    async fn attempt(
+        &self,
+        cache: &ChunkCache,
+        chunk: &ChunkRef,
+        source: &Source,
+        deadline: Duration,
+    ) -> Result<Answer<Vec<Bytes>>, SourceError> {
+        let started = Instant::now();
+        let range = self.table.offsets[self.from]..self.table.offsets[self.to + 1];
+        let stored = source
+            .fetch_range(&chunk.digest, range.clone(), deadline)
+            .await?;
+        let stored_len = stored.len() as u64;
+        let (table, hashes, blocks, len) = (
+            self.table.clone(),
+            self.hashes.clone(),
+            self.from..=self.to,
+            chunk.len,
+        );
+        // Decoding and hashing off the runtime's threads.
+        let verified = tokio::task::spawn_blocking(move || {
+            verify_blocks(len, &table, &hashes, blocks, &stored, range.start)
+        })
+        .await
+        .map_err(|e| SourceError::Unreachable {
+            source_name: source.name().to_string(),
+            detail: format!("verifying task failed: {e}"),
+        })?;
+        let Some(verified) = verified else {
+            tracing::warn!(
+                template = %chunk.template,
+                index = chunk.index,
+                digest = %chunk.digest,
+                source = source.name(),
+                blocks = ?(self.from..=self.to),
+                "blocks of a chunk did not match the block index; reading the chunk whole"
+            );
+            cache.observer.corrupt(chunk, source.name());
+            return Ok(Answer::Corrupt { node: None });
+        };
+        let raw: u64 = verified.iter().map(|b| b.len() as u64).sum();
+        cache
+            .observer
+            .fetched_blocks(chunk, source.name(), raw, stored_len, started.elapsed());
+        Ok(Answer::Verified {
+            value: verified,
+            node: None,
+        })
+    }
+}
+
 /// Decodes blocks `blocks` from `stored` (the stored object's bytes from `at`) and checks
-/// each against its sha256 in `hashes`; `None` if any is not its block.
+/// each against its sha256 in `hashes` (those of `blocks`, in order); `None` if any is
+/// not its block. `len` is the chunk's length.
 fn verify_blocks(
-    chunk: &ChunkRef,
+    len: u64,
     table: &BlockTable,
     hashes: &[u8],
     blocks: std::ops::RangeInclusive<usize>,
     stored: &[u8],
     at: u64,
 ) -> Option<Vec<Bytes>> {
+    let first = *blocks.start();
     crate::encoding::with_decompressor(|d| {
         let mut out = Vec::with_capacity(blocks.clone().count());
         for i in blocks {
-            let frame =
-                &stored[(table.offsets[i] - at) as usize..(table.offsets[i + 1] - at) as usize];
-            let mut raw = vec![0u8; table.block_len(i, chunk.len)];
+            let frame = stored
+                .get((table.offsets[i] - at) as usize..(table.offsets[i + 1] - at) as usize)
+                .ok_or_else(|| format!("block {i} lies outside the range fetched"))?;
+            let mut raw = vec![0u8; table.block_len(i, len)];
             crate::blocks::decode_block(frame, &mut raw, d)?;
-            if Digest::of(&raw).as_bytes()[..] != hashes[i * 32..i * 32 + 32] {
+            let k = i - first;
+            if Digest::of(&raw).as_bytes()[..] != hashes[k * 32..k * 32 + 32] {
                 return Err(format!("block {i} does not match its sha256"));
             }
             out.push(Bytes::from(raw));

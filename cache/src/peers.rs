@@ -21,7 +21,10 @@
 //! whose own fetch failed answers 502) is alive: counted, not passed over. An attempt a read gave up on because a hedge
 //! answered first ([`crate::planner::Hedging`]) counts as a failure when it had run
 //! for the shortest hedge delay. Every byte from a peer is verified by
-//! [`crate::fetch`] like any other.
+//! [`crate::fetch`] like any other, which is told which node sent them: a node whose
+//! bytes are not the chunk is passed over by itself ([`PeerSet::distrust`]), doubling
+//! with each lie in a row, and the read asks the next owner; the other peers keep
+//! serving.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -90,6 +93,10 @@ pub struct PeerSet {
     token: Option<String>,
     /// Peers that failed, by id (see the module header).
     health: Mutex<BTreeMap<String, PeerHealth>>,
+    /// Chunks in a row each peer sent that were not the chunk ([`PeerSet::distrust`]):
+    /// kept across its answers, so a peer that lies at every trial waits longer each
+    /// time; its first verified chunk clears it ([`PeerSet::vouch`]).
+    lies: Mutex<BTreeMap<String, u32>>,
     stats: Mutex<BTreeMap<String, PeerStats>>,
 }
 
@@ -143,6 +150,7 @@ impl PeerSet {
             clients,
             token,
             health: Mutex::new(BTreeMap::new()),
+            lies: Mutex::new(BTreeMap::new()),
             stats: Mutex::new(BTreeMap::new()),
         }
     }
@@ -321,10 +329,14 @@ impl PeerSet {
         }
     }
 
-    /// Fetches `chunk` from its owners (unverified; the caller checks the digest). An
-    /// owner fetches for a peer only a chunk a manifest it knows names at that index, so
-    /// the request names both.
-    pub async fn fetch(&self, chunk: &ChunkRef, deadline: Duration) -> Result<Bytes, SourceError> {
+    /// Fetches `chunk` from its owners (unverified; the caller checks the digest), with
+    /// the id of the node that answered. An owner fetches for a peer only a chunk a
+    /// manifest it knows names at that index, so the request names both.
+    pub async fn fetch(
+        &self,
+        chunk: &ChunkRef,
+        deadline: Duration,
+    ) -> Result<(Bytes, String), SourceError> {
         let (digest, len) = (&chunk.digest, chunk.len);
         if crate::manifest::validate_id(&chunk.template).is_err() {
             // Not a template's chunk (an owner would refuse it): the store has it.
@@ -342,19 +354,21 @@ impl PeerSet {
     }
 
     /// Fetches `digest` from the caches of the next nodes in rendezvous order (see the
-    /// module header): a node that does not hold it answers 404 at once.
+    /// module header), with the id of the node that answered: a node that does not hold
+    /// it answers 404 at once.
     pub async fn fetch_cached(
         &self,
         digest: &Digest,
         len: u64,
         deadline: Duration,
-    ) -> Result<Bytes, SourceError> {
+    ) -> Result<(Bytes, String), SourceError> {
         let path = format!("v1/chunks/{digest}");
         self.fetch_from(self.fallbacks(digest), &path, len, deadline, "peer-caches")
             .await
     }
 
-    /// Asks `nodes` in turn for `path` within `deadline` over all of them.
+    /// Asks `nodes` in turn for `path` within `deadline` over all of them; the bytes
+    /// and the id of the node that sent them.
     async fn fetch_from(
         &self,
         nodes: Vec<Member>,
@@ -362,7 +376,7 @@ impl PeerSet {
         len: u64,
         deadline: Duration,
         name: &str,
-    ) -> Result<Bytes, SourceError> {
+    ) -> Result<(Bytes, String), SourceError> {
         let started = Instant::now();
         let mut last = None;
         let mut asked = 0;
@@ -387,7 +401,7 @@ impl PeerSet {
                         s.bytes += bytes.len() as u64;
                         s.seconds += took.as_secs_f64();
                     });
-                    return Ok(bytes);
+                    return Ok((bytes, node.id));
                 }
                 // Alive, and without the chunk: no mark against it.
                 Err(e @ SourceError::Status { status: 404, .. }) => {
@@ -420,6 +434,40 @@ impl PeerSet {
             source_name: name.into(),
             deadline,
         }))
+    }
+
+    /// Node `id` sent bytes that are not the chunk it was asked for (the reader's
+    /// verification says so; the transport saw an answer): it is passed over like a
+    /// peer that failed, doubling with each lie in a row, and a read asks the next
+    /// owner instead. Only that node: the other peers keep serving.
+    pub fn distrust(&self, id: &str) {
+        let lies = {
+            let mut lies = self.lies.lock().unwrap_or_else(|e| e.into_inner());
+            let n = lies.entry(id.to_string()).or_default();
+            *n = n.saturating_add(1);
+            *n
+        };
+        self.count(id, |s| s.failures += 1);
+        let wait = backoff(PEER_MIN_BACKOFF, lies);
+        let until = Instant::now() + wait;
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let h = health.entry(id.to_string()).or_insert(PeerHealth {
+            failures: 0,
+            until,
+            on_trial: false,
+        });
+        h.failures = h.failures.max(lies);
+        h.until = h.until.max(until);
+        h.on_trial = false;
+        tracing::warn!(peer = %id, lies, ?wait, "peer sent bytes that are not the chunk; passing it over");
+    }
+
+    /// Node `id` sent a chunk that verified: its lies in a row are forgotten.
+    pub fn vouch(&self, id: &str) {
+        let mut lies = self.lies.lock().unwrap_or_else(|e| e.into_inner());
+        if lies.remove(id).is_some() {
+            tracing::info!(peer = %id, "peer sends verified chunks again");
+        }
     }
 
     fn count(&self, id: &str, f: impl FnOnce(&mut PeerStats)) {
@@ -517,6 +565,29 @@ mod tests {
         peers.record("a", true, Outcome::Answered);
         assert_eq!(peers.admit("a"), Some(false));
         assert_eq!(peers.stats()["a"].failures, 3);
+    }
+
+    #[test]
+    fn a_node_that_lies_is_passed_over_alone_and_longer_at_each_lie() {
+        let peers = set("me", &["a", "b"]);
+        peers.record("a", false, Outcome::Answered);
+        peers.distrust("a");
+        assert_eq!(peers.admit("a"), None, "the liar is passed over");
+        assert_eq!(peers.admit("b"), Some(false), "the others are not");
+        let first = peers.health.lock().unwrap()["a"].until;
+        // Its trial answers (the transport's view), and lies again: a longer wait.
+        peers.health.lock().unwrap().get_mut("a").unwrap().until = Instant::now();
+        let trial = peers.attempt("a").unwrap();
+        trial.settle(Outcome::Answered);
+        peers.distrust("a");
+        let h = peers.health.lock().unwrap()["a"];
+        assert_eq!(h.failures, 2);
+        assert!(h.until > first + Duration::from_secs(4), "doubled");
+        // A verified chunk forgets the lies; the next lie starts over.
+        peers.vouch("a");
+        peers.record("a", false, Outcome::Answered);
+        peers.distrust("a");
+        assert_eq!(peers.health.lock().unwrap()["a"].failures, 1);
     }
 
     #[test]

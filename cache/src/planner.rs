@@ -1,7 +1,10 @@
-//! The fetch planner's two policies: which class of work may fetch now (slots per
-//! priority, demand first), and in which order a chunk's sources are tried (their
-//! health). The [`crate::fetch`] module runs the plan: one fetch per chunk, every
-//! attempt within its deadline, verification of whatever a transport returns.
+//! The fetch planner: which sources a template's chunks come from and in which order
+//! ([`SourcePlan`]: its origins, the chunk's owners among the peers, the store or the
+//! object store, the peers' caches), which class of work may fetch now (slots per
+//! priority, demand first), which sources go last (their health) and when a read
+//! hedges a slow node. The one runner in [`crate::fetch`] carries the plan out: one
+//! fetch per chunk, every attempt within its deadline and a demand read's budget,
+//! verification of whatever a transport returns.
 //!
 //! Slots. Demand reads, prefetches (readahead and NBD CACHE) and fills each have their
 //! own slots, so a burst of prefetch or a fill never queues a demand read behind it. A
@@ -28,6 +31,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::source::Source;
+
+mod order;
+
+pub use order::SourcePlan;
 
 /// Fetches at once for demand reads: a deep guest queue of scattered cold reads.
 pub const DEMAND_SLOTS: usize = 16;

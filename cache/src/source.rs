@@ -2,8 +2,9 @@
 //! (`GET {base}/v1/chunks/{digest}`), an origin node (the same endpoint, contacted only
 //! while it is a live member when the fleet's membership is known), the fleet's peers by
 //! chunk ownership ([`crate::peers`]), the caches of the next peers when the owners and
-//! the store failed, and an object store read directly. Transports only move bytes;
-//! [`crate::fetch`] plans, times and verifies.
+//! the store failed, and an object store read directly. Transports only move bytes,
+//! and say which node sent them; [`crate::planner`] orders the sources,
+//! [`crate::fetch`] times and verifies every attempt.
 
 use std::time::Duration;
 
@@ -19,6 +20,14 @@ pub use crate::transport::{HttpClients, HttpSource, ObjectSource, SourceError};
 
 /// The name of [`Source::PeerCaches`] in logs and metrics.
 pub const PEER_CACHES: &str = "peer-caches";
+
+/// What a source sent for a chunk: its bytes (unverified) and, for a source of several
+/// nodes, the id of the node that sent them.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub bytes: Bytes,
+    pub node: Option<String>,
+}
 
 /// A source of chunks. An enum, not a trait object: the set of kinds is closed.
 #[derive(Clone)]
@@ -88,13 +97,24 @@ impl Source {
         !matches!(self, Source::Object(_))
     }
 
-    /// Fetches the chunk's bytes (unverified; the caller checks the digest). Peers are
-    /// told the chunk's template and index too: an owner fetches for a peer only what a
-    /// manifest it knows names there.
-    pub async fn fetch(&self, chunk: &ChunkRef, deadline: Duration) -> Result<Bytes, SourceError> {
+    /// Fetches the chunk's bytes (unverified; the caller checks the digest), with the
+    /// node that sent them when the source is several nodes (the peers), so that bytes
+    /// that are not the chunk are held against that node alone ([`Source::distrust`]).
+    /// Peers are told the chunk's template and index too: an owner fetches for a peer
+    /// only what a manifest it knows names there.
+    pub async fn fetch(
+        &self,
+        chunk: &ChunkRef,
+        deadline: Duration,
+    ) -> Result<Fetched, SourceError> {
+        let whole = |bytes| Fetched { bytes, node: None };
+        let from = |(bytes, node)| Fetched {
+            bytes,
+            node: Some(node),
+        };
         let (digest, len) = (&chunk.digest, chunk.len);
         match self {
-            Source::Http(s) => s.fetch(digest, len, deadline).await,
+            Source::Http(s) => s.fetch(digest, len, deadline).await.map(whole),
             Source::Origin { http, members } => {
                 if let Some(members) = members {
                     if !members.is_member_url(&http.base) {
@@ -104,11 +124,27 @@ impl Source {
                         });
                     }
                 }
-                http.fetch(digest, len, deadline).await
+                http.fetch(digest, len, deadline).await.map(whole)
             }
-            Source::Peers(p) => p.fetch(chunk, deadline).await,
-            Source::PeerCaches(p) => p.fetch_cached(digest, len, deadline).await,
-            Source::Object(o) => o.fetch(digest, len, deadline).await,
+            Source::Peers(p) => p.fetch(chunk, deadline).await.map(from),
+            Source::PeerCaches(p) => p.fetch_cached(digest, len, deadline).await.map(from),
+            Source::Object(o) => o.fetch(digest, len, deadline).await.map(whole),
+        }
+    }
+
+    /// `node` of this source sent bytes that are not what it was asked for: it is passed
+    /// over by itself (see [`PeerSet::distrust`]). Sources of one node have no nodes to
+    /// tell apart; the planner's health counts them ([`crate::planner::SourceHealth`]).
+    pub fn distrust(&self, node: &str) {
+        if let Source::Peers(p) | Source::PeerCaches(p) = self {
+            p.distrust(node);
+        }
+    }
+
+    /// `node` of this source sent a chunk that verified (see [`PeerSet::vouch`]).
+    pub fn vouch(&self, node: &str) {
+        if let Source::Peers(p) | Source::PeerCaches(p) = self {
+            p.vouch(node);
         }
     }
 

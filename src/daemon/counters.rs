@@ -77,6 +77,7 @@ pub struct DaemonMetrics {
     pub registry: Mutex<Registry>,
     hits: Counter,
     misses: Counter,
+    read_budget_spent: Counter,
     /// Bytes of cached reads sent with splice, never copied through a buffer.
     spliced_bytes: Counter,
     bytes_fetched: Family<SourceLabel, Counter>,
@@ -121,6 +122,7 @@ impl DaemonMetrics {
             registry: Mutex::new(Registry::default()),
             hits: Counter::default(),
             misses: Counter::default(),
+            read_budget_spent: Counter::default(),
             spliced_bytes: Counter::default(),
             bytes_fetched: Family::default(),
             stored_bytes_fetched: Family::default(),
@@ -159,6 +161,11 @@ impl DaemonMetrics {
                 "cache_misses",
                 "Reads that needed a fetch",
                 m.misses.clone(),
+            );
+            r.register(
+                "read_budget_spent",
+                "Demand reads that failed with EIO because no source delivered within --read-deadline",
+                m.read_budget_spent.clone(),
             );
             r.register(
                 "nbd_spliced_bytes",
@@ -400,6 +407,10 @@ impl FetchObserver for DaemonMetrics {
 
     fn miss(&self, _template: &str) {
         self.misses.inc();
+    }
+
+    fn read_budget_spent(&self, _template: &str) {
+        self.read_budget_spent.inc();
     }
 
     fn fetched(&self, chunk: &ChunkRef, source: &str, stored: u64, elapsed: Duration) {

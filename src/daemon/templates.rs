@@ -13,9 +13,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use lazyblk_cache::{
-    ChunkCache, HttpClients, HttpSource, Manifest, PeerSet, Source, TemplateImage,
-};
+pub use lazyblk_cache::SourcePlan;
+use lazyblk_cache::{ChunkCache, Manifest, Source, TemplateImage};
 
 use crate::daemon::intents::sync_dir;
 use crate::daemon::registry::Registry;
@@ -49,22 +48,6 @@ pub enum TemplateError {
         template: String,
         users: Vec<String>,
     },
-}
-
-/// Where a template's chunks come from, other than this node's cache.
-pub struct SourcePlan {
-    /// The URL peers reach this daemon at; never used as a source of its own.
-    pub advertise: String,
-    /// Bearer token sent with chunk reads to origins (other daemons).
-    pub peer_token: Option<String>,
-    /// The fleet's live nodes, when this node is a member: chunk owners to ask, and the
-    /// origins it may contact.
-    pub peers: Option<Arc<PeerSet>>,
-    /// The store alone: what an owner fetches a peer's request from (never a peer:
-    /// the asking node tries the peers' caches itself when the store fails).
-    pub store: Arc<[Source]>,
-    /// The clients origins are reached with.
-    pub clients: HttpClients,
 }
 
 /// The templates this node knows, and its replica of each.
@@ -476,37 +459,14 @@ impl Templates {
         self.replicas.remove(template);
     }
 
-    /// A template's sources: its origins (other than this node; with a membership,
-    /// only while they are live members), then the chunk's owner among the peers, then
-    /// the store, then (a store outage) the caches of the next peers in rendezvous
-    /// order, which answer only from their caches, so an owner can read the chunks it
-    /// owns from a peer that holds them. The store's read token goes to the store
-    /// alone; origins and peers get the peer token.
+    /// A template's sources, in the planner's order ([`SourcePlan::sources`]).
     fn sources(&self, manifest: &Manifest) -> Vec<Source> {
-        let plan = &self.sources;
-        let own = plan.advertise.trim_end_matches('/');
-        let mut sources: Vec<Source> = manifest
-            .origins
-            .iter()
-            .filter(|o| o.trim_end_matches('/') != own)
-            .map(|base| Source::Origin {
-                http: HttpSource::new(plan.clients.clone(), base, plan.peer_token.clone()),
-                members: plan.peers.clone(),
-            })
-            .collect();
-        if let Some(peers) = &plan.peers {
-            sources.push(Source::Peers(peers.clone()));
-        }
-        sources.extend(plan.store.iter().cloned());
-        if let Some(peers) = &plan.peers {
-            sources.push(Source::PeerCaches(peers.clone()));
-        }
-        sources
+        self.sources.sources(manifest)
     }
 
     /// The store alone, for fetches made on a peer's behalf.
     pub fn store_sources(&self) -> &Arc<[Source]> {
-        &self.sources.store
+        self.sources.store()
     }
 
     /// Learns every template the store lists (their manifests are small), so that the

@@ -1,0 +1,85 @@
+//! Byte-range fetches in the in-flight table: concurrent small reads of the same
+//! chunk's table, or of the same blocks, share one fetch (two guests booting one
+//! template on a node read the same blocks at the same time). The first reader runs
+//! the fetch in its own task, within its budget; the others wait for its outcome
+//! within theirs. A leader that goes away (its budget ended) leaves its followers
+//! without an outcome: they read the chunk whole.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::inflight::{FetchKey, Flight};
+use super::ChunkCache;
+
+/// What a range fetch gave its readers: `None` when it failed (they read the chunk
+/// whole).
+#[derive(Clone, Debug)]
+pub(crate) enum RangeValue {
+    /// The chunk's table was fetched and its layout kept
+    /// ([`crate::block_memory::Partial::layout`]; without a table when the chunk is not
+    /// stored in blocks).
+    Table,
+    /// The verified blocks, in order.
+    Blocks(Arc<Vec<Bytes>>),
+}
+
+/// A range fetch under way, as its followers see it: `None` until it ends.
+pub(crate) type RangeFlight = watch::Receiver<Option<Option<RangeValue>>>;
+
+impl ChunkCache {
+    /// The outcome of the range fetch `key`: joined if one is under way, else run here
+    /// (`work`) and published to every reader that joins it meanwhile.
+    pub(crate) async fn range_flight(
+        &self,
+        key: FetchKey,
+        work: impl Future<Output = Option<RangeValue>>,
+    ) -> Option<RangeValue> {
+        let lead = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            match inflight.get(&key) {
+                Some(Flight::Range(rx)) => Err(rx.clone()),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(key, Flight::Range(rx));
+                    Ok(tx)
+                }
+            }
+        };
+        match lead {
+            Err(mut rx) => {
+                // The leader went away without an outcome: `None`, read whole.
+                let outcome = rx.wait_for(Option::is_some).await.ok()?;
+                outcome.clone().flatten()
+            }
+            Ok(tx) => {
+                let _registered = RangeRegistered { cache: self, key };
+                let value = work.await;
+                let _ = tx.send(Some(value.clone()));
+                value
+            }
+        }
+    }
+}
+
+/// Removes a range fetch from the in-flight table when its leader ends, however it
+/// ends.
+struct RangeRegistered<'a> {
+    cache: &'a ChunkCache,
+    key: FetchKey,
+}
+
+impl Drop for RangeRegistered<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if matches!(inflight.get(&self.key), Some(Flight::Range(_))) {
+            inflight.remove(&self.key);
+        }
+    }
+}

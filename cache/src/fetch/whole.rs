@@ -1,0 +1,112 @@
+//! Whole chunks: what a miss, a prefetch, a fill and a block index page fetch. An
+//! attempt takes the chunk's stored form from one source, decodes and verifies it
+//! against the chunk's digest off the runtime's threads (the blocking pool; a fill's
+//! on the low-priority threads), and reports bytes that are not the chunk with the
+//! node that sent them.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::inflight::{run_at, READERS_ACTIVE};
+use super::runner::{Answer, Run, Want};
+use super::{ChunkCache, ChunkRef, FetchError, FETCH_PASSES};
+use crate::planner::Priority;
+use crate::source::{Source, SourceError};
+
+/// A whole chunk, verified against its digest.
+pub(crate) struct WholeChunk {
+    /// Whose work the decoding and hashing is (a fill's yields to readers).
+    pub priority: Priority,
+}
+
+impl Want for WholeChunk {
+    type Output = Bytes;
+    const PASSES: usize = FETCH_PASSES;
+    const STOP_ON_CORRUPT: bool = false;
+
+    fn asks(&self, _source: &Source) -> bool {
+        true
+    }
+
+    async fn attempt(
+        &self,
+        cache: &ChunkCache,
+        chunk: &ChunkRef,
+        source: &Source,
+        deadline: Duration,
+    ) -> Result<Answer<Bytes>, SourceError> {
+        let started = Instant::now();
+        let fetched = source.fetch(chunk, deadline).await?;
+        let node = fetched.node;
+        let stored = fetched.bytes;
+        let stored_len = stored.len() as u64;
+        let (digest, len) = (chunk.digest, chunk.len as usize);
+        let decoded = run_at(
+            self.priority,
+            cache.demand_within(READERS_ACTIVE),
+            move || crate::encoding::decode(stored, len, &digest),
+        )
+        .await
+        .map_err(|e| SourceError::Unreachable {
+            source_name: source.name().to_string(),
+            detail: format!("decoding task failed: {e}"),
+        })?;
+        match decoded {
+            Ok((_, bytes)) => {
+                cache
+                    .observer
+                    .fetched(chunk, source.name(), stored_len, started.elapsed());
+                Ok(Answer::Verified { value: bytes, node })
+            }
+            // Raw bytes of the wrong length were cut short or padded on the way (a
+            // transport failure, never hashed), not a chunk that lies.
+            Err(crate::encoding::DecodeError::Length { stored, len }) => Err(SourceError::Length {
+                source_name: source.name().to_string(),
+                got: stored as u64,
+                expected: len as u64,
+            }),
+            Err(crate::encoding::DecodeError::Truncated { stored, expected }) => {
+                Err(SourceError::Length {
+                    source_name: source.name().to_string(),
+                    got: stored as u64,
+                    expected,
+                })
+            }
+            Err(e) => {
+                cache.observer.corrupt(chunk, source.name());
+                tracing::error!(template = %chunk.template, chunk = chunk.index,
+                    source = source.name(), node = node.as_deref().unwrap_or("-"),
+                    expected = %digest, error = %e,
+                    "chunk bytes are not the chunk; discarded");
+                Ok(Answer::Corrupt { node })
+            }
+        }
+    }
+}
+
+impl ChunkCache {
+    /// The chunk's verified raw bytes from the first source that delivers them (see
+    /// [`super::runner`]). A demand fetch has a budget of its own (`--read-deadline`
+    /// from its start: it may serve several readers, each of which stops waiting at
+    /// the end of its own budget); background work has none.
+    pub(super) async fn fetch_verified(
+        &self,
+        chunk: &ChunkRef,
+        sources: &[Source],
+        priority: Priority,
+    ) -> Result<Bytes, FetchError> {
+        let budget_ends = (priority == Priority::Demand).then(|| Instant::now() + self.read_budget);
+        // Reads hedge a slow node; fills wait it out (see `crate::planner`).
+        let hedge_after = (priority != Priority::Fill)
+            .then(|| self.hedging.delay(budget_ends.map(|_| self.read_budget)));
+        self.run(&Run {
+            want: &WholeChunk { priority },
+            chunk,
+            sources,
+            budget_ends,
+            hedge_after,
+        })
+        .await
+    }
+}
