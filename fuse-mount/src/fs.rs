@@ -25,6 +25,7 @@ use crate::buffers::BufferPool;
 use crate::files::Files;
 use crate::handles::Handles;
 use crate::inodes::Inodes;
+use crate::record::{Recovered, SessionRecord};
 
 /// How long the kernel may trust a name or an attribute before asking again. Files
 /// come and go as the daemon adds and removes templates and overlays; one second
@@ -86,6 +87,20 @@ impl<F: Files> LazyFs<F> {
             gid: nix::unistd::getegid().as_raw(),
             mounted_at: SystemTime::now(),
         }
+    }
+
+    /// Numbers inodes and handles so that a later process can go on serving the
+    /// mount: inode numbers written to `record` (starting from those of `earlier`),
+    /// handles of `generation`.
+    pub(crate) fn recorded(
+        mut self,
+        record: Arc<SessionRecord>,
+        earlier: &Recovered,
+        generation: u64,
+    ) -> LazyFs<F> {
+        self.inodes = Inodes::recorded(record, earlier);
+        self.handles = Handles::of_generation(generation);
+        self
     }
 }
 
@@ -188,7 +203,7 @@ impl<F: Files> Filesystem for LazyFs<F> {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -196,13 +211,13 @@ impl<F: Files> Filesystem for LazyFs<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.read_file(fh.0, offset, size, reply);
+        self.read_file(ino.0, fh.0, offset, size, reply);
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -211,7 +226,7 @@ impl<F: Files> Filesystem for LazyFs<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.write_file(fh.0, offset, data, reply);
+        self.write_file(ino.0, fh.0, offset, data, reply);
     }
 
     fn flush(
@@ -244,12 +259,12 @@ impl<F: Files> Filesystem for LazyFs<F> {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.fsync_file(fh.0, reply);
+        self.fsync_file(ino.0, fh.0, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -265,14 +280,25 @@ impl<F: Files> Filesystem for LazyFs<F> {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.handles.dir(fh.0) else {
-            reply.error(Errno::EBADF);
-            return;
+        let entries = match self.handles.dir(fh.0) {
+            Some(entries) => entries,
+            // Opened by an earlier process of a mount kept across restarts: list again.
+            None if self.handles.is_earlier(fh.0) => match self.listing(ino.0) {
+                Ok(entries) => self.handles.adopt_dir(fh.0, entries),
+                Err(errno) => {
+                    reply.error(errno);
+                    return;
+                }
+            },
+            None => {
+                reply.error(Errno::EBADF);
+                return;
+            }
         };
         // The offset of an entry is its position plus one: where the next call resumes.
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);

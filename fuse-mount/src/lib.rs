@@ -9,7 +9,10 @@
 //!
 //! # Layout
 //! - `files`: the [`Files`] and [`File`] traits a backend implements, and [`Folder`].
-//! - `mount`: [`mount`], [`MountOptions`] and the [`Mount`] that unmounts on drop.
+//! - `mount`: [`mount`], [`MountOptions`] and the [`Mount`] that unmounts on drop;
+//!   [`adopt`] for a mount kept across a restart ([`KeptSession`]).
+//! - `adopt`: serving a live `/dev/fuse` connection another process initialised.
+//! - `record`: the session record (inode numbers, generation) a restart reads back.
 //! - `stale`: [`clear_stale_mount`], for a mount left behind by a killed daemon.
 //! - `fs`: the state behind a mount and the `fuser::Filesystem` callbacks, with
 //!   the kernel connection settings and the refusals of create, rename and remove.
@@ -30,6 +33,7 @@
 //! [`File::flush`] and replies to the kernel itself; so many requests are in flight
 //! at once and none blocks the session threads on the network.
 
+mod adopt;
 mod attrs;
 mod buffers;
 mod error;
@@ -40,9 +44,10 @@ mod handles;
 mod inodes;
 mod mount;
 mod namespace;
+mod record;
 mod stale;
 
 pub use error::FuseError;
 pub use files::{File, Files, Folder};
-pub use mount::{mount, Mount, MountOptions};
+pub use mount::{adopt, mount, KeptSession, Mount, MountOptions};
 pub use stale::clear_stale_mount;

@@ -27,6 +27,8 @@
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
 //! - [`kernel_export`]: the exports behind kernel devices (writes durable before their ack).
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
+//! - [`kept`]: the listeners and the FUSE mount kept in systemd's file descriptor
+//!   store across restarts (`--fd-store`).
 
 pub mod api;
 pub mod attach;
@@ -36,6 +38,7 @@ pub mod exports;
 pub mod fill;
 pub mod health;
 pub mod intents;
+pub mod kept;
 pub mod kernel_export;
 pub mod membership;
 pub mod node;
@@ -59,7 +62,7 @@ use tokio::sync::watch;
 
 use crate::cli::DaemonArgs;
 use crate::daemon::counters::DaemonMetrics;
-use crate::daemon::exports::{FuseFiles, NbdExports};
+use crate::daemon::exports::NbdExports;
 use crate::daemon::fill::{FillConfig, FillScheduler};
 use crate::daemon::node::{Node, NodeConfig};
 use crate::daemon::state::StateDb;
@@ -73,6 +76,8 @@ const TRACE_PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     check_peer_trust(&args)?;
+    // First, before anything opens descriptors: systemd's passed ones start at 3.
+    let mut keeper = kept::Keeper::from_env(args.fd_store);
     crate::http_server::raise_descriptor_limit(WANTED_NOFILE);
     bound_heap();
     // The fills' low-priority threads, made from this (normal) thread.
@@ -120,9 +125,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
     crate::trust::reload_on_sighup(trusted_keys.clone())
         .context("listening for SIGHUP (to read --trusted-keys again)")?;
-    let http_listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("binding the HTTP API on {}", args.listen))?;
+    let http_listener = keeper.http_listener(&args.listen).await?;
     let http_addr = http_listener.local_addr()?;
     let advertise = args
         .advertise
@@ -168,16 +171,15 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .nbd
         .clone()
         .unwrap_or_else(|| format!("unix:{}", args.cache.join("nbd.sock").display()));
-    let nbd_listener = lazyblk_nbd::Listener::bind(&nbd_addr)
-        .await
-        .with_context(|| format!("binding NBD on {nbd_addr}"))?;
-    if let Some(path) = nbd_addr.strip_prefix("unix:") {
+    let (nbd_listener, nbd_bound) = keeper.nbd_listener(&nbd_addr).await?;
+    if let Some(path) = nbd_addr.strip_prefix("unix:").filter(|_| nbd_bound) {
         restrict_socket(std::path::Path::new(path), args.nbd_group.as_deref())?;
     }
     let nbd_config = lazyblk_nbd::ServerConfig {
         max_connections: args.nbd_max_connections,
         handshake_timeout: Duration::from_secs_f64(args.nbd_handshake_timeout.max(0.1)),
         max_bytes_in_flight: args.nbd_max_bytes_in_flight,
+        keep_socket_file: keeper.enabled(),
         ..lazyblk_nbd::ServerConfig::default()
     };
 
@@ -232,9 +234,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     tokio::spawn(fill.clone().supervise(shutdown_rx.clone()));
     tokio::spawn(learn_templates(node.clone(), shutdown_rx.clone()));
     let fuse = match &args.fuse {
-        Some(dir) => Some(mount_fuse(dir, node.clone())?),
+        Some(dir) => Some(keeper.fuse_mount(dir, node.clone())?),
         None => None,
     };
+    let keep_across_restarts = keeper.enabled();
+    keeper.release_unused();
 
     tracing::info!(
         http = %http_addr, nbd = %nbd_addr, node_id = %node.node_id, cache = %args.cache.display(),
@@ -258,11 +262,16 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     fill.stop_all();
     let _ = nbd.await;
     let _ = http.await;
-    if let Some(mount) = fuse {
-        let unmounted = tokio::task::spawn_blocking(move || mount.unmount()).await;
-        if let Ok(Err(e)) = unmounted {
-            tracing::warn!(error = %e, "FUSE unmount");
+    match fuse {
+        // The next daemon takes it over: its users never see it go.
+        Some(mount) if keep_across_restarts => mount.leave_for_restart(),
+        Some(mount) => {
+            let unmounted = tokio::task::spawn_blocking(move || mount.unmount()).await;
+            if let Ok(Err(e)) = unmounted {
+                tracing::warn!(error = %e, "FUSE unmount");
+            }
         }
+        None => {}
     }
     for sandbox in node.sandboxes.all() {
         if let Err(e) = sandbox.overlay.flush().await {
@@ -313,20 +322,6 @@ async fn learn_templates(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
     }
-}
-
-/// Mounts the FUSE view, clearing a stale mount a killed daemon left behind.
-fn mount_fuse(dir: &std::path::Path, node: Arc<Node>) -> anyhow::Result<lazyblk_fuse::Mount> {
-    std::fs::create_dir_all(dir).ok();
-    lazyblk_fuse::clear_stale_mount(dir)
-        .with_context(|| format!("clearing a stale mount at {}", dir.display()))?;
-    lazyblk_fuse::mount(
-        dir,
-        Arc::new(FuseFiles { node }),
-        tokio::runtime::Handle::current(),
-        lazyblk_fuse::MountOptions::default(),
-    )
-    .with_context(|| format!("mounting the FUSE view at {}", dir.display()))
 }
 
 /// Publishes each template's trace once it is complete, unless the store has one.
