@@ -278,6 +278,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             tracing::error!(sandbox = sandbox.id(), error = %e, "flushing overlay at shutdown");
         }
     }
+    if keep_across_restarts {
+        // Exit here, not through the runtime's shutdown: that would drop the tasks of
+        // FUSE requests still in flight, and fuser answers a dropped request with EIO.
+        // Unanswered, they are asked for again by the next start (FUSE_NOTIFY_RESEND).
+        tracing::info!("exiting; the next start takes over the FUSE mount");
+        std::process::exit(0);
+    }
     Ok(())
 }
 
