@@ -331,7 +331,7 @@ impl Writer {
                 let result = file
                     .write_all_at(&data, offset)
                     .and_then(|()| {
-                        if n % 16 == 0 {
+                        if n.is_multiple_of(16) {
                             file.sync_data()
                         } else {
                             Ok(())

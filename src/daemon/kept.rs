@@ -230,6 +230,7 @@ fn mounted_dev(dir: &Path) -> Option<u64> {
     let dir = dir.to_str()?;
     table
         .lines()
+        .rev()
         .filter_map(|line| {
             let mut fields = line.split(' ');
             let dev = fields.nth(2)?;
@@ -237,7 +238,7 @@ fn mounted_dev(dir: &Path) -> Option<u64> {
             let point = fields.next()?;
             (point == dir).then_some(dev)
         })
-        .last()
+        .next()
         .and_then(|dev| {
             let (major, minor) = dev.split_once(':')?;
             Some(nix::sys::stat::makedev(
