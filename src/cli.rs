@@ -321,6 +321,14 @@ pub struct DaemonArgs {
     /// netlink interface exists (such devices do not outlive the daemon).
     #[arg(long)]
     pub device_ioctl: bool,
+    /// Keep the FUSE mount and the listening sockets (HTTP, NBD) in systemd's file
+    /// descriptor store (the unit's FileDescriptorStoreMax=), so that a restarted
+    /// daemon (kill -9, `systemctl restart`, an upgrade) serves the same mount and
+    /// sockets: open files go on, requests in flight are answered, clients wait in the
+    /// sockets' backlogs. On by default when systemd announces a store ($FDSTORE,
+    /// systemd 254+); needs $NOTIFY_SOCKET. With it, SIGTERM leaves the mount in place.
+    #[arg(long, env = "LAZYBLK_FD_STORE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub fd_store: bool,
     /// Seconds a client gets to finish the NBD handshake before it is dropped.
     #[arg(long, default_value = "10")]
     pub nbd_handshake_timeout: f64,

@@ -36,6 +36,7 @@ mod config;
 mod control;
 mod daemon;
 mod docs;
+mod fdstore;
 mod fleet;
 mod http_client;
 mod http_server;

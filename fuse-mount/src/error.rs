@@ -19,6 +19,9 @@ pub enum FuseError {
     /// The kernel refused the mount or the FUSE handshake failed.
     #[error("cannot mount the FUSE filesystem at {}: {source}", dir.display())]
     Mount { dir: PathBuf, source: io::Error },
+    /// A mount kept by an earlier process could not be taken over.
+    #[error("cannot take over the FUSE mount at {} from the previous daemon: {source}", dir.display())]
+    Adopt { dir: PathBuf, source: io::Error },
     /// The thread that serves the kernel's requests could not be started.
     #[error("cannot start the FUSE session thread for {}: {source}", dir.display())]
     SpawnSession { dir: PathBuf, source: io::Error },

@@ -18,6 +18,7 @@
 //! is the line an operator needs, and an outage fails thousands of requests a second.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use fuser::{Errno, FopenFlags, OpenAccMode, OpenFlags, ReplyData, ReplyEmpty, ReplyWrite};
@@ -60,9 +61,37 @@ impl<F: Images> LazyFs<F> {
         Ok((fh, fopen))
     }
 
+    /// The open file behind `fh`. A handle an earlier process of a mount kept across
+    /// restarts handed out is reopened from its inode number, the one the kernel sends
+    /// with the request: the same file, writable if its backend allows writes (the
+    /// kernel sends writes only on handles opened for writing).
+    pub(crate) fn open_handle(&self, ino: u64, fh: u64) -> Option<Arc<OpenFile<F::Image>>> {
+        if let Some(open) = self.handles.file(fh) {
+            return Some(open);
+        }
+        if !self.handles.is_earlier(fh) {
+            return None;
+        }
+        let Ok(Node::File { folder, name }) = self.node(ino) else {
+            return None;
+        };
+        let file = self.backend_file(folder, &name)?;
+        let writable = is_writable(folder, &*file);
+        debug!(fh, ino, ?folder, %name, "reopened a handle of an earlier process");
+        Some(self.handles.adopt_file(
+            fh,
+            OpenFile {
+                file,
+                folder,
+                name,
+                writable,
+            },
+        ))
+    }
+
     /// Reads up to `size` bytes at `offset`; fewer at the end of the file, none past it.
-    pub(crate) fn read_file(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) {
-        let Some(open) = self.handles.file(fh) else {
+    pub(crate) fn read_file(&self, ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        let Some(open) = self.open_handle(ino, fh) else {
             reply.error(Errno::EBADF);
             return;
         };
@@ -90,8 +119,15 @@ impl<F: Images> LazyFs<F> {
 
     /// Writes `data` at `offset`. A write that starts at or past the end fails with
     /// ENOSPC and one that runs past it is cut short, as on a block device.
-    pub(crate) fn write_file(&self, fh: u64, offset: u64, data: &[u8], reply: ReplyWrite) {
-        let Some(open) = self.handles.file(fh) else {
+    pub(crate) fn write_file(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        reply: ReplyWrite,
+    ) {
+        let Some(open) = self.open_handle(ino, fh) else {
             reply.error(Errno::EBADF);
             return;
         };
@@ -137,8 +173,8 @@ impl<F: Images> LazyFs<F> {
     }
 
     /// Makes every acknowledged write to the file durable.
-    pub(crate) fn fsync_file(&self, fh: u64, reply: ReplyEmpty) {
-        let Some(open) = self.handles.file(fh) else {
+    pub(crate) fn fsync_file(&self, ino: u64, fh: u64, reply: ReplyEmpty) {
+        let Some(open) = self.open_handle(ino, fh) else {
             reply.error(Errno::EBADF);
             return;
         };

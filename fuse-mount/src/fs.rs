@@ -27,6 +27,7 @@ use lazyblk_image::{BufferPool, Images};
 
 use crate::handles::Handles;
 use crate::inodes::Inodes;
+use crate::record::{Recovered, SessionRecord};
 
 /// How long the kernel may trust a name or an attribute before asking again. Files
 /// come and go as the daemon adds and removes templates and overlays; one second
@@ -88,6 +89,20 @@ impl<F: Images> LazyFs<F> {
             gid: nix::unistd::getegid().as_raw(),
             mounted_at: SystemTime::now(),
         }
+    }
+
+    /// Numbers inodes and handles so that a later process can go on serving the
+    /// mount: inode numbers written to `record` (starting from those of `earlier`),
+    /// handles of `generation`.
+    pub(crate) fn recorded(
+        mut self,
+        record: Arc<SessionRecord>,
+        earlier: &Recovered,
+        generation: u64,
+    ) -> LazyFs<F> {
+        self.inodes = Inodes::recorded(record, earlier);
+        self.handles = Handles::of_generation(generation);
+        self
     }
 }
 
@@ -190,7 +205,7 @@ impl<F: Images> Filesystem for LazyFs<F> {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -198,13 +213,13 @@ impl<F: Images> Filesystem for LazyFs<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.read_file(fh.0, offset, size, reply);
+        self.read_file(ino.0, fh.0, offset, size, reply);
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -213,7 +228,7 @@ impl<F: Images> Filesystem for LazyFs<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.write_file(fh.0, offset, data, reply);
+        self.write_file(ino.0, fh.0, offset, data, reply);
     }
 
     fn flush(
@@ -246,12 +261,12 @@ impl<F: Images> Filesystem for LazyFs<F> {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.fsync_file(fh.0, reply);
+        self.fsync_file(ino.0, fh.0, reply);
     }
 
     fn fallocate(
@@ -292,14 +307,25 @@ impl<F: Images> Filesystem for LazyFs<F> {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.handles.dir(fh.0) else {
-            reply.error(Errno::EBADF);
-            return;
+        let entries = match self.handles.dir(fh.0) {
+            Some(entries) => entries,
+            // Opened by an earlier process of a mount kept across restarts: list again.
+            None if self.handles.is_earlier(fh.0) => match self.listing(ino.0) {
+                Ok(entries) => self.handles.adopt_dir(fh.0, entries),
+                Err(errno) => {
+                    reply.error(errno);
+                    return;
+                }
+            },
+            None => {
+                reply.error(Errno::EBADF);
+                return;
+            }
         };
         // The offset of an entry is its position plus one: where the next call resumes.
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);

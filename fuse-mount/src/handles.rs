@@ -31,11 +31,19 @@ pub(crate) struct DirEntry {
     pub(crate) name: String,
 }
 
+/// Handle numbers carry the generation of the process that made them above this bit:
+/// 2^40 opens per process, 2^24 restarts of one mount. A process that serves a mount
+/// after a restart starts a new generation, so its handles never equal one the kernel
+/// still holds from an earlier process, and it can tell those apart.
+const GENERATION_SHIFT: u32 = 40;
+
 /// Every open file and directory of the mount.
 #[derive(Debug)]
 pub(crate) struct Handles<T> {
     /// The next handle number; handles are never reused while the mount lives.
     next: AtomicU64,
+    /// This process's generation (0 for a fresh mount).
+    generation: u64,
     /// Open files; a read or write clones the `Arc` and lets go of the lock at once.
     files: Mutex<HashMap<u64, Arc<OpenFile<T>>>>,
     /// Directory listings taken at opendir, so one `ls` sees one consistent list
@@ -45,16 +53,44 @@ pub(crate) struct Handles<T> {
 
 impl<T> Default for Handles<T> {
     fn default() -> Self {
-        Handles {
-            // 0 is left unused so that a zero handle is always an error.
-            next: AtomicU64::new(1),
-            files: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
-        }
+        Handles::of_generation(0)
     }
 }
 
 impl<T> Handles<T> {
+    /// Handles numbered for a process of `generation`.
+    pub(crate) fn of_generation(generation: u64) -> Self {
+        Handles {
+            // 0 is left unused so that a zero handle is always an error.
+            next: AtomicU64::new((generation << GENERATION_SHIFT) | 1),
+            generation,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `fh` was handed out by an earlier process serving this mount.
+    pub(crate) fn is_earlier(&self, fh: u64) -> bool {
+        (fh >> GENERATION_SHIFT) < self.generation
+    }
+
+    /// Registers an open file under the handle an earlier process gave it; returns
+    /// what is registered under `fh` (another request may have done it first).
+    pub(crate) fn adopt_file(&self, fh: u64, file: OpenFile<T>) -> Arc<OpenFile<T>> {
+        lock(&self.files)
+            .entry(fh)
+            .or_insert_with(|| Arc::new(file))
+            .clone()
+    }
+
+    /// Registers a listing under the handle an earlier process gave it.
+    pub(crate) fn adopt_dir(&self, fh: u64, entries: Vec<DirEntry>) -> Arc<[DirEntry]> {
+        lock(&self.dirs)
+            .entry(fh)
+            .or_insert_with(|| entries.into())
+            .clone()
+    }
+
     /// Registers an open file; returns its handle.
     pub(crate) fn open_file(&self, file: OpenFile<T>) -> u64 {
         let fh = self.next_handle();
@@ -123,6 +159,21 @@ mod tests {
         drop(handles.release_file(fh));
         assert_eq!(Arc::strong_count(&file), 1);
         assert!(handles.file(fh).is_none());
+    }
+
+    #[test]
+    fn a_later_generation_never_hands_out_an_earlier_handle() {
+        let first = Handles::default();
+        let file = Arc::new(0_u32);
+        let old = first.open_file(open(&file));
+        let second = Handles::of_generation(1);
+        let new = second.open_file(open(&file));
+        assert_ne!(old, new);
+        assert!(second.is_earlier(old));
+        assert!(!second.is_earlier(new));
+        assert!(second.file(old).is_none());
+        second.adopt_file(old, open(&file));
+        assert!(second.file(old).is_some());
     }
 
     #[test]

@@ -9,9 +9,12 @@
 //! same id must not be served from the old one's pages.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tracing::warn;
 
 use crate::files::Folder;
+use crate::record::{Recovered, SessionRecord};
 
 /// The mount point's inode (FUSE fixes it at 1).
 pub(crate) const ROOT_INO: u64 = 1;
@@ -45,6 +48,9 @@ pub(crate) fn folder_ino(folder: Folder) -> u64 {
 #[derive(Debug, Default)]
 pub(crate) struct Inodes {
     table: Mutex<Table>,
+    /// Where numbers are written down as they are handed out and retired, for the
+    /// process that serves the mount after this one (a mount kept across restarts).
+    record: Option<Arc<SessionRecord>>,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +64,21 @@ struct Table {
 }
 
 impl Inodes {
+    /// A table that writes its numbers to `record`, starting with those an earlier
+    /// process handed out (already in `record`, which was written from them).
+    pub(crate) fn recorded(record: Arc<SessionRecord>, earlier: &Recovered) -> Inodes {
+        let mut table = Table::default();
+        for (ino, (folder, name)) in &earlier.inodes {
+            table.by_ino.insert(*ino, (*folder, name.clone()));
+            table.by_name.insert((*folder, name.clone()), *ino);
+        }
+        table.issued = earlier.next_ino.saturating_sub(FIRST_FILE_INO);
+        Inodes {
+            table: Mutex::new(table),
+            record: Some(record),
+        }
+    }
+
     /// What `ino` stands for, or None for an unknown or retired number.
     pub(crate) fn node(&self, ino: u64) -> Option<Node> {
         match ino {
@@ -84,6 +105,7 @@ impl Inodes {
         }
         let ino = FIRST_FILE_INO.saturating_add(table.issued);
         table.issued += 1;
+        self.write_down(|record| record.issued(ino, folder, name));
         table.by_ino.insert(ino, key.clone());
         table.by_name.insert(key, ino);
         ino
@@ -94,6 +116,7 @@ impl Inodes {
         let mut table = self.lock();
         if let Some(ino) = table.by_name.remove(&(folder, name.to_owned())) {
             table.by_ino.remove(&ino);
+            self.write_down(|record| record.retired(ino));
         }
     }
 
@@ -110,6 +133,18 @@ impl Inodes {
         for key in gone {
             if let Some(ino) = table.by_name.remove(&key) {
                 table.by_ino.remove(&ino);
+                self.write_down(|record| record.retired(ino));
+            }
+        }
+    }
+
+    /// Writes a change to the record (called under the table's lock, so the record's
+    /// lines come in the table's order). A failed write loses only what a restart
+    /// would know about this number: logged, and the mount goes on.
+    fn write_down(&self, write: impl FnOnce(&SessionRecord) -> std::io::Result<()>) {
+        if let Some(record) = &self.record {
+            if let Err(err) = write(record) {
+                warn!(%err, "cannot write the FUSE session record; a restart may not find this file");
             }
         }
     }
@@ -160,6 +195,21 @@ mod tests {
         assert_eq!(inodes.node(old), None);
         let new = inodes.file_ino(Folder::Templates, "a");
         assert_ne!(old, new);
+    }
+
+    #[test]
+    fn a_recorded_table_comes_back_with_its_numbers() {
+        let record = Arc::new(SessionRecord::create().unwrap());
+        let first = Inodes::recorded(record.clone(), &Recovered::default());
+        let a = first.file_ino(Folder::Templates, "a");
+        let gone = first.file_ino(Folder::Sandboxes, "gone");
+        first.retire(Folder::Sandboxes, "gone");
+        let earlier = SessionRecord::read_back(record.descriptor().unwrap()).unwrap();
+        let second = Inodes::recorded(Arc::new(SessionRecord::create().unwrap()), &earlier);
+        assert_eq!(second.file_ino(Folder::Templates, "a"), a);
+        assert_eq!(second.node(gone), None);
+        let fresh = second.file_ino(Folder::Sandboxes, "new");
+        assert!(fresh > gone, "numbers are never reused");
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! - `files`: [`Folder`], the two folders and the kind of image each shows. The files
 //!   themselves are `lazyblk-image`'s: any [`Images`](lazyblk_image::Images) set can be
 //!   mounted, and each file is one of its images.
-//! - `mount`: [`mount`], [`MountOptions`] and the [`Mount`] that unmounts on drop.
+//! - `mount`: [`mount`], [`MountOptions`] and the [`Mount`] that unmounts on drop;
+//!   [`adopt`] for a mount kept across a restart ([`KeptSession`]).
+//! - `adopt`: serving a live `/dev/fuse` connection another process initialised.
+//! - `record`: the session record (inode numbers, generation) a restart reads back.
 //! - `stale`: [`clear_stale_mount`], for a mount left behind by a killed daemon.
 //! - `fs`: the state behind a mount and the `fuser::Filesystem` callbacks, with
 //!   the kernel connection settings and the refusals of create, rename and remove.
@@ -34,6 +37,7 @@
 //! flight at once and none blocks the session threads on the network. Request buffers
 //! come from `lazyblk-image`'s pool.
 
+mod adopt;
 mod attrs;
 mod error;
 mod file_io;
@@ -43,10 +47,11 @@ mod handles;
 mod inodes;
 mod mount;
 mod namespace;
+mod record;
 mod sparse;
 mod stale;
 
 pub use error::FuseError;
 pub use files::Folder;
-pub use mount::{mount, Mount, MountOptions};
+pub use mount::{adopt, mount, KeptSession, Mount, MountOptions};
 pub use stale::clear_stale_mount;

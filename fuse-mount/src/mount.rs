@@ -1,8 +1,10 @@
 //! Mounting and unmounting: [`mount`] starts a FUSE session at a directory and
-//! returns the [`Mount`] that ends it.
+//! returns the [`Mount`] that ends it; [`adopt`] goes on serving a mount an earlier
+//! process made and kept ([`KeptSession`]).
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,8 +15,10 @@ use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
+use crate::adopt::session_on_live_fd;
 use crate::error::FuseError;
 use crate::fs::LazyFs;
+use crate::record::{Recovered, SessionRecord};
 use crate::stale::{detach_lazily, probe, DirState};
 use lazyblk_image::Images;
 
@@ -56,6 +60,11 @@ pub struct MountOptions {
     /// How many background requests (readahead, async direct I/O) the kernel keeps
     /// in flight at once.
     pub max_background: u16,
+    /// Serve the mount so that another process can take it over after this one dies
+    /// ([`Mount::kept`], [`adopt`]): every session thread reads the one `/dev/fuse`
+    /// descriptor that is kept (a cloned descriptor dies with its process, and the
+    /// kernel fails the requests read through it), and inode numbers are recorded.
+    pub keep_across_restarts: bool,
 }
 
 impl Default for MountOptions {
@@ -63,7 +72,31 @@ impl Default for MountOptions {
         MountOptions {
             allow_other: false,
             max_background: DEFAULT_MAX_BACKGROUND,
+            keep_across_restarts: false,
         }
+    }
+}
+
+/// What a later process needs to go on serving a mount: the `/dev/fuse` connection
+/// and the session record (inode numbers, generation). Both stay valid after the
+/// process that made them dies, for as long as someone (systemd's file descriptor
+/// store) holds them.
+#[derive(Debug)]
+pub struct KeptSession {
+    /// The `/dev/fuse` descriptor of the mount.
+    pub fuse: OwnedFd,
+    /// The session record, a memory file; None if it was lost (the later process
+    /// then cannot reopen files opened before it started).
+    pub record: Option<OwnedFd>,
+}
+
+impl KeptSession {
+    /// Duplicates of both descriptors (the mount keeps its own).
+    pub fn try_clone(&self) -> io::Result<KeptSession> {
+        Ok(KeptSession {
+            fuse: self.fuse.try_clone()?,
+            record: self.record.as_ref().map(OwnedFd::try_clone).transpose()?,
+        })
     }
 }
 
@@ -76,15 +109,28 @@ pub fn mount<F: Images>(
     options: MountOptions,
 ) -> Result<Mount, FuseError> {
     prepare_dir(dir)?;
-    let filesystem = LazyFs::new(files, runtime, options.max_background);
+    let mount_error = |source| FuseError::Mount {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut filesystem = LazyFs::new(files, runtime, options.max_background);
+    let mut record = None;
+    if options.keep_across_restarts {
+        let made = Arc::new(SessionRecord::create().map_err(mount_error)?);
+        made.generation(0).map_err(mount_error)?;
+        filesystem = filesystem.recorded(made.clone(), &Recovered::default(), 0);
+        record = Some(made);
+    }
     let mut session =
-        Session::new(filesystem, dir, &session_config(&options)).map_err(|source| {
-            FuseError::Mount {
-                dir: dir.to_path_buf(),
-                source,
-            }
-        })?;
-    let unmounter = session.unmount_callable();
+        Session::new(filesystem, dir, &session_config(&options)).map_err(mount_error)?;
+    let kept = match &record {
+        Some(record) => Some(KeptSession {
+            fuse: session.as_fd().try_clone_to_owned().map_err(mount_error)?,
+            record: Some(record.descriptor().map_err(mount_error)?),
+        }),
+        None => None,
+    };
+    let unmounter = Unmounter::Session(session.unmount_callable());
     // If the thread cannot start, the session is dropped with the closure, and
     // dropping it unmounts.
     let session = thread::Builder::new()
@@ -100,7 +146,95 @@ pub fn mount<F: Images>(
         dir: dir.to_path_buf(),
         unmounter: Some(unmounter),
         session: Some(session),
+        kept,
     })
+}
+
+/// Goes on serving the mount at `dir` that an earlier process made with
+/// `keep_across_restarts` and kept as `kept`: the same connection, the same inode
+/// numbers, and the handles the kernel holds still name the same files. Requests the
+/// earlier process read but did not answer are asked for again (Linux 6.9 and later).
+pub fn adopt<F: Images>(
+    dir: &Path,
+    kept: KeptSession,
+    files: Arc<F>,
+    runtime: Handle,
+    options: MountOptions,
+) -> Result<Mount, FuseError> {
+    let adopt_error = |source| FuseError::Adopt {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let earlier = match kept.record {
+        Some(fd) => SessionRecord::read_back(fd).map_err(adopt_error)?,
+        None => {
+            warn!(dir = %dir.display(), "no FUSE session record: files opened before the restart cannot be reopened");
+            Recovered::default()
+        }
+    };
+    let generation = earlier.generation.saturating_add(1);
+    let record = Arc::new(fresh_record(&earlier, generation).map_err(adopt_error)?);
+    let filesystem = LazyFs::new(files, runtime, options.max_background).recorded(
+        record.clone(),
+        &earlier,
+        generation,
+    );
+    let options = MountOptions {
+        keep_across_restarts: true,
+        ..options
+    };
+    let session = session_on_live_fd(filesystem, kept.fuse, &session_config(&options))
+        .map_err(adopt_error)?;
+    let kept = KeptSession {
+        fuse: session.as_fd().try_clone_to_owned().map_err(adopt_error)?,
+        record: Some(record.descriptor().map_err(adopt_error)?),
+    };
+    let session = thread::Builder::new()
+        .name("lazyblk-fuse".into())
+        .spawn(move || session.run())
+        .map_err(|source| FuseError::SpawnSession {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    info!(dir = %dir.display(), generation, files = earlier.inodes.len(), "FUSE mount taken over from the previous daemon");
+    Ok(Mount {
+        dir: dir.to_path_buf(),
+        unmounter: Some(Unmounter::Path),
+        session: Some(session),
+        kept: Some(kept),
+    })
+}
+
+/// A new record holding only what `earlier` says is live, so that records do not
+/// grow across restarts.
+fn fresh_record(earlier: &Recovered, generation: u64) -> io::Result<SessionRecord> {
+    let record = SessionRecord::create()?;
+    record.generation(generation)?;
+    record.next_ino(earlier.next_ino)?;
+    let mut live: Vec<_> = earlier.inodes.iter().collect();
+    live.sort_by_key(|(ino, _)| **ino);
+    for (ino, (folder, name)) in live {
+        record.issued(*ino, *folder, name)?;
+    }
+    Ok(record)
+}
+
+/// How a mount is ended.
+#[derive(Debug)]
+enum Unmounter {
+    /// By the session that mounted it.
+    Session(SessionUnmounter),
+    /// By path: a mount taken over from an earlier process.
+    Path,
+}
+
+impl Unmounter {
+    fn unmount(&mut self, dir: &Path) -> io::Result<()> {
+        match self {
+            Unmounter::Session(unmounter) => unmounter.unmount(),
+            Unmounter::Path => nix::mount::umount(dir).map_err(io::Error::from),
+        }
+    }
 }
 
 /// A mounted filesystem; unmounts on drop.
@@ -109,16 +243,34 @@ pub struct Mount {
     /// Where the filesystem is mounted; named in errors and logs.
     dir: PathBuf,
     /// Ends the kernel mount; taken at unmount so that it happens once.
-    unmounter: Option<SessionUnmounter>,
+    unmounter: Option<Unmounter>,
     /// The session's main thread (it runs the request threads); joined after a
     /// clean unmount so that no callback runs once `unmount` has returned.
     session: Option<JoinHandle<io::Result<()>>>,
+    /// What a later process needs to take the mount over, when it is kept across
+    /// restarts.
+    kept: Option<KeptSession>,
 }
 
 impl Mount {
     /// Where the filesystem is mounted.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// What a later process needs to take this mount over ([`adopt`]), if it was
+    /// made with `keep_across_restarts`.
+    pub fn kept(&self) -> Option<&KeptSession> {
+        self.kept.as_ref()
+    }
+
+    /// Leaves the mount in place for a later process: nothing is unmounted, and the
+    /// session goes on until this process exits. Requests read and not answered by
+    /// then are answered by the process that adopts the mount.
+    pub fn leave_for_restart(mut self) {
+        self.unmounter = None;
+        self.session = None;
+        info!(dir = %self.dir.display(), "FUSE mount left in place for the next daemon");
     }
 
     /// Unmounts and waits for the session to end. A mount still in use (an open
@@ -135,7 +287,7 @@ impl Mount {
         let Some(mut unmounter) = self.unmounter.take() else {
             return Ok(());
         };
-        match unmounter.unmount() {
+        match unmounter.unmount(&self.dir) {
             Ok(()) => self.join_session(),
             Err(err) => {
                 // The mount is still there; at least free the path. The session keeps
@@ -223,7 +375,7 @@ fn session_config(options: &MountOptions) -> Config {
         SessionACL::Owner
     };
     config.n_threads = Some(SESSION_THREADS);
-    config.clone_fd = true;
+    config.clone_fd = !options.keep_across_restarts;
     config
 }
 

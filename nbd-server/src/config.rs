@@ -25,6 +25,11 @@ pub struct ServerConfig {
     /// Payload bytes in flight over all connections of the server (raised to
     /// `max_request` when smaller, so every valid request fits).
     pub max_bytes_in_flight: u64,
+    /// Leave a unix socket's file in place when the server stops: the listening
+    /// socket is kept (systemd's file descriptor store) for the next server, which
+    /// accepts on it at the same path; clients that connect meanwhile wait in its
+    /// backlog instead of being refused.
+    pub keep_socket_file: bool,
 }
 
 /// The protocol's portable maximum payload (2^25): every client stays within it.
@@ -58,6 +63,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
+            keep_socket_file: false,
         }
     }
 }
@@ -76,6 +82,7 @@ impl ServerConfig {
             max_bytes_in_flight: self
                 .max_bytes_in_flight
                 .clamp(u64::from(max_request), u64::from(u32::MAX)),
+            keep_socket_file: self.keep_socket_file,
         }
     }
 

@@ -255,7 +255,8 @@ async fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
 
 /// Accepts connections on `listener` and serves each in its own task until `shutdown`
 /// resolves. Then it stops accepting, lets connections answer what is in flight (for
-/// up to [`SHUTDOWN_GRACE`]), closes them, removes a unix socket file, and returns.
+/// up to [`SHUTDOWN_GRACE`]), closes them, removes a unix socket file (unless
+/// [`ServerConfig::keep_socket_file`]), and returns.
 pub async fn serve<E: Images>(
     listener: Listener,
     exports: Arc<E>,
@@ -362,7 +363,7 @@ pub async fn serve_with_tls<E: Images>(
         );
         connections.shutdown().await;
     }
-    if let Some(path) = listener.socket_path() {
+    if let Some(path) = listener.socket_path().filter(|_| !config.keep_socket_file) {
         drop(listener);
         if let Err(error) = tokio::fs::remove_file(&path).await {
             debug!(path = %path.display(), %error, "could not remove the socket file");

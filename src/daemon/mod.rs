@@ -30,6 +30,8 @@
 //! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
+//! - [`kept`]: the listeners and the FUSE mount kept in systemd's file descriptor
+//!   store across restarts (`--fd-store`).
 
 pub mod api;
 pub mod attach;
@@ -40,6 +42,7 @@ pub mod exports;
 pub mod fill;
 pub mod health;
 pub mod intents;
+pub mod kept;
 pub mod membership;
 pub mod node;
 pub mod registry;
@@ -76,6 +79,8 @@ const TRACE_PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     check_peer_trust(&args)?;
+    // First, before anything opens descriptors: systemd's passed ones start at 3.
+    let mut keeper = kept::Keeper::from_env(args.fd_store);
     crate::http_server::raise_descriptor_limit(WANTED_NOFILE);
     bound_heap();
     // The fills' low-priority threads, made from this (normal) thread.
@@ -123,9 +128,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
     crate::trust::reload_on_sighup(trusted_keys.clone())
         .context("listening for SIGHUP (to read --trusted-keys again)")?;
-    let http_listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("binding the HTTP API on {}", args.listen))?;
+    let http_listener = keeper.http_listener(&args.listen).await?;
     let http_addr = http_listener.local_addr()?;
     let advertise = args
         .advertise
@@ -171,16 +174,15 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .nbd
         .clone()
         .unwrap_or_else(|| format!("unix:{}", args.cache.join("nbd.sock").display()));
-    let nbd_listener = lazyblk_nbd::Listener::bind(&nbd_addr)
-        .await
-        .with_context(|| format!("binding NBD on {nbd_addr}"))?;
-    if let Some(path) = nbd_addr.strip_prefix("unix:") {
+    let (nbd_listener, nbd_bound) = keeper.nbd_listener(&nbd_addr).await?;
+    if let Some(path) = nbd_addr.strip_prefix("unix:").filter(|_| nbd_bound) {
         restrict_socket(std::path::Path::new(path), args.nbd_group.as_deref())?;
     }
     let nbd_config = lazyblk_nbd::ServerConfig {
         max_connections: args.nbd_max_connections,
         handshake_timeout: Duration::from_secs_f64(args.nbd_handshake_timeout.max(0.1)),
         max_bytes_in_flight: args.nbd_max_bytes_in_flight,
+        keep_socket_file: keeper.enabled(),
         ..lazyblk_nbd::ServerConfig::default()
     };
 
@@ -235,9 +237,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     tokio::spawn(fill.clone().supervise(shutdown_rx.clone()));
     tokio::spawn(learn_templates(node.clone(), shutdown_rx.clone()));
     let fuse = match &args.fuse {
-        Some(dir) => Some(mount_fuse(dir, node.clone())?),
+        Some(dir) => Some(keeper.fuse_mount(dir, node.clone())?),
         None => None,
     };
+    let keep_across_restarts = keeper.enabled();
+    keeper.release_unused();
 
     tracing::info!(
         http = %http_addr, nbd = %nbd_addr, node_id = %node.node_id, cache = %args.cache.display(),
@@ -261,16 +265,28 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     fill.stop_all();
     let _ = nbd.await;
     let _ = http.await;
-    if let Some(mount) = fuse {
-        let unmounted = tokio::task::spawn_blocking(move || mount.unmount()).await;
-        if let Ok(Err(e)) = unmounted {
-            tracing::warn!(error = %e, "FUSE unmount");
+    match fuse {
+        // The next daemon takes it over: its users never see it go.
+        Some(mount) if keep_across_restarts => mount.leave_for_restart(),
+        Some(mount) => {
+            let unmounted = tokio::task::spawn_blocking(move || mount.unmount()).await;
+            if let Ok(Err(e)) = unmounted {
+                tracing::warn!(error = %e, "FUSE unmount");
+            }
         }
+        None => {}
     }
     for sandbox in node.sandboxes.all() {
         if let Err(e) = sandbox.overlay.flush().await {
             tracing::error!(sandbox = sandbox.id(), error = %e, "flushing overlay at shutdown");
         }
+    }
+    if keep_across_restarts {
+        // Exit here, not through the runtime's shutdown: that would drop the tasks of
+        // FUSE requests still in flight, and fuser answers a dropped request with EIO.
+        // Unanswered, they are asked for again by the next start (FUSE_NOTIFY_RESEND).
+        tracing::info!("exiting; the next start takes over the FUSE mount");
+        std::process::exit(0);
     }
     Ok(())
 }
@@ -316,20 +332,6 @@ async fn learn_templates(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
     }
-}
-
-/// Mounts the FUSE view, clearing a stale mount a killed daemon left behind.
-fn mount_fuse(dir: &std::path::Path, node: Arc<Node>) -> anyhow::Result<lazyblk_fuse::Mount> {
-    std::fs::create_dir_all(dir).ok();
-    lazyblk_fuse::clear_stale_mount(dir)
-        .with_context(|| format!("clearing a stale mount at {}", dir.display()))?;
-    lazyblk_fuse::mount(
-        dir,
-        Arc::new(NodeImages::fuse(node)),
-        tokio::runtime::Handle::current(),
-        lazyblk_fuse::MountOptions::default(),
-    )
-    .with_context(|| format!("mounting the FUSE view at {}", dir.display()))
 }
 
 /// Publishes each template's trace once it is complete, unless the store has one.
