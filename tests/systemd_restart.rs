@@ -37,6 +37,11 @@ const BLOCK: usize = 64 << 10;
 /// Writes the writer must finish after a restart before the next step: enough that
 /// requests were in flight across it and the new daemon serves them.
 const WRITES_AFTER_RESTART: u64 = 200;
+/// Where the writer through the loop device works in the sandbox (the FUSE writer has
+/// the first 4 MiB, qemu-io 8 MiB on).
+const LOOP_OFFSET: u64 = 16 << 20;
+/// Rounds of each kind (kill -9, systemctl restart); LAZYBLK_SYSTEMD_ROUNDS changes it.
+const ROUNDS: usize = 5;
 
 #[test]
 fn fuse_and_nbd_socket_survive_daemon_restarts_under_systemd() {
@@ -64,22 +69,26 @@ fn fuse_and_nbd_socket_survive_daemon_restarts_under_systemd() {
     let file = shared.join("fuse/sandboxes/sb");
     wait_for("the sandbox's FUSE file", || file.exists());
 
-    let writer = Writer::start(&file);
+    let writer = Writer::start(&file, 0);
+    // A loop device over the FUSE file (as a VM's disk would be), written through the
+    // block layer by a writer of its own.
+    let looped = LoopDevice::attach(&file);
+    let loop_writer = looped.as_ref().map(|l| Writer::start(&l.device, LOOP_OFFSET));
     let mut nbd = QemuIo::start(&manager.socket, "sb");
     nbd.expect_ok("write -P 0x5a 8M 64k");
     writer.wait_for(WRITES_AFTER_RESTART);
+    if let Some(w) = &loop_writer {
+        w.wait_for(WRITES_AFTER_RESTART);
+    }
 
-    for (round, how) in [
-        "kill -9",
-        "systemctl restart",
-        "kill -9",
-        "systemctl restart",
-    ]
-    .iter()
-    .enumerate()
-    {
+    let rounds = std::env::var("LAZYBLK_SYSTEMD_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS);
+    let kinds = ["kill -9", "systemctl restart"];
+    for (round, how) in (0..2 * rounds).map(|i| kinds[i % 2]).enumerate() {
         let before = manager.main_pid();
-        match *how {
+        match how {
             "kill -9" => manager.systemctl(&["kill", "--signal=SIGKILL", "--kill-whom=main", UNIT]),
             _ => manager.systemctl(&["restart", "--no-block", UNIT]),
         }
@@ -91,6 +100,15 @@ fn fuse_and_nbd_socket_survive_daemon_restarts_under_systemd() {
             Vec::<String>::new(),
             "FUSE writer, round {round} ({how})"
         );
+        if let Some(w) = &loop_writer {
+            let done = w.done();
+            w.wait_for(done + WRITES_AFTER_RESTART);
+            assert_eq!(
+                w.errors(),
+                Vec::<String>::new(),
+                "writer through the loop device, round {round} ({how})"
+            );
+        }
         // The NBD client's connection died with the daemon; qemu reconnects to the
         // same socket path and reads what it wrote before.
         nbd.expect_ok("read -P 0x5a 8M 64k");
@@ -99,7 +117,44 @@ fn fuse_and_nbd_socket_survive_daemon_restarts_under_systemd() {
         nbd.expect_ok(&format!("read -P 0x{:02x} {at} 64k", 0x10 + round));
     }
     writer.stop_and_verify();
+    if let Some(w) = loop_writer {
+        w.stop_and_verify();
+    }
+    drop(looped);
     nbd.quit();
+}
+
+/// A loop device over a file, detached on drop; `None` (saying why) where this machine
+/// has no loop devices.
+struct LoopDevice {
+    device: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Option<LoopDevice> {
+        if !Path::new("/dev/loop-control").exists() {
+            eprintln!("no /dev/loop-control: the loop device part is skipped");
+            return None;
+        }
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("running losetup");
+        assert!(
+            out.status.success(),
+            "losetup over the FUSE file: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Some(LoopDevice { device })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
 }
 
 /// What the test needs that this machine may not have.
@@ -171,11 +226,12 @@ impl Manager {
         let port = free_port();
         fs::create_dir_all(shared.join("fuse")).unwrap();
         // Only ExecStart (and the directories, which would be the host's /var/lib)
-        // differ from the packaged unit.
+        // differ from the packaged unit, and systemd's start rate limit (5 starts in
+        // 10 s), which the test's ten restarts in a row would meet.
         fs::write(
             dropin.join("test.conf"),
             format!(
-                "[Service]\nStateDirectory=\nRuntimeDirectory=\nEnvironment=LAZYBLK_LOG=info,fuser=error\n\
+                "[Unit]\nStartLimitIntervalSec=0\n[Service]\nStateDirectory=\nRuntimeDirectory=\nEnvironment=LAZYBLK_LOG=info,fuser=error\n\
                  StandardOutput=append:{log}\nStandardError=append:{log}\n\
                  ExecStart=\nExecStart={bin} daemon --cache {cache} --cache-size 1G --store {store_url} \
                  --listen 127.0.0.1:{port} --nbd unix:{socket} --fuse {fuse}\n",
@@ -306,10 +362,12 @@ struct Writer {
     errors: Arc<Mutex<Vec<String>>>,
     thread: Option<thread::JoinHandle<Vec<u64>>>,
     file: PathBuf,
+    base: u64,
 }
 
 impl Writer {
-    fn start(path: &Path) -> Writer {
+    /// Works on `BLOCKS` blocks of `path` from `base` on.
+    fn start(path: &Path, base: u64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -326,7 +384,7 @@ impl Writer {
             while !s.load(Ordering::Relaxed) {
                 let block = n % BLOCKS;
                 let data = pattern(BLOCK, n);
-                let offset = block * BLOCK as u64;
+                let offset = base + block * BLOCK as u64;
                 let mut back = vec![0u8; BLOCK];
                 let result = file
                     .write_all_at(&data, offset)
@@ -360,6 +418,7 @@ impl Writer {
             errors,
             thread: Some(thread),
             file: path.to_path_buf(),
+            base,
         }
     }
 
@@ -389,7 +448,7 @@ impl Writer {
                 continue;
             }
             let mut back = vec![0u8; BLOCK];
-            file.read_exact_at(&mut back, (block * BLOCK) as u64)
+            file.read_exact_at(&mut back, self.base + (block * BLOCK) as u64)
                 .unwrap();
             assert!(
                 back == pattern(BLOCK, *seed),
