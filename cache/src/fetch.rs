@@ -237,6 +237,16 @@ pub struct ChunkCache {
     health: CacheHealth,
     /// Blocks of chunks read in part ([`crate::partial`]).
     pub(crate) partial: crate::block_memory::Partial,
+    /// Whether chunks fetched from the store or an origin keep their stored form
+    /// beside them, to serve peers ([`crate::stored_forms`]).
+    pub(crate) keep_stored_forms: bool,
+}
+
+/// A chunk's verified bytes, with the stored form they came as when it is to be kept
+/// ([`crate::stored_forms`]).
+pub(crate) struct Verified {
+    pub(crate) raw: Bytes,
+    pub(crate) stored: Option<(crate::encoding::Encoding, Bytes)>,
 }
 
 impl ChunkCache {
@@ -255,6 +265,7 @@ impl ChunkCache {
             hedging: Hedging::default(),
             health: CacheHealth::default(),
             partial: crate::block_memory::Partial::default(),
+            keep_stored_forms: false,
         }
     }
 
@@ -625,9 +636,9 @@ impl ChunkCache {
             // Readers see the verified bytes at once; the fetch stays registered until
             // the file is written, so a later reader joins it instead of fetching again.
             let progress = match cache.fetch_verified(&chunk, &sources, priority).await {
-                Ok(bytes) => {
+                Ok(Verified { raw: bytes, stored }) => {
                     let _ = tx.send(Progress::Verified(bytes.clone()));
-                    match cache.write(&chunk, bytes.clone(), priority).await {
+                    match cache.write(&chunk, bytes.clone(), stored, priority).await {
                         Ok(file) => {
                             cache.health.write_ok();
                             Progress::Stored(file)
@@ -659,10 +670,11 @@ impl ChunkCache {
         source: &Source,
         priority: Priority,
         deadline: Duration,
-    ) -> Result<Option<Bytes>, SourceError> {
+    ) -> Result<Option<Verified>, SourceError> {
         let started = Instant::now();
         let stored = source.fetch(chunk, deadline).await?;
         let stored_len = stored.len() as u64;
+        let keep = self.keeps_stored_form_from(source).then(|| stored.clone());
         let digest = chunk.digest;
         let len = chunk.len as usize;
         let decoded = run_at(priority, self.demand_within(READERS_ACTIVE), move || {
@@ -674,10 +686,13 @@ impl ChunkCache {
             detail: format!("decoding task failed: {e}"),
         })?;
         match decoded {
-            Ok((_, bytes)) => {
+            Ok((encoding, bytes)) => {
                 self.observer
                     .fetched(chunk, source.name(), stored_len, started.elapsed());
-                Ok(Some(bytes))
+                Ok(Some(Verified {
+                    raw: bytes,
+                    stored: keep.map(|stored| (encoding, stored)),
+                }))
             }
             // Raw bytes of the wrong length were cut short or padded on the way (a
             // transport failure, never hashed), not a chunk that lies.
@@ -707,15 +722,24 @@ impl ChunkCache {
         self: &Arc<Self>,
         chunk: &ChunkRef,
         bytes: Bytes,
+        stored: Option<(crate::encoding::Encoding, Bytes)>,
         priority: Priority,
     ) -> Result<ChunkFile, FetchError> {
         let digest = chunk.digest;
         let cache = self.clone();
         // The write copies a chunk into the page cache; keep it off the runtime threads.
         let readers_active = self.demand_within(READERS_ACTIVE);
-        let written = run_at(priority, readers_active, move || {
-            cache.store.insert(&digest, &bytes)
-        })
+        let written = run_at(
+            priority,
+            readers_active,
+            move || -> Result<ChunkFile, ChunkStoreError> {
+                let file = cache.store.insert(&digest, &bytes)?;
+                if let Some((encoding, stored)) = stored {
+                    cache.keep_stored_form(&digest, encoding, &stored);
+                }
+                Ok(file)
+            },
+        )
         .await
         .unwrap_or_else(|e| {
             Err(ChunkStoreError::Write {

@@ -104,7 +104,7 @@ impl Source {
                         });
                     }
                 }
-                http.fetch(digest, len, deadline).await
+                http.fetch_from_node(digest, len, deadline).await
             }
             Source::Peers(p) => p.fetch(chunk, deadline).await,
             Source::PeerCaches(p) => p.fetch_cached(digest, len, deadline).await,

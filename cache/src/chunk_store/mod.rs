@@ -22,6 +22,10 @@
 //! not write is hashed the first time it is opened (after a restart, say), and a file
 //! whose bytes do not match its name is deleted, counted and reported as absent, so the
 //! caller fetches it again. [`ChunkStore::scrub`] checks every file on demand.
+//!
+//! A chunk may also keep its stored form (the encoded bytes it came as from the store,
+//! for serving peers): `stored/<2 hex>/<64 hex>.<encoding>`, counted in the budget with
+//! its chunk and deleted with it (`stored_form`).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -36,7 +40,10 @@ use crate::digest::Digest;
 use crate::pins::Pins;
 
 mod file;
+mod stored_form;
 pub use file::{file_resident, ChunkFile};
+use stored_form::Kept;
+pub use stored_form::StoredForm;
 
 /// How many chunk files stay open for reading at once. An open file saves an `open`
 /// per read on the hot path; the bound keeps the daemon under its file limit (the daemon
@@ -107,6 +114,15 @@ struct Entry {
     /// found at start is not known to be: the daemon may have died before the kernel
     /// wrote it back.
     synced: bool,
+    /// The chunk's stored form kept beside it, if any (see `stored_form`).
+    stored: Option<Kept>,
+}
+
+impl Entry {
+    /// Bytes the chunk takes on disk: its file and its stored form.
+    fn disk_len(&self) -> u64 {
+        self.len + self.stored.as_ref().map_or(0, |k| k.len)
+    }
 }
 
 struct Index {
@@ -130,7 +146,7 @@ impl Index {
     /// Takes a chunk's entry out, with the byte, open-file and generation counts.
     fn forget(&mut self, digest: &Digest) -> Option<Entry> {
         let gone = self.lru.pop(digest)?;
-        self.used -= gone.len;
+        self.used -= gone.disk_len();
         self.generation += 1;
         if gone.file.is_some() {
             self.open_files -= 1;
@@ -214,9 +230,11 @@ impl ChunkStore {
                     file: None,
                     verified: false,
                     synced: false,
+                    stored: None,
                 },
             );
         }
+        used += stored_form::index_found(root, &mut lru);
         Ok(ChunkStore {
             root: root.to_path_buf(),
             budget,
@@ -333,9 +351,12 @@ impl ChunkStore {
     /// copy that will replace it.
     fn drop_corrupt(&self, digest: &Digest) {
         let mut index = self.index();
-        index.forget(digest);
+        let gone = index.forget(digest);
         let _ = fs::remove_file(self.chunk_path(digest));
         drop(index);
+        if let Some(kept) = gone.and_then(|e| e.stored) {
+            self.remove_stored_file(digest, kept.encoding);
+        }
         self.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::error!(chunk = %digest, "cached chunk file does not match its digest; dropped, it will be fetched again");
     }
@@ -474,10 +495,12 @@ impl ChunkStore {
                 file: Some(file.clone()),
                 verified: true,
                 synced: durable == Durable::Now,
+                stored: None,
             },
         ) {
-            // Lost a race with another writer of the same digest: same bytes.
-            index.used -= prev.len;
+            // Lost a race with another writer of the same digest: same bytes. Its
+            // stored form, if any, is counted no more; the next keep writes it again.
+            index.used -= prev.disk_len();
             if prev.file.is_some() {
                 index.open_files -= 1;
             }
@@ -677,8 +700,12 @@ impl ChunkStore {
         for (digest, entry) in doomed {
             // The entry's open file (if any) closes first, while the name still holds
             // the inode: the close is cheap, and the unlink frees it.
-            drop(entry);
+            let kept = entry.stored;
+            drop(entry.file);
             let _ = fs::remove_file(self.chunk_path(&digest));
+            if let Some(kept) = kept {
+                self.remove_stored_file(&digest, kept.encoding);
+            }
             self.evictions.fetch_add(1, Ordering::Relaxed);
             digests.push(digest);
         }
@@ -712,7 +739,7 @@ impl ChunkStore {
             }
             if !in_use(entry) && !index.pins.is_pinned(digest) {
                 victims.push(*digest);
-                excess = excess.saturating_sub(entry.len);
+                excess = excess.saturating_sub(entry.disk_len());
             }
         }
         let doomed = victims

@@ -6,9 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
-use super::{ChunkCache, ChunkRef, FetchError, FETCH_PASSES, PASS_BACKOFF};
+use super::{ChunkCache, ChunkRef, FetchError, Verified, FETCH_PASSES, PASS_BACKOFF};
 use crate::planner::Priority;
 use crate::source::{Source, SourceError};
 
@@ -18,7 +16,7 @@ impl ChunkCache {
         chunk: &ChunkRef,
         sources: &[Source],
         priority: Priority,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<Verified, FetchError> {
         // A demand read's attempts share one budget; background work has none (each
         // attempt still has the source deadline).
         let budget_ends = (priority == Priority::Demand).then(|| Instant::now() + self.read_budget);
@@ -137,7 +135,7 @@ impl ChunkCache {
         index: usize,
         source: &Source,
         deadline: Duration,
-    ) -> (usize, Duration, Result<Option<Bytes>, SourceError>) {
+    ) -> (usize, Duration, Result<Option<Verified>, SourceError>) {
         let started = Instant::now();
         let result = self
             .fetch_from(plan.chunk, source, plan.priority, deadline)
@@ -151,7 +149,7 @@ impl ChunkCache {
         plan: &Plan<'_>,
         source: &Source,
         took: Duration,
-        result: Result<Option<Bytes>, SourceError>,
+        result: Result<Option<Verified>, SourceError>,
         errors: &mut Vec<String>,
     ) -> Settled {
         let chunk = plan.chunk;
@@ -218,7 +216,7 @@ struct Plan<'a> {
 
 /// How a pass over the sources ended.
 enum Pass {
-    Delivered(Bytes),
+    Delivered(Verified),
     /// Every source failed; another pass may follow.
     Exhausted,
     /// No further pass: the budget is spent, or the only source refused for good.
@@ -227,7 +225,7 @@ enum Pass {
 
 /// What one attempt's outcome means for its pass.
 enum Settled {
-    Delivered(Bytes),
+    Delivered(Verified),
     Next,
     Stop,
 }

@@ -1,0 +1,294 @@
+//! A chunk's stored form kept beside its decoded file: the encoded bytes it came as from
+//! the store (zstd blocks or one zstd frame, DESIGN section 4), so that this node can
+//! serve peers those bytes, streamed from a file, instead of the decoded chunk. Peer
+//! links then carry what the store link carries.
+//!
+//! Why kept rather than made again when a peer asks: the bytes are in hand when the
+//! chunk arrives (keeping them costs one write and, for a root file system, about 0.38x
+//! the chunk's disk), while encoding again costs about 5 ms of a core per MiB at zstd's
+//! level 3 on every chunk served, and yields bytes that may differ from the store's
+//! object (another zstd version), whose block tables readers share between sources.
+//! Only a fleet member keeps them, and only for chunks from the store or an origin
+//! (about the chunks it owns, 1/N of a template): see `ChunkCache::keep_stored_forms`.
+//!
+//! Layout: `stored/<2 hex>/<64 hex>.<encoding>`. A stored form counts in the cache's
+//! budget with its chunk, goes when its chunk goes, and is never kept without it. One
+//! this daemon did not write (found at start) is decoded and hashed the first time it
+//! is opened, like a chunk file; a bad one is deleted (its chunk stays) and counted.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use lru::LruCache;
+
+use super::{start_write_back, ChunkFile, ChunkStore, ChunkStoreError, Entry, WRITE_PIECE};
+use crate::digest::Digest;
+use crate::encoding::{Encoding, StoredVerifier};
+
+/// Where the stored forms live under the cache directory.
+const STORED_DIR: &str = "stored";
+
+/// What the index knows of a chunk's kept stored form.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Kept {
+    pub(super) len: u64,
+    pub(super) encoding: Encoding,
+    /// Written or checked by this daemon (else hashed at its first open).
+    verified: bool,
+}
+
+/// A chunk's stored form, open for streaming to a peer. The chunk's own file rides
+/// along: while this lives, neither is evicted.
+#[derive(Debug)]
+pub struct StoredForm {
+    pub chunk: ChunkFile,
+    pub file: File,
+    /// Bytes of the stored form (smaller than the chunk).
+    pub len: u64,
+    pub encoding: Encoding,
+}
+
+impl StoredForm {
+    /// Reads `buf.len()` bytes at `offset` of the stored form.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ChunkStoreError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| ChunkStoreError::Read {
+                digest: self.chunk.digest,
+                source,
+            })
+    }
+}
+
+/// Indexes the stored forms found at start beside the chunks found (`lru`), deleting
+/// those without their chunk or with a name that is not one. Returns their bytes.
+pub(super) fn index_found(root: &Path, lru: &mut LruCache<Digest, Entry>) -> u64 {
+    let dir = root.join(STORED_DIR);
+    let mut used = 0;
+    let Ok(shards) = fs::read_dir(&dir) else {
+        return 0;
+    };
+    for shard in shards.flatten() {
+        let Ok(files) = fs::read_dir(shard.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            let parsed = path.file_name().and_then(|n| n.to_str()).and_then(|name| {
+                let (hex, encoding) = name.split_once('.')?;
+                Some((hex.parse::<Digest>().ok()?, Encoding::parse(encoding)?))
+            });
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let entry = parsed.and_then(|(digest, encoding)| {
+                let entry = lru.peek_mut(&digest)?;
+                (entry.stored.is_none() && encoding != Encoding::Raw && len < entry.len)
+                    .then_some((entry, encoding))
+            });
+            match entry {
+                Some((entry, encoding)) => {
+                    entry.stored = Some(Kept {
+                        len,
+                        encoding,
+                        verified: false,
+                    });
+                    used += len;
+                }
+                None => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+    }
+    used
+}
+
+impl ChunkStore {
+    fn stored_path(&self, digest: &Digest, encoding: Encoding) -> PathBuf {
+        let hex = digest.to_hex();
+        self.root
+            .join(STORED_DIR)
+            .join(&hex[..2])
+            .join(format!("{hex}.{}", encoding.as_str()))
+    }
+
+    /// Deletes a stored form's file (its entry is already gone or changed).
+    pub(super) fn remove_stored_file(&self, digest: &Digest, encoding: Encoding) {
+        let _ = fs::remove_file(self.stored_path(digest, encoding));
+    }
+
+    /// Keeps `bytes`, the stored form of the local chunk `digest` (verified by the
+    /// caller: they decode to the chunk), beside it. Passed over (`Ok(false)`) when the
+    /// chunk is not local, keeps a form already, or `bytes` are raw or not smaller.
+    /// Blocking.
+    pub fn keep_stored_form(
+        &self,
+        digest: &Digest,
+        encoding: Encoding,
+        bytes: &[u8],
+    ) -> Result<bool, ChunkStoreError> {
+        let wanted = encoding != Encoding::Raw
+            && self
+                .index()
+                .lru
+                .peek(digest)
+                .is_some_and(|e| e.stored.is_none() && (bytes.len() as u64) < e.len);
+        if !wanted {
+            return Ok(false);
+        }
+        let path = self.stored_path(digest, encoding);
+        let write_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ChunkStoreError::Write {
+                digest: *digest,
+                path,
+                source,
+            }
+        };
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!(
+            "{}.{}.{seq}.stored",
+            digest.to_hex(),
+            std::process::id()
+        ));
+        let written = (|| -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            for piece in bytes.chunks(WRITE_PIECE) {
+                f.write_all(piece)?;
+            }
+            // Not made durable: one lost in a crash is checked at its first open.
+            start_write_back(&f);
+            if let Some(shard) = path.parent() {
+                fs::create_dir_all(shard)?;
+            }
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(write_err(&path)(e));
+        }
+        let mut index = self.index();
+        let kept = match index.lru.peek_mut(digest) {
+            Some(entry) if entry.stored.is_none() => {
+                entry.stored = Some(Kept {
+                    len: bytes.len() as u64,
+                    encoding,
+                    verified: true,
+                });
+                true
+            }
+            _ => false,
+        };
+        if !kept {
+            // Evicted meanwhile, or another writer kept the same form first.
+            drop(index);
+            if !self
+                .index()
+                .lru
+                .peek(digest)
+                .is_some_and(|e| e.stored.is_some())
+            {
+                let _ = fs::remove_file(&path);
+            }
+            return Ok(false);
+        }
+        index.used += bytes.len() as u64;
+        let doomed = self.evict_over_budget(&mut index);
+        drop(index);
+        self.unlink(doomed);
+        Ok(true)
+    }
+
+    /// The local chunk's stored form, open, if one is kept; `None` if not (or if it was
+    /// found bad at its first open, and deleted). Blocking: a first open hashes it.
+    pub fn stored_form(&self, digest: &Digest) -> Result<Option<StoredForm>, ChunkStoreError> {
+        let Some(chunk) = self.get(digest)? else {
+            return Ok(None);
+        };
+        let Some(kept) = self.index().lru.peek(digest).and_then(|e| e.stored) else {
+            return Ok(None);
+        };
+        let path = self.stored_path(digest, kept.encoding);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget_stored(digest);
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(ChunkStoreError::Read {
+                    digest: *digest,
+                    source,
+                })
+            }
+        };
+        if !kept.verified {
+            if !stored_matches(&file, digest, chunk.len) {
+                self.forget_stored(digest);
+                let _ = fs::remove_file(&path);
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(chunk = %digest, "a kept stored form does not decode to its chunk; dropped");
+                return Ok(None);
+            }
+            if let Some(Some(k)) = self.index().lru.peek_mut(digest).map(|e| e.stored.as_mut()) {
+                k.verified = true;
+            }
+        }
+        // The file's own length: what a body streamed from it holds.
+        let len = file
+            .metadata()
+            .map_err(|source| ChunkStoreError::Read {
+                digest: *digest,
+                source,
+            })?
+            .len();
+        Ok(Some(StoredForm {
+            chunk,
+            file,
+            len,
+            encoding: kept.encoding,
+        }))
+    }
+
+    /// Takes a chunk's stored form out of the index (its file is handled by the caller).
+    fn forget_stored(&self, digest: &Digest) {
+        let mut index = self.index();
+        let gone = index.lru.peek_mut(digest).and_then(|e| e.stored.take());
+        if let Some(kept) = gone {
+            index.used -= kept.len;
+            index.generation += 1;
+        }
+    }
+
+    /// Bytes of the kept stored forms (for status and tests).
+    pub fn stored_form_bytes(&self) -> u64 {
+        self.index()
+            .lru
+            .iter()
+            .filter_map(|(_, e)| e.stored.map(|k| k.len))
+            .sum()
+    }
+}
+
+/// Whether the stored form in `file` decodes to the chunk `digest` of `len` bytes.
+fn stored_matches(file: &File, digest: &Digest, len: u64) -> bool {
+    let mut verifier = StoredVerifier::new(len);
+    let mut buf = vec![0u8; super::VERIFY_BUFFER];
+    let mut offset = 0u64;
+    loop {
+        match file.read_at(&mut buf, offset) {
+            Ok(0) => break,
+            Ok(n) => {
+                verifier.update(&buf[..n]);
+                offset += n as u64;
+                if offset >= len {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    matches!(verifier.finish(digest), Ok((e, l)) if e != Encoding::Raw && l == len)
+}

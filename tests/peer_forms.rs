@@ -1,0 +1,378 @@
+//! Issue 24: peers and origins serve the stored form. An owner sends a peer the chunk's
+//! bytes as the store sent them (zstd blocks), streamed from the file it kept, with the
+//! encoding named; the reader decodes and verifies them as it would the store's. So a
+//! wave of nodes reading a compressible template carries about the template's stored
+//! bytes over each node's peer links, not its decoded bytes. A peer that sends wrong
+//! encoded bytes is caught, one that dies mid-stream is passed over, and one from before
+//! stored forms (decoded bytes, no encoding named) is still read.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::node::{sh, DaemonProc};
+use support::{
+    http_get, make_ext4, manifest_json, metric_sum, publish_json, StoreProc, BLOCKS_MAGIC,
+};
+
+/// Text that compresses about as a root file system does (2.5x to 3x with zstd -3):
+/// lines of words and numbers drawn from a small vocabulary.
+fn compressible(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 24] = [
+        "usr",
+        "lib",
+        "share",
+        "bin",
+        "python3",
+        "site-packages",
+        "__init__",
+        "import",
+        "def",
+        "return",
+        "self",
+        "class",
+        "config",
+        "systemd",
+        "locale",
+        "include",
+        "x86_64",
+        "linux",
+        "gnu",
+        "so",
+        "debian",
+        "doc",
+        "README",
+        "version",
+    ];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 64);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let word = WORDS[(x % WORDS.len() as u64) as usize];
+        out.extend_from_slice(word.as_bytes());
+        match (x >> 8) % 8 {
+            0 => out.extend_from_slice(format!("={}\n", (x >> 16) % 100_000).as_bytes()),
+            1 => out.push(b'/'),
+            2 => out.push(b'\n'),
+            _ => out.push(b' '),
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn peers_seen(url: &str) -> usize {
+    let Ok((200, body)) = http_get(&format!("{url}/v1/node")) else {
+        return 0;
+    };
+    let info: Value = serde_json::from_str(&body).unwrap_or_default();
+    info["peers"].as_array().map_or(0, Vec::len)
+}
+
+fn sha256_of(path: &Path) -> String {
+    let (ok, out, err) = sh("sha256sum", &[path.to_str().unwrap()]);
+    assert!(ok, "sha256sum: {err}");
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+/// A compressible format-3 template of `mib` MiB published as `id`: its image, and its
+/// chunks' bytes decoded and as stored (publish's report).
+fn compressible_template(dir: &Path, store: &StoreProc, id: &str, mib: u64) -> (PathBuf, f64, f64) {
+    let data = compressible(((mib - 8) << 20) as usize, mib);
+    let image = make_ext4(dir, mib, &[("usr/share/doc/all.txt", data)]);
+    let report = publish_json(&image, id, &store.url(), &[]);
+    let raw = report["uploaded_bytes"].as_u64().unwrap() as f64;
+    let stored = report["stored_bytes"].as_u64().unwrap() as f64;
+    (image, raw, stored)
+}
+
+#[test]
+fn a_wave_carries_the_stored_form_on_peer_links() {
+    const NODES: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let (image, raw, stored) = compressible_template(dir.path(), &store, "wave", 48);
+    let expected = sha256_of(&image);
+    assert!(
+        raw / stored > 2.0,
+        "the template compresses {:.2}x: not a compressible one",
+        raw / stored
+    );
+    let nodes: Vec<DaemonProc> = (0..NODES)
+        .map(|i| DaemonProc::start_member(&store.url(), &dir.path().join(format!("n{i}")), &[]))
+        .collect();
+    wait_for(
+        "every node to see the others",
+        Duration::from_secs(60),
+        || nodes.iter().all(|n| peers_seen(&n.url()) == NODES - 1),
+    );
+    let store_before = store.metric("lazyblk_store_bytes_served_total");
+    let copies: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let uri = n.nbd_uri("wave");
+            let out = dir.path().join(format!("copy{i}"));
+            std::thread::spawn(move || {
+                let (ok, _, err) = sh("nbdcopy", &[&uri, out.to_str().unwrap()]);
+                (ok, err, out)
+            })
+        })
+        .collect();
+    for (i, c) in copies.into_iter().enumerate() {
+        let (ok, err, out) = c.join().unwrap();
+        assert!(ok, "node {i}: nbdcopy: {err}");
+        assert_eq!(sha256_of(&out), expected, "node {i} read wrong bytes");
+        std::fs::remove_file(out).unwrap();
+    }
+    let store_ratio = (store.metric("lazyblk_store_bytes_served_total") - store_before) / stored;
+    // Bodies each node received from its peers (the per-peer series, summed).
+    let received: Vec<f64> = nodes
+        .iter()
+        .map(|n| metric_sum(&n.url(), "lazyblk_peer_fetched_bytes"))
+        .collect();
+    let sent: f64 = nodes
+        .iter()
+        .map(|n| n.metric("lazyblk_peer_bytes_sent_total"))
+        .sum();
+    let worst = received.iter().cloned().fold(0.0, f64::max) / stored;
+    eprintln!(
+        "wave of {NODES}: template {:.1} MiB raw, {:.1} MiB stored; store sent {store_ratio:.2}x \
+         stored; peer links: {:.1} MiB sent in all, each node received {:?} MiB, the most \
+         {worst:.2}x stored",
+        raw / 1048576.0,
+        stored / 1048576.0,
+        sent / 1048576.0,
+        received
+            .iter()
+            .map(|r| (r / 1048576.0 * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    // The peers carried the wave (each node's share of the owners' chunks)...
+    let total_received: f64 = received.iter().sum();
+    assert!(
+        total_received > stored * (NODES - 1) as f64 * 0.4,
+        "peers carried only {total_received} bytes"
+    );
+    // ... as stored bytes, not decoded ones.
+    assert!(
+        worst <= 1.1,
+        "a node received {worst:.2}x the template's stored bytes over its peer links"
+    );
+    assert!(
+        sent <= total_received * 1.05 + 65536.0,
+        "sent {sent}, received {total_received}"
+    );
+    assert!(store_ratio <= 1.2, "the store sent {store_ratio:.2}x");
+}
+
+/// What a fake peer does with a chunk it is asked for.
+#[derive(Clone, Copy)]
+enum Fake {
+    /// A daemon from before stored forms: the decoded chunk, no encoding named.
+    Old,
+    /// The stored form with one byte flipped inside a block's frame, named zstd-blocks.
+    Corrupt,
+    /// The stored form's headers and half its bytes, then the connection closes (an
+    /// owner that died mid-stream).
+    Cut,
+}
+
+/// The stored bytes and decoded bytes of every chunk and index page of `id`, by digest.
+fn chunk_bytes(store: &StoreProc, id: &str) -> HashMap<String, (Vec<u8>, Vec<u8>)> {
+    let manifest = manifest_json(&store.url(), id);
+    let mut digests: Vec<String> = manifest["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_string))
+        .collect();
+    if let Some(pages) = manifest["blocks"]["pages"].as_array() {
+        digests.extend(pages.iter().filter_map(|p| p.as_str().map(str::to_string)));
+    }
+    digests
+        .into_iter()
+        .map(|d| {
+            let path = store.root().join("chunks").join(&d[..2]).join(&d);
+            let stored = std::fs::read(&path).unwrap();
+            let decoded = if stored.starts_with(&BLOCKS_MAGIC)
+                || stored.starts_with(&[0x28, 0xB5, 0x2F, 0xFD])
+            {
+                let out = std::process::Command::new("zstd")
+                    .args(["-dc", path.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "zstd -dc {}", path.display());
+                out.stdout
+            } else {
+                stored.clone()
+            };
+            (d, (stored, decoded))
+        })
+        .collect()
+}
+
+/// A fake fleet member that answers `/v1/node` and every chunk as `fake` says; its URL.
+fn fake_peer(fake: Fake, chunks: HashMap<String, (Vec<u8>, Vec<u8>)>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            let digest = path
+                .strip_prefix("/v1/peer/chunks/")
+                .or_else(|| path.strip_prefix("/v1/chunks/"))
+                .map(|rest| rest.split('?').next().unwrap_or("").to_string());
+            let answer = if path == "/v1/node" {
+                let body = br#"{"node_id":"fffffffffffffffe"}"#;
+                let mut a = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len()).into_bytes();
+                a.extend_from_slice(body);
+                a
+            } else if let Some((stored, decoded)) = digest.and_then(|d| chunks.get(&d)) {
+                let encoded = stored.starts_with(&BLOCKS_MAGIC);
+                match fake {
+                    Fake::Old => {
+                        let mut a = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            decoded.len()
+                        )
+                        .into_bytes();
+                        a.extend_from_slice(decoded);
+                        a
+                    }
+                    Fake::Corrupt | Fake::Cut => {
+                        let mut body = stored.clone();
+                        let name = if encoded { "zstd-blocks" } else { "raw" };
+                        if let Fake::Corrupt = fake {
+                            let at = if encoded {
+                                let word = |at: usize| {
+                                    u32::from_le_bytes(body[at..at + 4].try_into().unwrap())
+                                        as usize
+                                };
+                                20 + 4 * word(16) + word(20) / 2
+                            } else {
+                                body.len() / 2
+                            };
+                            body[at] ^= 0xff;
+                        }
+                        let mut a = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-lazyblk-chunk-encoding: {name}\r\nconnection: close\r\n\r\n", body.len()).into_bytes();
+                        if let Fake::Cut = fake {
+                            body.truncate(body.len() / 2);
+                        }
+                        a.extend_from_slice(&body);
+                        a
+                    }
+                }
+            } else {
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_vec()
+            };
+            let _ = s.write_all(&answer);
+            let _ = s.flush();
+        }
+    });
+    url
+}
+
+/// A node whose only peer is a `fake` one reads `id` (compressible, format 3): what the
+/// node's metrics say of the peer afterwards, once its bytes were checked right.
+fn read_beside(fake: Fake) -> (f64, f64, f64, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let (image, _, _) = compressible_template(dir.path(), &store, "t", 24);
+    let peer = fake_peer(fake, chunk_bytes(&store, "t"));
+    let node = DaemonProc::start(&store.url(), &dir.path().join("cache"), &["--peers", &peer]);
+    wait_for("the node to see its peer", Duration::from_secs(30), || {
+        peers_seen(&node.url()) == 1
+    });
+    let out = dir.path().join("out");
+    let (ok, _, err) = sh("nbdcopy", &[&node.nbd_uri("t"), out.to_str().unwrap()]);
+    assert!(ok, "nbdcopy: {err}");
+    assert_eq!(
+        sha256_of(&out),
+        sha256_of(&image),
+        "wrong bytes were served"
+    );
+    // Nothing unverified was cached: the node's scrub finds every chunk file right.
+    let (ok, scrub, err) = sh(
+        "curl",
+        &["-sf", "-X", "POST", &format!("{}/v1/scrub", node.url())],
+    );
+    assert!(ok, "scrub: {err}");
+    let _ = scrub;
+    let report = wait_scrub(&node.url());
+    let delivered = metric_sum(&node.url(), "lazyblk_peer_fetched_chunks");
+    let corrupt = node.metric("lazyblk_verify_failures_total{source=\"peers\",class=\"peer\"}");
+    let failed = node.metric("lazyblk_fetch_failures_total{source=\"peers\",class=\"peer\"}")
+        + metric_sum(&node.url(), "lazyblk_peer_failures");
+    (delivered, corrupt, failed, report)
+}
+
+/// The finished scrub's report (`GET /v1/scrub`).
+fn wait_scrub(url: &str) -> Value {
+    let mut report = Value::Null;
+    wait_for("the scrub to finish", Duration::from_secs(60), || {
+        let Ok((200, body)) = http_get(&format!("{url}/v1/scrub")) else {
+            return false;
+        };
+        report = serde_json::from_str(&body).unwrap_or_default();
+        report["running"] == Value::Bool(false) && report["report"].is_object()
+    });
+    report
+}
+
+#[test]
+fn a_peer_that_sends_wrong_encoded_bytes_is_caught() {
+    let (_, corrupt, _, scrub) = read_beside(Fake::Corrupt);
+    assert!(corrupt >= 1.0, "the peer's bad blocks were not caught");
+    assert_eq!(
+        scrub["report"]["dropped"].as_array().map(Vec::len),
+        Some(0),
+        "a bad chunk was cached: {scrub}"
+    );
+}
+
+#[test]
+fn an_owner_that_dies_mid_stream_is_passed_over() {
+    let (_, corrupt, failed, scrub) = read_beside(Fake::Cut);
+    assert!(
+        failed >= 1.0,
+        "the cut stream was not counted as the peer's failure"
+    );
+    assert_eq!(
+        corrupt, 0.0,
+        "a cut stream is a transport failure, not a corrupt chunk"
+    );
+    assert_eq!(scrub["report"]["dropped"].as_array().map(Vec::len), Some(0));
+}
+
+#[test]
+fn a_peer_from_before_stored_forms_is_still_read() {
+    let (delivered, corrupt, _, _) = read_beside(Fake::Old);
+    assert!(
+        delivered >= 1.0,
+        "the old peer's decoded chunks were not taken"
+    );
+    assert_eq!(corrupt, 0.0);
+}
