@@ -376,3 +376,82 @@ fn a_peer_from_before_stored_forms_is_still_read() {
     );
     assert_eq!(corrupt, 0.0);
 }
+
+/// `curl` of `url` with `headers`: (status, response headers, body).
+fn curl(url: &str, headers: &[&str], out: &Path) -> (u16, String, Vec<u8>) {
+    let mut args = vec!["-sS", "-D", "-", "-o", out.to_str().unwrap()];
+    for h in headers {
+        args.extend_from_slice(&["-H", h]);
+    }
+    args.push(url);
+    let (ok, head, err) = sh("curl", &args);
+    assert!(ok, "curl {url}: {err}");
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_lowercase(), std::fs::read(out).unwrap_or_default())
+}
+
+#[test]
+fn small_reads_and_chunk_answers_in_a_fleet_of_stored_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let (image, _, stored) = compressible_template(dir.path(), &store, "t", 24);
+    let expected = std::fs::read(&image).unwrap();
+    let a = DaemonProc::start_member(&store.url(), &dir.path().join("a"), &[]);
+    let b = DaemonProc::start_member(&store.url(), &dir.path().join("b"), &[]);
+    wait_for("the two to see each other", Duration::from_secs(60), || {
+        peers_seen(&a.url()) == 1 && peers_seen(&b.url()) == 1
+    });
+    // A reads it all: it keeps the stored form of the chunks it fetched from the store.
+    let out = dir.path().join("a.copy");
+    let (ok, _, err) = sh("nbdcopy", &[&a.nbd_uri("t"), out.to_str().unwrap()]);
+    assert!(ok, "nbdcopy: {err}");
+    assert!(std::fs::read(&out).unwrap() == expected);
+    // Small reads on B, scattered over the file's chunks, are right.
+    for offset in [9 << 20, (12 << 20) + 4096, (17 << 20) + 65536, 3 << 20] {
+        let got = support::pread_4k(&b.nbd_uri("t"), offset).unwrap();
+        assert!(got == expected[offset..offset + 4096], "4 KiB at {offset}");
+    }
+    let (ok, _, err) = sh("nbdcopy", &[&b.nbd_uri("t"), out.to_str().unwrap()]);
+    assert!(ok, "nbdcopy: {err}");
+    assert!(std::fs::read(&out).unwrap() == expected, "B read wrong bytes");
+    let received = metric_sum(&b.url(), "lazyblk_peer_fetched_bytes");
+    assert!(received > 0.0 && received <= stored * 1.1, "B received {received} for {stored} stored");
+
+    // The chunk endpoints: the stored form to an asker that names it, decoded to one
+    // that does not (curl, a daemon from before stored forms).
+    let manifest = manifest_json(&store.url(), "t");
+    let (index, digest) = manifest["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .skip(10)
+        .find_map(|(i, c)| c.as_str().map(|d| (i, d.to_string())))
+        .unwrap();
+    let chunk = &expected[index << 20..(index + 1) << 20];
+    let body = dir.path().join("body");
+    for url in [
+        format!("{}/v1/chunks/{digest}", a.url()),
+        format!("{}/v1/peer/chunks/{digest}?len=1048576&template=t&index={index}", a.url()),
+    ] {
+        let (status, head, bytes) =
+            curl(&url, &["x-lazyblk-accept-stored-form: zstd-blocks, zstd"], &body);
+        assert_eq!(status, 200, "{url}: {head}");
+        assert!(head.contains("x-lazyblk-chunk-encoding: zstd-blocks"), "{head}");
+        assert!(bytes.starts_with(&BLOCKS_MAGIC) && bytes.len() < chunk.len() / 2);
+        let decoded = std::process::Command::new("zstd")
+            .args(["-dc", body.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(decoded.stdout == chunk, "{url}: the stored form is not the chunk");
+        let (status, head, bytes) = curl(&url, &[], &body);
+        assert_eq!(status, 200);
+        assert!(head.contains("x-lazyblk-chunk-encoding: raw"), "{head}");
+        assert!(bytes == chunk, "{url}: the decoded chunk");
+    }
+}

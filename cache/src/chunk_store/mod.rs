@@ -362,7 +362,8 @@ impl ChunkStore {
     }
 
     /// Hashes every chunk file on disk and drops the ones whose bytes do not match
-    /// their names. `progress` is called after each chunk with (bytes done, bytes in all).
+    /// their names, then checks the kept stored forms likewise. `progress` is called
+    /// after each chunk with (bytes done, bytes in all).
     pub fn scrub(&self, mut progress: impl FnMut(u64, u64)) -> ScrubReport {
         let all: Vec<(Digest, u64)> = self.index().lru.iter().map(|(d, e)| (*d, e.len)).collect();
         let mut report = ScrubReport::default();
@@ -388,6 +389,7 @@ impl ChunkStore {
             report.bytes += len;
             progress(report.bytes, total);
         }
+        self.scrub_stored_forms();
         report
     }
 

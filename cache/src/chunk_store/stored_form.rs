@@ -262,6 +262,36 @@ impl ChunkStore {
         }
     }
 
+    /// Decodes and hashes every kept stored form (part of a scrub): a bad one is
+    /// deleted and counted, its chunk kept. Returns how many were dropped. Blocking.
+    pub(super) fn scrub_stored_forms(&self) -> usize {
+        let kept: Vec<(Digest, u64, Kept)> = self
+            .index()
+            .lru
+            .iter()
+            .filter_map(|(d, e)| Some((*d, e.len, e.stored?)))
+            .collect();
+        let mut dropped = 0;
+        for (digest, len, form) in kept {
+            let path = self.stored_path(&digest, form.encoding);
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            if stored_matches(&file, &digest, len) {
+                if let Some(Some(k)) = self.index().lru.peek_mut(&digest).map(|e| e.stored.as_mut()) {
+                    k.verified = true;
+                }
+                continue;
+            }
+            self.forget_stored(&digest);
+            let _ = fs::remove_file(&path);
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(chunk = %digest, "a kept stored form does not decode to its chunk; dropped");
+            dropped += 1;
+        }
+        dropped
+    }
+
     /// Bytes of the kept stored forms (for status and tests).
     pub fn stored_form_bytes(&self) -> u64 {
         self.index()
@@ -291,4 +321,125 @@ fn stored_matches(file: &File, digest: &Digest, len: u64) -> bool {
         }
     }
     matches!(verifier.finish(digest), Ok((e, l)) if e != Encoding::Raw && l == len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A compressible chunk, its digest and its stored form (zstd blocks).
+    fn chunk() -> (Digest, Vec<u8>, Vec<u8>) {
+        let raw: Vec<u8> = (0..256 << 10).map(|i| b"stored form "[i % 12]).collect();
+        let (encoding, stored) = crate::encoding::encode(&raw);
+        assert_eq!(encoding, Encoding::Blocks);
+        let stored = stored.into_owned();
+        (Digest::of(&raw), raw, stored)
+    }
+
+    fn read_form(form: &StoredForm) -> Vec<u8> {
+        let mut buf = vec![0u8; form.len as usize];
+        form.read_at(0, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_kept_form_is_counted_served_and_goes_with_its_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        let (d, raw, stored) = chunk();
+        // Not without its chunk.
+        assert!(!store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap());
+        store.insert(&d, &raw).unwrap();
+        assert!(!store.keep_stored_form(&d, Encoding::Raw, &raw).unwrap());
+        assert!(store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap());
+        assert!(!store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap(), "once");
+        assert_eq!(store.used_bytes(), (raw.len() + stored.len()) as u64);
+        let form = store.stored_form(&d).unwrap().unwrap();
+        assert_eq!(form.encoding, Encoding::Blocks);
+        assert_eq!(read_form(&form), stored);
+        drop(form);
+        assert!(store.remove(&d));
+        assert_eq!(store.used_bytes(), 0);
+        assert!(store.stored_form(&d).unwrap().is_none());
+        assert!(fs::read_dir(dir.path().join(STORED_DIR))
+            .unwrap()
+            .flat_map(|s| fs::read_dir(s.unwrap().path()).unwrap())
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn a_form_found_at_start_is_checked_at_its_first_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, raw, stored) = chunk();
+        {
+            let store = ChunkStore::open(dir.path(), 0).unwrap();
+            store.insert(&d, &raw).unwrap();
+            store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap();
+        }
+        // Found again, and right.
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        assert_eq!(store.used_bytes(), (raw.len() + stored.len()) as u64);
+        assert_eq!(read_form(&store.stored_form(&d).unwrap().unwrap()), stored);
+        drop(store);
+        // Flipped on disk while the daemon was down: dropped, its chunk kept.
+        let path = dir
+            .path()
+            .join(STORED_DIR)
+            .join(&d.to_hex()[..2])
+            .join(format!("{}.zstd-blocks", d.to_hex()));
+        let mut bad = fs::read(&path).unwrap();
+        let middle = bad.len() / 2;
+        bad[middle] ^= 0x40;
+        fs::write(&path, &bad).unwrap();
+        // And an orphan (no chunk) is deleted at open.
+        let orphan = Digest::of(b"no such chunk");
+        let orphan_path = dir
+            .path()
+            .join(STORED_DIR)
+            .join(&orphan.to_hex()[..2])
+            .join(format!("{}.zstd-blocks", orphan.to_hex()));
+        fs::create_dir_all(orphan_path.parent().unwrap()).unwrap();
+        fs::write(&orphan_path, &stored).unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        assert!(!orphan_path.exists());
+        assert!(store.stored_form(&d).unwrap().is_none());
+        assert!(!path.exists());
+        assert_eq!(store.used_bytes(), raw.len() as u64);
+        assert_eq!(store.get(&d).unwrap().unwrap().read_all().unwrap(), raw);
+        assert_eq!(store.corrupt_files(), 1);
+    }
+
+    #[test]
+    fn a_scrub_drops_a_bad_form_and_keeps_its_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        let (d, raw, mut stored) = chunk();
+        store.insert(&d, &raw).unwrap();
+        let middle = stored.len() / 2;
+        stored[middle] ^= 0x40;
+        // Kept as if verified (bytes that went bad on disk since).
+        store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap();
+        let report = store.scrub(|_, _| {});
+        assert!(report.dropped.is_empty(), "the chunk itself is right");
+        assert!(store.stored_form(&d).unwrap().is_none());
+        assert_eq!(store.used_bytes(), raw.len() as u64);
+        assert_eq!(store.corrupt_files(), 1);
+    }
+
+    #[test]
+    fn eviction_counts_a_chunk_with_its_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, raw, stored) = chunk();
+        let budget = (raw.len() + stored.len()) as u64;
+        let store = ChunkStore::open(dir.path(), budget).unwrap();
+        store.insert(&d, &raw).unwrap();
+        store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap();
+        assert!(store.contains(&d));
+        // Another chunk pushes the cache over its budget: the first goes, form and all.
+        let other = vec![7u8; 4096];
+        store.insert(&Digest::of(&other), &other).unwrap();
+        assert!(!store.contains(&d));
+        assert_eq!(store.used_bytes(), 4096);
+    }
 }
