@@ -729,17 +729,9 @@ impl ChunkCache {
         let cache = self.clone();
         // The write copies a chunk into the page cache; keep it off the runtime threads.
         let readers_active = self.demand_within(READERS_ACTIVE);
-        let written = run_at(
-            priority,
-            readers_active,
-            move || -> Result<ChunkFile, ChunkStoreError> {
-                let file = cache.store.insert(&digest, &bytes)?;
-                if let Some((encoding, stored)) = stored {
-                    cache.keep_stored_form(&digest, encoding, &stored);
-                }
-                Ok(file)
-            },
-        )
+        let written = run_at(priority, readers_active, move || {
+            cache.insert_keeping(&digest, &bytes, stored)
+        })
         .await
         .unwrap_or_else(|e| {
             Err(ChunkStoreError::Write {

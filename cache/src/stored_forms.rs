@@ -30,6 +30,21 @@ impl ChunkCache {
         self.keep_stored_forms && !matches!(source, Source::Peers(_) | Source::PeerCaches(_))
     }
 
+    /// Writes a fetched, verified chunk (see [`crate::ChunkStore::insert`]) and keeps
+    /// `stored`, the form it came as, beside it. Blocking.
+    pub(crate) fn insert_keeping(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        stored: Option<(Encoding, bytes::Bytes)>,
+    ) -> Result<ChunkFile, ChunkStoreError> {
+        let file = self.store().insert(digest, bytes)?;
+        if let Some((encoding, stored)) = stored {
+            self.keep_stored_form(digest, encoding, &stored);
+        }
+        Ok(file)
+    }
+
     /// Keeps `stored` (verified: it decoded to the chunk) beside the local chunk. A
     /// failure costs only the form (peers get the decoded chunk): logged, not returned.
     /// Blocking.

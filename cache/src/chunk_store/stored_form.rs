@@ -170,26 +170,24 @@ impl ChunkStore {
             return Err(write_err(&path)(e));
         }
         let mut index = self.index();
-        let kept = match index.lru.peek_mut(digest) {
+        // Whether this form is now the chunk's, and whether the chunk keeps one at all
+        // (another writer's, of the same name, may have been first).
+        let (kept, has_form) = match index.lru.peek_mut(digest) {
             Some(entry) if entry.stored.is_none() => {
                 entry.stored = Some(Kept {
                     len: bytes.len() as u64,
                     encoding,
                     verified: true,
                 });
-                true
+                (true, true)
             }
-            _ => false,
+            Some(_) => (false, true),
+            None => (false, false),
         };
         if !kept {
-            // Evicted meanwhile, or another writer kept the same form first.
             drop(index);
-            if !self
-                .index()
-                .lru
-                .peek(digest)
-                .is_some_and(|e| e.stored.is_some())
-            {
+            if !has_form {
+                // Evicted meanwhile: the form goes with it.
                 let _ = fs::remove_file(&path);
             }
             return Ok(false);
@@ -278,7 +276,12 @@ impl ChunkStore {
                 continue;
             };
             if stored_matches(&file, &digest, len) {
-                if let Some(Some(k)) = self.index().lru.peek_mut(&digest).map(|e| e.stored.as_mut()) {
+                if let Some(Some(k)) = self
+                    .index()
+                    .lru
+                    .peek_mut(&digest)
+                    .map(|e| e.stored.as_mut())
+                {
                     k.verified = true;
                 }
                 continue;
@@ -348,11 +351,20 @@ mod tests {
         let store = ChunkStore::open(dir.path(), 0).unwrap();
         let (d, raw, stored) = chunk();
         // Not without its chunk.
-        assert!(!store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap());
+        assert!(!store
+            .keep_stored_form(&d, Encoding::Blocks, &stored)
+            .unwrap());
         store.insert(&d, &raw).unwrap();
         assert!(!store.keep_stored_form(&d, Encoding::Raw, &raw).unwrap());
-        assert!(store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap());
-        assert!(!store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap(), "once");
+        assert!(store
+            .keep_stored_form(&d, Encoding::Blocks, &stored)
+            .unwrap());
+        assert!(
+            !store
+                .keep_stored_form(&d, Encoding::Blocks, &stored)
+                .unwrap(),
+            "once"
+        );
         assert_eq!(store.used_bytes(), (raw.len() + stored.len()) as u64);
         let form = store.stored_form(&d).unwrap().unwrap();
         assert_eq!(form.encoding, Encoding::Blocks);
@@ -375,7 +387,9 @@ mod tests {
         {
             let store = ChunkStore::open(dir.path(), 0).unwrap();
             store.insert(&d, &raw).unwrap();
-            store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap();
+            store
+                .keep_stored_form(&d, Encoding::Blocks, &stored)
+                .unwrap();
         }
         // Found again, and right.
         let store = ChunkStore::open(dir.path(), 0).unwrap();
@@ -419,7 +433,9 @@ mod tests {
         let middle = stored.len() / 2;
         stored[middle] ^= 0x40;
         // Kept as if verified (bytes that went bad on disk since).
-        store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap();
+        store
+            .keep_stored_form(&d, Encoding::Blocks, &stored)
+            .unwrap();
         let report = store.scrub(|_, _| {});
         assert!(report.dropped.is_empty(), "the chunk itself is right");
         assert!(store.stored_form(&d).unwrap().is_none());
@@ -434,7 +450,9 @@ mod tests {
         let budget = (raw.len() + stored.len()) as u64;
         let store = ChunkStore::open(dir.path(), budget).unwrap();
         store.insert(&d, &raw).unwrap();
-        store.keep_stored_form(&d, Encoding::Blocks, &stored).unwrap();
+        store
+            .keep_stored_form(&d, Encoding::Blocks, &stored)
+            .unwrap();
         assert!(store.contains(&d));
         // Another chunk pushes the cache over its budget: the first goes, form and all.
         let other = vec![7u8; 4096];

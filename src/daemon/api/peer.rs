@@ -175,14 +175,9 @@ fn accepted(headers: &HeaderMap) -> Vec<Encoding> {
     headers
         .get_all(ACCEPT_STORED_FORM)
         .iter()
-        .flat_map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .into_owned()
-                .split(',')
-                .map(|e| e.trim().to_string())
-                .collect::<Vec<_>>()
-        })
-        .filter_map(|name| Encoding::parse(&name))
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| Encoding::parse(name.trim()))
         .filter(|e| *e != Encoding::Raw)
         .collect()
 }
