@@ -414,11 +414,25 @@ fn small_reads_and_chunk_answers_in_a_fleet_of_stored_forms() {
     let (ok, _, err) = sh("nbdcopy", &[&a.nbd_uri("t"), out.to_str().unwrap()]);
     assert!(ok, "nbdcopy: {err}");
     assert!(std::fs::read(&out).unwrap() == expected);
-    // Small reads on B, scattered over the file's chunks, are right.
-    for offset in [9 << 20, (12 << 20) + 4096, (17 << 20) + 65536, 3 << 20] {
+    // Small reads on B, one in each chunk of the file's data, are right; those of the
+    // chunks A owns (and so holds as the store sent them) take their blocks from A. (B
+    // holds the chunks it owns already: A asked B for them.)
+    for mib in 4..22 {
+        let offset = (mib << 20) + (mib % 7) * 65536;
         let got = support::pread_4k(&b.nbd_uri("t"), offset).unwrap();
         assert!(got == expected[offset..offset + 4096], "4 KiB at {offset}");
     }
+    let from_a = b.metric("lazyblk_fetched_blocks_total{source=\"peers\",class=\"peer\"}");
+    let from_store = metric_sum(&b.url(), "lazyblk_fetched_blocks_total") - from_a;
+    eprintln!("small reads on B: {from_a} ranges from its peer, {from_store} from the store");
+    assert!(
+        from_a >= 1.0,
+        "no small read took its blocks from the owner"
+    );
+    assert!(
+        b.metric("lazyblk_verify_failures_total{source=\"peers\",class=\"peer\"}") == 0.0,
+        "the owner's ranges matched the block index"
+    );
     let (ok, _, err) = sh("nbdcopy", &[&b.nbd_uri("t"), out.to_str().unwrap()]);
     assert!(ok, "nbdcopy: {err}");
     assert!(

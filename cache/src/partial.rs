@@ -15,8 +15,9 @@
 //!
 //! When a read takes the whole chunk instead ([`ChunkCache::read_blocks`] says no): the
 //! chunk is local or being fetched whole already, it is not stored in blocks (format 1
-//! and 2 stores, incompressible chunks stored raw), no source serves ranges (origins and
-//! peers serve whole chunks), a block failed its check (then the whole chunk's own
+//! and 2 stores, incompressible chunks stored raw), no source serves ranges (origins
+//! serve whole chunks; an owner among the peers serves ranges only of a chunk it holds,
+//! see [`crate::peers::PeerSet::fetch_range`]), a block failed its check (then the whole chunk's own
 //! fetch tries every source and verifies), the chunk is being read in sequence
 //! ([`SEQUENTIAL_READS`] reads in a row, each where the last ended), or reads of it
 //! already fetched half of its blocks in pieces.
@@ -169,7 +170,7 @@ impl ChunkCache {
         for source in ranged {
             let started = Instant::now();
             let stored = match source
-                .fetch_range(&chunk.digest, range.clone(), self.source_deadline())
+                .fetch_range(chunk, range.clone(), self.source_deadline())
                 .await
             {
                 Ok(stored) => stored,
@@ -226,7 +227,7 @@ impl ChunkCache {
         let head = 0..table_len(count) as u64;
         for source in sources {
             match source
-                .fetch_range(&chunk.digest, head.clone(), self.source_deadline())
+                .fetch_range(chunk, head.clone(), self.source_deadline())
                 .await
             {
                 Ok(bytes) => {

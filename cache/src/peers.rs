@@ -341,6 +341,62 @@ impl PeerSet {
             .await
     }
 
+    /// Fetches bytes `range` of `chunk`'s stored form (its blocks, for a small read:
+    /// [`crate::partial`]) from an owner that holds the chunk as the store sent it. An
+    /// owner does not fetch for a range: one without it answers 404 or 416 at once, and
+    /// the read asks the store. Whatever the owners said, a failure is reported as
+    /// passed over (the peers keep their health here, per peer), so a chunk no owner
+    /// holds does not demote the peers for whole chunks.
+    pub async fn fetch_range(
+        &self,
+        chunk: &ChunkRef,
+        range: std::ops::Range<u64>,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        let passed_over = |why: &str| SourceError::Skipped {
+            source_name: "peers".into(),
+            why: why.to_string(),
+        };
+        if crate::manifest::validate_id(&chunk.template).is_err() {
+            return Err(passed_over("no template an owner could know"));
+        }
+        let started = Instant::now();
+        for node in self.owners(&chunk.digest) {
+            let left = deadline.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let Some(attempt) = self.attempt(&node.id) else {
+                continue;
+            };
+            let source = HttpSource::new(self.clients.clone(), &node.url, self.token.clone());
+            let url = format!(
+                "{}/v1/peer/chunks/{}?len={}&template={}&index={}",
+                node.url, chunk.digest, chunk.len, chunk.template, chunk.index
+            );
+            let fetched = source.fetch_range_url(&url, range.clone(), left).await;
+            let took = attempt.started.elapsed();
+            match fetched {
+                Ok(bytes) => {
+                    attempt.settle(Outcome::Answered);
+                    self.count(&node.id, |s| {
+                        s.bytes += bytes.len() as u64;
+                        s.seconds += took.as_secs_f64();
+                    });
+                    return Ok(bytes);
+                }
+                // Alive: it does not hold the chunk in a form it serves ranges of (or is
+                // from before ranges, and sent the whole chunk).
+                Err(SourceError::Status { .. }) => attempt.settle(Outcome::Answered),
+                Err(e) => {
+                    attempt.settle(Outcome::Failed(took));
+                    tracing::debug!(peer = %node.id, error = %e, "peer range failed; passing it over");
+                }
+            }
+        }
+        Err(passed_over("no owner holds the chunk's stored form"))
+    }
+
     /// Fetches `digest` from the caches of the next nodes in rendezvous order (see the
     /// module header): a node that does not hold it answers 404 at once.
     pub async fn fetch_cached(

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::digest::Digest;
 use crate::fetch::ChunkRef;
 use crate::peers::PeerSet;
 
@@ -112,29 +111,31 @@ impl Source {
         }
     }
 
-    /// Whether the source serves byte ranges of a chunk's stored object (the store's
-    /// objects, over HTTP or directly); origins and peers serve whole chunks.
+    /// Whether the source serves byte ranges of a chunk's stored object: the store's
+    /// objects (over HTTP or directly), and the owners among the peers, of the chunks
+    /// they hold as the store sent them ([`PeerSet::fetch_range`]); origins and the
+    /// peers' caches serve whole chunks.
     pub fn serves_ranges(&self) -> bool {
-        matches!(self, Source::Http(_) | Source::Object(_))
+        matches!(self, Source::Http(_) | Source::Object(_) | Source::Peers(_))
     }
 
     /// Fetches bytes `range` of the chunk's stored object (unverified; the caller checks
     /// each block against the block index).
     pub async fn fetch_range(
         &self,
-        digest: &Digest,
+        chunk: &ChunkRef,
         range: std::ops::Range<u64>,
         deadline: Duration,
     ) -> Result<Bytes, SourceError> {
+        let digest = &chunk.digest;
         match self {
             Source::Http(s) => s.fetch_range(digest, range, deadline).await,
             Source::Object(o) => o.fetch_range(digest, range, deadline).await,
-            Source::Origin { .. } | Source::Peers(_) | Source::PeerCaches(_) => {
-                Err(SourceError::Skipped {
-                    source_name: self.name().to_string(),
-                    why: "serves whole chunks only".into(),
-                })
-            }
+            Source::Peers(p) => p.fetch_range(chunk, range, deadline).await,
+            Source::Origin { .. } | Source::PeerCaches(_) => Err(SourceError::Skipped {
+                source_name: self.name().to_string(),
+                why: "serves whole chunks only".into(),
+            }),
         }
     }
 }

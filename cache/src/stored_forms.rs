@@ -40,7 +40,7 @@ impl ChunkCache {
     ) -> Result<ChunkFile, ChunkStoreError> {
         let file = self.store().insert(digest, bytes)?;
         if let Some((encoding, stored)) = stored {
-            self.keep_stored_form(digest, encoding, &stored);
+            self.keep_stored_form(digest, encoding, &stored, false);
         }
         Ok(file)
     }
@@ -48,8 +48,17 @@ impl ChunkCache {
     /// Keeps `stored` (verified: it decoded to the chunk) beside the local chunk. A
     /// failure costs only the form (peers get the decoded chunk): logged, not returned.
     /// Blocking.
-    pub(crate) fn keep_stored_form(&self, digest: &Digest, encoding: Encoding, stored: &[u8]) {
-        if let Err(e) = self.store().keep_stored_form(digest, encoding, stored) {
+    fn keep_stored_form(
+        &self,
+        digest: &Digest,
+        encoding: Encoding,
+        stored: &[u8],
+        made_here: bool,
+    ) {
+        if let Err(e) = self
+            .store()
+            .keep_stored_form(digest, encoding, stored, made_here)
+        {
             tracing::warn!(chunk = %digest, error = %e, "could not keep a chunk's stored form; peers get it decoded");
         }
     }
@@ -73,7 +82,7 @@ impl ChunkCache {
         if encoding == Encoding::Raw {
             return Ok(None);
         }
-        self.keep_stored_form(&file.digest, encoding, &stored);
+        self.keep_stored_form(&file.digest, encoding, &stored, true);
         self.store().stored_form(&file.digest)
     }
 

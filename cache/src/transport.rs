@@ -317,6 +317,24 @@ impl HttpSource {
         .await
     }
 
+    /// Fetches bytes `range` of the stored form another daemon serves at `url` (exactly
+    /// those, in an encoding it names, or an error).
+    pub(crate) async fn fetch_range_url(
+        &self,
+        url: &str,
+        range: std::ops::Range<u64>,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        let len = range.end - range.start;
+        exactly(
+            &self.base,
+            len,
+            deadline,
+            self.fetch_body(url, len, Some(range), Server::Daemon),
+        )
+        .await
+    }
+
     async fn fetch_body(
         &self,
         url: &str,
@@ -383,10 +401,12 @@ impl HttpSource {
             return Err(length_error(body.len() as u64));
         }
         // A decoded chunk is its length; a stored form is smaller (else it is stored raw).
-        let fits = match encoding {
-            None => true,
-            Some(Encoding::Raw) => body.len() as u64 == len,
-            Some(_) => (body.len() as u64) < len,
+        // A range is of a stored form (its length is checked by the caller).
+        let fits = match (ranged, encoding) {
+            (_, None) => true,
+            (true, Some(encoding)) => encoding != Encoding::Raw,
+            (false, Some(Encoding::Raw)) => body.len() as u64 == len,
+            (false, Some(_)) => (body.len() as u64) < len,
         };
         if !fits {
             return Err(length_error(body.len() as u64));

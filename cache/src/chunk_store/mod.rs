@@ -355,7 +355,7 @@ impl ChunkStore {
         let _ = fs::remove_file(self.chunk_path(digest));
         drop(index);
         if let Some(kept) = gone.and_then(|e| e.stored) {
-            self.remove_stored_file(digest, kept.encoding);
+            self.remove_stored_file(digest, kept);
         }
         self.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::error!(chunk = %digest, "cached chunk file does not match its digest; dropped, it will be fetched again");
@@ -706,7 +706,7 @@ impl ChunkStore {
             drop(entry.file);
             let _ = fs::remove_file(self.chunk_path(&digest));
             if let Some(kept) = kept {
-                self.remove_stored_file(&digest, kept.encoding);
+                self.remove_stored_file(&digest, kept);
             }
             self.evictions.fetch_add(1, Ordering::Relaxed);
             digests.push(digest);

@@ -9,9 +9,12 @@
 //! level 3 on every chunk served, and yields bytes that may differ from the store's
 //! object (another zstd version), whose block tables readers share between sources.
 //! Only a fleet member keeps them, and only for chunks from the store or an origin
-//! (about the chunks it owns, 1/N of a template): see `ChunkCache::keep_stored_forms`.
+//! (about the chunks it owns, 1/N of a template): see `ChunkCache::with_stored_forms`.
 //!
-//! Layout: `stored/<2 hex>/<64 hex>.<encoding>`. A stored form counts in the cache's
+//! Layout: `stored/<2 hex>/<64 hex>.<encoding>` for the bytes as fetched (the store's
+//! object byte for byte, so a peer may serve ranges of it that match the store's block
+//! table), `<64 hex>.made.<encoding>` for a form this node encoded itself (served
+//! whole only). A stored form counts in the cache's
 //! budget with its chunk, goes when its chunk goes, and is never kept without it. One
 //! this daemon did not write (found at start) is decoded and hashed the first time it
 //! is opened, like a chunk file; a bad one is deleted (its chunk stays) and counted.
@@ -30,12 +33,16 @@ use crate::encoding::{Encoding, StoredVerifier};
 
 /// Where the stored forms live under the cache directory.
 const STORED_DIR: &str = "stored";
+/// The name part of a form encoded here (between the digest and the encoding).
+const MADE_HERE: &str = "made.";
 
 /// What the index knows of a chunk's kept stored form.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Kept {
     pub(super) len: u64,
     pub(super) encoding: Encoding,
+    /// Encoded by this node, not fetched: it may differ from the store's object.
+    made_here: bool,
     /// Written or checked by this daemon (else hashed at its first open).
     verified: bool,
 }
@@ -49,6 +56,9 @@ pub struct StoredForm {
     /// Bytes of the stored form (smaller than the chunk).
     pub len: u64,
     pub encoding: Encoding,
+    /// The bytes as fetched from the store or an origin (its object, byte for byte),
+    /// not encoded here: ranges of it match the store's block table.
+    pub as_fetched: bool,
 }
 
 impl StoredForm {
@@ -78,20 +88,29 @@ pub(super) fn index_found(root: &Path, lru: &mut LruCache<Digest, Entry>) -> u64
         for file in files.flatten() {
             let path = file.path();
             let parsed = path.file_name().and_then(|n| n.to_str()).and_then(|name| {
-                let (hex, encoding) = name.split_once('.')?;
-                Some((hex.parse::<Digest>().ok()?, Encoding::parse(encoding)?))
+                let (hex, rest) = name.split_once('.')?;
+                let (made_here, encoding) = match rest.strip_prefix(MADE_HERE) {
+                    Some(encoding) => (true, encoding),
+                    None => (false, rest),
+                };
+                Some((
+                    hex.parse::<Digest>().ok()?,
+                    Encoding::parse(encoding)?,
+                    made_here,
+                ))
             });
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let entry = parsed.and_then(|(digest, encoding)| {
+            let entry = parsed.and_then(|(digest, encoding, made_here)| {
                 let entry = lru.peek_mut(&digest)?;
                 (entry.stored.is_none() && encoding != Encoding::Raw && len < entry.len)
-                    .then_some((entry, encoding))
+                    .then_some((entry, encoding, made_here))
             });
             match entry {
-                Some((entry, encoding)) => {
+                Some((entry, encoding, made_here)) => {
                     entry.stored = Some(Kept {
                         len,
                         encoding,
+                        made_here,
                         verified: false,
                     });
                     used += len;
@@ -106,28 +125,30 @@ pub(super) fn index_found(root: &Path, lru: &mut LruCache<Digest, Entry>) -> u64
 }
 
 impl ChunkStore {
-    fn stored_path(&self, digest: &Digest, encoding: Encoding) -> PathBuf {
+    fn stored_path(&self, digest: &Digest, kept: (Encoding, bool)) -> PathBuf {
         let hex = digest.to_hex();
+        let made = if kept.1 { MADE_HERE } else { "" };
         self.root
             .join(STORED_DIR)
             .join(&hex[..2])
-            .join(format!("{hex}.{}", encoding.as_str()))
+            .join(format!("{hex}.{made}{}", kept.0.as_str()))
     }
 
     /// Deletes a stored form's file (its entry is already gone or changed).
-    pub(super) fn remove_stored_file(&self, digest: &Digest, encoding: Encoding) {
-        let _ = fs::remove_file(self.stored_path(digest, encoding));
+    pub(super) fn remove_stored_file(&self, digest: &Digest, kept: Kept) {
+        let _ = fs::remove_file(self.stored_path(digest, (kept.encoding, kept.made_here)));
     }
 
     /// Keeps `bytes`, the stored form of the local chunk `digest` (verified by the
-    /// caller: they decode to the chunk), beside it. Passed over (`Ok(false)`) when the
-    /// chunk is not local, keeps a form already, or `bytes` are raw or not smaller.
-    /// Blocking.
+    /// caller: they decode to the chunk), beside it: as fetched, or `made_here` (encoded
+    /// by this node). Passed over (`Ok(false)`) when the chunk is not local, keeps a form
+    /// already, or `bytes` are raw or not smaller. Blocking.
     pub fn keep_stored_form(
         &self,
         digest: &Digest,
         encoding: Encoding,
         bytes: &[u8],
+        made_here: bool,
     ) -> Result<bool, ChunkStoreError> {
         let wanted = encoding != Encoding::Raw
             && self
@@ -138,7 +159,7 @@ impl ChunkStore {
         if !wanted {
             return Ok(false);
         }
-        let path = self.stored_path(digest, encoding);
+        let path = self.stored_path(digest, (encoding, made_here));
         let write_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ChunkStoreError::Write {
@@ -177,6 +198,7 @@ impl ChunkStore {
                 entry.stored = Some(Kept {
                     len: bytes.len() as u64,
                     encoding,
+                    made_here,
                     verified: true,
                 });
                 (true, true)
@@ -208,7 +230,7 @@ impl ChunkStore {
         let Some(kept) = self.index().lru.peek(digest).and_then(|e| e.stored) else {
             return Ok(None);
         };
-        let path = self.stored_path(digest, kept.encoding);
+        let path = self.stored_path(digest, (kept.encoding, kept.made_here));
         let file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -247,6 +269,7 @@ impl ChunkStore {
             file,
             len,
             encoding: kept.encoding,
+            as_fetched: !kept.made_here,
         }))
     }
 
@@ -271,7 +294,7 @@ impl ChunkStore {
             .collect();
         let mut dropped = 0;
         for (digest, len, form) in kept {
-            let path = self.stored_path(&digest, form.encoding);
+            let path = self.stored_path(&digest, (form.encoding, form.made_here));
             let Ok(file) = File::open(&path) else {
                 continue;
             };
@@ -352,16 +375,18 @@ mod tests {
         let (d, raw, stored) = chunk();
         // Not without its chunk.
         assert!(!store
-            .keep_stored_form(&d, Encoding::Blocks, &stored)
+            .keep_stored_form(&d, Encoding::Blocks, &stored, false)
             .unwrap());
         store.insert(&d, &raw).unwrap();
-        assert!(!store.keep_stored_form(&d, Encoding::Raw, &raw).unwrap());
+        assert!(!store
+            .keep_stored_form(&d, Encoding::Raw, &raw, false)
+            .unwrap());
         assert!(store
-            .keep_stored_form(&d, Encoding::Blocks, &stored)
+            .keep_stored_form(&d, Encoding::Blocks, &stored, false)
             .unwrap());
         assert!(
             !store
-                .keep_stored_form(&d, Encoding::Blocks, &stored)
+                .keep_stored_form(&d, Encoding::Blocks, &stored, false)
                 .unwrap(),
             "once"
         );
@@ -388,7 +413,7 @@ mod tests {
             let store = ChunkStore::open(dir.path(), 0).unwrap();
             store.insert(&d, &raw).unwrap();
             store
-                .keep_stored_form(&d, Encoding::Blocks, &stored)
+                .keep_stored_form(&d, Encoding::Blocks, &stored, false)
                 .unwrap();
         }
         // Found again, and right.
@@ -434,7 +459,7 @@ mod tests {
         stored[middle] ^= 0x40;
         // Kept as if verified (bytes that went bad on disk since).
         store
-            .keep_stored_form(&d, Encoding::Blocks, &stored)
+            .keep_stored_form(&d, Encoding::Blocks, &stored, false)
             .unwrap();
         let report = store.scrub(|_, _| {});
         assert!(report.dropped.is_empty(), "the chunk itself is right");
@@ -451,7 +476,7 @@ mod tests {
         let store = ChunkStore::open(dir.path(), budget).unwrap();
         store.insert(&d, &raw).unwrap();
         store
-            .keep_stored_form(&d, Encoding::Blocks, &stored)
+            .keep_stored_form(&d, Encoding::Blocks, &stored, false)
             .unwrap();
         assert!(store.contains(&d));
         // Another chunk pushes the cache over its budget: the first goes, form and all.

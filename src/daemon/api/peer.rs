@@ -50,7 +50,7 @@ const ENCODES_AT_ONCE: usize = 2;
 /// The bytes of chunk responses to peers that may be in flight (read from the files and
 /// not yet written to a socket) over all of them (`--peer-max-bytes-in-flight`).
 pub struct PeerBudget {
-    bytes: Arc<Semaphore>,
+    pub(super) bytes: Arc<Semaphore>,
     /// Room to encode a chunk that has no kept stored form ([`ENCODES_AT_ONCE`]).
     encodes: Arc<Semaphore>,
 }
@@ -68,7 +68,7 @@ impl PeerBudget {
 
     /// Room for the first piece of a `len`-byte response, or after [`BUDGET_WAIT`] the
     /// answer to send instead: 503 with Retry-After.
-    async fn first_piece(&self, len: u64) -> Result<OwnedSemaphorePermit, Response> {
+    pub(super) async fn first_piece(&self, len: u64) -> Result<OwnedSemaphorePermit, Response> {
         let wanted = len.min(PIECE) as u32;
         match tokio::time::timeout(BUDGET_WAIT, self.bytes.clone().acquire_many_owned(wanted)).await
         {
@@ -113,6 +113,9 @@ pub async fn peer_chunk(
         ));
     }
     let chunk = known_chunk(&state, digest, &query).await?;
+    if let Some(range) = headers.get(header::RANGE) {
+        return super::peer_ranges::ranged(&state, &chunk, range, &headers).await;
+    }
     // Room for the first piece before the fetch: a node sending all it may answers 503
     // at once rather than fetch for a peer that will ask the store instead.
     let permit = match state.peer_budget.first_piece(chunk.len).await {
@@ -135,11 +138,11 @@ pub async fn peer_chunk(
     .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
     let body = served_form(&state, fetched, &headers).await?;
     node.metrics.peer_served(body.len());
-    Ok(streamed(&state, body, permit))
+    Ok(streamed(&state, body, None, permit))
 }
 
 /// What a chunk response carries: the decoded chunk, or its stored form.
-enum Served {
+pub(super) enum Served {
     Decoded(ChunkFile),
     Stored(StoredForm),
 }
@@ -171,7 +174,7 @@ impl Served {
 
 /// The encodings the asker decodes (its `x-lazyblk-accept-stored-form`); none for an
 /// asker that did not name any.
-fn accepted(headers: &HeaderMap) -> Vec<Encoding> {
+pub(super) fn accepted(headers: &HeaderMap) -> Vec<Encoding> {
     headers
         .get_all(ACCEPT_STORED_FORM)
         .iter()
@@ -330,7 +333,7 @@ pub async fn chunk(
         Ok(permit) => permit,
         Err(busy) => return Ok(busy),
     };
-    Ok(streamed(&state, body, permit))
+    Ok(streamed(&state, body, None, permit))
 }
 
 /// A chunk's bytes held by a piece of a response, with their room in the budget: both
@@ -346,23 +349,40 @@ impl AsRef<[u8]> for Piece {
     }
 }
 
-/// The response that streams `body`, a [`PIECE`] at a time, each piece waiting for its
+/// The response that streams bytes `range` of `body` (all of it when `None`; then 200,
+/// else 206 with its Content-Range), a [`PIECE`] at a time, each piece waiting for its
 /// room in the peer budget (the first one's is `first`) and counted as sent to a peer.
 /// The chunk's file rides along, so the chunk is not evicted meanwhile.
-fn streamed(state: &ApiState, body: Served, first: OwnedSemaphorePermit) -> Response {
-    let len = body.len();
+pub(super) fn streamed(
+    state: &ApiState,
+    body: Served,
+    range: Option<std::ops::Range<u64>>,
+    first: OwnedSemaphorePermit,
+) -> Response {
+    let total = body.len();
     let encoding = body.encoding();
+    let (status, span) = match range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, r),
+        None => (StatusCode::OK, 0..total),
+    };
+    let content_range = format!(
+        "bytes {}-{}/{total}",
+        span.start,
+        span.end.saturating_sub(1)
+    );
     let budget = state.peer_budget.bytes.clone();
     let metrics = state.node.metrics.clone();
-    let pieces =
-        futures::stream::unfold((body, 0u64, Some(first)), move |(chunk, offset, first)| {
+    let end = span.end;
+    let pieces = futures::stream::unfold(
+        (body, span.start, Some(first)),
+        move |(chunk, offset, first)| {
             let budget = budget.clone();
             let metrics = metrics.clone();
             async move {
-                if offset >= chunk.len() {
+                if offset >= end {
                     return None;
                 }
-                let n = PIECE.min(chunk.len() - offset);
+                let n = PIECE.min(end - offset);
                 let room = match first {
                     Some(room) => room,
                     None => budget.acquire_many_owned(n as u32).await.ok()?,
@@ -370,18 +390,19 @@ fn streamed(state: &ApiState, body: Served, first: OwnedSemaphorePermit) -> Resp
                 let mut bytes = vec![0u8; n as usize];
                 if let Err(e) = chunk.read_at(offset, &mut bytes) {
                     tracing::warn!(error = %e, "reading a chunk for a peer");
-                    let end = chunk.len();
                     return Some((Err(std::io::Error::other(e)), (chunk, end, None)));
                 }
                 metrics.peer_bytes_sent(n);
                 let piece = Bytes::from_owner(Piece { bytes, _room: room });
                 Some((Ok(piece), (chunk, offset + n, None)))
             }
-        });
-    (
+        },
+    );
+    let mut response = (
+        status,
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_LENGTH, (span.end - span.start).to_string()),
             (
                 header::HeaderName::from_static(CHUNK_ENCODING),
                 encoding.as_str().to_string(),
@@ -389,5 +410,11 @@ fn streamed(state: &ApiState, body: Served, first: OwnedSemaphorePermit) -> Resp
         ],
         Body::from_stream(pieces),
     )
-        .into_response()
+        .into_response();
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(value) = header::HeaderValue::from_str(&content_range) {
+            response.headers_mut().insert(header::CONTENT_RANGE, value);
+        }
+    }
+    response
 }
