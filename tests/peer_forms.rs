@@ -174,10 +174,8 @@ fn a_wave_carries_the_stored_form_on_peer_links() {
         worst <= 1.1,
         "a node received {worst:.2}x the template's stored bytes over its peer links"
     );
-    assert!(
-        sent <= total_received * 1.05 + 65536.0,
-        "sent {sent}, received {total_received}"
-    );
+    // (Owners may send more than readers count as received: a read that a hedge
+    // answered first drops its peer's body midway.)
 }
 
 /// What a fake peer does with a chunk it is asked for.

@@ -2,9 +2,12 @@
 //! nodes, chosen by rendezvous hashing over their ids (so a node that comes or goes
 //! moves only its own share of chunks). A node missing a chunk asks the owner
 //! (`GET {owner}/v1/peer/chunks/{digest}?len=N&template=ID&index=I`), which answers
-//! from its cache or
-//! fetches the chunk once from the store. An owner never asks a peer to fetch for it:
-//! its own fetches and those it makes for peers use the store, so requests cannot loop.
+//! from its cache or fetches the chunk once from the store, and sends the chunk's stored
+//! form (the bytes the store sent, zstd blocks) with its encoding named
+//! ([`crate::transport`]). A small read asks the owner for a range of that form
+//! ([`PeerSet::fetch_range`]) when the owner holds it. An owner never asks a peer to
+//! fetch for it: its own fetches and those it makes for peers use the store, so requests
+//! cannot loop.
 //!
 //! The fallback. When the owners and the store have failed (a store outage), a read
 //! asks the next nodes in rendezvous order for the chunk from their caches
