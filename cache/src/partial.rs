@@ -17,8 +17,8 @@
 //! chunk is local or being fetched whole already, it is not stored in blocks (format 1
 //! and 2 stores, incompressible chunks stored raw), no source serves ranges (origins
 //! serve whole chunks; an owner among the peers serves ranges only of a chunk it holds,
-//! see [`crate::peers::PeerSet::fetch_range`]), a block failed its check (then the whole chunk's own
-//! fetch tries every source and verifies), the chunk is being read in sequence
+//! see [`crate::peers::PeerSet::fetch_range`]), a block failed its check (then the whole
+//! chunk's own fetch tries every source and verifies), the chunk is being read in sequence
 //! ([`SEQUENTIAL_READS`] reads in a row, each where the last ended), or reads of it
 //! already fetched half of its blocks in pieces.
 

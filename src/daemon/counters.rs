@@ -270,7 +270,7 @@ impl DaemonMetrics {
             );
             r.register(
                 "peer_bytes_received",
-                "Bytes of chunk bodies received from peers, over all of them (the peer links' incoming bytes)",
+                "Bytes of whole chunk bodies (and ranges) received from peers, over all of them (the peer links' incoming bytes)",
                 m.peer_bytes_received.clone(),
             );
             r.register(
