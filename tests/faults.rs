@@ -128,9 +128,13 @@ async fn answer(mut socket: TcpStream, origin: Arc<Origin>) {
         Ok(response) if response.status().is_success() => response.bytes().await.ok(),
         _ => None,
     };
-    // An origin daemon serves chunks from its cache, raw: decode the store's zstd frame.
+    // An origin daemon that names no encoding serves chunks from its cache, raw: decode
+    // the store's zstd frame or blocks (format 3, a zstd stream after a skippable frame).
+    let encoded = |s: &[u8]| {
+        s.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) || s.starts_with(&support::BLOCKS_MAGIC)
+    };
     let chunk = chunk.map(|stored| match zstd::stream::decode_all(&stored[..]) {
-        Ok(raw) if stored.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) => bytes::Bytes::from(raw),
+        Ok(raw) if encoded(&stored) => bytes::Bytes::from(raw),
         _ => stored,
     });
     let Some(chunk) = chunk else {

@@ -12,7 +12,9 @@
 //! Where it happens: publish, commit uploads and resize encode ([`encode`]); the fetch
 //! planner decodes and verifies what any transport brought ([`decode`]); the store
 //! verifies uploads and scrubs with [`StoredVerifier`], which streams. The node's cache
-//! keeps chunks decoded (see the crate header).
+//! keeps chunks decoded (see the crate header), and in a fleet also the stored form of
+//! those it fetched from the store, which it serves to peers as it came
+//! ([`crate::chunk_store::StoredForm`]).
 
 use std::borrow::Cow;
 
@@ -47,6 +49,23 @@ impl Encoding {
             Encoding::Raw => "raw",
             Encoding::Zstd => "zstd",
             Encoding::Blocks => "zstd-blocks",
+        }
+    }
+
+    /// The encoding named `name` ([`Encoding::as_str`]'s names).
+    pub fn parse(name: &str) -> Option<Encoding> {
+        [Encoding::Raw, Encoding::Zstd, Encoding::Blocks]
+            .into_iter()
+            .find(|e| e.as_str() == name)
+    }
+
+    /// Whether `stored` begins as a stored form in this encoding does (its magic
+    /// number; raw bytes may begin with anything).
+    pub fn begins(self, stored: &[u8]) -> bool {
+        match self {
+            Encoding::Raw => true,
+            Encoding::Zstd => stored.starts_with(&ZSTD_MAGIC),
+            Encoding::Blocks => stored.starts_with(&crate::blocks::BLOCKS_MAGIC),
         }
     }
 }

@@ -16,7 +16,8 @@
 //! (a fill's on the low-priority threads); bytes that are not the chunk are discarded,
 //! counted, logged with template, chunk index, source and node, held against the source
 //! (or the one peer) that sent them, and the next source is tried. Only verified bytes
-//! are served or written.
+//! are served or written; a fleet member writes the stored form they came as beside
+//! them when it is to serve peers that form ([`crate::stored_forms`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -161,6 +162,9 @@ pub struct ChunkCache {
     health: CacheHealth,
     /// Blocks of chunks read in part ([`crate::partial`]).
     pub(crate) partial: crate::block_memory::Partial,
+    /// Whether chunks fetched from the store or an origin keep their stored form
+    /// beside them, to serve peers ([`crate::stored_forms`]).
+    pub(crate) keep_stored_forms: bool,
 }
 
 impl ChunkCache {
@@ -179,6 +183,7 @@ impl ChunkCache {
             hedging: Hedging::default(),
             health: CacheHealth::default(),
             partial: crate::block_memory::Partial::default(),
+            keep_stored_forms: false,
         }
     }
 

@@ -13,6 +13,8 @@
 //!   the fleet's peers, an object store read directly).
 //! - [`transport`]: HTTP and object-store transports, and [`SourceError`].
 //! - [`peers`]: the fleet's live nodes and chunk ownership by rendezvous hashing.
+//! - [`stored_forms`]: which chunks keep the stored form they came as (zstd blocks),
+//!   so a fleet member serves peers what the store sends, not the decoded chunk.
 //! - [`planner`]: the fetch plan: which sources a template's chunks come from and in
 //!   which order ([`SourcePlan`]: origins, the owners among the peers, the store or the
 //!   object store, the peers' caches), slots per priority (demand, prefetch, fill;
@@ -80,9 +82,12 @@ pub mod pins;
 pub mod planner;
 pub mod readahead;
 pub mod source;
+pub mod stored_forms;
 pub mod transport;
 
-pub use chunk_store::{file_resident, ChunkFile, ChunkStore, ChunkStoreError, ScrubReport};
+pub use chunk_store::{
+    file_resident, ChunkFile, ChunkStore, ChunkStoreError, ScrubReport, StoredForm,
+};
 pub use digest::Digest;
 pub use fetch::{
     CacheHealth, CacheUsage, Chunk, ChunkCache, ChunkRef, FetchError, FetchObserver, NoObserver,

@@ -15,9 +15,11 @@
 //!
 //! When a read takes the whole chunk instead ([`ChunkCache::read_blocks`] says no): the
 //! chunk is local or being fetched whole already, it is not stored in blocks (format 1
-//! and 2 stores, incompressible chunks stored raw), no source serves ranges (origins and
-//! peers serve whole chunks), a block failed its check (then the whole chunk's own
-//! fetch tries every source and verifies), the chunk is being read in sequence
+//! and 2 stores, incompressible chunks stored raw), no source serves ranges (origins
+//! serve whole chunks; an owner among the peers serves ranges only of a chunk it holds,
+//! see [`crate::peers::PeerSet::fetch_range`]), a block failed its check (then the whole
+//! chunk's own fetch tries every source and verifies; blocks from a peer that fail are
+//! held against that one node), the chunk is being read in sequence
 //! ([`SEQUENTIAL_READS`] reads in a row, each where the last ended), or reads of it
 //! already fetched half of its blocks in pieces.
 //!
@@ -268,9 +270,10 @@ impl Want for Table {
         deadline: Duration,
     ) -> Result<Answer<Option<BlockTable>>, SourceError> {
         let head = 0..table_len(self.count) as u64;
-        let table = match source.fetch_range(&chunk.digest, head, deadline).await {
-            // A table's offsets are checked by the blocks' sha256 that follow.
-            Ok(bytes) => BlockTable::parse(&bytes, Some(chunk.len), chunk.len).ok(),
+        let table = match source.fetch_range(chunk, head, deadline).await {
+            // A table's offsets are checked by the blocks' sha256 that follow (so no
+            // node is vouched for here).
+            Ok(fetched) => BlockTable::parse(&fetched.bytes, Some(chunk.len), chunk.len).ok(),
             // A stored object shorter than a table (clipped to its end, or refused as
             // past it), or a whole body where a range was asked for.
             Err(
@@ -317,9 +320,8 @@ impl Want for Blocks {
     ) -> Result<Answer<Vec<Bytes>>, SourceError> {
         let started = Instant::now();
         let range = self.table.offsets[self.from]..self.table.offsets[self.to + 1];
-        let stored = source
-            .fetch_range(&chunk.digest, range.clone(), deadline)
-            .await?;
+        let fetched = source.fetch_range(chunk, range.clone(), deadline).await?;
+        let (stored, node) = (fetched.bytes, fetched.node);
         let stored_len = stored.len() as u64;
         let (table, hashes, blocks, len) = (
             self.table.clone(),
@@ -342,11 +344,12 @@ impl Want for Blocks {
                 index = chunk.index,
                 digest = %chunk.digest,
                 source = source.name(),
+                node = node.as_deref().unwrap_or("-"),
                 blocks = ?(self.from..=self.to),
                 "blocks of a chunk did not match the block index; reading the chunk whole"
             );
             cache.observer.corrupt(chunk, source.name());
-            return Ok(Answer::Corrupt { node: None });
+            return Ok(Answer::Corrupt { node });
         };
         let raw: u64 = verified.iter().map(|b| b.len() as u64).sum();
         cache
@@ -354,7 +357,7 @@ impl Want for Blocks {
             .fetched_blocks(chunk, source.name(), raw, stored_len, started.elapsed());
         Ok(Answer::Verified {
             value: verified,
-            node: None,
+            node,
         })
     }
 }

@@ -2,9 +2,12 @@
 //! nodes, chosen by rendezvous hashing over their ids (so a node that comes or goes
 //! moves only its own share of chunks). A node missing a chunk asks the owner
 //! (`GET {owner}/v1/peer/chunks/{digest}?len=N&template=ID&index=I`), which answers
-//! from its cache or
-//! fetches the chunk once from the store. An owner never asks a peer to fetch for it:
-//! its own fetches and those it makes for peers use the store, so requests cannot loop.
+//! from its cache or fetches the chunk once from the store, and sends the chunk's stored
+//! form (the bytes the store sent, zstd blocks) with its encoding named
+//! ([`crate::transport`]). A small read asks the owner for a range of that form
+//! ([`PeerSet::fetch_range`]) when the owner holds it. An owner never asks a peer to
+//! fetch for it: its own fetches and those it makes for peers use the store, so requests
+//! cannot loop.
 //!
 //! The fallback. When the owners and the store have failed (a store outage), a read
 //! asks the next nodes in rendezvous order for the chunk from their caches
@@ -351,6 +354,64 @@ impl PeerSet {
         );
         self.fetch_from(self.owners(digest), &path, len, deadline, "peers")
             .await
+    }
+
+    /// Fetches bytes `range` of `chunk`'s stored form (its blocks, for a small read:
+    /// [`crate::partial`]) from an owner that holds the chunk as the store sent it. An
+    /// owner does not fetch for a range: one without it answers 404 or 416 at once, and
+    /// the read asks the store. Whatever the owners said, a failure is reported as
+    /// passed over (the peers keep their health here, per peer), so a chunk no owner
+    /// holds does not demote the peers for whole chunks. With the bytes, the id of the
+    /// owner that sent them: blocks that fail their check are held against it alone
+    /// ([`PeerSet::distrust`]).
+    pub async fn fetch_range(
+        &self,
+        chunk: &ChunkRef,
+        range: std::ops::Range<u64>,
+        deadline: Duration,
+    ) -> Result<(Bytes, String), SourceError> {
+        let passed_over = |why: &str| SourceError::Skipped {
+            source_name: "peers".into(),
+            why: why.to_string(),
+        };
+        if crate::manifest::validate_id(&chunk.template).is_err() {
+            return Err(passed_over("no template an owner could know"));
+        }
+        let started = Instant::now();
+        for node in self.owners(&chunk.digest) {
+            let left = deadline.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let Some(attempt) = self.attempt(&node.id) else {
+                continue;
+            };
+            let source = HttpSource::new(self.clients.clone(), &node.url, self.token.clone());
+            let url = format!(
+                "{}/v1/peer/chunks/{}?len={}&template={}&index={}",
+                node.url, chunk.digest, chunk.len, chunk.template, chunk.index
+            );
+            let fetched = source.fetch_range_url(&url, range.clone(), left).await;
+            let took = attempt.started.elapsed();
+            match fetched {
+                Ok(bytes) => {
+                    attempt.settle(Outcome::Answered);
+                    self.count(&node.id, |s| {
+                        s.bytes += bytes.len() as u64;
+                        s.seconds += took.as_secs_f64();
+                    });
+                    return Ok((bytes, node.id));
+                }
+                // Alive: it does not hold the chunk in a form it serves ranges of (or is
+                // from before ranges, and sent the whole chunk).
+                Err(SourceError::Status { .. }) => attempt.settle(Outcome::Answered),
+                Err(e) => {
+                    attempt.settle(Outcome::Failed(took));
+                    tracing::debug!(peer = %node.id, error = %e, "peer range failed; passing it over");
+                }
+            }
+        }
+        Err(passed_over("no owner holds the chunk's stored form"))
     }
 
     /// Fetches `digest` from the caches of the next nodes in rendezvous order (see the

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::digest::Digest;
 use crate::fetch::ChunkRef;
 use crate::peers::PeerSet;
 
@@ -21,8 +20,9 @@ pub use crate::transport::{HttpClients, HttpSource, ObjectSource, SourceError};
 /// The name of [`Source::PeerCaches`] in logs and metrics.
 pub const PEER_CACHES: &str = "peer-caches";
 
-/// What a source sent for a chunk: its bytes (unverified) and, for a source of several
-/// nodes, the id of the node that sent them.
+/// What a source sent for a chunk, or for a range of its stored form: the bytes
+/// (unverified: a stored form, raw, a zstd frame or zstd blocks, which the fetch decodes
+/// and checks) and, for a source of several nodes, the id of the node that sent them.
 #[derive(Clone, Debug)]
 pub struct Fetched {
     pub bytes: Bytes,
@@ -124,7 +124,7 @@ impl Source {
                         });
                     }
                 }
-                http.fetch(digest, len, deadline).await.map(whole)
+                http.fetch_from_node(digest, len, deadline).await.map(whole)
             }
             Source::Peers(p) => p.fetch(chunk, deadline).await.map(from),
             Source::PeerCaches(p) => p.fetch_cached(digest, len, deadline).await.map(from),
@@ -148,29 +148,40 @@ impl Source {
         }
     }
 
-    /// Whether the source serves byte ranges of a chunk's stored object (the store's
-    /// objects, over HTTP or directly); origins and peers serve whole chunks.
+    /// Whether the source serves byte ranges of a chunk's stored object: the store's
+    /// objects (over HTTP or directly), and the owners among the peers, of the chunks
+    /// they hold as the store sent them ([`PeerSet::fetch_range`]); origins and the
+    /// peers' caches serve whole chunks.
     pub fn serves_ranges(&self) -> bool {
-        matches!(self, Source::Http(_) | Source::Object(_))
+        matches!(self, Source::Http(_) | Source::Object(_) | Source::Peers(_))
     }
 
     /// Fetches bytes `range` of the chunk's stored object (unverified; the caller checks
-    /// each block against the block index).
+    /// each block against the block index), with the node that sent them when the
+    /// source is several nodes (an owner among the peers), so that blocks that are not
+    /// their index entries are held against that node alone ([`Source::distrust`]).
     pub async fn fetch_range(
         &self,
-        digest: &Digest,
+        chunk: &ChunkRef,
         range: std::ops::Range<u64>,
         deadline: Duration,
-    ) -> Result<Bytes, SourceError> {
+    ) -> Result<Fetched, SourceError> {
+        let whole = |bytes| Fetched { bytes, node: None };
+        let digest = &chunk.digest;
         match self {
-            Source::Http(s) => s.fetch_range(digest, range, deadline).await,
-            Source::Object(o) => o.fetch_range(digest, range, deadline).await,
-            Source::Origin { .. } | Source::Peers(_) | Source::PeerCaches(_) => {
-                Err(SourceError::Skipped {
-                    source_name: self.name().to_string(),
-                    why: "serves whole chunks only".into(),
-                })
-            }
+            Source::Http(s) => s.fetch_range(digest, range, deadline).await.map(whole),
+            Source::Object(o) => o.fetch_range(digest, range, deadline).await.map(whole),
+            Source::Peers(p) => p
+                .fetch_range(chunk, range, deadline)
+                .await
+                .map(|(bytes, node)| Fetched {
+                    bytes,
+                    node: Some(node),
+                }),
+            Source::Origin { .. } | Source::PeerCaches(_) => Err(SourceError::Skipped {
+                source_name: self.name().to_string(),
+                why: "serves whole chunks only".into(),
+            }),
         }
     }
 }

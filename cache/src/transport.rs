@@ -1,7 +1,14 @@
-//! The transports that move a chunk's stored bytes (raw or a zstd frame, at most the
-//! chunk's size; unverified: [`crate::fetch`] decodes and verifies):
+//! The transports that move a chunk's stored bytes (raw, a zstd frame or zstd blocks,
+//! at most the chunk's size; unverified: [`crate::fetch`] decodes and verifies):
 //! HTTP (`GET {base}/v1/chunks/{digest}`, a store server or another daemon) and an
 //! object store read directly, and the error every source reports.
+//!
+//! Another daemon (a peer, an origin) is asked for the stored form
+//! ([`ACCEPT_STORED_FORM`], naming the encodings this node decodes) and names the
+//! encoding of what it sends ([`CHUNK_ENCODING`]). A body it names encoded must be
+//! smaller than the chunk; one it names raw, or one without the header (a daemon from
+//! before stored forms, during a rolling upgrade), is the decoded chunk, exactly its
+//! length. Either way the bytes are decoded and verified like the store's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +16,17 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::digest::Digest;
+use crate::encoding::Encoding;
+
+/// Request header to another daemon: the encodings of a chunk's stored form the asker
+/// decodes (comma-separated [`Encoding::as_str`] names). Without it a daemon sends the
+/// decoded chunk, as daemons did before stored forms.
+pub const ACCEPT_STORED_FORM: &str = "x-lazyblk-accept-stored-form";
+/// Response header of a daemon's chunk: the encoding of the body
+/// ([`Encoding::as_str`]); `raw` is the decoded chunk.
+pub const CHUNK_ENCODING: &str = "x-lazyblk-chunk-encoding";
+/// What this node asks another daemon for: every encoded form it decodes.
+const ACCEPTED_FORMS: &str = "zstd-blocks, zstd";
 
 /// Why one source could not give a chunk.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +51,12 @@ pub enum SourceError {
         got: u64,
         expected: u64,
     },
+    /// A daemon named an encoding this node does not know for the body it sent.
+    #[error("{source_name}: a body in an unknown encoding {encoding:?}")]
+    Encoding {
+        source_name: String,
+        encoding: String,
+    },
     /// The source does not apply to this chunk now (this node owns it; an origin that
     /// is not a live member): passed over without counting against its health.
     #[error("{source_name}: passed over: {why}")]
@@ -49,6 +73,7 @@ impl SourceError {
             SourceError::Unreachable { .. } | SourceError::Timeout { .. } => true,
             SourceError::Status { status, .. } => *status >= 500,
             SourceError::Length { .. } => true,
+            SourceError::Encoding { .. } => false,
             SourceError::Skipped { .. } => false,
             SourceError::Object { .. } => true,
         }
@@ -231,18 +256,41 @@ impl HttpSource {
         deadline: Duration,
     ) -> Result<Bytes, SourceError> {
         let url = format!("{}/v1/chunks/{}", self.base, digest);
-        self.fetch_url(&url, len, deadline).await
+        self.fetch_within(&url, len, deadline, Server::Store).await
     }
 
-    /// Fetches the stored bytes of a chunk of `len` bytes (at most `len`) from `url`
-    /// within `deadline`.
+    /// Fetches a chunk of `len` bytes from another daemon (an origin) at its
+    /// `/v1/chunks/{digest}`: its stored form when it keeps one (see the module header).
+    pub(crate) async fn fetch_from_node(
+        &self,
+        digest: &Digest,
+        len: u64,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        let url = format!("{}/v1/chunks/{}", self.base, digest);
+        self.fetch_within(&url, len, deadline, Server::Daemon).await
+    }
+
+    /// Fetches a chunk of `len` bytes from another daemon's `url` within `deadline`: its
+    /// stored form (smaller than `len`) or the decoded chunk (exactly `len`), as the
+    /// daemon's [`CHUNK_ENCODING`] says (see the module header).
     pub async fn fetch_url(
         &self,
         url: &str,
         len: u64,
         deadline: Duration,
     ) -> Result<Bytes, SourceError> {
-        match tokio::time::timeout(deadline, self.fetch_body(url, len, None)).await {
+        self.fetch_within(url, len, deadline, Server::Daemon).await
+    }
+
+    async fn fetch_within(
+        &self,
+        url: &str,
+        len: u64,
+        deadline: Duration,
+        server: Server,
+    ) -> Result<Bytes, SourceError> {
+        match tokio::time::timeout(deadline, self.fetch_body(url, len, None, server)).await {
             Ok(result) => result,
             Err(_) => Err(SourceError::Timeout {
                 source_name: self.base.clone(),
@@ -264,7 +312,25 @@ impl HttpSource {
             &self.base,
             len,
             deadline,
-            self.fetch_body(&url, len, Some(range)),
+            self.fetch_body(&url, len, Some(range), Server::Store),
+        )
+        .await
+    }
+
+    /// Fetches bytes `range` of the stored form another daemon serves at `url` (exactly
+    /// those, in an encoding it names, or an error).
+    pub(crate) async fn fetch_range_url(
+        &self,
+        url: &str,
+        range: std::ops::Range<u64>,
+        deadline: Duration,
+    ) -> Result<Bytes, SourceError> {
+        let len = range.end - range.start;
+        exactly(
+            &self.base,
+            len,
+            deadline,
+            self.fetch_body(url, len, Some(range), Server::Daemon),
         )
         .await
     }
@@ -274,6 +340,7 @@ impl HttpSource {
         url: &str,
         len: u64,
         range: Option<std::ops::Range<u64>>,
+        server: Server,
     ) -> Result<Bytes, SourceError> {
         let unreachable = |e: reqwest::Error| SourceError::Unreachable {
             source_name: self.base.clone(),
@@ -282,6 +349,9 @@ impl HttpSource {
         let mut request = self.clients.current().get(url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
+        }
+        if server == Server::Daemon {
+            request = request.header(ACCEPT_STORED_FORM, ACCEPTED_FORMS);
         }
         let ranged = range.is_some();
         if let Some(range) = range {
@@ -309,6 +379,10 @@ impl HttpSource {
             got,
             expected: len,
         };
+        let encoding = match server {
+            Server::Store => None,
+            Server::Daemon => Some(self.named_encoding(response.headers())?),
+        };
         let declared = response.content_length();
         if let Some(declared) = declared {
             if declared > len {
@@ -326,8 +400,43 @@ impl HttpSource {
         if declared.is_some_and(|d| d != body.len() as u64) {
             return Err(length_error(body.len() as u64));
         }
+        // A decoded chunk is its length; a stored form is smaller (else it is stored raw).
+        // A range is of a stored form (its length is checked by the caller).
+        let fits = match (ranged, encoding) {
+            (_, None) => true,
+            (true, Some(encoding)) => encoding != Encoding::Raw,
+            (false, Some(Encoding::Raw)) => body.len() as u64 == len,
+            (false, Some(_)) => (body.len() as u64) < len,
+        };
+        if !fits {
+            return Err(length_error(body.len() as u64));
+        }
         Ok(crate::buffers::into_bytes(body))
     }
+
+    /// The encoding a daemon named for its body: raw (the decoded chunk) when it named
+    /// none, as daemons from before stored forms do.
+    fn named_encoding(
+        &self,
+        headers: &reqwest::header::HeaderMap,
+    ) -> Result<Encoding, SourceError> {
+        let Some(value) = headers.get(CHUNK_ENCODING) else {
+            return Ok(Encoding::Raw);
+        };
+        let name = String::from_utf8_lossy(value.as_bytes()).trim().to_string();
+        Encoding::parse(&name).ok_or(SourceError::Encoding {
+            source_name: self.base.clone(),
+            encoding: name,
+        })
+    }
+}
+
+/// What kind of server a chunk is fetched from: the store (its objects are stored forms,
+/// told apart by their bytes) or another daemon (which names its body's encoding).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Store,
+    Daemon,
 }
 
 #[cfg(test)]

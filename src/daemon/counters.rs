@@ -106,9 +106,16 @@ pub struct DaemonMetrics {
     pub cache_degraded: Gauge,
     pub cache_write_failures: Gauge<u64, AtomicU64>,
     pub cache_corrupt_files: Gauge<u64, AtomicU64>,
-    /// Chunks and bytes this node served to peers as their owner.
+    /// Chunks and bytes this node served to peers as their owner (bytes as sent: the
+    /// stored form where the peer took it).
     peer_chunks_served: Counter,
     peer_bytes_served: Counter,
+    /// Bytes of chunk bodies this node handed to peers' connections, from both chunk
+    /// endpoints (what its peer links carry out).
+    peer_bytes_sent: Counter,
+    /// Bytes of chunk bodies received from peers, over all of them (what its peer links
+    /// carry in).
+    peer_bytes_received: Gauge<u64, AtomicU64>,
     peer_fetched_bytes: Family<PeerLabel, Gauge<u64, AtomicU64>>,
     peer_fetched_chunks: Family<PeerLabel, Gauge<u64, AtomicU64>>,
     peer_failures: Family<PeerLabel, Gauge<u64, AtomicU64>>,
@@ -147,6 +154,8 @@ impl DaemonMetrics {
             cache_corrupt_files: Gauge::default(),
             peer_chunks_served: Counter::default(),
             peer_bytes_served: Counter::default(),
+            peer_bytes_sent: Counter::default(),
+            peer_bytes_received: Gauge::default(),
             peer_fetched_bytes: Family::default(),
             peer_fetched_chunks: Family::default(),
             peer_failures: Family::default(),
@@ -274,8 +283,18 @@ impl DaemonMetrics {
             );
             r.register(
                 "peer_bytes_served",
-                "Bytes this node served to peers as their owner",
+                "Bytes this node served to peers as their owner, as sent (the stored form where the peer took it)",
                 m.peer_bytes_served.clone(),
+            );
+            r.register(
+                "peer_bytes_sent",
+                "Bytes of chunk bodies sent to peers from both chunk endpoints (the peer links' outgoing bytes)",
+                m.peer_bytes_sent.clone(),
+            );
+            r.register(
+                "peer_bytes_received",
+                "Bytes of whole chunk bodies (and ranges) received from peers, over all of them (the peer links' incoming bytes)",
+                m.peer_bytes_received.clone(),
             );
             r.register(
                 "peer_fetched_bytes",
@@ -337,6 +356,8 @@ impl DaemonMetrics {
         &self,
         stats: &std::collections::BTreeMap<String, lazyblk_cache::PeerStats>,
     ) {
+        self.peer_bytes_received
+            .set(stats.values().map(|st| st.bytes).sum());
         for (peer, st) in stats {
             let label = PeerLabel { peer: peer.clone() };
             self.peer_fetched_bytes.get_or_create(&label).set(st.bytes);
@@ -351,6 +372,11 @@ impl DaemonMetrics {
     pub fn peer_served(&self, bytes: u64) {
         self.peer_chunks_served.inc();
         self.peer_bytes_served.inc_by(bytes);
+    }
+
+    /// A piece of a chunk body handed to a peer's connection.
+    pub fn peer_bytes_sent(&self, bytes: u64) {
+        self.peer_bytes_sent.inc_by(bytes);
     }
 
     /// Records one finished request of a frontend; `command` is the NBD command's name,

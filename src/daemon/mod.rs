@@ -94,7 +94,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let deadline = Duration::from_secs_f64(args.source_deadline.max(0.1));
     let read_budget = Duration::from_secs_f64(args.read_deadline.max(0.1));
     let cache = Arc::new(
-        ChunkCache::new(chunk_store, metrics.clone(), deadline).with_read_budget(read_budget),
+        ChunkCache::new(chunk_store, metrics.clone(), deadline)
+            .with_read_budget(read_budget)
+            // A fleet member serves peers the stored form of the chunks it fetches.
+            .with_stored_forms(args.advertise.is_some() || args.peers.is_some()),
     );
     let store = crate::store::client::connect(
         &args.store,

@@ -1,6 +1,7 @@
 //! The chunk index: every chunk on disk in least-recently-used order with its open
 //! file, what is verified and synced, the claims on it; and eviction, which takes
-//! chunks out of the index under its lock and unlinks their files after it.
+//! chunks out of the index under its lock and unlinks their files after it (a chunk's
+//! kept stored form with it).
 
 use std::fs::{self, File};
 use std::sync::atomic::Ordering;
@@ -8,6 +9,7 @@ use std::sync::{Arc, MutexGuard};
 
 use lru::LruCache;
 
+use super::stored_form::Kept;
 use super::{ChunkStore, MAX_OPEN_CHUNK_FILES};
 use crate::digest::Digest;
 use crate::pins::Pins;
@@ -45,6 +47,15 @@ pub(super) struct Entry {
     /// found at start is not known to be: the daemon may have died before the kernel
     /// wrote it back.
     pub(super) synced: bool,
+    /// The chunk's stored form kept beside it, if any (see `stored_form`).
+    pub(super) stored: Option<Kept>,
+}
+
+impl Entry {
+    /// Bytes the chunk takes on disk: its file and its stored form.
+    pub(super) fn disk_len(&self) -> u64 {
+        self.len + self.stored.as_ref().map_or(0, |k| k.len)
+    }
 }
 
 pub(super) struct Index {
@@ -68,7 +79,7 @@ impl Index {
     /// Takes a chunk's entry out, with the byte, open-file and generation counts.
     pub(super) fn forget(&mut self, digest: &Digest) -> Option<Entry> {
         let gone = self.lru.pop(digest)?;
-        self.used -= gone.len;
+        self.used -= gone.disk_len();
         self.generation += 1;
         if gone.file.is_some() {
             self.open_files -= 1;
@@ -118,8 +129,12 @@ impl ChunkStore {
         for (digest, entry) in doomed {
             // The entry's open file (if any) closes first, while the name still holds
             // the inode: the close is cheap, and the unlink frees it.
-            drop(entry);
+            let kept = entry.stored;
+            drop(entry.file);
             let _ = fs::remove_file(self.chunk_path(&digest));
+            if let Some(kept) = kept {
+                self.remove_stored_file(&digest, kept);
+            }
             self.evictions.fetch_add(1, Ordering::Relaxed);
             digests.push(digest);
         }
@@ -153,7 +168,7 @@ impl ChunkStore {
             }
             if !in_use(entry) && !index.pins.is_pinned(digest) {
                 victims.push(*digest);
-                excess = excess.saturating_sub(entry.len);
+                excess = excess.saturating_sub(entry.disk_len());
             }
         }
         let doomed = victims

@@ -23,10 +23,15 @@
 //! whose bytes do not match its name is deleted, counted and reported as absent, so the
 //! caller fetches it again. [`ChunkStore::scrub`] checks every file on demand.
 //!
+//! A chunk may also keep its stored form (the encoded bytes it came as from the store,
+//! for serving peers): `stored/<2 hex>/<64 hex>.<encoding>`, counted in the budget with
+//! its chunk and deleted with it (`stored_form`).
+//!
 //! Layout: this file opens the store and answers what it holds; `index` is the
 //! least-recently-used index and eviction; `write` writes chunk files and makes them
 //! durable; `verify` opens them for reading, hashing on first open, and scrubs;
-//! `claims` pins chunks for their owners; `file` is [`ChunkFile`], one open chunk.
+//! `claims` pins chunks for their owners; `stored_form` keeps, serves and checks the
+//! stored forms beside their chunks; `file` is [`ChunkFile`], one open chunk.
 
 use std::fs::{self, File};
 use std::io;
@@ -42,10 +47,12 @@ use crate::pins::Pins;
 mod claims;
 mod file;
 mod index;
+mod stored_form;
 mod verify;
 mod write;
 pub use file::{file_resident, ChunkFile};
 use index::{Entry, Index, IndexGuard};
+pub use stored_form::StoredForm;
 pub use verify::ScrubReport;
 
 /// How many chunk files stay open for reading at once. An open file saves an `open`
@@ -129,9 +136,11 @@ impl ChunkStore {
                     file: None,
                     verified: false,
                     synced: false,
+                    stored: None,
                 },
             );
         }
+        used += stored_form::index_found(root, &mut lru);
         Ok(ChunkStore {
             root: root.to_path_buf(),
             budget,

@@ -1,5 +1,6 @@
 //! Reading chunk files back: a file this daemon did not write is hashed at its first
-//! open and dropped when its bytes do not match its name; a scrub hashes them all.
+//! open and dropped when its bytes do not match its name; a scrub hashes them all (and
+//! checks the kept stored forms, `stored_form`).
 
 use std::fs::{self, File};
 use std::io;
@@ -26,7 +27,7 @@ pub struct ScrubReport {
 
 /// Buffer for hashing a chunk file: large enough for few system calls, small enough
 /// that a scrub holds little memory.
-const VERIFY_BUFFER: usize = 256 << 10;
+pub(super) const VERIFY_BUFFER: usize = 256 << 10;
 
 impl ChunkStore {
     /// The local chunk when its file is open already (and so verified), marked recently
@@ -108,15 +109,18 @@ impl ChunkStore {
     /// copy that will replace it.
     pub(super) fn drop_corrupt(&self, digest: &Digest) {
         let mut index = self.index();
-        index.forget(digest);
+        let gone = index.forget(digest);
         let _ = fs::remove_file(self.chunk_path(digest));
         drop(index);
+        if let Some(kept) = gone.and_then(|e| e.stored) {
+            self.remove_stored_file(digest, kept);
+        }
         self.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::error!(chunk = %digest, "cached chunk file does not match its digest; dropped, it will be fetched again");
     }
 
     /// Hashes every chunk file on disk and drops the ones whose bytes do not match
-    /// their names. `progress` is called after each chunk with (bytes done, bytes in all).
+    /// their names, then checks the kept stored forms likewise. `progress` is called after each chunk with (bytes done, bytes in all).
     pub fn scrub(&self, mut progress: impl FnMut(u64, u64)) -> ScrubReport {
         let all: Vec<(Digest, u64)> = self.index().lru.iter().map(|(d, e)| (*d, e.len)).collect();
         let mut report = ScrubReport::default();
@@ -142,6 +146,7 @@ impl ChunkStore {
             report.bytes += len;
             progress(report.bytes, total);
         }
+        self.scrub_stored_forms();
         report
     }
 }

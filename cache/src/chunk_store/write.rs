@@ -23,7 +23,7 @@ pub(super) enum Durable {
 
 /// A chunk file is written in pieces of this size: each write(2) returns to user space,
 /// where the kernel may preempt a background writer for a reader that woke up.
-const WRITE_PIECE: usize = 32 << 10;
+pub(super) const WRITE_PIECE: usize = 32 << 10;
 
 impl ChunkStore {
     /// Writes a fetched, verified chunk and indexes it. Its write-back is started, not
@@ -130,10 +130,12 @@ impl ChunkStore {
                 file: Some(file.clone()),
                 verified: true,
                 synced: durable == Durable::Now,
+                stored: None,
             },
         ) {
-            // Lost a race with another writer of the same digest: same bytes.
-            index.used -= prev.len;
+            // Lost a race with another writer of the same digest: same bytes. Its
+            // stored form, if any, is counted no more; the next keep writes it again.
+            index.used -= prev.disk_len();
             if prev.file.is_some() {
                 index.open_files -= 1;
             }
@@ -234,7 +236,7 @@ impl ChunkStore {
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that a later fsync finds little left
 /// to do. Only a hint: where it is refused, the kernel's own write-back does the same.
 /// It may still wait while the device's queue is full (it runs off the runtime).
-fn start_write_back(file: &File) {
+pub(super) fn start_write_back(file: &File) {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid open descriptor; the call touches no memory of ours.
     unsafe {

@@ -9,9 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::whole::Verified;
 use super::{Chunk, ChunkCache, ChunkRef, FetchError, ReadBudget};
 use crate::chunk_store::{ChunkFile, ChunkStoreError};
 use crate::digest::Digest;
+use crate::encoding::Encoding;
 use crate::planner::{Priority, Promotion};
 use crate::source::Source;
 
@@ -348,9 +350,9 @@ impl ChunkCache {
             // Readers see the verified bytes at once; the fetch stays registered until
             // the file is written, so a later reader joins it instead of fetching again.
             let progress = match cache.fetch_verified(&chunk, &sources, priority).await {
-                Ok(bytes) => {
+                Ok(Verified { raw: bytes, stored }) => {
                     let _ = tx.send(Progress::Verified(bytes.clone()));
-                    match cache.write(&chunk, bytes.clone(), priority).await {
+                    match cache.write(&chunk, bytes.clone(), stored, priority).await {
                         Ok(file) => {
                             cache.health.write_ok();
                             Progress::Stored(file)
@@ -374,11 +376,13 @@ impl ChunkCache {
         Ok(rx)
     }
 
-    /// Verified raw bytes from one source (decoded here, whatever the transport: see
+    /// Writes a fetched chunk's verified bytes to the cache, and the stored form they
+    /// came as beside them when it is to be kept ([`ChunkCache::insert_keeping`]).
     async fn write(
         self: &Arc<Self>,
         chunk: &ChunkRef,
         bytes: Bytes,
+        stored: Option<(Encoding, Bytes)>,
         priority: Priority,
     ) -> Result<ChunkFile, FetchError> {
         let digest = chunk.digest;
@@ -386,7 +390,7 @@ impl ChunkCache {
         // The write copies a chunk into the page cache; keep it off the runtime threads.
         let readers_active = self.demand_within(READERS_ACTIVE);
         let written = run_at(priority, readers_active, move || {
-            cache.store.insert(&digest, &bytes)
+            cache.insert_keeping(&digest, &bytes, stored)
         })
         .await
         .unwrap_or_else(|e| {

@@ -2,7 +2,8 @@
 //! attempt takes the chunk's stored form from one source, decodes and verifies it
 //! against the chunk's digest off the runtime's threads (the blocking pool; a fill's
 //! on the low-priority threads), and reports bytes that are not the chunk with the
-//! node that sent them.
+//! node that sent them. A verified chunk comes with the stored form it came as when
+//! that is to be kept beside it ([`crate::stored_forms`]).
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +12,16 @@ use bytes::Bytes;
 use super::inflight::{run_at, READERS_ACTIVE};
 use super::runner::{Answer, Run, Want};
 use super::{ChunkCache, ChunkRef, FetchError, FETCH_PASSES};
+use crate::encoding::Encoding;
 use crate::planner::Priority;
 use crate::source::{Source, SourceError};
+
+/// A chunk's verified bytes, with the stored form they came as when it is to be kept
+/// ([`crate::stored_forms`]: a fleet member's chunk from the store or an origin).
+pub(crate) struct Verified {
+    pub(crate) raw: Bytes,
+    pub(crate) stored: Option<(Encoding, Bytes)>,
+}
 
 /// A whole chunk, verified against its digest.
 pub(crate) struct WholeChunk {
@@ -21,7 +30,7 @@ pub(crate) struct WholeChunk {
 }
 
 impl Want for WholeChunk {
-    type Output = Bytes;
+    type Output = Verified;
     const PASSES: usize = FETCH_PASSES;
     const STOP_ON_CORRUPT: bool = false;
 
@@ -35,12 +44,14 @@ impl Want for WholeChunk {
         chunk: &ChunkRef,
         source: &Source,
         deadline: Duration,
-    ) -> Result<Answer<Bytes>, SourceError> {
+    ) -> Result<Answer<Verified>, SourceError> {
         let started = Instant::now();
         let fetched = source.fetch(chunk, deadline).await?;
         let node = fetched.node;
         let stored = fetched.bytes;
         let stored_len = stored.len() as u64;
+        // Shares the body's buffer; dropped unless the chunk verifies.
+        let keep = cache.keeps_stored_form_from(source).then(|| stored.clone());
         let (digest, len) = (chunk.digest, chunk.len as usize);
         let decoded = run_at(
             self.priority,
@@ -53,11 +64,15 @@ impl Want for WholeChunk {
             detail: format!("decoding task failed: {e}"),
         })?;
         match decoded {
-            Ok((_, bytes)) => {
+            Ok((encoding, bytes)) => {
                 cache
                     .observer
                     .fetched(chunk, source.name(), stored_len, started.elapsed());
-                Ok(Answer::Verified { value: bytes, node })
+                let value = Verified {
+                    raw: bytes,
+                    stored: keep.map(|stored| (encoding, stored)),
+                };
+                Ok(Answer::Verified { value, node })
             }
             // Raw bytes of the wrong length were cut short or padded on the way (a
             // transport failure, never hashed), not a chunk that lies.
@@ -86,7 +101,8 @@ impl Want for WholeChunk {
 }
 
 impl ChunkCache {
-    /// The chunk's verified raw bytes from the first source that delivers them (see
+    /// The chunk's verified raw bytes (and the stored form to keep, if any) from the
+    /// first source that delivers them (see
     /// [`super::runner`]). A demand fetch has a budget of its own (`--read-deadline`
     /// from its start: it may serve several readers, each of which stops waiting at
     /// the end of its own budget); background work has none.
@@ -95,7 +111,7 @@ impl ChunkCache {
         chunk: &ChunkRef,
         sources: &[Source],
         priority: Priority,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<Verified, FetchError> {
         let budget_ends = (priority == Priority::Demand).then(|| Instant::now() + self.read_budget);
         // Reads hedge a slow node; fills wait it out (see `crate::planner`).
         let hedge_after = (priority != Priority::Fill)

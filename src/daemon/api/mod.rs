@@ -5,6 +5,7 @@ mod attach;
 mod errors;
 mod health;
 mod peer;
+mod peer_ranges;
 mod sandboxes;
 mod state;
 

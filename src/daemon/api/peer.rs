@@ -8,6 +8,15 @@
 //! disk with chunks of their choosing. Responses stream from the chunk file in
 //! [`PIECE`]s, each holding its bytes of the node-wide [`PeerBudget`] until hyper has
 //! written it: peers that never read hold at most the budget, not a chunk each.
+//!
+//! A peer that names the encodings it decodes (`x-lazyblk-accept-stored-form`) gets the
+//! chunk's stored form, the bytes the store sent (zstd blocks, about 0.4x a root file
+//! system's chunk), streamed from the file this node kept beside the chunk
+//! ([`lazyblk_cache::stored_forms`]), with its encoding named (`x-lazyblk-chunk-encoding`);
+//! the peer decodes and verifies it as it would the store's. A chunk with no kept form is
+//! encoded once (at most [`ENCODES_AT_ONCE`] at a time, else served decoded this once).
+//! A peer that does not name encodings (a daemon from before stored forms, curl) gets
+//! the decoded chunk, named `raw`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +26,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use lazyblk_cache::{Chunk, ChunkFile, ChunkRef, Digest, Priority};
+use lazyblk_cache::encoding::Encoding;
+use lazyblk_cache::transport::{ACCEPT_STORED_FORM, CHUNK_ENCODING};
+use lazyblk_cache::{Chunk, ChunkFile, ChunkRef, Digest, Priority, StoredForm};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::state::{checked_id, ApiError, ApiState};
@@ -30,11 +41,18 @@ const BUDGET_WAIT: Duration = Duration::from_secs(1);
 const RETRY_AFTER_SECS: &str = "1";
 /// The largest chunk (DESIGN section 2).
 const MAX_CHUNK: u64 = 16 << 20;
+/// Chunks encoded at once for peers (those with no kept stored form): each holds a
+/// chunk and its encoding in memory and keeps a core busy for about 5 ms per MiB, so a
+/// burst of asks for a commit's chunks cannot take every core from the node's reads.
+/// An ask that finds none free is served the decoded chunk.
+const ENCODES_AT_ONCE: usize = 2;
 
 /// The bytes of chunk responses to peers that may be in flight (read from the files and
 /// not yet written to a socket) over all of them (`--peer-max-bytes-in-flight`).
 pub struct PeerBudget {
-    bytes: Arc<Semaphore>,
+    pub(super) bytes: Arc<Semaphore>,
+    /// Room to encode a chunk that has no kept stored form ([`ENCODES_AT_ONCE`]).
+    encodes: Arc<Semaphore>,
 }
 
 impl PeerBudget {
@@ -44,12 +62,13 @@ impl PeerBudget {
             .min(Semaphore::MAX_PERMITS);
         PeerBudget {
             bytes: Arc::new(Semaphore::new(bytes)),
+            encodes: Arc::new(Semaphore::new(ENCODES_AT_ONCE)),
         }
     }
 
     /// Room for the first piece of a `len`-byte response, or after [`BUDGET_WAIT`] the
     /// answer to send instead: 503 with Retry-After.
-    async fn first_piece(&self, len: u64) -> Result<OwnedSemaphorePermit, Response> {
+    pub(super) async fn first_piece(&self, len: u64) -> Result<OwnedSemaphorePermit, Response> {
         let wanted = len.min(PIECE) as u32;
         match tokio::time::timeout(BUDGET_WAIT, self.bytes.clone().acquire_many_owned(wanted)).await
         {
@@ -94,6 +113,11 @@ pub async fn peer_chunk(
         ));
     }
     let chunk = known_chunk(&state, digest, &query).await?;
+    if let Some(range) = headers.get(header::RANGE) {
+        return super::peer_ranges::ranged(&state, &chunk, range, &headers).await;
+    }
+    // Room for the first piece before the fetch: a node sending all it may answers 503
+    // at once rather than fetch for a peer that will ask the store instead.
     let permit = match state.peer_budget.first_piece(chunk.len).await {
         Ok(permit) => permit,
         Err(busy) => return Ok(busy),
@@ -112,8 +136,91 @@ pub async fn peer_chunk(
         )
     })?
     .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
-    node.metrics.peer_served(fetched.len);
-    Ok(streamed(fetched, state.peer_budget.bytes.clone(), permit))
+    let body = served_form(&state, fetched, &headers).await?;
+    node.metrics.peer_served(body.len());
+    Ok(streamed(&state, body, None, permit))
+}
+
+/// What a chunk response carries: the decoded chunk, or its stored form.
+pub(super) enum Served {
+    Decoded(ChunkFile),
+    Stored(StoredForm),
+}
+
+impl Served {
+    fn len(&self) -> u64 {
+        match self {
+            Served::Decoded(file) => file.len,
+            Served::Stored(form) => form.len,
+        }
+    }
+
+    fn encoding(&self) -> Encoding {
+        match self {
+            Served::Decoded(_) => Encoding::Raw,
+            Served::Stored(form) => form.encoding,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; a read that would wait for the disk is
+    /// moved off the runtime's hands (see `lazyblk_cache::blocking`).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), lazyblk_cache::ChunkStoreError> {
+        match self {
+            Served::Decoded(file) => Chunk::File(file.clone()).read_at(offset, buf),
+            Served::Stored(form) => lazyblk_cache::blocking::blocking(|| form.read_at(offset, buf)),
+        }
+    }
+}
+
+/// The encodings the asker decodes (its `x-lazyblk-accept-stored-form`); none for an
+/// asker that did not name any.
+pub(super) fn accepted(headers: &HeaderMap) -> Vec<Encoding> {
+    headers
+        .get_all(ACCEPT_STORED_FORM)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| Encoding::parse(name.trim()))
+        .filter(|e| *e != Encoding::Raw)
+        .collect()
+}
+
+/// The form of the local chunk `file` to send to an asker with `headers`: its stored
+/// form when the asker decodes it (kept, or encoded now when there is room), else the
+/// decoded chunk.
+async fn served_form(
+    state: &ApiState,
+    file: ChunkFile,
+    headers: &HeaderMap,
+) -> Result<Served, ApiError> {
+    let accepts = accepted(headers);
+    if accepts.is_empty() {
+        return Ok(Served::Decoded(file));
+    }
+    let encode = state.peer_budget.encodes.clone().try_acquire_owned().ok();
+    let cache = state.node.cache.clone();
+    let chunk = file.clone();
+    // Opening may check the form (its first open by this daemon), encoding reads and
+    // compresses the chunk: off the runtime.
+    let form = tokio::task::spawn_blocking(move || {
+        let kept = cache.open_stored_form(&chunk.digest)?;
+        match (kept, encode) {
+            (Some(form), _) => Ok(Some(form)),
+            (None, Some(_room)) => cache.encode_stored_form(&chunk),
+            (None, None) => Ok(None),
+        }
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match form {
+        Ok(Some(form)) if accepts.contains(&form.encoding) => Ok(Served::Stored(form)),
+        Ok(_) => Ok(Served::Decoded(file)),
+        Err(e) => {
+            // The decoded chunk is still here: the asker gets that.
+            tracing::warn!(chunk = %file.digest, error = %e, "reading a chunk's stored form for a peer");
+            Ok(Served::Decoded(file))
+        }
+    }
 }
 
 /// The chunk a peer asks for, if a manifest this node knows (or learns now from the
@@ -208,18 +315,25 @@ pub async fn chunk(
             format!("chunk {digest} is not on this node"),
         ));
     };
+    let body = served_form(&state, file, &headers).await?;
     if method == Method::HEAD {
         return Ok((
-            [(header::CONTENT_LENGTH, file.len.to_string())],
+            [
+                (header::CONTENT_LENGTH, body.len().to_string()),
+                (
+                    header::HeaderName::from_static(CHUNK_ENCODING),
+                    body.encoding().as_str().to_string(),
+                ),
+            ],
             Body::empty(),
         )
             .into_response());
     }
-    let permit = match state.peer_budget.first_piece(file.len).await {
+    let permit = match state.peer_budget.first_piece(body.len()).await {
         Ok(permit) => permit,
         Err(busy) => return Ok(busy),
     };
-    Ok(streamed(file, state.peer_budget.bytes.clone(), permit))
+    Ok(streamed(&state, body, None, permit))
 }
 
 /// A chunk's bytes held by a piece of a response, with their room in the budget: both
@@ -235,20 +349,40 @@ impl AsRef<[u8]> for Piece {
     }
 }
 
-/// The response that streams `file`, a [`PIECE`] at a time, each piece waiting for its
-/// room in `budget` (the first one's is `first`). The `ChunkFile` rides along, so the
-/// chunk is not evicted meanwhile.
-fn streamed(file: ChunkFile, budget: Arc<Semaphore>, first: OwnedSemaphorePermit) -> Response {
-    let len = file.len;
+/// The response that streams bytes `range` of `body` (all of it when `None`; then 200,
+/// else 206 with its Content-Range), a [`PIECE`] at a time, each piece waiting for its
+/// room in the peer budget (the first one's is `first`) and counted as sent to a peer.
+/// The chunk's file rides along, so the chunk is not evicted meanwhile.
+pub(super) fn streamed(
+    state: &ApiState,
+    body: Served,
+    range: Option<std::ops::Range<u64>>,
+    first: OwnedSemaphorePermit,
+) -> Response {
+    let total = body.len();
+    let encoding = body.encoding();
+    let (status, span) = match range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, r),
+        None => (StatusCode::OK, 0..total),
+    };
+    let content_range = format!(
+        "bytes {}-{}/{total}",
+        span.start,
+        span.end.saturating_sub(1)
+    );
+    let budget = state.peer_budget.bytes.clone();
+    let metrics = state.node.metrics.clone();
+    let end = span.end;
     let pieces = futures::stream::unfold(
-        (Chunk::File(file), 0u64, Some(first)),
+        (body, span.start, Some(first)),
         move |(chunk, offset, first)| {
             let budget = budget.clone();
+            let metrics = metrics.clone();
             async move {
-                if offset >= chunk.len() {
+                if offset >= end {
                     return None;
                 }
-                let n = PIECE.min(chunk.len() - offset);
+                let n = PIECE.min(end - offset);
                 let room = match first {
                     Some(room) => room,
                     None => budget.acquire_many_owned(n as u32).await.ok()?,
@@ -256,20 +390,31 @@ fn streamed(file: ChunkFile, budget: Arc<Semaphore>, first: OwnedSemaphorePermit
                 let mut bytes = vec![0u8; n as usize];
                 if let Err(e) = chunk.read_at(offset, &mut bytes) {
                     tracing::warn!(error = %e, "reading a chunk for a peer");
-                    let end = chunk.len();
                     return Some((Err(std::io::Error::other(e)), (chunk, end, None)));
                 }
+                metrics.peer_bytes_sent(n);
                 let piece = Bytes::from_owner(Piece { bytes, _room: room });
                 Some((Ok(piece), (chunk, offset + n, None)))
             }
         },
     );
-    (
+    let mut response = (
+        status,
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_LENGTH, (span.end - span.start).to_string()),
+            (
+                header::HeaderName::from_static(CHUNK_ENCODING),
+                encoding.as_str().to_string(),
+            ),
         ],
         Body::from_stream(pieces),
     )
-        .into_response()
+        .into_response();
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(value) = header::HeaderValue::from_str(&content_range) {
+            response.headers_mut().insert(header::CONTENT_RANGE, value);
+        }
+    }
+    response
 }
