@@ -73,7 +73,9 @@ fn fuse_and_nbd_socket_survive_daemon_restarts_under_systemd() {
     // A loop device over the FUSE file (as a VM's disk would be), written through the
     // block layer by a writer of its own.
     let looped = LoopDevice::attach(&file);
-    let loop_writer = looped.as_ref().map(|l| Writer::start(&l.device, LOOP_OFFSET));
+    let loop_writer = looped
+        .as_ref()
+        .map(|l| Writer::start(&l.device, LOOP_OFFSET));
     let mut nbd = QemuIo::start(&manager.socket, "sb");
     nbd.expect_ok("write -P 0x5a 8M 64k");
     writer.wait_for(WRITES_AFTER_RESTART);
