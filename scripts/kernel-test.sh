@@ -22,6 +22,11 @@
 #                        /dev/nbdX with 1 and 2 connections, as ratios to the same fio
 #                        on a file of the guest's own virtio disk) and print a "B11" line
 #   KERNEL_TEST_FIO_RUNTIME  seconds of each B11 fio run (default: 5)
+#   KERNEL_TEST_FIO_VERIFY  1: in every kill -9 round, fio also runs a mixed random
+#                        read/write job with crc32c verify and fsyncs on the sandbox's
+#                        file system across the kill, and must finish with no error and
+#                        its verify passed (issue 25's criterion; minutes per round
+#                        under TCG, so off by default)
 #   KERNEL_TEST_KERNEL   the kernel's meta package (default: linux-image-cloud-amd64;
 #                        linux-image-6.12-cloud-amd64 for 6.12)
 #   KERNEL_TEST_DAEMON_FLAGS  extra flags for the guest's daemon (e.g. --device-ioctl,
@@ -39,12 +44,14 @@ guest_timeout=${KERNEL_TEST_TIMEOUT:-600}
 rounds=${KERNEL_TEST_ROUNDS:-2}
 devices=${KERNEL_TEST_DEVICES:-4}
 bench=${KERNEL_TEST_BENCH:-0}
+fio_verify=${KERNEL_TEST_FIO_VERIFY:-0}
 fio_runtime=${KERNEL_TEST_FIO_RUNTIME:-5}
 for number in "KERNEL_TEST_ROUNDS=$rounds" "KERNEL_TEST_DEVICES=$devices" "KERNEL_TEST_FIO_RUNTIME=$fio_runtime"; do
   case ${number#*=} in '' | *[!0-9]*) echo "${number%%=*} must be a number: ${number#*=}" >&2; exit 2 ;; esac
 done
 [ "$devices" -ge 2 ] || { echo "KERNEL_TEST_DEVICES must be at least 2 (a template and a sandbox)" >&2; exit 2; }
 case $bench in 0 | 1) ;; *) echo "KERNEL_TEST_BENCH must be 0 or 1: $bench" >&2; exit 2 ;; esac
+case $fio_verify in 0 | 1) ;; *) echo "KERNEL_TEST_FIO_VERIFY must be 0 or 1: $fio_verify" >&2; exit 2 ;; esac
 # The driver's devices: the wave's, and room for the ones the other steps attach.
 nbds_max=$((devices + 16))
 started=$(date +%s)
@@ -69,6 +76,7 @@ apt_update_once() {
 
 apt_install busybox-static e2fsprogs binutils curl
 [ "$bench" = 0 ] || apt_install fio coreutils
+[ "$fio_verify" = 0 ] || apt_install fio
 
 # Unpacks package $1 (its candidate version) into $work/pkg/$1, once.
 unpack() {
@@ -167,14 +175,18 @@ echo "$rounds" >"$root/etc/rounds"
 echo "${KERNEL_TEST_DAEMON_FLAGS:-}" >"$root/etc/daemon-flags"
 echo "$devices" >"$root/etc/devices"
 echo "$bench" >"$root/etc/bench"
+echo "$fio_verify" >"$root/etc/fio-verify"
 echo "$fio_runtime" >"$root/etc/bench-runtime"
 echo "nbds_max=$nbds_max" >"$root/etc/nbd-params"
 dynamic=("$root/bin/lazyblk" "$root/sbin/e2fsck")
-if [ "$bench" = 1 ]; then
+if [ "$bench" = 1 ] || [ "$fio_verify" = 1 ]; then
   cp "$(command -v fio)" "$root/bin/fio"
+  dynamic+=("$root/bin/fio")
+fi
+if [ "$bench" = 1 ]; then
   # coreutils' date: busybox's has no nanoseconds (%N).
   cp /usr/bin/date "$root/bin/gdate"
-  dynamic+=("$root/bin/fio" "$root/bin/gdate")
+  dynamic+=("$root/bin/gdate")
 fi
 
 # Shared libraries (and the loader) of the dynamic binaries, at their host paths.
@@ -440,6 +452,17 @@ while [ "$round" -le "$rounds" ]; do
     done
   ) &
   reader=$!
+  fio_pid=
+  if [ "$(cat /etc/fio-verify)" = 1 ]; then
+    # A mixed random read/write job with crc32c verify and an fsync every 8 writes,
+    # running across the kill: it must end with no I/O error and its verify passed.
+    fio --name=verify-r$round --filename=/mnt/rw/fio-r$round --size=24M --rw=randrw \
+      --rwmixread=50 --bs=4k --ioengine=psync --fsync=8 --verify=crc32c --verify_fatal=1 \
+      --do_verify=1 --randrepeat=0 --output=/tmp/fio-r$round.log >/dev/null 2>&1 &
+    fio_pid=$!
+    # Started and laying out its file before the kill.
+    wait_file /mnt/rw/fio-r$round
+  fi
   wait_file /mnt/rw/r$round-2
   # Counted before the kill: between the kill and the restart nothing may touch the
   # devices' file systems (the reader drops the page cache, so even a directory
@@ -451,6 +474,12 @@ while [ "$round" -le "$rounds" ]; do
   wait_file /mnt/rw/r$round-$((killed_at + 2))
   touch /tmp/stop
   wait $writer; wait $reader
+  if [ -n "$fio_pid" ]; then
+    wait $fio_pid || fail "round $round: fio (verify crc32c across the kill) failed: $(tail -n 15 /tmp/fio-r$round.log)"
+    grep -q "err= 0" /tmp/fio-r$round.log || fail "round $round: fio reported errors: $(tail -n 15 /tmp/fio-r$round.log)"
+    rm -f /mnt/rw/fio-r$round
+    log "round $round: fio's mixed read/write job verified (crc32c) across the kill"
+  fi
   [ ! -e /tmp/writer.fail ] || fail "round $round: writes failed: $(cat /tmp/writer.fail)"
   [ ! -e /tmp/reader.fail ] || fail "round $round: template reads failed: $(cat /tmp/reader.fail)"
   drop_caches
