@@ -456,7 +456,7 @@ while [ "$round" -le "$rounds" ]; do
   if [ "$(cat /etc/fio-verify)" = 1 ]; then
     # A mixed random read/write job with crc32c verify and an fsync every 8 writes,
     # running across the kill: it must end with no I/O error and its verify passed.
-    fio --name=verify-r$round --filename=/mnt/rw/fio-r$round --size=24M --rw=randrw \
+    fio --name=verify-r$round --filename=/mnt/rw/fio-r$round --size=16M --rw=randrw \
       --rwmixread=50 --bs=4k --ioengine=psync --fsync=8 --verify=crc32c --verify_fatal=1 \
       --do_verify=1 --randrepeat=0 --output=/tmp/fio-r$round.log >/dev/null 2>&1 &
     fio_pid=$!
@@ -489,6 +489,8 @@ while [ "$round" -le "$rounds" ]; do
     [ "$(sha256sum </mnt/rw/r$round-$i)" = "$src_sum" ] || fail "round $round: r$round-$i reads back wrong"
     i=$((i + 1))
   done
+  # The sandbox's file system is 64 MiB: each round's files go once checked.
+  rm -f /mnt/rw/r$round-*
   check_kernel_log "round $round"
   wget -q -O - $node/v1/attachments | tr '}' '\n' | grep "\"device\":\"$rw\"" | grep -q '"connections":2' \
     || fail "round $round: $rw is not listed with its 2 connections: $(wget -q -O - $node/v1/attachments)"

@@ -327,7 +327,12 @@ pub struct DaemonArgs {
     /// sockets: open files go on, requests in flight are answered, clients wait in the
     /// sockets' backlogs. On by default when systemd announces a store ($FDSTORE,
     /// systemd 254+); needs $NOTIFY_SOCKET. With it, SIGTERM leaves the mount in place.
-    #[arg(long, env = "LAZYBLK_FD_STORE", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(
+        long,
+        env = "LAZYBLK_FD_STORE",
+        hide_env_values = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub fd_store: bool,
     /// Seconds a client gets to finish the NBD handshake before it is dropped.
     #[arg(long, default_value = "10")]
