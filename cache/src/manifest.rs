@@ -76,6 +76,28 @@ pub struct Manifest {
     pub blocks: Option<BlockIndex>,
 }
 
+impl Manifest {
+    /// An identity of the bytes this manifest describes: the first 8 bytes of a sha256
+    /// over its size, chunk size and every chunk's digest (all-zero chunks included as
+    /// such). Two manifests with equal ids describe equal bytes; a template deleted and
+    /// published again under its id with other bytes gets another.
+    pub fn content_id(&self) -> u64 {
+        let mut hash = crate::digest::DigestWriter::default();
+        hash.update(&self.size.to_le_bytes());
+        hash.update(&self.chunk_size.to_le_bytes());
+        for chunk in &self.chunks {
+            match chunk {
+                Some(digest) => hash.update(digest.as_bytes()),
+                None => hash.update(&[0u8; 32]),
+            }
+        }
+        let digest = hash.finish();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_bytes()[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
 /// The manifest's block index (format 3): the sha256 of every `block_size` bytes of
 /// every chunk, in pages stored in the store like chunks (named by their own sha256, so
 /// a page is verified like one) and listed here, so the manifest grows by one digest

@@ -4,7 +4,10 @@
 //!
 //! Caching: template files open with `FOPEN_KEEP_CACHE`. They are immutable (and a
 //! name that comes back gets a new inode, see `inodes`), so the kernel page cache
-//! stays valid across opens, and a template read once is served by the kernel.
+//! stays valid across opens, and a template read once is served by the kernel. An
+//! open whose image has another content id than the inode's previous open (deleted
+//! and published again before any look saw the name gone) opens without it: the
+//! kernel then drops the old image's pages.
 //! Sandbox files open without it, so each open drops pages cached by an earlier one
 //! (the overlay may have changed through NBD in between). They are not `direct_io`:
 //! FUSE writes without the writeback cache are write-through (every write reaches
@@ -48,8 +51,18 @@ impl<F: Images> LazyFs<F> {
             });
         }
         let fopen = match folder {
-            // Immutable: keep the cache across opens, and close has nothing to flush.
-            Folder::Templates => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            // Immutable: keep the cache across opens while the name serves the same
+            // bytes, and close has nothing to flush.
+            Folder::Templates => {
+                let same = file
+                    .content_id()
+                    .is_some_and(|id| self.inodes.same_content(ino, id));
+                if same {
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
+                } else {
+                    FopenFlags::FOPEN_NOFLUSH
+                }
+            }
             Folder::Sandboxes => FopenFlags::empty(),
         };
         let fh = self.handles.open_file(OpenFile {

@@ -61,6 +61,9 @@ struct Table {
     by_ino: HashMap<u64, (Folder, String)>,
     /// Files handed out so far; the next number is `FIRST_FILE_INO + issued`.
     issued: u64,
+    /// The content id of the image each file's last open served (see
+    /// [`Inodes::same_content`]).
+    contents: HashMap<u64, u64>,
 }
 
 impl Inodes {
@@ -111,11 +114,21 @@ impl Inodes {
         ino
     }
 
+    /// Whether an open of `ino` that serves content `id` serves what its previous open
+    /// did, so the kernel may keep the pages it cached of it. A name whose image was
+    /// deleted and published again between two looks keeps its number (nothing saw it
+    /// gone), and must not be served from the old image's pages. `id` is remembered for
+    /// the next open; a first open (nothing cached yet) answers false.
+    pub(crate) fn same_content(&self, ino: u64, id: u64) -> bool {
+        self.lock().contents.insert(ino, id) == Some(id)
+    }
+
     /// The backend no longer has `name`: retire its number.
     pub(crate) fn retire(&self, folder: Folder, name: &str) {
         let mut table = self.lock();
         if let Some(ino) = table.by_name.remove(&(folder, name.to_owned())) {
             table.by_ino.remove(&ino);
+            table.contents.remove(&ino);
             self.write_down(|record| record.retired(ino));
         }
     }
@@ -133,6 +146,7 @@ impl Inodes {
         for key in gone {
             if let Some(ino) = table.by_name.remove(&key) {
                 table.by_ino.remove(&ino);
+                table.contents.remove(&ino);
                 self.write_down(|record| record.retired(ino));
             }
         }

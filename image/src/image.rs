@@ -43,6 +43,15 @@ pub trait ReadImage: Send + Sync + 'static {
     fn resident_pieces(&self, _offset: u64, _len: u32, _out: &mut FileSlices) -> bool {
         false
     }
+
+    /// An identity of the bytes a read-only image serves: two opens that return equal
+    /// ids serve equal bytes, so a frontend may keep what it cached of one for the other
+    /// (FUSE's page cache across opens). An image deleted and published again under its
+    /// name with other bytes has another id. `None` (the default): no such promise, and
+    /// nothing cached is kept across opens.
+    fn content_id(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// An image that may take writes.

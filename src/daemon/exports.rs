@@ -81,7 +81,7 @@ impl NodeExport {
                 _lease: lease,
             });
         }
-        let replica = node.templates.replica(name).await?;
+        let replica = node.template_to_open(name).await?;
         Ok(NodeExport::Template(replica.lease(user)))
     }
 
@@ -222,6 +222,14 @@ impl ReadImage for NodeImage {
 
     fn resident_pieces(&self, offset: u64, len: u32, out: &mut FileSlices) -> bool {
         self.export.read_files(offset, len, out)
+    }
+
+    /// A template's bytes are its manifest's; an overlay's change under its users.
+    fn content_id(&self) -> Option<u64> {
+        match &self.export {
+            NodeExport::Template(t) => Some(t.replica().content_id()),
+            NodeExport::Overlay { .. } => None,
+        }
     }
 }
 

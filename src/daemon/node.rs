@@ -18,6 +18,7 @@ use lazyblk_cache::{ChunkCache, HttpClients, HttpSource, PeerSet, Source};
 use crate::daemon::commit::Commits;
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::intents::OriginIntents;
+use crate::daemon::replica::Replica;
 use crate::daemon::resize::Resizes;
 use crate::daemon::sandboxes::Sandboxes;
 use crate::daemon::templates::{SourcePlan, Templates};
@@ -165,6 +166,25 @@ impl Node {
         let sandboxes = self.sandboxes.restore().await;
         self.commits.resume();
         (templates, sandboxes)
+    }
+
+    /// The replica of template `id` for a new opener (an NBD client, a FUSE open).
+    ///
+    /// A replica that nothing uses or keeps here (no users, no fill, no pinned chunks,
+    /// no upload owed) is first checked against the store: a template deleted from the
+    /// store meanwhile is refused, and one deleted and published again under its id is
+    /// served as published now, never from the deleted one's manifest. Replicas in use
+    /// or kept are served as known: their users keep what they opened.
+    pub async fn template_to_open(
+        &self,
+        id: &str,
+    ) -> Result<Arc<Replica>, crate::daemon::templates::TemplateError> {
+        if let Some(known) = self.templates.known(id) {
+            if known.users().is_empty() && known.is_unkept() && !self.commits.owes(id) {
+                self.templates.forget_if_gone_from_store(&known).await;
+            }
+        }
+        self.templates.replica(id).await
     }
 
     /// The node's state directory (its cache directory).

@@ -31,6 +31,8 @@ pub struct Replica {
     /// What was local at a cache generation: (generation, chunks, bytes). Counting walks
     /// every chunk, so a count is reused until the cache changes.
     local: Mutex<Option<(u64, usize, u64)>>,
+    /// [`Manifest::content_id`], worked out on first use (it hashes every digest).
+    content_id: std::sync::OnceLock<u64>,
 }
 
 /// The cache owner of a READY replica's claims on its chunks.
@@ -77,7 +79,15 @@ impl Replica {
             trace,
             fill: Mutex::default(),
             local: Mutex::new(None),
+            content_id: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The identity of the bytes this replica serves ([`Manifest::content_id`]).
+    pub fn content_id(&self) -> u64 {
+        *self
+            .content_id
+            .get_or_init(|| self.image.manifest().content_id())
     }
 
     pub fn id(&self) -> &str {
@@ -125,6 +135,13 @@ impl Replica {
     pub fn is_idle(&self) -> bool {
         let state = self.state();
         state.phase.is_none() && !state.pinned && state.cancel.is_none() && !self.trace.is_started()
+    }
+
+    /// Whether nothing keeps the replica on this node beyond its manifest: no fill runs
+    /// and its chunks are not pinned (users are counted apart, see [`Replica::users`]).
+    pub fn is_unkept(&self) -> bool {
+        let state = self.state();
+        !state.pinned && state.cancel.is_none()
     }
 
     /// Starts a fill unless one runs or the replica is READY (or being evicted), or

@@ -459,6 +459,28 @@ impl Templates {
         self.replicas.remove(template);
     }
 
+    /// Forgets `known` if the store no longer holds its manifest: the template was
+    /// deleted from the store, or deleted and published again with other bytes. The
+    /// next look learns what the store holds now. The caller makes sure nothing keeps or
+    /// uses the replica. A store that does not answer within [`STORE_CHECK_TIMEOUT`]
+    /// leaves it known: a node serves what it knows through a store outage.
+    pub async fn forget_if_gone_from_store(&self, known: &Replica) {
+        let id = known.id();
+        let asked = tokio::time::timeout(STORE_CHECK_TIMEOUT, self.store.manifest(id)).await;
+        let why = match asked {
+            Ok(Ok(None)) => "deleted from the store",
+            Ok(Ok(Some(current))) if current != **known.manifest() => {
+                "published again in the store with other content"
+            }
+            _ => return,
+        };
+        tracing::warn!(
+            template = id,
+            "template {why}: forgetting this node's copy of its manifest"
+        );
+        self.forget(id);
+    }
+
     /// A template's sources, in the planner's order ([`SourcePlan::sources`]).
     fn sources(&self, manifest: &Manifest) -> Vec<Source> {
         self.sources.sources(manifest)
@@ -515,6 +537,12 @@ impl Templates {
         }
     }
 }
+
+/// How long a new opener waits for the store to confirm a known template's manifest
+/// (see [`Templates::forget_if_gone_from_store`]): long enough for a loaded store, short
+/// enough that an open during a store stall is served from what the node knows well
+/// inside a client's connect timeout.
+const STORE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long the store's template listing is reused for NBD_OPT_LIST.
 const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(1);
