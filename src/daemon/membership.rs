@@ -48,7 +48,7 @@ fn report(node: &Node) -> Vec<ReplicaReport> {
             let last_error = refused.or(last_error);
             Some(ReplicaReport {
                 template: r.id().to_string(),
-                phase: phase.as_str().to_string(),
+                phase: phase.into(),
                 local_chunks: r.local_chunks(),
                 stored_chunks: r.manifest().stored_chunks().count(),
                 last_error: last_error.map(|e| cut(&e)),

@@ -6,35 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection};
-use serde::{Deserialize, Serialize};
 
-/// A replica's phase (DESIGN.md section 6; names shared with CubeSandbox).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Phase {
-    /// Registered; chunks are fetched only when read.
-    Pending,
-    /// A background fill is under way; reads are served lazily all along.
-    Distributing,
-    /// Every non-zero chunk is local and pinned.
-    Ready,
-    /// The fill stopped on an error (shown); reads still work while any source does.
-    Failed,
-    /// Being evicted.
-    Cleaning,
-}
+pub use crate::store::nodes::Phase;
 
 impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Pending => "PENDING",
-            Phase::Distributing => "DISTRIBUTING",
-            Phase::Ready => "READY",
-            Phase::Failed => "FAILED",
-            Phase::Cleaning => "CLEANING",
-        }
-    }
-
     /// The phase a database row names (an unknown name, from a newer lazyblk, reads as
     /// PENDING: the replica is filled again if it is wished).
     fn parse(s: &str) -> Phase {
@@ -45,12 +20,6 @@ impl Phase {
             "CLEANING" => Phase::Cleaning,
             _ => Phase::Pending,
         }
-    }
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

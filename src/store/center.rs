@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::backend::{Backend, BackendError, DocChange, DocVersion};
-use super::nodes::NodeEntry;
+use super::nodes::{NodeEntry, Phase, ReplicaPhase};
 
 /// The document of the wishes a store of an earlier version kept (all in one); read
 /// once at start, moved to one document per template, then removed.
@@ -349,10 +349,10 @@ pub fn counts(template: &str, live: &[NodeEntry], wanted: usize) -> ReplicaCount
     };
     for node in live {
         if let Some(r) = node.replicas.iter().find(|r| r.template == template) {
-            match r.phase.as_str() {
-                "READY" => c.ready += 1,
-                "DISTRIBUTING" => c.distributing += 1,
-                "FAILED" => c.failed += 1,
+            match r.phase {
+                ReplicaPhase::Known(Phase::Ready) => c.ready += 1,
+                ReplicaPhase::Known(Phase::Distributing) => c.distributing += 1,
+                ReplicaPhase::Known(Phase::Failed) => c.failed += 1,
                 _ => {}
             }
         }
@@ -414,7 +414,8 @@ mod tests {
                 .map(|p| {
                     vec![ReplicaReport {
                         template: "t".into(),
-                        phase: p.into(),
+                        // As a node's heartbeat carries it.
+                        phase: serde_json::from_value(p.into()).unwrap(),
                         ..ReplicaReport::default()
                     }]
                 })

@@ -464,7 +464,7 @@ pub(super) async fn fleet_status(
         lines.push(FleetLine {
             node: n.id.clone(),
             url: n.url.clone(),
-            phase: r.map_or("PENDING".into(), |r| r.phase.clone()),
+            phase: r.map_or("PENDING".into(), |r| r.phase.as_str().to_string()),
             local_chunks: r.map_or(0, |r| r.local_chunks),
             stored_chunks: r.map_or(0, |r| r.stored_chunks),
             last_error: r.and_then(|r| r.last_error.clone()),

@@ -19,7 +19,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
                 .replicas
                 .get_or_create(&ReplicaLabels {
                     template: r.template.clone(),
-                    phase: r.phase.clone(),
+                    phase: r.phase.as_str().to_string(),
                 })
                 .inc();
         }

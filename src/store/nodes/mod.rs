@@ -24,12 +24,25 @@
 //! (`--max-members`), a report's replicas ([`MAX_REPORTED_REPLICAS`]), users per
 //! replica ([`MAX_USERS_PER_REPLICA`]) and the length of every string in a report
 //! ([`MAX_REPORT_STRING`]).
+//!
+//! Layout: [`report`], what a node says of itself in a heartbeat (and the bounds a
+//! report must keep); [`views`], the lease views store servers over one bucket share;
+//! this file, the leases and the members.
+
+mod report;
+#[cfg(test)]
+mod tests;
+mod views;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+pub use report::{Heartbeat, NodeEntry, Phase, ReplicaPhase, ReplicaReport};
+pub use views::LeaseView;
+use views::RemoteView;
 
 /// How often a daemon renews its lease.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -59,87 +72,6 @@ pub const LEASES_DIR: &str = "leases";
 /// (the server is gone for good: a view changes every [`HEARTBEAT`] while it runs).
 pub const STALE_VIEW: Duration = Duration::from_secs(3600);
 
-/// What a daemon says of itself in a heartbeat.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Heartbeat {
-    /// The URL peers reach it at (`--advertise`).
-    pub url: String,
-    pub version: String,
-    /// The node's replicas (the template center's view).
-    #[serde(default)]
-    pub replicas: Vec<ReplicaReport>,
-    /// Bytes its chunk cache holds.
-    #[serde(default)]
-    pub cache_used_bytes: u64,
-}
-
-impl Heartbeat {
-    /// Why this report is over the store's bounds, if it is.
-    pub fn over_bounds(&self) -> Option<String> {
-        if self.replicas.len() > MAX_REPORTED_REPLICAS {
-            return Some(format!(
-                "{} replicas reported (at most {MAX_REPORTED_REPLICAS})",
-                self.replicas.len()
-            ));
-        }
-        let long = |s: &String| s.len() > MAX_REPORT_STRING;
-        if long(&self.url) || long(&self.version) {
-            return Some(format!("a URL or version over {MAX_REPORT_STRING} bytes"));
-        }
-        for r in &self.replicas {
-            if r.users.len() > MAX_USERS_PER_REPLICA {
-                return Some(format!(
-                    "{} users of one replica (at most {MAX_USERS_PER_REPLICA})",
-                    r.users.len()
-                ));
-            }
-            let strings = [&r.template, &r.phase]
-                .into_iter()
-                .chain(r.last_error.as_ref())
-                .chain(&r.users);
-            if strings.into_iter().any(|s| s.len() > MAX_REPORT_STRING * 4) {
-                return Some(format!(
-                    "a string in the report of {} is too long",
-                    crate::printable::printable(&r.template)
-                ));
-            }
-        }
-        None
-    }
-}
-
-/// One replica as its node reports it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ReplicaReport {
-    pub template: String,
-    pub phase: String,
-    pub local_chunks: usize,
-    pub stored_chunks: usize,
-    #[serde(default)]
-    pub last_error: Option<String>,
-    /// Who uses it on the node: exports, open files, overlays ("overlay SB").
-    #[serde(default)]
-    pub users: Vec<String>,
-}
-
-/// One live node, as `GET /v1/nodes` lists it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NodeEntry {
-    pub id: String,
-    pub url: String,
-    pub version: String,
-    /// Seconds since its last heartbeat.
-    pub last_seen_secs: f64,
-    /// The public key its leases are signed with (hex).
-    #[serde(default)]
-    pub key: String,
-    /// Its replicas, as of its last heartbeat.
-    #[serde(default)]
-    pub replicas: Vec<ReplicaReport>,
-    #[serde(default)]
-    pub cache_used_bytes: u64,
-}
-
 /// A lease refused.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -159,49 +91,6 @@ struct Lease {
     last_at_ms: u64,
     /// It left (a clean shutdown): kept until it would have expired, so the other store
     /// servers learn of the leave through this server's view.
-    left: bool,
-}
-
-/// A lease as a store server shares it with the others (`--shared`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SharedLease {
-    pub id: String,
-    pub key: String,
-    pub beat: Heartbeat,
-    /// The node's signed timestamp of the request that renewed (or ended) it.
-    pub last_at_ms: u64,
-    /// How old the lease was, on its server's clock, when the view was written.
-    pub age_ms: u64,
-    #[serde(default)]
-    pub left: bool,
-}
-
-/// One store server's lease view, as written to `center/leases/<replica>.json`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct LeaseView {
-    pub replica: String,
-    /// Raised at every write: a reader that sees it change knows the writer is alive.
-    pub seq: u64,
-    pub leases: Vec<SharedLease>,
-}
-
-/// Another server's view as this one last read it.
-struct RemoteView {
-    seq: u64,
-    /// When this server saw `seq` change (the view's ages count from then).
-    changed: Instant,
-    /// Seen to change at least once: its writer is alive.
-    trusted: bool,
-    leases: Vec<SharedLease>,
-}
-
-/// A lease from any server, its age on this server's clock, with what the caller took
-/// of its report (`B`: all of it, its address only, or nothing).
-struct Candidate<B> {
-    key: String,
-    beat: B,
-    last_at_ms: u64,
-    age: Duration,
     left: bool,
 }
 
@@ -248,131 +137,6 @@ impl Membership {
             remote: Mutex::default(),
             seq: std::sync::atomic::AtomicU64::new(random_start()),
         }
-    }
-
-    /// Every node's freshest lease (from this server or another), unexpired; left ones
-    /// included (they mask the older leases of the node). With the whole reports.
-    fn merged(&self) -> BTreeMap<String, Candidate<Heartbeat>> {
-        self.merge(Heartbeat::clone)
-    }
-
-    /// Like [`Membership::merged`], taking of each report what `take` returns: a check
-    /// made at every heartbeat does not copy a thousand nodes' reports.
-    fn merge<B>(&self, take: impl Fn(&Heartbeat) -> B) -> BTreeMap<String, Candidate<B>> {
-        let lease_time = HEARTBEAT * MISSED_RENEWALS;
-        let mut out: BTreeMap<String, Candidate<B>> = BTreeMap::new();
-        let mut offer = |id: &str, c: Candidate<B>| {
-            if c.age > lease_time {
-                return;
-            }
-            match out.get(id) {
-                Some(have) if have.last_at_ms >= c.last_at_ms => {}
-                _ => {
-                    out.insert(id.to_string(), c);
-                }
-            }
-        };
-        {
-            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-            Self::expire(&mut leases);
-            for (id, l) in leases.iter() {
-                offer(
-                    id,
-                    Candidate {
-                        key: l.key.clone(),
-                        beat: take(&l.beat),
-                        last_at_ms: l.last_at_ms,
-                        age: l.seen.elapsed(),
-                        left: l.left,
-                    },
-                );
-            }
-        }
-        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-        for view in remote.values().filter(|v| v.trusted) {
-            for l in &view.leases {
-                offer(
-                    &l.id,
-                    Candidate {
-                        key: l.key.clone(),
-                        beat: take(&l.beat),
-                        last_at_ms: l.last_at_ms,
-                        age: Duration::from_millis(l.age_ms) + view.changed.elapsed(),
-                        left: l.left,
-                    },
-                );
-            }
-        }
-        out
-    }
-
-    /// The latest signed timestamp any server accepted from node `id`.
-    fn latest_at_ms(&self, id: &str) -> Option<u64> {
-        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-        remote
-            .values()
-            .flat_map(|v| v.leases.iter())
-            .filter(|l| l.id == id)
-            .map(|l| l.last_at_ms)
-            .max()
-    }
-
-    /// This server's leases as a view for the others (`--shared`).
-    pub fn view(&self, replica: &str) -> LeaseView {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        Self::expire(&mut leases);
-        LeaseView {
-            replica: replica.to_string(),
-            seq,
-            leases: leases
-                .iter()
-                .map(|(id, l)| SharedLease {
-                    id: id.clone(),
-                    key: l.key.clone(),
-                    beat: l.beat.clone(),
-                    last_at_ms: l.last_at_ms,
-                    age_ms: l.seen.elapsed().as_millis() as u64,
-                    left: l.left,
-                })
-                .collect(),
-        }
-    }
-
-    /// Takes in another server's view as read from the bucket; whether it is stale
-    /// (unchanged for [`STALE_VIEW`]: its server is gone, the view may be deleted).
-    pub fn absorb(&self, name: &str, view: LeaseView) -> bool {
-        let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-        match remote.get_mut(name) {
-            Some(known) if known.seq == view.seq => known.changed.elapsed() > STALE_VIEW,
-            Some(known) => {
-                known.seq = view.seq;
-                known.changed = Instant::now();
-                known.trusted = true;
-                known.leases = view.leases;
-                false
-            }
-            None => {
-                remote.insert(
-                    name.to_string(),
-                    RemoteView {
-                        seq: view.seq,
-                        changed: Instant::now(),
-                        trusted: false,
-                        leases: view.leases,
-                    },
-                );
-                false
-            }
-        }
-    }
-
-    /// Forgets a view that was deleted.
-    pub fn forget_view(&self, name: &str) {
-        self.remote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
     }
 
     /// Renews the lease of node `id`, proven by `key` at `at_ms`; a node seen for the
@@ -579,141 +343,4 @@ impl Membership {
 /// reuses its replica name still changes its view's number.
 fn random_start() -> u64 {
     crate::store::backend::random_u64() >> 16
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn beat(url: &str) -> Heartbeat {
-        Heartbeat {
-            url: url.into(),
-            version: "0".into(),
-            replicas: Vec::new(),
-            cache_used_bytes: 0,
-        }
-    }
-
-    #[test]
-    fn members_are_bounded_and_replays_refused() {
-        let m = Membership::new(2, None);
-        m.renew("a", "ka".into(), 10, beat("http://a")).unwrap();
-        m.renew("b", "kb".into(), 10, beat("http://b")).unwrap();
-        assert!(matches!(
-            m.renew("c", "kc".into(), 10, beat("http://c")),
-            Err(LeaseError::Full(2))
-        ));
-        assert!(matches!(
-            m.renew("a", "ka".into(), 10, beat("http://evil")),
-            Err(LeaseError::Replayed(_))
-        ));
-        m.renew("a", "ka".into(), 11, beat("http://a2")).unwrap();
-        assert_eq!(m.live()[0].url, "http://a2");
-        assert!(m.leave("a", 11).is_err());
-        assert!(m.leave("a", 12).unwrap());
-        assert!(
-            m.unsettled().is_none(),
-            "a store that knew no one is settled"
-        );
-    }
-
-    #[test]
-    fn a_restarted_store_waits_for_the_members_it_knew() {
-        let doc = br#"{"a": {"key": "ka"}, "b": {"key": "kb"}}"#;
-        let m = Membership::new(8, Some(doc));
-        let (waiting, left) = m.unsettled().unwrap();
-        assert_eq!(waiting, ["a", "b"]);
-        assert!(left <= SETTLE);
-        m.renew("a", "ka".into(), 1, beat("http://a")).unwrap();
-        assert_eq!(m.unsettled().unwrap().0, ["b"]);
-        m.renew("b", "kb".into(), 1, beat("http://b")).unwrap();
-        assert!(m.unsettled().is_none());
-    }
-
-    /// Two servers' views exchanged by hand, as `replica::share_leases` does.
-    fn exchange(from: &Membership, name: &str, to: &Membership) {
-        to.absorb(name, from.view(name));
-    }
-
-    #[test]
-    fn servers_see_each_others_leases_once_a_view_changed() {
-        let (a, b) = (Membership::new(8, None), Membership::new(8, None));
-        a.renew("n1", "k1".into(), 10, beat("http://n1")).unwrap();
-        exchange(&a, "a", &b);
-        assert!(b.live().is_empty(), "a view seen once is not trusted yet");
-        exchange(&a, "a", &b);
-        let live = b.live();
-        assert_eq!((live.len(), live[0].url.as_str()), (1, "http://n1"));
-        // The node moves to B: B's newer lease wins on both, and A's older one cannot
-        // be replayed to B.
-        assert!(matches!(
-            b.renew("n1", "k1".into(), 10, beat("http://n1")),
-            Err(LeaseError::Replayed(_))
-        ));
-        b.renew("n1", "k1".into(), 11, beat("http://n1-moved"))
-            .unwrap();
-        exchange(&b, "b", &a);
-        exchange(&b, "b", &a);
-        for m in [&a, &b] {
-            let live = m.live();
-            assert_eq!(live.len(), 1, "one node, not two");
-            assert_eq!(live[0].url, "http://n1-moved");
-        }
-        // A leave through A reaches B; a node over --max-members counts both servers'.
-        a.leave("n1", 12).unwrap();
-        exchange(&a, "a", &b);
-        assert!(a.live().is_empty() && b.live().is_empty());
-        let (c, small) = (Membership::new(8, None), Membership::new(1, None));
-        c.renew("n2", "k2".into(), 1, beat("http://n2")).unwrap();
-        exchange(&c, "c", &small);
-        exchange(&c, "c", &small);
-        assert!(matches!(
-            small.renew("n3", "k3".into(), 1, beat("http://n3")),
-            Err(LeaseError::Full(1))
-        ));
-    }
-
-    #[test]
-    fn a_view_ages_on_the_readers_clock_whatever_the_writers_says() {
-        let b = Membership::new(8, None);
-        // A writer whose wall clock is hours off writes the same ages: only the age a
-        // lease had when written counts, plus the time since the reader saw it change.
-        let lease = |age_ms| SharedLease {
-            id: "n1".into(),
-            key: "k1".into(),
-            beat: beat("http://n1"),
-            last_at_ms: 7_200_000 + 5,
-            age_ms,
-            left: false,
-        };
-        let view = |seq, age_ms| LeaseView {
-            replica: "a".into(),
-            seq,
-            leases: vec![lease(age_ms)],
-        };
-        b.absorb("a", view(1, 0));
-        b.absorb("a", view(2, 100));
-        assert_eq!(b.live().len(), 1);
-        let seen = b.live()[0].last_seen_secs;
-        assert!((0.1..1.0).contains(&seen), "{seen}");
-        // An old lease in a fresh view is expired all the same.
-        b.absorb(
-            "a",
-            view(3, (HEARTBEAT * MISSED_RENEWALS).as_millis() as u64 + 1),
-        );
-        assert!(b.live().is_empty());
-    }
-
-    #[test]
-    fn reports_over_bounds_are_named() {
-        let mut b = beat("http://a");
-        assert!(b.over_bounds().is_none());
-        b.replicas = vec![ReplicaReport::default(); MAX_REPORTED_REPLICAS + 1];
-        assert!(b.over_bounds().unwrap().contains("replicas"));
-        b.replicas = vec![ReplicaReport {
-            users: vec!["u".into(); MAX_USERS_PER_REPLICA + 1],
-            ..ReplicaReport::default()
-        }];
-        assert!(b.over_bounds().unwrap().contains("users"));
-    }
 }
