@@ -28,6 +28,13 @@
 //! bytes are not the chunk is passed over by itself ([`PeerSet::distrust`]), doubling
 //! with each lie in a row, and the read asks the next owner; the other peers keep
 //! serving.
+//!
+//! Layout: this file, the members, who owns a chunk and the fetches from them;
+//! [`health`], which peers are passed over and for how long.
+
+mod health;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,8 +45,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
 use crate::fetch::ChunkRef;
-use crate::planner::HEDGE_DELAY_MIN;
 use crate::transport::{HttpClients, HttpSource, SourceError};
+
+use health::{Outcome, PeerHealth};
 
 /// Owners tried for one chunk before the read goes on to the store: the owner, then the
 /// next in rendezvous order (it fetches the chunk once from the store, so a dead owner
@@ -74,17 +82,6 @@ pub struct PeerStats {
     pub seconds: f64,
 }
 
-/// What this node remembers of a peer that failed (a peer without an entry is healthy).
-#[derive(Clone, Copy, Debug)]
-struct PeerHealth {
-    /// Failed trials in a row: the backoff doubles with each.
-    failures: u32,
-    /// Passed over until then.
-    until: Instant,
-    /// A request is trying the peer after its backoff; others pass it over meanwhile.
-    on_trial: bool,
-}
-
 /// The live nodes of the fleet, as this node sees them.
 pub struct PeerSet {
     /// This node's id: never a peer of itself.
@@ -101,48 +98,6 @@ pub struct PeerSet {
     /// time; its first verified chunk clears it ([`PeerSet::vouch`]).
     lies: Mutex<BTreeMap<String, u32>>,
     stats: Mutex<BTreeMap<String, PeerStats>>,
-}
-
-/// How one request to a peer ended, for its health.
-enum Outcome {
-    /// It answered (with the chunk, or that it does not hold it).
-    Answered,
-    /// It failed, or did not answer, after this long.
-    Failed(Duration),
-}
-
-/// One request to a peer. Dropped unsettled (the read took another source's answer
-/// first), it counts as a failure if it ran for the shortest hedge delay, so a peer
-/// that never answers is passed over even though no request to it ever timed out.
-struct Attempt<'a> {
-    peers: &'a PeerSet,
-    id: String,
-    started: Instant,
-    trial: bool,
-    settled: bool,
-}
-
-impl Attempt<'_> {
-    fn settle(mut self, outcome: Outcome) {
-        self.settled = true;
-        self.peers.record(&self.id, self.trial, outcome);
-    }
-}
-
-impl Drop for Attempt<'_> {
-    fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        let ran = self.started.elapsed();
-        if ran >= HEDGE_DELAY_MIN {
-            tracing::debug!(peer = %self.id, ?ran, "a peer did not answer before a hedge did; passing it over");
-            self.peers
-                .record(&self.id, self.trial, Outcome::Failed(ran));
-        } else {
-            self.peers.end_trial(&self.id);
-        }
-    }
 }
 
 impl PeerSet {
@@ -245,91 +200,6 @@ impl PeerSet {
             .filter_map(|(_, m)| m)
             .take(FALLBACK_NODES)
             .collect()
-    }
-
-    /// Whether `id` may be asked now: `None` while it is passed over; `Some(trial)`
-    /// otherwise, `trial` when this request is the one that tries it after its backoff
-    /// (others pass it over until it settles).
-    fn admit(&self, id: &str) -> Option<bool> {
-        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(h) = health.get_mut(id) else {
-            return Some(false);
-        };
-        if h.until > Instant::now() || h.on_trial {
-            return None;
-        }
-        h.on_trial = true;
-        Some(true)
-    }
-
-    /// Starts a request to `id`, if it may be asked now.
-    fn attempt(&self, id: &str) -> Option<Attempt<'_>> {
-        let trial = self.admit(id)?;
-        Some(Attempt {
-            peers: self,
-            id: id.to_string(),
-            started: Instant::now(),
-            trial,
-            settled: false,
-        })
-    }
-
-    /// Records how a request to `id` ended. A failure passes the peer over at least as
-    /// long as the attempt took (at least [`PEER_MIN_BACKOFF`]), doubled per failed
-    /// trial in a row up to [`PEER_MAX_BACKOFF`]. Requests that were already under way
-    /// when it first failed fail together: they extend the backoff, not double it.
-    fn record(&self, id: &str, trial: bool, outcome: Outcome) {
-        let took = match outcome {
-            Outcome::Answered => {
-                let was = self
-                    .health
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(id);
-                if was.is_some_and(|h| h.failures > 0) {
-                    tracing::info!(peer = %id, "peer answers again");
-                }
-                return;
-            }
-            Outcome::Failed(took) => took,
-        };
-        self.count(id, |s| s.failures += 1);
-        let now = Instant::now();
-        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        match health.get_mut(id) {
-            Some(h) if !trial && h.until > now => {
-                h.until = h.until.max(now + took);
-            }
-            Some(h) => {
-                h.failures = h.failures.saturating_add(1);
-                h.until = now + backoff(took, h.failures);
-                if trial {
-                    h.on_trial = false;
-                }
-                tracing::debug!(peer = %id, failures = h.failures, backoff = ?backoff(took, h.failures), "peer failed again; passing it over");
-            }
-            None => {
-                let wait = backoff(took, 1);
-                tracing::warn!(peer = %id, ?took, ?wait, "peer failed; passing it over");
-                health.insert(
-                    id.to_string(),
-                    PeerHealth {
-                        failures: 1,
-                        until: now + wait,
-                        on_trial: false,
-                    },
-                );
-            }
-        }
-    }
-
-    /// A request that was the peer's trial ended without telling anything (given up
-    /// on at once): the next request may try the peer.
-    fn end_trial(&self, id: &str) {
-        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = health.get_mut(id) {
-            h.on_trial = false;
-        }
     }
 
     /// Fetches `chunk` from its owners (unverified; the caller checks the digest), with
@@ -497,40 +367,6 @@ impl PeerSet {
         }))
     }
 
-    /// Node `id` sent bytes that are not the chunk it was asked for (the reader's
-    /// verification says so; the transport saw an answer): it is passed over like a
-    /// peer that failed, doubling with each lie in a row, and a read asks the next
-    /// owner instead. Only that node: the other peers keep serving.
-    pub fn distrust(&self, id: &str) {
-        let lies = {
-            let mut lies = self.lies.lock().unwrap_or_else(|e| e.into_inner());
-            let n = lies.entry(id.to_string()).or_default();
-            *n = n.saturating_add(1);
-            *n
-        };
-        self.count(id, |s| s.failures += 1);
-        let wait = backoff(PEER_MIN_BACKOFF, lies);
-        let until = Instant::now() + wait;
-        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        let h = health.entry(id.to_string()).or_insert(PeerHealth {
-            failures: 0,
-            until,
-            on_trial: false,
-        });
-        h.failures = h.failures.max(lies);
-        h.until = h.until.max(until);
-        h.on_trial = false;
-        tracing::warn!(peer = %id, lies, ?wait, "peer sent bytes that are not the chunk; passing it over");
-    }
-
-    /// Node `id` sent a chunk that verified: its lies in a row are forgotten.
-    pub fn vouch(&self, id: &str) {
-        let mut lies = self.lies.lock().unwrap_or_else(|e| e.into_inner());
-        if lies.remove(id).is_some() {
-            tracing::info!(peer = %id, "peer sends verified chunks again");
-        }
-    }
-
     fn count(&self, id: &str, f: impl FnOnce(&mut PeerStats)) {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         f(stats.entry(id.to_string()).or_default());
@@ -542,15 +378,6 @@ impl PeerSet {
     }
 }
 
-/// How long a peer is passed over after its `failures`-th failed trial in a row, the
-/// last one having taken `took`.
-fn backoff(took: Duration, failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let base = took.max(PEER_MIN_BACKOFF);
-    base.saturating_mul(1 << doublings)
-        .min(PEER_MAX_BACKOFF.max(took))
-}
-
 /// The rendezvous score of a node for a chunk: the first 8 bytes of
 /// sha256(digest || node id). Every node computes the same ranking.
 fn score(digest: &Digest, id: &str) -> u64 {
@@ -559,154 +386,4 @@ fn score(digest: &Digest, id: &str) -> u64 {
     h.update(id.as_bytes());
     let out = h.finalize();
     u64::from_be_bytes(out[..8].try_into().unwrap_or([0; 8]))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn set(self_id: &str, ids: &[&str]) -> PeerSet {
-        let s = PeerSet::new(self_id, HttpClients::new(reqwest::Client::new), None);
-        s.set_members(
-            ids.iter()
-                .map(|id| Member {
-                    id: id.to_string(),
-                    url: format!("http://{id}"),
-                })
-                .collect(),
-        );
-        s
-    }
-
-    #[test]
-    fn a_failed_peer_waits_at_least_its_attempt_doubling_per_failed_trial() {
-        let s = Duration::from_secs;
-        assert_eq!(backoff(s(1), 1), PEER_MIN_BACKOFF);
-        assert_eq!(
-            backoff(s(8), 1),
-            s(8),
-            "at least as long as the attempt took"
-        );
-        assert_eq!(backoff(s(1), 2), s(10));
-        assert_eq!(backoff(s(8), 3), s(32));
-        assert_eq!(backoff(s(1), 30), PEER_MAX_BACKOFF);
-        assert_eq!(
-            backoff(s(300), 1),
-            s(300),
-            "the cap never undercuts the attempt"
-        );
-    }
-
-    #[test]
-    fn a_peer_in_backoff_is_passed_over_then_tried_by_one_request() {
-        let peers = set("me", &["a"]);
-        assert_eq!(peers.admit("a"), Some(false), "a healthy peer is asked");
-        peers.record("a", false, Outcome::Failed(Duration::from_millis(1500)));
-        assert_eq!(peers.admit("a"), None, "passed over after a failure");
-        // Requests under way when it failed fail too: the wait is not doubled.
-        peers.record("a", false, Outcome::Failed(Duration::from_millis(1500)));
-        let h = peers.health.lock().unwrap()["a"];
-        assert_eq!(h.failures, 1);
-        // The wait ends: one request tries it, the others still pass it over.
-        peers.health.lock().unwrap().get_mut("a").unwrap().until = Instant::now();
-        assert_eq!(peers.admit("a"), Some(true));
-        assert_eq!(peers.admit("a"), None, "one trial at a time");
-        peers.record("a", true, Outcome::Failed(Duration::from_secs(1)));
-        let h = peers.health.lock().unwrap()["a"];
-        assert_eq!(h.failures, 2);
-        assert!(!h.on_trial);
-        assert!(h.until > Instant::now() + Duration::from_secs(9), "doubled");
-        // A trial given up on at once tells nothing: the next request may try.
-        peers.health.lock().unwrap().get_mut("a").unwrap().until = Instant::now();
-        let attempt = peers.attempt("a").unwrap();
-        assert!(attempt.trial);
-        drop(attempt);
-        assert_eq!(peers.admit("a"), Some(true));
-        // An answer restores it.
-        peers.record("a", true, Outcome::Answered);
-        assert_eq!(peers.admit("a"), Some(false));
-        assert_eq!(peers.stats()["a"].failures, 3);
-    }
-
-    #[test]
-    fn a_node_that_lies_is_passed_over_alone_and_longer_at_each_lie() {
-        let peers = set("me", &["a", "b"]);
-        peers.record("a", false, Outcome::Answered);
-        peers.distrust("a");
-        assert_eq!(peers.admit("a"), None, "the liar is passed over");
-        assert_eq!(peers.admit("b"), Some(false), "the others are not");
-        let first = peers.health.lock().unwrap()["a"].until;
-        // Its trial answers (the transport's view), and lies again: a longer wait.
-        peers.health.lock().unwrap().get_mut("a").unwrap().until = Instant::now();
-        let trial = peers.attempt("a").unwrap();
-        trial.settle(Outcome::Answered);
-        peers.distrust("a");
-        let h = peers.health.lock().unwrap()["a"];
-        assert_eq!(h.failures, 2);
-        assert!(h.until > first + Duration::from_secs(4), "doubled");
-        // A verified chunk forgets the lies; the next lie starts over.
-        peers.vouch("a");
-        peers.record("a", false, Outcome::Answered);
-        peers.distrust("a");
-        assert_eq!(peers.health.lock().unwrap()["a"].failures, 1);
-    }
-
-    #[test]
-    fn the_fallback_asks_the_next_nodes_after_those_asked_to_fetch() {
-        let ids = ["a", "b", "c", "d", "e", "f"];
-        let digests: Vec<Digest> = (0..100u32).map(|i| Digest::of(&i.to_be_bytes())).collect();
-        let me = set("a", &ids);
-        for d in &digests {
-            let ranked: Vec<String> = me
-                .ranked(d)
-                .into_iter()
-                .map(|(_, m)| m.map_or("a".to_string(), |m| m.id))
-                .collect();
-            let fallbacks: Vec<String> = me.fallbacks(d).into_iter().map(|m| m.id).collect();
-            let owners: Vec<String> = me.owners(d).into_iter().map(|m| m.id).collect();
-            assert_eq!(fallbacks.len(), FALLBACK_NODES);
-            assert!(!fallbacks.contains(&"a".to_string()), "never itself");
-            assert!(fallbacks.iter().all(|f| !owners.contains(f)));
-            if me.owns(d) {
-                assert!(owners.is_empty());
-                assert_eq!(fallbacks, ranked[1..1 + FALLBACK_NODES]);
-            } else {
-                let after: Vec<String> = ranked[OWNERS_TRIED..]
-                    .iter()
-                    .filter(|id| *id != "a")
-                    .take(FALLBACK_NODES)
-                    .cloned()
-                    .collect();
-                assert_eq!(fallbacks, after);
-            }
-        }
-    }
-
-    #[test]
-    fn every_node_agrees_on_the_owner_and_a_departure_moves_only_its_chunks() {
-        let ids = ["a", "b", "c", "d"];
-        let nodes: Vec<PeerSet> = ids.iter().map(|me| set(me, &ids)).collect();
-        let digests: Vec<Digest> = (0..200u32).map(|i| Digest::of(&i.to_be_bytes())).collect();
-        for d in &digests {
-            let owners: Vec<usize> = (0..4).filter(|&n| nodes[n].owns(d)).collect();
-            assert_eq!(owners.len(), 1, "exactly one owner per chunk");
-        }
-        // "d" leaves: the chunks the others owned keep their owner.
-        let before: Vec<bool> = digests.iter().map(|d| nodes[0].owns(d)).collect();
-        nodes[0].set_members(vec![
-            Member {
-                id: "b".into(),
-                url: "http://b".into(),
-            },
-            Member {
-                id: "c".into(),
-                url: "http://c".into(),
-            },
-        ]);
-        for (d, owned) in digests.iter().zip(before) {
-            if owned {
-                assert!(nodes[0].owns(d), "a chunk of a staying node moved");
-            }
-        }
-    }
 }
