@@ -22,8 +22,11 @@
 //! `/sys/block/nbdN/pid`, which the driver creates while a client is connected.
 
 mod devices;
+mod error;
 pub mod handshake;
+mod ioctl;
 mod netlink;
+mod phases;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -35,38 +38,14 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use devices::SYS_BLOCK;
 pub use devices::{check_free, devices, ensure_driver, free_device, Device};
 pub use handshake::{ClientHandshakeError, ExportInfo};
 
 use crate::proto;
-
-/// The ioctl group of the NBD driver (`_IO(0xab, n)`).
-const NBD_IOCTL_TYPE: u64 = 0xab;
-
-/// One NBD ioctl: its request code and its name for error messages.
-#[derive(Debug, Clone, Copy)]
-struct Request {
-    name: &'static str,
-    code: u64,
-}
-
-/// `_IO(0xab, nr)`: no direction, no size; the argument is passed by value.
-const fn nbd_ioctl(name: &'static str, nr: u64) -> Request {
-    Request {
-        name,
-        code: (NBD_IOCTL_TYPE << 8) | nr,
-    }
-}
-
-const NBD_SET_SOCK: Request = nbd_ioctl("NBD_SET_SOCK", 0);
-const NBD_SET_BLKSIZE: Request = nbd_ioctl("NBD_SET_BLKSIZE", 1);
-const NBD_SET_SIZE: Request = nbd_ioctl("NBD_SET_SIZE", 2);
-const NBD_DO_IT: Request = nbd_ioctl("NBD_DO_IT", 3);
-const NBD_CLEAR_SOCK: Request = nbd_ioctl("NBD_CLEAR_SOCK", 4);
-const NBD_DISCONNECT: Request = nbd_ioctl("NBD_DISCONNECT", 8);
-const NBD_SET_TIMEOUT: Request = nbd_ioctl("NBD_SET_TIMEOUT", 9);
-const NBD_SET_FLAGS: Request = nbd_ioctl("NBD_SET_FLAGS", 10);
+pub use error::KernelError;
+use ioctl::{attach_ioctl, ioctl, open_device, NBD_CLEAR_SOCK, NBD_DISCONNECT};
+pub use phases::Phase;
+use phases::PhaseClock;
 
 /// The device's logical block size: templates are ext4 with 4 KiB blocks and overlays
 /// keep 4 KiB blocks, so the kernel never sends a request smaller than one block.
@@ -115,95 +94,6 @@ const KERNEL_FLAGS: u16 = proto::FLAG_HAS_FLAGS
     | proto::FLAG_SEND_WRITE_ZEROES
     | proto::FLAG_CAN_MULTI_CONN;
 
-/// Why a kernel block device could not be attached or detached.
-#[derive(Debug, thiserror::Error)]
-pub enum KernelError {
-    /// The running kernel has no nbd driver and it could not be loaded.
-    #[error("the kernel has no nbd driver (modprobe nbd failed: {detail})")]
-    NoDriver { detail: String },
-    /// The name is not of the form `/dev/nbdN`.
-    #[error("{0:?} is not an NBD device (expected /dev/nbdN)")]
-    BadDevice(String),
-    /// The driver has no such device.
-    #[error("{device} does not exist (the nbd driver has {count} devices; more with `modprobe nbd nbds_max=N`)")]
-    NoSuchDevice { device: Device, count: usize },
-    /// Every device is connected.
-    #[error(
-        "every NBD device is connected ({count} devices; more with `modprobe nbd nbds_max=N`)"
-    )]
-    NoFreeDevice { count: usize },
-    /// Not connected, but the kernel still shows requests in flight or holders.
-    #[error("{device} is not connected but still has requests in flight or holders; try again or use another device")]
-    Settling { device: Device },
-    /// The device is connected already.
-    #[error("{device} is already connected (pid {pid})")]
-    Busy { device: Device, pid: String },
-    /// The handshake on the socket failed.
-    #[error("attaching {device}: NBD handshake for export {export:?}: {source}")]
-    Handshake {
-        device: Device,
-        export: String,
-        #[source]
-        source: ClientHandshakeError,
-    },
-    /// A step on the device failed; the message carries the errno.
-    #[error("{step} on {device}: {source}")]
-    Device {
-        device: Device,
-        step: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    /// The kernel kept answering EBUSY (or ENOSPC) for a step past its retries.
-    #[error("{step} on {device}: still refused after {tries} tries: {source}")]
-    Retried {
-        device: Device,
-        step: &'static str,
-        tries: u32,
-        #[source]
-        source: io::Error,
-    },
-    /// `NBD_DO_IT` was entered but the device never showed up connected.
-    #[error("{device} did not come up within {timeout:?} after NBD_DO_IT")]
-    StartTimeout { device: Device, timeout: Duration },
-    /// `NBD_DO_IT` returned before the device came up.
-    #[error("{device} stopped right after NBD_DO_IT{}", match .cause { Some(e) => format!(": {e}"), None => String::new() })]
-    StoppedAtStart {
-        device: Device,
-        cause: Option<Box<KernelError>>,
-    },
-    /// The device did not disconnect in time.
-    #[error("{device} did not disconnect within {timeout:?}")]
-    DisconnectTimeout { device: Device, timeout: Duration },
-    /// The device's thread could not be started.
-    #[error("starting the NBD_DO_IT thread for {device}: {source}")]
-    Thread {
-        device: Device,
-        #[source]
-        source: io::Error,
-    },
-    /// The device's sockets cannot serve it together.
-    #[error("{device}: {why}")]
-    Connections { device: Device, why: String },
-    /// The device's size did not appear after the connect.
-    #[error("{device} showed no size within {timeout:?} after NBD_CMD_CONNECT")]
-    SizeTimeout { device: Device, timeout: Duration },
-    /// A device to reconnect was attached by someone else, or is not attached.
-    #[error("{device} is not this node's to reconnect: {why}")]
-    NotOurs { device: Device, why: String },
-    /// The export's size is not the device's any more.
-    #[error("{device} has {device_size} bytes but export {export:?} now has {export_size}")]
-    SizeChanged {
-        device: Device,
-        export: String,
-        device_size: u64,
-        export_size: u64,
-    },
-    /// `/sys/block` could not be read.
-    #[error("listing NBD devices under {SYS_BLOCK}: {0}")]
-    Sysfs(#[source] io::Error),
-}
-
 /// How a device is attached, and what it may outlive.
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
@@ -242,56 +132,6 @@ pub struct Connection {
     phases: Vec<(Phase, Duration)>,
     /// Set once the connection is seen ended.
     ended: Option<Result<(), String>>,
-}
-
-/// A phase of an attach or a reconnect, as logged and measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Phase {
-    /// The client handshake on the device's sockets.
-    Handshake,
-    /// `NBD_CMD_CONNECT` (or the ioctls and `NBD_DO_IT` up to the device's pid).
-    Connect,
-    /// From the connect until the device shows its size.
-    SizeVisible,
-    /// `NBD_CMD_RECONFIGURE` of a device a restarted daemon takes back.
-    Reconfigure,
-}
-
-impl Phase {
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Handshake => "handshake",
-            Phase::Connect => "connect",
-            Phase::SizeVisible => "size_visible",
-            Phase::Reconfigure => "reconfigure",
-        }
-    }
-}
-
-/// Times the phases of one attach and logs each at debug level.
-struct PhaseClock {
-    device: Device,
-    started: Instant,
-    phases: Vec<(Phase, Duration)>,
-}
-
-impl PhaseClock {
-    fn new(device: Device) -> PhaseClock {
-        PhaseClock {
-            device,
-            started: Instant::now(),
-            phases: Vec::new(),
-        }
-    }
-
-    /// Ends `phase` now.
-    fn done(&mut self, phase: Phase) {
-        let now = Instant::now();
-        let took = now - self.started;
-        self.started = now;
-        tracing::debug!(device = %self.device, phase = phase.name(), ms = took.as_secs_f64() * 1000.0, "kernel device phase done");
-        self.phases.push((phase, took));
-    }
 }
 
 impl Connection {
@@ -689,159 +529,9 @@ fn wait_size(device: Device) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// The ioctl attach: the device thread, which returns once the device is up.
-fn attach_ioctl(
-    device: Device,
-    socket: UnixStream,
-    info: ExportInfo,
-    mut clock: PhaseClock,
-) -> Result<Connection, KernelError> {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let (done_tx, done_rx) = mpsc::channel();
-    thread::Builder::new()
-        .name(format!("{}-do-it", device.name()))
-        .spawn(move || {
-            let file = match configure(device, &socket, info) {
-                Ok(file) => file,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            let _ = done_tx.send(serve(device, &file));
-        })
-        .map_err(|source| KernelError::Thread { device, source })?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e),
-        Err(_) => {
-            return Err(KernelError::StoppedAtStart {
-                device,
-                cause: None,
-            })
-        }
-    }
-    let mut connection = Connection {
-        device,
-        info,
-        link: Link::Ioctl(done_rx),
-        backend: None,
-        phases: Vec::new(),
-        ended: None,
-    };
-    let started = match &connection.link {
-        Link::Ioctl(done) => wait_started(device, done),
-        Link::Netlink => Ok(()), // not made here
-    };
-    if let Err(e) = started {
-        // The thread may still be in NBD_DO_IT: leave no device connected without a
-        // Connection to disconnect it by.
-        if matches!(e, KernelError::StartTimeout { .. }) {
-            let _ = connection.disconnect(DISCONNECT_TIMEOUT);
-        }
-        return Err(e);
-    }
-    // The ioctls set the size before NBD_DO_IT: it is visible once the device is up.
-    clock.done(Phase::Connect);
-    connection.phases = clock.phases;
-    Ok(connection)
-}
-
-/// Opens the device and sets it up for `info`, ending with the socket handed over.
-fn configure(device: Device, socket: &UnixStream, info: ExportInfo) -> Result<File, KernelError> {
-    let file = open_device(device)?;
-    ioctl(&file, device, NBD_SET_BLKSIZE, BLOCK_SIZE)?;
-    ioctl(&file, device, NBD_SET_SIZE, info.size)?;
-    ioctl(
-        &file,
-        device,
-        NBD_SET_FLAGS,
-        u64::from(info.flags & KERNEL_FLAGS),
-    )?;
-    ioctl(&file, device, NBD_SET_TIMEOUT, REQUEST_TIMEOUT.as_secs())?;
-    // A negative fd cannot come from a live UnixStream.
-    let fd = u64::try_from(socket.as_raw_fd()).unwrap_or(u64::MAX);
-    ioctl(&file, device, NBD_SET_SOCK, fd)?;
-    Ok(file)
-}
-
-/// Runs the device until it is disconnected, then releases the socket so the device
-/// can be used again.
-fn serve(device: Device, file: &File) -> Result<(), KernelError> {
-    let result = ioctl(file, device, NBD_DO_IT, 0);
-    // NBD_DO_IT has returned, so no request is in flight; clearing the socket can only
-    // fail when the driver has cleared it itself.
-    let _ = ioctl(file, device, NBD_CLEAR_SOCK, 0);
-    result
-}
-
-/// Waits until the driver shows the device connected, or the device thread ends.
-fn wait_started(
-    device: Device,
-    done: &Receiver<Result<(), KernelError>>,
-) -> Result<(), KernelError> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if device.connected_pid().is_some() {
-            return Ok(());
-        }
-        match done.recv_timeout(POLL_INTERVAL) {
-            Ok(result) => {
-                return Err(KernelError::StoppedAtStart {
-                    device,
-                    cause: result.err().map(Box::new),
-                })
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(KernelError::StoppedAtStart {
-                    device,
-                    cause: None,
-                })
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-        if Instant::now() >= deadline {
-            return Err(KernelError::StartTimeout {
-                device,
-                timeout: START_TIMEOUT,
-            });
-        }
-    }
-}
-
-fn open_device(device: Device) -> Result<File, KernelError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(device.path())
-        .map_err(device.error("opening"))
-}
-
-/// Issues one NBD ioctl, whose argument is passed by value.
-fn ioctl(file: &File, device: Device, request: Request, arg: u64) -> Result<(), KernelError> {
-    // SAFETY: the NBD ioctls take an integer by value (no pointer), and `file` is an
-    // open descriptor for the call's duration.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request.code as _, arg as libc::c_ulong) };
-    if rc < 0 {
-        return Err(device.error(request.name)(io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ioctl_codes_match_the_kernel_header() {
-        // linux/nbd.h: #define NBD_SET_SOCK _IO( 0xab, 0 ) ... NBD_SET_FLAGS _IO( 0xab, 10)
-        assert_eq!(NBD_SET_SOCK.code, 0xab00);
-        assert_eq!(NBD_DO_IT.code, 0xab03);
-        assert_eq!(NBD_DISCONNECT.code, 0xab08);
-        assert_eq!(NBD_SET_FLAGS.code, 0xab0a);
-    }
 
     #[test]
     fn device_names() {
