@@ -202,6 +202,24 @@ mod tests {
     }
 
     #[test]
+    fn cached_pages_are_kept_only_while_a_name_serves_the_same_content() {
+        let inodes = Inodes::default();
+        let a = inodes.file_ino(Folder::Templates, "a");
+        assert!(
+            !inodes.same_content(a, 7),
+            "a first open has nothing cached to keep"
+        );
+        assert!(inodes.same_content(a, 7), "the same bytes again");
+        // Deleted and published again between two looks: the number stays, the
+        // content changes, so the old pages must go.
+        assert!(!inodes.same_content(a, 8));
+        assert!(inodes.same_content(a, 8));
+        inodes.retire(Folder::Templates, "a");
+        let again = inodes.file_ino(Folder::Templates, "a");
+        assert!(!inodes.same_content(again, 8), "a new number starts afresh");
+    }
+
+    #[test]
     fn a_name_that_comes_back_gets_a_new_number() {
         let inodes = Inodes::default();
         let old = inodes.file_ino(Folder::Templates, "a");
