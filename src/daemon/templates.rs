@@ -460,7 +460,8 @@ impl Templates {
     }
 
     /// Forgets `known` if the store no longer holds its manifest: the template was
-    /// deleted from the store, or deleted and published again with other bytes. The
+    /// deleted from the store, or deleted and published again with other content
+    /// ([`Manifest::same_content`]: origins and creation time may differ). The
     /// next look learns what the store holds now. The caller makes sure nothing keeps or
     /// uses the replica. A store that does not answer within [`STORE_CHECK_TIMEOUT`]
     /// leaves it known: a node serves what it knows through a store outage.
@@ -469,7 +470,7 @@ impl Templates {
         let asked = tokio::time::timeout(STORE_CHECK_TIMEOUT, self.store.manifest(id)).await;
         let why = match asked {
             Ok(Ok(None)) => "deleted from the store",
-            Ok(Ok(Some(current))) if current != **known.manifest() => {
+            Ok(Ok(Some(current))) if !current.same_content(known.manifest()) => {
                 "published again in the store with other content"
             }
             _ => return,
