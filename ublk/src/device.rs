@@ -349,6 +349,10 @@ impl UblkDevice {
         let spawned = std::thread::Builder::new()
             .name("ublk-remove".into())
             .spawn(move || {
+                if let Err(e) = init_control_ring() {
+                    let _ = tx.send(("STOP_DEV", Err(("STOP_DEV", e.to_string()))));
+                    return;
+                }
                 let step = |step: &'static str, r: Result<i32, libublk::UblkError>| {
                     r.map(|_| ()).map_err(|e| (step, e.to_string()))
                 };
@@ -393,6 +397,25 @@ impl UblkDevice {
         Ok(())
     }
 }
+
+/// Control commands go through a per-thread io_uring of libublk's, made by a
+/// control's constructor on the thread that builds it: a thread that only uses a
+/// control made elsewhere (a removal) makes its own first.
+fn init_control_ring() -> Result<(), libublk::UblkError> {
+    libublk::ublk_init_ctrl_task_ring(|ring| {
+        if ring.is_none() {
+            *ring = Some(
+                io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                    .build(CONTROL_RING_DEPTH)
+                    .map_err(libublk::UblkError::IOError)?,
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Entries of a control thread's ring: one command at a time is in flight.
+const CONTROL_RING_DEPTH: u32 = 16;
 
 /// Stops and deletes device `id`, which no thread of this process serves (left by an
 /// earlier run whose export is gone), each command under `deadline`.
@@ -440,6 +463,11 @@ pub fn delete(id: u32, deadline: Duration) -> Result<(), UblkError> {
 /// discard and write-zeroes.
 fn set_params(dev: &mut UblkDev, size: u64, block_size: u32, read_only: bool) {
     dev.set_default_params(size);
+    // Each tag has its uring_cmd in flight and, while the runtime serves it, the read
+    // of its eventfd: room for both in the queue's ring.
+    let depth = dev.dev_info.queue_depth.saturating_mul(2);
+    dev.tgt.sq_depth = depth;
+    dev.tgt.cq_depth = depth;
     let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
     let params = &mut dev.tgt.params;
     let physical = block_size.clamp(512, 4096).trailing_zeros() as u8;

@@ -91,8 +91,6 @@ async fn serve_request<S: Images>(
 ) -> i32 {
     let op_code = iod.op_flags & 0xff;
     let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
-    let offset = iod.start_sector << 9;
-    let len = u64::from(iod.nr_sectors) << 9;
     let op = match op_code {
         sys::UBLK_IO_OP_READ => Op::Read,
         sys::UBLK_IO_OP_WRITE => Op::Write,
@@ -102,7 +100,21 @@ async fn serve_request<S: Images>(
         _ => return -libc::EOPNOTSUPP,
     };
     let image = &target.image;
+    // A flush has no range: the kernel's flush request carries whatever sector its
+    // request structure last held.
+    let (offset, len) = if op == Op::Flush {
+        (0, 0)
+    } else {
+        (iod.start_sector << 9, u64::from(iod.nr_sectors) << 9)
+    };
     if offset.checked_add(len).is_none_or(|end| end > image.size()) {
+        tracing::warn!(
+            op = op.name(),
+            offset,
+            len,
+            size = image.size(),
+            "ublk request past the end of its image"
+        );
         return -libc::EINVAL;
     }
     if op != Op::Read && op != Op::Flush && target.read_only {
@@ -178,7 +190,7 @@ async fn serve_request<S: Images>(
         // The kernel splits requests at max_sectors (the buffer size), so this fits.
         Ok(()) => i32::try_from(len).unwrap_or(i32::MAX),
         Err(error) => {
-            tracing::debug!(op = op.name(), offset, len, %error, "ublk request failed");
+            tracing::warn!(op = op.name(), offset, len, %error, "ublk request failed");
             -error.raw_os_error().filter(|&e| e > 0).unwrap_or(libc::EIO)
         }
     }
