@@ -186,6 +186,8 @@ devices=$(cat /etc/devices)
 wave=1
 while [ "$wave" -le "$rounds" ]; do
   rm -rf /tmp/uwave && mkdir -p /tmp/uwave
+  # The jobs' pids: a bare `wait` would also wait for the guest's watchdog.
+  pids=""
   i=1
   while [ "$i" -le "$devices" ]; do
     if [ $((i % 2)) = 0 ]; then
@@ -195,9 +197,11 @@ while [ "$wave" -le "$rounds" ]; do
       export_name=base
     fi
     ( timeout $ublk_bound lazyblk attach $export_name --kind ublk >/tmp/uwave/$i.dev 2>/tmp/uwave/$i.err || echo fail >/tmp/uwave/$i.fail ) &
+    pids="$pids $!"
     i=$((i + 1))
   done
-  wait
+  # shellcheck disable=SC2086
+  wait $pids
   i=1
   while [ "$i" -le "$devices" ]; do
     [ ! -e /tmp/uwave/$i.fail ] || fail "ublk: wave $wave: attach $i: $(cat /tmp/uwave/$i.err)"
@@ -213,13 +217,16 @@ while [ "$wave" -le "$rounds" ]; do
     [ "$sum" = "$blob_sum" ] || fail "ublk: wave $wave: sha256 of data/blob over $dev is $sum"
     i=$((i + 1))
   done
+  pids=""
   i=1
   while [ "$i" -le "$devices" ]; do
     must umount /mnt/uw$i
     ( timeout $ublk_bound lazyblk detach "$(cat /tmp/uwave/$i.dev)" >/dev/null 2>/tmp/uwave/$i.err || echo fail >/tmp/uwave/$i.fail ) &
+    pids="$pids $!"
     i=$((i + 1))
   done
-  wait
+  # shellcheck disable=SC2086
+  wait $pids
   i=1
   while [ "$i" -le "$devices" ]; do
     [ ! -e /tmp/uwave/$i.fail ] || fail "ublk: wave $wave: detach $i: $(cat /tmp/uwave/$i.err)"
@@ -243,6 +250,7 @@ while [ "$done_cycles" -lt "$cycles" ]; do
   rm -rf /tmp/uchurn && mkdir -p /tmp/uchurn
   batch=$parallel
   [ $((cycles - done_cycles)) -ge $batch ] || batch=$((cycles - done_cycles))
+  pids=""
   i=1
   while [ "$i" -le "$batch" ]; do
     (
@@ -250,9 +258,11 @@ while [ "$done_cycles" -lt "$cycles" ]; do
       head -c 4096 "$dev" >/dev/null 2>>/tmp/uchurn/$i.err || { echo "read $dev" >/tmp/uchurn/$i.fail; exit; }
       timeout $ublk_bound lazyblk detach "$dev" >/dev/null 2>>/tmp/uchurn/$i.err || echo "detach $dev" >/tmp/uchurn/$i.fail
     ) &
+    pids="$pids $!"
     i=$((i + 1))
   done
-  wait
+  # shellcheck disable=SC2086
+  wait $pids
   i=1
   while [ "$i" -le "$batch" ]; do
     [ ! -e /tmp/uchurn/$i.fail ] || fail "ublk: churn after $done_cycles cycles: $(cat /tmp/uchurn/$i.fail): $(cat /tmp/uchurn/$i.err)"

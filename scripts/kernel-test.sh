@@ -260,7 +260,7 @@ fail() {
       echo "$(cat "$task/comm") $(cat "$task/wchan" 2>/dev/null)"; cat "$task/stack" 2>/dev/null | head -n 12
     done
   fi
-  poweroff -f
+  poweroff -n -f
 }
 # Runs a command that must succeed; its output is in $out.
 must() { out=$("$@" 2>&1) || fail "$* -> $out"; }
@@ -294,7 +294,7 @@ touch /tmp/progress
     for task in /proc/$(cat /tmp/daemon.pid 2>/dev/null)/task/*; do
       echo "$(cat "$task/comm" 2>/dev/null) $(cat "$task/wchan" 2>/dev/null)"; cat "$task/stack" 2>/dev/null | head -n 12
     done
-    poweroff -f
+    poweroff -n -f
   done
 ) &
 
@@ -333,7 +333,7 @@ if [ "$(cat /etc/kind)" != nbd ]; then
   . /ublk-test
   if [ "$(cat /etc/kind)" = ublk ]; then
     echo "KERNEL-TEST: PASS"
-    poweroff -f
+    poweroff -n -f
   fi
 fi
 

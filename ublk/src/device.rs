@@ -158,13 +158,16 @@ impl UblkDevice {
             detail: "no such device id".into(),
         })?;
         let build = move || {
+            // The device's queues, depth and buffer size, from the kernel: a control
+            // for recovery is made with them (libublk sizes its queue tables by them).
+            let info = UblkCtrl::new_simple(signed)?.dev_info();
             let ctrl = UblkCtrl::new(
                 Some(TARGET_NAME.to_string()),
                 signed,
-                0,
-                0,
-                0,
-                0,
+                u32::from(info.nr_hw_queues),
+                u32::from(info.queue_depth),
+                info.max_io_buf_bytes,
+                CTRL_FLAGS,
                 0,
                 UblkFlags::UBLK_DEV_F_RECOVER_DEV,
             )?;
@@ -209,7 +212,14 @@ impl UblkDevice {
         let server = std::thread::Builder::new()
             .name("ublk-device".into())
             .spawn(move || {
-                let ctrl = match build() {
+                let ctrl = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+                    .unwrap_or_else(|panic| {
+                        tracing::error!(
+                            panic = panic_text(&*panic),
+                            "libublk panicked making a control"
+                        );
+                        Err(libublk::UblkError::OtherError(-libc::EIO))
+                    }) {
                     Ok(ctrl) => Arc::new(ctrl),
                     Err(error) => {
                         let _ = tx.send(Progress::Failed(UblkError::Control {
@@ -230,13 +240,22 @@ impl UblkDevice {
                     Ok(())
                 };
                 let started = tx.clone();
-                let served = ctrl.run_target(
-                    init,
-                    move |qid, dev: &UblkDev| serve_queue(qid, dev, target.clone()),
-                    move |_: &UblkCtrl| {
-                        let _ = started.send(Progress::Started);
-                    },
-                );
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ctrl.run_target(
+                        init,
+                        move |qid, dev: &UblkDev| serve_queue(qid, dev, target.clone()),
+                        move |_: &UblkCtrl| {
+                            let _ = started.send(Progress::Started);
+                        },
+                    )
+                }))
+                .unwrap_or_else(|panic| {
+                    tracing::error!(
+                        panic = panic_text(&*panic),
+                        "libublk panicked serving a device"
+                    );
+                    Err(libublk::UblkError::OtherError(-libc::EIO))
+                });
                 let how = match served {
                     Ok(_) => Ok(()),
                     Err(error) => {
@@ -398,6 +417,15 @@ impl UblkDevice {
     }
 }
 
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 /// Control commands go through a per-thread io_uring of libublk's, made by a
 /// control's constructor on the thread that builds it: a thread that only uses a
 /// control made elsewhere (a removal) makes its own first.
@@ -499,7 +527,7 @@ fn check_size(size: u64) -> Result<(), UblkError> {
             reason: "it is empty",
         });
     }
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(UblkError::BadImage {
             size,
             reason: "its size is not a multiple of 512 bytes",
