@@ -277,3 +277,63 @@ attached=$(wget -q -O - $node/v1/attachments)
 [ "$attached" = "[]" ] || fail "ublk: churn: attachments left: $attached"
 ublk_check_kernel_log "churn"
 log "ublk: churn: $cycles add/remove cycles, $parallel at a time; no control command wedged, no device left"
+
+# ---- B11's ublk rows (KERNEL_TEST_BENCH=1): fio through /dev/ublkbN beside /dev/nbdX
+# (1 connection, the default, and 2) and a file on the guest's own disk (the floor) ----
+if [ "$(cat /etc/bench)" = 1 ]; then
+  runtime=$(cat /etc/bench-runtime)
+  # fio's terse output: field 7 is the read bandwidth (KiB/s), 8 the read IOPS, 40 the
+  # mean total latency (microseconds).
+  ufio_run() { # file, rw, bs, iodepth
+    fio --name=b11u --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=libaio \
+      --direct=1 --size=$((40 << 20)) --runtime="$runtime" --time_based --minimal 2>/tmp/ufio.err \
+      || fail "ublk: fio $2 qd$4 on $1: $(cat /tmp/ufio.err)"
+  }
+  measure() { # device or file: "qd1-latency-us qd32-iops seq-MiB/s"
+    lat=$(ufio_run "$1" randread 4k 1 | cut -d';' -f40 | awk '{printf "%.0f", $1}')
+    iops=$(ufio_run "$1" randread 4k 32 | cut -d';' -f8)
+    mibs=$(ufio_run "$1" read 1M 8 | cut -d';' -f7 | awk '{printf "%.1f", $1 / 1024}')
+    echo "$lat $iops $mibs"
+  }
+  # Attach latency of ublk devices: by the clock of the CLI's caller.
+  attaches=20
+  rm -f /tmp/uattach-us
+  i=1
+  while [ "$i" -le "$attaches" ]; do
+    t0=$(gdate +%s%N)
+    must lazyblk attach bench --kind ublk
+    t1=$(gdate +%s%N)
+    echo $(((t1 - t0) / 1000)) >>/tmp/uattach-us
+    must lazyblk detach "$out"
+    i=$((i + 1))
+  done
+  sort -n /tmp/uattach-us >/tmp/uattach-sorted
+  p50=$(sed -n "$((attaches * 50 / 100))p" /tmp/uattach-sorted)
+  p95=$(sed -n "$((attaches * 95 / 100))p" /tmp/uattach-sorted)
+  mkdir -p /mnt/disk
+  must mount -t ext4 /dev/vda /mnt/disk
+  dd if=/dev/urandom of=/mnt/disk/file bs=1M count=40 conv=fsync 2>/dev/null || fail "ublk: writing the disk's fio file"
+  set -- $(measure /mnt/disk/file); floor_lat=$1 floor_iops=$2 floor_mibs=$3
+  must lazyblk warm bench --wait
+  must lazyblk attach bench --kind ublk
+  dev=$out
+  set -- $(measure "$dev"); ublk_lat=$1 ublk_iops=$2 ublk_mibs=$3
+  must lazyblk detach "$dev"
+  result="B11-ublk (fio ${runtime}s per run) ublk attach p50 $((p50 / 1000)).$(((p50 % 1000) / 100)) ms p95 $((p95 / 1000)).$(((p95 % 1000) / 100)) ms ($attaches attaches);"
+  result="$result disk: qd1 ${floor_lat} us, qd32 ${floor_iops} IOPS, seq1M ${floor_mibs} MiB/s;"
+  result="$result ublk: qd1 ${ublk_lat} us, qd32 ${ublk_iops} IOPS, seq1M ${ublk_mibs} MiB/s;"
+  best_nbd_iops=0
+  for connections in 1 2; do
+    must lazyblk attach bench --connections $connections
+    dev=$out
+    set -- $(measure "$dev"); nbd_lat=$1 nbd_iops=$2 nbd_mibs=$3
+    must lazyblk detach "$dev"
+    [ "$nbd_iops" -le "$best_nbd_iops" ] || best_nbd_iops=$nbd_iops
+    result="$result nbd ${connections}conn: qd1 ${nbd_lat} us, qd32 ${nbd_iops} IOPS, seq1M ${nbd_mibs} MiB/s;"
+    [ "$connections" = 1 ] && nbd1_lat=$nbd_lat nbd1_mibs=$nbd_mibs
+  done
+  ratios=$(echo "$ublk_lat $nbd1_lat $ublk_iops $best_nbd_iops $floor_iops $ublk_mibs $nbd1_mibs" | awk '{printf "ublk/nbd qd1 latency %.2fx (target <= 0.6), qd32 IOPS %.2fx best nbd (target >= 1.3) and %.2fx disk (target >= 0.7), seq %.2fx nbd (target >= 1.2)", $1 / $2, $3 / $4, $3 / $5, $6 / $7}')
+  must umount /mnt/disk
+  echo "$result $ratios"
+  log "ublk: B11 measured"
+fi
