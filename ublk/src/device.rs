@@ -21,7 +21,7 @@ use crate::{block_path, UblkError};
 pub const MAX_QUEUES: u16 = 16;
 
 /// Requests in flight per queue: deep enough for qd32 on one core's queue.
-const QUEUE_DEPTH: u16 = 64;
+pub const QUEUE_DEPTH: u16 = 64;
 
 /// The largest request (the kernel splits larger ones): 256 KiB, so one queue's
 /// buffers are 16 MiB of address space at most, touched only as requests use them.
@@ -59,7 +59,8 @@ impl Default for DeviceOptions {
 }
 
 impl DeviceOptions {
-    fn queues(&self) -> u16 {
+    /// The queues a new device gets.
+    pub fn queues(&self) -> u16 {
         if self.queues > 0 {
             return self.queues.min(MAX_QUEUES);
         }

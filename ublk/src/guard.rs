@@ -91,6 +91,54 @@ pub fn check_driver() -> Result<(), UblkError> {
     Ok(())
 }
 
+/// The driver's `ublks_max` module parameter: devices per host, all users together.
+const UBLKS_MAX: &str = "/sys/module/ublk_drv/parameters/ublks_max";
+
+/// Descriptors one device holds besides its queues' slots: the character device, the
+/// control ring of its thread, and one io_uring per queue (counted per queue below).
+const FDS_PER_DEVICE: u64 = 2;
+
+/// Descriptors one queue holds: its io_uring and an eventfd per request slot.
+pub fn fds_per_queue(depth: u16) -> u64 {
+    1 + u64::from(depth)
+}
+
+/// What limits how many devices this process can serve, read at the daemon's start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// The driver's `ublks_max` (absent when the driver is not loaded).
+    pub ublks_max: Option<u64>,
+    /// This process's soft `RLIMIT_NOFILE`.
+    pub nofile: Option<u64>,
+    /// Descriptors one device with `queues` queues takes.
+    pub fds_per_device: u64,
+}
+
+impl Limits {
+    /// Reads the limits for devices of `queues` queues of `depth` slots.
+    pub fn read(queues: u16, depth: u16) -> Limits {
+        let ublks_max = std::fs::read_to_string(UBLKS_MAX)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        // SAFETY: getrlimit fills the struct or fails.
+        let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+        let nofile = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
+            .then_some(limit.rlim_cur);
+        Limits {
+            ublks_max,
+            nofile,
+            fds_per_device: FDS_PER_DEVICE + u64::from(queues) * fds_per_queue(depth),
+        }
+    }
+
+    /// How many devices the descriptor limit leaves room for, `reserved` descriptors
+    /// kept for everything else the process does.
+    pub fn devices_by_nofile(&self, reserved: u64) -> Option<u64> {
+        self.nofile
+            .map(|n| n.saturating_sub(reserved) / self.fds_per_device.max(1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +157,18 @@ mod tests {
         assert!(!kernel_allowed("6.1.0-40-cloud-amd64", &allowed));
         assert!(!kernel_allowed("6.18.40", &allowed));
         assert!(!kernel_allowed("6.12.1", &list(&[""])));
+    }
+
+    #[test]
+    fn the_descriptor_limit_bounds_the_devices() {
+        let limits = Limits {
+            ublks_max: Some(64),
+            nofile: Some(10_000),
+            fds_per_device: 2 + 2 * fds_per_queue(64),
+        };
+        assert_eq!(limits.fds_per_device, 132);
+        assert_eq!(limits.devices_by_nofile(1_000), Some(68));
+        assert_eq!(limits.devices_by_nofile(20_000), Some(0));
     }
 
     #[test]

@@ -27,10 +27,12 @@ mod device;
 mod guard;
 mod serve;
 
-pub use device::{delete, DeviceOptions, UblkDevice, DEFAULT_CONTROL_DEADLINE, MAX_QUEUES};
+pub use device::{
+    delete, DeviceOptions, UblkDevice, DEFAULT_CONTROL_DEADLINE, MAX_QUEUES, QUEUE_DEPTH,
+};
 pub use guard::{
-    allowed_kernels, check, check_driver, kernel_allowed, kernel_release, CONTROL_DEVICE,
-    TESTED_KERNELS,
+    allowed_kernels, check, check_driver, fds_per_queue, kernel_allowed, kernel_release, Limits,
+    CONTROL_DEVICE, TESTED_KERNELS,
 };
 
 /// Why a ublk device could not be created, recovered or removed.

@@ -88,8 +88,23 @@ impl From<UblkError> for AttachError {
     }
 }
 
+/// Descriptors the daemon keeps for everything but ublk devices (listeners, clients,
+/// cache files) when it says how many devices its descriptor limit leaves room for.
+const RESERVED_FDS: u64 = 4096;
+
 impl UblkDevices {
     pub(super) fn new(config: UblkConfig, exports: Arc<NodeImages>) -> UblkDevices {
+        if lazyblk_ublk::check(&config.extra_kernels).is_ok() {
+            let limits =
+                lazyblk_ublk::Limits::read(config.device.queues(), lazyblk_ublk::QUEUE_DEPTH);
+            let by_nofile = limits.devices_by_nofile(RESERVED_FDS);
+            tracing::info!(ublks_max = ?limits.ublks_max, nofile = ?limits.nofile, fds_per_device = limits.fds_per_device, devices_by_nofile = ?by_nofile, "ublk offered on this kernel");
+            if let (Some(by_nofile), Some(ublks_max)) = (by_nofile, limits.ublks_max) {
+                if by_nofile < ublks_max {
+                    tracing::warn!(nofile = ?limits.nofile, fds_per_device = limits.fds_per_device, ublks_max, "the descriptor limit (LimitNOFILE) leaves room for only {by_nofile} ublk devices of the driver's {ublks_max}: raise LimitNOFILE");
+                }
+            }
+        }
         UblkDevices {
             config,
             exports,
