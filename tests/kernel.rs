@@ -105,6 +105,26 @@ fn attach_kind_ublk_is_refused_on_an_untested_kernel() {
             && err.contains("--ublk-kernel"),
         "{err}"
     );
+    // The HTTP API's equivalent: 503 with the same words; an unknown kind is a 400.
+    let post = |body: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "-X", "POST", "-H"])
+            .arg("content-type: application/json")
+            .args(["-d", body, &format!("{node}/v1/attachments")])
+            .output()
+            .expect("running curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = post(r#"{"export": "t", "kind": "ublk"}"#);
+    assert!(
+        answer.ends_with("\n503") && answer.contains("use --kind nbd"),
+        "{answer}"
+    );
+    let answer = post(r#"{"export": "t", "kind": "scsi"}"#);
+    assert!(
+        answer.ends_with("\n400") && answer.contains(r#"kind must be \"nbd\" or \"ublk\""#),
+        "{answer}"
+    );
     // The guard comes first, whatever device is named; detach knows ublk names.
     let (ok, _, err) = run(&[
         "attach",
