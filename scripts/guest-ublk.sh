@@ -38,6 +38,12 @@ ublk_drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 ublk_bound=150
 
 [ -e /dev/ublk-control ] || fail "ublk: no /dev/ublk-control after insmod ublk_drv"
+# The packaged unit's LimitNOFILE=1048576: a ublk device holds an eventfd per queue
+# slot (132 descriptors per device on 2 CPUs), so the default 4096 would stop a wave
+# of 32 devices at about 30.
+ulimit -Hn 1048576 && ulimit -n 1048576 || fail "ublk: raising the descriptor limit"
+kill -TERM $daemon; wait $daemon
+ublk_start_daemon
 mkdir -p /mnt/uro /mnt/urw
 
 # ---- a template, read-only ------------------------------------------------------------

@@ -136,6 +136,7 @@ impl AttachError {
                 lazyblk_ublk::UblkError::KernelNotOffered { .. }
                 | lazyblk_ublk::UblkError::NoDriver { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 lazyblk_ublk::UblkError::BadImage { .. } => StatusCode::BAD_REQUEST,
+                lazyblk_ublk::UblkError::IdTaken { .. } => StatusCode::CONFLICT,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             AttachError::Attaching(_)

@@ -112,6 +112,7 @@ impl UblkDevice {
         let size = image.size();
         check_size(size)?;
         let queues = options.queues();
+        let what = id.map_or_else(|| "a new ublk device".to_string(), block_path);
         let id = match id {
             Some(id) => i32::try_from(id).map_err(|_| UblkError::Control {
                 device: block_path(id),
@@ -131,15 +132,7 @@ impl UblkDevice {
                 .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
                 .build()
         };
-        Self::run(
-            "ADD_DEV",
-            "a new ublk device".into(),
-            build,
-            images,
-            image,
-            runtime,
-            options,
-        )
+        Self::run("ADD_DEV", what, build, images, image, runtime, options)
     }
 
     /// Takes back device `id`, left by an earlier run of this daemon (killed or
@@ -203,6 +196,7 @@ impl UblkDevice {
         let ended: Ended = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::channel();
         let thread_ended = ended.clone();
+        let what_for_thread = what.clone();
         let target = Arc::new(Target {
             images,
             image,
@@ -222,11 +216,17 @@ impl UblkDevice {
                         Err(libublk::UblkError::OtherError(-libc::EIO))
                     }) {
                     Ok(ctrl) => Arc::new(ctrl),
+                    Err(libublk::UblkError::OtherError(e)) if e == -libc::EEXIST => {
+                        let _ = tx.send(Progress::Failed(UblkError::IdTaken {
+                            device: what_for_thread,
+                        }));
+                        return;
+                    }
                     Err(error) => {
                         let _ = tx.send(Progress::Failed(UblkError::Control {
-                            device: "a ublk device".into(),
+                            device: what_for_thread,
                             step: first_step,
-                            detail: error.to_string(),
+                            detail: describe(&error),
                         }));
                         return;
                     }
@@ -263,7 +263,7 @@ impl UblkDevice {
                         let error = UblkError::Control {
                             device: block_path(id),
                             step: "START_DEV",
-                            detail: error.to_string(),
+                            detail: describe(&error),
                         };
                         let _ = tx.send(Progress::Failed(UblkError::Control {
                             device: block_path(id),
@@ -374,7 +374,7 @@ impl UblkDevice {
                     return;
                 }
                 let step = |step: &'static str, r: Result<i32, libublk::UblkError>| {
-                    r.map(|_| ()).map_err(|e| (step, e.to_string()))
+                    r.map(|_| ()).map_err(|e| (step, describe(&e)))
                 };
                 let stopped = step("STOP_DEV", ctrl.kill_dev());
                 let _ = tx.send(("STOP_DEV", stopped.clone()));
@@ -415,6 +415,16 @@ impl UblkDevice {
             }
         }
         Ok(())
+    }
+}
+
+/// A libublk error in words, with the errno its `Display` leaves out.
+fn describe(error: &libublk::UblkError) -> String {
+    match error {
+        libublk::UblkError::OtherError(e) => {
+            format!("{} ({})", std::io::Error::from_raw_os_error(-e), error)
+        }
+        other => other.to_string(),
     }
 }
 
@@ -464,7 +474,7 @@ pub fn delete(id: u32, deadline: Duration) -> Result<(), UblkError> {
                     ctrl.del_dev()
                 })
                 .map(|_| ())
-                .map_err(|e| e.to_string());
+                .map_err(|e| describe(&e));
             let _ = tx.send(deleted);
         })
         .map_err(|e| UblkError::Control {

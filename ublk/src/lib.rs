@@ -55,6 +55,9 @@ pub enum UblkError {
         step: &'static str,
         deadline: std::time::Duration,
     },
+    /// The device id asked for is taken (ADD_DEV answered EEXIST).
+    #[error("{device} exists already (taken by another process)")]
+    IdTaken { device: String },
     /// A control command failed.
     #[error("ublk {step} on {device}: {detail}")]
     Control {

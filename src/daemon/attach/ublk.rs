@@ -210,7 +210,7 @@ impl Attachments {
                 Err(e) => {
                     self.ublk.slots().remove(&id);
                     // Another process took the id between the look and the add.
-                    let taken = matches!(&e, AttachError::Ublk(UblkError::Control { step: "ADD_DEV", detail, .. }) if detail.contains("17"));
+                    let taken = matches!(&e, AttachError::Ublk(UblkError::IdTaken { .. }));
                     if taken && requested.is_none() && (skip.len() as u32) < PICK_TRIES {
                         skip.push(id);
                         continue;
