@@ -23,13 +23,13 @@
 //! Nothing the kernel saw completed is lost, since a write is acknowledged only after
 //! the image has taken it (and for FUA or a flush, made it durable).
 
+mod control;
 mod device;
 mod guard;
 mod serve;
 
-pub use device::{
-    delete, DeviceOptions, UblkDevice, DEFAULT_CONTROL_DEADLINE, MAX_QUEUES, QUEUE_DEPTH,
-};
+pub use control::delete;
+pub use device::{DeviceOptions, UblkDevice, DEFAULT_CONTROL_DEADLINE, MAX_QUEUES, QUEUE_DEPTH};
 pub use guard::{
     allowed_kernels, check, check_driver, fds_per_queue, kernel_allowed, kernel_release, Limits,
     CONTROL_DEVICE, TESTED_KERNELS,
