@@ -31,6 +31,13 @@
 #                        linux-image-6.12-cloud-amd64 for 6.12)
 #   KERNEL_TEST_DAEMON_FLAGS  extra flags for the guest's daemon (e.g. --device-ioctl,
 #                        which attaches through the ioctls: the restart checks fail)
+#   KERNEL_TEST_KIND     nbd (default), ublk or both: which kernel driver's checks run.
+#                        ublk (scripts/guest-ublk.sh: template and sandbox mounted and
+#                        verified, kill -9 rounds with user recovery, launch waves, a
+#                        churn of add/remove cycles) needs a kernel with ublk_drv:
+#                        KERNEL_TEST_KERNEL=linux-image-6.12-cloud-amd64
+#   KERNEL_TEST_CHURN    ublk add/remove cycles, 8 at a time (default: 24; the issue's
+#                        run: 200)
 #
 # qemu-system-x86 is not installed as a package: Debian 12's qemu-system-common (7.2)
 # conflicts with the qemu-utils 10 the other tests use, and installing it would remove
@@ -46,6 +53,10 @@ devices=${KERNEL_TEST_DEVICES:-4}
 bench=${KERNEL_TEST_BENCH:-0}
 fio_verify=${KERNEL_TEST_FIO_VERIFY:-0}
 fio_runtime=${KERNEL_TEST_FIO_RUNTIME:-5}
+kind=${KERNEL_TEST_KIND:-nbd}
+churn=${KERNEL_TEST_CHURN:-24}
+case $kind in nbd | ublk | both) ;; *) echo "KERNEL_TEST_KIND must be nbd, ublk or both: $kind" >&2; exit 2 ;; esac
+case $churn in '' | *[!0-9]*) echo "KERNEL_TEST_CHURN must be a number: $churn" >&2; exit 2 ;; esac
 for number in "KERNEL_TEST_ROUNDS=$rounds" "KERNEL_TEST_DEVICES=$devices" "KERNEL_TEST_FIO_RUNTIME=$fio_runtime"; do
   case ${number#*=} in '' | *[!0-9]*) echo "${number%%=*} must be a number: ${number#*=}" >&2; exit 2 ;; esac
 done
@@ -215,6 +226,14 @@ add_module() {
 }
 add_module nbd
 [ "$bench" = 0 ] || add_module virtio_blk
+echo "$kind" >"$root/etc/kind"
+echo "$churn" >"$root/etc/churn"
+if [ "$kind" != nbd ]; then
+  [ -n "$(find "$modules" -name 'ublk_drv.ko*' | head -1)" ] \
+    || { say "KERNEL_TEST_KIND=$kind: kernel $(basename "$modules") has no ublk_drv (use KERNEL_TEST_KERNEL=linux-image-6.12-cloud-amd64)"; exit 2; }
+  add_module ublk_drv
+  cp "$repo/scripts/guest-ublk.sh" "$root/ublk-test"
+fi
 
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
@@ -241,7 +260,7 @@ fail() {
       echo "$(cat "$task/comm") $(cat "$task/wchan" 2>/dev/null)"; cat "$task/stack" 2>/dev/null | head -n 12
     done
   fi
-  poweroff -f
+  poweroff -n -f
 }
 # Runs a command that must succeed; its output is in $out.
 must() { out=$("$@" 2>&1) || fail "$* -> $out"; }
@@ -275,7 +294,7 @@ touch /tmp/progress
     for task in /proc/$(cat /tmp/daemon.pid 2>/dev/null)/task/*; do
       echo "$(cat "$task/comm" 2>/dev/null) $(cat "$task/wchan" 2>/dev/null)"; cat "$task/stack" 2>/dev/null | head -n 12
     done
-    poweroff -f
+    poweroff -n -f
   done
 ) &
 
@@ -307,6 +326,16 @@ wait_free() {
 
 lazyblk store --root /store --listen 127.0.0.1:7070 2>/tmp/store.log &
 start_daemon
+
+# The ublk checks (KERNEL_TEST_KIND=ublk or both); they leave the daemon running with
+# no device attached.
+if [ "$(cat /etc/kind)" != nbd ]; then
+  . /ublk-test
+  if [ "$(cat /etc/kind)" = ublk ]; then
+    echo "KERNEL-TEST: PASS"
+    poweroff -n -f
+  fi
+fi
 
 # A template, read-only.
 must lazyblk attach base

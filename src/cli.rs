@@ -321,6 +321,17 @@ pub struct DaemonArgs {
     /// netlink interface exists (such devices do not outlive the daemon).
     #[arg(long)]
     pub device_ioctl: bool,
+    /// Kernels (a release as `uname -r` prints it, or a series such as 6.6) to offer
+    /// `attach --kind ublk` on besides those the project's churn test passed on (6.12):
+    /// for operators who have run the guest test on their own kernel. ublk's control
+    /// commands wedge on some kernels, so elsewhere `--kind ublk` is refused.
+    #[arg(long, value_name = "RELEASE,...", value_delimiter = ',')]
+    pub ublk_kernel: Vec<String>,
+    /// Seconds each ublk control command (add, start, recovery, stop, delete) may take;
+    /// a device whose command misses it is reported and the daemon goes on. Covers
+    /// START_USER_RECOVERY, which waits until the kernel has seen the old daemon die.
+    #[arg(long, default_value = "45")]
+    pub ublk_control_deadline: u64,
     /// Keep the FUSE mount and the listening sockets (HTTP, NBD) in systemd's file
     /// descriptor store (the unit's FileDescriptorStoreMax=), so that a restarted
     /// daemon (kill -9, `systemctl restart`, an upgrade) serves the same mount and
@@ -778,9 +789,15 @@ pub struct CommitArgs {
 pub struct AttachArgs {
     /// A template id (read-only device) or sandbox id (read-write device).
     pub export: String,
-    /// The device to use, /dev/nbdN; the first free one when omitted.
+    /// The device to use, /dev/nbdN (or /dev/ublkbN with --kind ublk); the first free
+    /// one when omitted.
     #[arg(long)]
     pub device: Option<String>,
+    /// The kernel driver: nbd (any kernel with the nbd module) or ublk (io_uring
+    /// based, fewer copies; offered on the kernels the daemon lists, see
+    /// --ublk-kernel). Both outlive a daemon restart.
+    #[arg(long, value_enum, default_value = "nbd")]
+    pub kind: DeviceKind,
     /// Sockets the kernel gets for the device (1 to 16), served in parallel; more than
     /// one needs the netlink interface (every export advertises multi-conn: a flush on
     /// one connection covers the writes done on all).
@@ -793,9 +810,25 @@ pub struct AttachArgs {
     pub json: bool,
 }
 
+/// The kernel driver behind an attached device.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Nbd,
+    Ublk,
+}
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Nbd => "nbd",
+            DeviceKind::Ublk => "ublk",
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DetachArgs {
-    /// The device, /dev/nbdN.
+    /// The device, /dev/nbdN or /dev/ublkbN.
     pub device: String,
     #[command(flatten)]
     pub node: NodeArg,

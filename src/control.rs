@@ -528,6 +528,7 @@ pub async fn attach(args: AttachArgs) -> anyhow::Result<()> {
                 "export": args.export,
                 "device": args.device,
                 "connections": args.connections,
+                "kind": args.kind.name(),
             })),
         )
         .await?;
@@ -545,7 +546,7 @@ pub async fn detach(args: DetachArgs) -> anyhow::Result<()> {
     let name = args.device.trim_start_matches("/dev/");
     if name.is_empty() || name.contains('/') {
         bail!(
-            "{:?} is not an NBD device (expected /dev/nbdN)",
+            "{:?} is not a kernel block device (expected /dev/nbdN or /dev/ublkbN)",
             args.device
         );
     }

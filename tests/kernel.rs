@@ -73,6 +73,105 @@ fn attach_without_the_nbd_driver_says_so() {
     assert!(!ok && err.contains("cannot be used with"), "{err}");
 }
 
+/// `attach --kind ublk` on a kernel outside the tested list (this host's, unless it is
+/// a 6.12): refused at once with the kernel named and the NBD alternative, nothing
+/// attached, nothing leased; a daemon told the kernel is fine (`--ublk-kernel`) goes on
+/// to the driver check, which names the missing driver.
+#[test]
+fn attach_kind_ublk_is_refused_on_an_untested_kernel() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("kernel release")
+        .trim()
+        .to_string();
+    if release.starts_with("6.12.") || Path::new("/dev/ublk-control").exists() {
+        eprintln!("skipping: this kernel ({release}) is one ublk is offered on, or has ublk_drv");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = StoreProc::start();
+    let image = make_ext4(dir.path(), 16, &[("etc/hostname", b"t\n".to_vec())]);
+    let image = image.to_str().expect("utf-8 path");
+    let (ok, _, err) = run(&["publish", image, "--template", "t", "--store", &store.url()]);
+    assert!(ok, "publish: {err}");
+    let daemon = DaemonProc::start(&store.url(), &dir.path().join("cache"), &[]);
+    let node = daemon.url();
+
+    let (ok, out, err) = run(&["attach", "t", "--kind", "ublk", "--node", &node]);
+    assert!(!ok, "attach --kind ublk succeeded on {release}: {out}");
+    assert!(out.is_empty(), "attach printed a device: {out}");
+    assert!(
+        err.contains(&format!("ublk is not offered on kernel {release}"))
+            && err.contains("use --kind nbd")
+            && err.contains("--ublk-kernel"),
+        "{err}"
+    );
+    // The HTTP API's equivalent: 503 with the same words; an unknown kind is a 400.
+    let post = |body: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "-X", "POST", "-H"])
+            .arg("content-type: application/json")
+            .args(["-d", body, &format!("{node}/v1/attachments")])
+            .output()
+            .expect("running curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = post(r#"{"export": "t", "kind": "ublk"}"#);
+    assert!(
+        answer.ends_with("\n503") && answer.contains("use --kind nbd"),
+        "{answer}"
+    );
+    let answer = post(r#"{"export": "t", "kind": "scsi"}"#);
+    assert!(
+        answer.ends_with("\n400") && answer.contains(r#"kind must be \"nbd\" or \"ublk\""#),
+        "{answer}"
+    );
+    // The guard comes first, whatever device is named; detach knows ublk names.
+    let (ok, _, err) = run(&[
+        "attach",
+        "t",
+        "--kind",
+        "ublk",
+        "--device",
+        "/dev/nbd0",
+        "--node",
+        &node,
+    ]);
+    assert!(!ok && err.contains("not offered on kernel"), "{err}");
+    let (ok, _, err) = run(&["detach", "/dev/ublkb0", "--node", &node]);
+    assert!(
+        !ok && err.contains("/dev/ublkb0 is not attached by this daemon"),
+        "{err}"
+    );
+    assert_eq!(
+        http_get(&format!("{node}/v1/attachments")).expect("listing attachments"),
+        (200, "[]".to_string())
+    );
+    let (ok, out, err) = run(&["status", "t", "--json", "--node", &node]);
+    assert!(ok, "status: {err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(status["users"], serde_json::json!([]), "{out}");
+    drop(daemon);
+
+    // An operator who has tested this kernel adds it: the guard lets it through and
+    // the driver check names what is missing.
+    let daemon = DaemonProc::start(
+        &store.url(),
+        &dir.path().join("cache2"),
+        &["--ublk-kernel", &release],
+    );
+    let node = daemon.url();
+    let (ok, out, err) = run(&["attach", "t", "--kind", "ublk", "--node", &node]);
+    assert!(!ok, "attach --kind ublk succeeded without ublk_drv: {out}");
+    assert!(
+        err.contains("no ublk driver") && err.contains("ublk_drv") && err.contains("--kind nbd"),
+        "{err}"
+    );
+    assert_eq!(
+        http_get(&format!("{node}/v1/attachments")).expect("listing attachments"),
+        (200, "[]".to_string())
+    );
+}
+
 #[test]
 fn attach_in_a_qemu_guest() {
     if std::env::var("LAZYBLK_KERNEL_TEST").as_deref() != Ok("1") {

@@ -1,5 +1,5 @@
 //! Issue 24: the crates' layers, read from their manifests. `image/` is a leaf (nothing
-//! of the workspace), a frontend (`nbd-server/`, `fuse-mount/`) depends on the image
+//! of the workspace), a frontend (`nbd-server/`, `fuse-mount/`, `ublk/`) depends on the image
 //! crate only, and nothing below the binary depends on a frontend, so there is no
 //! import circle and no import that runs back up a layer.
 
@@ -36,9 +36,12 @@ fn the_image_crate_is_a_leaf_and_frontends_depend_on_it_alone() {
     assert_eq!(workspace_deps("image"), set(&[]), "image/ is a leaf");
     assert_eq!(workspace_deps("nbd-server"), set(&["lazyblk-image"]));
     assert_eq!(workspace_deps("fuse-mount"), set(&["lazyblk-image"]));
+    assert_eq!(workspace_deps("ublk"), set(&["lazyblk-image"]));
     let cache = workspace_deps("cache");
     assert!(
-        !cache.contains("lazyblk-nbd") && !cache.contains("lazyblk-fuse"),
+        !cache.contains("lazyblk-nbd")
+            && !cache.contains("lazyblk-fuse")
+            && !cache.contains("lazyblk-ublk"),
         "the cache depends on a frontend: {cache:?}"
     );
 }

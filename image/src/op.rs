@@ -64,14 +64,17 @@ pub enum Door {
     Nbd,
     /// The FUSE mount's files.
     Fuse,
+    /// The kernel's ublk driver (`/dev/ublkbN`).
+    Ublk,
 }
 
 impl Door {
-    /// A short lowercase name ("nbd", "fuse").
+    /// A short lowercase name ("nbd", "fuse", "ublk").
     pub fn name(self) -> &'static str {
         match self {
             Door::Nbd => "nbd",
             Door::Fuse => "fuse",
+            Door::Ublk => "ublk",
         }
     }
 }

@@ -30,7 +30,10 @@ use crate::daemon::node::Node;
 use crate::daemon::state::now_rfc3339;
 
 mod restore;
-use restore::DeviceRecord;
+mod ublk;
+use restore::{DeviceRecord, Driver};
+pub use ublk::UblkConfig;
+use ublk::UblkDevices;
 
 /// How long a detach waits for the daemon's end of the connection to finish once the
 /// kernel has let go: in-flight requests are answered first, a cold chunk fetch at most.
@@ -79,13 +82,63 @@ pub enum AttachError {
     /// A task of an attach or detach panicked or was cancelled.
     #[error("{what}: {detail}")]
     Task { what: String, detail: String },
+    /// The ublk side failed (kernel not offered, no driver, a control command failed
+    /// or missed its deadline).
+    #[error(transparent)]
+    Ublk(lazyblk_ublk::UblkError),
+    /// `--device` with `--kind ublk` is not `/dev/ublkbN`.
+    #[error("{0:?} is not a ublk device (expected /dev/ublkbN)")]
+    UblkName(String),
+    /// The ublk device asked for is in use (by this daemon or another process).
+    #[error("/dev/ublkb{0} is in use")]
+    UblkBusy(u32),
+    /// Another attach of this ublk device is under way.
+    #[error("{0} is being attached by another request")]
+    UblkAttaching(String),
+    /// This daemon did not attach the ublk device.
+    #[error("{0} is not attached by this daemon")]
+    UblkNotAttached(String),
+    /// The ublk device is mounted or held open.
+    #[error("{device} (export {export:?}) is in use (mounted or held open exclusively); unmount it first or use --force")]
+    UblkInUse { device: String, export: String },
+    /// A recorded ublk device's export has another size now.
+    #[error("{device}: export {export:?} is now {now} bytes, the device {had}")]
+    UblkSizeChanged {
+        device: String,
+        export: String,
+        had: u64,
+        now: u64,
+    },
+    /// No template or sandbox has this name.
+    #[error("no template or sandbox named {0:?}")]
+    UnknownExport(String),
+    /// The export exists but cannot be served now.
+    #[error("export {export:?} cannot be served now: {why}")]
+    Unavailable { export: String, why: String },
 }
 
 impl AttachError {
     /// The HTTP status the API answers with.
     pub fn status(&self) -> StatusCode {
         match self {
-            AttachError::InvalidExport(_) | AttachError::Connections(_) => StatusCode::BAD_REQUEST,
+            AttachError::InvalidExport(_)
+            | AttachError::Connections(_)
+            | AttachError::UblkName(_) => StatusCode::BAD_REQUEST,
+            AttachError::UblkBusy(_)
+            | AttachError::UblkAttaching(_)
+            | AttachError::UblkInUse { .. }
+            | AttachError::UblkSizeChanged { .. } => StatusCode::CONFLICT,
+            AttachError::UblkNotAttached(_) | AttachError::UnknownExport(_) => {
+                StatusCode::NOT_FOUND
+            }
+            AttachError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AttachError::Ublk(e) => match e {
+                lazyblk_ublk::UblkError::KernelNotOffered { .. }
+                | lazyblk_ublk::UblkError::NoDriver { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                lazyblk_ublk::UblkError::BadImage { .. } => StatusCode::BAD_REQUEST,
+                lazyblk_ublk::UblkError::IdTaken { .. } => StatusCode::CONFLICT,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             AttachError::Attaching(_)
             | AttachError::AlreadyAttached { .. }
             | AttachError::InUse { .. } => StatusCode::CONFLICT,
@@ -166,6 +219,8 @@ pub struct Attachments {
     saving: Mutex<()>,
     /// The attach phases' histogram.
     metrics: Arc<DaemonMetrics>,
+    /// The `/dev/ublkbN` devices.
+    ublk: UblkDevices,
 }
 
 enum Slot {
@@ -227,6 +282,7 @@ impl Attachment {
             read_only: self.connection.info().read_only(),
             connections: self.connections,
             attached_at: self.attached_at.clone(),
+            driver: Driver::Nbd,
         }
     }
 }
@@ -234,11 +290,13 @@ impl Attachment {
 impl Attachments {
     /// `dead_timeout`: how long a device waits for a restarted daemon;
     /// `force_ioctl`: attach through the ioctls even where netlink exists.
+    /// `ublk`: how `/dev/ublkbN` devices are made.
     pub fn new(
         node: Arc<Node>,
         state_dir: &Path,
         dead_timeout: Duration,
         force_ioctl: bool,
+        ublk: UblkConfig,
     ) -> Attachments {
         let options = AttachOptions {
             backend: node.node_id.clone(),
@@ -246,6 +304,7 @@ impl Attachments {
             force_ioctl,
         };
         let metrics = node.metrics.clone();
+        let ublk = UblkDevices::new(ublk, Arc::new(NodeImages::kernel(node.clone(), true)));
         Attachments {
             // Devices through the ioctls die with the daemon: nothing to keep.
             exports: Arc::new(NodeImages::kernel(node, !force_ioctl)),
@@ -256,6 +315,7 @@ impl Attachments {
             retry: Mutex::new(Vec::new()),
             saving: Mutex::new(()),
             metrics,
+            ublk,
         }
     }
 
@@ -273,25 +333,32 @@ impl Attachments {
                 Slot::Attaching => None,
             })
             .collect();
+        list.extend(self.ublk.list());
         let backend = &self.options.backend;
         list.extend(self.lost_list().iter().map(|lost| {
             let mut lost = lost.clone();
-            lost.state = device_state::unserved(Device(lost.index), backend);
+            if lost.link != "ublk" {
+                lost.state = device_state::unserved(Device(lost.index), backend);
+            }
             lost
         }));
         list
     }
 
-    /// Connects `device` (or the first free one) to `export` with `connections`
-    /// sockets.
+    /// Connects `device` (or the first free one) to `export`: an NBD device with
+    /// `connections` sockets, or with `ublk` a ublk device.
     pub async fn attach(
         &self,
         export: &str,
         device: Option<&str>,
         connections: u32,
+        ublk: bool,
     ) -> Result<AttachmentStatus, AttachError> {
         lazyblk_cache::validate_id(export)
             .map_err(|e| AttachError::InvalidExport(e.to_string()))?;
+        if ublk {
+            return self.attach_ublk(export, device).await;
+        }
         let connections = check_connections(connections)?;
         let requested = device.map(Device::parse).transpose()?;
         blocking(Device(0), kernel::ensure_driver).await??;
@@ -456,6 +523,9 @@ impl Attachments {
     /// Disconnects `device`; refused while it is mounted or held open, unless `force`.
     /// Returns once the kernel has let go and the export's lease is released.
     pub async fn detach(&self, device: &str, force: bool) -> Result<AttachmentStatus, AttachError> {
+        if let Some(id) = lazyblk_ublk::parse_device(device) {
+            return self.detach_ublk(id, force).await;
+        }
         let device = Device::parse(device)?;
         let export = match self.slots().get(&device) {
             Some(Slot::Attached(a)) => a.export.clone(),
@@ -537,6 +607,19 @@ fn check_connections(connections: u32) -> Result<u32, AttachError> {
     } else {
         Err(AttachError::Connections(connections))
     }
+}
+
+/// Runs blocking ublk work (control commands, each under its own deadline) off the
+/// runtime.
+async fn blocking_ublk<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AttachError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| AttachError::Task {
+            what: "ublk control work".into(),
+            detail: e.to_string(),
+        })
 }
 
 /// Runs blocking kernel work (device opens, ioctls, sysfs polls) off the runtime.

@@ -346,6 +346,14 @@ fn label(door: Door, op: Op) -> &'static str {
         (Door::Fuse, Op::Extents) => "fuse_extents",
         (Door::Fuse, Op::Prefetch) => "fuse_prefetch",
         (Door::Fuse, Op::Disconnect) => "fuse_disconnect",
+        (Door::Ublk, Op::Read) => "ublk_read",
+        (Door::Ublk, Op::Write) => "ublk_write",
+        (Door::Ublk, Op::Flush) => "ublk_flush",
+        (Door::Ublk, Op::Trim) => "ublk_trim",
+        (Door::Ublk, Op::WriteZeroes) => "ublk_write_zeroes",
+        (Door::Ublk, Op::Extents) => "ublk_extents",
+        (Door::Ublk, Op::Prefetch) => "ublk_prefetch",
+        (Door::Ublk, Op::Disconnect) => "ublk_disconnect",
     }
 }
 

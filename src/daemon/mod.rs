@@ -199,6 +199,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         &args.cache,
         Duration::from_secs(args.device_dead_timeout),
         args.device_ioctl,
+        attach::UblkConfig {
+            extra_kernels: args.ublk_kernel.clone(),
+            device: lazyblk_ublk::DeviceOptions {
+                queues: 0,
+                control_deadline: Duration::from_secs(args.ublk_control_deadline.max(1)),
+            },
+        },
     ));
     attachments.restore().await;
     let api = api::router(api::ApiState {

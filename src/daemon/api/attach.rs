@@ -16,8 +16,10 @@ pub struct AttachBody {
     pub export: String,
     /// `/dev/nbdN` or `nbdN`; the first free device when absent.
     pub device: Option<String>,
-    /// Sockets the device gets (1 when absent).
+    /// Sockets the device gets (1 when absent; NBD only).
     pub connections: Option<u32>,
+    /// "nbd" (when absent) or "ublk".
+    pub kind: Option<String>,
 }
 
 /// `POST /v1/attachments`.
@@ -27,6 +29,16 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<AttachmentStatus>), ApiError> {
     // In its own task: a client that goes away mid-attach must not leave a device the
     // kernel has connected without a record here to detach it by.
+    let ublk = match body.kind.as_deref() {
+        None | Some("nbd") => false,
+        Some("ublk") => true,
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("kind must be \"nbd\" or \"ublk\", not {other:?}"),
+            ))
+        }
+    };
     let attachments = state.attachments.clone();
     let status = tokio::spawn(async move {
         attachments
@@ -34,6 +46,7 @@ pub async fn create(
                 &body.export,
                 body.device.as_deref(),
                 body.connections.unwrap_or(1),
+                ublk,
             )
             .await
     })

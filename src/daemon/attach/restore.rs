@@ -22,6 +22,18 @@ pub(super) struct DeviceRecord {
     /// Sockets the device was given.
     pub(super) connections: u32,
     pub(super) attached_at: String,
+    /// The driver: records written before ublk existed are NBD devices.
+    #[serde(default)]
+    pub(super) driver: Driver,
+}
+
+/// The kernel driver of a recorded device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Driver {
+    #[default]
+    Nbd,
+    Ublk,
 }
 
 impl Attachments {
@@ -37,6 +49,11 @@ impl Attachments {
                 return;
             }
         };
+        let (ublk, records): (Vec<_>, Vec<_>) =
+            records.into_iter().partition(|r| r.driver == Driver::Ublk);
+        for record in ublk {
+            self.recover_ublk(record).await;
+        }
         let recorded: Vec<Device> = records.iter().map(|r| Device(r.index)).collect();
         for record in records {
             let device = Device(record.index);
@@ -177,6 +194,7 @@ impl Attachments {
                 _ => None,
             })
             .collect();
+        records.extend(self.ublk.records());
         records.extend(
             self.retry
                 .lock()
