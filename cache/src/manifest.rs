@@ -347,6 +347,23 @@ impl Manifest {
         self.stored_chunks().map(|(i, _)| self.chunk_len(i)).sum()
     }
 
+    /// A fingerprint of the template's bytes: the sha256 of its size, chunk size and
+    /// chunk digests (zero chunks as 32 zero bytes). What a boot trace names to say which
+    /// content it was recorded on, so a trace of another template (or of an earlier
+    /// template published under the same id and since deleted) is refused, not replayed.
+    pub fn content_digest(&self) -> Digest {
+        let mut bytes = Vec::with_capacity(12 + self.chunks.len() * 32);
+        bytes.extend_from_slice(&self.size.to_le_bytes());
+        bytes.extend_from_slice(&self.chunk_size.to_le_bytes());
+        for chunk in &self.chunks {
+            match chunk {
+                Some(d) => bytes.extend_from_slice(d.as_bytes()),
+                None => bytes.extend_from_slice(&[0u8; 32]),
+            }
+        }
+        Digest::of(&bytes)
+    }
+
     /// Whether `other` describes the same content (ignores origins and created_at, which
     /// differ between two publishes of the same image).
     pub fn same_content(&self, other: &Manifest) -> bool {
