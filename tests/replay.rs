@@ -15,13 +15,13 @@ use support::{http_get, make_ext4, pattern, publish, StoreProc};
 
 const CHUNK: u64 = 1 << 20;
 
-/// An image with `data_mib` MiB of distinct file data in a 64 MiB ext4.
+/// An image with `data_mib` MiB of distinct file data in an ext4 with room for it.
 fn image_with_data(dir: &Path, data_mib: usize) -> PathBuf {
     let files: Vec<(String, Vec<u8>)> = (0..data_mib)
         .map(|i| (format!("d/f{i}"), pattern(CHUNK as usize, 2700 + i as u64)))
         .collect();
     let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-    make_ext4(dir, 64, &files)
+    make_ext4(dir, (data_mib as u64 + 16).max(64), &files)
 }
 
 /// The indices of the template's data (non-zero) chunks.
@@ -351,30 +351,45 @@ fn timed_cold_read(uri: &str, offset: u64, settle: f64) -> f64 {
 fn a_replay_of_the_whole_template_does_not_delay_a_cold_demand_read() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
-    let image = image_with_data(tmp.path(), 40);
-    publish(&store.url(), &image, "whole");
+    let image = image_with_data(tmp.path(), 64);
+    // Chunks of 256 KiB: a replay of hundreds of runs.
+    let image_path = image.to_str().unwrap();
+    let (ok, out, err) = support::run(&[
+        "publish",
+        image_path,
+        "--template",
+        "whole",
+        "--store",
+        &store.url(),
+        "--chunk-size",
+        "256K",
+    ]);
+    assert!(ok, "publish: {out}{err}");
+    let chunk = support::manifest_json(&store.url(), "whole")["chunk_size"]
+        .as_u64()
+        .unwrap();
     let data = data_chunks(&store.url(), "whole");
     // The whole template, chunk by chunk; the chunk read below comes last.
     let (target, rest) = data.split_first().unwrap();
-    let mut ranges: Vec<[u64; 2]> = rest.iter().map(|&c| [c * CHUNK, CHUNK]).collect();
-    ranges.push([*target * CHUNK, CHUNK]);
+    let mut ranges: Vec<[u64; 2]> = rest.iter().map(|&c| [c * chunk, chunk]).collect();
+    ranges.push([*target * chunk, chunk]);
     let mut order = rest.to_vec();
     order.push(*target);
     let doc =
         serde_json::json!({"template": "whole", "chunks": order, "version": 2, "ranges": ranges});
     let (code, body) = put_trace(&store.url(), "whole", &doc);
     assert_eq!(code, 200, "{body}");
+    // 300 ms a request, and the replay asks for four times more runs at once than the
+    // node has fetch slots for demand reads: it takes many seconds, the read about one.
     let proxy = Proxy::start(&store.url(), 0);
-    // 300 ms a request, 4 runs at once: the replay takes seconds, the read well under
-    // one.
     proxy.delay_every(Duration::from_millis(300));
     let with = DaemonProc::start_unix(
         &proxy.url,
         &tmp.path().join("with"),
-        &["--replay-in-flight", "4"],
+        &["--replay-in-flight", "64"],
     );
     let without = DaemonProc::start_unix(&proxy.url, &tmp.path().join("without"), &["--no-replay"]);
-    let offset = *target * CHUNK + 8192;
+    let offset = *target * chunk + 8192;
     let alone = timed_cold_read(&without.nbd_uri("whole"), offset, 1.0);
     let beside = timed_cold_read(&with.nbd_uri("whole"), offset, 1.0);
     let replayed = with.metric("lazyblk_replay_bytes_total");

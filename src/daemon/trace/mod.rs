@@ -251,4 +251,89 @@ mod tests {
         t.record(7, 7);
         assert_eq!(t.order().len(), 4);
     }
+
+    fn recorder() -> TraceRecorder {
+        TraceRecorder::new(
+            16,
+            TraceTiming {
+                window: Duration::from_secs(60),
+                quiet: Duration::from_secs(10),
+            },
+        )
+    }
+
+    const C: u64 = 1 << 20;
+
+    #[test]
+    fn ranges_are_block_aligned_first_reads_in_order_and_a_stream_is_one_range() {
+        let t = recorder();
+        let m = Manifest::new("t", 16 * C, C as u32);
+        t.record_read(5 * C + 100, 10, m.size, C);
+        t.record_read(2 * C, 8192, m.size, C);
+        t.record_read(2 * C + 8192, 4096, m.size, C);
+        t.record_read(5 * C, 4096, m.size, C); // read already
+        t.record_read(16 * C, 4096, m.size, C); // past the end
+        let doc = t.document(&m, None).expect("a first trace");
+        assert_eq!(doc.ranges, vec![[5 * C, 4096], [2 * C, 12288]]);
+        assert_eq!(doc.chunks, vec![5, 2]);
+        assert_eq!(doc.version, Some(TRACE_VERSION));
+        assert_eq!(doc.check("t", &m), Ok(()));
+    }
+
+    #[test]
+    fn a_later_boot_adds_what_the_stored_trace_missed_after_it_or_nothing() {
+        let m = Manifest::new("t", 16 * C, C as u32);
+        let first = recorder();
+        first.record_read(3 * C, 4096, m.size, C);
+        first.record_read(C, 4096, m.size, C);
+        let stored = first.document(&m, None).unwrap();
+        let again = recorder();
+        again.record_read(C, 4096, m.size, C);
+        assert!(again.document(&m, Some(&stored)).is_none(), "nothing new");
+        let later = recorder();
+        later.record_read(7 * C, 4096, m.size, C);
+        later.record_read(3 * C, 8192, m.size, C);
+        let union = later.document(&m, Some(&stored)).unwrap();
+        assert_eq!(
+            union.ranges,
+            vec![
+                [3 * C, 4096],
+                [C, 4096],
+                [7 * C, 4096],
+                [3 * C + 4096, 4096]
+            ]
+        );
+        assert_eq!(union.chunks, vec![3, 1, 7]);
+    }
+
+    #[test]
+    fn traces_of_another_template_other_content_or_past_the_end_are_refused() {
+        let m = Manifest::new("t", 16 * C, C as u32);
+        let t = recorder();
+        t.record_read(0, 4096, m.size, C);
+        let doc = t.document(&m, None).unwrap();
+        let mut other = m.clone();
+        other.size = 32 * C;
+        other.chunks = vec![None; 32];
+        assert!(matches!(
+            doc.check("t", &other),
+            Err(crate::store::TraceRefusal::OtherContent { .. })
+        ));
+        assert!(matches!(
+            doc.check("u", &m),
+            Err(crate::store::TraceRefusal::OtherTemplate { .. })
+        ));
+        let mut past = doc.clone();
+        past.ranges.push([16 * C - 4096, 8192]);
+        assert!(matches!(
+            past.check("t", &m),
+            Err(crate::store::TraceRefusal::RangePastEnd { .. })
+        ));
+        let mut empty = doc.clone();
+        empty.ranges.push([0, 0]);
+        assert!(empty.check("t", &m).is_err());
+        let mut future = doc;
+        future.version = Some(TRACE_VERSION + 1);
+        assert!(future.check("t", &m).is_err());
+    }
 }
