@@ -185,6 +185,57 @@ fn the_first_boot_publishes_its_ranges_and_a_fresh_node_fetches_them_before_its_
     assert_eq!(stopped(&b, "left_trace"), 0.0);
 }
 
+fn stored_ranges(store: &StoreProc, id: &str) -> Option<Vec<[u64; 2]>> {
+    let (code, body) = http_get(&format!("{}/v1/templates/{id}/trace", store.url())).unwrap();
+    if code != 200 {
+        return None;
+    }
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    serde_json::from_value(doc["ranges"].clone()).ok()
+}
+
+#[test]
+fn later_boots_add_what_the_stored_trace_missed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let image = image_with_data(tmp.path(), 6);
+    publish(&store.url(), &image, "grown");
+    let data = data_chunks(&store.url(), "grown");
+    let first = [data[3] * CHUNK, data[1] * CHUNK + 40960];
+    let a = DaemonProc::start_unix(&store.url(), &tmp.path().join("a"), &["--trace-quiet", "1"]);
+    read_all(&a.nbd_uri("grown"), &first);
+    let mut ranges = None;
+    wait_for("the first boot's trace", Duration::from_secs(30), || {
+        ranges = stored_ranges(&store, "grown");
+        ranges.is_some()
+    });
+    assert_eq!(ranges.unwrap(), vec![[first[0], 4096], [first[1], 4096]]);
+    // The same node reads more after a pause longer than the quiet time (within the
+    // window): the trace grows.
+    let pause = [data[4] * CHUNK];
+    read_all(&a.nbd_uri("grown"), &pause);
+    // Another node boots, reading one range the trace has and one it misses.
+    let b = DaemonProc::start_unix(&store.url(), &tmp.path().join("b"), &["--trace-quiet", "1"]);
+    let second = [first[0], data[5] * CHUNK + 8192];
+    read_all(&b.nbd_uri("grown"), &second);
+    let want = vec![
+        [first[0], 4096],
+        [first[1], 4096],
+        [pause[0], 4096],
+        [second[1], 4096],
+    ];
+    let mut got = Vec::new();
+    wait_for("the union of both boots", Duration::from_secs(30), || {
+        got = stored_ranges(&store, "grown").unwrap_or_default();
+        got.len() >= want.len()
+    });
+    let mut sorted = got.clone();
+    sorted[2..].sort();
+    let mut want_sorted = want.clone();
+    want_sorted[2..].sort();
+    assert_eq!(sorted, want_sorted, "{got:?}");
+}
+
 #[test]
 fn a_sandbox_boot_records_its_reads_of_the_base_template() {
     let tmp = tempfile::tempdir().unwrap();

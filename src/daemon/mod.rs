@@ -361,6 +361,7 @@ async fn publish_traces(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             }
             let id = replica.id().to_string();
             let manifest = replica.manifest();
+            let growth = replica.trace.growth();
             let stored = match node.store.trace(&id).await {
                 Ok(stored) => stored,
                 Err(e) => {
@@ -377,14 +378,14 @@ async fn publish_traces(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                 }
             });
             let Some(doc) = replica.trace.document(manifest, stored.as_ref()) else {
-                replica.trace.mark_published();
+                replica.trace.mark_published(growth, false);
                 continue;
             };
             match node.store.put_trace(&id, &doc).await {
                 Ok(()) => {
                     tracing::info!(template = %id, ranges = doc.ranges.len(), chunks = doc.chunks.len(),
                         union = stored.is_some(), "published boot trace");
-                    replica.trace.mark_published();
+                    replica.trace.mark_published(growth, true);
                 }
                 Err(e) => {
                     tracing::warn!(template = %id, error = %e, "publishing trace failed; will retry")

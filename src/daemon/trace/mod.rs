@@ -46,8 +46,16 @@ pub struct TraceRecorder {
     started: OnceLock<Instant>,
     /// When the last new chunk was recorded, in ms since `started`.
     last_growth_ms: AtomicU64,
-    /// The trace has been published (or the store already had one).
-    published: AtomicBool,
+    /// Bumped at every new chunk or range recorded.
+    growth: AtomicU64,
+    /// `growth` when the trace was last published (or found in the store already): a
+    /// boot that pauses longer than the quiet time is published in parts, each a union
+    /// with the last, until the window closes.
+    published_growth: AtomicU64,
+    /// Set when this node stored the trace: the next round reads it back, and publishes
+    /// again if what this node recorded is not in it (two nodes storing their unions at
+    /// once: the last write wins, the other node adds its ranges again).
+    check_stored: AtomicBool,
     timing: TraceTiming,
     /// Byte ranges first read, block-aligned, in order; bounded by [`MAX_TRACE_RANGES`].
     ranges: Mutex<RecordedRanges>,
@@ -72,7 +80,9 @@ impl TraceRecorder {
             order: Mutex::new(Vec::new()),
             started: OnceLock::new(),
             last_growth_ms: AtomicU64::new(0),
-            published: AtomicBool::new(false),
+            growth: AtomicU64::new(0),
+            published_growth: AtomicU64::new(0),
+            check_stored: AtomicBool::new(false),
             timing,
             ranges: Mutex::default(),
         }
@@ -86,7 +96,7 @@ impl TraceRecorder {
         }
         let last = (offset + len - 1).min(size - 1);
         self.record((offset / chunk_size) as usize, (last / chunk_size) as usize);
-        if self.published.load(Ordering::Relaxed) || self.is_closed() {
+        if self.is_closed() {
             return;
         }
         let start = offset / BLOCK_SIZE * BLOCK_SIZE;
@@ -97,7 +107,11 @@ impl TraceRecorder {
         }
         let end = end.min(size.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
         let ranges = &mut *ranges;
-        for (s, e) in ranges.covered.insert(start, end) {
+        let new = ranges.covered.insert(start, end);
+        if !new.is_empty() {
+            self.grew();
+        }
+        for (s, e) in new {
             let full = ranges.order.len() >= MAX_TRACE_RANGES;
             match ranges.order.last_mut() {
                 Some(last) if last[0] + last[1] == s => last[1] += e - s,
@@ -166,9 +180,6 @@ impl TraceRecorder {
 
     /// Records a client read of chunks `first..=last`.
     pub fn record(&self, first: usize, last: usize) {
-        if self.published.load(Ordering::Relaxed) {
-            return;
-        }
         let started = *self.started.get_or_init(Instant::now);
         let elapsed = started.elapsed();
         if elapsed > self.timing.window {
@@ -187,10 +198,24 @@ impl TraceRecorder {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(index as u32);
-                self.last_growth_ms
-                    .store(elapsed.as_millis() as u64, Ordering::Relaxed);
+                self.grew();
             }
         }
+    }
+
+    /// Notes that the trace grew now.
+    fn grew(&self) {
+        if let Some(started) = self.started.get() {
+            self.last_growth_ms
+                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        self.growth.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How often the trace grew so far: what [`TraceRecorder::mark_published`] is given
+    /// once what was taken after it is published.
+    pub fn growth(&self) -> u64 {
+        self.growth.load(Ordering::Relaxed)
     }
 
     /// The recorded order so far.
@@ -203,13 +228,16 @@ impl TraceRecorder {
             .collect()
     }
 
-    /// Whether the trace is complete enough to publish: the window closed, or nothing
-    /// new was read for the quiet time.
+    /// Whether the trace is complete enough to publish: it grew since it was last
+    /// published, and the window closed or nothing new was read for the quiet time.
     pub fn ready_to_publish(&self) -> bool {
         let Some(started) = self.started.get() else {
             return false;
         };
-        if self.published.load(Ordering::Relaxed) {
+        if self.check_stored.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.growth() <= self.published_growth.load(Ordering::Relaxed) {
             return false;
         }
         let elapsed = started.elapsed();
@@ -222,9 +250,12 @@ impl TraceRecorder {
         self.started.get().is_some()
     }
 
-    /// Stops recording: the trace was published or the store has one already.
-    pub fn mark_published(&self) {
-        self.published.store(true, Ordering::Relaxed);
+    /// What the trace held at `growth` ([`TraceRecorder::growth`]) is published
+    /// (`stored`: this node wrote it, to be read back once) or the store has it already;
+    /// recording goes on until the window closes.
+    pub fn mark_published(&self, growth: u64, stored: bool) {
+        self.published_growth.fetch_max(growth, Ordering::Relaxed);
+        self.check_stored.store(stored, Ordering::Relaxed);
     }
 }
 
@@ -247,9 +278,10 @@ mod tests {
         t.record(300, 300); // past the end: ignored
         assert_eq!(t.order(), vec![5, 130, 131, 6]);
         assert!(!t.ready_to_publish());
-        t.mark_published();
+        t.mark_published(t.growth(), false);
         t.record(7, 7);
-        assert_eq!(t.order().len(), 4);
+        assert_eq!(t.order().len(), 5, "recorded until the window closes");
+        assert!(t.growth() > 4);
     }
 
     fn recorder() -> TraceRecorder {
