@@ -387,6 +387,52 @@ fn a_replay_stops_when_the_template_is_evicted() {
     assert_eq!(stopped(&node, "done"), 0.0);
 }
 
+#[test]
+fn a_replay_stops_when_the_template_is_unwarmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let image = image_with_data(tmp.path(), 24);
+    publish(&store.url(), &image, "wished");
+    let data = data_chunks(&store.url(), "wished");
+    let (code, body) = put_trace(&store.url(), "wished", &sparse_trace("wished", &data));
+    assert_eq!(code, 200, "{body}");
+    let proxy = Proxy::start(&store.url(), 0);
+    proxy.delay_every(Duration::from_millis(300));
+    // A member of the fleet whose fill crawls (the replica stays DISTRIBUTING).
+    let node = DaemonProc::start_member(
+        &proxy.url,
+        &tmp.path().join("n"),
+        &["--replay-in-flight", "1", "--fill-rate", "64K"],
+    );
+    let (ok, out, err) = support::run(&["warm", "wished", "--all-nodes", "--store", &store.url()]);
+    assert!(ok, "warm --all-nodes: {out}{err}");
+    wait_for(
+        "the wish to reach the node",
+        Duration::from_secs(30),
+        || {
+            let (code, body) = http_get(&format!("{}/v1/templates/wished", node.url()))
+                .unwrap_or((0, String::new()));
+            code == 200 && body.contains("DISTRIBUTING")
+        },
+    );
+    let (ok, _, err) = nbdsh(&node.nbd_uri("wished"), "h.get_size()");
+    assert!(ok, "{err}");
+    wait_for("the replay's first run", Duration::from_secs(30), || {
+        node.metric("lazyblk_replay_ranges_total") >= 1.0
+    });
+    let (ok, out, err) = support::run(&["unwarm", "wished", "--store", &store.url()]);
+    assert!(ok, "unwarm: {out}{err}");
+    wait_for("the replay to stop", Duration::from_secs(30), || {
+        stopped(&node, "unwarmed") == 1.0
+    });
+    assert_eq!(stopped(&node, "done"), 0.0);
+    let runs = node.metric("lazyblk_replay_ranges_total");
+    assert!(
+        runs < data.len() as f64,
+        "the replay ran to its end: {runs}"
+    );
+}
+
 /// Seconds a cold 4 KiB read at `offset` takes, measured inside nbdsh after `settle`
 /// seconds on the open connection (the replay that opening started is under way).
 fn timed_cold_read(uri: &str, offset: u64, settle: f64) -> f64 {

@@ -348,3 +348,32 @@ impl Pacer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_that_leave_the_trace_stop_the_replay_and_reads_in_it_do_not() {
+        let slot = ReplaySlot::default();
+        let running = slot.begin().expect("a first replay");
+        assert!(slot.begin().is_none(), "one replay per replica");
+        *running.covered.lock().unwrap() = RangeSet::of(&[[0, 4096], [1 << 20, 8192]]);
+        for i in 0..LEFT_TRACE_READS - 1 {
+            slot.note_read((10 << 20) + i as u64 * 4096, 4096);
+        }
+        // A read in the trace: the boot is still in it.
+        slot.note_read((1 << 20) + 4096, 512);
+        for i in 0..LEFT_TRACE_READS - 1 {
+            slot.note_read((20 << 20) + i as u64 * 4096, 4096);
+        }
+        assert_eq!(*running.stop.borrow(), None);
+        slot.note_read(30 << 20, 4096);
+        assert_eq!(*running.stop.borrow(), Some(StopReason::LeftTrace));
+        // An evict after the stop does not change the reason, and lets a later open
+        // replay again.
+        slot.stop(StopReason::Evicted);
+        assert_eq!(*running.stop.borrow(), Some(StopReason::LeftTrace));
+        assert!(slot.begin().is_some());
+    }
+}
