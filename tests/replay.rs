@@ -433,6 +433,58 @@ fn a_replay_stops_when_the_template_is_unwarmed() {
     );
 }
 
+#[test]
+fn a_demand_read_of_blocks_being_replayed_joins_the_replays_fetch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    // Text compresses: its chunks are stored in blocks, and small reads fetch blocks.
+    let text: String = (0..200_000)
+        .map(|i| format!("line {i} of the text\n"))
+        .collect();
+    let image = make_ext4(tmp.path(), 64, &[("text", text.into_bytes())]);
+    publish(&store.url(), &image, "text");
+    let bytes = std::fs::read(&image).unwrap();
+    let needle = b"line 100000 of the text";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap() as u64;
+    let chunk = at / CHUNK;
+    // The trace: 32 KiB at the start of that chunk (four 8 KiB blocks).
+    let doc = serde_json::json!({"template": "text", "chunks": [chunk], "version": 2,
+        "ranges": [[chunk * CHUNK, 32768]]});
+    let (code, body) = put_trace(&store.url(), "text", &doc);
+    assert_eq!(code, 200, "{body}");
+    // Each request waits 2 s at the proxy: the replay's fetch of the blocks is under way
+    // for 2 s after the store served the chunk's table.
+    let proxy = Proxy::start(&store.url(), 0);
+    proxy.delay_every(Duration::from_secs(2));
+    let node = DaemonProc::start_unix(&proxy.url, &tmp.path().join("n"), &[]);
+    let uri = node.nbd_uri("text");
+    let opener = {
+        let uri = uri.clone();
+        std::thread::spawn(move || nbdsh(&uri, "h.get_size()"))
+    };
+    wait_for(
+        "the replay to fetch the chunk's table",
+        Duration::from_secs(30),
+        || store.metric("lazyblk_store_ranges_served_total") >= 1.0,
+    );
+    // A read of the second block, while the replay fetches blocks 0-3.
+    let offsets = [chunk * CHUNK + 8192];
+    assert_eq!(read_all(&uri, &offsets), image_bytes(&image, &offsets));
+    assert!(opener.join().unwrap().0);
+    wait_for("the replay to finish", Duration::from_secs(30), || {
+        stopped(&node, "done") == 1.0
+    });
+    assert_eq!(
+        store.metric("lazyblk_store_ranges_served_total"),
+        2.0,
+        "the chunk's table and one range of blocks: the read joined the replay's fetch"
+    );
+    assert_eq!(node.metric("lazyblk_replay_bytes_total"), 32768.0);
+}
+
 /// Seconds a cold 4 KiB read at `offset` takes, measured inside nbdsh after `settle`
 /// seconds on the open connection (the replay that opening started is under way).
 fn timed_cold_read(uri: &str, offset: u64, settle: f64) -> f64 {
