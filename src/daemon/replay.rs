@@ -119,7 +119,7 @@ impl ReplayMetrics {
         );
         r.register(
             "replay_bytes",
-            "Bytes a boot trace replay fetched (blocks, or whole chunks for dense runs)",
+            "Bytes a boot trace replay fetched, or waited for when a fetch of them was under way already (blocks, or whole chunks for dense runs)",
             self.bytes.clone(),
         );
     }
