@@ -349,17 +349,17 @@ mod tests {
         other.chunks = vec![None; 32];
         assert!(matches!(
             doc.check("t", &other),
-            Err(crate::store::TraceRefusal::OtherContent { .. })
+            Err(crate::store::trace::TraceRefusal::OtherContent { .. })
         ));
         assert!(matches!(
             doc.check("u", &m),
-            Err(crate::store::TraceRefusal::OtherTemplate { .. })
+            Err(crate::store::trace::TraceRefusal::OtherTemplate { .. })
         ));
         let mut past = doc.clone();
         past.ranges.push([16 * C - 4096, 8192]);
         assert!(matches!(
             past.check("t", &m),
-            Err(crate::store::TraceRefusal::RangePastEnd { .. })
+            Err(crate::store::trace::TraceRefusal::RangePastEnd { .. })
         ));
         let mut empty = doc.clone();
         empty.ranges.push([0, 0]);
