@@ -236,7 +236,7 @@ for mode in floor warm first cold; do
     last=$(boot "$mode" "$r") || exit 1
     times+=("${last%% *}")
     console=$run/console-$mode-$r.log
-    replayed=$(grep -aoE 'LB-REPLAY bytes=[0-9]+' "$console" | head -1 | cut -d= -f2)
+    replayed=$(grep -aoE 'LB-REPLAY bytes=[0-9]+' "$console" | head -1 | cut -d= -f2 || true)
     [ "$mode" = cold ] && say "cold boot $r: its replay of the boot trace fetched ${replayed:-0} bytes"
     if [ "$mode" = first ]; then
       trace=$(curl -sf "http://127.0.0.1:$store_port/v1/templates/debian/trace" || true)
