@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what lazyblk's tests, demo and benchmark need on a fresh Debian machine:
 # the real NBD peers (libnbd, qemu, nbdkit, fio), e2fsprogs, fuse3, nginx, and a real
-# container registry with skopeo and htpasswd (tests/build_registry.rs).
+# container registry with skopeo and htpasswd (tests/build_registry.rs), and libclang
+# (libublk generates its kernel bindings with bindgen when the ublk crate builds).
 # Safe to run again; it installs only what is missing.
 set -euo pipefail
 
-packages=(libnbd-bin python3-libnbd nbdkit qemu-utils e2fsprogs fio fuse3 nginx-light curl util-linux openssl jq systemd zstd docker-registry skopeo apache2-utils faketime)
+packages=(libnbd-bin python3-libnbd nbdkit qemu-utils e2fsprogs fio fuse3 nginx-light curl util-linux openssl jq systemd zstd docker-registry skopeo apache2-utils faketime libclang1-14)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -376,6 +376,24 @@ pub struct DaemonArgs {
     /// Seconds without a new chunk read after which a trace is published early.
     #[arg(long, default_value = "10")]
     pub trace_quiet: f64,
+    /// Do not replay boot traces: a node that opens a template without a READY replica
+    /// then fetches only what its reads ask for (and its fill, if warmed).
+    #[arg(long)]
+    pub no_replay: bool,
+    /// Runs of a boot trace fetched at once by its replay (each also takes one of the
+    /// node's prefetch slots, never a demand read's). Enough to keep a link with 20-60 ms
+    /// per request busy.
+    #[arg(long, default_value = "8")]
+    pub replay_in_flight: usize,
+    /// Bandwidth cap of a boot trace replay in bytes per second (e.g. 100M; 0 = none),
+    /// so that a replay on a storage- or network-bound host leaves room for demand reads
+    /// and other nodes.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub replay_rate: u64,
+    /// Largest run of a boot trace fetched in one request by its replay (e.g. 4M): a cap
+    /// so one run does not hold a slot for long; runs never cross a chunk's end.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub replay_max_run: u64,
     /// Seconds a commit's upload to the store waits before it starts (the template is
     /// served from this node meanwhile).
     #[arg(long, default_value = "0")]

@@ -49,6 +49,8 @@
 //!   them, verified against the manifest's block index; [`block_memory`]: the verified
 //!   blocks and chunk layouts it keeps in memory.
 //! - [`readahead`]: which chunks to fetch ahead of sequential readers.
+//! - [`replay`]: one run of a boot trace's replay fetched ahead of the reads, through
+//!   the same fetches and in-flight table as the reads.
 //! - [`image`]: a [`TemplateImage`], the byte-addressed view of a template over the cache.
 //! - [`overlay`]: a sandbox's [`Overlay`], its copy-on-write layer over a template image
 //!   (4 KiB blocks, a sparse data file and a block map, durable at FLUSH).
@@ -81,6 +83,7 @@ pub mod peers;
 pub mod pins;
 pub mod planner;
 pub mod readahead;
+pub mod replay;
 pub mod source;
 pub mod stored_forms;
 pub mod transport;

@@ -77,21 +77,11 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// An identity of the bytes this manifest describes: the first 8 bytes of a sha256
-    /// over its size, chunk size and every chunk's digest (all-zero chunks included as
-    /// such). Two manifests with equal ids describe equal bytes; a template deleted and
-    /// published again under its id with other bytes gets another.
+    /// An identity of the bytes this manifest describes: the first 8 bytes of
+    /// [`Manifest::content_digest`]. Two manifests with equal ids describe equal bytes; a
+    /// template deleted and published again under its id with other bytes gets another.
     pub fn content_id(&self) -> u64 {
-        let mut hash = crate::digest::DigestWriter::default();
-        hash.update(&self.size.to_le_bytes());
-        hash.update(&self.chunk_size.to_le_bytes());
-        for chunk in &self.chunks {
-            match chunk {
-                Some(digest) => hash.update(digest.as_bytes()),
-                None => hash.update(&[0u8; 32]),
-            }
-        }
-        let digest = hash.finish();
+        let digest = self.content_digest();
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest.as_bytes()[..8]);
         u64::from_le_bytes(first)
@@ -367,6 +357,23 @@ impl Manifest {
     /// Bytes held by non-zero chunks.
     pub fn stored_bytes(&self) -> u64 {
         self.stored_chunks().map(|(i, _)| self.chunk_len(i)).sum()
+    }
+
+    /// A fingerprint of the template's bytes: the sha256 of its size, chunk size and
+    /// chunk digests (zero chunks as 32 zero bytes). What a boot trace names to say which
+    /// content it was recorded on, so a trace of another template (or of an earlier
+    /// template published under the same id and since deleted) is refused, not replayed.
+    pub fn content_digest(&self) -> Digest {
+        let mut hash = crate::digest::DigestWriter::default();
+        hash.update(&self.size.to_le_bytes());
+        hash.update(&self.chunk_size.to_le_bytes());
+        for chunk in &self.chunks {
+            match chunk {
+                Some(digest) => hash.update(digest.as_bytes()),
+                None => hash.update(&[0u8; 32]),
+            }
+        }
+        hash.finish()
     }
 
     /// Whether `other` describes the same content (ignores origins and created_at, which

@@ -218,17 +218,24 @@ impl ChunkCache {
                 hedge_after: None,
             };
             match self.run(&run).await {
-                Ok(verified) => Some(RangeValue::Blocks(Arc::new(verified))),
+                Ok(verified) => Some(RangeValue::Blocks(from, Arc::new(verified))),
                 Err(e) => {
                     tracing::debug!(template = %chunk.template, index = chunk.index, error = %e, "no blocks of the chunk; reading it whole");
                     None
                 }
             }
         });
-        let Some(RangeValue::Blocks(verified)) = fetched.await else {
+        let Some(RangeValue::Blocks(start, verified)) = fetched.await else {
             return false;
         };
         self.observer.miss(&chunk.template);
+        // A joined fetch (a replay's run) may have started before `from`.
+        let Some(verified) = from
+            .checked_sub(start)
+            .and_then(|at| verified.get(at..=at + (to - from)))
+        else {
+            return false;
+        };
         for (i, block) in (from..=to).zip(verified.iter()) {
             if blocks[i - first].is_none() {
                 blocks[i - first] = Some(block.clone());
@@ -237,6 +244,98 @@ impl ChunkCache {
         }
         let blocks: Vec<Bytes> = blocks.into_iter().flatten().collect();
         copy_blocks(&blocks, first, bs, chunk.len, offset, buf)
+    }
+
+    /// Fetches blocks `from..=to` of `chunk` (not local; stored in blocks of
+    /// `block_size`, whose sha256 are `hashes`) into the verified blocks kept in memory,
+    /// for a boot trace's replay ([`crate::replay`]). At prefetch priority, its slot taken
+    /// before the fetch enters the in-flight table, so a demand read that joins it waits
+    /// only for bytes already on their way, and nothing is counted as a read. Returns the
+    /// bytes of the blocks fetched (0 when every one was held already), or `None` when
+    /// the run cannot be fetched in blocks (the caller fetches the chunk whole).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn prefetch_blocks(
+        &self,
+        chunk: &ChunkRef,
+        block_size: u32,
+        hashes: &[u8],
+        from: usize,
+        to: usize,
+        sources: &[Source],
+    ) -> Option<u64> {
+        let count = block_count(chunk.len, block_size);
+        if from > to || to >= count || hashes.len() < count * 32 {
+            return None;
+        }
+        let hash = |i: usize| &hashes[i * 32..i * 32 + 32];
+        let missing: Vec<usize> = (from..=to)
+            .filter(|&i| self.partial.block(hash(i)).is_none())
+            .collect();
+        let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
+            return Some(0);
+        };
+        if !sources.iter().any(Source::serves_ranges) {
+            return None;
+        }
+        let _slot = self
+            .slots()
+            .acquire(Priority::Prefetch, &Promotion::default())
+            .await;
+        let layout = match self.partial.layout(&chunk.digest) {
+            Some(layout) => layout,
+            None => {
+                self.range_flight(FetchKey::Table(chunk.digest), async {
+                    let run = Run {
+                        want: &Table { count },
+                        chunk,
+                        sources,
+                        budget_ends: None,
+                        hedge_after: None,
+                    };
+                    let table = self.run(&run).await.ok()?;
+                    let table = table.filter(|t| t.block_size == block_size);
+                    self.partial.keep_layout(&chunk.digest, table);
+                    Some(RangeValue::Table)
+                })
+                .await?;
+                self.partial.layout(&chunk.digest)?
+            }
+        };
+        let table = layout.table.as_ref()?;
+        let want = Blocks {
+            table: Arc::new(table.clone()),
+            hashes: Arc::from(&hashes[first * 32..(last + 1) * 32]),
+            from: first,
+            to: last,
+        };
+        let fetched = self.range_flight(FetchKey::Blocks(chunk.digest, first, last), async {
+            let run = Run {
+                want: &want,
+                chunk,
+                sources,
+                budget_ends: None,
+                hedge_after: None,
+            };
+            match self.run(&run).await {
+                Ok(verified) => Some(RangeValue::Blocks(first, Arc::new(verified))),
+                Err(e) => {
+                    tracing::debug!(template = %chunk.template, index = chunk.index, error = %e, "replay: no blocks of the chunk");
+                    None
+                }
+            }
+        });
+        let Some(RangeValue::Blocks(start, verified)) = fetched.await else {
+            return None;
+        };
+        let verified = first
+            .checked_sub(start)
+            .and_then(|at| verified.get(at..=at + (last - first)))?;
+        let mut bytes = 0;
+        for (i, block) in (first..=last).zip(verified.iter()) {
+            bytes += block.len() as u64;
+            self.partial.keep(hash(i), block.clone());
+        }
+        Some(bytes)
     }
 
     /// Verified blocks held for partly read chunks.

@@ -4,9 +4,11 @@
 # the store on the host a network profile's per-request delay away
 # (scripts/bench/delay_proxy.py, reached through qemu's user network), in four modes:
 #
-#   warm   the guest's node has the template READY (`lazyblk warm --wait`) first
-#   first  a fresh node, the template's very first boot anywhere
-#   cold   a fresh node again, after the first boot (what a trace in the store would help)
+#   warm   the guest's node has the template READY (`lazyblk warm --wait`) first (its
+#          daemon records no trace: the first boot below stays the template's first)
+#   first  a fresh node, the template's very first boot anywhere; after it reported, it
+#          waits until its node has published the template's boot trace to the store
+#   cold   a fresh node again, which replays that trace when the sandbox is attached
 #   floor  the same image as the guest's own virtio disk (no lazyblk)
 #
 # Each is timed from the moment the root device can be opened (lazyblk: `attach` is
@@ -140,8 +142,13 @@ else
   ip link set eth0 up
   ip addr add 10.0.2.15/24 dev eth0
   ip route add default via 10.0.2.2
+  case "$mode" in
+    warm) trace_flags="--trace-window 0" ;;  # publishes no trace: "first" stays first
+    first) trace_flags="--trace-quiet 3" ;;  # publishes soon after the boot went quiet
+    *) trace_flags="" ;;
+  esac
   lazyblk daemon --cache /tmp/cache --store "$store" --listen 127.0.0.1:7071 \
-    --nbd unix:/tmp/nbd.sock 2>/tmp/daemon.log &
+    --nbd unix:/tmp/nbd.sock $trace_flags 2>/tmp/daemon.log &
   for i in $(seq 300); do wget -q -O /dev/null http://127.0.0.1:7071/healthz 2>/dev/null && break; sleep 0.1; done
   if [ "$mode" = warm ]; then
     lazyblk warm debian --wait >/dev/null 2>&1 || fail "warm"
@@ -151,8 +158,45 @@ else
   dev=$(lazyblk attach boot --device /dev/nbd0 2>&1) || fail "attach: $dev"
   mount -t ext4 /dev/nbd0 /newroot || fail "mount /dev/nbd0"
 fi
+# The report unit's script, written into the root at every boot (the image is made once
+# and kept; a sandbox's or a snapshot's writes do not reach it).
+cp /boot-done /newroot/usr/local/bin/boot-done || fail "installing boot-done"
 exec switch_root /newroot /sbin/init
 INIT
+cat >"$root/boot-done" <<'DONE'
+#!/bin/sh
+# Prints the guest's clock at multi-user.target, what the node fetched and what the
+# kernel read from the root device, then what the node's replay of the template's boot
+# trace fetched. A first boot then waits until its node has published the boot trace
+# (the cold boots replay it). Then it powers off at once (the root's server lives in the
+# initramfs: a clean shutdown would stop it under the root).
+up=$(cut -d' ' -f1 /proc/uptime)
+read_sectors=0
+[ -e /sys/block/nbd0/stat ] && read_sectors=$(awk '{ print $3 }' /sys/block/nbd0/stat)
+[ -e /sys/block/vda/stat ] && read_sectors=$(awk '{ print $3 }' /sys/block/vda/stat)
+metrics=$(/usr/local/bin/busybox wget -q -O - http://127.0.0.1:7071/metrics 2>/dev/null)
+fetched=$(echo "$metrics" |
+  awk 'index($1, "lazyblk_fetched_stored_bytes_total") == 1 { v += $2 } END { printf "%.0f", v }')
+echo "BOOT-DONE $up read=$((read_sectors * 512)) fetched=${fetched:-0}" >/dev/ttyS0
+replayed=$(echo "$metrics" | awk '$1 == "lazyblk_replay_bytes_total" { printf "%.0f", $2 }')
+echo "LB-REPLAY bytes=${replayed:-0}" >/dev/ttyS0
+mode=$(sed -n 's/.*lb_mode=\([a-z]*\).*/\1/p' /proc/cmdline)
+store=$(sed -n 's/.*lb_store=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ "$mode" = first ]; then
+  trace=missing
+  for _ in $(seq 120); do
+    if /usr/local/bin/busybox wget -q -O /dev/null "$store/v1/templates/debian/trace" 2>/dev/null; then
+      trace=published
+      break
+    fi
+    sleep 1
+  done
+  echo "LB-TRACE $trace" >/dev/ttyS0
+fi
+echo 1 >/proc/sys/kernel/sysrq
+echo o >/proc/sysrq-trigger
+DONE
+chmod +x "$root/boot-done"
 chmod +x "$root/init"
 (cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$run/initrd.gz"
 
@@ -191,6 +235,17 @@ for mode in floor warm first cold; do
     say "boot $r of $runs: $mode"
     last=$(boot "$mode" "$r") || exit 1
     times+=("${last%% *}")
+    console=$run/console-$mode-$r.log
+    replayed=$(grep -aoE 'LB-REPLAY bytes=[0-9]+' "$console" | head -1 | cut -d= -f2 || true)
+    [ "$mode" = cold ] && say "cold boot $r: its replay of the boot trace fetched ${replayed:-0} bytes"
+    if [ "$mode" = first ]; then
+      trace=$(curl -sf "http://127.0.0.1:$store_port/v1/templates/debian/trace" || true)
+      if [ -n "$trace" ]; then
+        say "the first boot's trace: $(echo "$trace" | grep -o '\[[0-9]*,[0-9]*\]' | wc -l) ranges"
+      else
+        say "the first boot published no trace ($(grep -aoE 'LB-TRACE [a-z]+' "$console" | head -1)); the cold boots will not replay"
+      fi
+    fi
   done
   secs[$mode]=$(median "${times[@]}")
   read -r _ read_b fetched_b <<<"$last"

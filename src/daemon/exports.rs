@@ -17,7 +17,7 @@ use lazyblk_image::{
 };
 
 use crate::daemon::node::Node;
-use crate::daemon::replica::{Lease, Replica};
+use crate::daemon::replica::Lease;
 use crate::daemon::sandboxes::Sandbox;
 use crate::daemon::templates::TemplateError;
 use crate::daemon::users::UserLease;
@@ -45,18 +45,6 @@ fn overlay_error(e: OverlayError) -> io::Error {
     io::Error::from_raw_os_error(errno)
 }
 
-/// Records a read of `len` bytes at `offset` in the template's boot trace.
-fn record_read(replica: &Replica, offset: u64, len: u64) {
-    let image = &replica.image;
-    if len > 0 && offset < image.size() {
-        let chunk_size = image.manifest().chunk_size as u64;
-        let last = (offset + len - 1).min(image.size() - 1);
-        replica
-            .trace
-            .record((offset / chunk_size) as usize, (last / chunk_size) as usize);
-    }
-}
-
 fn read_only() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
 }
@@ -75,6 +63,7 @@ impl NodeExport {
     /// Opens `name` (a sandbox on this node, else a template) for `user`.
     pub async fn open(node: &Node, name: &str, user: String) -> Result<NodeExport, TemplateError> {
         if let Some(sandbox) = node.sandboxes.get(name) {
+            node.replays.opened(sandbox.template());
             let lease = sandbox.users.lease(user);
             return Ok(NodeExport::Overlay {
                 sandbox,
@@ -82,6 +71,7 @@ impl NodeExport {
             });
         }
         let replica = node.template_to_open(name).await?;
+        node.replays.opened(&replica);
         Ok(NodeExport::Template(replica.lease(user)))
     }
 
@@ -96,19 +86,23 @@ impl NodeExport {
         matches!(self, NodeExport::Template(_))
     }
 
-    /// Reads bytes; template reads are recorded in the template's boot trace.
+    /// Reads bytes; reads of a template, and a sandbox's reads (of its base template,
+    /// mostly, while it boots), are recorded in the template's boot trace.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         match self {
             NodeExport::Template(t) => {
                 let replica = t.replica();
-                record_read(replica, offset, buf.len() as u64);
+                replica.note_read(offset, buf.len() as u64);
                 replica.image.read_at(offset, buf).await.map_err(read_error)
             }
-            NodeExport::Overlay { sandbox, .. } => sandbox
-                .overlay
-                .read_at(offset, buf)
-                .await
-                .map_err(overlay_error),
+            NodeExport::Overlay { sandbox, .. } => {
+                sandbox.template().note_read(offset, buf.len() as u64);
+                sandbox
+                    .overlay
+                    .read_at(offset, buf)
+                    .await
+                    .map_err(overlay_error)
+            }
         }
     }
 
@@ -125,7 +119,7 @@ impl NodeExport {
             None => out.push_zeroes(piece),
         });
         if found {
-            record_read(replica, offset, u64::from(len));
+            replica.note_read(offset, u64::from(len));
         }
         found
     }
@@ -384,10 +378,12 @@ impl Images for NodeImages {
                     tracing::warn!(template = name, error = %e, "template refused");
                     return Err(OpenError::Unavailable(e.to_string()));
                 }
+                self.node.replays.opened(&replica);
                 NodeExport::Template(replica.lease(user))
             }
             Kind::Sandbox => {
                 let sandbox = self.node.sandboxes.get(name).ok_or(OpenError::Unknown)?;
+                self.node.replays.opened(sandbox.template());
                 let lease = sandbox.users.lease(user);
                 NodeExport::Overlay {
                     sandbox,

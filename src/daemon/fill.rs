@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::daemon::commit::Commits;
 use crate::daemon::node::Node;
+use crate::daemon::replay::StopReason;
 use crate::daemon::replica::{FillStart, FillStatus, Replica};
 use crate::daemon::state::{Phase, ReplicaRecord, StateDb};
 use crate::daemon::templates::{TemplateError, Templates};
@@ -252,7 +253,7 @@ impl FillScheduler {
     async fn fill_order(&self, replica: &Replica) -> Vec<usize> {
         let count = replica.manifest().chunk_count();
         let trace = match self.store.trace(replica.id()).await {
-            Ok(t) => t.unwrap_or_default(),
+            Ok(t) => t.map(|t| t.chunks).unwrap_or_default(),
             Err(e) => {
                 tracing::debug!(template = replica.id(), error = %e, "no trace; filling in order");
                 Vec::new()
@@ -362,6 +363,7 @@ impl FillScheduler {
             .into());
         }
         replica.stop_fill(Phase::Cleaning);
+        replica.replay.stop(StopReason::Evicted);
         self.save(replica);
         let digests: Vec<_> = replica.manifest().stored_chunks().map(|(_, d)| d).collect();
         let removed = self.cache.evict(&digests);
@@ -376,6 +378,7 @@ impl FillScheduler {
     /// are unpinned, but stay cached (evictable) and the template is still served.
     pub fn unpin(&self, replica: &Arc<Replica>) {
         replica.stop_fill(Phase::Pending);
+        replica.replay.stop(StopReason::Unwarmed);
         self.disk.forget(replica.id());
         self.save(replica);
         tracing::info!(

@@ -23,6 +23,7 @@
 //! - [`registry`]: the id-to-object maps of replicas and sandboxes.
 //! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
+//! - [`replay`]: a template's boot trace fetched ahead of a cold node's boot.
 //! - [`counters`]: Prometheus metrics and per-template byte counts.
 //! - [`fill`]: the background fill, the replicas' worker (it moves their phases
 //!   through the replica's methods); [`state`]: the SQLite database that keeps the
@@ -46,6 +47,7 @@ pub mod kept;
 pub mod membership;
 pub mod node;
 pub mod registry;
+pub mod replay;
 pub mod replica;
 pub mod resize;
 pub mod sandboxes;
@@ -68,6 +70,7 @@ use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::exports::NodeImages;
 use crate::daemon::fill::{FillConfig, FillScheduler};
 use crate::daemon::node::{Node, NodeConfig};
+use crate::daemon::replay::ReplayConfig;
 use crate::daemon::state::StateDb;
 use crate::daemon::trace::TraceTiming;
 
@@ -151,6 +154,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
                 trace_timing: TraceTiming {
                     window: Duration::from_secs_f64(args.trace_window.max(0.0)),
                     quiet: Duration::from_secs_f64(args.trace_quiet.max(0.0)),
+                },
+                replay: ReplayConfig {
+                    enabled: !args.no_replay,
+                    in_flight: args.replay_in_flight.max(1),
+                    rate: args.replay_rate,
+                    max_run: args.replay_max_run.max(lazyblk_cache::manifest::BLOCK_SIZE),
                 },
                 upload_delay: Duration::from_secs_f64(args.upload_delay.max(0.0)),
                 fuse_dir: args.fuse.clone(),
@@ -344,7 +353,9 @@ async fn learn_templates(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Publishes each template's trace once it is complete, unless the store has one.
+/// Publishes each template's trace once it is complete: the first boot's, then the union
+/// of the stored trace and what a later boot read that it misses (see
+/// [`crate::daemon::trace`]).
 async fn publish_traces(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -356,22 +367,35 @@ async fn publish_traces(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             let id = replica.id().to_string();
-            match node.store.trace(&id).await {
-                Ok(Some(_)) => replica.trace.mark_published(),
-                Ok(None) => {
-                    let order = replica.trace.order();
-                    match node.store.put_trace(&id, &order).await {
-                        Ok(()) => {
-                            tracing::info!(template = %id, chunks = order.len(), "published boot trace");
-                            replica.trace.mark_published();
-                        }
-                        Err(e) => {
-                            tracing::warn!(template = %id, error = %e, "publishing trace failed; will retry")
-                        }
-                    }
+            let manifest = replica.manifest();
+            let growth = replica.trace.growth();
+            let stored = match node.store.trace(&id).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::debug!(template = %id, error = %e, "store unreachable for traces");
+                    continue;
+                }
+            };
+            // A stored trace this template refuses (other content) is replaced.
+            let stored = stored.filter(|d| match d.check(&id, manifest) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(template = %id, error = %e, "stored trace refused; replacing it");
+                    false
+                }
+            });
+            let Some(doc) = replica.trace.document(manifest, stored.as_ref()) else {
+                replica.trace.mark_published(growth, false);
+                continue;
+            };
+            match node.store.put_trace(&id, &doc).await {
+                Ok(()) => {
+                    tracing::info!(template = %id, ranges = doc.ranges.len(), chunks = doc.chunks.len(),
+                        union = stored.is_some(), "published boot trace");
+                    replica.trace.mark_published(growth, true);
                 }
                 Err(e) => {
-                    tracing::debug!(template = %id, error = %e, "store unreachable for traces")
+                    tracing::warn!(template = %id, error = %e, "publishing trace failed; will retry")
                 }
             }
         }

@@ -19,6 +19,7 @@ use crate::daemon::commit::Commits;
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::intents::OriginIntents;
 use crate::daemon::replica::Replica;
+use crate::daemon::replay::{ReplayConfig, ReplayMetrics, Replays};
 use crate::daemon::resize::Resizes;
 use crate::daemon::sandboxes::Sandboxes;
 use crate::daemon::templates::{SourcePlan, Templates};
@@ -47,6 +48,8 @@ pub struct Node {
     /// The fleet's live nodes, when this node is a member (`--advertise` or
     /// `--peers`): chunk owners to ask, and the origins it may contact.
     pub peers: Option<Arc<PeerSet>>,
+    /// Replays of boot traces, started when a template is opened.
+    pub replays: Replays,
     /// The cache directory, where the node keeps its state.
     state_dir: PathBuf,
 }
@@ -64,6 +67,8 @@ pub struct NodeConfig {
     /// Where manifests and overlays are kept (the cache directory).
     pub state_dir: PathBuf,
     pub trace_timing: TraceTiming,
+    /// How boot traces are replayed (`--replay-*`).
+    pub replay: ReplayConfig,
     /// How long a commit's upload waits before it starts.
     pub upload_delay: std::time::Duration,
     /// The daemon's FUSE mount, if any (resize runs e2fsprogs on its files).
@@ -142,6 +147,9 @@ impl Node {
             advertise: config.advertise.clone(),
         });
         let resizes = Resizes::open(commits.clone(), &state_dir, config.fuse_dir)?;
+        let replay_metrics = Arc::new(ReplayMetrics::default());
+        replay_metrics.register(&mut metrics.registry.lock().unwrap_or_else(|e| e.into_inner()));
+        let replays = Replays::new(config.replay, store.clone(), replay_metrics);
         Ok(Node {
             cache,
             store,
@@ -155,6 +163,7 @@ impl Node {
             node_id,
             key,
             peers,
+            replays,
             state_dir,
         })
     }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use lazyblk_cache::{Manifest, Overlay, TemplateImage};
 
+use crate::daemon::replay::ReplaySlot;
 use crate::daemon::state::{now_rfc3339, Phase};
 use crate::daemon::trace::TraceRecorder;
 use crate::daemon::users::{UserLease, Users};
@@ -25,6 +26,8 @@ pub struct Replica {
     pub users: Arc<Users>,
     /// The order of the first reads of each chunk on this node.
     pub trace: TraceRecorder,
+    /// The replay of the template's boot trace on this node, if one ran.
+    pub replay: ReplaySlot,
     /// Phase, last error and claim of the background fill: changed only through the
     /// methods below.
     fill: Mutex<FillState>,
@@ -77,6 +80,7 @@ impl Replica {
             image,
             users: Arc::default(),
             trace,
+            replay: ReplaySlot::default(),
             fill: Mutex::default(),
             local: Mutex::new(None),
             content_id: std::sync::OnceLock::new(),
@@ -88,6 +92,20 @@ impl Replica {
         *self
             .content_id
             .get_or_init(|| self.image.manifest().content_id())
+    }
+
+    /// A client read `len` bytes at `offset` (of the template, or of a sandbox over it):
+    /// recorded in the boot trace, and told to the replay (which stops when the reads
+    /// leave its trace).
+    pub fn note_read(&self, offset: u64, len: u64) {
+        let image = &self.image;
+        self.trace.record_read(
+            offset,
+            len,
+            image.size(),
+            image.manifest().chunk_size as u64,
+        );
+        self.replay.note_read(offset, len);
     }
 
     pub fn id(&self) -> &str {

@@ -314,8 +314,8 @@ impl StoreClient {
         self.send(request, CHUNK_TIMEOUT, &what).await.map(|_| ())
     }
 
-    /// The recorded prefetch order of `id`; `None` when none is recorded.
-    pub async fn trace(&self, id: &str) -> Result<Option<Vec<usize>>, StoreError> {
+    /// The recorded trace of `id` (see [`TraceDoc`]); `None` when none is recorded.
+    pub async fn trace(&self, id: &str) -> Result<Option<TraceDoc>, StoreError> {
         if let Some(d) = &self.direct {
             return d.trace(id).await;
         }
@@ -327,21 +327,18 @@ impl StoreClient {
         let Some(bytes) = self.fetch_optional(request, &what).await? else {
             return Ok(None);
         };
-        Ok(Some(self.decode::<TraceDoc>(&bytes, &what)?.chunks))
+        Ok(Some(self.decode::<TraceDoc>(&bytes, &what)?))
     }
 
-    /// Records the prefetch order of `id` (replacing an earlier one).
-    pub async fn put_trace(&self, id: &str, chunks: &[usize]) -> Result<(), StoreError> {
+    /// Records the trace of `id` (replacing an earlier one); the store checks it against
+    /// the template.
+    pub async fn put_trace(&self, id: &str, doc: &TraceDoc) -> Result<(), StoreError> {
         if let Some(d) = &self.direct {
-            return d.put_trace(id, chunks).await;
+            return d.put_trace(id, doc).await;
         }
         validate_id(id)?;
         let what = format!("storing the trace of {id}");
-        let doc = TraceDoc {
-            template: id.to_string(),
-            chunks: chunks.to_vec(),
-        };
-        let body = serde_json::to_vec(&doc).map_err(|e| self.malformed(&what, e))?;
+        let body = serde_json::to_vec(doc).map_err(|e| self.malformed(&what, e))?;
         let request = self
             .write(
                 self.http

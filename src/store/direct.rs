@@ -127,10 +127,10 @@ impl Direct {
             .map_err(|e| self.err(e))
     }
 
-    pub async fn trace(&self, id: &str) -> Result<Option<Vec<usize>>, StoreError> {
+    pub async fn trace(&self, id: &str) -> Result<Option<TraceDoc>, StoreError> {
         match self.backend.trace_bytes(id).await {
             Ok(bytes) => serde_json::from_slice::<TraceDoc>(&bytes)
-                .map(|d| Some(d.chunks))
+                .map(Some)
                 .map_err(|e| StoreError::Object {
                     url: self.url.clone(),
                     detail: format!("the trace of {id}: {e}"),
@@ -140,12 +140,8 @@ impl Direct {
         }
     }
 
-    pub async fn put_trace(&self, id: &str, chunks: &[usize]) -> Result<(), StoreError> {
-        let doc = TraceDoc {
-            template: id.to_string(),
-            chunks: chunks.to_vec(),
-        };
-        let body = serde_json::to_vec(&doc).map_err(|e| StoreError::Object {
+    pub async fn put_trace(&self, id: &str, doc: &TraceDoc) -> Result<(), StoreError> {
+        let body = serde_json::to_vec(doc).map_err(|e| StoreError::Object {
             url: self.url.clone(),
             detail: e.to_string(),
         })?;

@@ -30,6 +30,9 @@ pub mod direct;
 pub mod error;
 pub mod nodes;
 mod replica;
+pub mod trace;
+
+pub use trace::{TraceDoc, MAX_TRACE_RANGES, TRACE_VERSION};
 
 use std::sync::Arc;
 
@@ -112,14 +115,6 @@ pub struct TemplateSummary {
     #[serde(default)]
     pub created_at: String,
     pub durability: Durability,
-}
-
-/// The recorded prefetch order of a template (`/v1/templates/{id}/trace`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TraceDoc {
-    pub template: String,
-    /// Chunk indices in the order the first boots read them.
-    pub chunks: Vec<usize>,
 }
 
 /// The answer of `POST /v1/gc`.

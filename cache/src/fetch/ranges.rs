@@ -3,8 +3,11 @@
 //! template on a node read the same blocks at the same time). The first reader runs
 //! the fetch in its own task, within its budget; the others wait for its outcome
 //! within theirs. A leader that goes away (its budget ended) leaves its followers
-//! without an outcome: they read the chunk whole.
+//! without an outcome: they read the chunk whole. A read of blocks that a fetch under
+//! way covers (a boot trace's replay fetches a run of blocks, [`crate::replay`]) joins
+//! that fetch rather than asking for its blocks a second time.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -22,8 +25,8 @@ pub(crate) enum RangeValue {
     /// ([`crate::block_memory::Partial::layout`]; without a table when the chunk is not
     /// stored in blocks).
     Table,
-    /// The verified blocks, in order.
-    Blocks(Arc<Vec<Bytes>>),
+    /// The verified blocks, in order, from the block numbered `.0`.
+    Blocks(usize, Arc<Vec<Bytes>>),
 }
 
 /// A range fetch under way, as its followers see it: `None` until it ends.
@@ -39,7 +42,7 @@ impl ChunkCache {
     ) -> Option<RangeValue> {
         let lead = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            match inflight.get(&key) {
+            match inflight.get(&key).or_else(|| covering(&inflight, key)) {
                 Some(Flight::Range(rx)) => Err(rx.clone()),
                 _ => {
                     let (tx, rx) = watch::channel(None);
@@ -62,6 +65,20 @@ impl ChunkCache {
             }
         }
     }
+}
+
+/// A fetch under way of blocks of the same chunk that include `key`'s (for blocks).
+/// The table holds at most the fetches in flight (tens), so a scan costs little.
+fn covering(inflight: &HashMap<FetchKey, Flight>, key: FetchKey) -> Option<&Flight> {
+    let FetchKey::Blocks(digest, from, to) = key else {
+        return None;
+    };
+    inflight.iter().find_map(|(k, flight)| match (k, flight) {
+        (FetchKey::Blocks(d, f, t), Flight::Range(_)) if *d == digest && *f <= from && to <= *t => {
+            Some(flight)
+        }
+        _ => None,
+    })
 }
 
 /// Removes a range fetch from the in-flight table when its leader ends, however it

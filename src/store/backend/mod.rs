@@ -398,18 +398,8 @@ fn check_trace(id: &str, manifest: &Manifest, body: &[u8]) -> Result<Vec<u8>, Ba
         reason,
     };
     let doc: TraceDoc = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
-    if doc.template != id {
-        return Err(invalid(format!(
-            "the document names template {:?}",
-            doc.template
-        )));
-    }
-    if let Some(bad) = doc.chunks.iter().find(|&&i| i >= manifest.chunk_count()) {
-        return Err(invalid(format!(
-            "chunk index {bad} is out of range (the template has {} chunks)",
-            manifest.chunk_count()
-        )));
-    }
+    doc.check(id, manifest)
+        .map_err(|e| invalid(e.to_string()))?;
     serde_json::to_vec(&doc).map_err(|e| invalid(e.to_string()))
 }
 
