@@ -4,10 +4,22 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// The daemon's default HTTP address (`--node` of the client commands).
-pub const DEFAULT_NODE: &str = "http://127.0.0.1:7071";
-/// The store's default address.
-pub const DEFAULT_STORE: &str = "http://127.0.0.1:7070";
+pub use crate::commands::args::{parse_label, DEFAULT_STORE};
+pub use crate::commands::attach::AttachArgs;
+pub use crate::commands::commit::CommitArgs;
+pub use crate::commands::delete::DeleteArgs;
+pub use crate::commands::detach::DetachArgs;
+pub use crate::commands::evict::EvictArgs;
+pub use crate::commands::gc::GcArgs;
+pub use crate::commands::nodes::NodesArgs;
+pub use crate::commands::overlay::OverlayCommand;
+pub use crate::commands::policy::PolicyCommand;
+pub use crate::commands::resize::ResizeArgs;
+pub use crate::commands::scrub::ScrubArgs;
+pub use crate::commands::status::StatusArgs;
+pub use crate::commands::templates::TemplatesArgs;
+pub use crate::commands::unwarm::UnwarmArgs;
+pub use crate::commands::warm::WarmArgs;
 
 /// lazyblk: microVM sandbox templates as lazily fetched, content-addressed block devices.
 ///
@@ -129,32 +141,6 @@ pub struct NodeKeyArgs {
     #[arg(long, default_value = "./lazyblk-cache")]
     pub cache: PathBuf,
     /// Print {"node_id", "public_key"} as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct NodesArgs {
-    /// URL of the store server.
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: String,
-    /// Print the list as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ScrubArgs {
-    /// Scrub this store instead of a node (needs the store's write token when set).
-    #[arg(long, conflicts_with = "node")]
-    pub store: Option<String>,
-    /// The daemon's HTTP URL.
-    #[arg(long, default_value = DEFAULT_NODE)]
-    pub node: String,
-    /// Bearer token: the daemon's (--write-token) or the store's write token.
-    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -446,9 +432,8 @@ pub struct PublishArgs {
     /// --trusted-keys.
     #[arg(long, env = "LAZYBLK_SIGNING_KEY", hide_env_values = true)]
     pub signing_key: Option<PathBuf>,
-    /// Bearer token for writes to the store.
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub write_token: Option<String>,
+    #[command(flatten)]
+    pub token: crate::commands::args::TokenArg,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -541,286 +526,9 @@ pub struct BuildArgs {
     /// --trusted-keys.
     #[arg(long, env = "LAZYBLK_SIGNING_KEY", hide_env_values = true)]
     pub signing_key: Option<PathBuf>,
-    /// Bearer token for writes to the store.
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub write_token: Option<String>,
+    #[command(flatten)]
+    pub token: crate::commands::args::TokenArg,
     /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct TemplatesArgs {
-    /// URL of the artifact store.
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: String,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Only templates with this label (KEY=VALUE; repeatable, all must match).
-    #[arg(long = "label", value_parser = parse_label)]
-    pub labels: Vec<(String, String)>,
-    /// Only STALE templates (below the store's label policy): what to rebuild.
-    #[arg(long)]
-    pub stale: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct DeleteArgs {
-    /// Template id to remove.
-    pub template: String,
-    /// URL of the artifact store.
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: String,
-    /// Delete even while live nodes report users of it (they keep serving the chunks
-    /// they hold; gc spares the chunks while a live node uses them).
-    #[arg(long)]
-    pub force: bool,
-    /// Bearer token for writes to the store.
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub write_token: Option<String>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct GcArgs {
-    /// URL of the artifact store.
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: String,
-    /// Keep unreferenced chunks written or confirmed more recently than this (e.g. 10m,
-    /// 0s): a publish uploads its chunks before its manifest, and gc must not delete
-    /// them in between.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    pub grace: std::time::Duration,
-    /// Bearer token for writes to the store.
-    #[arg(long, env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub write_token: Option<String>,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct NodeArg {
-    /// The daemon's HTTP URL.
-    #[arg(long, default_value = DEFAULT_NODE)]
-    pub node: String,
-    /// Bearer token for the daemon's changing requests, when it has a --write-token.
-    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct StatusArgs {
-    /// A template id; all replicas when omitted.
-    pub template: Option<String>,
-    #[command(flatten)]
-    pub node: NodeArg,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Only the kernel block devices (/dev/nbdN): export, kind, connections and state
-    /// (connected, waiting for reconfigure, dead); with --json, the daemon's
-    /// /v1/attachments.
-    #[arg(long, conflicts_with_all = ["template", "fleet"])]
-    pub devices: bool,
-    /// One line per live node of the fleet for the template (needs --store).
-    #[arg(long, requires = "template", requires = "store")]
-    pub fleet: bool,
-    /// The store server whose fleet to show (with --fleet).
-    #[arg(long)]
-    pub store: Option<String>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct WarmArgs {
-    pub template: String,
-    #[command(flatten)]
-    pub node: NodeArg,
-    /// Wait until the replica is READY (or FAILED), showing progress.
-    #[arg(long)]
-    pub wait: bool,
-    /// Restart a FAILED fill.
-    #[arg(long)]
-    pub redo: bool,
-    /// Fleet: keep the template READY on every live node, and on nodes that join later
-    /// (recorded in the store given by --store; nodes pull it at their next heartbeat).
-    #[arg(long, requires = "store", conflicts_with_all = ["nodes", "min_replicas", "failed"])]
-    pub all_nodes: bool,
-    /// Fleet: keep it READY on these nodes (ids or addresses, comma-separated).
-    #[arg(long, value_delimiter = ',', requires = "store", conflicts_with_all = ["min_replicas", "failed"])]
-    pub nodes: Vec<String>,
-    /// Fleet: keep it READY on at least K live nodes.
-    #[arg(long, value_name = "K", requires = "store", conflicts_with = "failed")]
-    pub min_replicas: Option<usize>,
-    /// Fleet: retry the nodes where the template FAILED.
-    #[arg(long, requires = "store")]
-    pub failed: bool,
-    /// The store server holding the fleet's desired state (with the fleet flags).
-    #[arg(long)]
-    pub store: Option<String>,
-}
-
-impl WarmArgs {
-    /// Whether this warm is a wish for the fleet rather than one node's fill.
-    pub fn is_fleet(&self) -> bool {
-        self.all_nodes || !self.nodes.is_empty() || self.min_replicas.is_some() || self.failed
-    }
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct UnwarmArgs {
-    pub template: String,
-    /// The store server holding the fleet's desired state.
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: String,
-    /// Bearer token for writes to the store.
-    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum PolicyCommand {
-    /// Require a minimum version of a label: templates below it are STALE.
-    Set(PolicySetArgs),
-    /// Remove a label's minimum.
-    Unset(PolicyUnsetArgs),
-    /// Show the minimums.
-    List(PolicyListArgs),
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct PolicySetArgs {
-    /// The label key, e.g. guest_agent.
-    #[arg(value_parser = parse_label_key)]
-    pub key: String,
-    /// The minimum, e.g. '>=1.4.2' (dotted numbers).
-    pub minimum: String,
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: String,
-    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct PolicyUnsetArgs {
-    /// The label key (any key the policy holds, even one from before the label grammar).
-    pub key: String,
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: String,
-    #[arg(long = "token", env = "LAZYBLK_WRITE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct PolicyListArgs {
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: String,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct EvictArgs {
-    pub template: String,
-    #[command(flatten)]
-    pub node: NodeArg,
-    /// Evict even if exports are using the template.
-    #[arg(long)]
-    pub force: bool,
-}
-
-#[derive(Subcommand, Debug, Clone)]
-pub enum OverlayCommand {
-    /// Create a sandbox's copy-on-write overlay over a template.
-    Create {
-        template: String,
-        #[arg(long)]
-        sandbox: String,
-        #[command(flatten)]
-        node: NodeArg,
-    },
-    /// Delete a sandbox's overlay.
-    Delete {
-        sandbox: String,
-        #[command(flatten)]
-        node: NodeArg,
-        /// Delete even if it is in use.
-        #[arg(long)]
-        force: bool,
-    },
-    /// List overlays on the node.
-    List {
-        #[command(flatten)]
-        node: NodeArg,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct CommitArgs {
-    pub sandbox: String,
-    /// Id of the new template.
-    #[arg(long)]
-    pub template: String,
-    /// A label KEY=VALUE for the new template (repeatable); the parent's labels are
-    /// inherited unless overridden.
-    #[arg(long = "label", value_parser = parse_label)]
-    pub labels: Vec<(String, String)>,
-    #[command(flatten)]
-    pub node: NodeArg,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct AttachArgs {
-    /// A template id (read-only device) or sandbox id (read-write device).
-    pub export: String,
-    /// The device to use, /dev/nbdN; the first free one when omitted.
-    #[arg(long)]
-    pub device: Option<String>,
-    /// Sockets the kernel gets for the device (1 to 16), served in parallel; more than
-    /// one needs the netlink interface (every export advertises multi-conn: a flush on
-    /// one connection covers the writes done on all).
-    #[arg(long, default_value = "1")]
-    pub connections: u32,
-    #[command(flatten)]
-    pub node: NodeArg,
-    /// Print JSON (device, export, size, read_only).
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct DetachArgs {
-    /// The device, /dev/nbdN.
-    pub device: String,
-    #[command(flatten)]
-    pub node: NodeArg,
-    /// Detach even if the device is mounted or held open (its I/O then fails).
-    #[arg(long)]
-    pub force: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ResizeArgs {
-    /// The template to grow.
-    pub template: String,
-    /// The new size (e.g. 4G); larger than the template's.
-    #[arg(long, value_parser = parse_size)]
-    pub size: u64,
-    /// Id of the new template.
-    #[arg(long = "template")]
-    pub new_template: String,
-    /// A label KEY=VALUE for the new template (repeatable); the parent's labels are
-    /// inherited unless overridden.
-    #[arg(long = "label", value_parser = parse_label)]
-    pub labels: Vec<(String, String)>,
-    #[command(flatten)]
-    pub node: NodeArg,
-    /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -847,24 +555,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-/// Parses `KEY=VALUE`, checked against the label grammar (`lazyblk_cache::labels`).
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (key, value) = s.split_once('=').ok_or_else(|| {
-        format!(
-            "label {:?} must be KEY=VALUE",
-            s.chars().take(80).collect::<String>()
-        )
-    })?;
-    lazyblk_cache::labels::validate_label(key, value)?;
-    Ok((key.to_string(), value.to_string()))
-}
-
-/// Parses a policy's label key (the label grammar's keys).
-fn parse_label_key(s: &str) -> Result<String, String> {
-    lazyblk_cache::labels::validate_label_key(s)?;
-    Ok(s.to_string())
 }
 
 #[cfg(test)]
@@ -894,18 +584,6 @@ mod tests {
             todo.extend(command.get_subcommands().cloned());
         }
         assert!(checked >= 14, "{checked}");
-    }
-
-    #[test]
-    fn labels_follow_the_grammar() {
-        assert_eq!(
-            parse_label("guest_agent=1.4.2").unwrap(),
-            ("guest_agent".to_string(), "1.4.2".to_string())
-        );
-        assert!(parse_label("no-equals").is_err());
-        assert!(parse_label("bad key=1").is_err());
-        assert!(parse_label("k=a\u{1b}b").is_err());
-        assert!(parse_label_key("bad\nkey").is_err());
     }
 
     #[test]
