@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod servers;
 
-pub use crate::commands::args::{parse_label, DEFAULT_STORE};
+pub use crate::commands::args::{parse_label, parse_size, DEFAULT_STORE};
 pub use crate::commands::attach::AttachArgs;
 pub use crate::commands::commit::CommitArgs;
 pub use crate::commands::delete::DeleteArgs;
@@ -287,30 +287,6 @@ pub struct BuildArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Parses sizes such as `4096`, `64K`, `1M`, `20G`, `1T` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| {
-        format!("invalid size {s:?}: expected a number with an optional K, M, G or T")
-    })?;
-    let shift = match unit
-        .trim_end_matches(['i', 'B'])
-        .to_ascii_uppercase()
-        .as_str()
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("invalid size {s:?}: unknown unit {unit:?}")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 #[cfg(test)]

@@ -72,6 +72,30 @@ pub struct NodeArg {
     pub token: TokenArg,
 }
 
+/// Parses sizes such as `4096`, `64K`, `1M`, `20G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional K, M, G or T")
+    })?;
+    let shift = match unit
+        .trim_end_matches(['i', 'B'])
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("invalid size {s:?}: unknown unit {unit:?}")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
 /// Parses `KEY=VALUE`, checked against the label grammar (`lazyblk_cache::labels`).
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
     let (key, value) = s.split_once('=').ok_or_else(|| {

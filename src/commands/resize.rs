@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use super::args::{label_map, parse_label, NodeArg};
+use super::args::{label_map, parse_label, parse_size, NodeArg};
 use super::node_client::NodeClient;
 use super::output::{human_bytes, print_json};
 use crate::daemon::api::ResizeBody;
@@ -12,7 +12,7 @@ pub struct ResizeArgs {
     /// The template to grow.
     pub template: String,
     /// The new size (e.g. 4G); larger than the template's.
-    #[arg(long, value_parser = crate::cli::parse_size)]
+    #[arg(long, value_parser = parse_size)]
     pub size: u64,
     /// Id of the new template.
     #[arg(long = "template")]
