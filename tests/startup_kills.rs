@@ -234,7 +234,7 @@ fn killed_at_every_startup_step_the_node_keeps_its_id_intents_and_ready_replicas
     for round in 0..kills() {
         let point = match order.get(round) {
             Some(&step) => Some(step),
-            None if rng.next() % 2 == 0 => Some(rng.next() as usize % STEPS.len()),
+            None if rng.next().is_multiple_of(2) => Some(rng.next() as usize % STEPS.len()),
             None => None,
         };
         let what = match point {
