@@ -20,7 +20,6 @@
 //! file); a signature over the request survives both, where a client certificate does
 //! not, and needs no CA to run.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -153,24 +152,7 @@ impl NodeKey {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-        let tmp = path.with_extension("tmp");
-        let written = (|| {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(pem.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            match path.parent() {
-                Some(dir) => std::fs::File::open(dir)?.sync_all(),
-                None => Ok(()),
-            }
-        })();
-        written.map_err(io)?;
+        lazyblk_cache::durable::write_file_mode(path, pem.as_bytes(), 0o600).map_err(io)?;
         let key = NodeKey::from_signing(signing);
         tracing::info!(node_id = %key.id, path = %path.display(), "made this node's key");
         Ok(key)

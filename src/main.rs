@@ -10,10 +10,9 @@
 //! - [`publish`]: chunk an image, upload what the store lacks, publish the manifest.
 //! - [`daemon`]: the node daemon: NBD and FUSE exports over the chunk cache, the
 //!   background fill, traces, the HTTP API, the state database.
-//! - [`control`]: the commands that talk to a daemon (status, warm, evict, overlay,
-//!   commit, attach, detach).
-//! - [`fleet`]: the template center's commands: fleet wishes (`warm --all-nodes`...,
-//!   `unwarm`), `status --fleet`, `policy`.
+//! - [`commands`]: the client commands, one file each (status, warm, evict, overlay,
+//!   commit, attach, templates, nodes, policy...), over one typed client per server;
+//!   its header states the flag rules and exit codes.
 //! - [`http_client`]: the HTTP client of the commands and the daemon; [`auth`]: bearer
 //!   tokens on both HTTP servers; [`http_server`]: their accept loop, with header and
 //!   idle timeouts.
@@ -32,12 +31,11 @@
 mod auth;
 mod build;
 mod cli;
+mod commands;
 mod config;
-mod control;
 mod daemon;
 mod docs;
 mod fdstore;
-mod fleet;
 mod http_client;
 mod http_server;
 mod identity;
@@ -102,25 +100,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Daemon(args) => daemon::run(*args).await,
         Command::Publish(args) => publish::run(args).await,
         Command::Build(args) => build::run(args).await,
-        Command::Templates(args) => store::client::list_command(args).await,
-        Command::Status(args) if args.fleet => fleet::status(args).await,
-        Command::Status(args) => control::status(args).await,
-        Command::Warm(args) if args.is_fleet() => fleet::warm(args).await,
-        Command::Warm(args) => control::warm(args).await,
-        Command::Unwarm(args) => fleet::unwarm(args).await,
-        Command::Policy(cmd) => fleet::policy(cmd).await,
+        Command::Templates(args) => commands::templates::run(args).await,
+        Command::Status(args) => commands::status::run(args).await,
+        Command::Warm(args) => commands::warm::run(args).await,
+        Command::Unwarm(args) => commands::unwarm::run(args).await,
+        Command::Policy(cmd) => commands::policy::run(cmd).await,
         Command::Completions(args) => docs::completions(args),
         Command::Manpages(args) => docs::manpages(args),
-        Command::Evict(args) => control::evict(args).await,
-        Command::Overlay(cmd) => control::overlay(cmd).await,
-        Command::Commit(args) => control::commit(args).await,
-        Command::Resize(args) => control::resize(args).await,
-        Command::Attach(args) => control::attach(args).await,
-        Command::Detach(args) => control::detach(args).await,
-        Command::Delete(args) => store::client::delete_command(args).await,
-        Command::Gc(args) => store::client::gc_command(args).await,
-        Command::Scrub(args) => control::scrub(args).await,
-        Command::Nodes(args) => store::client::nodes_command(args).await,
+        Command::Evict(args) => commands::evict::run(args).await,
+        Command::Overlay(cmd) => commands::overlay::run(cmd).await,
+        Command::Commit(args) => commands::commit::run(args).await,
+        Command::Resize(args) => commands::resize::run(args).await,
+        Command::Attach(args) => commands::attach::run(args).await,
+        Command::Detach(args) => commands::detach::run(args).await,
+        Command::Delete(args) => commands::delete::run(args).await,
+        Command::Gc(args) => commands::gc::run(args).await,
+        Command::Scrub(args) => commands::scrub::run(args).await,
+        Command::Nodes(args) => commands::nodes::run(args).await,
         Command::NodeKey(args) => identity::node_key_command(args),
         Command::Keygen(args) => identity::keygen_command(args),
     }

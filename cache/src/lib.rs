@@ -2,7 +2,9 @@
 //! the sources chunks are fetched from, and sandbox overlays.
 //!
 //! # Layout
-//! - [`digest`]: the sha256 [`Digest`] that names a chunk.
+//! - [`digest`]: the sha256 [`Digest`] that names a chunk; [`durable`]: the one
+//!   crash-safe write (temporary file, fsync, rename, directory fsync) of every
+//!   state file.
 //! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4);
 //!   [`labels`]: the grammar and size limits of its labels (and of policy keys).
 //! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
@@ -71,6 +73,7 @@ pub mod blocks;
 pub mod buffers;
 pub mod chunk_store;
 pub mod digest;
+pub mod durable;
 pub mod encoding;
 pub mod fetch;
 pub mod health;

@@ -140,7 +140,7 @@ async fn build(args: BuildArgs, work: &Path) -> anyhow::Result<()> {
         labels: labels.into_iter().collect(),
         concurrency: UPLOAD_CONCURRENCY,
         no_compress: false,
-        write_token: args.write_token,
+        token: args.token,
         signing_key: args.signing_key,
         json: args.json,
     })

@@ -171,7 +171,7 @@ fn kernel_status(e: &KernelError) -> StatusCode {
 const PICK_TRIES: usize = 8;
 
 /// One attached device as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AttachmentStatus {
     /// `/dev/nbdN`.
     pub device: String,
@@ -179,9 +179,9 @@ pub struct AttachmentStatus {
     pub index: u32,
     pub export: String,
     /// "template" (read-only) or "sandbox" (read-write).
-    pub kind: &'static str,
+    pub kind: std::borrow::Cow<'static, str>,
     /// "netlink" (outlives the daemon) or "ioctl".
-    pub link: &'static str,
+    pub link: std::borrow::Cow<'static, str>,
     /// Connected, waiting for reconfigure (the kernel holds the device and queues its
     /// I/O, but no socket of this daemon serves it), or dead.
     pub state: DeviceState,

@@ -72,7 +72,7 @@ pub enum CommitError {
 }
 
 /// What a commit did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct CommitOutcome {
     pub template: String,
     pub parent: String,

@@ -3,10 +3,12 @@
 //! devices the kernel shows as this node's that its record does not name.
 
 use lazyblk_nbd::kernel::{self, Device, KernelError};
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 /// A kernel device's state, as the API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum DeviceState {
     /// A socket of this daemon serves it.
     #[serde(rename = "connected")]
@@ -23,21 +25,13 @@ pub enum DeviceState {
 }
 
 /// What a device exports: templates are served read-only, sandboxes read-write.
-pub fn kind(read_only: bool) -> &'static str {
-    if read_only {
-        "template"
-    } else {
-        "sandbox"
-    }
+pub fn kind(read_only: bool) -> Cow<'static, str> {
+    Cow::Borrowed(if read_only { "template" } else { "sandbox" })
 }
 
 /// How a device was attached.
-pub fn link(netlink: bool) -> &'static str {
-    if netlink {
-        "netlink"
-    } else {
-        "ioctl"
-    }
+pub fn link(netlink: bool) -> Cow<'static, str> {
+    Cow::Borrowed(if netlink { "netlink" } else { "ioctl" })
 }
 
 /// The state of a device this daemon does not serve, from the kernel: still connected

@@ -59,7 +59,7 @@ impl NodeInfo {
 }
 
 /// A scrub's progress, and its report once done.
-#[derive(Clone, Default, Serialize)]
+#[derive(Clone, Default, Serialize, serde::Deserialize)]
 pub struct ScrubProgress {
     pub running: bool,
     /// Bytes hashed so far, of `total`.

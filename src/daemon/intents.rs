@@ -9,8 +9,10 @@
 //! node comes back at: nothing here is keyed by the node's URL.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+
+use lazyblk_cache::durable;
 
 /// The directory of commit intents under the node's state directory.
 const INTENTS_DIR: &str = "originated";
@@ -46,25 +48,14 @@ impl OriginIntents {
             let path = path.clone();
             move |source| IntentError { what, path, source }
         };
-        let mut f = fs::File::create(&path).map_err(err("creating"))?;
-        f.write_all(template.as_bytes()).map_err(err("writing"))?;
-        f.sync_all().map_err(err("syncing"))?;
-        sync_dir(&self.dir).map_err(err("syncing the directory of"))
+        durable::write_file(&path, template.as_bytes()).map_err(err("writing"))
     }
 
     /// Drops the record of `template` (uploaded, or never published).
     pub fn clear(&self, template: &str) {
         let path = self.dir.join(template);
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                if let Err(e) = sync_dir(&self.dir) {
-                    tracing::warn!(path = %path.display(), error = %e, "syncing after clearing a commit intent");
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "clearing a commit intent")
-            }
+        if let Err(e) = durable::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "clearing a commit intent");
         }
     }
 
@@ -86,11 +77,6 @@ impl OriginIntents {
     pub fn contains(&self, template: &str) -> bool {
         self.dir.join(template).exists()
     }
-}
-
-/// Fsyncs a directory, so that the renames and removals in it survive a crash.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
 }
 
 /// Removes the random id an older lazyblk kept (`node-id`): the id now derives from the

@@ -105,9 +105,7 @@ impl Wished {
 
     fn save(&self) {
         let bytes = serde_json::to_vec(&self.templates).unwrap_or_default();
-        let tmp = self.path.with_extension("tmp");
-        let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = written {
+        if let Err(e) = lazyblk_cache::durable::write_file(&self.path, &bytes) {
             tracing::warn!(path = %self.path.display(), error = %e, "saving the wished templates");
         }
     }

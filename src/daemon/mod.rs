@@ -31,6 +31,8 @@
 //! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
+//! - [`startup`]: the start-up sequence's steps, in order, and what each keeps
+//!   across a crash.
 //! - [`kept`]: the listeners and the FUSE mount kept in systemd's file descriptor
 //!   store across restarts (`--fd-store`).
 
@@ -51,6 +53,7 @@ pub mod replay;
 pub mod replica;
 pub mod resize;
 pub mod sandboxes;
+pub mod startup;
 pub mod state;
 pub mod templates;
 pub mod tls;
@@ -71,6 +74,7 @@ use crate::daemon::exports::NodeImages;
 use crate::daemon::fill::{FillConfig, FillScheduler};
 use crate::daemon::node::{Node, NodeConfig};
 use crate::daemon::replay::ReplayConfig;
+use crate::daemon::startup::Step;
 use crate::daemon::state::StateDb;
 use crate::daemon::trace::TraceTiming;
 
@@ -92,6 +96,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating cache directory {}", args.cache.display()))?;
     let chunk_store = ChunkStore::open(&args.cache, args.cache_size)
         .with_context(|| format!("opening the chunk cache at {}", args.cache.display()))?;
+    Step::CacheOpened.reached();
     let metrics = Arc::new(DaemonMetrics::new());
     metrics.set_store(&args.store);
     let deadline = Duration::from_secs_f64(args.source_deadline.max(0.1));
@@ -168,6 +173,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         )
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,
     );
+    Step::NodeIdentity.reached();
     let (restored, sandboxes) = node.restore().await;
     let db_path = args.cache.join("state.db");
     let db = Arc::new(
@@ -182,6 +188,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         },
     ));
     fill.restore().await;
+    Step::FillsRestored.reached();
     let nbd_addr = args
         .nbd
         .clone()
@@ -190,6 +197,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     if let Some(path) = nbd_addr.strip_prefix("unix:").filter(|_| nbd_bound) {
         restrict_socket(std::path::Path::new(path), args.nbd_group.as_deref())?;
     }
+    Step::ListenersBound.reached();
     let nbd_config = lazyblk_nbd::ServerConfig {
         max_connections: args.nbd_max_connections,
         handshake_timeout: Duration::from_secs_f64(args.nbd_handshake_timeout.max(0.1)),
@@ -217,6 +225,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         },
     ));
     attachments.restore().await;
+    Step::DevicesRestored.reached();
     let api = api::router(api::ApiState {
         node: node.clone(),
         fill: fill.clone(),
@@ -259,6 +268,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         Some(dir) => Some(keeper.fuse_mount(dir, node.clone())?),
         None => None,
     };
+    Step::Serving.reached();
     let keep_across_restarts = keeper.enabled();
     keeper.release_unused();
 

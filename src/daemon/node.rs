@@ -22,6 +22,7 @@ use crate::daemon::replica::Replica;
 use crate::daemon::replay::{ReplayConfig, ReplayMetrics, Replays};
 use crate::daemon::resize::Resizes;
 use crate::daemon::sandboxes::Sandboxes;
+use crate::daemon::startup::Step;
 use crate::daemon::templates::{SourcePlan, Templates};
 use crate::daemon::trace::TraceTiming;
 use crate::daemon::upload::Uploads;
@@ -171,9 +172,14 @@ impl Node {
     /// Brings back what earlier runs left: saved manifests, then the overlays over
     /// them, then what commits still owe. Returns (templates, sandboxes) restored.
     pub async fn restore(&self) -> (usize, usize) {
+        // The order is the rule of crate::daemon::startup: the saved manifests are
+        // known before the commit intents that name them are settled.
         let templates = self.templates.restore();
+        Step::TemplatesRestored.reached();
         let sandboxes = self.sandboxes.restore().await;
+        Step::SandboxesRestored.reached();
         self.commits.resume();
+        Step::CommitsResumed.reached();
         (templates, sandboxes)
     }
 

@@ -54,7 +54,7 @@ pub enum ResizeError {
 }
 
 /// What a resize did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct ResizeOutcome {
     pub template: String,
     pub parent: String,

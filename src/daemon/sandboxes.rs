@@ -44,7 +44,7 @@ pub enum SandboxError {
 }
 
 /// A sandbox as the API shows it.
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 pub struct SandboxStatus {
     pub sandbox: String,
     pub template: String,

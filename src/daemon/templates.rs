@@ -16,12 +16,12 @@ use std::time::Instant;
 pub use lazyblk_cache::SourcePlan;
 use lazyblk_cache::{ChunkCache, Manifest, Source, TemplateImage};
 
-use crate::daemon::intents::sync_dir;
 use crate::daemon::registry::Registry;
 use crate::daemon::replica::Replica;
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
 use crate::store::client::StoreClient;
 use crate::trust::{ManifestSignature, TrustError, TrustedKeys};
+use lazyblk_cache::durable::{self, sync_dir};
 
 /// Why a template could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -358,15 +358,15 @@ impl Templates {
             .map_err(Clone::clone);
         self.record_signer(id, Signer::of(id, &signed.bytes, signature));
         // The copy only spares a restart a trip to the store, and a lost one is simply
-        // fetched again: written off the runtime, without an fsync, and a full disk does
-        // not make the template unreadable. The bytes are kept exactly as the store had
+        // fetched again: written off the runtime, crash-safe like every file of the
+        // node's state, and a full disk does not make the template unreadable. The bytes are kept exactly as the store had
         // them, with their signature, so a restart checks the signature again.
         let (path, sig_path) = (self.manifest_path(id), self.signature_path(id));
         let bytes = signed.bytes;
         let sig = signed.signature.ok().flatten().map(|s| s.to_json());
         tokio::task::spawn_blocking(move || {
-            let written = write_replacing(&sig_path, sig.as_deref(), false)
-                .and_then(|()| write_replacing(&path, Some(&bytes), false));
+            let written = write_replacing(&sig_path, sig.as_deref())
+                .and_then(|()| write_replacing(&path, Some(&bytes)));
             if let Err(e) = written {
                 tracing::warn!(path = %path.display(), error = %e, "serving without a local copy of the manifest");
             }
@@ -411,18 +411,12 @@ impl Templates {
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), TemplateError> {
         let id = &manifest.template;
         let path = self.manifest_path(id);
-        let tmp = path.with_extension("json.tmp");
         let (bytes, signature) = self.store.manifest_to_publish(manifest);
         let sig_path = self.signature_path(id);
         let written = (|| {
-            use std::io::Write;
             let doc = signature.as_ref().map(|s| s.to_json());
-            write_replacing(&sig_path, doc.as_deref(), true)?;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            sync_dir(&self.manifests_dir)
+            write_replacing(&sig_path, doc.as_deref())?;
+            durable::write_file(&path, &bytes)
         })();
         self.record_signer(id, Signer::of(id, &bytes, Ok(signature.as_ref())));
         written.map_err(|source| TemplateError::SaveManifest {
@@ -548,27 +542,10 @@ const STORE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// How long the store's template listing is reused for NBD_OPT_LIST.
 const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Writes `bytes` to `path` through a temporary file and a rename (fsynced first when
-/// `durable`), or removes `path` for `None`.
-fn write_replacing(
-    path: &std::path::Path,
-    bytes: Option<&[u8]>,
-    durable: bool,
-) -> std::io::Result<()> {
+/// Writes `bytes` to `path` crash-safely, or removes `path` for `None`.
+fn write_replacing(path: &std::path::Path, bytes: Option<&[u8]>) -> std::io::Result<()> {
     match bytes {
-        Some(bytes) => {
-            use std::io::Write;
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            if durable {
-                f.sync_all()?;
-            }
-            std::fs::rename(&tmp, path)
-        }
-        None => match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        },
+        Some(bytes) => durable::write_file(path, bytes),
+        None => durable::remove_file(path).map(|_| ()),
     }
 }

@@ -65,6 +65,9 @@ pub enum PublishError {
     Exists { template: String, detail: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `--token-file` gave no token.
+    #[error(transparent)]
+    Token(#[from] crate::commands::args::TokenFileError),
     /// The `--signing-key` file could not be read as a key.
     #[error(transparent)]
     SigningKey(#[from] crate::identity::IdentityError),
@@ -142,7 +145,7 @@ pub async fn publish(args: &PublishArgs) -> Result<PublishReport, PublishError> 
     wanted.parent = args.parent.clone();
     wanted.labels = args.labels.iter().cloned().collect::<BTreeMap<_, _>>();
 
-    let mut client = crate::store::client::connect(&args.store, args.write_token.clone(), None)?;
+    let mut client = crate::store::client::connect(&args.store, args.token.resolve()?, None)?;
     if let Some(path) = &args.signing_key {
         client = client.with_signer(std::sync::Arc::new(crate::identity::NodeKey::load(path)?));
     }

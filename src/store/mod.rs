@@ -25,6 +25,7 @@ pub mod admission;
 pub mod api;
 pub mod backend;
 pub mod center;
+pub mod center_wire;
 pub mod client;
 pub mod direct;
 pub mod error;

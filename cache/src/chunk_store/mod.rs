@@ -33,7 +33,7 @@
 //! `claims` pins chunks for their owners; `stored_form` keeps, serves and checks the
 //! stored forms beside their chunks; `file` is [`ChunkFile`], one open chunk.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -207,10 +207,7 @@ impl ChunkStore {
     }
 }
 
-/// fsyncs a directory (the names in it).
-fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(path).and_then(|d| d.sync_all())
-}
+use crate::durable::sync_dir;
 
 #[cfg(test)]
 mod tests;

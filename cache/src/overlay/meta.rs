@@ -4,8 +4,7 @@
 //! of the directory): a directory with this file holds a complete overlay, one without
 //! it is the debris of an interrupted create or delete.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -69,7 +68,6 @@ impl OverlayMeta {
     /// Writes `<dir>/overlay.json` crash-safely. Blocking.
     pub(super) fn store(&self, dir: &Path) -> Result<(), OverlayError> {
         let path = dir.join(META_FILE);
-        let tmp = dir.join(format!("{META_FILE}.tmp"));
         let mut json = serde_json::to_vec_pretty(self).unwrap_or_default();
         json.push(b'\n');
         let io_err = |op: &'static str, path: &Path| {
@@ -83,22 +81,11 @@ impl OverlayMeta {
                 source,
             }
         };
-        write_synced(&tmp, &json).map_err(io_err("write meta", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err("rename meta", &path))?;
-        sync_dir(dir).map_err(io_err("sync directory", dir))
+        crate::durable::write_file(&path, &json).map_err(io_err("write meta", &path))
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-/// Makes the entries of `dir` (creations, renames, removals) durable.
-pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub(super) use crate::durable::sync_dir;
 
 /// The name errors use for an overlay whose meta has not been read: its directory's
 /// name, which the daemon makes the sandbox id.

@@ -10,7 +10,7 @@ use super::state::{ApiError, ApiState, EvictQuery};
 use crate::daemon::attach::{AttachError, AttachmentStatus};
 
 /// Body of `POST /v1/attachments`.
-#[derive(Deserialize)]
+#[derive(serde::Serialize, Deserialize)]
 pub struct AttachBody {
     /// A template id or sandbox id.
     pub export: String,

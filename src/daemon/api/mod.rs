@@ -11,6 +11,8 @@ mod state;
 
 pub use peer::PeerBudget;
 
+pub use attach::AttachBody;
+pub use sandboxes::{CommitBody, CreateOverlay};
 use state::checked_id;
 pub use state::{ApiError, ApiState, EvictQuery};
 
@@ -19,7 +21,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::daemon::node::Node;
 use crate::daemon::replica::Replica;
@@ -88,7 +90,7 @@ async fn require_write_token(
 }
 
 /// One replica as `lazyblk status` shows it.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct ReplicaStatus {
     pub template: String,
     pub phase: Phase,
@@ -165,6 +167,15 @@ async fn template_status(
     Ok(Json(replica_status(&state.node, &replica)))
 }
 
+/// What `POST /v1/templates/{id}/evict` answers.
+#[derive(Serialize, Deserialize)]
+pub struct EvictOutcome {
+    pub template: String,
+    pub removed_chunks: usize,
+    /// The replica's phase after the eviction.
+    pub phase: Phase,
+}
+
 /// Query of `POST /v1/templates/{id}/warm`.
 #[derive(serde::Deserialize, Default)]
 pub struct WarmQuery {
@@ -187,7 +198,7 @@ async fn evict(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     Query(query): Query<EvictQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<EvictOutcome>, ApiError> {
     checked_id(&id)?;
     let replica = state.node.templates.known(&id).ok_or_else(|| {
         ApiError(
@@ -197,13 +208,15 @@ async fn evict(
     })?;
     let fill = state.fill.clone();
     let removed = fill.evict(&replica, query.force)?;
-    Ok(Json(
-        serde_json::json!({ "template": id, "removed_chunks": removed, "phase": replica.phase().as_str() }),
-    ))
+    Ok(Json(EvictOutcome {
+        template: id,
+        removed_chunks: removed,
+        phase: replica.phase(),
+    }))
 }
 
 /// Body of `POST /v1/templates/{id}/resize`.
-#[derive(serde::Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub struct ResizeBody {
     pub size: u64,
     pub template: String,

@@ -9,7 +9,7 @@ use crate::daemon::commit::CommitOutcome;
 use crate::daemon::sandboxes::{SandboxError, SandboxStatus};
 
 /// Body of `POST /v1/overlays`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct CreateOverlay {
     pub template: String,
     pub sandbox: String,
@@ -65,7 +65,7 @@ pub(super) async fn delete(
 }
 
 /// Body of `POST /v1/overlays/{sb}/commit`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct CommitBody {
     pub template: String,
     /// Labels over the parent's.

@@ -111,7 +111,7 @@ impl Attachments {
                 device: device.to_string(),
                 index: device.0,
                 export: String::new(),
-                kind: "unknown",
+                kind: "unknown".into(),
                 link: device_state::link(true),
                 state: DeviceState::Dead,
                 size: 0,

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::printable::printable as clean;
 use crate::store::admission::checked_url;
 use crate::store::backend::DocChange;
+use crate::store::center_wire::{FleetLine, Policy, PolicyBody, WishBody, WishRemoved};
 use crate::store::nodes::{Heartbeat, NodeEntry, MAX_HEARTBEAT_BODY};
 use crate::store::TemplateSummary;
 
@@ -345,12 +346,6 @@ pub(super) async fn leave_node(
     Ok(Json(serde_json::json!({ "node": node, "left": left })))
 }
 
-/// Body of `PUT /v1/wishes/{id}`: where the template should be READY.
-#[derive(Deserialize)]
-pub(super) struct WishBody {
-    placement: crate::store::center::Placement,
-}
-
 /// `PUT /v1/wishes/{id}`: records a wish (the last word wins). The template must exist;
 /// named nodes must be live (by id or address).
 pub(super) async fn put_wish(
@@ -406,10 +401,13 @@ pub(super) async fn put_wish(
 pub(super) async fn delete_wish(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<WishRemoved>, ApiError> {
     checked_id(&id)?;
-    let had = state.center.remove(&id).await?;
-    Ok(Json(serde_json::json!({ "template": id, "removed": had })))
+    let removed = state.center.remove(&id).await?;
+    Ok(Json(WishRemoved {
+        template: id,
+        removed,
+    }))
 }
 
 /// `POST /v1/wishes/{id}/redo`: the nodes where the template FAILED retry it.
@@ -430,19 +428,6 @@ pub(super) async fn list_wishes(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<crate::store::center::Wish>>, ApiError> {
     Ok(Json(state.center.wishes().await?))
-}
-
-/// One node's line in `status ID --fleet`.
-#[derive(serde::Serialize)]
-pub(super) struct FleetLine {
-    node: String,
-    url: String,
-    phase: String,
-    local_chunks: usize,
-    stored_chunks: usize,
-    last_error: Option<String>,
-    users: Vec<String>,
-    wanted: bool,
 }
 
 /// `GET /v1/fleet/{id}`: the template's replica on every live node.
@@ -475,13 +460,6 @@ pub(super) async fn fleet_status(
     Ok(Json(lines))
 }
 
-/// Body of `PUT /v1/policy/{key}`.
-#[derive(Deserialize)]
-pub(super) struct PolicyBody {
-    /// `>=VERSION`, or null to remove the rule.
-    minimum: Option<String>,
-}
-
 /// Longest policy minimum, in bytes: `>=` and a dotted version of a dozen or so parts.
 const MAX_POLICY_MINIMUM: usize = 64;
 /// Rules the policy may hold: every listing checks each template against each rule.
@@ -493,7 +471,7 @@ pub(super) async fn put_policy(
     State(state): State<AppState>,
     Path(key): Path<String>,
     Json(body): Json<PolicyBody>,
-) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
+) -> Result<Json<Policy>, ApiError> {
     if let Some(m) = &body.minimum {
         // Checked when a rule is set, not when one is removed: a key stored before
         // the grammar can still go.
@@ -527,8 +505,6 @@ pub(super) async fn put_policy(
     Ok(Json(state.center.policy().await?))
 }
 
-pub(super) async fn get_policy(
-    State(state): State<AppState>,
-) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
+pub(super) async fn get_policy(State(state): State<AppState>) -> Result<Json<Policy>, ApiError> {
     Ok(Json(state.center.policy().await?))
 }

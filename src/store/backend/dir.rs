@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -437,14 +437,7 @@ pub(super) async fn read_optional(path: PathBuf) -> Result<Option<Vec<u8>>, Back
 /// Writes `bytes` to `dest` crash-safely: a temporary file in `tmp`, fsync, rename,
 /// fsync of `dest`'s directory.
 fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), BackendError> {
-    let mut file = tempfile::NamedTempFile::new_in(tmp)
-        .map_err(io_err("creating a temporary file in", tmp))?;
-    file.write_all(bytes)
-        .map_err(io_err("writing", file.path()))?;
-    file.as_file().sync_all().map_err(io_err("syncing", dest))?;
-    file.persist(dest)
-        .map_err(|e| io_err("renaming into", dest)(e.error))?;
-    sync_parent(dest)
+    lazyblk_cache::durable::write_file_via(tmp, dest, bytes).map_err(io_err("writing", dest))
 }
 
 /// Writes `bytes` to `dir/name` crash-safely, the temporary file in `dir` itself
@@ -464,9 +457,7 @@ fn remove_if_there(path: &Path) -> Result<(), BackendError> {
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), BackendError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing directory", dir))
+    lazyblk_cache::durable::sync_dir(dir).map_err(io_err("syncing directory", dir))
 }
 
 fn sync_parent(path: &Path) -> Result<(), BackendError> {
