@@ -8,7 +8,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lazyblk_fuse::{Folder, FuseError};
 use support::{is_mount_point, pattern, wait_until, MemFile, MemFiles, TestMount};
@@ -274,7 +274,6 @@ fn reads_are_served_concurrently() {
     let mnt = TestMount::new(files);
     let path = mnt.path(Folder::Templates, "slow");
 
-    let started = Instant::now();
     std::thread::scope(|scope| {
         for reader in 0..READERS {
             let path = &path;
@@ -288,15 +287,12 @@ fn reads_are_served_concurrently() {
             });
         }
     });
-    let elapsed = started.elapsed();
+    // Concurrency is read off the backend (how many reads it held at once), never off
+    // the clock: a shared machine can stretch any elapsed time.
     let overlap = slow.max_in_flight.load(Ordering::SeqCst);
     assert!(
         overlap >= 2,
         "reads never overlapped (max in flight {overlap})"
-    );
-    assert!(
-        elapsed < DELAY * READERS as u32 / 2,
-        "{READERS} reads of {DELAY:?} took {elapsed:?}"
     );
 }
 
