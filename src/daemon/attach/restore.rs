@@ -36,6 +36,33 @@ pub(super) enum Driver {
     Ublk,
 }
 
+impl DeviceRecord {
+    /// How a recorded device this start could not serve is listed: dead, with why.
+    pub(super) fn lost(
+        self,
+        device: String,
+        link: std::borrow::Cow<'static, str>,
+        reason: String,
+    ) -> AttachmentStatus {
+        AttachmentStatus {
+            device,
+            index: self.index,
+            kind: device_state::kind(self.read_only),
+            export: self.export,
+            link,
+            // Updated from the kernel whenever the list is read.
+            state: DeviceState::Dead,
+            size: 0,
+            read_only: self.read_only,
+            connected: false,
+            error: Some(reason),
+            attached_at: self.attached_at,
+            survives_restart: true,
+            connections: self.connections,
+        }
+    }
+}
+
 impl Attachments {
     /// Reconnects the devices an earlier run of this node left attached (read from
     /// [`DEVICES_FILE`]). A device that is no longer this node's is forgotten, never
@@ -160,22 +187,8 @@ impl Attachments {
                 .push(record.clone());
         }
         tracing::warn!(device = %device, export, reason, "a kernel device left by the last run cannot be served");
-        self.lost_list().push(AttachmentStatus {
-            device: device.to_string(),
-            index: device.0,
-            export: record.export,
-            kind: device_state::kind(record.read_only),
-            link: device_state::link(true),
-            // Updated from the kernel whenever the list is read.
-            state: DeviceState::Dead,
-            size: 0,
-            read_only: record.read_only,
-            connected: false,
-            error: Some(reason),
-            attached_at: record.attached_at,
-            survives_restart: true,
-            connections: record.connections,
-        });
+        self.lost_list()
+            .push(record.lost(device.to_string(), device_state::link(true), reason));
     }
 
     pub(super) fn lost_list(&self) -> std::sync::MutexGuard<'_, Vec<AttachmentStatus>> {

@@ -328,21 +328,8 @@ impl Attachments {
                         .unwrap_or_else(|e| e.into_inner())
                         .push(record.clone());
                 }
-                self.lost_list().push(AttachmentStatus {
-                    device: path,
-                    index: id,
-                    export: record.export,
-                    kind: device_state::kind(record.read_only),
-                    link: "ublk".into(),
-                    state: DeviceState::Dead,
-                    size: 0,
-                    read_only: record.read_only,
-                    connected: false,
-                    error: Some(reason),
-                    attached_at: record.attached_at,
-                    survives_restart: true,
-                    connections: record.connections,
-                });
+                self.lost_list()
+                    .push(record.lost(path, "ublk".into(), reason));
             }
         }
     }
