@@ -208,7 +208,10 @@ impl TemplateImage {
 
     /// Answers a small read of missing `chunk` from the blocks that hold it, as the
     /// template's block index `blocks` names them ([`crate::partial`]); `false` to read
-    /// the chunk whole.
+    /// the chunk whole. Where the store's link takes a whole chunk about as fast as a
+    /// small range ([`crate::link`]) and the index page is not local, the chunk is read
+    /// whole at once: fetching the page first would be a request more (and no block of
+    /// the chunk can be in memory without its page).
     async fn read_in_blocks(
         &self,
         blocks: &BlockIndex,
@@ -218,6 +221,16 @@ impl TemplateImage {
         budget: &ReadBudget,
     ) -> bool {
         if self.cache.is_fetching(&chunk.digest) {
+            return false;
+        }
+        let (page, _) = blocks.locate(chunk.index, self.manifest.chunk_size);
+        let page_local = blocks
+            .pages
+            .get(page)
+            .copied()
+            .flatten()
+            .is_some_and(|digest| self.cache.store().contains(&digest));
+        if !page_local && crate::partial::whole_is_cheaper(&self.sources) {
             return false;
         }
         tracing::trace!(template = %self.id, index = chunk.index, within, len = buf.len(), "reading blocks");

@@ -79,6 +79,7 @@ pub mod fetch;
 pub mod health;
 pub mod image;
 pub mod labels;
+pub mod link;
 pub mod manifest;
 pub mod overlay;
 pub mod partial;

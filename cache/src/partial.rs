@@ -20,8 +20,10 @@
 //! see [`crate::peers::PeerSet::fetch_range`]), a block failed its check (then the whole
 //! chunk's own fetch tries every source and verifies; blocks from a peer that fail are
 //! held against that one node), the chunk is being read in sequence
-//! ([`SEQUENTIAL_READS`] reads in a row, each where the last ended), or reads of it
-//! already fetched half of its blocks in pieces.
+//! ([`SEQUENTIAL_READS`] reads in a row, each where the last ended), reads of it
+//! already fetched half of its blocks in pieces, or the store's link takes no longer for
+//! the whole chunk than for a table and then the blocks, one request after the other (a
+//! store tens of milliseconds away: [`crate::link`]).
 //!
 //! The table and the blocks are fetched by the one runner of every attempt
 //! ([`crate::fetch::runner`]): in the planner's order, each attempt within the source
@@ -83,6 +85,16 @@ fn copy_blocks(
         at += take as u64;
     }
     true
+}
+
+/// Whether the first of `sources` that serves ranges takes no longer for a whole chunk
+/// than for two small ranges, one after the other ([`crate::link`]).
+pub fn whole_is_cheaper(sources: &[Source]) -> bool {
+    sources
+        .iter()
+        .find(|s| s.serves_ranges())
+        .and_then(Source::link)
+        .is_some_and(|link| link.whole_is_cheaper())
 }
 
 impl ChunkCache {
@@ -160,6 +172,14 @@ impl ChunkCache {
                 .acquire(Priority::Demand, &Promotion::default())
                 .await
         };
+        // Where a whole chunk costs the first source that serves ranges no more than
+        // its table and then its blocks, the read takes the whole chunk: at most one
+        // request's time more than the blocks alone when the table is known, and every
+        // later read of the chunk is local (`crate::link`).
+        if whole_is_cheaper(sources) {
+            tracing::debug!(template = %chunk.template, index = chunk.index, "a whole chunk costs this link about what its blocks do; reading it whole");
+            return false;
+        }
         let layout = match known {
             Some(layout) => layout,
             None => {

@@ -156,6 +156,17 @@ impl Source {
         matches!(self, Source::Http(_) | Source::Object(_) | Source::Peers(_))
     }
 
+    /// What this source's requests cost, where it is measured: the store (over HTTP or
+    /// an object store read directly). Peers are a rack away; their requests cost about
+    /// their bytes.
+    pub fn link(&self) -> Option<&crate::link::LinkTimes> {
+        match self {
+            Source::Http(s) => Some(&s.link),
+            Source::Object(o) => Some(&o.link),
+            Source::Origin { .. } | Source::Peers(_) | Source::PeerCaches(_) => None,
+        }
+    }
+
     /// Fetches bytes `range` of the chunk's stored object (unverified; the caller checks
     /// each block against the block index), with the node that sent them when the
     /// source is several nodes (an owner among the peers), so that blocks that are not

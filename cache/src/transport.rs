@@ -17,6 +17,7 @@ use bytes::Bytes;
 
 use crate::digest::Digest;
 use crate::encoding::Encoding;
+use crate::link::LinkTimes;
 
 /// Request header to another daemon: the encodings of a chunk's stored form the asker
 /// decodes (comma-separated [`Encoding::as_str`] names). Without it a daemon sends the
@@ -93,6 +94,8 @@ pub struct ObjectSource {
     prefix: object_store::path::Path,
     /// The bucket URL, for logs and metrics.
     pub(crate) name: String,
+    /// What its requests cost ([`crate::link`]).
+    pub(crate) link: Arc<LinkTimes>,
 }
 
 impl ObjectSource {
@@ -105,6 +108,7 @@ impl ObjectSource {
             store,
             prefix: object_store::path::Path::from(prefix.trim_matches('/')),
             name: name.to_string(),
+            link: Arc::default(),
         }
     }
 
@@ -128,8 +132,14 @@ impl ObjectSource {
             }
             got.bytes().await.map_err(fail)
         };
+        let started = std::time::Instant::now();
         match tokio::time::timeout(deadline, fetched).await {
-            Ok(result) => result,
+            Ok(result) => {
+                if result.is_ok() {
+                    self.link.whole(started.elapsed());
+                }
+                result
+            }
             Err(_) => Err(SourceError::Timeout {
                 source_name: self.name.clone(),
                 deadline,
@@ -153,7 +163,12 @@ impl ObjectSource {
                 .await
                 .map_err(|e| self.error(e))
         };
-        exactly(&self.name, len, deadline, fetched).await
+        let started = std::time::Instant::now();
+        let fetched = exactly(&self.name, len, deadline, fetched).await;
+        if fetched.is_ok() {
+            self.link.range(len, started.elapsed());
+        }
+        fetched
     }
 
     fn chunk_key(&self, digest: &Digest) -> object_store::path::Path {
@@ -238,6 +253,8 @@ pub struct HttpSource {
     clients: HttpClients,
     /// Bearer token for chunk reads, when the source requires one.
     token: Option<String>,
+    /// What its requests for the store's chunks cost ([`crate::link`]).
+    pub(crate) link: Arc<LinkTimes>,
 }
 
 impl HttpSource {
@@ -246,6 +263,7 @@ impl HttpSource {
             base: base.trim_end_matches('/').to_string(),
             clients,
             token,
+            link: Arc::default(),
         }
     }
 
@@ -256,7 +274,12 @@ impl HttpSource {
         deadline: Duration,
     ) -> Result<Bytes, SourceError> {
         let url = format!("{}/v1/chunks/{}", self.base, digest);
-        self.fetch_within(&url, len, deadline, Server::Store).await
+        let started = std::time::Instant::now();
+        let fetched = self.fetch_within(&url, len, deadline, Server::Store).await;
+        if fetched.is_ok() {
+            self.link.whole(started.elapsed());
+        }
+        fetched
     }
 
     /// Fetches a chunk of `len` bytes from another daemon (an origin) at its
@@ -308,13 +331,18 @@ impl HttpSource {
     ) -> Result<Bytes, SourceError> {
         let url = format!("{}/v1/chunks/{}", self.base, digest);
         let len = range.end - range.start;
-        exactly(
+        let started = std::time::Instant::now();
+        let fetched = exactly(
             &self.base,
             len,
             deadline,
             self.fetch_body(&url, len, Some(range), Server::Store),
         )
-        .await
+        .await;
+        if fetched.is_ok() {
+            self.link.range(len, started.elapsed());
+        }
+        fetched
     }
 
     /// Fetches bytes `range` of the stored form another daemon serves at `url` (exactly

@@ -9,22 +9,53 @@ every request to the store costs one DELAY_MS more, as a store DELAY_MS away wou
 
     delay_proxy.py LISTEN_HOST:PORT UPSTREAM_HOST:PORT DELAY_MS
 
-Counts nothing and keeps nothing: bytes are copied as they come, in 256 KiB reads.
+Bytes are copied as they come, in 256 KiB reads. With DELAY_PROXY_LOG=FILE set, each
+request is also written to FILE as one line, "START END CONN METHOD PATH RANGE" (times
+in seconds since the proxy started, from the request's first byte to the answer's
+first byte; RANGE is the Range header or "-"): the profile of a latency-bound workload,
+whose cost is which requests wait on which (read it with scripts/bench/requests.py).
 """
 import asyncio
+import os
 import sys
+import time
+
+LOG = open(os.environ["DELAY_PROXY_LOG"], "a", buffering=1) if os.environ.get("DELAY_PROXY_LOG") else None
+T0 = time.monotonic()
+CONNS = [0]
+
+
+def request_line(data):
+    """The method, path and Range header of the request whose first bytes are `data`."""
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1", "replace").split("\r\n")
+    parts = head[0].split(" ")
+    method, path = (parts[0], parts[1]) if len(parts) > 1 else ("?", "?")
+    rng = "-"
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "range":
+            rng = value.strip().replace(" ", "")
+    return method, path, rng
 
 READ = 256 * 1024
 
 
-async def pipe(reader, writer, turn, mine, delay):
+async def pipe(reader, writer, turn, mine, delay, pending):
     """Copies reader to writer; a read that starts a new turn of this side waits."""
     try:
         while True:
             data = await reader.read(READ)
             if not data:
                 break
-            if delay and turn[0] != mine:
+            new_turn = turn[0] != mine
+            if LOG and new_turn:
+                now = time.monotonic() - T0
+                if mine == "c":
+                    pending.append((now,) + request_line(data))
+                elif pending:
+                    start, method, path, rng = pending.pop(0)
+                    LOG.write(f"{start:.4f} {now:.4f} {turn[1]} {method} {path} {rng}\n")
+            if delay and new_turn:
                 turn[0] = mine
                 await asyncio.sleep(delay)
             turn[0] = mine
@@ -48,10 +79,13 @@ async def handle(client_r, client_w, upstream, delay):
         return
     # Whose bytes went last: "c" (a request) or "s" (an answer). None: a new
     # connection, whose first request waits too.
-    turn = [None]
+    # The second item numbers the connection, for the request log.
+    CONNS[0] += 1
+    turn = [None, CONNS[0]]
+    pending = []
     await asyncio.gather(
-        pipe(client_r, server_w, turn, "c", delay),
-        pipe(server_r, client_w, turn, "s", 0),
+        pipe(client_r, server_w, turn, "c", delay, pending),
+        pipe(server_r, client_w, turn, "s", 0, pending),
     )
 
 

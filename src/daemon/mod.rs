@@ -55,6 +55,7 @@ pub mod resize;
 pub mod sandboxes;
 pub mod startup;
 pub mod state;
+pub mod store_links;
 pub mod templates;
 pub mod tls;
 pub mod trace;

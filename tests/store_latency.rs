@@ -1,0 +1,149 @@
+//! Issue 27, fetches shaped for latency: where a request to the store costs about its
+//! latency whatever its size, a small read of a missing chunk fetches the chunk whole
+//! (one request) instead of its table and then its blocks (two, one after the other),
+//! and a later read of the chunk is local. The link is measured, not configured: the
+//! daemon reports what a small and a whole request take and which way it reads.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::node::{nbdsh, DaemonProc};
+use support::proxy::Proxy;
+use support::{make_ext4, metric_sum, publish, StoreProc};
+
+const CHUNK: u64 = 1 << 20;
+
+/// An image with `data_mib` MiB of distinct file data that compresses (text, as most of
+/// a root file system does: its chunks are stored in blocks) in an ext4 with room for it.
+fn image_with_data(dir: &Path, data_mib: usize) -> PathBuf {
+    let text = |file: usize| -> Vec<u8> {
+        let mut out = Vec::with_capacity(CHUNK as usize);
+        let mut line = 0u64;
+        while out.len() < CHUNK as usize {
+            out.extend_from_slice(
+                format!("file {file} line {line:08} {}\n", line * 7919 % 10007).as_bytes(),
+            );
+            line += 1;
+        }
+        out.truncate(CHUNK as usize);
+        out
+    };
+    let files: Vec<(String, Vec<u8>)> = (0..data_mib)
+        .map(|i| (format!("d/f{i}"), text(i)))
+        .collect();
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    make_ext4(dir, (data_mib as u64 + 16).max(64), &files)
+}
+
+/// The indices of the template's data (non-zero) chunks.
+fn data_chunks(store_url: &str, id: &str) -> Vec<u64> {
+    let m = support::manifest_json(store_url, id);
+    m["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.is_string())
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// Whole objects and ranges the store has served.
+fn store_requests(store: &StoreProc) -> (f64, f64) {
+    (
+        store.metric("lazyblk_store_chunks_served_total"),
+        store.metric("lazyblk_store_ranges_served_total"),
+    )
+}
+
+/// Reads `len` bytes at each offset over one NBD connection, in order, and checks
+/// them against the image.
+fn read_and_check(uri: &str, image: &Path, reads: &[(u64, u64)]) {
+    let bytes = std::fs::read(image).unwrap();
+    for &(offset, len) in reads {
+        let script = format!("import sys\nsys.stdout.write(h.pread({len}, {offset}).hex())");
+        let (ok, out, err) = nbdsh(uri, &script);
+        assert!(ok, "nbdsh: {err}");
+        let want: String = bytes[offset as usize..(offset + len) as usize]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(
+            out.trim() == want,
+            "bytes at {offset} differ from the image"
+        );
+    }
+}
+
+#[test]
+fn a_store_a_request_away_is_read_in_whole_chunks_once_measured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let image = image_with_data(tmp.path(), 16);
+    publish(&store.url(), &image, "far");
+    let data = data_chunks(&store.url(), "far");
+    assert!(data.len() >= 16, "{data:?}");
+    // 300 ms a request: a whole chunk over loopback takes a few ms more than a range
+    // (tens on a loaded machine, still far under the half request that would tip it).
+    let proxy = Proxy::start(&store.url(), 0);
+    proxy.delay_every(Duration::from_millis(300));
+    let node = DaemonProc::start_unix(&proxy.url, &tmp.path().join("node"), &["--no-replay"]);
+    let uri = node.nbd_uri("far");
+    let prefers_whole = || metric_sum(&node.url(), "lazyblk_store_prefers_whole_chunks");
+    let took = |kind: &str| {
+        let store = proxy.url.trim_end_matches('/');
+        node.metric(&format!(
+            "lazyblk_store_request_seconds{{store=\"{store}\",kind=\"{kind}\"}}"
+        ))
+    };
+    assert_eq!(
+        prefers_whole(),
+        0.0,
+        "nothing measured yet, nothing preferred"
+    );
+
+    // A boot reads a few files whole (whole chunks), then small pieces of others (in
+    // blocks while the link is not measured yet).
+    let (large, small) = data.split_at(5);
+    let large_reads: Vec<(u64, u64)> = large.iter().map(|&c| (c * CHUNK, CHUNK)).collect();
+    read_and_check(&uri, &image, &large_reads);
+    let (learning, measured) = small.split_at(5);
+    let pieces = |chunks: &[u64]| -> Vec<(u64, u64)> {
+        chunks
+            .iter()
+            .flat_map(|&c| [(c * CHUNK + 8192, 4096), (c * CHUNK + 600 * 1024, 4096)])
+            .collect()
+    };
+    let before = store_requests(&store);
+    read_and_check(&uri, &image, &pieces(learning));
+    let after_learning = store_requests(&store);
+    assert!(
+        after_learning.1 > before.1,
+        "before the link is measured, small reads fetch ranges: {before:?} -> {after_learning:?}"
+    );
+    let (small_took, whole_took) = (took("small"), took("whole"));
+    println!(
+        "store requests: {before:?} -> {after_learning:?}; small {small_took} s, whole {whole_took} s"
+    );
+    assert!(
+        small_took >= 0.3 && whole_took >= 0.3,
+        "the link's means include its 300 ms: small {small_took} s, whole {whole_took} s"
+    );
+    assert_eq!(
+        prefers_whole(),
+        1.0,
+        "small requests took {small_took} s and whole chunks {whole_took} s"
+    );
+
+    // Measured: each new chunk's first small read fetches it whole, one request; the
+    // second read of it is local.
+    read_and_check(&uri, &image, &pieces(measured));
+    let after = store_requests(&store);
+    assert_eq!(
+        (after.0 - after_learning.0, after.1 - after_learning.1),
+        (measured.len() as f64, 0.0),
+        "one whole chunk per chunk read, no ranges ({after_learning:?} -> {after:?})"
+    );
+}
