@@ -22,9 +22,10 @@
 //! directory. A crash leaves the old file or the new one, never a part; temporary
 //! files a crash left are dropped when their store is read at start.
 //!
-//! The files are those lazyblk wrote before this owner existed, byte for byte: a
-//! node's directory from an older lazyblk is read as it is (and the random `node-id`
-//! file of a much older one is retired, see [`NodeState::open`]).
+//! The files are those lazyblk wrote before this owner existed, in the same formats
+//! (`wished.json` is now written indented, as `kernel-devices.json` was): a node's
+//! directory from an older lazyblk is read as it is, and the random `node-id` file of
+//! a much older one is retired ([`NodeState::open`]).
 //!
 //! What is restored at start, and in which order, is `crate::daemon::startup`'s.
 
