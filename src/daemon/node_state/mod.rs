@@ -44,6 +44,8 @@ use json_file::JsonFile;
 use manifests::SavedManifests;
 use phases::{StateDb, StateError};
 
+/// The node's key.
+const KEY_FILE: &str = "node.key";
 /// The phases' database.
 const PHASES_FILE: &str = "state.db";
 /// The commit intents' directory.
@@ -113,7 +115,7 @@ impl NodeState {
             Err(source) => Err(NodeStateError::Dir { path, source }),
         };
         let dir = made(dir.to_path_buf())?;
-        let key = NodeKey::load_or_create(&dir)?;
+        let key = NodeKey::load_or_create(&dir.join(KEY_FILE))?;
         retire_old_node_id(&dir, key.id());
         let phases = StateDb::open(&dir.join(PHASES_FILE))?;
         let intents = OriginIntents::open(made(dir.join(INTENTS_DIR))?);
@@ -180,6 +182,16 @@ impl NodeState {
     pub fn resizing_dir(&self) -> &Path {
         &self.resizing
     }
+}
+
+/// The key of the node whose state is under `dir` (made there, once, if it has none):
+/// for `lazyblk node-key`, which needs nothing else of the state.
+pub fn load_key(dir: &Path) -> Result<NodeKey, NodeStateError> {
+    std::fs::create_dir_all(dir).map_err(|source| NodeStateError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(NodeKey::load_or_create(&dir.join(KEY_FILE))?)
 }
 
 /// Removes the random id an older lazyblk kept (`node-id`): the id now derives from the
