@@ -27,8 +27,6 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest as _, Sha256};
 
-/// The key's file in the node's cache directory.
-pub const KEY_FILE: &str = "node.key";
 /// Bytes of the public key's sha256 that make the id: 128 bits, so that no one can
 /// make a key whose id is another node's.
 pub const ID_BYTES: usize = 16;
@@ -92,10 +90,11 @@ impl std::fmt::Debug for NodeKey {
 }
 
 impl NodeKey {
-    /// The key in `dir` ([`KEY_FILE`]), made (random, from the kernel) and kept durably
+    /// The key in the file `path` (a node's is its state's `node.key`,
+    /// [`crate::daemon::node_state`]), made (random, from the kernel) and kept durably
     /// there if there is none.
-    pub fn load_or_create(dir: &Path) -> Result<NodeKey, IdentityError> {
-        let path = dir.join(KEY_FILE);
+    pub fn load_or_create(path: &Path) -> Result<NodeKey, IdentityError> {
+        let path = path.to_path_buf();
         match std::fs::read_to_string(&path) {
             Ok(pem) => NodeKey::from_pem(&pem, &path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => NodeKey::create(&path),
@@ -198,8 +197,7 @@ impl NodeKey {
 /// `lazyblk node-key`: prints the node's id and public key, making the key if the cache
 /// directory has none yet (so a store's --member-keys can list a node before it starts).
 pub fn node_key_command(args: crate::cli::NodeKeyArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.cache)?;
-    let key = NodeKey::load_or_create(&args.cache)?;
+    let key = crate::daemon::node_state::load_key(&args.cache)?;
     if args.json {
         let doc = serde_json::json!({ "node_id": key.id(), "public_key": key.public_hex() });
         println!("{doc}");
@@ -328,13 +326,13 @@ mod tests {
     #[test]
     fn key_is_made_once_and_its_id_is_stable() {
         let dir = tempfile::tempdir().unwrap();
-        let a = NodeKey::load_or_create(dir.path()).unwrap();
-        let b = NodeKey::load_or_create(dir.path()).unwrap();
+        let a = NodeKey::load_or_create(&dir.path().join("node.key")).unwrap();
+        let b = NodeKey::load_or_create(&dir.path().join("node.key")).unwrap();
         assert_eq!(a.id(), b.id());
         assert_eq!(a.id().len(), ID_BYTES * 2);
         assert_eq!(a.public_hex(), b.public_hex());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+        let mode = std::fs::metadata(dir.path().join("node.key"))
             .unwrap()
             .permissions()
             .mode();
@@ -344,7 +342,7 @@ mod tests {
     #[test]
     fn a_signature_proves_the_request_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
-        let key = NodeKey::load_or_create(dir.path()).unwrap();
+        let key = NodeKey::load_or_create(&dir.path().join("node.key")).unwrap();
         let now = 1_000_000_000;
         let signed = key.sign_at("PUT", "/v1/nodes/x", b"body", now);
         let ok = verify(
@@ -397,18 +395,18 @@ mod tests {
     fn openssl_keys_load() {
         // An operator may provision the key: the form `openssl genpkey` writes.
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(KEY_FILE);
+        let path = dir.path().join("node.key");
         let made = std::process::Command::new("openssl")
             .args(["genpkey", "-algorithm", "ed25519", "-out"])
             .arg(&path)
             .status()
             .expect("openssl (scripts/setup.sh installs it)");
         assert!(made.success());
-        let key = NodeKey::load_or_create(dir.path()).unwrap();
+        let key = NodeKey::load_or_create(&dir.path().join("node.key")).unwrap();
         assert_eq!(key.public_hex().len(), 64);
         std::fs::write(&path, "not a key").unwrap();
         assert!(matches!(
-            NodeKey::load_or_create(dir.path()),
+            NodeKey::load_or_create(&dir.path().join("node.key")),
             Err(IdentityError::Format { .. })
         ));
     }

@@ -280,7 +280,7 @@ mod tests {
     #[test]
     fn a_signature_covers_exactly_its_manifest() {
         let dir = tempfile::tempdir().unwrap();
-        let key = NodeKey::load_or_create(dir.path()).unwrap();
+        let key = NodeKey::load_or_create(&dir.path().join("node.key")).unwrap();
         let sig = ManifestSignature::sign(&key, b"{\"a\":1}");
         sig.verify("t", b"{\"a\":1}").unwrap();
         assert!(matches!(
@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn only_listed_keys_are_trusted_and_a_reload_revokes() {
         let dir = tempfile::tempdir().unwrap();
-        let key = NodeKey::load_or_create(dir.path()).unwrap();
+        let key = NodeKey::load_or_create(&dir.path().join("node.key")).unwrap();
         let path = dir.path().join("trusted");
         std::fs::write(&path, format!("# ops\n{} release key\n", key.public_hex())).unwrap();
         let trusted = TrustedKeys::open(&path).unwrap();

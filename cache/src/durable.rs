@@ -4,9 +4,13 @@
 //! one, never a part (and a kept rename). Temporary files end in `.tmp`; readers of a
 //! state directory drop those they find at start.
 //!
-//! Used by the saved manifests and commit intents, the node's key, the fleet wishes,
-//! overlay metadata, and the store's directory backend; the chunk cache writes its
-//! chunks through its own verified path but syncs directories here.
+//! Used by every file of the node's state (`lazyblk`'s `daemon::node_state`: saved
+//! manifests, commit intents, the node's key, the fleet wishes, the kernel devices'
+//! record), overlay metadata, and the store's directory backend (manifests, traces,
+//! the membership and lease documents). Two writers keep a path of their own, for
+//! chunks only, and sync directories here: the chunk cache (a chunk is hashed as it
+//! is written in pieces, and the fsyncs of a fill's chunks are batched) and the
+//! store's chunk upload (the body is streamed from the network to disk).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

@@ -7,13 +7,12 @@
 //!
 //! Devices attached through netlink outlive the daemon: each carries the node's id as
 //! its backend identifier and a dead-connection timeout, and the node's cache
-//! directory records each one ([`DEVICES_FILE`]). A restarted daemon
+//! directory records each one (`kernel-devices.json`). A restarted daemon
 //! ([`Attachments::restore`]) gives each recorded device that is still its own a new
 //! socket; a device whose export is gone is disconnected and listed with the reason.
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +26,8 @@ use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::device_state::{self, DeviceState};
 use crate::daemon::exports::NodeImages;
 use crate::daemon::node::Node;
-use crate::daemon::state::now_rfc3339;
+use crate::daemon::node_state::json_file::JsonFile;
+use crate::daemon::node_state::phases::now_rfc3339;
 
 mod restore;
 mod ublk;
@@ -38,10 +38,6 @@ use ublk::UblkDevices;
 /// How long a detach waits for the daemon's end of the connection to finish once the
 /// kernel has let go: in-flight requests are answered first, a cold chunk fetch at most.
 const SERVER_DRAIN: Duration = Duration::from_secs(10);
-
-/// The node's record of its kernel devices, in its cache directory: what a restarted
-/// daemon reconnects.
-pub const DEVICES_FILE: &str = "kernel-devices.json";
 
 /// The most sockets one device may get: the kernel serves each with a receive worker
 /// and the daemon with a connection task; past the kernel's queues (one per CPU) more
@@ -207,15 +203,16 @@ pub struct Attachments {
     /// How devices are attached (the node's id as backend, the dead-connection
     /// timeout).
     options: AttachOptions,
-    /// [`DEVICES_FILE`] in the cache directory.
-    state_path: PathBuf,
+    /// `kernel-devices.json` ([`crate::daemon::node_state::DEVICES_FILE`]), in the
+    /// node's state.
+    record: JsonFile<Vec<DeviceRecord>>,
     /// Recorded devices a restart could not serve again, with the reason: listed
     /// until the daemon stops.
     lost: Mutex<Vec<AttachmentStatus>>,
     /// Recorded devices a restart could not serve for a reason that may pass (the
-    /// store unreachable): kept in [`DEVICES_FILE`] so the next run tries again.
+    /// store unreachable): kept in `kernel-devices.json` so the next run tries again.
     retry: Mutex<Vec<DeviceRecord>>,
-    /// Held while [`DEVICES_FILE`] is written: one writer at a time.
+    /// Held while `kernel-devices.json` is written: one writer at a time.
     saving: Mutex<()>,
     /// The attach phases' histogram.
     metrics: Arc<DaemonMetrics>,
@@ -293,7 +290,6 @@ impl Attachments {
     /// `ublk`: how `/dev/ublkbN` devices are made.
     pub fn new(
         node: Arc<Node>,
-        state_dir: &Path,
         dead_timeout: Duration,
         force_ioctl: bool,
         ublk: UblkConfig,
@@ -304,13 +300,14 @@ impl Attachments {
             force_ioctl,
         };
         let metrics = node.metrics.clone();
+        let record = node.state.devices_file();
         let ublk = UblkDevices::new(ublk, Arc::new(NodeImages::kernel(node.clone(), true)));
         Attachments {
             // Devices through the ioctls die with the daemon: nothing to keep.
             exports: Arc::new(NodeImages::kernel(node, !force_ioctl)),
             slots: Mutex::new(BTreeMap::new()),
             options,
-            state_path: state_dir.join(DEVICES_FILE),
+            record,
             lost: Mutex::new(Vec::new()),
             retry: Mutex::new(Vec::new()),
             saving: Mutex::new(()),

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use lazyblk_cache::{validate_id, ChunkCache, Digest, Manifest, Priority};
 use serde::Serialize;
 
-use crate::daemon::intents::{OriginIntents, Settled};
+use crate::daemon::node_state::intents::OriginIntents;
+use crate::daemon::node_state::phases::now_rfc3339;
 use crate::daemon::replica::Replica;
 use crate::daemon::sandboxes::{IdReservation, Sandbox, SandboxError, Sandboxes};
-use crate::daemon::state::now_rfc3339;
 use crate::daemon::templates::{TemplateError, Templates};
 use crate::daemon::upload::{upload_owner, Uploads};
 use crate::store::client::{StoreClient, StoreError};
@@ -97,7 +97,7 @@ pub struct Commits {
     pub(crate) sandboxes: Arc<Sandboxes>,
     pub(crate) uploads: Arc<Uploads>,
     /// Commits this node owes an upload for (settled at start, whatever the address).
-    pub(crate) intents: OriginIntents,
+    pub(crate) intents: Arc<OriginIntents>,
     /// The URL peers reach this daemon at: a commit's first origin.
     pub(crate) advertise: String,
 }
@@ -370,9 +370,11 @@ impl Commits {
     /// anything (so no evict can come first); asking the store happens in the
     /// background, so that a store that does not answer does not hold the daemon's
     /// start (and its readiness) for a minute per pending commit.
-    pub fn resume(self: &Arc<Self>) {
+    ///
+    /// `intents`: the templates with a recorded intent, as the node's state lists them.
+    pub fn resume(self: &Arc<Self>, intents: Vec<String>) {
         let mut pending = Vec::new();
-        for id in self.intents.list() {
+        for id in intents {
             let Some(replica) = self.templates.known(&id) else {
                 tracing::warn!(template = %id, "commit intent without a saved manifest; dropping it");
                 self.intents.clear(&id);
@@ -480,4 +482,14 @@ struct Built {
     new_chunks: Vec<Digest>,
     dirty: usize,
     bytes_hashed: u64,
+}
+
+/// What the store says of a commit this node intended to publish.
+enum Settled {
+    /// The store has this node's manifest: the upload is owed.
+    Published,
+    /// The store does not have it (or has other content): it was never published.
+    NotPublished(&'static str),
+    /// The store could not be asked.
+    Unknown(String),
 }

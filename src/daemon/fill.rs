@@ -23,9 +23,9 @@ use tokio::task::JoinSet;
 
 use crate::daemon::commit::Commits;
 use crate::daemon::node::Node;
+use crate::daemon::node_state::phases::{Phase, ReplicaRecord, StateDb};
 use crate::daemon::replay::StopReason;
 use crate::daemon::replica::{FillStart, FillStatus, Replica};
-use crate::daemon::state::{Phase, ReplicaRecord, StateDb};
 use crate::daemon::templates::{TemplateError, Templates};
 use crate::store::client::StoreClient;
 
@@ -406,14 +406,9 @@ impl FillScheduler {
     /// Picks up where the previous run stopped: READY replicas are pinned again (or
     /// refilled if chunks went missing), DISTRIBUTING ones resume, FAILED ones wait for
     /// the supervisor (those stopped by the disk for room, as before the restart).
-    pub async fn restore(self: &Arc<Self>) {
-        let records = match self.db.all() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read replica state; starting fresh");
-                return;
-            }
-        };
+    ///
+    /// `records`: the phases the node's state read back (`state.db`).
+    pub fn restore(self: &Arc<Self>, records: Vec<ReplicaRecord>) {
         for record in records {
             let Some(replica) = self.templates.known(&record.template) else {
                 continue;

@@ -13,7 +13,8 @@ use tokio::sync::watch;
 
 use crate::daemon::fill::FillScheduler;
 use crate::daemon::node::Node;
-use crate::daemon::state::Phase;
+use crate::daemon::node_state::phases::Phase;
+use crate::daemon::node_state::Wishes;
 use crate::store::admission::checked_url;
 use crate::store::center::Want;
 use crate::store::client::StoreClient;
@@ -21,10 +22,6 @@ use crate::store::nodes::{
     Heartbeat, ReplicaReport, HEARTBEAT, MAX_REPORTED_REPLICAS, MAX_REPORT_STRING,
     MAX_USERS_PER_REPLICA,
 };
-
-/// The file that remembers which templates this node keeps warm because of a wish (and
-/// the redo count it last acted on), so that a removed wish is unpinned after a restart.
-const WISHED_FILE: &str = "wished.json";
 
 /// The replicas this node reports: those that are not merely known (a fill ran, or
 /// someone uses them), so a node that knows thousands of templates sends a short list.
@@ -87,26 +84,22 @@ fn cut(s: &str) -> String {
     s[..end].to_string()
 }
 
-/// Templates warmed here because the center wishes it, with the redo count acted on.
+/// Templates warmed here because the center wishes it, with the redo count acted on
+/// (kept in the node's state, [`crate::daemon::node_state::Wishes`]).
 struct Wished {
-    path: std::path::PathBuf,
-    templates: std::collections::BTreeMap<String, u64>,
+    templates: Wishes,
 }
 
 impl Wished {
     fn load(node: &Node) -> Wished {
-        let path = node.state_dir().join(WISHED_FILE);
-        let templates = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        Wished { path, templates }
+        Wished {
+            templates: node.state.wishes(),
+        }
     }
 
-    fn save(&self) {
-        let bytes = serde_json::to_vec(&self.templates).unwrap_or_default();
-        if let Err(e) = lazyblk_cache::durable::write_file(&self.path, &bytes) {
-            tracing::warn!(path = %self.path.display(), error = %e, "saving the wished templates");
+    fn save(&self, node: &Node) {
+        if let Err(e) = node.state.save_wishes(&self.templates) {
+            tracing::warn!(error = %e, "saving the wished templates");
         }
     }
 
@@ -152,7 +145,7 @@ impl Wished {
             changed = true;
         }
         if changed {
-            self.save();
+            self.save(node);
         }
     }
 }

@@ -12,8 +12,10 @@
 //!   frontend serves: NBD, the FUSE mount and kernel devices (write-through).
 //! - [`commit`]: a sandbox into a new template, and what earlier commits owe settled
 //!   at start; [`upload`]: its new chunks to the store in the background
-//!   (ORIGIN_ONLY -> UPLOADING -> DURABLE); [`intents`]: the durable record of what a
-//!   commit owes after a crash, and the node's id.
+//!   (ORIGIN_ONLY -> UPLOADING -> DURABLE).
+//! - [`node_state`]: the node's durable state in one owner: its directory's layout,
+//!   each store's durability rule, and the handles of the phases (SQLite), saved
+//!   manifests, commit intents, wishes, kernel devices' record and the node's key.
 //! - [`resize`]: a template grown into a new one (e2fsck and resize2fs on a scratch
 //!   overlay, then a commit).
 //! - [`replica`]: a replica of a template (the owner of its phase, last error and
@@ -26,13 +28,12 @@
 //! - [`replay`]: a template's boot trace fetched ahead of a cold node's boot.
 //! - [`counters`]: Prometheus metrics and per-template byte counts.
 //! - [`fill`]: the background fill, the replicas' worker (it moves their phases
-//!   through the replica's methods); [`state`]: the SQLite database that keeps the
-//!   phases across restarts.
+//!   through the replica's methods).
 //! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
 //! - [`attach`]: kernel block devices (`/dev/nbdN`) connected to exports.
 //! - [`api`]: the HTTP API; [`health`]: the node's identity, cache health and scrub.
-//! - [`startup`]: the start-up sequence's steps, in order, and what each keeps
-//!   across a crash.
+//! - [`startup`]: the start-up sequence, run in order in one place, and what each
+//!   step keeps across a crash.
 //! - [`kept`]: the listeners and the FUSE mount kept in systemd's file descriptor
 //!   store across restarts (`--fd-store`).
 
@@ -44,17 +45,16 @@ pub mod device_state;
 pub mod exports;
 pub mod fill;
 pub mod health;
-pub mod intents;
 pub mod kept;
 pub mod membership;
 pub mod node;
+pub mod node_state;
 pub mod registry;
 pub mod replay;
 pub mod replica;
 pub mod resize;
 pub mod sandboxes;
 pub mod startup;
-pub mod state;
 pub mod store_links;
 pub mod templates;
 pub mod tls;
@@ -62,11 +62,14 @@ pub mod trace;
 pub mod upload;
 pub mod users;
 
+/// The phases' database by its former name (the commands read [`state::Phase`]).
+pub use node_state::phases as state;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lazyblk_cache::{ChunkCache, ChunkStore};
+use lazyblk_cache::ChunkCache;
 use tokio::sync::watch;
 
 use crate::cli::DaemonArgs;
@@ -76,7 +79,6 @@ use crate::daemon::fill::{FillConfig, FillScheduler};
 use crate::daemon::node::{Node, NodeConfig};
 use crate::daemon::replay::ReplayConfig;
 use crate::daemon::startup::Step;
-use crate::daemon::state::StateDb;
 use crate::daemon::trace::TraceTiming;
 
 /// The file-descriptor limit the daemon asks for: open chunk files, NBD connections and
@@ -93,11 +95,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     bound_heap();
     // The fills' low-priority threads, made from this (normal) thread.
     lazyblk_cache::background::start();
-    std::fs::create_dir_all(&args.cache)
-        .with_context(|| format!("creating cache directory {}", args.cache.display()))?;
-    let chunk_store = ChunkStore::open(&args.cache, args.cache_size)
-        .with_context(|| format!("opening the chunk cache at {}", args.cache.display()))?;
-    Step::CacheOpened.reached();
+    let (chunk_store, state) = startup::open_disk(&args.cache, args.cache_size)?;
     let metrics = Arc::new(DaemonMetrics::new());
     metrics.set_store(&args.store);
     let deadline = Duration::from_secs_f64(args.source_deadline.max(0.1));
@@ -151,12 +149,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             cache.clone(),
             store,
             metrics,
+            state.clone(),
             NodeConfig {
                 advertise: advertise.clone(),
                 read_token: args.read_token.clone(),
                 peer_token: args.peer_token.clone(),
                 membership: args.advertise.is_some() || args.peers.is_some(),
-                state_dir: args.cache.clone(),
                 trace_timing: TraceTiming {
                     window: Duration::from_secs_f64(args.trace_window.max(0.0)),
                     quiet: Duration::from_secs_f64(args.trace_quiet.max(0.0)),
@@ -174,31 +172,37 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         )
         .with_context(|| format!("preparing state under {}", args.cache.display()))?,
     );
-    Step::NodeIdentity.reached();
-    let (restored, sandboxes) = node.restore().await;
-    let db_path = args.cache.join("state.db");
-    let db = Arc::new(
-        StateDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?,
-    );
     let fill = Arc::new(FillScheduler::new(
         &node,
-        db,
+        state.phases().clone(),
         FillConfig {
             concurrency: args.fill_concurrency,
             rate: args.fill_rate,
         },
     ));
-    fill.restore().await;
-    Step::FillsRestored.reached();
+    let attachments = Arc::new(attach::Attachments::new(
+        node.clone(),
+        Duration::from_secs(args.device_dead_timeout),
+        args.device_ioctl,
+        attach::UblkConfig {
+            extra_kernels: args.ublk_kernel.clone(),
+            device: lazyblk_ublk::DeviceOptions {
+                queues: 0,
+                control_deadline: Duration::from_secs(args.ublk_control_deadline.max(1)),
+            },
+        },
+    ));
     let nbd_addr = args
         .nbd
         .clone()
         .unwrap_or_else(|| format!("unix:{}", args.cache.join("nbd.sock").display()));
-    let (nbd_listener, nbd_bound) = keeper.nbd_listener(&nbd_addr).await?;
-    if let Some(path) = nbd_addr.strip_prefix("unix:").filter(|_| nbd_bound) {
-        restrict_socket(std::path::Path::new(path), args.nbd_group.as_deref())?;
-    }
-    Step::ListenersBound.reached();
+    let (restored, nbd_listener) = startup::restore(
+        &node,
+        &fill,
+        &attachments,
+        bind_nbd(&mut keeper, &nbd_addr, &args),
+    )
+    .await?;
     let nbd_config = lazyblk_nbd::ServerConfig {
         max_connections: args.nbd_max_connections,
         handshake_timeout: Duration::from_secs_f64(args.nbd_handshake_timeout.max(0.1)),
@@ -212,21 +216,6 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let attachments = Arc::new(attach::Attachments::new(
-        node.clone(),
-        &args.cache,
-        Duration::from_secs(args.device_dead_timeout),
-        args.device_ioctl,
-        attach::UblkConfig {
-            extra_kernels: args.ublk_kernel.clone(),
-            device: lazyblk_ublk::DeviceOptions {
-                queues: 0,
-                control_deadline: Duration::from_secs(args.ublk_control_deadline.max(1)),
-            },
-        },
-    ));
-    attachments.restore().await;
-    Step::DevicesRestored.reached();
     let api = api::router(api::ApiState {
         node: node.clone(),
         fill: fill.clone(),
@@ -275,7 +264,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     tracing::info!(
         http = %http_addr, nbd = %nbd_addr, node_id = %node.node_id, cache = %args.cache.display(),
-        store = %args.store, advertise = %advertise, restored_templates = restored, sandboxes,
+        store = %args.store, advertise = %advertise, restored_templates = restored.templates,
+        sandboxes = restored.sandboxes,
         fuse = ?args.fuse.as_ref().map(|d| d.display().to_string()),
         cached_chunks = cache.usage().chunks, "lazyblk daemon ready"
     );
@@ -319,6 +309,20 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         std::process::exit(0);
     }
     Ok(())
+}
+
+/// Binds the NBD listener at `addr` (or takes systemd's); a unix socket this start
+/// made gets the mode and group of [`restrict_socket`].
+async fn bind_nbd(
+    keeper: &mut kept::Keeper,
+    addr: &str,
+    args: &DaemonArgs,
+) -> anyhow::Result<lazyblk_nbd::Listener> {
+    let (listener, bound) = keeper.nbd_listener(addr).await?;
+    if let Some(path) = addr.strip_prefix("unix:").filter(|_| bound) {
+        restrict_socket(std::path::Path::new(path), args.nbd_group.as_deref())?;
+    }
+    Ok(listener)
 }
 
 /// Refuses a fleet member that holds the store's read token but has no peer token: its

@@ -8,7 +8,9 @@
 //!
 //! Each replica owns its phase and its claim on its chunks (private state, changed by
 //! its methods); the fill scheduler ([`crate::daemon::fill`]) is their worker, and
-//! the state database their memory.
+//! the node's state ([`NodeState`]) their memory. The owners are built over the
+//! stores of that state and read nothing at build: what earlier runs left is brought
+//! back by `crate::daemon::startup`, in its order.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,12 +19,11 @@ use lazyblk_cache::{ChunkCache, HttpClients, HttpSource, PeerSet, Source};
 
 use crate::daemon::commit::Commits;
 use crate::daemon::counters::DaemonMetrics;
-use crate::daemon::intents::OriginIntents;
+use crate::daemon::node_state::NodeState;
 use crate::daemon::replay::{ReplayConfig, ReplayMetrics, Replays};
 use crate::daemon::replica::Replica;
 use crate::daemon::resize::Resizes;
 use crate::daemon::sandboxes::Sandboxes;
-use crate::daemon::startup::Step;
 use crate::daemon::templates::{SourcePlan, Templates};
 use crate::daemon::trace::TraceTiming;
 use crate::daemon::upload::Uploads;
@@ -44,15 +45,15 @@ pub struct Node {
     pub advertise: String,
     /// The node's id, derived from its key: stable across address changes.
     pub node_id: String,
-    /// The node's key pair (`node.key` in its state directory): leases prove it.
+    /// The node's key pair (`node.key` in its state): leases prove it.
     pub key: Arc<NodeKey>,
+    /// The node's durable state: every file of its state directory.
+    pub state: Arc<NodeState>,
     /// The fleet's live nodes, when this node is a member (`--advertise` or
     /// `--peers`): chunk owners to ask, and the origins it may contact.
     pub peers: Option<Arc<PeerSet>>,
     /// Replays of boot traces, started when a template is opened.
     pub replays: Replays,
-    /// The cache directory, where the node keeps its state.
-    state_dir: PathBuf,
 }
 
 /// The settings a node is built with.
@@ -65,8 +66,6 @@ pub struct NodeConfig {
     pub peer_token: Option<String>,
     /// Whether this node is a member of a fleet (asks and serves peers).
     pub membership: bool,
-    /// Where manifests and overlays are kept (the cache directory).
-    pub state_dir: PathBuf,
     pub trace_timing: TraceTiming,
     /// How boot traces are replayed (`--replay-*`).
     pub replay: ReplayConfig,
@@ -83,13 +82,11 @@ impl Node {
         cache: Arc<ChunkCache>,
         store: StoreClient,
         metrics: Arc<DaemonMetrics>,
+        state: Arc<NodeState>,
         config: NodeConfig,
     ) -> std::io::Result<Node> {
-        let state_dir = config.state_dir;
-        let key = NodeKey::load_or_create(&state_dir).map_err(std::io::Error::other)?;
-        crate::daemon::intents::forget_old_node_id(&state_dir, key.id());
-        let node_id = key.id().to_string();
-        let key = Arc::new(key);
+        let node_id = state.node_id().to_string();
+        let key = state.key().clone();
         // What this node commits and resizes is signed with its key.
         let store = store.with_signer(key.clone());
         // Chunk fetches get clients of their own, a pair (see `HttpClients`).
@@ -123,19 +120,19 @@ impl Node {
             store: store_sources.into(),
             clients,
         };
-        let templates = Arc::new(Templates::open(
+        let templates = Arc::new(Templates::new(
             cache.clone(),
             store.clone(),
             plan,
-            &state_dir,
+            state.manifests().clone(),
             config.trace_timing,
             config.trusted_keys,
-        )?);
-        let sandboxes = Arc::new(Sandboxes::open(templates.clone(), &state_dir)?);
+        ));
+        let sandboxes = Arc::new(Sandboxes::open(templates.clone(), state.overlays_dir())?);
         let uploads = Uploads::new(
             store.clone(),
             cache.clone(),
-            OriginIntents::open(&state_dir)?,
+            state.intents().clone(),
             config.upload_delay,
         );
         let commits = Arc::new(Commits {
@@ -144,10 +141,10 @@ impl Node {
             templates: templates.clone(),
             sandboxes: sandboxes.clone(),
             uploads: uploads.clone(),
-            intents: OriginIntents::open(&state_dir)?,
+            intents: state.intents().clone(),
             advertise: config.advertise.clone(),
         });
-        let resizes = Resizes::open(commits.clone(), &state_dir, config.fuse_dir)?;
+        let resizes = Resizes::open(commits.clone(), state.resizing_dir(), config.fuse_dir)?;
         let replay_metrics = Arc::new(ReplayMetrics::default());
         replay_metrics.register(&mut metrics.registry.lock().unwrap_or_else(|e| e.into_inner()));
         let replays = Replays::new(config.replay, store.clone(), replay_metrics);
@@ -163,24 +160,10 @@ impl Node {
             advertise: config.advertise,
             node_id,
             key,
+            state,
             peers,
             replays,
-            state_dir,
         })
-    }
-
-    /// Brings back what earlier runs left: saved manifests, then the overlays over
-    /// them, then what commits still owe. Returns (templates, sandboxes) restored.
-    pub async fn restore(&self) -> (usize, usize) {
-        // The order is the rule of crate::daemon::startup: the saved manifests are
-        // known before the commit intents that name them are settled.
-        let templates = self.templates.restore();
-        Step::TemplatesRestored.reached();
-        let sandboxes = self.sandboxes.restore().await;
-        Step::SandboxesRestored.reached();
-        self.commits.resume();
-        Step::CommitsResumed.reached();
-        (templates, sandboxes)
     }
 
     /// The replica of template `id` for a new opener (an NBD client, a FUSE open).
@@ -200,10 +183,5 @@ impl Node {
             }
         }
         self.templates.replica(id).await
-    }
-
-    /// The node's state directory (its cache directory).
-    pub fn state_dir(&self) -> &std::path::Path {
-        &self.state_dir
     }
 }

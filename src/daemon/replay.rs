@@ -28,8 +28,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 
+use crate::daemon::node_state::phases::Phase;
 use crate::daemon::replica::Replica;
-use crate::daemon::state::Phase;
 use crate::daemon::trace::ranges::{plan_runs, RangeSet};
 use crate::store::client::StoreClient;
 

@@ -76,14 +76,14 @@ pub struct Resizes {
 }
 
 impl Resizes {
-    /// Resizes that keep their scratch overlays under `state_dir` (what an earlier run
-    /// left there is removed).
+    /// Resizes that keep their scratch overlays in `scratch_dir`, the node state's
+    /// (what an earlier run left there is removed).
     pub fn open(
         commits: Arc<Commits>,
-        state_dir: &Path,
+        scratch_dir: &Path,
         fuse_dir: Option<PathBuf>,
     ) -> std::io::Result<Resizes> {
-        let scratch_dir = state_dir.join("resizing");
+        let scratch_dir = scratch_dir.to_path_buf();
         if scratch_dir.exists() {
             std::fs::remove_dir_all(&scratch_dir)?;
         }

@@ -128,11 +128,10 @@ impl Drop for IdReservation {
 }
 
 impl Sandboxes {
-    /// The sandboxes kept under `state_dir` (none reopened yet: see
+    /// The sandboxes kept in `dir`, the node state's overlays (none reopened yet: see
     /// [`Sandboxes::restore`]).
-    pub fn open(templates: Arc<Templates>, state_dir: &Path) -> std::io::Result<Sandboxes> {
-        let dir = state_dir.join("overlays");
-        std::fs::create_dir_all(&dir)?;
+    pub fn open(templates: Arc<Templates>, dir: &Path) -> std::io::Result<Sandboxes> {
+        let dir = dir.to_path_buf();
         Ok(Sandboxes {
             templates,
             registry: Registry::default(),

@@ -1,5 +1,5 @@
-//! The templates this node knows: their manifests (saved under `<cache>/manifests/`,
-//! learned from the store on first look) and the node's replica of each, built over the
+//! The templates this node knows: their manifests (saved in the node's state,
+//! [`SavedManifests`], learned from the store on first look) and the node's replica of each, built over the
 //! cache with the sources its chunks come from.
 //!
 //! A node may know thousands of templates it never serves. Replicas that hold nothing
@@ -16,12 +16,12 @@ use std::time::Instant;
 pub use lazyblk_cache::SourcePlan;
 use lazyblk_cache::{ChunkCache, Manifest, Source, TemplateImage};
 
+use crate::daemon::node_state::manifests::SavedManifests;
 use crate::daemon::registry::Registry;
 use crate::daemon::replica::Replica;
 use crate::daemon::trace::{TraceRecorder, TraceTiming};
 use crate::store::client::StoreClient;
 use crate::trust::{ManifestSignature, TrustError, TrustedKeys};
-use lazyblk_cache::durable::{self, sync_dir};
 
 /// Why a template could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +57,7 @@ pub struct Templates {
     sources: SourcePlan,
     /// Manifests of the templates this node has served, so a restart serves them
     /// without the store.
-    manifests_dir: PathBuf,
+    saved_manifests: Arc<SavedManifests>,
     replicas: Registry<Replica>,
     trace_timing: TraceTiming,
     /// One load of a template from the store at a time, per template.
@@ -105,22 +105,21 @@ impl Signer {
 pub const IDLE_IN_MEMORY: usize = 256;
 
 impl Templates {
-    /// The templates saved under `state_dir` (none loaded yet: see [`Templates::restore`]).
-    pub fn open(
+    /// The templates whose manifests are saved in `saved_manifests` (none known yet:
+    /// see [`Templates::restore`]).
+    pub fn new(
         cache: Arc<ChunkCache>,
         store: StoreClient,
         sources: SourcePlan,
-        state_dir: &std::path::Path,
+        saved_manifests: Arc<SavedManifests>,
         trace_timing: TraceTiming,
         trust: Option<Arc<TrustedKeys>>,
-    ) -> std::io::Result<Templates> {
-        let manifests_dir = state_dir.join("manifests");
-        std::fs::create_dir_all(&manifests_dir)?;
-        Ok(Templates {
+    ) -> Templates {
+        Templates {
             cache,
             store,
             sources,
-            manifests_dir,
+            saved_manifests,
             replicas: Registry::default(),
             trace_timing,
             loading: Mutex::new(HashMap::new()),
@@ -128,41 +127,18 @@ impl Templates {
             saved: Mutex::new(BTreeSet::new()),
             trust,
             signers: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
-    /// Knows again the templates whose manifests earlier runs saved. Nothing is read
-    /// yet: a manifest is read (and checked) when its template is first asked for, so a
-    /// node that knows thousands starts as fast as one that knows a few.
-    pub fn restore(&self) -> usize {
-        let Ok(dir) = std::fs::read_dir(&self.manifests_dir) else {
-            return 0;
-        };
-        let mut saved = self.saved();
-        let before = saved.len();
-        for entry in dir.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "sig") {
-                // A saved manifest's signature, read with it.
-                continue;
-            }
-            if path.extension().is_some_and(|e| e == "tmp") {
-                // A save cut off by a crash: the manifest it held is saved again (or
-                // was never acknowledged).
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            let id = path.file_stem().and_then(|s| s.to_str());
-            match id {
-                Some(id) if lazyblk_cache::validate_id(id).is_ok() => {
-                    saved.insert(id.to_string());
-                }
-                _ => {
-                    tracing::warn!(path = %path.display(), "skipping a file that is not a saved manifest")
-                }
-            }
-        }
-        saved.len() - before
+    /// Knows again the templates whose manifests earlier runs saved (`saved`, their
+    /// ids as the node's state lists them). Nothing is read yet: a manifest is read
+    /// (and checked) when its template is first asked for, so a node that knows
+    /// thousands starts as fast as one that knows a few. Returns how many are new.
+    pub fn restore(&self, saved: Vec<String>) -> usize {
+        let mut known = self.saved();
+        let before = known.len();
+        known.extend(saved);
+        known.len() - before
     }
 
     /// The replica of `id` if this node already knows it (read again from its saved
@@ -232,24 +208,16 @@ impl Templates {
     /// The saved manifest of `id`, if its copy reads and parses (blocking policy: a
     /// small file read, through `lazyblk_cache::blocking`).
     fn read_saved(&self, id: &str) -> Option<Manifest> {
-        let path = self.manifest_path(id);
-        let sig_path = self.signature_path(id);
         // The signature matters (and is read and checked) only with --trusted-keys.
         let checks = self.trust.is_some();
-        let (bytes, sig) = lazyblk_cache::blocking::blocking(|| {
-            let sig = match checks.then(|| std::fs::read(&sig_path)) {
-                None => None,
-                Some(Ok(doc)) => Some(doc),
-                Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Some(Err(e)) => return Err(e),
-            };
-            Ok((std::fs::read(&path)?, sig))
-        })
-        .ok()?;
+        let saved =
+            lazyblk_cache::blocking::blocking(|| self.saved_manifests.read(id, checks)).ok()?;
+        let (bytes, sig) = (saved.manifest, saved.signature);
         let manifest = Manifest::parse(&bytes, Some(id))
-            .map_err(
-                |e| tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest"),
-            )
+            .map_err(|e| {
+                let path = self.saved_manifests.path(id);
+                tracing::warn!(path = %path.display(), error = %e, "skipping saved manifest")
+            })
             .ok()?;
         if !checks {
             return Some(manifest);
@@ -361,13 +329,12 @@ impl Templates {
         // fetched again: written off the runtime, crash-safe like every file of the
         // node's state, and a full disk does not make the template unreadable. The bytes are kept exactly as the store had
         // them, with their signature, so a restart checks the signature again.
-        let (path, sig_path) = (self.manifest_path(id), self.signature_path(id));
-        let bytes = signed.bytes;
+        let saved = self.saved_manifests.clone();
+        let (id_owned, bytes) = (id.to_string(), signed.bytes);
         let sig = signed.signature.ok().flatten().map(|s| s.to_json());
         tokio::task::spawn_blocking(move || {
-            let written = write_replacing(&sig_path, sig.as_deref())
-                .and_then(|()| write_replacing(&path, Some(&bytes)));
-            if let Err(e) = written {
+            if let Err(e) = saved.write(&id_owned, &bytes, sig.as_deref()) {
+                let path = saved.path(&id_owned);
                 tracing::warn!(path = %path.display(), error = %e, "serving without a local copy of the manifest");
             }
         });
@@ -410,45 +377,28 @@ impl Templates {
     /// what it commits with its key), so the copy is checked like one from the store.
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), TemplateError> {
         let id = &manifest.template;
-        let path = self.manifest_path(id);
         let (bytes, signature) = self.store.manifest_to_publish(manifest);
-        let sig_path = self.signature_path(id);
-        let written = (|| {
-            let doc = signature.as_ref().map(|s| s.to_json());
-            write_replacing(&sig_path, doc.as_deref())?;
-            durable::write_file(&path, &bytes)
-        })();
+        let doc = signature.as_ref().map(|s| s.to_json());
+        let written = self.saved_manifests.write(id, &bytes, doc.as_deref());
         self.record_signer(id, Signer::of(id, &bytes, Ok(signature.as_ref())));
         written.map_err(|source| TemplateError::SaveManifest {
             template: manifest.template.clone(),
-            path,
+            path: self.saved_manifests.path(id),
             source,
         })
-    }
-
-    fn manifest_path(&self, template: &str) -> PathBuf {
-        self.manifests_dir.join(format!("{template}.json"))
-    }
-
-    fn signature_path(&self, template: &str) -> PathBuf {
-        self.manifests_dir.join(format!("{template}.sig"))
     }
 
     /// Forgets a template this node saved but that was never published: its saved
     /// manifest and its replica.
     pub fn forget(&self, template: &str) {
-        for path in [self.manifest_path(template), self.signature_path(template)] {
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), error = %e, "removing a saved manifest");
-                }
-            }
+        if let Err(e) = self.saved_manifests.remove(template) {
+            let path = self.saved_manifests.path(template);
+            tracing::warn!(path = %path.display(), error = %e, "removing a saved manifest");
         }
         self.signers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(template);
-        let _ = sync_dir(&self.manifests_dir);
         self.saved().remove(template);
         self.replicas.remove(template);
     }
@@ -541,11 +491,3 @@ const STORE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// How long the store's template listing is reused for NBD_OPT_LIST.
 const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Writes `bytes` to `path` crash-safely, or removes `path` for `None`.
-fn write_replacing(path: &std::path::Path, bytes: Option<&[u8]>) -> std::io::Result<()> {
-    match bytes {
-        Some(bytes) => durable::write_file(path, bytes),
-        None => durable::remove_file(path).map(|_| ()),
-    }
-}

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use lazyblk_cache::{ChunkCache, Digest};
 use serde::Serialize;
 
-use crate::daemon::intents::OriginIntents;
+use crate::daemon::node_state::intents::OriginIntents;
 use crate::daemon::replica::Replica;
 use crate::store::client::StoreClient;
 use crate::store::Durability;
@@ -36,7 +36,7 @@ pub struct Uploads {
     store: StoreClient,
     cache: Arc<ChunkCache>,
     /// Commit intents, cleared when a template becomes DURABLE.
-    intents: OriginIntents,
+    intents: Arc<OriginIntents>,
     /// How long an upload waits before it starts (operators batch commits; tests hold
     /// uploads back to prove that peers read from the origin).
     delay: Duration,
@@ -50,7 +50,7 @@ impl Uploads {
     pub fn new(
         store: StoreClient,
         cache: Arc<ChunkCache>,
-        intents: OriginIntents,
+        intents: Arc<OriginIntents>,
         delay: Duration,
     ) -> Arc<Uploads> {
         Arc::new(Uploads {

@@ -215,7 +215,7 @@ mod tests {
     fn member_keys_are_read_again_when_the_file_changes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys");
-        let node = crate::identity::NodeKey::load_or_create(dir.path()).unwrap();
+        let node = crate::identity::NodeKey::load_or_create(&dir.path().join("node.key")).unwrap();
         let key = node.public_hex();
         std::fs::write(&path, "# fleet\n").unwrap();
         let a = Admission::new(Some(path.clone()), &[]).unwrap();

@@ -85,8 +85,6 @@ impl OverlayMeta {
     }
 }
 
-pub(super) use crate::durable::sync_dir;
-
 /// The name errors use for an overlay whose meta has not been read: its directory's
 /// name, which the daemon makes the sandbox id.
 pub(super) fn sandbox_of_dir(dir: &Path) -> Arc<str> {

@@ -266,7 +266,7 @@ impl Overlay {
         };
         meta.store(&dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            meta::sync_dir(parent).map_err(|e| dir_err("sync directory", parent, e))?;
+            crate::durable::sync_dir(parent).map_err(|e| dir_err("sync directory", parent, e))?;
         }
         let map = BlockMap::from_bytes(std::iter::repeat_n(0, blocks as usize))
             .map_err(|(block, _)| corrupt_map(&dir, block))?;
@@ -357,7 +357,7 @@ impl Overlay {
             // The meta file's removal is made durable before the rest goes, so a crash
             // in between never leaves a meta file naming missing data.
             gone(fs::remove_file(&meta_path))
-                .and_then(|()| gone(meta::sync_dir(&dir)))
+                .and_then(|()| gone(crate::durable::sync_dir(&dir)))
                 .and_then(|()| gone(fs::remove_dir_all(&dir)))
                 .map_err(|source| OverlayError::Io {
                     sandbox,

@@ -24,9 +24,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::node::Node;
+use crate::daemon::node_state::phases::Phase;
 use crate::daemon::replica::Replica;
 use crate::daemon::resize::ResizeOutcome;
-use crate::daemon::state::Phase;
 use crate::store::Durability;
 
 pub fn router(state: ApiState) -> Router {

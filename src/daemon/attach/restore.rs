@@ -1,10 +1,8 @@
 //! What outlives the daemon of its kernel block devices ([`super::Attachments`]): the
-//! node's record of them ([`super::DEVICES_FILE`]), and a restarted daemon taking them
+//! node's record of them (`kernel-devices.json`), and a restarted daemon taking them
 //! back: each recorded device that is still this node's gets new sockets; one whose
 //! export is gone is disconnected and reported, and so is one the kernel shows as this
 //! node's that the record does not name.
-
-use std::path::Path;
 
 use lazyblk_nbd::kernel::{self, Device, KernelError};
 use serde::{Deserialize, Serialize};
@@ -65,14 +63,14 @@ impl DeviceRecord {
 
 impl Attachments {
     /// Reconnects the devices an earlier run of this node left attached (read from
-    /// [`DEVICES_FILE`]). A device that is no longer this node's is forgotten, never
+    /// `kernel-devices.json`). A device that is no longer this node's is forgotten, never
     /// touched; one whose export is gone (or changed size) is disconnected; each that
     /// cannot be served is listed with its reason.
     pub async fn restore(&self) {
-        let records = match load_records(&self.state_path) {
-            Ok(records) => records,
+        let records = match self.record.load() {
+            Ok(records) => records.unwrap_or_default(),
             Err(error) => {
-                tracing::warn!(path = %self.state_path.display(), %error, "reading the node's kernel devices; none reconnected");
+                tracing::warn!(path = %self.record.path().display(), %error, "reading the node's kernel devices; none reconnected");
                 return;
             }
         };
@@ -100,7 +98,7 @@ impl Attachments {
     }
 
     /// Disconnects and reports devices the kernel shows with this node's backend
-    /// identifier that [`DEVICES_FILE`] does not name (the daemon died between the
+    /// identifier that `kernel-devices.json` does not name (the daemon died between the
     /// connect and the record): no export is known to serve them, and left alone they
     /// would hang their users until the dead-connection timeout.
     async fn disconnect_unrecorded(&self, recorded: &[Device]) {
@@ -195,7 +193,7 @@ impl Attachments {
         self.lost.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes [`DEVICES_FILE`]: the devices attached now that outlive the daemon, and
+    /// Writes `kernel-devices.json`: the devices attached now that outlive the daemon, and
     /// those the next run should try again.
     pub(super) fn save(&self) {
         let _writing = self.saving.lock().unwrap_or_else(|e| e.into_inner());
@@ -215,25 +213,8 @@ impl Attachments {
                 .iter()
                 .cloned(),
         );
-        if let Err(error) = save_records(&self.state_path, &records) {
-            tracing::warn!(path = %self.state_path.display(), %error, "recording the node's kernel devices");
+        if let Err(error) = self.record.save(&records) {
+            tracing::warn!(path = %self.record.path().display(), %error, "recording the node's kernel devices");
         }
     }
-}
-
-/// The recorded devices; none when the file does not exist.
-fn load_records(path: &Path) -> std::io::Result<Vec<DeviceRecord>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Replaces the record atomically (a new file renamed over the old).
-fn save_records(path: &Path, records: &[DeviceRecord]) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(records).map_err(std::io::Error::other)?;
-    let temporary = path.with_extension("json.new");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
 }

@@ -1,6 +1,6 @@
 //! `/dev/ublkbN` devices (`lazyblk attach --kind ublk`): the ublk frontend
 //! ([`lazyblk_ublk`]) over the node's images, beside the NBD devices of
-//! [`super::Attachments`]. Recorded in the same [`super::DEVICES_FILE`]; a restarted
+//! [`super::Attachments`]. Recorded in the same `kernel-devices.json`; a restarted
 //! daemon recovers them (user recovery) instead of reconnecting sockets.
 
 use std::collections::BTreeMap;
@@ -13,7 +13,7 @@ use super::restore::{DeviceRecord, Driver};
 use super::{AttachError, AttachmentStatus, Attachments};
 use crate::daemon::device_state::{self, DeviceState};
 use crate::daemon::exports::NodeImages;
-use crate::daemon::state::now_rfc3339;
+use crate::daemon::node_state::phases::now_rfc3339;
 
 /// How many free device ids an attach tries when another process takes each first.
 const PICK_TRIES: u32 = 8;

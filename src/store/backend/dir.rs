@@ -447,13 +447,11 @@ pub(super) fn write_atomic_in(dir: &Path, name: &str, bytes: &[u8]) -> Result<()
     write_atomic(dir, &dir.join(name), bytes)
 }
 
-/// Removes `path` if it exists (and makes the removal durable).
+/// Removes `path` if it exists, durably ([`lazyblk_cache::durable::remove_file`]).
 fn remove_if_there(path: &Path) -> Result<(), BackendError> {
-    match fs::remove_file(path) {
-        Ok(()) => sync_parent(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("removing", path)(e)),
-    }
+    lazyblk_cache::durable::remove_file(path)
+        .map(|_| ())
+        .map_err(io_err("removing", path))
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), BackendError> {

@@ -10,14 +10,9 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lazyblk_cache::durable;
-
-/// The directory of commit intents under the node's state directory.
-const INTENTS_DIR: &str = "originated";
-/// The file an older lazyblk kept a random node id in.
-const OLD_NODE_ID_FILE: &str = "node-id";
 
 /// A failure to keep an intent durable.
 #[derive(Debug, thiserror::Error)]
@@ -34,11 +29,9 @@ pub struct OriginIntents {
 }
 
 impl OriginIntents {
-    /// Opens (creating) the intents directory under `state_dir`.
-    pub fn open(state_dir: &Path) -> io::Result<OriginIntents> {
-        let dir = state_dir.join(INTENTS_DIR);
-        fs::create_dir_all(&dir)?;
-        Ok(OriginIntents { dir })
+    /// The intents in `dir` (made by [`super::NodeState::open`]).
+    pub(super) fn open(dir: PathBuf) -> OriginIntents {
+        OriginIntents { dir }
     }
 
     /// Records, durably, that this node owes the upload of `template`.
@@ -59,7 +52,8 @@ impl OriginIntents {
         }
     }
 
-    /// The templates with a recorded intent.
+    /// The templates with a recorded intent (temporary files a crash left are not
+    /// intents: their record was never acknowledged).
     pub fn list(&self) -> Vec<String> {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -79,28 +73,6 @@ impl OriginIntents {
     }
 }
 
-/// Removes the random id an older lazyblk kept (`node-id`): the id now derives from the
-/// node's key ([`crate::identity`]), so the node's chunks move to their new owners once.
-pub fn forget_old_node_id(state_dir: &Path, id: &str) {
-    let path = state_dir.join(OLD_NODE_ID_FILE);
-    if let Ok(old) = fs::read_to_string(&path) {
-        tracing::info!(old = %old.trim(), new = %id, "this node's id now derives from its key (node.key)");
-        if let Err(e) = fs::remove_file(&path) {
-            tracing::warn!(path = %path.display(), error = %e, "removing the old node id");
-        }
-    }
-}
-
-/// What the store says of a commit this node intended to publish.
-pub enum Settled {
-    /// The store has this node's manifest: the upload is owed.
-    Published,
-    /// The store does not have it (or has other content): it was never published.
-    NotPublished(&'static str),
-    /// The store could not be asked.
-    Unknown(String),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,11 +80,11 @@ mod tests {
     #[test]
     fn intents_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let intents = OriginIntents::open(dir.path()).unwrap();
+        let intents = OriginIntents::open(dir.path().to_path_buf());
         intents.record("t1").unwrap();
         intents.record("t2").unwrap();
         intents.clear("t1");
-        let again = OriginIntents::open(dir.path()).unwrap();
+        let again = OriginIntents::open(dir.path().to_path_buf());
         assert_eq!(again.list(), vec!["t2".to_string()]);
     }
 }
