@@ -12,8 +12,13 @@
 //! # Layout
 //! - this file: the accept loop, one connection, its idle watch.
 //! - [`body`]: the request body's deadline and minimum rate.
+//! - [`args`]: the flags that set these bounds (`--http-max-connections`, ...), shared by
+//!   the store's and the daemon's arguments.
 
+mod args;
 mod body;
+
+pub use args::HttpArgs;
 
 use std::future::Future;
 use std::pin::Pin;
