@@ -87,12 +87,21 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let json = cli.command.json();
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // An error may quote a store, a daemon or a lease: shown without its
             // control characters (the message's own line breaks stay).
-            eprintln!("error: {}", printable::printable_lines(&format!("{e:#}")));
+            let message = printable::printable_lines(&format!("{e:#}")).into_owned();
+            eprintln!("error: {message}");
+            if json {
+                // A script reading stdout gets the failure typed, not an empty page.
+                let failure = commands::output::Failure::of(&e, message);
+                if let Err(e) = commands::output::print_json(&failure) {
+                    eprintln!("error: printing the failure as JSON: {e}");
+                }
+            }
             std::process::ExitCode::FAILURE
         }
     }

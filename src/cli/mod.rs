@@ -124,6 +124,42 @@ pub enum Command {
     Manpages(ManpagesArgs),
 }
 
+impl Command {
+    /// Whether the command was asked for `--json`: then a failure is printed on stdout
+    /// as JSON too (`commands::output::Failure`), besides the `error:` line on stderr.
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Store(_)
+            | Command::Daemon(_)
+            | Command::Completions(_)
+            | Command::Manpages(_) => false,
+            Command::Publish(a) => a.json,
+            Command::Build(a) => a.json,
+            Command::Templates(a) => a.json,
+            Command::Status(a) => a.json,
+            Command::Warm(a) => a.json,
+            Command::Evict(a) => a.json,
+            Command::Overlay(OverlayCommand::Create(a)) => a.json,
+            Command::Overlay(OverlayCommand::Delete(a)) => a.json,
+            Command::Overlay(OverlayCommand::List(a)) => a.json,
+            Command::Commit(a) => a.json,
+            Command::Resize(a) => a.json,
+            Command::Attach(a) => a.json,
+            Command::Detach(a) => a.json,
+            Command::Delete(a) => a.json,
+            Command::Gc(a) => a.json,
+            Command::Scrub(a) => a.json,
+            Command::Nodes(a) => a.json,
+            Command::NodeKey(a) => a.json,
+            Command::Keygen(a) => a.json,
+            Command::Unwarm(a) => a.json,
+            Command::Policy(PolicyCommand::Set(a)) => a.json,
+            Command::Policy(PolicyCommand::Unset(a)) => a.json,
+            Command::Policy(PolicyCommand::List(a)) => a.json,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

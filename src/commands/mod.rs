@@ -18,7 +18,11 @@
 //!   `--write-token` of `delete` and `gc` stays as a hidden alias.
 //! - **`--json` on every command that prints** a result: the server's own answer
 //!   type, pretty-printed, on stdout; progress and warnings go to stderr. Without it
-//!   the output is for a person and may change.
+//!   the output is for a person and may change. A failure with `--json` prints
+//!   [`output::Failure`] on stdout (`{"error", "status"}`: the message of the `error:`
+//!   line on stderr, and the HTTP status the server refused with, `null` when no server
+//!   answered); servers refuse with `crate::http_server::ErrorAnswer`, one type for
+//!   both servers and both clients.
 //! - **`--node URL` and `--store URL` are the only target selectors**: `--node` names a
 //!   daemon (default [`args::DEFAULT_NODE`]), `--store` a store server (default
 //!   [`crate::flags::DEFAULT_STORE`]; `URL,URL` for several servers over one bucket). A
