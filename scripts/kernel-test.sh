@@ -85,7 +85,7 @@ apt_update_once() {
   if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
 }
 
-apt_install busybox-static e2fsprogs binutils curl
+apt_install busybox-static e2fsprogs binutils curl jq
 [ "$bench" = 0 ] || apt_install fio coreutils
 [ "$fio_verify" = 0 ] || apt_install fio
 
@@ -180,6 +180,8 @@ rm -rf "$root" && mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,mnt,lib/modules,et
 cp /usr/bin/busybox "$root/bin/busybox"
 strip -o "$root/bin/lazyblk" "$LAZYBLK_BIN"
 cp "$(command -v e2fsck)" "$root/sbin/e2fsck"
+cp "$(command -v jq)" "$root/bin/jq"
+cp "$repo/scripts/guest-json.sh" "$root/json-test"
 cp -a "$data/store/." "$root/store/"
 echo "$expected_sha" >"$root/expected/blob.sha256"
 echo "$rounds" >"$root/etc/rounds"
@@ -189,7 +191,7 @@ echo "$bench" >"$root/etc/bench"
 echo "$fio_verify" >"$root/etc/fio-verify"
 echo "$fio_runtime" >"$root/etc/bench-runtime"
 echo "nbds_max=$nbds_max" >"$root/etc/nbd-params"
-dynamic=("$root/bin/lazyblk" "$root/sbin/e2fsck")
+dynamic=("$root/bin/lazyblk" "$root/sbin/e2fsck" "$root/bin/jq")
 if [ "$bench" = 1 ] || [ "$fio_verify" = 1 ]; then
   cp "$(command -v fio)" "$root/bin/fio"
   dynamic+=("$root/bin/fio")
@@ -336,6 +338,9 @@ if [ "$(cat /etc/kind)" != nbd ]; then
     poweroff -n -f
   fi
 fi
+
+# attach --json and detach --json: the documented fields (scripts/guest-json.sh).
+. /json-test
 
 # A template, read-only.
 must lazyblk attach base

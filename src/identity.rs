@@ -194,34 +194,6 @@ impl NodeKey {
     }
 }
 
-/// `lazyblk node-key`: prints the node's id and public key, making the key if the cache
-/// directory has none yet (so a store's --member-keys can list a node before it starts).
-pub fn node_key_command(args: crate::cli::NodeKeyArgs) -> anyhow::Result<()> {
-    let key = crate::daemon::node_state::load_key(&args.cache)?;
-    if args.json {
-        let doc = serde_json::json!({ "node_id": key.id(), "public_key": key.public_hex() });
-        println!("{doc}");
-    } else {
-        println!("node id     {}", key.id());
-        println!("public key  {}", key.public_hex());
-    }
-    Ok(())
-}
-
-/// `lazyblk keygen FILE`: makes a signing key for templates (PKCS#8 PEM, mode 0600; the
-/// form `openssl genpkey -algorithm ed25519` writes) and prints its public key, the line
-/// a `--trusted-keys` file lists.
-pub fn keygen_command(args: crate::cli::KeygenArgs) -> anyhow::Result<()> {
-    let key = NodeKey::create_new(&args.file)?;
-    if args.json {
-        let doc = serde_json::json!({ "public_key": key.public_hex(), "file": args.file });
-        println!("{doc}");
-    } else {
-        println!("{}", key.public_hex());
-    }
-    Ok(())
-}
-
 /// The id of the node whose public key is `key`.
 pub fn node_id_of(key: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..ID_BYTES])

@@ -2,17 +2,20 @@
 //! copying them first.
 //!
 //! # Layout
-//! - [`cli`]: the command line (DESIGN.md section 7); [`config`]: `--config FILE` of the
-//!   daemon and the store; [`docs`]: man pages and completions made from it;
-//!   [`notify`]: readiness for systemd.
+//! - [`cli`]: the command line (DESIGN.md section 7) assembled from the commands'
+//!   arguments, and `--config FILE` of the daemon and the store; [`flags`]: the flag
+//!   grammar every layer shares (sizes, labels, the token); [`notify`]: readiness for
+//!   systemd. Each command's arguments live with the code that runs it, so no module
+//!   below `cli` imports it, and none below `commands` imports that.
 //! - [`store`]: the artifact store: an HTTP server over a directory, and its client.
 //! - [`build`]: make an ext4 image from a directory or a container image and publish it.
 //! - [`publish`]: chunk an image, upload what the store lacks, publish the manifest.
 //! - [`daemon`]: the node daemon: NBD and FUSE exports over the chunk cache, the
 //!   background fill, traces, the HTTP API, the state database.
 //! - [`commands`]: the client commands, one file each (status, warm, evict, overlay,
-//!   commit, attach, templates, nodes, policy...), over one typed client per server;
-//!   its header states the flag rules and exit codes.
+//!   commit, attach, templates, nodes, policy, node-key, keygen, man pages and
+//!   completions...), over one typed client per server; its header states the flag
+//!   rules and exit codes.
 //! - [`http_client`]: the HTTP client of the commands and the daemon; [`auth`]: bearer
 //!   tokens on both HTTP servers; [`http_server`]: their accept loop, with header and
 //!   idle timeouts.
@@ -32,10 +35,9 @@ mod auth;
 mod build;
 mod cli;
 mod commands;
-mod config;
 mod daemon;
-mod docs;
 mod fdstore;
+mod flags;
 mod http_client;
 mod http_server;
 mod identity;
@@ -49,10 +51,12 @@ mod trust;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::Command;
+use clap::CommandFactory;
+
+use crate::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
-    let cli = config::parse();
+    let cli = cli::parse();
     let default_level = match cli.command {
         // fuser logs every request it has no handler for (xattrs, ioctls) as a warning;
         // the kernel gets ENOSYS and carries on, so those lines are noise.
@@ -83,12 +87,21 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let json = cli.command.json();
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // An error may quote a store, a daemon or a lease: shown without its
             // control characters (the message's own line breaks stay).
-            eprintln!("error: {}", printable::printable_lines(&format!("{e:#}")));
+            let message = printable::printable_lines(&format!("{e:#}")).into_owned();
+            eprintln!("error: {message}");
+            if json {
+                // A script reading stdout gets the failure typed, not an empty page.
+                let failure = commands::output::Failure::of(&e, message);
+                if let Err(e) = commands::output::print_json(&failure) {
+                    eprintln!("error: printing the failure as JSON: {e}");
+                }
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -105,8 +118,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Warm(args) => commands::warm::run(args).await,
         Command::Unwarm(args) => commands::unwarm::run(args).await,
         Command::Policy(cmd) => commands::policy::run(cmd).await,
-        Command::Completions(args) => docs::completions(args),
-        Command::Manpages(args) => docs::manpages(args),
+        Command::Completions(args) => commands::completions::run(args, Cli::command()),
+        Command::Manpages(args) => commands::manpages::run(args, Cli::command()),
         Command::Evict(args) => commands::evict::run(args).await,
         Command::Overlay(cmd) => commands::overlay::run(cmd).await,
         Command::Commit(args) => commands::commit::run(args).await,
@@ -117,7 +130,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Gc(args) => commands::gc::run(args).await,
         Command::Scrub(args) => commands::scrub::run(args).await,
         Command::Nodes(args) => commands::nodes::run(args).await,
-        Command::NodeKey(args) => identity::node_key_command(args),
-        Command::Keygen(args) => identity::keygen_command(args),
+        Command::NodeKey(args) => commands::node_key::run(args),
+        Command::Keygen(args) => commands::keygen::run(args),
     }
 }

@@ -2,9 +2,9 @@
 //! daemon: the output parses and its fields are the servers' typed ones (names and
 //! values a script relies on), and the flag rules of `src/commands/` hold: exit code 2
 //! for usage, 1 for a failure; a token from a file; the old `--write-token` name still
-//! accepted and not shown.
-//!
-//! (`attach`/`detach --json` need a kernel NBD device: scripts/kernel-test.sh.)
+//! accepted and not shown. A failure with `--json` prints `{"error", "status"}` on
+//! stdout: a refused attach and detach are checked here on any host; their successful
+//! JSON needs a kernel NBD device (scripts/guest-lib.sh, in the kernel test's guest).
 
 mod support;
 
@@ -308,9 +308,117 @@ fn exit_codes_say_usage_or_failure() {
         .output()
         .unwrap();
     assert_eq!(failed.status.code(), Some(1), "{failed:?}");
-    assert!(failed.stdout.is_empty(), "no JSON on a failure");
     let err = String::from_utf8_lossy(&failed.stderr);
     assert!(err.contains("unreachable"), "{err}");
+    // With --json the failure is on stdout too, typed: no server answered.
+    let failure = failure_of(&failed);
+    assert!(s(&failure, "error").contains("unreachable"), "{failure:#}");
+    assert_eq!(field(&failure, "status"), &Value::Null);
+    // Without --json stdout stays empty: the reason is on stderr only.
+    let failed = lazyblk()
+        .args(["status", "--node", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert!(
+        failed.stdout.is_empty(),
+        "no output on a failure without --json"
+    );
+}
+
+/// A failed `--json` command's stdout: `{"error", "status"}` and nothing else, the
+/// same message as the `error:` line on stderr.
+fn failure_of(out: &std::process::Output) -> Value {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let failure: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("a failure's stdout is not JSON ({e}): {stdout}"));
+    let keys: Vec<&str> = failure
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {failure:#}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["error", "status"], "{failure:#}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end(),
+        format!("error: {}", s(&failure, "error")),
+        "stderr and the JSON say the same"
+    );
+    failure
+}
+
+/// `attach` and `detach --json` refused by the daemon (or before anything is sent):
+/// exit status 1 and the typed failure on stdout, with the daemon's status. Works on
+/// any host: where the kernel has an NBD driver and the test runs as root, the attach
+/// of a template succeeds instead, and its device is checked and detached.
+#[test]
+fn refused_attach_and_detach_print_typed_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let st = store.url();
+    let image = make_ext4(dir.path(), 4, &[("a", pattern(10_000, 3))]);
+    let (ok, _, err) = run(&[
+        "publish",
+        image.to_str().unwrap(),
+        "--template",
+        "base",
+        "--store",
+        &st,
+    ]);
+    assert!(ok, "{err}");
+    let node = DaemonProc::start(&st, &dir.path().join("n1"), &[]);
+    let nd = node.url();
+    let attempt = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--node", nd.as_str(), "--json"]);
+        lazyblk().args(&all).output().unwrap()
+    };
+
+    // Refused by the daemon before any device is touched.
+    let failure = failure_of(&attempt(&["attach", "base", "--connections", "99"]));
+    assert_eq!(u(&failure, "status"), 400);
+    assert!(
+        s(&failure, "error").contains("--connections"),
+        "{failure:#}"
+    );
+    let failure = failure_of(&attempt(&["detach", "/dev/nbd0"]));
+    assert_eq!(u(&failure, "status"), 404);
+    assert!(
+        s(&failure, "error").contains("not attached by this daemon"),
+        "{failure:#}"
+    );
+    // Refused by the client: nothing was sent.
+    let failure = failure_of(&attempt(&["detach", "/dev/sda/1"]));
+    assert_eq!(field(&failure, "status"), &Value::Null);
+    assert!(
+        s(&failure, "error").contains("not a kernel block device"),
+        "{failure:#}"
+    );
+
+    // A real attach: refused where the kernel has no NBD driver (or this is not
+    // root), else a device to check and detach.
+    let out = attempt(&["attach", "base"]);
+    if out.status.success() {
+        let device: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(s(&device, "export"), "base");
+        assert_eq!(u(&device, "size"), 4 << 20);
+        assert_eq!(field(&device, "read_only"), true);
+        let path = s(&device, "device").to_string();
+        let detached = json(&["detach", &path, "--node", &nd, "--json"]);
+        assert_eq!(s(&detached, "device"), path);
+        assert_eq!(s(&detached, "export"), "base");
+    } else {
+        let failure = failure_of(&out);
+        let status = u(&failure, "status");
+        assert!((400..600).contains(&status), "{failure:#}");
+        assert!(!s(&failure, "error").is_empty(), "{failure:#}");
+        eprintln!("attach refused here ({status}): {}", s(&failure, "error"));
+    }
+    // Nothing is left attached either way.
+    let devices = json(&["status", "--devices", "--node", &nd, "--json"]);
+    assert_eq!(devices, Value::Array(vec![]));
 }
 
 /// One name per secret: `--token`, its file, or the environment; `--write-token` is an

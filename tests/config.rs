@@ -82,7 +82,7 @@ fn check_every_key(command: &str, packaged: &str, omit: &[&str]) {
         };
         assert_eq!(shown.trim_matches('"'), want, "{command}: {key}: {out}");
     }
-    // Nothing else came from the file (the unit test in src/config.rs checks that the
+    // Nothing else came from the file (the unit test in src/cli/config.rs checks that the
     // packaged files name every flag).
     let from_file = got.values().filter(|(_, s)| s == "config file").count();
     let settings = expected.keys().filter(|k| !k.ends_with("token")).count();

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::cli::BuildArgs;
+use crate::build::BuildArgs;
 
 /// The longest path Linux can open (PATH_MAX, terminating NUL included): a longer one
 /// could not be made in the staging directory nor read back from the image.

@@ -5,6 +5,7 @@
 //! image ([`debugfs`]); no step needs root.
 //!
 //! # Layout
+//! - [`args`]: its flags ([`BuildArgs`]).
 //! - [`oci`]: reading OCI image layouts and `docker save` archives.
 //! - [`registry`]: pulling an image from a registry into the layer cache.
 //! - [`credentials`]: a registry's credentials, from the flag or Docker/Podman files.
@@ -16,6 +17,7 @@
 //!
 //! A build that fails removes its work directory, whatever step failed.
 
+mod args;
 mod credentials;
 mod debugfs;
 mod headers;
@@ -25,6 +27,8 @@ mod oci;
 mod pax;
 mod registry;
 
+pub use args::BuildArgs;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -32,9 +36,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use sha2::{Digest as _, Sha256};
 
-use crate::cli::{BuildArgs, PublishArgs};
 use crate::progress::Progress;
 use crate::publish;
+use crate::publish::PublishArgs;
 
 /// Chunks uploaded at once, as `publish` does by default.
 const UPLOAD_CONCURRENCY: usize = 8;

@@ -33,7 +33,7 @@ use tokio::io::AsyncWrite;
 use super::credentials;
 use super::limits::{bytes, Limits, Refused};
 use super::oci::{self, BlobRef, Pulled};
-use crate::cli::BuildArgs;
+use crate::build::BuildArgs;
 use crate::progress::Progress;
 
 /// What `--from-oci` starts with to name an image in a registry.

@@ -2,10 +2,11 @@
 
 use clap::Args;
 
-use super::args::{label_map, parse_label, NodeArg};
+use super::args::NodeArg;
 use super::node_client::NodeClient;
 use super::output::print_json;
 use crate::daemon::api::CommitBody;
+use crate::flags::{label_map, parse_label};
 
 #[derive(Args, Debug, Clone)]
 pub struct CommitArgs {

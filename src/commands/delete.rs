@@ -3,8 +3,8 @@
 
 use clap::Args;
 
-use super::args::{TokenArg, DEFAULT_STORE};
 use super::output::print_json;
+use crate::flags::{TokenArg, DEFAULT_STORE};
 use crate::store::client::StoreClient;
 
 #[derive(Args, Debug, Clone)]

@@ -4,8 +4,8 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::HumanBytes;
 
-use super::args::{TokenArg, DEFAULT_STORE};
 use super::output::print_json;
+use crate::flags::{TokenArg, DEFAULT_STORE};
 use crate::store::client::StoreClient;
 
 #[derive(Args, Debug, Clone)]

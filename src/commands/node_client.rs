@@ -2,7 +2,7 @@
 //! daemon's own types (`crate::daemon::api` and the services behind it), so a field
 //! renamed in the daemon fails this crate's build instead of printing zeros.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -15,6 +15,7 @@ use crate::daemon::commit::CommitOutcome;
 use crate::daemon::health::ScrubProgress;
 use crate::daemon::resize::ResizeOutcome;
 use crate::daemon::sandboxes::SandboxStatus;
+use crate::http_server::ErrorAnswer;
 use crate::printable::printable;
 
 /// A client of one daemon's HTTP API.
@@ -166,17 +167,22 @@ impl NodeClient {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         if !status.is_success() {
-            bail!("{}", printable(&error_message(&text)));
+            return Err(Refused {
+                status: status.as_u16(),
+                message: printable(&ErrorAnswer::message_of(text.as_bytes())).into_owned(),
+            }
+            .into());
         }
         Ok(text)
     }
 }
 
-/// The message of a server's `{"error": "..."}` answer, or the answer itself.
-pub fn error_message(text: &str) -> String {
-    #[derive(serde::Deserialize)]
-    struct ErrorBody {
-        error: String,
-    }
-    serde_json::from_str::<ErrorBody>(text).map_or_else(|_| text.to_string(), |b| b.error)
+/// The daemon answered a request with an error status: its own message (the
+/// [`ErrorAnswer`] it sent), shown without control characters.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    /// The HTTP status of the answer (404 unknown, 409 in use, 503 no driver...).
+    pub status: u16,
+    pub message: String,
 }

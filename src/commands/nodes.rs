@@ -3,8 +3,8 @@
 use anyhow::Context;
 use clap::Args;
 
-use super::args::DEFAULT_STORE;
 use super::output::{aligned, print_json};
+use crate::flags::DEFAULT_STORE;
 use crate::printable::printable;
 use crate::store::client::connect;
 

@@ -11,6 +11,34 @@ pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `--json` prints on stdout when a command fails (exit status 1): the message
+/// the `error:` line on stderr shows, and the HTTP status the server refused with
+/// (`null` when no server answered: unreachable, or refused before anything was sent).
+#[derive(Serialize, serde::Deserialize, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub error: String,
+    pub status: Option<u16>,
+}
+
+impl Failure {
+    /// The failure `e`, whose message (`{e:#}`, made printable) is `message`.
+    pub fn of(e: &anyhow::Error, message: String) -> Failure {
+        let status = e.chain().find_map(|cause| {
+            if let Some(refused) = cause.downcast_ref::<super::node_client::Refused>() {
+                return Some(refused.status);
+            }
+            match cause.downcast_ref::<crate::store::client::StoreError>() {
+                Some(crate::store::client::StoreError::Http { status, .. }) => Some(*status),
+                _ => None,
+            }
+        });
+        Failure {
+            error: message,
+            status,
+        }
+    }
+}
+
 /// Rows of cells in aligned columns, two spaces apart, each line's end trimmed.
 pub fn aligned<R: AsRef<[String]>>(rows: &[R]) -> String {
     let columns = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);

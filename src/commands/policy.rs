@@ -3,8 +3,8 @@
 
 use clap::{Args, Subcommand};
 
-use super::args::{parse_label_key, TokenArg, DEFAULT_STORE};
 use super::output::print_json;
+use crate::flags::{parse_label_key, TokenArg, DEFAULT_STORE};
 use crate::printable::printable;
 use crate::store::center_wire::Policy;
 use crate::store::client::StoreClient;

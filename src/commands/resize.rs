@@ -2,10 +2,11 @@
 
 use clap::Args;
 
-use super::args::{label_map, parse_label, parse_size, NodeArg};
+use super::args::NodeArg;
 use super::node_client::NodeClient;
 use super::output::{human_bytes, print_json};
 use crate::daemon::api::ResizeBody;
+use crate::flags::{label_map, parse_label, parse_size};
 
 #[derive(Args, Debug, Clone)]
 pub struct ResizeArgs {

@@ -7,9 +7,10 @@ use anyhow::Context;
 use clap::Args;
 use lazyblk_cache::ScrubReport;
 
-use super::args::{NodeArg, TokenArg, DEFAULT_NODE};
+use super::args::{NodeArg, DEFAULT_NODE};
 use super::node_client::NodeClient;
 use super::output::{human_bytes, print_json};
+use crate::flags::TokenArg;
 use crate::printable::printable;
 use crate::progress::Progress;
 use crate::store::client::StoreClient;

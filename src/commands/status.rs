@@ -35,7 +35,12 @@ pub struct StatusArgs {
 /// `lazyblk status [ID]`.
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     if args.fleet {
-        return super::status_fleet::run(args).await;
+        return super::status_fleet::run(
+            args.template.as_deref(),
+            args.store.as_deref(),
+            args.json,
+        )
+        .await;
     }
     let node = NodeClient::new(&args.node)?;
     if args.devices {

@@ -4,17 +4,17 @@
 use anyhow::bail;
 
 use super::output::{aligned, print_json};
-use super::status::StatusArgs;
 use crate::printable::printable;
 use crate::store::client::StoreClient;
 
-/// `lazyblk status ID --fleet`.
-pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let (Some(store), Some(id)) = (&args.store, &args.template) else {
+/// `lazyblk status ID --fleet --store URL` (`status` hands over its template, store
+/// and `--json`).
+pub async fn run(template: Option<&str>, store: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let (Some(store), Some(id)) = (store, template) else {
         bail!("status --fleet needs a template id and --store URL");
     };
     let lines = StoreClient::new(store, None, None).fleet(id).await?;
-    if args.json {
+    if json {
         return print_json(&lines);
     }
     if lines.is_empty() {

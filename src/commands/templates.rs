@@ -4,8 +4,8 @@
 use clap::Args;
 use indicatif::HumanBytes;
 
-use super::args::{parse_label, DEFAULT_STORE};
 use super::output::print_json;
+use crate::flags::{parse_label, DEFAULT_STORE};
 use crate::printable::printable;
 use crate::store::client::connect;
 use crate::store::TemplateSummary;

@@ -3,6 +3,7 @@
 //! traces; answers the HTTP API.
 //!
 //! # Layout
+//! - [`args`]: `lazyblk daemon`'s flags ([`args::DaemonArgs`]), read by [`run`].
 //! - [`node`]: the [`node::Node`], the owners below built once and shared.
 //! - [`templates`]: the templates this node knows (manifests, learned from the store)
 //!   and the node's replica of each, with the sources its chunks come from.
@@ -38,6 +39,7 @@
 //!   store across restarts (`--fd-store`).
 
 pub mod api;
+pub mod args;
 pub mod attach;
 pub mod commit;
 pub mod counters;
@@ -72,7 +74,7 @@ use anyhow::Context;
 use lazyblk_cache::ChunkCache;
 use tokio::sync::watch;
 
-use crate::cli::DaemonArgs;
+use crate::daemon::args::DaemonArgs;
 use crate::daemon::counters::DaemonMetrics;
 use crate::daemon::exports::NodeImages;
 use crate::daemon::fill::{FillConfig, FillScheduler};

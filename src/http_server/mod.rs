@@ -12,8 +12,16 @@
 //! # Layout
 //! - this file: the accept loop, one connection, its idle watch.
 //! - [`body`]: the request body's deadline and minimum rate.
+//! - [`answer`]: the error answer (`{"error"}`) both servers send and both clients read.
+//! - [`args`]: the flags that set these bounds (`--http-max-connections`, ...), shared by
+//!   the store's and the daemon's arguments.
 
+mod answer;
+mod args;
 mod body;
+
+pub use answer::ErrorAnswer;
+pub use args::HttpArgs;
 
 use std::future::Future;
 use std::pin::Pin;

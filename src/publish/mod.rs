@@ -11,6 +11,7 @@
 //!
 //! # Layout
 //! - this module: the command, the manifest's publish and a repair of a partial one.
+//! - [`args`]: its flags ([`PublishArgs`]; `build` fills them to publish its image).
 //! - [`image`]: checking the image (size, ext4 block size).
 //! - [`pipeline`]: reading, hashing and uploading chunks.
 
@@ -25,13 +26,14 @@ use lazyblk_cache::manifest::validate_chunk_size;
 use lazyblk_cache::{validate_id, Digest, Manifest, ManifestError};
 use serde::Serialize;
 
+mod args;
 mod image;
 mod pipeline;
 
+pub use args::PublishArgs;
 use image::inspect_image;
 use pipeline::{hash_and_upload, put_with_retry, Uploader};
 
-use crate::cli::PublishArgs;
 use crate::progress::Progress;
 use crate::store::client::{PutOutcome, StoreError};
 
@@ -67,7 +69,7 @@ pub enum PublishError {
     Store(#[from] StoreError),
     /// `--token-file` gave no token.
     #[error(transparent)]
-    Token(#[from] crate::commands::args::TokenFileError),
+    Token(#[from] crate::flags::TokenFileError),
     /// The `--signing-key` file could not be read as a key.
     #[error(transparent)]
     SigningKey(#[from] crate::identity::IdentityError),

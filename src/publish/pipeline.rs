@@ -14,8 +14,8 @@ use lazyblk_cache::{Digest, Manifest};
 use tokio::sync::mpsc;
 
 use super::{blocking, encode_chunk, exists, PublishError, PublishReport, Sent};
-use crate::cli::PublishArgs;
 use crate::progress::Progress;
+use crate::publish::PublishArgs;
 use crate::store::client::{StoreClient, StoreError};
 
 /// Bytes of hashed chunks gathered before one `missing` query: ~1,600 queries for a

@@ -13,6 +13,7 @@
 //!   state), the label policy.
 //! - [`nodes`]: the fleet's membership, node leases kept as soft state.
 //! - `replica`: several store servers over one bucket (`--shared`): sharing the leases.
+//! - [`args`]: `lazyblk store`'s flags.
 //! - This file: [`run`] and the JSON documents the server and the client share.
 //!
 //! # Data flow
@@ -23,6 +24,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod args;
 pub mod backend;
 pub mod center;
 pub mod center_wire;
@@ -40,7 +42,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::StoreArgs;
+use crate::store::args::StoreArgs;
 
 /// How durable a template is in the store (DESIGN.md section 6), derived from which of
 /// its chunks are on disk.

@@ -11,6 +11,7 @@ use crate::daemon::attach::Attachments;
 use crate::daemon::fill::FillScheduler;
 use crate::daemon::health::Scrubs;
 use crate::daemon::node::Node;
+use crate::http_server::ErrorAnswer;
 
 /// What the API handlers share.
 #[derive(Clone)]
@@ -37,7 +38,7 @@ pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorAnswer { error: self.1 })).into_response()
     }
 }
 

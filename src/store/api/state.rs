@@ -12,6 +12,7 @@ use futures::StreamExt;
 use lazyblk_cache::{validate_id, Digest};
 
 use crate::auth::carries;
+use crate::http_server::ErrorAnswer;
 use crate::store::backend::{Backend, BackendError};
 
 use super::counters::StoreMetrics;
@@ -134,7 +135,9 @@ impl IntoResponse for ApiError {
         }
         (
             self.status,
-            Json(serde_json::json!({ "error": self.message })),
+            Json(ErrorAnswer {
+                error: self.message,
+            }),
         )
             .into_response()
     }

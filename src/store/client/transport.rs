@@ -9,6 +9,7 @@ use reqwest::{RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::{StoreClient, StoreError, METADATA_TIMEOUT};
+use crate::http_server::ErrorAnswer;
 use crate::printable::printable;
 
 impl StoreClient {
@@ -150,17 +151,7 @@ impl StoreClient {
         }
         // The store's message may quote a node's lease (a delete refused for its
         // users): kept without control characters wherever it is shown.
-        let detail = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or_else(|| {
-                String::from_utf8_lossy(&body)
-                    .trim()
-                    .chars()
-                    .take(500)
-                    .collect()
-            });
-        let detail = printable(&detail).into_owned();
+        let detail = printable(&ErrorAnswer::message_of(&body)).into_owned();
         Err(StoreError::Http {
             url: base.to_string(),
             status: status.as_u16(),

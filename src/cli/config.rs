@@ -21,7 +21,7 @@ use anyhow::{bail, Context};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 
-use crate::cli::Cli;
+use super::Cli;
 
 /// The commands that take `--config`.
 const CONFIGURABLE: [&str; 2] = ["daemon", "store"];
@@ -339,8 +339,8 @@ mod tests {
     #[test]
     fn the_packaged_config_files_name_every_flag() {
         for (name, file) in [
-            ("daemon", include_str!("../packaging/daemon.toml")),
-            ("store", include_str!("../packaging/store.toml")),
+            ("daemon", include_str!("../../packaging/daemon.toml")),
+            ("store", include_str!("../../packaging/store.toml")),
         ] {
             assert_eq!(keys_of(file), settings(name), "packaging/{name}.toml");
         }

@@ -1,24 +1,23 @@
-//! Documentation generated from the command line itself, so it never drifts from
-//! `--help`: shell completions (clap_complete) and man pages (clap_mangen), one page for
-//! `lazyblk` and one per command (`lazyblk-daemon.1`, `lazyblk-overlay-create.1`, ...).
-//! The Debian package ships both (`scripts/package.sh`).
+//! `lazyblk manpages DIR`: man pages made from the command line itself (clap_mangen), so
+//! they never drift from `--help`: one page for `lazyblk` and one per command
+//! (`lazyblk-daemon.1`, `lazyblk-overlay-create.1`, ...). The Debian package ships them
+//! with the completions (`scripts/package.sh`). `main` hands in the command line's
+//! definition, so this file does not depend on `crate::cli`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::CommandFactory;
+use clap::Args;
 
-use crate::cli::{Cli, CompletionsArgs, ManpagesArgs};
-
-pub fn completions(args: CompletionsArgs) -> anyhow::Result<()> {
-    let mut command = Cli::command();
-    clap_complete::generate(args.shell, &mut command, "lazyblk", &mut std::io::stdout());
-    Ok(())
+#[derive(Args, Debug, Clone)]
+pub struct ManpagesArgs {
+    /// Where to write the pages (made if missing).
+    pub dir: PathBuf,
 }
 
-pub fn manpages(args: ManpagesArgs) -> anyhow::Result<()> {
+/// Writes the pages of `command` (the whole command line) into the directory.
+pub fn run(args: ManpagesArgs, mut command: clap::Command) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("making {}", args.dir.display()))?;
-    let mut command = Cli::command();
     command.build();
     let written = write_pages(&command, "lazyblk", &args.dir)?;
     eprintln!("manpages: {written} pages in {}", args.dir.display());
