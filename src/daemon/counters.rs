@@ -10,7 +10,7 @@ use std::time::Duration;
 use lazyblk_cache::fetch::{ChunkRef, FetchObserver};
 use lazyblk_cache::source::SourceError;
 
-use super::store_links::{StoreLabel, StoreRequestLabel};
+use super::store_links::StoreLinks;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -108,10 +108,8 @@ pub struct DaemonMetrics {
     pub cache_degraded: Gauge,
     pub cache_write_failures: Gauge<u64, AtomicU64>,
     pub cache_corrupt_files: Gauge<u64, AtomicU64>,
-    /// What a request to each store takes, small ranges and whole chunks (running
-    /// means, see `lazyblk_cache::link`), and whether reads fetch whole chunks there.
-    pub store_request_seconds: Family<StoreRequestLabel, Gauge<f64, AtomicU64>>,
-    pub store_prefers_whole_chunks: Family<StoreLabel, Gauge>,
+    /// What a request to each store takes, and whether reads fetch whole chunks there.
+    pub store_links: StoreLinks,
     /// Chunks and bytes this node served to peers as their owner (bytes as sent: the
     /// stored form where the peer took it).
     peer_chunks_served: Counter,
@@ -158,8 +156,7 @@ impl DaemonMetrics {
             cache_degraded: Gauge::default(),
             cache_write_failures: Gauge::default(),
             cache_corrupt_files: Gauge::default(),
-            store_request_seconds: Family::default(),
-            store_prefers_whole_chunks: Family::default(),
+            store_links: StoreLinks::default(),
             peer_chunks_served: Counter::default(),
             peer_bytes_served: Counter::default(),
             peer_bytes_sent: Counter::default(),
@@ -324,16 +321,7 @@ impl DaemonMetrics {
                 "Cached chunk files found corrupt (and dropped) since start",
                 m.cache_corrupt_files.clone(),
             );
-            r.register(
-                "store_request_seconds",
-                "Mean time of a request to each store, from the request to its last byte: kind=small (a range of at most 64 KiB: about the link's latency) or kind=whole (a whole chunk); absent until measured",
-                m.store_request_seconds.clone(),
-            );
-            r.register(
-                "store_prefers_whole_chunks",
-                "1 while reads fetch whole chunks from the store instead of blocks, because a whole chunk takes about as long as a small range there (a store tens of milliseconds away)",
-                m.store_prefers_whole_chunks.clone(),
-            );
+            m.store_links.register(r);
             r.register(
                 "device_attach_seconds",
                 "Phases of kernel block device attaches (handshake, connect, size_visible) and of their reconnects after a restart (handshake, reconfigure)",

@@ -2,10 +2,13 @@
 //! `lazyblk_store_prefers_whole_chunks`): what a request to each store takes, as the
 //! chunk cache measures it (`lazyblk_cache::link`), set at each scrape.
 
+use std::sync::atomic::AtomicU64;
+
 use lazyblk_cache::source::Source;
 use prometheus_client::encoding::EncodeLabelSet;
-
-use super::counters::DaemonMetrics;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabel {
@@ -18,9 +21,29 @@ pub struct StoreRequestLabel {
     pub kind: &'static str,
 }
 
-impl DaemonMetrics {
-    /// Sets the store link gauges from each store source's measured request times.
-    pub fn set_store_links(&self, sources: &[Source]) {
+/// The gauges of every store source's link.
+#[derive(Default)]
+pub struct StoreLinks {
+    request_seconds: Family<StoreRequestLabel, Gauge<f64, AtomicU64>>,
+    prefers_whole_chunks: Family<StoreLabel, Gauge>,
+}
+
+impl StoreLinks {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "store_request_seconds",
+            "Mean time of a request to each store, from the request to its last byte: kind=small (a range of at most 64 KiB: about the link's latency) or kind=whole (a whole chunk); absent until measured",
+            self.request_seconds.clone(),
+        );
+        r.register(
+            "store_prefers_whole_chunks",
+            "1 while reads fetch whole chunks from the store instead of blocks, because a whole chunk takes about as long as a small range there (a store tens of milliseconds away)",
+            self.prefers_whole_chunks.clone(),
+        );
+    }
+
+    /// Sets the gauges from each store source's measured request times.
+    pub fn set(&self, sources: &[Source]) {
         for source in sources {
             let Some(link) = source.link() else { continue };
             let store = source.name().to_string();
@@ -31,12 +54,10 @@ impl DaemonMetrics {
                         store: store.clone(),
                         kind,
                     };
-                    self.store_request_seconds
-                        .get_or_create(&label)
-                        .set(seconds);
+                    self.request_seconds.get_or_create(&label).set(seconds);
                 }
             }
-            self.store_prefers_whole_chunks
+            self.prefers_whole_chunks
                 .get_or_create(&StoreLabel { store })
                 .set(i64::from(link.whole_is_cheaper()));
         }

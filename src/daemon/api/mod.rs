@@ -261,7 +261,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .cache_write_failures
         .set(health.write_failures());
     node.metrics.cache_corrupt_files.set(usage.corrupt_files);
-    node.metrics.set_store_links(node.templates.store_sources());
+    node.metrics.store_links.set(node.templates.store_sources());
     if let Some(peers) = &node.peers {
         node.metrics.set_peer_stats(&peers.stats());
     }
