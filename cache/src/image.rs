@@ -230,7 +230,7 @@ impl TemplateImage {
             .copied()
             .flatten()
             .is_some_and(|digest| self.cache.store().contains(&digest));
-        if !page_local && crate::partial::whole_is_cheaper(&self.sources) {
+        if !page_local && crate::partial::whole_is_cheaper(&self.sources, false) {
             return false;
         }
         tracing::trace!(template = %self.id, index = chunk.index, within, len = buf.len(), "reading blocks");

@@ -14,15 +14,16 @@
 //!
 //! So each source keeps two running means of what its successful requests took, from
 //! the request to the last byte of the body: small ranges (a table, a few blocks: at
-//! most [`SMALL_RANGE`] bytes) and whole chunks. A read that would fetch blocks
-//! fetches the chunk whole instead when the whole takes at most [`WHOLE_VS_SMALL`]
-//! small requests ([`LinkTimes::whole_is_cheaper`]), once each mean has
-//! [`MIN_SAMPLES`] samples: a chunk's first read then costs less than its table and
-//! blocks would, a later read (its table known) at most half a request's time more than
-//! its blocks, and every read after it is local (in B12's first boot two chunks in
-//! three were read more than once). Until then, and on a link where a whole chunk
-//! costs more (loopback, a LAN: a request costs about its bytes), reads fetch blocks as
-//! before. Blocks a read finds in memory (a replay's) are used first either way.
+//! most [`SMALL_RANGE`] bytes) and whole chunks ([`LinkTimes::whole_is_cheaper`]),
+//! which decide once each has [`MIN_SAMPLES`] samples. A chunk's first read, which
+//! would fetch its table and then its blocks, fetches the chunk whole instead when the
+//! whole takes at most [`WHOLE_VS_TABLE_AND_BLOCKS`] small requests: never slower, and
+//! every later read of the chunk is local (in B12's first boot two chunks in three were
+//! read more than once, four times on average). A later read of a chunk whose table is
+//! known does when the whole takes at most [`WHOLE_VS_BLOCKS`]. Until the means are
+//! known, and on a link where a whole chunk costs more (loopback, a LAN: a request
+//! costs about its bytes), reads fetch blocks as before. Blocks a read finds in memory
+//! (a replay's) are used first either way.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -34,13 +35,17 @@ pub const SMALL_RANGE: u64 = 64 * 1024;
 /// Samples of each kind before the means decide anything: the first requests of a
 /// node (a new connection, TLS) are slower than the link.
 pub const MIN_SAMPLES: u32 = 4;
-/// A whole chunk is fetched instead of blocks when it takes at most this many small
-/// requests: under the two (table, blocks) of a chunk's first read, and at most half a
-/// request more than the blocks of a later one. A store 20 ms away at 1 Gbit/s takes
-/// about 1.15 (a 400 KiB stored chunk), 60 ms away at 200 Mbit/s about 1.3; loopback
-/// about 3 or more, unless the chunks compress to a few KiB (then fetching one whole
-/// costs nothing either).
-pub const WHOLE_VS_SMALL: f64 = 1.5;
+/// A chunk's first read (its table not known) fetches it whole when that takes at most
+/// this many small requests: the two it replaces, one after the other. A store 20 ms
+/// away at 1 Gbit/s takes about 1.15 (a 400 KiB stored chunk), 60 ms away at
+/// 200 Mbit/s about 1.3, through B12's emulated guest network up to about 1.7;
+/// loopback 3 or more, unless the chunks compress to a few KiB (then a whole one costs
+/// nothing either).
+pub const WHOLE_VS_TABLE_AND_BLOCKS: f64 = 2.0;
+/// A later read (the table known) fetches the chunk whole when that takes at most this
+/// many small requests: at most half a request more than its blocks, for a chunk that
+/// is being read again.
+pub const WHOLE_VS_BLOCKS: f64 = 1.5;
 /// The weight of a new sample in a running mean: 1/8 follows a link that changes
 /// within a few dozen requests and is not swayed by one slow answer.
 const WEIGHT: f64 = 1.0 / 8.0;
@@ -94,14 +99,21 @@ impl LinkTimes {
         self.lock().1.add(took);
     }
 
-    /// Whether a chunk's whole fetch takes at most [`WHOLE_VS_SMALL`] small requests;
-    /// `false` until both means are known.
-    pub fn whole_is_cheaper(&self) -> bool {
+    /// Whether a read of a chunk should fetch it whole rather than in blocks: when the
+    /// whole takes at most [`WHOLE_VS_TABLE_AND_BLOCKS`] small requests (the chunk's
+    /// table not known) or [`WHOLE_VS_BLOCKS`] (known); `false` until both means are
+    /// known.
+    pub fn whole_is_cheaper(&self, table_known: bool) -> bool {
+        let factor = if table_known {
+            WHOLE_VS_BLOCKS
+        } else {
+            WHOLE_VS_TABLE_AND_BLOCKS
+        };
         match self.snapshot() {
             LinkSnapshot {
                 small: Some(small),
                 whole: Some(whole),
-            } => whole <= WHOLE_VS_SMALL * small,
+            } => whole <= factor * small,
             _ => false,
         }
     }
@@ -134,14 +146,14 @@ mod tests {
             link.range(600, ms(20));
             link.whole(ms(24));
         }
-        assert!(!link.whole_is_cheaper());
+        assert!(!link.whole_is_cheaper(false));
         link.range(600, ms(20));
         assert!(
-            !link.whole_is_cheaper(),
+            !link.whole_is_cheaper(false),
             "whole chunks still have too few samples"
         );
         link.whole(ms(24));
-        assert!(link.whole_is_cheaper());
+        assert!(link.whole_is_cheaper(false));
     }
 
     #[test]
@@ -156,8 +168,20 @@ mod tests {
             near.range(4000, Duration::from_micros(200));
             near.whole(ms(1));
         }
-        assert!(far.whole_is_cheaper());
-        assert!(!near.whole_is_cheaper());
+        assert!(far.whole_is_cheaper(false));
+        assert!(!near.whole_is_cheaper(false));
+    }
+
+    #[test]
+    fn a_later_read_needs_a_cheaper_whole_chunk_than_a_first_one() {
+        let link = LinkTimes::default();
+        for _ in 0..MIN_SAMPLES {
+            link.range(600, ms(20));
+            // 1.75 small requests: under the table and blocks, over blocks alone.
+            link.whole(ms(35));
+        }
+        assert!(link.whole_is_cheaper(false));
+        assert!(!link.whole_is_cheaper(true));
     }
 
     #[test]
@@ -168,7 +192,7 @@ mod tests {
             link.whole(ms(30));
         }
         assert_eq!(link.snapshot().small, None);
-        assert!(!link.whole_is_cheaper());
+        assert!(!link.whole_is_cheaper(false));
     }
 
     #[test]
@@ -178,11 +202,11 @@ mod tests {
             link.range(600, ms(20));
             link.whole(ms(25));
         }
-        assert!(link.whole_is_cheaper());
+        assert!(link.whole_is_cheaper(false));
         // The link gets slow for large bodies (a rate cap): whole chunks now take 200 ms.
         for _ in 0..40 {
             link.whole(ms(200));
         }
-        assert!(!link.whole_is_cheaper());
+        assert!(!link.whole_is_cheaper(false));
     }
 }

@@ -87,14 +87,15 @@ fn copy_blocks(
     true
 }
 
-/// Whether the first of `sources` that serves ranges takes no longer for a whole chunk
-/// than for two small ranges, one after the other ([`crate::link`]).
-pub fn whole_is_cheaper(sources: &[Source]) -> bool {
+/// Whether a read of a chunk (whose table is known or not) should fetch it whole from
+/// the first of `sources` that serves ranges, as that source's measured link says
+/// ([`crate::link::LinkTimes::whole_is_cheaper`]).
+pub fn whole_is_cheaper(sources: &[Source], table_known: bool) -> bool {
     sources
         .iter()
         .find(|s| s.serves_ranges())
         .and_then(Source::link)
-        .is_some_and(|link| link.whole_is_cheaper())
+        .is_some_and(|link| link.whole_is_cheaper(table_known))
 }
 
 impl ChunkCache {
@@ -172,11 +173,10 @@ impl ChunkCache {
                 .acquire(Priority::Demand, &Promotion::default())
                 .await
         };
-        // Where a whole chunk costs the first source that serves ranges no more than
-        // its table and then its blocks, the read takes the whole chunk: at most one
-        // request's time more than the blocks alone when the table is known, and every
-        // later read of the chunk is local (`crate::link`).
-        if whole_is_cheaper(sources) {
+        // Where a whole chunk costs the first source that serves ranges about what its
+        // table and blocks (or, the table known, its blocks) do, the read takes the
+        // whole chunk, and every later read of it is local (`crate::link`).
+        if whole_is_cheaper(sources, known.is_some()) {
             tracing::debug!(template = %chunk.template, index = chunk.index, "a whole chunk costs this link about what its blocks do; reading it whole");
             return false;
         }

@@ -190,6 +190,8 @@ for stat in /proc/[0-9]*/stat; do
   set -- $rest
   echo "LB-DAEMON-CPU ticks=$(( ${12} + ${13} )) hz=$(getconf CLK_TCK 2>/dev/null || echo 100)" >/dev/ttyS0
 done
+# What the node measured of its store link (whole chunks or blocks, cache/src/link.rs).
+echo "$metrics" | grep '^lazyblk_store_' | sed 's/^/LB-LINK /' >/dev/ttyS0
 replayed=$(echo "$metrics" | awk '$1 == "lazyblk_replay_bytes_total" { printf "%.0f", $2 }')
 echo "LB-REPLAY bytes=${replayed:-0}" >/dev/ttyS0
 mode=$(sed -n 's/.*lb_mode=\([a-z]*\).*/\1/p' /proc/cmdline)
@@ -251,6 +253,8 @@ for mode in $modes; do
     console=$run/console-$mode-$r.log
     replayed=$(grep -aoE 'LB-REPLAY bytes=[0-9]+' "$console" | head -1 | cut -d= -f2 || true)
     [ "$mode" = cold ] && say "cold boot $r: its replay of the boot trace fetched ${replayed:-0} bytes"
+    grep -aoE 'LB-LINK [^ ]+ [0-9.e+-]+' "$console" | sed "s/^LB-LINK /$mode boot $r: the node's store link: /" |
+      while read -r line; do say "$line"; done || true
     cpu=$(grep -aoE 'LB-DAEMON-CPU ticks=[0-9]+' "$console" | head -1 | cut -d= -f2 || true)
     [ -z "$cpu" ] || say "$mode boot $r: the node's daemon used $(awk -v t="$cpu" 'BEGIN { printf "%.2f", t / 100 }') s of CPU in the guest"
     if [ "$mode" = first ]; then

@@ -37,7 +37,7 @@ impl StoreLinks {
         );
         r.register(
             "store_prefers_whole_chunks",
-            "1 while reads fetch whole chunks from the store instead of blocks, because a whole chunk takes about as long as a small range there (a store tens of milliseconds away)",
+            "1 while a chunk's first read fetches it whole from the store instead of its table and blocks, because a whole chunk takes at most two small ranges there (a store tens of milliseconds away)",
             self.prefers_whole_chunks.clone(),
         );
     }
@@ -59,7 +59,7 @@ impl StoreLinks {
             }
             self.prefers_whole_chunks
                 .get_or_create(&StoreLabel { store })
-                .set(i64::from(link.whole_is_cheaper()));
+                .set(i64::from(link.whole_is_cheaper(false)));
         }
     }
 }
