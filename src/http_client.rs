@@ -11,9 +11,20 @@ use std::time::Duration;
 /// that an unreachable one is reported at once.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A client with [`CONNECT_TIMEOUT`].
+/// How long an idle keep-alive connection is kept for the next request: half the idle
+/// time lazyblk's HTTP servers allow ([`crate::http_server::IDLE_TIMEOUT`]), so a
+/// request is never sent on a connection the server is closing for idleness (the
+/// client would get a reset or an unanswered close instead of an answer).
+pub const POOL_IDLE_TIMEOUT: Duration =
+    Duration::from_secs(crate::http_server::IDLE_TIMEOUT.as_secs() / 2);
+
+/// A client with [`CONNECT_TIMEOUT`] and [`POOL_IDLE_TIMEOUT`].
 pub fn http_client() -> reqwest::Client {
-    let builder = || reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+    let builder = || {
+        reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+    };
     match builder().build() {
         Ok(client) => client,
         Err(e) => {

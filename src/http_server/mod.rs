@@ -1,21 +1,26 @@
 //! The HTTP server loop of the store and the daemon: axum routers over hyper's HTTP/1
-//! connections, with the bounds `axum::serve` lacks. A client that does not finish a
-//! request's headers within [`HEADER_TIMEOUT`] is dropped, and so is a keep-alive
-//! connection that stays idle for [`IDLE_TIMEOUT`] between requests; a request body
-//! has a deadline and a minimum rate ([`body`]); connections served at once are
-//! bounded below the descriptor limit (more wait in the listen backlog), so slow
-//! clients cannot take the descriptors that `/healthz` and the chunk files need; a
-//! connection closed before its request body was read lingers briefly, so the client
-//! reads the answer (a 401) instead of a reset. A handler that works long (a commit, a
-//! gc) is not cut off.
+//! connections, with the bounds `axum::serve` lacks. A new connection whose client sends
+//! no request within [`HEADER_TIMEOUT`] is closed, a request whose headers began but did
+//! not finish within [`HEADER_TIMEOUT`] is answered 408, and a keep-alive connection
+//! that stays idle for [`IDLE_TIMEOUT`] between requests is closed; a connection whose
+//! client has sent bytes the server has not read yet is never closed by these
+//! deadlines (the server, not the client, was late: a stopped or starved process). A
+//! request body has a deadline and a minimum rate ([`body`]); connections served at
+//! once are bounded below the descriptor limit (more wait in the listen backlog), so
+//! slow clients cannot take the descriptors that `/healthz` and the chunk files need.
+//! Every connection ends by lingering briefly, reading what its client still sends, so
+//! the client reads the answer (a 401, a 408) or an orderly close, never a reset. A
+//! handler that works long (a commit, a gc) is not cut off.
 //!
 //! # Layout
-//! - this file: the accept loop, one connection, its idle watch.
+//! - this file: the accept loop, one connection and how it ends.
+//! - [`activity`]: a connection's activity and its deadlines.
 //! - [`body`]: the request body's deadline and minimum rate.
 //! - [`answer`]: the error answer (`{"error"}`) both servers send and both clients read.
 //! - [`args`]: the flags that set these bounds (`--http-max-connections`, ...), shared by
 //!   the store's and the daemon's arguments.
 
+mod activity;
 mod answer;
 mod args;
 mod body;
@@ -24,25 +29,29 @@ pub use answer::ErrorAnswer;
 pub use args::HttpArgs;
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use activity::{has_unread, Activity, InFlight, Overdue, Watched};
 use body::BodyDeadline;
 
-/// Time a client has to send a request's headers.
+/// Time a client has to send a request's headers: from connecting for the first
+/// request, from the request's first byte for a later one.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a connection may sit with no bytes moving and no request being answered.
+/// Time a keep-alive connection may sit between requests with no bytes moving. Clients
+/// of lazyblk's own keep their idle connections for less ([`crate::http_client`]), so
+/// they never send a request on a connection the server is closing.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a connection's deadlines are looked at.
+const DEADLINE_CHECK: Duration = Duration::from_millis(500);
 /// Pause after a failed accept (out of descriptors): lets connections close.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long connections get to finish at shutdown.
@@ -163,15 +172,15 @@ async fn serve_one(
     limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The socket's descriptor, to look for unread bytes; open as long as `conn` is.
+    let fd = stream.as_raw_fd();
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         inner: stream,
         activity: activity.clone(),
     });
-    let busy = activity.clone();
     let service = tower::ServiceBuilder::new()
         .map_request(move |req: hyper::Request<hyper::body::Incoming>| {
-            busy.requests.fetch_add(1, Ordering::Relaxed);
             req.map(|body| axum::body::Body::new(BodyDeadline::new(body, limits)))
         })
         .service(router);
@@ -179,30 +188,48 @@ async fn serve_one(
         inner: service,
         activity: activity.clone(),
     };
+    // No hyper header_read_timeout: the deadlines are [`Activity::overdue`]'s.
     let mut conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(io, TowerToHyperService::new(service));
-    let mut ticker = tokio::time::interval(IDLE_TIMEOUT / 4);
-    loop {
+    let mut ticker = tokio::time::interval(DEADLINE_CHECK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let overdue = loop {
         tokio::select! {
             result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "HTTP connection ended");
-                    return;
                 }
-                break;
+                break None;
             }
             _ = stop.changed() => Pin::new(&mut conn).graceful_shutdown(),
             _ = ticker.tick() => {
-                if activity.idle_for() > IDLE_TIMEOUT {
-                    tracing::debug!("closing an idle HTTP connection");
-                    return;
+                if let Some(why) = activity.overdue(has_unread(fd)) {
+                    tracing::debug!(?why, "closing an HTTP connection past its deadline");
+                    break Some(why);
                 }
             }
         }
+    };
+    let mut stream = conn.into_parts().io.into_inner().inner;
+    if overdue == Some(Overdue::Head) {
+        // No request is being answered: the connection is free for an answer.
+        let _ = stream.write_all(head_timeout_answer().as_bytes()).await;
     }
-    linger(conn.into_parts().io.into_inner().inner).await;
+    // Every way out lingers: what the client sent is read, never left to reset.
+    linger(stream).await;
+}
+
+/// The answer to a request whose head did not arrive within [`HEADER_TIMEOUT`].
+fn head_timeout_answer() -> String {
+    let body = format!(
+        "{{\"error\":\"the request's headers did not arrive within {} seconds\"}}",
+        HEADER_TIMEOUT.as_secs()
+    );
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Closes a finished connection: sends what is written, then reads and drops what the
@@ -222,132 +249,4 @@ async fn linger(mut stream: TcpStream) {
         }
     })
     .await;
-}
-
-/// When bytes last moved on a connection, and how many requests are being answered.
-struct Activity {
-    epoch: Instant,
-    last_us: AtomicU64,
-    /// Requests started minus requests answered.
-    requests: AtomicU64,
-    answered: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            epoch: Instant::now(),
-            last_us: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            answered: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        self.last_us
-            .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// How long the connection has been idle; zero while a request is being answered.
-    fn idle_for(&self) -> Duration {
-        if self.requests.load(Ordering::Relaxed) > self.answered.load(Ordering::Relaxed) {
-            return Duration::ZERO;
-        }
-        let last = Duration::from_micros(self.last_us.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
-    }
-}
-
-/// Counts a request as answered when its response future completes.
-#[derive(Clone)]
-struct InFlight<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S, R> tower::Service<R> for InFlight<S>
-where
-    S: tower::Service<R>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        let fut = self.inner.call(req);
-        let activity = self.activity.clone();
-        Box::pin(async move {
-            let out = fut.await;
-            activity.answered.fetch_add(1, Ordering::Relaxed);
-            activity.touch();
-            out
-        })
-    }
-}
-
-/// A stream that notes when bytes move.
-struct Watched {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    // Vectored writes make hyper queue a response's pieces instead of copying them into
-    // a buffer of its own: a piece (and its room in a budget, see the daemon's peer
-    // responses) is released when it has been written to the socket.
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
