@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub use crate::chunk_ref::ChunkRef;
 use crate::chunk_store::{ChunkFile, ChunkStore, ChunkStoreError};
 use crate::digest::Digest;
 pub use crate::health::{CacheHealth, CacheUsage};
@@ -34,15 +35,17 @@ use crate::source::SourceError;
 
 mod budget;
 mod chunk;
+pub(crate) mod flight;
 mod inflight;
 pub(crate) mod ranges;
 pub(crate) mod runner;
 mod whole;
+mod work;
 
 pub use budget::ReadBudget;
 pub use chunk::Chunk;
-pub(crate) use inflight::FetchKey;
-use inflight::Flight;
+pub(crate) use flight::FetchKey;
+use flight::Flight;
 
 /// The default time one source gets to deliver one chunk. Well under the kernel NBD
 /// client's 30 s request timeout, so that a stalled source is passed over and the read
@@ -62,15 +65,6 @@ pub const MAX_FETCHES_IN_FLIGHT: usize =
 pub const DEFAULT_READ_BUDGET: Duration = Duration::from_secs(20);
 /// Pause between passes.
 const PASS_BACKOFF: Duration = Duration::from_millis(200);
-
-/// Which chunk of which template a fetch is for (the context of every log line).
-#[derive(Clone, Debug)]
-pub struct ChunkRef {
-    pub template: Arc<str>,
-    pub index: usize,
-    pub digest: Digest,
-    pub len: u64,
-}
 
 /// Why a chunk could not be made local.
 #[derive(Debug, thiserror::Error)]

@@ -71,6 +71,7 @@ pub mod block_memory;
 pub mod blocking;
 pub mod blocks;
 pub mod buffers;
+pub mod chunk_ref;
 pub mod chunk_store;
 pub mod digest;
 pub mod durable;

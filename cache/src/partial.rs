@@ -43,7 +43,7 @@ use bytes::Bytes;
 use crate::block_memory::{BLOCK_CACHE_BYTES, SEQUENTIAL_READS, TABLE_OFFSETS_KEPT};
 use crate::blocks::{block_count, table_len, BlockTable};
 use crate::digest::Digest;
-use crate::fetch::ranges::RangeValue;
+use crate::fetch::flight::RangeValue;
 use crate::fetch::runner::{Answer, Run, Want};
 use crate::fetch::FetchKey;
 use crate::fetch::{ChunkCache, ChunkRef, ReadBudget};

@@ -49,11 +49,9 @@ pub const FAILURES_BEFORE_BACKOFF: u32 = 2;
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// The shortest hedge delay: a peer's cold answer includes its own fetch from the
-/// store, tens of milliseconds on a LAN, so a second is well past a healthy owner's
-/// answer even on a loaded node; hedging sooner would cost the store the copies that
-/// asking the owner saves.
-pub const HEDGE_DELAY_MIN: Duration = Duration::from_secs(1);
+/// The shortest hedge delay (see [`crate::peers::HEDGE_DELAY_MIN`]: how long a healthy
+/// node takes at most to answer).
+pub use crate::peers::HEDGE_DELAY_MIN;
 /// The longest hedge delay, and the delay before any node has answered (a wave of
 /// cold reads, when the owners are busiest): half the default source deadline, so a
 /// hedged read still has most of its budget for the next source.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::fetch::ChunkRef;
+use crate::chunk_ref::ChunkRef;
 use crate::peers::PeerSet;
 
 pub use crate::transport::{HttpClients, HttpSource, ObjectSource, SourceError};

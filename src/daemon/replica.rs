@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use lazyblk_cache::{Manifest, Overlay, TemplateImage};
 
 use crate::daemon::node_state::phases::{now_rfc3339, Phase};
-use crate::daemon::replay::ReplaySlot;
+use crate::daemon::replay::slot::ReplaySlot;
 use crate::daemon::trace::TraceRecorder;
 use crate::daemon::users::{UserLease, Users};
 

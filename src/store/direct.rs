@@ -9,8 +9,7 @@ use bytes::Bytes;
 use lazyblk_cache::{Digest, Manifest, ObjectSource};
 
 use super::backend::{Backend, BackendError, ManifestPut};
-use super::client::SignedManifest;
-use super::error::{parse_manifest, PutOutcome, StoreError};
+use super::error::{parse_manifest, PutOutcome, SignedManifest, StoreError};
 use super::TraceDoc;
 use crate::trust::ManifestSignature;
 

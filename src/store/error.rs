@@ -1,6 +1,9 @@
-//! What the store's clients (over HTTP, or on an object store directly) report.
+//! What the store's clients (over HTTP, or on an object store directly) report: their
+//! errors, a manifest as read, and a publish's outcome.
 
 use lazyblk_cache::{Manifest, ManifestError};
+
+use crate::trust::{ManifestSignature, TrustError};
 
 /// Why a store request failed; each variant names the store and what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -60,4 +63,12 @@ pub(crate) fn parse_manifest(bytes: &[u8], id: &str, url: &str) -> Result<Manife
         url: url.to_string(),
         source,
     })
+}
+
+/// A manifest as the store keeps it: parsed, its exact bytes, and its signature (an
+/// error when the one stored is malformed, so a reader can say so).
+pub struct SignedManifest {
+    pub manifest: Manifest,
+    pub bytes: Vec<u8>,
+    pub signature: Result<Option<ManifestSignature>, TrustError>,
 }

@@ -9,9 +9,9 @@ use std::sync::{Arc, MutexGuard};
 
 use lru::LruCache;
 
-use super::stored_form::Kept;
 use super::{ChunkStore, MAX_OPEN_CHUNK_FILES};
 use crate::digest::Digest;
+use crate::encoding::Encoding;
 use crate::pins::Pins;
 
 /// The locked index. Fields drop in order: the lock is released before the thread may
@@ -56,6 +56,17 @@ impl Entry {
     pub(super) fn disk_len(&self) -> u64 {
         self.len + self.stored.as_ref().map_or(0, |k| k.len)
     }
+}
+
+/// What the index knows of a chunk's kept stored form (see `stored_form`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Kept {
+    pub(super) len: u64,
+    pub(super) encoding: Encoding,
+    /// Encoded by this node, not fetched: it may differ from the store's object.
+    pub(super) made_here: bool,
+    /// Written or checked by this daemon (else hashed at its first open).
+    pub(super) verified: bool,
 }
 
 pub(super) struct Index {

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 
 use lru::LruCache;
 
-use super::index::Entry;
+use super::index::{Entry, Kept};
 use super::verify::VERIFY_BUFFER;
 use super::write::{start_write_back, WRITE_PIECE};
 use super::{ChunkFile, ChunkStore, ChunkStoreError};
@@ -38,17 +38,6 @@ use crate::encoding::{Encoding, StoredVerifier};
 const STORED_DIR: &str = "stored";
 /// The name part of a form encoded here (between the digest and the encoding).
 const MADE_HERE: &str = "made.";
-
-/// What the index knows of a chunk's kept stored form.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Kept {
-    pub(super) len: u64,
-    pub(super) encoding: Encoding,
-    /// Encoded by this node, not fetched: it may differ from the store's object.
-    made_here: bool,
-    /// Written or checked by this daemon (else hashed at its first open).
-    verified: bool,
-}
 
 /// A chunk's stored form, open for streaming to a peer. The chunk's own file rides
 /// along: while this lives, neither is evicted.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::flight::{FetchKey, Flight, Outcome, Progress};
 use super::whole::Verified;
+use super::work::{run_at, READERS_ACTIVE};
 use super::{Chunk, ChunkCache, ChunkRef, FetchError, ReadBudget};
 use crate::chunk_store::{ChunkFile, ChunkStoreError};
 use crate::digest::Digest;
@@ -23,66 +25,6 @@ impl Drop for DemandGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Runs blocking work (hashing, writing) at `priority`: fills on the low-priority
-/// threads, the rest on tokio's blocking pool.
-pub(super) async fn run_at<T, F>(
-    priority: Priority,
-    readers_active: bool,
-    f: F,
-) -> Result<T, String>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    match priority {
-        Priority::Demand | Priority::Prefetch => tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| e.to_string()),
-        Priority::Fill => crate::background::run(readers_active, f).await,
-    }
-}
-
-/// Reads within this long make a fill's blocking work yield the CPU (SCHED_IDLE).
-pub(super) const READERS_ACTIVE: Duration = Duration::from_millis(50);
-
-/// The state of one fetch, as its readers see it.
-#[derive(Clone)]
-pub(super) enum Progress {
-    Fetching,
-    /// Verified bytes, being written to the cache.
-    Verified(Bytes),
-    /// The chunk is in the cache.
-    Stored(ChunkFile),
-    /// Verified bytes that could not be written to the cache (disk full, I/O error):
-    /// readers are answered from the bytes; fills, which need the file, get the error.
-    Unstored(Bytes, Arc<FetchError>),
-    Failed(Arc<FetchError>),
-}
-
-type Outcome = Progress;
-
-/// A whole chunk's fetch under way: its progress, the flag a demand reader sets when it
-/// joins, and whether it runs on the background runtime (which a demand read does not
-/// wait on).
-pub(super) type InFlight = (watch::Receiver<Outcome>, Arc<Promotion>, bool);
-
-/// What the in-flight table is keyed by: a whole chunk, or a byte range of its stored
-/// object that a small read fetches ([`crate::partial`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum FetchKey {
-    Chunk(Digest),
-    /// The chunk's table.
-    Table(Digest),
-    /// Blocks `.1..=.2` of the chunk.
-    Blocks(Digest, usize, usize),
-}
-
-/// One entry of the in-flight table.
-pub(super) enum Flight {
-    Chunk(InFlight),
-    Range(super::ranges::RangeFlight),
 }
 
 impl ChunkCache {

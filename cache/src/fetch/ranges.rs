@@ -9,28 +9,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::inflight::{FetchKey, Flight};
+use super::flight::{FetchKey, Flight, RangeValue};
 use super::ChunkCache;
-
-/// What a range fetch gave its readers: `None` when it failed (they read the chunk
-/// whole).
-#[derive(Clone, Debug)]
-pub(crate) enum RangeValue {
-    /// The chunk's table was fetched and its layout kept
-    /// ([`crate::block_memory::Partial::layout`]; without a table when the chunk is not
-    /// stored in blocks).
-    Table,
-    /// The verified blocks, in order, from the block numbered `.0`.
-    Blocks(usize, Arc<Vec<Bytes>>),
-}
-
-/// A range fetch under way, as its followers see it: `None` until it ends.
-pub(crate) type RangeFlight = watch::Receiver<Option<Option<RangeValue>>>;
 
 impl ChunkCache {
     /// The outcome of the range fetch `key`: joined if one is under way, else run here

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::inflight::{run_at, READERS_ACTIVE};
 use super::runner::{Answer, Run, Want};
+use super::work::{run_at, READERS_ACTIVE};
 use super::{ChunkCache, ChunkRef, FetchError, FETCH_PASSES};
 use crate::encoding::Encoding;
 use crate::planner::Priority;

@@ -3,8 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{PeerSet, PEER_MAX_BACKOFF, PEER_MIN_BACKOFF};
-use crate::planner::HEDGE_DELAY_MIN;
+use super::{PeerSet, HEDGE_DELAY_MIN, PEER_MAX_BACKOFF, PEER_MIN_BACKOFF};
 
 /// What this node remembers of a peer that failed (a peer without an entry is healthy).
 #[derive(Clone, Copy, Debug)]

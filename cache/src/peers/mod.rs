@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
+use crate::chunk_ref::ChunkRef;
 use crate::digest::Digest;
-use crate::fetch::ChunkRef;
 use crate::transport::{HttpClients, HttpSource, SourceError};
 
 use health::{Outcome, PeerHealth};
@@ -65,6 +65,13 @@ pub const PEER_MAX_BACKOFF: Duration = Duration::from_secs(120);
 /// a few, so a read during a store outage finds a node that read the template, without
 /// asking the whole fleet for every chunk.
 pub const FALLBACK_NODES: usize = 3;
+
+/// The shortest hedge delay ([`crate::planner::Hedging`]), and so how long a peer's
+/// attempt may run before a hedge beside it counts it as failed: a peer's cold answer includes its own fetch from the
+/// store, tens of milliseconds on a LAN, so a second is well past a healthy owner's
+/// answer even on a loaded node; hedging sooner would cost the store the copies that
+/// asking the owner saves.
+pub const HEDGE_DELAY_MIN: Duration = Duration::from_secs(1);
 
 /// One live node: its id (stable across restarts) and the URL it is reached at.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]

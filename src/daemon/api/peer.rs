@@ -6,7 +6,7 @@
 //! one is set; an owner fetches for a peer only a chunk that a manifest it knows names
 //! at the index the peer gives, so no one can read the store through it or fill its
 //! disk with chunks of their choosing. Responses stream from the chunk file in
-//! [`PIECE`]s, each holding its bytes of the node-wide [`PeerBudget`] until hyper has
+//! [`PIECE`](body::PIECE)s, each holding its bytes of the node-wide [`PeerBudget`] until hyper has
 //! written it: peers that never read hold at most the budget, not a chunk each.
 //!
 //! A peer that names the encodings it decodes (`x-lazyblk-accept-stored-form`) gets the
@@ -14,76 +14,27 @@
 //! system's chunk), streamed from the file this node kept beside the chunk
 //! ([`lazyblk_cache::stored_forms`]), with its encoding named (`x-lazyblk-chunk-encoding`);
 //! the peer decodes and verifies it as it would the store's. A chunk with no kept form is
-//! encoded once (at most [`ENCODES_AT_ONCE`] at a time, else served decoded this once).
+//! encoded once (at most [`ENCODES_AT_ONCE`](body::ENCODES_AT_ONCE) at a time, else served decoded this once).
 //! A peer that does not name encodings (a daemon from before stored forms, curl) gets
 //! the decoded chunk, named `raw`.
-
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use lazyblk_cache::encoding::Encoding;
-use lazyblk_cache::transport::{ACCEPT_STORED_FORM, CHUNK_ENCODING};
-use lazyblk_cache::{Chunk, ChunkFile, ChunkRef, Digest, Priority, StoredForm};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use lazyblk_cache::transport::CHUNK_ENCODING;
+use lazyblk_cache::{ChunkRef, Digest, Priority};
 
 use super::state::{checked_id, ApiError, ApiState};
 
-/// Bytes of a chunk read from its file and handed to hyper at once.
-const PIECE: u64 = 64 << 10;
-/// How long a peer request waits for room in the budget before it gets 503.
-const BUDGET_WAIT: Duration = Duration::from_secs(1);
-/// The Retry-After of that 503, in seconds (the peer asks the store meanwhile).
-const RETRY_AFTER_SECS: &str = "1";
+use body::{served_form, streamed};
+
+pub(super) mod body;
+
+pub use body::PeerBudget;
+
 /// The largest chunk (DESIGN section 2).
 const MAX_CHUNK: u64 = 16 << 20;
-/// Chunks encoded at once for peers (those with no kept stored form): each holds a
-/// chunk and its encoding in memory and keeps a core busy for about 5 ms per MiB, so a
-/// burst of asks for a commit's chunks cannot take every core from the node's reads.
-/// An ask that finds none free is served the decoded chunk.
-const ENCODES_AT_ONCE: usize = 2;
-
-/// The bytes of chunk responses to peers that may be in flight (read from the files and
-/// not yet written to a socket) over all of them (`--peer-max-bytes-in-flight`).
-pub struct PeerBudget {
-    pub(super) bytes: Arc<Semaphore>,
-    /// Room to encode a chunk that has no kept stored form ([`ENCODES_AT_ONCE`]).
-    encodes: Arc<Semaphore>,
-}
-
-impl PeerBudget {
-    pub fn new(bytes: u64) -> PeerBudget {
-        let bytes = usize::try_from(bytes.max(PIECE))
-            .unwrap_or(Semaphore::MAX_PERMITS)
-            .min(Semaphore::MAX_PERMITS);
-        PeerBudget {
-            bytes: Arc::new(Semaphore::new(bytes)),
-            encodes: Arc::new(Semaphore::new(ENCODES_AT_ONCE)),
-        }
-    }
-
-    /// Room for the first piece of a `len`-byte response, or after [`BUDGET_WAIT`] the
-    /// answer to send instead: 503 with Retry-After.
-    pub(super) async fn first_piece(&self, len: u64) -> Result<OwnedSemaphorePermit, Response> {
-        let wanted = len.min(PIECE) as u32;
-        match tokio::time::timeout(BUDGET_WAIT, self.bytes.clone().acquire_many_owned(wanted)).await
-        {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => {
-                let busy = ApiError(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "this node is sending as many chunk bytes to peers as it may; ask again or ask the store"
-                        .into(),
-                );
-                Err(([(header::RETRY_AFTER, RETRY_AFTER_SECS)], busy).into_response())
-            }
-        }
-    }
-}
 
 /// Query of `GET /v1/peer/chunks/{digest}`.
 #[derive(serde::Deserialize)]
@@ -139,88 +90,6 @@ pub async fn peer_chunk(
     let body = served_form(&state, fetched, &headers).await?;
     node.metrics.peer_served(body.len());
     Ok(streamed(&state, body, None, permit))
-}
-
-/// What a chunk response carries: the decoded chunk, or its stored form.
-pub(super) enum Served {
-    Decoded(ChunkFile),
-    Stored(StoredForm),
-}
-
-impl Served {
-    fn len(&self) -> u64 {
-        match self {
-            Served::Decoded(file) => file.len,
-            Served::Stored(form) => form.len,
-        }
-    }
-
-    fn encoding(&self) -> Encoding {
-        match self {
-            Served::Decoded(_) => Encoding::Raw,
-            Served::Stored(form) => form.encoding,
-        }
-    }
-
-    /// Reads `buf.len()` bytes at `offset`; a read that would wait for the disk is
-    /// moved off the runtime's hands (see `lazyblk_cache::blocking`).
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), lazyblk_cache::ChunkStoreError> {
-        match self {
-            Served::Decoded(file) => Chunk::File(file.clone()).read_at(offset, buf),
-            Served::Stored(form) => lazyblk_cache::blocking::blocking(|| form.read_at(offset, buf)),
-        }
-    }
-}
-
-/// The encodings the asker decodes (its `x-lazyblk-accept-stored-form`); none for an
-/// asker that did not name any.
-pub(super) fn accepted(headers: &HeaderMap) -> Vec<Encoding> {
-    headers
-        .get_all(ACCEPT_STORED_FORM)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| Encoding::parse(name.trim()))
-        .filter(|e| *e != Encoding::Raw)
-        .collect()
-}
-
-/// The form of the local chunk `file` to send to an asker with `headers`: its stored
-/// form when the asker decodes it (kept, or encoded now when there is room), else the
-/// decoded chunk.
-async fn served_form(
-    state: &ApiState,
-    file: ChunkFile,
-    headers: &HeaderMap,
-) -> Result<Served, ApiError> {
-    let accepts = accepted(headers);
-    if accepts.is_empty() {
-        return Ok(Served::Decoded(file));
-    }
-    let encode = state.peer_budget.encodes.clone().try_acquire_owned().ok();
-    let cache = state.node.cache.clone();
-    let chunk = file.clone();
-    // Opening may check the form (its first open by this daemon), encoding reads and
-    // compresses the chunk: off the runtime.
-    let form = tokio::task::spawn_blocking(move || {
-        let kept = cache.open_stored_form(&chunk.digest)?;
-        match (kept, encode) {
-            (Some(form), _) => Ok(Some(form)),
-            (None, Some(_room)) => cache.encode_stored_form(&chunk),
-            (None, None) => Ok(None),
-        }
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    match form {
-        Ok(Some(form)) if accepts.contains(&form.encoding) => Ok(Served::Stored(form)),
-        Ok(_) => Ok(Served::Decoded(file)),
-        Err(e) => {
-            // The decoded chunk is still here: the asker gets that.
-            tracing::warn!(chunk = %file.digest, error = %e, "reading a chunk's stored form for a peer");
-            Ok(Served::Decoded(file))
-        }
-    }
 }
 
 /// The chunk a peer asks for, if a manifest this node knows (or learns now from the
@@ -334,87 +203,4 @@ pub async fn chunk(
         Err(busy) => return Ok(busy),
     };
     Ok(streamed(&state, body, None, permit))
-}
-
-/// A chunk's bytes held by a piece of a response, with their room in the budget: both
-/// go when hyper drops the piece (written to the socket, or the connection gone).
-struct Piece {
-    bytes: Vec<u8>,
-    _room: OwnedSemaphorePermit,
-}
-
-impl AsRef<[u8]> for Piece {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
-    }
-}
-
-/// The response that streams bytes `range` of `body` (all of it when `None`; then 200,
-/// else 206 with its Content-Range), a [`PIECE`] at a time, each piece waiting for its
-/// room in the peer budget (the first one's is `first`) and counted as sent to a peer.
-/// The chunk's file rides along, so the chunk is not evicted meanwhile.
-pub(super) fn streamed(
-    state: &ApiState,
-    body: Served,
-    range: Option<std::ops::Range<u64>>,
-    first: OwnedSemaphorePermit,
-) -> Response {
-    let total = body.len();
-    let encoding = body.encoding();
-    let (status, span) = match range {
-        Some(r) => (StatusCode::PARTIAL_CONTENT, r),
-        None => (StatusCode::OK, 0..total),
-    };
-    let content_range = format!(
-        "bytes {}-{}/{total}",
-        span.start,
-        span.end.saturating_sub(1)
-    );
-    let budget = state.peer_budget.bytes.clone();
-    let metrics = state.node.metrics.clone();
-    let end = span.end;
-    let pieces = futures::stream::unfold(
-        (body, span.start, Some(first)),
-        move |(chunk, offset, first)| {
-            let budget = budget.clone();
-            let metrics = metrics.clone();
-            async move {
-                if offset >= end {
-                    return None;
-                }
-                let n = PIECE.min(end - offset);
-                let room = match first {
-                    Some(room) => room,
-                    None => budget.acquire_many_owned(n as u32).await.ok()?,
-                };
-                let mut bytes = vec![0u8; n as usize];
-                if let Err(e) = chunk.read_at(offset, &mut bytes) {
-                    tracing::warn!(error = %e, "reading a chunk for a peer");
-                    return Some((Err(std::io::Error::other(e)), (chunk, end, None)));
-                }
-                metrics.peer_bytes_sent(n);
-                let piece = Bytes::from_owner(Piece { bytes, _room: room });
-                Some((Ok(piece), (chunk, offset + n, None)))
-            }
-        },
-    );
-    let mut response = (
-        status,
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, (span.end - span.start).to_string()),
-            (
-                header::HeaderName::from_static(CHUNK_ENCODING),
-                encoding.as_str().to_string(),
-            ),
-        ],
-        Body::from_stream(pieces),
-    )
-        .into_response();
-    if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(value) = header::HeaderValue::from_str(&content_range) {
-            response.headers_mut().insert(header::CONTENT_RANGE, value);
-        }
-    }
-    response
 }

@@ -15,7 +15,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use lazyblk_cache::ChunkRef;
 
-use super::peer::{accepted, streamed, Served};
+use super::peer::body::{accepted, streamed, Served};
 use super::state::{ApiError, ApiState};
 
 /// Bytes `A..B+1` of a `len`-byte body asked as `bytes=A-B` (one range, within the body).

@@ -7,7 +7,9 @@
 use lazyblk_nbd::kernel::{self, Device, KernelError};
 use serde::{Deserialize, Serialize};
 
-use super::{blocking, AttachError, AttachmentStatus, Attachments, Slot};
+use super::attachment::{Attachment, AttachmentStatus, Slot};
+use super::error::AttachError;
+use super::{blocking, Attachments};
 use crate::daemon::device_state::{self, DeviceState};
 
 /// One device as the node's state records it.
@@ -35,6 +37,18 @@ pub(super) enum Driver {
 }
 
 impl DeviceRecord {
+    /// How an attached `/dev/nbdN` is recorded.
+    pub(super) fn of(attachment: &Attachment) -> DeviceRecord {
+        DeviceRecord {
+            index: attachment.connection.device().0,
+            export: attachment.export.clone(),
+            read_only: attachment.connection.info().read_only(),
+            connections: attachment.connections,
+            attached_at: attachment.attached_at.clone(),
+            driver: Driver::Nbd,
+        }
+    }
+
     /// How a recorded device this start could not serve is listed: dead, with why.
     pub(super) fn lost(
         self,
@@ -201,7 +215,7 @@ impl Attachments {
             .slots()
             .values()
             .filter_map(|slot| match slot {
-                Slot::Attached(a) if a.connection.survives_restart() => Some(a.record()),
+                Slot::Attached(a) if a.connection.survives_restart() => Some(DeviceRecord::of(a)),
                 _ => None,
             })
             .collect();

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use lazyblk_image::{Images, OpenError, ReadImage};
 use lazyblk_ublk::{DeviceOptions, UblkDevice, UblkError};
 
+use super::attachment::AttachmentStatus;
+use super::error::AttachError;
 use super::restore::{DeviceRecord, Driver};
-use super::{AttachError, AttachmentStatus, Attachments};
+use super::Attachments;
 use crate::daemon::device_state::{self, DeviceState};
 use crate::daemon::exports::NodeImages;
 use crate::daemon::node_state::phases::now_rfc3339;

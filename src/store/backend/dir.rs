@@ -17,7 +17,10 @@ use lazyblk_cache::{Digest, Manifest};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
-use super::gc::{chunks_lock, touch};
+use super::dir_files::{
+    blocking, chunks_lock, clear_dir, file_is_chunk, io_err, read_optional, remove_if_there,
+    sync_dir, sync_parent, template_ids, touch, write_atomic,
+};
 use super::{
     check_trace, clip_range, difference, drain, manifest_to_store, not_the_chunk, summarize,
     BackendError, ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
@@ -28,17 +31,6 @@ use crate::trust::ManifestSignature;
 /// Read size when streaming a chunk file to a client: a quarter of the default chunk,
 /// few system calls per chunk without holding much memory per connection.
 const STREAM_BUFFER: usize = 256 << 10;
-
-pub(super) fn io_err<'a>(
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(io::Error) -> BackendError + 'a {
-    move |source| BackendError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// The store's directory.
 pub struct DirBackend {
@@ -406,108 +398,4 @@ where
         .map_err(|e| not_the_chunk(digest, e))?;
     file.flush().await.map_err(io_err("writing", temp_name))?;
     Ok(len)
-}
-
-/// Ids of the manifests in `dir`, sorted.
-pub(super) fn template_ids(dir: &Path) -> Result<Vec<String>, BackendError> {
-    let mut ids = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
-        let entry = entry.map_err(io_err("listing", dir))?;
-        let name = entry.file_name();
-        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-            continue;
-        };
-        if lazyblk_cache::validate_id(id).is_ok() {
-            ids.push(id.to_string());
-        }
-    }
-    ids.sort();
-    Ok(ids)
-}
-
-/// Reads a whole file; `None` when it does not exist.
-pub(super) async fn read_optional(path: PathBuf) -> Result<Option<Vec<u8>>, BackendError> {
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("reading", &path)(e)),
-    }
-}
-
-/// Writes `bytes` to `dest` crash-safely: a temporary file in `tmp`, fsync, rename,
-/// fsync of `dest`'s directory.
-fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), BackendError> {
-    lazyblk_cache::durable::write_file_via(tmp, dest, bytes).map_err(io_err("writing", dest))
-}
-
-/// Writes `bytes` to `dir/name` crash-safely, the temporary file in `dir` itself
-/// (created if missing).
-pub(super) fn write_atomic_in(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), BackendError> {
-    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-    write_atomic(dir, &dir.join(name), bytes)
-}
-
-/// Removes `path` if it exists, durably ([`lazyblk_cache::durable::remove_file`]).
-fn remove_if_there(path: &Path) -> Result<(), BackendError> {
-    lazyblk_cache::durable::remove_file(path)
-        .map(|_| ())
-        .map_err(io_err("removing", path))
-}
-
-pub(super) fn sync_dir(dir: &Path) -> Result<(), BackendError> {
-    lazyblk_cache::durable::sync_dir(dir).map_err(io_err("syncing directory", dir))
-}
-
-fn sync_parent(path: &Path) -> Result<(), BackendError> {
-    match path.parent() {
-        Some(dir) => sync_dir(dir),
-        None => Ok(()),
-    }
-}
-
-/// The sha256 of a stored file's bytes.
-pub(super) fn file_is_chunk(path: &Path, digest: &Digest) -> io::Result<bool> {
-    use std::io::Read;
-    let mut file = fs::File::open(path)?;
-    let mut verifier = StoredVerifier::new(MAX_CHUNK_BODY);
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return match verifier.finish(digest) {
-                Ok(_) => Ok(true),
-                // Nothing is known of the bytes: not a reason to delete them.
-                Err(lazyblk_cache::encoding::DecodeError::Unavailable(e)) => {
-                    Err(io::Error::other(e))
-                }
-                Err(_) => Ok(false),
-            };
-        }
-        verifier.update(&buf[..n]);
-    }
-}
-
-/// Removes everything in `dir` (leftover temporary files of a crashed write).
-fn clear_dir(dir: &Path) -> Result<(), BackendError> {
-    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
-        let path = entry.map_err(io_err("listing", dir))?.path();
-        let removed = if path.is_dir() {
-            fs::remove_dir_all(&path)
-        } else {
-            fs::remove_file(&path)
-        };
-        removed.map_err(io_err("removing", &path))?;
-    }
-    Ok(())
-}
-
-/// Runs disk work on the blocking pool.
-pub(super) async fn blocking<T, F>(f: F) -> Result<T, BackendError>
-where
-    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BackendError::Task(e.to_string()))?
 }

@@ -28,7 +28,8 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use sha2::{Digest as _, Sha256};
 
-use super::dir::{io_err, read_optional, write_atomic_in, DirBackend};
+use super::dir::DirBackend;
+use super::dir_files::{io_err, read_optional, write_atomic_in};
 use super::object::{object_err, ObjectBackend};
 use super::{Backend, BackendError};
 
@@ -105,7 +106,7 @@ impl Backend {
             Backend::Dir(d) => {
                 let path = d.root.join(DOCS).join(name);
                 let (dir, file) = split(&path);
-                super::dir::blocking(move || write_atomic_in(&dir, &file, &bytes)).await
+                super::dir_files::blocking(move || write_atomic_in(&dir, &file, &bytes)).await
             }
             Backend::Object(o) => {
                 let key = o.doc_key(name);
@@ -318,7 +319,7 @@ impl DirBackend {
         let docs = self.root.join(DOCS);
         let path = docs.join(name);
         let expected = expected.cloned();
-        super::dir::blocking(move || {
+        super::dir_files::blocking(move || {
             std::fs::create_dir_all(&docs).map_err(io_err("creating", &docs))?;
             let lock_path = docs.join(DIR_LOCK);
             let file = std::fs::OpenOptions::new()

@@ -10,12 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use lazyblk_cache::{Digest, Manifest};
 
-use super::dir::{blocking, io_err, sync_dir, template_ids, DirBackend};
+use super::dir::DirBackend;
+use super::dir_files::{blocking, chunks_lock, io_err, sync_dir, template_ids};
 use super::BackendError;
 use crate::store::GcReport;
-
-/// The lock file of the chunks (see [`chunks_lock`]), beside `chunks/`.
-const CHUNKS_LOCK: &str = "chunks.lock";
 
 impl DirBackend {
     /// Deletes chunks no manifest references and that were not written or confirmed
@@ -121,58 +119,12 @@ fn disk_now(root: &Path) -> Result<SystemTime, BackendError> {
         .map_err(io_err("reading metadata of", file.path()))
 }
 
-/// Sets a chunk's mtime to now, the file system's time rather than this process's
-/// clock (which may be off): gc keeps chunks touched within its grace period and takes
-/// its own "now" from the file system too. A truncate to the file's own length sets
-/// the time as a write does, without changing a byte; where the file cannot be opened
-/// for writing, the time is set explicitly. A failure only weakens the protection, so
-/// it is logged, not returned.
-pub(super) fn touch(path: &Path) {
-    use nix::sys::time::TimeSpec;
-    let by_truncate = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.metadata().and_then(|m| f.set_len(m.len())));
-    if by_truncate.is_ok() {
-        return;
-    }
-    let touched = fs::File::open(path).and_then(|f| {
-        nix::sys::stat::futimens(&f, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW)
-            .map_err(io::Error::from)
-    });
-    if let Err(e) = touched {
-        tracing::debug!("touching {}: {e}", path.display());
-    }
-}
-
-/// The lock every process serving this directory takes around "is the chunk there?
-/// touch it" (shared) and gc around "is it still old? delete it" (exclusive), so no
-/// chunk confirmed to a publisher by one process is deleted by another's gc. The
-/// kernel releases it when its holder dies.
-pub(super) fn chunks_lock(
-    root: &Path,
-    exclusive: bool,
-) -> Result<nix::fcntl::Flock<fs::File>, BackendError> {
-    let path = root.join(CHUNKS_LOCK);
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err("opening", &path))?;
-    let how = if exclusive {
-        nix::fcntl::FlockArg::LockExclusive
-    } else {
-        nix::fcntl::FlockArg::LockShared
-    };
-    nix::fcntl::Flock::lock(file, how).map_err(|(_, e)| io_err("locking", &path)(e.into()))
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::store::backend::dir_files::touch;
 
     /// Another process's confirmation, made while this one's gc had already chosen the
     /// chunk: the gc waits for the lock, sees the fresh touch and keeps it.

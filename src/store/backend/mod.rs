@@ -34,6 +34,7 @@ mod bucket_url;
 pub mod clouds;
 mod confirm;
 mod dir;
+mod dir_files;
 mod docs;
 pub use docs::{random_u64, DocChange, DocVersion};
 mod gc;

@@ -9,7 +9,8 @@ use futures::TryStreamExt;
 use lazyblk_cache::{Digest, ScrubReport};
 use object_store::{ObjectMeta, ObjectStoreExt};
 
-use super::dir::{blocking, file_is_chunk, io_err, DirBackend};
+use super::dir::DirBackend;
+use super::dir_files::{blocking, file_is_chunk, io_err};
 use super::object::{object_err, ObjectBackend};
 use super::{is_chunk, BackendError};
 

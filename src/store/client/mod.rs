@@ -15,7 +15,7 @@ use lazyblk_cache::{validate_id, Digest, Manifest};
 use super::direct::Direct;
 use super::{GcReport, TemplateSummary, TraceDoc};
 use crate::identity::NodeKey;
-use crate::trust::{ManifestSignature, TrustError};
+use crate::trust::ManifestSignature;
 
 /// Deadline of a metadata request (manifests, lists, traces): a 50 GiB template's
 /// manifest at 64 KiB chunks is ~55 MB, still seconds on any link a node uses.
@@ -31,7 +31,7 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 const MISSING_BATCH: usize = 8192;
 
 use super::error::parse_manifest;
-pub use super::error::{PutOutcome, StoreError};
+pub use super::error::{PutOutcome, SignedManifest, StoreError};
 
 /// A client of one store, reached through one or more store servers (`--store
 /// URL,URL`: servers over one bucket, `lazyblk store --shared`). A request goes to the
@@ -60,14 +60,6 @@ pub struct StoreClient {
     /// Signs every manifest this client publishes (`--signing-key`, or a daemon's
     /// node key for its commits and resizes).
     signer: Option<Arc<NodeKey>>,
-}
-
-/// A manifest as the store keeps it: parsed, its exact bytes, and its signature (an
-/// error when the one stored is malformed, so a reader can say so).
-pub struct SignedManifest {
-    pub manifest: Manifest,
-    pub bytes: Vec<u8>,
-    pub signature: Result<Option<ManifestSignature>, TrustError>,
 }
 
 impl std::fmt::Debug for Direct {
