@@ -7,9 +7,9 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use support::node::{nbdsh, DaemonProc};
+use support::node::{nbdsh, sh, DaemonProc};
 use support::proxy::Proxy;
 use support::{make_ext4, metric_sum, publish, StoreProc};
 
@@ -145,5 +145,111 @@ fn a_store_a_request_away_is_read_in_whole_chunks_once_measured() {
         (after.0 - after_learning.0, after.1 - after_learning.1),
         (measured.len() as f64, 0.0),
         "one whole chunk per chunk read, no ranges ({after_learning:?} -> {after:?})"
+    );
+}
+
+fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Teaches `node` its store link (behind a proxy that holds each request): whole
+/// chunks from large reads, small ranges from pieces of other chunks, until it prefers
+/// whole chunks.
+fn measure_the_link(store: &StoreProc, node: &DaemonProc, dir: &Path) {
+    let image = image_with_data(dir, 12);
+    publish(&store.url(), &image, "warmup");
+    let data = data_chunks(&store.url(), "warmup");
+    let uri = node.nbd_uri("warmup");
+    let large: Vec<(u64, u64)> = data[..5].iter().map(|&c| (c * CHUNK, CHUNK)).collect();
+    read_and_check(&uri, &image, &large);
+    let pieces: Vec<(u64, u64)> = data[5..10]
+        .iter()
+        .map(|&c| (c * CHUNK + 8192, 4096))
+        .collect();
+    read_and_check(&uri, &image, &pieces);
+    assert_eq!(
+        metric_sum(&node.url(), "lazyblk_store_prefers_whole_chunks"),
+        1.0,
+        "the node learnt that whole chunks cost it about a small request"
+    );
+}
+
+#[test]
+fn a_read_of_blocks_a_replay_is_fetching_joins_it_where_whole_chunks_are_preferred() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    // Text compresses: its chunks are stored in blocks.
+    let text: String = (0..200_000)
+        .map(|i| format!("line {i} of the text\n"))
+        .collect();
+    let image = make_ext4(tmp.path(), 64, &[("text", text.into_bytes())]);
+    publish(&store.url(), &image, "text");
+    let bytes = std::fs::read(&image).unwrap();
+    let needle = b"line 100000 of the text";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap() as u64;
+    let chunk = at / CHUNK;
+    // The trace: 32 KiB at the start of that chunk (four 8 KiB blocks).
+    let doc = serde_json::json!({"template": "text", "chunks": [chunk], "version": 2,
+        "ranges": [[chunk * CHUNK, 32768]]});
+    let (ok, out, err) = sh(
+        "curl",
+        &[
+            "-sS",
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/null",
+            "-X",
+            "PUT",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &doc.to_string(),
+            &format!("{}/v1/templates/text/trace", store.url()),
+        ],
+    );
+    assert!(ok && out.trim() == "200", "trace PUT: {out} {err}");
+    let proxy = Proxy::start(&store.url(), 0);
+    proxy.delay_every(Duration::from_millis(300));
+    let node = DaemonProc::start_unix(&proxy.url, &tmp.path().join("n"), &[]);
+    measure_the_link(&store, &node, &tmp.path().join("w"));
+    // Each request now waits 6 s: the replay's fetch of the blocks is under way for 6 s
+    // after the store served the chunk's table.
+    proxy.delay_every(Duration::from_secs(6));
+    let before = store_requests(&store);
+    let uri = node.nbd_uri("text");
+    let opener = {
+        let uri = uri.clone();
+        std::thread::spawn(move || nbdsh(&uri, "h.get_size()"))
+    };
+    wait_for(
+        "the replay to fetch the chunk's table",
+        Duration::from_secs(30),
+        || store_requests(&store).1 > before.1,
+    );
+    // A read of the second block, while the replay fetches blocks 0-3.
+    read_and_check(&uri, &image, &[(chunk * CHUNK + 8192, 4096)]);
+    assert!(opener.join().unwrap().0);
+    wait_for("the replay to end", Duration::from_secs(30), || {
+        metric_sum(&node.url(), "lazyblk_replay_stopped_total") == 1.0
+    });
+    assert_eq!(
+        node.metric("lazyblk_replay_stopped_total{reason=\"done\"}"),
+        1.0,
+        "the replay ran to its end"
+    );
+    let after = store_requests(&store);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1.0, 2.0),
+        "the replay's page of the block index (a whole object), the chunk's table and one \
+         range of blocks; no whole chunk: the read joined the replay's fetch"
     );
 }

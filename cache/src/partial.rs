@@ -175,8 +175,12 @@ impl ChunkCache {
         };
         // Where a whole chunk costs the first source that serves ranges about what its
         // table and blocks (or, the table known, its blocks) do, the read takes the
-        // whole chunk, and every later read of it is local (`crate::link`).
-        if whole_is_cheaper(sources, known.is_some()) {
+        // whole chunk, and every later read of it is local (`crate::link`); unless the
+        // blocks it wants (or the chunk's table) are on their way already (a replay's
+        // run): joining that costs less than any new request.
+        let joinable = self.range_in_flight(FetchKey::Blocks(chunk.digest, from, to))
+            || (known.is_none() && self.range_in_flight(FetchKey::Table(chunk.digest)));
+        if !joinable && whole_is_cheaper(sources, known.is_some()) {
             tracing::debug!(template = %chunk.template, index = chunk.index, "a whole chunk costs this link about what its blocks do; reading it whole");
             return false;
         }

@@ -50,6 +50,18 @@ impl ChunkCache {
     }
 }
 
+impl ChunkCache {
+    /// Whether the range fetch `key`, or one that covers it, is under way (a reader
+    /// would join it).
+    pub(crate) fn range_in_flight(&self, key: FetchKey) -> bool {
+        let inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(
+            inflight.get(&key).or_else(|| covering(&inflight, key)),
+            Some(Flight::Range(_))
+        )
+    }
+}
+
 /// A fetch under way of blocks of the same chunk that include `key`'s (for blocks).
 /// The table holds at most the fetches in flight (tens), so a scan costs little.
 fn covering(inflight: &HashMap<FetchKey, Flight>, key: FetchKey) -> Option<&Flight> {

@@ -146,6 +146,10 @@ impl Replays {
             let reason = replay(&replica, &running, &store, &metrics, config).await;
             running.stop(reason);
             let reason = (*running.stop.borrow()).unwrap_or(reason);
+            if reason == StopReason::NoTrace {
+                tracing::debug!(template = replica.id(), "no boot trace to replay");
+                return;
+            }
             metrics.stopped(reason);
             tracing::info!(
                 template = replica.id(),
@@ -168,7 +172,7 @@ async fn replay(
     let doc = match store.trace(&id).await {
         Ok(Some(doc)) if !doc.ranges.is_empty() => doc,
         // No trace, or one of chunks only (the fill uses it): nothing to replay.
-        Ok(_) => return StopReason::Done,
+        Ok(_) => return StopReason::NoTrace,
         Err(e) => {
             tracing::warn!(template = %id, error = %e, "boot trace unavailable; not replayed");
             return StopReason::Failed;

@@ -18,6 +18,9 @@ pub const LEFT_TRACE_READS: u32 = 64;
 /// Why a replay stopped (the `reason` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum StopReason {
+    /// The store has no trace of ranges for the template: nothing was replayed, and
+    /// nothing is counted.
+    NoTrace,
     Done,
     Evicted,
     Unwarmed,
@@ -29,6 +32,7 @@ pub enum StopReason {
 impl StopReason {
     pub fn as_str(self) -> &'static str {
         match self {
+            StopReason::NoTrace => "no_trace",
             StopReason::Done => "done",
             StopReason::Evicted => "evicted",
             StopReason::Unwarmed => "unwarmed",
