@@ -2,6 +2,9 @@
 //! is tested in tests/s3_store.rs and tests/azure_store.rs).
 
 use super::*;
+use crate::store::backend::ChunkPut;
+use bytes::Bytes;
+use futures::Stream;
 use crate::store::Durability;
 use object_store::memory::InMemory;
 
