@@ -49,7 +49,8 @@
 //! - [`blocks`]: a chunk stored in blocks (format 3): its table, encoding, decoding.
 //! - [`partial`]: small reads of a missing chunk answered from the blocks that hold
 //!   them, verified against the manifest's block index; [`block_memory`]: the verified
-//!   blocks and chunk layouts it keeps in memory.
+//!   blocks and chunk layouts it keeps in memory; [`block_fetch`]: its fetches of a
+//!   chunk's table and of its blocks.
 //! - [`readahead`]: which chunks to fetch ahead of sequential readers.
 //! - [`replay`]: one run of a boot trace's replay fetched ahead of the reads, through
 //!   the same fetches and in-flight table as the reads.
@@ -67,6 +68,7 @@
 //! template image. Nothing here knows NBD or FUSE.
 
 pub mod background;
+pub mod block_fetch;
 pub mod block_memory;
 pub mod blocking;
 pub mod blocks;
