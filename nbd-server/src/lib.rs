@@ -10,7 +10,8 @@
 //! - [`config`]: [`ServerConfig`], the limits of one server.
 //! - [`server`]: [`Listener`] (TCP or unix socket), [`serve`] (accept until shutdown),
 //!   [`serve_connection`] (one connection on any stream), [`serve_socket`] (one on a
-//!   socket, splicing large cached reads), [`ServerConfig`].
+//!   socket, splicing large cached reads), [`ServerConfig`]; `listener` binds and
+//!   accepts, `connection` runs one connection (handshake, TLS, transmission).
 //! - [`proto`]: the wire format: constants and fixed headers.
 //! - [`kernel`]: the kernel's NBD client: connects `/dev/nbdN` to a server over a
 //!   socket (the client handshake, the driver's ioctls, the `NBD_DO_IT` thread).
@@ -65,8 +66,10 @@ pub mod proto;
 pub mod server;
 
 mod config;
+mod connection;
 mod errno;
 mod handshake;
+mod listener;
 mod options;
 mod read;
 mod reply;
