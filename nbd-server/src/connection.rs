@@ -10,7 +10,8 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::config::ServerConfig;
-use crate::handshake::{self, HandshakeError, Outcome, TlsState};
+use crate::handshake;
+use crate::session::{HandshakeError, Outcome, Session, TlsState};
 use crate::shutdown::Shutdown;
 use crate::splice::SpliceSink;
 use crate::transmission::{self, TransmissionError};
@@ -270,7 +271,7 @@ where
     reason = "the parts of one connection, handed on whole"
 )]
 async fn run_session<E, R, W>(
-    session: handshake::Session<E::Image>,
+    session: Session<E::Image>,
     reader: R,
     writer: W,
     exports: Arc<E>,

@@ -15,8 +15,9 @@
 //! - [`proto`]: the wire format: constants and fixed headers.
 //! - [`kernel`]: the kernel's NBD client: connects `/dev/nbdN` to a server over a
 //!   socket (the client handshake, the driver's ioctls, the `NBD_DO_IT` thread).
-//! - `handshake`: option haggling up to the chosen export; `options` parses option
-//!   payloads.
+//! - `handshake`: the greeting and option haggling up to the chosen export;
+//!   `negotiation` answers each option, `session` holds what it settles, `options`
+//!   parses option payloads.
 //! - `transmission`: the request loop; `request` checks each request, `reply` frames
 //!   answers, `writer` sends them, `splice` sends reads that lie in files without
 //!   copying them, `read` reads whole
@@ -70,17 +71,19 @@ mod connection;
 mod errno;
 mod handshake;
 mod listener;
+mod negotiation;
 mod options;
 mod read;
 mod reply;
 mod request;
+mod session;
 mod shutdown;
 mod splice;
 mod transmission;
 mod writer;
 
 pub use export::Command;
-pub use handshake::HandshakeError;
+pub use session::HandshakeError;
 pub use server::{
     serve, serve_connection, serve_socket, serve_with_tls, ConnectionError, Listener, ServerConfig,
     ServerError, Tls, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING,

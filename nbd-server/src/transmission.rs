@@ -25,7 +25,7 @@ use tracing::{debug, error, warn};
 use crate::config::ServerConfig;
 use crate::errno::nbd_error;
 use crate::export::Command;
-use crate::handshake::Session;
+use crate::session::Session;
 use crate::proto::{self, RequestHeader};
 use crate::read::{read_message, skip};
 use crate::reply::{Framing, Permits, Reply};
