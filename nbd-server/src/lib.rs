@@ -18,7 +18,8 @@
 //! - `handshake`: the greeting and option haggling up to the chosen export;
 //!   `negotiation` answers each option, `session` holds what it settles, `options`
 //!   parses option payloads.
-//! - `transmission`: the request loop; `request` checks each request, `reply` frames
+//! - `transmission`: the request loop; `request` checks each request, `execute` runs
+//!   it against the export and owes its reply, `reply` frames
 //!   answers, `writer` sends them, `splice` sends reads that lie in files without
 //!   copying them, `read` reads whole
 //!   messages, `errno` maps export errors to NBD error values, `shutdown` carries the
@@ -69,6 +70,7 @@ pub mod server;
 mod config;
 mod connection;
 mod errno;
+mod execute;
 mod handshake;
 mod listener;
 mod negotiation;
