@@ -6,7 +6,8 @@
 //!   crash-safe write (temporary file, fsync, rename, directory fsync) of every
 //!   state file.
 //! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4);
-//!   [`labels`]: the grammar and size limits of its labels (and of policy keys).
+//!   [`labels`]: the grammar and size limits of its labels (and of policy keys);
+//!   [`block_index`]: its block index (format 3).
 //! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
 //!   eviction, claims.
 //! - [`pins`]: named claims on chunks (`replica:<id>`, `upload:<id>`): each owner
@@ -69,6 +70,7 @@
 
 pub mod background;
 pub mod block_fetch;
+pub mod block_index;
 pub mod block_memory;
 pub mod blocking;
 pub mod blocks;
