@@ -9,7 +9,8 @@
 use super::disk::blocking;
 use super::locks::RegionLocks;
 use super::map::BlockState;
-use super::{Overlay, OverlayError};
+use super::error::OverlayError;
+use super::Overlay;
 use crate::manifest::BLOCK_SIZE;
 
 impl Overlay {
