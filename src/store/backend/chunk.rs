@@ -14,6 +14,7 @@ use super::error::BackendError;
 
 /// The largest chunk body accepted: the largest chunk size a manifest may have.
 pub const MAX_CHUNK_BODY: u64 = lazyblk_cache::manifest::MAX_CHUNK_SIZE as u64;
+
 /// `range` of a chunk of `len` bytes, clipped to its end (the whole chunk without one);
 /// a range that starts at or past the end is refused.
 pub(super) fn clip_range(
@@ -39,6 +40,7 @@ pub struct OpenChunk {
     pub len: u64,
     pub range: Range<u64>,
 }
+
 /// Whether stored bytes are chunk `digest` (raw, or a zstd frame of it; see
 /// [`lazyblk_cache::encoding`]).
 pub fn is_chunk(stored: &[u8], digest: &Digest) -> bool {

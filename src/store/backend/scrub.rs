@@ -12,7 +12,8 @@ use object_store::{ObjectMeta, ObjectStoreExt};
 use super::dir::DirBackend;
 use super::dir_files::{blocking, file_is_chunk, io_err};
 use super::object::{object_err, ObjectBackend};
-use super::{is_chunk, BackendError};
+use super::chunk::is_chunk;
+use super::error::BackendError;
 
 impl DirBackend {
     /// Hashes every chunk file; deletes the bad ones.
