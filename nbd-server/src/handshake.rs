@@ -1,9 +1,10 @@
 //! The fixed newstyle handshake: greet, read the client's flags, answer options until
 //! the client picks an export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`) or leaves.
 //!
-//! The outcome is a [`Session`]: the opened export and everything negotiated that the
-//! transmission phase needs (framing, the block status context, the advertised size).//! The types it settles are in [`crate::session`]; the answer to each option in
-//! [`crate::negotiation`].
+//! The outcome is a [`Session`](crate::session::Session): the opened export and
+//! everything negotiated that the transmission phase needs (framing, the block status
+//! context, the advertised size). The types it settles are in [`crate::session`]; the
+//! answer to each option in [`crate::negotiation`].
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;

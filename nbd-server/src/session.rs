@@ -78,7 +78,8 @@ pub enum Outcome<X> {
     /// The client aborted or closed the connection.
     Ended,
     /// NBD_OPT_STARTTLS was acknowledged: the caller runs the TLS handshake on the
-    /// stream and then [`negotiate_options`] again over TLS (no option state is kept).
+    /// stream and then [`negotiate_options`](crate::handshake::negotiate_options)
+    /// again over TLS (no option state is kept).
     StartTls,
 }
 
