@@ -38,9 +38,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::block_fetch::{Blocks, Table};
 #[cfg(doc)]
 use crate::block_memory::{BLOCK_CACHE_BYTES, SEQUENTIAL_READS, TABLE_OFFSETS_KEPT};
-use crate::block_fetch::{Blocks, Table};
 use crate::blocks::block_count;
 use crate::fetch::flight::RangeValue;
 use crate::fetch::runner::Run;
@@ -362,7 +362,6 @@ impl ChunkCache {
         self.partial.blocks_held()
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -61,7 +61,12 @@ impl<E: Images> Shared<E> {
     }
 
     /// Runs one checked request against the export; the reply and whether it succeeded.
-    pub(crate) async fn run(&self, cookie: u64, op: Op, payload: Option<PooledBuffer>) -> (Reply, bool) {
+    pub(crate) async fn run(
+        &self,
+        cookie: u64,
+        op: Op,
+        payload: Option<PooledBuffer>,
+    ) -> (Reply, bool) {
         let export = &*self.export;
         let result = match op {
             Op::Read { offset, len, df } => {

@@ -85,11 +85,11 @@ mod transmission;
 mod writer;
 
 pub use export::Command;
-pub use session::HandshakeError;
 pub use server::{
     serve, serve_connection, serve_socket, serve_with_tls, ConnectionError, Listener, ServerConfig,
     ServerError, Tls, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING,
     SHUTDOWN_GRACE,
 };
+pub use session::HandshakeError;
 pub use splice::SPLICE_MIN_READ;
 pub use transmission::TransmissionError;

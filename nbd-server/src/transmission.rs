@@ -13,7 +13,6 @@
 use std::future::Future;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -24,21 +23,17 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
 
 use crate::config::ServerConfig;
-use crate::errno::nbd_error;
+use crate::execute::{OpKind, Pending, Shared};
 use crate::export::Command;
-use crate::session::Session;
 use crate::proto::{self, RequestHeader};
 use crate::read::{read_message, skip};
-use crate::reply::{Framing, Permits, Reply};
+use crate::reply::{Permits, Reply};
 use crate::request::{Limits, Op, Rejection};
+use crate::session::Session;
 use crate::shutdown::Shutdown;
-use crate::splice::{SpliceSink, SPLICE_MIN_READ};
+use crate::splice::SpliceSink;
 use crate::writer::write_replies;
-use crate::execute::{OpKind, Pending, Shared};
-use lazyblk_image::{
-    BufferPool, Door, FileSlices, Images, PooledBuffer, PrefetchImage, ReadImage, SparseImage,
-    WriteImage,
-};
+use lazyblk_image::{BufferPool, Door, Images, PooledBuffer};
 
 /// Payload bytes (read data and write data) one connection may hold in flight, queued
 /// replies included: room for 64 requests of 1 MiB, which keeps a kernel client or
@@ -377,7 +372,6 @@ impl<E: Images, R: AsyncRead + Unpin + Send> RequestReader<'_, E, R> {
         }
     }
 }
-
 
 fn report_panic(joined: Result<(), tokio::task::JoinError>, peer: &str) {
     if let Err(failure) = joined {

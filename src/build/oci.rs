@@ -408,7 +408,6 @@ fn blob_path(root: &Path, digest: &str) -> anyhow::Result<PathBuf> {
     regular_within(root, &root.join("blobs").join("sha256").join(hex))
 }
 
-
 fn sniff(path: &Path) -> anyhow::Result<Compression> {
     let mut magic = [0u8; 4];
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;

@@ -20,7 +20,11 @@ pub const MAX_JSON_BYTES: u64 = 16 << 20;
 /// Unpacks the tar at `path` into a new directory under `work`, removed when the
 /// returned handle is dropped. Each entry is made writable by the builder (so that it
 /// can be removed); nothing in the tar is trusted as a path.
-pub(super) fn unpack(path: &Path, work: &Path, limits: &Limits) -> anyhow::Result<tempfile::TempDir> {
+pub(super) fn unpack(
+    path: &Path,
+    work: &Path,
+    limits: &Limits,
+) -> anyhow::Result<tempfile::TempDir> {
     let unpacked = tempfile::Builder::new()
         .prefix("lazyblk-oci-")
         .tempdir_in(work)

@@ -9,9 +9,9 @@
 use std::sync::atomic::Ordering;
 
 use super::disk::blocking;
+use super::error::OverlayError;
 use super::locks::RegionLocks;
 use super::map::{BlockState, MAP_PAGE};
-use super::error::OverlayError;
 use super::Overlay;
 use crate::manifest::BLOCK_SIZE;
 

@@ -41,8 +41,8 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use connection::{disconnect_netlink, Connection};
 use connection::Link;
+pub use connection::{disconnect_netlink, Connection};
 pub use devices::{check_free, devices, ensure_driver, free_device, Device};
 pub use handshake::{ClientHandshakeError, ExportInfo};
 

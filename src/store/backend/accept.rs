@@ -30,7 +30,11 @@ pub(super) fn manifest_to_store(
 }
 
 /// Checks a trace document against its template's manifest; the bytes to store.
-pub(super) fn check_trace(id: &str, manifest: &Manifest, body: &[u8]) -> Result<Vec<u8>, BackendError> {
+pub(super) fn check_trace(
+    id: &str,
+    manifest: &Manifest,
+    body: &[u8],
+) -> Result<Vec<u8>, BackendError> {
     let invalid = |reason: String| BackendError::InvalidTrace {
         template: id.to_string(),
         reason,

@@ -46,7 +46,7 @@ mod object_gc;
 mod scrub;
 mod summary;
 
-pub use chunk::{drain, ChunkStream, OpenChunk, MAX_CHUNK_BODY};
+pub use chunk::{drain, OpenChunk, MAX_CHUNK_BODY};
 pub use dir::DirBackend;
 pub use error::{BackendError, ChunkPut, ManifestPut};
 pub use object::ObjectBackend;
@@ -229,4 +229,3 @@ impl Backend {
         dispatch!(self, b => b.gc(grace, keep.clone()).await)
     }
 }
-

@@ -70,7 +70,7 @@ impl ObjectBackend {
     }
 
     /// Whether the bucket holds each of `digests` (repeats dropped), in order.
-    pub(super) async fn find(
+    pub(in crate::store::backend) async fn find(
         &self,
         digests: Vec<Digest>,
     ) -> Result<Vec<(Digest, bool)>, BackendError> {
@@ -143,7 +143,6 @@ impl ObjectBackend {
         Ok(ChunkPut::Stored(len))
     }
 }
-
 
 /// Reads one chunk body into memory as it is stored (raw or a zstd frame), enforcing
 /// the size limit and checking that it is the chunk.

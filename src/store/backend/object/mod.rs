@@ -26,8 +26,8 @@ use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 
-use super::bucket_url::{credentials, parse_url};
 use super::accept::{check_trace, difference, manifest_to_store};
+use super::bucket_url::{credentials, parse_url};
 use super::error::{BackendError, ManifestPut};
 use super::summary::{summarize, DurableSummaries};
 use crate::store::TemplateSummary;

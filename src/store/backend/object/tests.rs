@@ -3,9 +3,9 @@
 
 use super::*;
 use crate::store::backend::ChunkPut;
+use crate::store::Durability;
 use bytes::Bytes;
 use futures::Stream;
-use crate::store::Durability;
 use object_store::memory::InMemory;
 
 fn backend() -> ObjectBackend {
