@@ -6,7 +6,8 @@
 //!   crash-safe write (temporary file, fsync, rename, directory fsync) of every
 //!   state file.
 //! - [`manifest`]: the [`Manifest`] of a template (format 1, DESIGN.md section 4);
-//!   [`labels`]: the grammar and size limits of its labels (and of policy keys).
+//!   [`labels`]: the grammar and size limits of its labels (and of policy keys);
+//!   [`block_index`]: its block index (format 3).
 //! - [`chunk_store`]: chunk files on local disk: crash-safe writes, byte budget, LRU
 //!   eviction, claims.
 //! - [`pins`]: named claims on chunks (`replica:<id>`, `upload:<id>`): each owner
@@ -49,7 +50,8 @@
 //! - [`blocks`]: a chunk stored in blocks (format 3): its table, encoding, decoding.
 //! - [`partial`]: small reads of a missing chunk answered from the blocks that hold
 //!   them, verified against the manifest's block index; [`block_memory`]: the verified
-//!   blocks and chunk layouts it keeps in memory.
+//!   blocks and chunk layouts it keeps in memory; [`block_fetch`]: its fetches of a
+//!   chunk's table and of its blocks.
 //! - [`readahead`]: which chunks to fetch ahead of sequential readers.
 //! - [`replay`]: one run of a boot trace's replay fetched ahead of the reads, through
 //!   the same fetches and in-flight table as the reads.
@@ -67,6 +69,8 @@
 //! template image. Nothing here knows NBD or FUSE.
 
 pub mod background;
+pub mod block_fetch;
+pub mod block_index;
 pub mod block_memory;
 pub mod blocking;
 pub mod blocks;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::handshake;
+use crate::negotiation;
 
 /// Limits of one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +73,7 @@ impl ServerConfig {
     pub(crate) fn effective(self) -> Self {
         let max_request = self
             .max_request
-            .clamp(handshake::PREFERRED_BLOCK, MAX_REQUEST_CEILING);
+            .clamp(negotiation::PREFERRED_BLOCK, MAX_REQUEST_CEILING);
         Self {
             max_request,
             max_in_flight: self.max_in_flight.max(1),

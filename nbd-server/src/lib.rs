@@ -10,13 +10,16 @@
 //! - [`config`]: [`ServerConfig`], the limits of one server.
 //! - [`server`]: [`Listener`] (TCP or unix socket), [`serve`] (accept until shutdown),
 //!   [`serve_connection`] (one connection on any stream), [`serve_socket`] (one on a
-//!   socket, splicing large cached reads), [`ServerConfig`].
+//!   socket, splicing large cached reads), [`ServerConfig`]; `listener` binds and
+//!   accepts, `connection` runs one connection (handshake, TLS, transmission).
 //! - [`proto`]: the wire format: constants and fixed headers.
 //! - [`kernel`]: the kernel's NBD client: connects `/dev/nbdN` to a server over a
 //!   socket (the client handshake, the driver's ioctls, the `NBD_DO_IT` thread).
-//! - `handshake`: option haggling up to the chosen export; `options` parses option
-//!   payloads.
-//! - `transmission`: the request loop; `request` checks each request, `reply` frames
+//! - `handshake`: the greeting and option haggling up to the chosen export;
+//!   `negotiation` answers each option, `session` holds what it settles, `options`
+//!   parses option payloads.
+//! - `transmission`: the request loop; `request` checks each request, `execute` runs
+//!   it against the export and owes its reply, `reply` frames
 //!   answers, `writer` sends them, `splice` sends reads that lie in files without
 //!   copying them, `read` reads whole
 //!   messages, `errno` maps export errors to NBD error values, `shutdown` carries the
@@ -65,23 +68,28 @@ pub mod proto;
 pub mod server;
 
 mod config;
+mod connection;
 mod errno;
+mod execute;
 mod handshake;
+mod listener;
+mod negotiation;
 mod options;
 mod read;
 mod reply;
 mod request;
+mod session;
 mod shutdown;
 mod splice;
 mod transmission;
 mod writer;
 
 pub use export::Command;
-pub use handshake::HandshakeError;
 pub use server::{
     serve, serve_connection, serve_socket, serve_with_tls, ConnectionError, Listener, ServerConfig,
     ServerError, Tls, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST, MAX_REQUEST_CEILING,
     SHUTDOWN_GRACE,
 };
+pub use session::HandshakeError;
 pub use splice::SPLICE_MIN_READ;
 pub use transmission::TransmissionError;

@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`args`]: its flags ([`BuildArgs`]).
 //! - [`oci`]: reading OCI image layouts and `docker save` archives.
+//! - [`oci_archive`]: an image archive's files read as untrusted (unpacking, paths
+//!   that stay inside, small JSON).
 //! - [`registry`]: pulling an image from a registry into the layer cache.
 //! - [`credentials`]: a registry's credentials, from the flag or Docker/Podman files.
 //! - [`layers`]: applying layers (whiteouts, opaque directories, links) into a tree.
@@ -24,6 +26,7 @@ mod headers;
 mod layers;
 mod limits;
 mod oci;
+mod oci_archive;
 mod pax;
 mod registry;
 

@@ -1,78 +1,26 @@
 //! The daemon's metrics (Prometheus) and the per-template byte counts that `status`
 //! shows. The cache reports into it through [`FetchObserver`]; the NBD server through
-//! its `observe` hook.
+//! its `observe` hook. The series' labels are in [`super::metric_labels`], the
+//! per-template counts in [`super::template_bytes`].
 
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use lazyblk_cache::fetch::{ChunkRef, FetchObserver};
 use lazyblk_cache::source::SourceError;
-
-use super::store_links::StoreLinks;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabel {
-    pub source: String,
-    /// "store", "origin" or "peer".
-    pub class: &'static str,
-}
-
-/// The label of a peer in the per-peer series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PeerLabel {
-    pub peer: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TemplateLabel {
-    pub template: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CommandLabel {
-    /// Static strings: building a label costs no allocation on the hot path.
-    pub command: &'static str,
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CommandOnly {
-    pub command: &'static str,
-}
-
-/// The label of a kernel device attach's phase (handshake, connect, size_visible,
-/// reconfigure).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabel {
-    pub phase: &'static str,
-}
-
-fn attach_histogram() -> Histogram {
-    // 1 ms to ~65 s: a handshake on a warm node takes milliseconds, a connect hundreds
-    // of them on many-core hosts, a wave of attaches queued behind each other seconds.
-    Histogram::new(exponential_buckets(0.001, 2.0, 17))
-}
-
-fn latency_histogram() -> Histogram {
-    // 50 µs to ~26 s: cached reads land in the first buckets, remote fetches in the last.
-    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
-}
-
-/// Bytes fetched for one template, by source.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct TemplateBytes {
-    pub by_source: BTreeMap<String, u64>,
-    pub corrupt: u64,
-    pub last_error: Option<String>,
-}
+use super::metric_labels::{
+    attach_histogram, latency_histogram, CommandLabel, CommandOnly, PeerLabel, PhaseLabel,
+    SourceLabel, TemplateLabel,
+};
+use super::store_links::StoreLinks;
+use super::template_bytes::{PerTemplate, TemplateBytes};
 
 /// Every counter of the daemon.
 pub struct DaemonMetrics {
@@ -124,7 +72,7 @@ pub struct DaemonMetrics {
     peer_fetched_chunks: Family<PeerLabel, Gauge<u64, AtomicU64>>,
     peer_failures: Family<PeerLabel, Gauge<u64, AtomicU64>>,
     store_url: std::sync::OnceLock<String>,
-    per_template: Mutex<BTreeMap<String, TemplateBytes>>,
+    per_template: PerTemplate,
 }
 
 impl DaemonMetrics {
@@ -165,7 +113,7 @@ impl DaemonMetrics {
             peer_fetched_chunks: Family::default(),
             peer_failures: Family::default(),
             store_url: std::sync::OnceLock::new(),
-            per_template: Mutex::new(BTreeMap::new()),
+            per_template: PerTemplate::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -411,17 +359,11 @@ impl DaemonMetrics {
 
     /// Bytes fetched for `template`, by source.
     pub fn template_bytes(&self, template: &str) -> TemplateBytes {
-        self.per_template
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(template)
-            .cloned()
-            .unwrap_or_default()
+        self.per_template.get(template)
     }
 
     fn with_template(&self, template: &str, f: impl FnOnce(&mut TemplateBytes)) {
-        let mut all = self.per_template.lock().unwrap_or_else(|e| e.into_inner());
-        f(all.entry(template.to_string()).or_default());
+        self.per_template.update(template, f);
     }
 }
 

@@ -27,7 +27,8 @@
 //! - [`users`]: who uses a template or overlay (named when an eviction is refused).
 //! - [`trace`]: recording of the first reads of each template.
 //! - [`replay`]: a template's boot trace fetched ahead of a cold node's boot.
-//! - [`counters`]: Prometheus metrics and per-template byte counts.
+//! - [`counters`]: Prometheus metrics and per-template byte counts ([`metric_labels`]:
+//!   the series' labels; [`template_bytes`]: the counts `status` shows).
 //! - [`fill`]: the background fill, the replicas' worker (it moves their phases
 //!   through the replica's methods).
 //! - [`tls`]: NBD over TLS (the STARTTLS configuration from PEM files).
@@ -49,6 +50,7 @@ pub mod fill;
 pub mod health;
 pub mod kept;
 pub mod membership;
+pub mod metric_labels;
 pub mod node;
 pub mod node_state;
 pub mod registry;
@@ -58,6 +60,7 @@ pub mod resize;
 pub mod sandboxes;
 pub mod startup;
 pub mod store_links;
+pub mod template_bytes;
 pub mod templates;
 pub mod tls;
 pub mod trace;

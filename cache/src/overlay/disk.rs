@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::OverlayError;
+use super::error::OverlayError;
 
 /// The data file's name inside an overlay's directory.
 pub const DATA_FILE: &str = "data";

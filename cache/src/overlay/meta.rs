@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::OverlayError;
+use super::error::OverlayError;
 use crate::manifest::BLOCK_SIZE;
 
 /// The meta file's name inside an overlay's directory.

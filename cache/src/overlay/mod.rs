@@ -5,6 +5,7 @@
 //! - [`meta`]: `overlay.json`, the sandbox and template an overlay belongs to.
 //! - `map`: the block map (template, own data or zero, per block) in memory.
 //! - `disk`: the `data` and `map` files, and how their blocking calls are run.
+//! - `error`: [`OverlayError`], why an operation failed.
 //! - `locks`: region locks that make every block's reads and writes atomic.
 //! - `read`: merged reads. `write`: writes, TRIM / WRITE_ZEROES, FLUSH.
 //!
@@ -41,6 +42,7 @@
 //! fails instead of promising durability it cannot give.
 
 mod disk;
+mod error;
 mod locks;
 mod map;
 pub mod meta;
@@ -59,9 +61,10 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
-use crate::image::{ImageExtent, ReadError, TemplateImage};
-use crate::manifest::{validate_id, ManifestError, BLOCK_SIZE};
+use crate::image::{ImageExtent, TemplateImage};
+use crate::manifest::{validate_id, BLOCK_SIZE};
 use disk::Disk;
+pub use error::OverlayError;
 use locks::RegionLocks;
 use map::{BlockMap, BlockState};
 pub use meta::{OverlayMeta, META_FILE, OVERLAY_FORMAT};
@@ -84,88 +87,6 @@ pub fn recover_block_map(bytes: &[u8]) -> Result<MapSummary, (u64, u8)> {
         data_blocks: map.data_blocks(),
         zero_blocks: map.zero_blocks(),
     })
-}
-
-/// Why an overlay operation failed. Every variant names the sandbox or the path.
-#[derive(Debug, thiserror::Error)]
-pub enum OverlayError {
-    /// The request reaches past the end of the device (EINVAL for a read, ENOSPC for a
-    /// write, by NBD's rules).
-    #[error("sandbox {sandbox}: {op} of {len} bytes at offset {offset} passes the end of the overlay ({size} bytes)")]
-    OutOfRange {
-        sandbox: Arc<str>,
-        op: &'static str,
-        offset: u64,
-        len: u64,
-        size: u64,
-    },
-    /// A chunk index past the template's last chunk.
-    #[error("sandbox {sandbox}: chunk {index} does not exist (the template has {count})")]
-    NoSuchChunk {
-        sandbox: Arc<str>,
-        index: usize,
-        count: usize,
-    },
-    /// A file of the overlay failed.
-    #[error("sandbox {sandbox}: {op} at offset {offset} of {path}: {source}")]
-    Io {
-        sandbox: Arc<str>,
-        op: &'static str,
-        offset: u64,
-        path: PathBuf,
-        source: io::Error,
-    },
-    /// The template's bytes under the overlay could not be read (fetch failed).
-    #[error("sandbox {sandbox}: reading template {template} at offset {offset}: {source}")]
-    Base {
-        sandbox: Arc<str>,
-        template: Arc<str>,
-        offset: u64,
-        source: ReadError,
-    },
-    /// The overlay was made over another template (or one of another size).
-    #[error("overlay {path} of sandbox {sandbox} is over template {found_template} ({found_size} bytes), not {template} ({size} bytes)")]
-    MetaMismatch {
-        sandbox: Arc<str>,
-        path: PathBuf,
-        found_template: String,
-        found_size: u64,
-        template: Arc<str>,
-        size: u64,
-    },
-    /// A file of the overlay does not hold what this format writes.
-    #[error("overlay file {path}: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
-    /// `create` found a complete overlay in the directory already.
-    #[error("sandbox {sandbox}: an overlay already exists at {path}")]
-    Exists { sandbox: Arc<str>, path: PathBuf },
-    /// The template's size is not whole blocks (a manifest that skipped validation).
-    #[error("template {template}: size {size} is not a multiple of {BLOCK_SIZE}")]
-    UnalignedTemplate { template: Arc<str>, size: u64 },
-    /// An earlier `fdatasync` failed: writes since the flush before it may be lost.
-    #[error("sandbox {sandbox}: an earlier sync of {path} failed, so no flush can promise durability; recreate the overlay")]
-    SyncFailed { sandbox: Arc<str>, path: PathBuf },
-    /// A blocking task of the overlay did not finish (the runtime is shutting down).
-    #[error("sandbox {sandbox}: {op} did not finish: {detail}")]
-    Interrupted {
-        sandbox: Arc<str>,
-        op: &'static str,
-        detail: String,
-    },
-    /// The sandbox id is not a valid id.
-    #[error(transparent)]
-    InvalidSandbox(#[from] ManifestError),
-}
-
-impl OverlayError {
-    /// The OS error code behind an I/O failure (ENOSPC, EIO, ...), for a frontend that
-    /// passes it on.
-    pub fn raw_os_error(&self) -> Option<i32> {
-        match self {
-            OverlayError::Io { source, .. } => source.raw_os_error(),
-            _ => None,
-        }
-    }
 }
 
 /// What an overlay holds, for status and metrics.

@@ -7,9 +7,10 @@
 //! rewritten is seen whole, old or new; a data run is one `pread` per lock window.
 
 use super::disk::blocking;
+use super::error::OverlayError;
 use super::locks::RegionLocks;
 use super::map::BlockState;
-use super::{Overlay, OverlayError};
+use super::Overlay;
 use crate::manifest::BLOCK_SIZE;
 
 impl Overlay {

@@ -9,9 +9,10 @@
 use std::sync::atomic::Ordering;
 
 use super::disk::blocking;
+use super::error::OverlayError;
 use super::locks::RegionLocks;
 use super::map::{BlockState, MAP_PAGE};
-use super::{Overlay, OverlayError};
+use super::Overlay;
 use crate::manifest::BLOCK_SIZE;
 
 /// One block's bytes, the unit of a read-modify-write.

@@ -266,7 +266,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         node.metrics.set_peer_stats(&peers.stats());
     }
     for r in node.templates.all() {
-        let label = crate::daemon::counters::TemplateLabel {
+        let label = crate::daemon::metric_labels::TemplateLabel {
             template: r.id().to_string(),
         };
         node.metrics

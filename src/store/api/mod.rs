@@ -5,13 +5,16 @@
 //! - [`state`]: the state every handler shares, the error answer, input checks.
 //! - [`auth`]: bearer tokens and request counting, on every route.
 //! - [`templates`]: templates, manifests, traces, gc; [`chunks`]: chunks and scrub.
-//! - [`center`]: node leases, wishes, fleet status, policy, guarded deletes.
+//! - [`center`]: wishes, fleet status, policy; [`leases`]: node leases;
+//!   [`deletes`]: guarded deletes and the tombstones gc honours.
 //! - [`counters`]: the counters and gauges; [`metrics`]: `/metrics`.
 
 mod auth;
 mod center;
 mod chunks;
 mod counters;
+mod deletes;
+mod leases;
 mod metrics;
 mod state;
 mod templates;
@@ -23,6 +26,8 @@ use axum::Router;
 
 use center::*;
 use chunks::*;
+use deletes::*;
+use leases::*;
 use state::ApiError;
 pub use state::{AppState, Tokens};
 use templates::*;

@@ -13,7 +13,8 @@ use crate::store::backend::{BackendError, ManifestPut};
 use crate::store::{GcReport, TemplateSummary};
 use crate::trust::{ManifestSignature, KEY_HEADER, SIGNATURE_HEADER};
 
-use super::center::{chunks_in_use, enrich};
+use super::center::enrich;
+use super::deletes::chunks_in_use;
 use super::state::{
     checked_id, json_bytes, read_body, ApiError, AppState, DEFAULT_GC_GRACE, MAX_JSON_BODY,
 };

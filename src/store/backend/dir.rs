@@ -17,14 +17,14 @@ use lazyblk_cache::{Digest, Manifest};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
+use super::accept::{check_trace, difference, manifest_to_store};
+use super::chunk::{clip_range, drain, not_the_chunk, OpenChunk, MAX_CHUNK_BODY};
 use super::dir_files::{
     blocking, chunks_lock, clear_dir, file_is_chunk, io_err, read_optional, remove_if_there,
     sync_dir, sync_parent, template_ids, touch, write_atomic,
 };
-use super::{
-    check_trace, clip_range, difference, drain, manifest_to_store, not_the_chunk, summarize,
-    BackendError, ChunkPut, DurableSummaries, ManifestPut, OpenChunk, MAX_CHUNK_BODY,
-};
+use super::error::{BackendError, ChunkPut, ManifestPut};
+use super::summary::{summarize, DurableSummaries};
 use crate::store::TemplateSummary;
 use crate::trust::ManifestSignature;
 

@@ -9,10 +9,11 @@ use futures::TryStreamExt;
 use lazyblk_cache::{Digest, ScrubReport};
 use object_store::{ObjectMeta, ObjectStoreExt};
 
+use super::chunk::is_chunk;
 use super::dir::DirBackend;
 use super::dir_files::{blocking, file_is_chunk, io_err};
+use super::error::BackendError;
 use super::object::{object_err, ObjectBackend};
-use super::{is_chunk, BackendError};
 
 impl DirBackend {
     /// Hashes every chunk file; deletes the bad ones.

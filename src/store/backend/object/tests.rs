@@ -2,7 +2,10 @@
 //! is tested in tests/s3_store.rs and tests/azure_store.rs).
 
 use super::*;
+use crate::store::backend::ChunkPut;
 use crate::store::Durability;
+use bytes::Bytes;
+use futures::Stream;
 use object_store::memory::InMemory;
 
 fn backend() -> ObjectBackend {
