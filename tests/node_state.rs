@@ -13,11 +13,11 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::node::sh;
-use support::{free_port, http_get, make_ext4, pattern, publish, run, StoreProc};
+use support::{free_port, http_get, make_ext4, pattern, publish, run, wait_for, StoreProc};
 
 /// How long a daemon gets to start or to settle a state: generous for a loaded
 /// machine; waits end as soon as the state is seen.
@@ -109,14 +109,6 @@ impl Node {
     }
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + SETTLE;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn nbd_read(port: u16, export: &str, out: &Path) -> Vec<u8> {
     let _ = std::fs::remove_file(out);
     let uri = format!("nbd://127.0.0.1:{port}/{export}");
@@ -159,7 +151,7 @@ fn a_killed_node_reads_back_every_store_of_its_state() {
     node.cli(&["warm", "base", "--wait"]);
     let (ok, out, err) = run(&["warm", "wanted", "--all-nodes", "--store", &store.url()]);
     assert!(ok, "warm --all-nodes: {out}{err}");
-    wait_for("the wish acted on", || {
+    wait_for("the wish acted on", SETTLE, || {
         node.wishes().get("wanted").is_some()
             && node.get("/v1/templates/wanted")["phase"] == "READY"
     });
@@ -173,7 +165,7 @@ fn a_killed_node_reads_back_every_store_of_its_state() {
     assert!(ok, "nbdcopy into sb: {err}");
     node.cli(&["commit", "sb", "--template", "child"]);
     node.cli(&["overlay", "create", "base", "--sandbox", "open-sb"]);
-    wait_for("child's upload owed", || owes_child(&node));
+    wait_for("child's upload owed", SETTLE, || owes_child(&node));
     let replicas = node.replicas();
     let names: Vec<&str> = replicas.iter().map(|r| r.0.as_str()).collect();
     assert!(
@@ -186,13 +178,13 @@ fn a_killed_node_reads_back_every_store_of_its_state() {
     // The next start (the binary under test) reads every one back.
     let daemon = node.start(&support::bin(), &store.url(), &hold_upload);
     assert_eq!(node.get("/v1/node")["node_id"], node_id, "node id changed");
-    wait_for("the READY replicas READY again", || {
+    wait_for("the READY replicas READY again", SETTLE, || {
         node.replicas() == replicas
     });
     for (template, _, local, stored) in node.replicas() {
         assert_eq!(local, stored, "{template} READY without every chunk");
     }
-    wait_for("child's upload owed again", || owes_child(&node));
+    wait_for("child's upload owed again", SETTLE, || owes_child(&node));
     assert!(node.cache.join("originated").join("child").exists());
     let sandboxes = node.get("/v1/overlays").to_string();
     assert!(
@@ -208,7 +200,7 @@ fn a_killed_node_reads_back_every_store_of_its_state() {
     drop(store);
     let daemon = node.start(&support::bin(), &gone, &hold_upload);
     assert_eq!(node.get("/v1/node")["node_id"], node_id);
-    wait_for("base READY without the store", || {
+    wait_for("base READY without the store", SETTLE, || {
         node.get("/v1/templates/base")["phase"] == "READY"
     });
     let read = nbd_read(node.nbd, "base", &dir.path().join("base.read"));

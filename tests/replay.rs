@@ -6,12 +6,15 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::node::{nbdsh, sh, DaemonProc};
 use support::proxy::Proxy;
-use support::{http_get, make_ext4, pattern, publish, StoreProc};
+use support::{
+    data_chunks, http_get, make_ext4, pattern, publish, put_trace, text_template, wait_for,
+    StoreProc,
+};
 
 const CHUNK: u64 = 1 << 20;
 
@@ -22,50 +25,6 @@ fn image_with_data(dir: &Path, data_mib: usize) -> PathBuf {
         .collect();
     let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     make_ext4(dir, (data_mib as u64 + 16).max(64), &files)
-}
-
-/// The indices of the template's data (non-zero) chunks.
-fn data_chunks(store_url: &str, id: &str) -> Vec<u64> {
-    let m = support::manifest_json(store_url, id);
-    m["chunks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.is_string())
-        .map(|(i, _)| i as u64)
-        .collect()
-}
-
-/// PUTs a trace document to the store; returns (HTTP status, body).
-fn put_trace(store_url: &str, id: &str, doc: &Value) -> (u16, String) {
-    let (ok, out, err) = sh(
-        "curl",
-        &[
-            "-sS",
-            "-o",
-            "/dev/stderr",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "PUT",
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            &doc.to_string(),
-            &format!("{store_url}/v1/templates/{id}/trace"),
-        ],
-    );
-    assert!(ok, "curl: {err}");
-    (out.trim().parse().unwrap_or(0), err)
-}
-
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn stopped(daemon: &DaemonProc, reason: &str) -> f64 {
@@ -438,17 +397,7 @@ fn a_demand_read_of_blocks_being_replayed_joins_the_replays_fetch() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     // Text compresses: its chunks are stored in blocks, and small reads fetch blocks.
-    let text: String = (0..200_000)
-        .map(|i| format!("line {i} of the text\n"))
-        .collect();
-    let image = make_ext4(tmp.path(), 64, &[("text", text.into_bytes())]);
-    publish(&store.url(), &image, "text");
-    let bytes = std::fs::read(&image).unwrap();
-    let needle = b"line 100000 of the text";
-    let at = bytes
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .unwrap() as u64;
+    let (image, at) = text_template(tmp.path(), &store.url(), "text");
     let chunk = at / CHUNK;
     // The trace: 32 KiB at the start of that chunk (four 8 KiB blocks).
     let doc = serde_json::json!({"template": "text", "chunks": [chunk], "version": 2,

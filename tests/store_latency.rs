@@ -7,11 +7,13 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::node::{nbdsh, sh, DaemonProc};
+use support::node::{nbdsh, DaemonProc};
 use support::proxy::Proxy;
-use support::{make_ext4, metric_sum, publish, StoreProc};
+use support::{
+    data_chunks, make_ext4, metric_sum, publish, put_trace, text_template, wait_for, StoreProc,
+};
 
 const CHUNK: u64 = 1 << 20;
 
@@ -35,19 +37,6 @@ fn image_with_data(dir: &Path, data_mib: usize) -> PathBuf {
         .collect();
     let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     make_ext4(dir, (data_mib as u64 + 16).max(64), &files)
-}
-
-/// The indices of the template's data (non-zero) chunks.
-fn data_chunks(store_url: &str, id: &str) -> Vec<u64> {
-    let m = support::manifest_json(store_url, id);
-    m["chunks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.is_string())
-        .map(|(i, _)| i as u64)
-        .collect()
 }
 
 /// Whole objects and ranges the store has served.
@@ -148,14 +137,6 @@ fn a_store_a_request_away_is_read_in_whole_chunks_once_measured() {
     );
 }
 
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Teaches `node` its store link (behind a proxy that holds each request): whole
 /// chunks from large reads, small ranges from pieces of other chunks, until it prefers
 /// whole chunks.
@@ -183,39 +164,13 @@ fn a_read_of_blocks_a_replay_is_fetching_joins_it_where_whole_chunks_are_preferr
     let tmp = tempfile::tempdir().unwrap();
     let store = StoreProc::start();
     // Text compresses: its chunks are stored in blocks.
-    let text: String = (0..200_000)
-        .map(|i| format!("line {i} of the text\n"))
-        .collect();
-    let image = make_ext4(tmp.path(), 64, &[("text", text.into_bytes())]);
-    publish(&store.url(), &image, "text");
-    let bytes = std::fs::read(&image).unwrap();
-    let needle = b"line 100000 of the text";
-    let at = bytes
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .unwrap() as u64;
+    let (image, at) = text_template(tmp.path(), &store.url(), "text");
     let chunk = at / CHUNK;
     // The trace: 32 KiB at the start of that chunk (four 8 KiB blocks).
     let doc = serde_json::json!({"template": "text", "chunks": [chunk], "version": 2,
         "ranges": [[chunk * CHUNK, 32768]]});
-    let (ok, out, err) = sh(
-        "curl",
-        &[
-            "-sS",
-            "-w",
-            "%{http_code}",
-            "-o",
-            "/dev/null",
-            "-X",
-            "PUT",
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            &doc.to_string(),
-            &format!("{}/v1/templates/text/trace", store.url()),
-        ],
-    );
-    assert!(ok && out.trim() == "200", "trace PUT: {out} {err}");
+    let (code, body) = put_trace(&store.url(), "text", &doc);
+    assert_eq!(code, 200, "trace PUT: {body}");
     let proxy = Proxy::start(&store.url(), 0);
     proxy.delay_every(Duration::from_millis(300));
     let node = DaemonProc::start_unix(&proxy.url, &tmp.path().join("n"), &[]);

@@ -345,3 +345,66 @@ pub mod lease;
 pub mod node;
 pub mod oci;
 pub mod proxy;
+
+/// Waits until `ok` holds, within `within` (polled every 100 ms); fails the test naming
+/// `what` otherwise.
+pub fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The indices of template `id`'s data (non-zero) chunks.
+pub fn data_chunks(store_url: &str, id: &str) -> Vec<u64> {
+    let m = manifest_json(store_url, id);
+    m["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.is_string())
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// PUTs a trace document to the store; returns (HTTP status, body).
+pub fn put_trace(store_url: &str, id: &str, doc: &serde_json::Value) -> (u16, String) {
+    let (ok, out, err) = node::sh(
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/stderr",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &doc.to_string(),
+            &format!("{store_url}/v1/templates/{id}/trace"),
+        ],
+    );
+    assert!(ok, "curl: {err}");
+    (out.trim().parse().unwrap_or(0), err)
+}
+
+/// A 64 MiB ext4 holding one file of text (it compresses: its chunks are stored in
+/// blocks), published as `id`; returns the image and the offset of its line 100000.
+pub fn text_template(dir: &Path, store_url: &str, id: &str) -> (PathBuf, u64) {
+    let text: String = (0..200_000)
+        .map(|i| format!("line {i} of the text\n"))
+        .collect();
+    let image = make_ext4(dir, 64, &[("text", text.into_bytes())]);
+    publish(store_url, &image, id);
+    let bytes = std::fs::read(&image).unwrap();
+    let needle = b"line 100000 of the text";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap() as u64;
+    (image, at)
+}
