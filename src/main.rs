@@ -77,6 +77,13 @@ fn main() -> std::process::ExitCode {
                 .init()
         }
     }
+    if let Command::Daemon(args) = &cli.command {
+        // Before the runtime's threads: they all land in the namespace chosen here.
+        if let Err(e) = daemon::mount_namespace::place(args) {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -16,6 +16,20 @@ pub enum TlsMode {
     Require,
 }
 
+/// `--ublk-mount-namespace`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UblkMountNamespace {
+    /// Move into a private namespace when ublk is offered and the daemon is not in the
+    /// host's (a container's, or one made by unshare); with --fuse, refuse ublk there.
+    Auto,
+    /// Always move into a private namespace at start (not with --fuse: the FUSE mount
+    /// would be the daemon's alone).
+    Private,
+    /// Stay where started: the operator sees to it that no process mounts the
+    /// daemon's devices in its namespace.
+    Shared,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DaemonArgs {
     /// Directory of the node's chunk cache, overlays and state database.
@@ -91,6 +105,13 @@ pub struct DaemonArgs {
     /// START_USER_RECOVERY, which waits until the kernel has seen the old daemon die.
     #[arg(long, default_value = "45")]
     pub ublk_control_deadline: u64,
+    /// Where the daemon's mount namespace stands for ublk. A daemon that is the last
+    /// process of a mount namespace in which one of its devices is mounted cannot
+    /// finish exiting (the unmount's writes go to the device it no longer serves). In
+    /// the host's namespace that cannot happen; elsewhere (a container) auto moves the
+    /// daemon into a private namespace at start, which mounts made later do not reach.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ublk_mount_namespace: UblkMountNamespace,
     /// Keep the FUSE mount and the listening sockets (HTTP, NBD) in systemd's file
     /// descriptor store (the unit's FileDescriptorStoreMax=), so that a restarted
     /// daemon (kill -9, `systemctl restart`, an upgrade) serves the same mount and

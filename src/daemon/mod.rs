@@ -51,6 +51,7 @@ pub mod health;
 pub mod kept;
 pub mod membership;
 pub mod metric_labels;
+pub mod mount_namespace;
 pub mod node;
 pub mod node_state;
 pub mod registry;
@@ -208,6 +209,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         bind_nbd(&mut keeper, &nbd_addr, &args),
     )
     .await?;
+    mount_namespace::settle().await;
     let nbd_config = lazyblk_nbd::ServerConfig {
         max_connections: args.nbd_max_connections,
         handshake_timeout: Duration::from_secs_f64(args.nbd_handshake_timeout.max(0.1)),

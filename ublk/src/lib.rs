@@ -9,6 +9,9 @@
 //!   after a restart ([`UblkDevice::recover`]), and removed. Every control command runs
 //!   on a thread of its own under a deadline ([`DeviceOptions::control_deadline`]); one
 //!   that misses it is reported ([`UblkError::Deadline`]) and the caller goes on.
+//! - [`namespace`]: the daemon's mount namespace, kept apart from mounts of its own
+//!   devices (a server that is the last holder of a namespace where its device is
+//!   mounted cannot finish exiting).
 //! - `serve`: the queues. libublk runs each hardware queue on a thread with a local
 //!   executor driven by the queue's io_uring; image calls are async on the daemon's
 //!   tokio runtime. A request is handed to the runtime, and its completion comes back
@@ -26,6 +29,7 @@
 mod control;
 mod device;
 mod guard;
+pub mod namespace;
 mod serve;
 
 pub use control::delete;
@@ -44,6 +48,10 @@ pub enum UblkError {
         release: String,
         allowed: Vec<String>,
     },
+    /// The daemon's mount namespace may hold mounts of its own devices (see
+    /// [`namespace`]).
+    #[error("ublk is refused in this daemon: {detail}; use --kind nbd, or see the daemon's --ublk-mount-namespace")]
+    MountNamespace { detail: String },
     /// The driver or its control device is missing.
     #[error("no ublk driver: {detail}; use --kind nbd, or load ublk_drv")]
     NoDriver { detail: String },

@@ -91,7 +91,8 @@ impl AttachError {
             AttachError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AttachError::Ublk(e) => match e {
                 lazyblk_ublk::UblkError::KernelNotOffered { .. }
-                | lazyblk_ublk::UblkError::NoDriver { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                | lazyblk_ublk::UblkError::NoDriver { .. }
+                | lazyblk_ublk::UblkError::MountNamespace { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 lazyblk_ublk::UblkError::BadImage { .. } => StatusCode::BAD_REQUEST,
                 lazyblk_ublk::UblkError::IdTaken { .. } => StatusCode::CONFLICT,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -183,6 +183,9 @@ impl Attachments {
     ) -> Result<AttachmentStatus, AttachError> {
         let extra = self.ublk.config.extra_kernels.clone();
         super::blocking_ublk(move || lazyblk_ublk::check(&extra)).await??;
+        if let Some(detail) = crate::daemon::mount_namespace::placement().ublk_refusal() {
+            return Err(UblkError::MountNamespace { detail }.into());
+        }
         let requested = match device {
             Some(name) => Some(
                 lazyblk_ublk::parse_device(name)
