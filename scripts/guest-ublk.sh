@@ -405,6 +405,29 @@ if [ "$(cat /etc/bench)" = 1 ]; then
     result="$result nbd ${connections}conn: qd1 ${nbd_lat} us, qd32 ${nbd_iops} IOPS, seq1M ${nbd_mibs} MiB/s;"
     [ "$connections" = 1 ] && nbd1_lat=$nbd_lat nbd1_mibs=$nbd_mibs
   done
+  if [ "$(cat /etc/profile 2>/dev/null)" = 1 ]; then
+    # Where the guest's CPUs go during a qd 32 run: by task, then the top symbols.
+    profile_qd32() { # label, device
+      perf record -a -g -e cpu-clock -F 499 -o /tmp/perf-$1.data -- \
+        fio --name=b11p --filename="$2" --rw=randread --bs=4k --iodepth=32 --ioengine=libaio \
+        --direct=1 --size=$((40 << 20)) --runtime="$runtime" --time_based --minimal >/tmp/perf-$1.fio 2>&1 \
+        || fail "ublk: perf record over $1: $(tail -n 5 /tmp/perf-$1.fio)"
+      echo "B11-profile $1: $(cut -d';' -f8 /tmp/perf-$1.fio | head -1) IOPS under perf"
+      perf report -i /tmp/perf-$1.data --stdio --no-children --sort comm -g none 2>/dev/null \
+        | grep -v '^#' | grep '%' | head -n 12 | sed "s/^/B11-profile $1 comm: /"
+      perf report -i /tmp/perf-$1.data --stdio --no-children --sort dso,sym -g none 2>/dev/null \
+        | grep -v '^#' | grep '%' | head -n 30 | sed "s/^/B11-profile $1 sym: /"
+    }
+    must lazyblk attach bench --kind ublk
+    dev=$out
+    profile_qd32 ublk "$dev"
+    must lazyblk detach "$dev"
+    must lazyblk attach bench --connections 2
+    dev=$out
+    profile_qd32 nbd2 "$dev"
+    must lazyblk detach "$dev"
+    profile_qd32 disk /mnt/disk/file
+  fi
   ratios=$(echo "$ublk_lat $nbd1_lat $ublk_iops $best_nbd_iops $floor_iops $ublk_mibs $nbd1_mibs" | awk '{printf "ublk/nbd qd1 latency %.2fx (target <= 0.6), qd32 IOPS %.2fx best nbd (target >= 1.3) and %.2fx disk (target >= 0.7), seq %.2fx nbd (target >= 1.2)", $1 / $2, $3 / $4, $3 / $5, $6 / $7}')
   must umount /mnt/disk
   echo "$result $ratios"

@@ -22,6 +22,10 @@
 #                        /dev/nbdX with 1 and 2 connections, as ratios to the same fio
 #                        on a file of the guest's own virtio disk) and print a "B11" line
 #   KERNEL_TEST_FIO_RUNTIME  seconds of each B11 fio run (default: 5)
+#   KERNEL_TEST_PROFILE  1 (with KERNEL_TEST_BENCH=1 and KERNEL_TEST_KIND=ublk): one more
+#                        qd 32 fio run through ublk and through NBD (2 connections) under
+#                        `perf record -a` (cpu-clock: the guest's CPUs by task and
+#                        symbol), printed as "B11-profile" lines
 #   KERNEL_TEST_FIO_VERIFY  1: in every kill -9 round, fio also runs a mixed random
 #                        read/write job with crc32c verify and fsyncs on the sandbox's
 #                        file system across the kill, and must finish with no error and
@@ -53,6 +57,7 @@ devices=${KERNEL_TEST_DEVICES:-4}
 bench=${KERNEL_TEST_BENCH:-0}
 fio_verify=${KERNEL_TEST_FIO_VERIFY:-0}
 fio_runtime=${KERNEL_TEST_FIO_RUNTIME:-5}
+profile=${KERNEL_TEST_PROFILE:-0}
 kind=${KERNEL_TEST_KIND:-nbd}
 churn=${KERNEL_TEST_CHURN:-24}
 case $kind in nbd | ublk | both) ;; *) echo "KERNEL_TEST_KIND must be nbd, ublk or both: $kind" >&2; exit 2 ;; esac
@@ -63,6 +68,7 @@ done
 [ "$devices" -ge 2 ] || { echo "KERNEL_TEST_DEVICES must be at least 2 (a template and a sandbox)" >&2; exit 2; }
 case $bench in 0 | 1) ;; *) echo "KERNEL_TEST_BENCH must be 0 or 1: $bench" >&2; exit 2 ;; esac
 case $fio_verify in 0 | 1) ;; *) echo "KERNEL_TEST_FIO_VERIFY must be 0 or 1: $fio_verify" >&2; exit 2 ;; esac
+case $profile in 0 | 1) ;; *) echo "KERNEL_TEST_PROFILE must be 0 or 1: $profile" >&2; exit 2 ;; esac
 # The driver's devices: the wave's, and room for the ones the other steps attach.
 nbds_max=$((devices + 16))
 started=$(date +%s)
@@ -190,11 +196,17 @@ echo "$devices" >"$root/etc/devices"
 echo "$bench" >"$root/etc/bench"
 echo "$fio_verify" >"$root/etc/fio-verify"
 echo "$fio_runtime" >"$root/etc/bench-runtime"
+echo "$profile" >"$root/etc/profile"
 echo "nbds_max=$nbds_max" >"$root/etc/nbd-params"
 dynamic=("$root/bin/lazyblk" "$root/sbin/e2fsck" "$root/bin/jq")
 if [ "$bench" = 1 ] || [ "$fio_verify" = 1 ]; then
   cp "$(command -v fio)" "$root/bin/fio"
   dynamic+=("$root/bin/fio")
+fi
+if [ "$profile" = 1 ]; then
+  apt_install linux-perf
+  cp "$(command -v perf)" "$root/bin/perf"
+  dynamic+=("$root/bin/perf")
 fi
 if [ "$bench" = 1 ]; then
   # coreutils' date: busybox's has no nanoseconds (%N).
