@@ -42,7 +42,8 @@ static PLACEMENT: OnceLock<Placement> = OnceLock::new();
 /// Decides, and moves the process if needed. Call once, from `main`, before any thread
 /// starts; an error ends the start (a namespace asked for explicitly and not made).
 pub fn place(args: &DaemonArgs) -> anyhow::Result<()> {
-    let placement = decide(args, Namespace::probe(), ublk_offered(args))?;
+    let pid_one = std::process::id() == 1;
+    let placement = decide(args, Namespace::probe(), ublk_offered(args), pid_one)?;
     let _ = PLACEMENT.set(placement);
     Ok(())
 }
@@ -57,7 +58,12 @@ fn ublk_offered(args: &DaemonArgs) -> bool {
     lazyblk_ublk::check(&args.ublk_kernel).is_ok()
 }
 
-fn decide(args: &DaemonArgs, here: Namespace, offered: bool) -> anyhow::Result<Placement> {
+fn decide(
+    args: &DaemonArgs,
+    here: Namespace,
+    offered: bool,
+    pid_one: bool,
+) -> anyhow::Result<Placement> {
     let fuse = args.fuse.is_some();
     match args.ublk_mount_namespace {
         UblkMountNamespace::Shared => Ok(Placement::Shared),
@@ -78,7 +84,13 @@ fn decide(args: &DaemonArgs, here: Namespace, offered: bool) -> anyhow::Result<P
             Namespace::Other { own, why } => {
                 let apart =
                     || format!("its mount namespace {own} is not known to be the host's ({why})");
-                if !offered {
+                if pid_one {
+                    // `docker exec`, `kubectl exec` and `nsenter -t 1` join pid 1's
+                    // namespace: moving pid 1 would bring their mounts along with it.
+                    Placement::Refused {
+                        why: format!("{}, and the daemon is its container's init (pid 1), whose mount namespace `docker exec` and `kubectl exec` join: run it under an init (docker run --init, tini), or with --ublk-mount-namespace shared if nothing mounts its devices there", apart()),
+                    }
+                } else if !offered {
                     // Made later (ublk_drv loaded after the start), a device would meet
                     // a namespace nobody looked at.
                     Placement::NotOffered {
@@ -165,22 +177,29 @@ mod tests {
 
     #[test]
     fn the_host_namespace_stays() {
-        let placed = decide(&args(&[]), Namespace::Host, true).unwrap();
+        let placed = decide(&args(&[]), Namespace::Host, true, false).unwrap();
         assert_eq!(placed, Placement::Host);
         assert_eq!(placed.ublk_refusal(), None);
     }
 
     #[test]
     fn elsewhere_with_fuse_ublk_is_refused_with_the_way_out() {
-        let placed = decide(&args(&["--fuse", "/tmp/f"]), other(), true).unwrap();
+        let placed = decide(&args(&["--fuse", "/tmp/f"]), other(), true, false).unwrap();
         let why = placed.ublk_refusal().expect("refused");
         assert!(why.contains("mnt:[9]") && why.contains("--fuse"), "{why}");
     }
 
     #[test]
     fn elsewhere_without_ublk_at_start_later_attaches_are_refused() {
-        let placed = decide(&args(&[]), other(), false).unwrap();
+        let placed = decide(&args(&[]), other(), false, false).unwrap();
         assert!(placed.ublk_refusal().unwrap().contains("restart"));
+    }
+
+    #[test]
+    fn a_container_init_is_refused_rather_than_moved() {
+        let placed = decide(&args(&[]), other(), true, true).unwrap();
+        let why = placed.ublk_refusal().expect("refused");
+        assert!(why.contains("pid 1") && why.contains("--init"), "{why}");
     }
 
     #[test]
@@ -189,6 +208,7 @@ mod tests {
             &args(&["--ublk-mount-namespace", "shared", "--fuse", "/f"]),
             other(),
             true,
+            false,
         )
         .unwrap();
         assert_eq!(placed, Placement::Shared);
@@ -200,6 +220,7 @@ mod tests {
             &args(&["--ublk-mount-namespace", "private", "--fuse", "/f"]),
             Namespace::Host,
             true,
+            false,
         )
         .unwrap_err()
         .to_string();

@@ -69,8 +69,11 @@ impl Namespace {
 /// Moves the calling thread (and every thread it starts later) into a new mount
 /// namespace whose mounts propagate nowhere and receive nothing: a copy of the current
 /// mounts, private. Call before the process starts threads, so that all of them share
-/// it.
+/// it. On failure the thread is back in the namespace it was in (a new namespace left
+/// shared would receive later mounts, with this process its only holder).
 pub fn enter_private() -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let old = std::fs::File::open("/proc/self/ns/mnt")?;
     // SAFETY: unshare and mount take no pointers the kernel keeps; the strings are
     // NUL-terminated literals.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
@@ -86,7 +89,15 @@ pub fn enter_private() -> io::Result<()> {
         )
     };
     if made_private != 0 {
-        return Err(io::Error::last_os_error());
+        let error = io::Error::last_os_error();
+        // SAFETY: a descriptor of a mount namespace this process was in.
+        if unsafe { libc::setns(old.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+            let back = io::Error::last_os_error();
+            return Err(io::Error::other(format!(
+                "making the new mount namespace private: {error}; and returning to the old one: {back}"
+            )));
+        }
+        return Err(error);
     }
     Ok(())
 }
