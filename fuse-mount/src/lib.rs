@@ -46,6 +46,7 @@ mod fs;
 mod handles;
 mod inodes;
 mod mount;
+pub mod mountinfo;
 mod namespace;
 mod record;
 mod sparse;

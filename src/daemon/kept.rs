@@ -227,25 +227,8 @@ impl Keeper {
 /// table.
 fn mounted_dev(dir: &Path) -> Option<u64> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let dir = dir.to_str()?;
-    table
-        .lines()
-        .rev()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let dev = fields.nth(2)?;
-            let _root = fields.next()?;
-            let point = fields.next()?;
-            (point == dir).then_some(dev)
-        })
-        .next()
-        .and_then(|dev| {
-            let (major, minor) = dev.split_once(':')?;
-            Some(nix::sys::stat::makedev(
-                major.parse().ok()?,
-                minor.parse().ok()?,
-            ))
-        })
+    let top = lazyblk_fuse::mountinfo::top_mount_at(&table, dir)?;
+    Some(nix::sys::stat::makedev(top.major.into(), top.minor.into()))
 }
 
 /// A number that grows with every start, for the record's stored name: the start time

@@ -7,6 +7,7 @@
 
 use std::sync::OnceLock;
 
+use lazyblk_fuse::mountinfo::{self, MountEntry};
 use lazyblk_ublk::namespace::{self, Namespace};
 
 use super::args::{DaemonArgs, UblkMountNamespace};
@@ -133,22 +134,72 @@ pub async fn settle() {
             tracing::warn!("attach --kind ublk is refused: {why}")
         }
         Placement::Private { from } => {
-            let detached = tokio::task::spawn_blocking(namespace::detach_device_mounts)
+            let detached = tokio::task::spawn_blocking(detach_device_mounts)
                 .await
-                .unwrap_or_default();
-            for (mount, result) in &detached {
-                match result {
-                    Ok(()) => {
-                        tracing::info!(dir = %mount.dir.display(), device = mount.device, "detached this daemon's copy of a mount of a served device")
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            match detached {
+                Ok(detached) => {
+                    for (mount, result) in &detached {
+                        let dir = mount.mount_point.display();
+                        match result {
+                            Ok(()) => {
+                                tracing::info!(%dir, device = mount.source, "detached this daemon's copy of a mount of a served device")
+                            }
+                            Err(e) => {
+                                tracing::warn!(%dir, device = mount.source, error = %e, "cannot detach this daemon's copy of a mount of a served device")
+                            }
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(dir = %mount.dir.display(), device = mount.device, error = %e, "cannot detach this daemon's copy of a mount of a served device")
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the mount table to detach copies of served devices' mounts")
                 }
             }
             tracing::info!(from, "mount namespace: a private one of the daemon's own (mounts of its devices made elsewhere do not reach it)");
         }
     }
+}
+
+/// Detaches, in this process's namespace only, every mount of a device of the kinds the
+/// daemon serves (innermost first); other namespaces keep theirs.
+fn detach_device_mounts() -> std::io::Result<Vec<(MountEntry, std::io::Result<()>)>> {
+    let mut mounts = device_mounts(mountinfo::read()?, block_device_name);
+    mounts.reverse();
+    Ok(mounts
+        .into_iter()
+        .map(|mount| {
+            let result = nix::mount::umount2(&mount.mount_point, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(std::io::Error::from);
+            (mount, result)
+        })
+        .collect())
+}
+
+/// The mounts of a block device that `name_of(major, minor)` names as one the daemon
+/// serves.
+fn device_mounts(
+    table: Vec<MountEntry>,
+    name_of: impl Fn(u32, u32) -> Option<String>,
+) -> Vec<MountEntry> {
+    table
+        .into_iter()
+        .filter(|m| name_of(m.major, m.minor).is_some_and(|name| served_kind(&name)))
+        .collect()
+}
+
+/// A block device's kernel name from its numbers (`/sys/dev/block/MAJ:MIN`).
+fn block_device_name(major: u32, minor: u32) -> Option<String> {
+    let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Whether a block device's name is one the daemon serves: `ublkbN` or `nbdN` (not a
+/// partition of either, which the daemon's devices never carry).
+fn served_kind(name: &str) -> bool {
+    let number = |rest: Option<&str>| {
+        rest.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+    };
+    number(name.strip_prefix("ublkb")) || number(name.strip_prefix("nbd"))
 }
 
 #[cfg(test)]
@@ -225,5 +276,45 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--fuse"), "{e}");
+    }
+
+    #[test]
+    fn mounts_of_served_devices_are_found_and_nothing_else() {
+        let table = "\
+22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+40 22 259:7 / /mnt/sand\\040box rw,relatime shared:20 - ext4 /dev/ublkb3 rw
+41 40 43:0 / /mnt/sand\\040box/inner rw shared:21 - ext4 /dev/nbd0 rw
+42 22 43:16 / /mnt/part rw shared:22 - ext4 /dev/nbd1p1 rw
+43 22 0:45 / /run/lazyblk/fuse rw - fuse /dev/fuse rw
+";
+        let names = |major, minor| match (major, minor) {
+            (259, 1) => Some("vda1".to_string()),
+            (259, 7) => Some("ublkb3".to_string()),
+            (43, 0) => Some("nbd0".to_string()),
+            (43, 16) => Some("nbd1p1".to_string()),
+            _ => None,
+        };
+        let entries = table.lines().filter_map(mountinfo::parse_line).collect();
+        let found: Vec<_> = device_mounts(entries, names)
+            .into_iter()
+            .map(|m| m.mount_point)
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                std::path::PathBuf::from("/mnt/sand box"),
+                "/mnt/sand box/inner".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn device_kinds() {
+        assert!(served_kind("ublkb0"));
+        assert!(served_kind("nbd12"));
+        assert!(!served_kind("nbd1p1"));
+        assert!(!served_kind("ublkc0"));
+        assert!(!served_kind("ublkb"));
+        assert!(!served_kind("vda"));
     }
 }
