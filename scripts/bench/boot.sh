@@ -25,7 +25,13 @@
 # table rows are appended to, for scripts/bench.sh), BOOT_MODES (the modes to run, default
 # "floor warm first cold"; cold needs a first before it, every ratio needs floor). Every
 # request to the store is logged in $BOOT_WORK/run/requests.log (scripts/bench/requests.py
-# reads it: the profile of a boot's fetches). Needs root.
+# reads it: the profile of a boot's fetches). BOOT_PROFILE=1 runs `perf record -a` in
+# the guest from attach to multi-user.target (lazyblk boots) and prints, per boot, the
+# guest's CPU by task and the daemon's hottest symbols (perf.data and the guest's
+# kallsyms are carried out on a second virtio disk and reported on the host against the
+# unstripped binary). Every boot prints how long `attach` and the root's mount took, how
+# long `lazyblk --version` takes in the guest (the CLI's own start under emulation), the
+# daemon's CPU, and its store link, miss and early-served counters. Needs root.
 #
 # The store's link is not rate-shaped here (qemu's user network is the guest's link);
 # the profile's per-request delay is what a boot feels: its reads are small and serial.
@@ -37,6 +43,7 @@ bin=$(realpath "${BENCH_BIN:-$repo/target/release/lazyblk}")
 profile=${1:-region}
 runs=${BOOT_RUNS:-1}
 boot_timeout=${BOOT_TIMEOUT:-600}
+boot_profile=${BOOT_PROFILE:-0}
 GUEST_SAY=bench/boot
 . "$repo/scripts/guest-lib.sh"
 . "$repo/scripts/netlab.sh"
@@ -46,6 +53,7 @@ netlab_profile "$profile"
 mkdir -p "$work/pkg"
 
 apt_install debootstrap busybox-static e2fsprogs binutils curl zstd xz-utils
+[ "$boot_profile" = 1 ] && apt_install linux-perf
 guest_qemu
 guest_kernel linux-image-6.12-cloud-amd64
 
@@ -122,6 +130,10 @@ mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,newroot,etc}
 cp /bin/busybox "$root/bin/busybox"
 strip -o "$root/bin/lazyblk" "$bin"
 initramfs_libs "$root/bin/lazyblk"
+if [ "$boot_profile" = 1 ]; then
+  cp "$(command -v perf)" "$root/bin/perf"
+  initramfs_libs "$root/bin/perf"
+fi
 for m in nbd virtio_net virtio_blk; do initramfs_module "$m"; done
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
@@ -133,10 +145,12 @@ mount -t tmpfs -o size=1500m tmpfs /tmp
 export PATH=/bin:/sbin LAZYBLK_LOG=warn
 mode=$(sed -n 's/.*lb_mode=\([a-z]*\).*/\1/p' /proc/cmdline)
 store=$(sed -n 's/.*lb_store=\([^ ]*\).*/\1/p' /proc/cmdline)
+profile=$(sed -n 's/.*lb_profile=\([01]\).*/\1/p' /proc/cmdline)
 fail() { echo "BOOT-FAIL: $*"; tail -n 20 /tmp/daemon.log 2>/dev/null; echo o >/proc/sysrq-trigger; sleep 5; }
 echo 1 >/proc/sys/kernel/sysrq
 for module in $(cat /lib/modules/order); do insmod "/lib/modules/$module.ko" 2>/dev/null; done
 ip link set lo up
+echo "LB-CPU $(grep -m1 '^flags' /proc/cpuinfo | grep -ow 'sha_ni\|avx2\|sse4_2\|bmi2' | tr '\n' ' ')"
 uptime_now() { cut -d' ' -f1 /proc/uptime; }
 if [ "$mode" = floor ]; then
   for i in $(seq 200); do [ -b /dev/vda ] && break; sleep 0.05; done
@@ -158,10 +172,18 @@ else
     lazyblk warm debian --wait >/dev/null 2>&1 || fail "warm"
   fi
   lazyblk overlay create debian --sandbox boot >/dev/null 2>&1 || fail "overlay create"
+  if [ "$profile" = 1 ]; then
+    # Stopped by boot-done (SIGINT), which carries perf.data out on /dev/vda.
+    perf record -a -g -e cpu-clock -F 499 -o /tmp/perf.data >/tmp/perf.log 2>&1 &
+    sleep 1
+  fi
+  cli0=$(uptime_now); lazyblk --version >/dev/null; echo "LB-CLI $cli0 $(uptime_now)"
   echo "LB-T0 $(uptime_now)"
   dev=$(lazyblk attach boot --device /dev/nbd0 2>&1) || fail "attach: $dev"
+  echo "LB-T1 $(uptime_now)"
   mount -t ext4 /dev/nbd0 /newroot || fail "mount /dev/nbd0"
 fi
+echo "LB-T2 $(uptime_now)"
 # The report unit's script, written into the root at every boot (the image is made once
 # and kept; a sandbox's or a snapshot's writes do not reach it).
 cp /boot-done /newroot/usr/local/bin/boot-done || fail "installing boot-done"
@@ -176,8 +198,11 @@ cat >"$root/boot-done" <<'DONE'
 # initramfs: a clean shutdown would stop it under the root).
 up=$(cut -d' ' -f1 /proc/uptime)
 read_sectors=0
-[ -e /sys/block/nbd0/stat ] && read_sectors=$(awk '{ print $3 }' /sys/block/nbd0/stat)
-[ -e /sys/block/vda/stat ] && read_sectors=$(awk '{ print $3 }' /sys/block/vda/stat)
+# The root device: vda for the floor (otherwise, with BOOT_PROFILE, vda is the profile
+# disk), nbd0 for every other mode.
+root_dev=nbd0
+grep -q 'lb_mode=floor' /proc/cmdline && root_dev=vda
+[ -e /sys/block/$root_dev/stat ] && read_sectors=$(awk '{ print $3 }' /sys/block/$root_dev/stat)
 metrics=$(/usr/local/bin/busybox wget -q -O - http://127.0.0.1:7071/metrics 2>/dev/null)
 fetched=$(echo "$metrics" |
   awk 'index($1, "lazyblk_fetched_stored_bytes_total") == 1 { v += $2 } END { printf "%.0f", v }')
@@ -188,12 +213,28 @@ for stat in /proc/[0-9]*/stat; do
   read -r _ comm rest <"$stat" 2>/dev/null || continue
   [ "$comm" = "(lazyblk)" ] || continue
   set -- $rest
-  echo "LB-DAEMON-CPU ticks=$(( ${12} + ${13} )) hz=$(getconf CLK_TCK 2>/dev/null || echo 100)" >/dev/ttyS0
+  echo "LB-DAEMON-CPU ticks=$(( ${12} + ${13} )) hz=$(getconf CLK_TCK 2>/dev/null || echo 100) pid=$(basename "$(dirname "$stat")")" >/dev/ttyS0
 done
 # What the node measured of its store link (whole chunks or blocks, cache/src/link.rs).
-echo "$metrics" | grep '^lazyblk_store_' | sed 's/^/LB-LINK /' >/dev/ttyS0
+echo "$metrics" | grep '^lazyblk_store_\|^lazyblk_reads_served_before_verified\|^lazyblk_cache_misses' | sed 's/^/LB-LINK /' >/dev/ttyS0
 replayed=$(echo "$metrics" | awk '$1 == "lazyblk_replay_bytes_total" { printf "%.0f", $2 }')
 echo "LB-REPLAY bytes=${replayed:-0}" >/dev/ttyS0
+# BOOT_PROFILE: stop perf (in the initramfs' root, which its processes keep after
+# switch_root) and write perf.data to the profile disk.
+# The daemon's root is the initramfs' too, and outlives perf.
+for stat in /proc/[0-9]*/stat; do
+  read -r pid comm _ <"$stat" 2>/dev/null || continue
+  [ "$comm" = "(lazyblk)" ] && old_root=/proc/$pid/root
+done
+for stat in /proc/[0-9]*/stat; do
+  read -r pid comm _ <"$stat" 2>/dev/null || continue
+  [ "$comm" = "(perf)" ] || continue
+  kill -INT "$pid"
+  while [ -e "/proc/$pid" ]; do sleep 0.2; done
+  cat /proc/kallsyms >"$old_root/tmp/kallsyms"
+  tar -cf /dev/vda -C "$old_root/tmp" perf.data kallsyms && sync
+  echo "LB-PROFILE written" >/dev/ttyS0
+done
 mode=$(sed -n 's/.*lb_mode=\([a-z]*\).*/\1/p' /proc/cmdline)
 store=$(sed -n 's/.*lb_store=\([^ ]*\).*/\1/p' /proc/cmdline)
 if [ "$mode" = first ]; then
@@ -218,10 +259,14 @@ chmod +x "$root/init"
 boot() { # MODE RUN: prints "seconds read fetched"
   local mode=$1 console=$run/console-$1-$2.log disk=() t0 done_line
   [ "$mode" = floor ] && disk=(-drive "file=$image,if=virtio,format=raw,snapshot=on")
+  if [ "$boot_profile" = 1 ] && [ "$mode" != floor ]; then
+    rm -rf "$run/perf-$1-$2" && truncate -s 0 "$run/perf-$1-$2.disk" && truncate -s 512M "$run/perf-$1-$2.disk"
+    disk=(-drive "file=$run/perf-$1-$2.disk,if=virtio,format=raw")
+  fi
   timeout "$boot_timeout" "${qemu[@]}" -accel tcg -smp 2 -m 2048 -nographic -no-reboot \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= "${disk[@]}" \
     -kernel "$vmlinuz" -initrd "$run/initrd.gz" \
-    -append "console=ttyS0 panic=-1 quiet lb_mode=$mode lb_store=http://10.0.2.2:$proxy_port" \
+    -append "console=ttyS0 panic=-1 quiet lb_mode=$mode lb_profile=$boot_profile lb_store=http://10.0.2.2:$proxy_port" \
     </dev/null >"$console" 2>&1 || true
   # The console's lines may start with the firmware's escape sequences.
   t0=$(grep -aoE 'LB-T0 [0-9.]+' "$console" | head -1 | cut -d' ' -f2)
@@ -253,9 +298,27 @@ for mode in $modes; do
     console=$run/console-$mode-$r.log
     replayed=$(grep -aoE 'LB-REPLAY bytes=[0-9]+' "$console" | head -1 | cut -d= -f2 || true)
     [ "$mode" = cold ] && say "cold boot $r: its replay of the boot trace fetched ${replayed:-0} bytes"
-    grep -aoE 'LB-LINK [^ ]+ [0-9.e+-]+' "$console" | sed "s/^LB-LINK /$mode boot $r: the node's store link: /" |
+    grep -aoE 'LB-LINK [^ ]+ [0-9.e+-]+' "$console" | sed "s/^LB-LINK /$mode boot $r: the node's store link and reads: /" |
       while read -r line; do say "$line"; done || true
     cpu=$(grep -aoE 'LB-DAEMON-CPU ticks=[0-9]+' "$console" | head -1 | cut -d= -f2 || true)
+    t1=$(grep -aoE 'LB-T1 [0-9.]+' "$console" | head -1 | cut -d' ' -f2 || true)
+    t2=$(grep -aoE 'LB-T2 [0-9.]+' "$console" | head -1 | cut -d' ' -f2 || true)
+    t0=$(grep -aoE 'LB-T0 [0-9.]+' "$console" | head -1 | cut -d' ' -f2 || true)
+    [ -z "$t2" ] || say "$mode boot $r: $(awk -v a="$t0" -v b="${t1:-$t0}" -v c="$t2" 'BEGIN { printf "attach %.2f s, mount %.2f s", b - a, c - b }')"
+    cli=$(grep -aoE 'LB-CLI [0-9.]+ [0-9.]+' "$console" | head -1 | awk '{ printf "%.2f", $3 - $2 }' || true)
+    [ -z "$cli" ] || say "$mode boot $r: \`lazyblk --version\` took $cli s; the guest's CPU has $(grep -aoE 'LB-CPU .*' "$console" | head -1 | cut -c8- | tr -d '\r')"
+    if grep -aq 'LB-PROFILE written' "$console"; then
+      prof=$run/perf-$mode-$r symfs=$run/symfs
+      mkdir -p "$symfs/bin" "$prof" && ln -sf "$bin" "$symfs/bin/lazyblk"
+      tar -xf "$prof.disk" -C "$prof" && rm -f "$prof.disk"
+      data=$prof/perf.data
+      say "$mode boot $r: the guest's CPU by task (perf, $data)"
+      perf report -i "$data" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -8 >&2 || true
+      say "$mode boot $r: the daemon's hottest symbols"
+      daemon_pid=$(grep -aoE 'LB-DAEMON-CPU .* pid=[0-9]+' "$console" | head -1 | sed 's/.*pid=//' || true)
+      perf report -i "$data" --symfs "$symfs" --kallsyms "$prof/kallsyms" --pid "$daemon_pid" --stdio --no-children --sort dso,sym -g none 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -30 >&2 || true
+    fi
     [ -z "$cpu" ] || say "$mode boot $r: the node's daemon used $(awk -v t="$cpu" 'BEGIN { printf "%.2f", t / 100 }') s of CPU in the guest"
     if [ "$mode" = first ]; then
       trace=$(curl -sf "http://127.0.0.1:$store_port/v1/templates/debian/trace" || true)
