@@ -12,7 +12,8 @@ use std::time::Duration;
 use support::node::{nbdsh, DaemonProc};
 use support::proxy::Proxy;
 use support::{
-    data_chunks, make_ext4, metric_sum, publish, put_trace, text_template, wait_for, StoreProc,
+    data_chunks, make_ext4, manifest_json, metric_sum, publish, put_trace, text_template, wait_for,
+    StoreProc,
 };
 
 const CHUNK: u64 = 1 << 20;
@@ -20,12 +21,18 @@ const CHUNK: u64 = 1 << 20;
 /// An image with `data_mib` MiB of distinct file data that compresses (text, as most of
 /// a root file system does: its chunks are stored in blocks) in an ext4 with room for it.
 fn image_with_data(dir: &Path, data_mib: usize) -> PathBuf {
+    image_with_text(dir, data_mib, "file")
+}
+
+/// [`image_with_data`] whose lines begin with `tag`: an image whose chunks no other
+/// image of these tests holds (the store keeps chunks by content).
+fn image_with_text(dir: &Path, data_mib: usize, tag: &str) -> PathBuf {
     let text = |file: usize| -> Vec<u8> {
         let mut out = Vec::with_capacity(CHUNK as usize);
         let mut line = 0u64;
         while out.len() < CHUNK as usize {
             out.extend_from_slice(
-                format!("file {file} line {line:08} {}\n", line * 7919 % 10007).as_bytes(),
+                format!("{tag} {file} line {line:08} {}\n", line * 7919 % 10007).as_bytes(),
             );
             line += 1;
         }
@@ -126,14 +133,76 @@ fn a_store_a_request_away_is_read_in_whole_chunks_once_measured() {
         "small requests took {small_took} s and whole chunks {whole_took} s"
     );
 
-    // Measured: each new chunk's first small read fetches it whole, one request; the
-    // second read of it is local.
+    // Measured: each new chunk's first small read fetches it whole, one request (and,
+    // beside it, the block index page that verifies the read's own blocks as soon as
+    // the chunk came, once per page); the second read of it is local.
     read_and_check(&uri, &image, &pieces(measured));
     let after = store_requests(&store);
+    let per_page = manifest_json(&store.url(), "far")["blocks"]["chunks_per_page"]
+        .as_u64()
+        .unwrap();
+    let pages: std::collections::BTreeSet<u64> = measured.iter().map(|c| c / per_page).collect();
+    let whole = after.0 - after_learning.0;
+    assert!(
+        whole >= measured.len() as f64 && whole <= (measured.len() + pages.len()) as f64,
+        "one whole chunk per chunk read, and at most its index pages ({after_learning:?} -> {after:?}, {} pages)",
+        pages.len()
+    );
     assert_eq!(
-        (after.0 - after_learning.0, after.1 - after_learning.1),
-        (measured.len() as f64, 0.0),
-        "one whole chunk per chunk read, no ranges ({after_learning:?} -> {after:?})"
+        after.1 - after_learning.1,
+        0.0,
+        "no ranges ({after_learning:?} -> {after:?})"
+    );
+}
+
+/// A read of a chunk fetched whole is served from its own blocks as soon as the chunk's
+/// stored form came, each block checked against the block index, before the chunk is
+/// decoded and verified whole. Shown with a chunk whose last block the store holds
+/// corrupt: the whole chunk never verifies, yet a read of its first blocks is served
+/// (and right); a read of the corrupt block is refused.
+#[test]
+fn a_read_of_a_chunk_fetched_whole_is_served_from_its_verified_blocks_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StoreProc::start();
+    let image = image_with_text(tmp.path(), 4, "corrupt");
+    publish(&store.url(), &image, "bad");
+    let m = manifest_json(&store.url(), "bad");
+    let data = data_chunks(&store.url(), "bad");
+    let chunk = *data.last().unwrap();
+    let digest = m["chunks"][chunk as usize].as_str().unwrap().to_string();
+    let path = store.root().join("chunks").join(&digest[..2]).join(&digest);
+    let mut stored = std::fs::read(&path).unwrap();
+    assert_eq!(
+        &stored[..4],
+        &[0x5B, 0x2A, 0x4D, 0x18],
+        "the chunk is stored in blocks"
+    );
+    let at = stored.len() - 3;
+    stored[at] ^= 0x55;
+    std::fs::write(&path, &stored).unwrap();
+
+    // 300 ms a request: the index page (one request, beside the chunk's) is in long
+    // before both passes over the chunk have failed (two requests and a backoff).
+    let proxy = Proxy::start(&store.url(), 0);
+    proxy.delay_every(Duration::from_millis(300));
+    let node = DaemonProc::start_unix(&proxy.url, &tmp.path().join("node"), &["--no-replay"]);
+    measure_the_link(&store, &node, tmp.path());
+    let uri = node.nbd_uri("bad");
+    let served_early = || metric_sum(&node.url(), "lazyblk_reads_served_before_verified_total");
+    let before = served_early();
+    read_and_check(&uri, &image, &[(chunk * CHUNK + 8192, 4096)]);
+    assert_eq!(
+        served_early() - before,
+        1.0,
+        "the read was served before the chunk verified"
+    );
+    // The chunk itself never verified: its last block is not the chunk's.
+    let last = chunk * CHUNK + CHUNK - 4096;
+    let (ok, _, err) = nbdsh(&uri, &format!("h.pread(4096, {last})"));
+    assert!(!ok, "the corrupt block was served");
+    assert!(
+        err.to_lowercase().contains("input/output error") || err.contains("EIO"),
+        "{err}"
     );
 }
 

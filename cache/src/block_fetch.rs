@@ -134,7 +134,7 @@ impl Want for Blocks {
 /// Decodes blocks `blocks` from `stored` (the stored object's bytes from `at`) and checks
 /// each against its sha256 in `hashes` (those of `blocks`, in order); `None` if any is
 /// not its block. `len` is the chunk's length.
-fn verify_blocks(
+pub(crate) fn verify_blocks(
     len: u64,
     table: &BlockTable,
     hashes: &[u8],

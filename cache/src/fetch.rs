@@ -111,6 +111,10 @@ pub trait FetchObserver: Send + Sync + 'static {
     /// A demand read's budget (`--read-deadline`) ran out before any source delivered
     /// what it reads: the read fails with EIO.
     fn read_budget_spent(&self, _template: &str) {}
+    /// A missed read was served from its own blocks of a whole chunk's stored form, as
+    /// soon as it came and before the chunk was verified whole
+    /// ([`ChunkCache::get_or_read_arrived`]).
+    fn served_before_verified(&self, _template: &str) {}
     /// Blocks of a chunk (`raw` bytes of it) arrived from `source` as `stored` bytes
     /// and were verified against the block index ([`crate::partial`]).
     fn fetched_blocks(

@@ -198,6 +198,25 @@ impl TemplateImage {
             {
                 return Ok(());
             }
+            // The chunk is read whole: this read's blocks are served from its stored
+            // form as soon as it comes, before it is verified whole.
+            let hashes = self.block_hashes(blocks, &chunk, budget);
+            let whole = self
+                .cache
+                .get_or_read_arrived(
+                    &chunk,
+                    &self.sources,
+                    budget,
+                    blocks.block_size,
+                    hashes,
+                    within,
+                    buf,
+                )
+                .await?;
+            return match whole {
+                Some(file) => self.copy_out(Some(&file), within, buf),
+                None => Ok(()),
+            };
         }
         let file = match self.chunk_ref(index) {
             Some(c) => Some(self.cache.get_within(&c, &self.sources, budget).await?),

@@ -28,6 +28,7 @@ pub struct DaemonMetrics {
     hits: Counter,
     misses: Counter,
     read_budget_spent: Counter,
+    served_before_verified: Counter,
     /// Bytes of cached reads sent with splice, never copied through a buffer.
     spliced_bytes: Counter,
     bytes_fetched: Family<SourceLabel, Counter>,
@@ -82,6 +83,7 @@ impl DaemonMetrics {
             hits: Counter::default(),
             misses: Counter::default(),
             read_budget_spent: Counter::default(),
+            served_before_verified: Counter::default(),
             spliced_bytes: Counter::default(),
             bytes_fetched: Family::default(),
             stored_bytes_fetched: Family::default(),
@@ -128,6 +130,11 @@ impl DaemonMetrics {
                 "read_budget_spent",
                 "Demand reads that failed with EIO because no source delivered within --read-deadline",
                 m.read_budget_spent.clone(),
+            );
+            r.register(
+                "reads_served_before_verified",
+                "Missed reads served from their own blocks, checked against the block index, as soon as a whole chunk's stored form came, before the chunk was verified whole",
+                m.served_before_verified.clone(),
             );
             r.register(
                 "nbd_spliced_bytes",
@@ -385,6 +392,10 @@ impl FetchObserver for DaemonMetrics {
 
     fn read_budget_spent(&self, _template: &str) {
         self.read_budget_spent.inc();
+    }
+
+    fn served_before_verified(&self, _template: &str) {
+        self.served_before_verified.inc();
     }
 
     fn fetched(&self, chunk: &ChunkRef, source: &str, stored: u64, elapsed: Duration) {

@@ -15,6 +15,11 @@ use crate::planner::Promotion;
 #[derive(Clone)]
 pub(super) enum Progress {
     Fetching,
+    /// The stored form of a chunk stored in blocks came from a source and is being
+    /// decoded and verified whole: a small read may verify and serve its own blocks
+    /// from it meanwhile (`ChunkCache::get_or_read_arrived`). Not verified: every other
+    /// reader waits on.
+    Arrived(Bytes),
     /// Verified bytes, being written to the cache.
     Verified(Bytes),
     /// The chunk is in the cache.

@@ -72,6 +72,96 @@ impl ChunkCache {
         waited.unwrap_or_else(|| Err(Arc::new(self.budget_spent(chunk, budget))))
     }
 
+    /// [`ChunkCache::get_within`] for a small read of `offset..offset + buf.len()` of
+    /// a chunk stored in blocks of `block_size`: once its whole fetch has brought the
+    /// stored form and `hashes` (the chunk's entry in the block index, which may still
+    /// be on its way) are known, the read's own blocks are decoded, verified against
+    /// their sha256 and copied into `buf` (`Ok(None)`) while the chunk is still being
+    /// decoded and verified whole, so a miss waits for its request and a few blocks, not
+    /// for a whole chunk's decoding and hashing. Otherwise (hashes unknown, the stored
+    /// form not in blocks, a block that does not match) the chunk once verified, as
+    /// `get_within` returns it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn get_or_read_arrived(
+        self: &Arc<Self>,
+        chunk: &ChunkRef,
+        sources: &Arc<[Source]>,
+        budget: &ReadBudget,
+        block_size: u32,
+        hashes: impl std::future::Future<Output = Option<Vec<u8>>>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<Chunk>, Arc<FetchError>> {
+        self.note_demand();
+        if let Some(file) = self.local(chunk)? {
+            self.observer.hit(&chunk.template);
+            return Ok(Some(Chunk::File(file)));
+        }
+        self.demand_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = DemandGuard(&self.demand_waiting);
+        let waited = budget
+            .bound(async {
+                let outcome = self.join_or_start(chunk, sources, Priority::Demand)?;
+                self.follow_arrived(chunk, outcome, block_size, hashes, offset, buf)
+                    .await
+            })
+            .await;
+        self.observer.miss(&chunk.template);
+        waited.unwrap_or_else(|| Err(Arc::new(self.budget_spent(chunk, budget))))
+    }
+
+    /// Waits on a fetch's progress until the chunk is readable, or until its arrived
+    /// stored form served the read ([`ChunkCache::get_or_read_arrived`]).
+    async fn follow_arrived(
+        &self,
+        chunk: &ChunkRef,
+        mut outcome: watch::Receiver<Outcome>,
+        block_size: u32,
+        hashes: impl std::future::Future<Output = Option<Vec<u8>>>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<Chunk>, Arc<FetchError>> {
+        let mut hashes = std::pin::pin!(hashes);
+        // `None` while the hashes are on their way; `Some(None)` when there are none.
+        let mut known: Option<Option<Vec<u8>>> = None;
+        // The stored form tried last: each attempt's is tried once.
+        let mut tried: Option<Bytes> = None;
+        loop {
+            let arrived = match &*outcome.borrow_and_update() {
+                Progress::Fetching => None,
+                Progress::Arrived(stored) => Some(stored.clone()),
+                Progress::Verified(bytes) | Progress::Unstored(bytes, _) => {
+                    return Ok(Some(Chunk::Verified {
+                        digest: chunk.digest,
+                        bytes: bytes.clone(),
+                    }))
+                }
+                Progress::Stored(file) => return Ok(Some(Chunk::File(file.clone()))),
+                Progress::Failed(e) => return Err(e.clone()),
+            };
+            if let (Some(stored), Some(Some(entry))) = (arrived, &known) {
+                if tried.as_ref().is_none_or(|t| t.as_ptr() != stored.as_ptr()) {
+                    tried = Some(stored.clone());
+                    if self
+                        .read_arrived_blocks(chunk, block_size, entry, stored, offset, buf)
+                        .await
+                    {
+                        self.observer.served_before_verified(&chunk.template);
+                        return Ok(None);
+                    }
+                }
+            }
+            tokio::select! {
+                entry = &mut hashes, if known.is_none() => known = Some(entry),
+                changed = outcome.changed() => {
+                    if changed.is_err() {
+                        return Err(abandoned(chunk));
+                    }
+                }
+            }
+        }
+    }
+
     /// Makes the chunk local for a demand read that needs its file (a block index
     /// page) within the read's `budget`, without counting a read.
     pub async fn fetch_within(
@@ -197,7 +287,7 @@ impl ChunkCache {
     ) -> Result<Chunk, Arc<FetchError>> {
         loop {
             match &*outcome.borrow_and_update() {
-                Progress::Fetching => {}
+                Progress::Fetching | Progress::Arrived(_) => {}
                 Progress::Verified(bytes) if !stored => {
                     return Ok(Chunk::Verified {
                         digest: chunk.digest,
@@ -216,12 +306,7 @@ impl ChunkCache {
             }
             if outcome.changed().await.is_err() {
                 // The fetching task ended without an outcome (the runtime shut down).
-                return Err(Arc::new(FetchError::Exhausted {
-                    template: chunk.template.clone(),
-                    index: chunk.index,
-                    digest: chunk.digest,
-                    errors: vec!["fetch abandoned".into()],
-                }));
+                return Err(abandoned(chunk));
             }
         }
     }
@@ -291,7 +376,10 @@ impl ChunkCache {
             };
             // Readers see the verified bytes at once; the fetch stays registered until
             // the file is written, so a later reader joins it instead of fetching again.
-            let progress = match cache.fetch_verified(&chunk, &sources, priority).await {
+            let progress = match cache
+                .fetch_verified(&chunk, &sources, priority, Some(&tx))
+                .await
+            {
                 Ok(Verified { raw: bytes, stored }) => {
                     let _ = tx.send(Progress::Verified(bytes.clone()));
                     match cache.write(&chunk, bytes.clone(), stored, priority).await {
@@ -371,6 +459,17 @@ impl Drop for Registered<'_> {
             inflight.remove(&key);
         }
     }
+}
+
+/// The error of a reader whose fetch's task ended without an outcome (the runtime shut
+/// down).
+fn abandoned(chunk: &ChunkRef) -> Arc<FetchError> {
+    Arc::new(FetchError::Exhausted {
+        template: chunk.template.clone(),
+        index: chunk.index,
+        digest: chunk.digest,
+        errors: vec!["fetch abandoned".into()],
+    })
 }
 
 /// `wait(.., stored: true)` only returns files; reaching a verified-only chunk there is a

@@ -3,12 +3,17 @@
 //! against the chunk's digest off the runtime's threads (the blocking pool; a fill's
 //! on the low-priority threads), and reports bytes that are not the chunk with the
 //! node that sent them. A verified chunk comes with the stored form it came as when
-//! that is to be kept beside it ([`crate::stored_forms`]).
+//! that is to be kept beside it ([`crate::stored_forms`]). The stored form of a chunk
+//! stored in blocks is shown to the fetch's readers as soon as it came, before it is
+//! decoded and hashed whole: a small read verifies and serves its own blocks from it
+//! ([`crate::partial`]).
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::watch;
 
+use super::flight::Progress;
 use super::runner::{Answer, Run, Want};
 use super::work::{run_at, READERS_ACTIVE};
 use super::{ChunkCache, ChunkRef, FetchError, FETCH_PASSES};
@@ -24,12 +29,15 @@ pub(crate) struct Verified {
 }
 
 /// A whole chunk, verified against its digest.
-pub(crate) struct WholeChunk {
+pub(crate) struct WholeChunk<'a> {
     /// Whose work the decoding and hashing is (a fill's yields to readers).
     pub priority: Priority,
+    /// Where the stored form of a chunk stored in blocks is shown to readers while it is
+    /// decoded and verified ([`Progress::Arrived`]).
+    pub arrived: Option<&'a watch::Sender<Progress>>,
 }
 
-impl Want for WholeChunk {
+impl Want for WholeChunk<'_> {
     type Output = Verified;
     const PASSES: usize = FETCH_PASSES;
     const STOP_ON_CORRUPT: bool = false;
@@ -52,7 +60,19 @@ impl Want for WholeChunk {
         let stored_len = stored.len() as u64;
         // Shares the body's buffer; dropped unless the chunk verifies.
         let keep = cache.keeps_stored_form_from(source).then(|| stored.clone());
+        if let Some(arrived) = self.arrived {
+            if stored.starts_with(&crate::blocks::BLOCKS_MAGIC) {
+                arrived.send_if_modified(|progress| match progress {
+                    Progress::Fetching | Progress::Arrived(_) => {
+                        *progress = Progress::Arrived(stored.clone());
+                        true
+                    }
+                    _ => false,
+                });
+            }
+        }
         let (digest, len) = (chunk.digest, chunk.len as usize);
+        let shown = stored.as_ptr() as usize;
         let decoded = run_at(
             self.priority,
             cache.demand_within(READERS_ACTIVE),
@@ -89,6 +109,16 @@ impl Want for WholeChunk {
                 })
             }
             Err(e) => {
+                // Its stored form is not kept for readers past its attempt.
+                if let Some(arrived) = self.arrived {
+                    arrived.send_if_modified(|progress| match progress {
+                        Progress::Arrived(bytes) if bytes.as_ptr() as usize == shown => {
+                            *progress = Progress::Fetching;
+                            true
+                        }
+                        _ => false,
+                    });
+                }
                 cache.observer.corrupt(chunk, source.name());
                 tracing::error!(template = %chunk.template, chunk = chunk.index,
                     source = source.name(), node = node.as_deref().unwrap_or("-"),
@@ -111,13 +141,14 @@ impl ChunkCache {
         chunk: &ChunkRef,
         sources: &[Source],
         priority: Priority,
+        arrived: Option<&watch::Sender<Progress>>,
     ) -> Result<Verified, FetchError> {
         let budget_ends = (priority == Priority::Demand).then(|| Instant::now() + self.read_budget);
         // Reads hedge a slow node; fills wait it out (see `crate::planner`).
         let hedge_after = (priority != Priority::Fill)
             .then(|| self.hedging.delay(budget_ends.map(|_| self.read_budget)));
         self.run(&Run {
-            want: &WholeChunk { priority },
+            want: &WholeChunk { priority, arrived },
             chunk,
             sources,
             budget_ends,
