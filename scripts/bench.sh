@@ -366,7 +366,7 @@ else
   # lazy_boot TEMPLATE IMAGE TARGET: a fresh daemon, a loop mount of TEMPLATE's FUSE
   # file, every ${sample_every}th file read; one row (held to TARGET, or "-").
   lazy_boot() {
-    local id=$1 img=$2 target=$3 before after t0 t_mount t1 misses chunks kernel_read
+    local id=$1 img=$2 target=$3 before after t0 t_mount t1 misses chunks kernel_read link
     log "B4 lazy boot of $id: fresh daemon, loop mount of the FUSE file, read 5% of the files"
     daemon_start fuse
     wait_file "$work/fuse/templates/$id" || die "the FUSE view has no templates/$id"
@@ -383,6 +383,11 @@ else
     misses=$(metric "$node" lazyblk_cache_misses_total)
     chunks=$(curl -sf "$node/metrics" | awk '/^lazyblk_fetched_chunks_total/ { n += $2 } END { printf "%.0f", n }')
     kernel_read=$(metric "$node" 'lazyblk_nbd_bytes_total{command="fuse_read"}')
+    # Whether the node took its loopback store for a slow link (whole chunks for small
+    # reads, cache/src/link.rs), with the means that decided it.
+    link=$(curl -sf "$node/metrics" | awk '/^lazyblk_store_prefers_whole_chunks/ { w = $2 }
+      /^lazyblk_store_request_seconds.*kind="small"/ { s = $2 } /^lazyblk_store_request_seconds.*kind="whole"/ { h = $2 }
+      END { printf "prefers whole chunks: %s (small %.2f ms, whole %.2f ms)", w + 0, s * 1000, h * 1000 }')
     umount "$work/mnt"
     losetup -d "$loop_dev"
     loop_dev=
@@ -404,7 +409,7 @@ else
       "${ratio}x" "$([ "$target" = - ] && echo - || echo "<= ${target}x")" "$met"
     note "B4 lazy boot of $id: losetup + mount took $(calc %.0f "($t_mount - $t0) / 1e6") ms, find + reading" \
       "$sampled files $(calc %.0f "($t1 - $t_mount) / 1e6") ms; the daemon fetched $chunks chunks," \
-      "$misses reads missed (the rest came in by readahead)"
+      "$misses reads missed (the rest came in by readahead); $link"
   }
   lazy_boot root "$work/root.img" 2
   lazy_boot t1 "$work/t1.img" -

@@ -21,8 +21,10 @@
 //! every later read of the chunk is local (in B12's first boot two chunks in three were
 //! read more than once, four times on average). A later read of a chunk whose table is
 //! known does when the whole takes at most [`WHOLE_VS_BLOCKS`]. Until the means are
-//! known, and on a link where a whole chunk costs more (loopback, a LAN: a request
-//! costs about its bytes), reads fetch blocks as before. Blocks a read finds in memory
+//! known, on a link where a whole chunk costs more (loopback, a LAN: a request costs
+//! about its bytes), and wherever a small request takes less than [`MIN_LATENCY`] (a
+//! busy machine's loopback, where both kinds take its scheduling's time), reads fetch
+//! blocks as before. Blocks a read finds in memory
 //! (a replay's) are used first either way.
 
 use std::sync::Mutex;
@@ -46,6 +48,12 @@ pub const WHOLE_VS_TABLE_AND_BLOCKS: f64 = 2.0;
 /// many small requests: at most half a request more than its blocks, for a chunk that
 /// is being read again.
 pub const WHOLE_VS_BLOCKS: f64 = 1.5;
+/// Whole chunks are preferred only where a small request takes at least this long: a
+/// link's latency, not the machine's own scheduling. On loopback under load a small
+/// range and a whole chunk can take about as long (B4 measured 1.17 ms and 2.04 ms on
+/// a busy two-core machine), and fetching whole chunks there cost the lazy boot 2-4x the
+/// bytes of its blocks for no time saved. A store in region answers in 20 ms or more.
+pub const MIN_LATENCY: Duration = Duration::from_millis(5);
 /// The weight of a new sample in a running mean: 1/8 follows a link that changes
 /// within a few dozen requests and is not swayed by one slow answer.
 const WEIGHT: f64 = 1.0 / 8.0;
@@ -99,10 +107,10 @@ impl LinkTimes {
         self.lock().1.add(took);
     }
 
-    /// Whether a read of a chunk should fetch it whole rather than in blocks: when the
-    /// whole takes at most [`WHOLE_VS_TABLE_AND_BLOCKS`] small requests (the chunk's
-    /// table not known) or [`WHOLE_VS_BLOCKS`] (known); `false` until both means are
-    /// known.
+    /// Whether a read of a chunk should fetch it whole rather than in blocks: when a
+    /// small request takes at least [`MIN_LATENCY`] and the whole takes at most
+    /// [`WHOLE_VS_TABLE_AND_BLOCKS`] small requests (the chunk's table not known) or
+    /// [`WHOLE_VS_BLOCKS`] (known); `false` until both means are known.
     pub fn whole_is_cheaper(&self, table_known: bool) -> bool {
         let factor = if table_known {
             WHOLE_VS_BLOCKS
@@ -113,7 +121,7 @@ impl LinkTimes {
             LinkSnapshot {
                 small: Some(small),
                 whole: Some(whole),
-            } => whole <= factor * small,
+            } => small >= MIN_LATENCY.as_secs_f64() && whole <= factor * small,
             _ => false,
         }
     }
@@ -170,6 +178,18 @@ mod tests {
         }
         assert!(far.whole_is_cheaper(false));
         assert!(!near.whole_is_cheaper(false));
+    }
+
+    #[test]
+    fn a_busy_loopback_is_not_a_slow_link() {
+        // B4 on a loaded two-core machine: small ranges 1.17 ms, whole chunks 2.04 ms.
+        let busy = LinkTimes::default();
+        for _ in 0..MIN_SAMPLES {
+            busy.range(4000, Duration::from_micros(1170));
+            busy.whole(Duration::from_micros(2040));
+        }
+        assert!(!busy.whole_is_cheaper(false));
+        assert!(!busy.whole_is_cheaper(true));
     }
 
     #[test]
